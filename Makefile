@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint proto bench clean
+
+# torch==2.13.0 is installed before the project so that pip takes the local
+# CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kvstore demo
+
+test: $(STAMP) lint
+	$(PY) tools/gen_proto.py --check
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+proto: $(STAMP)
+	$(PY) tools/gen_proto.py
+
+bench: $(STAMP)
+	$(VENV)/bin/kvstore-bench pageio
+	$(VENV)/bin/kvstore-bench rpc
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

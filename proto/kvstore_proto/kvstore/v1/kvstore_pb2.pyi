@@ -1,0 +1,428 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    FLOAT8_E4M3: _ClassVar[DType]
+
+class PageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAGE_STATE_UNSPECIFIED: _ClassVar[PageState]
+    WRITABLE: _ClassVar[PageState]
+    CACHED: _ClassVar[PageState]
+DTYPE_UNSPECIFIED: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT32: DType
+INT8: DType
+UINT8: DType
+FLOAT8_E4M3: DType
+PAGE_STATE_UNSPECIFIED: PageState
+WRITABLE: PageState
+CACHED: PageState
+
+class Geometry(_message.Message):
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "page_tokens", "vocab_size")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: DType
+    page_tokens: int
+    vocab_size: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., page_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class PoolDescriptor(_message.Message):
+    __slots__ = ("device", "shm_name", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    shm_name: str
+    ipc_handle: bytes
+    offset: int
+    nbytes: int
+    num_pages: int
+    page_bytes: int
+    page_stride: int
+    layout: str
+    page_shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class NamespaceInfo(_message.Message):
+    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    geometry: Geometry
+    pool: PoolDescriptor
+    policy: str
+    model_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PageRef(_message.Message):
+    __slots__ = ("index", "slot", "state", "token_start", "token_count", "block_hash")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    slot: int
+    state: PageState
+    token_start: int
+    token_count: int
+    block_hash: bytes
+    def __init__(self, index: _Optional[int] = ..., slot: _Optional[int] = ..., state: _Optional[_Union[PageState, str]] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., block_hash: _Optional[bytes] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("client_name", "lease_ttl_ms")
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    client_name: str
+    lease_ttl_ms: int
+    def __init__(self, client_name: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "lease_ttl_ms")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    lease_ttl_ms: int
+    def __init__(self, session_id: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class KeepAliveRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    def __init__(self, session_id: _Optional[int] = ...) -> None: ...
+
+class KeepAliveEvent(_message.Message):
+    __slots__ = ("session_id", "lease_expires_unix_ms")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    lease_expires_unix_ms: int
+    def __init__(self, session_id: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    def __init__(self, session_id: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("lease_expires_unix_ms",)
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_expires_unix_ms: int
+    def __init__(self, lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    def __init__(self, session_id: _Optional[int] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("sequences_released", "pins_released")
+    SEQUENCES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    PINS_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    sequences_released: int
+    pins_released: int
+    def __init__(self, sequences_released: _Optional[int] = ..., pins_released: _Optional[int] = ...) -> None: ...
+
+class GetNamespaceRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class AllocateRequest(_message.Message):
+    __slots__ = ("session_id", "namespace", "max_tokens", "extra_keys")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    namespace: str
+    max_tokens: int
+    extra_keys: bytes
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., max_tokens: _Optional[int] = ..., extra_keys: _Optional[bytes] = ...) -> None: ...
+
+class AllocateResponse(_message.Message):
+    __slots__ = ("sequence_id", "reserved_pages")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    reserved_pages: int
+    def __init__(self, sequence_id: _Optional[int] = ..., reserved_pages: _Optional[int] = ...) -> None: ...
+
+class AppendRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id", "token_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AppendResponse(_message.Message):
+    __slots__ = ("num_tokens", "pages", "cached_tokens")
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    cached_tokens: int
+    def __init__(self, num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id", "num_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    num_tokens: int
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("sealed_pages", "deduplicated_pages", "pages")
+    SEALED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    sealed_pages: int
+    deduplicated_pages: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ...) -> None: ...
+
+class GetSequenceRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ...) -> None: ...
+
+class GetSequenceResponse(_message.Message):
+    __slots__ = ("namespace", "num_tokens", "committed_tokens", "pages")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    num_tokens: int
+    committed_tokens: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    def __init__(self, namespace: _Optional[str] = ..., num_tokens: _Optional[int] = ..., committed_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    namespace: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    extra_keys: bytes
+    pin: bool
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("hit_tokens", "pages", "pin_id")
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    hit_tokens: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    pin_id: int
+    def __init__(self, hit_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pin_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id", "pin_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    pin_id: int
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., pin_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("pages_freed", "pages_unpinned")
+    PAGES_FREED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_UNPINNED_FIELD_NUMBER: _ClassVar[int]
+    pages_freed: int
+    pages_unpinned: int
+    def __init__(self, pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("namespace", "all", "prefix", "bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    all: bool
+    prefix: PrefixTarget
+    bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., all: _Optional[bool] = ..., prefix: _Optional[_Union[PrefixTarget, _Mapping]] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class PrefixTarget(_message.Message):
+    __slots__ = ("token_ids", "extra_keys")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    extra_keys: bytes
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("pages_evicted", "bytes_freed", "pages_skipped_pinned")
+    PAGES_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_SKIPPED_PINNED_FIELD_NUMBER: _ClassVar[int]
+    pages_evicted: int
+    bytes_freed: int
+    pages_skipped_pinned: int
+    def __init__(self, pages_evicted: _Optional[int] = ..., bytes_freed: _Optional[int] = ..., pages_skipped_pinned: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class NamespaceStats(_message.Message):
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_SEALED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_PINNED_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MISS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    page_bytes: int
+    pages_total: int
+    pages_free: int
+    pages_reserved: int
+    pages_sealed: int
+    pages_pinned: int
+    hit_tokens: int
+    miss_tokens: int
+    evictions: int
+    lookups: int
+    deduplicated_pages: int
+    sequences: int
+    policy: str
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("namespaces", "sessions", "uptime_s", "version")
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
+    sessions: int
+    uptime_s: float
+    version: str
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+
+class NamespaceSpec(_message.Message):
+    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    geometry: Geometry
+    num_pages: int
+    policy: str
+    salt: bytes
+    model_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class CreateNamespaceRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: NamespaceSpec
+    def __init__(self, spec: _Optional[_Union[NamespaceSpec, _Mapping]] = ...) -> None: ...
+
+class ListNamespacesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNamespacesResponse(_message.Message):
+    __slots__ = ("namespaces",)
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceInfo]
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceInfo, _Mapping]]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "client_name", "sequences", "pins", "idle_s", "stream_attached")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    client_name: str
+    sequences: int
+    pins: int
+    idle_s: float
+    stream_attached: bool
+    def __init__(self, session_id: _Optional[int] = ..., client_name: _Optional[str] = ..., sequences: _Optional[int] = ..., pins: _Optional[int] = ..., idle_s: _Optional[float] = ..., stream_attached: _Optional[bool] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
