@@ -1,0 +1,6 @@
+"""Eviction policies by name. Importing this package registers the built-in ones."""
+
+from kvstore.policy import lru  # noqa: F401  (registers "lru")
+from kvstore.policy.base import EvictionPolicy, make_policy, policy_names
+
+__all__ = ["EvictionPolicy", "make_policy", "policy_names"]

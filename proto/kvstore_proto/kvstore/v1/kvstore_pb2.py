@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&kvstore_proto/kvstore/v1/kvstore.proto\x12\nkvstore.v1\"\x91\x01\n\x08Geometry\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.kvstore.v1.DType\x12\x13\n\x0bpage_tokens\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\"\xe8\x01\n\x0ePoolDescriptor\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x12\n\nipc_handle\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x11\n\tnum_pages\x18\x06 \x01(\r\x12\x12\n\npage_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bpage_stride\x18\x08 \x01(\x04\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x12\n\npage_shape\x18\n \x03(\x04\x12 \n\x05\x64type\x18\x0b \x01(\x0e\x32\x11.kvstore.v1.DType\"\x9a\x01\n\rNamespaceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08geometry\x18\x02 \x01(\x0b\x32\x14.kvstore.v1.Geometry\x12(\n\x04pool\x18\x03 \x01(\x0b\x32\x1a.kvstore.v1.PoolDescriptor\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\x8a\x01\n\x07PageRef\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.kvstore.v1.PageState\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x12\n\nblock_hash\x18\x06 \x01(\x0c\"?\n\x12OpenSessionRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"?\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"&\n\x10KeepAliveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"C\n\x0eKeepAliveEvent\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x02 \x01(\x04\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"2\n\x11HeartbeatResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x04\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"I\n\x14\x43loseSessionResponse\x12\x1a\n\x12sequences_released\x18\x01 \x01(\r\x12\x15\n\rpins_released\x18\x02 \x01(\r\"(\n\x13GetNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"`\n\x0f\x41llocateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x12\n\nextra_keys\x18\x04 \x01(\x0c\"?\n\x10\x41llocateResponse\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0ereserved_pages\x18\x02 \x01(\r\"K\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"_\n\x0e\x41ppendResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\"\n\x05pages\x18\x02 \x03(\x0b\x32\x13.kvstore.v1.PageRef\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"L\n\rCommitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"f\n\x0e\x43ommitResponse\x12\x14\n\x0csealed_pages\x18\x01 \x01(\r\x12\x1a\n\x12\x64\x65\x64uplicated_pages\x18\x02 \x01(\r\x12\"\n\x05pages\x18\x03 \x03(\x0b\x32\x13.kvstore.v1.PageRef\"=\n\x12GetSequenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\"z\n\x13GetSequenceResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x18\n\x10\x63ommitted_tokens\x18\x03 \x01(\r\x12\"\n\x05pages\x18\x04 \x03(\x0b\x32\x13.kvstore.v1.PageRef\"j\n\rLookupRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nextra_keys\x18\x04 \x01(\x0c\x12\x0b\n\x03pin\x18\x05 \x01(\x08\"X\n\x0eLookupResponse\x12\x12\n\nhit_tokens\x18\x01 \x01(\r\x12\"\n\x05pages\x18\x02 \x03(\x0b\x32\x13.kvstore.v1.PageRef\x12\x0e\n\x06pin_id\x18\x03 \x01(\x04\"W\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x15\n\x0bsequence_id\x18\x02 \x01(\x04H\x00\x12\x10\n\x06pin_id\x18\x03 \x01(\x04H\x00\x42\x08\n\x06target\">\n\x0fReleaseResponse\x12\x13\n\x0bpages_freed\x18\x01 \x01(\r\x12\x16\n\x0epages_unpinned\x18\x02 \x01(\r\"w\n\x0c\x45victRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x03\x61ll\x18\x02 \x01(\x08H\x00\x12*\n\x06prefix\x18\x03 \x01(\x0b\x32\x18.kvstore.v1.PrefixTargetH\x00\x12\x0f\n\x05\x62ytes\x18\x04 \x01(\x04H\x00\x42\x08\n\x06target\"5\n\x0cPrefixTarget\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nextra_keys\x18\x02 \x01(\x0c\"Y\n\rEvictResponse\x12\x15\n\rpages_evicted\x18\x01 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\x12\x1c\n\x14pages_skipped_pinned\x18\x03 \x01(\r\"!\n\x0cStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xab\x02\n\x0eNamespaceStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npage_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bpages_total\x18\x03 \x01(\r\x12\x12\n\npages_free\x18\x04 \x01(\r\x12\x16\n\x0epages_reserved\x18\x05 \x01(\r\x12\x14\n\x0cpages_sealed\x18\x06 \x01(\r\x12\x14\n\x0cpages_pinned\x18\x07 \x01(\r\x12\x12\n\nhit_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bmiss_tokens\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0f\n\x07lookups\x18\x0b \x01(\x04\x12\x1a\n\x12\x64\x65\x64uplicated_pages\x18\x0c \x01(\x04\x12\x11\n\tsequences\x18\r \x01(\r\x12\x0e\n\x06policy\x18\x0e \x01(\t\"t\n\rStatsResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.kvstore.v1.NamespaceStats\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x91\x01\n\rNamespaceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08geometry\x18\x02 \x01(\x0b\x32\x14.kvstore.v1.Geometry\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0c\n\x04salt\x18\x05 \x01(\x0c\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"A\n\x16\x43reateNamespaceRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.kvstore.v1.NamespaceSpec\"\x17\n\x15ListNamespacesRequest\"G\n\x16ListNamespacesResponse\x12-\n\nnamespaces\x18\x01 \x03(\x0b\x32\x19.kvstore.v1.NamespaceInfo\"\x80\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x11\n\tsequences\x18\x03 \x01(\r\x12\x0c\n\x04pins\x18\x04 \x01(\r\x12\x0e\n\x06idle_s\x18\x05 \x01(\x01\x12\x17\n\x0fstream_attached\x18\x06 \x01(\x08\"\x15\n\x13ListSessionsRequest\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.kvstore.v1.SessionInfo*l\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x0f\n\x0b\x46LOAT8_E4M3\x10\x06*A\n\tPageState\x12\x1a\n\x16PAGE_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08WRITABLE\x10\x01\x12\n\n\x06\x43\x41\x43HED\x10\x02\x32\xa5\x07\n\x07KVStore\x12N\n\x0bOpenSession\x12\x1e.kvstore.v1.OpenSessionRequest\x1a\x1f.kvstore.v1.OpenSessionResponse\x12G\n\tKeepAlive\x12\x1c.kvstore.v1.KeepAliveRequest\x1a\x1a.kvstore.v1.KeepAliveEvent0\x01\x12H\n\tHeartbeat\x12\x1c.kvstore.v1.HeartbeatRequest\x1a\x1d.kvstore.v1.HeartbeatResponse\x12Q\n\x0c\x43loseSession\x12\x1f.kvstore.v1.CloseSessionRequest\x1a .kvstore.v1.CloseSessionResponse\x12J\n\x0cGetNamespace\x12\x1f.kvstore.v1.GetNamespaceRequest\x1a\x19.kvstore.v1.NamespaceInfo\x12\x45\n\x08\x41llocate\x12\x1b.kvstore.v1.AllocateRequest\x1a\x1c.kvstore.v1.AllocateResponse\x12?\n\x06\x41ppend\x12\x19.kvstore.v1.AppendRequest\x1a\x1a.kvstore.v1.AppendResponse\x12?\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x1a.kvstore.v1.CommitResponse\x12N\n\x0bGetSequence\x12\x1e.kvstore.v1.GetSequenceRequest\x1a\x1f.kvstore.v1.GetSequenceResponse\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponse\x12<\n\x05\x45vict\x12\x18.kvstore.v1.EvictRequest\x1a\x19.kvstore.v1.EvictResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse2\x85\x02\n\x05\x41\x64min\x12P\n\x0f\x43reateNamespace\x12\".kvstore.v1.CreateNamespaceRequest\x1a\x19.kvstore.v1.NamespaceInfo\x12W\n\x0eListNamespaces\x12!.kvstore.v1.ListNamespacesRequest\x1a\".kvstore.v1.ListNamespacesResponse\x12Q\n\x0cListSessions\x12\x1f.kvstore.v1.ListSessionsRequest\x1a .kvstore.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&kvstore_proto/kvstore/v1/kvstore.proto\x12\nkvstore.v1\"\x91\x01\n\x08Geometry\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.kvstore.v1.DType\x12\x13\n\x0bpage_tokens\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\"\xe8\x01\n\x0ePoolDescriptor\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x12\n\nipc_handle\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x11\n\tnum_pages\x18\x06 \x01(\r\x12\x12\n\npage_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bpage_stride\x18\x08 \x01(\x04\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x12\n\npage_shape\x18\n \x03(\x04\x12 \n\x05\x64type\x18\x0b \x01(\x0e\x32\x11.kvstore.v1.DType\"\x9a\x01\n\rNamespaceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08geometry\x18\x02 \x01(\x0b\x32\x14.kvstore.v1.Geometry\x12(\n\x04pool\x18\x03 \x01(\x0b\x32\x1a.kvstore.v1.PoolDescriptor\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\x8a\x01\n\x07PageRef\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.kvstore.v1.PageState\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x12\n\nblock_hash\x18\x06 \x01(\x0c\"?\n\x12OpenSessionRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x03\"?\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"&\n\x10KeepAliveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"C\n\x0eKeepAliveEvent\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x02 \x01(\x04\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"2\n\x11HeartbeatResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x04\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"I\n\x14\x43loseSessionResponse\x12\x1a\n\x12sequences_released\x18\x01 \x01(\r\x12\x15\n\rpins_released\x18\x02 \x01(\r\"(\n\x13GetNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"`\n\x0f\x41llocateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x12\n\nextra_keys\x18\x04 \x01(\x0c\"?\n\x10\x41llocateResponse\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0ereserved_pages\x18\x02 \x01(\r\"K\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"_\n\x0e\x41ppendResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\"\n\x05pages\x18\x02 \x03(\x0b\x32\x13.kvstore.v1.PageRef\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"c\n\rCommitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12\x15\n\rwritten_slots\x18\x04 \x03(\r\"f\n\x0e\x43ommitResponse\x12\x14\n\x0csealed_pages\x18\x01 \x01(\r\x12\x1a\n\x12\x64\x65\x64uplicated_pages\x18\x02 \x01(\r\x12\"\n\x05pages\x18\x03 \x03(\x0b\x32\x13.kvstore.v1.PageRef\"=\n\x12GetSequenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\"z\n\x13GetSequenceResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x18\n\x10\x63ommitted_tokens\x18\x03 \x01(\r\x12\"\n\x05pages\x18\x04 \x03(\x0b\x32\x13.kvstore.v1.PageRef\"j\n\rLookupRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nextra_keys\x18\x04 \x01(\x0c\x12\x0b\n\x03pin\x18\x05 \x01(\x08\"X\n\x0eLookupResponse\x12\x12\n\nhit_tokens\x18\x01 \x01(\r\x12\"\n\x05pages\x18\x02 \x03(\x0b\x32\x13.kvstore.v1.PageRef\x12\x0e\n\x06pin_id\x18\x03 \x01(\x04\"W\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x15\n\x0bsequence_id\x18\x02 \x01(\x04H\x00\x12\x10\n\x06pin_id\x18\x03 \x01(\x04H\x00\x42\x08\n\x06target\">\n\x0fReleaseResponse\x12\x13\n\x0bpages_freed\x18\x01 \x01(\r\x12\x16\n\x0epages_unpinned\x18\x02 \x01(\r\"w\n\x0c\x45victRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x03\x61ll\x18\x02 \x01(\x08H\x00\x12*\n\x06prefix\x18\x03 \x01(\x0b\x32\x18.kvstore.v1.PrefixTargetH\x00\x12\x0f\n\x05\x62ytes\x18\x04 \x01(\x03H\x00\x42\x08\n\x06target\"5\n\x0cPrefixTarget\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nextra_keys\x18\x02 \x01(\x0c\"Y\n\rEvictResponse\x12\x15\n\rpages_evicted\x18\x01 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\x12\x1c\n\x14pages_skipped_pinned\x18\x03 \x01(\r\"!\n\x0cStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xab\x02\n\x0eNamespaceStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npage_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bpages_total\x18\x03 \x01(\r\x12\x12\n\npages_free\x18\x04 \x01(\r\x12\x16\n\x0epages_reserved\x18\x05 \x01(\r\x12\x14\n\x0cpages_sealed\x18\x06 \x01(\r\x12\x14\n\x0cpages_pinned\x18\x07 \x01(\r\x12\x12\n\nhit_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bmiss_tokens\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0f\n\x07lookups\x18\x0b \x01(\x04\x12\x1a\n\x12\x64\x65\x64uplicated_pages\x18\x0c \x01(\x04\x12\x11\n\tsequences\x18\r \x01(\r\x12\x0e\n\x06policy\x18\x0e \x01(\t\"t\n\rStatsResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.kvstore.v1.NamespaceStats\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x91\x01\n\rNamespaceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08geometry\x18\x02 \x01(\x0b\x32\x14.kvstore.v1.Geometry\x12\x11\n\tnum_pages\x18\x03 \x01(\x03\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0c\n\x04salt\x18\x05 \x01(\x0c\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"A\n\x16\x43reateNamespaceRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.kvstore.v1.NamespaceSpec\"\x17\n\x15ListNamespacesRequest\"G\n\x16ListNamespacesResponse\x12-\n\nnamespaces\x18\x01 \x03(\x0b\x32\x19.kvstore.v1.NamespaceInfo\"\x80\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x11\n\tsequences\x18\x03 \x01(\r\x12\x0c\n\x04pins\x18\x04 \x01(\r\x12\x0e\n\x06idle_s\x18\x05 \x01(\x01\x12\x17\n\x0fstream_attached\x18\x06 \x01(\x08\"\x15\n\x13ListSessionsRequest\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.kvstore.v1.SessionInfo*l\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\x0f\n\x0b\x46LOAT8_E4M3\x10\x06*A\n\tPageState\x12\x1a\n\x16PAGE_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08WRITABLE\x10\x01\x12\n\n\x06\x43\x41\x43HED\x10\x02\x32\xa5\x07\n\x07KVStore\x12N\n\x0bOpenSession\x12\x1e.kvstore.v1.OpenSessionRequest\x1a\x1f.kvstore.v1.OpenSessionResponse\x12G\n\tKeepAlive\x12\x1c.kvstore.v1.KeepAliveRequest\x1a\x1a.kvstore.v1.KeepAliveEvent0\x01\x12H\n\tHeartbeat\x12\x1c.kvstore.v1.HeartbeatRequest\x1a\x1d.kvstore.v1.HeartbeatResponse\x12Q\n\x0c\x43loseSession\x12\x1f.kvstore.v1.CloseSessionRequest\x1a .kvstore.v1.CloseSessionResponse\x12J\n\x0cGetNamespace\x12\x1f.kvstore.v1.GetNamespaceRequest\x1a\x19.kvstore.v1.NamespaceInfo\x12\x45\n\x08\x41llocate\x12\x1b.kvstore.v1.AllocateRequest\x1a\x1c.kvstore.v1.AllocateResponse\x12?\n\x06\x41ppend\x12\x19.kvstore.v1.AppendRequest\x1a\x1a.kvstore.v1.AppendResponse\x12?\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x1a.kvstore.v1.CommitResponse\x12N\n\x0bGetSequence\x12\x1e.kvstore.v1.GetSequenceRequest\x1a\x1f.kvstore.v1.GetSequenceResponse\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponse\x12<\n\x05\x45vict\x12\x18.kvstore.v1.EvictRequest\x1a\x19.kvstore.v1.EvictResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse2\x85\x02\n\x05\x41\x64min\x12P\n\x0f\x43reateNamespace\x12\".kvstore.v1.CreateNamespaceRequest\x1a\x19.kvstore.v1.NamespaceInfo\x12W\n\x0eListNamespaces\x12!.kvstore.v1.ListNamespacesRequest\x1a\".kvstore.v1.ListNamespacesResponse\x12Q\n\x0cListSessions\x12\x1f.kvstore.v1.ListSessionsRequest\x1a .kvstore.v1.ListSessionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore_proto.kvstore.v1.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=3539
-  _globals['_DTYPE']._serialized_end=3647
-  _globals['_PAGESTATE']._serialized_start=3649
-  _globals['_PAGESTATE']._serialized_end=3714
+  _globals['_DTYPE']._serialized_start=3562
+  _globals['_DTYPE']._serialized_end=3670
+  _globals['_PAGESTATE']._serialized_start=3672
+  _globals['_PAGESTATE']._serialized_end=3737
   _globals['_GEOMETRY']._serialized_start=55
   _globals['_GEOMETRY']._serialized_end=200
   _globals['_POOLDESCRIPTOR']._serialized_start=203
@@ -70,49 +70,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDRESPONSE']._serialized_start=1466
   _globals['_APPENDRESPONSE']._serialized_end=1561
   _globals['_COMMITREQUEST']._serialized_start=1563
-  _globals['_COMMITREQUEST']._serialized_end=1639
-  _globals['_COMMITRESPONSE']._serialized_start=1641
-  _globals['_COMMITRESPONSE']._serialized_end=1743
-  _globals['_GETSEQUENCEREQUEST']._serialized_start=1745
-  _globals['_GETSEQUENCEREQUEST']._serialized_end=1806
-  _globals['_GETSEQUENCERESPONSE']._serialized_start=1808
-  _globals['_GETSEQUENCERESPONSE']._serialized_end=1930
-  _globals['_LOOKUPREQUEST']._serialized_start=1932
-  _globals['_LOOKUPREQUEST']._serialized_end=2038
-  _globals['_LOOKUPRESPONSE']._serialized_start=2040
-  _globals['_LOOKUPRESPONSE']._serialized_end=2128
-  _globals['_RELEASEREQUEST']._serialized_start=2130
-  _globals['_RELEASEREQUEST']._serialized_end=2217
-  _globals['_RELEASERESPONSE']._serialized_start=2219
-  _globals['_RELEASERESPONSE']._serialized_end=2281
-  _globals['_EVICTREQUEST']._serialized_start=2283
-  _globals['_EVICTREQUEST']._serialized_end=2402
-  _globals['_PREFIXTARGET']._serialized_start=2404
-  _globals['_PREFIXTARGET']._serialized_end=2457
-  _globals['_EVICTRESPONSE']._serialized_start=2459
-  _globals['_EVICTRESPONSE']._serialized_end=2548
-  _globals['_STATSREQUEST']._serialized_start=2550
-  _globals['_STATSREQUEST']._serialized_end=2583
-  _globals['_NAMESPACESTATS']._serialized_start=2586
-  _globals['_NAMESPACESTATS']._serialized_end=2885
-  _globals['_STATSRESPONSE']._serialized_start=2887
-  _globals['_STATSRESPONSE']._serialized_end=3003
-  _globals['_NAMESPACESPEC']._serialized_start=3006
-  _globals['_NAMESPACESPEC']._serialized_end=3151
-  _globals['_CREATENAMESPACEREQUEST']._serialized_start=3153
-  _globals['_CREATENAMESPACEREQUEST']._serialized_end=3218
-  _globals['_LISTNAMESPACESREQUEST']._serialized_start=3220
-  _globals['_LISTNAMESPACESREQUEST']._serialized_end=3243
-  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=3245
-  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=3316
-  _globals['_SESSIONINFO']._serialized_start=3319
-  _globals['_SESSIONINFO']._serialized_end=3447
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=3449
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=3470
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=3472
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=3537
-  _globals['_KVSTORE']._serialized_start=3717
-  _globals['_KVSTORE']._serialized_end=4650
-  _globals['_ADMIN']._serialized_start=4653
-  _globals['_ADMIN']._serialized_end=4914
+  _globals['_COMMITREQUEST']._serialized_end=1662
+  _globals['_COMMITRESPONSE']._serialized_start=1664
+  _globals['_COMMITRESPONSE']._serialized_end=1766
+  _globals['_GETSEQUENCEREQUEST']._serialized_start=1768
+  _globals['_GETSEQUENCEREQUEST']._serialized_end=1829
+  _globals['_GETSEQUENCERESPONSE']._serialized_start=1831
+  _globals['_GETSEQUENCERESPONSE']._serialized_end=1953
+  _globals['_LOOKUPREQUEST']._serialized_start=1955
+  _globals['_LOOKUPREQUEST']._serialized_end=2061
+  _globals['_LOOKUPRESPONSE']._serialized_start=2063
+  _globals['_LOOKUPRESPONSE']._serialized_end=2151
+  _globals['_RELEASEREQUEST']._serialized_start=2153
+  _globals['_RELEASEREQUEST']._serialized_end=2240
+  _globals['_RELEASERESPONSE']._serialized_start=2242
+  _globals['_RELEASERESPONSE']._serialized_end=2304
+  _globals['_EVICTREQUEST']._serialized_start=2306
+  _globals['_EVICTREQUEST']._serialized_end=2425
+  _globals['_PREFIXTARGET']._serialized_start=2427
+  _globals['_PREFIXTARGET']._serialized_end=2480
+  _globals['_EVICTRESPONSE']._serialized_start=2482
+  _globals['_EVICTRESPONSE']._serialized_end=2571
+  _globals['_STATSREQUEST']._serialized_start=2573
+  _globals['_STATSREQUEST']._serialized_end=2606
+  _globals['_NAMESPACESTATS']._serialized_start=2609
+  _globals['_NAMESPACESTATS']._serialized_end=2908
+  _globals['_STATSRESPONSE']._serialized_start=2910
+  _globals['_STATSRESPONSE']._serialized_end=3026
+  _globals['_NAMESPACESPEC']._serialized_start=3029
+  _globals['_NAMESPACESPEC']._serialized_end=3174
+  _globals['_CREATENAMESPACEREQUEST']._serialized_start=3176
+  _globals['_CREATENAMESPACEREQUEST']._serialized_end=3241
+  _globals['_LISTNAMESPACESREQUEST']._serialized_start=3243
+  _globals['_LISTNAMESPACESREQUEST']._serialized_end=3266
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=3268
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=3339
+  _globals['_SESSIONINFO']._serialized_start=3342
+  _globals['_SESSIONINFO']._serialized_end=3470
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=3472
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=3493
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=3495
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=3560
+  _globals['_KVSTORE']._serialized_start=3740
+  _globals['_KVSTORE']._serialized_end=4673
+  _globals['_ADMIN']._serialized_start=4676
+  _globals['_ADMIN']._serialized_end=4937
 # @@protoc_insertion_point(module_scope)

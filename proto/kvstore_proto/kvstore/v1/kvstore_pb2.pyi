@@ -208,14 +208,16 @@ class AppendResponse(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("session_id", "sequence_id", "num_tokens")
+    __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_SLOTS_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     sequence_id: int
     num_tokens: int
-    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    written_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("sealed_pages", "deduplicated_pages", "pages")

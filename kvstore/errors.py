@@ -1,0 +1,37 @@
+"""Domain errors. No grpc here: kvstore/server/status.py maps each class to a
+status code once, at the edge. Every message names the field, the value and
+the limit, so a person can act on it without reading code."""
+
+from __future__ import annotations
+
+
+class KVStoreError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+
+class NotFound(KVStoreError):
+    """A namespace, session, sequence or pin that does not exist (any more)."""
+
+
+class InvalidArgument(KVStoreError):
+    """A request that can never succeed as written: bad shape, range or type."""
+
+
+class OutOfRange(KVStoreError):
+    """A value past a limit the request itself set (e.g. append past max_tokens)."""
+
+
+class ResourceExhausted(KVStoreError):
+    """Not enough free or evictable pages (or another quota) right now."""
+
+
+class FailedPrecondition(KVStoreError):
+    """The request is well formed but the object is in the wrong state."""
+
+
+class PermissionDenied(KVStoreError):
+    """The session does not own the object it names."""
+
+
+class AlreadyExists(KVStoreError):
+    """Creating something whose name is taken."""

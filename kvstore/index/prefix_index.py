@@ -1,0 +1,55 @@
+"""The prefix index of one namespace: block hash -> sealed page.
+
+Chained hashes make the index a tree without storing one: a page's hash
+commits to its whole prefix, and `Page.parent`/`Page.children` link resident
+pages. Loop-owned; only kvstore/store mutates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kvstore.hashing import BlockHash, iter_block_hashes
+from kvstore.memory.pages import Page
+
+
+class PrefixIndex:
+    def __init__(self, root: BlockHash) -> None:
+        self.root = root  # h_0 of the namespace (salted)
+        self._pages: dict[bytes, Page] = {}
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def get(self, block_hash: bytes) -> Page | None:
+        return self._pages.get(block_hash)
+
+    def insert(self, page: Page) -> None:
+        assert page.block_hash is not None and page.block_hash not in self._pages
+        self._pages[page.block_hash] = page
+
+    def remove(self, page: Page) -> None:
+        assert page.block_hash is not None
+        del self._pages[page.block_hash]
+
+    def match(self, tokens_le: bytes, page_tokens: int, extra_keys: bytes) -> list[Page]:
+        """The resident pages of the longest cached prefix, root first (stops at the first miss)."""
+        hits = []
+        for block_hash in iter_block_hashes(self.root, tokens_le, page_tokens, extra_keys):
+            page = self._pages.get(block_hash)
+            if page is None:
+                break
+            hits.append(page)
+        return hits
+
+
+def subtree_postorder(page: Page) -> Iterator[Page]:
+    """`page` and every resident page extending it, children before parents."""
+    stack: list[tuple[Page, bool]] = [(page, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded or not node.children:
+            yield node
+            continue
+        stack.append((node, True))
+        stack.extend((child, False) for child in list(node.children))

@@ -1,0 +1,130 @@
+"""Page metadata and the intrusive free list (the list lives on the pages).
+
+One `Page` per pool slot, created once at start; the hot path allocates no
+Python objects. All of it is loop-owned: only kvstore/store mutates it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class PageState(IntEnum):
+    FREE = 0  # on the free list, content meaningless
+    RESERVED = 1  # owned by one sequence, writable by its client, invisible to lookups
+    SEALED = 2  # immutable, indexed by block_hash, shared through refcounts
+
+
+class Page:
+    """Metadata of one pool page. `prev`/`next` belong to the FreeList only."""
+
+    __slots__ = (
+        "block_hash",
+        "children",
+        "last_access",
+        "next",
+        "owner",
+        "parent",
+        "policy_state",
+        "prev",
+        "refcount",
+        "slot",
+        "state",
+    )
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.state = PageState.FREE
+        self.refcount = 0  # SEALED: holders (sequences and pins); 0 = unpinned
+        self.block_hash: bytes | None = None  # set once the page is full (RESERVED) and while SEALED
+        self.parent: Page | None = None  # SEALED: the page this one extends (None at the root)
+        self.children: set[Page] | None = None  # SEALED: resident pages that extend this one
+        self.owner = 0  # RESERVED: sequence id that may write it
+        self.last_access = 0  # logical clock of the last hit or seal
+        self.policy_state: object = None  # owned by the namespace's eviction policy
+        self.prev: Page | None = None
+        self.next: Page | None = None
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    @property
+    def evictable(self) -> bool:
+        """Sealed, pinned by nobody, and nothing resident extends it (leaf-first)."""
+        return self.state is PageState.SEALED and self.refcount == 0 and not self.children
+
+    def __repr__(self) -> str:
+        return f"Page(slot={self.slot}, {self.state.name}, ref={self.refcount})"
+
+
+class FreeList:
+    """Doubly linked list of FREE pages with sentinels: O(1) pop, push and remove."""
+
+    def __init__(self, pages: list[Page]) -> None:
+        self._head = Page(-1)
+        self._tail = Page(-1)
+        self._head.next = self._tail
+        self._tail.prev = self._head
+        self._len = 0
+        for page in pages:
+            self.push(page)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def push(self, page: Page) -> None:
+        assert page.prev is None and page.next is None, f"{page} is already linked"
+        last = self._tail.prev
+        assert last is not None
+        last.next = page
+        page.prev = last
+        page.next = self._tail
+        self._tail.prev = page
+        self._len += 1
+
+    def pop(self) -> Page | None:
+        first = self._head.next
+        if first is self._tail or first is None:
+            return None
+        self.remove(first)
+        return first
+
+    def remove(self, page: Page) -> None:
+        prev, nxt = page.prev, page.next
+        assert prev is not None and nxt is not None, f"{page} is not linked"
+        prev.next = nxt
+        nxt.prev = prev
+        page.prev = page.next = None
+        self._len -= 1
+
+
+class PageTable:
+    """The pages of one pool and its free list."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.pages = [Page(slot) for slot in range(num_pages)]
+        self.free = FreeList(self.pages)
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def take(self, owner: int) -> Page | None:
+        """A FREE page made RESERVED for `owner`, or None when none is free."""
+        page = self.free.pop()
+        if page is None:
+            return None
+        page.state = PageState.RESERVED
+        page.owner = owner
+        return page
+
+    def give_back(self, page: Page) -> None:
+        """Return a page to the free list, clearing everything it held."""
+        page.state = PageState.FREE
+        page.refcount = 0
+        page.block_hash = None
+        page.parent = None
+        page.children = None
+        page.owner = 0
+        page.policy_state = None
+        self.free.push(page)

@@ -1,0 +1,65 @@
+"""The eviction policy contract: a policy proposes, the store frees.
+
+The store tells the policy about page events; the policy keeps whatever it
+needs (on `page.policy_state` or its own structures) and, when asked, names
+the next victim among the pages the store has declared evictable (sealed,
+unpinned, no resident child: leaf-first is the store's rule, not the
+policy's). A policy never frees a page and never sees bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from kvstore.memory.pages import Page
+
+
+class EvictionPolicy(ABC):
+    name: str = ""
+
+    def on_sealed(self, page: Page) -> None:  # noqa: B027 - optional hook
+        """A page became visible to lookups (inserted into the index)."""
+
+    def on_access(self, page: Page) -> None:  # noqa: B027 - optional hook
+        """A lookup hit the page, or a sequence reused it."""
+
+    @abstractmethod
+    def on_evictable(self, page: Page) -> None:
+        """The page may now be chosen as a victim."""
+
+    @abstractmethod
+    def on_unevictable(self, page: Page) -> None:
+        """The page may no longer be chosen (pinned, extended, or about to be freed)."""
+
+    @abstractmethod
+    def victim(self) -> Page | None:
+        """The next page to evict, removed from the candidates; None when there is none."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """How many pages are candidates now."""
+
+
+_REGISTRY: dict[str, Callable[[], EvictionPolicy]] = {}
+
+
+def register(name: str) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
+    def decorate(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return factory()
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)

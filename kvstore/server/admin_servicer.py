@@ -1,0 +1,42 @@
+"""The Admin service: namespaces and sessions, for operators."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+from kvstore.server import convert
+from kvstore.server.status import grpc_errors
+from kvstore.store.store import Store
+
+Ctx = grpc.aio.ServicerContext
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, store: Store, default_policy: str = "lru") -> None:
+        self.store = store
+        self.default_policy = default_policy
+
+    @grpc_errors
+    async def CreateNamespace(self, request: pb.CreateNamespaceRequest, context: Ctx) -> pb.NamespaceInfo:
+        spec = convert.namespace_spec(request.spec, self.default_policy)
+        self.store.check_new_namespace(spec)
+        # Backing a large segment takes a while: do it off the loop, then register on it
+        # (add_namespace re-checks the name, which another call may have taken meanwhile).
+        pool = await asyncio.to_thread(self.store.create_pool, spec)
+        return convert.namespace_info(self.store.add_namespace(spec, pool))
+
+    @grpc_errors
+    async def ListNamespaces(
+        self, request: pb.ListNamespacesRequest, context: Ctx
+    ) -> pb.ListNamespacesResponse:
+        return pb.ListNamespacesResponse(
+            namespaces=[convert.namespace_info(ns.info()) for ns in self.store.namespaces.values()]
+        )
+
+    @grpc_errors
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
+        return pb.ListSessionsResponse(sessions=[convert.session_info(s) for s in self.store.session_infos()])

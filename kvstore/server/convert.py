@@ -1,0 +1,116 @@
+"""Conversions between store types and protobuf messages. Nothing else."""
+
+from __future__ import annotations
+
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from kvstore.errors import InvalidArgument
+from kvstore.store import types as t
+
+DTYPE_TO_PB = {
+    "float16": pb.FLOAT16,
+    "bfloat16": pb.BFLOAT16,
+    "float32": pb.FLOAT32,
+    "int8": pb.INT8,
+    "uint8": pb.UINT8,
+    "float8_e4m3fn": pb.FLOAT8_E4M3,
+}
+DTYPE_FROM_PB = {v: k for k, v in DTYPE_TO_PB.items()}
+
+
+def page_ref(ref: t.PageRef) -> pb.PageRef:
+    return pb.PageRef(
+        index=ref.index,
+        slot=ref.slot,
+        state=pb.CACHED if ref.cached else pb.WRITABLE,
+        token_start=ref.token_start,
+        token_count=ref.token_count,
+        block_hash=ref.block_hash,
+    )
+
+
+def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
+    spec, pool = info.spec, info.pool
+    return pb.NamespaceInfo(
+        name=spec.name,
+        geometry=pb.Geometry(
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            dtype=DTYPE_TO_PB[spec.dtype],
+            page_tokens=spec.page_tokens,
+            vocab_size=spec.vocab_size,
+        ),
+        pool=pb.PoolDescriptor(
+            device=pool.device,
+            shm_name=pool.shm_name,
+            offset=pool.offset,
+            nbytes=pool.nbytes,
+            num_pages=pool.num_pages,
+            page_bytes=pool.page_bytes,
+            page_stride=pool.page_stride,
+            layout=pool.layout,
+            page_shape=list(pool.page_shape),
+            dtype=DTYPE_TO_PB[pool.dtype],
+        ),
+        policy=spec.policy,
+        model_fingerprint=spec.model_fingerprint,
+    )
+
+
+def namespace_spec(msg: pb.NamespaceSpec, default_policy: str) -> t.NamespaceSpec:
+    g = msg.geometry
+    if g.dtype not in DTYPE_FROM_PB:
+        raise InvalidArgument(
+            f"spec.geometry.dtype={g.dtype} is not a known DType; use one of "
+            + ", ".join(pb.DType.Name(v) for v in DTYPE_FROM_PB)
+        )
+    return t.NamespaceSpec(
+        name=msg.name,
+        num_layers=g.num_layers,
+        num_kv_heads=g.num_kv_heads,
+        head_dim=g.head_dim,
+        dtype=DTYPE_FROM_PB[g.dtype],
+        page_tokens=g.page_tokens,
+        num_pages=msg.num_pages,
+        vocab_size=g.vocab_size,
+        policy=msg.policy or default_policy,
+        salt=msg.salt,
+        model_fingerprint=msg.model_fingerprint,
+    )
+
+
+def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
+    return pb.NamespaceStats(
+        name=s.name,
+        page_bytes=s.page_bytes,
+        pages_total=s.pages_total,
+        pages_free=s.pages_free,
+        pages_reserved=s.pages_reserved,
+        pages_sealed=s.pages_sealed,
+        pages_pinned=s.pages_pinned,
+        hit_tokens=s.hit_tokens,
+        miss_tokens=s.miss_tokens,
+        evictions=s.evictions,
+        lookups=s.lookups,
+        deduplicated_pages=s.deduplicated_pages,
+        sequences=s.sequences,
+        policy=s.policy,
+    )
+
+
+def session_info(s: t.SessionInfo) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        session_id=s.session_id,
+        client_name=s.client_name,
+        sequences=s.sequences,
+        pins=s.pins,
+        idle_s=s.idle_s,
+        stream_attached=s.stream_attached,
+    )
+
+
+def evict_response(r: t.EvictResult) -> pb.EvictResponse:
+    return pb.EvictResponse(
+        pages_evicted=r.pages_evicted, bytes_freed=r.bytes_freed, pages_skipped_pinned=r.pages_skipped_pinned
+    )

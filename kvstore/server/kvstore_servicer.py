@@ -1,0 +1,148 @@
+"""The KVStore service: convert, call the store, convert. No logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+from kvstore import __version__
+from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.server import convert
+from kvstore.server.status import abort_for, grpc_errors
+from kvstore.store.store import Store
+
+Ctx = grpc.aio.ServicerContext
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.started = time.monotonic()
+
+    @grpc_errors
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> pb.OpenSessionResponse:
+        info = self.store.open_session(request.client_name, request.lease_ttl_ms / 1000)
+        return pb.OpenSessionResponse(session_id=info.session_id, lease_ttl_ms=int(info.lease_ttl_s * 1000))
+
+    async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> AsyncIterator[pb.KeepAliveEvent]:
+        try:
+            session = self.store.attach_stream(request.session_id)
+        except KVStoreError as e:
+            await abort_for(context, e)
+            return
+        try:
+            while request.session_id in self.store.sessions:
+                yield pb.KeepAliveEvent(
+                    session_id=session.id, lease_expires_unix_ms=_unix_ms(session.lease_ttl_s)
+                )
+                # The event is a heartbeat both ways: a dead peer makes the write fail.
+                await asyncio.sleep(session.lease_ttl_s / 3)
+        finally:
+            # Runs when the client goes away (the call is cancelled) or closed its session.
+            self.store.detach_stream(request.session_id)
+
+    @grpc_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        ttl = self.store.heartbeat(request.session_id)
+        return pb.HeartbeatResponse(lease_expires_unix_ms=_unix_ms(ttl))
+
+    @grpc_errors
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> pb.CloseSessionResponse:
+        session = self.store.session(request.session_id)
+        seqs, pins = len(session.sequences), len(session.pins)
+        self.store.close_session(request.session_id)
+        return pb.CloseSessionResponse(sequences_released=seqs, pins_released=pins)
+
+    @grpc_errors
+    async def GetNamespace(self, request: pb.GetNamespaceRequest, context: Ctx) -> pb.NamespaceInfo:
+        return convert.namespace_info(self.store.namespace(request.namespace).info())
+
+    @grpc_errors
+    async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:
+        seq_id, reserved = self.store.allocate(
+            request.session_id, request.namespace, request.max_tokens, request.extra_keys
+        )
+        return pb.AllocateResponse(sequence_id=seq_id, reserved_pages=reserved)
+
+    @grpc_errors
+    async def Append(self, request: pb.AppendRequest, context: Ctx) -> pb.AppendResponse:
+        r = self.store.append(request.session_id, request.sequence_id, request.token_ids)
+        return pb.AppendResponse(
+            num_tokens=r.num_tokens,
+            pages=[convert.page_ref(p) for p in r.pages],
+            cached_tokens=r.cached_tokens,
+        )
+
+    @grpc_errors
+    async def Commit(self, request: pb.CommitRequest, context: Ctx) -> pb.CommitResponse:
+        r = self.store.commit(
+            request.session_id, request.sequence_id, request.num_tokens, request.written_slots
+        )
+        return pb.CommitResponse(
+            sealed_pages=r.sealed_pages,
+            deduplicated_pages=r.deduplicated_pages,
+            pages=[convert.page_ref(p) for p in r.moved],
+        )
+
+    @grpc_errors
+    async def GetSequence(self, request: pb.GetSequenceRequest, context: Ctx) -> pb.GetSequenceResponse:
+        v = self.store.sequence_view(request.session_id, request.sequence_id)
+        return pb.GetSequenceResponse(
+            namespace=v.namespace,
+            num_tokens=v.num_tokens,
+            committed_tokens=v.committed_tokens,
+            pages=[convert.page_ref(p) for p in v.pages],
+        )
+
+    @grpc_errors
+    async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
+        r = self.store.lookup(
+            request.session_id, request.namespace, request.token_ids, request.extra_keys, request.pin
+        )
+        return pb.LookupResponse(
+            hit_tokens=r.hit_tokens, pages=[convert.page_ref(p) for p in r.pages], pin_id=r.pin_id
+        )
+
+    @grpc_errors
+    async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
+        target = request.WhichOneof("target")
+        if target == "sequence_id":
+            r = self.store.release_sequence(request.session_id, request.sequence_id)
+        elif target == "pin_id":
+            r = self.store.release_pin(request.session_id, request.pin_id)
+        else:
+            raise InvalidArgument("target is not set: give sequence_id or pin_id")
+        return pb.ReleaseResponse(pages_freed=r.pages_freed, pages_unpinned=r.pages_unpinned)
+
+    @grpc_errors
+    async def Evict(self, request: pb.EvictRequest, context: Ctx) -> pb.EvictResponse:
+        target = request.WhichOneof("target")
+        if target == "all" and request.all:
+            r = self.store.evict_all(request.namespace)
+        elif target == "prefix":
+            r = self.store.evict_prefix(
+                request.namespace, request.prefix.token_ids, request.prefix.extra_keys
+            )
+        elif target == "bytes":
+            r = self.store.evict_bytes(request.namespace, request.bytes)
+        else:
+            raise InvalidArgument("target is not set: give all=true, prefix or bytes")
+        return convert.evict_response(r)
+
+    @grpc_errors
+    async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
+        return pb.StatsResponse(
+            namespaces=[convert.namespace_stats(s) for s in self.store.stats(request.namespace)],
+            sessions=len(self.store.sessions),
+            uptime_s=time.monotonic() - self.started,
+            version=__version__,
+        )
+
+
+def _unix_ms(ttl_s: float) -> int:
+    return int((time.time() + ttl_s) * 1000)

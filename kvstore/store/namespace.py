@@ -1,0 +1,164 @@
+"""One namespace's metadata: its pool, page table, prefix index, policy and
+counters, and the page-level operations that keep them consistent. Loop-owned:
+called only by kvstore/store/store.py, which owns sessions and sequences."""
+
+from __future__ import annotations
+
+from kvstore.errors import ResourceExhausted
+from kvstore.hashing import namespace_salt, root_hash
+from kvstore.index.prefix_index import PrefixIndex
+from kvstore.memory.pages import Page, PageState, PageTable
+from kvstore.memory.shm_pool import ShmPool
+from kvstore.policy import EvictionPolicy
+from kvstore.store.types import PAGE_LAYOUT, NamespaceInfo, NamespaceSpec, NamespaceStats, PoolInfo
+
+
+class Namespace:
+    def __init__(self, spec: NamespaceSpec, pool: ShmPool, policy: EvictionPolicy) -> None:
+        self.spec = spec
+        self.pool = pool
+        self.policy = policy
+        self.pages = PageTable(spec.num_pages)
+        self.index = PrefixIndex(root_hash(namespace_salt(spec.name, spec.salt)))
+        self.clock = 0  # logical time of accesses, for recency
+        self.pages_reserved = 0
+        self.pages_pinned = 0  # sealed pages with refcount > 0
+        self.sequences = 0
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+        self.lookups = 0
+        self.evictions = 0
+        self.deduplicated_pages = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # ------------------------------------------------------------ page moves
+
+    def reserve(self, owner: int) -> Page:
+        """A RESERVED page for `owner`; the caller has made room (see make_room)."""
+        page = self.pages.take(owner)
+        assert page is not None, "make_room() must run before reserve()"
+        self.pages_reserved += 1
+        return page
+
+    def free_reserved(self, page: Page) -> None:
+        assert page.state is PageState.RESERVED
+        self.pages_reserved -= 1
+        self.pages.give_back(page)
+
+    def seal(self, page: Page, parent: Page | None) -> None:
+        """RESERVED -> SEALED, held once by the sealing sequence."""
+        assert page.state is PageState.RESERVED and page.block_hash is not None
+        self.pages_reserved -= 1
+        page.state = PageState.SEALED
+        page.owner = 0
+        page.refcount = 1
+        self.pages_pinned += 1
+        page.parent = parent
+        if parent is not None:
+            if parent.children is None:
+                parent.children = set()
+            parent.children.add(page)
+            self.policy.on_unevictable(parent)  # no longer a leaf
+        self.index.insert(page)
+        self.clock += 1
+        page.last_access = self.clock
+        self.policy.on_sealed(page)
+
+    def ref(self, page: Page) -> None:
+        assert page.state is PageState.SEALED
+        if page.refcount == 0:
+            self.pages_pinned += 1
+            self.policy.on_unevictable(page)
+        page.refcount += 1
+
+    def unref(self, page: Page) -> None:
+        assert page.state is PageState.SEALED and page.refcount > 0
+        page.refcount -= 1
+        if page.refcount == 0:
+            self.pages_pinned -= 1
+            if page.evictable:
+                self.policy.on_evictable(page)
+
+    def touch(self, pages: list[Page]) -> None:
+        """One access of a whole prefix: every page gets the same clock value (see policy/lru.py)."""
+        self.clock += 1
+        for page in pages:
+            page.last_access = self.clock
+            self.policy.on_access(page)
+
+    def drop(self, page: Page) -> None:
+        """Evict a sealed, unpinned leaf: unindex and free it."""
+        assert page.evictable, f"{page} is not evictable"
+        self.policy.on_unevictable(page)
+        self.index.remove(page)
+        parent = page.parent
+        if parent is not None and parent.children is not None:
+            parent.children.discard(page)
+            if parent.evictable:
+                self.policy.on_evictable(parent)
+        self.pages.give_back(page)
+        self.evictions += 1
+
+    # ------------------------------------------------------------ capacity
+
+    def obtainable(self) -> int:
+        """Free pages plus sealed pages nobody pins: an upper bound on what eviction can yield."""
+        return len(self.pages.free) + len(self.index) - self.pages_pinned
+
+    def make_room(self, needed: int, what: str) -> None:
+        """Evict (policy's choice) until `needed` pages are free, or raise with the numbers."""
+        if len(self.pages.free) >= needed:
+            return
+        if needed > self.obtainable():
+            raise self._exhausted(needed, what)
+        while len(self.pages.free) < needed:
+            victim = self.policy.victim()
+            if victim is None:
+                raise self._exhausted(needed, what)
+            self.drop(victim)
+
+    def _exhausted(self, needed: int, what: str) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"namespace {self.name!r}: {what} needs {needed} free pages but only {len(self.pages.free)} "
+            f"are free and {self.obtainable() - len(self.pages.free)} sealed unpinned ({len(self.pages)} total, "
+            f"{self.pages_pinned} sealed+pinned, {self.pages_reserved} reserved)"
+        )
+
+    # ------------------------------------------------------------ views
+
+    def info(self) -> NamespaceInfo:
+        spec = self.spec
+        pool = PoolInfo(
+            device="cpu",
+            shm_name=self.pool.name,
+            offset=0,
+            nbytes=self.pool.nbytes,
+            num_pages=spec.num_pages,
+            page_bytes=spec.page_bytes,
+            page_stride=spec.page_stride,
+            layout=PAGE_LAYOUT,
+            page_shape=spec.page_shape,
+            dtype=spec.dtype,
+        )
+        return NamespaceInfo(spec=spec, pool=pool)
+
+    def stats(self) -> NamespaceStats:
+        return NamespaceStats(
+            name=self.name,
+            policy=self.policy.name,
+            page_bytes=self.spec.page_bytes,
+            pages_total=len(self.pages),
+            pages_free=len(self.pages.free),
+            pages_reserved=self.pages_reserved,
+            pages_sealed=len(self.index),
+            pages_pinned=self.pages_pinned,
+            sequences=self.sequences,
+            hit_tokens=self.hit_tokens,
+            miss_tokens=self.miss_tokens,
+            lookups=self.lookups,
+            evictions=self.evictions,
+            deduplicated_pages=self.deduplicated_pages,
+        )

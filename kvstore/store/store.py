@@ -1,0 +1,466 @@
+"""The store: the one mutator of metadata. Sessions, sequences, pins, and the
+page lifecycle FREE -> RESERVED -> SEALED -> FREE across namespaces.
+
+Every method is synchronous and runs on the event loop, so no critical
+section spans an `await`. Errors are kvstore.errors classes; the server edge
+maps them to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+
+from kvstore.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from kvstore.hashing import BlockHash, chain
+from kvstore.index.prefix_index import subtree_postorder
+from kvstore.memory.pages import Page, PageState
+from kvstore.memory.shm_pool import ShmPool, segment_name
+from kvstore.policy import make_policy
+from kvstore.store import validate
+from kvstore.store.namespace import Namespace
+from kvstore.store.sessions import Pin, Sequence, Session
+from kvstore.store.types import (
+    AppendResult,
+    CommitResult,
+    EvictResult,
+    LookupResult,
+    NamespaceInfo,
+    NamespaceSpec,
+    NamespaceStats,
+    PageRef,
+    ReleaseResult,
+    SequenceView,
+    SessionInfo,
+    StoreLimits,
+)
+
+log = logging.getLogger(__name__)
+
+ENDED_SESSIONS_REMEMBERED = 10_000  # so a late request gets "ended (why)" rather than "unknown"
+
+
+class Store:
+    def __init__(self, limits: StoreLimits, shm_prefix: str, clock: Callable[[], float] = time.monotonic):
+        self.limits = limits
+        self.shm_prefix = shm_prefix
+        self._clock = clock
+        self.namespaces: dict[str, Namespace] = {}  # loop-owned
+        self.sessions: dict[int, Session] = {}  # loop-owned
+        self._ended: OrderedDict[int, str] = OrderedDict()  # session id -> why it ended
+        self._owner: dict[int, Session] = {}  # sequence or pin id -> its session
+        self._next_id = 1  # sequence and pin ids share one space
+
+    @property
+    def lease_check_interval_s(self) -> float:
+        return max(0.05, min(1.0, self.limits.lease_ttl_default_s / 4))
+
+    # ------------------------------------------------------------ namespaces
+
+    def check_new_namespace(self, spec: NamespaceSpec) -> None:
+        validate.namespace_spec(spec, self.limits)
+        if spec.name in self.namespaces:
+            raise AlreadyExists(f"namespace {spec.name!r} already exists")
+
+    def create_pool(self, spec: NamespaceSpec) -> ShmPool:
+        """Create and back the segment. Touches no metadata, so it may run in a thread."""
+        return ShmPool.create(
+            segment_name(self.shm_prefix, os.getpid(), spec.name), spec.page_stride * spec.num_pages
+        )
+
+    def add_namespace(self, spec: NamespaceSpec, pool: ShmPool) -> NamespaceInfo:
+        try:
+            self.check_new_namespace(spec)
+        except Exception:
+            pool.close()
+            raise
+        ns = Namespace(spec, pool, make_policy(spec.policy))
+        self.namespaces[spec.name] = ns
+        log.info(
+            "namespace %s: %d pages x %d bytes (%s, %d tokens/page), policy %s",
+            spec.name,
+            spec.num_pages,
+            spec.page_bytes,
+            spec.dtype,
+            spec.page_tokens,
+            spec.policy,
+        )
+        return ns.info()
+
+    def create_namespace(self, spec: NamespaceSpec) -> NamespaceInfo:
+        self.check_new_namespace(spec)
+        return self.add_namespace(spec, self.create_pool(spec))
+
+    def namespace(self, name: str) -> Namespace:
+        ns = self.namespaces.get(name)
+        if ns is None:
+            known = ", ".join(sorted(self.namespaces)) or "(none)"
+            raise NotFound(f"namespace {name!r} does not exist; known: {known}")
+        return ns
+
+    # ------------------------------------------------------------ sessions
+
+    def open_session(self, client_name: str, lease_ttl_s: float) -> SessionInfo:
+        if lease_ttl_s < 0:
+            raise InvalidArgument(f"lease_ttl_ms={int(lease_ttl_s * 1000)} is negative")
+        ttl = min(lease_ttl_s or self.limits.lease_ttl_default_s, self.limits.lease_ttl_max_s)
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(
+                f"{len(self.sessions)} sessions are open; the limit is max_sessions={self.limits.max_sessions}"
+            )
+        sid = secrets.randbits(63) or 1  # unguessable, and never reused by a restarted daemon
+        now = self._clock()
+        self.sessions[sid] = Session(sid, client_name[:128], ttl, now + ttl, now)
+        log.info("session %d opened by %r (lease %.1fs)", sid, client_name, ttl)
+        return SessionInfo(sid, client_name, ttl)
+
+    def session(self, sid: int) -> Session:
+        """The live session `sid`, its lease renewed (any request is a sign of life)."""
+        session = self.sessions.get(sid)
+        if session is None:
+            if sid in self._ended:
+                raise FailedPrecondition(f"session {sid} has ended ({self._ended[sid]}); open a new session")
+            raise NotFound(f"session_id={sid} does not exist")
+        now = self._clock()
+        session.last_seen = now
+        session.expires_at = now + session.lease_ttl_s
+        return session
+
+    def heartbeat(self, sid: int) -> float:
+        """Renew the lease; returns seconds until it expires."""
+        return self.session(sid).lease_ttl_s
+
+    def attach_stream(self, sid: int) -> Session:
+        session = self.session(sid)
+        session.streams += 1
+        return session
+
+    def detach_stream(self, sid: int) -> None:
+        """A keep-alive stream ended. The last one ending means the client is gone."""
+        session = self.sessions.get(sid)
+        if session is None:
+            return
+        session.streams -= 1
+        if session.streams == 0:
+            self.close_session(sid, "keep-alive stream broke")
+
+    def close_session(self, sid: int, why: str = "closed by client") -> ReleaseResult:
+        session = self.session(sid)
+        freed = unpinned = 0
+        for seq in list(session.sequences.values()):
+            r = self._release_sequence(session, seq)
+            freed += r.pages_freed
+            unpinned += r.pages_unpinned
+        for pin in list(session.pins.values()):
+            unpinned += self._release_pin(session, pin).pages_unpinned
+        del self.sessions[sid]
+        self._ended[sid] = why
+        while len(self._ended) > ENDED_SESSIONS_REMEMBERED:
+            self._ended.popitem(last=False)
+        log.info("session %d ended (%s): %d pages freed, %d unpinned", sid, why, freed, unpinned)
+        return ReleaseResult(freed, unpinned)
+
+    def reap_expired(self) -> list[int]:
+        now = self._clock()
+        expired = [s.id for s in self.sessions.values() if s.streams == 0 and now > s.expires_at]
+        for sid in expired:
+            self.close_session(sid, "lease expired")
+        return expired
+
+    def session_infos(self) -> list[SessionInfo]:
+        now = self._clock()
+        return [
+            SessionInfo(
+                s.id,
+                s.client_name,
+                s.lease_ttl_s,
+                len(s.sequences),
+                len(s.pins),
+                now - s.last_seen,
+                s.streams > 0,
+            )
+            for s in self.sessions.values()
+        ]
+
+    # ------------------------------------------------------------ sequences
+
+    def _new_id(self, session: Session) -> int:
+        nid = self._next_id
+        self._next_id += 1
+        self._owner[nid] = session
+        return nid
+
+    def _sequence(self, sid: int, seq_id: int) -> tuple[Session, Sequence]:
+        session = self.session(sid)
+        seq = session.sequences.get(seq_id)
+        if seq is None:
+            if seq_id in self._owner:
+                raise PermissionDenied(f"sequence_id={seq_id} belongs to another session, not {sid}")
+            raise NotFound(f"sequence_id={seq_id} does not exist in session {sid}")
+        return session, seq
+
+    def allocate(self, sid: int, namespace: str, max_tokens: int, extra_keys: bytes) -> tuple[int, int]:
+        session = self.session(sid)
+        ns = self.namespace(namespace)
+        validate.non_negative("max_tokens", max_tokens, self.limits.max_request_tokens, "max_request_tokens")
+        extra = validate.extra_keys(extra_keys, self.limits)
+        pages_needed = -(-max_tokens // ns.spec.page_tokens)
+        if pages_needed:
+            ns.make_room(pages_needed, f"allocate(max_tokens={max_tokens})")
+        seq = Sequence(self._new_id(session), sid, ns, extra, max_tokens, ns.index.root)
+        seq.spare = [ns.reserve(seq.id) for _ in range(pages_needed)]
+        session.sequences[seq.id] = seq
+        ns.sequences += 1
+        return seq.id, pages_needed
+
+    def append(self, sid: int, seq_id: int, token_ids: Seq[int]) -> AppendResult:
+        _, seq = self._sequence(sid, seq_id)
+        ns = seq.ns
+        T = ns.spec.page_tokens
+        tokens = validate.token_array(
+            token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=self.limits
+        ).tobytes()
+        n = len(tokens) // 4
+        if seq.max_tokens and seq.num_tokens + n > seq.max_tokens:
+            raise OutOfRange(
+                f"append of {n} tokens to sequence {seq_id} ({seq.num_tokens} tokens) exceeds its "
+                f"max_tokens={seq.max_tokens}"
+            )
+        fill = seq.num_tokens % T
+        into_tail = min(T - fill, n) if fill else 0
+        # Plan without changing anything: the hash of each page this append fills, and which
+        # new full pages are already cached (only while every page so far is sealed: a
+        # cached page needs a sealed parent).
+        parent = seq.last_hash
+        tail_hash = None
+        if into_tail and fill + into_tail == T:
+            tail_hash = parent = chain(parent, seq.tail_tokens + tokens[: 4 * into_tail], seq.extra_keys)
+        prefix_phase = all(p.state is PageState.SEALED for p in seq.pages)
+        plan: list[tuple[int, int, BlockHash | None, Page | None]] = []  # (start, count, hash, cached)
+        for start in range(into_tail, n, T):
+            count = min(T, n - start)
+            block_hash = cached = None
+            if count == T:
+                block_hash = parent = chain(parent, tokens[4 * start : 4 * (start + T)], seq.extra_keys)
+                if prefix_phase:
+                    cached = ns.index.get(block_hash)
+                    prefix_phase = cached is not None
+            plan.append((start, count, block_hash, cached))
+        hits = [c for *_, c in plan if c is not None]
+        for page in hits:  # pin the planned hits so making room cannot evict them
+            ns.ref(page)
+        to_reserve = max(0, sum(c is None for *_, c in plan) - len(seq.spare))
+        try:
+            ns.make_room(to_reserve, f"append of {n} tokens to sequence {seq_id}")
+        except Exception:
+            for page in hits:
+                ns.unref(page)
+            raise
+        # Carry out the plan: nothing below can fail.
+        refs: list[PageRef] = []
+        if into_tail:
+            page = seq.pages[-1]
+            seq.tail_tokens += tokens[: 4 * into_tail]
+            if tail_hash is not None:
+                page.block_hash = seq.last_hash = tail_hash
+                seq.tail_tokens = b""
+            refs.append(PageRef(len(seq.pages) - 1, page.slot, False, fill, into_tail, tail_hash or b""))
+        if hits:
+            ns.touch(hits)
+        for start, count, block_hash, cached in plan:
+            page = cached or (seq.spare.pop() if seq.spare else ns.reserve(seq.id))
+            if block_hash is None:
+                seq.tail_tokens = tokens[4 * start : 4 * (start + count)]
+            else:
+                seq.last_hash = block_hash
+                if cached is None:
+                    page.block_hash = block_hash
+            refs.append(PageRef(len(seq.pages), page.slot, cached is not None, 0, count, block_hash or b""))
+            seq.pages.append(page)
+        seq.num_tokens += n
+        return AppendResult(seq.num_tokens, refs, T * len(hits))
+
+    def commit(self, sid: int, seq_id: int, num_tokens: int, written_slots: Seq[int] = ()) -> CommitResult:
+        """The client wrote the first `num_tokens` tokens: seal every full page among them."""
+        _, seq = self._sequence(sid, seq_id)
+        ns = seq.ns
+        if num_tokens < 0 or num_tokens > seq.num_tokens:
+            raise OutOfRange(
+                f"num_tokens={num_tokens} must be in [0, {seq.num_tokens}] (tokens in sequence {seq_id})"
+            )
+        for slot in written_slots:
+            page = ns.pages.pages[slot] if 0 <= slot < len(ns.pages) else None
+            if page is None or page.state is not PageState.RESERVED or page.owner != seq.id:
+                raise PermissionDenied(
+                    f"written_slots has slot {slot}, which is not a writable page of sequence {seq_id} "
+                    f"in namespace {ns.name!r} (pool has {len(ns.pages)} pages)"
+                )
+        T = ns.spec.page_tokens
+        sealed = dedup = 0
+        moved: list[PageRef] = []
+        for i in range(seq.committed_tokens // T, num_tokens // T):
+            page = seq.pages[i]
+            if page.state is PageState.SEALED:
+                continue  # a cached page, or sealed by an earlier commit
+            assert page.block_hash is not None
+            existing = ns.index.get(page.block_hash)
+            if existing is not None:
+                # Another sequence sealed the same prefix first: share its page, free ours.
+                ns.ref(existing)
+                ns.touch([existing])
+                ns.free_reserved(page)
+                seq.pages[i] = existing
+                ns.deduplicated_pages += 1
+                dedup += 1
+                moved.append(PageRef(i, existing.slot, True, 0, T, existing.block_hash or b""))
+            else:
+                ns.seal(page, seq.pages[i - 1] if i else None)
+                sealed += 1
+        seq.committed_tokens = max(seq.committed_tokens, num_tokens)
+        return CommitResult(sealed, dedup, moved)
+
+    def sequence_view(self, sid: int, seq_id: int) -> SequenceView:
+        _, seq = self._sequence(sid, seq_id)
+        T = seq.ns.spec.page_tokens
+        refs = []
+        for i, page in enumerate(seq.pages):
+            count = min(T, seq.num_tokens - i * T)
+            refs.append(
+                PageRef(i, page.slot, page.state is PageState.SEALED, 0, count, page.block_hash or b"")
+            )
+        return SequenceView(seq.ns.name, seq.num_tokens, seq.committed_tokens, refs)
+
+    def release_sequence(self, sid: int, seq_id: int) -> ReleaseResult:
+        session, seq = self._sequence(sid, seq_id)
+        return self._release_sequence(session, seq)
+
+    def _release_sequence(self, session: Session, seq: Sequence) -> ReleaseResult:
+        ns = seq.ns
+        freed = unpinned = 0
+        for page in reversed(seq.pages + seq.spare):  # leaves first
+            if page.state is PageState.RESERVED:
+                ns.free_reserved(page)
+                freed += 1
+            else:
+                ns.unref(page)
+                unpinned += 1
+        del session.sequences[seq.id]
+        del self._owner[seq.id]
+        ns.sequences -= 1
+        return ReleaseResult(freed, unpinned)
+
+    # ------------------------------------------------------------ lookup and pins
+
+    def lookup(
+        self, sid: int, namespace: str, token_ids: Seq[int], extra_keys: bytes, pin: bool
+    ) -> LookupResult:
+        session = self.session(sid) if (sid or pin) else None
+        ns = self.namespace(namespace)
+        tokens = validate.token_array(
+            token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=self.limits
+        )
+        extra = validate.extra_keys(extra_keys, self.limits)
+        pages = ns.index.match(tokens.tobytes(), ns.spec.page_tokens, extra)
+        hit = len(pages) * ns.spec.page_tokens
+        ns.lookups += 1
+        ns.hit_tokens += hit
+        ns.miss_tokens += len(tokens) - hit
+        if pages:
+            ns.touch(pages)
+        pin_id = 0
+        if pin and pages:
+            assert session is not None
+            for page in pages:
+                ns.ref(page)
+            pin_id = self._new_id(session)
+            session.pins[pin_id] = Pin(pin_id, session.id, ns, pages)
+        T = ns.spec.page_tokens
+        refs = [PageRef(i, p.slot, True, 0, T, p.block_hash or b"") for i, p in enumerate(pages)]
+        return LookupResult(hit, refs, pin_id)
+
+    def release_pin(self, sid: int, pin_id: int) -> ReleaseResult:
+        session = self.session(sid)
+        pin = session.pins.get(pin_id)
+        if pin is None:
+            if pin_id in self._owner:
+                raise PermissionDenied(f"pin_id={pin_id} belongs to another session, not {sid}")
+            raise NotFound(f"pin_id={pin_id} does not exist in session {sid}")
+        return self._release_pin(session, pin)
+
+    def _release_pin(self, session: Session, pin: Pin) -> ReleaseResult:
+        for page in reversed(pin.pages):
+            pin.ns.unref(page)
+        del session.pins[pin.id]
+        del self._owner[pin.id]
+        return ReleaseResult(0, len(pin.pages))
+
+    # ------------------------------------------------------------ eviction
+
+    def evict_all(self, namespace: str) -> EvictResult:
+        ns = self.namespace(namespace)
+        return self._evict_while(ns, lambda freed: True)
+
+    def evict_bytes(self, namespace: str, nbytes: int) -> EvictResult:
+        ns = self.namespace(namespace)
+        limit = ns.spec.page_bytes * len(ns.pages)
+        validate.non_negative("bytes", nbytes, limit, f"pool size of namespace {namespace!r}")
+        return self._evict_while(ns, lambda freed: freed < nbytes)
+
+    def _evict_while(self, ns: Namespace, more: Callable[[int], bool]) -> EvictResult:
+        evicted = 0
+        while more(evicted * ns.spec.page_bytes):
+            victim = ns.policy.victim()
+            if victim is None:
+                break
+            ns.drop(victim)
+            evicted += 1
+        return EvictResult(evicted, evicted * ns.spec.page_bytes, ns.pages_pinned)
+
+    def evict_prefix(self, namespace: str, token_ids: Seq[int], extra_keys: bytes) -> EvictResult:
+        """The page ending the prefix's last full page, and every page that extends it."""
+        ns = self.namespace(namespace)
+        tokens = validate.token_array(
+            token_ids, field="prefix.token_ids", vocab_size=ns.spec.vocab_size, limits=self.limits
+        )
+        extra = validate.extra_keys(extra_keys, self.limits)
+        path = ns.index.match(tokens.tobytes(), ns.spec.page_tokens, extra)
+        if (
+            len(path) * ns.spec.page_tokens < len(tokens) // ns.spec.page_tokens * ns.spec.page_tokens
+            or not path
+        ):
+            return EvictResult()  # the prefix's last full page is not resident
+        evicted = skipped = 0
+        for page in list(subtree_postorder(path[-1])):
+            if page.evictable:
+                ns.drop(page)
+                evicted += 1
+            else:
+                skipped += 1
+        return EvictResult(evicted, evicted * ns.spec.page_bytes, skipped)
+
+    # ------------------------------------------------------------ stats and shutdown
+
+    def stats(self, namespace: str = "") -> list[NamespaceStats]:
+        if namespace:
+            return [self.namespace(namespace).stats()]
+        return [ns.stats() for ns in self.namespaces.values()]
+
+    def close(self) -> None:
+        """End every session and unlink every pool segment. Idempotent."""
+        for sid in list(self.sessions):
+            self.close_session(sid, "daemon shut down")
+        for ns in self.namespaces.values():
+            ns.pool.close()

@@ -1,0 +1,165 @@
+"""Plain data the store takes and returns. The servicers convert these to and
+from protobuf; nothing here knows about grpc."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Element sizes of the dtypes a namespace may use (names follow torch).
+DTYPE_BYTES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "int8": 1,
+    "uint8": 1,
+    "float8_e4m3fn": 1,
+}
+
+PAGE_LAYOUT = "layer,kv,token,head,dim"
+PAGE_ALIGN = 4096  # page starts are aligned to the OS page: misaligned copies are several times slower
+
+
+@dataclass(frozen=True)
+class NamespaceSpec:
+    """One model's KV geometry and its pool size, as an operator configures it."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_tokens: int
+    num_pages: int
+    vocab_size: int = 0  # 0 = ids only checked to be in [0, 2**31)
+    policy: str = "lru"
+    salt: bytes = b""  # empty = derived from the name (see docs/hashing.md)
+    model_fingerprint: str = ""
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.page_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def page_bytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for dim in self.page_shape:
+            n *= dim
+        return n
+
+    @property
+    def page_stride(self) -> int:
+        return -(-self.page_bytes // PAGE_ALIGN) * PAGE_ALIGN
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Limits that protect the daemon from oversize or runaway requests."""
+
+    max_request_tokens: int = 1 << 20
+    max_pool_bytes: int = 64 << 30
+    lease_ttl_default_s: float = 10.0
+    lease_ttl_max_s: float = 300.0
+    max_sessions: int = 4096
+    max_extra_keys_bytes: int = 1024
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    device: str
+    shm_name: str
+    offset: int
+    nbytes: int
+    num_pages: int
+    page_bytes: int
+    page_stride: int
+    layout: str
+    page_shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class NamespaceInfo:
+    spec: NamespaceSpec
+    pool: PoolInfo
+
+
+@dataclass(frozen=True)
+class PageRef:
+    index: int  # page position in the sequence
+    slot: int  # page number in the pool
+    cached: bool  # True: already sealed, do not write
+    token_start: int = 0
+    token_count: int = 0
+    block_hash: bytes = b""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: int
+    client_name: str
+    lease_ttl_s: float
+    sequences: int = 0
+    pins: int = 0
+    idle_s: float = 0.0
+    stream_attached: bool = False
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    num_tokens: int
+    pages: list[PageRef]
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    sealed_pages: int
+    deduplicated_pages: int
+    moved: list[PageRef]  # committed pages whose slot changed because another sequence sealed first
+
+
+@dataclass(frozen=True)
+class SequenceView:
+    namespace: str
+    num_tokens: int
+    committed_tokens: int
+    pages: list[PageRef]
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    hit_tokens: int
+    pages: list[PageRef]
+    pin_id: int = 0
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    pages_freed: int = 0
+    pages_unpinned: int = 0
+
+
+@dataclass(frozen=True)
+class EvictResult:
+    pages_evicted: int = 0
+    bytes_freed: int = 0
+    pages_skipped_pinned: int = 0
+
+
+@dataclass
+class NamespaceStats:
+    name: str
+    policy: str
+    page_bytes: int
+    pages_total: int
+    pages_free: int
+    pages_reserved: int
+    pages_sealed: int
+    pages_pinned: int
+    sequences: int
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    lookups: int = 0
+    evictions: int = 0
+    deduplicated_pages: int = 0
+    extra: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,78 @@
+"""Checks of client input. Each error names the field, the value and the limit."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvstore.errors import InvalidArgument
+from kvstore.policy import policy_names
+from kvstore.store.types import DTYPE_BYTES, NamespaceSpec, StoreLimits
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_TOKEN_ID = 2**31 - 1
+MAX_PAGE_TOKENS = 65536
+
+
+def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits: StoreLimits) -> np.ndarray:
+    """Token ids as little-endian int32, after checking count and range."""
+    n = len(token_ids)
+    if n > limits.max_request_tokens:
+        raise InvalidArgument(
+            f"{field} has {n} ids; the limit is max_request_tokens={limits.max_request_tokens}"
+        )
+    arr = np.asarray(token_ids, dtype=np.int64)
+    if n:
+        bad = np.flatnonzero((arr < 0) | (arr >= (vocab_size or MAX_TOKEN_ID + 1)))
+        if bad.size:
+            i = int(bad[0])
+            upper = f"vocab_size={vocab_size}" if vocab_size else f"{MAX_TOKEN_ID}"
+            raise InvalidArgument(
+                f"{field}[{i}]={int(arr[i])} is out of range: token ids must be >= 0 and < {upper}"
+                + (f" ({bad.size} bad ids in all)" if bad.size > 1 else "")
+            )
+    return arr.astype("<i4")
+
+
+def extra_keys(value: bytes, limits: StoreLimits) -> bytes:
+    if len(value) > limits.max_extra_keys_bytes:
+        raise InvalidArgument(
+            f"extra_keys has {len(value)} bytes; the limit is max_extra_keys_bytes={limits.max_extra_keys_bytes}"
+        )
+    return value
+
+
+def non_negative(field: str, value: int, limit: int, limit_name: str) -> int:
+    if value < 0:
+        raise InvalidArgument(f"{field}={value} is negative; it must be >= 0")
+    if value > limit:
+        raise InvalidArgument(f"{field}={value} is over the limit {limit_name}={limit}")
+    return value
+
+
+def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
+    where = f"namespace {spec.name!r}"
+    if not NAME_RE.fullmatch(spec.name):
+        raise InvalidArgument(f"name={spec.name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    for field in ("num_layers", "num_kv_heads", "head_dim", "page_tokens", "num_pages"):
+        value = getattr(spec, field)
+        if value <= 0:
+            raise InvalidArgument(f"{where}: {field}={value} must be > 0")
+    if spec.page_tokens > MAX_PAGE_TOKENS:
+        raise InvalidArgument(f"{where}: page_tokens={spec.page_tokens} is over the limit {MAX_PAGE_TOKENS}")
+    if spec.dtype not in DTYPE_BYTES:
+        raise InvalidArgument(f"{where}: dtype={spec.dtype!r} must be one of {', '.join(DTYPE_BYTES)}")
+    if spec.vocab_size < 0 or spec.vocab_size > MAX_TOKEN_ID:
+        raise InvalidArgument(f"{where}: vocab_size={spec.vocab_size} must be in [0, {MAX_TOKEN_ID}]")
+    if spec.policy not in policy_names():
+        raise InvalidArgument(
+            f"{where}: policy={spec.policy!r} is unknown; known: {', '.join(policy_names())}"
+        )
+    pool_bytes = spec.page_stride * spec.num_pages
+    if pool_bytes > limits.max_pool_bytes:
+        raise InvalidArgument(
+            f"{where}: pool of {spec.num_pages} pages x {spec.page_stride} bytes = {pool_bytes} bytes "
+            f"is over the limit max_pool_bytes={limits.max_pool_bytes}"
+        )
