@@ -1,0 +1,42 @@
+"""Python client of the kvstore daemon: sessions, sequences and lookups over gRPC
+(metadata only) and zero-copy torch views of the shared page pool.
+
+Speaks protobuf only; never imports the daemon package `kvstore`.
+"""
+
+from . import aio, errors
+from ._wire import namespace_spec
+from .aio import AsyncClient, AsyncLookup, AsyncSequence
+from .client import Client, Lookup, Sequence, connect
+from .errors import KVStoreClientError
+from .namespace import Namespace
+from .pool import PoolMapping, torch_dtype, wire_dtype
+from .results import AppendResult, CloseResult, CommitResult, EvictResult, Page, PageState, ReleaseResult
+from .target import default_socket_path, default_target
+
+__all__ = [
+    "AppendResult",
+    "AsyncClient",
+    "AsyncLookup",
+    "AsyncSequence",
+    "Client",
+    "CloseResult",
+    "CommitResult",
+    "EvictResult",
+    "KVStoreClientError",
+    "Lookup",
+    "Namespace",
+    "Page",
+    "PageState",
+    "PoolMapping",
+    "ReleaseResult",
+    "Sequence",
+    "aio",
+    "connect",
+    "default_socket_path",
+    "default_target",
+    "errors",
+    "namespace_spec",
+    "torch_dtype",
+    "wire_dtype",
+]

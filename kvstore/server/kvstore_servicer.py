@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
         self.started = time.monotonic()
+        self._closing = asyncio.Event()  # set when the daemon begins to shut down
+
+    def begin_shutdown(self) -> None:
+        """End every KeepAlive stream now, so the server's drain does not wait for them."""
+        self._closing.set()
 
     @grpc_errors
     async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> pb.OpenSessionResponse:
@@ -36,12 +42,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             await abort_for(context, e)
             return
         try:
-            while request.session_id in self.store.sessions:
+            while request.session_id in self.store.sessions and not self._closing.is_set():
                 yield pb.KeepAliveEvent(
                     session_id=session.id, lease_expires_unix_ms=_unix_ms(session.lease_ttl_s)
                 )
                 # The event is a heartbeat both ways: a dead peer makes the write fail.
-                await asyncio.sleep(session.lease_ttl_s / 3)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), session.lease_ttl_s / 3)
         finally:
             # Runs when the client goes away (the call is cancelled) or closed its session.
             self.store.detach_stream(request.session_id)

@@ -1,0 +1,268 @@
+"""State shared by the sync and asyncio clients: the session and its lease, the
+namespace cache, and the client-side tables of sequences and lookups. Nothing
+here does I/O; the subclasses in client.py and aio.py send the `Call`s."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2_grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+from . import _wire
+from .errors import KVStoreClientError, SessionLost, Unavailable, from_rpc_error
+from .namespace import Namespace
+from .pool import SHM_DIR
+from .results import AppendResult, CommitResult, Page, PageState, ReleaseResult, pages_from_proto
+
+log = logging.getLogger("kvstore_client")
+
+# Replies for long prompts carry one PageRef per page; gRPC's 4 MiB default is too small.
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+)
+
+
+def make_stubs(channel: Any) -> dict[str, Any]:
+    """The stubs `Call.service` names; the same for a sync and an aio channel."""
+    return {
+        "kv": pb_grpc.KVStoreStub(channel),
+        "admin": pb_grpc.AdminStub(channel),
+        "health": health_pb2_grpc.HealthStub(channel),
+    }
+
+
+class ClientCore:
+    """Session bookkeeping common to `Client` and `AsyncClient`."""
+
+    def __init__(self, target: str, *, timeout_s: float | None, shm_dir: str = SHM_DIR) -> None:
+        self.target = target
+        self.timeout_s = timeout_s  # deadline of every unary call; None = no deadline
+        self.session_id = 0  # set once, when OpenSession answers
+        self.lease_ttl_s = 0.0
+        self.lease_expires_unix_ms = 0  # written by the keepalive consumer only
+        self._shm_dir = shm_dir
+        self._namespaces: dict[str, Namespace] = {}
+        self._closed = False  # set by close() before the stream is cancelled
+        self._lease_error: SessionLost | None = None  # set by the keepalive consumer only
+        # Set by the keepalive consumer at the first event (the daemon sends one on attach)
+        # or when the stream ends; a threading.Event (sync) or an asyncio.Event (aio).
+        self._lease_attached: Any = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def alive(self) -> bool:
+        """True while the session is open and its lease is held."""
+        return not self._closed and self._lease_error is None and self.session_id != 0
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "closed" if self._closed else "lost"
+        return f"{type(self).__name__}({self.target!r}, session_id={self.session_id}, {state})"
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise KVStoreClientError(f"client for {self.target} (session {self.session_id}) is closed")
+        if self._lease_error is not None:
+            raise SessionLost(self._lease_error.details, code=self._lease_error.code)
+
+    def _error(self, err: grpc.RpcError) -> KVStoreClientError:
+        mapped = from_rpc_error(err)
+        if not self.session_id and mapped.code in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNAVAILABLE,
+        ):
+            # Still connecting: the daemon is not there (yet), whatever the transport said.
+            return Unavailable(
+                f"no kvstore daemon answered at {self.target} ({mapped.args[0]}); is `kvstore serve` running?"
+            )
+        if isinstance(mapped, Unavailable):
+            return Unavailable(f"kvstore daemon at {self.target}: {mapped.details}")
+        return mapped
+
+    def _open_call(self, client_name: str, lease_ttl_s: float | None) -> _wire.Call[None]:
+        def opened(reply: pb.OpenSessionResponse) -> None:
+            self.session_id = reply.session_id
+            self.lease_ttl_s = reply.lease_ttl_ms / 1000
+
+        return replace(_wire.open_session(client_name, lease_ttl_s), convert=opened)
+
+    def _on_keepalive_event(self, event: pb.KeepAliveEvent) -> None:
+        self.lease_expires_unix_ms = event.lease_expires_unix_ms
+        self._lease_attached.set()
+
+    def _on_keepalive_end(self, err: BaseException | None) -> None:
+        self._lease_attached.set()  # wakes open(), which then sees _lease_error
+        if self._closed:
+            return
+        why = from_rpc_error(err).args[0] if isinstance(err, grpc.RpcError) else "the daemon ended the stream"
+        code = err.code() if isinstance(err, grpc.RpcError) else None
+        self._lease_error = SessionLost(
+            f"session {self.session_id} at {self.target}: KeepAlive stream ended ({why}); the daemon "
+            "released everything it held. Connect again.",
+            code=code,
+        )
+        log.warning("%s", self._lease_error.details)
+
+    def _namespace_call(self, name: str) -> _wire.Call[Namespace]:
+        return replace(_wire.get_namespace(name), convert=self._remember_namespace)
+
+    def _remember_namespace(self, info: pb.NamespaceInfo) -> Namespace:
+        # Two threads may fetch the same name: keep the first, so there is one mapping.
+        return self._namespaces.setdefault(info.name, Namespace(info, shm_dir=self._shm_dir))
+
+    def _close_namespaces(self) -> None:
+        namespaces, self._namespaces = list(self._namespaces.values()), {}
+        for ns in namespaces:
+            ns.close()
+
+
+class Held:
+    """Something the session holds in the daemon until released (a sequence, a pin)."""
+
+    def __init__(self, client: Any, namespace: Namespace) -> None:
+        self._client = client
+        self.namespace = namespace
+        self.released = False
+
+    def _release_request(self) -> _wire.Call[ReleaseResult]:
+        raise NotImplementedError
+
+    def _release_call(self) -> _wire.Call[ReleaseResult] | None:
+        """None when there is nothing to send: released already, or the session is over
+        (the daemon released everything the session held)."""
+        if self.released:
+            return None
+        self.released = True
+        return self._release_request() if self._client.alive else None
+
+    def _release_failed(self, exc: BaseException | None, err: KVStoreClientError) -> None:
+        """Releasing on the way out of a failed `with` block must not hide the first error."""
+        if exc is None:
+            raise err
+        log.warning("releasing %r while handling an exception failed: %s", self, err)
+
+
+class SequenceBase(Held):
+    """A sequence's client-side page table, kept in step with append/commit replies.
+
+    Not thread-safe: one thread (or task) drives a sequence.
+    """
+
+    def __init__(self, client: Any, namespace: Namespace, sequence_id: int, reserved_pages: int) -> None:
+        super().__init__(client, namespace)
+        self.sequence_id = sequence_id
+        self.reserved_pages = reserved_pages
+        self.pages: list[Page] = []  # index -> page; token_count = tokens present in the page
+        self.num_tokens = 0
+        self.committed_tokens = 0
+
+    @property
+    def slots(self) -> list[int]:
+        return [p.slot for p in self.pages]
+
+    def views(self, pages: Iterable[Page] | None = None) -> list[torch.Tensor]:
+        """Pool views of `pages` (default: the whole page table), in order, no copy."""
+        return self.namespace.pages(p.slot for p in (self.pages if pages is None else pages))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(id={self.sequence_id}, namespace={self.namespace.name!r}, "
+            f"num_tokens={self.num_tokens}, committed={self.committed_tokens}, pages={len(self.pages)})"
+        )
+
+    def _append_call(self, tokens: _wire.Tokens) -> _wire.Call[AppendResult]:
+        return _wire.append(self._client.session_id, self.sequence_id, tokens, self._apply_append)
+
+    def _commit_call(
+        self, num_tokens: int | None, written_slots: Iterable[int] | None
+    ) -> _wire.Call[CommitResult]:
+        n = self.num_tokens if num_tokens is None else num_tokens
+        return _wire.commit(
+            self._client.session_id, self.sequence_id, n, written_slots, lambda r: self._apply_commit(r, n)
+        )
+
+    def _refresh_call(self) -> _wire.Call[Any]:
+        return _wire.get_sequence(self._client.session_id, self.sequence_id, self._apply_sequence)
+
+    def _release_request(self) -> _wire.Call[ReleaseResult]:
+        return _wire.release_sequence(self._client.session_id, self.sequence_id)
+
+    def _apply_append(self, reply: pb.AppendResponse) -> AppendResult:
+        result = AppendResult(reply.num_tokens, pages_from_proto(reply.pages), reply.cached_tokens)
+        for page in result.pages:
+            entry = replace(page, token_start=0, token_count=page.token_end)
+            if page.index < len(self.pages):
+                self.pages[page.index] = entry
+            elif page.index == len(self.pages):
+                self.pages.append(entry)
+            else:
+                raise KVStoreClientError(
+                    f"sequence {self.sequence_id}: append reply names page index={page.index} but the "
+                    f"client's table has {len(self.pages)} pages; call refresh()"
+                )
+        self.num_tokens = reply.num_tokens
+        return result
+
+    def _apply_commit(self, reply: pb.CommitResponse, num_tokens: int) -> CommitResult:
+        moved = pages_from_proto(reply.pages)
+        for page in moved:
+            if page.index < len(self.pages):
+                old = self.pages[page.index]
+                self.pages[page.index] = replace(
+                    old, slot=page.slot, state=page.state, block_hash=page.block_hash or old.block_hash
+                )
+        self.committed_tokens = max(self.committed_tokens, num_tokens)
+        # Full committed pages are sealed now: never write them again.
+        sealed = min(self.committed_tokens // max(self.namespace.page_tokens, 1), len(self.pages))
+        for i in range(sealed):
+            if self.pages[i].writable:
+                self.pages[i] = replace(self.pages[i], state=PageState.CACHED)
+        return CommitResult(reply.sealed_pages, reply.deduplicated_pages, moved)
+
+    def _apply_sequence(self, reply: pb.GetSequenceResponse) -> Any:
+        self.pages = pages_from_proto(reply.pages)
+        self.num_tokens = reply.num_tokens
+        self.committed_tokens = reply.committed_tokens
+        return self
+
+
+class LookupBase(Held):
+    """The result of a lookup: the cached prefix's pages, pinned if asked."""
+
+    def __init__(self, client: Any, namespace: Namespace, reply: pb.LookupResponse) -> None:
+        super().__init__(client, namespace)
+        self.hit_tokens = reply.hit_tokens
+        self.pages = pages_from_proto(reply.pages)
+        self.pin_id = reply.pin_id  # 0 = not pinned (pin=False or nothing hit)
+        self.released = reply.pin_id == 0
+
+    @property
+    def slots(self) -> list[int]:
+        return [p.slot for p in self.pages]
+
+    @property
+    def pinned(self) -> bool:
+        return not self.released
+
+    def views(self) -> list[torch.Tensor]:
+        """Pool views of the hit pages, in order (read only by convention: they are sealed)."""
+        return self.namespace.pages(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(hit_tokens={self.hit_tokens}, pages={len(self.pages)}, pin_id={self.pin_id})"
+
+    def _release_request(self) -> _wire.Call[ReleaseResult]:
+        return _wire.release_pin(self._client.session_id, self.pin_id)

@@ -1,0 +1,264 @@
+"""Request building and reply conversion shared by the sync and asyncio clients.
+
+Every operation is described once as a `Call`: which service and method, the
+request, and how to turn the reply into what the user gets. `Client._run` and
+`AsyncClient._run` only differ in how they send it (blocking or awaited).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from .errors import InvalidArgument
+from .pool import wire_dtype
+from .results import CloseResult, EvictResult, ReleaseResult
+
+T = TypeVar("T")
+Service = Literal["kv", "admin", "health"]
+Tokens = Iterable[int] | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    service: Service
+    method: str  # RPC name on the service's stub
+    request: Any  # the protobuf request
+    convert: Callable[[Any], T]  # reply -> result; runs only if the RPC succeeded
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+def set_tokens(field: Any, tokens: Tokens, what: str = "token_ids") -> None:
+    """Fill a `repeated int32` field from a list, a 1-D integer numpy array or torch tensor."""
+    if isinstance(tokens, torch.Tensor):
+        if (
+            tokens.dim() != 1
+            or tokens.is_floating_point()
+            or tokens.is_complex()
+            or tokens.dtype == torch.bool
+        ):
+            raise InvalidArgument(
+                f"{what}: need a 1-D integer tensor, got {tokens.dtype} of shape {tuple(tokens.shape)}"
+            )
+        tokens = tokens.tolist()
+    elif isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise InvalidArgument(
+                f"{what}: need a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}"
+            )
+        tokens = tokens.tolist()
+    try:
+        field.extend(tokens)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{what}: token ids must be int32 integers ({e})") from None
+
+
+def extra_bytes(extra_keys: bytes | bytearray | memoryview) -> bytes:
+    if not isinstance(extra_keys, bytes | bytearray | memoryview):
+        raise InvalidArgument(f"extra_keys must be bytes, got {type(extra_keys).__name__}")
+    return bytes(extra_keys)
+
+
+def _release_result(r: pb.ReleaseResponse) -> ReleaseResult:
+    return ReleaseResult(r.pages_freed, r.pages_unpinned)
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def open_session(client_name: str, lease_ttl_s: float | None) -> Call[pb.OpenSessionResponse]:
+    ttl_ms = 0 if lease_ttl_s is None else max(1, round(lease_ttl_s * 1000))
+    return Call(
+        "kv", "OpenSession", pb.OpenSessionRequest(client_name=client_name, lease_ttl_ms=ttl_ms), _same
+    )
+
+
+def close_session(session_id: int) -> Call[CloseResult]:
+    return Call(
+        "kv",
+        "CloseSession",
+        pb.CloseSessionRequest(session_id=session_id),
+        lambda r: CloseResult(r.sequences_released, r.pins_released),
+    )
+
+
+def heartbeat(session_id: int) -> Call[int]:
+    return Call(
+        "kv", "Heartbeat", pb.HeartbeatRequest(session_id=session_id), lambda r: r.lease_expires_unix_ms
+    )
+
+
+def keepalive_request(session_id: int) -> pb.KeepAliveRequest:
+    return pb.KeepAliveRequest(session_id=session_id)
+
+
+# ---------------------------------------------------------------- namespaces and admin
+
+
+def get_namespace(name: str) -> Call[pb.NamespaceInfo]:
+    return Call("kv", "GetNamespace", pb.GetNamespaceRequest(namespace=name), _same)
+
+
+def namespace_spec(
+    name: str,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype | str | int,
+    page_tokens: int,
+    num_pages: int,
+    vocab_size: int = 0,
+    policy: str = "",
+    salt: bytes = b"",
+    model_fingerprint: str = "",
+) -> pb.NamespaceSpec:
+    """A NamespaceSpec for `create_namespace`. `dtype`: torch dtype, name ("bf16") or DType value;
+    empty `policy` = the daemon's default; empty `salt` = derived from the name."""
+    geometry = pb.Geometry(
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=wire_dtype(dtype),
+        page_tokens=page_tokens,
+        vocab_size=vocab_size,
+    )
+    return pb.NamespaceSpec(
+        name=name,
+        geometry=geometry,
+        num_pages=num_pages,
+        policy=policy,
+        salt=extra_bytes(salt),
+        model_fingerprint=model_fingerprint,
+    )
+
+
+def create_namespace(
+    spec: pb.NamespaceSpec | str, fields: dict[str, Any], convert: Callable[[pb.NamespaceInfo], T]
+) -> Call[T]:
+    if isinstance(spec, str):
+        spec = namespace_spec(spec, **fields)
+    elif fields:
+        raise InvalidArgument(
+            f"create_namespace: pass a NamespaceSpec or keyword fields, not both ({sorted(fields)})"
+        )
+    return Call("admin", "CreateNamespace", pb.CreateNamespaceRequest(spec=spec), convert)
+
+
+def list_namespaces() -> Call[list[pb.NamespaceInfo]]:
+    return Call("admin", "ListNamespaces", pb.ListNamespacesRequest(), lambda r: list(r.namespaces))
+
+
+def list_sessions() -> Call[list[pb.SessionInfo]]:
+    return Call("admin", "ListSessions", pb.ListSessionsRequest(), lambda r: list(r.sessions))
+
+
+def stats(namespace: str) -> Call[pb.StatsResponse]:
+    return Call("kv", "Stats", pb.StatsRequest(namespace=namespace), _same)
+
+
+def health(service: str) -> Call[str]:
+    return Call(
+        "health",
+        "Check",
+        health_pb2.HealthCheckRequest(service=service),
+        lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status),
+    )
+
+
+# ---------------------------------------------------------------- sequences, lookups, eviction
+
+
+def allocate(
+    session_id: int, namespace: str, max_tokens: int, extra_keys: bytes, make: Callable[[int, int], T]
+) -> Call[T]:
+    """`make(sequence_id, reserved_pages)` builds the client's sequence object."""
+    req = pb.AllocateRequest(
+        session_id=session_id, namespace=namespace, max_tokens=max_tokens, extra_keys=extra_bytes(extra_keys)
+    )
+    return Call("kv", "Allocate", req, lambda r: make(r.sequence_id, r.reserved_pages))
+
+
+def append(session_id: int, sequence_id: int, tokens: Tokens, apply: Callable[[Any], T]) -> Call[T]:
+    req = pb.AppendRequest(session_id=session_id, sequence_id=sequence_id)
+    set_tokens(req.token_ids, tokens)
+    return Call("kv", "Append", req, apply)
+
+
+def commit(
+    session_id: int,
+    sequence_id: int,
+    num_tokens: int,
+    written_slots: Iterable[int] | None,
+    apply: Callable[[Any], T],
+) -> Call[T]:
+    req = pb.CommitRequest(session_id=session_id, sequence_id=sequence_id, num_tokens=num_tokens)
+    if written_slots is not None:
+        req.written_slots.extend(int(s) for s in written_slots)
+    return Call("kv", "Commit", req, apply)
+
+
+def get_sequence(session_id: int, sequence_id: int, apply: Callable[[Any], T]) -> Call[T]:
+    return Call(
+        "kv", "GetSequence", pb.GetSequenceRequest(session_id=session_id, sequence_id=sequence_id), apply
+    )
+
+
+def lookup(
+    session_id: int, namespace: str, tokens: Tokens, extra_keys: bytes, pin: bool, make: Callable[[Any], T]
+) -> Call[T]:
+    req = pb.LookupRequest(
+        session_id=session_id, namespace=namespace, extra_keys=extra_bytes(extra_keys), pin=pin
+    )
+    set_tokens(req.token_ids, tokens)
+    return Call("kv", "Lookup", req, make)
+
+
+def release_sequence(session_id: int, sequence_id: int) -> Call[ReleaseResult]:
+    return Call(
+        "kv", "Release", pb.ReleaseRequest(session_id=session_id, sequence_id=sequence_id), _release_result
+    )
+
+
+def release_pin(session_id: int, pin_id: int) -> Call[ReleaseResult]:
+    return Call("kv", "Release", pb.ReleaseRequest(session_id=session_id, pin_id=pin_id), _release_result)
+
+
+def evict(
+    namespace: str,
+    all: bool = False,
+    prefix: Tokens | None = None,
+    nbytes: int | None = None,
+    extra_keys: bytes = b"",
+) -> Call[EvictResult]:
+    """Exactly one target: every unpinned page (`all`), a prefix and everything extending it
+    (`prefix` token ids, with the `extra_keys` they were stored under), or `nbytes` bytes."""
+    chosen = [
+        name
+        for name, on in (("all", all), ("prefix", prefix is not None), ("nbytes", nbytes is not None))
+        if on
+    ]
+    if len(chosen) != 1:
+        raise InvalidArgument(
+            f"evict needs exactly one of all=True, prefix=..., nbytes=...; got {chosen or 'none'}"
+        )
+    req = pb.EvictRequest(namespace=namespace)
+    if all:
+        req.all = True
+    elif nbytes is not None:
+        req.bytes = nbytes
+    else:
+        set_tokens(req.prefix.token_ids, prefix, "prefix")
+        req.prefix.extra_keys = extra_bytes(extra_keys)
+    return Call(
+        "kv", "Evict", req, lambda r: EvictResult(r.pages_evicted, r.bytes_freed, r.pages_skipped_pinned)
+    )

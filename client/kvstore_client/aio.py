@@ -1,0 +1,281 @@
+"""The asyncio client: the same API as `kvstore_client.Client`, awaited.
+
+    async with kvstore_client.aio.connect(client_name="worker-0") as kv:
+        async with kv.allocate("llama3-8b") as seq:
+            res = await seq.append(prompt_ids)
+            ...
+            await seq.commit()
+
+The lease is held by a KeepAlive stream consumed by a task on the loop that
+connected; requests and replies are built by the same code as the sync client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Generator, Iterable
+from functools import partial
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from . import _wire
+from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
+from .errors import KVStoreClientError
+from .namespace import Namespace
+from .pool import SHM_DIR
+from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult
+from .target import resolve_target
+
+T = TypeVar("T")
+_R = TypeVar("_R", bound="_AsyncReleaseOnExit")
+_C = TypeVar("_C", "AsyncClient", "AsyncSequence", "AsyncLookup")
+
+
+class Opening(Generic[_C]):
+    """What `connect`, `allocate` and `lookup` return: await it for the object, or use
+    it directly in `async with` (the object is closed/released on exit)."""
+
+    def __init__(self, pending: Awaitable[_C]) -> None:
+        self._pending = pending
+        self._opened: _C | None = None
+
+    def __await__(self) -> Generator[Any, None, _C]:
+        return self._pending.__await__()
+
+    async def __aenter__(self) -> _C:
+        self._opened = await self._pending
+        return self._opened
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._opened is not None:
+            await self._opened.__aexit__(*exc)
+
+
+class _AsyncReleaseOnExit(Held):
+    _client: AsyncClient
+
+    async def release(self) -> ReleaseResult | None:
+        call = self._release_call()
+        return None if call is None else await self._client._run(call)
+
+    async def __aenter__(self: _R) -> _R:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.release()
+        except KVStoreClientError as err:
+            self._release_failed(exc, err)
+
+
+class AsyncSequence(SequenceBase, _AsyncReleaseOnExit):
+    """See `kvstore_client.Sequence`."""
+
+    _client: AsyncClient
+
+    async def append(self, tokens: _wire.Tokens) -> AppendResult:
+        return await self._client._run(self._append_call(tokens))
+
+    async def commit(
+        self, num_tokens: int | None = None, *, written_slots: Iterable[int] | None = None
+    ) -> CommitResult:
+        return await self._client._run(self._commit_call(num_tokens, written_slots))
+
+    async def refresh(self) -> AsyncSequence:
+        return await self._client._run(self._refresh_call())
+
+
+class AsyncLookup(LookupBase, _AsyncReleaseOnExit):
+    """See `kvstore_client.Lookup`."""
+
+
+class AsyncClient(ClientCore):
+    """One session with the daemon, for asyncio. Build it with `await aio.connect()`;
+    use it from the loop that built it. Method docs: `kvstore_client.Client`."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        target: str,
+        *,
+        timeout_s: float | None = 30.0,
+        shm_dir: str = SHM_DIR,
+    ) -> None:
+        super().__init__(target, timeout_s=timeout_s, shm_dir=shm_dir)
+        self._channel = channel
+        self._stubs = make_stubs(channel)
+        self._keepalive: Any = None  # the KeepAlive call, owned by open()/close()
+        self._keepalive_task: asyncio.Task[None] | None = None
+
+    async def open(
+        self, client_name: str, lease_ttl_s: float | None = None, *, connect_timeout_s: float = 10.0
+    ) -> None:
+        """See `Client.open`."""
+        await self._send(
+            self._open_call(client_name, lease_ttl_s), timeout=connect_timeout_s, wait_for_ready=True
+        )
+        self._lease_attached = asyncio.Event()
+        self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
+        self._keepalive_task = asyncio.get_running_loop().create_task(
+            self._hold_lease(self._keepalive), name=f"kvstore-keepalive-{self.session_id}"
+        )
+        try:
+            await asyncio.wait_for(self._lease_attached.wait(), connect_timeout_s)
+        except TimeoutError:
+            log.debug("session %d: no KeepAlive event within %.1fs", self.session_id, connect_timeout_s)
+        self._check_usable()
+
+    async def _hold_lease(self, stream: Any) -> None:
+        err = None
+        try:
+            async for event in stream:
+                self._on_keepalive_event(event)
+        except grpc.RpcError as e:
+            err = e
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
+        self._on_keepalive_end(err)
+
+    async def heartbeat(self) -> int:
+        return await self._run(_wire.heartbeat(self.session_id))
+
+    async def close(self) -> CloseResult | None:
+        if self._closed:
+            return None
+        self._closed = True
+        result = None
+        try:
+            if self.session_id and self._lease_error is None:
+                close = _wire.close_session(self.session_id)
+                result = await self._send(close, timeout=min(self.timeout_s or 5.0, 5.0))
+        except KVStoreClientError as err:
+            log.warning("closing session %d at %s: %s", self.session_id, self.target, err)
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+            if self._keepalive_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._keepalive_task, 5.0)
+            self._close_namespaces()
+            await self._channel.close()
+        return result
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _send(
+        self, call: _wire.Call[T], *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> T:
+        method = getattr(self._stubs[call.service], call.method)
+        try:
+            reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as err:
+            raise self._error(err) from err
+        return call.convert(reply)
+
+    async def _run(self, call: _wire.Call[T]) -> T:
+        self._check_usable()
+        return await self._send(call, timeout=self.timeout_s)
+
+    async def namespace(self, name: str | Namespace) -> Namespace:
+        if isinstance(name, Namespace):
+            return name
+        cached = self._namespaces.get(name)
+        return cached if cached is not None else await self._run(self._namespace_call(name))
+
+    async def create_namespace(self, spec: pb.NamespaceSpec | str, **fields: Any) -> Namespace:
+        return await self._run(_wire.create_namespace(spec, fields, self._remember_namespace))
+
+    async def list_namespaces(self) -> list[pb.NamespaceInfo]:
+        return await self._run(_wire.list_namespaces())
+
+    async def list_sessions(self) -> list[pb.SessionInfo]:
+        return await self._run(_wire.list_sessions())
+
+    async def stats(self, namespace: str = "") -> pb.StatsResponse:
+        return await self._run(_wire.stats(namespace))
+
+    async def health(self, service: str = "") -> str:
+        return await self._run(_wire.health(service))
+
+    def allocate(
+        self, namespace: str | Namespace, max_tokens: int = 0, extra_keys: bytes = b""
+    ) -> Opening[AsyncSequence]:
+        return Opening(self._allocate(namespace, max_tokens, extra_keys))
+
+    async def _allocate(
+        self, namespace: str | Namespace, max_tokens: int, extra_keys: bytes
+    ) -> AsyncSequence:
+        ns = await self.namespace(namespace)
+        make = partial(AsyncSequence, self, ns)
+        return await self._run(_wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, make))
+
+    def lookup(
+        self, namespace: str | Namespace, tokens: _wire.Tokens, extra_keys: bytes = b"", pin: bool = False
+    ) -> Opening[AsyncLookup]:
+        return Opening(self._lookup(namespace, tokens, extra_keys, pin))
+
+    async def _lookup(
+        self, namespace: str | Namespace, tokens: _wire.Tokens, extra_keys: bytes, pin: bool
+    ) -> AsyncLookup:
+        ns = await self.namespace(namespace)
+        make = partial(AsyncLookup, self, ns)
+        return await self._run(_wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, make))
+
+    async def release_pin(self, pin_id: int) -> ReleaseResult:
+        return await self._run(_wire.release_pin(self.session_id, pin_id))
+
+    async def evict(
+        self,
+        namespace: str,
+        all: bool = False,
+        prefix: _wire.Tokens | None = None,
+        nbytes: int | None = None,
+        extra_keys: bytes = b"",
+    ) -> EvictResult:
+        return await self._run(_wire.evict(namespace, all, prefix, nbytes, extra_keys))
+
+
+def connect(
+    target: str | os.PathLike[str] | None = None,
+    *,
+    client_name: str = "",
+    lease_ttl_s: float | None = None,
+    timeout_s: float | None = 30.0,
+    connect_timeout_s: float = 10.0,
+    shm_dir: str = SHM_DIR,
+) -> Opening[AsyncClient]:
+    """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`."""
+    return Opening(_connect(target, client_name, lease_ttl_s, timeout_s, connect_timeout_s, shm_dir))
+
+
+async def _connect(
+    target: str | os.PathLike[str] | None,
+    client_name: str,
+    lease_ttl_s: float | None,
+    timeout_s: float | None,
+    connect_timeout_s: float,
+    shm_dir: str,
+) -> AsyncClient:
+    resolved = resolve_target(target)
+    channel = grpc.aio.insecure_channel(resolved, options=CHANNEL_OPTIONS)
+    client = AsyncClient(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
+    try:
+        await client.open(
+            client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s
+        )
+    except BaseException:
+        await client.close()
+        raise
+    return client

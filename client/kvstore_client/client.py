@@ -1,0 +1,271 @@
+"""The blocking client.
+
+    with kvstore_client.connect(client_name="worker-0") as kv:
+        with kv.allocate("llama3-8b") as seq:
+            res = seq.append(prompt_ids)
+            for page, view in zip(res.writable_pages, seq.views(res.writable_pages)):
+                view.copy_(kv_of(page))          # write KV in place, no copy over gRPC
+            seq.commit()
+
+The session's lease is held by a KeepAlive stream that a daemon thread
+consumes: it lasts exactly as long as the client is open and this process is
+alive, so a crashed worker leaks nothing in the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from functools import partial
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from . import _wire
+from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
+from .errors import KVStoreClientError
+from .namespace import Namespace
+from .pool import SHM_DIR
+from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult
+from .target import resolve_target
+
+T = TypeVar("T")
+_R = TypeVar("_R", bound="_ReleaseOnExit")
+
+
+class _ReleaseOnExit(Held):
+    """`release()` and `with` support for what the session holds (sequences, pins)."""
+
+    _client: Client
+
+    def release(self) -> ReleaseResult | None:
+        """Free reserved pages / unpin shared ones. Idempotent; None when nothing was sent
+        (already released, or the session is over and the daemon released it all)."""
+        call = self._release_call()
+        return None if call is None else self._client._run(call)
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.release()
+        except KVStoreClientError as err:
+            self._release_failed(exc, err)
+
+
+class Sequence(SequenceBase, _ReleaseOnExit):
+    """A growing request (see `SequenceBase` for the page table). Releases on `with` exit."""
+
+    _client: Client
+
+    def append(self, tokens: _wire.Tokens) -> AppendResult:
+        """Add tokens; the reply lists the pages they landed in. Write the WRITABLE ones."""
+        return self._client._run(self._append_call(tokens))
+
+    def commit(
+        self, num_tokens: int | None = None, *, written_slots: Iterable[int] | None = None
+    ) -> CommitResult:
+        """Declare the KV of the first `num_tokens` tokens written (default: all appended).
+        Full pages among them are sealed; pages deduplicated to another slot are updated
+        in `pages`. `written_slots` asks the daemon to check they are all ours."""
+        return self._client._run(self._commit_call(num_tokens, written_slots))
+
+    def refresh(self) -> Sequence:
+        """Replace the client-side page table with the daemon's (GetSequence)."""
+        return self._client._run(self._refresh_call())
+
+
+class Lookup(LookupBase, _ReleaseOnExit):
+    """A lookup result; a pinned one holds its pages until `release()` / `with` exit."""
+
+
+class Client(ClientCore):
+    """One session with the daemon. Build it with `connect()`.
+
+    Thread-safe for calls; each `Sequence`/`Lookup` is driven by one thread.
+    Errors are `kvstore_client.errors.KVStoreClientError` subclasses, one per status code.
+    """
+
+    def __init__(
+        self, channel: grpc.Channel, target: str, *, timeout_s: float | None = 30.0, shm_dir: str = SHM_DIR
+    ) -> None:
+        super().__init__(target, timeout_s=timeout_s, shm_dir=shm_dir)
+        self._channel = channel
+        self._stubs = make_stubs(channel)
+        self._keepalive: Any = None  # the KeepAlive call, owned by open()/close()
+        self._keepalive_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ session
+
+    def open(
+        self, client_name: str, lease_ttl_s: float | None = None, *, connect_timeout_s: float = 10.0
+    ) -> None:
+        """Open the session (waiting up to `connect_timeout_s` for the daemon) and start
+        holding its lease; returns once the daemon has the KeepAlive stream (its first
+        event), so from then on a crash of this process frees everything. `connect()`
+        calls this."""
+        self._send(self._open_call(client_name, lease_ttl_s), timeout=connect_timeout_s, wait_for_ready=True)
+        self._lease_attached = threading.Event()
+        self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
+        self._keepalive_thread = threading.Thread(
+            target=self._hold_lease,
+            args=(self._keepalive,),
+            name=f"kvstore-keepalive-{self.session_id}",
+            daemon=True,
+        )
+        self._keepalive_thread.start()
+        if not self._lease_attached.wait(connect_timeout_s):
+            log.debug("session %d: no KeepAlive event within %.1fs", self.session_id, connect_timeout_s)
+        self._check_usable()
+
+    def _hold_lease(self, stream: Any) -> None:
+        err = None
+        try:
+            for event in stream:
+                self._on_keepalive_event(event)
+        except grpc.RpcError as e:
+            err = e
+        self._on_keepalive_end(err)
+
+    def heartbeat(self) -> int:
+        """Renew the lease by hand (the KeepAlive stream already does); returns its expiry (unix ms)."""
+        return self._run(_wire.heartbeat(self.session_id))
+
+    def close(self) -> CloseResult | None:
+        """Close the session (the daemon releases what it still holds), stop the lease and
+        unmap the pools. Idempotent; never raises for a daemon that is already gone."""
+        if self._closed:
+            return None
+        self._closed = True
+        result = None
+        try:
+            if self.session_id and self._lease_error is None:
+                result = self._send(
+                    _wire.close_session(self.session_id), timeout=min(self.timeout_s or 5.0, 5.0)
+                )
+        except KVStoreClientError as err:
+            log.warning("closing session %d at %s: %s", self.session_id, self.target, err)
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+            if self._keepalive_thread is not None:
+                self._keepalive_thread.join(timeout=5.0)
+            self._close_namespaces()
+            self._channel.close()
+        return result
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ calls
+
+    def _send(
+        self, call: _wire.Call[T], *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> T:
+        method = getattr(self._stubs[call.service], call.method)
+        try:
+            reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as err:
+            raise self._error(err) from err
+        return call.convert(reply)
+
+    def _run(self, call: _wire.Call[T]) -> T:
+        self._check_usable()
+        return self._send(call, timeout=self.timeout_s)
+
+    # ------------------------------------------------------------ namespaces
+
+    def namespace(self, name: str | Namespace) -> Namespace:
+        """The namespace's info and pool (cached per client: one GetNamespace, one mapping)."""
+        if isinstance(name, Namespace):
+            return name
+        cached = self._namespaces.get(name)
+        return cached if cached is not None else self._run(self._namespace_call(name))
+
+    def create_namespace(self, spec: pb.NamespaceSpec | str, **fields: Any) -> Namespace:
+        """Admin: create a namespace from a spec, or from a name and the keyword arguments
+        of `kvstore_client.namespace_spec` (num_layers, num_kv_heads, head_dim, dtype,
+        page_tokens, num_pages, ...)."""
+        return self._run(_wire.create_namespace(spec, fields, self._remember_namespace))
+
+    def list_namespaces(self) -> list[pb.NamespaceInfo]:
+        return self._run(_wire.list_namespaces())
+
+    def list_sessions(self) -> list[pb.SessionInfo]:
+        return self._run(_wire.list_sessions())
+
+    def stats(self, namespace: str = "") -> pb.StatsResponse:
+        """The daemon's StatsResponse protobuf (`namespaces`, `sessions`, `uptime_s`, `version`);
+        empty `namespace` = all of them."""
+        return self._run(_wire.stats(namespace))
+
+    def health(self, service: str = "") -> str:
+        """The grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
+        return self._run(_wire.health(service))
+
+    # ------------------------------------------------------------ sequences and lookups
+
+    def allocate(self, namespace: str | Namespace, max_tokens: int = 0, extra_keys: bytes = b"") -> Sequence:
+        """A new sequence. `max_tokens` > 0 reserves its pages now (or raises ResourceExhausted)."""
+        ns = self.namespace(namespace)
+        return self._run(
+            _wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, partial(Sequence, self, ns))
+        )
+
+    def lookup(
+        self, namespace: str | Namespace, tokens: _wire.Tokens, extra_keys: bytes = b"", pin: bool = False
+    ) -> Lookup:
+        """The longest cached prefix of `tokens`. With `pin=True` its pages stay put until released."""
+        ns = self.namespace(namespace)
+        return self._run(
+            _wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, partial(Lookup, self, ns))
+        )
+
+    def release_pin(self, pin_id: int) -> ReleaseResult:
+        return self._run(_wire.release_pin(self.session_id, pin_id))
+
+    def evict(
+        self,
+        namespace: str,
+        all: bool = False,
+        prefix: _wire.Tokens | None = None,
+        nbytes: int | None = None,
+        extra_keys: bytes = b"",
+    ) -> EvictResult:
+        """Evict unpinned sealed pages: all of them, a prefix and its extensions, or `nbytes` bytes."""
+        return self._run(_wire.evict(namespace, all, prefix, nbytes, extra_keys))
+
+
+def connect(
+    target: str | os.PathLike[str] | None = None,
+    *,
+    client_name: str = "",
+    lease_ttl_s: float | None = None,
+    timeout_s: float | None = 30.0,
+    connect_timeout_s: float = 10.0,
+    shm_dir: str = SHM_DIR,
+) -> Client:
+    """Connect to the daemon and open a session.
+
+    `target`: None = `default_target()`; a socket path; or any gRPC target (`host:port`,
+    `unix:/path`). `lease_ttl_s`: None = the daemon's default. `timeout_s`: deadline of
+    each call. Waits up to `connect_timeout_s` for the daemon to come up.
+    """
+    resolved = resolve_target(target)
+    channel = grpc.insecure_channel(resolved, options=CHANNEL_OPTIONS)
+    client = Client(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
+    try:
+        client.open(client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s)
+    except BaseException:
+        client.close()
+        raise
+    return client

@@ -1,0 +1,213 @@
+"""Zero-copy views of a namespace's page pool.
+
+The daemon owns the pool; a client maps it once per namespace and reads/writes
+pages in place. On CPU the pool is a POSIX shared-memory file under /dev/shm.
+We map it with `mmap` directly: `multiprocessing.shared_memory` registers the
+segment with the resource tracker, which unlinks it when this process exits
+(before Python 3.13) and would pull the pool out from under the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+from kvstore_proto.kvstore.v1 import kvstore_pb2
+
+from .errors import InvalidArgument, PoolError, UnsupportedDevice
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+
+# Wire DType -> torch dtype, and back.
+TORCH_DTYPES: dict[int, torch.dtype] = {
+    kvstore_pb2.FLOAT16: torch.float16,
+    kvstore_pb2.BFLOAT16: torch.bfloat16,
+    kvstore_pb2.FLOAT32: torch.float32,
+    kvstore_pb2.INT8: torch.int8,
+    kvstore_pb2.UINT8: torch.uint8,
+    kvstore_pb2.FLOAT8_E4M3: torch.float8_e4m3fn,
+}
+_WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
+_WIRE_NAMES: dict[str, int] = {kvstore_pb2.DType.Name(k): k for k in TORCH_DTYPES}
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_DTYPE_ALIASES.update({"float": "float32", "fp8": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn"})
+
+
+def torch_dtype(dtype: int) -> torch.dtype:
+    """The torch dtype of a wire `DType` value."""
+    try:
+        return TORCH_DTYPES[dtype]
+    except KeyError:
+        raise PoolError(f"dtype={dtype} is not a DType this client knows ({sorted(TORCH_DTYPES)})") from None
+
+
+def wire_dtype(dtype: torch.dtype | str | int) -> int:
+    """A wire `DType` from a torch dtype, a name ("float16", "bf16", "FLOAT8_E4M3") or the enum value."""
+    if isinstance(dtype, int):
+        if dtype not in TORCH_DTYPES:
+            raise InvalidArgument(f"dtype={dtype} is not a DType value ({sorted(TORCH_DTYPES)})")
+        return dtype
+    if isinstance(dtype, str):
+        if dtype in _WIRE_NAMES:
+            return _WIRE_NAMES[dtype]
+        name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+        dtype = getattr(torch, name, None)
+    if isinstance(dtype, torch.dtype) and dtype in _WIRE_DTYPES:
+        return _WIRE_DTYPES[dtype]
+    names = [str(d).removeprefix("torch.") for d in _WIRE_DTYPES]
+    raise InvalidArgument(f"dtype={dtype!r} is not supported; use one of {names}")
+
+
+class PoolMapping:
+    """One mapping of a namespace's pool, with torch views of its pages.
+
+    Views share memory with the pool: writing a view writes the pool, no copy.
+    Build it with `PoolMapping.open(descriptor)`; the constructor takes an
+    existing mapping and has no side effects.
+    """
+
+    def __init__(self, descriptor: kvstore_pb2.PoolDescriptor, mm: mmap.mmap) -> None:
+        self.descriptor = descriptor
+        self.dtype = torch_dtype(descriptor.dtype)
+        self.page_shape = tuple(int(d) for d in descriptor.page_shape)
+        self.num_pages = int(descriptor.num_pages)
+        self.offset = int(descriptor.offset)
+        self.page_bytes = int(descriptor.page_bytes)
+        self.page_stride = int(descriptor.page_stride)
+        _check_geometry(descriptor, self.dtype, len(mm))
+        self._mm: mmap.mmap | None = mm
+        # Through a memoryview, not the mmap itself: torch.frombuffer keeps a reference to
+        # the object but releases its buffer export, so over a bare mmap close() would
+        # succeed and unmap pages under live tensors (a segfault on the next access). The
+        # memoryview holds the export for as long as any view of the pool lives.
+        self._bytes: torch.Tensor | None = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+
+    @classmethod
+    def open(cls, descriptor: kvstore_pb2.PoolDescriptor, *, shm_dir: str = SHM_DIR) -> PoolMapping:
+        """Map the pool a descriptor names. MAP_POPULATE prefaults it: first touch is slow."""
+        if descriptor.device != "cpu":
+            raise UnsupportedDevice(
+                f"pool device={descriptor.device!r}: only 'cpu' (POSIX shm) pools can be mapped "
+                "by this client; CUDA IPC pools are not supported yet"
+            )
+        if not descriptor.shm_name or "/" in descriptor.shm_name:
+            raise PoolError(f"shm_name={descriptor.shm_name!r} is not a file name under {shm_dir}")
+        path = os.path.join(shm_dir, descriptor.shm_name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise PoolError(f"cannot open pool {path}: {e.strerror} (is this the daemon's user?)") from e
+        try:
+            size = os.fstat(fd).st_size
+            if size < descriptor.nbytes:
+                raise PoolError(
+                    f"pool {path} has {size} bytes but the descriptor says nbytes={descriptor.nbytes}"
+                )
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, descriptor.nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # the mapping keeps its own reference to the file
+        try:
+            return cls(descriptor, mm)
+        except BaseException:
+            mm.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._bytes is None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.descriptor.nbytes)
+
+    def raw_page(self, slot: int) -> torch.Tensor:
+        """The `page_bytes` bytes of page `slot`, as a flat uint8 view."""
+        start = self.offset + self._check_slot(slot) * self.page_stride
+        return self._base()[start : start + self.page_bytes]
+
+    def page(self, slot: int) -> torch.Tensor:
+        """Page `slot` as a view of shape `page_shape` and the pool's dtype (no copy)."""
+        return self.raw_page(slot).view(self.dtype).view(self.page_shape)
+
+    def pages(self, slots: Iterable[int]) -> list[torch.Tensor]:
+        """Views of several pages, in the order given (no copy)."""
+        return [self.page(int(s)) for s in slots]
+
+    def view(self) -> torch.Tensor:
+        """The whole pool as one `[num_pages, *page_shape]` view; padding between pages
+        (page_stride > page_bytes) is skipped by the stride."""
+        itemsize = self.dtype.itemsize
+        base = self._base()
+        typed = base[: len(base) - len(base) % itemsize].view(self.dtype)
+        inner = [1] * len(self.page_shape)
+        for i in range(len(self.page_shape) - 2, -1, -1):
+            inner[i] = inner[i + 1] * self.page_shape[i + 1]
+        return typed.as_strided(
+            (self.num_pages, *self.page_shape),
+            (self.page_stride // itemsize, *inner),
+            self.offset // itemsize,
+        )
+
+    def close(self) -> None:
+        """Drop this mapping. If views handed out are still alive the memory stays
+        mapped until the last one is garbage collected (mmap refuses to close
+        under live buffers); pages are never unmapped under a live tensor."""
+        self._bytes = None
+        mm, self._mm = self._mm, None
+        if mm is None:
+            return
+        try:
+            mm.close()
+        except BufferError:
+            log.debug(
+                "pool %s: views still alive, unmapped when they are collected", self.descriptor.shm_name
+            )
+
+    def __enter__(self) -> PoolMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"PoolMapping({self.descriptor.shm_name!r}, {state}, num_pages={self.num_pages}, "
+            f"page_shape={self.page_shape}, dtype={self.dtype})"
+        )
+
+    def _base(self) -> torch.Tensor:
+        if self._bytes is None:
+            raise PoolError(f"pool {self.descriptor.shm_name!r} is closed")
+        return self._bytes
+
+    def _check_slot(self, slot: int) -> int:
+        if not 0 <= slot < self.num_pages:
+            raise InvalidArgument(f"slot={slot} is outside the pool (num_pages={self.num_pages})")
+        return slot
+
+
+def _check_geometry(d: kvstore_pb2.PoolDescriptor, dtype: torch.dtype, mapped: int) -> None:
+    """Refuse a descriptor whose numbers do not add up, before any view can read past the end."""
+    shape: Sequence[int] = d.page_shape
+    itemsize = dtype.itemsize
+    want = math.prod(shape) * itemsize
+    problems = []
+    if want != d.page_bytes:
+        problems.append(f"page_shape={list(shape)} x {itemsize} bytes = {want} but page_bytes={d.page_bytes}")
+    if d.page_stride < d.page_bytes:
+        problems.append(f"page_stride={d.page_stride} < page_bytes={d.page_bytes}")
+    if d.page_stride % itemsize or d.offset % itemsize:
+        problems.append(f"page_stride={d.page_stride} and offset={d.offset} must be multiples of {itemsize}")
+    end = d.offset + (d.num_pages - 1) * d.page_stride + d.page_bytes if d.num_pages else d.offset
+    if end > mapped:
+        problems.append(f"{d.num_pages} pages end at byte {end} but the mapping has {mapped}")
+    if problems:
+        raise PoolError(f"pool {d.shm_name!r}: inconsistent descriptor: " + "; ".join(problems))

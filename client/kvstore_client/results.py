@@ -1,0 +1,91 @@
+"""Plain results handed to users instead of raw protobuf where they act on them
+(pages to write, counts to check). Metadata that is only read (NamespaceInfo,
+StatsResponse, SessionInfo) stays protobuf: its fields are documented in the proto."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvstore_proto.kvstore.v1 import kvstore_pb2
+
+
+class PageState(enum.IntEnum):
+    WRITABLE = kvstore_pb2.WRITABLE  # reserved for this sequence: write its bytes
+    CACHED = kvstore_pb2.CACHED  # sealed (shared or committed): bytes present, never write
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a sequence or lookup.
+
+    In an append reply, `token_start`/`token_count` are the tokens *of that reply*
+    inside the page; in a sequence's page table (`Sequence.pages`) they are the
+    page's filled range, i.e. token_start=0 and token_count=tokens present.
+    """
+
+    index: int  # position in the sequence, 0-based
+    slot: int  # page number in the pool: `Namespace.page(slot)`
+    state: PageState
+    token_start: int = 0
+    token_count: int = 0
+    block_hash: bytes = b""  # 16 bytes once the page is full
+
+    @classmethod
+    def from_proto(cls, ref: kvstore_pb2.PageRef) -> Page:
+        state = PageState(ref.state) if ref.state else PageState.WRITABLE
+        return cls(ref.index, ref.slot, state, ref.token_start, ref.token_count, bytes(ref.block_hash))
+
+    @property
+    def writable(self) -> bool:
+        return self.state is PageState.WRITABLE
+
+    @property
+    def token_end(self) -> int:
+        return self.token_start + self.token_count
+
+
+def pages_from_proto(refs: list[kvstore_pb2.PageRef]) -> list[Page]:
+    return [Page.from_proto(r) for r in refs]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    num_tokens: int  # tokens in the sequence after the append
+    pages: list[Page]  # every page the appended tokens landed in, in order
+    cached_tokens: int  # appended tokens that landed in CACHED pages (no KV to write)
+
+    @property
+    def writable_pages(self) -> list[Page]:
+        """The pages whose bytes the caller must write before committing."""
+        return [p for p in self.pages if p.writable]
+
+    @property
+    def cached_pages(self) -> list[Page]:
+        return [p for p in self.pages if not p.writable]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    sealed_pages: int  # pages that became visible to lookups
+    deduplicated_pages: int  # pages someone else sealed first; ours were freed
+    moved: list[Page] = field(default_factory=list)  # pages whose slot changed (already applied)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    pages_freed: int
+    pages_unpinned: int
+
+
+@dataclass(frozen=True, slots=True)
+class EvictResult:
+    pages_evicted: int
+    bytes_freed: int
+    pages_skipped_pinned: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseResult:
+    sequences_released: int
+    pins_released: int

@@ -1,0 +1,513 @@
+"""The daemon's configuration: one typed definition table, filled from (lowest to highest
+precedence) defaults, a TOML file, `KVSTORE_*` environment variables and command-line flags,
+and validated once at start. This is the only module that reads the environment or the file.
+
+The dataclass fields below *are* the table: their metadata carries the help text and the
+check, and the flags, the environment variables and docs/config.md are all derived from them,
+so a key cannot exist in one place and not another. The file is read with `tomllib`
+(Python 3.11+, which pyproject requires).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from kvstore.policy import policy_names
+from kvstore.store.types import NamespaceSpec, StoreLimits
+from kvstore.store.validate import MAX_PAGE_TOKENS, MAX_TOKEN_ID
+
+ENV_PREFIX = "KVSTORE_"
+CONFIG_ENV = "KVSTORE_CONFIG"
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# Must list exactly the keys of DTYPE_BYTES (a test holds the two together).
+DType = Literal["float16", "bfloat16", "float32", "int8", "uint8", "float8_e4m3fn"]
+
+_U32_MAX = 2**32 - 1  # the wire carries geometry as uint32
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; each line names the key, the value and what is allowed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------- checks
+# A check returns None when the value is fine, else the phrase that follows "key=value: ".
+
+
+Check = Callable[[Any], "str | None"]
+
+
+def _in_range(lo: float, hi: float | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if v < lo or (hi is not None and v > hi):
+            return f"must be >= {lo}" if hi is None else f"must be in {lo}..{hi}"
+        return None
+
+    return check
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _matches(pattern: str) -> Check:
+    regex = re.compile(pattern)
+    return lambda v: None if regex.fullmatch(v) else f"must match {pattern}"
+
+
+_name = _matches(r"[A-Za-z0-9_.-]{1,64}")
+# The prefix becomes part of a /dev/shm file name: no slashes, nothing a shell would trip on.
+_shm_prefix = _matches(r"[A-Za-z0-9_.-]{1,200}")
+
+
+def _socket_path(v: str) -> str | None:
+    if not v:
+        return "must not be empty"
+    if len(os.fsencode(v)) > _SUN_PATH_MAX:
+        return f"must be at most {_SUN_PATH_MAX} bytes long (the unix socket path limit)"
+    return None
+
+
+def _host_port(v: str) -> str | None:
+    if not v:
+        return None  # off
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return "must be HOST:PORT with PORT in 0..65535 (e.g. 127.0.0.1:50051), or empty for off"
+    return None
+
+
+def _policy(v: str) -> str | None:
+    return None if v in policy_names() else f"must be one of {', '.join(policy_names())}"
+
+
+def _salt(v: str) -> str | None:
+    if v.startswith("hex:"):
+        try:
+            bytes.fromhex(v[4:])
+        except ValueError:
+            return "must be hex digits after 'hex:'"
+    return None
+
+
+def _key(default: Any = MISSING, help: str = "", check: Check | None = None, **extra: Any) -> Any:
+    """A field of the table: its default, the help text for flags and docs, and its check.
+    `doc_default` replaces the default in the docs; `size=True` accepts "64GiB"."""
+    return field(
+        default=default, metadata={"help": help, "check": check, "doc_default": "", "size": False} | extra
+    )
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`[server]` in the file; each key also has a `KVSTORE_<KEY>` variable and a `--<key>` flag."""
+
+    # `socket` and `shm_prefix` depend on the user and the environment; load() fills them in.
+    socket: str = _key(
+        "",
+        "unix socket the daemon serves on; its directory is created with mode 0700",
+        _socket_path,
+        doc_default="`$XDG_RUNTIME_DIR/kvstore/kvstore.sock`, else `/tmp/kvstore-<uid>/kvstore.sock`",
+    )
+    tcp: str = _key(
+        "", "also serve on HOST:PORT (no TLS, no auth: keep it on localhost); empty = off", _host_port
+    )
+    lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", _positive)
+    lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", _positive)
+    max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", _in_range(1, _U32_MAX))
+    max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", _positive, size=True)
+    max_sessions: int = _key(4096, "most sessions open at once", _positive)
+    shutdown_grace_s: float = _key(
+        5.0, "on SIGTERM, how long in-flight RPCs may finish (seconds)", _in_range(0, 3600)
+    )
+    log_level: LogLevel = _key("info", "log level (logs go to stderr)")  # noqa: RUF009 (ruff: Literal)
+    max_extra_keys_bytes: int = _key(
+        1024, "longest extra_keys a request may carry (bytes)", _in_range(0, 1 << 20)
+    )
+    default_policy: str = _key("lru", "eviction policy of a namespace that names none", _policy)
+    shm_prefix: str = _key(
+        "",
+        "name prefix of this user's /dev/shm segments; segment names add the pid, and a starting "
+        "daemon unlinks the segments under this prefix whose daemon is gone",
+        _shm_prefix,
+        doc_default="`kvstore-<uid>-`",
+    )
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """One `[[namespace]]` table; keys without a default are required."""
+
+    name: str = _key(help="namespace name, unique", check=_name)
+    num_layers: int = _key(help="transformer layers", check=_in_range(1, _U32_MAX))
+    num_kv_heads: int = _key(help="KV heads per layer", check=_in_range(1, _U32_MAX))
+    head_dim: int = _key(help="head dimension", check=_in_range(1, _U32_MAX))
+    dtype: DType = _key(help="element type of K and V")  # noqa: RUF009 (ruff: Literal)
+    page_tokens: int = _key(help="tokens per page", check=_in_range(1, MAX_PAGE_TOKENS))
+    num_pages: int = _key(help="pages in the pool", check=_in_range(1, _U32_MAX))
+    vocab_size: int = _key(
+        0, "token ids must be below this; 0 = any id in [0, 2^31)", _in_range(0, MAX_TOKEN_ID)
+    )
+    policy: str = _key("", "eviction policy; empty = `server.default_policy`", lambda v: v and _policy(v))
+    salt: str = _key(
+        "",
+        "hash salt: `hex:<digits>` for raw bytes, else the string's UTF-8; empty = derived from the name",
+        _salt,
+    )
+    model_fingerprint: str = _key("", "model the KV belongs to; empty = any")
+
+
+# 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.
+DEFAULT_NAMESPACE = NamespaceConfig(
+    name="default", num_layers=8, num_kv_heads=4, head_dim=64, dtype="float16", page_tokens=16, num_pages=2048
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    namespaces: tuple[NamespaceConfig, ...]
+    config_file: str = ""  # where the file layer came from; empty = none
+
+    def store_limits(self) -> StoreLimits:
+        s = self.server
+        return StoreLimits(
+            max_request_tokens=s.max_request_tokens,
+            max_pool_bytes=s.max_pool_bytes,
+            lease_ttl_default_s=s.lease_ttl_s,
+            lease_ttl_max_s=s.lease_ttl_max_s,
+            max_sessions=s.max_sessions,
+            max_extra_keys_bytes=s.max_extra_keys_bytes,
+        )
+
+    def namespace_specs(self) -> list[NamespaceSpec]:
+        return [_to_spec(ns, self.server.default_policy) for ns in self.namespaces]
+
+
+def _to_spec(ns: NamespaceConfig, default_policy: str) -> NamespaceSpec:
+    # The keys match NamespaceSpec's fields one for one; only policy and salt need resolving.
+    salt = bytes.fromhex(ns.salt[4:]) if ns.salt.startswith("hex:") else ns.salt.encode()
+    return NamespaceSpec(**asdict(ns) | {"policy": ns.policy or default_policy, "salt": salt})
+
+
+# ---------------------------------------------------------------- loading
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def runtime_defaults(environ: Mapping[str, str]) -> dict[str, str]:
+    """The defaults that depend on who runs the daemon and where."""
+    uid = os.getuid()
+    xdg = environ.get("XDG_RUNTIME_DIR")
+    sock_dir = os.path.join(xdg, "kvstore") if xdg else f"/tmp/kvstore-{uid}"
+    return {"socket": os.path.join(sock_dir, "kvstore.sock"), "shm_prefix": f"kvstore-{uid}-"}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per server key. Values stay strings so load() parses and reports them like env values."""
+    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (env {CONFIG_ENV})")
+    hints = typing.get_type_hints(ServerConfig)
+    for f in fields(ServerConfig):
+        hint = hints[f.name]
+        metavar = {int: "BYTES" if f.metadata["size"] else "N", float: "SECONDS"}.get(hint, f.name.upper())
+        if typing.get_origin(hint) is Literal:
+            metavar = "{" + ",".join(typing.get_args(hint)) + "}"
+        more = f"env {env_name(f.name)}, default {_doc_default(f)}".replace("`", "").replace("%", "%%")
+        parser.add_argument(
+            flag_name(f.name), dest=f.name, metavar=metavar, help=f"{f.metadata['help']} ({more})"
+        )
+
+
+def load(
+    *,
+    config_file: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config; raises ConfigError listing every invalid setting."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    path = config_file or environ.get(CONFIG_ENV, "")
+    doc = _read_toml(path, problems) if path else {}
+    for key in doc.keys() - {"server", "namespace"}:
+        problems.append(f"{key}: unknown top-level key in {path}; allowed: [server], [[namespace]]")
+
+    file_server = _expect(doc.get("server", {}), dict, "server: must be a table ([server])", problems)
+    keys = [f.name for f in fields(ServerConfig)]
+    # Lowest precedence first; each value carries where it came from, for the error message.
+    layers = [
+        {k: (v, f"from {path}") for k, v in file_server.items()},
+        {k: (environ[env_name(k)], f"from {env_name(k)}") for k in keys if env_name(k) in environ},
+        {k: (v, f"from {flag_name(k)}") for k, v in (flags or {}).items() if k in keys and v is not None},
+    ]
+    server_values = _fill(ServerConfig, "server", layers, problems, **runtime_defaults(environ))
+    if server_values:  # take `unix:/path` too, as clients do, and pin a relative path down now
+        server_values["socket"] = os.path.abspath(server_values["socket"].removeprefix("unix:"))
+    server = ServerConfig(**(server_values or runtime_defaults(environ)))
+    if server.lease_ttl_max_s < server.lease_ttl_s:
+        problems.append(
+            f"server.lease_ttl_max_s={server.lease_ttl_max_s:g}: "
+            f"must be >= server.lease_ttl_s={server.lease_ttl_s:g}"
+        )
+
+    tables = _expect(
+        doc.get("namespace", []), list, "namespace: must be an array of tables ([[namespace]])", problems
+    )
+    namespaces = [DEFAULT_NAMESPACE] if not tables else []
+    for i, table in enumerate(tables):
+        table = _expect(table, dict, f"namespace[{i}]: must be a table", problems)
+        values = _fill(NamespaceConfig, f"namespace[{i}]", [{k: (v, "") for k, v in table.items()}], problems)
+        if values is not None:
+            namespaces.append(NamespaceConfig(**values))
+    _check_namespaces(namespaces, server, problems)
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(server=server, namespaces=tuple(namespaces), config_file=path)
+
+
+def _expect(value: Any, kind: type, problem: str, problems: list[str]) -> Any:
+    if isinstance(value, kind):
+        return value
+    problems.append(problem)
+    return kind()
+
+
+def _read_toml(path: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as e:
+        problems.append(f"config file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        problems.append(f"config file {path}: invalid TOML: {e}")
+    return {}
+
+
+def _fill(cls: type, where: str, layers: list[dict[str, tuple[Any, str]]], problems: list[str], **base: Any):
+    """The values of `cls`'s keys: its defaults (and `base`), overridden by each layer in turn,
+    parsed and checked. None when any of them has a problem (each one is added to `problems`)."""
+    known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {n: f.default for n, f in known.items() if f.default is not MISSING} | base
+    labels: dict[str, str] = {}
+    bad: set[str] = set()  # already reported; "required" would only repeat it
+    before = len(problems)
+    for layer in layers:
+        for key, (raw, label) in layer.items():
+            if key not in known:
+                problems.append(f"{where}.{key}: unknown key{_at(label)}; known: {', '.join(known)}")
+                continue
+            value = _coerce(f"{where}.{key}={raw!r}{_at(label)}", raw, hints[key], known[key].metadata)
+            if isinstance(value, _Problem):
+                problems.append(value)
+                bad.add(key)
+            else:
+                values[key], labels[key] = value, label
+    for name, f in known.items():
+        if name in bad:
+            continue
+        if name not in values:
+            problems.append(f"{where}.{name}: required")
+        elif f.metadata["check"] and (problem := f.metadata["check"](values[name])):
+            shown = f"{values[name]:g}" if isinstance(values[name], float) else repr(values[name])
+            problems.append(f"{where}.{name}={shown}{_at(labels.get(name, ''))}: {problem}")
+    return values if len(problems) == before else None
+
+
+def _at(label: str) -> str:
+    return f" ({label})" if label else ""
+
+
+class _Problem(str):
+    """A coercion failure, told apart from a value that happens to be a string."""
+
+
+def _coerce(shown: str, raw: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    """Turn a TOML value, or a string from env or a flag, into the field's type."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        value = raw.lower() if isinstance(raw, str) else raw
+        return value if value in choices else _Problem(f"{shown}: must be one of {', '.join(choices)}")
+    if hint is str:
+        return raw if isinstance(raw, str) else _Problem(f"{shown}: must be a string")
+    try:
+        if isinstance(raw, bool):  # TOML `true` is an int to Python; never a number here
+            raise ValueError
+        if hint is int:
+            return _parse_size(raw) if meta["size"] else _parse_int(raw)
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        what = "a number" if hint is float else "an integer" + (" or a size like 64GiB" * meta["size"])
+        return _Problem(f"{shown}: must be {what}")
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, float):
+        raise ValueError
+    return int(raw)  # accepts "1_048_576" too
+
+
+def _parse_size(raw: Any) -> int:
+    if not isinstance(raw, str):
+        return _parse_int(raw)
+    m = re.fullmatch(r"\s*(\d[\d_]*)\s*([kmgt]?)(?:i?b)?\s*", raw.lower())
+    if not m:
+        raise ValueError
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, problems: list[str]) -> None:
+    seen: dict[str, int] = {}
+    total = 0
+    for i, ns in enumerate(namespaces):
+        if ns.name in seen:
+            problems.append(f"namespace[{i}].name={ns.name!r}: already used by namespace[{seen[ns.name]}]")
+        seen.setdefault(ns.name, i)
+        # The pool takes page_stride (page_bytes rounded up to 4 KiB) per page, so count that.
+        spec = _to_spec(ns, server.default_policy)
+        pool = spec.page_stride * spec.num_pages
+        total += pool
+        if total > server.max_pool_bytes:
+            problems.append(
+                f"namespace[{i}] {ns.name!r}: pool of {spec.num_pages} pages x {spec.page_stride} bytes = "
+                f"{format_size(pool)} brings all pools to {format_size(total)}, over "
+                f"server.max_pool_bytes={format_size(server.max_pool_bytes)}"
+            )
+
+
+def format_size(n: int) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = _SIZE_UNITS[unit[0].lower()]
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------- docs
+
+
+def markdown() -> str:
+    """docs/config.md, generated from the table (a test keeps the file equal to this)."""
+    out = [
+        "# kvstore daemon configuration",
+        "",
+        "<!-- Generated by `python -m kvstore.config --markdown > docs/config.md`; do not edit. -->",
+        "",
+        "Precedence, lowest to highest: defaults, the TOML file (`--config FILE` or "
+        f"`{CONFIG_ENV}`), `KVSTORE_*` environment variables, command-line flags of `kvstore serve`. "
+        "Every value is checked at start; an invalid one stops the daemon with exit status 2 and "
+        "a line naming the key, the value and what is allowed. Sizes accept a suffix "
+        "(`256MiB`, `64GiB`).",
+        "",
+        "## `[server]`",
+        "",
+        *_doc_table(ServerConfig, with_env=True),
+        "",
+        "## `[[namespace]]`",
+        "",
+        "A list of tables, one per namespace, set only in the file. With none configured the "
+        f"daemon creates one, `default`: {_describe(DEFAULT_NAMESPACE)}. A namespace's pool is "
+        "`page_stride x num_pages` bytes, where `page_stride` is "
+        "`num_layers x 2 x page_tokens x num_kv_heads x head_dim x dtype bytes` rounded up to 4 KiB; "
+        "all pools together must fit in `server.max_pool_bytes`.",
+        "",
+        *_doc_table(NamespaceConfig, with_env=False),
+        "",
+        "## Example",
+        "",
+        "```toml",
+        _EXAMPLE.strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _doc_table(cls: type, *, with_env: bool) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    head = ["key", "env", "flag", "default", "meaning"] if with_env else ["key", "default", "meaning"]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for f in fields(cls):
+        env = [f"`{env_name(f.name)}`", f"`{flag_name(f.name)}`"] if with_env else []
+        meaning = f.metadata["help"] + _doc_choices(hints[f.name])
+        rows.append("| " + " | ".join([f"`{f.name}`", *env, _doc_default(f), meaning]) + " |")
+    return rows
+
+
+def _doc_default(f: Any) -> str:
+    if f.metadata["doc_default"]:
+        return f.metadata["doc_default"]
+    if f.default is MISSING:
+        return "required"
+    if f.metadata["size"]:
+        return f"`{format_size(f.default)}`"
+    if isinstance(f.default, str):
+        return f'`"{f.default}"`' if f.default else "empty"
+    return f"`{f.default:g}`" if isinstance(f.default, float) else f"`{f.default}`"
+
+
+def _doc_choices(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "; one of " + ", ".join(f"`{c}`" for c in typing.get_args(hint))
+    return ""
+
+
+def _describe(ns: NamespaceConfig) -> str:
+    pool = _to_spec(ns, "").page_stride * ns.num_pages
+    return (
+        f"{ns.num_layers} layers, {ns.num_kv_heads} KV heads, head_dim {ns.head_dim}, {ns.dtype}, "
+        f"{ns.page_tokens} tokens a page, {ns.num_pages} pages ({format_size(pool)})"
+    )
+
+
+_EXAMPLE = """
+[server]
+socket = "/run/user/1000/kvstore/kvstore.sock"
+lease_ttl_s = 10
+max_pool_bytes = "8GiB"
+log_level = "info"
+
+[[namespace]]
+name = "llama3-8b"
+num_layers = 32
+num_kv_heads = 8
+head_dim = 128
+dtype = "bfloat16"
+page_tokens = 16
+num_pages = 1024
+salt = "hex:5eed"
+model_fingerprint = "meta-llama/Meta-Llama-3-8B@main"
+"""
+
+if __name__ == "__main__":  # the docs generator only; the daemon's CLI is kvstore/cli/serve.py
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m kvstore.config --markdown")
+    sys.stdout.write(markdown())

@@ -1,0 +1,352 @@
+"""The daemon's lifecycle: start in order, serve until SIGTERM or SIGINT, then stop in order
+with a bound on every step (health NOT_SERVING, drain RPCs, stop background tasks, close the
+store so its /dev/shm segments are unlinked, remove the socket, give back the lock).
+
+Startup order: claim the socket path, remove segments of dead daemons, build the store and
+its namespaces, start the gRPC server, and only then report SERVING on the health service,
+which is what clients and tests wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+
+import grpc
+import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from kvstore_proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+from kvstore.config import Config, ServerConfig, format_size
+from kvstore.errors import KVStoreError
+from kvstore.memory.shm_pool import remove_stale_segments
+from kvstore.server.admin_servicer import AdminServicer
+from kvstore.server.kvstore_servicer import KVStoreServicer
+from kvstore.store.store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(s.full_name for s in kvstore_pb2.DESCRIPTOR.services_by_name.values())
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_MESSAGE_BYTES = 64 << 20
+STEP_TIMEOUT_S = 5.0  # bound on each shutdown step beyond the RPC grace
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do about it."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # 2 when the configuration is at fault, as for ConfigError
+
+
+def server_options(s: ServerConfig) -> list[tuple[str, int]]:
+    # Room for a request of max_request_tokens ids (a positive int32 is at most 5 varint bytes).
+    max_message = max(MAX_MESSAGE_BYTES, 5 * s.max_request_tokens + (1 << 20))
+    return [
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_message),
+        # gRPC sets SO_REUSEPORT by default: a second daemon would then share our TCP port silently.
+        ("grpc.so_reuseport", 0),
+        # Ping idle connections, so a peer that vanished without a FIN (host down, cable pulled)
+        # is noticed and its KeepAlive stream ends, which releases its lease.
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Accept clients' own keepalive pings (the default would answer them with GOAWAY).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class Daemon:
+    """One daemon instance. `start()` then `stop()`; both run on the event loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store: Store | None = None  # loop-owned; None until built and after close
+        self.server: grpc.aio.Server | None = None
+        self.health: health_aio.HealthServicer | None = None
+        self.tcp_port = 0  # the bound TCP port when server.tcp is set (useful with port 0)
+        self._lock_fd = -1  # flock on <socket>.lock, held for the daemon's whole life
+        self._socket_ino = 0  # inode of the socket we bound, so we only ever unlink our own
+        self._tasks: list[asyncio.Task[None]] = []
+        self._kvstore_servicer: KVStoreServicer | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.config.server.socket)
+
+    async def start(self, stop: asyncio.Event | None = None) -> None:
+        """Bring everything up. Returns early, not serving, if `stop` is set meanwhile; on an
+        error undoes what it did and raises StartupError."""
+        t0 = time.monotonic()
+        try:
+            if not await self._start(stop or asyncio.Event()):
+                log.info("startup interrupted by a stop request")
+                return
+        except BaseException:
+            await self.stop()
+            raise
+        total = sum(ns.page_stride * ns.num_pages for ns in self.config.namespace_specs())
+        tcp = f" and tcp port {self.tcp_port}" if self.config.server.tcp else ""
+        log.info(
+            "ready: serving on unix:%s%s, %d namespace(s), %s of pools, started in %.2fs",
+            self.socket_path,
+            tcp,
+            len(self.config.namespaces),
+            format_size(total),
+            time.monotonic() - t0,
+        )
+
+    async def _start(self, stop: asyncio.Event) -> bool:
+        s = self.config.server
+        settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
+        log.info("config from %s: %s", self.config.config_file or "defaults/env/flags", settings)
+        self._claim_socket_path()
+        remove_stale_segments(s.shm_prefix)  # logs each one it removes
+        self.store = Store(self.config.store_limits(), s.shm_prefix)
+        loop = asyncio.get_running_loop()
+        for spec in self.config.namespace_specs():
+            try:
+                self.store.check_new_namespace(spec)
+                # Backing a pool touches every page (seconds per GiB): in a thread, so a SIGTERM
+                # meanwhile is still heard, and stops the start after this namespace.
+                pool = await loop.run_in_executor(None, self.store.create_pool, spec)
+                self.store.add_namespace(spec, pool)
+            except KVStoreError as e:
+                raise StartupError(f"namespace {spec.name!r}: {e}", exit_code=2) from e
+            except OSError as e:
+                raise StartupError(f"namespace {spec.name!r}: cannot create its pool: {e}") from e
+            if stop.is_set():
+                return False
+
+        self.server = server = grpc.aio.server(options=server_options(s))
+        self._kvstore_servicer = KVStoreServicer(self.store)
+        kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, server)
+        kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), server)
+        self.health = health_aio.HealthServicer()
+        for name in ("", *SERVICE_NAMES):  # the servicer starts out claiming "" is SERVING
+            await self.health.set(name, NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self._bind(server)
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, SERVING)
+        self._tasks.append(asyncio.create_task(self._reap_leases(), name="reap-leases"))
+        return True
+
+    def _claim_socket_path(self) -> None:
+        """Own the socket path for the daemon's life, or fail if a live daemon does.
+
+        The lock file beside the socket is flock()ed; the kernel drops the lock when its holder
+        dies, even by kill -9. So holding it means any socket file there is stale, and two
+        daemons started at once cannot both pass this point."""
+        path = self.socket_path
+        _private_dir(path.parent)
+        lock_path = path.with_name(path.name + ".lock")
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise StartupError(
+                    f"another kvstore daemon (pid {owner}) is serving on {path}; "
+                    "stop it, or give this one another --socket"
+                ) from None
+            # A daemon stopping right now unlinks the lock file after we opened it: then we hold
+            # a lock on a file nobody else will open. Retry on the file that is there now.
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                    break
+            os.close(fd)
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+
+        if not os.path.lexists(path):
+            return
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
+        if _answers(path):  # not a kvstore daemon (it would hold the lock), but someone's
+            raise StartupError(f"another process is listening on {path}; choose another --socket")
+        os.unlink(path)
+        log.warning("startup: removed stale socket %s (its daemon is gone)", path)
+
+    def _bind(self, server: grpc.aio.Server) -> None:
+        s = self.config.server
+        try:
+            server.add_insecure_port(f"unix:{self.socket_path}")
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on unix:{self.socket_path}: {e}") from e
+        # The directory is already 0700; this also keeps the socket private if it is not.
+        os.chmod(self.socket_path, 0o600)
+        self._socket_ino = os.stat(self.socket_path).st_ino
+        if s.tcp:
+            try:
+                self.tcp_port = server.add_insecure_port(s.tcp)
+            except RuntimeError as e:
+                raise StartupError(f"cannot listen on tcp {s.tcp}: {e}") from e
+            if not self.tcp_port:  # older grpc reports a failed bind as port 0
+                raise StartupError(f"cannot listen on tcp {s.tcp} (address in use?)")
+            log.warning("also serving on tcp %s (port %d) without TLS or auth", s.tcp, self.tcp_port)
+
+    async def _reap_leases(self) -> None:
+        """End the sessions of clients that stopped renewing their lease (crashed or hung)."""
+        store = self.store
+        assert store is not None
+        while True:
+            await asyncio.sleep(store.lease_check_interval_s)
+            try:
+                store.reap_expired()
+            except Exception:
+                # One failed pass must not end lease expiry for the rest of the daemon's life.
+                log.exception("lease check failed")
+
+    async def stop(self) -> bool:
+        """Stop in order, each step bounded. Safe after a partial start, and a second time.
+        Returns False when a step failed or timed out (the later steps still ran)."""
+        ok = True
+        grace = self.config.server.shutdown_grace_s
+        if self.health is not None:
+            ok &= await _step(
+                "health set to NOT_SERVING", self.health.enter_graceful_shutdown(), STEP_TIMEOUT_S
+            )
+        if self._kvstore_servicer is not None:
+            # KeepAlive streams never end on their own; without this the drain below would
+            # always wait the whole grace for them.
+            self._kvstore_servicer.begin_shutdown()
+        if self.server is not None:
+            server, self.server = self.server, None
+            ok &= await _step(
+                f"server stopped (grace {grace:g}s)", server.stop(grace), grace + STEP_TIMEOUT_S
+            )
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            ok &= await _step(
+                "background tasks stopped", asyncio.gather(*tasks, return_exceptions=True), STEP_TIMEOUT_S
+            )
+        if self.store is not None:
+            store, self.store = self.store, None
+            try:
+                store.close()
+                log.info("shutdown: store closed, pool segments unlinked")
+            except Exception:
+                log.exception("shutdown: store close failed")
+                ok = False
+        if self._socket_ino:
+            # grpc usually removes it on stop already; never remove a socket that is not ours.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.socket_path).st_ino == self._socket_ino:
+                    os.unlink(self.socket_path)
+            self._socket_ino = 0
+            log.info("shutdown: socket %s removed", self.socket_path)
+        if self._lock_fd >= 0:
+            # Unlink while still holding the lock, so no one can lock this file after we let go.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path.with_name(self.socket_path.name + ".lock"))
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        return ok
+
+
+async def _step(what: str, aw: Awaitable[object], timeout: float) -> bool:
+    t0 = time.monotonic()
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        log.error("shutdown: timed out after %.1fs waiting for: %s", timeout, what)
+        return False
+    except Exception:
+        log.exception("shutdown: failed: %s", what)
+        return False
+    log.info("shutdown: %s in %.2fs", what, time.monotonic() - t0)
+    return True
+
+
+def _private_dir(d: Path) -> None:
+    """Create the socket's directory 0700, and refuse one that another user controls: they
+    could swap our socket for theirs and see every client's requests."""
+    try:
+        d.mkdir(mode=0o700, parents=True)
+        log.info("startup: created %s (mode 0700)", d)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StartupError(f"cannot create socket directory {d}: {e.strerror}") from e
+    owner = os.stat(d).st_uid
+    if owner not in (os.getuid(), 0):
+        raise StartupError(f"socket directory {d} belongs to uid {owner}, not to us (uid {os.getuid()})")
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # e.g. a full backlog: someone is there
+        return True
+
+
+async def serve(config: Config) -> int:
+    """Run a daemon until SIGTERM or SIGINT; the process exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s again: shutdown is already under way", sig.name)
+        else:
+            log.info("%s: shutting down", sig.name)
+        stop.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        daemon = Daemon(config)
+        try:
+            await daemon.start(stop)
+        except StartupError as e:
+            log.error("cannot start: %s", e)
+            return e.exit_code
+        await stop.wait()
+        ok = await daemon.stop()
+        log.info("stopped%s", "" if ok else " (with errors, see above)")
+        return 0 if ok else 1
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def run(config: Config) -> int:
+    """The blocking entry point: a uvloop event loop around `serve`."""
+    return uvloop.run(serve(config))

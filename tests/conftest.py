@@ -1,0 +1,32 @@
+"""Shared fixtures. Daemon tests start the real daemon (tests/daemon.py) and wait for its
+health check; nothing of ours is mocked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from daemon import DaemonProcess
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., DaemonProcess]]:
+    """`make(**kwargs)` -> a DaemonProcess, not started (see DaemonProcess for the kwargs);
+    every one made is stopped and cleaned up after the test."""
+    made: list[DaemonProcess] = []
+
+    def make(**kwargs: Any) -> DaemonProcess:
+        d = DaemonProcess(**kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
+    """A running daemon with the small test namespace `test`; `.target` is its address."""
+    return daemon_factory().start()

@@ -1,0 +1,417 @@
+"""kvstore_client without the daemon: pool mappings over real /dev/shm files,
+error mapping through a real gRPC server, target resolution, token conversion,
+the client-side page table, and the lease held by the KeepAlive stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import kvstore_client
+import numpy as np
+import pytest
+import torch
+from kvstore_client import PageState, PoolMapping, _wire, errors
+from kvstore_client._core import SequenceBase
+from kvstore_client.namespace import Namespace
+from kvstore_client.target import default_target, resolve_target
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+SHM = "/dev/shm"
+PAGE_SHAPE = (2, 2, 4, 3, 8)  # layer, kv, token, head, dim
+NUM_PAGES = 5
+
+
+def make_descriptor(
+    shm_name: str, dtype: int = pb.FLOAT16, shape=PAGE_SHAPE, offset: int = 4096
+) -> pb.PoolDescriptor:
+    page_bytes = int(np.prod(shape)) * torch.empty((), dtype=kvstore_client.torch_dtype(dtype)).element_size()
+    stride = -(-page_bytes // 4096) * 4096
+    return pb.PoolDescriptor(
+        device="cpu",
+        shm_name=shm_name,
+        offset=offset,
+        nbytes=offset + NUM_PAGES * stride,
+        num_pages=NUM_PAGES,
+        page_bytes=page_bytes,
+        page_stride=stride,
+        layout="layer,kv,token,head,dim",
+        page_shape=shape,
+        dtype=dtype,
+    )
+
+
+@pytest.fixture
+def shm_file() -> Iterator[str]:
+    """A fresh file under /dev/shm, removed afterwards (the daemon's job in real life)."""
+    name = f"kvstore-client-test-{uuid.uuid4().hex}"
+    yield name
+    if os.path.exists(os.path.join(SHM, name)):
+        os.unlink(os.path.join(SHM, name))
+
+
+def create_pool(name: str, desc: pb.PoolDescriptor) -> None:
+    fd = os.open(os.path.join(SHM, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, desc.nbytes)
+    finally:
+        os.close(fd)
+
+
+def read_file(name: str, offset: int, n: int) -> bytes:
+    fd = os.open(os.path.join(SHM, name), os.O_RDONLY)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- PoolMapping
+
+
+def test_page_views_write_the_shared_file_in_place(shm_file: str) -> None:
+    desc = make_descriptor(shm_file)
+    create_pool(shm_file, desc)
+    with PoolMapping.open(desc) as pool:
+        page = pool.page(2)
+        assert page.shape == PAGE_SHAPE and page.dtype == torch.float16
+        page.copy_(torch.arange(page.numel(), dtype=torch.float16).view(PAGE_SHAPE))
+        # No copy: the bytes are in the file, at offset + slot * stride, and nowhere else.
+        start = desc.offset + 2 * desc.page_stride
+        assert read_file(shm_file, start, desc.page_bytes) == page.numpy().tobytes()
+        assert read_file(shm_file, start - desc.page_stride, desc.page_stride) == bytes(desc.page_stride)
+        assert read_file(shm_file, start + desc.page_bytes, desc.page_stride - desc.page_bytes) == bytes(
+            desc.page_stride - desc.page_bytes
+        )
+        assert pool.page(2).data_ptr() == page.data_ptr()
+
+
+def test_two_mappings_see_each_others_writes(shm_file: str) -> None:
+    desc = make_descriptor(shm_file, dtype=pb.BFLOAT16)
+    create_pool(shm_file, desc)
+    with PoolMapping.open(desc) as a, PoolMapping.open(desc) as b:
+        a.page(4).fill_(1.5)
+        assert torch.equal(b.page(4), torch.full(PAGE_SHAPE, 1.5, dtype=torch.bfloat16))
+        b.raw_page(0)[:3] = torch.tensor([7, 8, 9], dtype=torch.uint8)
+        assert a.raw_page(0)[:3].tolist() == [7, 8, 9]
+
+
+def test_another_process_reads_and_writes_the_same_pages(shm_file: str) -> None:
+    desc = make_descriptor(shm_file, dtype=pb.FLOAT32)
+    create_pool(shm_file, desc)
+    child = textwrap.dedent(
+        """
+        import sys, torch
+        from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+        from kvstore_client import PoolMapping
+        desc = pb.PoolDescriptor.FromString(bytes.fromhex(sys.argv[1]))
+        pool = PoolMapping.open(desc)
+        print(float(pool.page(1).sum()))
+        pool.page(3).fill_(-2.0)
+        pool.close()
+        """
+    )
+    with PoolMapping.open(desc) as pool:
+        pool.page(1).fill_(0.25)
+        out = subprocess.run(
+            [sys.executable, "-c", child, desc.SerializeToString().hex()],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert float(out.stdout) == pytest.approx(0.25 * np.prod(PAGE_SHAPE))
+        assert torch.equal(pool.page(3), torch.full(PAGE_SHAPE, -2.0))
+    assert os.path.exists(os.path.join(SHM, shm_file)), "a client must never unlink the daemon's segment"
+
+
+def test_whole_pool_view_skips_the_padding_between_pages(shm_file: str) -> None:
+    desc = make_descriptor(shm_file)
+    assert desc.page_stride > desc.page_bytes
+    create_pool(shm_file, desc)
+    with PoolMapping.open(desc) as pool:
+        whole = pool.view()
+        assert whole.shape == (NUM_PAGES, *PAGE_SHAPE)
+        for slot in range(NUM_PAGES):
+            whole[slot].fill_(slot + 1)
+        for slot, page in zip([3, 0, 4], pool.pages([3, 0, 4]), strict=True):
+            assert torch.equal(page, torch.full(PAGE_SHAPE, slot + 1.0, dtype=torch.float16))
+        padding = read_file(shm_file, desc.offset + desc.page_bytes, desc.page_stride - desc.page_bytes)
+        assert padding == bytes(len(padding))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [
+        (pb.FLOAT16, torch.float16),
+        (pb.BFLOAT16, torch.bfloat16),
+        (pb.FLOAT32, torch.float32),
+        (pb.INT8, torch.int8),
+        (pb.UINT8, torch.uint8),
+        (pb.FLOAT8_E4M3, torch.float8_e4m3fn),
+    ],
+)
+def test_every_wire_dtype_maps_to_its_torch_dtype(
+    shm_file: str, dtype: int, torch_dtype: torch.dtype
+) -> None:
+    desc = make_descriptor(shm_file, dtype=dtype, shape=(1, 2, 3, 1, 5), offset=0)
+    create_pool(shm_file, desc)
+    with PoolMapping.open(desc) as pool:
+        assert pool.page(NUM_PAGES - 1).dtype == torch_dtype
+        assert pool.view().shape == (NUM_PAGES, 1, 2, 3, 1, 5)
+    assert kvstore_client.wire_dtype(torch_dtype) == dtype
+    assert kvstore_client.wire_dtype(pb.DType.Name(dtype)) == dtype
+
+
+def test_close_with_live_views_keeps_them_valid_and_refuses_new_ones(shm_file: str) -> None:
+    desc = make_descriptor(shm_file)
+    create_pool(shm_file, desc)
+    pool = PoolMapping.open(desc)
+    page = pool.page(1)
+    page.fill_(3.0)
+    pool.close()  # mmap.close() raises BufferError under a live view: must not escape
+    assert pool.closed
+    assert torch.equal(page, torch.full(PAGE_SHAPE, 3.0, dtype=torch.float16))
+    with pytest.raises(errors.PoolError, match="closed"):
+        pool.page(1)
+    pool.close()  # idempotent
+
+
+def test_slot_outside_the_pool_is_refused(shm_file: str) -> None:
+    desc = make_descriptor(shm_file)
+    create_pool(shm_file, desc)
+    with (
+        PoolMapping.open(desc) as pool,
+        pytest.raises(errors.InvalidArgument, match=f"num_pages={NUM_PAGES}"),
+    ):
+        pool.page(NUM_PAGES)
+
+
+def test_bad_descriptors_fail_clearly(shm_file: str) -> None:
+    desc = make_descriptor(shm_file)
+    with pytest.raises(errors.PoolError, match="cannot open pool"):
+        PoolMapping.open(desc)
+    create_pool(shm_file, desc)
+    wrong = pb.PoolDescriptor()
+    wrong.CopyFrom(desc)
+    wrong.page_bytes += 2
+    with pytest.raises(errors.PoolError, match="page_bytes"):
+        PoolMapping.open(wrong)
+    cuda = pb.PoolDescriptor(device="cuda:GPU-0000", ipc_handle=b"\0" * 64, dtype=pb.FLOAT16)
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        PoolMapping.open(cuda)
+    with pytest.raises(errors.UnsupportedDevice):
+        PoolMapping.open(cuda)
+
+
+# ---------------------------------------------------------------- targets and tokens
+
+
+def test_default_target_follows_the_environment() -> None:
+    assert default_target({"KVSTORE_SOCKET": "/run/kv.sock", "XDG_RUNTIME_DIR": "/x"}) == "unix:/run/kv.sock"
+    assert default_target({"XDG_RUNTIME_DIR": "/run/user/7"}) == "unix:/run/user/7/kvstore/kvstore.sock"
+    assert default_target({}) == f"unix:/tmp/kvstore-{os.getuid()}/kvstore.sock"
+
+
+def test_default_target_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSTORE_SOCKET", "/srv/kvstore.sock")
+    assert kvstore_client.default_target() == "unix:/srv/kvstore.sock"
+    assert resolve_target(None) == "unix:/srv/kvstore.sock"
+    monkeypatch.delenv("KVSTORE_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
+    assert resolve_target(None) == "unix:/run/user/1234/kvstore/kvstore.sock"
+
+
+def test_resolve_target_turns_paths_into_unix_targets() -> None:
+    assert resolve_target("/tmp/a.sock") == "unix:/tmp/a.sock"
+    assert resolve_target("localhost:50051") == "localhost:50051"
+    assert resolve_target("unix:/x.sock") == "unix:/x.sock"
+
+
+def test_tokens_accept_lists_numpy_and_torch() -> None:
+    want = [1, 2, 3, 2**31 - 1]
+    for tokens in (want, np.array(want, dtype=np.int64), torch.tensor(want, dtype=torch.int32)):
+        req = pb.AppendRequest()
+        _wire.set_tokens(req.token_ids, tokens)
+        assert list(req.token_ids) == want
+    for bad in (torch.ones(3), torch.ones(2, 2, dtype=torch.long), np.ones(3), [1.5], [2**31]):
+        with pytest.raises(errors.InvalidArgument, match="token_ids"):
+            _wire.set_tokens(pb.AppendRequest().token_ids, bad)
+
+
+def test_evict_needs_exactly_one_target() -> None:
+    assert _wire.evict("ns", all=True).request.all
+    assert list(_wire.evict("ns", prefix=[1, 2], extra_keys=b"lora").request.prefix.token_ids) == [1, 2]
+    assert _wire.evict("ns", nbytes=10).request.WhichOneof("target") == "bytes"
+    with pytest.raises(errors.InvalidArgument, match="exactly one"):
+        _wire.evict("ns", all=True, nbytes=1)
+    with pytest.raises(errors.InvalidArgument, match="exactly one"):
+        _wire.evict("ns")
+
+
+# ---------------------------------------------------------------- the page table
+
+
+def _ref(index: int, slot: int, state: int, start: int, count: int, h: bytes = b"") -> pb.PageRef:
+    return pb.PageRef(index=index, slot=slot, state=state, token_start=start, token_count=count, block_hash=h)
+
+
+def test_page_table_follows_append_and_commit_replies() -> None:
+    info = pb.NamespaceInfo(name="m", geometry=pb.Geometry(page_tokens=4, dtype=pb.FLOAT16))
+    seq = SequenceBase(None, Namespace(info), sequence_id=9, reserved_pages=0)
+    first = seq._apply_append(
+        pb.AppendResponse(
+            num_tokens=6,
+            cached_tokens=4,
+            pages=[_ref(0, 10, pb.CACHED, 0, 4, b"a" * 16), _ref(1, 11, pb.WRITABLE, 0, 2)],
+        )
+    )
+    assert [p.slot for p in first.writable_pages] == [11] and first.cached_tokens == 4
+    seq._apply_append(
+        pb.AppendResponse(num_tokens=9, pages=[_ref(1, 11, pb.WRITABLE, 2, 2), _ref(2, 12, 1, 0, 1)])
+    )
+    assert seq.num_tokens == 9 and seq.slots == [10, 11, 12]
+    assert [(p.token_start, p.token_count) for p in seq.pages] == [(0, 4), (0, 4), (0, 1)]
+    # Page 1 turned out to be sealed by someone else first: it moved to slot 3.
+    result = seq._apply_commit(
+        pb.CommitResponse(sealed_pages=1, deduplicated_pages=1, pages=[_ref(1, 3, pb.CACHED, 0, 4)]), 9
+    )
+    assert result.deduplicated_pages == 1 and seq.slots == [10, 3, 12]
+    assert [p.state for p in seq.pages] == [PageState.CACHED, PageState.CACHED, PageState.WRITABLE]
+    assert seq.committed_tokens == 9 and seq.pages[1].token_count == 4
+
+
+# ---------------------------------------------------------------- against a real gRPC server
+
+
+class FakeDaemon(pb_grpc.KVStoreServicer):
+    """Just enough of the wire contract to exercise the client's transport: sessions,
+    the KeepAlive stream, and GetNamespace answering with the status named by the
+    namespace (so every code reaches the client through real gRPC)."""
+
+    def __init__(self) -> None:
+        self.attached = threading.Event()
+        self.detached = threading.Event()
+        self.closed_sessions: list[int] = []
+
+    def OpenSession(self, request, context):
+        return pb.OpenSessionResponse(session_id=41, lease_ttl_ms=request.lease_ttl_ms or 10_000)
+
+    def KeepAlive(self, request, context):
+        context.add_callback(self.detached.set)
+        self.attached.set()
+        yield pb.KeepAliveEvent(session_id=request.session_id, lease_expires_unix_ms=123)
+        self.detached.wait()
+
+    def CloseSession(self, request, context):
+        self.closed_sessions.append(request.session_id)
+        return pb.CloseSessionResponse(sequences_released=2, pins_released=1)
+
+    def GetNamespace(self, request, context):
+        code = getattr(grpc.StatusCode, request.namespace, None)
+        if code is not None:
+            context.abort(code, f"namespace={request.namespace!r}: told to fail")
+        return pb.NamespaceInfo(name=request.namespace, geometry=pb.Geometry(page_tokens=16))
+
+
+@pytest.fixture
+def fake_daemon(tmp_path) -> Iterator[tuple[str, FakeDaemon]]:
+    servicer = FakeDaemon()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+    sock = str(tmp_path / "kv.sock")
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    yield sock, servicer
+    server.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("NOT_FOUND", errors.NotFound),
+        ("INVALID_ARGUMENT", errors.InvalidArgument),
+        ("OUT_OF_RANGE", errors.OutOfRange),
+        ("RESOURCE_EXHAUSTED", errors.ResourceExhausted),
+        ("FAILED_PRECONDITION", errors.FailedPrecondition),
+        ("PERMISSION_DENIED", errors.PermissionDenied),
+        ("UNAUTHENTICATED", errors.PermissionDenied),
+        ("ALREADY_EXISTS", errors.AlreadyExists),
+        ("INTERNAL", errors.KVStoreClientError),
+    ],
+)
+def test_status_codes_become_typed_errors(fake_daemon, code: str, cls: type) -> None:
+    sock, _ = fake_daemon
+    with kvstore_client.connect(sock) as kv, pytest.raises(cls) as info:
+        kv.namespace(code)
+    assert info.value.code == getattr(grpc.StatusCode, code)
+    assert info.value.details == f"namespace={code!r}: told to fail"
+    assert str(info.value) == f"{code}: namespace={code!r}: told to fail"
+
+
+async def test_aio_client_maps_errors_and_holds_the_lease(fake_daemon) -> None:
+    sock, daemon = fake_daemon
+    async with kvstore_client.aio.connect(sock, client_name="aio-test") as kv:
+        assert daemon.attached.is_set()  # connect returns once the daemon holds the stream
+        assert kv.session_id == 41 and kv.alive
+        with pytest.raises(errors.ResourceExhausted, match="RESOURCE_EXHAUSTED: namespace="):
+            await kv.namespace("RESOURCE_EXHAUSTED")
+        assert (await kv.namespace("m")).page_tokens == 16
+    assert daemon.closed_sessions == [41]
+    assert await asyncio.to_thread(daemon.detached.wait, 10)
+
+
+def test_close_closes_the_session_then_drops_the_stream(fake_daemon) -> None:
+    sock, daemon = fake_daemon
+    kv = kvstore_client.connect(sock, lease_ttl_s=2.5)
+    assert daemon.attached.is_set()  # connect returns once the daemon holds the stream
+    assert kv.lease_ttl_s == 2.5 and kv.lease_expires_unix_ms == 123
+    assert kv.namespace("m") is kv.namespace("m")
+    assert kv.close() == kvstore_client.CloseResult(2, 1)
+    assert daemon.closed_sessions == [41]
+    assert daemon.detached.wait(10)
+    assert kv.close() is None
+    with pytest.raises(errors.KVStoreClientError, match="closed"):
+        kv.namespace("other")
+
+
+def test_the_lease_ends_when_the_client_process_dies(fake_daemon) -> None:
+    sock, daemon = fake_daemon
+    child = f"import kvstore_client, sys, time\nkv = kvstore_client.connect({sock!r})\nprint('up', flush=True)\ntime.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert daemon.attached.wait(10)
+        assert not daemon.detached.is_set()
+        proc.send_signal(signal.SIGKILL)
+        assert daemon.detached.wait(10), "the KeepAlive stream must break when the client dies"
+        assert daemon.closed_sessions == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_client_notices_a_lost_lease(fake_daemon) -> None:
+    sock, daemon = fake_daemon
+    with kvstore_client.connect(sock) as kv:
+        assert daemon.attached.wait(10)
+        daemon.detached.set()  # the daemon ends the stream
+        kv._keepalive_thread.join(10)
+        assert not kv.alive
+        with pytest.raises(errors.SessionLost, match="KeepAlive stream ended"):
+            kv.namespace("m")
+
+
+def test_no_daemon_is_unavailable(tmp_path) -> None:
+    with pytest.raises(errors.Unavailable, match="no kvstore daemon answered"):
+        kvstore_client.connect(tmp_path / "nobody.sock", connect_timeout_s=0.3)
