@@ -130,6 +130,9 @@ class ServerConfig:
     tcp: str = _key(
         "", "also serve on HOST:PORT (no TLS, no auth: keep it on localhost); empty = off", _host_port
     )
+    metrics: str = _key(
+        "", "serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any); empty = off", _host_port
+    )
     lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", _positive)
     lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", _positive)
     max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", _in_range(1, _U32_MAX))

@@ -34,6 +34,7 @@ from kvstore.errors import KVStoreError
 from kvstore.memory.shm_pool import remove_stale_segments
 from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.kvstore_servicer import KVStoreServicer
+from kvstore.server.metrics import MetricsServer
 from kvstore.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Daemon:
         self._socket_ino = 0  # inode of the socket we bound, so we only ever unlink our own
         self._tasks: list[asyncio.Task[None]] = []
         self._kvstore_servicer: KVStoreServicer | None = None
+        self.metrics: MetricsServer | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -155,6 +157,14 @@ class Daemon:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
         self._tasks.append(asyncio.create_task(self._reap_leases(), name="reap-leases"))
+        if s.metrics:
+            host, _, port = s.metrics.rpartition(":")
+            self.metrics = MetricsServer(self.store, host, int(port))
+            try:
+                self.metrics.start()
+            except OSError as e:
+                raise StartupError(f"server.metrics={s.metrics}: cannot serve metrics: {e}") from e
+            self._tasks.append(asyncio.create_task(self.metrics.run(), name="metrics"))
         return True
 
     def _claim_socket_path(self) -> None:
@@ -251,6 +261,10 @@ class Daemon:
             ok &= await _step(
                 "background tasks stopped", asyncio.gather(*tasks, return_exceptions=True), STEP_TIMEOUT_S
             )
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+            log.info("shutdown: metrics server stopped")
         if self.store is not None:
             store, self.store = self.store, None
             try:

@@ -114,6 +114,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
     values = {
         "socket": "/x/k.sock",
         "tcp": "127.0.0.1:0",
+        "metrics": "127.0.0.1:0",
         "lease_ttl_s": "2",
         "lease_ttl_max_s": "30",
         "max_request_tokens": "9",
