@@ -133,8 +133,8 @@ class ServerConfig:
     metrics: str = _key(
         "", "serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any); empty = off", _host_port
     )
-    lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", _positive)
-    lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", _positive)
+    lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", _in_range(0.5))
+    lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", _in_range(0.5))
     max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", _in_range(1, _U32_MAX))
     max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", _positive, size=True)
     max_sessions: int = _key(4096, "most sessions open at once", _positive)

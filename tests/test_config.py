@@ -179,7 +179,7 @@ def test_the_table_matches_the_store_types() -> None:
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"KVSTORE_LEASE_TTL_S": "-1"}, "server.lease_ttl_s=-1 (from KVSTORE_LEASE_TTL_S): must be > 0"),
+        ({"KVSTORE_LEASE_TTL_S": "-1"}, "server.lease_ttl_s=-1 (from KVSTORE_LEASE_TTL_S): must be >= 0.5"),
         (
             {"KVSTORE_LEASE_TTL_S": "soon"},
             "server.lease_ttl_s='soon' (from KVSTORE_LEASE_TTL_S): must be a number",
@@ -222,13 +222,13 @@ def test_env_errors_name_key_value_and_source(env: dict[str, str], expected: str
 
 def test_flag_errors_name_the_flag() -> None:
     (problem,) = problems(flags=flags("--lease-ttl-s", "-1"))
-    assert problem == "server.lease_ttl_s=-1 (from --lease-ttl-s): must be > 0"
+    assert problem == "server.lease_ttl_s=-1 (from --lease-ttl-s): must be >= 0.5"
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[server]\nlease_ttl_s = -1\n", "server.lease_ttl_s=-1 (from {path}): must be > 0"),
+        ("[server]\nlease_ttl_s = -1\n", "server.lease_ttl_s=-1 (from {path}): must be >= 0.5"),
         ("[server]\nlease_ttl_s = true\n", "server.lease_ttl_s=True (from {path}): must be a number"),
         ("[server]\nsokcet = 'x'\n", "server.sokcet: unknown key (from {path}); known: socket, tcp,"),
         ("[server]\ntcp = 5\n", "server.tcp=5 (from {path}): must be a string"),
@@ -299,7 +299,7 @@ def test_cli_reports_config_errors_in_one_line_and_exits_2() -> None:
     assert result.returncode == 2
     assert (
         result.stderr
-        == "kvstore serve: config error: server.lease_ttl_s=-1 (from --lease-ttl-s): must be > 0\n"
+        == "kvstore serve: config error: server.lease_ttl_s=-1 (from --lease-ttl-s): must be >= 0.5\n"
     )
 
 

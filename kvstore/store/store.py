@@ -50,6 +50,9 @@ from kvstore.store.types import (
 
 log = logging.getLogger(__name__)
 
+# A lease shorter than this would have the keep-alive stream and the reaper busy the one
+# event loop that serves every client.
+MIN_LEASE_TTL_S = 0.5
 ENDED_SESSIONS_REMEMBERED = 10_000  # so a late request gets "ended (why)" rather than "unknown"
 
 
@@ -114,8 +117,11 @@ class Store:
     # ------------------------------------------------------------ sessions
 
     def open_session(self, client_name: str, lease_ttl_s: float) -> SessionInfo:
-        if lease_ttl_s < 0:
-            raise InvalidArgument(f"lease_ttl_ms={int(lease_ttl_s * 1000)} is negative")
+        if lease_ttl_s < 0 or 0 < lease_ttl_s < MIN_LEASE_TTL_S:
+            raise InvalidArgument(
+                f"lease_ttl_ms={round(lease_ttl_s * 1000)} is {'negative' if lease_ttl_s < 0 else 'too short'}: "
+                f"it must be 0 (the daemon's default) or at least {round(MIN_LEASE_TTL_S * 1000)}"
+            )
         ttl = min(lease_ttl_s or self.limits.lease_ttl_default_s, self.limits.lease_ttl_max_s)
         if len(self.sessions) >= self.limits.max_sessions:
             raise ResourceExhausted(
@@ -207,7 +213,7 @@ class Store:
         session = self.session(sid)
         seq = session.sequences.get(seq_id)
         if seq is None:
-            if seq_id in self._owner:
+            if self._owner.get(seq_id, session) is not session:
                 raise PermissionDenied(f"sequence_id={seq_id} belongs to another session, not {sid}")
             raise NotFound(f"sequence_id={seq_id} does not exist in session {sid}")
         return session, seq
@@ -367,7 +373,9 @@ class Store:
     def lookup(
         self, sid: int, namespace: str, token_ids: Seq[int], extra_keys: bytes, pin: bool
     ) -> LookupResult:
-        session = self.session(sid) if (sid or pin) else None
+        if pin and not sid:
+            raise InvalidArgument("pin=true needs a session_id: pins are held by a session")
+        session = self.session(sid) if sid else None
         ns = self.namespace(namespace)
         tokens = validate.token_array(
             token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=self.limits
@@ -395,7 +403,7 @@ class Store:
         session = self.session(sid)
         pin = session.pins.get(pin_id)
         if pin is None:
-            if pin_id in self._owner:
+            if self._owner.get(pin_id, session) is not session:
                 raise PermissionDenied(f"pin_id={pin_id} belongs to another session, not {sid}")
             raise NotFound(f"pin_id={pin_id} does not exist in session {sid}")
         return self._release_pin(session, pin)
@@ -416,7 +424,9 @@ class Store:
     def evict_bytes(self, namespace: str, nbytes: int) -> EvictResult:
         ns = self.namespace(namespace)
         limit = ns.spec.page_bytes * len(ns.pages)
-        validate.non_negative("bytes", nbytes, limit, f"pool size of namespace {namespace!r}")
+        validate.non_negative(
+            "bytes", nbytes, limit, f"KV bytes of namespace {namespace!r} (num_pages x page_bytes)"
+        )
         return self._evict_while(ns, lambda freed: freed < nbytes)
 
     def _evict_while(self, ns: Namespace, more: Callable[[int], bool]) -> EvictResult:
