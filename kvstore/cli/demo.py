@@ -1,0 +1,319 @@
+"""`kvstore demo`: the whole system end to end on one machine, with the CPU default config.
+
+1. Start the real daemon as a child process (`python -m kvstore serve`), or use the one
+   already serving on the socket, and wait until its health check says SERVING.
+2. Process A (its own OS process) writes the KV of a long prompt straight into pages of
+   the shared pool and commits them; then it exits.
+3. Process B (another OS process) looks the prompt up, maps the pool, reads A's pages
+   zero-copy and checks every byte; then appends the prompt plus its own question and gets
+   A's pages back as CACHED: nothing to recompute, nothing copied.
+4. Print the daemon's stats (as `kvstore-admin stats` does), then keep the daemon serving
+   until Ctrl-C or SIGTERM and stop it gracefully (`--no-serve`: stop right away).
+
+Exit status: 0 when the demo verified and the daemon stopped cleanly; 1 when something
+failed; 2 for a bad config; 130 when interrupted before the demo finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kvstore_client import KVStoreClientError
+
+from kvstore import config as cfg
+from kvstore.cli import admin
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+START_TIMEOUT_S = 60.0  # the default 256 MiB pool is backed in well under a second
+STOP_TIMEOUT_S = 30.0  # beyond the daemon's own shutdown_grace_s
+WORKER_TIMEOUT_S = 300.0
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says what happened."""
+
+
+class _Stop(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+def _health(target: str, timeout: float) -> int | None:
+    """The daemon's overall health status, or None when nothing answers."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return reply.status
+
+
+class DaemonChild:
+    """`python -m kvstore serve` as a child process, in its own process group so that a
+    Ctrl-C in the terminal reaches only the demo, which then stops the daemon in order."""
+
+    def __init__(self, socket_path: str, config_file: str | None, log_level: str) -> None:
+        self.target = f"unix:{socket_path}"
+        self.argv = [sys.executable, "-m", "kvstore", "serve", "--socket", socket_path]
+        self.argv += ["--log-level", log_level] + (["--config", config_file] if config_file else [])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start it and wait for SERVING; returns the seconds that took."""
+        t0 = time.monotonic()
+        # stdout/stderr stay the terminal's: the daemon's warnings and errors are the operator's.
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, process_group=0)
+        say(f"daemon: started `{' '.join(['python', *self.argv[1:]])}` (pid {self.proc.pid})")
+        self._wait_serving(t0 + START_TIMEOUT_S)
+        return time.monotonic() - t0
+
+    def _wait_serving(self, deadline: float) -> None:
+        assert self.proc is not None
+        # Reconnect quickly: the socket appears only once the pools are backed.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 100),
+        ]
+        with grpc.insecure_channel(self.target, options=options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.proc.poll() is not None:
+                    raise DemoError(
+                        f"the daemon exited with status {self.proc.returncode} before it was ready "
+                        "(its error is above)"
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DemoError(f"the daemon was not SERVING after {START_TIMEOUT_S:g}s")
+                # Watch streams each status change; its short deadline only bounds how long a
+                # daemon that died goes unnoticed.
+                watch = stub.Watch(
+                    health_pb2.HealthCheckRequest(), timeout=min(left, 0.5), wait_for_ready=True
+                )
+                try:
+                    if any(reply.status == SERVING for reply in watch):
+                        return
+                except grpc.RpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise DemoError(
+                            f"health check of {self.target}: {e.code().name}: {e.details()}"
+                        ) from e
+                finally:
+                    watch.cancel()
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        return self.proc.wait()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for the daemon's ordered shutdown; SIGKILL if it hangs. Its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            say(f"daemon: stopping (SIGTERM to pid {self.proc.pid})")
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                say(f"daemon: still running after {STOP_TIMEOUT_S:g}s; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+# ---------------------------------------------------------------- processes A and B
+
+
+def run_worker(role: str, target: str, namespace: str, tokens: int, seed: int, *extra: str) -> dict[str, Any]:
+    """Run one side of the demo as its own process; its JSON report."""
+    argv = [sys.executable, "-m", "kvstore.cli.demo_worker", role, "--target", target]
+    argv += ["--namespace", namespace, "--tokens", str(tokens), "--seed", str(seed), *extra]
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, timeout=WORKER_TIMEOUT_S
+    )
+    if proc.returncode != 0:
+        raise DemoError(f"process {'A' if role == 'write' else 'B'} exited with status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def run_demo(target: str, namespace: str, tokens: int, question: int, seed: int) -> bool:
+    """A writes, B reads and shares; narrate both. True when B verified A's bytes."""
+    a = run_worker("write", target, namespace, tokens, seed)
+    A = f"A (pid {a['pid']})"
+    say(f"{A}: lookup of its {_n(a['tokens'])}-token prompt: {_n(a['hit_before'])} tokens cached")
+    say(
+        f"{A}: wrote the KV of {_n(a['written_tokens'])} tokens in place into {_n(a['writable_pages'])} "
+        f"pages ({admin.human_bytes(a['written_bytes'])}) of the shared pool, "
+        f"committed: {_n(a['sealed_pages'])} pages sealed"
+    )
+    say(f"{A}: exited; its pages stay cached in the daemon")
+
+    extra = (
+        "--question-tokens",
+        str(question),
+        "--writer-pid",
+        str(a["pid"]),
+        "--writer-digest",
+        a["digest"],
+    )
+    b = run_worker("read", target, namespace, tokens, seed, *extra)
+    B = f"B (pid {b['pid']})"
+    ok = b["zero_copy"] and b["digest_matches_writer"] and b["matches_recomputed"] and b["hit_tokens"] > 0
+    verdict = "read zero-copy, bytes match" if ok else "BYTES DO NOT MATCH"
+    say(
+        f"{B}: hit {_n(b['hit_tokens'])} of {_n(b['tokens'])} tokens ({_n(b['hit_pages'])} pages) "
+        f"written by pid {a['pid']}, {verdict}"
+    )
+    if not ok:
+        say(
+            f"{B}: views into the pool: {b['zero_copy']}; digest equals A's: {b['digest_matches_writer']}; "
+            f"equals the recomputed KV: {b['matches_recomputed']}"
+        )
+    shared = "A's slots" if b["cached_slots_are_writers"] else "slots differ from A's!"
+    say(
+        f"{B}: appended its {_n(b['tokens'])} tokens: {_n(b['cached_pages'])} pages CACHED ({shared}, "
+        f"nothing to compute or write), {_n(b['writable_pages'])} WRITABLE; wrote the KV of its "
+        f"{_n(b['written_tokens'])} new tokens, committed: {_n(b['sealed_pages'])} pages sealed"
+    )
+    return ok and b["cached_slots_are_writers"] and a["pid"] != b["pid"]
+
+
+def describe_namespace(kv: Any, wanted: str | None) -> str:
+    """Pick the namespace (the one asked for, else `default`, else the first) and describe it."""
+    infos = {i.name: i for i in kv.list_namespaces()}
+    if not infos:
+        raise DemoError("the daemon has no namespace")
+    name = wanted or ("default" if "default" in infos else next(iter(infos)))
+    if name not in infos:
+        raise DemoError(f"namespace {name!r} does not exist; known: {', '.join(infos)}")
+    d = admin.namespace_dict(infos[name])
+    where = d["shm_segment"] or d["device"]
+    say(
+        f"namespace {name}: {d['num_layers']} layers x {d['num_kv_heads']} KV heads x {d['head_dim']} dims, "
+        f"{d['dtype']}, {d['page_tokens']} tokens a page ({admin.human_bytes(d['page_bytes'])}), "
+        f"{_n(d['num_pages'])} pages ({admin.human_bytes(d['pool_bytes'])}) in {where}"
+    )
+    return name
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore demo",
+        description="Start the daemon, share a prompt's KV between two processes zero-copy, show the "
+        "stats, then serve until Ctrl-C.",
+    )
+    parser.add_argument("--socket", help="daemon socket (default: as `kvstore serve` would choose)")
+    parser.add_argument("--config", metavar="FILE", help="TOML config for the daemon (see docs/config.md)")
+    parser.add_argument("--no-serve", action="store_true", help="stop the daemon after the demo (tests, CI)")
+    parser.add_argument("--namespace", help="namespace to use (default: `default`, else the first)")
+    parser.add_argument("--tokens", type=int, default=2000, help="prompt length A writes (default 2000)")
+    parser.add_argument("--question-tokens", type=int, default=37, help="tokens B adds (default 37)")
+    parser.add_argument("--seed", type=int, help="prompt seed (default 0 on a fresh daemon, else the pid)")
+    parser.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="daemon logs"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tokens < 1 or args.question_tokens < 1:
+        print("kvstore demo: --tokens and --question-tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        # The socket exactly as the daemon will resolve it (flag > env > file > default).
+        config = cfg.load(config_file=args.config, flags={"socket": args.socket})
+    except cfg.ConfigError as e:
+        for problem in e.problems:
+            print(f"kvstore demo: config error: {problem}", file=sys.stderr)
+        return 2
+    target = f"unix:{config.server.socket}"
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    # Explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    daemon: DaemonChild | None = None
+    rc = 1
+    try:
+        say("kvstore demo: two processes share one KV cache through the daemon, zero-copy")
+        if _health(target, timeout=5.0) == SERVING:
+            say(f"daemon: one is already serving on {target}; using it")
+        else:
+            daemon = DaemonChild(config.server.socket, args.config, args.log_level)
+            say(f"daemon: SERVING on {target} after {daemon.start():.2f}s")
+        seed = args.seed if args.seed is not None else (0 if daemon else os.getpid())
+        with admin.connect(target, timeout_s=30.0) as kv:
+            namespace = describe_namespace(kv, args.namespace)
+            say()
+            ok = run_demo(target, namespace, args.tokens, args.question_tokens, seed)
+            say()
+            say(admin.render_stats(kv.stats(), target))
+            say()
+        if not ok:
+            raise DemoError("B could not verify A's pages (see above)")
+        rc = 0 if daemon is None or args.no_serve else serve(daemon, target)
+    except (KeyboardInterrupt, _Stop):
+        say("kvstore demo: interrupted")
+        rc = 130
+    except BrokenPipeError:  # `kvstore demo | head`: stop quietly, the daemon too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 1
+    except (DemoError, KVStoreClientError, subprocess.TimeoutExpired) as e:
+        print(f"kvstore demo: error: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        # A second Ctrl-C must not cut the daemon's ordered shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            status = daemon.stop() if daemon is not None else None
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous)
+        if status is not None:
+            say(f"daemon: stopped (exit status {status})")
+            if status != 0 and rc == 0:
+                rc = 1
+    if daemon is None and rc == 0 and not args.no_serve:
+        say(f"the daemon on {target} was not started by this demo and keeps serving")
+    return rc
+
+
+def serve(daemon: DaemonChild, target: str) -> int:
+    """Keep serving until Ctrl-C / SIGTERM (exit 0 after a clean stop) or the daemon dies."""
+    try:
+        say(f"daemon serving on {target} — press Ctrl-C to stop")
+        status = daemon.wait()
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    print(f"kvstore demo: error: the daemon exited on its own with status {status}", file=sys.stderr)
+    return 1

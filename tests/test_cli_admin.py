@@ -1,0 +1,236 @@
+"""`kvstore-admin` run as an operator would: a separate process against a real daemon
+(tests/daemon.py). Numbers are checked before and after a real client commits pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import kvstore_client
+import pytest
+from daemon import SMALL_NAMESPACE, DaemonProcess
+
+import kvstore
+
+STATS_KEYS = {
+    "pages_total",
+    "pages_free",
+    "pages_reserved",
+    "pages_sealed",
+    "pages_pinned",
+    "hit_tokens",
+    "miss_tokens",
+    "evictions",
+    "lookups",
+    "deduplicated_pages",
+    "sequences",
+    "page_bytes",
+    "policy",
+    "hit_rate",
+}
+PAGE_TOKENS = SMALL_NAMESPACE["page_tokens"]
+
+
+def _admin_argv() -> list[str]:
+    script = Path(sys.executable).with_name("kvstore-admin")  # the installed entry point
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kvstore.cli.admin"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")} | extra
+
+
+def admin(*args: str, target: str | None = None, env: dict[str, str] | None = None):
+    argv = [*_admin_argv(), *(["--target", target] if target else []), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env or _env())
+
+
+def stats_json(daemon: DaemonProcess) -> dict:
+    r = admin("stats", "--json", target=daemon.target)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # the whole output is exactly one JSON document
+
+
+def commit_pages(kv: kvstore_client.Client, pages: int, first_token: int = 0) -> list[int]:
+    """A client's real work: append, write the KV in place, commit. The token ids."""
+    tokens = list(range(first_token, first_token + pages * PAGE_TOKENS))
+    with kv.allocate("test") as seq:
+        res = seq.append(tokens)
+        for view in seq.views(res.writable_pages):
+            view.fill_(1.0)
+        assert seq.commit().sealed_pages == pages
+    return tokens
+
+
+def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonProcess) -> None:
+    before = stats_json(daemon)
+    assert set(before) == {"version", "uptime_s", "sessions", "namespaces"}
+    assert set(before["namespaces"]) == {"test"}
+    ns = before["namespaces"]["test"]
+    assert set(ns) == STATS_KEYS
+    assert ns["pages_total"] == ns["pages_free"] == SMALL_NAMESPACE["num_pages"]
+    assert ns["pages_sealed"] == ns["lookups"] == 0
+    assert ns["hit_rate"] is None  # nothing looked up yet: no rate, not a made-up 0
+    assert before["sessions"] == 0  # the admin tool itself opens no session
+    assert before["version"] == kvstore.__version__ and before["uptime_s"] > 0
+
+    with kvstore_client.connect(daemon.target, client_name="stats-test") as kv:
+        tokens = commit_pages(kv, 3)
+        assert kv.lookup("test", [*tokens, 7, 7]).hit_tokens == len(tokens)
+        during = stats_json(daemon)
+    assert during["sessions"] == 1
+
+    after = stats_json(daemon)["namespaces"]["test"]
+    assert after["pages_sealed"] == 3
+    assert after["pages_free"] == ns["pages_free"] - 3
+    assert after["lookups"] == 1
+    assert (after["hit_tokens"], after["miss_tokens"]) == (len(tokens), 2)
+    assert after["hit_rate"] == pytest.approx(len(tokens) / (len(tokens) + 2))
+    assert after["page_bytes"] == 1024 and after["policy"] == "lru"
+
+
+def test_stats_table_shows_each_namespace(daemon: DaemonProcess) -> None:
+    with kvstore_client.connect(daemon.target) as kv:
+        commit_pages(kv, 2)
+    r = admin("stats", target=daemon.target)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "namespace test" in out
+    assert "up " in out and "0 sessions" in out
+    assert "1 KiB" in out  # page size in human units
+    assert "64 total: 62 free, 0 reserved, 2 sealed (0 pinned)" in out
+    assert re.search(r"^  used +3\.1%", out, re.M)
+    assert re.search(r"^  hit rate +- ", out, re.M)  # no lookups yet
+
+
+def test_stats_of_one_namespace_and_an_unknown_one(daemon: DaemonProcess) -> None:
+    r = admin("stats", "--namespace", "test", "--json", target=daemon.target)
+    assert r.returncode == 0 and set(json.loads(r.stdout)["namespaces"]) == {"test"}
+
+    r = admin("stats", "--namespace", "nope", target=daemon.target)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("error: NOT_FOUND: ") and "nope" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_namespaces_lists_geometry_and_the_segment(daemon: DaemonProcess) -> None:
+    r = admin("namespaces", target=daemon.target)
+    assert r.returncode == 0, r.stderr
+    (segment,) = daemon.shm_segments()
+    header, row = r.stdout.splitlines()[:2]
+    assert header.split()[:2] == ["NAMESPACE", "LAYERSxHEADSxDIM"]
+    assert row.split()[:4] == ["test", "2x2x16", "float16", "4"]
+    assert f"/dev/shm/{segment}" in row and "lru" in row
+
+    info = json.loads(admin("namespaces", "--json", target=daemon.target).stdout)["namespaces"]["test"]
+    assert info["num_pages"] == 64 and info["page_bytes"] == 1024 and info["pool_bytes"] == 64 * 4096
+    assert info["shm_segment"] == f"/dev/shm/{segment}"
+    assert info["page_shape"] == [2, 2, 4, 2, 16] and info["layout"] == "layer,kv,token,head,dim"
+
+
+def test_sessions_lists_connected_clients(daemon: DaemonProcess) -> None:
+    assert admin("sessions", target=daemon.target).stdout.strip() == "no sessions"
+    with kvstore_client.connect(daemon.target, client_name="worker-7") as kv, kv.allocate("test"):
+        r = admin("sessions", target=daemon.target)
+        assert r.returncode == 0, r.stderr
+        assert "worker-7" in r.stdout and str(kv.session_id) in r.stdout
+        (s,) = json.loads(admin("sessions", "--json", target=daemon.target).stdout)["sessions"]
+        assert s["session_id"] == kv.session_id and s["client_name"] == "worker-7"
+        assert s["sequences"] == 1 and s["stream_attached"] is True
+    assert json.loads(admin("sessions", "--json", target=daemon.target).stdout) == {"sessions": []}
+
+
+def test_evict_all_empties_the_cache(daemon: DaemonProcess) -> None:
+    with kvstore_client.connect(daemon.target) as kv:
+        commit_pages(kv, 5)
+    assert stats_json(daemon)["namespaces"]["test"]["pages_sealed"] == 5
+
+    r = admin("evict", "--namespace", "test", "--all", target=daemon.target)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("evicted 5 pages (5 KiB) from namespace test")
+
+    ns = stats_json(daemon)["namespaces"]["test"]
+    assert (ns["pages_sealed"], ns["pages_free"], ns["evictions"]) == (0, 64, 5)
+
+
+def test_evict_by_bytes_and_by_prefix(daemon: DaemonProcess) -> None:
+    with kvstore_client.connect(daemon.target) as kv:
+        first = commit_pages(kv, 4)
+        commit_pages(kv, 4, first_token=1000)
+
+        r = admin("evict", "--namespace", "test", "--bytes", "2KiB", "--json", target=daemon.target)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["bytes_freed"] >= 2048
+
+        # The prefix's second page and every page after it; the first page stays.
+        prefix = ",".join(map(str, first[: 2 * PAGE_TOKENS]))
+        before = stats_json(daemon)["namespaces"]["test"]["pages_sealed"]
+        r = admin("evict", "--namespace", "test", "--prefix-tokens", prefix, target=daemon.target)
+        assert r.returncode == 0, r.stderr
+        evicted = before - stats_json(daemon)["namespaces"]["test"]["pages_sealed"]
+        assert r.stdout.startswith(f"evicted {evicted} pages")
+        assert kv.lookup("test", first).hit_tokens <= PAGE_TOKENS
+
+
+def test_evict_usage_errors_exit_2(daemon: DaemonProcess) -> None:
+    for args in (["--all", "--bytes", "1"], ["--bytes", "lots"], ["--prefix-tokens", "1,x"]):
+        r = admin("evict", "--namespace", "test", *args, target=daemon.target)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_evict_in_an_unknown_namespace_is_not_found(daemon: DaemonProcess) -> None:
+    r = admin("evict", "--namespace", "nope", "--all", target=daemon.target)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: NOT_FOUND: namespace 'nope' does not exist")
+
+
+def test_health_serving_exits_0_and_honours_kvstore_socket(daemon: DaemonProcess) -> None:
+    r = admin("health", target=daemon.target)
+    assert (r.returncode, r.stdout) == (0, "SERVING\n")
+    # No --target: the default comes from $KVSTORE_SOCKET, as for every client.
+    r = admin("health", env=_env(KVSTORE_SOCKET=str(daemon.socket_path)))
+    assert (r.returncode, r.stdout) == (0, "SERVING\n")
+
+
+def test_no_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    target = f"unix:{tmp_path}/none.sock"
+    for command in (["health"], ["evict", "--namespace", "x", "--all"]):
+        r = admin(*command, target=target)
+        assert r.returncode == 1, command
+        assert r.stdout == ""
+        assert r.stderr.startswith(f"error: no kvstore daemon answered at {target}"), r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_health_of_a_stopped_daemon_exits_1(daemon: DaemonProcess) -> None:
+    assert daemon.terminate() == 0
+    r = admin("health", target=daemon.target)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"error: no kvstore daemon answered at {daemon.target}")
+
+
+def test_stats_watch_prints_until_interrupted(daemon: DaemonProcess) -> None:
+    argv = [*_admin_argv(), "--target", daemon.target, "stats", "--json", "--watch", "0.1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=_env())
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        # Two refreshes, each one JSON object on its own line.
+        snapshots = [json.loads(lines.get(timeout=30)) for _ in range(2)]
+        assert all(s["namespaces"]["test"]["pages_total"] == 64 for s in snapshots)
+        assert snapshots[1]["uptime_s"] > snapshots[0]["uptime_s"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

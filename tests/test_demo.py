@@ -1,0 +1,202 @@
+"""`kvstore demo` end to end: it starts the real daemon itself (default config), runs its two
+processes, and leaves nothing behind: no socket, no lock file, no /dev/shm segment. Each run
+gets its own socket directory and shm prefix (KVSTORE_SHM_PREFIX), so the leftover checks
+see only this run's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import kvstore_client
+import pytest
+from daemon import SERVING, DaemonProcess
+
+SHM_DIR = Path("/dev/shm")
+READ_LINE = re.compile(
+    r"^B \(pid (\d+)\): hit ([\d,]+) of ([\d,]+) tokens \((\d+) pages\) written by pid (\d+), "
+    r"read zero-copy, bytes match$",
+    re.M,
+)
+
+
+def _kvstore_argv() -> list[str]:
+    script = Path(sys.executable).with_name("kvstore")  # the installed entry point
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kvstore"]
+
+
+@dataclass
+class Run:
+    dir: Path
+    shm_prefix: str
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "s.sock"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+        return env | {"KVSTORE_SHM_PREFIX": self.shm_prefix}
+
+    def argv(self, *args: str) -> list[str]:
+        return [*_kvstore_argv(), "demo", "--socket", str(self.socket), *args]
+
+    def segments(self) -> list[str]:
+        return sorted(p.name for p in SHM_DIR.glob(f"{self.shm_prefix}*"))
+
+    def assert_nothing_left(self) -> None:
+        assert sorted(p.name for p in self.dir.iterdir()) == []  # socket and its lock file
+        assert self.segments() == []
+
+
+@pytest.fixture
+def run() -> Iterator[Run]:
+    # A short directory: a unix socket path must fit in 107 bytes.
+    r = Run(Path(tempfile.mkdtemp(prefix="kvdemo-", dir="/tmp")), f"kvdemotest-{uuid.uuid4().hex[:12]}-")
+    yield r
+    for name in r.segments():  # only after a failure: our prefix is ours alone
+        (SHM_DIR / name).unlink(missing_ok=True)
+    shutil.rmtree(r.dir, ignore_errors=True)
+
+
+def _pids(out: str) -> tuple[int, int, int]:
+    """(daemon pid, A's pid, B's pid) as the demo reports them."""
+    daemon = re.search(r"^daemon: started `.*` \(pid (\d+)\)$", out, re.M)
+    a = re.search(r"^A \(pid (\d+)\): wrote the KV of 2,000 tokens", out, re.M)
+    b = READ_LINE.search(out)
+    assert daemon and a and b, out
+    assert b.group(5) == a.group(1), "B names A as the writer"
+    return int(daemon.group(1)), int(a.group(1)), int(b.group(1))
+
+
+@pytest.mark.slow
+def test_demo_no_serve_shares_kv_between_two_processes_and_cleans_up(run: Run) -> None:
+    proc = subprocess.run(run.argv("--no-serve"), capture_output=True, text=True, timeout=300, env=run.env())
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+
+    daemon_pid, a_pid, b_pid = _pids(out)
+    assert len({daemon_pid, a_pid, b_pid}) == 3, "daemon, A and B are three processes"
+    hit = READ_LINE.search(out)
+    assert hit is not None
+    assert hit.group(2, 3, 4) == ("2,000", "2,037", "125")  # every full page of A's prompt
+    assert re.search(r"125 pages CACHED \(A's slots", out), out
+    assert f"/dev/shm/{run.shm_prefix}" in out  # the daemon used our prefix
+    # The admin stats table, with what A and B did in it.
+    assert "namespace default" in out
+    assert re.search(r"pages +2,048 total: 1,921 free, 0 reserved, 127 sealed", out), out
+    assert "daemon: stopped (exit status 0)" in out
+    assert "Traceback" not in proc.stderr
+    run.assert_nothing_left()
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_serving_demo_cleanly(run: Run) -> None:
+    proc = subprocess.Popen(run.argv(), stdout=subprocess.PIPE, text=True, env=run.env())
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (seen and "press Ctrl-C to stop" in seen[-1]):
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            assert line is not None, "the demo exited before serving:\n" + "".join(seen)
+            seen.append(line)
+        assert seen[-1] == f"daemon serving on unix:{run.socket} — press Ctrl-C to stop\n"
+        assert run.socket.exists() and run.segments()
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # the demo stops its daemon on SIGTERM too
+            proc.wait(timeout=60)
+    while (line := lines.get(timeout=10)) is not None:
+        seen.append(line)
+    out = "".join(seen)
+    _pids(out)
+    assert out.endswith("daemon: stopped (exit status 0)\n"), out
+    run.assert_nothing_left()
+
+
+@pytest.mark.slow
+def test_demo_uses_a_daemon_that_is_already_serving(daemon: DaemonProcess) -> None:
+    # The test daemon's namespace is small (64 pages of 4 tokens): a shorter prompt fits.
+    argv = [*_kvstore_argv(), "demo", "--no-serve", "--socket", str(daemon.socket_path)]
+    argv += ["--tokens", "100", "--question-tokens", "10"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert f"daemon: one is already serving on {daemon.target}; using it" in proc.stdout
+    assert "daemon: started" not in proc.stdout and "daemon: stop" not in proc.stdout
+    hit = READ_LINE.search(proc.stdout)
+    assert hit is not None, proc.stdout
+    assert hit.group(2, 3, 4) == ("100", "110", "25")
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert daemon.health() == SERVING
+
+
+def test_demo_with_a_bad_config_exits_2(run: Run) -> None:
+    config = run.dir / "bad.toml"
+    config.write_text("[server]\nlease_ttl_s = -1\n")
+    proc = subprocess.run(
+        run.argv("--no-serve", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=run.env(),
+    )
+    assert proc.returncode == 2
+    assert "config error: server.lease_ttl_s=-1" in proc.stderr and "Traceback" not in proc.stderr
+    config.unlink()
+    run.assert_nothing_left()
+
+
+def _worker(daemon: DaemonProcess, role: str, *args: str) -> dict:
+    argv = [sys.executable, "-m", "kvstore.cli.demo_worker", role, "--target", daemon.target]
+    argv += ["--namespace", "test", "--tokens", "40", "--seed", "5", *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_reader_detects_bytes_that_differ_from_what_the_writer_wrote(daemon: DaemonProcess) -> None:
+    a = _worker(daemon, "write")
+    assert (a["writable_pages"], a["sealed_pages"]) == (10, 10)
+    reader = ("--question-tokens", "3", "--writer-pid", str(a["pid"]), "--writer-digest", a["digest"])
+    b = _worker(daemon, "read", *reader)
+    assert b["pid"] != a["pid"]
+    assert (b["hit_tokens"], b["zero_copy"], b["digest_matches_writer"], b["matches_recomputed"]) == (
+        40,
+        True,
+        True,
+        True,
+    )
+    assert b["cached_slots_are_writers"] and b["slots"] == a["slots"]
+
+    # Corrupt one element of A's last page behind the daemon's back: B must notice.
+    with kvstore_client.connect(daemon.target) as kv:
+        kv.namespace("test").page(a["slots"][-1])[1, 1, 3, 1, 15] += 1
+    b = _worker(daemon, "read", *reader)
+    assert b["hit_tokens"] == 40
+    assert (b["digest_matches_writer"], b["matches_recomputed"]) == (False, False)
