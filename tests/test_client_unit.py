@@ -249,6 +249,33 @@ def test_tokens_accept_lists_numpy_and_torch() -> None:
             _wire.set_tokens(pb.AppendRequest().token_ids, bad)
 
 
+def test_torch_is_imported_only_when_needed() -> None:
+    # Importing torch takes over a second; `kvstore-admin` and anything that maps no pool skip it.
+    client = """
+        import kvstore_client, kvstore_client.aio, sys
+        import numpy as np
+        from kvstore_client import PoolMapping, torch_dtype, wire_dtype
+        spec = kvstore_client.namespace_spec(
+            "ns", num_layers=2, num_kv_heads=2, head_dim=8, dtype="bf16", page_tokens=4, num_pages=5
+        )
+        assert spec.geometry.dtype == wire_dtype("bfloat16") == wire_dtype("BFLOAT16")
+        req = kvstore_client._wire.pb.AppendRequest()
+        kvstore_client._wire.set_tokens(req.token_ids, np.arange(3))
+        kvstore_client._wire.set_tokens(req.token_ids, [3, 4])
+        assert list(req.token_ids) == [0, 1, 2, 3, 4]
+        assert "torch" not in sys.modules, "kvstore_client imported torch"
+        assert str(torch_dtype(spec.geometry.dtype)) == "torch.bfloat16"  # now it may
+    """
+    admin = """
+        import sys
+        import kvstore.cli.admin
+        assert "torch" not in sys.modules, "kvstore.cli.admin imported torch"
+    """
+    for code in (client, admin):
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+
 def test_evict_needs_exactly_one_target() -> None:
     assert _wire.evict("ns", all=True).request.all
     assert list(_wire.evict("ns", prefix=[1, 2], extra_keys=b"lora").request.prefix.token_ids) == [1, 2]

@@ -10,7 +10,7 @@ from .aio import AsyncClient, AsyncLookup, AsyncSequence
 from .client import Client, Lookup, Sequence, connect
 from .errors import KVStoreClientError
 from .namespace import Namespace
-from .pool import PoolMapping, torch_dtype, wire_dtype
+from .pool import PoolMapping, dtype_name, torch_dtype, wire_dtype
 from .results import AppendResult, CloseResult, CommitResult, EvictResult, Page, PageState, ReleaseResult
 from .target import default_socket_path, default_target
 
@@ -35,6 +35,7 @@ __all__ = [
     "connect",
     "default_socket_path",
     "default_target",
+    "dtype_name",
     "errors",
     "namespace_spec",
     "torch_dtype",

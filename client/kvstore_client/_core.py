@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2_grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -20,6 +19,9 @@ from .errors import KVStoreClientError, SessionLost, Unavailable, from_rpc_error
 from .namespace import Namespace
 from .pool import SHM_DIR
 from .results import AppendResult, CommitResult, Page, PageState, ReleaseResult, pages_from_proto
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("kvstore_client")
 

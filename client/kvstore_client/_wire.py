@@ -7,12 +7,12 @@ request, and how to turn the reply into what the user gets. `Client._run` and
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import numpy as np
-import torch
 from grpc_health.v1 import health_pb2
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
@@ -22,7 +22,12 @@ from .results import CloseResult, EvictResult, ReleaseResult
 
 T = TypeVar("T")
 Service = Literal["kv", "admin", "health"]
-Tokens = Iterable[int] | np.ndarray | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+    Tokens = Iterable[int] | np.ndarray | torch.Tensor
+else:  # torch is imported only when needed; the alias is for annotations, which stay unevaluated
+    Tokens = Iterable[int] | np.ndarray | Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +44,8 @@ def _same(reply: Any) -> Any:
 
 def set_tokens(field: Any, tokens: Tokens, what: str = "token_ids") -> None:
     """Fill a `repeated int32` field from a list, a 1-D integer numpy array or torch tensor."""
-    if isinstance(tokens, torch.Tensor):
+    torch = sys.modules.get("torch")  # torch never imported: `tokens` cannot be a tensor
+    if torch is not None and isinstance(tokens, torch.Tensor):
         if (
             tokens.dim() != 1
             or tokens.is_floating_point()

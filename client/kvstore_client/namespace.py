@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
 from .errors import PoolError
 from .pool import SHM_DIR, PoolMapping, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Namespace:

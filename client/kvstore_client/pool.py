@@ -9,58 +9,93 @@ segment with the resource tracker, which unlinks it when this process exits
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import mmap
 import os
+import sys
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
 from .errors import InvalidArgument, PoolError, UnsupportedDevice
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 
-# Wire DType -> torch dtype, and back.
-TORCH_DTYPES: dict[int, torch.dtype] = {
-    kvstore_pb2.FLOAT16: torch.float16,
-    kvstore_pb2.BFLOAT16: torch.bfloat16,
-    kvstore_pb2.FLOAT32: torch.float32,
-    kvstore_pb2.INT8: torch.int8,
-    kvstore_pb2.UINT8: torch.uint8,
-    kvstore_pb2.FLOAT8_E4M3: torch.float8_e4m3fn,
+# Wire DType -> name of the torch dtype. torch itself is imported only when a torch dtype
+# or a view is needed (importing it takes over a second; `kvstore-admin` never needs it).
+_TORCH_NAMES: dict[int, str] = {
+    kvstore_pb2.FLOAT16: "float16",
+    kvstore_pb2.BFLOAT16: "bfloat16",
+    kvstore_pb2.FLOAT32: "float32",
+    kvstore_pb2.INT8: "int8",
+    kvstore_pb2.UINT8: "uint8",
+    kvstore_pb2.FLOAT8_E4M3: "float8_e4m3fn",
 }
-_WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
-_WIRE_NAMES: dict[str, int] = {kvstore_pb2.DType.Name(k): k for k in TORCH_DTYPES}
+_WIRE_NAMES: dict[str, int] = {kvstore_pb2.DType.Name(k): k for k in _TORCH_NAMES}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _DTYPE_ALIASES.update({"float": "float32", "fp8": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn"})
+# Lower-case names that resolve without torch (`getattr(torch, name)` gives the same dtype).
+_NAME_TO_WIRE: dict[str, int] = {v: k for k, v in _TORCH_NAMES.items()}
+
+
+@functools.cache
+def _torch_tables() -> tuple[dict[int, torch.dtype], dict[torch.dtype, int]]:
+    """Wire DType -> torch dtype, and back (imports torch on first use)."""
+    import torch
+
+    to_torch = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
+    return to_torch, {v: k for k, v in to_torch.items()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TORCH_DTYPES":  # the old module constant, built on first access
+        return _torch_tables()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dtype: int) -> str:
+    """The torch name of a wire `DType` value ("bfloat16"), without importing torch."""
+    try:
+        return _TORCH_NAMES[dtype]
+    except KeyError:
+        raise PoolError(f"dtype={dtype} is not a DType this client knows ({sorted(_TORCH_NAMES)})") from None
 
 
 def torch_dtype(dtype: int) -> torch.dtype:
     """The torch dtype of a wire `DType` value."""
     try:
-        return TORCH_DTYPES[dtype]
+        return _torch_tables()[0][dtype]
     except KeyError:
-        raise PoolError(f"dtype={dtype} is not a DType this client knows ({sorted(TORCH_DTYPES)})") from None
+        raise PoolError(f"dtype={dtype} is not a DType this client knows ({sorted(_TORCH_NAMES)})") from None
 
 
 def wire_dtype(dtype: torch.dtype | str | int) -> int:
     """A wire `DType` from a torch dtype, a name ("float16", "bf16", "FLOAT8_E4M3") or the enum value."""
     if isinstance(dtype, int):
-        if dtype not in TORCH_DTYPES:
-            raise InvalidArgument(f"dtype={dtype} is not a DType value ({sorted(TORCH_DTYPES)})")
+        if dtype not in _TORCH_NAMES:
+            raise InvalidArgument(f"dtype={dtype} is not a DType value ({sorted(_TORCH_NAMES)})")
         return dtype
     if isinstance(dtype, str):
         if dtype in _WIRE_NAMES:
             return _WIRE_NAMES[dtype]
         name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+        if name in _NAME_TO_WIRE:  # no need for torch
+            return _NAME_TO_WIRE[name]
+        import torch  # an unknown name: the message shows what torch makes of it, as before
+
         dtype = getattr(torch, name, None)
-    if isinstance(dtype, torch.dtype) and dtype in _WIRE_DTYPES:
-        return _WIRE_DTYPES[dtype]
-    names = [str(d).removeprefix("torch.") for d in _WIRE_DTYPES]
+    loaded = sys.modules.get("torch")  # torch never imported: `dtype` cannot be a torch dtype
+    if loaded is not None and isinstance(dtype, loaded.dtype) and dtype in _torch_tables()[1]:
+        return _torch_tables()[1][dtype]
+    names = list(_TORCH_NAMES.values())
     raise InvalidArgument(f"dtype={dtype!r} is not supported; use one of {names}")
 
 
@@ -86,6 +121,8 @@ class PoolMapping:
         # the object but releases its buffer export, so over a bare mmap close() would
         # succeed and unmap pages under live tensors (a segfault on the next access). The
         # memoryview holds the export for as long as any view of the pool lives.
+        import torch
+
         self._bytes: torch.Tensor | None = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
 
     @classmethod

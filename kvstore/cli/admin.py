@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from kvstore_client import Client, default_target, torch_dtype
+from kvstore_client import Client, default_target, dtype_name
 from kvstore_client.errors import KVStoreClientError
 from kvstore_client.target import resolve_target
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -103,7 +103,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _dtype_name(dtype: int) -> str:
     try:
-        return str(torch_dtype(dtype)).removeprefix("torch.")
+        return dtype_name(dtype)
     except KVStoreClientError:
         return pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
 
