@@ -157,7 +157,7 @@ class Store:
     def detach_stream(self, sid: int) -> None:
         """A keep-alive stream ended. The last one ending means the client is gone."""
         session = self.sessions.get(sid)
-        if session is None:
+        if session is None or session.streams == 0:
             return
         session.streams -= 1
         if session.streams == 0:
@@ -470,7 +470,9 @@ class Store:
 
     def close(self) -> None:
         """End every session and unlink every pool segment. Idempotent."""
-        for sid in list(self.sessions):
-            self.close_session(sid, "daemon shut down")
-        for ns in self.namespaces.values():
-            ns.pool.close()
+        try:
+            for sid in list(self.sessions):
+                self.close_session(sid, "daemon shut down")
+        finally:
+            for ns in self.namespaces.values():  # whatever went wrong above, leave no segment behind
+                ns.pool.close()

@@ -23,7 +23,10 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
         raise InvalidArgument(
             f"{field} has {n} ids; the limit is max_request_tokens={limits.max_request_tokens}"
         )
-    arr = np.asarray(token_ids, dtype=np.int64)
+    try:
+        arr = np.asarray(token_ids, dtype=np.int64)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise InvalidArgument(f"{field} must be a list of integers in [0, {MAX_TOKEN_ID}]: {e}") from None
     if n:
         bad = np.flatnonzero((arr < 0) | (arr >= (vocab_size or MAX_TOKEN_ID + 1)))
         if bad.size:
