@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kvstore_client import wait_until_serving
+from kvstore_client.errors import Unavailable
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 SHM_DIR = Path("/dev/shm")
@@ -124,37 +125,16 @@ class DaemonProcess:
         (It asks whoever serves the socket: with another live daemon on the same path, use
         start(wait=False) and wait() instead.)"""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        # Retry the connection often: the socket appears only once the pools exist.
-        options = [
-            ("grpc.initial_reconnect_backoff_ms", 20),
-            ("grpc.min_reconnect_backoff_ms", 20),
-            ("grpc.max_reconnect_backoff_ms", 100),
-        ]
-        with grpc.insecure_channel(self.target, options=options) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.poll() is not None:
-                    raise DaemonError(
-                        f"daemon exited with status {self.proc.returncode} before it was ready; "
-                        f"stderr:\n{self.stderr_text()}"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DaemonError(f"daemon not ready after {timeout:g}s; stderr:\n{self.stderr_text()}")
-                # Watch streams every status change, so nothing here polls on a timer; the short
-                # deadline only bounds how long a dead process goes unnoticed.
-                watch = stub.Watch(
-                    health_pb2.HealthCheckRequest(), timeout=min(left, 0.5), wait_for_ready=True
-                )
-                try:
-                    if any(reply.status == SERVING for reply in watch):
-                        return
-                except grpc.RpcError as e:
-                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise
-                finally:
-                    watch.cancel()
+        proc = self.proc
+        try:
+            wait_until_serving(self.target, timeout, still_starting=lambda: proc.poll() is None)
+        except Unavailable as e:
+            if proc.poll() is not None:
+                raise DaemonError(
+                    f"daemon exited with status {proc.returncode} before it was ready; "
+                    f"stderr:\n{self.stderr_text()}"
+                ) from None
+            raise DaemonError(f"{e.details}; stderr:\n{self.stderr_text()}") from None
 
     def health(self, service: str = "", timeout: float = 5.0) -> int:
         """The daemon's health status for `service` (a HealthCheckResponse.ServingStatus)."""

@@ -11,6 +11,7 @@ from .client import Client, Lookup, Sequence, connect
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import PoolMapping, dtype_name, torch_dtype, wire_dtype
+from .readiness import wait_until_serving
 from .results import AppendResult, CloseResult, CommitResult, EvictResult, Page, PageState, ReleaseResult
 from .target import default_socket_path, default_target
 
@@ -39,5 +40,6 @@ __all__ = [
     "errors",
     "namespace_spec",
     "torch_dtype",
+    "wait_until_serving",
     "wire_dtype",
 ]

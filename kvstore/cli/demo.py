@@ -28,7 +28,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kvstore_client import KVStoreClientError
+from kvstore_client import KVStoreClientError, wait_until_serving
+from kvstore_client.errors import Unavailable
 
 from kvstore import config as cfg
 from kvstore.cli import admin
@@ -91,38 +92,17 @@ class DaemonChild:
 
     def _wait_serving(self, deadline: float) -> None:
         assert self.proc is not None
-        # Reconnect quickly: the socket appears only once the pools are backed.
-        options = [
-            ("grpc.initial_reconnect_backoff_ms", 20),
-            ("grpc.min_reconnect_backoff_ms", 20),
-            ("grpc.max_reconnect_backoff_ms", 100),
-        ]
-        with grpc.insecure_channel(self.target, options=options) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.poll() is not None:
-                    raise DemoError(
-                        f"the daemon exited with status {self.proc.returncode} before it was ready "
-                        "(its error is above)"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DemoError(f"the daemon was not SERVING after {START_TIMEOUT_S:g}s")
-                # Watch streams each status change; its short deadline only bounds how long a
-                # daemon that died goes unnoticed.
-                watch = stub.Watch(
-                    health_pb2.HealthCheckRequest(), timeout=min(left, 0.5), wait_for_ready=True
-                )
-                try:
-                    if any(reply.status == SERVING for reply in watch):
-                        return
-                except grpc.RpcError as e:
-                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise DemoError(
-                            f"health check of {self.target}: {e.code().name}: {e.details()}"
-                        ) from e
-                finally:
-                    watch.cancel()
+        proc = self.proc
+        try:
+            wait_until_serving(
+                self.target, deadline - time.monotonic(), still_starting=lambda: proc.poll() is None
+            )
+        except Unavailable as e:
+            if proc.poll() is not None:
+                raise DemoError(
+                    f"the daemon exited with status {proc.returncode} before it was ready (its error is above)"
+                ) from None
+            raise DemoError(e.details) from None
 
     def wait(self) -> int:
         assert self.proc is not None
