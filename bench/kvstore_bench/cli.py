@@ -1,0 +1,45 @@
+"""`kvstore-bench`: benchmarks of the kvstore daemon. Each subcommand starts its own daemon
+(and baseline servers), measures against a baseline taken in the same run, prints progress
+on stderr and results on stdout (`--json`: one JSON object). See BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import pageio, rpc
+from .harness import BenchError, install_signal_exit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore-bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
+    for name, module in (("pageio", pageio), ("rpc", rpc)):
+        doc = (module.__doc__ or "").strip()
+        sub = commands.add_parser(
+            name,
+            help=doc.splitlines()[0].split(": ", 1)[-1],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    install_signal_exit()
+    try:
+        return args.run(args)
+    except BenchError as e:
+        print(f"kvstore-bench {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kvstore-bench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
