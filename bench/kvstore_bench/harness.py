@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kvstore_client import wait_until_serving
+from kvstore_client.errors import Unavailable
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
 SHM_DIR = Path("/dev/shm")
 _T0 = time.monotonic()
 
@@ -100,38 +100,16 @@ class ChildServer:
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        options = [
-            ("grpc.initial_reconnect_backoff_ms", 20),
-            ("grpc.min_reconnect_backoff_ms", 20),
-            ("grpc.max_reconnect_backoff_ms", 100),
-        ]
-        with grpc.insecure_channel(self.target, options=options) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.poll() is not None:
-                    raise BenchError(
-                        f"{self.name} exited with status {self.proc.returncode} before it was ready; "
-                        f"stderr:\n{self.stderr_tail()}"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BenchError(
-                        f"{self.name} not ready after {timeout:g}s; stderr:\n{self.stderr_tail()}"
-                    )
-                # Watch streams every status change; the short deadline only bounds how long a
-                # dead process goes unnoticed.
-                watch = stub.Watch(
-                    health_pb2.HealthCheckRequest(), timeout=min(left, 0.5), wait_for_ready=True
-                )
-                try:
-                    if any(reply.status == SERVING for reply in watch):
-                        return
-                except grpc.RpcError as e:
-                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise
-                finally:
-                    watch.cancel()
+        proc = self.proc
+        try:
+            wait_until_serving(self.target, timeout, still_starting=lambda: proc.poll() is None)
+        except Unavailable as e:
+            if proc.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with status {proc.returncode} before it was ready; "
+                    f"stderr:\n{self.stderr_tail()}"
+                ) from None
+            raise BenchError(f"{self.name}: {e.details}; stderr:\n{self.stderr_tail()}") from None
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the child has used so far (all its threads)."""
