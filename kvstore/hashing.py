@@ -33,10 +33,10 @@ def root_hash(salt: bytes) -> BlockHash:
 
 def chain(parent: BlockHash, page_token_bytes: bytes, extra_keys: bytes = b"") -> BlockHash:
     """The hash of the page whose tokens are `page_token_bytes` (little-endian int32)."""
-    h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
-    h.update(page_token_bytes)
-    h.update(extra_keys)
-    return BlockHash(h.digest())
+    # One call on the joined bytes: the same digest as update() per part, and faster.
+    return BlockHash(
+        hashlib.blake2b(parent + page_token_bytes + extra_keys, digest_size=DIGEST_BYTES).digest()
+    )
 
 
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:

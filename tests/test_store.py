@@ -273,7 +273,7 @@ def test_append_commit_lookup(store, sid):
 
     look = store.lookup(sid, "ns", [1, 2, 3, 4, 5], b"", False)
     assert look.hit_tokens == 4 and look.pin_id == 0
-    assert look.pages == [PageRef(0, 0, True, 0, 2, h[0]), PageRef(1, 1, True, 0, 2, h[1])]
+    assert (look.slots, look.block_hashes) == ([0, 1], [h[0], h[1]])
 
     # Filling the partial page gives it its hash, but it stays invisible until committed.
     r = store.append(sid, seq, [6])
@@ -438,7 +438,7 @@ def test_lookup_pin_blocks_eviction_until_released(store, sid):
 
 def test_lookup_pin_without_hit_holds_nothing(store, sid):
     look = store.lookup(sid, "ns", [1, 2, 3], b"", True)
-    assert (look.hit_tokens, look.pin_id, look.pages) == (0, 0, [])
+    assert (look.hit_tokens, look.pin_id, look.slots) == (0, 0, [])
     assert store.session_infos()[0].pins == 0
 
 

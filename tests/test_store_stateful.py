@@ -351,8 +351,8 @@ class StoreMachine(RuleBasedStateMachine):
         hashes = expected_hashes(tokens, extra)
         k = r.hit_tokens // T
         assert r.hit_tokens == k * T and k <= len(hashes)
-        assert [p.block_hash for p in r.pages] == hashes[:k]
-        assert [p.index for p in r.pages] == list(range(k))
+        assert r.block_hashes == hashes[:k]
+        assert len(r.slots) == k
         if k < len(hashes):
             assert self.ns.index.get(hashes[k]) is None  # the longest cached prefix
         # What a live sequence committed, or a pin holds, cannot have been evicted.

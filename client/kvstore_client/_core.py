@@ -244,13 +244,20 @@ class LookupBase(Held):
     def __init__(self, client: Any, namespace: Namespace, reply: pb.LookupResponse) -> None:
         super().__init__(client, namespace)
         self.hit_tokens = reply.hit_tokens
-        self.pages = pages_from_proto(reply.pages)
+        self.slots: list[int] = list(reply.slots)  # pool slots of the hit pages, in order
+        self._block_hashes = reply.block_hashes  # 16 bytes a page, concatenated
         self.pin_id = reply.pin_id  # 0 = not pinned (pin=False or nothing hit)
         self.released = reply.pin_id == 0
 
     @property
-    def slots(self) -> list[int]:
-        return [p.slot for p in self.pages]
+    def pages(self) -> list[Page]:
+        """The hit pages as `Page`s (built on demand: most callers only need `slots`)."""
+        tokens = self.namespace.page_tokens
+        hashes = self._block_hashes
+        return [
+            Page(i, slot, PageState.CACHED, 0, tokens, hashes[16 * i : 16 * (i + 1)])
+            for i, slot in enumerate(self.slots)
+        ]
 
     @property
     def pinned(self) -> bool:
@@ -261,10 +268,10 @@ class LookupBase(Held):
         return self.namespace.pages(self.slots)
 
     def __len__(self) -> int:
-        return len(self.pages)
+        return len(self.slots)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(hit_tokens={self.hit_tokens}, pages={len(self.pages)}, pin_id={self.pin_id})"
+        return f"{type(self).__name__}(hit_tokens={self.hit_tokens}, pages={len(self.slots)}, pin_id={self.pin_id})"
 
     def _release_request(self) -> _wire.Call[ReleaseResult]:
         return _wire.release_pin(self._client.session_id, self.pin_id)

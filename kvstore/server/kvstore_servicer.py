@@ -79,32 +79,27 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @grpc_errors
     async def Append(self, request: pb.AppendRequest, context: Ctx) -> pb.AppendResponse:
         r = self.store.append(request.session_id, request.sequence_id, request.token_ids)
-        return pb.AppendResponse(
-            num_tokens=r.num_tokens,
-            pages=[convert.page_ref(p) for p in r.pages],
-            cached_tokens=r.cached_tokens,
-        )
+        reply = pb.AppendResponse(num_tokens=r.num_tokens, cached_tokens=r.cached_tokens)
+        convert.add_page_refs(reply.pages, r.pages)
+        return reply
 
     @grpc_errors
     async def Commit(self, request: pb.CommitRequest, context: Ctx) -> pb.CommitResponse:
         r = self.store.commit(
             request.session_id, request.sequence_id, request.num_tokens, request.written_slots
         )
-        return pb.CommitResponse(
-            sealed_pages=r.sealed_pages,
-            deduplicated_pages=r.deduplicated_pages,
-            pages=[convert.page_ref(p) for p in r.moved],
-        )
+        reply = pb.CommitResponse(sealed_pages=r.sealed_pages, deduplicated_pages=r.deduplicated_pages)
+        convert.add_page_refs(reply.pages, r.moved)
+        return reply
 
     @grpc_errors
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Ctx) -> pb.GetSequenceResponse:
         v = self.store.sequence_view(request.session_id, request.sequence_id)
-        return pb.GetSequenceResponse(
-            namespace=v.namespace,
-            num_tokens=v.num_tokens,
-            committed_tokens=v.committed_tokens,
-            pages=[convert.page_ref(p) for p in v.pages],
+        reply = pb.GetSequenceResponse(
+            namespace=v.namespace, num_tokens=v.num_tokens, committed_tokens=v.committed_tokens
         )
+        convert.add_page_refs(reply.pages, v.pages)
+        return reply
 
     @grpc_errors
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
@@ -112,7 +107,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             request.session_id, request.namespace, request.token_ids, request.extra_keys, request.pin
         )
         return pb.LookupResponse(
-            hit_tokens=r.hit_tokens, pages=[convert.page_ref(p) for p in r.pages], pin_id=r.pin_id
+            hit_tokens=r.hit_tokens, slots=r.slots, block_hashes=b"".join(r.block_hashes), pin_id=r.pin_id
         )
 
     @grpc_errors

@@ -395,9 +395,7 @@ class Store:
                 ns.ref(page)
             pin_id = self._new_id(session)
             session.pins[pin_id] = Pin(pin_id, session.id, ns, pages)
-        T = ns.spec.page_tokens
-        refs = [PageRef(i, p.slot, True, 0, T, p.block_hash or b"") for i, p in enumerate(pages)]
-        return LookupResult(hit, refs, pin_id)
+        return LookupResult(hit, [p.slot for p in pages], [p.block_hash or b"" for p in pages], pin_id)
 
     def release_pin(self, sid: int, pin_id: int) -> ReleaseResult:
         session = self.session(sid)

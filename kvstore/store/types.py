@@ -83,7 +83,7 @@ class NamespaceInfo:
     pool: PoolInfo
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built per page on hot paths, and frozen init is 4x slower
 class PageRef:
     index: int  # page position in the sequence
     slot: int  # page number in the pool
@@ -129,7 +129,8 @@ class SequenceView:
 @dataclass(frozen=True)
 class LookupResult:
     hit_tokens: int
-    pages: list[PageRef]
+    slots: list[int]  # of the hit pages, in order
+    block_hashes: list[bytes]
     pin_id: int = 0
 
 

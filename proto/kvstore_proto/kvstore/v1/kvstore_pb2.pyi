@@ -264,14 +264,16 @@ class LookupRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit_tokens", "pages", "pin_id")
+    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes")
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    PAGES_FIELD_NUMBER: _ClassVar[int]
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     hit_tokens: int
-    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
     pin_id: int
-    def __init__(self, hit_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pin_id: _Optional[int] = ...) -> None: ...
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    block_hashes: bytes
+    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "pin_id")
