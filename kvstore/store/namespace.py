@@ -4,13 +4,22 @@ called only by kvstore/store/store.py, which owns sessions and sequences."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvstore.errors import ResourceExhausted
 from kvstore.hashing import namespace_salt, root_hash
-from kvstore.index.prefix_index import PrefixIndex
+from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.pages import Page, PageState, PageTable
 from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import EvictionPolicy
-from kvstore.store.types import PAGE_LAYOUT, NamespaceInfo, NamespaceSpec, NamespaceStats, PoolInfo
+from kvstore.store.types import (
+    PAGE_LAYOUT,
+    EvictResult,
+    NamespaceInfo,
+    NamespaceSpec,
+    NamespaceStats,
+    PoolInfo,
+)
 
 
 class Namespace:
@@ -126,6 +135,28 @@ class Namespace:
             f"are free and {self.obtainable() - len(self.pages.free)} sealed unpinned ({len(self.pages)} total, "
             f"{self.pages_pinned} sealed+pinned, {self.pages_reserved} reserved)"
         )
+
+    def evict_while(self, more: Callable[[int], bool]) -> EvictResult:
+        """Evict the policy's victims while `more(bytes freed so far)` holds."""
+        evicted = 0
+        while more(evicted * self.spec.page_bytes):
+            victim = self.policy.victim()
+            if victim is None:
+                break
+            self.drop(victim)
+            evicted += 1
+        return EvictResult(evicted, evicted * self.spec.page_bytes, self.pages_pinned)
+
+    def evict_subtree(self, top: Page) -> EvictResult:
+        """Evict `top` and every resident page extending it, leaves first; pinned ones stay."""
+        evicted = skipped = 0
+        for page in list(subtree_postorder(top)):
+            if page.evictable:
+                self.drop(page)
+                evicted += 1
+            else:
+                skipped += 1
+        return EvictResult(evicted, evicted * self.spec.page_bytes, skipped)
 
     # ------------------------------------------------------------ views
 

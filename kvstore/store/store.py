@@ -26,7 +26,6 @@ from kvstore.errors import (
     ResourceExhausted,
 )
 from kvstore.hashing import BlockHash, chain
-from kvstore.index.prefix_index import subtree_postorder
 from kvstore.memory.pages import Page, PageState
 from kvstore.memory.shm_pool import ShmPool, segment_name
 from kvstore.policy import make_policy
@@ -416,8 +415,7 @@ class Store:
     # ------------------------------------------------------------ eviction
 
     def evict_all(self, namespace: str) -> EvictResult:
-        ns = self.namespace(namespace)
-        return self._evict_while(ns, lambda freed: True)
+        return self.namespace(namespace).evict_while(lambda freed: True)
 
     def evict_bytes(self, namespace: str, nbytes: int) -> EvictResult:
         ns = self.namespace(namespace)
@@ -425,17 +423,7 @@ class Store:
         validate.non_negative(
             "bytes", nbytes, limit, f"KV bytes of namespace {namespace!r} (num_pages x page_bytes)"
         )
-        return self._evict_while(ns, lambda freed: freed < nbytes)
-
-    def _evict_while(self, ns: Namespace, more: Callable[[int], bool]) -> EvictResult:
-        evicted = 0
-        while more(evicted * ns.spec.page_bytes):
-            victim = ns.policy.victim()
-            if victim is None:
-                break
-            ns.drop(victim)
-            evicted += 1
-        return EvictResult(evicted, evicted * ns.spec.page_bytes, ns.pages_pinned)
+        return ns.evict_while(lambda freed: freed < nbytes)
 
     def evict_prefix(self, namespace: str, token_ids: Seq[int], extra_keys: bytes) -> EvictResult:
         """The page ending the prefix's last full page, and every page that extends it."""
@@ -445,19 +433,9 @@ class Store:
         )
         extra = validate.extra_keys(extra_keys, self.limits)
         path = ns.index.match(tokens.tobytes(), ns.spec.page_tokens, extra)
-        if (
-            len(path) * ns.spec.page_tokens < len(tokens) // ns.spec.page_tokens * ns.spec.page_tokens
-            or not path
-        ):
+        if not path or len(path) < len(tokens) // ns.spec.page_tokens:
             return EvictResult()  # the prefix's last full page is not resident
-        evicted = skipped = 0
-        for page in list(subtree_postorder(path[-1])):
-            if page.evictable:
-                ns.drop(page)
-                evicted += 1
-            else:
-                skipped += 1
-        return EvictResult(evicted, evicted * ns.spec.page_bytes, skipped)
+        return ns.evict_subtree(path[-1])
 
     # ------------------------------------------------------------ stats and shutdown
 
