@@ -33,7 +33,7 @@ def root_hash(salt: bytes) -> BlockHash:
 
 def chain(parent: BlockHash, page_token_bytes: bytes, extra_keys: bytes = b"") -> BlockHash:
     """The hash of the page whose tokens are `page_token_bytes` (little-endian int32)."""
-    # One call on the joined bytes: the same digest as update() per part, and faster.
+    # One call on the joined bytes: the same digest as one update() per part.
     return BlockHash(
         hashlib.blake2b(parent + page_token_bytes + extra_keys, digest_size=DIGEST_BYTES).digest()
     )

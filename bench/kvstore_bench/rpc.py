@@ -10,7 +10,8 @@ one call in flight, so N concurrent calls on the channel). Three sides, measured
 back at each concurrency, the order alternating between rounds:
 
 - `kvstore`:  `KVStoreStub.Lookup(req)` against the daemon. Client: serialize the
-  LookupRequest (1024 token ids, the session id), parse the LookupResponse (64 PageRefs).
+  LookupRequest (1024 token ids, the session id), parse the LookupResponse (packed: 64
+  slots and the 64 block hashes as one bytes field).
   Daemon: grpc.aio, parse, servicer, store.lookup (session lease renewal, token checks,
   64 chained BLAKE2b hashes, index probes, LRU touch), build and serialize the reply.
 - `echo`:     the same stub, the same request object, the same reply parsing, against
