@@ -12,7 +12,16 @@ from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import PoolMapping, dtype_name, torch_dtype, wire_dtype
 from .readiness import wait_until_serving
-from .results import AppendResult, CloseResult, CommitResult, EvictResult, Page, PageState, ReleaseResult
+from .results import (
+    AppendResult,
+    CloseResult,
+    CommitResult,
+    EvictResult,
+    Page,
+    PageState,
+    ReleaseResult,
+    SequenceOptions,
+)
 from .target import default_socket_path, default_target
 
 __all__ = [
@@ -32,6 +41,7 @@ __all__ = [
     "PoolMapping",
     "ReleaseResult",
     "Sequence",
+    "SequenceOptions",
     "aio",
     "connect",
     "default_socket_path",

@@ -164,17 +164,29 @@ class SequenceBase(Held):
         super().__init__(client, namespace)
         self.sequence_id = sequence_id
         self.reserved_pages = reserved_pages
-        self.pages: list[Page] = []  # index -> page; token_count = tokens present in the page
+        # index -> page; token_count = tokens present in the page. None: dropped by the
+        # sequence's budget (SequenceOptions); never for an unconstrained sequence.
+        self.pages: list[Page | None] = []
         self.num_tokens = 0
         self.committed_tokens = 0
 
     @property
+    def held_pages(self) -> list[Page]:
+        """The pages the sequence holds, by index (dropped ones left out)."""
+        return [p for p in self.pages if p is not None]
+
+    @property
+    def dropped(self) -> list[int]:
+        """Page indices the budget has dropped, ascending."""
+        return [i for i, p in enumerate(self.pages) if p is None]
+
+    @property
     def slots(self) -> list[int]:
-        return [p.slot for p in self.pages]
+        return [p.slot for p in self.held_pages]
 
     def views(self, pages: Iterable[Page] | None = None) -> list[torch.Tensor]:
-        """Pool views of `pages` (default: the whole page table), in order, no copy."""
-        return self.namespace.pages(p.slot for p in (self.pages if pages is None else pages))
+        """Pool views of `pages` (default: every held page), in order, no copy."""
+        return self.namespace.pages(p.slot for p in (self.held_pages if pages is None else pages))
 
     def __repr__(self) -> str:
         return (
@@ -193,6 +205,11 @@ class SequenceBase(Held):
             self._client.session_id, self.sequence_id, n, written_slots, lambda r: self._apply_commit(r, n)
         )
 
+    def _report_importance_call(self, scores: Iterable[float]) -> _wire.Call[int]:
+        return _wire.report_importance(
+            self._client.session_id, self.sequence_id, scores, lambda r: r.pages_held
+        )
+
     def _refresh_call(self) -> _wire.Call[Any]:
         return _wire.get_sequence(self._client.session_id, self.sequence_id, self._apply_sequence)
 
@@ -200,9 +217,17 @@ class SequenceBase(Held):
         return _wire.release_sequence(self._client.session_id, self.sequence_id)
 
     def _apply_append(self, reply: pb.AppendResponse) -> AppendResult:
-        result = AppendResult(reply.num_tokens, pages_from_proto(reply.pages), reply.cached_tokens)
+        result = AppendResult(
+            reply.num_tokens, pages_from_proto(reply.pages), reply.cached_tokens, list(reply.dropped_indices)
+        )
+        dropped = set(result.dropped)
+        for index in result.dropped:
+            if index < len(self.pages):
+                self.pages[index] = None
         for page in result.pages:
             entry = replace(page, token_start=0, token_count=page.token_end)
+            while page.index > len(self.pages) and len(self.pages) in dropped:
+                self.pages.append(None)  # created and dropped by this append
             if page.index < len(self.pages):
                 self.pages[page.index] = entry
             elif page.index == len(self.pages):
@@ -212,14 +237,16 @@ class SequenceBase(Held):
                     f"sequence {self.sequence_id}: append reply names page index={page.index} but the "
                     f"client's table has {len(self.pages)} pages; call refresh()"
                 )
+        while len(self.pages) in dropped:
+            self.pages.append(None)
         self.num_tokens = reply.num_tokens
         return result
 
     def _apply_commit(self, reply: pb.CommitResponse, num_tokens: int) -> CommitResult:
         moved = pages_from_proto(reply.pages)
         for page in moved:
-            if page.index < len(self.pages):
-                old = self.pages[page.index]
+            old = self.pages[page.index] if page.index < len(self.pages) else None
+            if old is not None:
                 self.pages[page.index] = replace(
                     old, slot=page.slot, state=page.state, block_hash=page.block_hash or old.block_hash
                 )
@@ -227,12 +254,16 @@ class SequenceBase(Held):
         # Full committed pages are sealed now: never write them again.
         sealed = min(self.committed_tokens // max(self.namespace.page_tokens, 1), len(self.pages))
         for i in range(sealed):
-            if self.pages[i].writable:
-                self.pages[i] = replace(self.pages[i], state=PageState.CACHED)
+            entry = self.pages[i]
+            if entry is not None and entry.writable and not entry.private:
+                self.pages[i] = replace(entry, state=PageState.CACHED)
         return CommitResult(reply.sealed_pages, reply.deduplicated_pages, moved)
 
     def _apply_sequence(self, reply: pb.GetSequenceResponse) -> Any:
-        self.pages = pages_from_proto(reply.pages)
+        table: list[Page | None] = [None] * (len(reply.pages) + len(reply.dropped_indices))
+        for page in pages_from_proto(reply.pages):
+            table[page.index] = page
+        self.pages = table
         self.num_tokens = reply.num_tokens
         self.committed_tokens = reply.committed_tokens
         return self

@@ -18,7 +18,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from .errors import InvalidArgument
 from .pool import wire_dtype
-from .results import CloseResult, EvictResult, ReleaseResult
+from .results import BUDGET_MODES, CloseResult, EvictResult, ReleaseResult, SequenceOptions
 
 T = TypeVar("T")
 Service = Literal["kv", "admin", "health"]
@@ -184,14 +184,50 @@ def health(service: str) -> Call[str]:
 # ---------------------------------------------------------------- sequences, lookups, eviction
 
 
+def sequence_options(options: SequenceOptions) -> pb.SequenceOptions:
+    if options.mode not in BUDGET_MODES:
+        raise InvalidArgument(f"options.mode={options.mode!r} is unknown; known: {', '.join(BUDGET_MODES)}")
+    return pb.SequenceOptions(
+        mode=BUDGET_MODES[options.mode],
+        sink_tokens=options.sink_tokens,
+        window_tokens=options.window_tokens,
+        budget_pages=options.budget_pages,
+    )
+
+
 def allocate(
-    session_id: int, namespace: str, max_tokens: int, extra_keys: bytes, make: Callable[[int, int], T]
+    session_id: int,
+    namespace: str,
+    max_tokens: int,
+    extra_keys: bytes,
+    make: Callable[[int, int], T],
+    options: SequenceOptions | None = None,
+    model_fingerprint: str = "",
 ) -> Call[T]:
     """`make(sequence_id, reserved_pages)` builds the client's sequence object."""
     req = pb.AllocateRequest(
-        session_id=session_id, namespace=namespace, max_tokens=max_tokens, extra_keys=extra_bytes(extra_keys)
+        session_id=session_id,
+        namespace=namespace,
+        max_tokens=max_tokens,
+        extra_keys=extra_bytes(extra_keys),
+        model_fingerprint=model_fingerprint,
     )
+    if options is not None:
+        req.options.CopyFrom(sequence_options(options))
     return Call("kv", "Allocate", req, lambda r: make(r.sequence_id, r.reserved_pages))
+
+
+def report_importance(
+    session_id: int, sequence_id: int, scores: Iterable[float], apply: Callable[[Any], T]
+) -> Call[T]:
+    req = pb.ReportImportanceRequest(session_id=session_id, sequence_id=sequence_id)
+    if isinstance(scores, np.ndarray) or hasattr(scores, "tolist"):
+        scores = scores.tolist()  # numpy array or torch tensor
+    try:
+        req.scores.extend(scores)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"scores must be numbers ({e})") from None
+    return Call("kv", "ReportImportance", req, apply)
 
 
 def append(session_id: int, sequence_id: int, tokens: Tokens, apply: Callable[[Any], T]) -> Call[T]:
@@ -220,10 +256,20 @@ def get_sequence(session_id: int, sequence_id: int, apply: Callable[[Any], T]) -
 
 
 def lookup(
-    session_id: int, namespace: str, tokens: Tokens, extra_keys: bytes, pin: bool, make: Callable[[Any], T]
+    session_id: int,
+    namespace: str,
+    tokens: Tokens,
+    extra_keys: bytes,
+    pin: bool,
+    make: Callable[[Any], T],
+    model_fingerprint: str = "",
 ) -> Call[T]:
     req = pb.LookupRequest(
-        session_id=session_id, namespace=namespace, extra_keys=extra_bytes(extra_keys), pin=pin
+        session_id=session_id,
+        namespace=namespace,
+        extra_keys=extra_bytes(extra_keys),
+        pin=pin,
+        model_fingerprint=model_fingerprint,
     )
     set_tokens(req.token_ids, tokens)
     return Call("kv", "Lookup", req, make)

@@ -28,7 +28,7 @@ from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, 
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
-from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult
+from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult, SequenceOptions
 from .target import resolve_target
 
 T = TypeVar("T")
@@ -87,6 +87,10 @@ class AsyncSequence(SequenceBase, _AsyncReleaseOnExit):
         self, num_tokens: int | None = None, *, written_slots: Iterable[int] | None = None
     ) -> CommitResult:
         return await self._client._run(self._commit_call(num_tokens, written_slots))
+
+    async def report_importance(self, scores: Iterable[float]) -> int:
+        """See `kvstore_client.Sequence.report_importance`."""
+        return await self._client._run(self._report_importance_call(scores))
 
     async def refresh(self) -> AsyncSequence:
         return await self._client._run(self._refresh_call())
@@ -210,28 +214,54 @@ class AsyncClient(ClientCore):
         return await self._run(_wire.health(service))
 
     def allocate(
-        self, namespace: str | Namespace, max_tokens: int = 0, extra_keys: bytes = b""
+        self,
+        namespace: str | Namespace,
+        max_tokens: int = 0,
+        extra_keys: bytes = b"",
+        *,
+        options: SequenceOptions | None = None,
+        model_fingerprint: str = "",
     ) -> Opening[AsyncSequence]:
-        return Opening(self._allocate(namespace, max_tokens, extra_keys))
+        return Opening(self._allocate(namespace, max_tokens, extra_keys, options, model_fingerprint))
 
     async def _allocate(
-        self, namespace: str | Namespace, max_tokens: int, extra_keys: bytes
+        self,
+        namespace: str | Namespace,
+        max_tokens: int,
+        extra_keys: bytes,
+        options: SequenceOptions | None,
+        model_fingerprint: str,
     ) -> AsyncSequence:
         ns = await self.namespace(namespace)
         make = partial(AsyncSequence, self, ns)
-        return await self._run(_wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, make))
+        return await self._run(
+            _wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, make, options, model_fingerprint)
+        )
 
     def lookup(
-        self, namespace: str | Namespace, tokens: _wire.Tokens, extra_keys: bytes = b"", pin: bool = False
+        self,
+        namespace: str | Namespace,
+        tokens: _wire.Tokens,
+        extra_keys: bytes = b"",
+        pin: bool = False,
+        *,
+        model_fingerprint: str = "",
     ) -> Opening[AsyncLookup]:
-        return Opening(self._lookup(namespace, tokens, extra_keys, pin))
+        return Opening(self._lookup(namespace, tokens, extra_keys, pin, model_fingerprint))
 
     async def _lookup(
-        self, namespace: str | Namespace, tokens: _wire.Tokens, extra_keys: bytes, pin: bool
+        self,
+        namespace: str | Namespace,
+        tokens: _wire.Tokens,
+        extra_keys: bytes,
+        pin: bool,
+        model_fingerprint: str,
     ) -> AsyncLookup:
         ns = await self.namespace(namespace)
         make = partial(AsyncLookup, self, ns)
-        return await self._run(_wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, make))
+        return await self._run(
+            _wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint)
+        )
 
     async def release_pin(self, pin_id: int) -> ReleaseResult:
         return await self._run(_wire.release_pin(self.session_id, pin_id))

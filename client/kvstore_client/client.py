@@ -29,7 +29,7 @@ from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, 
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
-from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult
+from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult, SequenceOptions
 from .target import resolve_target
 
 T = TypeVar("T")
@@ -75,6 +75,11 @@ class Sequence(SequenceBase, _ReleaseOnExit):
         Full pages among them are sealed; pages deduplicated to another slot are updated
         in `pages`. `written_slots` asks the daemon to check they are all ours."""
         return self._client._run(self._commit_call(num_tokens, written_slots))
+
+    def report_importance(self, scores: Iterable[float]) -> int:
+        """IMPORTANCE sequences: scores[i] = page i's importance, one per page index
+        (dropped ones included, ignored). Returns the pages held."""
+        return self._client._run(self._report_importance_call(scores))
 
     def refresh(self) -> Sequence:
         """Replace the client-side page table with the daemon's (GetSequence)."""
@@ -214,20 +219,38 @@ class Client(ClientCore):
 
     # ------------------------------------------------------------ sequences and lookups
 
-    def allocate(self, namespace: str | Namespace, max_tokens: int = 0, extra_keys: bytes = b"") -> Sequence:
-        """A new sequence. `max_tokens` > 0 reserves its pages now (or raises ResourceExhausted)."""
+    def allocate(
+        self,
+        namespace: str | Namespace,
+        max_tokens: int = 0,
+        extra_keys: bytes = b"",
+        *,
+        options: SequenceOptions | None = None,
+        model_fingerprint: str = "",
+    ) -> Sequence:
+        """A new sequence. `max_tokens` > 0 reserves its pages now (or raises ResourceExhausted).
+        `options`: a cache budget (sliding window, importance); `model_fingerprint`: refused
+        with FailedPrecondition if the namespace holds another model's KV."""
         ns = self.namespace(namespace)
+        make = partial(Sequence, self, ns)
         return self._run(
-            _wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, partial(Sequence, self, ns))
+            _wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, make, options, model_fingerprint)
         )
 
     def lookup(
-        self, namespace: str | Namespace, tokens: _wire.Tokens, extra_keys: bytes = b"", pin: bool = False
+        self,
+        namespace: str | Namespace,
+        tokens: _wire.Tokens,
+        extra_keys: bytes = b"",
+        pin: bool = False,
+        *,
+        model_fingerprint: str = "",
     ) -> Lookup:
         """The longest cached prefix of `tokens`. With `pin=True` its pages stay put until released."""
         ns = self.namespace(namespace)
+        make = partial(Lookup, self, ns)
         return self._run(
-            _wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, partial(Lookup, self, ns))
+            _wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint)
         )
 
     def release_pin(self, pin_id: int) -> ReleaseResult:

@@ -30,11 +30,14 @@ class Page:
     token_start: int = 0
     token_count: int = 0
     block_hash: bytes = b""  # 16 bytes once the page is full
+    private: bool = False  # written after a budget drop: never sealed, never shared
 
     @classmethod
     def from_proto(cls, ref: kvstore_pb2.PageRef) -> Page:
         state = PageState(ref.state) if ref.state else PageState.WRITABLE
-        return cls(ref.index, ref.slot, state, ref.token_start, ref.token_count, bytes(ref.block_hash))
+        return cls(
+            ref.index, ref.slot, state, ref.token_start, ref.token_count, bytes(ref.block_hash), ref.private
+        )
 
     @property
     def writable(self) -> bool:
@@ -54,6 +57,7 @@ class AppendResult:
     num_tokens: int  # tokens in the sequence after the append
     pages: list[Page]  # every page the appended tokens landed in, in order
     cached_tokens: int  # appended tokens that landed in CACHED pages (no KV to write)
+    dropped: list[int] = field(default_factory=list)  # page indices the budget dropped: forget them
 
     @property
     def writable_pages(self) -> list[Page]:
@@ -63,6 +67,43 @@ class AppendResult:
     @property
     def cached_pages(self) -> list[Page]:
         return [p for p in self.pages if not p.writable]
+
+
+BUDGET_MODES = {
+    "unconstrained": kvstore_pb2.BUDGET_UNCONSTRAINED,
+    "static": kvstore_pb2.BUDGET_STATIC,
+    "sliding_window": kvstore_pb2.BUDGET_SLIDING_WINDOW,
+    "importance": kvstore_pb2.BUDGET_IMPORTANCE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceOptions:
+    """A sequence's cache budget (docs/api.md, "Budgets"). Build one with a classmethod:
+
+        SequenceOptions.sliding_window(window_tokens=1024, sink_tokens=4)
+        SequenceOptions.importance(budget_pages=64, sink_tokens=4)
+
+    Static preallocation is `allocate(ns, max_tokens=n)` (or mode="static" with it).
+    """
+
+    mode: str = "unconstrained"  # one of BUDGET_MODES
+    sink_tokens: int = 0
+    window_tokens: int = 0
+    budget_pages: int = 0
+
+    @classmethod
+    def sliding_window(cls, window_tokens: int, sink_tokens: int = 0) -> SequenceOptions:
+        return cls("sliding_window", sink_tokens=sink_tokens, window_tokens=window_tokens)
+
+    @classmethod
+    def importance(cls, budget_pages: int, sink_tokens: int = 0) -> SequenceOptions:
+        return cls("importance", sink_tokens=sink_tokens, budget_pages=budget_pages)
+
+    @classmethod
+    def from_proto(cls, msg: kvstore_pb2.SequenceOptions) -> SequenceOptions:
+        mode = next((k for k, v in BUDGET_MODES.items() if v == msg.mode), str(msg.mode))
+        return cls(mode, msg.sink_tokens, msg.window_tokens, msg.budget_pages)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,40 @@ def add_page_refs(field: RepeatedCompositeFieldContainer[pb.PageRef], refs: list
             token_start=ref.token_start,
             token_count=ref.token_count,
             block_hash=ref.block_hash,
+            private=ref.private,
         )
+
+
+BUDGET_FROM_PB = {
+    pb.BUDGET_UNCONSTRAINED: t.UNCONSTRAINED,
+    pb.BUDGET_STATIC: t.STATIC,
+    pb.BUDGET_SLIDING_WINDOW: t.SLIDING_WINDOW,
+    pb.BUDGET_IMPORTANCE: t.IMPORTANCE,
+}
+BUDGET_TO_PB = {v: k for k, v in BUDGET_FROM_PB.items()}
+
+
+def sequence_options(msg: pb.SequenceOptions) -> t.SequenceOptions:
+    if msg.mode not in BUDGET_FROM_PB:
+        raise InvalidArgument(
+            f"options.mode={msg.mode} is not a known BudgetMode; use one of "
+            + ", ".join(pb.BudgetMode.Name(v) for v in BUDGET_FROM_PB)
+        )
+    return t.SequenceOptions(
+        mode=BUDGET_FROM_PB[msg.mode],
+        sink_tokens=msg.sink_tokens,
+        window_tokens=msg.window_tokens,
+        budget_pages=msg.budget_pages,
+    )
+
+
+def sequence_options_pb(o: t.SequenceOptions) -> pb.SequenceOptions:
+    return pb.SequenceOptions(
+        mode=BUDGET_TO_PB[o.mode],
+        sink_tokens=o.sink_tokens,
+        window_tokens=o.window_tokens,
+        budget_pages=o.budget_pages,
+    )
 
 
 def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
@@ -99,6 +132,7 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         deduplicated_pages=s.deduplicated_pages,
         sequences=s.sequences,
         policy=s.policy,
+        budget_dropped_pages=s.budget_dropped_pages,
     )
 
 

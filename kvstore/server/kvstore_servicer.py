@@ -72,14 +72,21 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @grpc_errors
     async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:
         seq_id, reserved = self.store.allocate(
-            request.session_id, request.namespace, request.max_tokens, request.extra_keys
+            request.session_id,
+            request.namespace,
+            request.max_tokens,
+            request.extra_keys,
+            convert.sequence_options(request.options),
+            request.model_fingerprint,
         )
         return pb.AllocateResponse(sequence_id=seq_id, reserved_pages=reserved)
 
     @grpc_errors
     async def Append(self, request: pb.AppendRequest, context: Ctx) -> pb.AppendResponse:
         r = self.store.append(request.session_id, request.sequence_id, request.token_ids)
-        reply = pb.AppendResponse(num_tokens=r.num_tokens, cached_tokens=r.cached_tokens)
+        reply = pb.AppendResponse(
+            num_tokens=r.num_tokens, cached_tokens=r.cached_tokens, dropped_indices=r.dropped
+        )
         convert.add_page_refs(reply.pages, r.pages)
         return reply
 
@@ -96,15 +103,31 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Ctx) -> pb.GetSequenceResponse:
         v = self.store.sequence_view(request.session_id, request.sequence_id)
         reply = pb.GetSequenceResponse(
-            namespace=v.namespace, num_tokens=v.num_tokens, committed_tokens=v.committed_tokens
+            namespace=v.namespace,
+            num_tokens=v.num_tokens,
+            committed_tokens=v.committed_tokens,
+            dropped_indices=v.dropped,
+            options=convert.sequence_options_pb(v.options),
         )
         convert.add_page_refs(reply.pages, v.pages)
         return reply
 
     @grpc_errors
+    async def ReportImportance(
+        self, request: pb.ReportImportanceRequest, context: Ctx
+    ) -> pb.ReportImportanceResponse:
+        held = self.store.report_importance(request.session_id, request.sequence_id, request.scores)
+        return pb.ReportImportanceResponse(pages_held=held)
+
+    @grpc_errors
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
         r = self.store.lookup(
-            request.session_id, request.namespace, request.token_ids, request.extra_keys, request.pin
+            request.session_id,
+            request.namespace,
+            request.token_ids,
+            request.extra_keys,
+            request.pin,
+            request.model_fingerprint,
         )
         return pb.LookupResponse(
             hit_tokens=r.hit_tokens, slots=r.slots, block_hashes=b"".join(r.block_hashes), pin_id=r.pin_id

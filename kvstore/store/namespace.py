@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvstore.errors import ResourceExhausted
+from kvstore.errors import FailedPrecondition, ResourceExhausted
 from kvstore.hashing import namespace_salt, root_hash
 from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.pages import Page, PageState, PageTable
@@ -38,6 +38,7 @@ class Namespace:
         self.lookups = 0
         self.evictions = 0
         self.deduplicated_pages = 0
+        self.budget_dropped_pages = 0
 
     @property
     def name(self) -> str:
@@ -129,6 +130,15 @@ class Namespace:
                 raise self._exhausted(needed, what)
             self.drop(victim)
 
+    def check_model(self, model_fingerprint: str) -> None:
+        """Refuse a request for another model's KV (an empty fingerprint on either side accepts)."""
+        mine = self.spec.model_fingerprint
+        if mine and model_fingerprint and mine != model_fingerprint:
+            raise FailedPrecondition(
+                f"namespace {self.name!r} holds KV of model {mine}, this request is for model "
+                f"{model_fingerprint}; use a namespace made for this model"
+            )
+
     def _exhausted(self, needed: int, what: str) -> ResourceExhausted:
         return ResourceExhausted(
             f"namespace {self.name!r}: {what} needs {needed} free pages but only {len(self.pages.free)} "
@@ -192,4 +202,5 @@ class Namespace:
             lookups=self.lookups,
             evictions=self.evictions,
             deduplicated_pages=self.deduplicated_pages,
+            budget_dropped_pages=self.budget_dropped_pages,
         )

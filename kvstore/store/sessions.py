@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kvstore.hashing import BlockHash
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import Namespace
+from kvstore.store.types import SequenceOptions
 
 
 @dataclass(eq=False)
@@ -18,11 +19,21 @@ class Sequence:
     extra_keys: bytes
     max_tokens: int  # 0 = unconstrained
     last_hash: BlockHash  # hash of the last full page (the namespace root before the first)
-    pages: list[Page] = field(default_factory=list)  # page i of the sequence
+    pages: list[Page | None] = field(default_factory=list)  # page i of the sequence; None = dropped
     spare: list[Page] = field(default_factory=list)  # preallocated RESERVED pages not yet used
     tail_tokens: bytes = b""  # little-endian int32 ids of the partial last page
     num_tokens: int = 0
     committed_tokens: int = 0
+    options: SequenceOptions = field(default_factory=SequenceOptions)
+    # Lowest page index a budget has dropped (None: nothing dropped). A held RESERVED page
+    # above it is private: its KV is not that of its token prefix, so it is never sealed.
+    cut: int | None = None
+    window_lo: int = 0  # sliding_window: every index in [sink pages, window_lo) is dropped
+    scores: dict[int, float] = field(default_factory=dict)  # importance: page index -> last score
+    held: int = 0  # pages held (not None)
+
+    def private(self, index: int) -> bool:
+        return self.cut is not None and index > self.cut
 
 
 @dataclass(eq=False)

@@ -9,6 +9,7 @@ maps them to gRPC status codes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -33,6 +34,8 @@ from kvstore.store import validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Sequence, Session
 from kvstore.store.types import (
+    IMPORTANCE,
+    SLIDING_WINDOW,
     AppendResult,
     CommitResult,
     EvictResult,
@@ -42,6 +45,7 @@ from kvstore.store.types import (
     NamespaceStats,
     PageRef,
     ReleaseResult,
+    SequenceOptions,
     SequenceView,
     SessionInfo,
     StoreLimits,
@@ -217,15 +221,26 @@ class Store:
             raise NotFound(f"sequence_id={seq_id} does not exist in session {sid}")
         return session, seq
 
-    def allocate(self, sid: int, namespace: str, max_tokens: int, extra_keys: bytes) -> tuple[int, int]:
+    def allocate(
+        self,
+        sid: int,
+        namespace: str,
+        max_tokens: int,
+        extra_keys: bytes,
+        options: SequenceOptions | None = None,
+        model_fingerprint: str = "",
+    ) -> tuple[int, int]:
         session = self.session(sid)
         ns = self.namespace(namespace)
+        ns.check_model(model_fingerprint)
         validate.non_negative("max_tokens", max_tokens, self.limits.max_request_tokens, "max_request_tokens")
+        options = options or SequenceOptions()
+        validate.sequence_options(options, max_tokens, ns.spec.page_tokens)
         extra = validate.extra_keys(extra_keys, self.limits)
         pages_needed = -(-max_tokens // ns.spec.page_tokens)
         if pages_needed:
             ns.make_room(pages_needed, f"allocate(max_tokens={max_tokens})")
-        seq = Sequence(self._new_id(session), sid, ns, extra, max_tokens, ns.index.root)
+        seq = Sequence(self._new_id(session), sid, ns, extra, max_tokens, ns.index.root, options=options)
         seq.spare = [ns.reserve(seq.id) for _ in range(pages_needed)]
         session.sequences[seq.id] = seq
         ns.sequences += 1
@@ -246,57 +261,144 @@ class Store:
             )
         fill = seq.num_tokens % T
         into_tail = min(T - fill, n) if fill else 0
-        # Plan without changing anything: the hash of each page this append fills, and which
-        # new full pages are already cached (only while every page so far is sealed: a
-        # cached page needs a sealed parent).
+        old_pages = len(seq.pages)
+        tail_index = old_pages - 1
+        # The budget's drops (held pages, or new ones never held), and the cut they imply:
+        # pages above the lowest dropped index are private (no hash, never sealed).
+        budgeted = seq.options.mode in (SLIDING_WINDOW, IMPORTANCE)
+        drops = self._budget_drops(seq, seq.num_tokens + n) if budgeted else []
+        dropset = set(drops)
+        cut = seq.cut
+        if drops and (cut is None or drops[0] < cut):
+            cut = drops[0]
+        # Plan without changing anything: the hash of each public page this append fills,
+        # and which new full pages are already cached (only while every page so far is
+        # sealed: a cached page needs a sealed parent).
         parent = seq.last_hash
         tail_hash = None
-        if into_tail and fill + into_tail == T:
+        if into_tail and fill + into_tail == T and (cut is None or tail_index < cut):
             tail_hash = parent = chain(parent, seq.tail_tokens + tokens[: 4 * into_tail], seq.extra_keys)
-        prefix_phase = all(p.state is PageState.SEALED for p in seq.pages)
-        plan: list[tuple[int, int, BlockHash | None, Page | None]] = []  # (start, count, hash, cached)
-        for start in range(into_tail, n, T):
+        prefix_phase = all(p is not None and p.state is PageState.SEALED for p in seq.pages)
+        # (index, start, count, hash, cached, dropped)
+        plan: list[tuple[int, int, int, BlockHash | None, Page | None, bool]] = []
+        for i, start in enumerate(range(into_tail, n, T), old_pages):
             count = min(T, n - start)
             block_hash = cached = None
-            if count == T:
+            dropped = i in dropset
+            if count == T and not dropped and (cut is None or i < cut):
                 block_hash = parent = chain(parent, tokens[4 * start : 4 * (start + T)], seq.extra_keys)
                 if prefix_phase:
                     cached = ns.index.get(block_hash)
                     prefix_phase = cached is not None
-            plan.append((start, count, block_hash, cached))
-        hits = [c for *_, c in plan if c is not None]
+            else:
+                prefix_phase = False
+            plan.append((i, start, count, block_hash, cached, dropped))
+        hits = [e[4] for e in plan if e[4] is not None]
         for page in hits:  # pin the planned hits so making room cannot evict them
             ns.ref(page)
-        to_reserve = max(0, sum(c is None for *_, c in plan) - len(seq.spare))
+        new_pages = sum(e[4] is None and not e[5] for e in plan)
+        freed = 0  # reserved pages the drops give back
+        for i in drops:
+            old = seq.pages[i] if i < old_pages else None
+            freed += old is not None and old.state is PageState.RESERVED
+        to_reserve = max(0, new_pages - len(seq.spare) - freed)
         try:
             ns.make_room(to_reserve, f"append of {n} tokens to sequence {seq_id}")
         except Exception:
             for page in hits:
                 ns.unref(page)
             raise
-        # Carry out the plan: nothing below can fail.
+        # Carry out the plan: nothing below can fail. Drops first, so their pages are free.
+        if drops:
+            self._drop_pages(seq, drops, cut)
         refs: list[PageRef] = []
         if into_tail:
-            page = seq.pages[-1]
             seq.tail_tokens += tokens[: 4 * into_tail]
-            if tail_hash is not None:
-                page.block_hash = seq.last_hash = tail_hash
+            if fill + into_tail == T:
                 seq.tail_tokens = b""
-            refs.append(PageRef(len(seq.pages) - 1, page.slot, False, fill, into_tail, tail_hash or b""))
+            page = seq.pages[tail_index]
+            if page is not None:
+                if tail_hash is not None:
+                    page.block_hash = seq.last_hash = tail_hash
+                refs.append(
+                    PageRef(
+                        tail_index,
+                        page.slot,
+                        False,
+                        fill,
+                        into_tail,
+                        tail_hash or b"",
+                        seq.private(tail_index),
+                    )
+                )
         if hits:
             ns.touch(hits)
-        for start, count, block_hash, cached in plan:
-            page = cached or (seq.spare.pop() if seq.spare else ns.reserve(seq.id))
-            if block_hash is None:
+        for i, start, count, block_hash, cached, dropped in plan:
+            if count < T:
                 seq.tail_tokens = tokens[4 * start : 4 * (start + count)]
-            else:
+            if dropped:
+                seq.pages.append(None)
+                continue
+            page = cached or (seq.spare.pop() if seq.spare else ns.reserve(seq.id))
+            if block_hash is not None:
                 seq.last_hash = block_hash
                 if cached is None:
                     page.block_hash = block_hash
-            refs.append(PageRef(len(seq.pages), page.slot, cached is not None, 0, count, block_hash or b""))
+            refs.append(
+                PageRef(i, page.slot, cached is not None, 0, count, block_hash or b"", seq.private(i))
+            )
             seq.pages.append(page)
+            seq.held += 1
         seq.num_tokens += n
-        return AppendResult(seq.num_tokens, refs, T * len(hits))
+        return AppendResult(seq.num_tokens, refs, T * len(hits), drops)
+
+    def _budget_drops(self, seq: Sequence, total_tokens: int) -> list[int]:
+        """The page indices the sequence's budget drops when it grows to `total_tokens`."""
+        o = seq.options
+        T = seq.ns.spec.page_tokens
+        npages = -(-total_tokens // T)
+        sinks = -(-o.sink_tokens // T)
+        if o.mode == SLIDING_WINDOW:
+            # Every index in [max(sinks, window_lo), lo) is held or new: earlier ones are gone.
+            lo = max(0, total_tokens - o.window_tokens) // T  # <= npages - 1: the last page stays
+            return list(range(max(sinks, seq.window_lo), lo))
+        old = len(seq.pages)
+        candidates = [i for i, p in enumerate(seq.pages) if p is not None]
+        candidates.extend(range(old, npages))
+        excess = len(candidates) - o.budget_pages
+        if excess <= 0:
+            return []
+        # Never a sink, never the last page; unscored pages rank highest; ties: oldest first.
+        # budget_pages >= sinks + 1 guarantees enough candidates.
+        pool = [i for i in candidates if sinks <= i < npages - 1]
+        pool.sort(key=lambda i: (seq.scores.get(i, math.inf), i))
+        return sorted(pool[:excess])
+
+    def _drop_pages(self, seq: Sequence, drops: list[int], cut: int) -> None:
+        """Release the held pages among `drops` and make the pages above `cut` private."""
+        ns = seq.ns
+        for i in reversed(drops):  # leaves first
+            if i < len(seq.pages):
+                page = seq.pages[i]
+                if page is not None:
+                    if page.state is PageState.RESERVED:
+                        ns.free_reserved(page)
+                    else:
+                        ns.unref(page)  # stays cached for others
+                    seq.pages[i] = None
+                    seq.held -= 1
+            seq.scores.pop(i, None)
+        ns.budget_dropped_pages += len(drops)
+        if seq.options.mode == SLIDING_WINDOW:
+            seq.window_lo = max(seq.window_lo, drops[-1] + 1)
+        # Reserved pages above the new cut lose their hash: they can never be sealed. Those
+        # above an older cut lost it then.
+        upper = len(seq.pages) if seq.cut is None else seq.cut
+        for i in range(cut + 1, upper):
+            page = seq.pages[i]
+            if page is not None and page.state is PageState.RESERVED:
+                page.block_hash = None
+        seq.cut = cut
 
     def commit(self, sid: int, seq_id: int, num_tokens: int, written_slots: Seq[int] = ()) -> CommitResult:
         """The client wrote the first `num_tokens` tokens: seal every full page among them."""
@@ -318,8 +420,8 @@ class Store:
         moved: list[PageRef] = []
         for i in range(seq.committed_tokens // T, num_tokens // T):
             page = seq.pages[i]
-            if page.state is PageState.SEALED:
-                continue  # a cached page, or sealed by an earlier commit
+            if page is None or page.state is PageState.SEALED or seq.private(i):
+                continue  # dropped; a cached page, or sealed by an earlier commit; private
             assert page.block_hash is not None
             existing = ns.index.get(page.block_hash)
             if existing is not None:
@@ -332,7 +434,7 @@ class Store:
                 dedup += 1
                 moved.append(PageRef(i, existing.slot, True, 0, T, existing.block_hash or b""))
             else:
-                ns.seal(page, seq.pages[i - 1] if i else None)
+                ns.seal(page, seq.pages[i - 1] if i else None)  # below any cut: parent held
                 sealed += 1
         seq.committed_tokens = max(seq.committed_tokens, num_tokens)
         return CommitResult(sealed, dedup, moved)
@@ -341,12 +443,43 @@ class Store:
         _, seq = self._sequence(sid, seq_id)
         T = seq.ns.spec.page_tokens
         refs = []
+        dropped = []
         for i, page in enumerate(seq.pages):
+            if page is None:
+                dropped.append(i)
+                continue
             count = min(T, seq.num_tokens - i * T)
             refs.append(
-                PageRef(i, page.slot, page.state is PageState.SEALED, 0, count, page.block_hash or b"")
+                PageRef(
+                    i,
+                    page.slot,
+                    page.state is PageState.SEALED,
+                    0,
+                    count,
+                    page.block_hash or b"",
+                    page.state is PageState.RESERVED and seq.private(i),
+                )
             )
-        return SequenceView(seq.ns.name, seq.num_tokens, seq.committed_tokens, refs)
+        return SequenceView(seq.ns.name, seq.num_tokens, seq.committed_tokens, refs, dropped, seq.options)
+
+    def report_importance(self, sid: int, seq_id: int, scores: Seq[float]) -> int:
+        """Replace an IMPORTANCE sequence's page scores (scores[i] = page i); returns pages held."""
+        _, seq = self._sequence(sid, seq_id)
+        if seq.options.mode != IMPORTANCE:
+            raise FailedPrecondition(
+                f"sequence {seq_id} has options.mode={seq.options.mode}: importance is only taken by "
+                f"sequences allocated with options.mode={IMPORTANCE}"
+            )
+        if len(scores) != len(seq.pages):
+            raise InvalidArgument(
+                f"scores has {len(scores)} values but sequence {seq_id} has {len(seq.pages)} pages "
+                f"({seq.num_tokens} tokens): give one score per page index, dropped pages included"
+            )
+        for i, score in enumerate(scores):
+            if not math.isfinite(score):
+                raise InvalidArgument(f"scores[{i}]={score} is not a finite number")
+        seq.scores = {i: float(v) for i, v in enumerate(scores) if seq.pages[i] is not None}
+        return seq.held
 
     def release_sequence(self, sid: int, seq_id: int) -> ReleaseResult:
         session, seq = self._sequence(sid, seq_id)
@@ -356,6 +489,8 @@ class Store:
         ns = seq.ns
         freed = unpinned = 0
         for page in reversed(seq.pages + seq.spare):  # leaves first
+            if page is None:
+                continue
             if page.state is PageState.RESERVED:
                 ns.free_reserved(page)
                 freed += 1
@@ -370,12 +505,19 @@ class Store:
     # ------------------------------------------------------------ lookup and pins
 
     def lookup(
-        self, sid: int, namespace: str, token_ids: Seq[int], extra_keys: bytes, pin: bool
+        self,
+        sid: int,
+        namespace: str,
+        token_ids: Seq[int],
+        extra_keys: bytes,
+        pin: bool,
+        model_fingerprint: str = "",
     ) -> LookupResult:
         if pin and not sid:
             raise InvalidArgument("pin=true needs a session_id: pins are held by a session")
         session = self.session(sid) if sid else None
         ns = self.namespace(namespace)
+        ns.check_model(model_fingerprint)
         tokens = validate.token_array(
             token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=self.limits
         )

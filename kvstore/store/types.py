@@ -83,6 +83,23 @@ class NamespaceInfo:
     pool: PoolInfo
 
 
+UNCONSTRAINED = "unconstrained"
+STATIC = "static"
+SLIDING_WINDOW = "sliding_window"
+IMPORTANCE = "importance"
+BUDGET_MODES = (UNCONSTRAINED, STATIC, SLIDING_WINDOW, IMPORTANCE)
+
+
+@dataclass(frozen=True)
+class SequenceOptions:
+    """A sequence's cache budget (docs/architecture.md, "Budgets"); sizes in tokens/pages."""
+
+    mode: str = UNCONSTRAINED
+    sink_tokens: int = 0  # sliding_window, importance
+    window_tokens: int = 0  # sliding_window
+    budget_pages: int = 0  # importance
+
+
 @dataclass(slots=True)  # not frozen: built per page on hot paths, and frozen init is 4x slower
 class PageRef:
     index: int  # page position in the sequence
@@ -91,6 +108,7 @@ class PageRef:
     token_start: int = 0
     token_count: int = 0
     block_hash: bytes = b""
+    private: bool = False  # written after a budget drop: never sealed, never shared
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,7 @@ class AppendResult:
     num_tokens: int
     pages: list[PageRef]
     cached_tokens: int
+    dropped: list[int] = field(default_factory=list)  # page indices the budget dropped, ascending
 
 
 @dataclass(frozen=True)
@@ -123,7 +142,9 @@ class SequenceView:
     namespace: str
     num_tokens: int
     committed_tokens: int
-    pages: list[PageRef]
+    pages: list[PageRef]  # held pages only
+    dropped: list[int] = field(default_factory=list)
+    options: SequenceOptions = field(default_factory=SequenceOptions)
 
 
 @dataclass(frozen=True)
@@ -163,4 +184,5 @@ class NamespaceStats:
     lookups: int = 0
     evictions: int = 0
     deduplicated_pages: int = 0
+    budget_dropped_pages: int = 0
     extra: dict[str, int] = field(default_factory=dict)

@@ -9,7 +9,17 @@ import numpy as np
 
 from kvstore.errors import InvalidArgument
 from kvstore.policy import policy_names
-from kvstore.store.types import DTYPE_BYTES, NamespaceSpec, StoreLimits
+from kvstore.store.types import (
+    BUDGET_MODES,
+    DTYPE_BYTES,
+    IMPORTANCE,
+    SLIDING_WINDOW,
+    STATIC,
+    UNCONSTRAINED,
+    NamespaceSpec,
+    SequenceOptions,
+    StoreLimits,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOKEN_ID = 2**31 - 1
@@ -79,3 +89,46 @@ def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
             f"{where}: pool of {spec.num_pages} pages x {spec.page_stride} bytes = {pool_bytes} bytes "
             f"is over the limit max_pool_bytes={limits.max_pool_bytes}"
         )
+
+
+def sequence_options(options: SequenceOptions, max_tokens: int, page_tokens: int) -> None:
+    """A budget that makes sense for the namespace; errors name the field."""
+    mode = options.mode
+    if mode not in BUDGET_MODES:
+        raise InvalidArgument(f"options.mode={mode!r} is unknown; known: {', '.join(BUDGET_MODES)}")
+    for name in ("sink_tokens", "window_tokens", "budget_pages"):
+        value = getattr(options, name)
+        if value < 0:
+            raise InvalidArgument(f"options.{name}={value} is negative; it must be >= 0")
+        if value > MAX_TOKEN_ID:
+            raise InvalidArgument(f"options.{name}={value} is over the limit {MAX_TOKEN_ID}")
+    used = {
+        UNCONSTRAINED: (),
+        STATIC: (),
+        SLIDING_WINDOW: ("sink_tokens", "window_tokens"),
+        IMPORTANCE: ("sink_tokens", "budget_pages"),
+    }[mode]
+    for name in ("sink_tokens", "window_tokens", "budget_pages"):
+        if name not in used and getattr(options, name):
+            raise InvalidArgument(
+                f"options.{name}={getattr(options, name)} has no meaning with options.mode={mode}; leave it 0"
+            )
+    if mode == STATIC and max_tokens <= 0:
+        raise InvalidArgument(f"options.mode=static needs max_tokens > 0 (got max_tokens={max_tokens})")
+    if mode in (SLIDING_WINDOW, IMPORTANCE) and max_tokens:
+        raise InvalidArgument(
+            f"max_tokens={max_tokens} with options.mode={mode}: a budgeted sequence preallocates nothing; "
+            "leave max_tokens 0"
+        )
+    if mode == SLIDING_WINDOW and options.window_tokens <= 0:
+        raise InvalidArgument(
+            f"options.window_tokens={options.window_tokens} must be > 0 with options.mode=sliding_window"
+        )
+    if mode == IMPORTANCE:
+        sinks = -(-options.sink_tokens // page_tokens)
+        if options.budget_pages < sinks + 1:
+            raise InvalidArgument(
+                f"options.budget_pages={options.budget_pages} is smaller than the sink pages + 1 = {sinks + 1} "
+                f"(sink_tokens={options.sink_tokens} fill {sinks} pages of page_tokens={page_tokens}; "
+                "one more holds the last page)"
+            )

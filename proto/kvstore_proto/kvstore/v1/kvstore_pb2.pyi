@@ -22,6 +22,13 @@ class PageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAGE_STATE_UNSPECIFIED: _ClassVar[PageState]
     WRITABLE: _ClassVar[PageState]
     CACHED: _ClassVar[PageState]
+
+class BudgetMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_UNCONSTRAINED: _ClassVar[BudgetMode]
+    BUDGET_STATIC: _ClassVar[BudgetMode]
+    BUDGET_SLIDING_WINDOW: _ClassVar[BudgetMode]
+    BUDGET_IMPORTANCE: _ClassVar[BudgetMode]
 DTYPE_UNSPECIFIED: DType
 FLOAT16: DType
 BFLOAT16: DType
@@ -32,6 +39,10 @@ FLOAT8_E4M3: DType
 PAGE_STATE_UNSPECIFIED: PageState
 WRITABLE: PageState
 CACHED: PageState
+BUDGET_UNCONSTRAINED: BudgetMode
+BUDGET_STATIC: BudgetMode
+BUDGET_SLIDING_WINDOW: BudgetMode
+BUDGET_IMPORTANCE: BudgetMode
 
 class Geometry(_message.Message):
     __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "page_tokens", "vocab_size")
@@ -90,20 +101,22 @@ class NamespaceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class PageRef(_message.Message):
-    __slots__ = ("index", "slot", "state", "token_start", "token_count", "block_hash")
+    __slots__ = ("index", "slot", "state", "token_start", "token_count", "block_hash", "private")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
     index: int
     slot: int
     state: PageState
     token_start: int
     token_count: int
     block_hash: bytes
-    def __init__(self, index: _Optional[int] = ..., slot: _Optional[int] = ..., state: _Optional[_Union[PageState, str]] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., block_hash: _Optional[bytes] = ...) -> None: ...
+    private: bool
+    def __init__(self, index: _Optional[int] = ..., slot: _Optional[int] = ..., state: _Optional[_Union[PageState, str]] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., private: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("client_name", "lease_ttl_ms")
@@ -167,17 +180,33 @@ class GetNamespaceRequest(_message.Message):
     namespace: str
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
+class SequenceOptions(_message.Message):
+    __slots__ = ("mode", "sink_tokens", "window_tokens", "budget_pages")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SINK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_PAGES_FIELD_NUMBER: _ClassVar[int]
+    mode: BudgetMode
+    sink_tokens: int
+    window_tokens: int
+    budget_pages: int
+    def __init__(self, mode: _Optional[_Union[BudgetMode, str]] = ..., sink_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., budget_pages: _Optional[int] = ...) -> None: ...
+
 class AllocateRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "max_tokens", "extra_keys")
+    __slots__ = ("session_id", "namespace", "max_tokens", "extra_keys", "options", "model_fingerprint")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     max_tokens: int
     extra_keys: bytes
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., max_tokens: _Optional[int] = ..., extra_keys: _Optional[bytes] = ...) -> None: ...
+    options: SequenceOptions
+    model_fingerprint: str
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., max_tokens: _Optional[int] = ..., extra_keys: _Optional[bytes] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("sequence_id", "reserved_pages")
@@ -198,14 +227,16 @@ class AppendRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
-    __slots__ = ("num_tokens", "pages", "cached_tokens")
+    __slots__ = ("num_tokens", "pages", "cached_tokens", "dropped_indices")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_INDICES_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRef]
     cached_tokens: int
-    def __init__(self, num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    dropped_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., dropped_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots")
@@ -238,30 +269,52 @@ class GetSequenceRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ...) -> None: ...
 
 class GetSequenceResponse(_message.Message):
-    __slots__ = ("namespace", "num_tokens", "committed_tokens", "pages")
+    __slots__ = ("namespace", "num_tokens", "committed_tokens", "pages", "dropped_indices", "options")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_INDICES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     num_tokens: int
     committed_tokens: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRef]
-    def __init__(self, namespace: _Optional[str] = ..., num_tokens: _Optional[int] = ..., committed_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ...) -> None: ...
+    dropped_indices: _containers.RepeatedScalarFieldContainer[int]
+    options: SequenceOptions
+    def __init__(self, namespace: _Optional[str] = ..., num_tokens: _Optional[int] = ..., committed_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ...) -> None: ...
+
+class ReportImportanceRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id", "scores")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ReportImportanceResponse(_message.Message):
+    __slots__ = ("pages_held",)
+    PAGES_HELD_FIELD_NUMBER: _ClassVar[int]
+    pages_held: int
+    def __init__(self, pages_held: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     extra_keys: bytes
     pin: bool
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes")
@@ -330,7 +383,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +398,7 @@ class NamespaceStats(_message.Message):
     DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_DROPPED_PAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     page_bytes: int
     pages_total: int
@@ -359,7 +413,8 @@ class NamespaceStats(_message.Message):
     deduplicated_pages: int
     sequences: int
     policy: str
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    budget_dropped_pages: int
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("namespaces", "sessions", "uptime_s", "version")

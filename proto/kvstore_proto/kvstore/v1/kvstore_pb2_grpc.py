@@ -79,6 +79,11 @@ class KVStoreStub:
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceResponse.FromString,
                 _registered_method=True)
+        self.ReportImportance = channel.unary_unary(
+                '/kvstore.v1.KVStore/ReportImportance',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReportImportanceRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReportImportanceResponse.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvstore.v1.KVStore/Lookup',
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupRequest.SerializeToString,
@@ -160,6 +165,12 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportImportance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Lookup(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -231,6 +242,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.GetSequence,
                     request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceRequest.FromString,
                     response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceResponse.SerializeToString,
+            ),
+            'ReportImportance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportImportance,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReportImportanceRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReportImportanceResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
@@ -496,6 +512,33 @@ class KVStore:
             '/kvstore.v1.KVStore/GetSequence',
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceRequest.SerializeToString,
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportImportance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/ReportImportance',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReportImportanceRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReportImportanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
