@@ -30,3 +30,15 @@ def daemon_factory() -> Iterator[Callable[..., DaemonProcess]]:
 def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     """A running daemon with the small test namespace `test`; `.target` is its address."""
     return daemon_factory().start()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct in fp32, loaded once per test session
+    (tests/model_fixtures.py); skips, saying what to install, where the model is missing."""
+    from model_fixtures import load_model, missing_reason
+
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(f"model tests need the `model` extra: {reason}")
+    return load_model()
