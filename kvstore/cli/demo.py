@@ -1,5 +1,12 @@
 """`kvstore demo`: the whole system end to end on one machine, with the CPU default config.
 
+Two variants. The model one (`--model`; the default where transformers and the SmolLM2-135M
+GGUF model are installed, see `kvstore_client.hf.smollm2_missing`): process A reads a long
+document into the cache through the transformers adapter, process B asks questions about it,
+computing only the questions, and checks its answers equal the model alone's
+(kvstore/cli/demo_model_worker.py). The plain one (`--plain`, the default otherwise) writes
+synthetic KV, as follows:
+
 1. Start the real daemon as a child process (`python -m kvstore serve`), or use the one
    already serving on the socket, and wait until its health check says SERVING.
 2. Process A (its own OS process) writes the KV of a long prompt straight into pages of
@@ -139,6 +146,60 @@ def run_worker(role: str, target: str, namespace: str, tokens: int, seed: int, *
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_model_worker(role: str, target: str, namespace: str) -> dict[str, Any]:
+    """Run one model process; its JSON report. Its stderr (the model loader's progress bars,
+    transformers warnings) is shown only if it fails."""
+    argv = [sys.executable, "-m", "kvstore.cli.demo_model_worker", role, "--target", target]
+    argv += ["--namespace", namespace]
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise DemoError(
+            f"process {'A' if role == 'read-document' else 'B'} exited with status {proc.returncode}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
+    """A reads a document into the cache through the adapter, B asks about it. True when every
+    answer hit the cache and equals the model alone's."""
+    from kvstore.cli import demo_model_worker as w
+
+    say(f"A: its own process; loads {w.MODEL_NAME} (~20 s), then reads the document into the cache")
+    a = run_model_worker("read-document", target, namespace)
+    A = f"A (pid {a['pid']})"
+    made = "created" if a["namespace_created"] else "found"
+    say(
+        f"{A}: loaded the model in {a['load_seconds']:.1f}s; {made} namespace {namespace} (model {a['fingerprint']})"
+    )
+    describe_namespace(kv, namespace)
+    say(
+        f"{A}: read a {_n(a['tokens'])}-token document (pydoc topics {', '.join(a['topics'])}) through "
+        f"the adapter in {a['prefill_seconds']:.1f}s: {_n(a['hit_before'])} tokens were cached, "
+        f"{_n(a['pages_sealed'])} pages sealed; exited"
+    )
+    say(
+        f"B: its own process; loads the model (~20 s), asks {len(w.QUESTIONS)} questions about the same document"
+    )
+    b = run_model_worker("ask", target, namespace)
+    B = f"B (pid {b['pid']})"
+    say(f"{B}: loaded the model in {b['load_seconds']:.1f}s")
+    ok = a["pid"] != b["pid"]
+    for i, q in enumerate(b["answers"], 1):
+        say(f"{B}: Q{i}: {q['question']}")
+        say(
+            f"{B}:   hit {_n(q['hit_tokens'])} of {_n(q['tokens'])} tokens written by pid {a['pid']}: "
+            f"prefilled only {_n(q['computed_tokens'])} tokens (its question is {q['question_tokens']}); "
+            f"TTFT {q['ttft_cached_s']:.2f}s with kvstore vs {q['ttft_alone_s']:.2f}s without"
+        )
+        say(f"{B}:   answer: {q['answer']!r}")
+        say(f"{B}:   same tokens as the model alone: {'yes' if q['same_as_model_alone'] else 'NO'}")
+        ok = ok and q["hit_tokens"] > 0 and q["same_as_model_alone"]
+    return ok
+
+
 def _n(x: int) -> str:
     return f"{x:,}"
 
@@ -215,9 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", help="daemon socket (default: as `kvstore serve` would choose)")
     parser.add_argument("--config", metavar="FILE", help="TOML config for the daemon (see docs/config.md)")
     parser.add_argument("--no-serve", action="store_true", help="stop the daemon after the demo (tests, CI)")
-    parser.add_argument("--namespace", help="namespace to use (default: `default`, else the first)")
-    parser.add_argument("--tokens", type=int, default=2000, help="prompt length A writes (default 2000)")
-    parser.add_argument("--question-tokens", type=int, default=37, help="tokens B adds (default 37)")
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument(
+        "--model", action="store_true", help="the SmolLM2-135M variant (default where the model is installed)"
+    )
+    variant.add_argument("--plain", action="store_true", help="the synthetic-KV variant (no model needed)")
+    parser.add_argument(
+        "--namespace",
+        help="namespace to use (plain: default `default`, else the first; model: `smollm2-135m`, "
+        "created if missing)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=2000, help="plain: prompt length A writes (default 2000)"
+    )
+    parser.add_argument("--question-tokens", type=int, default=37, help="plain: tokens B adds (default 37)")
     parser.add_argument("--seed", type=int, help="prompt seed (default 0 on a fresh daemon, else the pid)")
     parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="daemon logs"
@@ -237,6 +309,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in e.problems:
             print(f"kvstore demo: config error: {problem}", file=sys.stderr)
         return 2
+    use_model = args.model
+    if not args.model and not args.plain:
+        from kvstore_client import hf
+
+        use_model = hf.smollm2_missing() is None
+    elif args.model:
+        from kvstore_client import hf
+
+        missing = hf.smollm2_missing()
+        if missing is not None:
+            print(f"kvstore demo: --model needs the model: {missing}", file=sys.stderr)
+            return 2
     target = f"unix:{config.server.socket}"
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     # Explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
@@ -244,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon: DaemonChild | None = None
     rc = 1
     try:
-        say("kvstore demo: two processes share one KV cache through the daemon, zero-copy")
+        if use_model:
+            say("kvstore demo: two processes running SmolLM2-135M share one KV cache through the daemon")
+        else:
+            say("kvstore demo: two processes share one KV cache through the daemon, zero-copy")
         if _health(target, timeout=5.0) == SERVING:
             say(f"daemon: one is already serving on {target}; using it")
         else:
@@ -252,14 +339,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"daemon: SERVING on {target} after {daemon.start():.2f}s")
         seed = args.seed if args.seed is not None else (0 if daemon else os.getpid())
         with admin.connect(target, timeout_s=30.0) as kv:
-            namespace = describe_namespace(kv, args.namespace)
-            say()
-            ok = run_demo(target, namespace, args.tokens, args.question_tokens, seed)
+            if use_model:
+                from kvstore.cli import demo_model_worker
+
+                say()
+                ok = run_model_demo(kv, target, args.namespace or demo_model_worker.NAMESPACE)
+            else:
+                namespace = describe_namespace(kv, args.namespace)
+                say()
+                ok = run_demo(target, namespace, args.tokens, args.question_tokens, seed)
             say()
             say(admin.render_stats(kv.stats(), target))
             say()
         if not ok:
-            raise DemoError("B could not verify A's pages (see above)")
+            raise DemoError(
+                "B's answers did not use A's cache or differ from the model's (see above)"
+                if use_model
+                else "B could not verify A's pages (see above)"
+            )
         rc = 0 if daemon is None or args.no_serve else serve(daemon, target)
     except (KeyboardInterrupt, _Stop):
         say("kvstore demo: interrupted")
