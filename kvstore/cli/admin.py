@@ -25,6 +25,8 @@ from kvstore_client.errors import KVStoreClientError
 from kvstore_client.target import resolve_target
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
+from kvstore.config import format_size
+
 PROG = "kvstore-admin"
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -33,12 +35,8 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as the daemon's config uses)."""
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        scale = _UNITS[unit[0].lower()]
-        if n >= scale:
-            return f"{n / scale:.4g} {unit}"
-    return f"{int(n)} B"
+    """1536 -> '1.5 KiB' (binary units, the same text as the daemon's config and logs)."""
+    return format_size(int(n))
 
 
 def human_duration(seconds: float) -> str:
