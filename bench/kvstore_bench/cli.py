@@ -8,14 +8,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, pageio, rpc, ttft
+from . import budgets, pageio, replay, rpc, ttft
 from .harness import BenchError, install_signal_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
-    for name, module in (("budgets", budgets), ("pageio", pageio), ("rpc", rpc), ("ttft", ttft)):
+    for name, module in (
+        ("budgets", budgets),
+        ("pageio", pageio),
+        ("replay", replay),
+        ("rpc", rpc),
+        ("ttft", ttft),
+    ):
         doc = (module.__doc__ or "").strip()
         sub = commands.add_parser(
             name,

@@ -24,6 +24,9 @@ class EvictionPolicy(ABC):
     def on_access(self, page: Page) -> None:  # noqa: B027 - optional hook
         """A lookup hit the page, or a sequence reused it."""
 
+    def on_dropped(self, page: Page) -> None:  # noqa: B027 - optional hook
+        """The store is freeing the page (after on_unevictable); its block_hash is still set."""
+
     @abstractmethod
     def on_evictable(self, page: Page) -> None:
         """The page may now be chosen as a victim."""

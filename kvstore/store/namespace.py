@@ -109,6 +109,7 @@ class Namespace:
             parent.children.discard(page)
             if parent.evictable:
                 self.policy.on_evictable(parent)
+        self.policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
         self.pages.give_back(page)
         self.evictions += 1
 

@@ -1,0 +1,545 @@
+"""`kvstore-bench replay`: replay a prefix-cache trace through the real store, index and policy.
+
+The trace is Mooncake-schema JSONL: one request a line with `hash_ids` (one id per block of
+`--block-size` tokens; equal ids = equal prefix up to and including that block),
+`input_length` and `timestamp`; other fields are ignored. Each request runs through a real
+`kvstore.store.namespace.Namespace` (its PageTable, PrefixIndex and eviction policy) with
+`capacity` pages: walk the blocks and count hits up to the first miss (prefix semantics: a
+block hits only if every block before it in the request hit), pin the hits, make room and
+reserve + seal the missing blocks under their parent (as an engine writes a prompt's KV),
+then unpin everything at the end of the request. A request longer than what eviction can
+free caches only the blocks that fit.
+
+Block keys are interned from (key of the parent, hash id), so two blocks share a page only
+when their whole prefixes are equal, even in a trace whose ids are not chained.
+
+Per run: `hit_rate` (hit blocks / blocks), `belady_hit_rate` (offline optimum at the same
+capacity, see `belady_hits`), `ceiling` (infinite cache: every block seen before hits),
+`ratio_to_belady`, and `compute_saved`: hits weighted by what their block costs to recompute
+at its position. A block at position i (0-based) of a request attends to (i+1) blocks of
+context, and its linear layers (QKV/O projections, MLP) cost about as much as attention over
+6·d_model tokens, so cost(i) = (i + 1) + C with C = 6·d_model / block_size (`--d-model`,
+default 4096: C = 48 for 512-token blocks); compute_saved = Σ cost over hits / Σ cost over
+all blocks. `--mrc` also estimates LRU's miss-ratio curve with kvstore.mrc (spatially
+hashed sampling) and reports its absolute error against the exact LRU replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.memory.shm_pool import ShmPool, segment_name
+from kvstore.policy import make_policy, policy_names
+from kvstore.store.namespace import Namespace
+from kvstore.store.types import PAGE_ALIGN, NamespaceSpec
+
+from .harness import BenchError, machine_info, now_iso, progress
+
+MRC_FRACS = (0.01, 0.05, 0.10, 0.25)
+_pool_ids = itertools.count()
+
+
+# ---------------------------------------------------------------- the trace
+
+
+@dataclass
+class Trace:
+    path: str
+    requests: list[list[int]]  # per request: block node ids, root first
+    keys: list[bytes]  # node id -> the block key the index stores
+    accesses: int
+
+    @property
+    def distinct(self) -> int:
+        return len(self.keys)
+
+
+def parse_trace(lines: Any, path: str = "<lines>") -> Trace:
+    """Requests of a Mooncake-schema JSONL stream, block ids interned into prefix-tree nodes."""
+    nodes: dict[tuple[int, int], int] = {}
+    requests: list[list[int]] = []
+    accesses = 0
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ids = json.loads(line)["hash_ids"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"{path}:{lineno}: not a request with hash_ids ({e})") from None
+        parent = -1
+        chain = []
+        for hid in ids:
+            node = nodes.setdefault((parent, hid), len(nodes))
+            chain.append(node)
+            parent = node
+        requests.append(chain)
+        accesses += len(chain)
+    keys = [n.to_bytes(8, "little") for n in range(len(nodes))]
+    return Trace(path, requests, keys, accesses)
+
+
+def load_trace(path: str) -> Trace:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_trace(f, path)
+    except OSError as e:
+        raise BenchError(f"cannot read trace {path}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------- replay through the store
+
+
+@dataclass
+class RunResult:
+    policy: str
+    capacity_blocks: int
+    capacity_frac: float
+    accesses: int
+    hits: int
+    hit_rate: float
+    belady_hit_rate: float
+    ceiling: float
+    ratio_to_belady: float
+    compute_saved: float
+    accesses_per_s: float
+    truncated_requests: int  # requests whose missing blocks did not all fit
+
+
+def _namespace(policy: str, capacity: int, block_size: int) -> Namespace:
+    spec = NamespaceSpec(
+        name="replay",
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=1,
+        dtype="uint8",
+        page_tokens=block_size,
+        num_pages=capacity,
+        policy=policy,
+    )
+    # The namespace never touches pool bytes here; a one-OS-page segment satisfies it.
+    pool = ShmPool.create(segment_name("kvsreplay-", os.getpid(), f"{next(_pool_ids)}"), PAGE_ALIGN)
+    return Namespace(spec, pool, make_policy(policy))
+
+
+def replay_store(
+    trace: Trace, policy: str, capacity: int, block_size: int = 512, tick: Any = None
+) -> tuple[list[int], int, float]:
+    """Replay through a real Namespace. Returns (hit blocks per request, truncated requests, seconds)."""
+    ns = _namespace(policy, capacity, block_size)
+    try:
+        keys = trace.keys
+        get = ns.index.get
+        ref, unref, touch, seal, reserve = ns.ref, ns.unref, ns.touch, ns.seal, ns.reserve
+        free = ns.pages.free
+        hits_per_request: list[int] = []
+        truncated = 0
+        t0 = time.perf_counter()
+        for r, chain in enumerate(trace.requests):
+            held: list[Any] = []
+            for node in chain:
+                page = get(keys[node])
+                if page is None:
+                    break
+                held.append(page)
+            n_hit = len(held)
+            hits_per_request.append(n_hit)
+            if held:
+                for page in held:
+                    ref(page)
+                touch(held)
+            want = len(chain) - n_hit
+            if want:
+                if want > len(free):
+                    room = min(want, ns.obtainable())
+                    if room < want:
+                        truncated += 1
+                        want = room
+                    ns.make_room(want, "replay")
+                parent = held[-1] if held else None
+                for node in chain[n_hit : n_hit + want]:
+                    page = reserve(0)
+                    page.block_hash = keys[node]
+                    seal(page, parent)
+                    held.append(page)
+                    parent = page
+            for page in reversed(held):
+                unref(page)
+            if tick is not None and r & 255 == 0:
+                tick(r)
+        return hits_per_request, truncated, time.perf_counter() - t0
+    finally:
+        ns.pool.close()
+
+
+# ---------------------------------------------------------------- offline references
+
+
+def belady_hits(trace: Trace, capacity: int) -> list[int]:
+    """Hit blocks per request of Belady's MIN at `capacity` blocks, under prefix semantics.
+
+    Blocks are accessed in trace order; a missing block is inserted and, when the cache is
+    over capacity, the resident block (the new one included, so MIN may bypass) whose next
+    use is farthest goes. With chained keys a parent's next use always comes before its
+    child's (same request, earlier position), and blocks never used again are evicted
+    deepest first, so the victim is always a leaf: MIN's schedule respects leaf-first, and
+    under leaf-first a block after a miss is never resident, so its prefix hits equal its
+    plain hits. MIN maximises plain hits over all schedules (bypass allowed), hence this is
+    the optimum for prefix caches of unit-size blocks too: an upper bound for every policy
+    (which are further constrained by pins). O(log n) per access (lazy heap).
+    """
+    n = trace.distinct
+    flat = [node for chain in trace.requests for node in chain]
+    depth = [0] * n
+    for chain in trace.requests:
+        for i, node in enumerate(chain):
+            depth[node] = i
+    never = len(flat) + 1
+    next_use = [0] * len(flat)
+    upcoming = [never] * n
+    for t in range(len(flat) - 1, -1, -1):
+        node = flat[t]
+        next_use[t] = upcoming[node]
+        upcoming[node] = t
+    resident = [False] * n
+    key_of = [0] * n  # current next use of a resident node (heap entries with another value are stale)
+    heap: list[tuple[int, int, int]] = []  # (-next_use, -depth, node)
+    size = 0
+    out: list[int] = []
+    t = 0
+    for chain in trace.requests:
+        hit = 0
+        prefix = True
+        for node in chain:
+            nu = next_use[t]
+            t += 1
+            if resident[node]:
+                if prefix:
+                    hit += 1
+            else:
+                prefix = False
+                resident[node] = True
+                size += 1
+            key_of[node] = nu
+            heapq.heappush(heap, (-nu, -depth[node], node))
+            while size > capacity:
+                negnu, _, victim = heapq.heappop(heap)
+                if resident[victim] and key_of[victim] == -negnu:
+                    resident[victim] = False
+                    size -= 1
+        out.append(hit)
+        if len(heap) > 4 * (size + 1024):
+            heap = [(-key_of[v], -depth[v], v) for v in range(n) if resident[v]]
+            heapq.heapify(heap)
+    return out
+
+
+def ceiling_hits(trace: Trace) -> list[int]:
+    """Hit blocks per request of an infinite cache: every block seen before hits."""
+    seen = bytearray(trace.distinct)
+    out = []
+    for chain in trace.requests:
+        hit = 0
+        for node in chain:
+            if seen[node]:
+                hit += 1
+            else:
+                seen[node] = 1
+        out.append(hit)
+    return out
+
+
+def compute_weights(trace: Trace, block_size: int, d_model: int) -> tuple[list[float], float]:
+    """Prefix sums of cost(i) = (i + 1) + C (see the module doc) and the total over the trace."""
+    c = 6 * d_model / block_size
+    longest = max((len(ch) for ch in trace.requests), default=0)
+    prefix = [0.0]
+    for i in range(longest):
+        prefix.append(prefix[-1] + i + 1 + c)
+    total = sum(prefix[len(ch)] for ch in trace.requests)
+    return prefix, total
+
+
+# ---------------------------------------------------------------- the command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", required=True, help="Mooncake-schema JSONL trace")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per hash id (default 512)")
+    p.add_argument(
+        "--capacity-blocks",
+        action="append",
+        default=[],
+        metavar="N",
+        help="cache size in blocks (repeatable, N,M,...)",
+    )
+    p.add_argument(
+        "--capacity-frac",
+        action="append",
+        default=[],
+        metavar="F",
+        help="cache size as a fraction of the trace's distinct blocks (repeatable, F,G,...)",
+    )
+    p.add_argument(
+        "--policy", default="default", help=f"{'|'.join(policy_names())}|all|default (default: default)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per run on stdout, one a line")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="hit rate vs capacity per policy, Belady and the ceiling"
+    )
+    p.add_argument(
+        "--mrc", action="store_true", help="check kvstore.mrc's LRU estimate against exact LRU replays"
+    )
+    p.add_argument(
+        "--mrc-rate", type=float, default=0.1, help="sampling rate of the MRC estimate (default 0.1)"
+    )
+    p.add_argument(
+        "--d-model", type=int, default=4096, help="model width for compute_saved's C (default 4096)"
+    )
+
+
+def _split(values: list[str], kind: type) -> list[Any]:
+    out = []
+    for v in values:
+        for part in v.split(","):
+            if part.strip():
+                try:
+                    out.append(kind(part))
+                except ValueError:
+                    raise BenchError(f"not a {kind.__name__}: {part!r}") from None
+    return out
+
+
+def _policies(arg: str) -> list[str]:
+    if arg == "all":
+        return policy_names()
+    if arg == "default":
+        from kvstore.config import ServerConfig
+
+        return [ServerConfig().default_policy]
+    names = [a.strip() for a in arg.split(",") if a.strip()]
+    for name in names:
+        if name not in policy_names():
+            raise BenchError(f"unknown policy {name!r}; known: {', '.join(policy_names())}, all, default")
+    return names
+
+
+def _capacities(args: argparse.Namespace, distinct: int) -> list[tuple[int, float]]:
+    caps = [(max(1, round(f * distinct)), f) for f in _split(args.capacity_frac, float)]
+    caps += [(n, n / max(1, distinct)) for n in _split(args.capacity_blocks, int)]
+    if args.mrc:
+        caps += [(max(1, round(f * distinct)), f) for f in MRC_FRACS]
+    if not caps:
+        caps = [(max(1, round(f * distinct)), f) for f in MRC_FRACS]
+    for n, _ in caps:
+        if n < 1:
+            raise BenchError(f"capacity must be at least 1 block, got {n}")
+    return sorted(set(caps))
+
+
+class _Bar:
+    """A one-line progress counter on stderr (\\r-updated)."""
+
+    def __init__(self, total_runs: int, requests: int) -> None:
+        self.total_runs, self.requests, self.run = total_runs, requests, 0
+        self.tty = sys.stderr.isatty()
+
+    def start(self, label: str) -> None:
+        self.run += 1
+        self.label = label
+
+    def __call__(self, r: int) -> None:
+        if self.tty:
+            pct = 100 * r / max(1, self.requests)
+            print(
+                f"\r[{self.run}/{self.total_runs}] {self.label}: {pct:5.1f}%",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def done(self, text: str) -> None:
+        if self.tty:
+            print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+        progress("[%d/%d] %s: %s", self.run, self.total_runs, self.label, text)
+
+
+def run_one(
+    trace: Trace,
+    policy: str,
+    capacity: int,
+    frac: float,
+    *,
+    block_size: int,
+    weights: tuple[list[float], float],
+    belady: list[int],
+    ceiling: list[int],
+    tick: Any = None,
+) -> RunResult:
+    hits, truncated, seconds = replay_store(trace, policy, capacity, block_size, tick)
+    total = sum(hits)
+    acc = max(1, trace.accesses)
+    prefix, cost_total = weights
+    opt = sum(belady) / acc
+    rate = total / acc
+    return RunResult(
+        policy=policy,
+        capacity_blocks=capacity,
+        capacity_frac=round(frac, 6),
+        accesses=trace.accesses,
+        hits=total,
+        hit_rate=rate,
+        belady_hit_rate=opt,
+        ceiling=sum(ceiling) / acc,
+        ratio_to_belady=rate / opt if opt else 1.0,
+        compute_saved=sum(prefix[h] for h in hits) / cost_total if cost_total else 0.0,
+        accesses_per_s=trace.accesses / seconds if seconds else 0.0,
+        truncated_requests=truncated,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    trace = load_trace(args.trace)
+    if not trace.accesses:
+        raise BenchError(f"{args.trace}: no blocks in the trace")
+    progress(
+        "%s: %d requests, %d block accesses, %d distinct blocks (loaded in %.2fs)",
+        Path(args.trace).name,
+        len(trace.requests),
+        trace.accesses,
+        trace.distinct,
+        time.monotonic() - t0,
+    )
+    policies = _policies(args.policy)
+    if args.mrc and "lru" not in policies:
+        policies.append("lru")
+    caps = _capacities(args, trace.distinct)
+    weights = compute_weights(trace, args.block_size, args.d_model)
+    ceiling = ceiling_hits(trace)
+    bar = _Bar(len(policies) * len(caps), len(trace.requests))
+    results: list[RunResult] = []
+    for capacity, frac in caps:
+        t1 = time.monotonic()
+        belady = belady_hits(trace, capacity)
+        progress(
+            "Belady at %d blocks: %.4f (%.2fs)", capacity, sum(belady) / trace.accesses, time.monotonic() - t1
+        )
+        for policy in policies:
+            bar.start(f"{policy} @ {capacity} blocks")
+            res = run_one(
+                trace,
+                policy,
+                capacity,
+                frac,
+                block_size=args.block_size,
+                weights=weights,
+                belady=belady,
+                ceiling=ceiling,
+                tick=bar,
+            )
+            bar.done(
+                f"hit rate {res.hit_rate:.4f} ({res.ratio_to_belady:.2f}x Belady), {res.accesses_per_s:,.0f} acc/s"
+            )
+            results.append(res)
+            if args.json:
+                print(json.dumps(asdict(res) | {"trace": trace.path}), flush=True)
+    mrc_rows = _mrc(trace, results, args.mrc_rate) if args.mrc else []
+    if args.json:
+        for row in mrc_rows:
+            print(json.dumps(row), flush=True)
+    else:
+        _print_table(trace, results, mrc_rows)
+    if args.plot:
+        _plot(args.plot, trace, results)
+    return 0
+
+
+def _mrc(trace: Trace, results: list[RunResult], rate: float) -> list[dict[str, Any]]:
+    from kvstore.mrc import MrcSampler
+
+    sampler = MrcSampler(rate=rate)
+    for chain in trace.requests:
+        sampler.record_request([trace.keys[n] for n in chain])
+    lru = sorted((r for r in results if r.policy == "lru"), key=lambda r: r.capacity_blocks)
+    est = sampler.curve([r.capacity_blocks for r in lru])
+    rows = []
+    for r, (_, e) in zip(lru, est, strict=True):
+        rows.append(
+            {
+                "mrc": "lru",
+                "sample_rate": sampler.rate,
+                "samples": sampler.samples,
+                "capacity_blocks": r.capacity_blocks,
+                "capacity_frac": r.capacity_frac,
+                "exact_hit_rate": r.hit_rate,
+                "estimated_hit_rate": e,
+                "abs_error": abs(e - r.hit_rate),
+            }
+        )
+        progress("MRC at %d blocks: estimate %.4f vs exact LRU %.4f", r.capacity_blocks, e, r.hit_rate)
+    return rows
+
+
+def _print_table(trace: Trace, results: list[RunResult], mrc_rows: list[dict[str, Any]]) -> None:
+    m = machine_info()
+    print(f"# kvstore-bench replay {trace.path} ({now_iso()}, {m.get('cpu_model', '?')})")
+    print(
+        f"# {len(trace.requests)} requests, {trace.accesses} block accesses, {trace.distinct} distinct blocks"
+    )
+    print(
+        f"{'policy':<10} {'capacity':>9} {'frac':>6} {'hit_rate':>9} {'belady':>7} {'ratio':>6} "
+        f"{'ceiling':>8} {'saved':>6} {'acc/s':>9}"
+    )
+    for r in results:
+        print(
+            f"{r.policy:<10} {r.capacity_blocks:>9} {r.capacity_frac:>6.3f} {r.hit_rate:>9.4f} "
+            f"{r.belady_hit_rate:>7.4f} {r.ratio_to_belady:>6.2f} {r.ceiling:>8.4f} {r.compute_saved:>6.3f} "
+            f"{r.accesses_per_s:>9,.0f}"
+        )
+    if mrc_rows:
+        print(f"\n# LRU miss-ratio curve estimate (kvstore.mrc, sample rate {mrc_rows[0]['sample_rate']:g})")
+        print(f"{'capacity':>9} {'exact':>7} {'estimate':>9} {'abs_err':>8}")
+        for row in mrc_rows:
+            print(
+                f"{row['capacity_blocks']:>9} {row['exact_hit_rate']:>7.4f} "
+                f"{row['estimated_hit_rate']:>9.4f} {row['abs_error']:>8.4f}"
+            )
+
+
+def _plot(path: str, trace: Trace, results: list[RunResult]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("--plot skipped: matplotlib is not installed (pip install -e '.[model]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_cap: dict[int, RunResult] = {}
+    for policy in dict.fromkeys(r.policy for r in results):
+        rs = sorted((r for r in results if r.policy == policy), key=lambda r: r.capacity_blocks)
+        ax.plot([r.capacity_frac for r in rs], [r.hit_rate for r in rs], marker="o", label=policy)
+        by_cap.update({r.capacity_blocks: r for r in rs})
+    refs = sorted(by_cap.values(), key=lambda r: r.capacity_blocks)
+    ax.plot(
+        [r.capacity_frac for r in refs], [r.belady_hit_rate for r in refs], "k--", marker="s", label="Belady"
+    )
+    ax.axhline(refs[0].ceiling, color="grey", linestyle=":", label="infinite cache")
+    ax.set_xscale("log")
+    ax.set_xlabel("capacity (fraction of distinct blocks)")
+    ax.set_ylabel("block hit rate (prefix semantics)")
+    ax.set_title(f"trace replay: {Path(trace.path).name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    progress("wrote %s", path)
