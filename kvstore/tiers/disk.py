@@ -1,0 +1,355 @@
+"""The disk tier: pages in an LMDB environment, written by one writer thread in batches.
+
+Three named databases: `meta` (key -> record metadata + checksum, ~120 bytes), `data`
+(key -> payload) and `state` (bookkeeping). A record's meta and data are written in the same
+transaction, so it is there whole or not at all; the re-index scans only `meta`.
+
+Threading (py-lmdb's rule: a write transaction never crosses threads):
+- the writer thread (disk_writer.py) owns every write transaction. `put_async`,
+  `remove_async` and `flush_async` queue work for it and return concurrent futures (any
+  thread may call them; `put_many`/`flush` await them from asyncio);
+- reads (`get`, `read_into`, `meta`) run on any thread in their own short read
+  transactions: synchronously, or via `aget`/`aread_into` on the tier's reader pool;
+- the in-memory index (disk_index.py) is shared under one lock.
+
+Durability: the environment is opened with sync=False (no fsync per commit). A committed
+batch is in the OS page cache, so it survives `kill -9` of the process; `flush()` commits
+everything queued before it and then fsyncs (`env.sync(True)`), so after it returns the
+pages survive a power loss too. Without fsync LMDB may lose batches committed after the last
+sync on an OS crash (and with writemap, on a file system that reorders writes, its
+consistency); `sync_commits=True` fsyncs every batch instead. docs/tiers.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from .disk_index import DiskIndex
+from .disk_writer import BatchLimits, Dbs, DiskWriter
+from .record import CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
+
+log = logging.getLogger(__name__)
+
+
+def headroom_bytes(capacity_bytes: int) -> int:
+    """The part of the map kept free of pages: 1/16 of it, at least 1 MiB, at most 1 GiB."""
+    return min(max(capacity_bytes // 16, 1 << 20), 1 << 30)
+
+
+def _secure_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"disk tier directory {path} belongs to uid {st.st_uid}, not us ({os.getuid()})"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        log.warning("disk tier directory %s had mode %o; setting 0700", path, stat.S_IMODE(st.st_mode))
+        path.chmod(0o700)
+
+
+class DiskTier:
+    """Pages in LMDB under `path`; the file never grows past `capacity_bytes` (the map size).
+    Build with `DiskTier.open`; close with `close()` (or use it as a context manager)."""
+
+    def __init__(self, env: lmdb.Environment, path: Path, capacity_bytes: int, writer: DiskWriter) -> None:
+        self.path = path
+        self.capacity_bytes = capacity_bytes
+        self._env = env
+        self._dbs = writer.dbs
+        self._index = writer.index
+        self._writer = writer
+        self._readers: cf.ThreadPoolExecutor | None = None  # made on first aget
+        self._reader_threads = 4
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        capacity_bytes: int,
+        *,
+        batch_records: int = 256,
+        batch_bytes: int = 64 << 20,
+        batch_wait_s: float = 0.002,
+        reader_threads: int = 4,
+        writemap: bool = True,
+        sync_commits: bool = False,
+        on_evict: Callable[[list[PageKey]], None] | None = None,
+    ) -> DiskTier:
+        """Open (creating) the environment in `path` (mode 0700), clear reader slots of dead
+        processes (`reader_check`) and start the writer. Nothing on disk is indexed until
+        `reindex()` has run. `on_evict(keys)` is called on the writer thread with the keys it
+        evicted to make room (hop to your loop with call_soon_threadsafe)."""
+        path = Path(path)
+        if capacity_bytes < 2 * headroom_bytes(capacity_bytes):
+            raise ValueError(f"disk tier capacity_bytes={capacity_bytes} is too small; at least 2 MiB")
+        _secure_dir(path)
+        env = lmdb.open(
+            str(path),
+            map_size=capacity_bytes,
+            max_dbs=3,
+            mode=0o600,
+            sync=sync_commits,
+            metasync=sync_commits,
+            writemap=writemap,
+            readahead=False,  # random page reads: do not drag neighbours into the page cache
+            max_readers=max(126, 4 * reader_threads),
+        )
+        try:
+            stale = env.reader_check()
+            if stale:
+                log.info(
+                    "disk tier %s: cleared %d stale reader slots (a dead process held them)", path, stale
+                )
+            dbs = Dbs(env.open_db(b"meta"), env.open_db(b"data"), env.open_db(b"state"))
+            writer = DiskWriter(
+                env,
+                dbs,
+                DiskIndex(),
+                name=str(path),
+                soft_limit_bytes=capacity_bytes - headroom_bytes(capacity_bytes),
+                limits=BatchLimits(batch_records, batch_bytes, batch_wait_s),
+                on_evict=on_evict,
+            )
+        except BaseException:
+            env.close()
+            raise
+        tier = cls(env, path, capacity_bytes, writer)
+        tier._reader_threads = reader_threads
+        writer.start()
+        return tier
+
+    @property
+    def soft_limit_bytes(self) -> int:
+        """Writes evict down to this; the headroom above it holds B-tree pages and lets
+        deletes commit even when the map is full."""
+        return self._writer.soft_limit_bytes
+
+    # ------------------------------------------------------------------ writing (any thread)
+
+    def put_async(self, records: Iterable[PageRecord]) -> cf.Future[list[PageKey]]:
+        """Queue records for the writer. The future resolves once their batch is committed
+        (visible to reads, safe from kill -9; not fsynced: see flush), to the keys dropped
+        because they cannot fit even in an empty tier (usually [])."""
+        return self._submit("put", list(records))
+
+    async def put_many(self, records: Iterable[PageRecord]) -> list[PageKey]:
+        return await asyncio.wrap_future(self.put_async(records))
+
+    def remove_async(self, keys: Iterable[PageKey | bytes]) -> cf.Future[int]:
+        """Queue deletions; resolves to how many of the records were there."""
+        return self._submit("remove", list(keys))
+
+    def flush_async(self) -> cf.Future[None]:
+        """Resolves once everything queued before it is committed and fsynced."""
+        return self._submit("flush", None)
+
+    async def flush(self) -> None:
+        await asyncio.wrap_future(self.flush_async())
+
+    def flush_sync(self, timeout: float | None = None) -> None:
+        self.flush_async().result(timeout)
+
+    def _submit(self, kind: str, payload: Any) -> cf.Future:
+        if self._closed:
+            fut: cf.Future = cf.Future()
+            fut.set_exception(RuntimeError(f"disk tier {self.path} is closed"))
+            return fut
+        return self._writer.submit(kind, payload)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Commit and fsync what is queued, stop the writer and the readers, close LMDB."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._writer.stop(timeout):
+            log.error(
+                "disk tier %s: the writer did not stop within %.0fs; LMDB left open", self.path, timeout
+            )
+            return
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        self._env.close()
+
+    def __enter__(self) -> DiskTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading (any thread)
+
+    def __contains__(self, key: object) -> bool:
+        """Committed and not found corrupt (after `reindex()` for what an earlier run wrote)."""
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def touch(self, keys: Iterable[PageKey]) -> None:
+        """Mark pages most recently used (e.g. a lookup went through them)."""
+        self._index.touch(keys)
+
+    def meta(self, key: PageKey) -> PageMeta | None:
+        """The stored metadata (no payload read), or None; CorruptPage if it is garbage."""
+        with self._env.begin(buffers=True) as txn:
+            raw = txn.get(key.encode(), db=self._dbs.meta)
+            if raw is None or self._index.is_dropped(key):
+                return None
+            try:
+                return decode_meta(key, raw)[0]
+            except CorruptPage as e:
+                raise self._corrupt(e) from None
+
+    def read_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
+        """Copy the page into `out` (e.g. its pool slot) and verify the copy there: what the
+        caller reads is what was checked. None on a miss; CorruptPage when it fails (the
+        record is then dropped: counted, logged, deleted, a miss from then on)."""
+        got = self._read(key, memoryview(out).cast("B"))
+        return None if got is None else got[0]
+
+    def get(self, key: PageKey) -> bytes | None:
+        """A verified copy of the page's bytes, or None on a miss (CorruptPage as read_into)."""
+        got = self._read(key, None)
+        return None if got is None else bytes(got[1])
+
+    async def aget(self, key: PageKey) -> bytes | None:
+        """`get` on the tier's reader pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), self.get, key)
+
+    async def aread_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), self.read_into, key, out)
+
+    def _pool(self) -> cf.ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = cf.ThreadPoolExecutor(
+                self._reader_threads, thread_name_prefix="kvstore-disk-read"
+            )
+        return self._readers
+
+    def _read(self, key: PageKey, dst: memoryview | None) -> tuple[PageMeta, memoryview] | None:
+        if self._index.is_dropped(key):
+            self._index.count("misses")
+            return None
+        try:
+            with self._env.begin(buffers=True) as txn:
+                raw = key.encode()
+                meta_raw = txn.get(raw, db=self._dbs.meta)
+                payload = txn.get(raw, db=self._dbs.data)
+                if meta_raw is None or payload is None:
+                    self._index.count("misses")
+                    return None
+                meta, crc = decode_meta(key, meta_raw)
+                if dst is None:
+                    dst = memoryview(bytearray(meta.page_bytes))
+                elif dst.nbytes != meta.page_bytes:
+                    raise ValueError(f"page {key} is {meta.page_bytes} bytes, the buffer {dst.nbytes}")
+                if len(payload) != meta.page_bytes:
+                    raise CorruptPage(
+                        key, f"payload is {len(payload)} bytes, the metadata says {meta.page_bytes}"
+                    )
+                dst[:] = payload
+            verify(key, meta, crc, dst)  # the copy, after the transaction: what the caller gets
+        except CorruptPage as e:
+            raise self._corrupt(e) from None
+        self._index.count("hits")
+        self._index.touch((key,))
+        return meta, dst
+
+    def _corrupt(self, e: CorruptPage) -> CorruptPage:
+        """Count and drop a corrupt record; returns the error for the caller to raise."""
+        self._index.mark_dropped(e.key)
+        log.warning("disk tier %s: page %s is corrupt (%s); dropping it", self.path, e.key, e.reason)
+        if not self._closed:
+            self.remove_async((e.key,))
+        return e
+
+    # ------------------------------------------------------------------ re-index
+
+    def reindex(
+        self,
+        progress: Callable[[int, int, float], None] | None = None,
+        *,
+        chunk: int = 2048,
+        progress_every_s: float = 1.0,
+    ) -> Iterator[PageMeta]:
+        """Yield the metadata of every record on disk (payloads are not read) and rebuild the
+        tier's index and LRU order (oldest created first). Garbage records are skipped,
+        counted (`stats()['corrupt']`) and deleted. `progress(done, total, pages_per_s)` is
+        called every `progress_every_s` and at the end. Read transactions are short (one per
+        `chunk` records), so the writer is never held up: run it on a thread while serving."""
+        t0 = last = time.monotonic()
+        with self._env.begin() as txn:
+            total = txn.stat(self._dbs.meta)["entries"]
+        done = 0
+        order: list[tuple[int, PageKey]] = []
+        bad: list[bytes] = []
+        after: bytes | None = None
+        ok = True
+        index = self._index
+        while ok:
+            metas: list[PageMeta] = []
+            # The lock spans the read transaction and the index update: a delete committed
+            # after our snapshot unindexes after us, so a deleted key is never re-added.
+            with index.lock, self._env.begin(buffers=True) as txn:
+                cur = txn.cursor(self._dbs.meta)
+                ok = cur.set_range(after) if after is not None else cur.first()
+                if ok and after is not None and bytes(cur.key()) == after:
+                    ok = cur.next()
+                n = 0
+                while ok and n < chunk:
+                    raw_key = after = bytes(cur.key())
+                    n += 1
+                    try:
+                        key = PageKey.decode(raw_key)
+                        meta, _ = decode_meta(key, cur.value())
+                    except (CorruptPage, ValueError, UnicodeDecodeError):
+                        bad.append(raw_key)
+                        with contextlib.suppress(ValueError, UnicodeDecodeError):
+                            index.dropped.add(PageKey.decode(raw_key))
+                    else:
+                        if key not in index.dropped:
+                            metas.append(meta)
+                            order.append((meta.created_ns, key))
+                            index.found(key, self._writer.cost(len(cur.value()), meta.page_bytes))
+                    ok = cur.next()
+            done += n
+            yield from metas
+            now = time.monotonic()
+            if progress is not None and (now - last >= progress_every_s or not ok):
+                progress(done, total, done / max(now - t0, 1e-9))
+                last = now
+        order.sort()
+        index.oldest_first([k for _, k in order])  # then whatever was put meanwhile
+        if bad:
+            index.count("corrupt", len(bad))
+            log.warning("disk tier %s: %d unreadable records skipped and deleted", self.path, len(bad))
+            self.remove_async(bad)  # by raw bytes: a garbage key need not decode
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        """capacity/soft limit, bytes_used (estimated bytes in the map of the pages held),
+        pages, counters (puts, batches, syncs, hits, misses, corrupt, evicted, dropped,
+        disk_full_events, map_full_errors), map_used_bytes (the file's high-water mark), queued."""
+        out: dict[str, Any] = {
+            "capacity_bytes": self.capacity_bytes,
+            "soft_limit_bytes": self.soft_limit_bytes,
+        }
+        out |= self._index.snapshot()
+        if not self._closed:
+            out["map_used_bytes"] = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        out["queued"] = self._writer.queued()
+        return out

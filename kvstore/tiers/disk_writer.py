@@ -1,0 +1,258 @@
+"""The disk tier's one writer thread: it owns every LMDB write transaction.
+
+Work arrives on a queue (put, remove, flush) with a concurrent future each. The writer takes
+the first item, then whatever follows within the batch limits (records, bytes, a short
+wait), and commits it all in one transaction per batch (last operation on a key wins); a
+flush in the batch adds `env.sync(True)` before its future resolves.
+
+Room: the map is `capacity_bytes`; writes evict least recently used records down to the soft
+limit first (`disk_full_events`), so the headroom above it always holds the B-tree pages a
+delete needs. A `MapFullError` anyway (free pages still held by a reader, fragmentation) is
+counted (`map_full_errors`), answered with more eviction and a retry; a record that cannot
+fit at all is dropped and reported in its future. The writer never dies: an unexpected error
+fails that batch's futures and it goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from .disk_index import DiskIndex
+from .record import PageKey, PageRecord
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Dbs:
+    meta: Any  # key -> record metadata (+ checksum)
+    data: Any  # key -> payload
+    state: Any  # small bookkeeping, never scanned as pages
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    records: int = 256
+    nbytes: int = 64 << 20
+    wait_s: float = 0.002  # how long to wait for more after the first item
+
+
+class _Work:
+    __slots__ = ("future", "kind", "payload")
+
+    def __init__(self, kind: str, payload: Any) -> None:
+        self.kind = kind  # "put" | "remove" | "flush"
+        self.payload = payload
+        self.future: cf.Future = cf.Future()
+
+
+class DiskWriter:
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        dbs: Dbs,
+        index: DiskIndex,
+        *,
+        name: str,
+        soft_limit_bytes: int,
+        limits: BatchLimits,
+        on_evict: Callable[[list[PageKey]], None] | None,
+    ) -> None:
+        self.name = name
+        self.soft_limit_bytes = soft_limit_bytes
+        self._env = env
+        self.dbs = dbs
+        self.index = index  # shared with the tier (readers, re-index)
+        self._limits = limits
+        self._on_evict = on_evict
+        self._psize = env.stat()["psize"]
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="kvstore-disk-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, kind: str, payload: Any) -> cf.Future:
+        work = _Work(kind, payload)
+        self._queue.put(work)
+        return work.future
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float) -> bool:
+        """Commit and sync what is queued, then end the thread; False if it did not in time."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def cost(self, meta_len: int, page_bytes: int) -> int:
+        """Bytes a record takes in the map (estimate): a payload past half a page lives on its
+        own overflow pages (16-byte header, rounded up to whole pages); the rest in leaves."""
+        psize = self._psize
+        data = -(-(page_bytes + 16) // psize) * psize if page_bytes > psize // 2 else page_bytes + 48
+        return meta_len + 48 + data
+
+    # ------------------------------------------------------------------ the thread
+
+    def _main(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                batch, stop = [_Work("flush", None)], True
+            else:
+                batch, stop = self._gather(first)
+            try:
+                self._run(batch)
+            except Exception as e:
+                log.exception("disk tier %s: batch failed", self.name)
+                for w in batch:
+                    if not w.future.done():
+                        w.future.set_exception(e)
+
+    def _gather(self, first: _Work) -> tuple[list[_Work], bool]:
+        """`first` and whatever follows within the batch limits; True if a stop came."""
+        batch = [first]
+        n, nbytes = _size(first)
+        deadline = time.monotonic() + self._limits.wait_s
+        while n < self._limits.records and nbytes < self._limits.nbytes and batch[-1].kind != "flush":
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                batch.append(_Work("flush", None))
+                return batch, True
+            batch.append(item)
+            dn, db = _size(item)
+            n, nbytes = n + dn, nbytes + db
+        return batch, False
+
+    def _run(self, batch: list[_Work]) -> None:
+        last: dict[PageKey | bytes, PageRecord | None] = {}  # in queue order, last op wins
+        for w in batch:
+            if w.kind == "put":
+                for r in w.payload:
+                    last[r.key] = r
+            elif w.kind == "remove":
+                for k in w.payload:
+                    last[k] = None
+        removes = [k for k, r in last.items() if r is None]
+        puts = {k: (r.encode_meta(), r) for k, r in last.items() if r is not None}
+        removed = self._delete(removes) if removes else {}
+        dropped = set(self._write(puts)) if puts else set()  # type: ignore[arg-type]
+        if any(w.kind == "flush" for w in batch):
+            self._env.sync(True)
+            self.index.count("syncs")
+        self.index.count("batches")
+        for w in batch:
+            if w.kind == "put":
+                w.future.set_result([r.key for r in w.payload if r.key in dropped])
+            elif w.kind == "remove":
+                w.future.set_result(sum(1 for k in w.payload if removed.get(k)))
+            else:
+                w.future.set_result(None)
+
+    def _delete(self, keys: list[PageKey | bytes]) -> dict[PageKey | bytes, bool]:
+        """Delete records by key (or raw key bytes, for garbage found by the re-index)."""
+        found: dict[PageKey | bytes, bool] = {}
+        with self._env.begin(write=True) as txn:
+            for k in keys:
+                raw = k if isinstance(k, bytes) else k.encode()
+                found[k] = txn.delete(raw, db=self.dbs.meta)
+                txn.delete(raw, db=self.dbs.data)
+        self.index.discard(keys)
+        return found
+
+    def _write(self, puts: dict[PageKey, tuple[bytes, PageRecord]]) -> list[PageKey]:
+        """Commit the records, making room first. Returns the keys dropped (cannot fit)."""
+        dropped = [
+            k for k, (m, r) in puts.items() if self.cost(len(m), r.meta.page_bytes) > self.soft_limit_bytes
+        ]
+        items = [(k, v) for k, v in puts.items() if k not in dropped]
+        # Sub-batches of at most half the soft limit, so room can always be made for one.
+        chunk: dict[PageKey, tuple[bytes, PageRecord]] = {}
+        cost = 0
+        for i, (k, v) in enumerate(items):
+            chunk[k] = v
+            cost += self.cost(len(v[0]), v[1].meta.page_bytes)
+            if i == len(items) - 1 or cost >= self.soft_limit_bytes // 2:
+                dropped += self._write_chunk(chunk, cost)
+                chunk, cost = {}, 0
+        if dropped:
+            self.index.count("dropped", len(dropped))
+            log.warning("disk tier %s: dropped %d pages that do not fit", self.name, len(dropped))
+        return dropped
+
+    def _write_chunk(self, chunk: dict[PageKey, tuple[bytes, PageRecord]], cost: int) -> list[PageKey]:
+        over = self.index.incoming(chunk.keys(), cost) - self.soft_limit_bytes
+        if over > 0:
+            self.index.count("disk_full_events")
+            self._evict(over, exclude=chunk.keys())
+        for attempt in range(3):
+            try:
+                self._commit(chunk)
+                return []
+            except lmdb.MapFullError:
+                self.index.count("map_full_errors")
+                if not self._evict(cost * (attempt + 1) + 64 * self._psize, exclude=chunk.keys()):
+                    break
+        out = []
+        for key, item in chunk.items():  # last resort: each alone, or dropped
+            try:
+                self._commit({key: item})
+            except lmdb.MapFullError:
+                out.append(key)
+        return out
+
+    def _commit(self, items: dict[PageKey, tuple[bytes, PageRecord]]) -> None:
+        sizes = {}
+        with self._env.begin(write=True) as txn:
+            for key, (meta_raw, rec) in items.items():
+                raw = key.encode()
+                txn.put(raw, meta_raw, db=self.dbs.meta)
+                txn.put(raw, rec.payload, db=self.dbs.data)
+                sizes[key] = self.cost(len(meta_raw), rec.meta.page_bytes)
+        self.index.committed(sizes)
+
+    def _evict(self, nbytes: int, exclude: Iterable[PageKey]) -> bool:
+        """Delete least recently used records worth `nbytes`; False if none could be."""
+        victims, freed = self.index.victims(nbytes, exclude)
+        if not victims:
+            return False
+        try:
+            self._delete(victims)  # type: ignore[arg-type]
+            # LMDB reuses pages freed by transaction N only from N+2 on (N's pages still back
+            # the previous snapshot); one tiny commit in between lets the next write use them.
+            with self._env.begin(write=True, db=self.dbs.state) as txn:
+                txn.put(b"last_eviction_ns", str(time.time_ns()).encode())
+        except lmdb.MapFullError:
+            log.error("disk tier %s: map full even for deletes (headroom used up)", self.name)
+            self.index.count("map_full_errors")
+            return False
+        self.index.count("evicted", len(victims))
+        log.info("disk tier %s full: evicted %d pages (%d bytes)", self.name, len(victims), freed)
+        if self._on_evict is not None:
+            try:
+                self._on_evict(victims)
+            except Exception:
+                log.exception("disk tier %s: on_evict callback failed", self.name)
+        return True
+
+
+def _size(w: _Work) -> tuple[int, int]:
+    if w.kind == "put":
+        return len(w.payload), sum(r.meta.page_bytes for r in w.payload)
+    return (len(w.payload), 0) if w.kind == "remove" else (0, 0)

@@ -1,0 +1,247 @@
+"""The host tier: page copies in DRAM owned by the daemon (clients never map it).
+
+Memory comes in slabs: anonymous mmaps (prefaulted) cut into fixed-size slots, one size
+class per payload size (a namespace's page_bytes is fixed, so a namespace uses one class).
+The capacity bounds the bytes of all slabs together; an emptied slab is unmapped, so its
+bytes go back to the capacity for any class. Pages are kept in LRU order; the tier never
+drops a page on its own: when it is full, `put` raises HostFull and the caller asks
+`victims()` which pages to move down (to disk) or drop, then `take()`s or `remove()`s them.
+
+Threading: not thread-safe. Every method is synchronous and meant for the daemon's event
+loop (loop-owned); a copy is one memcpy of a page (~40 us for 512 KiB).
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .record import CorruptPage, PageKey, PageMeta, PageRecord, verify
+
+DEFAULT_SLAB_BYTES = 32 << 20
+
+
+class HostFull(Exception):
+    """No slot for the page within the host tier's capacity: move or drop `victims()` first."""
+
+
+class _Slab:
+    __slots__ = ("free", "mapping", "slot_bytes", "view")
+
+    def __init__(self, slot_bytes: int, slots: int) -> None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        self.mapping = mmap.mmap(-1, max(1, slot_bytes * slots), flags=flags)
+        self.view = memoryview(self.mapping)
+        self.slot_bytes = slot_bytes
+        self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.mapping)
+
+    def slot(self, i: int) -> memoryview:
+        return self.view[i * self.slot_bytes : (i + 1) * self.slot_bytes]
+
+    def close(self) -> None:
+        self.view.release()
+        self.mapping.close()
+
+
+@dataclass(slots=True)
+class _Entry:
+    meta: PageMeta
+    checksum: int
+    slab: _Slab
+    slot: int
+
+
+@dataclass(slots=True)
+class _Class:
+    slabs: list[_Slab] = field(default_factory=list)
+    pages: int = 0
+
+
+class HostTier:
+    """Daemon-owned DRAM for pages below the pool, bounded by `capacity_bytes`."""
+
+    def __init__(self, capacity_bytes: int, *, slab_bytes: int = DEFAULT_SLAB_BYTES) -> None:
+        if capacity_bytes < 0 or slab_bytes < 1:
+            raise ValueError(f"capacity_bytes={capacity_bytes} must be >= 0, slab_bytes={slab_bytes} >= 1")
+        self.capacity_bytes = capacity_bytes
+        self.slab_bytes = slab_bytes
+        self._entries: OrderedDict[PageKey, _Entry] = OrderedDict()  # loop-owned; LRU first
+        self._classes: dict[int, _Class] = {}  # page_bytes -> its slabs
+        self._slab_total = 0  # bytes of all slabs; <= capacity_bytes
+        self._bytes_used = 0  # payload bytes of the pages held
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+
+    # ------------------------------------------------------------------ writing
+
+    def has_room(self, page_bytes: int) -> bool:
+        """Whether `put` of a page of this size would succeed now."""
+        cls = self._classes.get(page_bytes)
+        if cls and any(s.free for s in cls.slabs):
+            return True
+        return self._new_slab_slots(page_bytes) > 0
+
+    def put(self, record: PageRecord) -> bool:
+        """Copy the record into a slot. False (and a touch) if the key is already here — a
+        sealed page's bytes never change. HostFull when there is no room."""
+        key = record.key
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return False
+        slab, slot = self._allocate(record.meta.page_bytes)
+        slab.slot(slot)[:] = record.payload
+        self._entries[key] = _Entry(record.meta, record.checksum, slab, slot)
+        self._classes[record.meta.page_bytes].pages += 1
+        self._bytes_used += record.meta.page_bytes
+        return True
+
+    def _new_slab_slots(self, page_bytes: int) -> int:
+        room = self.capacity_bytes - self._slab_total
+        if page_bytes == 0:
+            return 1 << 16 if room >= 0 else 0
+        return min(max(1, self.slab_bytes // page_bytes), room // page_bytes)
+
+    def _allocate(self, page_bytes: int) -> tuple[_Slab, int]:
+        cls = self._classes.setdefault(page_bytes, _Class())
+        for slab in cls.slabs:
+            if slab.free:
+                return slab, slab.free.pop()
+        slots = self._new_slab_slots(page_bytes)
+        if slots <= 0:
+            raise HostFull(
+                f"host tier full: {self._slab_total} of {self.capacity_bytes} bytes in slabs, "
+                f"no free slot of {page_bytes} bytes; move or drop victims() first"
+            )
+        slab = _Slab(page_bytes, slots)
+        cls.slabs.append(slab)
+        self._slab_total += slab.nbytes
+        return slab, slab.free.pop()
+
+    # ------------------------------------------------------------------ reading
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def meta(self, key: PageKey) -> PageMeta | None:
+        entry = self._entries.get(key)
+        return entry.meta if entry else None
+
+    def touch(self, key: PageKey) -> None:
+        """Mark the page most recently used (a lookup went through it)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+
+    def read_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
+        """Copy the page into `out` (e.g. its pool slot) and verify the copy there: what the
+        caller reads is what was checked. None on a miss; CorruptPage (the page is dropped)
+        when the copy does not verify."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        dst = memoryview(out).cast("B")
+        if dst.nbytes != entry.meta.page_bytes:
+            raise ValueError(f"page {key} is {entry.meta.page_bytes} bytes, the buffer {dst.nbytes}")
+        dst[:] = entry.slab.slot(entry.slot)
+        self._check(key, entry, dst)
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry.meta
+
+    def get(self, key: PageKey) -> bytes | None:
+        """A verified copy of the page's bytes, or None on a miss."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        out = bytearray(entry.meta.page_bytes)
+        self.read_into(key, out)
+        return bytes(out)
+
+    def record(self, key: PageKey) -> PageRecord | None:
+        """The page as a record with its original checksum (for the disk tier), the payload
+        a verified copy; the page stays here. None on a miss."""
+        payload = self.get(key)
+        if payload is None:
+            return None
+        entry = self._entries[key]
+        return PageRecord(entry.meta, payload, entry.checksum)
+
+    def _check(self, key: PageKey, entry: _Entry, payload: memoryview) -> None:
+        try:
+            verify(key, entry.meta, entry.checksum, payload)
+        except CorruptPage:
+            self.corrupt += 1
+            self.remove(key)
+            raise
+
+    # ------------------------------------------------------------------ eviction
+
+    def victims(self, n: int, page_bytes: int | None = None) -> list[PageKey]:
+        """Up to `n` keys, least recently used first, that the caller should move down or
+        drop. With `page_bytes`, when no new slab fits, only pages of that size (removing
+        them frees slots the new page can use); the pages stay until removed."""
+        if page_bytes is not None and self._new_slab_slots(page_bytes) <= 0:
+            cls = self._classes.get(page_bytes)
+            if cls and cls.pages:
+                out = []
+                for key, entry in self._entries.items():
+                    if entry.meta.page_bytes == page_bytes:
+                        out.append(key)
+                        if len(out) >= n:
+                            break
+                return out
+        out = []
+        for key in self._entries:
+            if len(out) >= n:
+                break
+            out.append(key)
+        return out
+
+    def take(self, key: PageKey) -> PageRecord | None:
+        """`record(key)` then `remove(key)`: move a page out (demotion to disk)."""
+        rec = self.record(key)
+        if rec is not None:
+            self.remove(key)
+        return rec
+
+    def remove(self, key: PageKey) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        size = entry.meta.page_bytes
+        cls = self._classes[size]
+        cls.pages -= 1
+        self._bytes_used -= size
+        slab = entry.slab
+        slab.free.append(entry.slot)
+        if len(slab.free) * slab.slot_bytes >= slab.nbytes or (size == 0 and not cls.pages):
+            cls.slabs.remove(slab)  # empty: give its bytes back to every class
+            self._slab_total -= slab.nbytes
+            slab.close()
+        return True
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self.remove(key)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "capacity_bytes": self.capacity_bytes,
+            "bytes_used": self._bytes_used,
+            "slab_bytes": self._slab_total,
+            "pages": len(self._entries),
+            "hits": self.hits,
+            "misses": self.misses,
+            "corrupt": self.corrupt,
+        }

@@ -1,0 +1,113 @@
+"""The host tier: daemon-owned DRAM slabs, LRU victims, verification on every read."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvstore.tiers import CorruptPage, HostFull, HostTier, PageKey, PageRecord, make_meta
+
+PAGE = 64 << 10
+
+
+def rec(i: int, size: int = PAGE, ns: str = "ns", parent: bytes = b"") -> PageRecord:
+    meta = make_meta(ns, i.to_bytes(16, "little"), parent, 16, size, "geom-a")
+    return PageRecord.build(meta, os.urandom(size))
+
+
+def test_round_trip_is_byte_identical() -> None:
+    host = HostTier(1 << 20)
+    r = rec(1)
+    assert host.put(r)
+    assert r.key in host and len(host) == 1
+    assert host.get(r.key) == bytes(r.payload)
+    out = bytearray(PAGE)
+    meta = host.read_into(r.key, out)
+    assert meta == r.meta and out == r.payload
+    assert host.get(PageKey("ns", bytes(16))) is None
+    s = host.stats()
+    assert (s["pages"], s["bytes_used"], s["hits"], s["misses"]) == (1, PAGE, 2, 1)
+
+
+def test_put_copies_the_payload() -> None:
+    host = HostTier(1 << 20)
+    buf = bytearray(os.urandom(PAGE))
+    r = PageRecord.build(make_meta("ns", bytes(16), b"", 16, PAGE, "g"), buf)
+    host.put(r)
+    expected = bytes(buf)
+    buf[:] = bytes(PAGE)  # the caller reuses its buffer (a pool slot) right away
+    assert host.get(r.key) == expected
+
+
+def test_put_of_a_present_key_keeps_the_first_copy() -> None:
+    host = HostTier(1 << 20)
+    r = rec(1)
+    host.put(r)
+    assert not host.put(rec(1))
+    assert host.get(r.key) == bytes(r.payload)
+
+
+def test_full_raises_and_victims_are_lru_first() -> None:
+    host = HostTier(4 * PAGE, slab_bytes=2 * PAGE)
+    rs = [rec(i) for i in range(4)]
+    for r in rs:
+        host.put(r)
+    assert not host.has_room(PAGE)
+    with pytest.raises(HostFull, match="host tier full"):
+        host.put(rec(9))
+    host.get(rs[0].key)  # now most recently used
+    assert host.victims(2, PAGE) == [rs[1].key, rs[2].key]
+    moved = host.take(rs[1].key)
+    assert moved is not None and moved.checksum == rs[1].checksum and bytes(moved.payload) == rs[1].payload
+    assert rs[1].key not in host
+    host.put(rec(9))
+    assert len(host) == 4 and host.stats()["bytes_used"] == 4 * PAGE
+
+
+def test_empty_slabs_go_back_to_any_size() -> None:
+    host = HostTier(4 * PAGE, slab_bytes=2 * PAGE)
+    small = [rec(i) for i in range(4)]
+    for r in small:
+        host.put(r)
+    big = rec(100, size=2 * PAGE)
+    assert not host.has_room(2 * PAGE)
+    # Only same-size pages would free a slot, but there are none of 2*PAGE: oldest overall.
+    assert host.victims(2, 2 * PAGE) == [small[0].key, small[1].key]
+    host.remove(small[0].key)
+    assert not host.has_room(2 * PAGE)  # half a slab free is no room for a bigger page
+    host.remove(small[1].key)  # that slab is empty now: unmapped, its bytes free again
+    assert host.stats()["slab_bytes"] == 2 * PAGE
+    host.put(big)
+    assert host.get(big.key) == bytes(big.payload)
+    assert host.get(small[3].key) == bytes(small[3].payload)
+
+
+def test_corrupt_slot_is_reported_dropped_and_counted() -> None:
+    host = HostTier(1 << 20)
+    r = rec(1)
+    host.put(r)
+    entry = host._entries[r.key]
+    entry.slab.slot(entry.slot)[100] ^= 0xFF  # a flipped bit in DRAM
+    out = bytearray(PAGE)
+    with pytest.raises(CorruptPage) as err:
+        host.read_into(r.key, out)
+    assert err.value.key == r.key
+    assert r.key not in host and host.stats()["corrupt"] == 1
+    assert host.get(r.key) is None
+
+
+def test_wrong_buffer_size_is_refused() -> None:
+    host = HostTier(1 << 20)
+    r = rec(1)
+    host.put(r)
+    with pytest.raises(ValueError, match="bytes"):
+        host.read_into(r.key, bytearray(PAGE - 1))
+
+
+def test_clear_unmaps_everything() -> None:
+    host = HostTier(8 * PAGE, slab_bytes=2 * PAGE)
+    for i in range(5):
+        host.put(rec(i))
+    host.clear()
+    assert len(host) == 0 and host.stats()["slab_bytes"] == 0 and host.stats()["bytes_used"] == 0
