@@ -121,12 +121,15 @@ class Ghost:
     def __contains__(self, block_hash: object) -> bool:
         return block_hash in self._items
 
-    def add(self, block_hash: bytes, value: Any, limit: int) -> None:
+    def add(self, block_hash: bytes, value: Any, limit: int) -> list[Any]:
+        """Remember `block_hash`; returns the values of the entries dropped to stay within `limit`."""
         items = self._items
         items[block_hash] = value
         items.move_to_end(block_hash)
+        dropped = []
         while len(items) > limit:
-            items.popitem(last=False)
+            dropped.append(items.popitem(last=False)[1])
+        return dropped
 
     def pop(self, block_hash: bytes | None, default: Any = None) -> Any:
         return self._items.pop(block_hash, default) if block_hash is not None else default
