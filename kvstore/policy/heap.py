@@ -85,9 +85,14 @@ class HeapPolicy(EvictionPolicy):
             self._push(page)
 
     def _push(self, page: Page) -> None:
-        self._version += 1
-        page.policy_state = self._version
-        self._heap.push(page, self.key(page), self._version, self._count)
+        # The hot path of every policy: LazyHeap.push inlined.
+        self._version = version = self._version + 1
+        page.policy_state = version
+        entries = self._heap.entries
+        heapq.heappush(entries, (self.key(page), page.slot, version, page))
+        if len(entries) > 2 * self._count + 1024:
+            self._heap.entries = [e for e in entries if e[3].policy_state == e[2]]
+            heapq.heapify(self._heap.entries)
 
     def on_unevictable(self, page: Page) -> None:
         if page.policy_state is not None:
@@ -109,31 +114,16 @@ class HeapPolicy(EvictionPolicy):
         return self._count
 
 
-class Ghost:
-    """Block hashes of evicted pages, oldest dropped first beyond `limit` entries."""
+class Ghost(OrderedDict[bytes, Any]):
+    """Block hashes of evicted pages with a value each, oldest first; `pop(hash, default)`
+    and `in` are OrderedDict's."""
 
-    def __init__(self) -> None:
-        self._items: OrderedDict[bytes, Any] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, block_hash: object) -> bool:
-        return block_hash in self._items
-
-    def add(self, block_hash: bytes, value: Any, limit: int) -> list[Any]:
-        """Remember `block_hash`; returns the values of the entries dropped to stay within `limit`."""
-        items = self._items
-        items[block_hash] = value
-        items.move_to_end(block_hash)
-        dropped = []
-        while len(items) > limit:
-            dropped.append(items.popitem(last=False)[1])
-        return dropped
-
-    def pop(self, block_hash: bytes | None, default: Any = None) -> Any:
-        return self._items.pop(block_hash, default) if block_hash is not None else default
-
-    def trim(self, limit: int) -> None:
-        while len(self._items) > limit:
-            self._items.popitem(last=False)
+    def add(self, block_hash: bytes, value: Any, limit: int) -> Any:
+        """Remember `block_hash`; returns the value of the oldest entry dropped to stay within
+        `limit` (limits only grow, so at most one), or None."""
+        if block_hash in self:
+            del self[block_hash]
+        self[block_hash] = value
+        if len(self) > limit:
+            return self.popitem(last=False)[1]
+        return None

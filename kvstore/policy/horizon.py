@@ -51,17 +51,19 @@ class Horizon(HeapPolicy):
         self._ghost_once = 0  # ghost entries of blocks evicted with a single access
 
     def key(self, page: Page) -> float:
-        if self._freq.get(page.slot, 1) >= 2:
+        if self._freq[page.slot] >= 2:
             return page.last_access + self.horizon * self.peak
         return page.last_access
 
     def on_sealed(self, page: Page) -> None:
-        super().on_sealed(page)
+        self.resident += 1
+        if self.resident > self.peak:
+            self.peak = self.resident
         f = self._ghost.pop(page.block_hash, 0)
         if f:
             once = self._ghost_once
             many = len(self._ghost) + 1 - once
-            step = 1.0 / max(1, self.peak)
+            step = 1.0 / self.peak
             if f == 1:  # evicted from probation, wanted again: give new blocks more room
                 self._ghost_once -= 1
                 self.horizon = max(0.0, self.horizon - step * max(1.0, many / max(1, once)))
@@ -70,14 +72,14 @@ class Horizon(HeapPolicy):
         self._freq[page.slot] = 1 + f
 
     def on_access(self, page: Page) -> None:
-        self._freq[page.slot] = self._freq.get(page.slot, 0) + 1
-        self._rekey(page)
+        self._freq[page.slot] += 1
+        if page.policy_state is not None:
+            self._push(page)
 
     def on_dropped(self, page: Page) -> None:
-        super().on_dropped(page)
-        f = self._freq.pop(page.slot, 1)
-        if page.block_hash is not None:
-            self._ghost_once += f == 1
-            limit = max(1, int(self.max_horizon * self.peak))
-            for old in self._ghost.add(page.block_hash, f, limit):
-                self._ghost_once -= old == 1
+        self.resident -= 1
+        f = self._freq.pop(page.slot)
+        if f == 1:
+            self._ghost_once += 1
+        if self._ghost.add(page.block_hash, f, int(self.max_horizon * self.peak) + 1) == 1:
+            self._ghost_once -= 1

@@ -102,14 +102,15 @@ class Namespace:
     def drop(self, page: Page) -> None:
         """Evict a sealed, unpinned leaf: unindex and free it."""
         assert page.evictable, f"{page} is not evictable"
-        self.policy.on_unevictable(page)
+        policy = self.policy
+        policy.on_unevictable(page)
         self.index.remove(page)
         parent = page.parent
         if parent is not None and parent.children is not None:
             parent.children.discard(page)
-            if parent.evictable:
-                self.policy.on_evictable(parent)
-        self.policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
+            if not parent.children and parent.refcount == 0:  # parent.evictable: a parent is sealed
+                policy.on_evictable(parent)
+        policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
         self.pages.give_back(page)
         self.evictions += 1
 
