@@ -1,17 +1,19 @@
 """A hypothesis state machine over the Store: a tiny pool (12 pages of 2 tokens),
 a 4-token vocabulary so prefixes collide and pages are shared, deduplicated and
-evicted often, and a fake clock for leases. After every step the page table,
-free list, index, refcounts, policy and ownership must agree with each other
-and with a simple model of what each session holds."""
+evicted often, and a fake clock for leases. Some sequences carry a budget
+(sliding window with sinks, importance) and drop pages as they grow. After every
+step the page table, free list, index, refcounts, policy and ownership must agree
+with each other and with a simple model of what each session holds."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -19,7 +21,7 @@ from kvstore.errors import FailedPrecondition, OutOfRange, PermissionDenied, Res
 from kvstore.hashing import block_hashes, namespace_salt, token_bytes
 from kvstore.memory.pages import PageState
 from kvstore.store.store import Store
-from kvstore.store.types import NamespaceSpec, StoreLimits
+from kvstore.store.types import IMPORTANCE, SLIDING_WINDOW, NamespaceSpec, SequenceOptions, StoreLimits
 
 SHM = Path("/dev/shm")
 T = 2
@@ -74,6 +76,16 @@ class SeqModel:
     tokens: list[int] = field(default_factory=list)
     committed: int = 0
     spare_used: int = 0  # new pages an append took (not cache hits): each takes a preallocated one
+    options: SequenceOptions | None = None  # a budget (window or importance); None: none
+    dropped: set[int] = field(default_factory=set)  # page indices the budget dropped
+    scores: dict[int, float] = field(default_factory=dict)  # importance: last reported, held pages
+
+    def sink_pages(self) -> int:
+        return -(-self.options.sink_tokens // T) if self.options else 0
+
+    def private(self, index: int) -> bool:
+        """Above the lowest dropped page: its KV is not its prefix's, never hashed or sealed."""
+        return bool(self.dropped) and index > min(self.dropped)
 
 
 @dataclass
@@ -132,6 +144,9 @@ class StoreMachine(RuleBasedStateMachine):
         del self.sessions[sid]
         self.ended[sid] = why
 
+    def budget_dropped(self) -> bool:
+        return self.stats()["budget_dropped_pages"] > 0
+
     def like_before(self, data, tokens: list[int], extra: bytes) -> tuple[list[int], bytes]:
         """Half the time: a prefix of something written before plus `tokens`, so pages are shared."""
         if self.written and data.draw(st.booleans()):
@@ -167,6 +182,66 @@ class StoreMachine(RuleBasedStateMachine):
         seq = self.check_allocate(sid, max_tokens, extra)
         if seq:
             self.check_append(sid, seq, tokens, commit_all)
+
+    @precondition(lambda self: self.sessions)
+    @rule(
+        data=st.data(),
+        budget=st.one_of(
+            st.tuples(st.just(SLIDING_WINDOW), st.sampled_from([0, 2, 3]), st.sampled_from([1, 2, 4, 5])),
+            st.tuples(st.just(IMPORTANCE), st.sampled_from([0, 2]), st.integers(2, 4)),
+        ),
+        extra=st.sampled_from(EXTRAS),
+        tokens=tokens_st,
+        commit_all=st.booleans(),
+    )
+    def allocate_budgeted(self, data, budget, extra, tokens, commit_all):
+        """A sequence with a budget: it drops pages as it grows past it."""
+        mode, sinks, size = budget
+        if mode == SLIDING_WINDOW:
+            options = SequenceOptions(mode, sink_tokens=sinks, window_tokens=size)
+        else:
+            options = SequenceOptions(mode, sink_tokens=sinks, budget_pages=size)
+        sid = data.draw(st.sampled_from(list(self.sessions)))
+        tokens, extra = self.like_before(data, tokens, extra)
+        self.touch(sid)
+        seq, reserved = self.store.allocate(sid, "ns", 0, extra, options)
+        assert reserved == 0
+        self.sessions[sid].seqs[seq] = SeqModel(extra, 0, options=options)
+        self.check_append(sid, seq, tokens, commit_all)
+
+    @precondition(lambda self: self.budgeted(IMPORTANCE))
+    @rule(data=st.data())
+    def report_importance(self, data):
+        sid, seq = data.draw(st.sampled_from(self.budgeted(IMPORTANCE)))
+        m = self.sessions[sid].seqs[seq]
+        n = -(-len(m.tokens) // T)
+        scores = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=n, max_size=n))
+        self.touch(sid)
+        held = self.store.report_importance(sid, seq, scores)
+        assert held == n - len(m.dropped)
+        m.scores = {i: v for i, v in enumerate(scores) if i not in m.dropped}
+
+    def budgeted(self, mode: str) -> list[tuple[int, int]]:
+        return [
+            (sid, q)
+            for sid, q in self.all_seqs()
+            if (o := self.sessions[sid].seqs[q].options) and o.mode == mode
+        ]
+
+    def expected_drops(self, m: SeqModel, total: int) -> set[int]:
+        """The budget's rule, written out: what it drops when the sequence reaches `total` tokens."""
+        npages, sinks = -(-total // T), m.sink_pages()
+        if m.options.mode == SLIDING_WINDOW:
+            lo = max(0, total - m.options.window_tokens) // T
+            return set(range(sinks, lo)) - m.dropped
+        held = [i for i in range(npages) if i not in m.dropped]
+        excess = len(held) - m.options.budget_pages
+        if excess <= 0:
+            return set()
+        pool = sorted(
+            (i for i in held if sinks <= i < npages - 1), key=lambda i: (m.scores.get(i, math.inf), i)
+        )
+        return set(pool[:excess])
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data(), tokens=tokens_st.filter(lambda t: len(t) >= T), extra=st.sampled_from(EXTRAS))
@@ -235,18 +310,29 @@ class StoreMachine(RuleBasedStateMachine):
             assert self.stats() == before and self.store.sequence_view(sid, seq) == view
             return
         assert not (m.max_tokens and n0 + len(tokens) > m.max_tokens)
+        drops = self.expected_drops(m, n0 + len(tokens)) if m.options else set()
+        assert set(r.dropped) == drops
+        if drops:
+            event(f"{m.options.mode} budget dropped pages")
+        m.dropped |= drops
+        m.scores = {i: v for i, v in m.scores.items() if i not in m.dropped}
         m.tokens += tokens
-        self.written.append((m.extra, list(m.tokens)))
+        if not m.dropped:  # a budget's private pages are nobody's prefix
+            self.written.append((m.extra, list(m.tokens)))
         m.spare_used += sum(1 for p in r.pages if p.token_start == 0 and not p.cached)
         assert r.num_tokens == len(m.tokens)
         hashes = expected_hashes(m.tokens, m.extra)
         assert r.cached_tokens == T * sum(p.cached for p in r.pages)
-        assert sum(p.token_count for p in r.pages) == len(tokens)
+        landed_in_dropped = sum(
+            max(0, min(T, len(m.tokens) - i * T) - max(0, min(T, n0 - i * T))) for i in drops
+        )
+        assert sum(p.token_count for p in r.pages) == len(tokens) - landed_in_dropped
         first = n0 // T
-        assert [p.index for p in r.pages] == list(range(first, first + len(r.pages)))
+        touched = range(first, -(-len(m.tokens) // T)) if tokens else range(0)
+        assert [p.index for p in r.pages] == [i for i in touched if i not in m.dropped]
         for p in r.pages:
             full = p.token_start + p.token_count == T
-            assert p.block_hash == (hashes[p.index] if full else b"")
+            assert p.block_hash == (hashes[p.index] if full and not m.private(p.index) else b"")
             if p.cached:
                 assert p.token_start == 0 and full
                 assert self.ns.pages.pages[p.slot].state is PageState.SEALED
@@ -279,8 +365,12 @@ class StoreMachine(RuleBasedStateMachine):
 
     def check_commit(self, sid: int, seq: int, num: int, slots: list[int]) -> None:
         m = self.sessions[sid].seqs[seq]
-        view = self.store.sequence_view(sid, seq)
-        pending = [i for i in range(m.committed // T, num // T) if not view.pages[i].cached]
+        view = {p.index: p for p in self.store.sequence_view(sid, seq).pages}
+        pending = [
+            i
+            for i in range(m.committed // T, num // T)
+            if i in view and not view[i].cached and not m.private(i)
+        ]
         before = self.stats()
         self.touch(sid)
         r = self.store.commit(sid, seq, num, slots)
@@ -292,9 +382,9 @@ class StoreMachine(RuleBasedStateMachine):
         assert after["deduplicated_pages"] == before["deduplicated_pages"] + r.deduplicated_pages
         assert after["pages_free"] == before["pages_free"] + r.deduplicated_pages
         m.committed = max(m.committed, num)
-        view = self.store.sequence_view(sid, seq)
+        view = {p.index: p for p in self.store.sequence_view(sid, seq).pages}
         for p in r.moved:
-            assert view.pages[p.index].slot == p.slot and p.cached
+            assert view[p.index].slot == p.slot and p.cached
 
     @precondition(lambda self: self.all_seqs() or self.all_pins())
     @rule(data=st.data())
@@ -327,8 +417,9 @@ class StoreMachine(RuleBasedStateMachine):
             del self.sessions[sid].pins[obj]
             return
         q = self.store.sessions[sid].sequences[obj]
-        held = len(q.pages) + len(q.spare)
-        reserved = sum(p.state is PageState.RESERVED for p in q.pages + q.spare)
+        pages = [p for p in q.pages if p is not None] + q.spare
+        held = len(pages)
+        reserved = sum(p.state is PageState.RESERVED for p in pages)
         r = self.store.release_sequence(sid, obj)
         assert (r.pages_freed, r.pages_unpinned) == (reserved, held - reserved)
         del self.sessions[sid].seqs[obj]
@@ -356,7 +447,11 @@ class StoreMachine(RuleBasedStateMachine):
         if k < len(hashes):
             assert self.ns.index.get(hashes[k]) is None  # the longest cached prefix
         # What a live sequence committed, or a pin holds, cannot have been evicted.
-        held = [(q.extra, q.tokens[: q.committed]) for s in self.sessions.values() for q in s.seqs.values()]
+        held = [
+            (q.extra, q.tokens[: min([q.committed] + [T * i for i in q.dropped])])
+            for s in self.sessions.values()
+            for q in s.seqs.values()
+        ]
         held += [(p.extra, p.tokens) for s in self.sessions.values() for p in s.pins.values()]
         for held_extra, held_tokens in held:
             if held_extra == extra:
@@ -461,7 +556,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def close_session(self, sid: int) -> None:
         session = self.store.sessions[sid]
-        held = sum(len(q.pages) + len(q.spare) for q in session.sequences.values())
+        held = sum(q.held + len(q.spare) for q in session.sequences.values())
         held += sum(len(p.pages) for p in session.pins.values())
         r = self.store.close_session(sid)
         assert r.pages_freed + r.pages_unpinned == held
@@ -542,10 +637,11 @@ class StoreMachine(RuleBasedStateMachine):
         reserved_by: dict[int, int] = {}
         for session in self.store.sessions.values():
             for q in session.sequences.values():
-                assert not set(map(id, q.pages)) & set(map(id, q.spare))
+                held = [p for p in q.pages if p is not None]  # None: dropped by a budget
+                assert not set(map(id, held)) & set(map(id, q.spare))
                 for p in q.spare:
                     assert p.state is PageState.RESERVED and p.owner == q.id
-                for p in q.pages + q.spare:
+                for p in held + q.spare:
                     if p.state is PageState.RESERVED:
                         assert p.owner == q.id
                         assert p.slot not in reserved_by, f"slot {p.slot} reserved by two sequences"
@@ -571,17 +667,41 @@ class StoreMachine(RuleBasedStateMachine):
                 n = len(qm.tokens)
                 assert q.num_tokens == n and q.committed_tokens == qm.committed
                 assert len(q.pages) == -(-n // T)
+                assert {i for i, p in enumerate(q.pages) if p is None} == qm.dropped
+                assert q.held == len(q.pages) - len(qm.dropped)
                 assert q.tail_tokens == (token_bytes(qm.tokens[n - n % T :]) if n % T else b"")
                 hashes = expected_hashes(qm.tokens, qm.extra)
                 for i, h in enumerate(hashes):
-                    assert q.pages[i].block_hash == h
+                    p = q.pages[i]
+                    # A page sealed before the budget's first drop keeps its hash; one still
+                    # RESERVED above the drop is private: no hash, never sealed.
+                    if p is not None:
+                        private = qm.private(i) and p.state is PageState.RESERVED
+                        assert p.block_hash == (None if private else h)
                 for i in range(qm.committed // T):
-                    assert q.pages[i].state is PageState.SEALED
+                    p = q.pages[i]
+                    if p is not None:
+                        assert p.state is PageState.SEALED or (
+                            qm.private(i) and p.state is PageState.RESERVED
+                        )
                 for i, p in enumerate(q.pages):
-                    if p.state is PageState.SEALED:
+                    if p is not None and p.state is PageState.SEALED and not qm.dropped:
                         assert p.parent is (q.pages[i - 1] if i else None)
                 # A preallocation shrinks by one page per new page, never for a cache hit.
                 assert len(q.spare) == (-(-qm.max_tokens // T) - qm.spare_used if qm.max_tokens else 0)
+                if qm.options is None:
+                    continue
+                # What the budget promises: never more pages than it allows, sinks and the last page kept.
+                held = [i for i, p in enumerate(q.pages) if p is not None]
+                sinks = qm.sink_pages()
+                assert all(i in held for i in range(min(sinks, len(q.pages))))
+                if q.pages:
+                    assert q.pages[-1] is not None
+                if qm.options.mode == IMPORTANCE:
+                    assert len(held) <= max(qm.options.budget_pages, 0) or len(held) <= sinks + 1
+                else:
+                    lo = max(0, n - qm.options.window_tokens) // T
+                    assert all(i < sinks or i >= lo for i in held)
 
     @invariant()
     def tree_and_policy(self):
@@ -593,7 +713,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert ns.index.get(p.block_hash) is p
             if p.parent is not None:
                 assert p.parent.state is PageState.SEALED and p in p.parent.children
-                if p.refcount:
+                if p.refcount and not self.budget_dropped():
+                    # (A budget may unpin a page under a pinned child: it stays, as a non-leaf.)
                     assert p.parent.refcount, "a pinned page's parent is not pinned"
             for child in p.children or ():
                 assert child.state is PageState.SEALED and child.parent is p

@@ -5,16 +5,19 @@ Imported on first use of `kvstore_client.hf.KVStoreCache`: importing it imports 
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
 from .client import Client, Lookup, Sequence
 from .errors import KVStoreClientError
 from .hf import _is_model, cached_fingerprint
 from .namespace import Namespace
+from .results import SequenceOptions
 
 
 def _ids(input_ids: Any) -> list[int]:
@@ -35,6 +38,41 @@ def _as_batch(input_ids: Any, device: Any) -> torch.Tensor:
     return torch.tensor([list(input_ids)], dtype=torch.long, device=device)
 
 
+class _BudgetedLayer(DynamicLayer):
+    """A `DynamicLayer` that may hold fewer tokens than the sequence has: the pages a kvstore
+    budget dropped are cut out of `keys`/`values`. `get_seq_length` stays the sequence's length,
+    so new tokens get their true positions (RoPE), and `get_mask_sizes` reports the cut as the
+    mask's kv offset (as transformers' own sliding-window layer does): the kept tokens all
+    precede the query, and the query's own tokens line up with their absolute positions, so
+    the causal mask is exact for batch 1 without padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut_tokens = 0  # tokens of dropped pages no longer in keys/values
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.cut_tokens
+
+    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
+        # transformers >= 5 passes the query length, 4.5x the cache_position tensor.
+        q = query if isinstance(query, int) else int(query.shape[0])
+        return super().get_seq_length() + q, self.cut_tokens
+
+
+class _SaveAsPagesFill(StoppingCriteria):
+    """Called by `generate` after every step: stores the KV of each page as it fills, so the
+    page is sealed (shared) while generation goes on and a budget's drops happen in step."""
+
+    def __init__(self, cache: KVStoreCache) -> None:
+        self.cache = cache
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        cache = self.cache
+        if cache.get_seq_length() // cache.page_tokens > cache._written // cache.page_tokens:
+            cache.save(input_ids[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class KVStoreCache(DynamicCache):
     """A `DynamicCache` whose prefix comes from a kvstore namespace and whose new KV goes back.
 
@@ -47,6 +85,15 @@ class KVStoreCache(DynamicCache):
     config (the fingerprint is then taken from the model given to `prefill`/`generate`, or is
     `model_fingerprint` when given; `""` sends none). A namespace made for another model
     refuses the cache with `errors.FailedPrecondition` (the daemon's message names both).
+
+    `options`: the sequence's budget (`SequenceOptions`; default unconstrained). Each `save`
+    appends to the budgeted sequence and cuts the pages the daemon dropped out of the model's
+    KV, so the model attends to exactly the pages kvstore holds. A cut page's positions stay
+    counted (new tokens keep their absolute positions). When a single forward pass covers many
+    pages (a whole prompt), the model attends to all of them in that pass and the budget
+    applies after it; `prefill(..., chunk_tokens=page_tokens)` applies it page by page.
+    `max_tokens` > 0: static preallocation; the sequence's pages are reserved before the model
+    runs (or the daemon refuses at once), and going past `max_tokens` is refused.
     """
 
     def __init__(
@@ -56,6 +103,8 @@ class KVStoreCache(DynamicCache):
         model_or_config: Any,
         *,
         model_fingerprint: str | None = None,
+        options: SequenceOptions | None = None,
+        max_tokens: int = 0,
     ) -> None:
         config = model_or_config
         if _is_model(model_or_config):
@@ -65,6 +114,7 @@ class KVStoreCache(DynamicCache):
         super().__init__(config=config)
         if any(not isinstance(layer, DynamicLayer) or layer.is_sliding for layer in self.layers):
             raise NotImplementedError("KVStoreCache supports full-attention layers only (no sliding window)")
+        self.layers = [_BudgetedLayer() for _ in self.layers]
         self.client = client
         self.namespace = client.namespace(namespace)
         g = self.namespace.geometry
@@ -80,6 +130,13 @@ class KVStoreCache(DynamicCache):
         self.sequence: Sequence | None = None
         self._written = 0  # tokens [0, _written) are stored (written or already sealed)
         self.model_fingerprint = model_fingerprint  # None: taken from the model at prefill/generate
+        self.options = options
+        self.max_tokens = max_tokens
+        # Page index of each position the model's KV tensors hold (ascending; budget cuts
+        # leave gaps), and how many of the sequence's tokens it accounts for.
+        self._position_pages: list[int] = []
+        self._positions_seen = 0
+        self._pass_pages: list[int] = []
 
     def _use_model(self, model: Any) -> None:
         if self.model_fingerprint is None:
@@ -102,6 +159,7 @@ class KVStoreCache(DynamicCache):
         self.lookup = self.client.lookup(
             self.namespace, ids, pin=True, model_fingerprint=self.model_fingerprint or ""
         )
+        self._sequence()  # before the model runs: a static budget the pool cannot hold fails now
         self.hit_tokens = self.lookup.hit_tokens
         n = min(self.hit_tokens, len(ids) - 1)
         if n <= 0:
@@ -125,38 +183,97 @@ class KVStoreCache(DynamicCache):
             layer.update(keys[:, :, :0], values[:, :, :0])
             layer.keys, layer.values = keys, values
         self.prefix_tokens = n
+        self._position_pages = [t // pt for t in range(n)]
+        self._positions_seen = n
         return n
 
     def save(self, token_ids: Any) -> int:
         """Store the KV this cache holds for `token_ids` (the prompt, plus generated tokens):
         appends the new tokens to the sequence, writes the WRITABLE pages' new tokens and
-        commits (full pages are sealed). Returns the tokens stored in all."""
+        commits (full pages are sealed). Pages the sequence's budget dropped are cut out of the
+        model's KV. Returns the tokens stored in all."""
         ids = _ids(token_ids)
-        n = min(len(ids), self.get_seq_length())
-        if self.sequence is None:
-            self.sequence = self.client.allocate(
-                self.namespace, model_fingerprint=self.model_fingerprint or ""
-            )
-        seq = self.sequence
+        total = self.get_seq_length()
+        pt = self.page_tokens
+        self._position_pages.extend(t // pt for t in range(self._positions_seen, total))
+        self._positions_seen = total
+        n = min(len(ids), total)
+        seq = self._sequence()
         if n > seq.num_tokens:
             seq.append(ids[seq.num_tokens : n])
-        if n <= self._written:
-            return self._written
+            if self.lookup is not None and self.lookup.pinned:
+                # The sequence now holds the prefix pages itself; the lookup's pin would keep
+                # pages a budget drops in the pool.
+                self.lookup.release()
+        if n > self._written:
+            self._write(seq, n)
+            seq.commit(n)
+            self._written = n
+        self._pass_pages = list(self._position_pages)  # what the last forward pass attended to
+        self._cut_dropped(seq)
+        return self._written
+
+    def _sequence(self) -> Sequence:
+        if self.sequence is None:
+            self.sequence = self.client.allocate(
+                self.namespace,
+                self.max_tokens,
+                options=self.options,
+                model_fingerprint=self.model_fingerprint or "",
+            )
+        return self.sequence
+
+    def _write(self, seq: Sequence, n: int) -> None:
+        """Copy the KV of tokens [_written, n) into the sequence's WRITABLE pages."""
         pt = self.page_tokens
         views = self.namespace.pool
         for page in seq.pages[self._written // pt : (n + pt - 1) // pt]:
-            if not page.writable:
-                continue
-            start = max(page.index * pt, self._written)
-            end = min(page.index * pt + pt, n)
+            if page is None or not page.writable:
+                continue  # dropped by the budget, or someone's sealed page
+            first = page.index * pt
+            start, end = max(first, self._written), min(first + pt, n)
+            at = bisect_left(self._position_pages, page.index) + (start - first)  # in the KV tensors
             view = views.page(page.slot)
-            a, b = start - page.index * pt, end - page.index * pt
+            a, b = start - first, end - first
             for layer_idx, layer in enumerate(self.layers):
-                view[layer_idx, 0, a:b].copy_(layer.keys[0, :, start:end].transpose(0, 1))
-                view[layer_idx, 1, a:b].copy_(layer.values[0, :, start:end].transpose(0, 1))
-        seq.commit(n)
-        self._written = n
-        return n
+                view[layer_idx, 0, a:b].copy_(layer.keys[0, :, at : at + b - a].transpose(0, 1))
+                view[layer_idx, 1, a:b].copy_(layer.values[0, :, at : at + b - a].transpose(0, 1))
+
+    def _cut_dropped(self, seq: Sequence) -> None:
+        dropped = set(seq.dropped)
+        if not dropped or not any(p in dropped for p in self._position_pages):
+            return
+        keep = [i for i, p in enumerate(self._position_pages) if p not in dropped]
+        cut = len(self._position_pages) - len(keep)
+        index = torch.tensor(keep, dtype=torch.long, device=self.layers[0].keys.device)
+        for layer in self.layers:
+            layer.keys = layer.keys.index_select(2, index)
+            layer.values = layer.values.index_select(2, index)
+            layer.cut_tokens += cut
+        self._position_pages = [self._position_pages[i] for i in keep]
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens whose KV the model's cache holds now (the sequence's length minus cut pages)."""
+        layer = self.layers[0]
+        return layer.keys.shape[-2] if layer.is_initialized else 0
+
+    def report_importance(self, attentions: Any) -> int:
+        """IMPORTANCE sequences: score each page by the attention mass the last forward pass put
+        on its tokens (`attentions`: the model output's per-layer `[1, heads, q, kv]` weights,
+        `output_attentions=True`, eager attention) and send the scores. Returns pages held."""
+        if self.sequence is None:
+            raise RuntimeError("report_importance needs a saved sequence (call save() first)")
+        mass = torch.stack([a[0].float().sum(dim=(0, 1)) for a in attentions]).sum(0).tolist()
+        if len(mass) != len(self._pass_pages):
+            raise ValueError(
+                f"attentions cover {len(mass)} positions; the last pass held {len(self._pass_pages)}: "
+                "report right after the save that followed the forward pass"
+            )
+        scores = [0.0] * (self._pass_pages[-1] + 1 if self._pass_pages else 0)
+        for page, weight in zip(self._pass_pages, mass, strict=True):
+            scores[page] += weight
+        return self.sequence.report_importance(scores)
 
     def release(self) -> None:
         """Release the sequence (its unsealed pages) and the prefix pin. Idempotent."""
@@ -179,26 +296,57 @@ class KVStoreCache(DynamicCache):
     # ------------------------------------------------------------ model side
 
     @torch.no_grad()
-    def prefill(self, model: Any, input_ids: Any) -> torch.Tensor:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: Any,
+        *,
+        chunk_tokens: int | None = None,
+        logits_to_keep: int = 0,
+        on_chunk: Callable[[KVStoreCache, Any], None] | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
         """Load the cached prefix, run `model` on the rest of the prompt, store the prompt's KV.
-        Returns the logits `[1, n - prefix_tokens, vocab]` of the tokens after the prefix."""
+        Returns the logits of the tokens after the prefix, `[1, n - prefix_tokens, vocab]`, or of
+        the last `logits_to_keep` tokens of each forward pass when it is > 0 (1 for a prompt whose
+        only use is its next token: it spares the vocabulary projection of every other one).
+
+        `chunk_tokens`: run the model on that many tokens at a time and save after each chunk,
+        so a budget (`options`) drops pages as the prompt goes in, as in generation.
+        `on_chunk(cache, output)` is called after each chunk's save (e.g. to report importance
+        from `output.attentions`); `model_kwargs` go to every model call (`output_attentions`)."""
         self._use_model(model)
         ids = _ids(input_ids)
         n = self.load_prefix(ids)
         batch = _as_batch(input_ids, model.device)
-        out = model(input_ids=batch[:, n:], past_key_values=self, use_cache=True)
-        self.save(ids)
-        return out.logits
+        step = chunk_tokens or len(ids)
+        if step <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        kwargs = model_kwargs | ({"logits_to_keep": logits_to_keep} if logits_to_keep else {})
+        logits = []
+        for start in range(n, len(ids), step):
+            end = min(start + step, len(ids))
+            out = model(input_ids=batch[:, start:end], past_key_values=self, use_cache=True, **kwargs)
+            self.save(ids[:end])
+            logits.append(out.logits)
+            if on_chunk is not None:
+                on_chunk(self, out)
+        return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 
     @torch.no_grad()
     def generate(self, model: Any, input_ids: Any, **gen_kwargs: Any) -> torch.Tensor:
         """`model.generate` with the prompt's cached prefix loaded; the prompt and the generated
-        tokens (all but the last, whose KV is never computed) are stored. Returns the output ids."""
+        tokens (all but the last, whose KV is never computed) are stored page by page as pages
+        fill. Returns the output ids."""
         self._use_model(model)
         ids = _ids(input_ids)
         self.load_prefix(ids)
         batch = _as_batch(input_ids, model.device)
         gen_kwargs.setdefault("attention_mask", torch.ones_like(batch))
-        out = model.generate(batch, past_key_values=self, **gen_kwargs)
+        # Ours first: the caller's criteria see the pages saved in this step.
+        criteria = StoppingCriteriaList(
+            [_SaveAsPagesFill(self), *(gen_kwargs.pop("stopping_criteria", None) or [])]
+        )
+        out = model.generate(batch, past_key_values=self, stopping_criteria=criteria, **gen_kwargs)
         self.save(out[0])
         return out

@@ -18,11 +18,21 @@ What a call does, for a batch of one prompt:
    its WRITABLE pages (pages someone already sealed are skipped) and **commit**: full pages are
    sealed and shared with every process, the partial last page stays writable for the next save.
 
-`KVStoreCache.save(token_ids)` does step 3 by hand, e.g. after more `model(...)` calls.
+`KVStoreCache.save(token_ids)` does step 3 by hand, e.g. after more `model(...)` calls;
+`generate` does it each time a page fills, so pages are sealed (shared) while it runs.
+
+Budgets: `KVStoreCache(..., options=SequenceOptions.sliding_window(...) | .importance(...))` or
+`max_tokens=n` (static). Each save appends to the budgeted sequence and cuts the pages the
+daemon dropped out of the model's KV tensors, keeping absolute positions: the model attends to
+exactly what kvstore holds. `prefill(..., chunk_tokens=16)` applies the budget page by page
+during the prompt; with `output_attentions=True` (eager attention) and
+`on_chunk=lambda cache, out: cache.report_importance(out.attentions)` it feeds an importance
+budget the attention mass each page got.
 
 The API: `namespace_spec_for(model, name, num_pages, page_tokens=16)` builds the namespace spec
 from the model config (layers, KV heads, head dim, the model's dtype); `KVStoreCache(client,
-namespace, model_or_config, model_fingerprint=None)` with `.prefill(model, ids)`, `.generate(model, ids, **gen_kwargs)`,
+namespace, model_or_config, model_fingerprint=None, options=None, max_tokens=0)` with
+`.prefill(model, ids, chunk_tokens=None, logits_to_keep=0, on_chunk=None)`, `.generate(model, ids, **gen_kwargs)`,
 `.load_prefix(ids)`, `.save(ids)`, `.hit_tokens`, `.sequence`, `.release()`; and the one-call
 helpers `prefill(model, ids, client, namespace)` -> `(logits, cache)` and
 `generate(model, ids, client, namespace, **gen_kwargs)` -> `(output_ids, hit_tokens)`.
@@ -64,6 +74,7 @@ if TYPE_CHECKING:
     from ._hf_cache import KVStoreCache
     from .client import Client
     from .namespace import Namespace
+    from .results import SequenceOptions
 
 __all__ = [
     "KVStoreCache",
@@ -241,24 +252,41 @@ def __getattr__(name: str) -> Any:
 
 
 def prefill(
-    model: Any, input_ids: Any, client: Client, namespace: str | Namespace
+    model: Any,
+    input_ids: Any,
+    client: Client,
+    namespace: str | Namespace,
+    *,
+    options: SequenceOptions | None = None,
+    max_tokens: int = 0,
+    **prefill_kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
     """Run `model` on `input_ids` ([1, n] or a list of ids) reusing the cached prefix and storing
     the rest. Returns (logits of the tokens after the prefix, the open `KVStoreCache`): logits
-    row i is token `cache.hit_tokens + i`. Release the cache (or use it in `with`) when done."""
-    cache = _cache_class()(client, namespace, model)
+    row i is token `cache.prefix_tokens + i`. Release the cache (or use it in `with`) when done.
+    `options`/`max_tokens`: the sequence's budget; `prefill_kwargs` go to `KVStoreCache.prefill`
+    (`chunk_tokens`, `logits_to_keep`, `on_chunk`)."""
+    cache = _cache_class()(client, namespace, model, options=options, max_tokens=max_tokens)
     try:
-        return cache.prefill(model, input_ids), cache
+        return cache.prefill(model, input_ids, **prefill_kwargs), cache
     except BaseException:
         cache.release()
         raise
 
 
 def generate(
-    model: Any, input_ids: Any, client: Client, namespace: str | Namespace, **gen_kwargs: Any
+    model: Any,
+    input_ids: Any,
+    client: Client,
+    namespace: str | Namespace,
+    *,
+    options: SequenceOptions | None = None,
+    max_tokens: int = 0,
+    **gen_kwargs: Any,
 ) -> tuple[torch.Tensor, int]:
     """`model.generate(input_ids, **gen_kwargs)` with the prompt's cached prefix loaded from
-    kvstore and the prompt plus generated tokens stored. Returns (output ids, prefix tokens hit)."""
-    with _cache_class()(client, namespace, model) as cache:
+    kvstore and the prompt plus generated tokens stored page by page. Returns (output ids,
+    prefix tokens hit). `options`/`max_tokens`: the sequence's budget (see `KVStoreCache`)."""
+    with _cache_class()(client, namespace, model, options=options, max_tokens=max_tokens) as cache:
         out = cache.generate(model, input_ids, **gen_kwargs)
         return out, cache.hit_tokens
