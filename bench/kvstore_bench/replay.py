@@ -302,6 +302,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mrc-rate", type=float, default=0.1, help="sampling rate of the MRC estimate (default 0.1)"
     )
     p.add_argument(
+        "--mrc-keys",
+        type=int,
+        default=1 << 14,
+        help="most distinct sampled blocks; the rate halves beyond (default 16384)",
+    )
+    p.add_argument(
         "--d-model", type=int, default=4096, help="model width for compute_saved's C (default 4096)"
     )
 
@@ -452,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
             results.append(res)
             if args.json:
                 print(json.dumps(asdict(res) | {"trace": trace.path}), flush=True)
-    mrc_rows = _mrc(trace, results, args.mrc_rate) if args.mrc else []
+    mrc_rows = _mrc(trace, results, args.mrc_rate, args.mrc_keys) if args.mrc else []
     if args.json:
         for row in mrc_rows:
             print(json.dumps(row), flush=True)
@@ -463,10 +469,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mrc(trace: Trace, results: list[RunResult], rate: float) -> list[dict[str, Any]]:
+def _mrc(trace: Trace, results: list[RunResult], rate: float, max_keys: int) -> list[dict[str, Any]]:
     from kvstore.mrc import MrcSampler
 
-    sampler = MrcSampler(rate=rate)
+    sampler = MrcSampler(rate=rate, max_keys=max_keys)
     for chain in trace.requests:
         sampler.record_request([trace.keys[n] for n in chain])
     lru = sorted((r for r in results if r.policy == "lru"), key=lambda r: r.capacity_blocks)
