@@ -174,38 +174,43 @@ def test_reindex_skips_garbage_and_reports_progress(tier_dir: Path) -> None:
         assert len(list(disk.reindex())) == n and disk.stats()["corrupt"] == 0
 
 
-# A child that writes pages through DiskTier in a loop: each batch is flushed, then its last
-# index is printed as acknowledged. The parent kill -9s it at a random moment.
+# A child that writes pages through DiskTier in a loop: keys start .. start+WINDOW-1 over
+# and over (rewrites of the same bytes: LMDB's copy-on-write path, bounded disk use). After
+# each flush it prints how many distinct keys are acknowledged. The parent kill -9s it at a
+# random moment.
+WINDOW = 256
 _WORKER = r"""
 import hashlib, sys
 from kvstore.tiers import DiskTier, PageRecord, make_meta
-path, start, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, start, size, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 disk = DiskTier.open(path, 1 << 30, batch_records=16)
-i = start
+n = 0
 print("READY", flush=True)
 while True:
     recs = []
     for _ in range(24):
+        i = start + n % window
         m = make_meta("ns", i.to_bytes(16, "little"), b"", 16, size, "geom-a")
         recs.append(PageRecord.build(m, hashlib.shake_128(i.to_bytes(8, "little")).digest(size)))
-        i += 1
+        n += 1
     disk.put_async(recs[:12]); disk.put_async(recs[12:])  # fire and forget, then flush
     disk.flush_sync()
-    print(i - 1, flush=True)
+    print(min(n, window), flush=True)
 """
 
 
 @pytest.mark.slow
 def test_kill_9_never_loses_flushed_pages_never_serves_corrupt(tier_dir: Path) -> None:
     rng = random.Random(5)
-    cycles, acked_total, t_end = 25, 0, time.monotonic() + 15
+    cycles, acked_total, flushes, t_end = 25, 0, 0, time.monotonic() + 15
     acked: list[tuple[int, int]] = []  # (start, last acknowledged) per cycle
     for c in range(cycles):
         if time.monotonic() > t_end:
             break
         start = c * 1_000_000
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(tier_dir), str(start), str(PAGE)], stdout=subprocess.PIPE
+            [sys.executable, "-c", _WORKER, str(tier_dir), str(start), str(PAGE // 2), str(WINDOW)],
+            stdout=subprocess.PIPE,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"READY"
         fd = proc.stdout.fileno()
@@ -223,9 +228,10 @@ def test_kill_9_never_loses_flushed_pages_never_serves_corrupt(tier_dir: Path) -
         out += proc.stdout.read()  # a line written before the kill is an acknowledged flush
         proc.stdout.close()
         lines = out.split(b"\n")[:-1]  # whole lines only (each is one write(2) of "N\n")
-        last = int(lines[-1]) if lines else start - 1
-        acked.append((start, last))
-        acked_total += last - start + 1
+        acked_n = int(lines[-1]) if lines else 0
+        acked.append((start, start + acked_n - 1))
+        acked_total += acked_n
+        flushes += len(lines)
         with DiskTier.open(tier_dir, 1 << 30) as disk:
             present = {int.from_bytes(m.block_hash, "little") for m in disk.reindex()}
             for s, lst in acked:
@@ -236,10 +242,12 @@ def test_kill_9_never_loses_flushed_pages_never_serves_corrupt(tier_dir: Path) -
             ours = [i for i in present if i >= start]
             older = rng.sample(sorted(present - set(ours)), min(30, len(present) - len(ours)))
             for i in ours + older:
-                assert disk.get(key(i)) == payload(i)
-            assert disk.stats()["corrupt"] == 0 and disk.stats()["evicted"] == 0
+                assert disk.get(key(i)) == payload(i, PAGE // 2), f"cycle {c}: page {i} differs"
+            assert disk.stats()["corrupt"] == 0 and disk.stats()["evicted"] == 0, disk.stats()
             if c == cycles - 1 or time.monotonic() > t_end:
-                assert all(disk.get(key(i)) == payload(i) for i in present)
+                assert all(disk.get(key(i)) == payload(i, PAGE // 2) for i in present)
                 assert disk.stats()["corrupt"] == 0
-    print(f"kill -9 cycles: {len(acked)}, acknowledged pages: {acked_total}, on disk: {len(present)}")
+    print(
+        f"kill -9 cycles: {len(acked)}, flushes: {flushes}, acknowledged: {acked_total}, on disk: {len(present)}"
+    )
     assert len(acked) >= 10 and acked_total > 0

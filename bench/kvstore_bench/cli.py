@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, pageio, replay, rpc, ttft
+from . import budgets, pageio, replay, rpc, tiers, ttft
 from .harness import BenchError, install_signal_exit
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pageio", pageio),
         ("replay", replay),
         ("rpc", rpc),
+        ("tiers", tiers),
         ("ttft", ttft),
     ):
         doc = (module.__doc__ or "").strip()
