@@ -63,15 +63,17 @@ class DiskTier:
     """Pages in LMDB under `path`; the file never grows past `capacity_bytes` (the map size).
     Build with `DiskTier.open`; close with `close()` (or use it as a context manager)."""
 
-    def __init__(self, env: lmdb.Environment, path: Path, capacity_bytes: int, writer: DiskWriter) -> None:
+    def __init__(
+        self, env: lmdb.Environment, path: Path, capacity_bytes: int, writer: DiskWriter, reader_threads: int
+    ) -> None:
         self.path = path
         self.capacity_bytes = capacity_bytes
         self._env = env
         self._dbs = writer.dbs
         self._index = writer.index
         self._writer = writer
-        self._readers: cf.ThreadPoolExecutor | None = None  # made on first aget
-        self._reader_threads = 4
+        # For aget/aread_into; its threads start on first use.
+        self._readers = cf.ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-read")
         self._closed = False
 
     @classmethod
@@ -129,8 +131,7 @@ class DiskTier:
         except BaseException:
             env.close()
             raise
-        tier = cls(env, path, capacity_bytes, writer)
-        tier._reader_threads = reader_threads
+        tier = cls(env, path, capacity_bytes, writer, reader_threads)
         writer.start()
         return tier
 
@@ -182,8 +183,7 @@ class DiskTier:
                 "disk tier %s: the writer did not stop within %.0fs; LMDB left open", self.path, timeout
             )
             return
-        if self._readers is not None:
-            self._readers.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self._env.close()
 
     def __enter__(self) -> DiskTier:
@@ -230,17 +230,10 @@ class DiskTier:
 
     async def aget(self, key: PageKey) -> bytes | None:
         """`get` on the tier's reader pool, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool(), self.get, key)
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self.get, key)
 
     async def aread_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
-        return await asyncio.get_running_loop().run_in_executor(self._pool(), self.read_into, key, out)
-
-    def _pool(self) -> cf.ThreadPoolExecutor:
-        if self._readers is None:
-            self._readers = cf.ThreadPoolExecutor(
-                self._reader_threads, thread_name_prefix="kvstore-disk-read"
-            )
-        return self._readers
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self.read_into, key, out)
 
     def _read(self, key: PageKey, dst: memoryview | None) -> tuple[PageMeta, memoryview] | None:
         if self._index.is_dropped(key):
