@@ -208,11 +208,15 @@ def test_kill_9_never_loses_flushed_pages_never_serves_corrupt(tier_dir: Path) -
         if time.monotonic() > t_end:
             break
         start = c * 1_000_000
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(tier_dir), str(start), str(PAGE // 2), str(WINDOW)],
-            stdout=subprocess.PIPE,
-        )
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"READY"
+        err_path = tier_dir.parent / f"worker{c}.stderr"
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(tier_dir), str(start), str(PAGE // 2), str(WINDOW)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"READY", err_path.read_text()
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
         out = b""
@@ -224,6 +228,7 @@ def test_kill_9_never_loses_flushed_pages_never_serves_corrupt(tier_dir: Path) -
                 time.sleep(0.001)
         proc.kill()  # SIGKILL, mid-write
         proc.wait()
+        assert "Traceback" not in err_path.read_text(), err_path.read_text()  # e.g. a failed batch
         os.set_blocking(fd, True)
         out += proc.stdout.read()  # a line written before the kill is an acknowledged flush
         proc.stdout.close()
@@ -301,3 +306,18 @@ def test_readers_during_eviction_never_see_corrupt_pages(tier_dir: Path) -> None
         # Readers may hold freed pages a little longer (map_full_errors): evicted more, never dropped.
         assert s["evicted"] > 300 and s["corrupt"] == 0 and s["dropped"] == 0
         assert all(disk.get(key(i)) == payload(i) for i in range(396, 400))
+
+
+def test_flush_reports_failed_batches(tier_dir: Path) -> None:
+    from kvstore.tiers import DiskWriteError
+
+    with DiskTier.open(tier_dir, 16 << 20) as disk:
+        bad = PageRecord(rec(1).meta, 12345, 0)  # type: ignore[arg-type]  # LMDB refuses it
+        fut = disk.put_async([bad])
+        with pytest.raises(TypeError):
+            fut.result(10)
+        with pytest.raises(DiskWriteError, match="1 records failed"):
+            disk.flush_sync(10)
+        assert disk.put_async([rec(2)]).result(10) == []
+        disk.flush_sync(10)  # the failure was reported once; the writer went on
+        assert disk.get(key(2)) == payload(2)

@@ -36,10 +36,12 @@ from typing import Any
 import lmdb
 
 from .disk_index import DiskIndex
-from .disk_writer import BatchLimits, Dbs, DiskWriter
+from .disk_writer import BatchLimits, Dbs, DiskWriteError, DiskWriter
 from .record import CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DiskTier", "DiskWriteError", "headroom_bytes"]
 
 
 def headroom_bytes(capacity_bytes: int) -> int:
@@ -157,7 +159,9 @@ class DiskTier:
         return self._submit("remove", list(keys))
 
     def flush_async(self) -> cf.Future[None]:
-        """Resolves once everything queued before it is committed and fsynced."""
+        """Resolves once everything queued before it is committed and fsynced. Raises
+        DiskWriteError if a batch since the last flush failed (its futures raised too);
+        records dropped for size are reported by their put futures, not here."""
         return self._submit("flush", None)
 
     async def flush(self) -> None:

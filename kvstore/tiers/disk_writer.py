@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+class DiskWriteError(RuntimeError):
+    """A flush could not acknowledge everything before it: some batches failed (logged)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Dbs:
     meta: Any  # key -> record metadata (+ checksum)
@@ -81,6 +85,7 @@ class DiskWriter:
         self._on_evict = on_evict
         self._psize = env.stat()["psize"]
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._failed = 0  # records whose batch failed since the last flush; writer thread only
         self._thread = threading.Thread(target=self._main, name="kvstore-disk-writer", daemon=True)
 
     def start(self) -> None:
@@ -121,6 +126,7 @@ class DiskWriter:
                 self._run(batch)
             except Exception as e:
                 log.exception("disk tier %s: batch failed", self.name)
+                self._failed += sum(len(w.payload) for w in batch if w.kind == "put")
                 for w in batch:
                     if not w.future.done():
                         w.future.set_exception(e)
@@ -156,15 +162,22 @@ class DiskWriter:
         puts = {k: (r.encode_meta(), r) for k, r in last.items() if r is not None}
         removed = self._delete(removes) if removes else {}
         dropped = set(self._write(puts)) if puts else set()  # type: ignore[arg-type]
+        failed = 0
         if any(w.kind == "flush" for w in batch):
             self._env.sync(True)
             self.index.count("syncs")
+            failed, self._failed = self._failed, 0
         self.index.count("batches")
         for w in batch:
             if w.kind == "put":
                 w.future.set_result([r.key for r in w.payload if r.key in dropped])
             elif w.kind == "remove":
                 w.future.set_result(sum(1 for k in w.payload if removed.get(k)))
+            elif failed:
+                # A flush acknowledges everything before it: not if some of it never got there.
+                w.future.set_exception(
+                    DiskWriteError(f"{failed} records failed to write since the last flush")
+                )
             else:
                 w.future.set_result(None)
 
