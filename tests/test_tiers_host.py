@@ -57,6 +57,7 @@ def test_full_raises_and_victims_are_lru_first() -> None:
     with pytest.raises(HostFull, match="host tier full"):
         host.put(rec(9))
     host.get(rs[0].key)  # now most recently used
+    assert host.keys() == [rs[1].key, rs[2].key, rs[3].key, rs[0].key]
     assert host.victims(2, PAGE) == [rs[1].key, rs[2].key]
     moved = host.take(rs[1].key)
     assert moved is not None and moved.checksum == rs[1].checksum and bytes(moved.payload) == rs[1].payload

@@ -132,6 +132,10 @@ class HostTier:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keys(self) -> list[PageKey]:
+        """Every key held, least recently used first (a snapshot: safe to remove while iterating)."""
+        return list(self._entries)
+
     def meta(self, key: PageKey) -> PageMeta | None:
         entry = self._entries.get(key)
         return entry.meta if entry else None
