@@ -1,12 +1,11 @@
 """`kvstore-bench budgets`: perplexity vs KV bytes held under each kvstore budget mode.
 
 SmolLM2-135M-Instruct reads the first `--tokens` tokens of a long real text (Python's
-`pydoc_data.topics`, joined) one page (16 tokens) per step. Each step appends the chunk's ids
-to a kvstore sequence allocated with a budget (`SequenceOptions`); the pages the daemon drops
-(`AppendResult.dropped`) are removed from the model's DynamicCache (every layer's keys and
-values) before the model runs the chunk, so the model attends to exactly the pages kvstore
-holds. Position ids stay absolute (RoPE: HF caches post-RoPE keys); the causal mask is sized
-to the (cropped) cache. Modes:
+`pydoc_data.topics`, joined) one page (16 tokens) per step, through the adapter:
+`KVStoreCache(options=...).prefill(chunk_tokens=16)` appends each chunk to a budgeted kvstore
+sequence, writes its KV, and cuts the pages the daemon drops (`AppendResult.dropped`) out of
+the model's KV tensors, so the model attends to exactly the pages kvstore holds. Positions
+stay absolute (RoPE: HF caches post-RoPE keys). Modes:
 
 - unconstrained: no budget (must match the model alone, chunked the same way, within 1e-3);
 - sliding window with attention sinks (sink_tokens S, window_tokens W);
@@ -16,8 +15,8 @@ to the (cropped) cache. Modes:
   `report_importance`; the daemon drops the lowest-scored non-sink page when it needs room.
 
 KV bytes held = pages the sequence holds after each append x the namespace's page_bytes;
-mean and max over steps, and their ratio to unconstrained. The token ids are written to
-kvstore, not the KV itself (nothing here reads pages back): the budget logic is the daemon's.
+mean and max over steps, and their ratio to unconstrained. The budget logic is the daemon's,
+the cutting the adapter's (tests/test_hf_budgets.py checks it against a hand-cropped model).
 `--plot FILE.png` draws perplexity vs mean KV bytes (needs matplotlib; skipped if missing).
 """
 
@@ -96,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
                     options = kvstore_client.SequenceOptions.sliding_window(**params)
                 elif kind == "importance":
                     options = kvstore_client.SequenceOptions.importance(**params)
+                client.evict(NAMESPACE, all=True)  # each mode reads the text from scratch
                 t0 = time.monotonic()
-                with client.allocate(ns, options=options) as seq:
-                    r = evaluate(model, ids, seq, importance=(kind == "importance"))
+                with hf.KVStoreCache(client, ns, model, options=options) as cache:
+                    r = evaluate(model, ids, cache, importance=(kind == "importance"))
                 held = r["pages_held"]
                 row = {
                     "mode": label,
@@ -156,65 +156,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(model: Any, ids: list[int], seq: Any, importance: bool = False) -> dict[str, Any]:
-    """Mean next-token NLL over ids[1:], one page per model call. `seq` None: the model alone
-    (plain DynamicCache, no explicit positions or mask). Else: append each chunk to `seq`,
-    crop the dropped pages from the cache, run with absolute positions."""
+def evaluate(model: Any, ids: list[int], seq_cache: Any, importance: bool = False) -> dict[str, Any]:
+    """Mean next-token NLL over ids[1:], one page per model call. `seq_cache` None: the model
+    alone (plain DynamicCache). Else a budgeted `KVStoreCache`: its chunked prefill appends each
+    chunk, writes its KV and cuts the pages the daemon dropped out of the model's cache."""
     import torch
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    page_of: list[int] = []  # page index of each cache position
-    total = 0.0
-    count = 0
-    prev_last: torch.Tensor | None = None
     pages_held: list[int] = []
-    dropped_total = 0
-    for start in range(0, len(ids), PAGE_TOKENS):
-        chunk = ids[start : start + PAGE_TOKENS]
-        x = torch.tensor([chunk])
-        kwargs: dict[str, Any] = {}
-        if seq is not None:
-            res = seq.append(chunk)
-            dropped = set(res.dropped)
-            dropped_total += len(dropped)
-            pages_held.append(len(seq.held_pages))
-            if dropped and page_of:
-                keep = [i for i, p in enumerate(page_of) if p not in dropped]
-                if len(keep) != len(page_of):
-                    idx = torch.tensor(keep, dtype=torch.long)
-                    for layer in cache.layers:
-                        layer.keys = layer.keys.index_select(2, idx)
-                        layer.values = layer.values.index_select(2, idx)
-                    page_of = [page_of[i] for i in keep]
-            kwargs["position_ids"] = torch.arange(start, start + len(chunk)).unsqueeze(0)
-            kwargs["attention_mask"] = torch.ones(1, len(page_of) + len(chunk), dtype=torch.long)
+    if seq_cache is None:
+        cache = DynamicCache(config=model.config)
+        logits = torch.cat(
+            [
+                model(input_ids=torch.tensor([ids[s : s + PAGE_TOKENS]]), past_key_values=cache).logits
+                for s in range(0, len(ids), PAGE_TOKENS)
+            ],
+            dim=1,
+        )
+    else:
+
+        def on_chunk(cache: Any, out: Any) -> None:
             if importance:
-                kwargs["output_attentions"] = True
-        out = model(input_ids=x, past_key_values=cache, use_cache=True, **kwargs)
-        logits = out.logits[0].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if prev_last is not None:
-            total -= float(prev_last[chunk[0]])
-            count += 1
-        if len(chunk) > 1:
-            tgt = torch.tensor(chunk[1:])
-            total -= float(logp[:-1].gather(1, tgt.unsqueeze(1)).sum())
-            count += len(chunk) - 1
-        prev_last = logp[-1]
-        if seq is not None:
-            page_of.extend([start // PAGE_TOKENS] * len(chunk))
-            if importance:
-                # attentions: per layer [1, heads, q, kv]; kv = the cache after this step
-                mass = torch.stack([a[0].sum(dim=(0, 1)) for a in out.attentions]).sum(0)
-                n_pages = (start + len(chunk) + PAGE_TOKENS - 1) // PAGE_TOKENS
-                scores = [0.0] * n_pages
-                for pos, page in enumerate(page_of):
-                    scores[page] += float(mass[pos])
-                seq.report_importance(scores)
-        if cache.get_seq_length() != (len(page_of) if seq is not None else start + len(chunk)):
-            raise BenchError("the model's cache is out of step with the kvstore sequence")
-    return {"nll": total / count, "pages_held": pages_held, "dropped": dropped_total}
+                cache.report_importance(out.attentions)
+            held = cache.sequence.held_pages
+            if cache.held_tokens != sum(p.token_count for p in held):
+                raise BenchError("the model's cache is out of step with the kvstore sequence")
+            pages_held.append(len(held))
+
+        kwargs = {"output_attentions": True} if importance else {}
+        logits = seq_cache.prefill(model, ids, chunk_tokens=PAGE_TOKENS, on_chunk=on_chunk, **kwargs)
+    logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    nll = -float(logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean())
+    dropped = len(seq_cache.sequence.dropped) if seq_cache is not None else 0
+    return {"nll": nll, "pages_held": pages_held, "dropped": dropped}
 
 
 def format_text(r: dict[str, Any]) -> str:
