@@ -144,7 +144,7 @@ class ServerConfig:
     max_extra_keys_bytes: int = _key(
         1024, "longest extra_keys a request may carry (bytes)", _in_range(0, 1 << 20)
     )
-    default_policy: str = _key("lru", "eviction policy of a namespace that names none", _policy)
+    default_policy: str = _key("horizon", "eviction policy of a namespace that names none", _policy)
     shm_prefix: str = _key(
         "",
         "name prefix of this user's /dev/shm segments; segment names add the pid, and a starting "

@@ -93,7 +93,7 @@ def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonPr
     assert after["lookups"] == 1
     assert (after["hit_tokens"], after["miss_tokens"]) == (len(tokens), 2)
     assert after["hit_rate"] == pytest.approx(len(tokens) / (len(tokens) + 2))
-    assert after["page_bytes"] == 1024 and after["policy"] == "lru"
+    assert after["page_bytes"] == 1024 and after["policy"] == "horizon"
 
 
 def test_stats_table_shows_each_namespace(daemon: DaemonProcess) -> None:
@@ -128,7 +128,7 @@ def test_namespaces_lists_geometry_and_the_segment(daemon: DaemonProcess) -> Non
     header, row = r.stdout.splitlines()[:2]
     assert header.split()[:2] == ["NAMESPACE", "LAYERSxHEADSxDIM"]
     assert row.split()[:4] == ["test", "2x2x16", "float16", "4"]
-    assert f"/dev/shm/{segment}" in row and "lru" in row
+    assert f"/dev/shm/{segment}" in row and "horizon" in row
 
     info = json.loads(admin("namespaces", "--json", target=daemon.target).stdout)["namespaces"]["test"]
     assert info["num_pages"] == 64 and info["page_bytes"] == 1024 and info["pool_bytes"] == 64 * 4096

@@ -60,7 +60,7 @@ def test_defaults_without_xdg_runtime_dir() -> None:
     assert (c.server.lease_ttl_s, c.server.lease_ttl_max_s, c.server.shutdown_grace_s) == (10, 300, 5)
     assert c.server.max_request_tokens == 1_048_576
     assert c.server.max_pool_bytes == 64 << 30
-    assert c.server.default_policy == "lru"
+    assert c.server.default_policy == "horizon"
     assert c.config_file == ""
 
 
@@ -77,7 +77,7 @@ def test_client_and_daemon_agree_on_the_default_socket(env: dict[str, str]) -> N
 def test_default_namespace_is_256_mib() -> None:
     (spec,) = cfg.load(environ={}).namespace_specs()
     assert (spec.name, spec.num_layers, spec.num_kv_heads, spec.head_dim) == ("default", 8, 4, 64)
-    assert (spec.dtype, spec.page_tokens, spec.num_pages, spec.policy) == ("float16", 16, 2048, "lru")
+    assert (spec.dtype, spec.page_tokens, spec.num_pages, spec.policy) == ("float16", 16, 2048, "horizon")
     assert spec.page_stride * spec.num_pages == 256 << 20
 
 
@@ -207,7 +207,7 @@ def test_the_table_matches_the_store_types() -> None:
         ({"KVSTORE_SHM_PREFIX": "a/b"}, "server.shm_prefix='a/b' (from KVSTORE_SHM_PREFIX): must match"),
         (
             {"KVSTORE_DEFAULT_POLICY": "nope"},
-            "server.default_policy='nope' (from KVSTORE_DEFAULT_POLICY): must be one of lru",
+            "server.default_policy='nope' (from KVSTORE_DEFAULT_POLICY): must be one of arc, horizon, lfu, lru, s3fifo",
         ),
         ({"KVSTORE_LEASE_TTL_MAX_S": "5"}, "server.lease_ttl_max_s=5: must be >= server.lease_ttl_s=10"),
         (
@@ -256,7 +256,10 @@ def test_flag_errors_name_the_flag() -> None:
             "namespace[0].page_tokens=100000: must be in 1..65536",
         ),
         (NS.format(name="a") + "colour = 'red'\n", "namespace[0].colour: unknown key; known: name,"),
-        (NS.format(name="a") + "policy = 'fifo9'\n", "namespace[0].policy='fifo9': must be one of lru"),
+        (
+            NS.format(name="a") + "policy = 'fifo9'\n",
+            "namespace[0].policy='fifo9': must be one of arc, horizon, lfu, lru, s3fifo",
+        ),
         (
             NS.format(name="a") + "salt = 'hex:xyz'\n",
             "namespace[0].salt='hex:xyz': must be hex digits after 'hex:'",
