@@ -11,6 +11,7 @@ import pytest
 from kvstore_bench import replay
 from kvstore_bench.cli import main
 from kvstore_bench.synth_trace import synthesize
+from kvstore_bench.trace import Trace, belady_hits, ceiling_hits, parse_trace
 
 from kvstore.mrc import MrcSampler
 from kvstore.policy import policy_names
@@ -34,39 +35,39 @@ def lines(requests: list[list[int]]) -> list[str]:
 
 
 def test_tiny_trace_by_hand():
-    trace = replay.parse_trace(lines(TINY))
+    trace = parse_trace(lines(TINY))
     assert (trace.accesses, trace.distinct) == (9, 4)
     hits, truncated, _ = replay.replay_store(trace, "lru", 3)
     assert hits == [0, 2, 1, 0, 1] and truncated == 0
-    assert replay.belady_hits(trace, 3) == [0, 2, 1, 0, 2]
-    assert replay.ceiling_hits(trace) == [0, 2, 1, 0, 2]
+    assert belady_hits(trace, 3) == [0, 2, 1, 0, 2]
+    assert ceiling_hits(trace) == [0, 2, 1, 0, 2]
 
 
 def test_block_keys_are_whole_prefixes():
     # id 7 after 5 and id 7 after 6 are different blocks, even if a trace reuses ids.
-    trace = replay.parse_trace(lines([[5, 7], [6, 7], [5, 7]]))
+    trace = parse_trace(lines([[5, 7], [6, 7], [5, 7]]))
     assert trace.distinct == 4
-    assert replay.ceiling_hits(trace) == [0, 0, 2]
+    assert ceiling_hits(trace) == [0, 0, 2]
 
 
 def test_request_longer_than_the_cache_caches_what_fits():
-    trace = replay.parse_trace(lines([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]))
+    trace = parse_trace(lines([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]))
     hits, truncated, _ = replay.replay_store(trace, "lru", 3)
     assert truncated == 2 and hits == [0, 3]  # the first 3 blocks stay, root first
 
 
-def synthetic(n: int = 600, seed: int = 0) -> replay.Trace:
+def synthetic(n: int = 600, seed: int = 0) -> Trace:
     rng = random.Random(seed)
     sizes = [(float(i), rng.randint(64, 2048), rng.randint(1, 200)) for i in range(n)]
     reqs = synthesize(sizes, n, block_tokens=128, documents=20, doc_blocks=(1, 6), seed=seed)
-    return replay.parse_trace(json.dumps(r) for r in reqs)
+    return parse_trace(json.dumps(r) for r in reqs)
 
 
 @pytest.mark.parametrize("capacity", [8, 40, 150])
 def test_belady_bounds_every_policy_and_the_ceiling_bounds_belady(capacity):
     trace = synthetic()
-    belady = sum(replay.belady_hits(trace, capacity))
-    ceiling = sum(replay.ceiling_hits(trace))
+    belady = sum(belady_hits(trace, capacity))
+    ceiling = sum(ceiling_hits(trace))
     assert belady <= ceiling
     for policy in policy_names():
         hits, _, _ = replay.replay_store(trace, policy, capacity)
@@ -75,7 +76,7 @@ def test_belady_bounds_every_policy_and_the_ceiling_bounds_belady(capacity):
 
 def test_belady_with_room_for_everything_is_the_ceiling():
     trace = synthetic(200)
-    assert replay.belady_hits(trace, trace.distinct) == replay.ceiling_hits(trace)
+    assert belady_hits(trace, trace.distinct) == ceiling_hits(trace)
 
 
 def test_command_prints_one_json_object_per_run(tmp_path, capsys):
@@ -167,3 +168,13 @@ def test_plot(tmp_path, capsys):
         == 0
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_policy_default_is_the_configured_default(tmp_path, capsys):
+    from kvstore.config import ServerConfig
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines(TINY)))
+    assert main(["replay", "--trace", str(path), "--capacity-blocks", "3", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["policy"] == ServerConfig().default_policy
