@@ -145,6 +145,28 @@ class ServerConfig:
         1024, "longest extra_keys a request may carry (bytes)", _in_range(0, 1 << 20)
     )
     default_policy: str = _key("horizon", "eviction policy of a namespace that names none", _policy)
+    host_tier_bytes: int = _key(
+        0,
+        "daemon DRAM below the pools: evicted pages are demoted here (0 = no host tier)",
+        _in_range(0),
+        size=True,
+    )
+    disk_tier_dir: str = _key(
+        "",
+        "directory (mode 0700) of the LMDB disk tier below the host tier; kept across restarts; "
+        "empty = no disk tier",
+    )
+    disk_tier_bytes: int = _key(
+        8 << 30, "most bytes the disk tier's LMDB file may take (its map size)", _in_range(2 << 20), size=True
+    )
+    write_through: bool = _key(
+        False, "queue every page for the disk tier as it is sealed, so a restart finds it"
+    )
+    prefetch_pages: int = _key(
+        4,
+        "on a hit of a whole prompt, promote up to this many pages that followed it last time",
+        _in_range(0, 1024),
+    )
     shm_prefix: str = _key(
         "",
         "name prefix of this user's /dev/shm segments; segment names add the pid, and a starting "
@@ -238,6 +260,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         metavar = {int: "BYTES" if f.metadata["size"] else "N", float: "SECONDS"}.get(hint, f.name.upper())
         if typing.get_origin(hint) is Literal:
             metavar = "{" + ",".join(typing.get_args(hint)) + "}"
+        if hint is bool:
+            metavar = "{true,false}"
         more = f"env {env_name(f.name)}, default {doc_default(f)}".replace("`", "").replace("%", "%%")
         parser.add_argument(
             flag_name(f.name), dest=f.name, metavar=metavar, help=f"{f.metadata['help']} ({more})"
@@ -357,6 +381,15 @@ def _coerce(shown: str, raw: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
         return value if value in choices else _Problem(f"{shown}: must be one of {', '.join(choices)}")
     if hint is str:
         return raw if isinstance(raw, str) else _Problem(f"{shown}: must be a string")
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+        return _Problem(f"{shown}: must be true or false")
     try:
         if isinstance(raw, bool):  # TOML `true` is an int to Python; never a number here
             raise ValueError
@@ -421,6 +454,8 @@ def doc_default(f: Any) -> str:
         return "required"
     if f.metadata["size"]:
         return f"`{format_size(f.default)}`"
+    if isinstance(f.default, bool):
+        return f"`{str(f.default).lower()}`"
     if isinstance(f.default, str):
         return f'`"{f.default}"`' if f.default else "empty"
     return f"`{f.default:g}`" if isinstance(f.default, float) else f"`{f.default}`"

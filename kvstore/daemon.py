@@ -23,6 +23,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
+import lmdb
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -36,6 +37,8 @@ from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.metrics import MetricsServer
 from kvstore.store.store import Store
+from kvstore.store.tiering import Tiers, reindex_disk
+from kvstore.tiers import DiskTier, HostTier
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +123,8 @@ class Daemon:
         log.info("config from %s: %s", self.config.config_file or "defaults/env/flags", settings)
         self._claim_socket_path()
         remove_stale_segments(s.shm_prefix)  # logs each one it removes
-        self.store = Store(self.config.store_limits(), s.shm_prefix)
         loop = asyncio.get_running_loop()
+        self.store = Store(self.config.store_limits(), s.shm_prefix, tiers=await self._open_tiers(s))
         for spec in self.config.namespace_specs():
             try:
                 self.store.check_new_namespace(spec)
@@ -157,6 +160,8 @@ class Daemon:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
         self._tasks.append(asyncio.create_task(self._reap_leases(), name="reap-leases"))
+        if self.store.tiers is not None and self.store.tiers.disk is not None:
+            self._tasks.append(asyncio.create_task(self._reindex_disk(), name="reindex-disk"))
         if s.metrics:
             host, _, port = s.metrics.rpartition(":")
             self.metrics = MetricsServer(self.store, host, int(port))
@@ -166,6 +171,63 @@ class Daemon:
                 raise StartupError(f"server.metrics={s.metrics}: cannot serve metrics: {e}") from e
             self._tasks.append(asyncio.create_task(self.metrics.run(), name="metrics"))
         return True
+
+    async def _open_tiers(self, s: ServerConfig) -> Tiers | None:
+        if not s.host_tier_bytes and not s.disk_tier_dir:
+            return None
+        host = HostTier(s.host_tier_bytes) if s.host_tier_bytes else None
+        disk = None
+        if s.disk_tier_dir:
+            try:
+                disk = await asyncio.to_thread(DiskTier.open, s.disk_tier_dir, s.disk_tier_bytes)
+            except (OSError, ValueError, lmdb.Error) as e:
+                raise StartupError(
+                    f"server.disk_tier_dir={s.disk_tier_dir}: cannot open the disk tier: {e}"
+                ) from e
+        log.info(
+            "tiers: host %s, disk %s%s",
+            format_size(s.host_tier_bytes) if host is not None else "off",
+            f"{format_size(s.disk_tier_bytes)} in {s.disk_tier_dir}" if disk is not None else "off",
+            ", write-through" if s.write_through and disk is not None else "",
+        )
+        return Tiers(host, disk, write_through=s.write_through, prefetch_pages=s.prefetch_pages)
+
+    async def _reindex_disk(self) -> None:
+        """Re-index the disk tier at start, on a thread, while the daemon serves: pages become
+        findable as they are indexed. Records of swapped sequences (dead with the daemon that
+        swapped them) are deleted."""
+        store = self.store
+        assert store is not None and store.tiers is not None and store.tiers.disk is not None
+        tiers, loop, t0 = store.tiers, asyncio.get_running_loop(), time.monotonic()
+        state = tiers.reindex_state
+        state["running"] = True
+
+        def progress(done: int, total: int, rate: float) -> None:
+            state.update(done=done, total=total)
+            log.info("re-index of the disk tier: %d / %d pages (%.0f pages/s)", done, total, rate)
+
+        def post(pairs: list[tuple[str, bytes, bytes]]) -> None:
+            loop.call_soon_threadsafe(_note, pairs)
+
+        def _note(pairs: list[tuple[str, bytes, bytes]]) -> None:
+            for ns_name, parent, child in pairs:
+                tiers.note_successor(ns_name, parent, child)
+
+        try:
+            found, stale = await asyncio.to_thread(reindex_disk, tiers, progress, post)
+        except Exception:
+            log.exception("re-index of the disk tier failed; pages written from now on are served")
+            return
+        finally:
+            state["running"] = False
+        if stale:
+            tiers.disk.remove_async(stale)
+        log.info(
+            "re-index of the disk tier done: %d pages in %.1fs (%d records of swapped sequences deleted)",
+            found,
+            time.monotonic() - t0,
+            len(stale),
+        )
 
     def _claim_socket_path(self) -> None:
         """Own the socket path for the daemon's life, or fail if a live daemon does.

@@ -35,3 +35,7 @@ class PermissionDenied(KVStoreError):
 
 class AlreadyExists(KVStoreError):
     """Creating something whose name is taken."""
+
+
+class DataLoss(KVStoreError):
+    """Stored bytes that cannot be served (a swapped page lost or corrupt below the pool)."""

@@ -305,6 +305,21 @@ class _WorkerState:
             self.sequences[seq.sequence_id] = seq
         return out
 
+    def op_swap_out_partial(self, namespace: str, tokens: list[int]) -> dict:
+        """Allocate, append, write every page, commit the full ones, swap the sequence out
+        (held: the session owns its swapped pages)."""
+        ns = self.client.namespace(namespace)
+        seq = self.client.allocate(ns)
+        for page in seq.append(tokens).writable_pages:
+            want = page_content(
+                page.index, page_tokens_of(tokens, page.index, ns.page_tokens), ns.page_shape, ns.dtype
+            )
+            ns.page(page.slot).copy_(want)
+        seq.commit(len(tokens) // ns.page_tokens * ns.page_tokens)
+        moved = seq.swap_out()
+        self.sequences[seq.sequence_id] = seq
+        return {"sequence_id": seq.sequence_id, "pages_swapped": moved.pages_swapped}
+
     def op_allocate(self, namespace: str, max_tokens: int = 0) -> dict:
         seq = self.client.allocate(namespace, max_tokens=max_tokens)
         self.sequences[seq.sequence_id] = seq

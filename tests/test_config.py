@@ -125,6 +125,11 @@ def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
         "log_level": "debug",
         "max_extra_keys_bytes": "7",
         "default_policy": "lru",
+        "host_tier_bytes": "64MiB",
+        "disk_tier_dir": "/x/disk",
+        "disk_tier_bytes": "1GiB",
+        "write_through": "true",
+        "prefetch_pages": "2",
         "shm_prefix": "p-",
     }
     assert set(values) == {f.name for f in dataclasses.fields(cfg.ServerConfig)}
@@ -321,3 +326,11 @@ def test_the_example_in_the_docs_is_a_valid_config(tmp_path: Path) -> None:
     c = cfg.load(config_file=write(tmp_path, example), environ={})
     assert [s.name for s in c.namespace_specs()] == ["llama3-8b"]
     assert c.namespace_specs()[0].salt == b"\x5e\xed"
+
+
+def test_booleans_take_true_and_false_words(tmp_path: Path) -> None:
+    assert cfg.load(environ={"KVSTORE_WRITE_THROUGH": "yes"}).server.write_through is True
+    assert cfg.load(environ={"KVSTORE_WRITE_THROUGH": "off"}).server.write_through is False
+    assert cfg.load(config_file=write(tmp_path, "[server]\nwrite_through = true\n")).server.write_through
+    with pytest.raises(cfg.ConfigError, match=r"write_through='maybe'.*must be true or false"):
+        cfg.load(environ={"KVSTORE_WRITE_THROUGH": "maybe"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -18,7 +19,15 @@ from . import _wire
 from .errors import KVStoreClientError, SessionLost, Unavailable, from_rpc_error
 from .namespace import Namespace
 from .pool import SHM_DIR
-from .results import AppendResult, CommitResult, Page, PageState, ReleaseResult, pages_from_proto
+from .results import (
+    AppendResult,
+    CommitResult,
+    Page,
+    PageState,
+    PreemptResult,
+    ReleaseResult,
+    pages_from_proto,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -213,6 +222,20 @@ class SequenceBase(Held):
     def _refresh_call(self) -> _wire.Call[Any]:
         return _wire.get_sequence(self._client.session_id, self.sequence_id, self._apply_sequence)
 
+    def _preempt_call(self, drop: bool) -> _wire.Call[PreemptResult]:
+        return _wire.preempt(
+            self._client.session_id, self.sequence_id, drop, partial(self._apply_preempt, drop)
+        )
+
+    def _apply_preempt(self, drop: bool, result: PreemptResult) -> PreemptResult:
+        self.pages = []  # swapped out: no page is ours until swap_in; dropped: empty
+        if drop:
+            self.num_tokens = self.committed_tokens = 0
+        return result
+
+    def _swap_in_call(self) -> _wire.Call[Any]:
+        return _wire.swap_in(self._client.session_id, self.sequence_id, self._apply_sequence)
+
     def _release_request(self) -> _wire.Call[ReleaseResult]:
         return _wire.release_sequence(self._client.session_id, self.sequence_id)
 
@@ -279,6 +302,20 @@ class LookupBase(Held):
         self._block_hashes = reply.block_hashes  # 16 bytes a page, concatenated
         self.pin_id = reply.pin_id  # 0 = not pinned (pin=False or nothing hit)
         self.released = reply.pin_id == 0
+        # Pages [0, ready_pages) are in the pool now; the rest are still coming up from a tier
+        # below it (only with return_in_flight=True): wait() for them before reading.
+        self.ready_pages = reply.ready_pages
+
+    def _wait_call(self, pages: int) -> _wire.Call[Any]:
+        return _wire.wait_pages(self._client.session_id, self.pin_id, pages, self._apply_wait)
+
+    def _apply_wait(self, reply: pb.WaitPagesResponse) -> Any:
+        """A page that failed (checksum, or gone below the pool) ends the hit before it."""
+        self.slots = list(reply.slots) + self.slots[reply.ready_pages : reply.hit_pages]
+        self._block_hashes = self._block_hashes[: 16 * reply.hit_pages]
+        self.hit_tokens = reply.hit_pages * self.namespace.page_tokens
+        self.ready_pages = reply.ready_pages
+        return self
 
     @property
     def pages(self) -> list[Page]:

@@ -17,7 +17,7 @@ from .client import Client, Lookup, Sequence
 from .errors import KVStoreClientError
 from .hf import _is_model, cached_fingerprint
 from .namespace import Namespace
-from .results import SequenceOptions
+from .results import PreemptResult, SequenceOptions
 
 
 def _ids(input_ids: Any) -> list[int]:
@@ -137,6 +137,7 @@ class KVStoreCache(DynamicCache):
         self._position_pages: list[int] = []
         self._positions_seen = 0
         self._pass_pages: list[int] = []
+        self._preempted: str | None = None  # "swap" | "drop": what resume() undoes
 
     def _use_model(self, model: Any) -> None:
         if self.model_fingerprint is None:
@@ -275,6 +276,72 @@ class KVStoreCache(DynamicCache):
             scores[page] += weight
         return self.sequence.report_importance(scores)
 
+    # ------------------------------------------------------------ preemption
+
+    def swap_out(self, token_ids: Any) -> PreemptResult:
+        """Preempt by swapping: store the KV of `token_ids` computed so far (the prompt and the
+        generated tokens), have the daemon move the sequence's pages below the pool (host or
+        disk tier; its pool pages are freed), and free this cache's KV tensors. `resume`
+        brings the pages back and goes on."""
+        self.save(token_ids)
+        result = self._sequence().swap_out()
+        self._forget_kv()
+        self._preempted = "swap"
+        return result
+
+    def drop(self) -> PreemptResult:
+        """Preempt by dropping: the daemon frees the sequence's pages (its sealed pages stay
+        cached) and this cache's KV tensors are freed; `resume` recomputes what is not cached."""
+        result = self._sequence().drop()
+        self._forget_kv()
+        self._written = 0
+        if self.lookup is not None:
+            self.lookup.release()
+            self.lookup = None
+        self._preempted = "drop"
+        return result
+
+    @torch.no_grad()
+    def resume(self, model: Any, token_ids: Any, **gen_kwargs: Any) -> torch.Tensor:
+        """Go on generating after `swap_out` or `drop`: `token_ids` are all the tokens so far.
+        After a swap the pages come back (new slots) and are loaded into the model's KV; after
+        a drop the tokens are prefilled again (a cached prefix still hits). Returns `generate`'s
+        output ids."""
+        how, self._preempted = self._preempted, None
+        if how == "swap":
+            self._load_sequence(self._sequence().swap_in())
+            return self._generate(model, token_ids, gen_kwargs)
+        if how == "drop":
+            return self.generate(model, token_ids, **gen_kwargs)
+        raise RuntimeError("resume() follows swap_out() or drop()")
+
+    def _forget_kv(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+            layer.cut_tokens = 0
+        self._position_pages, self._positions_seen, self._pass_pages = [], 0, []
+
+    def _load_sequence(self, seq: Sequence) -> None:
+        """Fill the (empty) model KV with the sequence's held pages: one copy per page, as
+        load_prefix does; cut (budget-dropped) pages stay cut."""
+        pages = seq.held_pages
+        views = seq.views(pages)
+        L, _, _, H, D = views[0].shape
+        n = sum(p.token_count for p in pages)
+        kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype)
+        at = 0
+        for page, view in zip(pages, views, strict=True):
+            t = page.token_count
+            kv[:, :, 0, :, at : at + t].copy_(view[:, :, :t].transpose(2, 3))
+            at += t
+        for layer_idx, layer in enumerate(self.layers):
+            keys, values = kv[layer_idx, 0], kv[layer_idx, 1]
+            layer.update(keys[:, :, :0], values[:, :, :0])
+            layer.keys, layer.values = keys, values
+            layer.cut_tokens = seq.num_tokens - n
+        self._position_pages = [p.index for p in pages for _ in range(p.token_count)]
+        self._positions_seen = self._written = seq.num_tokens
+
     def release(self) -> None:
         """Release the sequence (its unsealed pages) and the prefix pin. Idempotent."""
         errors: list[KVStoreClientError] = []
@@ -339,14 +406,17 @@ class KVStoreCache(DynamicCache):
         tokens (all but the last, whose KV is never computed) are stored page by page as pages
         fill. Returns the output ids."""
         self._use_model(model)
-        ids = _ids(input_ids)
-        self.load_prefix(ids)
+        self.load_prefix(_ids(input_ids))
+        return self._generate(model, input_ids, gen_kwargs)
+
+    def _generate(self, model: Any, input_ids: Any, gen_kwargs: dict[str, Any]) -> torch.Tensor:
+        """`model.generate` on this cache (holding the KV of all but the last token or fewer),
+        saving pages as they fill, and the rest at the end."""
         batch = _as_batch(input_ids, model.device)
         gen_kwargs.setdefault("attention_mask", torch.ones_like(batch))
         # Ours first: the caller's criteria see the pages saved in this step.
-        criteria = StoppingCriteriaList(
-            [_SaveAsPagesFill(self), *(gen_kwargs.pop("stopping_criteria", None) or [])]
-        )
+        user = gen_kwargs.pop("stopping_criteria", None) or []
+        criteria = StoppingCriteriaList([_SaveAsPagesFill(self), *user])
         out = model.generate(batch, past_key_values=self, stopping_criteria=criteria, **gen_kwargs)
         self.save(out[0])
         return out

@@ -18,7 +18,15 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from .errors import InvalidArgument
 from .pool import wire_dtype
-from .results import BUDGET_MODES, CloseResult, EvictResult, ReleaseResult, SequenceOptions
+from .results import (
+    BUDGET_MODES,
+    CloseResult,
+    EvictResult,
+    FlushResult,
+    PreemptResult,
+    ReleaseResult,
+    SequenceOptions,
+)
 
 T = TypeVar("T")
 Service = Literal["kv", "admin", "health"]
@@ -263,6 +271,7 @@ def lookup(
     pin: bool,
     make: Callable[[Any], T],
     model_fingerprint: str = "",
+    return_in_flight: bool = False,
 ) -> Call[T]:
     req = pb.LookupRequest(
         session_id=session_id,
@@ -270,9 +279,32 @@ def lookup(
         extra_keys=extra_bytes(extra_keys),
         pin=pin,
         model_fingerprint=model_fingerprint,
+        return_in_flight=return_in_flight,
     )
     set_tokens(req.token_ids, tokens)
     return Call("kv", "Lookup", req, make)
+
+
+def wait_pages(session_id: int, pin_id: int, pages: int, apply: Callable[[Any], T]) -> Call[T]:
+    return Call(
+        "kv", "WaitPages", pb.WaitPagesRequest(session_id=session_id, pin_id=pin_id, pages=pages), apply
+    )
+
+
+def preempt(session_id: int, sequence_id: int, drop: bool, apply: Callable[[PreemptResult], T]) -> Call[T]:
+    mode = pb.PREEMPT_DROP if drop else pb.PREEMPT_SWAP_OUT
+    req = pb.PreemptRequest(session_id=session_id, sequence_id=sequence_id, mode=mode)
+    return Call("kv", "Preempt", req, lambda r: apply(PreemptResult(r.pages_swapped, r.pages_freed)))
+
+
+def swap_in(session_id: int, sequence_id: int, apply: Callable[[Any], T]) -> Call[T]:
+    return Call("kv", "SwapIn", pb.SwapInRequest(session_id=session_id, sequence_id=sequence_id), apply)
+
+
+def flush() -> Call[FlushResult]:
+    return Call(
+        "admin", "Flush", pb.FlushRequest(), lambda r: FlushResult(r.pages_written, r.disk_pages, r.seconds)
+    )
 
 
 def release_sequence(session_id: int, sequence_id: int) -> Call[ReleaseResult]:

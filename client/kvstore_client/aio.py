@@ -28,7 +28,16 @@ from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, 
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
-from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult, SequenceOptions
+from .results import (
+    AppendResult,
+    CloseResult,
+    CommitResult,
+    EvictResult,
+    FlushResult,
+    PreemptResult,
+    ReleaseResult,
+    SequenceOptions,
+)
 from .target import resolve_target
 
 T = TypeVar("T")
@@ -95,9 +104,24 @@ class AsyncSequence(SequenceBase, _AsyncReleaseOnExit):
     async def refresh(self) -> AsyncSequence:
         return await self._client._run(self._refresh_call())
 
+    async def swap_out(self) -> PreemptResult:
+        """See `kvstore_client.Sequence.swap_out`."""
+        return await self._client._run(self._preempt_call(drop=False))
+
+    async def swap_in(self) -> AsyncSequence:
+        return await self._client._run(self._swap_in_call())
+
+    async def drop(self) -> PreemptResult:
+        return await self._client._run(self._preempt_call(drop=True))
+
 
 class AsyncLookup(LookupBase, _AsyncReleaseOnExit):
     """See `kvstore_client.Lookup`."""
+
+    async def wait(self, pages: int = 0) -> AsyncLookup:
+        if self.ready_pages >= (pages or len(self.slots)):
+            return self
+        return await self._client._run(self._wait_call(pages))
 
 
 class AsyncClient(ClientCore):
@@ -246,8 +270,9 @@ class AsyncClient(ClientCore):
         pin: bool = False,
         *,
         model_fingerprint: str = "",
+        return_in_flight: bool = False,
     ) -> Opening[AsyncLookup]:
-        return Opening(self._lookup(namespace, tokens, extra_keys, pin, model_fingerprint))
+        return Opening(self._lookup(namespace, tokens, extra_keys, pin, model_fingerprint, return_in_flight))
 
     async def _lookup(
         self,
@@ -256,12 +281,18 @@ class AsyncClient(ClientCore):
         extra_keys: bytes,
         pin: bool,
         model_fingerprint: str,
+        return_in_flight: bool,
     ) -> AsyncLookup:
         ns = await self.namespace(namespace)
         make = partial(AsyncLookup, self, ns)
         return await self._run(
-            _wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint)
+            _wire.lookup(
+                self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint, return_in_flight
+            )
         )
+
+    async def flush(self) -> FlushResult:
+        return await self._run(_wire.flush())
 
     async def release_pin(self, pin_id: int) -> ReleaseResult:
         return await self._run(_wire.release_pin(self.session_id, pin_id))

@@ -29,7 +29,16 @@ from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, 
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
-from .results import AppendResult, CloseResult, CommitResult, EvictResult, ReleaseResult, SequenceOptions
+from .results import (
+    AppendResult,
+    CloseResult,
+    CommitResult,
+    EvictResult,
+    FlushResult,
+    PreemptResult,
+    ReleaseResult,
+    SequenceOptions,
+)
 from .target import resolve_target
 
 T = TypeVar("T")
@@ -85,9 +94,32 @@ class Sequence(SequenceBase, _ReleaseOnExit):
         """Replace the client-side page table with the daemon's (GetSequence)."""
         return self._client._run(self._refresh_call())
 
+    def swap_out(self) -> PreemptResult:
+        """Preempt: move every page below the pool (host/disk tier) and free the pool pages.
+        The sequence keeps its tokens; `swap_in()` brings the pages back (new slots)."""
+        return self._client._run(self._preempt_call(drop=False))
+
+    def swap_in(self) -> Sequence:
+        """Bring a swapped-out sequence's pages back; `pages` has their new slots. DataLoss
+        (and the sequence emptied) if one was lost below the pool: recompute it then."""
+        return self._client._run(self._swap_in_call())
+
+    def drop(self) -> PreemptResult:
+        """Preempt by dropping: free every page and empty the sequence (same id and budget);
+        append the tokens again to recompute (cached pages still hit)."""
+        return self._client._run(self._preempt_call(drop=True))
+
 
 class Lookup(LookupBase, _ReleaseOnExit):
     """A lookup result; a pinned one holds its pages until `release()` / `with` exit."""
+
+    def wait(self, pages: int = 0) -> Lookup:
+        """With `return_in_flight=True`: wait until the first `pages` pages (0 = all) are in
+        the pool. Updates `ready_pages`, `slots` and `hit_tokens` (which shrinks if a page
+        failed its checksum below the pool)."""
+        if self.ready_pages >= (pages or len(self.slots)):
+            return self
+        return self._client._run(self._wait_call(pages))
 
 
 class Client(ClientCore):
@@ -245,13 +277,22 @@ class Client(ClientCore):
         pin: bool = False,
         *,
         model_fingerprint: str = "",
+        return_in_flight: bool = False,
     ) -> Lookup:
-        """The longest cached prefix of `tokens`. With `pin=True` its pages stay put until released."""
+        """The longest cached prefix of `tokens`. With `pin=True` its pages stay put until released.
+        Pages below the pool are promoted into it first; `return_in_flight=True` (with pin)
+        answers at once instead: `ready_pages` are readable, `wait()` for the rest."""
         ns = self.namespace(namespace)
         make = partial(Lookup, self, ns)
         return self._run(
-            _wire.lookup(self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint)
+            _wire.lookup(
+                self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint, return_in_flight
+            )
         )
+
+    def flush(self) -> FlushResult:
+        """Admin: write every sealed page not yet on disk and fsync (needs a disk tier)."""
+        return self._run(_wire.flush())
 
     def release_pin(self, pin_id: int) -> ReleaseResult:
         return self._run(_wire.release_pin(self.session_id, pin_id))

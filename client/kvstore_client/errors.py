@@ -64,6 +64,11 @@ class AlreadyExists(KVStoreClientError, code=grpc.StatusCode.ALREADY_EXISTS):
     """Creating something whose name is taken."""
 
 
+class DataLoss(KVStoreClientError, code=grpc.StatusCode.DATA_LOSS):
+    """Stored KV that cannot be served: a swapped-out page was lost or failed its checksum
+    below the pool. The sequence has been emptied: recompute it."""
+
+
 class Unavailable(KVStoreClientError, code=grpc.StatusCode.UNAVAILABLE):
     """The daemon cannot be reached (not running, wrong socket, shutting down)."""
 

@@ -130,3 +130,16 @@ class EvictResult:
 class CloseResult:
     sequences_released: int
     pins_released: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreemptResult:
+    pages_swapped: int  # pages of the sequence now below the pool (0 for a drop)
+    pages_freed: int  # pool pages given back
+
+
+@dataclass(frozen=True, slots=True)
+class FlushResult:
+    pages_written: int  # queued for disk by this flush
+    disk_pages: int  # pages on disk after it
+    seconds: float

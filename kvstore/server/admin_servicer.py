@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
+from kvstore.errors import FailedPrecondition
 from kvstore.server import convert
 from kvstore.server.status import grpc_errors
 from kvstore.store.store import Store
@@ -40,3 +42,17 @@ class AdminServicer(pb_grpc.AdminServicer):
     @grpc_errors
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
         return pb.ListSessionsResponse(sessions=[convert.session_info(s) for s in self.store.session_infos()])
+
+    @grpc_errors
+    async def Flush(self, request: pb.FlushRequest, context: Ctx) -> pb.FlushResponse:
+        tiers = self.store.tiers
+        if tiers is None or tiers.disk is None:
+            raise FailedPrecondition(
+                "the daemon has no disk tier (server.disk_tier_dir): nothing to flush to"
+            )
+        t0 = time.monotonic()
+        queued, done = tiers.flush(list(self.store.namespaces.values()))
+        await asyncio.wrap_future(done)
+        return pb.FlushResponse(
+            pages_written=queued, disk_pages=len(tiers.disk), seconds=time.monotonic() - t0
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
@@ -150,4 +152,29 @@ def session_info(s: t.SessionInfo) -> pb.SessionInfo:
 def evict_response(r: t.EvictResult) -> pb.EvictResponse:
     return pb.EvictResponse(
         pages_evicted=r.pages_evicted, bytes_freed=r.bytes_freed, pages_skipped_pinned=r.pages_skipped_pinned
+    )
+
+
+def tier_stats(d: dict[str, Any]) -> pb.TierStats:
+    """kvstore/store/tiering.py's `Tiers.stats()` on the wire."""
+    host, disk, reindex = d.get("host", {}), d.get("disk", {}), d["reindex"]
+    return pb.TierStats(
+        host_capacity_bytes=host.get("capacity_bytes", 0),
+        host_bytes_used=host.get("bytes_used", 0),
+        host_pages=host.get("pages", 0),
+        disk_capacity_bytes=disk.get("capacity_bytes", 0),
+        disk_bytes_used=disk.get("bytes_used", 0),
+        disk_pages=disk.get("pages", 0),
+        disk_full_events=disk.get("disk_full_events", 0),
+        corrupt_pages=host.get("corrupt", 0) + disk.get("corrupt", 0),
+        demoted_pages=d["demoted_host"] + d["demoted_disk"],
+        promoted_pages=d["promoted_host"] + d["promoted_disk"],
+        prefetched_pages=d["prefetched"],
+        promotion_failures=d["promotion_failures"],
+        swapped_pages=d["swapped_pages"],
+        write_through=d["write_through"],
+        reindex_running=reindex["running"],
+        reindex_done=reindex["done"],
+        reindex_total=reindex["total"],
+        disk_queued=disk.get("queued", 0),
     )

@@ -16,6 +16,7 @@ from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store.store import Store
+from kvstore.store.types import SequenceView
 
 Ctx = grpc.aio.ServicerContext
 
@@ -101,16 +102,34 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Ctx) -> pb.GetSequenceResponse:
-        v = self.store.sequence_view(request.session_id, request.sequence_id)
-        reply = pb.GetSequenceResponse(
-            namespace=v.namespace,
-            num_tokens=v.num_tokens,
-            committed_tokens=v.committed_tokens,
-            dropped_indices=v.dropped,
-            options=convert.sequence_options_pb(v.options),
-        )
-        convert.add_page_refs(reply.pages, v.pages)
-        return reply
+        return _sequence_reply(self.store.sequence_view(request.session_id, request.sequence_id))
+
+    @grpc_errors
+    async def Preempt(self, request: pb.PreemptRequest, context: Ctx) -> pb.PreemptResponse:
+        mode = {pb.PREEMPT_SWAP_OUT: "swap_out", pb.PREEMPT_DROP: "drop"}.get(request.mode)
+        if mode is None:
+            raise InvalidArgument(
+                f"mode={request.mode} is not a preemption; give PREEMPT_SWAP_OUT or PREEMPT_DROP"
+            )
+        moved, freed = self.store.preempt(request.session_id, request.sequence_id, mode)
+        return pb.PreemptResponse(pages_swapped=moved, pages_freed=freed)
+
+    @grpc_errors
+    async def SwapIn(self, request: pb.SwapInRequest, context: Ctx) -> pb.GetSequenceResponse:
+        ticket = self.store.begin_swap_in(request.session_id, request.sequence_id)
+        if ticket.pending:
+            await asyncio.gather(*(p.wait() for p in ticket.pending))
+        return _sequence_reply(self.store.finish_swap_in(ticket))
+
+    @grpc_errors
+    async def WaitPages(self, request: pb.WaitPagesRequest, context: Ctx) -> pb.WaitPagesResponse:
+        slots, total, first = self.store.pin_progress(request.session_id, request.pin_id)
+        want = request.pages or total
+        while first is not None and len(slots) < want:
+            await first.wait()
+            slots, total, first = self.store.pin_progress(request.session_id, request.pin_id)
+            want = min(want, total)
+        return pb.WaitPagesResponse(ready_pages=len(slots), hit_pages=total, slots=slots)
 
     @grpc_errors
     async def ReportImportance(
@@ -128,9 +147,18 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             request.extra_keys,
             request.pin,
             request.model_fingerprint,
+            request.return_in_flight,
         )
+        if r.promotions and not request.return_in_flight:
+            # Pages below the pool are coming up: answer once they are in it (or failed).
+            await asyncio.gather(*(p.wait() for p in r.promotions))
+            r = self.store.settle_lookup(r)
         return pb.LookupResponse(
-            hit_tokens=r.hit_tokens, slots=r.slots, block_hashes=b"".join(r.block_hashes), pin_id=r.pin_id
+            hit_tokens=r.hit_tokens,
+            slots=r.slots,
+            block_hashes=b"".join(r.block_hashes),
+            pin_id=r.pin_id,
+            ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
         )
 
     @grpc_errors
@@ -161,13 +189,27 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
+        tiers = self.store.tiers
         return pb.StatsResponse(
             namespaces=[convert.namespace_stats(s) for s in self.store.stats(request.namespace)],
             sessions=len(self.store.sessions),
             uptime_s=time.monotonic() - self.started,
             version=__version__,
+            tiers=convert.tier_stats(tiers.stats()) if tiers is not None else None,
         )
 
 
 def _unix_ms(ttl_s: float) -> int:
     return int((time.time() + ttl_s) * 1000)
+
+
+def _sequence_reply(v: SequenceView) -> pb.GetSequenceResponse:
+    reply = pb.GetSequenceResponse(
+        namespace=v.namespace,
+        num_tokens=v.num_tokens,
+        committed_tokens=v.committed_tokens,
+        dropped_indices=v.dropped,
+        options=convert.sequence_options_pb(v.options),
+    )
+    convert.add_page_refs(reply.pages, v.pages)
+    return reply

@@ -22,6 +22,7 @@ STATUS_OF: dict[type[errors.KVStoreError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 R = TypeVar("R")

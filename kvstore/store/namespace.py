@@ -4,7 +4,8 @@ called only by kvstore/store/store.py, which owns sessions and sequences."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from kvstore.errors import FailedPrecondition, ResourceExhausted
 from kvstore.hashing import namespace_salt, root_hash
@@ -12,6 +13,10 @@ from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.pages import Page, PageState, PageTable
 from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import EvictionPolicy
+
+if TYPE_CHECKING:
+    from kvstore.store.tiering import Tiers
+
 from kvstore.store.types import (
     PAGE_LAYOUT,
     EvictResult,
@@ -23,10 +28,18 @@ from kvstore.store.types import (
 
 
 class Namespace:
-    def __init__(self, spec: NamespaceSpec, pool: ShmPool, policy: EvictionPolicy) -> None:
+    def __init__(
+        self, spec: NamespaceSpec, pool: ShmPool, policy: EvictionPolicy, tiers: Tiers | None = None
+    ) -> None:
         self.spec = spec
         self.pool = pool
         self.policy = policy
+        self.tiers = tiers  # below the pool: evicted pages are demoted there (None: dropped)
+        # What a page below the pool must match to be promoted into this pool.
+        self.geometry = (
+            f"{spec.num_layers}x2x{spec.page_tokens}x{spec.num_kv_heads}x{spec.head_dim}:{spec.dtype}"
+            f":{spec.model_fingerprint}"
+        )
         self.pages = PageTable(spec.num_pages)
         self.index = PrefixIndex(root_hash(namespace_salt(spec.name, spec.salt)))
         self.clock = 0  # logical time of accesses, for recency
@@ -76,6 +89,8 @@ class Namespace:
         self.clock += 1
         page.last_access = self.clock
         self.policy.on_sealed(page)
+        if self.tiers is not None:
+            self.tiers.on_sealed(self, page)
 
     def ref(self, page: Page) -> None:
         assert page.state is PageState.SEALED
@@ -111,6 +126,8 @@ class Namespace:
             if not parent.children and parent.refcount == 0:  # parent.evictable: a parent is sealed
                 policy.on_evictable(parent)
         policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
+        if self.tiers is not None:
+            self.tiers.demote(self, page)  # copied down first, freed second
         self.pages.give_back(page)
         self.evictions += 1
 
@@ -171,6 +188,14 @@ class Namespace:
         return EvictResult(evicted, evicted * self.spec.page_bytes, skipped)
 
     # ------------------------------------------------------------ views
+
+    def page_view(self, slot: int) -> memoryview:
+        """The bytes of one pool page (the daemon's own mapping)."""
+        start = slot * self.spec.page_stride
+        return memoryview(self.pool.mapping)[start : start + self.spec.page_bytes]
+
+    def sealed_pages(self) -> Iterator[Page]:
+        return iter(list(self.index._pages.values()))
 
     def info(self) -> NamespaceInfo:
         spec = self.spec

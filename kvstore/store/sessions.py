@@ -4,11 +4,16 @@ records; kvstore/store/store.py is the only code that changes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstore.hashing import BlockHash
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import Namespace
 from kvstore.store.types import SequenceOptions
+
+if TYPE_CHECKING:
+    from kvstore.store.preempt import SwapInTicket, Swapped
+    from kvstore.store.tiering import Promotion
 
 
 @dataclass(eq=False)
@@ -31,6 +36,8 @@ class Sequence:
     window_lo: int = 0  # sliding_window: every index in [sink pages, window_lo) is dropped
     scores: dict[int, float] = field(default_factory=dict)  # importance: page index -> last score
     held: int = 0  # pages held (not None)
+    swapped: Swapped | None = None  # swapped out (kvstore/store/preempt.py): its pages are below the pool
+    swap_in: SwapInTicket | None = None  # a SwapIn under way
 
     def private(self, index: int) -> bool:
         return self.cut is not None and index > self.cut
@@ -41,7 +48,10 @@ class Pin:
     id: int
     session_id: int
     ns: Namespace
-    pages: list[Page]
+    pages: list[Page]  # sealed, in prefix order
+    # Pages still coming up from a tier (kvstore/store/tiering.py), in prefix order: each
+    # joins `pages` when it is sealed, or leaves (with every later one) when it fails.
+    pending: list[Promotion] = field(default_factory=list)
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ maps them to gRPC status codes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from collections.abc import Sequence as Seq
 
 from kvstore.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -26,13 +28,14 @@ from kvstore.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from kvstore.hashing import BlockHash, chain
+from kvstore.hashing import BlockHash, chain, iter_block_hashes
 from kvstore.memory.pages import Page, PageState
 from kvstore.memory.shm_pool import ShmPool, segment_name
 from kvstore.policy import make_policy
-from kvstore.store import validate
+from kvstore.store import preempt, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Sequence, Session
+from kvstore.store.tiering import Promotion, Tiers
 from kvstore.store.types import (
     IMPORTANCE,
     SLIDING_WINDOW,
@@ -50,6 +53,7 @@ from kvstore.store.types import (
     SessionInfo,
     StoreLimits,
 )
+from kvstore.tiers import PageKey
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,15 @@ ENDED_SESSIONS_REMEMBERED = 10_000  # so a late request gets "ended (why)" rathe
 
 
 class Store:
-    def __init__(self, limits: StoreLimits, shm_prefix: str, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        limits: StoreLimits,
+        shm_prefix: str,
+        clock: Callable[[], float] = time.monotonic,
+        tiers: Tiers | None = None,
+    ):
         self.limits = limits
+        self.tiers = tiers  # host DRAM / LMDB below every pool; None: evicted pages are gone
         self.shm_prefix = shm_prefix
         self._clock = clock
         self.namespaces: dict[str, Namespace] = {}  # loop-owned
@@ -93,7 +104,7 @@ class Store:
         except Exception:
             pool.close()
             raise
-        ns = Namespace(spec, pool, make_policy(spec.policy))
+        ns = Namespace(spec, pool, make_policy(spec.policy), self.tiers)
         self.namespaces[spec.name] = ns
         log.info(
             "namespace %s: %d pages x %d bytes (%s, %d tokens/page), policy %s",
@@ -247,7 +258,7 @@ class Store:
         return seq.id, pages_needed
 
     def append(self, sid: int, seq_id: int, token_ids: Seq[int]) -> AppendResult:
-        _, seq = self._sequence(sid, seq_id)
+        _, seq = self._live_sequence(sid, seq_id)
         ns = seq.ns
         T = ns.spec.page_tokens
         tokens = validate.token_array(
@@ -402,7 +413,7 @@ class Store:
 
     def commit(self, sid: int, seq_id: int, num_tokens: int, written_slots: Seq[int] = ()) -> CommitResult:
         """The client wrote the first `num_tokens` tokens: seal every full page among them."""
-        _, seq = self._sequence(sid, seq_id)
+        _, seq = self._live_sequence(sid, seq_id)
         ns = seq.ns
         if num_tokens < 0 or num_tokens > seq.num_tokens:
             raise OutOfRange(
@@ -464,7 +475,7 @@ class Store:
 
     def report_importance(self, sid: int, seq_id: int, scores: Seq[float]) -> int:
         """Replace an IMPORTANCE sequence's page scores (scores[i] = page i); returns pages held."""
-        _, seq = self._sequence(sid, seq_id)
+        _, seq = self._live_sequence(sid, seq_id)
         if seq.options.mode != IMPORTANCE:
             raise FailedPrecondition(
                 f"sequence {seq_id} has options.mode={seq.options.mode}: importance is only taken by "
@@ -487,6 +498,7 @@ class Store:
 
     def _release_sequence(self, session: Session, seq: Sequence) -> ReleaseResult:
         ns = seq.ns
+        preempt.discard_swapped(seq)
         freed = unpinned = 0
         for page in reversed(seq.pages + seq.spare):  # leaves first
             if page is None:
@@ -502,6 +514,56 @@ class Store:
         ns.sequences -= 1
         return ReleaseResult(freed, unpinned)
 
+    # ------------------------------------------------------------ preemption
+
+    def _live_sequence(self, sid: int, seq_id: int) -> tuple[Session, Sequence]:
+        session, seq = self._sequence(sid, seq_id)
+        if seq.swapped is not None:
+            raise FailedPrecondition(f"sequence {seq_id} is swapped out; SwapIn first")
+        return session, seq
+
+    def preempt(self, sid: int, seq_id: int, mode: str) -> tuple[int, int]:
+        """mode "swap_out" or "drop": (pages below the pool for it now, pool pages freed)."""
+        _, seq = self._sequence(sid, seq_id)
+        if mode == "swap_out":
+            return preempt.swap_out(seq)
+        if mode == "drop":
+            return 0, self._drop(seq)
+        raise InvalidArgument(f"mode={mode!r} is not a preemption; give PREEMPT_SWAP_OUT or PREEMPT_DROP")
+
+    def _drop(self, seq: Sequence) -> int:
+        """Free every page of the sequence and empty it (same id, same budget and spare pages)."""
+        ns = seq.ns
+        preempt.discard_swapped(seq)
+        freed = 0
+        for page in reversed(seq.pages):
+            if page is None:
+                continue
+            if page.state is PageState.RESERVED:
+                ns.free_reserved(page)
+            else:
+                ns.unref(page)
+            freed += 1
+        seq.pages, seq.held, seq.num_tokens, seq.committed_tokens = [], 0, 0, 0
+        seq.tail_tokens, seq.last_hash, seq.cut, seq.window_lo, seq.scores = b"", ns.index.root, None, 0, {}
+        return freed
+
+    def begin_swap_in(self, sid: int, seq_id: int) -> preempt.SwapInTicket:
+        _, seq = self._sequence(sid, seq_id)
+        try:
+            return preempt.begin_swap_in(seq)
+        except DataLoss:
+            self._drop(seq)
+            raise
+
+    def finish_swap_in(self, ticket: preempt.SwapInTicket) -> SequenceView:
+        try:
+            preempt.finish_swap_in(ticket)
+        except DataLoss:
+            self._drop(ticket.seq)
+            raise
+        return self.sequence_view(ticket.seq.session_id, ticket.seq.id)
+
     # ------------------------------------------------------------ lookup and pins
 
     def lookup(
@@ -512,9 +574,14 @@ class Store:
         extra_keys: bytes,
         pin: bool,
         model_fingerprint: str = "",
+        return_in_flight: bool = False,
     ) -> LookupResult:
         if pin and not sid:
             raise InvalidArgument("pin=true needs a session_id: pins are held by a session")
+        if return_in_flight and not pin:
+            raise InvalidArgument(
+                "return_in_flight=true needs pin=true: an unpinned page may be evicted before it is read"
+            )
         session = self.session(sid) if sid else None
         ns = self.namespace(namespace)
         ns.check_model(model_fingerprint)
@@ -522,32 +589,158 @@ class Store:
             token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=self.limits
         )
         extra = validate.extra_keys(extra_keys, self.limits)
-        pages = ns.index.match(tokens.tobytes(), ns.spec.page_tokens, extra)
-        hit = len(pages) * ns.spec.page_tokens
+        T = ns.spec.page_tokens
+        hashes = iter_block_hashes(ns.index.root, tokens.tobytes(), T, extra)
+        pages: list[Page] = []
+        first_miss = None
+        for block_hash in hashes:
+            page = ns.index.get(block_hash)
+            if page is None:
+                first_miss = block_hash
+                break
+            pages.append(page)
+        proms: list[Promotion] = []
+        if ns.tiers is not None:
+            proms = self._promote(ns, pages, first_miss, hashes)
+        hit = (len(pages) + len(proms)) * T
         ns.lookups += 1
         ns.hit_tokens += hit
         ns.miss_tokens += len(tokens) - hit
         if pages:
             ns.touch(pages)
+        ready = len(pages)
+        for prom in proms:
+            if not prom.ok:
+                break
+            ready += 1
         pin_id = 0
-        if pin and pages:
+        if pin and hit:
             assert session is not None
             for page in pages:
                 ns.ref(page)
-            pin_id = self._new_id(session)
-            session.pins[pin_id] = Pin(pin_id, session.id, ns, pages)
-        return LookupResult(hit, [p.slot for p in pages], [p.block_hash or b"" for p in pages], pin_id)
+            pinned = Pin(self._new_id(session), session.id, ns, list(pages))
+            for prom in proms:
+                if prom.ok:
+                    ns.ref(prom.sealed)
+                    pinned.pages.append(prom.sealed)
+                else:  # in flight: joins pinned.pages when sealed (kvstore/store/tiering.py)
+                    prom.pins.append(pinned)
+                    pinned.pending.append(prom)
+            pin_id = pinned.id
+            session.pins[pin_id] = pinned
+        slots = [p.slot for p in pages] + [(p.sealed or p.page).slot for p in proms]
+        block_hashes = [p.block_hash or b"" for p in pages] + [p.key.block_hash for p in proms]
+        return LookupResult(hit, slots, block_hashes, pin_id, ready, proms, ns.name)
+
+    def settle_lookup(self, r: LookupResult) -> LookupResult:
+        """The lookup once its promotions have settled: the hit ends before the first that
+        failed (a page whose bytes did not verify is never served)."""
+        ns = self.namespace(r.namespace)
+        n = len(r.slots) - len(r.promotions)
+        slots, hashes = r.slots[:n], r.block_hashes[:n]
+        for prom in r.promotions:
+            if not prom.ok:
+                break
+            slots.append(prom.sealed.slot)
+            hashes.append(prom.key.block_hash)
+        lost = (len(r.slots) - len(slots)) * ns.spec.page_tokens
+        ns.hit_tokens -= lost
+        ns.miss_tokens += lost
+        return LookupResult(r.hit_tokens - lost, slots, hashes, r.pin_id, len(slots), [], r.namespace)
+
+    def _promote(self, ns: Namespace, pages: list[Page], first_miss: bytes | None, rest) -> list[Promotion]:
+        """Continue a lookup below the pool: start promoting the blocks after the pool hits
+        (`first_miss` and then `rest`) while a tier holds them and the pool can make room.
+        With every full page hit, prefetch the pages that followed last time."""
+        tiers = ns.tiers
+        assert tiers is not None
+        held = list(pages)  # resident pages of the chain: kept from eviction while we make room
+        for page in held:
+            ns.ref(page)
+        proms: list[Promotion] = []
+        try:
+            parent_page = pages[-1] if pages else None
+            parent_prom: Promotion | None = None
+            last_hash = pages[-1].block_hash if pages else None
+            walk = [] if first_miss is None else itertools.chain([first_miss], rest)
+            for block_hash in walk:
+                prom = self._promote_one(ns, block_hash, parent_page, parent_prom)
+                if prom is None or prom.ok is False:
+                    break
+                proms.append(prom)
+                parent_page, parent_prom, last_hash = self._chain_step(ns, prom, held)
+            else:
+                # Every full page of the prompt hit: bring up what followed it last time.
+                for _ in range(tiers.prefetch_pages if last_hash is not None else 0):
+                    nxt = tiers.successor(ns.name, last_hash)
+                    if nxt is None:
+                        break
+                    resident = ns.index.get(nxt)
+                    if resident is not None:
+                        ns.ref(resident)
+                        held.append(resident)
+                        parent_page, parent_prom, last_hash = resident, None, nxt
+                        continue
+                    prom = self._promote_one(ns, nxt, parent_page, parent_prom)
+                    if prom is None or prom.ok is False:
+                        break
+                    tiers.counters["prefetched"] += 1
+                    parent_page, parent_prom, last_hash = self._chain_step(ns, prom, held)
+        finally:
+            for page in held:
+                ns.unref(page)
+        return proms
+
+    @staticmethod
+    def _chain_step(
+        ns: Namespace, prom: Promotion, held: list[Page]
+    ) -> tuple[Page | None, Promotion | None, bytes]:
+        if prom.ok:  # settled at once (host tier): resident from here on
+            ns.ref(prom.sealed)
+            held.append(prom.sealed)
+            return prom.sealed, None, prom.key.block_hash
+        return None, prom, prom.key.block_hash
+
+    @staticmethod
+    def _promote_one(
+        ns: Namespace, block_hash: bytes, parent_page: Page | None, parent_prom: Promotion | None
+    ) -> Promotion | None:
+        tiers = ns.tiers
+        assert tiers is not None
+        prom = tiers.promoting.get(PageKey(ns.name, block_hash))
+        if prom is not None:
+            return prom  # another lookup is bringing it up: join it
+        source = tiers.holds(ns, block_hash)
+        if source is None:
+            return None
+        try:
+            ns.make_room(1, "promotion")
+        except ResourceExhausted:
+            return None  # the pool is full of pinned pages: the hit ends here
+        return tiers.promote(ns, block_hash, parent_page, parent_prom, source)
+
+    def pin_progress(self, sid: int, pin_id: int) -> tuple[list[int], int, Promotion | None]:
+        """(slots of the pages ready, pages in the pin, the first page still in flight or None)."""
+        _, pin = self._pin(sid, pin_id)
+        first = pin.pending[0] if pin.pending else None
+        return [p.slot for p in pin.pages], len(pin.pages) + len(pin.pending), first
 
     def release_pin(self, sid: int, pin_id: int) -> ReleaseResult:
+        return self._release_pin(*self._pin(sid, pin_id))
+
+    def _pin(self, sid: int, pin_id: int) -> tuple[Session, Pin]:
         session = self.session(sid)
         pin = session.pins.get(pin_id)
         if pin is None:
             if self._owner.get(pin_id, session) is not session:
                 raise PermissionDenied(f"pin_id={pin_id} belongs to another session, not {sid}")
             raise NotFound(f"pin_id={pin_id} does not exist in session {sid}")
-        return self._release_pin(session, pin)
+        return session, pin
 
     def _release_pin(self, session: Session, pin: Pin) -> ReleaseResult:
+        for prom in pin.pending:
+            prom.pins.remove(pin)  # it is sealed unpinned, or freed, when it settles
+        pin.pending.clear()
         for page in reversed(pin.pages):
             pin.ns.unref(page)
         del session.pins[pin.id]
@@ -592,5 +785,9 @@ class Store:
             for sid in list(self.sessions):
                 self.close_session(sid, "daemon shut down")
         finally:
-            for ns in self.namespaces.values():  # whatever went wrong above, leave no segment behind
-                ns.pool.close()
+            try:
+                if self.tiers is not None:
+                    self.tiers.close()  # the disk writer commits and fsyncs what is queued
+            finally:
+                for ns in self.namespaces.values():  # whatever went wrong above, leave no segment behind
+                    ns.pool.close()

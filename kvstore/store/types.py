@@ -4,6 +4,7 @@ from protobuf; nothing here knows about grpc."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Element sizes of the dtypes a namespace may use (names follow torch).
 DTYPE_BYTES = {
@@ -153,6 +154,11 @@ class LookupResult:
     slots: list[int]  # of the hit pages, in order
     block_hashes: list[bytes]
     pin_id: int = 0
+    ready_pages: int | None = None  # pages [0, ready) are in the pool now; None: all of them
+    # Not on the wire: the promotions the hit ends with (kvstore/store/tiering.py), for the
+    # server to await, and the namespace (to settle the lookup's counters).
+    promotions: list[Any] = field(default_factory=list)
+    namespace: str = ""
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,11 @@ class DiskTier:
         got = self._read(key, None)
         return None if got is None else bytes(got[1])
 
+    @property
+    def readers(self) -> cf.ThreadPoolExecutor:
+        """The tier's reader threads, for callers that add checks of their own to a read."""
+        return self._readers
+
     async def aget(self, key: PageKey) -> bytes | None:
         """`get` on the tier's reader pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._readers, self.get, key)

@@ -29,6 +29,12 @@ class BudgetMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BUDGET_STATIC: _ClassVar[BudgetMode]
     BUDGET_SLIDING_WINDOW: _ClassVar[BudgetMode]
     BUDGET_IMPORTANCE: _ClassVar[BudgetMode]
+
+class PreemptMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREEMPT_MODE_UNSPECIFIED: _ClassVar[PreemptMode]
+    PREEMPT_SWAP_OUT: _ClassVar[PreemptMode]
+    PREEMPT_DROP: _ClassVar[PreemptMode]
 DTYPE_UNSPECIFIED: DType
 FLOAT16: DType
 BFLOAT16: DType
@@ -43,6 +49,9 @@ BUDGET_UNCONSTRAINED: BudgetMode
 BUDGET_STATIC: BudgetMode
 BUDGET_SLIDING_WINDOW: BudgetMode
 BUDGET_IMPORTANCE: BudgetMode
+PREEMPT_MODE_UNSPECIFIED: PreemptMode
+PREEMPT_SWAP_OUT: PreemptMode
+PREEMPT_DROP: PreemptMode
 
 class Geometry(_message.Message):
     __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "page_tokens", "vocab_size")
@@ -301,32 +310,82 @@ class ReportImportanceResponse(_message.Message):
     def __init__(self, pages_held: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint", "return_in_flight")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     extra_keys: bytes
     pin: bool
     model_fingerprint: str
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    return_in_flight: bool
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., return_in_flight: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes")
+    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes", "ready_pages")
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    READY_PAGES_FIELD_NUMBER: _ClassVar[int]
     hit_tokens: int
     pin_id: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     block_hashes: bytes
-    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ...) -> None: ...
+    ready_pages: int
+    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ..., ready_pages: _Optional[int] = ...) -> None: ...
+
+class WaitPagesRequest(_message.Message):
+    __slots__ = ("session_id", "pin_id", "pages")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    pin_id: int
+    pages: int
+    def __init__(self, session_id: _Optional[int] = ..., pin_id: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+
+class WaitPagesResponse(_message.Message):
+    __slots__ = ("ready_pages", "hit_pages", "slots")
+    READY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    HIT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ready_pages: int
+    hit_pages: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ready_pages: _Optional[int] = ..., hit_pages: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PreemptRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id", "mode")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    mode: PreemptMode
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., mode: _Optional[_Union[PreemptMode, str]] = ...) -> None: ...
+
+class PreemptResponse(_message.Message):
+    __slots__ = ("pages_swapped", "pages_freed")
+    PAGES_SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FREED_FIELD_NUMBER: _ClassVar[int]
+    pages_swapped: int
+    pages_freed: int
+    def __init__(self, pages_swapped: _Optional[int] = ..., pages_freed: _Optional[int] = ...) -> None: ...
+
+class SwapInRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "pin_id")
@@ -416,17 +475,59 @@ class NamespaceStats(_message.Message):
     budget_dropped_pages: int
     def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ...) -> None: ...
 
+class TierStats(_message.Message):
+    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued")
+    HOST_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    HOST_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    DISK_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FULL_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DEMOTED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_DONE_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DISK_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    host_capacity_bytes: int
+    host_bytes_used: int
+    host_pages: int
+    disk_capacity_bytes: int
+    disk_bytes_used: int
+    disk_pages: int
+    disk_full_events: int
+    corrupt_pages: int
+    demoted_pages: int
+    promoted_pages: int
+    prefetched_pages: int
+    promotion_failures: int
+    swapped_pages: int
+    write_through: bool
+    reindex_running: bool
+    reindex_done: int
+    reindex_total: int
+    disk_queued: int
+    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
-    __slots__ = ("namespaces", "sessions", "uptime_s", "version")
+    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers")
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
     uptime_s: float
     version: str
-    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+    tiers: TierStats
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
 
 class NamespaceSpec(_message.Message):
     __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint")
@@ -485,3 +586,17 @@ class ListSessionsResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class FlushRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushResponse(_message.Message):
+    __slots__ = ("pages_written", "disk_pages", "seconds")
+    PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    DISK_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pages_written: int
+    disk_pages: int
+    seconds: float
+    def __init__(self, pages_written: _Optional[int] = ..., disk_pages: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -89,6 +89,21 @@ class KVStoreStub:
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.WaitPages = channel.unary_unary(
+                '/kvstore.v1.KVStore/WaitPages',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.WaitPagesRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.WaitPagesResponse.FromString,
+                _registered_method=True)
+        self.Preempt = channel.unary_unary(
+                '/kvstore.v1.KVStore/Preempt',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PreemptRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PreemptResponse.FromString,
+                _registered_method=True)
+        self.SwapIn = channel.unary_unary(
+                '/kvstore.v1.KVStore/SwapIn',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SwapInRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kvstore.v1.KVStore/Release',
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
@@ -177,6 +192,24 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitPages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Preempt(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapIn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -252,6 +285,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupRequest.FromString,
                     response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupResponse.SerializeToString,
+            ),
+            'WaitPages': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitPages,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.WaitPagesRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.WaitPagesResponse.SerializeToString,
+            ),
+            'Preempt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preempt,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PreemptRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PreemptResponse.SerializeToString,
+            ),
+            'SwapIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapIn,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SwapInRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -577,6 +625,87 @@ class KVStore:
             _registered_method=True)
 
     @staticmethod
+    def WaitPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/WaitPages',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.WaitPagesRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.WaitPagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preempt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Preempt',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PreemptRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PreemptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/SwapIn',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SwapInRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.GetSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Release(request,
             target,
             options=(),
@@ -682,6 +811,11 @@ class AdminStub:
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/kvstore.v1.Admin/Flush',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -705,6 +839,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flush(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -722,6 +862,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListSessionsRequest.FromString,
                     response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -805,6 +950,33 @@ class Admin:
             '/kvstore.v1.Admin/ListSessions',
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListSessionsRequest.SerializeToString,
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/Flush',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,442 @@
+"""The tiers below the pools, as the store uses them: demotion, promotion, write-through,
+flush and the successor map behind prefetch (docs/tiers.md, "In the store").
+
+One `Tiers` serves every namespace: a `HostTier` (daemon DRAM) and/or a `DiskTier` (LMDB),
+keyed by `PageKey(namespace, block_hash)`. Loop-owned like the store; the disk tier's own
+threads (writer, readers) only ever touch disk state and the bytes of a RESERVED pool page
+that nobody else can see.
+
+- **Demotion** (`demote`): a sealed page the pool evicts is copied down before its slot is
+  freed: into the host tier (checksummed, one memcpy), pushing the host's least recently used
+  pages to disk when it is full; straight to disk when there is no host tier. The copy is
+  synchronous on the loop, so "copied first, freed second" holds without a pin.
+- **Promotion** (`promote`): a lookup whose prefix continues below the pool reserves a pool
+  page per such block (the policy makes room, demoting others) and fills it: from the host
+  tier at once, from disk on the reader threads. A `Promotion` seals its page into the index
+  once its bytes have verified *and* its parent is sealed (chains seal in order); a checksum
+  failure or a missing record frees the page and every later one of the chain, so a lookup
+  never serves bytes that failed verification. Each promotion holds one reference on its
+  parent page until it settles, so the parent cannot be evicted under it.
+- **Write-through** (`on_sealed`): with `write_through`, each page is queued for disk as it
+  is sealed; `flush` queues every sealed page not yet on disk and resolves once they are
+  committed and fsynced.
+- **Prefetch**: the store records which page followed which (`successor`); a lookup that hits
+  every full page of its prompt promotes up to `prefetch_pages` pages that followed last time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvstore.memory.pages import Page
+from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageRecord, make_meta
+
+if TYPE_CHECKING:
+    from kvstore.store.namespace import Namespace
+    from kvstore.store.sessions import Pin
+
+log = logging.getLogger(__name__)
+
+PROMOTING_OWNER = -1  # owner of a RESERVED pool page being filled from a tier
+SUCCESSORS_REMEMBERED = 1 << 20
+# Records of swapped-out sequences' unsealed pages live under "<namespace>" + this: never
+# found by a lookup, and deleted at the next start (their sequences died with the daemon).
+SWAP_SUFFIX = "\x00swap"
+
+
+@dataclass(eq=False)
+class Promotion:
+    """One page on its way up: `page` is RESERVED (owner PROMOTING_OWNER) until it settles."""
+
+    ns: Namespace
+    key: PageKey
+    page: Page
+    parent_page: Page | None  # resident parent (we hold a ref on it); None: root or in flight
+    parent: Promotion | None  # in-flight parent
+    source: str  # "host" | "disk"
+    pins: list[Pin] = field(default_factory=list)
+    children: list[Promotion] = field(default_factory=list)  # in flight, waiting on us
+    read_ok: bool | None = None  # None: the read has not finished
+    ok: bool | None = None  # None: not settled
+    sealed: Page | None = None  # once settled ok: the sealed page (ours, or an equal one)
+    _waiters: list[asyncio.Future[bool]] = field(default_factory=list)
+
+    async def wait(self) -> bool:
+        if self.ok is None:
+            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+        return bool(self.ok)
+
+
+class Tiers:
+    def __init__(
+        self,
+        host: HostTier | None,
+        disk: DiskTier | None,
+        *,
+        write_through: bool = False,
+        prefetch_pages: int = 4,
+    ) -> None:
+        self.host = host
+        self.disk = disk
+        self.write_through = write_through and disk is not None
+        self.prefetch_pages = prefetch_pages
+        self.promoting: dict[PageKey, Promotion] = {}
+        self._queued: set[PageKey] = set()  # put to disk, not yet committed
+        self._successor: OrderedDict[PageKey, bytes] = OrderedDict()
+        self.counters = {
+            "demoted_host": 0,
+            "demoted_disk": 0,
+            "host_to_disk": 0,
+            "promoted_host": 0,
+            "promoted_disk": 0,
+            "promotion_failures": 0,
+            "prefetched": 0,
+            "written_through": 0,
+        }
+        self.swapped_pages = 0  # pages of swapped-out sequences below the pool now
+        self.reindex_state = {"running": False, "done": 0, "total": 0}
+        self.closing = False
+        self._reindex_idle = threading.Event()  # set unless a re-index thread is reading LMDB
+        self._reindex_idle.set()
+
+    # ------------------------------------------------------------ what is below
+
+    def holds(self, ns: Namespace, block_hash: bytes) -> str | None:
+        """Which tier holds the page ("host", "disk"), or None."""
+        key = PageKey(ns.name, block_hash)
+        if self.host is not None and key in self.host:
+            meta = self.host.meta(key)
+            if meta is not None and meta.geometry == ns.geometry and meta.page_bytes == ns.spec.page_bytes:
+                return "host"
+        if self.disk is not None and key in self.disk:
+            return "disk"
+        return None
+
+    def note_successor(self, ns_name: str, parent_hash: bytes, child_hash: bytes) -> None:
+        key = PageKey(ns_name, parent_hash)
+        self._successor[key] = child_hash
+        self._successor.move_to_end(key)
+        if len(self._successor) > SUCCESSORS_REMEMBERED:
+            self._successor.popitem(last=False)
+
+    def successor(self, ns_name: str, block_hash: bytes) -> bytes | None:
+        return self._successor.get(PageKey(ns_name, block_hash))
+
+    # ------------------------------------------------------------ down
+
+    def _record(self, ns: Namespace, page: Page, copy: bool) -> PageRecord:
+        assert page.block_hash is not None
+        parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
+        meta = make_meta(
+            ns.name, page.block_hash, parent, ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
+        )
+        view = ns.page_view(page.slot)
+        return PageRecord.build(meta, bytes(view) if copy else view)
+
+    def demote(self, ns: Namespace, page: Page) -> None:
+        """Copy a sealed page the pool is about to free into the tier below (if not there)."""
+        key = PageKey(ns.name, page.block_hash or b"")
+        if self.host is not None:
+            if key in self.host:
+                self.host.touch(key)
+                return
+            if self._make_host_room(ns.spec.page_bytes):
+                self.host.put(self._record(ns, page, copy=False))  # put copies into its slab
+                self.counters["demoted_host"] += 1
+                return
+        if self.disk is not None and key not in self.disk and key not in self._queued:
+            self._put_disk([self._record(ns, page, copy=True)])
+            self.counters["demoted_disk"] += 1
+
+    def _make_host_room(self, page_bytes: int) -> bool:
+        host = self.host
+        assert host is not None
+        while not host.has_room(page_bytes):
+            victims = host.victims(8, page_bytes)
+            if not victims:
+                return False  # the page is larger than the whole host tier
+            for key in victims:
+                if self.disk is not None and key not in self.disk and key not in self._queued:
+                    try:
+                        record = host.take(key)
+                    except CorruptPage:
+                        continue  # counted and removed by the host tier; nothing to save
+                    if record is not None:
+                        self._put_disk([record])
+                        self.counters["host_to_disk"] += 1
+                else:
+                    host.remove(key)
+        return True
+
+    def _put_disk(self, records: list[PageRecord]) -> cf.Future[list[Any]]:
+        assert self.disk is not None
+        keys = [r.key for r in records]
+        self._queued.update(keys)
+        fut = self.disk.put_async(records)
+        fut.add_done_callback(lambda _f: self._queued.difference_update(keys))
+        return fut
+
+    def on_sealed(self, ns: Namespace, page: Page) -> None:
+        if page.parent is not None and page.parent.block_hash and page.block_hash:
+            self.note_successor(ns.name, page.parent.block_hash, page.block_hash)
+        if self.write_through and page.block_hash:
+            key = PageKey(ns.name, page.block_hash)
+            assert self.disk is not None
+            if key not in self.disk and key not in self._queued:
+                self._put_disk([self._record(ns, page, copy=True)])
+                self.counters["written_through"] += 1
+
+    def flush(self, namespaces: list[Namespace]) -> tuple[int, cf.Future[None]]:
+        """Queue every sealed page (pool and host) not yet on disk; the future resolves once
+        all of it, and everything queued before, is committed and fsynced."""
+        if self.disk is None:
+            raise ValueError("no disk tier")
+        disk, queued = self.disk, 0
+        for ns in namespaces:
+            for page in ns.sealed_pages():
+                key = PageKey(ns.name, page.block_hash or b"")
+                if key not in disk and key not in self._queued:
+                    self._put_disk([self._record(ns, page, copy=True)])
+                    queued += 1
+        if self.host is not None:
+            for key in list(self.host._entries):
+                if key not in disk and key not in self._queued:
+                    try:
+                        record = self.host.record(key)
+                    except CorruptPage:
+                        continue
+                    if record is not None:
+                        self._put_disk([record])
+                        queued += 1
+        return queued, disk.flush_async()
+
+    # ------------------------------------------------------------ swapped sequences
+
+    def save_private(self, ns: Namespace, page: Page) -> PageKey:
+        """Copy an unsealed page of a sequence being swapped out below the pool, under a
+        key of its own. ResourceExhausted-worthy failure is reported as None by raising
+        ValueError when no tier can take it."""
+        meta = make_meta(
+            ns.name + SWAP_SUFFIX, os.urandom(16), b"", ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
+        )
+        view = ns.page_view(page.slot)
+        if self.host is not None and self._make_host_room(ns.spec.page_bytes):
+            self.host.put(PageRecord.build(meta, view))
+        elif self.disk is not None:
+            self._put_disk([PageRecord.build(meta, bytes(view))])
+        else:
+            raise ValueError("no tier below the pool has room")
+        return meta.key
+
+    def load_private(self, ns: Namespace, key: PageKey, page: Page) -> bool:
+        """Copy a swapped page back into `page` (verified); False if it is gone or corrupt."""
+        view = ns.page_view(page.slot)
+        try:
+            if self.host is not None and key in self.host:
+                return self.host.read_into(key, view) is not None
+            if self.disk is not None:
+                if key in self._queued:
+                    self.disk.flush_sync()  # (rare: swapped in before its write committed)
+                return self.disk.read_into(key, view) is not None
+        except (CorruptPage, ValueError) as e:
+            log.warning("swapped page %s cannot be read back: %s", key, e)
+        return False
+
+    def discard_private(self, key: PageKey) -> None:
+        if self.host is not None and self.host.remove(key):
+            return
+        if self.disk is not None:
+            self.disk.remove_async((key,))
+
+    # ------------------------------------------------------------ up
+
+    def promote(
+        self,
+        ns: Namespace,
+        block_hash: bytes,
+        parent_page: Page | None,
+        parent: Promotion | None,
+        source: str,
+    ) -> Promotion:
+        """Start bringing one page up; the caller has made room for one page. `parent_page`
+        (resident) or `parent` (in flight) is the page it extends."""
+        key = PageKey(ns.name, block_hash)
+        page = ns.reserve(PROMOTING_OWNER)
+        page.block_hash = block_hash
+        if parent_page is not None:
+            ns.ref(parent_page)  # released when we settle
+        prom = Promotion(ns, key, page, parent_page, parent, source)
+        self.promoting[key] = prom
+        if parent is not None:
+            parent.children.append(prom)
+        if source == "host":
+            self._read_done(prom, self._read_host(prom))
+        else:
+            self._read_disk(prom)
+        return prom
+
+    def _read_host(self, prom: Promotion) -> bool:
+        assert self.host is not None
+        try:
+            meta = self.host.read_into(prom.key, prom.ns.page_view(prom.page.slot))
+        except (CorruptPage, ValueError) as e:
+            log.warning("promotion of %s from host failed: %s", prom.key, e)
+            return False
+        return meta is not None
+
+    def _read_disk(self, prom: Promotion) -> None:
+        disk = self.disk
+        assert disk is not None
+        view = prom.ns.page_view(prom.page.slot)
+        geometry = prom.ns.geometry
+
+        def read() -> bool:
+            try:
+                meta = disk.read_into(prom.key, view)
+            except (CorruptPage, ValueError) as e:
+                log.warning("promotion of %s from disk failed: %s", prom.key, e)
+                return False
+            return meta is not None and meta.geometry == geometry
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tools, tests of the store alone): read here
+            self._read_done(prom, read())
+            return
+        fut = loop.run_in_executor(disk.readers, read)
+        fut.add_done_callback(
+            lambda f: self._read_done(prom, not f.cancelled() and f.exception() is None and f.result())
+        )
+
+    def _read_done(self, prom: Promotion, ok: bool) -> None:
+        prom.read_ok = ok
+        if prom.parent is None or prom.parent.ok is not None:
+            self._settle(prom)
+
+    def _settle(self, prom: Promotion) -> None:
+        """Seal or free the page, once its read is done and its parent has settled; then its
+        children whose reads are done."""
+        ns, page = prom.ns, prom.page
+        ok = bool(prom.read_ok) and (prom.parent is None or bool(prom.parent.ok))
+        del self.promoting[prom.key]
+        holders = len(prom.pins) + len(prom.children)
+        if ok:
+            parent = prom.parent.sealed if prom.parent is not None else prom.parent_page
+            existing = ns.index.get(prom.key.block_hash)
+            if existing is not None:  # a sequence sealed the same block meanwhile: share it
+                ns.free_reserved(page)
+                for _ in range(holders):
+                    ns.ref(existing)
+                prom.sealed = existing
+            else:
+                ns.seal(page, parent)  # refcount 1 (ours), replaced by the holders' count
+                if holders == 0:
+                    ns.unref(page)
+                else:
+                    page.refcount = holders
+                prom.sealed = page
+            for pin in prom.pins:
+                pin.pages.append(prom.sealed)
+                pin.pending.remove(prom)
+            self.counters["promoted_" + prom.source] += 1
+            if prom.source == "host" and self.host is not None:
+                self.host.remove(prom.key)  # the host tier is exclusive of the pool
+        else:
+            ns.free_reserved(page)
+            for pin in prom.pins:
+                pin.pending.remove(prom)
+            self.counters["promotion_failures"] += prom.read_ok is False
+        if prom.parent is not None and prom.parent.sealed is not None:
+            ns.unref(prom.parent.sealed)  # the reference our parent's holders count gave us
+        if prom.parent_page is not None:
+            ns.unref(prom.parent_page)
+        prom.ok = ok
+        for fut in prom._waiters:
+            if not fut.done():
+                fut.set_result(ok)
+        for child in prom.children:
+            if child.read_ok is not None:
+                self._settle(child)
+
+    # ------------------------------------------------------------ stats and close
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["promoting"] = len(self.promoting)
+        out["swapped_pages"] = self.swapped_pages
+        out["write_through"] = self.write_through
+        out["reindex"] = dict(self.reindex_state)
+        if self.host is not None:
+            out["host"] = self.host.stats()
+        if self.disk is not None:
+            out["disk"] = self.disk.stats()
+        return out
+
+    def close(self) -> None:
+        self.closing = True
+        if not self._reindex_idle.wait(30):
+            log.error("the disk tier's re-index did not stop within 30s; closing LMDB anyway")
+        if self.disk is not None:
+            self.disk.close()
+        if self.host is not None:
+            self.host.clear()
+
+
+def reindex_disk(
+    tiers: Tiers,
+    on_progress: Callable[[int, int, float], None],
+    post: Callable[[list[tuple[str, bytes, bytes]]], None],
+) -> tuple[int, list[PageKey]]:
+    """Run on a thread at start: rebuild the disk tier's index and hand (namespace, parent,
+    child) pairs to `post` (which hops to the loop) in chunks. Returns (pages found, keys of
+    swapped sequences' records, to delete)."""
+    assert tiers.disk is not None
+    found = 0
+    stale: list[PageKey] = []
+    pairs: list[tuple[str, bytes, bytes]] = []
+    tiers._reindex_idle.clear()
+    try:
+        found = _reindex(tiers, on_progress, post, stale, pairs)
+    finally:
+        tiers._reindex_idle.set()
+    return found, stale
+
+
+def _reindex(
+    tiers: Tiers,
+    on_progress: Callable[[int, int, float], None],
+    post: Callable[[list[tuple[str, bytes, bytes]]], None],
+    stale: list[PageKey],
+    pairs: list[tuple[str, bytes, bytes]],
+) -> int:
+    assert tiers.disk is not None
+    found = 0
+    if tiers.closing:  # (checked after the idle event was cleared: close() waits for us)
+        return 0
+    scan = tiers.disk.reindex(on_progress)
+    for meta in scan:
+        if tiers.closing:  # the daemon is stopping: let close() have LMDB
+            scan.close()
+            break
+        if meta.namespace.endswith(SWAP_SUFFIX):
+            stale.append(meta.key)
+            continue
+        found += 1
+        if meta.parent_hash:
+            pairs.append((meta.namespace, meta.parent_hash, meta.block_hash))
+        if len(pairs) >= 4096:
+            post(pairs)
+            pairs = []
+    if pairs:
+        post(pairs)
+    return found
