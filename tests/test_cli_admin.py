@@ -234,3 +234,33 @@ def test_stats_watch_prints_until_interrupted(daemon: DaemonProcess) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_flush_and_tier_stats(daemon_factory, tmp_path: Path) -> None:
+    """With a host and a disk tier: evicted pages are demoted (stats show them below the pool),
+    `flush` puts every sealed page on disk and says how many; the table has a tiers block."""
+    server = {"host_tier_bytes": "1MiB", "disk_tier_dir": str(tmp_path / "disk"), "disk_tier_bytes": "16MiB"}
+    d = daemon_factory(server=server).start()
+    with kvstore_client.connect(d.target) as kv:
+        commit_pages(kv, 3)
+        kv.evict("test", all=True)  # 3 pages to the host tier
+        commit_pages(kv, 2, first_token=1000)  # 2 pages in the pool
+    r = admin("flush", "--json", target=d.target)
+    assert r.returncode == 0, r.stderr
+    flushed = json.loads(r.stdout)
+    assert (flushed["pages_written"], flushed["disk_pages"]) == (5, 5)
+    tiers = stats_json(d)["tiers"]
+    assert tiers["demoted_pages"] == 3 and tiers["host_pages"] == 3 and tiers["disk_pages"] == 5
+    assert tiers["host_capacity_bytes"] == 1 << 20 and tiers["corrupt_pages"] == 0
+    table = admin("stats", target=d.target).stdout
+    assert re.search(r"host tier\s+1 MiB: .*3 pages", table), table
+    assert re.search(r"disk tier\s+16 MiB: .*5 pages", table), table
+    again = admin("flush", target=d.target)
+    assert again.returncode == 0 and "0 pages written, 5 pages on disk" in again.stdout
+
+
+def test_flush_without_a_disk_tier_says_so(daemon: DaemonProcess) -> None:
+    r = admin("flush", target=daemon.target)
+    assert r.returncode == 1
+    assert "FAILED_PRECONDITION" in r.stderr and "no disk tier" in r.stderr
+    assert "tiers" not in stats_json(daemon)

@@ -51,3 +51,22 @@ def test_metrics_follow_the_store(daemon_factory):
     assert after[("kvstore_hit_tokens_total", (("namespace", "test"),))] == 8
     assert after[("kvstore_miss_tokens_total", (("namespace", "test"),))] == 2
     assert after[("kvstore_sessions", ())] == 1
+
+
+def test_tier_metrics(daemon_factory):
+    port = _free_port()
+    d = daemon_factory(server={"metrics": f"127.0.0.1:{port}", "host_tier_bytes": 1 << 20}).start()
+    with kvstore_client.connect(d.target) as client:
+        with client.allocate("test") as seq:
+            seq.append(list(range(8)))
+            seq.commit()
+        client.evict("test", all=True)  # 2 pages demoted to the host tier
+        client.lookup("test", list(range(8)))  # and promoted back
+    deadline = time.monotonic() + 10
+    while (after := _scrape(port)).get(("kvstore_tier_promoted_pages_total", ())) != 2:
+        assert time.monotonic() < deadline, f"metrics never showed 2 promoted pages: {after}"
+        time.sleep(0.05)
+    assert after[("kvstore_tier_demoted_pages_total", ())] == 2
+    assert after[("kvstore_tier_capacity_bytes", (("tier", "host"),))] == 1 << 20
+    assert after[("kvstore_tier_pages", (("tier", "host"),))] == 0  # exclusive: promoted pages leave it
+    assert after[("kvstore_tier_corrupt_pages_total", ())] == 0

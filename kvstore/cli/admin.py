@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 from kvstore_client import Client, default_target, dtype_name
 from kvstore_client.errors import KVStoreClientError
 from kvstore_client.target import resolve_target
@@ -122,12 +123,57 @@ def stats_dict(stats: pb.StatsResponse) -> dict[str, Any]:
         | {"hit_rate": hit_rate(ns.hit_tokens, ns.miss_tokens)}
         for ns in stats.namespaces
     }
-    return {
+    out: dict[str, Any] = {
         "version": stats.version,
         "uptime_s": round(stats.uptime_s, 3),
         "sessions": stats.sessions,
         "namespaces": namespaces,
     }
+    if stats.HasField("tiers"):
+        out["tiers"] = MessageToDict(
+            stats.tiers, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        for key, value in out["tiers"].items():  # protobuf's JSON writes 64-bit ints as strings
+            if isinstance(value, str) and value.isdigit():
+                out["tiers"][key] = int(value)
+    return out
+
+
+def render_tiers(t: pb.TierStats) -> list[str]:
+    """The tiers below the pools, for the stats table."""
+    rows = []
+    if t.host_capacity_bytes:
+        used = t.host_bytes_used / t.host_capacity_bytes
+        rows.append(
+            (
+                "host tier",
+                f"{human_bytes(t.host_capacity_bytes)}: {_pct(used)} used, {_n(t.host_pages)} pages",
+            )
+        )
+    if t.disk_capacity_bytes:
+        used = t.disk_bytes_used / t.disk_capacity_bytes
+        full = f", full {_n(t.disk_full_events)} times" if t.disk_full_events else ""
+        queued = f", {_n(t.disk_queued)} writes queued" if t.disk_queued else ""
+        rows.append(
+            (
+                "disk tier",
+                f"{human_bytes(t.disk_capacity_bytes)}: {_pct(used)} used, {_n(t.disk_pages)} pages"
+                f"{full}{queued}{' (write-through)' * t.write_through}",
+            )
+        )
+        if t.reindex_running:
+            rows.append(("re-index", f"running: {_n(t.reindex_done)} of {_n(t.reindex_total)} pages"))
+    rows += [
+        (
+            "moved",
+            f"{_n(t.demoted_pages)} pages demoted, {_n(t.promoted_pages)} promoted "
+            f"({_n(t.prefetched_pages)} prefetched, {_n(t.promotion_failures)} failed)",
+        ),
+        ("corrupt", f"{_n(t.corrupt_pages)} pages dropped (never served)"),
+        ("swapped", f"{_n(t.swapped_pages)} pages of swapped-out sequences"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return ["", "tiers", *(f"  {k.ljust(width)}  {v}" for k, v in rows)]
 
 
 def render_stats(stats: pb.StatsResponse, target: str = "") -> str:
@@ -166,6 +212,8 @@ def render_stats(stats: pb.StatsResponse, target: str = "") -> str:
         out += ["", f"namespace {ns.name}", *(f"  {k.ljust(width)}  {v}" for k, v in rows)]
     if not stats.namespaces:
         out += ["", "no namespaces"]
+    if stats.HasField("tiers"):
+        out += render_tiers(stats.tiers)
     return "\n".join(out)
 
 
@@ -297,6 +345,18 @@ def cmd_evict(kv: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flush(kv: Client, args: argparse.Namespace) -> int:
+    result = kv.flush()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 0
+    print(
+        f"flushed: {_n(result.pages_written)} pages written, {_n(result.disk_pages)} pages on disk, "
+        f"committed and fsynced in {result.seconds:.2f}s"
+    )
+    return 0
+
+
 def cmd_health(kv: Client, args: argparse.Namespace) -> int:
     status = kv.health(args.service)
     print(status)
@@ -369,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra_keys the prefix was stored under",
     )
     evict.add_argument("--json", action="store_true")
+
+    flush = command(
+        "flush",
+        cmd_flush,
+        help="write every sealed page to the disk tier and fsync",
+        description="Returns once every sealed page (pool and host tier) is committed and fsynced on "
+        "disk: a kill -9 of the daemon after it loses none of them. Needs a disk tier.",
+    )
+    flush.add_argument("--json", action="store_true")
 
     health = command("health", cmd_health, help="SERVING or NOT_SERVING; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="a service name, e.g. kvstore.v1.KVStore")

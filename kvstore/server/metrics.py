@@ -35,12 +35,39 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
 }
 
 
+# Tiers below the pools (kvstore/store/tiering.py `Tiers.stats()`): counters, then gauges.
+TIER_COUNTERS = {
+    "demoted": ("kvstore_tier_demoted_pages", "pages copied below the pool when it evicted them"),
+    "promoted": ("kvstore_tier_promoted_pages", "pages brought back into the pool from a tier"),
+    "prefetched": ("kvstore_tier_prefetched_pages", "pages promoted ahead of a lookup asking for them"),
+    "promotion_failures": ("kvstore_tier_promotion_failures", "promotions that failed (checksum, vanished)"),
+    "corrupt": (
+        "kvstore_tier_corrupt_pages",
+        "pages below the pool that failed their checksum (never served)",
+    ),
+    "disk_full_events": ("kvstore_disk_full_events", "times a disk write had to evict from a full disk tier"),
+}
+
+
+def tier_values(d: dict[str, Any]) -> dict[str, float]:
+    host, disk = d.get("host", {}), d.get("disk", {})
+    return {
+        "demoted": d["demoted_host"] + d["demoted_disk"],
+        "promoted": d["promoted_host"] + d["promoted_disk"],
+        "prefetched": d["prefetched"],
+        "promotion_failures": d["promotion_failures"],
+        "corrupt": host.get("corrupt", 0) + disk.get("corrupt", 0),
+        "disk_full_events": disk.get("disk_full_events", 0),
+    }
+
+
 class StatsCollector(Collector):
     def __init__(self) -> None:
-        self.snapshot: tuple[list[NamespaceStats], int] = ([], 0)  # replaced whole by the loop
+        # Replaced whole by the loop: (namespaces, sessions, Tiers.stats() or None).
+        self.snapshot: tuple[list[NamespaceStats], int, dict[str, Any] | None] = ([], 0, None)
 
     def collect(self) -> Iterator[Any]:
-        namespaces, sessions = self.snapshot
+        namespaces, sessions, tiers = self.snapshot
         pages = GaugeMetricFamily("kvstore_pages", "pool pages by state", labels=["namespace", "state"])
         total = GaugeMetricFamily("kvstore_pages_total", "pool pages", labels=["namespace"])
         page_bytes = GaugeMetricFamily("kvstore_page_bytes", "bytes of KV in one page", labels=["namespace"])
@@ -60,6 +87,26 @@ class StatsCollector(Collector):
                 family.add_metric([s.name], values[field])
         yield from (pages, total, page_bytes, sequences, *counters.values())
         yield GaugeMetricFamily("kvstore_sessions", "open client sessions", value=sessions)
+        if tiers is not None:
+            yield from self._tiers(tiers)
+
+    @staticmethod
+    def _tiers(d: dict[str, Any]) -> Iterator[Any]:
+        values = tier_values(d)
+        for key, (name, help) in TIER_COUNTERS.items():
+            yield CounterMetricFamily(name, help, value=values[key])
+        used = GaugeMetricFamily("kvstore_tier_bytes_used", "bytes held below the pool", labels=["tier"])
+        cap = GaugeMetricFamily("kvstore_tier_capacity_bytes", "capacity of a tier", labels=["tier"])
+        held = GaugeMetricFamily("kvstore_tier_pages", "pages held below the pool", labels=["tier"])
+        for tier in ("host", "disk"):
+            if tier in d:
+                used.add_metric([tier], d[tier]["bytes_used"])
+                cap.add_metric([tier], d[tier]["capacity_bytes"])
+                held.add_metric([tier], d[tier]["pages"])
+        yield from (used, cap, held)
+        yield GaugeMetricFamily(
+            "kvstore_swapped_pages", "pages of swapped-out sequences below the pool", value=d["swapped_pages"]
+        )
 
 
 class MetricsServer:
@@ -83,7 +130,12 @@ class MetricsServer:
 
     def publish(self) -> None:
         """Loop side: replace the snapshot the HTTP thread reads."""
-        self.collector.snapshot = (self.store.stats(), len(self.store.sessions))
+        tiers = self.store.tiers
+        self.collector.snapshot = (
+            self.store.stats(),
+            len(self.store.sessions),
+            tiers.stats() if tiers is not None else None,
+        )
 
     async def run(self) -> None:
         while True:
