@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, pageio, replay, rpc, tiers, ttft
+from . import budgets, crashloop, pageio, replay, rpc, tiers, ttft
 from .harness import BenchError, install_signal_exit
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
     for name, module in (
         ("budgets", budgets),
+        ("crashloop", crashloop),
         ("pageio", pageio),
         ("replay", replay),
         ("rpc", rpc),
