@@ -77,6 +77,12 @@ class MrcSampler:
             self._keys[block] = h
         elif h % MODULUS >= self.threshold:
             return
+        self.record_sampled(h)
+
+    def record_sampled(self, h: int) -> None:
+        """The sampled half of `record`, for a caller that has counted the access in
+        `accesses` and tested `h % MODULUS < threshold` itself (the daemon's lookup path,
+        kvstore/store/live_mrc.py, which tests the block hash's leading bytes directly)."""
         self._log.append(h)
         self._seen_at.append(self.accesses - 1)
         if h not in self._distinct:

@@ -307,6 +307,23 @@ def flush() -> Call[FlushResult]:
     )
 
 
+def explain(
+    namespace: str, tokens: Tokens, extra_keys: bytes = b"", model_fingerprint: str = ""
+) -> Call[pb.ExplainResponse]:
+    request = pb.ExplainRequest(
+        namespace=namespace, extra_keys=extra_keys, model_fingerprint=model_fingerprint
+    )
+    set_tokens(request.token_ids, tokens)
+    return Call("admin", "Explain", request, _same)
+
+
+def mrc(
+    namespace: str, capacities: Iterable[int] = (), fractions: Iterable[float] = ()
+) -> Call[pb.MrcResponse]:
+    request = pb.MrcRequest(namespace=namespace, capacities=list(capacities), fractions=list(fractions))
+    return Call("admin", "Mrc", request, _same)
+
+
 def release_sequence(session_id: int, sequence_id: int) -> Call[ReleaseResult]:
     return Call(
         "kv", "Release", pb.ReleaseRequest(session_id=session_id, sequence_id=sequence_id), _release_result

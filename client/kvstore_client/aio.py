@@ -294,6 +294,18 @@ class AsyncClient(ClientCore):
     async def flush(self) -> FlushResult:
         return await self._run(_wire.flush())
 
+    async def explain(
+        self, namespace: str, tokens: _wire.Tokens, extra_keys: bytes = b"", *, model_fingerprint: str = ""
+    ) -> pb.ExplainResponse:
+        """Admin: for each full page of `tokens`, hit (which tier) or why not (ExplainResponse)."""
+        return await self._run(_wire.explain(namespace, tokens, extra_keys, model_fingerprint))
+
+    async def mrc(
+        self, namespace: str, capacities: Iterable[int] = (), fractions: Iterable[float] = ()
+    ) -> pb.MrcResponse:
+        """Admin: estimated hit rate at other capacities (pages, or fractions of the pool)."""
+        return await self._run(_wire.mrc(namespace, capacities, fractions))
+
     async def release_pin(self, pin_id: int) -> ReleaseResult:
         return await self._run(_wire.release_pin(self.session_id, pin_id))
 

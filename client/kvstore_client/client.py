@@ -294,6 +294,18 @@ class Client(ClientCore):
         """Admin: write every sealed page not yet on disk and fsync (needs a disk tier)."""
         return self._run(_wire.flush())
 
+    def explain(
+        self, namespace: str, tokens: _wire.Tokens, extra_keys: bytes = b"", *, model_fingerprint: str = ""
+    ) -> pb.ExplainResponse:
+        """Admin: for each full page of `tokens`, hit (which tier) or why not (ExplainResponse)."""
+        return self._run(_wire.explain(namespace, tokens, extra_keys, model_fingerprint))
+
+    def mrc(
+        self, namespace: str, capacities: Iterable[int] = (), fractions: Iterable[float] = ()
+    ) -> pb.MrcResponse:
+        """Admin: estimated hit rate at other capacities (pages, or fractions of the pool)."""
+        return self._run(_wire.mrc(namespace, capacities, fractions))
+
     def release_pin(self, pin_id: int) -> ReleaseResult:
         return self._run(_wire.release_pin(self.session_id, pin_id))
 

@@ -56,3 +56,16 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.FlushResponse(
             pages_written=queued, disk_pages=len(tiers.disk), seconds=time.monotonic() - t0
         )
+
+    @grpc_errors
+    async def Explain(self, request: pb.ExplainRequest, context: Ctx) -> pb.ExplainResponse:
+        e = self.store.explain(
+            request.namespace, request.token_ids, request.extra_keys, request.model_fingerprint
+        )
+        return convert.explain_response(e)
+
+    @grpc_errors
+    async def Mrc(self, request: pb.MrcRequest, context: Ctx) -> pb.MrcResponse:
+        # The copy is taken on the loop; the curve (O(n log n) over the sample) runs off it.
+        compute = self.store.mrc_snapshot(request.namespace, request.capacities, request.fractions)
+        return convert.mrc_response(await asyncio.to_thread(compute))

@@ -178,3 +178,68 @@ def tier_stats(d: dict[str, Any]) -> pb.TierStats:
         reindex_total=reindex["total"],
         disk_queued=disk.get("queued", 0),
     )
+
+
+EXPLAIN_VERDICT_TO_PB = {
+    "hit_pool": pb.HIT_POOL,
+    "hit_host": pb.HIT_HOST,
+    "hit_disk": pb.HIT_DISK,
+    "in_flight": pb.IN_FLIGHT,
+    "never_stored": pb.NEVER_STORED,
+    "evicted": pb.EVICTED,
+    "dropped_corrupt": pb.DROPPED_CORRUPT,
+    "other_namespace": pb.OTHER_NAMESPACE,
+    "other_model": pb.OTHER_MODEL,
+    "after_miss": pb.AFTER_MISS,
+    "": pb.EXPLAIN_VERDICT_UNSPECIFIED,
+}
+
+
+def explain_response(e: Any) -> pb.ExplainResponse:
+    """kvstore.store.explain.Explanation -> ExplainResponse."""
+    reply = pb.ExplainResponse(
+        namespace=e.namespace,
+        policy=e.policy,
+        model_fingerprint=e.model_fingerprint,
+        page_tokens=e.page_tokens,
+        num_tokens=e.num_tokens,
+        hit_tokens=e.hit_tokens,
+        summary=e.summary,
+    )
+    for p in e.pages:
+        reply.pages.add(
+            index=p.index,
+            token_start=p.token_start,
+            token_count=p.token_count,
+            block_hash=p.block_hash,
+            verdict=EXPLAIN_VERDICT_TO_PB[p.verdict],
+            where=EXPLAIN_VERDICT_TO_PB[p.where],
+            evicted_unix_ms=p.evicted_unix_ms,
+            evicted_by=p.evicted_by,
+            evicted_for=p.evicted_for,
+            other_namespace=p.other_namespace,
+            detail=p.detail,
+        )
+    return reply
+
+
+def mrc_response(r: Any) -> pb.MrcResponse:
+    """kvstore.store.live_mrc.MrcResult -> MrcResponse."""
+    reply = pb.MrcResponse(
+        namespace=r.namespace,
+        policy=r.policy,
+        pool_pages=r.pool_pages,
+        page_bytes=r.page_bytes,
+        sample_rate=r.sample_rate,
+        sampled_accesses=r.sampled_accesses,
+        accesses=r.accesses,
+        sampled_blocks=r.sampled_blocks,
+    )
+    for pages, rate in r.points:
+        reply.points.add(
+            capacity_pages=pages,
+            capacity_bytes=pages * r.page_bytes,
+            hit_rate=rate,
+            current=pages == r.pool_pages,
+        )
+    return reply

@@ -4,6 +4,8 @@ called only by kvstore/store/store.py, which owns sessions and sequences."""
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -13,10 +15,7 @@ from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.pages import Page, PageState, PageTable
 from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import EvictionPolicy
-
-if TYPE_CHECKING:
-    from kvstore.store.tiering import Tiers
-
+from kvstore.store.live_mrc import LiveMrc
 from kvstore.store.types import (
     PAGE_LAYOUT,
     EvictResult,
@@ -25,6 +24,12 @@ from kvstore.store.types import (
     NamespaceStats,
     PoolInfo,
 )
+
+if TYPE_CHECKING:
+    from kvstore.store.tiering import Tiers
+
+
+GHOST_MIN_ENTRIES = 65536  # evictions Explain remembers: at least this many, or 4 x the pool
 
 
 class Namespace:
@@ -52,6 +57,14 @@ class Namespace:
         self.evictions = 0
         self.deduplicated_pages = 0
         self.budget_dropped_pages = 0
+        # Explain's memory of pages gone from every tier (kvstore/store/explain.py): block hash
+        # -> (unix time, by whom, for what, kind "evicted" | "corrupt"), the newest last.
+        # The store's own, whatever the policy remembers. `evicting_for` says what the
+        # evictions under way make room for (set around make_room and the Evict paths).
+        self.ghost: OrderedDict[bytes, tuple[float, str, str, str]] = OrderedDict()
+        self.ghost_max = max(GHOST_MIN_ENTRIES, 4 * spec.num_pages)
+        self.evicting_for = ""
+        self.mrc = LiveMrc(spec.num_pages)  # sampled accesses, for Admin.Mrc
 
     @property
     def name(self) -> str:
@@ -126,10 +139,21 @@ class Namespace:
             if not parent.children and parent.refcount == 0:  # parent.evictable: a parent is sealed
                 policy.on_evictable(parent)
         policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
+        self.remember_gone(page.block_hash, policy.name, self.evicting_for or "unknown")
         if self.tiers is not None:
             self.tiers.demote(self, page)  # copied down first, freed second
         self.pages.give_back(page)
         self.evictions += 1
+
+    def remember_gone(self, block_hash: bytes | None, by: str, why: str, kind: str = "evicted") -> None:
+        """Explain's ghost: `block_hash` left the pool (or a tier below) at this moment."""
+        if block_hash is None:
+            return
+        ghost = self.ghost
+        ghost[block_hash] = (time.time(), by, why, kind)
+        ghost.move_to_end(block_hash)
+        if len(ghost) > self.ghost_max:
+            ghost.popitem(last=False)
 
     # ------------------------------------------------------------ capacity
 
@@ -143,11 +167,15 @@ class Namespace:
             return
         if needed > self.obtainable():
             raise self._exhausted(needed, what)
-        while len(self.pages.free) < needed:
-            victim = self.policy.victim()
-            if victim is None:
-                raise self._exhausted(needed, what)
-            self.drop(victim)
+        self.evicting_for = what
+        try:
+            while len(self.pages.free) < needed:
+                victim = self.policy.victim()
+                if victim is None:
+                    raise self._exhausted(needed, what)
+                self.drop(victim)
+        finally:
+            self.evicting_for = ""
 
     def check_model(self, model_fingerprint: str) -> None:
         """Refuse a request for another model's KV (an empty fingerprint on either side accepts)."""
@@ -165,26 +193,34 @@ class Namespace:
             f"{self.pages_pinned} sealed+pinned, {self.pages_reserved} reserved)"
         )
 
-    def evict_while(self, more: Callable[[int], bool]) -> EvictResult:
+    def evict_while(self, more: Callable[[int], bool], why: str = "Evict RPC") -> EvictResult:
         """Evict the policy's victims while `more(bytes freed so far)` holds."""
         evicted = 0
-        while more(evicted * self.spec.page_bytes):
-            victim = self.policy.victim()
-            if victim is None:
-                break
-            self.drop(victim)
-            evicted += 1
+        self.evicting_for = why
+        try:
+            while more(evicted * self.spec.page_bytes):
+                victim = self.policy.victim()
+                if victim is None:
+                    break
+                self.drop(victim)
+                evicted += 1
+        finally:
+            self.evicting_for = ""
         return EvictResult(evicted, evicted * self.spec.page_bytes, self.pages_pinned)
 
-    def evict_subtree(self, top: Page) -> EvictResult:
+    def evict_subtree(self, top: Page, why: str = "Evict RPC (prefix)") -> EvictResult:
         """Evict `top` and every resident page extending it, leaves first; pinned ones stay."""
         evicted = skipped = 0
-        for page in list(subtree_postorder(top)):
-            if page.evictable:
-                self.drop(page)
-                evicted += 1
-            else:
-                skipped += 1
+        self.evicting_for = why
+        try:
+            for page in list(subtree_postorder(top)):
+                if page.evictable:
+                    self.drop(page)
+                    evicted += 1
+                else:
+                    skipped += 1
+        finally:
+            self.evicting_for = ""
         return EvictResult(evicted, evicted * self.spec.page_bytes, skipped)
 
     # ------------------------------------------------------------ views

@@ -3,6 +3,7 @@ records; kvstore/store/store.py is the only code that changes them."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ class Sequence:
     held: int = 0  # pages held (not None)
     swapped: Swapped | None = None  # swapped out (kvstore/store/preempt.py): its pages are below the pool
     swap_in: SwapInTicket | None = None  # a SwapIn under way
+    mrc_skip: int = 0  # leading pages a lookup of this session already sampled (kvstore/store/live_mrc.py)
 
     def private(self, index: int) -> bool:
         return self.cut is not None and index > self.cut
@@ -64,3 +66,6 @@ class Session:
     streams: int = 0
     sequences: dict[int, Sequence] = field(default_factory=dict)
     pins: dict[int, Pin] = field(default_factory=dict)
+    # Lookups whose accesses the MRC sample has counted: first block hash -> pages counted,
+    # so the append of the same prompt does not count them again (kvstore/store/live_mrc.py).
+    mrc_lookups: OrderedDict[bytes, int] = field(default_factory=OrderedDict)

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import Any
 
 from kvstore.errors import (
     AlreadyExists,
@@ -32,7 +33,10 @@ from kvstore.hashing import BlockHash, chain, iter_block_hashes
 from kvstore.memory.pages import Page, PageState
 from kvstore.memory.shm_pool import ShmPool, segment_name
 from kvstore.policy import make_policy
-from kvstore.store import preempt, validate
+from kvstore.store import live_mrc, preempt, validate
+from kvstore.store.explain import Explanation
+from kvstore.store.explain import explain as explain_prompt
+from kvstore.store.live_mrc import remember_lookup
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Sequence, Session
 from kvstore.store.tiering import Promotion, Tiers
@@ -80,6 +84,14 @@ class Store:
         self._ended: OrderedDict[int, str] = OrderedDict()  # session id -> why it ended
         self._owner: dict[int, Session] = {}  # sequence or pin id -> its session
         self._next_id = 1  # sequence and pin ids share one space
+        if tiers is not None:
+            tiers.on_lost = self._page_lost
+
+    def _page_lost(self, key: PageKey, by: str, why: str, kind: str) -> None:
+        """A tier below the pool lost a page for good (full, or corrupt): Explain's ghost."""
+        ns = self.namespaces.get(key.namespace)
+        if ns is not None:
+            ns.remember_gone(key.block_hash, by, why, kind)
 
     @property
     def lease_check_interval_s(self) -> float:
@@ -258,7 +270,7 @@ class Store:
         return seq.id, pages_needed
 
     def append(self, sid: int, seq_id: int, token_ids: Seq[int]) -> AppendResult:
-        _, seq = self._live_sequence(sid, seq_id)
+        session, seq = self._live_sequence(sid, seq_id)
         ns = seq.ns
         T = ns.spec.page_tokens
         tokens = validate.token_array(
@@ -361,7 +373,26 @@ class Store:
             seq.pages.append(page)
             seq.held += 1
         seq.num_tokens += n
+        if tail_hash is not None or plan:
+            self._sample_append(session, seq, tail_index, tail_hash, plan)
         return AppendResult(seq.num_tokens, refs, T * len(hits), drops)
+
+    @staticmethod
+    def _sample_append(
+        session: Session, seq: Sequence, tail_index: int, tail_hash: BlockHash | None, plan: list[Any]
+    ) -> None:
+        """The MRC's accesses of an append: every page it hashed, less the leading pages a
+        lookup of this session already counted for the same prompt (kvstore/store/live_mrc.py)."""
+        hashed = [(i, h) for i, _, _, h, _, _ in plan if h is not None]
+        if tail_hash is not None:
+            hashed.insert(0, (tail_index, tail_hash))
+        if not hashed:
+            return
+        if hashed[0][0] == 0:  # the sequence's first page: did a lookup count this prompt?
+            seq.mrc_skip = session.mrc_lookups.pop(hashed[0][1], 0)
+        skip, cut = seq.mrc_skip, seq.ns.mrc.cut
+        counted = [h for i, h in hashed if i >= skip]
+        seq.ns.mrc.add(len(counted), [h for h in counted if h < cut])
 
     def _budget_drops(self, seq: Sequence, total_tokens: int) -> list[int]:
         """The page indices the sequence's budget drops when it grows to `total_tokens`."""
@@ -526,7 +557,11 @@ class Store:
         """mode "swap_out" or "drop": (pages below the pool for it now, pool pages freed)."""
         _, seq = self._sequence(sid, seq_id)
         if mode == "swap_out":
-            return preempt.swap_out(seq)
+            seq.ns.evicting_for = f"swap_out of sequence {seq_id}"
+            try:
+                return preempt.swap_out(seq)
+            finally:
+                seq.ns.evicting_for = ""
         if mode == "drop":
             return 0, self._drop(seq)
         raise InvalidArgument(f"mode={mode!r} is not a preemption; give PREEMPT_SWAP_OUT or PREEMPT_DROP")
@@ -593,12 +628,22 @@ class Store:
         hashes = iter_block_hashes(ns.index.root, tokens.tobytes(), T, extra)
         pages: list[Page] = []
         first_miss = None
+        cut = ns.mrc.cut
+        sampled: list[bytes] = []  # for the MRC: the blocks this lookup touches under the cut
         for block_hash in hashes:
+            if block_hash < cut:
+                sampled.append(block_hash)
             page = ns.index.get(block_hash)
             if page is None:
                 first_miss = block_hash
                 break
             pages.append(page)
+        touched = len(pages) + (first_miss is not None)
+        if touched:
+            ns.mrc.add(touched, sampled)
+            if session is not None:
+                first = pages[0].block_hash if pages else first_miss
+                remember_lookup(session.mrc_lookups, first or b"", touched)
         proms: list[Promotion] = []
         if ns.tiers is not None:
             proms = self._promote(ns, pages, first_miss, hashes)
@@ -750,7 +795,7 @@ class Store:
     # ------------------------------------------------------------ eviction
 
     def evict_all(self, namespace: str) -> EvictResult:
-        return self.namespace(namespace).evict_while(lambda freed: True)
+        return self.namespace(namespace).evict_while(lambda freed: True, "Evict RPC (all)")
 
     def evict_bytes(self, namespace: str, nbytes: int) -> EvictResult:
         ns = self.namespace(namespace)
@@ -758,7 +803,7 @@ class Store:
         validate.non_negative(
             "bytes", nbytes, limit, f"KV bytes of namespace {namespace!r} (num_pages x page_bytes)"
         )
-        return ns.evict_while(lambda freed: freed < nbytes)
+        return ns.evict_while(lambda freed: freed < nbytes, f"Evict RPC (bytes={nbytes})")
 
     def evict_prefix(self, namespace: str, token_ids: Seq[int], extra_keys: bytes) -> EvictResult:
         """The page ending the prefix's last full page, and every page that extends it."""
@@ -770,7 +815,26 @@ class Store:
         path = ns.index.match(tokens.tobytes(), ns.spec.page_tokens, extra)
         if not path or len(path) < len(tokens) // ns.spec.page_tokens:
             return EvictResult()  # the prefix's last full page is not resident
-        return ns.evict_subtree(path[-1])
+        return ns.evict_subtree(path[-1], f"Evict RPC (prefix of {len(tokens)} tokens)")
+
+    # ------------------------------------------------------------ explain and mrc
+
+    def explain(
+        self, namespace: str, token_ids: Seq[int], extra_keys: bytes, model_fingerprint: str = ""
+    ) -> Explanation:
+        """Each full page of a prompt: hit (which tier), or why not (kvstore/store/explain.py)."""
+        return explain_prompt(self, namespace, token_ids, extra_keys, model_fingerprint)
+
+    def mrc_snapshot(
+        self, namespace: str, pages: Seq[int], fractions: Seq[float]
+    ) -> Callable[[], live_mrc.MrcResult]:
+        """Checks the request and copies the namespace's sample; the returned function
+        computes the curve (slow: run it off the loop)."""
+        ns = self.namespace(namespace)
+        caps = live_mrc.capacities(ns.spec.num_pages, pages, fractions)
+        snap = ns.mrc.snapshot()
+        spec = ns.spec
+        return lambda: live_mrc.curve(ns.name, ns.policy.name, spec.num_pages, spec.page_bytes, snap, caps)
 
     # ------------------------------------------------------------ stats and shutdown
 

@@ -108,6 +108,13 @@ class Tiers:
         self.closing = False
         self._reindex_idle = threading.Event()  # set unless a re-index thread is reading LMDB
         self._reindex_idle.set()
+        # Told when a page leaves every tier for good: (key, by, why, kind "evicted" |
+        # "corrupt"); the store keeps it for Explain (Store._page_lost).
+        self.on_lost: Callable[[PageKey, str, str, str], None] | None = None
+
+    def _lost(self, key: PageKey, by: str, why: str, kind: str = "evicted") -> None:
+        if self.on_lost is not None:
+            self.on_lost(key, by, why, kind)
 
     # ------------------------------------------------------------ what is below
 
@@ -170,12 +177,15 @@ class Tiers:
                     try:
                         record = host.take(key)
                     except CorruptPage:
+                        self._lost(key, "host tier", "failed its checksum in the host tier", "corrupt")
                         continue  # counted and removed by the host tier; nothing to save
                     if record is not None:
                         self._put_disk([record])
                         self.counters["host_to_disk"] += 1
                 else:
                     host.remove(key)
+                    if self.disk is None:
+                        self._lost(key, "host tier (LRU)", "host tier full, no disk tier below it")
         return True
 
     def _put_disk(self, records: list[PageRecord]) -> cf.Future[list[Any]]:
@@ -356,6 +366,13 @@ class Tiers:
             for pin in prom.pins:
                 pin.pending.remove(prom)
             self.counters["promotion_failures"] += prom.read_ok is False
+            if prom.read_ok is False and self.holds(ns, prom.key.block_hash) is None:
+                self._lost(
+                    prom.key,
+                    f"{prom.source} tier",
+                    f"promotion from the {prom.source} tier failed: corrupt or missing record",
+                    "corrupt",
+                )
         if prom.parent is not None and prom.parent.sealed is not None:
             ns.unref(prom.parent.sealed)  # the reference our parent's holders count gave us
         if prom.parent_page is not None:

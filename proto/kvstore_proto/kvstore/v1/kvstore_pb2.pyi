@@ -35,6 +35,20 @@ class PreemptMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREEMPT_MODE_UNSPECIFIED: _ClassVar[PreemptMode]
     PREEMPT_SWAP_OUT: _ClassVar[PreemptMode]
     PREEMPT_DROP: _ClassVar[PreemptMode]
+
+class ExplainVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPLAIN_VERDICT_UNSPECIFIED: _ClassVar[ExplainVerdict]
+    HIT_POOL: _ClassVar[ExplainVerdict]
+    HIT_HOST: _ClassVar[ExplainVerdict]
+    HIT_DISK: _ClassVar[ExplainVerdict]
+    IN_FLIGHT: _ClassVar[ExplainVerdict]
+    NEVER_STORED: _ClassVar[ExplainVerdict]
+    EVICTED: _ClassVar[ExplainVerdict]
+    DROPPED_CORRUPT: _ClassVar[ExplainVerdict]
+    OTHER_NAMESPACE: _ClassVar[ExplainVerdict]
+    OTHER_MODEL: _ClassVar[ExplainVerdict]
+    AFTER_MISS: _ClassVar[ExplainVerdict]
 DTYPE_UNSPECIFIED: DType
 FLOAT16: DType
 BFLOAT16: DType
@@ -52,6 +66,17 @@ BUDGET_IMPORTANCE: BudgetMode
 PREEMPT_MODE_UNSPECIFIED: PreemptMode
 PREEMPT_SWAP_OUT: PreemptMode
 PREEMPT_DROP: PreemptMode
+EXPLAIN_VERDICT_UNSPECIFIED: ExplainVerdict
+HIT_POOL: ExplainVerdict
+HIT_HOST: ExplainVerdict
+HIT_DISK: ExplainVerdict
+IN_FLIGHT: ExplainVerdict
+NEVER_STORED: ExplainVerdict
+EVICTED: ExplainVerdict
+DROPPED_CORRUPT: ExplainVerdict
+OTHER_NAMESPACE: ExplainVerdict
+OTHER_MODEL: ExplainVerdict
+AFTER_MISS: ExplainVerdict
 
 class Geometry(_message.Message):
     __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "page_tokens", "vocab_size")
@@ -600,3 +625,105 @@ class FlushResponse(_message.Message):
     disk_pages: int
     seconds: float
     def __init__(self, pages_written: _Optional[int] = ..., disk_pages: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("namespace", "token_ids", "extra_keys", "model_fingerprint")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    extra_keys: bytes
+    model_fingerprint: str
+    def __init__(self, namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PageExplanation(_message.Message):
+    __slots__ = ("index", "token_start", "token_count", "block_hash", "verdict", "where", "evicted_unix_ms", "evicted_by", "evicted_for", "other_namespace", "detail")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BY_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FOR_FIELD_NUMBER: _ClassVar[int]
+    OTHER_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    token_start: int
+    token_count: int
+    block_hash: bytes
+    verdict: ExplainVerdict
+    where: ExplainVerdict
+    evicted_unix_ms: int
+    evicted_by: str
+    evicted_for: str
+    other_namespace: str
+    detail: str
+    def __init__(self, index: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., verdict: _Optional[_Union[ExplainVerdict, str]] = ..., where: _Optional[_Union[ExplainVerdict, str]] = ..., evicted_unix_ms: _Optional[int] = ..., evicted_by: _Optional[str] = ..., evicted_for: _Optional[str] = ..., other_namespace: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("namespace", "policy", "model_fingerprint", "page_tokens", "num_tokens", "hit_tokens", "pages", "summary")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    policy: str
+    model_fingerprint: str
+    page_tokens: int
+    num_tokens: int
+    hit_tokens: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageExplanation]
+    summary: str
+    def __init__(self, namespace: _Optional[str] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., page_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageExplanation, _Mapping]]] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class MrcRequest(_message.Message):
+    __slots__ = ("namespace", "capacities", "fractions")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITIES_FIELD_NUMBER: _ClassVar[int]
+    FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    capacities: _containers.RepeatedScalarFieldContainer[int]
+    fractions: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, namespace: _Optional[str] = ..., capacities: _Optional[_Iterable[int]] = ..., fractions: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class MrcPoint(_message.Message):
+    __slots__ = ("capacity_pages", "capacity_bytes", "hit_rate", "current")
+    CAPACITY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    capacity_pages: int
+    capacity_bytes: int
+    hit_rate: float
+    current: bool
+    def __init__(self, capacity_pages: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hit_rate: _Optional[float] = ..., current: _Optional[bool] = ...) -> None: ...
+
+class MrcResponse(_message.Message):
+    __slots__ = ("namespace", "policy", "pool_pages", "page_bytes", "sample_rate", "sampled_accesses", "accesses", "sampled_blocks", "points")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    POOL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_ACCESSES_FIELD_NUMBER: _ClassVar[int]
+    ACCESSES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    policy: str
+    pool_pages: int
+    page_bytes: int
+    sample_rate: float
+    sampled_accesses: int
+    accesses: int
+    sampled_blocks: int
+    points: _containers.RepeatedCompositeFieldContainer[MrcPoint]
+    def __init__(self, namespace: _Optional[str] = ..., policy: _Optional[str] = ..., pool_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., sample_rate: _Optional[float] = ..., sampled_accesses: _Optional[int] = ..., accesses: _Optional[int] = ..., sampled_blocks: _Optional[int] = ..., points: _Optional[_Iterable[_Union[MrcPoint, _Mapping]]] = ...) -> None: ...

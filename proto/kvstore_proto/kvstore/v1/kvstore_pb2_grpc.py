@@ -816,6 +816,16 @@ class AdminStub:
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/kvstore.v1.Admin/Explain',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.Mrc = channel.unary_unary(
+                '/kvstore.v1.Admin/Mrc',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.MrcRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.MrcResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -845,6 +855,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why was this a miss: each full page of a prompt, hit (which tier) or why not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mrc(self, request, context):
+        """Miss-ratio curve of a namespace from its sampled accesses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -867,6 +891,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Flush,
                     request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushRequest.FromString,
                     response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ExplainRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ExplainResponse.SerializeToString,
+            ),
+            'Mrc': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mrc,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.MrcRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.MrcResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -977,6 +1011,60 @@ class Admin:
             '/kvstore.v1.Admin/Flush',
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushRequest.SerializeToString,
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.FlushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/Explain',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ExplainRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mrc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/Mrc',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.MrcRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.MrcResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,155 @@
+"""The daemon's own miss-ratio curve: a SHARDS sample (kvstore/mrc.py) of every namespace's
+block accesses, for `Admin.Mrc` (docs/policies.md, "Why was this a miss, and how big").
+
+What is an access. A request looks its prompt up, then appends it (the transformers
+adapter, and any engine that reuses a prefix); each full page of the prompt is one access
+of its block, in order, under prefix semantics. The daemon sees both calls, so each block
+must be counted once:
+
+- `Lookup` records the blocks it touches: its hits and its first miss (the hashes it
+  computes anyway; it stops hashing there). It remembers, in its session, how many pages
+  it recorded, keyed by the prompt's first block hash (`Session.mrc_lookups`, bounded).
+- `Append` records every page it hashes (cached or to be written), except the first pages
+  of a sequence that its session's lookup of the same prompt already recorded
+  (`Sequence.mrc_skip`): so lookup-then-append counts each block once, an append alone
+  counts all of them, and a chunked prefill (several appends) skips the same pages.
+
+Cost on the hot paths: one comparison per block (`block_hash < cut`: the first 3 bytes of
+a BLAKE2b digest are uniform, so they are the spatial hash, and the threshold test is a
+bytes comparison), plus the sampler's bookkeeping for the sampled blocks only. The rate
+starts so that the pool's capacity is about `SAMPLED_POOL_PAGES` sampled blocks (1.0 for a
+pool of up to that many pages) and halves whenever the sample holds more than `MAX_KEYS`
+distinct blocks (fixed-size SHARDS); the log keeps the last `MAX_LOG` sampled accesses.
+The curve is computed on a copy, off the event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvstore.errors import InvalidArgument
+from kvstore.mrc import MODULUS, MrcSampler
+
+SAMPLED_POOL_PAGES = 4096  # a pool of N pages is sampled at min(1, this / N)
+MAX_KEYS = 1 << 14  # distinct sampled blocks before the rate halves
+MAX_LOG = 1 << 17  # sampled accesses kept (the curve is of recent history)
+LOOKUPS_REMEMBERED = 256  # per session: lookups waiting for the append of their prompt
+_ALL_SAMPLED = b"\xff" * 17  # above every 16-byte hash
+
+
+class LiveMrc:
+    """One namespace's sample. `cut`: a block hash is sampled iff `block_hash < cut`."""
+
+    __slots__ = ("cut", "sampler")
+
+    def __init__(self, num_pages: int) -> None:
+        self.sampler = MrcSampler(min(1.0, SAMPLED_POOL_PAGES / max(1, num_pages)), MAX_KEYS, MAX_LOG)
+        self.cut = _ALL_SAMPLED
+        self._update_cut()
+
+    def _update_cut(self) -> None:
+        t = self.sampler.threshold
+        self.cut = t.to_bytes(3, "big") if t < MODULUS else _ALL_SAMPLED
+
+    def add(self, accesses: int, sampled: list[bytes]) -> None:
+        """`accesses` block accesses, of which `sampled` (in order) passed `< cut`.
+        MrcSampler.record_sampled, inlined: this runs for every sampled block of every lookup."""
+        s = self.sampler
+        base = s.accesses
+        if sampled:
+            keys, log, seen, distinct = s._keys, s._log, s._seen_at, s._distinct
+            for block in sampled:
+                h = keys.get(block)
+                if h is None:
+                    # The spatial hash: leading 3 bytes (what `cut` compares) in the low bits.
+                    h = int.from_bytes(block[:3], "big") | (int.from_bytes(block[3:11], "big") << 24)
+                    if h % MODULUS >= s.threshold:  # the rate fell during this call
+                        continue
+                    keys[block] = h
+                log.append(h)
+                seen.append(base)
+                if h not in distinct:
+                    distinct.add(h)
+                    if len(distinct) > s.max_keys:
+                        s._lower_rate()  # rebinds the lists and filters `keys`
+                        keys, log, seen, distinct = s._keys, s._log, s._seen_at, s._distinct
+                        self._update_cut()
+            if len(log) > s.max_log:
+                s._forget_head()
+        s.accesses = base + accesses
+
+    def snapshot(self) -> MrcSampler:
+        """A copy whose `curve()` may run on another thread while this one records."""
+        snap = copy.copy(self.sampler)
+        snap._log = list(self.sampler._log)
+        snap._seen_at = []
+        snap._keys = {}
+        snap._distinct = set()
+        return snap
+
+
+def remember_lookup(lookups: OrderedDict[bytes, int], first_hash: bytes, pages: int) -> None:
+    """A session's lookup recorded `pages` pages of the prompt starting with `first_hash`."""
+    lookups[first_hash] = pages
+    lookups.move_to_end(first_hash)
+    if len(lookups) > LOOKUPS_REMEMBERED:
+        lookups.popitem(last=False)
+
+
+DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+MAX_POINTS = 1024
+MAX_CAPACITY = 1 << 40
+
+
+@dataclass
+class MrcResult:
+    namespace: str
+    policy: str
+    pool_pages: int
+    page_bytes: int
+    sample_rate: float
+    sampled_accesses: int
+    accesses: int  # block accesses in the window the sample covers
+    sampled_blocks: int
+    points: list[tuple[int, float]]  # (capacity in pages, estimated LRU hit rate), ascending
+
+
+def capacities(pool_pages: int, pages: Sequence[int], fractions: Sequence[float]) -> list[int]:
+    """The capacities (pages) asked for, checked; the pool's own is always among them."""
+    for i, c in enumerate(pages):
+        if not 0 < c <= MAX_CAPACITY:
+            raise InvalidArgument(f"capacities[{i}]={c} must be in [1, {MAX_CAPACITY}] pages")
+    for i, f in enumerate(fractions):
+        if not (math.isfinite(f) and 0 < f <= 1e6):
+            raise InvalidArgument(
+                f"fractions[{i}]={f} must be a number > 0 (of the pool's {pool_pages} pages)"
+            )
+    if len(pages) + len(fractions) > MAX_POINTS:
+        raise InvalidArgument(
+            f"{len(pages)} capacities + {len(fractions)} fractions is over the limit of {MAX_POINTS} points"
+        )
+    if not pages and not fractions:
+        fractions = DEFAULT_FRACTIONS
+    out = {int(c) for c in pages} | {max(1, round(f * pool_pages)) for f in fractions} | {pool_pages}
+    return sorted(out)
+
+
+def curve(
+    namespace: str, policy: str, pool_pages: int, page_bytes: int, snap: MrcSampler, caps: list[int]
+) -> MrcResult:
+    """Runs off the loop, on a snapshot (LiveMrc.snapshot)."""
+    return MrcResult(
+        namespace,
+        policy,
+        pool_pages,
+        page_bytes,
+        snap.rate,
+        snap.samples,
+        snap.accesses - snap._base,
+        len(set(snap._log)),
+        snap.curve(caps),
+    )
