@@ -17,9 +17,10 @@ Layer-level (kvstore.tiers.DiskTier in this process, no daemon), on the file sys
   the environment is closed and reopened, and `reindex()` is timed to the last record:
   reindex_100k_s (goal < 10 s; scaled to 100k when --reindex-pages differs).
 
-The store-level parts of issue 5 (TTFT with the prefix on disk vs in the pool vs recompute;
-16 concurrent clients with tiers vs without) need the store integration: see
-`store_level()` below.
+Store level (tiers_store.py, skipped with --no-store-level): TTFT through the HF adapter
+with the prefix in the pool vs only on disk vs recompute, and 16 concurrent clients with a
+shared-prefix workload against a daemon with tiers vs without
+(`tiers_vs_none_throughput_ratio`, goal >= 0.95).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 from kvstore.tiers import DiskTier, PageKey, PageRecord, make_meta
 
+from . import tiers_store
 from .harness import BenchError, emit, machine_info, median, now_iso, progress, self_cpu_seconds
 
 WRITEBACK_GOAL = 0.5
@@ -60,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--writemap", action="store_true", help="open LMDB with MDB_WRITEMAP (slower here: see BENCHMARKS.md)"
     )
+    tiers_store.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,7 +166,7 @@ def measure(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         "spread_ms": {k: [round(min(v) * 1e3, 1), round(max(v) * 1e3, 1)] for k, v in times.items()},
         "bench_cpu_util": round(cpu, 3),
         **reindex,
-        "store_level": store_level(args),
+        "store_level": tiers_store.store_level(args),
     }
 
 
@@ -250,17 +253,6 @@ def _reindex(path: Path, n: int) -> dict[str, Any]:
     }
 
 
-def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
-    """TODO(issue 5, store integration): the store-level measurements go here once the store
-    demotes to and promotes from the tiers:
-    - TTFT in the HF adapter with the prompt's prefix on disk vs in the pool vs recompute
-      (reuse ttft.py's worker; demote with swap_out or by filling the pool);
-    - 16 concurrent clients with a shared-prefix workload, the daemon with tiers vs without:
-      throughput with tiers must not be worse.
-    Returns None until then (reported as `store_level: null`)."""
-    return None
-
-
 def format_text(r: dict[str, Any]) -> str:
     mib = r["bytes"] >> 20
     lines = [
@@ -275,6 +267,6 @@ def format_text(r: dict[str, Any]) -> str:
         f"  re-index {r['reindex_pages']:,} pages in {r['reindex_s']:.2f}s -> reindex_100k_s {r['reindex_100k_s']:.2f}"
         f" (goal < {r['reindex_goal_s']:.0f} s: {'met' if r['reindex_goal_met'] else 'MISSED'})",
         f"  checksum (CRC-32) {r['checksum_gbps']:.2f} GB/s while building records",
-        "  store level (TTFT from disk, 16 clients with vs without tiers): not measured yet",
+        *tiers_store.format_text(r["store_level"]),
     ]
     return "\n".join(lines)

@@ -1,0 +1,364 @@
+"""The store-level part of `kvstore-bench tiers`: TTFT with the prefix on disk, and 16 clients
+with tiers vs without. Both start their own daemons (`BenchDaemon`).
+
+TTFT (`ttft_on_disk`): SmolLM2-135M-Instruct (loaded as in ttft.py), a --ttft-tokens prompt
+(default 2048, pydoc text as in ttft.py) + a short question, timed from the token ids to the
+logits of the last position through the adapter (`KVStoreCache.prefill(logits_to_keep=1)`:
+lookup, load the prefix, prefill the question, store its KV) on a daemon with a disk tier only:
+
+- pool:      the prefix's pages are in the pool (an untimed lookup brings them up first);
+- disk:      `flush()` then `evict(all=True)`: every page is out of the pool and only on disk
+             (LMDB; warm page cache, dropping it needs root); the timed lookup promotes the
+             pages from disk (read + CRC-32 check into the pool) before the model runs;
+- recompute: the model alone on the whole input (no kvstore).
+
+Sides interleaved, order rotated per repeat, one warmup; each repeat its own question; the
+first token (argmax) of pool and disk must equal the recompute's. Medians reported, with
+disk/pool and recompute/disk ratios.
+
+Load (`load_with_and_without_tiers`): 16 client threads in this process, each its own
+session (`kvstore_client.connect`), run a shared-prefix workload for --load-seconds against a
+daemon without tiers and one with a host tier and a disk tier, alternating, --load-rounds each.
+A request: a prompt = one of 32 shared prefixes (8 pages; Zipf-like popularity) + one of 24
+suffixes of that prefix (4 pages); pinned `lookup` of the prompt (with tiers it promotes
+from below the pool), `allocate` + `append` (sealed pages come back CACHED), write the
+WRITABLE pages through the mapping, `commit`, release both. 16-token pages of 16 KiB; the
+pool (768 pages) holds a third of the ~3,300 distinct pages, so it evicts all the time; with
+tiers evicted pages are demoted (host 16 MiB, then disk) and promoted back on a hit. Every
+thread runs the same seeded request sequence on both daemons. Reported: requests/s (median
+of rounds), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio` =
+tiers requests/s / none requests/s (goal >= 0.95: tiers must not make throughput worse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .harness import BenchDaemon, BenchError, median, progress, self_cpu_seconds, system_busy_seconds
+
+LOAD_GOAL = 0.95
+LOAD_NS = {
+    "name": "load",
+    "num_layers": 2,
+    "num_kv_heads": 4,
+    "head_dim": 64,
+    "dtype": "float16",
+    "page_tokens": 16,
+    "num_pages": 768,
+}  # 2 x 2 x 16 x 4 x 64 x 2 bytes = 16 KiB a page
+PREFIXES, PREFIX_PAGES, SUFFIXES, SUFFIX_PAGES = 32, 8, 24, 4
+CLIENTS = 16
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-store-level", action="store_true", help="skip the store-level measurements")
+    p.add_argument("--ttft-tokens", type=int, default=2048, help="prompt tokens for the TTFT (default 2048)")
+    p.add_argument("--ttft-repeat", type=int, default=5, help="TTFT repeats; medians (default 5)")
+    p.add_argument("--load-seconds", type=float, default=10.0, help="seconds per load round (default 10)")
+    p.add_argument("--load-rounds", type=int, default=3, help="load rounds per daemon (default 3)")
+
+
+def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.no_store_level:
+        return None
+    base = Path(tempfile.mkdtemp(prefix="kvsb-tiers-store-", dir=args.dir))
+    try:
+        return {
+            "ttft": ttft_on_disk(base / "ttft", args.ttft_tokens, args.ttft_repeat),
+            "load": load_with_and_without_tiers(base / "load", args.load_seconds, args.load_rounds),
+        }
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- TTFT from disk
+
+
+def ttft_on_disk(base: Path, tokens: int, repeat: int) -> dict[str, Any]:
+    from kvstore_client import hf
+
+    missing = hf.smollm2_missing()
+    if missing:
+        progress("TTFT from disk: skipped (%s)", missing)
+        return {"skipped": missing}
+    import kvstore_client
+    import torch
+    from kvstore_client.hf import KVStoreCache
+
+    from . import ttft
+
+    progress("TTFT from disk: loading the model")
+    model, tokenizer = ttft.load_model()
+    ids = ttft.text_ids(tokenizer)
+    prefix = ids[:tokens]
+    runs = 1 + repeat
+    questions = [
+        tokenizer(ttft.QUESTION.format(r=r + 1), add_special_tokens=False)["input_ids"] for r in range(runs)
+    ]
+    page_tokens = ttft.PAGE_TOKENS
+    num_pages = tokens // page_tokens + runs * 4 + 64
+    spec = hf.namespace_spec_for(model, "ttft", num_pages=num_pages, page_tokens=page_tokens)
+    server = {"max_pool_bytes": "64GiB", "disk_tier_dir": str(base / "disk"), "disk_tier_bytes": 4 << 30}
+
+    @torch.no_grad()
+    def recompute(inp: list[int]) -> tuple[float, int, int]:
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([inp]), use_cache=True, logits_to_keep=1).logits[0, -1]
+        return time.perf_counter() - t0, int(out.argmax()), 0
+
+    @torch.no_grad()
+    def adapter(client: Any, inp: list[int]) -> tuple[float, int, int]:
+        t0 = time.perf_counter()
+        with KVStoreCache(client, "ttft", model) as cache:
+            out = cache.prefill(model, inp, logits_to_keep=1)[0, -1]
+            elapsed = time.perf_counter() - t0
+            return elapsed, int(out.argmax()), cache.hit_tokens
+
+    times: dict[str, list[float]] = {"pool": [], "disk": [], "recompute": []}
+    equal: list[bool] = []
+    with BenchDaemon([], server=server) as daemon, kvstore_client.connect(daemon.target) as client:
+        page_bytes = client.create_namespace(spec).pool.page_bytes
+        with KVStoreCache(client, "ttft", model) as cache:
+            cache.prefill(model, prefix, logits_to_keep=1)  # process A's part: the prefix is stored
+        for r in range(runs):
+            inp = prefix + questions[r]
+            sides = ["pool", "disk", "recompute"]
+            sides = sides[r % 3 :] + sides[: r % 3]
+            first: dict[str, int] = {}
+            for side in sides:
+                if side == "recompute":
+                    elapsed, first[side], hit = recompute(inp)
+                else:
+                    if side == "pool":
+                        client.lookup("ttft", prefix).hit_tokens  # noqa: B018 (brings it up)
+                    else:
+                        client.evict("ttft", all=True)  # demoted to disk (the only tier)...
+                        client.flush()  # ...and committed
+                        if client.stats("ttft").namespaces[0].pages_sealed:
+                            raise BenchError("pages are left in the pool after evict(all=True)")
+                    elapsed, first[side], hit = adapter(client, inp)
+                    if hit < tokens:
+                        raise BenchError(f"TTFT {side}: the lookup hit {hit} of {tokens} prefix tokens")
+                if r:
+                    times[side].append(elapsed)
+            equal.append(first["pool"] == first["recompute"] == first["disk"])
+            progress(
+                "TTFT %d tokens, %s: %s",
+                tokens,
+                "warmup" if r == 0 else f"repeat {r}",
+                ", ".join(f"{s} {1e3 * t[-1]:.0f} ms" for s, t in times.items() if t and r),
+            )
+        tiers = client.stats().tiers
+    med = {s: median(v) for s, v in times.items()}
+    return {
+        "prompt_tokens": tokens,
+        "page_tokens": page_tokens,
+        "page_bytes": page_bytes,
+        "ttft_pool_ms": round(1e3 * med["pool"], 1),
+        "ttft_disk_ms": round(1e3 * med["disk"], 1),
+        "ttft_recompute_ms": round(1e3 * med["recompute"], 1),
+        "disk_vs_pool": round(med["disk"] / med["pool"], 3),
+        "recompute_vs_disk": round(med["recompute"] / med["disk"], 2),
+        "recompute_vs_pool": round(med["recompute"] / med["pool"], 2),
+        "runs_ms": {s: [round(1e3 * t, 1) for t in v] for s, v in times.items()},
+        "first_token_equal": all(equal),
+        "promoted_pages": tiers.promoted_pages,
+        "repeat": repeat,
+        "reads": "disk side from LMDB through the page cache (warm: dropping it needs root)",
+    }
+
+
+# ---------------------------------------------------------------- 16 clients, tiers vs none
+
+
+def _tokens(seed: str, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(50_000) for _ in range(n)]
+
+
+def _prompts() -> list[list[int]]:
+    pt = LOAD_NS["page_tokens"]
+    out = []
+    for p in range(PREFIXES):
+        head = _tokens(f"prefix-{p}", PREFIX_PAGES * pt)
+        out += [head + _tokens(f"suffix-{p}-{s}", SUFFIX_PAGES * pt) for s in range(SUFFIXES)]
+    return out
+
+
+def _schedule(thread: int, n: int) -> list[int]:
+    """Request i of `thread`: a prompt index, Zipf-like over prefixes, uniform over suffixes."""
+    rng = random.Random(f"thread-{thread}")
+    weights = [1 / (p + 1) for p in range(PREFIXES)]
+    return [rng.choices(range(PREFIXES), weights)[0] * SUFFIXES + rng.randrange(SUFFIXES) for _ in range(n)]
+
+
+def _client_loop(
+    target: str, prompts: list[list[int]], order: list[int], stop: threading.Event, out: dict[str, Any]
+) -> None:
+    import kvstore_client
+    from kvstore_client.errors import ResourceExhausted
+
+    done = hit = asked = errors = 0
+    with kvstore_client.connect(target, client_name="bench-load") as client:
+        ns = client.namespace(LOAD_NS["name"])
+        page = np.full(ns.pool.page_bytes, 7, np.uint8)
+        out.pop("connected").wait(120)
+        out.pop("ready").wait()
+        for i in order:
+            if stop.is_set():
+                break
+            tokens = prompts[i]
+            try:
+                with client.lookup(ns, tokens, pin=True) as found, client.allocate(ns) as seq:
+                    hit += found.hit_tokens
+                    asked += len(tokens)
+                    for p in seq.append(tokens).writable_pages:
+                        ns.pool.raw_page(p.slot).numpy()[:] = page
+                    seq.commit()
+                done += 1
+            except ResourceExhausted:
+                errors += 1
+    out.update(done=done, hit=hit, asked=asked, errors=errors)
+
+
+def _load_round(target: str, prompts: list[list[int]], seconds: float, daemon: BenchDaemon) -> dict[str, Any]:
+    stop, ready = threading.Event(), threading.Event()
+    connected = threading.Barrier(CLIENTS + 1)
+    outs: list[dict[str, Any]] = [{"ready": ready, "connected": connected} for _ in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=_client_loop, args=(target, prompts, _schedule(t, 100_000), stop, outs[t]))
+        for t in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    connected.wait(120)  # every client connected and mapped the pool
+    c0 = (time.perf_counter(), daemon.cpu_seconds(), self_cpu_seconds(), system_busy_seconds())
+    ready.set()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    wall, dcpu, mine, busy = (
+        b - a
+        for a, b in zip(
+            c0,
+            (time.perf_counter(), daemon.cpu_seconds(), self_cpu_seconds(), system_busy_seconds()),
+            strict=True,
+        )
+    )
+    done = sum(o.get("done", 0) for o in outs)
+    if done == 0 or any("done" not in o for o in outs):
+        raise BenchError(f"a load client failed: {outs}")
+    return {
+        "requests_per_s": done / wall,
+        "hit_ratio": sum(o["hit"] for o in outs) / max(1, sum(o["asked"] for o in outs)),
+        "daemon_cpu_ms_per_request": 1e3 * dcpu / done,
+        "client_cpu_ms_per_request": 1e3 * mine / done,
+        "others_cpus": max(0.0, (busy - dcpu - mine) / wall),
+        "errors": sum(o["errors"] for o in outs),
+    }
+
+
+def load_with_and_without_tiers(base: Path, seconds: float, rounds: int) -> dict[str, Any]:
+    import kvstore_client  # (torch: imported once here, not by 16 threads at once)
+
+    prompts = _prompts()
+    configs = {
+        "none": {},
+        "tiers": {
+            "host_tier_bytes": 16 << 20,
+            "disk_tier_dir": str(base / "disk"),
+            "disk_tier_bytes": 1 << 30,
+        },
+    }
+    per: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
+    tier_stats: dict[str, int] = {}
+    for r in range(rounds):
+        for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
+            with BenchDaemon([LOAD_NS], server=configs[name]) as daemon:
+                got = _load_round(daemon.target, prompts, seconds, daemon)
+                per[name].append(got)
+                if name == "tiers":
+                    with kvstore_client.connect(daemon.target) as client:
+                        t = client.stats().tiers
+                        tier_stats = {
+                            "demoted_pages": t.demoted_pages,
+                            "promoted_pages": t.promoted_pages,
+                            "host_pages": t.host_pages,
+                            "disk_pages": t.disk_pages,
+                            "promotion_failures": t.promotion_failures,
+                            "corrupt_pages": t.corrupt_pages,
+                        }
+            progress(
+                "load round %d, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, others %.2f CPUs",
+                r + 1,
+                name,
+                got["requests_per_s"],
+                got["hit_ratio"],
+                got["daemon_cpu_ms_per_request"],
+                got["others_cpus"],
+            )
+
+    def med(name: str, key: str, digits: int = 3) -> float:
+        return round(median([x[key] for x in per[name]]), digits)
+
+    rps = {k: med(k, "requests_per_s", 1) for k in configs}
+    ratio = rps["tiers"] / rps["none"]
+    return {
+        "clients": CLIENTS,
+        "seconds_per_round": seconds,
+        "rounds": rounds,
+        "workload": (
+            f"{PREFIXES} prefixes x {PREFIX_PAGES} pages (Zipf-like), {SUFFIXES} suffixes x {SUFFIX_PAGES} "
+            f"pages each; pool {LOAD_NS['num_pages']} pages of 16 KiB; request = pinned lookup + "
+            "allocate/append/write/commit + release"
+        ),
+        "none_requests_per_s": rps["none"],
+        "tiers_requests_per_s": rps["tiers"],
+        "tiers_vs_none_throughput_ratio": round(ratio, 3),
+        "goal": LOAD_GOAL,
+        "goal_met": ratio >= LOAD_GOAL,
+        "none_hit_ratio": med("none", "hit_ratio"),
+        "tiers_hit_ratio": med("tiers", "hit_ratio"),
+        "none_daemon_cpu_ms_per_request": med("none", "daemon_cpu_ms_per_request"),
+        "tiers_daemon_cpu_ms_per_request": med("tiers", "daemon_cpu_ms_per_request"),
+        "client_cpu_ms_per_request": {k: med(k, "client_cpu_ms_per_request") for k in configs},
+        "others_cpus": {k: med(k, "others_cpus") for k in configs},
+        "errors": {k: sum(x["errors"] for x in per[k]) for k in configs},
+        "rounds_requests_per_s": {k: [round(x["requests_per_s"], 1) for x in per[k]] for k in configs},
+        "tiers_daemon_stats_last_round": tier_stats,
+    }
+
+
+def format_text(s: dict[str, Any] | None) -> list[str]:
+    if s is None:
+        return ["  store level: skipped (--no-store-level)"]
+    lines = []
+    t = s["ttft"]
+    if "skipped" in t:
+        lines.append(f"  TTFT from disk: skipped ({t['skipped']})")
+    else:
+        lines.append(
+            f"  TTFT {t['prompt_tokens']} tokens through the adapter: pool {t['ttft_pool_ms']:.0f} ms, "
+            f"disk {t['ttft_disk_ms']:.0f} ms, recompute {t['ttft_recompute_ms']:.0f} ms "
+            f"(disk/pool {t['disk_vs_pool']:.2f}x, recompute/disk {t['recompute_vs_disk']:.2f}x; "
+            f"first token equal: {t['first_token_equal']})"
+        )
+    ld = s["load"]
+    lines.append(
+        f"  {ld['clients']} clients, shared prefixes: none {ld['none_requests_per_s']:.0f} req/s "
+        f"(hit {ld['none_hit_ratio']:.2f}), tiers {ld['tiers_requests_per_s']:.0f} req/s "
+        f"(hit {ld['tiers_hit_ratio']:.2f}): tiers_vs_none_throughput_ratio "
+        f"{ld['tiers_vs_none_throughput_ratio']:.3f} (goal >= {ld['goal']}: "
+        f"{'met' if ld['goal_met'] else 'MISSED'})"
+    )
+    return lines
