@@ -38,7 +38,7 @@ from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.metrics import MetricsServer
 from kvstore.store.store import Store
 from kvstore.store.tiering import Tiers, reindex_disk
-from kvstore.tiers import DiskTier, HostTier
+from kvstore.tiers import DiskTier, HostTier, PageKey
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,18 @@ class Daemon:
             return None
         host = HostTier(s.host_tier_bytes) if s.host_tier_bytes else None
         disk = None
+        made: list[Tiers] = []  # the Tiers below, once made: told of pages the disk evicts
+        loop = asyncio.get_running_loop()
+
+        def disk_evicted(keys: list[PageKey]) -> None:  # on the disk writer thread
+            if made:
+                loop.call_soon_threadsafe(made[0].disk_evicted, keys)
+
         if s.disk_tier_dir:
             try:
-                disk = await asyncio.to_thread(DiskTier.open, s.disk_tier_dir, s.disk_tier_bytes)
+                disk = await asyncio.to_thread(
+                    DiskTier.open, s.disk_tier_dir, s.disk_tier_bytes, on_evict=disk_evicted
+                )
             except (OSError, ValueError, lmdb.Error) as e:
                 raise StartupError(
                     f"server.disk_tier_dir={s.disk_tier_dir}: cannot open the disk tier: {e}"
@@ -190,7 +199,8 @@ class Daemon:
             f"{format_size(s.disk_tier_bytes)} in {s.disk_tier_dir}" if disk is not None else "off",
             ", write-through" if s.write_through and disk is not None else "",
         )
-        return Tiers(host, disk, write_through=s.write_through, prefetch_pages=s.prefetch_pages)
+        made.append(Tiers(host, disk, write_through=s.write_through, prefetch_pages=s.prefetch_pages))
+        return made[0]
 
     async def _reindex_disk(self) -> None:
         """Re-index the disk tier at start, on a thread, while the daemon serves: pages become

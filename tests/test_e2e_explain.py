@@ -11,7 +11,7 @@ import grpc
 import kvstore_client
 import pytest
 from daemon import SMALL_NAMESPACE
-from e2e_helpers import assert_status, prompt
+from e2e_helpers import assert_status, page_content, page_content_bytes, page_tokens_of, prompt, wait_until
 from kvstore_client.errors import KVStoreClientError
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
@@ -148,3 +148,55 @@ def test_bad_input_is_refused_clearly(kv: Any) -> None:
     assert_status(e.value, grpc.StatusCode.INVALID_ARGUMENT, "extra_keys has 2000 bytes")
     r = kv.explain("test", [1, 2])
     assert not r.pages and "fewer than one page" in r.summary
+
+
+def test_a_corrupt_page_on_disk_is_dropped_corrupt(daemon_factory: Any, tmp_path: Any) -> None:
+    server = {"disk_tier_dir": str(tmp_path / "disk"), "disk_tier_bytes": 16 << 20}
+    d = daemon_factory(namespaces=[NS], server=server).start()
+    tokens = prompt(4 * T, seed=10)
+    with kvstore_client.connect(d.target) as kv:
+        with kv.allocate("test") as seq:
+            for p in seq.append(tokens).writable_pages:
+                content = page_content(p.index, page_tokens_of(tokens, p.index, T), seq.namespace.page_shape)
+                seq.namespace.page(p.slot).copy_(content)
+            seq.commit()
+        kv.flush()
+    assert d.terminate() == 0
+    data = tmp_path / "disk" / "data.mdb"  # flip bytes of page 2 (every copy LMDB left)
+    raw = bytearray(data.read_bytes())
+    shape = [NS["num_layers"], 2, T, NS["num_kv_heads"], NS["head_dim"]]
+    needle, at = page_content_bytes(2, page_tokens_of(tokens, 2, T), shape)[100:164], 0
+    while (at := raw.find(needle, at)) >= 0:
+        raw[at : at + 8] = bytes(b ^ 0xFF for b in raw[at : at + 8])
+    data.write_bytes(bytes(raw))
+    d.start()
+    with kvstore_client.connect(d.target) as kv:
+        wait_until(lambda: kv.stats().tiers, lambda t: not t.reindex_running, timeout=10, what="re-index")
+        assert kv.lookup("test", tokens).hit_tokens == 2 * T  # promotes 0 and 1; 2 fails its checksum
+        r = kv.explain("test", tokens)
+        assert verdicts(r) == ["HIT_POOL", "HIT_POOL", "DROPPED_CORRUPT", "AFTER_MISS"]
+        assert r.pages[2].evicted_by == "disk tier" and "corrupt" in r.pages[2].evicted_for
+        assert r.pages[3].where == pb.HIT_DISK  # still stored, unreachable
+        assert "page 2 was dropped " in r.summary and "(1 of them still stored)" in r.summary
+
+
+def test_a_page_the_full_disk_tier_evicted_is_evicted_by_the_disk_tier(
+    daemon_factory: Any, tmp_path: Any
+) -> None:
+    # A 2 MiB map keeps 1 MiB of headroom: pages of 4 KiB (head_dim 64) fill the rest after ~250.
+    server = {"disk_tier_dir": str(tmp_path / "disk"), "disk_tier_bytes": 2 << 20}
+    d = daemon_factory(namespaces=[dict(NS, head_dim=64)], server=server).start()
+    with kvstore_client.connect(d.target) as kv:
+        oldest = prompt(4 * T, seed=2000)
+        for i in range(80):  # 320 pages, each evicted from the pool into the disk tier
+            write(kv, "test", prompt(4 * T, seed=2000 + i))
+            kv.evict("test", all=True)
+        kv.flush()
+        r = wait_until(
+            lambda: kv.explain("test", oldest),
+            lambda r: r.pages[0].verdict == pb.EVICTED,
+            timeout=10,
+            what="the disk tier's eviction reaching Explain",
+        )
+        assert r.pages[0].evicted_by == "disk tier (LRU)" and r.pages[0].evicted_for == "disk tier full"
+        assert "ago from the disk tier: disk tier full" in r.summary

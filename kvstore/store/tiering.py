@@ -129,6 +129,14 @@ class Tiers:
             return "disk"
         return None
 
+    def disk_evicted(self, keys: list[PageKey]) -> None:
+        """The disk tier evicted `keys` to make room (DiskTier's on_evict, hopped to the loop):
+        those in no other tier are gone for good."""
+        for key in keys:
+            if key in self._queued or key in self.promoting or (self.host is not None and key in self.host):
+                continue
+            self._lost(key, "disk tier (LRU)", "disk tier full")
+
     def note_successor(self, ns_name: str, parent_hash: bytes, child_hash: bytes) -> None:
         key = PageKey(ns_name, parent_hash)
         self._successor[key] = child_hash
