@@ -32,13 +32,9 @@ def test_50_kill_9_cycles_during_write_back_serve_no_corrupt_page(tmp_path: Path
     assert r["disk_full_events"] == 0  # nothing left the disk tier but by the crash
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Store._promote_one picks the source tier before make_room; the demotion that "
-    "makes room can push the page out of a full host tier (to disk), and the promotion then "
-    "reads a miss from the host: the hit ends although the page is on disk",
-)
 def test_promotion_from_a_full_host_tier_that_make_room_empties(daemon_factory: Any, tmp_path: Path) -> None:
+    """The tier a page is promoted from is chosen after making room for it: the demotion that
+    makes room can push the page from a full host tier to disk."""
     ns = dict(SMALL_NAMESPACE, num_pages=4)
     server = {
         "host_tier_bytes": 1024,  # one page
