@@ -17,7 +17,8 @@ first token (argmax) of pool and disk must equal the recompute's. Medians report
 disk/pool and recompute/disk ratios.
 
 Load (`load_with_and_without_tiers`): 16 client threads in this process, each its own
-session (`kvstore_client.connect`), run a shared-prefix workload for --load-seconds against a
+session (`kvstore_client.connect`), run a shared-prefix workload (--load-warmup seconds
+unmeasured on the fresh daemon, then --load-seconds measured) against a
 daemon without tiers and one with a host tier and a disk tier, alternating, --load-rounds each.
 A request: a prompt = one of 32 shared prefixes (8 pages; Zipf-like popularity) + one of 24
 suffixes of that prefix (4 pages); pinned `lookup` of the prompt (with tiers it promotes
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-tokens", type=int, default=2048, help="prompt tokens for the TTFT (default 2048)")
     p.add_argument("--ttft-repeat", type=int, default=5, help="TTFT repeats; medians (default 5)")
     p.add_argument("--load-seconds", type=float, default=10.0, help="seconds per load round (default 10)")
+    p.add_argument("--load-warmup", type=float, default=3.0, help="unmeasured seconds first (default 3)")
     p.add_argument("--load-rounds", type=int, default=3, help="load rounds per daemon (default 3)")
 
 
@@ -74,7 +76,9 @@ def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         return {
             "ttft": ttft_on_disk(base / "ttft", args.ttft_tokens, args.ttft_repeat),
-            "load": load_with_and_without_tiers(base / "load", args.load_seconds, args.load_rounds),
+            "load": load_with_and_without_tiers(
+                base / "load", args.load_seconds, args.load_rounds, args.load_warmup
+            ),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -201,13 +205,16 @@ def _schedule(thread: int, n: int) -> list[int]:
     return [rng.choices(range(PREFIXES), weights)[0] * SUFFIXES + rng.randrange(SUFFIXES) for _ in range(n)]
 
 
+COUNTERS = ("done", "hit", "asked", "errors")
+
+
 def _client_loop(
     target: str, prompts: list[list[int]], order: list[int], stop: threading.Event, out: dict[str, Any]
 ) -> None:
+    """One client: requests in `order` until `stop`; running totals in `out` (read live)."""
     import kvstore_client
     from kvstore_client.errors import ResourceExhausted
 
-    done = hit = asked = errors = 0
     with kvstore_client.connect(target, client_name="bench-load") as client:
         ns = client.namespace(LOAD_NS["name"])
         page = np.full(ns.pool.page_bytes, 7, np.uint8)
@@ -219,21 +226,25 @@ def _client_loop(
             tokens = prompts[i]
             try:
                 with client.lookup(ns, tokens, pin=True) as found, client.allocate(ns) as seq:
-                    hit += found.hit_tokens
-                    asked += len(tokens)
                     for p in seq.append(tokens).writable_pages:
                         ns.pool.raw_page(p.slot).numpy()[:] = page
                     seq.commit()
-                done += 1
+                out["hit"] += found.hit_tokens
+                out["asked"] += len(tokens)
+                out["done"] += 1
             except ResourceExhausted:
-                errors += 1
-    out.update(done=done, hit=hit, asked=asked, errors=errors)
+                out["errors"] += 1
+    out["finished"] = True
 
 
-def _load_round(target: str, prompts: list[list[int]], seconds: float, daemon: BenchDaemon) -> dict[str, Any]:
+def _load_round(
+    target: str, prompts: list[list[int]], warmup: float, seconds: float, daemon: BenchDaemon
+) -> dict[str, Any]:
     stop, ready = threading.Event(), threading.Event()
     connected = threading.Barrier(CLIENTS + 1)
-    outs: list[dict[str, Any]] = [{"ready": ready, "connected": connected} for _ in range(CLIENTS)]
+    outs: list[dict[str, Any]] = [
+        {"ready": ready, "connected": connected} | dict.fromkeys(COUNTERS, 0) for _ in range(CLIENTS)
+    ]
     threads = [
         threading.Thread(target=_client_loop, args=(target, prompts, _schedule(t, 100_000), stop, outs[t]))
         for t in range(CLIENTS)
@@ -241,34 +252,35 @@ def _load_round(target: str, prompts: list[list[int]], seconds: float, daemon: B
     for t in threads:
         t.start()
     connected.wait(120)  # every client connected and mapped the pool
-    c0 = (time.perf_counter(), daemon.cpu_seconds(), self_cpu_seconds(), system_busy_seconds())
+
+    def snapshot() -> tuple[float, ...]:
+        totals = tuple(sum(o[k] for o in outs) for k in COUNTERS)
+        return (time.perf_counter(), daemon.cpu_seconds(), self_cpu_seconds(), system_busy_seconds(), *totals)
+
     ready.set()
+    time.sleep(warmup)  # a fresh daemon: its first seconds are compulsory misses
+    s0 = snapshot()
     time.sleep(seconds)
+    s1 = snapshot()
     stop.set()
     for t in threads:
         t.join(60)
-    wall, dcpu, mine, busy = (
-        b - a
-        for a, b in zip(
-            c0,
-            (time.perf_counter(), daemon.cpu_seconds(), self_cpu_seconds(), system_busy_seconds()),
-            strict=True,
-        )
-    )
-    done = sum(o.get("done", 0) for o in outs)
-    if done == 0 or any("done" not in o for o in outs):
+    wall, dcpu, mine, busy, done, hit, asked, errors = (b - a for a, b in zip(s0, s1, strict=True))
+    if done == 0 or not all(o.get("finished") for o in outs):
         raise BenchError(f"a load client failed: {outs}")
     return {
         "requests_per_s": done / wall,
-        "hit_ratio": sum(o["hit"] for o in outs) / max(1, sum(o["asked"] for o in outs)),
+        "hit_ratio": hit / max(1, asked),
         "daemon_cpu_ms_per_request": 1e3 * dcpu / done,
         "client_cpu_ms_per_request": 1e3 * mine / done,
         "others_cpus": max(0.0, (busy - dcpu - mine) / wall),
-        "errors": sum(o["errors"] for o in outs),
+        "errors": errors,
     }
 
 
-def load_with_and_without_tiers(base: Path, seconds: float, rounds: int) -> dict[str, Any]:
+def load_with_and_without_tiers(
+    base: Path, seconds: float, rounds: int, warmup: float = 3.0
+) -> dict[str, Any]:
     import kvstore_client  # (torch: imported once here, not by 16 threads at once)
 
     prompts = _prompts()
@@ -285,7 +297,7 @@ def load_with_and_without_tiers(base: Path, seconds: float, rounds: int) -> dict
     for r in range(rounds):
         for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
             with BenchDaemon([LOAD_NS], server=configs[name]) as daemon:
-                got = _load_round(daemon.target, prompts, seconds, daemon)
+                got = _load_round(daemon.target, prompts, warmup, seconds, daemon)
                 per[name].append(got)
                 if name == "tiers":
                     with kvstore_client.connect(daemon.target) as client:
@@ -316,6 +328,7 @@ def load_with_and_without_tiers(base: Path, seconds: float, rounds: int) -> dict
     return {
         "clients": CLIENTS,
         "seconds_per_round": seconds,
+        "warmup_s": warmup,
         "rounds": rounds,
         "workload": (
             f"{PREFIXES} prefixes x {PREFIX_PAGES} pages (Zipf-like), {SUFFIXES} suffixes x {SUFFIX_PAGES} "
