@@ -27,6 +27,7 @@ def test_50_kill_9_cycles_during_write_back_serve_no_corrupt_page(tmp_path: Path
     assert r["cycles"] == 50
     assert r["corrupt_served"] == 0, r["failures"]
     assert r["acknowledged_lost"] == 0, r["failures"]
+    assert r["acknowledged_short_first_lookup"] == 0, r["failures"]
     assert r["prompts_acknowledged"] > 100 and r["pages_checked"] > 1000, r
     assert r["unacknowledged_hit_whole"] + r["unacknowledged_missed"] > 0, r  # kills hit unflushed work
     assert r["disk_full_events"] == 0  # nothing left the disk tier but by the crash
