@@ -4,6 +4,7 @@ or model fingerprint, or demoted to the host tier; bad input gets clear errors."
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -148,6 +149,38 @@ def test_bad_input_is_refused_clearly(kv: Any) -> None:
     assert_status(e.value, grpc.StatusCode.INVALID_ARGUMENT, "extra_keys has 2000 bytes")
     r = kv.explain("test", [1, 2])
     assert not r.pages and "fewer than one page" in r.summary
+
+
+def test_cli_explain_table_json_and_tokens_file(daemon_factory: Any, tmp_path: Any, capsys: Any) -> None:
+    from kvstore.cli.admin import main
+
+    d = daemon_factory(namespaces=[NS]).start()
+    tokens = prompt(4 * T, seed=9)
+    with kvstore_client.connect(d.target) as kv:
+        write(kv, "test", tokens)
+        kv.evict("test", prefix=tokens[: 3 * T])
+    ids = ",".join(map(str, tokens))
+    assert main(["--target", d.target, "explain", "--namespace", "test", "--tokens", ids]) == 0
+    out = capsys.readouterr().out
+    assert "PAGE  TOKENS  VERDICT" in out and "hit_pool" in out and "evicted" in out
+    assert out.strip().splitlines()[-1].startswith(f"{2 * T} hit tokens of {4 * T}: page 2 was evicted ")
+    assert "after_miss (evicted)" in out
+
+    f = tmp_path / "prompt.txt"
+    f.write_text(" ".join(map(str, tokens[:8])) + "\n" + ",".join(map(str, tokens[8:])))
+    assert (
+        main(["--target", d.target, "explain", "--namespace", "test", "--tokens-file", str(f), "--json"]) == 0
+    )
+    got = json.loads(capsys.readouterr().out)
+    assert [p["verdict"] for p in got["pages"]] == ["hit_pool", "hit_pool", "evicted", "after_miss"]
+    assert got["pages"][3]["where"] == "evicted" and got["hit_tokens"] == 2 * T
+    assert got["pages"][2]["evicted_for"] == f"Evict RPC (prefix of {3 * T} tokens)"
+
+    f.write_text("1 2 x3")
+    assert main(["--target", d.target, "explain", "--namespace", "test", "--tokens-file", str(f)]) == 2
+    assert "'x' at offset 4 is not part of a token id" in capsys.readouterr().err
+    assert main(["--target", d.target, "explain", "--namespace", "nope", "--tokens", "1,2"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
 
 
 def test_a_corrupt_page_on_disk_is_dropped_corrupt(daemon_factory: Any, tmp_path: Any) -> None:

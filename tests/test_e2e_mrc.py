@@ -6,6 +6,7 @@ block access once, and agree (loosely) with the hit rate the daemon actually had
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from typing import Any
 
@@ -106,3 +107,21 @@ def test_bad_requests(kv: Any) -> None:
     assert_status(e.value, grpc.StatusCode.NOT_FOUND, "namespace 'nope' does not exist")
     r = kv.mrc("test")  # no accesses yet: zeros, not an error
     assert r.accesses == 0 and all(p.hit_rate == 0 for p in r.points)
+
+
+def test_cli_mrc_table_json_and_plot(kv: Any, tmp_path: Any, capsys: Any) -> None:
+    from kvstore.cli.admin import main
+
+    for tokens in workload(60, seed=1):
+        serve(kv, tokens)
+    assert main(["--target", kv.target, "mrc", "--namespace", "test", "--fractions", "0.5,1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "CAPACITY PAGES" in out and "<- the pool now" in out and "observed hit rate" in out
+    png = tmp_path / "mrc.png"
+    argv = ["--target", kv.target, "mrc", "--namespace", "test", "--capacities", "8,16", "--json"]
+    assert main([*argv, "--plot", str(png)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [p["capacity_pages"] for p in got["points"]] == [8, 16, POOL]
+    assert got["accesses"] > 0 and 0 <= got["observed_hit_rate"] <= 1
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = command("health", cmd_health, help="SERVING or NOT_SERVING; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="a service name, e.g. kvstore.v1.KVStore")
+
+    from kvstore.cli import admin_explain  # explain, mrc (it imports this module's helpers)
+
+    admin_explain.add_commands(command)
     return parser
 
 
