@@ -4,6 +4,7 @@ called only by kvstore/store/store.py, which owns sessions and sequences."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ from kvstore.store.types import (
 
 if TYPE_CHECKING:
     from kvstore.store.tiering import Tiers
+
+log = logging.getLogger(__name__)
 
 
 GHOST_MIN_ENTRIES = 65536  # evictions Explain remembers: at least this many, or 4 x the pool
@@ -141,7 +144,10 @@ class Namespace:
         policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
         self.remember_gone(page.block_hash, policy.name, self.evicting_for or "unknown")
         if self.tiers is not None:
-            self.tiers.demote(self, page)  # copied down first, freed second
+            try:
+                self.tiers.demote(self, page)  # copied down first, freed second
+            except Exception:  # a tier failing must not fail the request that needed room
+                log.exception("namespace %s: demoting page %s failed; it is dropped", self.name, page)
         self.pages.give_back(page)
         self.evictions += 1
 
