@@ -151,7 +151,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         )
         if r.promotions and not request.return_in_flight:
             # Pages below the pool are coming up: answer once they are in it (or failed).
-            await asyncio.gather(*(p.wait() for p in r.promotions))
+            # Those from the host tier settled already; only disk reads are awaited.
+            in_flight = [p.wait() for p in r.promotions if p.ok is None]
+            if in_flight:
+                await asyncio.gather(*in_flight)
             r = self.store.settle_lookup(r)
         return pb.LookupResponse(
             hit_tokens=r.hit_tokens,

@@ -180,6 +180,7 @@ class Tiers:
             victims = host.victims(8, page_bytes)
             if not victims:
                 return False  # the page is larger than the whole host tier
+            down: list[PageRecord] = []
             for key in victims:
                 if self.disk is not None and key not in self.disk and key not in self._queued:
                     try:
@@ -188,12 +189,14 @@ class Tiers:
                         self._lost(key, "host tier", "failed its checksum in the host tier", "corrupt")
                         continue  # counted and removed by the host tier; nothing to save
                     if record is not None:
-                        self._put_disk([record])
-                        self.counters["host_to_disk"] += 1
+                        down.append(record)
                 else:
                     host.remove(key)
                     if self.disk is None:
                         self._lost(key, "host tier (LRU)", "host tier full, no disk tier below it")
+            if down:
+                self._put_disk(down)  # one queue entry and one future for the batch
+                self.counters["host_to_disk"] += len(down)
         return True
 
     def _put_disk(self, records: list[PageRecord]) -> cf.Future[list[Any]]:
