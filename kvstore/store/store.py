@@ -703,6 +703,7 @@ class Store:
         for page in held:
             ns.ref(page)
         proms: list[Promotion] = []
+        tiers.begin_reads()
         try:
             parent_page = pages[-1] if pages else None
             parent_prom: Promotion | None = None
@@ -732,6 +733,7 @@ class Store:
                     tiers.counters["prefetched"] += 1
                     parent_page, parent_prom, last_hash = self._chain_step(ns, prom, held)
         finally:
+            tiers.end_reads()
             for page in held:
                 ns.unref(page)
         return proms

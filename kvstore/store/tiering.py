@@ -92,6 +92,7 @@ class Tiers:
         self.prefetch_pages = prefetch_pages
         self.promoting: dict[PageKey, Promotion] = {}
         self._queued: set[PageKey] = set()  # put to disk, not yet committed
+        self._batch: list[Promotion] | None = None  # disk reads collected by begin_reads()
         self._successor: OrderedDict[PageKey, bytes] = OrderedDict()
         self.counters = {
             "demoted_host": 0,
@@ -315,28 +316,53 @@ class Tiers:
             return False
         return meta is not None
 
+    def begin_reads(self) -> None:
+        """Collect the disk reads of the promotions started until `end_reads` into one job
+        for the reader threads (one executor hop and one callback per lookup, not per page)."""
+        self._batch = []
+
+    def end_reads(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            self._submit_reads(batch)
+
     def _read_disk(self, prom: Promotion) -> None:
+        if self._batch is not None:
+            self._batch.append(prom)
+        else:
+            self._submit_reads([prom])
+
+    def _submit_reads(self, proms: list[Promotion]) -> None:
         disk = self.disk
         assert disk is not None
-        view = prom.ns.page_view(prom.page.slot)
-        geometry = prom.ns.geometry
+        jobs = [(p.key, p.ns.page_view(p.page.slot), p.ns.geometry) for p in proms]
 
-        def read() -> bool:
-            try:
-                meta = disk.read_into(prom.key, view)
-            except (CorruptPage, ValueError) as e:
-                log.warning("promotion of %s from disk failed: %s", prom.key, e)
-                return False
-            return meta is not None and meta.geometry == geometry
+        def read_all() -> list[bool]:
+            results = []
+            for key, view, geometry in jobs:
+                try:
+                    meta = disk.read_into(key, view)
+                except (CorruptPage, ValueError) as e:
+                    log.warning("promotion of %s from disk failed: %s", key, e)
+                    results.append(False)
+                    continue
+                results.append(meta is not None and meta.geometry == geometry)
+            return results
+
+        def done(results: list[bool]) -> None:
+            for prom, ok in zip(proms, results, strict=True):  # chain order: parents first
+                self._read_done(prom, ok)
 
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (tools, tests of the store alone): read here
-            self._read_done(prom, read())
+            done(read_all())
             return
-        fut = loop.run_in_executor(disk.readers, read)
+        fut = loop.run_in_executor(disk.readers, read_all)
         fut.add_done_callback(
-            lambda f: self._read_done(prom, not f.cancelled() and f.exception() is None and f.result())
+            lambda f: done(
+                f.result() if not f.cancelled() and f.exception() is None else [False] * len(proms)
+            )
         )
 
     def _read_done(self, prom: Promotion, ok: bool) -> None:
