@@ -231,7 +231,7 @@ class Tiers:
                     self._put_disk([self._record(ns, page, copy=True)])
                     queued += 1
         if self.host is not None:
-            for key in list(self.host._entries):
+            for key in self.host.keys():  # noqa: SIM118 (a HostTier, not a dict: keys() is a snapshot)
                 if key not in disk and key not in self._queued:
                     try:
                         record = self.host.record(key)
