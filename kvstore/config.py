@@ -159,6 +159,11 @@ class ServerConfig:
     disk_tier_bytes: int = _key(
         8 << 30, "most bytes the disk tier's LMDB file may take (its map size)", _in_range(2 << 20), size=True
     )
+    disk_tier_policy: str = _key(
+        "",
+        "eviction policy of the disk tier (leaves first); empty = `server.default_policy`",
+        lambda v: v and _policy(v),
+    )
     write_through: bool = _key(
         False, "queue every page for the disk tier as it is sealed, so a restart finds it"
     )

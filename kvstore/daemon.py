@@ -187,7 +187,11 @@ class Daemon:
         if s.disk_tier_dir:
             try:
                 disk = await asyncio.to_thread(
-                    DiskTier.open, s.disk_tier_dir, s.disk_tier_bytes, on_evict=disk_evicted
+                    DiskTier.open,
+                    s.disk_tier_dir,
+                    s.disk_tier_bytes,
+                    on_evict=disk_evicted,
+                    policy=s.disk_tier_policy or s.default_policy,
                 )
             except (OSError, ValueError, lmdb.Error) as e:
                 raise StartupError(

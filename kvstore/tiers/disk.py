@@ -92,14 +92,20 @@ class DiskTier:
         readahead: bool = True,
         sync_commits: bool = False,
         on_evict: Callable[[list[PageKey]], None] | None = None,
+        policy: str = "horizon",
     ) -> DiskTier:
         """Open (creating) the environment in `path` (mode 0700), clear reader slots of dead
         processes (`reader_check`) and start the writer. Nothing on disk is indexed until
         `reindex()` has run. `on_evict(keys)` is called on the writer thread with the keys it
-        evicted to make room (hop to your loop with call_soon_threadsafe)."""
+        evicted to make room (hop to your loop with call_soon_threadsafe). `policy` names the
+        eviction policy (kvstore.policy) that picks them, leaves first; ValueError if unknown."""
         path = Path(path)
         if capacity_bytes < 2 * headroom_bytes(capacity_bytes):
             raise ValueError(f"disk tier capacity_bytes={capacity_bytes} is too small; at least 2 MiB")
+        try:
+            index = DiskIndex(policy)
+        except ValueError as e:
+            raise ValueError(f"disk tier policy: {e}") from None
         _secure_dir(path)
         env = lmdb.open(
             str(path),
@@ -124,7 +130,7 @@ class DiskTier:
             writer = DiskWriter(
                 env,
                 dbs,
-                DiskIndex(),
+                index,
                 name=str(path),
                 soft_limit_bytes=capacity_bytes - headroom_bytes(capacity_bytes),
                 limits=BatchLimits(batch_records, batch_bytes, batch_wait_s),
@@ -206,7 +212,7 @@ class DiskTier:
         return len(self._index)
 
     def touch(self, keys: Iterable[PageKey]) -> None:
-        """Mark pages most recently used (e.g. a lookup went through them)."""
+        """Tell the eviction policy the pages were used (e.g. a lookup went through them)."""
         self._index.touch(keys)
 
     def meta(self, key: PageKey) -> PageMeta | None:
@@ -291,7 +297,7 @@ class DiskTier:
         progress_every_s: float = 1.0,
     ) -> Iterator[PageMeta]:
         """Yield the metadata of every record on disk (payloads are not read) and rebuild the
-        tier's index and LRU order (oldest created first). Garbage records are skipped,
+        tier's index and eviction order (oldest created first). Garbage records are skipped,
         counted (`stats()['corrupt']`) and deleted. `progress(done, total, pages_per_s)` is
         called every `progress_every_s` and at the end. Read transactions are short (one per
         `chunk` records), so the writer is never held up: run it on a thread while serving."""
@@ -328,7 +334,8 @@ class DiskTier:
                         if key not in index.dropped:
                             metas.append(meta)
                             order.append((meta.created_ns, key))
-                            index.found(key, self._writer.cost(len(cur.value()), meta.page_bytes))
+                            cost = self._writer.cost(len(cur.value()), meta.page_bytes)
+                            index.found(key, cost, meta.parent_hash)
                     ok = cur.next()
             done += n
             yield from metas
@@ -346,12 +353,14 @@ class DiskTier:
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, Any]:
-        """capacity/soft limit, bytes_used (estimated bytes in the map of the pages held),
-        pages, counters (puts, batches, syncs, hits, misses, corrupt, evicted, dropped,
-        disk_full_events, map_full_errors), map_used_bytes (the file's high-water mark), queued."""
+        """capacity/soft limit, policy (the eviction policy's name), bytes_used (estimated
+        bytes in the map of the pages held), pages, counters (puts, batches, syncs, hits,
+        misses, corrupt, evicted, dropped, disk_full_events, map_full_errors), map_used_bytes
+        (the file's high-water mark), queued."""
         out: dict[str, Any] = {
             "capacity_bytes": self.capacity_bytes,
             "soft_limit_bytes": self.soft_limit_bytes,
+            "policy": self._index.policy_name,
         }
         out |= self._index.snapshot()
         if not self._closed:

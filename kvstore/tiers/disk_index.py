@@ -1,16 +1,28 @@
-"""What the disk tier knows in memory: which keys are committed, the bytes each takes, their
-LRU order, the keys found corrupt whose delete is still queued, and the counters.
+"""What the disk tier knows in memory: which keys are committed, the bytes each takes, which
+record extends which, the eviction policy over them, the keys found corrupt whose delete is
+still queued, and the counters.
+
+Eviction uses the pool's policy interface (kvstore/policy): one `EvictionPolicy` over a
+lightweight `Page` per committed key, leaf-first as in the pool. Lookups walk a prefix chain
+from its root, so a record whose child (a record of the same namespace whose parent_hash is
+its hash) is also on disk is not a candidate: evicting it would strand the child. Children
+are counted by parent key whether or not the parent is on disk, so a parent committed after
+its children (the pool demotes leaves first) starts as a non-candidate; a record whose
+parent is not on disk is a candidate like a root.
 
 Shared by the writer thread (commits, deletes, evictions), reader threads (touch, counters)
-and the re-index; every field is guarded by `lock`, held only for dict operations.
+and the re-index; every field is guarded by `lock` (the policies are not thread-safe), held
+only for dict and heap operations: O(log n) per key.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
+
+from kvstore.memory.pages import Page
+from kvstore.policy import EvictionPolicy, make_policy
 
 from .record import PageKey
 
@@ -28,10 +40,35 @@ COUNTERS = (
 )
 
 
+class _Record(Page):
+    """A committed key as the policy sees it: `slot` (a running id), `block_hash`,
+    `last_access` and `policy_state`; the rest of Page stays unused."""
+
+    __slots__ = ("key", "leaving", "parent_key")
+
+    def __init__(self, slot: int, key: PageKey, parent_key: PageKey | None) -> None:
+        super().__init__(slot)
+        self.key = key
+        self.block_hash = key.block_hash
+        self.parent_key = parent_key  # the record it extends (on disk or not); None at a root
+        self.leaving = False  # handed out by victims(), delete not yet done
+
+
+def parent_of(key: PageKey, parent_hash: bytes) -> PageKey | None:
+    return PageKey(key.namespace, parent_hash) if parent_hash and parent_hash != key.block_hash else None
+
+
 class DiskIndex:
-    def __init__(self) -> None:
+    def __init__(self, policy: str = "horizon") -> None:
+        """`policy`: an eviction policy name (kvstore.policy); ValueError if unknown."""
+        self.policy_name = policy
         self.lock = threading.Lock()
-        self.entries: OrderedDict[PageKey, int] = OrderedDict()  # key -> bytes in the map; LRU first; lock
+        self._policy: EvictionPolicy = make_policy(policy)  # lock
+        self.entries: dict[PageKey, int] = {}  # key -> bytes in the map; lock
+        self._records: dict[PageKey, _Record] = {}  # the same keys; lock
+        self._children: dict[PageKey, int] = {}  # parent key -> committed records extending it; lock
+        self._clock = 0  # logical time of commits and hits (Page.last_access); lock
+        self._slots = 0  # the last slot id given out; lock
         self.bytes_used = 0  # lock
         self.dropped: set[PageKey] = set()  # corrupt, delete queued: read as misses; lock
         self.counters = dict.fromkeys(COUNTERS, 0)  # lock
@@ -48,45 +85,124 @@ class DiskIndex:
         with self.lock:
             self.counters[name] += n
 
-    def committed(self, sizes: dict[PageKey, int]) -> None:
-        """Records committed (new, or replaced): most recently used."""
-        with self.lock:
-            for key, size in sizes.items():
-                self.bytes_used += size - self.entries.pop(key, 0)
-                self.entries[key] = size
-            self.counters["puts"] += len(sizes)
+    # ------------------------------------------------------------------ records in and out (lock held)
 
-    def found(self, key: PageKey, size: int) -> None:
-        """A record seen by the re-index; the caller holds `lock`."""
+    def _add(self, key: PageKey, size: int, parent_hash: bytes, last_access: int) -> None:
+        rec = self._records.get(key)
+        parent = parent_of(key, parent_hash)
+        self.bytes_used += size - self.entries.get(key, 0)
+        self.entries[key] = size
+        if rec is not None:  # replaced: the block hash fixes the parent, but a swap key need not
+            if rec.leaving:  # a victim whose delete did not happen: indexed again
+                rec.leaving = False
+                rec.parent_key = parent
+                self._link(rec)
+                if not self._children.get(key):
+                    self._policy.on_evictable(rec)
+            elif rec.parent_key != parent:
+                self._unlink(rec)
+                rec.parent_key = parent
+                self._link(rec)
+            rec.last_access = last_access
+            self._policy.on_access(rec)
+            return
+        self._slots += 1
+        rec = self._records[key] = _Record(self._slots, key, parent)
+        rec.last_access = last_access
+        self._policy.on_sealed(rec)
+        self._link(rec)
+        if not self._children.get(key):
+            self._policy.on_evictable(rec)
+
+    def _remove(self, key: PageKey) -> None:
+        rec = self._records.pop(key, None)
+        if rec is None:
+            return
+        self.bytes_used -= self.entries.pop(key)
+        self._policy.on_unevictable(rec)
+        self._policy.on_dropped(rec)
+        if not rec.leaving:  # a leaving record let go of its parent already
+            self._unlink(rec)
+
+    def _link(self, rec: _Record) -> None:
+        """`rec` is on disk: its parent, if on disk too, is no longer a leaf."""
+        if rec.parent_key is None:
+            return
+        n = self._children.get(rec.parent_key, 0)
+        self._children[rec.parent_key] = n + 1
+        parent = self._records.get(rec.parent_key)
+        if n == 0 and parent is not None and not parent.leaving:
+            self._policy.on_unevictable(parent)
+
+    def _unlink(self, rec: _Record) -> None:
+        """`rec` leaves: its parent, once it has no child left on disk, is a candidate."""
+        if rec.parent_key is None:
+            return
+        n = self._children[rec.parent_key] - 1
+        if n:
+            self._children[rec.parent_key] = n
+            return
+        del self._children[rec.parent_key]
+        parent = self._records.get(rec.parent_key)
+        if parent is not None and not parent.leaving:
+            self._policy.on_evictable(parent)
+
+    # ------------------------------------------------------------------ the writer, readers, re-index
+
+    def committed(self, records: dict[PageKey, tuple[int, bytes]]) -> None:
+        """Records committed (new, or replaced), key -> (size, parent_hash): most recently used."""
+        with self.lock:
+            for key, (size, parent_hash) in records.items():
+                self._clock += 1
+                self._add(key, size, parent_hash, self._clock)
+            self.counters["puts"] += len(records)
+
+    def found(self, key: PageKey, size: int, parent_hash: bytes) -> None:
+        """A record seen by the re-index; the caller holds `lock`. Older than anything put since
+        start (last access 0) until `oldest_first` orders it."""
         if key not in self.entries:
-            self.entries[key] = size
-            self.bytes_used += size
+            self._add(key, size, parent_hash, 0)
 
     def discard(self, keys: Iterable[PageKey | bytes]) -> None:
         with self.lock:
             for k in keys:
                 if isinstance(k, PageKey):
-                    self.bytes_used -= self.entries.pop(k, 0)
+                    self._remove(k)
                     self.dropped.discard(k)
 
     def touch(self, keys: Iterable[PageKey]) -> None:
+        """Hits: one clock tick and a policy access each."""
         with self.lock:
             for k in keys:
-                if k in self.entries:
-                    self.entries.move_to_end(k)
+                rec = self._records.get(k)
+                if rec is not None:
+                    self._clock += 1
+                    rec.last_access = self._clock
+                    self._policy.on_access(rec)
 
     def oldest_first(self, keys: list[PageKey]) -> None:
-        """Put `keys` (in this order) before every other key: the order after a restart."""
+        """Order `keys` (in this order) before every other key: the order after a restart.
+        The policy is rebuilt, fed `keys` and then the rest (by last access) with increasing
+        last access and no access counted; O(n log n), once per re-index."""
         with self.lock:
-            for k in reversed(keys):
-                if k in self.entries:
-                    self.entries.move_to_end(k, last=False)
+            order = [self._records[k] for k in keys if k in self._records]
+            first = {rec.slot for rec in order}
+            rest = [rec for rec in self._records.values() if rec.slot not in first]
+            rest.sort(key=lambda rec: (rec.last_access, rec.slot))
+            self._policy = make_policy(self.policy_name)
+            for clock, rec in enumerate(order + rest, 1):
+                rec.last_access = clock
+                rec.policy_state = None
+                self._policy.on_sealed(rec)
+                if not rec.leaving and not self._children.get(rec.key):
+                    self._policy.on_evictable(rec)
+            self._clock = max(self._clock, len(self._records))
 
     def mark_dropped(self, key: PageKey) -> None:
         with self.lock:
             self.counters["corrupt"] += 1
             self.dropped.add(key)
-            self.bytes_used -= self.entries.pop(key, 0)
+            self._remove(key)
 
     def is_dropped(self, key: PageKey) -> bool:
         with self.lock:
@@ -97,19 +213,45 @@ class DiskIndex:
         with self.lock:
             return self.bytes_used + cost - sum(self.entries.get(k, 0) for k in keys)
 
+    # ------------------------------------------------------------------ eviction (writer thread)
+
     def victims(self, nbytes: int, exclude: Iterable[PageKey]) -> tuple[list[PageKey], int]:
-        """Least recently used keys worth at least `nbytes` (fewer if there are not enough)."""
+        """The policy's victims worth at least `nbytes` (fewer if there are not enough), never
+        one of `exclude`, leaves first: a victim's parent becomes a candidate at once. They
+        stay indexed (marked leaving) until `discard`; `restore` them if the delete fails."""
         skip = set(exclude)
         out: list[PageKey] = []
+        held: list[_Record] = []  # popped but excluded: candidates again afterwards
         freed = 0
         with self.lock:
-            for key, size in self.entries.items():
-                if freed >= nbytes:
+            policy = self._policy
+            while freed < nbytes:
+                rec = policy.victim()
+                if rec is None:
                     break
-                if key not in skip:
-                    out.append(key)
-                    freed += size
+                assert isinstance(rec, _Record)
+                if rec.key in skip:
+                    held.append(rec)
+                    continue
+                rec.leaving = True
+                self._unlink(rec)
+                out.append(rec.key)
+                freed += self.entries[rec.key]
+            for rec in held:
+                policy.on_evictable(rec)
         return out, freed
+
+    def restore(self, keys: Iterable[PageKey]) -> None:
+        """Victims whose delete failed: on disk still, candidates again (leaves first)."""
+        with self.lock:
+            for key in keys:
+                rec = self._records.get(key)
+                if rec is None or not rec.leaving:
+                    continue
+                rec.leaving = False
+                self._link(rec)
+                if not self._children.get(key):
+                    self._policy.on_evictable(rec)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:

@@ -5,9 +5,10 @@ the first item, then whatever follows within the batch limits (records, bytes, a
 wait), and commits it all in one transaction per batch (last operation on a key wins); a
 flush in the batch adds `env.sync(True)` before its future resolves.
 
-Room: the map is `capacity_bytes`; writes evict least recently used records down to the soft
-limit first (`disk_full_events`), so the headroom above it always holds the B-tree pages a
-delete needs. A `MapFullError` anyway (free pages still held by a reader, fragmentation) is
+Room: the map is `capacity_bytes`; writes evict records chosen by the index's eviction
+policy (leaves first, never one of the batch being written) down to the soft limit first
+(`disk_full_events`), so the headroom above it always holds the B-tree pages a delete
+needs. A `MapFullError` anyway (free pages still held by a reader, fragmentation) is
 counted (`map_full_errors`), answered with more eviction and a retry; a record that cannot
 fit at all is dropped and reported in its future. The writer never dies: an unexpected error
 fails that batch's futures and it goes on.
@@ -236,17 +237,17 @@ class DiskWriter:
         return out
 
     def _commit(self, items: dict[PageKey, tuple[bytes, PageRecord]]) -> None:
-        sizes = {}
+        done = {}  # key -> (size, parent_hash): the index tracks which record extends which
         with self._env.begin(write=True) as txn:
             for key, (meta_raw, rec) in items.items():
                 raw = key.encode()
                 txn.put(raw, meta_raw, db=self.dbs.meta)
                 txn.put(raw, rec.payload, db=self.dbs.data)
-                sizes[key] = self.cost(len(meta_raw), rec.meta.page_bytes)
-        self.index.committed(sizes)
+                done[key] = (self.cost(len(meta_raw), rec.meta.page_bytes), rec.meta.parent_hash)
+        self.index.committed(done)
 
     def _evict(self, nbytes: int, exclude: Iterable[PageKey]) -> bool:
-        """Delete least recently used records worth `nbytes`; False if none could be."""
+        """Delete the policy's victims worth `nbytes`; False if none could be."""
         victims, freed = self.index.victims(nbytes, exclude)
         if not victims:
             return False
@@ -259,7 +260,11 @@ class DiskWriter:
         except lmdb.MapFullError:
             log.error("disk tier %s: map full even for deletes (headroom used up)", self.name)
             self.index.count("map_full_errors")
+            self.index.restore(victims)  # still on disk (those deleted were unindexed)
             return False
+        except BaseException:
+            self.index.restore(victims)
+            raise
         self.index.count("evicted", len(victims))
         log.info("disk tier %s full: evicted %d pages (%d bytes)", self.name, len(victims), freed)
         if self._on_evict is not None:
