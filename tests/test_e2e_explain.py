@@ -231,5 +231,5 @@ def test_a_page_the_full_disk_tier_evicted_is_evicted_by_the_disk_tier(
             timeout=10,
             what="the disk tier's eviction reaching Explain",
         )
-        assert r.pages[0].evicted_by == "disk tier (LRU)" and r.pages[0].evicted_for == "disk tier full"
-        assert "ago from the disk tier: disk tier full" in r.summary
+        assert r.pages[0].evicted_by == "disk tier (horizon)" and r.pages[0].evicted_for == "disk tier full"
+        assert "ago from the disk tier (policy horizon): disk tier full" in r.summary

@@ -327,3 +327,93 @@ def test_preempt_bad_input(daemon_factory: Any, tmp_path: Path) -> None:
             stub.WaitPages(pb.WaitPagesRequest(session_id=client.session_id, pin_id=12345))
         assert err.value.code() is grpc.StatusCode.NOT_FOUND
         assert client.health() == "SERVING"
+
+
+def _write_pages(client: Any, tokens: list[int]) -> None:
+    """Store `tokens` with each page's known content (e2e_helpers.page_content), released."""
+    ns = client.namespace("test")
+    with client.allocate(ns) as seq:
+        seq.append(tokens)
+        for page in seq.pages:
+            ns.page(page.slot).copy_(_content(ns, page.index, tokens))
+        seq.commit()
+
+
+def _pool_bytes(client: Any, tokens: list[int]) -> tuple[int, list[bool]]:
+    """(hit pages, whether each hit page holds the bytes written for it), read in the pool."""
+    ns = client.namespace("test")
+    with client.lookup(ns, tokens, pin=True) as hit:
+        same = [
+            ns.page(slot).contiguous().view(-1).numpy().tobytes()
+            == _content(ns, i, tokens).contiguous().view(-1).numpy().tobytes()
+            for i, slot in enumerate(hit.slots)
+        ]
+        return hit.hit_tokens // T, same
+
+
+def test_a_promoted_page_keeps_its_copies_below_and_evicting_it_again_copies_nothing(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Both tiers are inclusive of the pool: a page promoted from the host tier stays there, so
+    the pool evicting it again is free (`demoted_pages` counts it, the host tier gains no page),
+    and the copy below is the one made when it was first demoted: bytes a client scribbles
+    over a sealed page in the pool (it must not, but the mapping lets it) are never kept."""
+    d = daemon_factory(server=tier_server("host", tmp_path), namespaces=[NS]).start()
+    tokens = prompt(4 * T, seed=1100)
+    with kvstore_client.connect(d.target) as client:
+        _write_pages(client, tokens)
+        assert evict_everything(client) == 4
+        assert tiers(client).host_pages == 4 and tiers(client).demoted_pages == 4
+        assert _pool_bytes(client, tokens) == (4, [True] * 4)  # promoted from the host tier
+        assert tiers(client).promoted_pages == 4 and tiers(client).host_pages == 4  # still there
+        ns = client.namespace("test")
+        with client.lookup(ns, tokens, pin=True) as hit:
+            ns.page(hit.slots[2]).fill_(7)  # scribble over a sealed page in the pool
+        assert evict_everything(client) == 4
+        assert tiers(client).demoted_pages == 8 and tiers(client).host_pages == 4  # nothing copied
+        assert _pool_bytes(client, tokens) == (4, [True] * 4)  # the host copy: the bytes written
+
+
+def test_a_page_verified_below_keeps_that_checksum_when_it_goes_down_again(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A page promoted from disk keeps the checksum its bytes verified against; demoted into
+    the host tier again it is copied under that checksum, not a new one over whatever the pool
+    holds now. So bytes scribbled over it in the pool fail at the next promotion from the host
+    tier (counted corrupt, a miss from there), and the lookup after that reads the intact disk
+    record: never the scribbled bytes."""
+    server = tier_server("both", tmp_path, host_tier_bytes=4 * 1024)  # 4 pages of 1 KiB
+    d = daemon_factory(server=server, namespaces=[NS]).start()
+    a, b = prompt(4 * T, seed=1200), prompt(4 * T, seed=1201)
+    with kvstore_client.connect(d.target) as client:
+        _write_pages(client, a)
+        evict_everything(client)  # a -> host
+        _write_pages(client, b)
+        evict_everything(client)  # b -> host, pushing a to disk
+        client.flush()  # (commits a; writes b's host copies to disk too)
+        assert tiers(client).host_pages == 4 and tiers(client).disk_pages == 8
+        ns = client.namespace("test")
+        with client.lookup(ns, a, pin=True) as hit:  # promoted from disk
+            assert hit.hit_tokens == 4 * T
+            ns.page(hit.slots[1]).fill_(7)
+        evict_everything(client)  # a -> host again (b -> disk), under the disk record's checksum
+        corrupt = tiers(client).corrupt_pages
+        hit_pages, same = _pool_bytes(client, a)
+        assert hit_pages == 1 and same == [True]  # page 1 failed its checksum: the hit ends there
+        assert tiers(client).corrupt_pages == corrupt + 1
+        assert _pool_bytes(client, a) == (4, [True] * 4)  # page 1 from disk, as written
+
+
+def test_a_page_demoted_to_disk_a_moment_ago_is_found_before_its_write_commits(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A lookup right after an eviction to disk (no flush) finds the pages whose write is still
+    queued: the read waits for the write on a reader thread instead of missing."""
+    d = daemon_factory(server=tier_server("disk", tmp_path), namespaces=[NS]).start()
+    with kvstore_client.connect(d.target) as client:
+        for i in range(12):
+            tokens = prompt(4 * T, seed=1300 + i)
+            _write_pages(client, tokens)
+            evict_everything(client)
+            assert _pool_bytes(client, tokens) == (4, [True] * 4), i
+        assert tiers(client).promotion_failures == 0

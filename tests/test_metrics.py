@@ -68,5 +68,5 @@ def test_tier_metrics(daemon_factory):
         time.sleep(0.05)
     assert after[("kvstore_tier_demoted_pages_total", ())] == 2
     assert after[("kvstore_tier_capacity_bytes", (("tier", "host"),))] == 1 << 20
-    assert after[("kvstore_tier_pages", (("tier", "host"),))] == 0  # exclusive: promoted pages leave it
+    assert after[("kvstore_tier_pages", (("tier", "host"),))] == 2  # inclusive: promoted pages stay in it
     assert after[("kvstore_tier_corrupt_pages_total", ())] == 0

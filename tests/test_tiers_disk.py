@@ -321,3 +321,35 @@ def test_flush_reports_failed_batches(tier_dir: Path) -> None:
         assert disk.put_async([rec(2)]).result(10) == []
         disk.flush_sync(10)  # the failure was reported once; the writer went on
         assert disk.get(key(2)) == payload(2)
+
+
+def test_reads_on_the_loop_happen_only_from_the_page_cache(tier_dir: Path) -> None:
+    """`read_record_into(resident_only=True)` (what a lookup uses on the event loop) copies a
+    record only when its payload is in the OS page cache; otherwise it reads nothing and
+    counts nothing, so the copy never waits for the device. Pages dropped from the cache (fsynced, then
+    POSIX_FADV_DONTNEED) are reported NOT_RESIDENT; after a normal read brought one back it is
+    read at once. (readahead=False: with the kernel's read-around, faulting the B-tree pages
+    of a tiny map pulls the whole file back in, and this test would have nothing to see.)"""
+    from kvstore.tiers import NOT_RESIDENT
+    from kvstore.tiers.residency import resident
+
+    with DiskTier.open(tier_dir, 64 << 20, readahead=False) as disk:
+        assert disk.put_async([rec(i) for i in range(32)]).result(10) == []
+        disk.flush_sync(10)  # fsynced: clean pages, which the kernel may drop
+        fd = os.open(tier_dir / "data.mdb", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        out = bytearray(PAGE)
+        assert disk.read_record_into(key(20), out, resident_only=True) is NOT_RESIDENT
+        assert out == bytes(PAGE) and disk.stats()["hits"] == 0  # nothing read, nothing counted
+        assert disk.read_into(key(20), out) is not None and out == payload(20)  # faults it in
+        out[:] = bytes(PAGE)
+        got = disk.read_record_into(key(20), out, resident_only=True)
+        assert got is not NOT_RESIDENT and out == payload(20)
+        meta, crc = got
+        assert meta.block_hash == key(20).block_hash and crc == rec(20).checksum  # what it verified against
+        assert disk.read_record_into(key(99), out, resident_only=True) is None  # a miss is a miss
+    heap = memoryview(bytearray(3 * 4096))  # touched heap memory is resident
+    assert resident(heap[100:9000])

@@ -30,6 +30,7 @@ class Page:
         "refcount",
         "slot",
         "state",
+        "verified",
     )
 
     def __init__(self, slot: int) -> None:
@@ -42,6 +43,9 @@ class Page:
         self.owner = 0  # RESERVED: sequence id that may write it
         self.last_access = 0  # logical clock of the last hit or seal
         self.policy_state: object = None  # owned by the namespace's eviction policy
+        # SEALED pages brought up from a tier: (PageMeta, checksum) their bytes verified
+        # against, so copying them down again needs no new checksum (kvstore/store/tiering.py).
+        self.verified: object = None
         self.prev: Page | None = None
         self.next: Page | None = None
 
@@ -127,4 +131,5 @@ class PageTable:
         page.children = None
         page.owner = 0
         page.policy_state = None
+        page.verified = None
         self.free.push(page)

@@ -167,7 +167,7 @@ def tier_stats(d: dict[str, Any]) -> pb.TierStats:
         disk_pages=disk.get("pages", 0),
         disk_full_events=disk.get("disk_full_events", 0),
         corrupt_pages=host.get("corrupt", 0) + disk.get("corrupt", 0),
-        demoted_pages=d["demoted_host"] + d["demoted_disk"],
+        demoted_pages=d["demoted_host"] + d["demoted_disk"] + d["demoted_clean"],
         promoted_pages=d["promoted_host"] + d["promoted_disk"],
         prefetched_pages=d["prefetched"],
         promotion_failures=d["promotion_failures"],

@@ -52,7 +52,7 @@ TIER_COUNTERS = {
 def tier_values(d: dict[str, Any]) -> dict[str, float]:
     host, disk = d.get("host", {}), d.get("disk", {})
     return {
-        "demoted": d["demoted_host"] + d["demoted_disk"],
+        "demoted": d["demoted_host"] + d["demoted_disk"] + d["demoted_clean"],
         "promoted": d["promoted_host"] + d["promoted_disk"],
         "prefetched": d["prefetched"],
         "promotion_failures": d["promotion_failures"],

@@ -177,7 +177,7 @@ def _own_state(ns: Namespace, page: PageExplanation, others: _Others, now: float
         page.evicted_unix_ms = int(when * 1000)
         page.evicted_by, page.evicted_for = by, why
         page.detail = _gone_phrase(page, now)
-        if tiers is not None and kind == "evicted" and not by.endswith("tier (LRU)"):
+        if tiers is not None and kind == "evicted" and not _by_a_tier(by):
             page.detail += "; its copy below the pool is gone too"
         if holder:
             page.detail += f"; the same tokens are resident in namespace {holder!r}"
@@ -196,6 +196,12 @@ def _own_state(ns: Namespace, page: PageExplanation, others: _Others, now: float
     )
 
 
+def _by_a_tier(by: str) -> bool:
+    """Evicted by a tier below the pool ("host tier (LRU)", "disk tier (<policy>)"), which
+    means no copy is left anywhere; not by the pool's policy, which demoted it."""
+    return by.startswith(("host tier (", "disk tier ("))
+
+
 def _gone_phrase(page: PageExplanation, now: float) -> str:
     """'evicted 3m 05s ago by horizon to make room for append of 8 tokens to sequence 12'."""
     when = ago(now - page.evicted_unix_ms / 1000)
@@ -203,8 +209,9 @@ def _gone_phrase(page: PageExplanation, now: float) -> str:
         return f"dropped {when}: {page.evicted_for}"
     if page.evicted_for.startswith("Evict RPC"):
         return f"evicted {when} by {page.evicted_for} (policy {page.evicted_by})"
-    if page.evicted_by.endswith("tier (LRU)"):
-        return f"evicted {when} from the {page.evicted_by.removesuffix(' (LRU)')}: {page.evicted_for}"
+    if _by_a_tier(page.evicted_by):  # "disk tier (horizon)" -> "from the disk tier (policy horizon)"
+        tier, _, policy = page.evicted_by.partition(" (")
+        return f"evicted {when} from the {tier} (policy {policy.rstrip(')')}): {page.evicted_for}"
     return f"evicted {when} by {page.evicted_by} to make room for {page.evicted_for}"
 
 

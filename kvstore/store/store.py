@@ -699,6 +699,10 @@ class Store:
         With every full page hit, prefetch the pages that followed last time."""
         tiers = ns.tiers
         assert tiers is not None
+        if first_miss is None and (
+            not pages or not tiers.prefetch_pages or tiers.successor(ns.name, pages[-1].block_hash) is None
+        ):
+            return []  # every page hit in the pool and nothing followed them last time
         held = list(pages)  # resident pages of the chain: kept from eviction while we make room
         for page in held:
             ns.ref(page)

@@ -9,10 +9,12 @@ that nobody else can see.
 - **Demotion** (`demote`): a sealed page the pool evicts is copied down before its slot is
   freed: into the host tier (checksummed, one memcpy), pushing the host's least recently used
   pages to disk when it is full; straight to disk when there is no host tier. The copy is
-  synchronous on the loop, so "copied first, freed second" holds without a pin.
+  synchronous on the loop, so "copied first, freed second" holds without a pin. A page with
+  a copy below already (host or disk: both tiers are inclusive of the pool) is not copied.
 - **Promotion** (`promote`): a lookup whose prefix continues below the pool reserves a pool
   page per such block (the policy makes room, demoting others) and fills it: from the host
-  tier at once, from disk on the reader threads. A `Promotion` seals its page into the index
+  tier at once, from disk at once if its bytes are in the page cache, else on the reader
+  threads. A `Promotion` seals its page into the index
   once its bytes have verified *and* its parent is sealed (chains seal in order); a checksum
   failure or a missing record frees the page and every later one of the chain, so a lookup
   never serves bytes that failed verification. Each promotion holds one reference on its
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import threading
@@ -37,7 +40,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvstore.memory.pages import Page
-from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageRecord, make_meta
+from kvstore.tiers import (
+    NOT_RESIDENT,
+    CorruptPage,
+    DiskTier,
+    HostTier,
+    PageKey,
+    PageMeta,
+    PageRecord,
+    make_meta,
+)
 
 if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
@@ -47,6 +59,7 @@ log = logging.getLogger(__name__)
 
 PROMOTING_OWNER = -1  # owner of a RESERVED pool page being filled from a tier
 SUCCESSORS_REMEMBERED = 1 << 20
+WRITE_WAIT_S = 60.0  # a promotion of a page still queued for disk waits this long for its write
 # Records of swapped-out sequences' unsealed pages live under "<namespace>" + this: never
 # found by a lookup, and deleted at the next start (their sequences died with the daemon).
 SWAP_SUFFIX = "\x00swap"
@@ -65,6 +78,7 @@ class Promotion:
     pins: list[Pin] = field(default_factory=list)
     children: list[Promotion] = field(default_factory=list)  # in flight, waiting on us
     read_ok: bool | None = None  # None: the read has not finished
+    verified: tuple[PageMeta, int] | None = None  # the record the copy verified against
     ok: bool | None = None  # None: not settled
     sealed: Page | None = None  # once settled ok: the sealed page (ours, or an equal one)
     _waiters: list[asyncio.Future[bool]] = field(default_factory=list)
@@ -91,15 +105,19 @@ class Tiers:
         self.write_through = write_through and disk is not None
         self.prefetch_pages = prefetch_pages
         self.promoting: dict[PageKey, Promotion] = {}
-        self._queued: set[PageKey] = set()  # put to disk, not yet committed
+        # Put to disk, not yet committed: key -> the writer's future for its batch. Entries are
+        # removed by the future's callback (on the writer thread; single dict operations).
+        self._queued: dict[PageKey, cf.Future[list[Any]]] = {}
         self._batch: list[Promotion] | None = None  # disk reads collected by begin_reads()
         self._successor: OrderedDict[PageKey, bytes] = OrderedDict()
         self.counters = {
             "demoted_host": 0,
             "demoted_disk": 0,
+            "demoted_clean": 0,  # evicted while a copy was below already: nothing to copy
             "host_to_disk": 0,
             "promoted_host": 0,
             "promoted_disk": 0,
+            "promoted_disk_inline": 0,  # of those, read on the loop (bytes in the page cache)
             "promotion_failures": 0,
             "prefetched": 0,
             "written_through": 0,
@@ -126,8 +144,8 @@ class Tiers:
             meta = self.host.meta(key)
             if meta is not None and meta.geometry == ns.geometry and meta.page_bytes == ns.spec.page_bytes:
                 return "host"
-        if self.disk is not None and key in self.disk:
-            return "disk"
+        if self.disk is not None and (key in self.disk or key in self._queued):
+            return "disk"  # (a queued record is read once its batch has committed)
         return None
 
     def disk_evicted(self, keys: list[PageKey]) -> None:
@@ -136,7 +154,7 @@ class Tiers:
         for key in keys:
             if key in self._queued or key in self.promoting or (self.host is not None and key in self.host):
                 continue
-            self._lost(key, "disk tier (LRU)", "disk tier full")
+            self._lost(key, f"disk tier ({self.disk.policy_name})", "disk tier full")
 
     def note_successor(self, ns_name: str, parent_hash: bytes, child_hash: bytes) -> None:
         key = PageKey(ns_name, parent_hash)
@@ -151,26 +169,40 @@ class Tiers:
     # ------------------------------------------------------------ down
 
     def _record(self, ns: Namespace, page: Page, copy: bool) -> PageRecord:
+        """The page as a record for a tier (its payload a `bytes` copy with `copy`, else a view
+        of the pool slot). A page that came up from a tier keeps the metadata and checksum its
+        bytes verified against then: no new checksum (and bytes changed in the pool since, by
+        a client writing where it must not, fail that checksum at the next promotion)."""
         assert page.block_hash is not None
+        view = ns.page_view(page.slot)
+        verified = page.verified
+        if isinstance(verified, tuple):
+            meta, crc = verified
+            if meta.block_hash == page.block_hash and meta.namespace == ns.name:
+                return PageRecord(meta, bytes(view) if copy else view, crc)
         parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
         meta = make_meta(
             ns.name, page.block_hash, parent, ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
         )
-        view = ns.page_view(page.slot)
         return PageRecord.build(meta, bytes(view) if copy else view)
 
     def demote(self, ns: Namespace, page: Page) -> None:
         """Copy a sealed page the pool is about to free into the tier below (if not there)."""
         key = PageKey(ns.name, page.block_hash or b"")
-        if self.host is not None:
-            if key in self.host:
-                self.host.touch(key)
-                return
-            if self._make_host_room(ns.spec.page_bytes):
-                self.host.put(self._record(ns, page, copy=False))  # put copies into its slab
-                self.counters["demoted_host"] += 1
-                return
-        if self.disk is not None and key not in self.disk and key not in self._queued:
+        host, disk = self.host, self.disk
+        if host is not None and key in host:
+            host.touch(key)  # (a sealed page never changes: the copy below is still its bytes)
+            self.counters["demoted_clean"] += 1
+            return
+        # A page on disk still goes into the host tier if it can make room (moving its coldest
+        # pages down): the next hit on it is then a copy from DRAM, not an LMDB read.
+        on_disk = disk is not None and (key in disk or key in self._queued)
+        if host is not None and self._make_host_room(ns.spec.page_bytes):
+            host.put(self._record(ns, page, copy=False))  # put copies into its slab
+            self.counters["demoted_host"] += 1
+        elif on_disk:
+            self.counters["demoted_clean"] += 1  # freeing the slot loses nothing
+        elif disk is not None:
             self._put_disk([self._record(ns, page, copy=True)])
             self.counters["demoted_disk"] += 1
 
@@ -203,9 +235,16 @@ class Tiers:
     def _put_disk(self, records: list[PageRecord]) -> cf.Future[list[Any]]:
         assert self.disk is not None
         keys = [r.key for r in records]
-        self._queued.update(keys)
         fut = self.disk.put_async(records)
-        fut.add_done_callback(lambda _f: self._queued.difference_update(keys))
+        for key in keys:
+            self._queued[key] = fut
+
+        def committed(_f: cf.Future[list[Any]]) -> None:
+            for key in keys:
+                if self._queued.get(key) is fut:  # (not a later write of the same key)
+                    self._queued.pop(key, None)
+
+        fut.add_done_callback(committed)
         return fut
 
     def on_sealed(self, ns: Namespace, page: Page) -> None:
@@ -307,14 +346,14 @@ class Tiers:
             self._read_disk(prom)
         return prom
 
-    def _read_host(self, prom: Promotion) -> bool:
+    def _read_host(self, prom: Promotion) -> tuple[PageMeta, int] | bool:
         assert self.host is not None
         try:
-            meta = self.host.read_into(prom.key, prom.ns.page_view(prom.page.slot))
+            got = self.host.read_record_into(prom.key, prom.ns.page_view(prom.page.slot))
         except (CorruptPage, ValueError) as e:
             log.warning("promotion of %s from host failed: %s", prom.key, e)
             return False
-        return meta is not None
+        return False if got is None else got
 
     def begin_reads(self) -> None:
         """Collect the disk reads of the promotions started until `end_reads` into one job
@@ -333,40 +372,76 @@ class Tiers:
             self._submit_reads([prom])
 
     def _submit_reads(self, proms: list[Promotion]) -> None:
+        """Read the promotions' pages from disk, in chain order (parents first). Those whose
+        bytes are in the OS page cache are copied here, on the loop, at once (a memcpy is
+        cheaper than the hop to a thread and back); from the first that is not, the rest go to
+        the reader threads as one job."""
         disk = self.disk
         assert disk is not None
-        jobs = [(p.key, p.ns.page_view(p.page.slot), p.ns.geometry) for p in proms]
-
-        def read_all() -> list[bool]:
-            results = []
-            for key, view, geometry in jobs:
-                try:
-                    meta = disk.read_into(key, view)
-                except (CorruptPage, ValueError) as e:
-                    log.warning("promotion of %s from disk failed: %s", key, e)
-                    results.append(False)
-                    continue
-                results.append(meta is not None and meta.geometry == geometry)
-            return results
-
-        def done(results: list[bool]) -> None:
-            for prom, ok in zip(proms, results, strict=True):  # chain order: parents first
-                self._read_done(prom, ok)
-
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (tools, tests of the store alone): read here
-            done(read_all())
+            loop = None
+        inline = 0
+        for prom in proms:
+            write = self._queued.get(prom.key)
+            if write is not None:  # its batch is not committed yet
+                if loop is not None:
+                    break  # a reader thread waits for it
+                with contextlib.suppress(Exception):
+                    write.result(WRITE_WAIT_S)
+            got = self._read_disk_one(prom.key, prom.ns.page_view(prom.page.slot), prom.ns.geometry, loop)
+            if got is None:
+                break
+            self._read_done(prom, got)
+            inline += 1
+        self.counters["promoted_disk_inline"] += inline
+        rest = proms[inline:]
+        if not rest:
             return
+        assert loop is not None
+        jobs = [(p.key, p.ns.page_view(p.page.slot), p.ns.geometry, self._queued.get(p.key)) for p in rest]
+
+        def read_all() -> list[tuple[PageMeta, int] | bool]:
+            results: list[tuple[PageMeta, int] | bool] = []
+            for key, view, geometry, write in jobs:
+                if write is not None:  # a page demoted a moment ago: its write first
+                    with contextlib.suppress(Exception):  # (what is on disk then decides)
+                        write.result(WRITE_WAIT_S)
+                results.append(self._read_disk_one(key, view, geometry, None) or False)
+            return results
+
+        def done(results: list[tuple[PageMeta, int] | bool]) -> None:
+            for prom, ok in zip(rest, results, strict=True):  # chain order: parents first
+                self._read_done(prom, ok)
+
         fut = loop.run_in_executor(disk.readers, read_all)
         fut.add_done_callback(
-            lambda f: done(
-                f.result() if not f.cancelled() and f.exception() is None else [False] * len(proms)
-            )
+            lambda f: done(f.result() if not f.cancelled() and f.exception() is None else [False] * len(rest))
         )
 
-    def _read_done(self, prom: Promotion, ok: bool) -> None:
-        prom.read_ok = ok
+    def _read_disk_one(
+        self, key: PageKey, view: memoryview, geometry: str, loop: asyncio.AbstractEventLoop | None
+    ) -> tuple[PageMeta, int] | bool | None:
+        """Read one page from disk into its pool slot: the (meta, checksum) it verified against
+        if it did and is of this geometry, else False. On the loop (`loop` given) only if it
+        cannot block: None if its bytes are not in the page cache (nothing was read)."""
+        disk = self.disk
+        assert disk is not None
+        try:
+            got = disk.read_record_into(key, view, resident_only=loop is not None)
+        except (CorruptPage, ValueError) as e:
+            log.warning("promotion of %s from disk failed: %s", key, e)
+            return False
+        if got is NOT_RESIDENT:
+            return None
+        if not isinstance(got, tuple) or got[0].geometry != geometry:
+            return False
+        return got
+
+    def _read_done(self, prom: Promotion, got: tuple[PageMeta, int] | bool) -> None:
+        prom.read_ok = bool(got)
+        prom.verified = got if isinstance(got, tuple) else None
         if prom.parent is None or prom.parent.ok is not None:
             self._settle(prom)
 
@@ -387,6 +462,7 @@ class Tiers:
                 prom.sealed = existing
             else:
                 ns.seal(page, parent)  # refcount 1 (ours), replaced by the holders' count
+                page.verified = prom.verified
                 if holders == 0:
                     ns.unref(page)
                 else:
@@ -396,8 +472,8 @@ class Tiers:
                 pin.pages.append(prom.sealed)
                 pin.pending.remove(prom)
             self.counters["promoted_" + prom.source] += 1
-            if prom.source == "host" and self.host is not None:
-                self.host.remove(prom.key)  # the host tier is exclusive of the pool
+            # The host copy stays (the host tier is inclusive): when the pool evicts the page
+            # again, demoting it costs nothing.
         else:
             ns.free_reserved(page)
             for pin in prom.pins:

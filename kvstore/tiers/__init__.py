@@ -2,11 +2,12 @@
 (`DiskTier`). Both hold `PageRecord`s: metadata + payload + a checksum verified on every
 read, so a page that fails is reported (`CorruptPage`), never served. See docs/tiers.md."""
 
-from .disk import DiskTier, DiskWriteError
+from .disk import NOT_RESIDENT, DiskTier, DiskWriteError
 from .host import HostFull, HostTier
 from .record import CorruptPage, PageKey, PageMeta, PageRecord, make_meta
 
 __all__ = [
+    "NOT_RESIDENT",
     "CorruptPage",
     "DiskTier",
     "DiskWriteError",

@@ -37,11 +37,14 @@ import lmdb
 
 from .disk_index import DiskIndex
 from .disk_writer import BatchLimits, Dbs, DiskWriteError, DiskWriter
-from .record import CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
+from .record import META_HEAD_BYTES, CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
+from .residency import resident
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskTier", "DiskWriteError", "headroom_bytes"]
+__all__ = ["NOT_RESIDENT", "DiskTier", "DiskWriteError", "headroom_bytes"]
+
+NOT_RESIDENT = object()  # read_record_into(resident_only=True): not in the page cache
 
 
 def headroom_bytes(capacity_bytes: int) -> int:
@@ -231,7 +234,21 @@ class DiskTier:
         caller reads is what was checked. None on a miss; CorruptPage when it fails (the
         record is then dropped: counted, logged, deleted, a miss from then on)."""
         got = self._read(key, memoryview(out).cast("B"))
+        assert got is not NOT_RESIDENT
         return None if got is None else got[0]
+
+    def read_record_into(
+        self, key: PageKey, out: memoryview | bytearray, *, resident_only: bool = False
+    ) -> tuple[PageMeta, int] | object | None:
+        """`read_into`, returning the metadata and the checksum the copy verified against.
+        With `resident_only` (for the event loop) only if the record's payload is in the OS
+        page cache, so the copy cannot wait for the device (residency.py); NOT_RESIDENT,
+        having read and counted nothing, when it is not (read it on a reader thread)."""
+        got = self._read(key, memoryview(out).cast("B"), resident_only)
+        if got is None or got is NOT_RESIDENT:
+            return got
+        meta, _, crc = got  # type: ignore[misc]
+        return meta, crc
 
     def get(self, key: PageKey) -> bytes | None:
         """A verified copy of the page's bytes, or None on a miss (CorruptPage as read_into)."""
@@ -250,7 +267,9 @@ class DiskTier:
     async def aread_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self.read_into, key, out)
 
-    def _read(self, key: PageKey, dst: memoryview | None) -> tuple[PageMeta, memoryview] | None:
+    def _read(
+        self, key: PageKey, dst: memoryview | None, resident_only: bool = False
+    ) -> tuple[PageMeta, memoryview, int] | object | None:
         if self._index.is_dropped(key):
             self._index.count("misses")
             return None
@@ -262,7 +281,12 @@ class DiskTier:
                 if meta_raw is None or payload is None:
                     self._index.count("misses")
                     return None
+                # (The meta value lives in a B-tree leaf page that get() has touched already;
+                # the payload is in overflow pages that nothing has touched yet.)
+                if resident_only and not resident(payload):
+                    return NOT_RESIDENT
                 meta, crc = decode_meta(key, meta_raw)
+                body = bytes(meta_raw[META_HEAD_BYTES:])  # as stored (decode_meta checked its lengths)
                 if dst is None:
                     dst = memoryview(bytearray(meta.page_bytes))
                 elif dst.nbytes != meta.page_bytes:
@@ -272,12 +296,11 @@ class DiskTier:
                         key, f"payload is {len(payload)} bytes, the metadata says {meta.page_bytes}"
                     )
                 dst[:] = payload
-            verify(key, meta, crc, dst)  # the copy, after the transaction: what the caller gets
+            verify(key, meta, crc, dst, body)  # the copy, after the transaction: what the caller gets
         except CorruptPage as e:
             raise self._corrupt(e) from None
-        self._index.count("hits")
-        self._index.touch((key,))
-        return meta, dst
+        self._index.hit(key)
+        return meta, dst, crc
 
     def _corrupt(self, e: CorruptPage) -> CorruptPage:
         """Count and drop a corrupt record; returns the error for the caller to raise."""
@@ -351,6 +374,11 @@ class DiskTier:
             self.remove_async(bad)  # by raw bytes: a garbage key need not decode
 
     # ------------------------------------------------------------------ stats
+
+    @property
+    def policy_name(self) -> str:
+        """The eviction policy that picks what the tier evicts when full."""
+        return self._index.policy_name
 
     def stats(self) -> dict[str, Any]:
         """capacity/soft limit, policy (the eviction policy's name), bytes_used (estimated

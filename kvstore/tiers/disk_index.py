@@ -180,6 +180,16 @@ class DiskIndex:
                     rec.last_access = self._clock
                     self._policy.on_access(rec)
 
+    def hit(self, key: PageKey) -> None:
+        """A read found `key`: counted and touched, under one acquisition of the lock."""
+        with self.lock:
+            self.counters["hits"] += 1
+            rec = self._records.get(key)
+            if rec is not None:
+                self._clock += 1
+                rec.last_access = self._clock
+                self._policy.on_access(rec)
+
     def oldest_first(self, keys: list[PageKey]) -> None:
         """Order `keys` (in this order) before every other key: the order after a restart.
         The policy is rebuilt, fed `keys` and then the rest (by last access) with increasing

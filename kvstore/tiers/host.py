@@ -162,6 +162,11 @@ class HostTier:
         self.hits += 1
         return entry.meta
 
+    def read_record_into(self, key: PageKey, out: memoryview | bytearray) -> tuple[PageMeta, int] | None:
+        """`read_into`, returning the metadata and the checksum the copy verified against."""
+        meta = self.read_into(key, out)
+        return None if meta is None else (meta, self._entries[key].checksum)
+
     def get(self, key: PageKey) -> bytes | None:
         """A verified copy of the page's bytes, or None on a miss."""
         entry = self._entries.get(key)

@@ -31,6 +31,7 @@ ALGO_CRC32 = 1
 
 _HEAD = struct.Struct("<4sB3xQ")
 _BODY = struct.Struct("<QIQB16s16sHH")
+META_HEAD_BYTES = _HEAD.size
 META_FIXED_BYTES = _HEAD.size + _BODY.size
 
 
@@ -178,10 +179,14 @@ def decode_meta(key: PageKey, raw: bytes | memoryview) -> tuple[PageMeta, int]:
     return meta, crc
 
 
-def verify(key: PageKey, meta: PageMeta, crc: int, payload: bytes | memoryview) -> None:
-    """Raise CorruptPage unless `payload` is exactly the bytes the checksum was made over."""
+def verify(
+    key: PageKey, meta: PageMeta, crc: int, payload: bytes | memoryview, body: bytes | None = None
+) -> None:
+    """Raise CorruptPage unless `payload` is exactly the bytes the checksum was made over.
+    `body`: the stored BODY bytes when the caller has them (the disk tier): the checksum is
+    then taken over them as stored, and `meta.body()` need not be packed again."""
     n = memoryview(payload).nbytes
     if n != meta.page_bytes:
         raise CorruptPage(key, f"payload is {n} bytes, the metadata says {meta.page_bytes}")
-    if checksum(meta.body(), payload) != crc:
+    if checksum(meta.body() if body is None else body, payload) != crc:
         raise CorruptPage(key, "checksum mismatch")
