@@ -23,12 +23,22 @@ daemon without tiers and one with a host tier and a disk tier, alternating, --lo
 A request: a prompt = one of 32 shared prefixes (8 pages; Zipf-like popularity) + one of 24
 suffixes of that prefix (4 pages); pinned `lookup` of the prompt (with tiers it promotes
 from below the pool), `allocate` + `append` (sealed pages come back CACHED), write the
-WRITABLE pages through the mapping, `commit`, release both. 16-token pages of 16 KiB; the
-pool (768 pages) holds a third of the ~3,300 distinct pages, so it evicts all the time; with
-tiers evicted pages are demoted (host 16 MiB, then disk) and promoted back on a hit. Every
-thread runs the same seeded request sequence on both daemons. Reported: requests/s (median
-of rounds), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio` =
-tiers requests/s / none requests/s (goal >= 0.95: tiers must not make throughput worse).
+WRITABLE pages through the mapping, `commit`, release both. 16-token pages of 32 KiB; the
+pool (768 pages) holds a quarter of the ~3,300 distinct pages, so it evicts all the time;
+with tiers evicted pages are demoted (host 16 MiB, then disk) and promoted back on a hit.
+Every thread runs the same seeded request stream on both daemons. Reported: requests/s
+(median of rounds), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio`
+= tiers requests/s / none requests/s (goal >= 0.95: tiers must not make throughput worse).
+
+Two costs of a miss, each its own set of rounds:
+- `load` (store only): a miss costs the client nothing (it writes a constant page).
+  Everything the tiers do is overhead here: the worst case for them.
+- `load_modeled_prefill` (only with --load-prefill-us-per-token N > 0): each client sleeps N
+  us per token it missed, standing in for its engine's prefill of them on its own GPU (a
+  sleep: GPU time leaves the host CPU free, as a CUDA sync does). 40 us/token is an 8B model
+  on one H100 (2 x 8e9 FLOP a token at ~400 TFLOP/s, 40% of its dense BF16 peak): an
+  assumption, not a measurement. On a machine where the 16 clients and the daemon already
+  saturate the CPUs, the sleeps overlap with other clients' work and change little.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ LOAD_NS = {
     "dtype": "float16",
     "page_tokens": 16,
     "num_pages": 768,
-}  # 2 x 2 x 16 x 4 x 64 x 2 bytes = 16 KiB a page
+}  # 2 x 2 x 16 x 4 x 64 x 2 bytes = 32 KiB a page
 PREFIXES, PREFIX_PAGES, SUFFIXES, SUFFIX_PAGES = 32, 8, 24, 4
 CLIENTS = 16
 
@@ -67,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-seconds", type=float, default=10.0, help="seconds per load round (default 10)")
     p.add_argument("--load-warmup", type=float, default=3.0, help="unmeasured seconds first (default 3)")
     p.add_argument("--load-rounds", type=int, default=3, help="load rounds per daemon (default 3)")
+    p.add_argument(
+        "--load-prefill-us-per-token",
+        type=float,
+        default=0.0,
+        help="also measure the load with this much sleep per missed token, a modeled prefill "
+        "(40 ~ an 8B model on one H100); default 0: skipped",
+    )
 
 
 def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -79,6 +96,15 @@ def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
             "load": load_with_and_without_tiers(
                 base / "load", args.load_seconds, args.load_rounds, args.load_warmup
             ),
+            "load_modeled_prefill": load_with_and_without_tiers(
+                base / "load-prefill",
+                args.load_seconds,
+                args.load_rounds,
+                args.load_warmup,
+                prefill_us_per_token=args.load_prefill_us_per_token,
+            )
+            if args.load_prefill_us_per_token > 0
+            else None,
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -209,9 +235,15 @@ COUNTERS = ("done", "hit", "asked", "errors")
 
 
 def _client_loop(
-    target: str, prompts: list[list[int]], order: list[int], stop: threading.Event, out: dict[str, Any]
+    target: str,
+    prompts: list[list[int]],
+    order: list[int],
+    stop: threading.Event,
+    out: dict[str, Any],
+    prefill_us_per_token: float = 0.0,
 ) -> None:
-    """One client: requests in `order` until `stop`; running totals in `out` (read live)."""
+    """One client: requests in `order` until `stop`; running totals in `out` (read live). With
+    `prefill_us_per_token`, each request then sleeps that long per token the lookup missed."""
     import kvstore_client
     from kvstore_client.errors import ResourceExhausted
 
@@ -229,6 +261,8 @@ def _client_loop(
                     for p in seq.append(tokens).writable_pages:
                         ns.pool.raw_page(p.slot).numpy()[:] = page
                     seq.commit()
+                if prefill_us_per_token:
+                    time.sleep(1e-6 * prefill_us_per_token * (len(tokens) - found.hit_tokens))
                 out["hit"] += found.hit_tokens
                 out["asked"] += len(tokens)
                 out["done"] += 1
@@ -238,7 +272,12 @@ def _client_loop(
 
 
 def _load_round(
-    target: str, prompts: list[list[int]], warmup: float, seconds: float, daemon: BenchDaemon
+    target: str,
+    prompts: list[list[int]],
+    warmup: float,
+    seconds: float,
+    daemon: BenchDaemon,
+    prefill_us_per_token: float = 0.0,
 ) -> dict[str, Any]:
     stop, ready = threading.Event(), threading.Event()
     connected = threading.Barrier(CLIENTS + 1)
@@ -246,7 +285,10 @@ def _load_round(
         {"ready": ready, "connected": connected} | dict.fromkeys(COUNTERS, 0) for _ in range(CLIENTS)
     ]
     threads = [
-        threading.Thread(target=_client_loop, args=(target, prompts, _schedule(t, 100_000), stop, outs[t]))
+        threading.Thread(
+            target=_client_loop,
+            args=(target, prompts, _schedule(t, 100_000), stop, outs[t], prefill_us_per_token),
+        )
         for t in range(CLIENTS)
     ]
     for t in threads:
@@ -279,7 +321,7 @@ def _load_round(
 
 
 def load_with_and_without_tiers(
-    base: Path, seconds: float, rounds: int, warmup: float = 3.0
+    base: Path, seconds: float, rounds: int, warmup: float = 3.0, prefill_us_per_token: float = 0.0
 ) -> dict[str, Any]:
     import kvstore_client  # (torch: imported once here, not by 16 threads at once)
 
@@ -297,7 +339,7 @@ def load_with_and_without_tiers(
     for r in range(rounds):
         for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
             with BenchDaemon([LOAD_NS], server=configs[name]) as daemon:
-                got = _load_round(daemon.target, prompts, warmup, seconds, daemon)
+                got = _load_round(daemon.target, prompts, warmup, seconds, daemon, prefill_us_per_token)
                 per[name].append(got)
                 if name == "tiers":
                     with kvstore_client.connect(daemon.target) as client:
@@ -311,8 +353,10 @@ def load_with_and_without_tiers(
                             "corrupt_pages": t.corrupt_pages,
                         }
             progress(
-                "load round %d, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, others %.2f CPUs",
+                "load round %d%s, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, "
+                "others %.2f CPUs",
                 r + 1,
+                f" (prefill {prefill_us_per_token:g} us/missed token)" if prefill_us_per_token else "",
                 name,
                 got["requests_per_s"],
                 got["hit_ratio"],
@@ -326,13 +370,19 @@ def load_with_and_without_tiers(
     rps = {k: med(k, "requests_per_s", 1) for k in configs}
     ratio = rps["tiers"] / rps["none"]
     return {
+        "miss_cost": (
+            f"modeled prefill: {prefill_us_per_token:g} us of sleep per missed token"
+            if prefill_us_per_token
+            else "store only: a miss costs the client nothing"
+        ),
+        "prefill_us_per_token": prefill_us_per_token,
         "clients": CLIENTS,
         "seconds_per_round": seconds,
         "warmup_s": warmup,
         "rounds": rounds,
         "workload": (
             f"{PREFIXES} prefixes x {PREFIX_PAGES} pages (Zipf-like), {SUFFIXES} suffixes x {SUFFIX_PAGES} "
-            f"pages each; pool {LOAD_NS['num_pages']} pages of 16 KiB; request = pinned lookup + "
+            f"pages each; pool {LOAD_NS['num_pages']} pages of 32 KiB; request = pinned lookup + "
             "allocate/append/write/commit + release"
         ),
         "none_requests_per_s": rps["none"],
@@ -366,12 +416,14 @@ def format_text(s: dict[str, Any] | None) -> list[str]:
             f"(disk/pool {t['disk_vs_pool']:.2f}x, recompute/disk {t['recompute_vs_disk']:.2f}x; "
             f"first token equal: {t['first_token_equal']})"
         )
-    ld = s["load"]
-    lines.append(
-        f"  {ld['clients']} clients, shared prefixes: none {ld['none_requests_per_s']:.0f} req/s "
-        f"(hit {ld['none_hit_ratio']:.2f}), tiers {ld['tiers_requests_per_s']:.0f} req/s "
-        f"(hit {ld['tiers_hit_ratio']:.2f}): tiers_vs_none_throughput_ratio "
-        f"{ld['tiers_vs_none_throughput_ratio']:.3f} (goal >= {ld['goal']}: "
-        f"{'met' if ld['goal_met'] else 'MISSED'})"
-    )
+    for ld in (s["load"], s.get("load_modeled_prefill")):
+        if ld is None:
+            continue
+        lines.append(
+            f"  {ld['clients']} clients, shared prefixes, {ld['miss_cost']}: none "
+            f"{ld['none_requests_per_s']:.0f} req/s (hit {ld['none_hit_ratio']:.2f}), tiers "
+            f"{ld['tiers_requests_per_s']:.0f} req/s (hit {ld['tiers_hit_ratio']:.2f}): "
+            f"tiers_vs_none_throughput_ratio {ld['tiers_vs_none_throughput_ratio']:.3f} "
+            f"(goal >= {ld['goal']}: {'met' if ld['goal_met'] else 'MISSED'})"
+        )
     return lines
