@@ -30,6 +30,9 @@ Every thread runs the same seeded request stream on both daemons. Reported: requ
 (median of rounds), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio`
 = tiers requests/s / none requests/s (goal >= 0.95: tiers must not make throughput worse).
 
+In-process store cost (`store_cost_in_process`, tiers_inproc.py): the same workload against
+the `Store` alone, no gRPC: microseconds of store work a request with and without tiers.
+
 Two costs of a miss, each its own set of rounds:
 - `load` (store only): a miss costs the client nothing (it writes a constant page).
   Everything the tiers do is overhead here: the worst case for them.
@@ -55,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from .harness import BenchDaemon, BenchError, median, progress, self_cpu_seconds, system_busy_seconds
+from .tiers_inproc import store_cost_in_process
 
 LOAD_GOAL = 0.95
 LOAD_NS = {
@@ -84,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also measure the load with this much sleep per missed token, a modeled prefill "
         "(40 ~ an 8B model on one H100); default 0: skipped",
     )
+    p.add_argument(
+        "--inproc-requests", type=int, default=16_000, help="timed requests of the in-process store cost"
+    )
+    p.add_argument("--inproc-rounds", type=int, default=3, help="in-process rounds per side (default 3)")
 
 
 def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -105,6 +113,7 @@ def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
             )
             if args.load_prefill_us_per_token > 0
             else None,
+            "store_cost_in_process": store_cost_in_process(args.inproc_requests, args.inproc_rounds),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -415,6 +424,14 @@ def format_text(s: dict[str, Any] | None) -> list[str]:
             f"disk {t['ttft_disk_ms']:.0f} ms, recompute {t['ttft_recompute_ms']:.0f} ms "
             f"(disk/pool {t['disk_vs_pool']:.2f}x, recompute/disk {t['recompute_vs_disk']:.2f}x; "
             f"first token equal: {t['first_token_equal']})"
+        )
+    ip = s.get("store_cost_in_process")
+    if ip is not None:
+        lines.append(
+            f"  store alone (no gRPC), same workload: {ip['none_us_per_request']:.0f} us/request without "
+            f"tiers, {ip['tiers_us_per_request']:.0f} with (+{ip['tiers_extra_us_per_request']:.0f}); "
+            f"{ip['demoted_per_request']:.1f} pages demoted and {ip['promoted_per_request']:.1f} promoted "
+            "a request"
         )
     for ld in (s["load"], s.get("load_modeled_prefill")):
         if ld is None:
