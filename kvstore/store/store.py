@@ -761,16 +761,17 @@ class Store:
         prom = tiers.promoting.get(PageKey(ns.name, block_hash))
         if prom is not None:
             return prom  # another lookup is bringing it up: join it
-        if tiers.holds(ns, block_hash) is None:
+        source = tiers.holds(ns, block_hash)
+        if source is None:
             return None
         try:
             ns.make_room(1, "promotion")
         except ResourceExhausted:
             return None  # the pool is full of pinned pages: the hit ends here
-        # Asked again: the demotions that made room may have pushed it from host to disk.
-        source = tiers.holds(ns, block_hash)
-        if source is None:
-            return None
+        if source == "host":  # the demotions that made room may have pushed it down to disk
+            source = tiers.holds(ns, block_hash)
+            if source is None:
+                return None
         return tiers.promote(ns, block_hash, parent_page, parent_prom, source)
 
     def pin_progress(self, sid: int, pin_id: int) -> tuple[list[int], int, Promotion | None]:

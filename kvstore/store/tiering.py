@@ -65,7 +65,7 @@ WRITE_WAIT_S = 60.0  # a promotion of a page still queued for disk waits this lo
 SWAP_SUFFIX = "\x00swap"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Promotion:
     """One page on its way up: `page` is RESERVED (owner PROMOTING_OWNER) until it settles."""
 
