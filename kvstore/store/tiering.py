@@ -9,8 +9,9 @@ that nobody else can see.
 - **Demotion** (`demote`): a sealed page the pool evicts is copied down before its slot is
   freed: into the host tier (checksummed, one memcpy), pushing the host's least recently used
   pages to disk when it is full; straight to disk when there is no host tier. The copy is
-  synchronous on the loop, so "copied first, freed second" holds without a pin. A page with
-  a copy below already (host or disk: both tiers are inclusive of the pool) is not copied.
+  synchronous on the loop, so "copied first, freed second" holds without a pin. Both tiers
+  are inclusive of the pool: a page already in the host tier is not copied again, and one
+  that is only on disk is copied into the host tier if there is one, else just freed.
 - **Promotion** (`promote`): a lookup whose prefix continues below the pool reserves a pool
   page per such block (the policy makes room, demoting others) and fills it: from the host
   tier at once, from disk at once if its bytes are in the page cache, else on the reader
