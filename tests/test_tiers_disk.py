@@ -17,6 +17,7 @@ import lmdb
 import pytest
 
 from kvstore.tiers import CorruptPage, DiskTier, PageKey, PageRecord, make_meta
+from kvstore.tiers.record import ALGO_CRC32, ALGO_XXH3, checksum
 
 PAGE = 64 << 10
 
@@ -114,6 +115,26 @@ def test_flipped_payload_bytes_are_never_served(tier_dir: Path) -> None:
         disk.flush_sync(10)
     with DiskTier.open(tier_dir, 64 << 20) as disk:
         assert len(list(disk.reindex())) == 4  # the delete reached the disk
+
+
+def test_crc32_records_of_earlier_versions_still_read_and_verify(tier_dir: Path) -> None:
+    """Records written with algo 1 (CRC-32, before XXH3) are read back and checked by CRC-32;
+    a flipped byte in one still fails. New records are XXH3 (algo 2)."""
+    old = []
+    for i in range(3):
+        r = rec(i)
+        old.append(PageRecord(r.meta, r.payload, checksum(r.meta.body(), r.payload, ALGO_CRC32)))
+    assert old[0].encode_meta()[4] == ALGO_CRC32 and rec(5).encode_meta()[4] == ALGO_XXH3
+    with DiskTier.open(tier_dir, 64 << 20) as disk:
+        disk.put_async([*old, rec(5)])
+        disk.flush_sync(10)
+    _corrupt_file(tier_dir, payload(1)[:64], 100)
+    with DiskTier.open(tier_dir, 64 << 20) as disk:
+        assert len(list(disk.reindex())) == 4
+        assert [disk.get(key(i)) == payload(i) for i in (0, 2, 5)] == [True] * 3
+        with pytest.raises(CorruptPage, match="checksum mismatch"):
+            disk.get(key(1))
+        assert disk.stats()["corrupt"] == 1
 
 
 def test_flipped_metadata_bytes_are_never_served(tier_dir: Path) -> None:

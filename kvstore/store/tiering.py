@@ -10,8 +10,9 @@ that nobody else can see.
   freed: into the host tier (checksummed, one memcpy), pushing the host's least recently used
   pages to disk when it is full; straight to disk when there is no host tier. The copy is
   synchronous on the loop, so "copied first, freed second" holds without a pin. Both tiers
-  are inclusive of the pool: a page already in the host tier is not copied again, and one
-  that is only on disk is copied into the host tier if there is one, else just freed.
+  are inclusive of the pool: a page already in the host tier is not copied again; one that
+  is only on disk is just freed when it came up through the OS page cache (its bytes are in
+  DRAM there), else copied into the host tier if there is one.
 - **Promotion** (`promote`): a lookup whose prefix continues below the pool reserves a pool
   page per such block (the policy makes room, demoting others) and fills it: from the host
   tier at once, from disk at once if its bytes are in the page cache, else on the reader
@@ -38,7 +39,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvstore.memory.pages import Page
 from kvstore.tiers import (
@@ -66,6 +67,15 @@ WRITE_WAIT_S = 60.0  # a promotion of a page still queued for disk waits this lo
 SWAP_SUFFIX = "\x00swap"
 
 
+class Verified(NamedTuple):
+    """What a promoted page's bytes verified against (kept on the sealed page: `Page.verified`),
+    and whether they came from disk through the OS page cache (read on the loop)."""
+
+    meta: PageMeta
+    checksum: int
+    in_page_cache: bool
+
+
 @dataclass(eq=False, slots=True)
 class Promotion:
     """One page on its way up: `page` is RESERVED (owner PROMOTING_OWNER) until it settles."""
@@ -79,7 +89,7 @@ class Promotion:
     pins: list[Pin] = field(default_factory=list)
     children: list[Promotion] = field(default_factory=list)  # in flight, waiting on us
     read_ok: bool | None = None  # None: the read has not finished
-    verified: tuple[PageMeta, int] | None = None  # the record the copy verified against
+    verified: Verified | None = None  # the record the copy verified against
     ok: bool | None = None  # None: not settled
     sealed: Page | None = None  # once settled ok: the sealed page (ours, or an equal one)
     _waiters: list[asyncio.Future[bool]] = field(default_factory=list)
@@ -177,10 +187,10 @@ class Tiers:
         assert page.block_hash is not None
         view = ns.page_view(page.slot)
         verified = page.verified
-        if isinstance(verified, tuple):
-            meta, crc = verified
+        if isinstance(verified, Verified):
+            meta = verified.meta
             if meta.block_hash == page.block_hash and meta.namespace == ns.name:
-                return PageRecord(meta, bytes(view) if copy else view, crc)
+                return PageRecord(meta, bytes(view) if copy else view, verified.checksum)
         parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
         meta = make_meta(
             ns.name, page.block_hash, parent, ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
@@ -195,9 +205,18 @@ class Tiers:
             host.touch(key)  # (a sealed page never changes: the copy below is still its bytes)
             self.counters["demoted_clean"] += 1
             return
-        # A page on disk still goes into the host tier if it can make room (moving its coldest
-        # pages down): the next hit on it is then a copy from DRAM, not an LMDB read.
         on_disk = disk is not None and (key in disk or key in self._queued)
+        verified = page.verified
+        if on_disk and isinstance(verified, Verified) and verified.in_page_cache:
+            # It came up from disk through the OS page cache: its bytes are in DRAM there
+            # already, and a host copy would be a second one (a memcpy, a host slot and the
+            # host tier's bookkeeping for nothing). Should the kernel drop them, the next
+            # promotion reads it on a reader thread, and its next demotion copies it here.
+            self.counters["demoted_clean"] += 1
+            return
+        # Any other page on disk still goes into the host tier if it can make room (moving
+        # its coldest pages down): the next hit on it is then a copy from DRAM, not a read
+        # from the device.
         if host is not None and self._make_host_room(ns.spec.page_bytes):
             host.put(self._record(ns, page, copy=False))  # put copies into its slab
             self.counters["demoted_host"] += 1
@@ -240,9 +259,11 @@ class Tiers:
         for key in keys:
             self._queued[key] = fut
 
-        def committed(_f: cf.Future[list[Any]]) -> None:
+        def committed(done: cf.Future[list[Any]]) -> None:
+            # (`done`, not `fut` from the closure: a future holding a callback that holds
+            # the future is a reference cycle, left for the garbage collector to find.)
             for key in keys:
-                if self._queued.get(key) is fut:  # (not a later write of the same key)
+                if self._queued.get(key) is done:  # (not a later write of the same key)
                     self._queued.pop(key, None)
 
         fut.add_done_callback(committed)
@@ -394,7 +415,7 @@ class Tiers:
             got = self._read_disk_one(prom.key, prom.ns.page_view(prom.page.slot), prom.ns.geometry, loop)
             if got is None:
                 break
-            self._read_done(prom, got)
+            self._read_done(prom, got, in_page_cache=True)
             inline += 1
         self.counters["promoted_disk_inline"] += inline
         rest = proms[inline:]
@@ -440,9 +461,11 @@ class Tiers:
             return False
         return got
 
-    def _read_done(self, prom: Promotion, got: tuple[PageMeta, int] | bool) -> None:
+    def _read_done(
+        self, prom: Promotion, got: tuple[PageMeta, int] | bool, in_page_cache: bool = False
+    ) -> None:
         prom.read_ok = bool(got)
-        prom.verified = got if isinstance(got, tuple) else None
+        prom.verified = Verified(got[0], got[1], in_page_cache) if isinstance(got, tuple) else None
         if prom.parent is None or prom.parent.ok is not None:
             self._settle(prom)
 
@@ -495,7 +518,11 @@ class Tiers:
         for fut in prom._waiters:
             if not fut.done():
                 fut.set_result(ok)
-        for child in prom.children:
+        children = prom.children
+        # Settled: drop the links of the chain (parent <-> children is a reference cycle,
+        # which would leave every chain to the garbage collector instead of freeing it here).
+        prom.parent, prom.children, prom.pins = None, [], []
+        for child in children:
             if child.read_ok is not None:
                 self._settle(child)
 

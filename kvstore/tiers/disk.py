@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 
 from .disk_index import DiskIndex
 from .disk_writer import BatchLimits, Dbs, DiskWriteError, DiskWriter
@@ -45,6 +46,14 @@ log = logging.getLogger(__name__)
 __all__ = ["NOT_RESIDENT", "DiskTier", "DiskWriteError", "headroom_bytes"]
 
 NOT_RESIDENT = object()  # read_record_into(resident_only=True): not in the page cache
+
+
+def _copy_off_the_gil(dst: memoryview, src: memoryview) -> None:
+    """Copy with the GIL released (numpy drops it for copies this size). A memoryview copy
+    holds it, and a reader thread that never lets go of the GIL outside LMDB calls starves
+    the writer thread: with a few readers busy, every GIL hand-off went to another reader and
+    writes stalled for good (tests/test_tiers_disk.py::test_readers_during_eviction_...)."""
+    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
 
 
 def headroom_bytes(capacity_bytes: int) -> int:
@@ -295,7 +304,10 @@ class DiskTier:
                     raise CorruptPage(
                         key, f"payload is {len(payload)} bytes, the metadata says {meta.page_bytes}"
                     )
-                dst[:] = payload
+                if resident_only:
+                    dst[:] = payload
+                else:  # (off the loop: numpy's copy lets go of the GIL; see _copy_off_the_gil)
+                    _copy_off_the_gil(dst, payload)
             verify(key, meta, crc, dst, body)  # the copy, after the transaction: what the caller gets
         except CorruptPage as e:
             raise self._corrupt(e) from None
