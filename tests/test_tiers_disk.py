@@ -346,8 +346,9 @@ def test_flush_reports_failed_batches(tier_dir: Path) -> None:
 
 def test_reads_on_the_loop_happen_only_from_the_page_cache(tier_dir: Path) -> None:
     """`read_record_into(resident_only=True)` (what a lookup uses on the event loop) copies a
-    record only when its payload is in the OS page cache; otherwise it reads nothing and
-    counts nothing, so the copy never waits for the device. Pages dropped from the cache (fsynced, then
+    record only when its payload is in the OS page cache; otherwise it reports NOT_RESIDENT
+    and counts nothing (the buffer may hold part of it), so the copy never waits for the
+    device: by `mincore` first, then by `preadv2(RWF_NOWAIT)` once its offset is known. Pages dropped from the cache (fsynced, then
     POSIX_FADV_DONTNEED) are reported NOT_RESIDENT; after a normal read brought one back it is
     read at once. (readahead=False: with the kernel's read-around, faulting the B-tree pages
     of a tiny map pulls the whole file back in, and this test would have nothing to see.)"""
@@ -371,6 +372,13 @@ def test_reads_on_the_loop_happen_only_from_the_page_cache(tier_dir: Path) -> No
         assert got is not NOT_RESIDENT and out == payload(20)
         meta, crc = got
         assert meta.block_hash == key(20).block_hash and crc == rec(20).checksum  # what it verified against
+        assert disk._cached.direct  # from now on one preadv2(RWF_NOWAIT) a read (Linux)
+        assert disk.read_record_into(key(21), out, resident_only=True) is NOT_RESIDENT
+        assert disk.stats()["hits"] == 2
+        assert disk.read_into(key(21), out) is not None  # faults it in
+        out[:] = bytes(PAGE)
+        assert disk.read_record_into(key(21), out, resident_only=True) is not NOT_RESIDENT
+        assert out == payload(21)
         assert disk.read_record_into(key(99), out, resident_only=True) is None  # a miss is a miss
     heap = memoryview(bytearray(3 * 4096))  # touched heap memory is resident
     assert resident(heap[100:9000])

@@ -39,7 +39,7 @@ import numpy as np
 from .disk_index import DiskIndex
 from .disk_writer import BatchLimits, Dbs, DiskWriteError, DiskWriter
 from .record import META_HEAD_BYTES, CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
-from .residency import resident
+from .residency import PageCacheCopier
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class DiskTier:
         self._writer = writer
         # For aget/aread_into; its threads start on first use.
         self._readers = cf.ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-read")
+        # Reads on the event loop copy only from the page cache through this (residency.py).
+        self._cached = PageCacheCopier(str(path / "data.mdb"), env.stat()["psize"])
         self._closed = False
 
     @classmethod
@@ -207,6 +209,7 @@ class DiskTier:
             return
         self._readers.shutdown(wait=True)
         self._env.close()
+        self._cached.close()
 
     def __enter__(self) -> DiskTier:
         return self
@@ -290,10 +293,6 @@ class DiskTier:
                 if meta_raw is None or payload is None:
                     self._index.count("misses")
                     return None
-                # (The meta value lives in a B-tree leaf page that get() has touched already;
-                # the payload is in overflow pages that nothing has touched yet.)
-                if resident_only and not resident(payload):
-                    return NOT_RESIDENT
                 meta, crc = decode_meta(key, meta_raw)
                 body = bytes(meta_raw[META_HEAD_BYTES:])  # as stored (decode_meta checked its lengths)
                 if dst is None:
@@ -304,8 +303,9 @@ class DiskTier:
                     raise CorruptPage(
                         key, f"payload is {len(payload)} bytes, the metadata says {meta.page_bytes}"
                     )
-                if resident_only:
-                    dst[:] = payload
+                if resident_only:  # (on the loop: only from the page cache, residency.py)
+                    if not self._cached.copy(payload, dst):
+                        return NOT_RESIDENT
                 else:  # (off the loop: numpy's copy lets go of the GIL; see _copy_off_the_gil)
                     _copy_off_the_gil(dst, payload)
             verify(key, meta, crc, dst, body)  # the copy, after the transaction: what the caller gets

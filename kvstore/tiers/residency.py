@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 
 import numpy as np
 
@@ -51,3 +52,79 @@ def resident(view: memoryview) -> bool:
         return False  # (ENOMEM: not mapped; treat as "would block")
     # Bit 0 of each byte: resident; the other bits are reserved (0).
     return vec.raw.count(1) == pages
+
+
+class PageCacheCopier:
+    """Copy a slice of an LMDB map into a buffer only if it is all in the OS page cache:
+    `copy(src, dst)` -> True (copied), False (not cached; `dst` may hold part of it).
+
+    One `preadv2(RWF_NOWAIT)` on the data file at the slice's file offset: the kernel copies
+    from the page cache or refuses, with no `mincore` before a memcpy. That is half the
+    cost alone (2 vs 4 us for 32 KiB here) and, under load, much less than `mincore`, which
+    takes the process's memory-map lock that every thread's allocations contend for (18 us a
+    call in the daemon under the tiers' load benchmark).
+
+    The file offset is the slice's address less the map's base address; LMDB does not tell
+    it, so the first copy finds it from the overflow page header just before the payload
+    (its page number) and checks it: the bytes read at that offset must equal the slice.
+    If they do not, or `RWF_NOWAIT` is not supported, it falls back to `resident` + memcpy
+    for good. A wrong offset can therefore never hand back other bytes (and the caller
+    verifies a checksum over what it copied anyway)."""
+
+    def __init__(self, path: str, page_size: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._psize = page_size
+        self._base: int | None = None
+        self._nowait = getattr(os, "RWF_NOWAIT", None) is not None and hasattr(os, "preadv")
+
+    @property
+    def direct(self) -> bool:
+        """True once copies go through `preadv2(RWF_NOWAIT)` (the base address is known)."""
+        return self._nowait and self._base is not None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def copy(self, src: memoryview, dst: memoryview) -> bool:
+        if not self._nowait:
+            return self._copy_checked(src, dst)
+        addr = np.frombuffer(src, np.uint8).ctypes.data
+        base = self._base
+        if base is None:
+            return self._find_base(addr, src, dst)
+        try:
+            n = os.preadv(self._fd, [dst], addr - base, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:  # (EOPNOTSUPP on a file system without it)
+            self._nowait = False
+            return self._copy_checked(src, dst)
+        return n == dst.nbytes
+
+    @staticmethod
+    def _copy_checked(src: memoryview, dst: memoryview) -> bool:
+        if not resident(src):
+            return False
+        dst[:] = src
+        return True
+
+    def _find_base(self, addr: int, src: memoryview, dst: memoryview) -> bool:
+        if not self._copy_checked(src, dst):
+            return False  # (find it with a cached one)
+        # LMDB's page header (16 bytes) ends where an overflow value begins; it starts with
+        # the page number (u64). LMDB touched that page to find the value, so reading it
+        # cannot block.
+        pgno = int.from_bytes(ctypes.string_at(addr - 16, 8), "little")
+        base = addr - (pgno * self._psize + 16)
+        check = bytearray(dst.nbytes)
+        try:
+            n = os.preadv(self._fd, [check], addr - base, os.RWF_NOWAIT)
+        except OSError:
+            n = -1
+        if n == dst.nbytes and check == dst:
+            self._base = base
+        else:
+            self._nowait = False
+        return True
