@@ -8,7 +8,7 @@ Layer-level (kvstore.tiers.DiskTier in this process, no daemon), on the file sys
   fsync), into a fresh environment. Baseline: the same bytes written to a fresh plain file
   page by page, then `os.fsync`. writeback_ratio = tier GB/s / file GB/s (goal >= 0.5).
 - promotion: `read_into` of every page (one LMDB read transaction, copy into a preallocated
-  buffer, CRC-32 check of the copy) on 1 thread (and, informational, on 2 threads). Baseline: `readinto` of the same bytes
+  buffer, checksum (XXH3-64) check of the copy) on 1 thread (and, informational, on 2 threads). Baseline: `readinto` of the same bytes
   from the plain file, page by page. Both warm-cache: dropping the page cache needs root,
   so both sides read from the page cache (this is the CPU cost of promotion, not the
   disk's). promotion_ratio = tier GB/s / file GB/s.
@@ -96,7 +96,7 @@ def measure(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     n, page_bytes = args.pages, args.page_kib << 10
     nbytes = n * page_bytes
     capacity = max(4 * nbytes, 64 << 20)
-    progress("building %d records of %d KiB (%d MiB) with CRC-32", n, args.page_kib, nbytes >> 20)
+    progress("building %d records of %d KiB (%d MiB) with XXH3-64 checksums", n, args.page_kib, nbytes >> 20)
     t0 = time.perf_counter()
     records = _records(n, page_bytes)
     checksum_gbps = nbytes / (time.perf_counter() - t0) / 1e9
@@ -150,7 +150,7 @@ def measure(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         "repeat": args.repeat,
         "batch_records": args.batch,
         "writemap": args.writemap,
-        "checksum": "crc32 (zlib)",
+        "checksum": "xxh3_64 (xxhash)",
         "checksum_gbps": round(checksum_gbps, 3),
         "writeback_gbps": g["tier_write"],
         "file_write_fsync_gbps": g["file_write"],
@@ -201,7 +201,7 @@ def _tier_read(disk: DiskTier, keys: list[PageKey], buf: bytearray) -> float:
 def _tier_read_parallel(
     disk: DiskTier, keys: list[PageKey], bufs: list[bytearray], pool: cf.ThreadPoolExecutor
 ) -> float:
-    # READERS threads, each its own buffer: CRC-32 and LMDB release the GIL, the copy does not.
+    # READERS threads, each its own buffer: LMDB and the reader-thread copy release the GIL.
     def part(j: int) -> None:
         for k in keys[j::READERS]:
             if disk.read_into(k, bufs[j]) is None:
@@ -266,7 +266,7 @@ def format_text(r: dict[str, Any]) -> str:
         f"  promotion on {r['promotion_parallel_threads']} threads {r['promotion_parallel_gbps']:.3f} GB/s",
         f"  re-index {r['reindex_pages']:,} pages in {r['reindex_s']:.2f}s -> reindex_100k_s {r['reindex_100k_s']:.2f}"
         f" (goal < {r['reindex_goal_s']:.0f} s: {'met' if r['reindex_goal_met'] else 'MISSED'})",
-        f"  checksum (CRC-32) {r['checksum_gbps']:.2f} GB/s while building records",
+        f"  checksum (XXH3-64) {r['checksum_gbps']:.2f} GB/s while building records",
         *tiers_store.format_text(r["store_level"]),
     ]
     return "\n".join(lines)

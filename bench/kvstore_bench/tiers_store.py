@@ -9,7 +9,7 @@ lookup, load the prefix, prefill the question, store its KV) on a daemon with a 
 - pool:      the prefix's pages are in the pool (an untimed lookup brings them up first);
 - disk:      `flush()` then `evict(all=True)`: every page is out of the pool and only on disk
              (LMDB; warm page cache, dropping it needs root); the timed lookup promotes the
-             pages from disk (read + CRC-32 check into the pool) before the model runs;
+             pages from disk (read + checksum check into the pool) before the model runs;
 - recompute: the model alone on the whole input (no kvstore).
 
 Sides interleaved, order rotated per repeat, one warmup; each repeat its own question; the
