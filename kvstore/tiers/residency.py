@@ -1,4 +1,5 @@
-"""Whether bytes of a file mapping are in the OS page cache, so reading them cannot block.
+"""Reading LMDB's map on the event loop only when it cannot block: `PageCacheCopier` (below)
+copies a record from the OS page cache or refuses; `resident` asks `mincore(2)`.
 
 The disk tier reads LMDB through its memory map. A record whose pages are resident is a
 memcpy away (microseconds), cheaper to copy on the event loop than to hand to a reader
@@ -7,10 +8,11 @@ device and must go to a thread. `mincore(2)` answers which, per 4 KiB page, with
 touching the bytes. Where it is not available (not Linux, no libc), everything counts as
 not resident and reads keep going to the threads.
 
-What it cannot see: LMDB finds the payload's address by walking its B-tree, and that walk
-touches a few small branch/leaf pages before we can ask. Those are the hottest pages of the
-map (every read and write walks them), so they are resident in practice; the check covers
-the payload, which is the bulk of a read.
+What neither can see: LMDB finds the payload's address by walking its B-tree, and that walk
+touches a few small branch/leaf pages before we can ask; those are the hottest pages of the
+map, resident in practice. It also reads the header of the payload's first overflow page
+inside `get()`: for a record that is not cached, that one 4 KiB page comes from the device
+on the loop, and with read-ahead on, its neighbours with it (docs/tiers.md, "Promotion").
 """
 
 from __future__ import annotations
