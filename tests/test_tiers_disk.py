@@ -382,3 +382,20 @@ def test_reads_on_the_loop_happen_only_from_the_page_cache(tier_dir: Path) -> No
         assert disk.read_record_into(key(99), out, resident_only=True) is None  # a miss is a miss
     heap = memoryview(bytearray(3 * 4096))  # touched heap memory is resident
     assert resident(heap[100:9000])
+
+
+def test_reads_on_the_loop_of_small_and_large_records(tier_dir: Path) -> None:
+    """Records small enough to live in LMDB's leaf pages (no overflow page header to find the
+    map's base from) read on the loop too, before and after large ones taught the tier the
+    file offsets; every copy is the record's bytes."""
+    small = [rec(i, size=1024) for i in range(8)]
+    large = [rec(i, size=PAGE) for i in range(8, 16)]
+    with DiskTier.open(tier_dir, 64 << 20) as disk:
+        assert disk.put_async(small + large).result(10) == []
+        for r in [*small, *large, *small]:
+            out = bytearray(r.meta.page_bytes)
+            got = disk.read_record_into(r.key, out, resident_only=True)
+            assert isinstance(got, tuple) and out == payload(
+                int.from_bytes(r.key.block_hash, "little"), len(out)
+            )
+        assert disk._cached.direct  # the large ones gave it the base: preadv2 from then on

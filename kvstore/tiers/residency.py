@@ -95,12 +95,14 @@ class PageCacheCopier:
         addr = np.frombuffer(src, np.uint8).ctypes.data
         base = self._base
         if base is None:
+            if src.nbytes <= self._psize // 2:  # (in a leaf page, not an overflow page)
+                return self._copy_checked(src, dst)
             return self._find_base(addr, src, dst)
         try:
             n = os.preadv(self._fd, [dst], addr - base, os.RWF_NOWAIT)
         except BlockingIOError:
             return False
-        except OSError:  # (EOPNOTSUPP on a file system without it)
+        except (OSError, OverflowError):  # (EOPNOTSUPP on a file system without it)
             self._nowait = False
             return self._copy_checked(src, dst)
         return n == dst.nbytes
@@ -115,15 +117,16 @@ class PageCacheCopier:
     def _find_base(self, addr: int, src: memoryview, dst: memoryview) -> bool:
         if not self._copy_checked(src, dst):
             return False  # (find it with a cached one)
-        # LMDB's page header (16 bytes) ends where an overflow value begins; it starts with
-        # the page number (u64). LMDB touched that page to find the value, so reading it
-        # cannot block.
+        # LMDB's page header (16 bytes) ends where an overflow value (one larger than half a
+        # page) begins; it starts with the page number (u64). LMDB touched that page to find
+        # the value, so reading it cannot block. Values in leaf pages (smaller ones) have no
+        # header of their own, but once the base is known their offset is found the same way.
         pgno = int.from_bytes(ctypes.string_at(addr - 16, 8), "little")
         base = addr - (pgno * self._psize + 16)
         check = bytearray(dst.nbytes)
         try:
             n = os.preadv(self._fd, [check], addr - base, os.RWF_NOWAIT)
-        except OSError:
+        except (OSError, OverflowError):
             n = -1
         if n == dst.nbytes and check == dst:
             self._base = base
