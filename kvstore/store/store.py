@@ -644,9 +644,28 @@ class Store:
             if session is not None:
                 first = pages[0].block_hash if pages else first_miss
                 remember_lookup(session.mrc_lookups, first or b"", touched)
+        # A pin's references on the resident pages are taken first: they also keep those
+        # pages from being evicted while promotions make room (no second hold to take and
+        # drop, each a trip through the policy).
+        pinning = pin and bool(pages)
+        if pinning:
+            for page in pages:
+                ns.ref(page)
         proms: list[Promotion] = []
+        up: list[Page] = []
         if ns.tiers is not None:
-            proms = self._promote(ns, pages, first_miss, hashes)
+            try:
+                up, proms = self._promote(ns, pages, first_miss, hashes, held_already=pinning)
+            except BaseException:
+                if pinning:
+                    for page in pages:
+                        ns.unref(page)
+                raise
+            if up:  # sealed from a tier just now: resident pages of the hit from here on
+                pages += up
+                if not pin:
+                    for page in up:
+                        ns.unref(page)  # (the reference _promote handed over; a pin keeps it)
         hit = (len(pages) + len(proms)) * T
         ns.lookups += 1
         ns.hit_tokens += hit
@@ -661,8 +680,6 @@ class Store:
         pin_id = 0
         if pin and hit:
             assert session is not None
-            for page in pages:
-                ns.ref(page)
             pinned = Pin(self._new_id(session), session.id, ns, list(pages))
             for prom in proms:
                 if prom.ok:
@@ -693,19 +710,26 @@ class Store:
         ns.miss_tokens += lost
         return LookupResult(r.hit_tokens - lost, slots, hashes, r.pin_id, len(slots), [], r.namespace)
 
-    def _promote(self, ns: Namespace, pages: list[Page], first_miss: bytes | None, rest) -> list[Promotion]:
-        """Continue a lookup below the pool: start promoting the blocks after the pool hits
+    def _promote(
+        self, ns: Namespace, pages: list[Page], first_miss: bytes | None, rest, held_already: bool
+    ) -> tuple[list[Page], list[Promotion]]:
+        """Continue a lookup below the pool: bring up the blocks after the pool hits
         (`first_miss` and then `rest`) while a tier holds them and the pool can make room.
-        With every full page hit, prefetch the pages that followed last time."""
+        With every full page hit, prefetch the pages that followed last time. `held_already`:
+        the caller holds a reference on each of `pages` through this call.
+
+        Returns (pages sealed at once, each with a reference the caller now owns; then the
+        promotions still in flight, which the hit continues with)."""
         tiers = ns.tiers
         assert tiers is not None
         if first_miss is None and (
             not pages or not tiers.prefetch_pages or tiers.successor(ns.name, pages[-1].block_hash) is None
         ):
-            return []  # every page hit in the pool and nothing followed them last time
-        held = list(pages)  # resident pages of the chain: kept from eviction while we make room
-        for page in held:
+            return [], []  # every page hit in the pool and nothing followed them last time
+        held = [] if held_already else list(pages)  # resident pages of the chain: kept from
+        for page in held:  # eviction while we make room
             ns.ref(page)
+        up: list[Page] = []  # sealed at once; their references are the caller's
         proms: list[Promotion] = []
         tiers.begin_reads()
         try:
@@ -714,11 +738,15 @@ class Store:
             last_hash = pages[-1].block_hash if pages else None
             walk = [] if first_miss is None else itertools.chain([first_miss], rest)
             for block_hash in walk:
-                prom = self._promote_one(ns, block_hash, parent_page, parent_prom)
-                if prom is None or prom.ok is False:
+                got = self._promote_one(ns, block_hash, parent_page, parent_prom)
+                if not got:
                     break
-                proms.append(prom)
-                parent_page, parent_prom, last_hash = self._chain_step(ns, prom, held)
+                if isinstance(got, Page):
+                    up.append(got)
+                    parent_page, last_hash = got, block_hash
+                    continue
+                proms.append(got)
+                parent_page, parent_prom, last_hash = self._chain_step(ns, got, held)
             else:
                 # Every full page of the prompt hit: bring up what followed it last time.
                 for _ in range(tiers.prefetch_pages if last_hash is not None else 0):
@@ -731,22 +759,30 @@ class Store:
                         held.append(resident)
                         parent_page, parent_prom, last_hash = resident, None, nxt
                         continue
-                    prom = self._promote_one(ns, nxt, parent_page, parent_prom)
-                    if prom is None or prom.ok is False:
+                    got = self._promote_one(ns, nxt, parent_page, parent_prom)
+                    if not got:
                         break
                     tiers.counters["prefetched"] += 1
-                    parent_page, parent_prom, last_hash = self._chain_step(ns, prom, held)
+                    if isinstance(got, Page):  # not part of the hit: held only while we walk
+                        held.append(got)
+                        parent_page, parent_prom, last_hash = got, None, nxt
+                        continue
+                    parent_page, parent_prom, last_hash = self._chain_step(ns, got, held)
+        except BaseException:
+            for page in up:
+                ns.unref(page)
+            raise
         finally:
             tiers.end_reads()
             for page in held:
                 ns.unref(page)
-        return proms
+        return up, proms
 
     @staticmethod
     def _chain_step(
         ns: Namespace, prom: Promotion, held: list[Page]
     ) -> tuple[Page | None, Promotion | None, bytes]:
-        if prom.ok:  # settled at once (host tier): resident from here on
+        if prom.ok:  # settled already: resident from here on
             ns.ref(prom.sealed)
             held.append(prom.sealed)
             return prom.sealed, None, prom.key.block_hash
@@ -755,12 +791,14 @@ class Store:
     @staticmethod
     def _promote_one(
         ns: Namespace, block_hash: bytes, parent_page: Page | None, parent_prom: Promotion | None
-    ) -> Promotion | None:
+    ) -> Page | Promotion | None:
+        """One block below the pool: the page sealed at once (Tiers.promote_now), a promotion
+        in flight, or None (no tier holds it, the pool cannot make room, or it failed)."""
         tiers = ns.tiers
         assert tiers is not None
         prom = tiers.promoting.get(PageKey(ns.name, block_hash))
         if prom is not None:
-            return prom  # another lookup is bringing it up: join it
+            return prom if prom.ok is not False else None  # another lookup is bringing it up: join it
         source = tiers.holds(ns, block_hash)
         if source is None:
             return None
@@ -772,7 +810,12 @@ class Store:
             source = tiers.holds(ns, block_hash)
             if source is None:
                 return None
-        return tiers.promote(ns, block_hash, parent_page, parent_prom, source)
+        if parent_prom is None:  # (a page in flight before it: this one waits for it too)
+            page = tiers.promote_now(ns, block_hash, parent_page, source)
+            if page is not None:
+                return page or None
+        prom = tiers.promote(ns, block_hash, parent_page, parent_prom, source)
+        return prom if prom.ok is not False else None
 
     def pin_progress(self, sid: int, pin_id: int) -> tuple[list[int], int, Promotion | None]:
         """(slots of the pages ready, pages in the pin, the first page still in flight or None)."""

@@ -368,6 +368,69 @@ class Tiers:
             self._read_disk(prom)
         return prom
 
+    def promote_now(
+        self, ns: Namespace, block_hash: bytes, parent_page: Page | None, source: str
+    ) -> Page | bool | None:
+        """Bring one page up at once when nothing has to wait for it: from the host tier, or
+        from disk when its record has committed and its bytes are in the OS page cache (read
+        here, on the loop). The caller has made room for one page, and `parent_page` is
+        resident. Returns the sealed page, with one reference that is now the caller's;
+        False if its record failed verification or is gone (the hit ends there); None if it
+        has to wait (a write not yet committed, bytes not in the page cache): nothing was
+        done, start a `promote`. The common case of a lookup that continues below the pool,
+        without a `Promotion` to track, settle and wait for."""
+        key = PageKey(ns.name, block_hash)
+        disk = self.disk
+        in_page_cache = False
+        if source == "host":
+            page = ns.reserve(PROMOTING_OWNER)
+            try:
+                got: Any = self.host.read_record_into(key, ns.page_view(page.slot))  # type: ignore[union-attr]
+            except (CorruptPage, ValueError) as e:
+                log.warning("promotion of %s from host failed: %s", key, e)
+                got = None
+        else:
+            assert disk is not None
+            if key in self._queued:
+                return None  # its write first: a reader thread waits for it
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (tools, tests of the store alone): read here
+                loop = None
+            page = ns.reserve(PROMOTING_OWNER)
+            got = self._read_disk_one(key, ns.page_view(page.slot), ns.geometry, loop)
+            if got is None:  # not in the page cache: a reader thread reads it
+                ns.free_reserved(page)
+                return None
+            in_page_cache = loop is not None
+        if not isinstance(got, tuple):
+            ns.free_reserved(page)
+            self._failed(ns, key, source)
+            return False
+        existing = ns.index.get(block_hash)
+        if existing is not None:  # (cannot happen from a lookup's walk; kept for any caller)
+            ns.free_reserved(page)
+            ns.ref(existing)
+            return existing
+        page.block_hash = block_hash
+        ns.seal(page, parent_page)  # refcount 1: the caller's
+        page.verified = Verified(got[0], got[1], in_page_cache)
+        self.counters["promoted_" + source] += 1
+        self.counters["promoted_disk_inline"] += in_page_cache
+        return page
+
+    def _failed(self, ns: Namespace, key: PageKey, source: str) -> None:
+        """A promotion's record failed verification or was gone: counted, and remembered for
+        Explain when no tier holds the page any more."""
+        self.counters["promotion_failures"] += 1
+        if self.holds(ns, key.block_hash) is None:
+            self._lost(
+                key,
+                f"{source} tier",
+                f"promotion from the {source} tier failed: corrupt or missing record",
+                "corrupt",
+            )
+
     def _read_host(self, prom: Promotion) -> tuple[PageMeta, int] | bool:
         assert self.host is not None
         try:
@@ -502,14 +565,8 @@ class Tiers:
             ns.free_reserved(page)
             for pin in prom.pins:
                 pin.pending.remove(prom)
-            self.counters["promotion_failures"] += prom.read_ok is False
-            if prom.read_ok is False and self.holds(ns, prom.key.block_hash) is None:
-                self._lost(
-                    prom.key,
-                    f"{prom.source} tier",
-                    f"promotion from the {prom.source} tier failed: corrupt or missing record",
-                    "corrupt",
-                )
+            if prom.read_ok is False:
+                self._failed(ns, prom.key, prom.source)
         if prom.parent is not None and prom.parent.sealed is not None:
             ns.unref(prom.parent.sealed)  # the reference our parent's holders count gave us
         if prom.parent_page is not None:

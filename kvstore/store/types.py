@@ -4,6 +4,7 @@ from protobuf; nothing here knows about grpc."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 # Element sizes of the dtypes a namespace may use (names follow torch).
@@ -36,18 +37,20 @@ class NamespaceSpec:
     salt: bytes = b""  # empty = derived from the name (see docs/hashing.md)
     model_fingerprint: str = ""
 
-    @property
+    # (cached: the store asks for these several times per page it moves; a frozen
+    # dataclass's fields never change, and cached_property writes past its __setattr__)
+    @cached_property
     def page_shape(self) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, self.page_tokens, self.num_kv_heads, self.head_dim)
 
-    @property
+    @cached_property
     def page_bytes(self) -> int:
         n = DTYPE_BYTES[self.dtype]
         for dim in self.page_shape:
             n *= dim
         return n
 
-    @property
+    @cached_property
     def page_stride(self) -> int:
         return -(-self.page_bytes // PAGE_ALIGN) * PAGE_ALIGN
 

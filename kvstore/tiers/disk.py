@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["NOT_RESIDENT", "DiskTier", "DiskWriteError", "headroom_bytes"]
 
+DECODED_REMEMBERED = 16384  # decoded metadata kept (~0.5 KiB each)
 NOT_RESIDENT = object()  # read_record_into(resident_only=True): not in the page cache
 
 
@@ -90,6 +91,10 @@ class DiskTier:
         self._readers = cf.ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-read")
         # Reads on the event loop copy only from the page cache through this (residency.py).
         self._cached = PageCacheCopier(str(path / "data.mdb"), env.stat()["psize"])
+        # Metadata decoded by earlier reads: key -> (the stored bytes, meta, checksum, BODY).
+        # Used only while LMDB returns the very same bytes (a rewritten record decodes again);
+        # decoding is a third of a read's Python. Dict operations are atomic: any thread.
+        self._decoded: dict[PageKey, tuple[bytes, PageMeta, int, bytes]] = {}
         self._closed = False
 
     @classmethod
@@ -293,8 +298,7 @@ class DiskTier:
                 if meta_raw is None or payload is None:
                     self._index.count("misses")
                     return None
-                meta, crc = decode_meta(key, meta_raw)
-                body = bytes(meta_raw[META_HEAD_BYTES:])  # as stored (decode_meta checked its lengths)
+                meta, crc, body = self._decode(key, bytes(meta_raw))
                 if dst is None:
                     dst = memoryview(bytearray(meta.page_bytes))
                 elif dst.nbytes != meta.page_bytes:
@@ -313,6 +317,19 @@ class DiskTier:
             raise self._corrupt(e) from None
         self._index.hit(key)
         return meta, dst, crc
+
+    def _decode(self, key: PageKey, raw: bytes) -> tuple[PageMeta, int, bytes]:
+        """decode_meta, remembered while the stored bytes stay the same; also the BODY bytes
+        as stored (the checksum is over them)."""
+        known = self._decoded.get(key)
+        if known is not None and known[0] == raw:
+            return known[1], known[2], known[3]
+        meta, crc = decode_meta(key, raw)
+        body = raw[META_HEAD_BYTES:]  # (decode_meta checked the lengths)
+        if len(self._decoded) >= DECODED_REMEMBERED:
+            self._decoded.clear()  # (a bound, not a policy: re-decoding is cheap)
+        self._decoded[key] = (raw, meta, crc, body)
+        return meta, crc, body
 
     def _corrupt(self, e: CorruptPage) -> CorruptPage:
         """Count and drop a corrupt record; returns the error for the caller to raise."""

@@ -70,7 +70,9 @@ class PageCacheCopier:
     it, so the first copy finds it from the overflow page header just before the payload
     (its page number) and checks it: the bytes read at that offset must equal the slice.
     If they do not, or `RWF_NOWAIT` is not supported, it falls back to `resident` + memcpy
-    for good. A wrong offset can therefore never hand back other bytes (and the caller
+    for good. (For a page that is not cached, the kernel starts its readahead and refuses the
+    read unless that I/O is already complete when it looks, as on a virtual disk backed by the
+    host's page cache: either way the loop does not wait for the device.) A wrong offset can therefore never hand back other bytes (and the caller
     verifies a checksum over what it copied anyway)."""
 
     def __init__(self, path: str, page_size: int) -> None:
