@@ -109,3 +109,48 @@ def test_demotion_of_a_page_promoted_from_disk(tmp_path: Path, drop_page_cache: 
         assert got["first_read"] == (1, [True])
         assert got["corrupt"] == 1
     assert got["second_read"] == (4, [True] * 4)  # from disk, as written
+
+
+@pytest.mark.parametrize("below", ["host", "disk"])
+def test_pages_brought_up_at_once_need_no_waiting_and_leak_no_references(tmp_path: Path, below: str) -> None:
+    """From the host tier, or from disk through the page cache, a lookup seals the pages in
+    place (Tiers.promote_now): nothing in flight, every page ready in the reply; a pin holds
+    exactly the pages of its hit and releasing it (or not pinning) leaves none held."""
+
+    async def run() -> None:
+        disk = DiskTier.open(tmp_path / "disk", 16 << 20) if below == "disk" else None
+        tiers = Tiers(HostTier(8 * PB) if below == "host" else None, disk)
+        store = Store(StoreLimits(), f"kvt-{uuid.uuid4().hex[:8]}-", tiers=tiers)
+        try:
+            store.create_namespace(SPEC)
+            ns = store.namespace("t")
+            sid = store.open_session("test", 60).session_id
+            tokens = list(range(7, 7 + 4 * T))
+            seq, _ = store.allocate(sid, "t", 0, b"")
+            for ref in store.append(sid, seq, tokens).pages:
+                ns.page_view(ref.slot)[:] = content(tokens, ref.index)
+            store.commit(sid, seq, len(tokens))
+            store.release_sequence(sid, seq)
+            store.evict_prefix("t", tokens[: 2 * T], b"")  # pages 1..3 below, page 0 stays
+            if disk is not None:
+                _, flushed = tiers.flush([ns])
+                await asyncio.wrap_future(flushed)
+            assert len(ns.index) == 1 and ns.pages_pinned == 0
+
+            r = store.lookup(sid, "t", tokens, b"", True)
+            assert r.promotions == [] and r.ready_pages == 4 and r.hit_tokens == 4 * T
+            assert [bytes(ns.page_view(s)) == content(tokens, i) for i, s in enumerate(r.slots)] == [True] * 4
+            assert ns.pages_pinned == 4 and all(p.refcount == 1 for p in ns.index._pages.values())
+            store.release_pin(sid, r.pin_id)
+            assert ns.pages_pinned == 0 and len(ns.index) == 4
+
+            store.evict_prefix("t", tokens[: 2 * T], b"")
+            r = store.lookup(sid, "t", tokens, b"", False)  # unpinned: nothing stays held
+            assert r.hit_tokens == 4 * T and r.promotions == [] and r.pin_id == 0
+            assert ns.pages_pinned == 0 and len(ns.index) == 4 and ns.pages_reserved == 0
+            counted = tiers.counters["promoted_" + below]
+            assert counted == 6 and tiers.counters["promoted_disk_inline"] == (6 if disk else 0)
+        finally:
+            store.close()
+
+    asyncio.run(run())

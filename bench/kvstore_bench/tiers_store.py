@@ -16,10 +16,12 @@ Sides interleaved, order rotated per repeat, one warmup; each repeat its own que
 first token (argmax) of pool and disk must equal the recompute's. Medians reported, with
 disk/pool and recompute/disk ratios.
 
-Load (`load_with_and_without_tiers`): 16 client threads in this process, each its own
-session (`kvstore_client.connect`), run a shared-prefix workload (--load-warmup-requests
-unmeasured on the fresh daemon, then --load-seconds measured) against a
-daemon without tiers and one with a host tier and a disk tier, alternating, --load-rounds each.
+Load (`load_with_and_without_tiers`): a daemon without tiers and one with a host tier and a
+disk tier, both up at once, each driven by its own 16 client threads in this process (each
+client its own session, `kvstore_client.connect`) with a shared-prefix workload: first
+--load-warmup-requests unmeasured on each fresh daemon, then --load-rounds pairs of
+--load-seconds windows, one daemon loaded at a time while the other idles, order swapped
+every pair.
 A request: a prompt = one of 32 shared prefixes (8 pages; Zipf-like popularity) + one of 24
 suffixes of that prefix (4 pages); pinned `lookup` of the prompt (with tiers it promotes
 from below the pool), `allocate` + `append` (sealed pages come back CACHED), write the
@@ -27,8 +29,10 @@ WRITABLE pages through the mapping, `commit`, release both. 16-token pages of 32
 pool (768 pages) holds a quarter of the ~3,300 distinct pages, so it evicts all the time;
 with tiers evicted pages are demoted (host 16 MiB, then disk) and promoted back on a hit.
 Every thread runs the same seeded request stream on both daemons. Reported: requests/s
-(median of rounds), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio`
-= tiers requests/s / none requests/s (goal >= 0.95: tiers must not make throughput worse).
+(median of windows), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio`
+= the median over pairs of tiers requests/s / none requests/s (goal >= 0.95: tiers must not
+make throughput worse). Pairs, not separate rounds: on a shared VM the speed drifts by
++-25% over minutes, and windows seconds apart see the same machine.
 
 In-process store cost (`store_cost_in_process`, tiers_inproc.py): the same workload against
 the `Store` alone, no gRPC: microseconds of store work a request with and without tiers.
@@ -47,6 +51,7 @@ Two costs of a miss, each its own set of rounds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import tempfile
@@ -78,14 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-store-level", action="store_true", help="skip the store-level measurements")
     p.add_argument("--ttft-tokens", type=int, default=2048, help="prompt tokens for the TTFT (default 2048)")
     p.add_argument("--ttft-repeat", type=int, default=5, help="TTFT repeats; medians (default 5)")
-    p.add_argument("--load-seconds", type=float, default=10.0, help="seconds per load round (default 10)")
+    p.add_argument("--load-seconds", type=float, default=5.0, help="seconds per load window (default 5)")
     p.add_argument(
         "--load-warmup-requests",
         type=int,
         default=WARMUP_REQUESTS,
         help=f"unmeasured requests first on each fresh daemon (default {WARMUP_REQUESTS}, as in-process)",
     )
-    p.add_argument("--load-rounds", type=int, default=5, help="load rounds per daemon (default 5)")
+    p.add_argument("--load-rounds", type=int, default=8, help="pairs of load windows (default 8)")
     p.add_argument(
         "--load-prefill-us-per-token",
         type=float,
@@ -246,6 +251,7 @@ def _schedule(thread: int, n: int) -> list[int]:
 
 
 COUNTERS = ("done", "hit", "asked", "errors")
+REQUESTS_PER_CLIENT = 50_000  # each client's request stream (a client that gets through it stops)
 
 
 def _client_loop(
@@ -253,11 +259,13 @@ def _client_loop(
     prompts: list[list[int]],
     order: list[int],
     stop: threading.Event,
+    active: threading.Event,
     out: dict[str, Any],
     prefill_us_per_token: float = 0.0,
 ) -> None:
-    """One client: requests in `order` until `stop`; running totals in `out` (read live). With
-    `prefill_us_per_token`, each request then sleeps that long per token the lookup missed."""
+    """One client: requests in `order` while `active` is set, until `stop`; running totals in
+    `out` (read live; `busy` while a request is under way). With `prefill_us_per_token`, each
+    request then sleeps that long per token the lookup missed."""
     import kvstore_client
     from kvstore_client.errors import ResourceExhausted
 
@@ -265,10 +273,11 @@ def _client_loop(
         ns = client.namespace(LOAD_NS["name"])
         page = np.full(ns.pool.page_bytes, 7, np.uint8)
         out.pop("connected").wait(120)
-        out.pop("ready").wait()
         for i in order:
+            active.wait()
             if stop.is_set():
                 break
+            out["busy"] = True
             tokens = prompts[i]
             try:
                 with client.lookup(ns, tokens, pin=True) as found, client.allocate(ns) as seq:
@@ -282,65 +291,96 @@ def _client_loop(
                 out["done"] += 1
             except ResourceExhausted:
                 out["errors"] += 1
+            finally:
+                out["busy"] = False
     out["finished"] = True
 
 
-def _load_round(
-    target: str,
-    prompts: list[list[int]],
-    warmup_requests: int,
-    seconds: float,
-    daemon: BenchDaemon,
-    prefill_us_per_token: float = 0.0,
-) -> dict[str, Any]:
-    stop, ready = threading.Event(), threading.Event()
-    connected = threading.Barrier(CLIENTS + 1)
-    outs: list[dict[str, Any]] = [
-        {"ready": ready, "connected": connected} | dict.fromkeys(COUNTERS, 0) for _ in range(CLIENTS)
-    ]
-    threads = [
-        threading.Thread(
-            target=_client_loop,
-            args=(target, prompts, _schedule(t, 100_000), stop, outs[t], prefill_us_per_token),
+class _Side:
+    """One daemon and its 16 clients, which send requests only while `active` is set."""
+
+    def __init__(
+        self,
+        daemon: BenchDaemon,
+        prompts: list[list[int]],
+        schedules: list[list[int]],
+        stop: threading.Event,
+        prefill: float,
+    ):
+        self.daemon = daemon
+        self.active = threading.Event()
+        self.connected = threading.Barrier(CLIENTS + 1)
+        self.outs: list[dict[str, Any]] = [
+            {"connected": self.connected, "busy": False} | dict.fromkeys(COUNTERS, 0) for _ in range(CLIENTS)
+        ]
+        self.threads = [
+            threading.Thread(
+                target=_client_loop,
+                args=(
+                    daemon.target,
+                    prompts,
+                    schedules[t],
+                    stop,
+                    self.active,
+                    self.outs[t],
+                    prefill,
+                ),
+            )
+            for t in range(CLIENTS)
+        ]
+
+    def done(self) -> int:
+        return sum(o["done"] for o in self.outs)
+
+    def snapshot(self) -> tuple[float, ...]:
+        totals = tuple(sum(o[k] for o in self.outs) for k in COUNTERS)
+        return (
+            time.perf_counter(),
+            self.daemon.cpu_seconds(),
+            self_cpu_seconds(),
+            system_busy_seconds(),
+            *totals,
         )
-        for t in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    connected.wait(120)  # every client connected and mapped the pool
 
-    def snapshot() -> tuple[float, ...]:
-        totals = tuple(sum(o[k] for o in outs) for k in COUNTERS)
-        return (time.perf_counter(), daemon.cpu_seconds(), self_cpu_seconds(), system_busy_seconds(), *totals)
+    def pause(self) -> None:
+        """Stop sending and wait for the requests under way (so windows never overlap)."""
+        self.active.clear()
+        deadline = time.monotonic() + 60
+        while any(o["busy"] for o in self.outs):
+            if time.monotonic() > deadline:
+                raise BenchError("load clients did not finish their requests within 60 s")
+            time.sleep(0.001)
 
-    ready.set()
-    # A fresh daemon: its first requests are compulsory misses, and with tiers every distinct
-    # page is written below the pool once. Counted in requests, not seconds, so a slower
-    # machine is not measured earlier in that fill (3 s here once measured the disk tier's
-    # first writes: 0.15 ms a request of writer thread, 0.005 ms after it).
-    deadline = time.monotonic() + 300
-    while sum(o["done"] for o in outs) < warmup_requests:
-        if time.monotonic() > deadline or any(o.get("finished") for o in outs):
-            stop.set()
-            raise BenchError(f"the load did not get through {warmup_requests} warmup requests: {outs}")
-        time.sleep(0.05)
-    s0 = snapshot()
-    time.sleep(seconds)
-    s1 = snapshot()
-    stop.set()
-    for t in threads:
-        t.join(60)
-    wall, dcpu, mine, busy, done, hit, asked, errors = (b - a for a, b in zip(s0, s1, strict=True))
-    if done == 0 or not all(o.get("finished") for o in outs):
-        raise BenchError(f"a load client failed: {outs}")
-    return {
-        "requests_per_s": done / wall,
-        "hit_ratio": hit / max(1, asked),
-        "daemon_cpu_ms_per_request": 1e3 * dcpu / done,
-        "client_cpu_ms_per_request": 1e3 * mine / done,
-        "others_cpus": max(0.0, (busy - dcpu - mine) / wall),
-        "errors": errors,
-    }
+    def warm_up(self, requests: int) -> None:
+        # A fresh daemon: its first requests are compulsory misses, and with tiers every
+        # distinct page is written below the pool once. Counted in requests, not seconds, so a
+        # slower machine is not measured in that fill (3 s here once measured the disk tier's
+        # first writes: 0.15 ms a request of writer thread, 0.005 ms after it).
+        self.active.set()
+        deadline = time.monotonic() + 300
+        while self.done() < requests:
+            if time.monotonic() > deadline or any(o.get("finished") for o in self.outs):
+                raise BenchError(f"the load did not get through {requests} warmup requests: {self.outs}")
+            time.sleep(0.05)
+        self.pause()
+
+    def window(self, seconds: float) -> dict[str, Any]:
+        s0 = self.snapshot()
+        self.active.set()
+        time.sleep(seconds)
+        self.pause()
+        s1 = self.snapshot()
+        wall, dcpu, mine, busy, done, hit, asked, errors = (b - a for a, b in zip(s0, s1, strict=True))
+        if done == 0:
+            raise BenchError(f"no request finished in a {seconds:g}-s window: {self.outs}")
+        return {
+            "requests_per_s": done / wall,
+            "hit_ratio": hit / max(1, asked),
+            "daemon_cpu_ms_per_request": 1e3 * dcpu / done,
+            "client_cpu_ms_per_request": 1e3 * mine / done,
+            "others_cpus": max(0.0, (busy - dcpu - mine) / wall),
+            "errors": errors,
+        }
 
 
 def load_with_and_without_tiers(
@@ -350,9 +390,14 @@ def load_with_and_without_tiers(
     warmup_requests: int = WARMUP_REQUESTS,
     prefill_us_per_token: float = 0.0,
 ) -> dict[str, Any]:
+    """Both daemons up at once, each with its own 16 clients; after each one's warmup, `rounds`
+    pairs of `seconds`-long windows, one daemon loaded at a time (the other idle), the order
+    swapped every pair. Windows seconds apart see the same machine, so each pair's ratio
+    cancels this VM's drifts (separate daemons' rounds minutes apart varied by +-25%)."""
     import kvstore_client  # (torch: imported once here, not by 16 threads at once)
 
     prompts = _prompts()
+    schedules = [_schedule(t, REQUESTS_PER_CLIENT) for t in range(CLIENTS)]  # the same on both
     configs = {
         "none": {},
         "tiers": {
@@ -362,42 +407,71 @@ def load_with_and_without_tiers(
         },
     }
     per: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
-    tier_stats: dict[str, int] = {}
-    for r in range(rounds):
-        for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
-            with BenchDaemon([LOAD_NS], server=configs[name]) as daemon:
-                got = _load_round(
-                    daemon.target, prompts, warmup_requests, seconds, daemon, prefill_us_per_token
-                )
-                per[name].append(got)
-                if name == "tiers":
-                    with kvstore_client.connect(daemon.target) as client:
-                        t = client.stats().tiers
-                        tier_stats = {
-                            "demoted_pages": t.demoted_pages,
-                            "promoted_pages": t.promoted_pages,
-                            "host_pages": t.host_pages,
-                            "disk_pages": t.disk_pages,
-                            "promotion_failures": t.promotion_failures,
-                            "corrupt_pages": t.corrupt_pages,
-                        }
-            progress(
-                "load round %d%s, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, "
-                "others %.2f CPUs",
-                r + 1,
-                f" (prefill {prefill_us_per_token:g} us/missed token)" if prefill_us_per_token else "",
-                name,
-                got["requests_per_s"],
-                got["hit_ratio"],
-                got["daemon_cpu_ms_per_request"],
-                got["others_cpus"],
+    stop = threading.Event()
+    with contextlib.ExitStack() as stack:
+        sides = {
+            name: _Side(
+                stack.enter_context(BenchDaemon([LOAD_NS], server=cfg)),
+                prompts,
+                schedules,
+                stop,
+                prefill_us_per_token,
             )
+            for name, cfg in configs.items()
+        }
+        try:
+            for side in sides.values():
+                for th in side.threads:
+                    th.start()
+                side.connected.wait(120)  # every client connected and mapped the pool
+            for name, side in sides.items():
+                side.warm_up(warmup_requests)
+                progress("load %s: warmed up (%d requests)", name, side.done())
+            for r in range(rounds):
+                for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
+                    got = sides[name].window(seconds)
+                    per[name].append(got)
+                    progress(
+                        "load pair %d%s, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, "
+                        "others %.2f CPUs",
+                        r + 1,
+                        f" (prefill {prefill_us_per_token:g} us/missed token)"
+                        if prefill_us_per_token
+                        else "",
+                        name,
+                        got["requests_per_s"],
+                        got["hit_ratio"],
+                        got["daemon_cpu_ms_per_request"],
+                        got["others_cpus"],
+                    )
+            with kvstore_client.connect(sides["tiers"].daemon.target) as client:
+                t = client.stats().tiers
+                tier_stats = {
+                    "demoted_pages": t.demoted_pages,
+                    "promoted_pages": t.promoted_pages,
+                    "host_pages": t.host_pages,
+                    "disk_pages": t.disk_pages,
+                    "promotion_failures": t.promotion_failures,
+                    "corrupt_pages": t.corrupt_pages,
+                }
+        finally:
+            stop.set()
+            for side in sides.values():
+                side.active.set()  # (waiting clients see `stop` and leave)
+            for side in sides.values():
+                for th in side.threads:
+                    th.join(60)
+    if not all(o.get("finished") for side in sides.values() for o in side.outs):
+        raise BenchError("a load client failed")
+    pairs = [
+        t["requests_per_s"] / n["requests_per_s"] for n, t in zip(per["none"], per["tiers"], strict=True)
+    ]
 
     def med(name: str, key: str, digits: int = 3) -> float:
         return round(median([x[key] for x in per[name]]), digits)
 
     rps = {k: med(k, "requests_per_s", 1) for k in configs}
-    ratio = rps["tiers"] / rps["none"]
+    ratio = median(pairs)
     return {
         "miss_cost": (
             f"modeled prefill: {prefill_us_per_token:g} us of sleep per missed token"
@@ -406,9 +480,13 @@ def load_with_and_without_tiers(
         ),
         "prefill_us_per_token": prefill_us_per_token,
         "clients": CLIENTS,
-        "seconds_per_round": seconds,
+        "seconds_per_window": seconds,
         "warmup_requests": warmup_requests,
-        "rounds": rounds,
+        "pairs": rounds,
+        "method": (
+            "both daemons up, each with its own clients; per pair one window each, one daemon "
+            "loaded at a time, order swapped every pair; ratio = median of the pairs' ratios"
+        ),
         "workload": (
             f"{PREFIXES} prefixes x {PREFIX_PAGES} pages (Zipf-like), {SUFFIXES} suffixes x {SUFFIX_PAGES} "
             f"pages each; pool {LOAD_NS['num_pages']} pages of 32 KiB; request = pinned lookup + "
@@ -426,14 +504,10 @@ def load_with_and_without_tiers(
         "client_cpu_ms_per_request": {k: med(k, "client_cpu_ms_per_request") for k in configs},
         "others_cpus": {k: med(k, "others_cpus") for k in configs},
         "errors": {k: sum(x["errors"] for x in per[k]) for k in configs},
-        "rounds_requests_per_s": {k: [round(x["requests_per_s"], 1) for x in per[k]] for k in configs},
-        # Each round's two daemons ran back to back: their ratio cancels the machine's slower
-        # drifts (the ratio of medians above is the headline; this says how much it varies).
-        "rounds_tiers_vs_none": [
-            round(t["requests_per_s"] / n["requests_per_s"], 3)
-            for n, t in zip(per["none"], per["tiers"], strict=True)
-        ],
-        "tiers_daemon_stats_last_round": tier_stats,
+        "windows_requests_per_s": {k: [round(x["requests_per_s"], 1) for x in per[k]] for k in configs},
+        "pairs_tiers_vs_none": [round(x, 3) for x in pairs],
+        "ratio_of_medians": round(rps["tiers"] / rps["none"], 3),
+        "tiers_daemon_stats": tier_stats,
     }
 
 
@@ -468,6 +542,6 @@ def format_text(s: dict[str, Any] | None) -> list[str]:
             f"{ld['tiers_requests_per_s']:.0f} req/s (hit {ld['tiers_hit_ratio']:.2f}): "
             f"tiers_vs_none_throughput_ratio {ld['tiers_vs_none_throughput_ratio']:.3f} "
             f"(goal >= {ld['goal']}: {'met' if ld['goal_met'] else 'MISSED'}; rounds "
-            f"{', '.join(f'{x:.2f}' for x in ld.get('rounds_tiers_vs_none', []))})"
+            f"{', '.join(f'{x:.2f}' for x in ld.get('pairs_tiers_vs_none', []))})"
         )
     return lines

@@ -56,11 +56,14 @@ decoder models only (no sliding-window layers); batch size 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,7 +221,9 @@ def smollm2_missing() -> str | None:
 @functools.cache
 def load_smollm2() -> tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 (dequantized), eval mode; loaded
-    once per process (~20 s on 2 cores), offline."""
+    once per process, offline. The GGUF file is converted once per machine (~25 s on 2 cores)
+    into a cache directory (`smollm2_converted_dir`); every process then loads that (~3 s), so
+    all of them load the very same files."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -227,10 +232,57 @@ def load_smollm2() -> tuple[Any, Any]:
     d = find_smollm2()
     if d is None:
         raise FileNotFoundError(smollm2_missing())
-    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype="float32")
+    converted = smollm2_converted_dir(d)
+    if converted is None:  # (no writable cache directory: convert in memory, every time)
+        tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype="float32")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype="float32")
     model.eval()
     return model, tokenizer
+
+
+def smollm2_converted_dir(d: Path) -> Path | None:
+    """SmolLM2 converted from its GGUF file to safetensors + tokenizer.json, made once: under
+    $KVSTORE_MODEL_CACHE, else $XDG_CACHE_HOME/kvstore (~/.cache/kvstore), named by a hash
+    of the GGUF file's bytes and the transformers version. Built in a temporary directory and
+    renamed into place, so concurrent processes never see half of it. None if the cache
+    directory cannot be written."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(d / SMOLLM2_GGUF, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    base = os.environ.get("KVSTORE_MODEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvstore"
+    )
+    out = Path(base) / f"smollm2-135m-instruct-f32-{digest}-tf{transformers.__version__}"
+    if (out / "complete").is_file():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    except OSError:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype="float32")
+        # (save_pretrained refuses a model loaded from GGUF: the weights and config are saved
+        # as they are, dequantized, which is all from_pretrained needs)
+        from safetensors.torch import save_model
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete").touch()
+        with contextlib.suppress(OSError):  # (another process was first: use its copy)
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out if (out / "complete").is_file() else None
 
 
 _CACHE_CLASS: type | None = None

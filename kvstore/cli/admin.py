@@ -14,7 +14,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -232,14 +234,19 @@ def cmd_stats(kv: Client, args: argparse.Namespace) -> int:
     show()
     if not args.watch:
         return 0
+    # Ctrl-C sets a flag instead of raising KeyboardInterrupt wherever the main thread is: one
+    # raised inside a gRPC call can leave the channel's state half-updated, and closing the
+    # channel afterwards hangs (the test of this command once hung on exit that way).
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        while True:
-            time.sleep(args.watch)  # the operator's chosen refresh interval
+        while not interrupted.wait(args.watch):  # the operator's chosen refresh interval
             if not args.json and not sys.stdout.isatty():
                 print()
             show()
-    except KeyboardInterrupt:
-        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 # ---------------------------------------------------------------- namespaces, sessions

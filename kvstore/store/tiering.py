@@ -13,10 +13,11 @@ that nobody else can see.
   are inclusive of the pool: a page already in the host tier is not copied again; one that
   is only on disk is just freed when it came up through the OS page cache (its bytes are in
   DRAM there), else copied into the host tier if there is one.
-- **Promotion** (`promote`): a lookup whose prefix continues below the pool reserves a pool
-  page per such block (the policy makes room, demoting others) and fills it: from the host
-  tier at once, from disk at once if its bytes are in the page cache, else on the reader
-  threads. A `Promotion` seals its page into the index
+- **Promotion** (`promote_now`, `promote`): a lookup whose prefix continues below the pool
+  reserves a pool page per such block (the policy makes room, demoting others) and fills it:
+  from the host tier, or from disk if its bytes are in the page cache, at once and in place
+  (`promote_now` seals it there and then); else on the reader threads, tracked by a
+  `Promotion`. A `Promotion` seals its page into the index
   once its bytes have verified *and* its parent is sealed (chains seal in order); a checksum
   failure or a missing record frees the page and every later one of the chain, so a lookup
   never serves bytes that failed verification. Each promotion holds one reference on its
