@@ -351,8 +351,9 @@ def test_reads_on_the_loop_happen_only_from_the_page_cache(tier_dir: Path) -> No
     device: by `mincore` first, then by `preadv2(RWF_NOWAIT)` once its offset is known. Pages
     dropped from the cache (fsynced, then POSIX_FADV_DONTNEED) are reported NOT_RESIDENT by
     the first; the second may also return them when the readahead it starts is done at once;
-    after a normal read brought one back it is read at once. (readahead=False: with the kernel's read-around, faulting the B-tree pages
-    of a tiny map pulls the whole file back in, and this test would have nothing to see.)"""
+    after a normal read brought one back it is read at once. (readahead=False: with the
+    kernel's read-around, faulting the B-tree pages of a tiny map pulls the whole file back
+    in, and this test would have nothing to see.)"""
     from kvstore.tiers import NOT_RESIDENT
     from kvstore.tiers.residency import resident
 

@@ -19,7 +19,7 @@ disk/pool and recompute/disk ratios.
 Load (`load_with_and_without_tiers`): a daemon without tiers and one with a host tier and a
 disk tier, both up at once, each driven by its own 16 client threads in this process (each
 client its own session, `kvstore_client.connect`) with a shared-prefix workload: first
---load-warmup-requests unmeasured on each fresh daemon, then --load-rounds pairs of
+--load-warmup-requests unmeasured on each fresh daemon, then --load-pairs pairs of
 --load-seconds windows, one daemon loaded at a time while the other idles, order swapped
 every pair.
 A request: a prompt = one of 32 shared prefixes (8 pages; Zipf-like popularity) + one of 24
@@ -37,7 +37,7 @@ make throughput worse). Pairs, not separate rounds: on a shared VM the speed dri
 In-process store cost (`store_cost_in_process`, tiers_inproc.py): the same workload against
 the `Store` alone, no gRPC: microseconds of store work a request with and without tiers.
 
-Two costs of a miss, each its own set of rounds:
+Two costs of a miss, each its own set of pairs:
 - `load` (store only): a miss costs the client nothing (it writes a constant page).
   Everything the tiers do is overhead here: the worst case for them.
 - `load_modeled_prefill` (only with --load-prefill-us-per-token N > 0): each client sleeps N
@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=WARMUP_REQUESTS,
         help=f"unmeasured requests first on each fresh daemon (default {WARMUP_REQUESTS}, as in-process)",
     )
-    p.add_argument("--load-rounds", type=int, default=8, help="pairs of load windows (default 8)")
+    p.add_argument("--load-pairs", type=int, default=8, help="pairs of load windows (default 8)")
     p.add_argument(
         "--load-prefill-us-per-token",
         type=float,
@@ -112,12 +112,12 @@ def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
         return {
             "ttft": ttft_on_disk(base / "ttft", args.ttft_tokens, args.ttft_repeat),
             "load": load_with_and_without_tiers(
-                base / "load", args.load_seconds, args.load_rounds, args.load_warmup_requests
+                base / "load", args.load_seconds, args.load_pairs, args.load_warmup_requests
             ),
             "load_modeled_prefill": load_with_and_without_tiers(
                 base / "load-prefill",
                 args.load_seconds,
-                args.load_rounds,
+                args.load_pairs,
                 args.load_warmup_requests,
                 prefill_us_per_token=args.load_prefill_us_per_token,
             )
@@ -386,11 +386,11 @@ class _Side:
 def load_with_and_without_tiers(
     base: Path,
     seconds: float,
-    rounds: int,
+    pairs: int,
     warmup_requests: int = WARMUP_REQUESTS,
     prefill_us_per_token: float = 0.0,
 ) -> dict[str, Any]:
-    """Both daemons up at once, each with its own 16 clients; after each one's warmup, `rounds`
+    """Both daemons up at once, each with its own 16 clients; after each one's warmup, `pairs`
     pairs of `seconds`-long windows, one daemon loaded at a time (the other idle), the order
     swapped every pair. Windows seconds apart see the same machine, so each pair's ratio
     cancels this VM's drifts (separate daemons' rounds minutes apart varied by +-25%)."""
@@ -427,7 +427,7 @@ def load_with_and_without_tiers(
             for name, side in sides.items():
                 side.warm_up(warmup_requests)
                 progress("load %s: warmed up (%d requests)", name, side.done())
-            for r in range(rounds):
+            for r in range(pairs):
                 for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
                     got = sides[name].window(seconds)
                     per[name].append(got)
@@ -463,7 +463,7 @@ def load_with_and_without_tiers(
                     th.join(60)
     if not all(o.get("finished") for side in sides.values() for o in side.outs):
         raise BenchError("a load client failed")
-    pairs = [
+    ratios = [
         t["requests_per_s"] / n["requests_per_s"] for n, t in zip(per["none"], per["tiers"], strict=True)
     ]
 
@@ -471,7 +471,7 @@ def load_with_and_without_tiers(
         return round(median([x[key] for x in per[name]]), digits)
 
     rps = {k: med(k, "requests_per_s", 1) for k in configs}
-    ratio = median(pairs)
+    ratio = median(ratios)
     return {
         "miss_cost": (
             f"modeled prefill: {prefill_us_per_token:g} us of sleep per missed token"
@@ -482,7 +482,7 @@ def load_with_and_without_tiers(
         "clients": CLIENTS,
         "seconds_per_window": seconds,
         "warmup_requests": warmup_requests,
-        "pairs": rounds,
+        "pairs": pairs,
         "method": (
             "both daemons up, each with its own clients; per pair one window each, one daemon "
             "loaded at a time, order swapped every pair; ratio = median of the pairs' ratios"
@@ -505,7 +505,7 @@ def load_with_and_without_tiers(
         "others_cpus": {k: med(k, "others_cpus") for k in configs},
         "errors": {k: sum(x["errors"] for x in per[k]) for k in configs},
         "windows_requests_per_s": {k: [round(x["requests_per_s"], 1) for x in per[k]] for k in configs},
-        "pairs_tiers_vs_none": [round(x, 3) for x in pairs],
+        "pairs_tiers_vs_none": [round(x, 3) for x in ratios],
         "ratio_of_medians": round(rps["tiers"] / rps["none"], 3),
         "tiers_daemon_stats": tier_stats,
     }
@@ -541,7 +541,7 @@ def format_text(s: dict[str, Any] | None) -> list[str]:
             f"{ld['none_requests_per_s']:.0f} req/s (hit {ld['none_hit_ratio']:.2f}), tiers "
             f"{ld['tiers_requests_per_s']:.0f} req/s (hit {ld['tiers_hit_ratio']:.2f}): "
             f"tiers_vs_none_throughput_ratio {ld['tiers_vs_none_throughput_ratio']:.3f} "
-            f"(goal >= {ld['goal']}: {'met' if ld['goal_met'] else 'MISSED'}; rounds "
+            f"(goal >= {ld['goal']}: {'met' if ld['goal_met'] else 'MISSED'}; pairs "
             f"{', '.join(f'{x:.2f}' for x in ld.get('pairs_tiers_vs_none', []))})"
         )
     return lines

@@ -72,8 +72,9 @@ class PageCacheCopier:
     If they do not, or `RWF_NOWAIT` is not supported, it falls back to `resident` + memcpy
     for good. (For a page that is not cached, the kernel starts its readahead and refuses the
     read unless that I/O is already complete when it looks, as on a virtual disk backed by the
-    host's page cache: either way the loop does not wait for the device.) A wrong offset can therefore never hand back other bytes (and the caller
-    verifies a checksum over what it copied anyway)."""
+    host's page cache: either way the loop does not wait for the device.) A wrong offset can
+    therefore never hand back other bytes (and the caller verifies a checksum over what it
+    copied anyway)."""
 
     def __init__(self, path: str, page_size: int) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
