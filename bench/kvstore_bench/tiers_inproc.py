@@ -4,8 +4,8 @@ The load workload of tiers_store.py (same prompts, same per-thread schedules, in
 into one stream) driven straight against a `kvstore.store.Store` in this process, on an
 asyncio loop as in the daemon: pinned `lookup` (awaiting promotions still in flight as the
 Lookup servicer does), `allocate` + `append` + `commit` (no bytes written: the client's part
-is not measured here), release both. Once with no tiers, once with a 16 MiB host tier + a
-disk tier, alternating, --inproc-rounds each; the first 3,000 requests warm up, the next
+is not measured here), release both. Once with no tiers, once with a host tier (the load
+parts' size, --load-host-ratio) + a disk tier, alternating, --inproc-rounds each; the first 3,000 requests warm up, the next
 --inproc-requests are timed. Reported: microseconds of store work a request (median of
 rounds) for each, their difference, and the pages demoted / promoted per request.
 
@@ -35,7 +35,9 @@ def _spec() -> Any:
     return NamespaceSpec(**LOAD_NS, vocab_size=50_000)
 
 
-async def _run(tiers_dir: Path | None, order: list[int], prompts: list[list[int]]) -> tuple[float, dict]:
+async def _run(
+    tiers_dir: Path | None, order: list[int], prompts: list[list[int]], host_bytes: int
+) -> tuple[float, dict]:
     from kvstore.store.store import Store
     from kvstore.store.tiering import Tiers
     from kvstore.store.types import StoreLimits
@@ -43,7 +45,7 @@ async def _run(tiers_dir: Path | None, order: list[int], prompts: list[list[int]
 
     tiers = None
     if tiers_dir is not None:
-        tiers = Tiers(HostTier(16 << 20), DiskTier.open(tiers_dir, 1 << 30))
+        tiers = Tiers(HostTier(host_bytes) if host_bytes else None, DiskTier.open(tiers_dir, 1 << 30))
     store = Store(StoreLimits(), f"kvsb-inproc-{uuid.uuid4().hex[:8]}-", tiers=tiers)
     try:
         store.create_namespace(_spec())
@@ -79,7 +81,7 @@ async def _run(tiers_dir: Path | None, order: list[int], prompts: list[list[int]
         store.close()
 
 
-def store_cost_in_process(requests: int, rounds: int) -> dict[str, Any]:
+def store_cost_in_process(requests: int, rounds: int, host_bytes: int) -> dict[str, Any]:
     from .tiers_store import CLIENTS, _prompts, _schedule
 
     prompts = _prompts()
@@ -92,7 +94,7 @@ def store_cost_in_process(requests: int, rounds: int) -> dict[str, Any]:
         for name in ("none", "tiers") if r % 2 == 0 else ("tiers", "none"):
             with tempfile.TemporaryDirectory(prefix="kvsb-inproc-") as d:
                 elapsed, got = asyncio.run(
-                    _run(Path(d) / "disk" if name == "tiers" else None, order, prompts)
+                    _run(Path(d) / "disk" if name == "tiers" else None, order, prompts, host_bytes)
                 )
             us[name].append(1e6 * elapsed / requests)
             if name == "tiers":
@@ -104,6 +106,7 @@ def store_cost_in_process(requests: int, rounds: int) -> dict[str, Any]:
     return {
         "requests": requests,
         "rounds": rounds,
+        "host_tier_bytes": host_bytes,
         "none_us_per_request": round(none, 1),
         "tiers_us_per_request": round(tiers, 1),
         "tiers_extra_us_per_request": round(tiers - none, 1),

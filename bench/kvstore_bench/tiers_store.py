@@ -19,25 +19,31 @@ disk/pool and recompute/disk ratios.
 Load (`load_with_and_without_tiers`): a daemon without tiers and one with a host tier and a
 disk tier, both up at once, each driven by its own 16 client threads in this process (each
 client its own session, `kvstore_client.connect`) with a shared-prefix workload: first
---load-warmup-requests unmeasured on each fresh daemon, then --load-pairs pairs of
---load-seconds windows, one daemon loaded at a time while the other idles, order swapped
-every pair.
+--load-warmup-requests unmeasured on each fresh daemon, then --load-windows windows of
+--load-seconds on the daemon with tiers, each between two windows on the one without (none,
+tiers, none, tiers, ..., none), one daemon loaded at a time while the other idles.
 A request: a prompt = one of 32 shared prefixes (8 pages; Zipf-like popularity) + one of 24
 suffixes of that prefix (4 pages); pinned `lookup` of the prompt (with tiers it promotes
 from below the pool), `allocate` + `append` (sealed pages come back CACHED), write the
 WRITABLE pages through the mapping, `commit`, release both. 16-token pages of 32 KiB; the
 pool (768 pages) holds a quarter of the ~3,300 distinct pages, so it evicts all the time;
-with tiers evicted pages are demoted (host 16 MiB, then disk) and promoted back on a hit.
+with tiers evicted pages are demoted (host tier, then disk) and promoted back on a hit. The host
+tier is --load-host-ratio x the pool's bytes (default 2: 48 MiB, a pool plus host of ~70% of
+the distinct pages; 2 is SGLang HiCache's recommended `--hicache-ratio`, host memory = 2x the
+GPU pool). A ratio below 1 is the worst case for the tiers: most promotions come from disk
+(LMDB through the page cache), the costliest path.
 Every thread runs the same seeded request stream on both daemons. Reported: requests/s
 (median of windows), lookup hit ratio, daemon CPU per request; `tiers_vs_none_throughput_ratio`
-= the median over pairs of tiers requests/s / none requests/s (goal >= 0.95: tiers must not
-make throughput worse). Pairs, not separate rounds: on a shared VM the speed drifts by
-+-25% over minutes, and windows seconds apart see the same machine.
+= the median over the tiers windows of their requests/s / the geometric mean of the two none
+windows around each (goal >= 0.95: tiers must not make throughput worse). Short windows
+between neighbours, not separate rounds: on a shared VM the speed drifts by +-25% over
+minutes (and twice that within one here), windows seconds apart see the same machine, and
+a window's two neighbours cancel a drift that is linear over the three.
 
 In-process store cost (`store_cost_in_process`, tiers_inproc.py): the same workload against
 the `Store` alone, no gRPC: microseconds of store work a request with and without tiers.
 
-Two costs of a miss, each its own set of pairs:
+Two costs of a miss, each its own set of windows:
 - `load` (store only): a miss costs the client nothing (it writes a constant page).
   Everything the tiers do is overhead here: the worst case for them.
 - `load_modeled_prefill` (only with --load-prefill-us-per-token N > 0): each client sleeps N
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import random
 import shutil
 import tempfile
@@ -66,6 +73,7 @@ from .harness import BenchDaemon, BenchError, median, progress, self_cpu_seconds
 from .tiers_inproc import WARMUP_REQUESTS, store_cost_in_process
 
 LOAD_GOAL = 0.95
+HOST_RATIO = 2.0
 LOAD_NS = {
     "name": "load",
     "num_layers": 2,
@@ -79,18 +87,37 @@ PREFIXES, PREFIX_PAGES, SUFFIXES, SUFFIX_PAGES = 32, 8, 24, 4
 CLIENTS = 16
 
 
+def host_tier_bytes(ratio: float) -> int:
+    """The load parts' host tier: `ratio` x the pool's bytes, in whole pages."""
+    ns = LOAD_NS
+    page = 2 * ns["num_layers"] * ns["page_tokens"] * ns["num_kv_heads"] * ns["head_dim"] * 2  # float16
+    return int(ratio * ns["num_pages"]) * page
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-store-level", action="store_true", help="skip the store-level measurements")
     p.add_argument("--ttft-tokens", type=int, default=2048, help="prompt tokens for the TTFT (default 2048)")
     p.add_argument("--ttft-repeat", type=int, default=5, help="TTFT repeats; medians (default 5)")
-    p.add_argument("--load-seconds", type=float, default=5.0, help="seconds per load window (default 5)")
+    p.add_argument("--load-seconds", type=float, default=2.5, help="seconds per load window (default 2.5)")
     p.add_argument(
         "--load-warmup-requests",
         type=int,
         default=WARMUP_REQUESTS,
         help=f"unmeasured requests first on each fresh daemon (default {WARMUP_REQUESTS}, as in-process)",
     )
-    p.add_argument("--load-pairs", type=int, default=8, help="pairs of load windows (default 8)")
+    p.add_argument(
+        "--load-windows",
+        type=int,
+        default=16,
+        help="load windows on the daemon with tiers, each between two on the one without (default 16)",
+    )
+    p.add_argument(
+        "--load-host-ratio",
+        type=float,
+        default=HOST_RATIO,
+        help=f"host tier bytes / pool bytes in the load parts (default {HOST_RATIO:g}, as SGLang HiCache's "
+        "--hicache-ratio; below 1 most promotions come from disk)",
+    )
     p.add_argument(
         "--load-prefill-us-per-token",
         type=float,
@@ -112,18 +139,25 @@ def store_level(args: argparse.Namespace) -> dict[str, Any] | None:
         return {
             "ttft": ttft_on_disk(base / "ttft", args.ttft_tokens, args.ttft_repeat),
             "load": load_with_and_without_tiers(
-                base / "load", args.load_seconds, args.load_pairs, args.load_warmup_requests
+                base / "load",
+                args.load_seconds,
+                args.load_windows,
+                args.load_warmup_requests,
+                host_ratio=args.load_host_ratio,
             ),
             "load_modeled_prefill": load_with_and_without_tiers(
                 base / "load-prefill",
                 args.load_seconds,
-                args.load_pairs,
+                args.load_windows,
                 args.load_warmup_requests,
                 prefill_us_per_token=args.load_prefill_us_per_token,
+                host_ratio=args.load_host_ratio,
             )
             if args.load_prefill_us_per_token > 0
             else None,
-            "store_cost_in_process": store_cost_in_process(args.inproc_requests, args.inproc_rounds),
+            "store_cost_in_process": store_cost_in_process(
+                args.inproc_requests, args.inproc_rounds, host_tier_bytes(args.load_host_ratio)
+            ),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -386,14 +420,16 @@ class _Side:
 def load_with_and_without_tiers(
     base: Path,
     seconds: float,
-    pairs: int,
+    windows: int,
     warmup_requests: int = WARMUP_REQUESTS,
     prefill_us_per_token: float = 0.0,
+    host_ratio: float = HOST_RATIO,
 ) -> dict[str, Any]:
-    """Both daemons up at once, each with its own 16 clients; after each one's warmup, `pairs`
-    pairs of `seconds`-long windows, one daemon loaded at a time (the other idle), the order
-    swapped every pair. Windows seconds apart see the same machine, so each pair's ratio
-    cancels this VM's drifts (separate daemons' rounds minutes apart varied by +-25%)."""
+    """Both daemons up at once, each with its own 16 clients; after each one's warmup,
+    `seconds`-long windows, one daemon loaded at a time (the other idle): none, tiers, none,
+    ..., none, with `windows` tiers windows. Each tiers window is compared with the geometric
+    mean of the none windows on either side of it, which cancels this VM's drifts when they
+    are linear over the three (separate daemons' rounds minutes apart varied by +-25%)."""
     import kvstore_client  # (torch: imported once here, not by 16 threads at once)
 
     prompts = _prompts()
@@ -401,7 +437,7 @@ def load_with_and_without_tiers(
     configs = {
         "none": {},
         "tiers": {
-            "host_tier_bytes": 16 << 20,
+            "host_tier_bytes": host_tier_bytes(host_ratio),
             "disk_tier_dir": str(base / "disk"),
             "disk_tier_bytes": 1 << 30,
         },
@@ -427,23 +463,22 @@ def load_with_and_without_tiers(
             for name, side in sides.items():
                 side.warm_up(warmup_requests)
                 progress("load %s: warmed up (%d requests)", name, side.done())
-            for r in range(pairs):
-                for name in list(configs)[r % 2 :] + list(configs)[: r % 2]:
-                    got = sides[name].window(seconds)
-                    per[name].append(got)
-                    progress(
-                        "load pair %d%s, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, "
-                        "others %.2f CPUs",
-                        r + 1,
-                        f" (prefill {prefill_us_per_token:g} us/missed token)"
-                        if prefill_us_per_token
-                        else "",
-                        name,
-                        got["requests_per_s"],
-                        got["hit_ratio"],
-                        got["daemon_cpu_ms_per_request"],
-                        got["others_cpus"],
-                    )
+            order = ["none", "tiers"] * windows + ["none"]
+            for k, name in enumerate(order):
+                got = sides[name].window(seconds)
+                per[name].append(got)
+                progress(
+                    "load window %d/%d%s, %s: %.0f requests/s, hit ratio %.3f, daemon %.2f ms CPU/request, "
+                    "others %.2f CPUs",
+                    k + 1,
+                    len(order),
+                    f" (prefill {prefill_us_per_token:g} us/missed token)" if prefill_us_per_token else "",
+                    name,
+                    got["requests_per_s"],
+                    got["hit_ratio"],
+                    got["daemon_cpu_ms_per_request"],
+                    got["others_cpus"],
+                )
             with kvstore_client.connect(sides["tiers"].daemon.target) as client:
                 t = client.stats().tiers
                 tier_stats = {
@@ -463,8 +498,9 @@ def load_with_and_without_tiers(
                     th.join(60)
     if not all(o.get("finished") for side in sides.values() for o in side.outs):
         raise BenchError("a load client failed")
+    none_rps = [x["requests_per_s"] for x in per["none"]]
     ratios = [
-        t["requests_per_s"] / n["requests_per_s"] for n, t in zip(per["none"], per["tiers"], strict=True)
+        x["requests_per_s"] / math.sqrt(none_rps[i] * none_rps[i + 1]) for i, x in enumerate(per["tiers"])
     ]
 
     def med(name: str, key: str, digits: int = 3) -> float:
@@ -479,17 +515,21 @@ def load_with_and_without_tiers(
             else "store only: a miss costs the client nothing"
         ),
         "prefill_us_per_token": prefill_us_per_token,
+        "host_tier_bytes": host_tier_bytes(host_ratio),
+        "host_ratio": host_ratio,
         "clients": CLIENTS,
         "seconds_per_window": seconds,
         "warmup_requests": warmup_requests,
-        "pairs": pairs,
+        "windows": windows,
         "method": (
-            "both daemons up, each with its own clients; per pair one window each, one daemon "
-            "loaded at a time, order swapped every pair; ratio = median of the pairs' ratios"
+            "both daemons up, each with its own clients; windows none, tiers, none, ..., none, one "
+            "daemon loaded at a time; ratio = median over tiers windows of requests/s / the geometric "
+            "mean of the none windows on either side"
         ),
         "workload": (
             f"{PREFIXES} prefixes x {PREFIX_PAGES} pages (Zipf-like), {SUFFIXES} suffixes x {SUFFIX_PAGES} "
-            f"pages each; pool {LOAD_NS['num_pages']} pages of 32 KiB; request = pinned lookup + "
+            f"pages each; pool {LOAD_NS['num_pages']} pages of 32 KiB, host tier {host_ratio:g}x that; "
+            "request = pinned lookup + "
             "allocate/append/write/commit + release"
         ),
         "none_requests_per_s": rps["none"],
@@ -505,7 +545,7 @@ def load_with_and_without_tiers(
         "others_cpus": {k: med(k, "others_cpus") for k in configs},
         "errors": {k: sum(x["errors"] for x in per[k]) for k in configs},
         "windows_requests_per_s": {k: [round(x["requests_per_s"], 1) for x in per[k]] for k in configs},
-        "pairs_tiers_vs_none": [round(x, 3) for x in ratios],
+        "windows_tiers_vs_neighbours": [round(x, 3) for x in ratios],
         "ratio_of_medians": round(rps["tiers"] / rps["none"], 3),
         "tiers_daemon_stats": tier_stats,
     }
@@ -541,7 +581,7 @@ def format_text(s: dict[str, Any] | None) -> list[str]:
             f"{ld['none_requests_per_s']:.0f} req/s (hit {ld['none_hit_ratio']:.2f}), tiers "
             f"{ld['tiers_requests_per_s']:.0f} req/s (hit {ld['tiers_hit_ratio']:.2f}): "
             f"tiers_vs_none_throughput_ratio {ld['tiers_vs_none_throughput_ratio']:.3f} "
-            f"(goal >= {ld['goal']}: {'met' if ld['goal_met'] else 'MISSED'}; pairs "
-            f"{', '.join(f'{x:.2f}' for x in ld.get('pairs_tiers_vs_none', []))})"
+            f"(goal >= {ld['goal']}: {'met' if ld['goal_met'] else 'MISSED'}; windows "
+            f"{', '.join(f'{x:.2f}' for x in ld.get('windows_tiers_vs_neighbours', []))})"
         )
     return lines
