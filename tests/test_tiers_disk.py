@@ -329,6 +329,65 @@ def test_readers_during_eviction_never_see_corrupt_pages(tier_dir: Path) -> None
         assert all(disk.get(key(i)) == payload(i) for i in range(396, 400))
 
 
+def test_reads_on_the_loop_by_remembered_offset_serve_only_the_record_there(tier_dir: Path) -> None:
+    """A record read on the loop once is read there next time from the file offset its payload
+    had (no LMDB): a hint that must verify. Deleted, rewritten with other bytes, corrupted at
+    that offset, or its pages reused by other records while the writer evicts: the read is a
+    miss, the new bytes, CorruptPage or the record's own bytes, never another record's."""
+    from kvstore.tiers import NOT_RESIDENT
+
+    out = bytearray(PAGE)
+
+    def read(i: int) -> object:
+        out[:] = bytes(PAGE)
+        return disk.read_record_into(key(i), out, resident_only=True)
+
+    with DiskTier.open(tier_dir, 64 << 20) as disk:
+        assert disk.put_async([rec(i) for i in range(8)]).result(10) == []
+        for _ in range(2):
+            for i in range(8):
+                assert read(i) is not NOT_RESIDENT and out == payload(i)
+        assert disk._offsets.keys() == {key(i) for i in range(8)}  # the second round went by them
+
+        disk.remove_async([key(1)]).result(10)
+        assert read(1) is None  # deleted: a miss, though its bytes may still be at that offset
+
+        other = bytes(reversed(payload(2)))
+        meta = make_meta("ns", key(2).block_hash, key(1).block_hash, 16, PAGE, "geom-a", created_ns=7)
+        assert disk.put_async([PageRecord.build(meta, other)]).result(10) == []
+        for _ in range(2):
+            assert read(2) is not NOT_RESIDENT and out == other  # rewritten: the new bytes
+
+        fd = os.open(tier_dir / "data.mdb", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\xff" * 64, disk._offsets[key(3)][0] + 1000)  # (its file offset)
+        finally:
+            os.close(fd)
+        with pytest.raises(CorruptPage):
+            read(3)
+        assert read(3) is None and disk.stats()["corrupt"] == 1
+
+    # Pages freed by evictions are reused by later records while the loop reads by offsets:
+    # each round reads the 40 latest committed records while the next batch is being written
+    # (and its evictions free pages that batch then fills).
+    with DiskTier.open(tier_dir.parent / "churn", 4 << 20, batch_records=4) as disk:
+        served, writing = 0, None
+        for i in range(0, 400, 4):
+            nxt = disk.put_async([rec(j) for j in range(i, i + 4)])
+            if writing is not None:
+                assert writing.result(10) == []
+            writing = nxt
+            for j in range(max(0, i - 40), i):
+                got = read(j)
+                if got is not None and got is not NOT_RESIDENT:
+                    assert out == payload(j), f"record {j} read back other bytes"
+                    served += 1
+        disk.flush_sync(30)
+        s = disk.stats()
+        assert s["evicted"] > 300 and s["corrupt"] == 0
+        assert served > 500, served  # (most of them were read by offset: a second read each)
+
+
 def test_flush_reports_failed_batches(tier_dir: Path) -> None:
     from kvstore.tiers import DiskWriteError
 

@@ -95,6 +95,11 @@ class DiskTier:
         # Used only while LMDB returns the very same bytes (a rewritten record decodes again);
         # decoding is a third of a read's Python. Dict operations are atomic: any thread.
         self._decoded: dict[PageKey, tuple[bytes, PageMeta, int, bytes]] = {}
+        # Where each record's payload was in the data file when last read on the loop: key ->
+        # (file offset, the index's commit id of that record, its meta, checksum, BODY). The
+        # next read of it on the loop copies from there without LMDB while the commit id is
+        # still the index's (see `_read_at`); what it copies must verify, or LMDB decides.
+        self._offsets: dict[PageKey, tuple[int, int, PageMeta, int, bytes]] = {}
         self._closed = False
 
     @classmethod
@@ -290,6 +295,12 @@ class DiskTier:
         if self._index.is_dropped(key):
             self._index.count("misses")
             return None
+        if resident_only and dst is not None:
+            got = self._read_at(key, dst)
+            if got is not None:
+                return got
+        offset: int | None = None
+        commit_id = self._index.commit_id(key) if resident_only else None  # (before the txn)
         try:
             with self._env.begin(buffers=True) as txn:
                 raw = key.encode()
@@ -310,11 +321,42 @@ class DiskTier:
                 if resident_only:  # (on the loop: only from the page cache, residency.py)
                     if not self._cached.copy(payload, dst):
                         return NOT_RESIDENT
+                    offset = self._cached.offset_of(payload)
                 else:  # (off the loop: numpy's copy lets go of the GIL; see _copy_off_the_gil)
                     _copy_off_the_gil(dst, payload)
             verify(key, meta, crc, dst, body)  # the copy, after the transaction: what the caller gets
         except CorruptPage as e:
             raise self._corrupt(e) from None
+        if offset is not None and commit_id is not None:
+            if len(self._offsets) >= DECODED_REMEMBERED:
+                self._offsets.clear()
+            self._offsets[key] = (offset, commit_id, meta, crc, body)
+        self._index.hit(key)
+        return meta, dst, crc
+
+    def _read_at(self, key: PageKey, dst: memoryview) -> tuple[PageMeta, memoryview, int] | None:
+        """The read on the loop of a record read there before, without LMDB, while the index
+        says the same write is on disk (its commit id): copy from the page cache at the file
+        offset its payload had then, and verify against its metadata and checksum. Half the
+        cost of a read through LMDB (a read transaction, two B-tree lookups, finding the
+        address). None if anything is off (not read before, rewritten or deleted since, not
+        in the page cache, or bytes that do not verify); then LMDB decides, as for any read.
+        A delete or rewrite that commits during the copy is seen as a read transaction begun
+        before it would see it: the freed pages are not reused for two more commits, and
+        bytes that verify are this record's anyway (the checksum covers key and payload)."""
+        known = self._offsets.get(key)
+        if known is None:
+            return None
+        offset, commit_id, meta, crc, body = known
+        if commit_id != self._index.commit_id(key):
+            return None
+        if dst.nbytes != meta.page_bytes or not self._cached.copy_at(offset, dst):
+            return None
+        try:
+            verify(key, meta, crc, dst, body)
+        except CorruptPage:
+            self._offsets.pop(key, None)
+            return None
         self._index.hit(key)
         return meta, dst, crc
 
@@ -334,6 +376,7 @@ class DiskTier:
     def _corrupt(self, e: CorruptPage) -> CorruptPage:
         """Count and drop a corrupt record; returns the error for the caller to raise."""
         self._index.mark_dropped(e.key)
+        self._offsets.pop(e.key, None)
         log.warning("disk tier %s: page %s is corrupt (%s); dropping it", self.path, e.key, e.reason)
         if not self._closed:
             self.remove_async((e.key,))

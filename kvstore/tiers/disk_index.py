@@ -51,7 +51,7 @@ class _Record(Page):
     """A committed key as the policy sees it: `slot` (a running id), `block_hash`,
     `last_access` and `policy_state`; the rest of Page stays unused."""
 
-    __slots__ = ("key", "leaving", "parent_key")
+    __slots__ = ("commit_id", "key", "leaving", "parent_key")
 
     def __init__(self, slot: int, key: PageKey, parent_key: PageKey | None) -> None:
         super().__init__(slot)
@@ -59,6 +59,7 @@ class _Record(Page):
         self.block_hash = key.block_hash
         self.parent_key = parent_key  # the record it extends (on disk or not); None at a root
         self.leaving = False  # handed out by victims(), delete not yet done
+        self.commit_id = 0  # which commit wrote the record now on disk (DiskIndex.commit_id)
 
 
 def parent_of(key: PageKey, parent_hash: bytes) -> PageKey | None:
@@ -76,6 +77,7 @@ class DiskIndex:
         self._children: dict[PageKey, int] = {}  # parent key -> committed records extending it; lock
         self._clock = 0  # logical time of commits and hits (Page.last_access); lock
         self._slots = 0  # the last slot id given out; lock
+        self._commits = 0  # the last commit id given out; lock
         self.bytes_used = 0  # lock
         self.dropped: set[PageKey] = set()  # corrupt, delete queued: read as misses; lock
         self.counters = dict.fromkeys(COUNTERS, 0)  # lock
@@ -88,6 +90,14 @@ class DiskIndex:
         with self.lock:
             return len(self.entries)
 
+    def commit_id(self, key: PageKey) -> int | None:
+        """An id of the write of the record now under `key` (it changes when the record is
+        rewritten, and a deleted key has none); None if the key is not on disk. Set after
+        the write has committed, so a read transaction begun after this call sees that
+        write or a later one. No lock: one dict lookup and one attribute read."""
+        rec = self._records.get(key)
+        return None if rec is None else rec.commit_id
+
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counters[name] += n
@@ -95,6 +105,7 @@ class DiskIndex:
     # ------------------------------------------------------------------ records in and out (lock held)
 
     def _add(self, key: PageKey, size: int, parent_hash: bytes, last_access: int) -> None:
+        self._commits += 1
         rec = self._records.get(key)
         parent = parent_of(key, parent_hash)
         self.bytes_used += size - self.entries.get(key, 0)
@@ -111,10 +122,13 @@ class DiskIndex:
                 rec.parent_key = parent
                 self._link(rec)
             rec.last_access = last_access
+            rec.commit_id = self._commits
             self._policy.on_access(rec)
             return
         self._slots += 1
-        rec = self._records[key] = _Record(self._slots, key, parent)
+        rec = _Record(self._slots, key, parent)
+        rec.commit_id = self._commits
+        self._records[key] = rec
         rec.last_access = last_access
         self._policy.on_sealed(rec)
         self._link(rec)

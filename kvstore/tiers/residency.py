@@ -92,6 +92,22 @@ class PageCacheCopier:
             os.close(self._fd)
             self._fd = -1
 
+    def offset_of(self, src: memoryview) -> int | None:
+        """The file offset of a slice of the map, once copies go by offsets (`direct`)."""
+        if not self.direct:
+            return None
+        return np.frombuffer(src, np.uint8).ctypes.data - self._base  # type: ignore[operator]
+
+    def copy_at(self, offset: int, dst: memoryview) -> bool:
+        """Copy `dst.nbytes` from the data file at `offset` if all of it is in the page cache
+        (one `preadv2(RWF_NOWAIT)`); False if not, or if the file is shorter. Nothing here says
+        what is at that offset now: the caller checks the bytes (a checksum)."""
+        try:
+            n = os.preadv(self._fd, [dst], offset, os.RWF_NOWAIT)
+        except (OSError, OverflowError):
+            return False
+        return n == dst.nbytes
+
     def copy(self, src: memoryview, dst: memoryview) -> bool:
         if not self._nowait:
             return self._copy_checked(src, dst)
