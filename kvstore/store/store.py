@@ -796,22 +796,23 @@ class Store:
         in flight, or None (no tier holds it, the pool cannot make room, or it failed)."""
         tiers = ns.tiers
         assert tiers is not None
-        prom = tiers.promoting.get(PageKey(ns.name, block_hash))
+        key = PageKey(ns.name, block_hash)
+        prom = tiers.promoting.get(key)
         if prom is not None:
             return prom if prom.ok is not False else None  # another lookup is bringing it up: join it
-        source = tiers.holds(ns, block_hash)
+        source = tiers.holds_key(ns, key)
         if source is None:
             return None
         try:
             ns.make_room(1, "promotion")
         except ResourceExhausted:
             return None  # the pool is full of pinned pages: the hit ends here
-        if source == "host":  # the demotions that made room may have pushed it down to disk
-            source = tiers.holds(ns, block_hash)
+        if source == "host" and key not in tiers.host:  # type: ignore[operator]
+            source = tiers.holds_key(ns, key)  # the demotions that made room pushed it to disk
             if source is None:
                 return None
         if parent_prom is None:  # (a page in flight before it: this one waits for it too)
-            page = tiers.promote_now(ns, block_hash, parent_page, source)
+            page = tiers.promote_now(ns, key, parent_page, source)
             if page is not None:
                 return page or None
         prom = tiers.promote(ns, block_hash, parent_page, parent_prom, source)

@@ -151,7 +151,10 @@ class Tiers:
 
     def holds(self, ns: Namespace, block_hash: bytes) -> str | None:
         """Which tier holds the page ("host", "disk"), or None."""
-        key = PageKey(ns.name, block_hash)
+        return self.holds_key(ns, PageKey(ns.name, block_hash))
+
+    def holds_key(self, ns: Namespace, key: PageKey) -> str | None:
+        """`holds` by the page's key."""
         if self.host is not None and key in self.host:
             meta = self.host.meta(key)
             if meta is not None and meta.geometry == ns.geometry and meta.page_bytes == ns.spec.page_bytes:
@@ -370,7 +373,7 @@ class Tiers:
         return prom
 
     def promote_now(
-        self, ns: Namespace, block_hash: bytes, parent_page: Page | None, source: str
+        self, ns: Namespace, key: PageKey, parent_page: Page | None, source: str
     ) -> Page | bool | None:
         """Bring one page up at once when nothing has to wait for it: from the host tier, or
         from disk when its record has committed and its bytes are in the OS page cache (read
@@ -380,7 +383,7 @@ class Tiers:
         has to wait (a write not yet committed, bytes not in the page cache): nothing was
         done, start a `promote`. The common case of a lookup that continues below the pool,
         without a `Promotion` to track, settle and wait for."""
-        key = PageKey(ns.name, block_hash)
+        block_hash = key.block_hash
         disk = self.disk
         in_page_cache = False
         if source == "host":
