@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from .harness import BenchDaemon, BenchError, median, progress, self_cpu_seconds, system_busy_seconds
-from .tiers_inproc import WARMUP_REQUESTS, store_cost_in_process
+from .tiers_inproc import WARMUP_REQUESTS, _spec, store_cost_in_process
 
 LOAD_GOAL = 0.95
 HOST_RATIO = 2.0
@@ -89,9 +89,8 @@ CLIENTS = 16
 
 def host_tier_bytes(ratio: float) -> int:
     """The load parts' host tier: `ratio` x the pool's bytes, in whole pages."""
-    ns = LOAD_NS
-    page = 2 * ns["num_layers"] * ns["page_tokens"] * ns["num_kv_heads"] * ns["head_dim"] * 2  # float16
-    return int(ratio * ns["num_pages"]) * page
+    spec = _spec()
+    return int(ratio * spec.num_pages) * spec.page_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

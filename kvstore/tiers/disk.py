@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["NOT_RESIDENT", "DiskTier", "DiskWriteError", "headroom_bytes"]
 
-DECODED_REMEMBERED = 16384  # decoded metadata kept (~0.5 KiB each)
+RECORDS_REMEMBERED = 16384  # bound of the decoded metadata and the file offsets kept (~0.5 KiB each)
 NOT_RESIDENT = object()  # read_record_into(resident_only=True): not in the page cache
 
 
@@ -328,7 +328,7 @@ class DiskTier:
         except CorruptPage as e:
             raise self._corrupt(e) from None
         if offset is not None and commit_id is not None:
-            if len(self._offsets) >= DECODED_REMEMBERED:
+            if len(self._offsets) >= RECORDS_REMEMBERED:
                 self._offsets.clear()
             self._offsets[key] = (offset, commit_id, meta, crc, body)
         self._index.hit(key)
@@ -368,7 +368,7 @@ class DiskTier:
             return known[1], known[2], known[3]
         meta, crc = decode_meta(key, raw)
         body = raw[META_HEAD_BYTES:]  # (decode_meta checked the lengths)
-        if len(self._decoded) >= DECODED_REMEMBERED:
+        if len(self._decoded) >= RECORDS_REMEMBERED:
             self._decoded.clear()  # (a bound, not a policy: re-decoding is cheap)
         self._decoded[key] = (raw, meta, crc, body)
         return meta, crc, body
