@@ -87,6 +87,7 @@ class DiskTier:
         self._dbs = writer.dbs
         self._index = writer.index
         self._writer = writer
+        self._open_reads = writer.open_reads  # every read transaction is counted there
         # For aget/aread_into; its threads start on first use.
         self._readers = cf.ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-read")
         # Reads on the event loop copy only from the page cache through this (residency.py).
@@ -242,7 +243,7 @@ class DiskTier:
 
     def meta(self, key: PageKey) -> PageMeta | None:
         """The stored metadata (no payload read), or None; CorruptPage if it is garbage."""
-        with self._env.begin(buffers=True) as txn:
+        with self._open_reads.txn(self._env) as txn:
             raw = txn.get(key.encode(), db=self._dbs.meta)
             if raw is None or self._index.is_dropped(key):
                 return None
@@ -302,7 +303,7 @@ class DiskTier:
         offset: int | None = None
         commit_id = self._index.commit_id(key) if resident_only else None  # (before the txn)
         try:
-            with self._env.begin(buffers=True) as txn:
+            with self._open_reads.txn(self._env) as txn:
                 raw = key.encode()
                 meta_raw = txn.get(raw, db=self._dbs.meta)
                 payload = txn.get(raw, db=self._dbs.data)

@@ -43,6 +43,7 @@ COUNTERS = (
     "dropped",
     "disk_full_events",
     "map_full_errors",
+    "reader_waits",
 )
 HITS_QUEUED_MAX = 256  # the read that queues this many applies them (~0.3 ms on the loop here)
 

@@ -8,9 +8,10 @@ flush in the batch adds `env.sync(True)` before its future resolves.
 Room: the map is `capacity_bytes`; writes evict records chosen by the index's eviction
 policy (leaves first, never one of the batch being written) down to the soft limit first
 (`disk_full_events`), so the headroom above it always holds the B-tree pages a delete
-needs. A `MapFullError` anyway (free pages still held by a reader, fragmentation) is
-counted (`map_full_errors`), answered with more eviction and a retry; a record that cannot
-fit at all is dropped and reported in its future. The writer never dies: an unexpected error
+needs. A `MapFullError` anyway is counted (`map_full_errors`) and answered first by waiting
+for the read transactions open then (pages freed after a reader's snapshot cannot be reused
+until it ends: open_reads.py), then with more eviction and a retry; a record that cannot fit
+at all is dropped and reported in its future. The writer never dies: an unexpected error
 fails that batch's futures and it goes on.
 """
 
@@ -28,11 +29,15 @@ from typing import Any
 import lmdb
 
 from .disk_index import DiskIndex
+from .open_reads import OpenReads
 from .record import PageKey, PageRecord
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# How long the writer waits for the read transactions open at a MapFullError to end. They
+# copy one record each; this bounds a reader stalled for another reason.
+READERS_WAIT_S = 2.0
 
 
 class DiskWriteError(RuntimeError):
@@ -82,6 +87,7 @@ class DiskWriter:
         self._env = env
         self.dbs = dbs
         self.index = index  # shared with the tier (readers, re-index)
+        self.open_reads = OpenReads()  # the tier's readers count their transactions here
         self._limits = limits
         self._on_evict = on_evict
         self._psize = env.stat()["psize"]
@@ -220,14 +226,18 @@ class DiskWriter:
         if over > 0:
             self.index.count("disk_full_events")
             self._evict(over, exclude=chunk.keys())
-        for attempt in range(3):
+        for attempt in range(4):
             try:
                 self._commit(chunk)
                 return []
             except lmdb.MapFullError:
                 self.index.count("map_full_errors")
-                if not self._evict(cost * (attempt + 1) + 64 * self._psize, exclude=chunk.keys()):
-                    break
+            if attempt == 0:
+                # Usually the room was made, but readers' snapshots still hold the pages freed
+                # for it: once the readers open now are gone, those pages are free.
+                self._wait_for_readers()
+            elif not self._evict(cost * attempt + 64 * self._psize, exclude=chunk.keys()):
+                break
         out = []
         for key, item in chunk.items():  # last resort: each alone, or dropped
             try:
@@ -246,17 +256,31 @@ class DiskWriter:
                 done[key] = (self.cost(len(meta_raw), rec.meta.page_bytes), rec.meta.parent_hash)
         self.index.committed(done)
 
+    def _delete_settled(self, victims: list[PageKey]) -> None:
+        self._delete(victims)  # type: ignore[arg-type]
+        # LMDB reuses pages freed by transaction N only from N+2 on (N's pages still back
+        # the previous snapshot); one tiny commit in between lets the next write use them.
+        with self._env.begin(write=True, db=self.dbs.state) as txn:
+            txn.put(b"last_eviction_ns", str(time.time_ns()).encode())
+
+    def _wait_for_readers(self) -> None:
+        self.index.count("reader_waits")
+        if not self.open_reads.wait_for_open(READERS_WAIT_S):
+            log.warning("disk tier %s: a read transaction outlived %.0fs", self.name, READERS_WAIT_S)
+
     def _evict(self, nbytes: int, exclude: Iterable[PageKey]) -> bool:
         """Delete the policy's victims worth `nbytes`; False if none could be."""
         victims, freed = self.index.victims(nbytes, exclude)
         if not victims:
             return False
         try:
-            self._delete(victims)  # type: ignore[arg-type]
-            # LMDB reuses pages freed by transaction N only from N+2 on (N's pages still back
-            # the previous snapshot); one tiny commit in between lets the next write use them.
-            with self._env.begin(write=True, db=self.dbs.state) as txn:
-                txn.put(b"last_eviction_ns", str(time.time_ns()).encode())
+            try:
+                self._delete_settled(victims)
+            except lmdb.MapFullError:
+                # Even a delete needs free pages; readers' snapshots may hold them.
+                self.index.count("map_full_errors")
+                self._wait_for_readers()
+                self._delete_settled(victims)
         except lmdb.MapFullError:
             log.error("disk tier %s: map full even for deletes (headroom used up)", self.name)
             self.index.count("map_full_errors")
