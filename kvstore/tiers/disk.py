@@ -410,7 +410,7 @@ class DiskTier:
             metas: list[PageMeta] = []
             # The lock spans the read transaction and the index update: a delete committed
             # after our snapshot unindexes after us, so a deleted key is never re-added.
-            with index.lock, self._env.begin(buffers=True) as txn:
+            with index.lock, self._open_reads.txn(self._env) as txn:
                 cur = txn.cursor(self._dbs.meta)
                 ok = cur.set_range(after) if after is not None else cur.first()
                 if ok and after is not None and bytes(cur.key()) == after:
