@@ -329,7 +329,6 @@ def test_readers_during_eviction_never_see_corrupt_pages(tier_dir: Path) -> None
         # Readers' snapshots may hold freed pages (map_full_errors): the writer waits for them
         # (reader_waits), so nothing is dropped for it.
         assert s["evicted"] > 300 and s["corrupt"] == 0 and s["dropped"] == 0, s
-        assert s["reader_waits"] >= s["map_full_errors"] - s["reader_waits"], s
         assert all(disk.get(key(i)) == payload(i) for i in range(396, 400))
 
 

@@ -9,7 +9,9 @@ Threading (py-lmdb's rule: a write transaction never crosses threads):
   `remove_async` and `flush_async` queue work for it and return concurrent futures (any
   thread may call them; `put_many`/`flush` await them from asyncio);
 - reads (`get`, `read_into`, `meta`) run on any thread in their own short read
-  transactions: synchronously, or via `aget`/`aread_into` on the tier's reader pool;
+  transactions: synchronously, or via `aget`/`aread_into` on the tier's reader pool. Each
+  is counted (open_reads.py), so the writer can wait for them when their snapshots hold
+  the pages it needs;
 - the in-memory index (disk_index.py) is shared under one lock.
 
 Durability: the environment is opened with sync=False (no fsync per commit). A committed

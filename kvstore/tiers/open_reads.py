@@ -43,10 +43,6 @@ class OpenReads:
                 del self._open[epoch]
                 self._cond.notify_all()
 
-    def count(self) -> int:
-        with self._cond:
-            return sum(self._open.values())
-
     def wait_for_open(self, timeout: float) -> bool:
         """Wait until every read transaction open now has ended; False if one outlived
         `timeout` (seconds). Those begun meanwhile are not waited for."""
