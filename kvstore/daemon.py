@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from kvstore_proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from kvstore.config import Config, ServerConfig, format_size
-from kvstore.errors import KVStoreError
+from kvstore.errors import InvariantBroken, KVStoreError
 from kvstore.memory.shm_pool import remove_stale_segments
 from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.kvstore_servicer import KVStoreServicer
@@ -211,7 +211,8 @@ class Daemon:
         findable as they are indexed. Records of swapped sequences (dead with the daemon that
         swapped them) are deleted."""
         store = self.store
-        assert store is not None and store.tiers is not None and store.tiers.disk is not None
+        if store is None or store.tiers is None or store.tiers.disk is None:
+            raise InvariantBroken("re-indexing before the store and its disk tier exist")
         tiers, loop, t0 = store.tiers, asyncio.get_running_loop(), time.monotonic()
         state = tiers.reindex_state
         state["running"] = True
@@ -303,7 +304,8 @@ class Daemon:
     async def _reap_leases(self) -> None:
         """End the sessions of clients that stopped renewing their lease (crashed or hung)."""
         store = self.store
-        assert store is not None
+        if store is None:
+            raise InvariantBroken("reaping leases before the store exists")
         while True:
             await asyncio.sleep(store.lease_check_interval_s)
             try:

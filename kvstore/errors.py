@@ -39,3 +39,9 @@ class AlreadyExists(KVStoreError):
 
 class DataLoss(KVStoreError):
     """Stored bytes that cannot be served (a swapped page lost or corrupt below the pool)."""
+
+
+class InvariantBroken(KVStoreError):
+    """The daemon's own bookkeeping is inconsistent (a bug, never the client's fault): the
+    request fails with INTERNAL instead of going on with wrong state. Explicit checks raise
+    it where an `assert` would vanish under `python -O`."""

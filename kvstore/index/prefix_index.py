@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from kvstore.errors import InvariantBroken
 from kvstore.hashing import BlockHash, iter_block_hashes
 from kvstore.memory.pages import Page
 
@@ -25,11 +26,13 @@ class PrefixIndex:
         return self._pages.get(block_hash)
 
     def insert(self, page: Page) -> None:
-        assert page.block_hash is not None and page.block_hash not in self._pages
+        if page.block_hash is None or page.block_hash in self._pages:
+            raise InvariantBroken(f"indexing {page}: no block hash, or one indexed already")
         self._pages[page.block_hash] = page
 
     def remove(self, page: Page) -> None:
-        assert page.block_hash is not None
+        if page.block_hash is None or self._pages.get(page.block_hash) is not page:
+            raise InvariantBroken(f"unindexing {page}, which is not indexed")
         del self._pages[page.block_hash]
 
     def match(self, tokens_le: bytes, page_tokens: int, extra_keys: bytes) -> list[Page]:

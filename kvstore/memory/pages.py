@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from kvstore.errors import InvariantBroken
+
 
 class PageState(IntEnum):
     FREE = 0  # on the free list, content meaningless
@@ -78,9 +80,9 @@ class FreeList:
         return self._len
 
     def push(self, page: Page) -> None:
-        assert page.prev is None and page.next is None, f"{page} is already linked"
         last = self._tail.prev
-        assert last is not None
+        if page.prev is not None or page.next is not None or last is None:
+            raise InvariantBroken(f"{page} is already linked")
         last.next = page
         page.prev = last
         page.next = self._tail
@@ -96,7 +98,8 @@ class FreeList:
 
     def remove(self, page: Page) -> None:
         prev, nxt = page.prev, page.next
-        assert prev is not None and nxt is not None, f"{page} is not linked"
+        if prev is None or nxt is None:
+            raise InvariantBroken(f"{page} is not linked")
         prev.next = nxt
         nxt.prev = prev
         page.prev = page.next = None

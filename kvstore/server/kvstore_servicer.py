@@ -15,6 +15,7 @@ from kvstore import __version__
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
 from kvstore.server.status import abort_for, grpc_errors
+from kvstore.store import waits
 from kvstore.store.store import Store
 from kvstore.store.types import SequenceView
 
@@ -116,19 +117,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def SwapIn(self, request: pb.SwapInRequest, context: Ctx) -> pb.GetSequenceResponse:
-        ticket = self.store.begin_swap_in(request.session_id, request.sequence_id)
-        if ticket.pending:
-            await asyncio.gather(*(p.wait() for p in ticket.pending))
-        return _sequence_reply(self.store.finish_swap_in(ticket))
+        return _sequence_reply(await waits.swap_in(self.store, request.session_id, request.sequence_id))
 
     @grpc_errors
     async def WaitPages(self, request: pb.WaitPagesRequest, context: Ctx) -> pb.WaitPagesResponse:
-        slots, total, first = self.store.pin_progress(request.session_id, request.pin_id)
-        want = request.pages or total
-        while first is not None and len(slots) < want:
-            await first.wait()
-            slots, total, first = self.store.pin_progress(request.session_id, request.pin_id)
-            want = min(want, total)
+        slots, total = await waits.wait_pages(self.store, request.session_id, request.pin_id, request.pages)
         return pb.WaitPagesResponse(ready_pages=len(slots), hit_pages=total, slots=slots)
 
     @grpc_errors
@@ -140,7 +133,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
-        r = self.store.lookup(
+        r = await waits.lookup(
+            self.store,
             request.session_id,
             request.namespace,
             request.token_ids,
@@ -149,13 +143,6 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             request.model_fingerprint,
             request.return_in_flight,
         )
-        if r.promotions and not request.return_in_flight:
-            # Pages below the pool are coming up: answer once they are in it (or failed).
-            # Those from the host tier settled already; only disk reads are awaited.
-            in_flight = [p.wait() for p in r.promotions if p.ok is None]
-            if in_flight:
-                await asyncio.gather(*in_flight)
-            r = self.store.settle_lookup(r)
         return pb.LookupResponse(
             hit_tokens=r.hit_tokens,
             slots=r.slots,

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from kvstore.errors import FailedPrecondition, ResourceExhausted
+from kvstore.errors import FailedPrecondition, InvariantBroken, ResourceExhausted
 from kvstore.hashing import namespace_salt, root_hash
 from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.pages import Page, PageState, PageTable
@@ -78,18 +78,21 @@ class Namespace:
     def reserve(self, owner: int) -> Page:
         """A RESERVED page for `owner`; the caller has made room (see make_room)."""
         page = self.pages.take(owner)
-        assert page is not None, "make_room() must run before reserve()"
+        if page is None:
+            raise InvariantBroken(f"namespace {self.name!r}: reserve() with no free page (make_room() first)")
         self.pages_reserved += 1
         return page
 
     def free_reserved(self, page: Page) -> None:
-        assert page.state is PageState.RESERVED
+        if page.state is not PageState.RESERVED:
+            raise InvariantBroken(f"namespace {self.name!r}: freeing {page} as reserved")
         self.pages_reserved -= 1
         self.pages.give_back(page)
 
     def seal(self, page: Page, parent: Page | None) -> None:
         """RESERVED -> SEALED, held once by the sealing sequence."""
-        assert page.state is PageState.RESERVED and page.block_hash is not None
+        if page.state is not PageState.RESERVED or page.block_hash is None:
+            raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
         self.pages_reserved -= 1
         page.state = PageState.SEALED
         page.owner = 0
@@ -109,14 +112,16 @@ class Namespace:
             self.tiers.on_sealed(self, page)
 
     def ref(self, page: Page) -> None:
-        assert page.state is PageState.SEALED
+        if page.state is not PageState.SEALED:
+            raise InvariantBroken(f"namespace {self.name!r}: a reference on {page}, which is not sealed")
         if page.refcount == 0:
             self.pages_pinned += 1
             self.policy.on_unevictable(page)
         page.refcount += 1
 
     def unref(self, page: Page) -> None:
-        assert page.state is PageState.SEALED and page.refcount > 0
+        if page.state is not PageState.SEALED or page.refcount <= 0:
+            raise InvariantBroken(f"namespace {self.name!r}: releasing a reference {page} does not have")
         page.refcount -= 1
         if page.refcount == 0:
             self.pages_pinned -= 1
@@ -132,7 +137,8 @@ class Namespace:
 
     def drop(self, page: Page) -> None:
         """Evict a sealed, unpinned leaf: unindex and free it."""
-        assert page.evictable, f"{page} is not evictable"
+        if not page.evictable:
+            raise InvariantBroken(f"namespace {self.name!r}: evicting {page}, which is not evictable")
         policy = self.policy
         policy.on_unevictable(page)
         self.index.remove(page)

@@ -15,38 +15,75 @@ client's swapped sequences are freed with it (`discard_swapped`).
 - A page that cannot be brought back (evicted from a full tier, or failing its checksum)
   makes SwapIn fail with DataLoss; the sequence is then dropped (emptied), so the engine
   recomputes instead of reading wrong KV.
+- SwapIn first holds the pages still resident, then makes room for all the others (and a
+  static budget's spare pages) at once: it gets them all, or fails with ResourceExhausted
+  having changed nothing. Until `finish_swap_in` hands the pages over, the ticket holds them;
+  `abort_swap_in` (a failure, the call cancelled, the sequence released) gives back exactly
+  what it holds, and the sequence stays swapped out, as it was.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
-from kvstore.errors import DataLoss, FailedPrecondition, ResourceExhausted
+from kvstore.errors import DataLoss, FailedPrecondition, InvariantBroken, ResourceExhausted
 from kvstore.memory.pages import Page, PageState
 from kvstore.store.sessions import Pin, Sequence
-from kvstore.store.tiering import Promotion
+from kvstore.store.tiering import Promotion, Tiers
 from kvstore.tiers import PageKey
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEntry:
+    """A sealed page: shared, found again by its hash (in the pool, or promoted)."""
+
+    block_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateEntry:
+    """An unsealed page, copied below the pool under a key of its own."""
+
+    key: PageKey
+    block_hash: bytes | None  # the hash a full page will be sealed under (None: none yet)
 
 
 @dataclass
 class Swapped:
     """Where a swapped-out sequence's pages went, by page index (None: dropped by its budget)."""
 
-    # ("sealed", block_hash) | ("private", key, block_hash or None: what the unsealed page had)
-    entries: list[tuple[Any, ...] | None]
+    entries: list[SealedEntry | PrivateEntry | None]
     spare: int  # preallocated pages it held (static budget): reserved again at swap-in
+
+
+@dataclass(eq=False, slots=True)
+class PrivateRead:
+    """A private page being read back from disk on a reader thread into `page` (RESERVED,
+    the sequence's): its slot is not given back before `done` is, whatever happens."""
+
+    page: Page
+    done: asyncio.Future[bool]
 
 
 @dataclass
 class SwapInTicket:
-    """A swap-in under way: pages [i] are a Page (resident, ref'd or reserved) or a Promotion
-    (in flight, held through `holder`)."""
+    """A swap-in under way. pages[i] is a Page (resident and referenced, or a RESERVED private
+    page read back), a PrivateRead, a Promotion (in flight, held through `holder`) or None
+    (dropped by the budget); `spare` are the static budget's pages, reserved."""
 
     seq: Sequence
-    pages: list[Page | Promotion | None]
     holder: Pin
-    pending: list[Promotion] = field(default_factory=list)
+    pages: list[Page | PrivateRead | Promotion | None] = field(default_factory=list)
+    spare: list[Page] = field(default_factory=list)
+    aborted: bool = False
+
+    def waits(self) -> list[asyncio.Future[bool]]:
+        """What to wait for before `finish_swap_in`: futures that are never cancelled by
+        the waiter going away (asyncio.wait them)."""
+        out = [item.done for item in self.pages if isinstance(item, PrivateRead)]
+        out += [prom.future() for prom in self.holder.pending]
+        return out
 
 
 def swap_out(seq: Sequence) -> tuple[int, int]:
@@ -59,7 +96,7 @@ def swap_out(seq: Sequence) -> tuple[int, int]:
             "(server.host_tier_bytes / server.disk_tier_dir); preempt with DROP instead"
         )
     _check_live(seq)
-    entries: list[tuple[Any, ...] | None] = []
+    entries: list[SealedEntry | PrivateEntry | None] = []
     saved: list[PageKey] = []
     try:  # copy everything down first: if that fails, nothing has changed
         for page in seq.pages:
@@ -67,11 +104,11 @@ def swap_out(seq: Sequence) -> tuple[int, int]:
                 entries.append(None)
             elif page.state is PageState.SEALED:
                 tiers.demote(ns, page)  # a copy below, unless there is one already
-                entries.append(("sealed", page.block_hash or b""))
+                entries.append(SealedEntry(page.block_hash or b""))
             else:
                 key = tiers.save_private(ns, page)
                 saved.append(key)
-                entries.append(("private", key, page.block_hash))
+                entries.append(PrivateEntry(key, page.block_hash))
     except ValueError as e:
         for key in saved:
             tiers.discard_private(key)
@@ -99,109 +136,160 @@ def swap_out(seq: Sequence) -> tuple[int, int]:
 
 
 def begin_swap_in(seq: Sequence) -> SwapInTicket:
-    """Make room and start bringing the pages back; the caller awaits `ticket.pending` and
-    calls `finish_swap_in`. ResourceExhausted (nothing changed) if the pool cannot hold them."""
-    ns, swapped = seq.ns, seq.swapped
+    """Make room and start bringing the pages back; the caller waits for `ticket.waits()` and
+    calls `finish_swap_in` (or `abort_swap_in`). ResourceExhausted, with nothing changed, if
+    the pool cannot hold them; DataLoss (the caller drops the sequence) if a page is gone."""
+    ns, swapped, tiers = seq.ns, seq.swapped, seq.ns.tiers
     if swapped is None or seq.swap_in is not None:
         what = "being swapped in" if seq.swap_in is not None else "not swapped out"
         raise FailedPrecondition(f"sequence {seq.id} is {what}")
-    tiers = ns.tiers
-    assert tiers is not None
+    if tiers is None:
+        raise InvariantBroken(f"sequence {seq.id} is swapped out of {ns.name!r}, which has no tier below")
+    # Hold the pages still resident first: making room for the others must not evict them.
+    resident: dict[int, Page] = {}
+    for i, entry in enumerate(swapped.entries):
+        if isinstance(entry, SealedEntry):
+            page = ns.index.get(entry.block_hash)
+            if page is not None:
+                ns.ref(page)
+                resident[i] = page
     need = swapped.spare + sum(
         1
-        for e in swapped.entries
-        if e is not None and not (e[0] == "sealed" and ns.index.get(e[1]) is not None)
+        for i, e in enumerate(swapped.entries)
+        if e is not None
+        and i not in resident
+        and not (isinstance(e, SealedEntry) and PageKey(ns.name, e.block_hash) in tiers.promoting)
     )
-    ns.make_room(need, f"swap_in of sequence {seq.id} ({need} pages)")
-    holder = Pin(0, seq.session_id, ns, [])
-    ticket = SwapInTicket(seq, [], holder)
+    try:
+        ns.make_room(need, f"swap_in of sequence {seq.id} ({need} pages)")
+    except ResourceExhausted:
+        for page in resident.values():
+            ns.unref(page)
+        raise
+    ticket = SwapInTicket(seq, Pin(0, seq.session_id, ns, [], counted=False))
+    ticket.spare = [ns.reserve(seq.id) for _ in range(swapped.spare)]
     seq.swap_in = ticket
+    try:
+        _bring_back(ticket, swapped, resident, tiers)
+    except BaseException:
+        for i, page in resident.items():  # (those not yet in ticket.pages)
+            if i >= len(ticket.pages):
+                ns.unref(page)
+        abort_swap_in(ticket)
+        raise
+    return ticket
+
+
+def _bring_back(ticket: SwapInTicket, swapped: Swapped, resident: dict[int, Page], tiers: Tiers) -> None:
+    """Fill `ticket.pages`, one item per entry (the caller has made room for them all)."""
+    seq, ns = ticket.seq, ticket.seq.ns
     parent_page: Page | None = None
     parent_prom: Promotion | None = None
-    for entry in swapped.entries:
+    for i, entry in enumerate(swapped.entries):
         if entry is None:
             ticket.pages.append(None)
             parent_page = parent_prom = None
             continue
-        kind, ref = entry[0], entry[1]
-        if kind == "private":
+        if isinstance(entry, PrivateEntry):
             page = ns.reserve(seq.id)
-            page.block_hash = entry[2]  # a full page keeps the hash it will be sealed under
-            ticket.pages.append(page)
-            if not tiers.load_private(ns, ref, page):  # type: ignore[arg-type]
-                abort_swap_in(ticket)
-                raise _lost(seq, f"page {len(ticket.pages) - 1} (unsealed, swapped below the pool)")
+            page.block_hash = entry.block_hash  # a full page keeps the hash it will be sealed under
+            got = tiers.load_private(ns, entry.key, page)
+            ticket.pages.append(page if isinstance(got, bool) else PrivateRead(page, got))
+            if got is False:
+                raise _lost(seq, f"page {i} (unsealed, swapped below the pool)")
             parent_page = parent_prom = None
             continue
-        resident = ns.index.get(ref)  # type: ignore[arg-type]
-        if resident is not None:
-            ns.ref(resident)
-            ticket.pages.append(resident)
-            parent_page, parent_prom = resident, None
+        page = resident.get(i)
+        if page is not None:
+            ticket.pages.append(page)
+            parent_page, parent_prom = page, None
             continue
-        prom = tiers.promoting.get(PageKey(ns.name, ref))  # type: ignore[arg-type]
+        key = PageKey(ns.name, entry.block_hash)
+        prom = tiers.promoting.get(key)
         if prom is None:
-            source = tiers.holds(ns, ref)  # type: ignore[arg-type]
+            source = tiers.holds_key(ns, key)
             if source is None:
-                abort_swap_in(ticket)
-                raise _lost(seq, f"page {len(ticket.pages)} (sealed; evicted from every tier since)")
-            prom = tiers.promote(ns, ref, parent_page, parent_prom, source)  # type: ignore[arg-type]
+                raise _lost(seq, f"page {i} (sealed; evicted from every tier since)")
+            prom = tiers.promote(ns, entry.block_hash, parent_page, parent_prom, source)
         if prom.ok:
-            ns.ref(prom.sealed)
+            ns.ref(prom.sealed)  # type: ignore[arg-type]  (ok: sealed is set)
             ticket.pages.append(prom.sealed)
             parent_page, parent_prom = prom.sealed, None
         elif prom.ok is False:
-            abort_swap_in(ticket)
-            raise _lost(seq, f"page {len(ticket.pages)} (failed its checksum or vanished below the pool)")
+            raise _lost(seq, f"page {i} (failed its checksum or vanished below the pool)")
         else:
-            prom.pins.append(holder)
-            holder.pending.append(prom)
-            ticket.pending.append(prom)
+            prom.pins.append(ticket.holder)
+            ticket.holder.pending.append(prom)
             ticket.pages.append(prom)
             parent_page, parent_prom = None, prom
-    return ticket
 
 
 def finish_swap_in(ticket: SwapInTicket) -> None:
-    """Once every pending promotion has settled: give the sequence its pages back."""
+    """Once everything in `ticket.waits()` is done: give the sequence its pages back (DataLoss,
+    the ticket aborted, if one did not come back). Nothing can fail once pages move."""
     seq, ns = ticket.seq, ticket.seq.ns
-    if seq.swap_in is not ticket:
+    if seq.swap_in is not ticket or ticket.aborted:
         raise FailedPrecondition(f"sequence {seq.id} was released while it was being swapped in")
     pages: list[Page | None] = []
     for i, item in enumerate(ticket.pages):
-        if isinstance(item, Promotion):
+        if isinstance(item, PrivateRead):
+            if not item.done.done():
+                raise InvariantBroken(f"sequence {seq.id}: swap-in finished before page {i} was read")
+            if item.done.cancelled() or item.done.exception() is not None or not item.done.result():
+                abort_swap_in(ticket)
+                raise _lost(seq, f"page {i} (unsealed, swapped below the pool)")
+            item = item.page
+        elif isinstance(item, Promotion):
+            if item.ok is None:
+                raise InvariantBroken(f"sequence {seq.id}: swap-in finished before page {i} came up")
             if not item.ok:
                 abort_swap_in(ticket)
                 raise _lost(seq, f"page {i} (failed its checksum or vanished below the pool)")
             item = item.sealed  # the holder's reference becomes the sequence's
         pages.append(item)
-    swapped = seq.swapped
-    assert swapped is not None and ns.tiers is not None
+    swapped, tiers = seq.swapped, ns.tiers
+    if swapped is None or tiers is None:
+        raise InvariantBroken(f"sequence {seq.id} is being swapped in but not swapped out")
     for entry in swapped.entries:
-        if entry is not None and entry[0] == "private":
-            ns.tiers.discard_private(entry[1])  # type: ignore[arg-type]
-    ns.tiers.swapped_pages -= sum(e is not None for e in swapped.entries)
+        if isinstance(entry, PrivateEntry):
+            tiers.discard_private(entry.key)
+    tiers.swapped_pages -= sum(e is not None for e in swapped.entries)
     seq.pages = pages
     seq.held = sum(p is not None for p in pages)
-    seq.spare = [ns.reserve(seq.id) for _ in range(swapped.spare)]
+    seq.spare, ticket.spare = ticket.spare, []
+    ticket.pages.clear()
+    ticket.holder.pages.clear()
     seq.swapped = seq.swap_in = None
 
 
 def abort_swap_in(ticket: SwapInTicket) -> None:
-    """Undo a swap-in: every page it got back is released; the sequence stays swapped."""
+    """Undo a swap-in: give back exactly what the ticket holds; the sequence stays swapped
+    out, as before. Idempotent."""
+    if ticket.aborted:
+        return
+    ticket.aborted = True
     seq, ns = ticket.seq, ticket.seq.ns
     for prom in ticket.holder.pending:
         prom.pins.remove(ticket.holder)
     ticket.holder.pending.clear()
     for page in ticket.holder.pages:  # promotions that settled for us: our reference
         ns.unref(page)
+    ticket.holder.pages.clear()
     for item in reversed(ticket.pages):
-        if isinstance(item, Page):
+        if isinstance(item, PrivateRead):
+            if item.done.done():
+                ns.free_reserved(item.page)
+            else:  # a reader thread is writing into its slot: give it back once it is done
+                item.done.add_done_callback(lambda _, page=item.page: ns.free_reserved(page))
+        elif isinstance(item, Page):
             if item.state is PageState.RESERVED:
                 ns.free_reserved(item)
             else:
                 ns.unref(item)
     ticket.pages.clear()
+    for page in ticket.spare:
+        ns.free_reserved(page)
+    ticket.spare.clear()
     if seq.swap_in is ticket:
         seq.swap_in = None
 
@@ -215,8 +303,8 @@ def discard_swapped(seq: Sequence) -> int:
     if seq.swap_in is not None:
         abort_swap_in(seq.swap_in)
     for entry in swapped.entries:
-        if entry is not None and entry[0] == "private":
-            tiers.discard_private(entry[1])  # type: ignore[arg-type]
+        if isinstance(entry, PrivateEntry):
+            tiers.discard_private(entry.key)
     moved = sum(e is not None for e in swapped.entries)
     tiers.swapped_pages -= moved
     seq.swapped = None

@@ -54,6 +54,26 @@ class Pin:
     # Pages still coming up from a tier (kvstore/store/tiering.py), in prefix order: each
     # joins `pages` when it is sealed, or leaves (with every later one) when it fails.
     pending: list[Promotion] = field(default_factory=list)
+    counted: bool = True  # its pages are counted in the namespace's hit_tokens (a lookup's pin)
+
+    def settled(self, prom: Promotion, sealed: Page | None) -> None:
+        """`prom`, one of `pending`, settled: its page (`sealed`, already referenced for this
+        pin) joins `pages`; or it failed, and the hit ends before it: it and every later
+        pending page leave the pin (they extend a page that will not be there), and the
+        namespace's hit counters lose them."""
+        i = self.pending.index(prom)
+        if sealed is not None:
+            del self.pending[i]
+            self.pages.append(sealed)
+            return
+        lost = self.pending[i:]
+        del self.pending[i:]
+        for later in lost[1:]:
+            later.pins.remove(self)
+        if self.counted:
+            tokens = len(lost) * self.ns.spec.page_tokens
+            self.ns.hit_tokens -= tokens
+            self.ns.miss_tokens += tokens
 
 
 @dataclass(eq=False)

@@ -8,7 +8,6 @@ maps them to gRPC status codes.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from kvstore.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
+    InvariantBroken,
     NotFound,
     OutOfRange,
     PermissionDenied,
@@ -33,7 +33,7 @@ from kvstore.hashing import BlockHash, chain, iter_block_hashes
 from kvstore.memory.pages import Page, PageState
 from kvstore.memory.shm_pool import ShmPool, segment_name
 from kvstore.policy import make_policy
-from kvstore.store import live_mrc, preempt, validate
+from kvstore.store import live_mrc, preempt, promote_walk, validate
 from kvstore.store.explain import Explanation
 from kvstore.store.explain import explain as explain_prompt
 from kvstore.store.live_mrc import remember_lookup
@@ -464,7 +464,8 @@ class Store:
             page = seq.pages[i]
             if page is None or page.state is PageState.SEALED or seq.private(i):
                 continue  # dropped; a cached page, or sealed by an earlier commit; private
-            assert page.block_hash is not None
+            if page.block_hash is None:
+                raise InvariantBroken(f"sequence {seq_id}: full public page {i} has no block hash")
             existing = ns.index.get(page.block_hash)
             if existing is not None:
                 # Another sequence sealed the same prefix first: share its page, free ours.
@@ -599,6 +600,10 @@ class Store:
             raise
         return self.sequence_view(ticket.seq.session_id, ticket.seq.id)
 
+    def abort_swap_in(self, ticket: preempt.SwapInTicket) -> None:
+        """The SwapIn call went away (cancelled): the sequence stays swapped out, as it was."""
+        preempt.abort_swap_in(ticket)
+
     # ------------------------------------------------------------ lookup and pins
 
     def lookup(
@@ -655,7 +660,7 @@ class Store:
         up: list[Page] = []
         if ns.tiers is not None:
             try:
-                up, proms = self._promote(ns, pages, first_miss, hashes, held_already=pinning)
+                up, proms = promote_walk.promote(ns, pages, first_miss, hashes, held_already=pinning)
             except BaseException:
                 if pinning:
                     for page in pages:
@@ -679,13 +684,14 @@ class Store:
             ready += 1
         pin_id = 0
         if pin and hit:
-            assert session is not None
+            if session is None:
+                raise InvariantBroken("a pin without a session")
             pinned = Pin(self._new_id(session), session.id, ns, list(pages))
             for prom in proms:
-                if prom.ok:
+                if prom.sealed is not None:  # settled since it started
                     ns.ref(prom.sealed)
                     pinned.pages.append(prom.sealed)
-                else:  # in flight: joins pinned.pages when sealed (kvstore/store/tiering.py)
+                else:  # in flight: joins pinned.pages when sealed (Pin.settled)
                     prom.pins.append(pinned)
                     pinned.pending.append(prom)
             pin_id = pinned.id
@@ -696,7 +702,8 @@ class Store:
 
     def settle_lookup(self, r: LookupResult) -> LookupResult:
         """The lookup once its promotions have settled: the hit ends before the first that
-        failed (a page whose bytes did not verify is never served)."""
+        failed (a page whose bytes did not verify is never served). A pin's hit counters
+        were corrected as they failed (Pin.settled)."""
         ns = self.namespace(r.namespace)
         n = len(r.slots) - len(r.promotions)
         slots, hashes = r.slots[:n], r.block_hashes[:n]
@@ -706,117 +713,10 @@ class Store:
             slots.append(prom.sealed.slot)
             hashes.append(prom.key.block_hash)
         lost = (len(r.slots) - len(slots)) * ns.spec.page_tokens
-        ns.hit_tokens -= lost
-        ns.miss_tokens += lost
+        if not r.pin_id:
+            ns.hit_tokens -= lost
+            ns.miss_tokens += lost
         return LookupResult(r.hit_tokens - lost, slots, hashes, r.pin_id, len(slots), [], r.namespace)
-
-    def _promote(
-        self, ns: Namespace, pages: list[Page], first_miss: bytes | None, rest, held_already: bool
-    ) -> tuple[list[Page], list[Promotion]]:
-        """Continue a lookup below the pool: bring up the blocks after the pool hits
-        (`first_miss` and then `rest`) while a tier holds them and the pool can make room.
-        With every full page hit, prefetch the pages that followed last time. `held_already`:
-        the caller holds a reference on each of `pages` through this call.
-
-        Returns (pages sealed at once, each with a reference the caller now owns; then the
-        promotions still in flight, which the hit continues with)."""
-        tiers = ns.tiers
-        assert tiers is not None
-        if first_miss is None and (
-            not pages or not tiers.prefetch_pages or tiers.successor(ns.name, pages[-1].block_hash) is None
-        ):
-            return [], []  # every page hit in the pool and nothing followed them last time
-        held = [] if held_already else list(pages)  # resident pages of the chain: kept from
-        for page in held:  # eviction while we make room
-            ns.ref(page)
-        up: list[Page] = []  # sealed at once; their references are the caller's
-        proms: list[Promotion] = []
-        tiers.begin_reads()
-        try:
-            parent_page = pages[-1] if pages else None
-            parent_prom: Promotion | None = None
-            last_hash = pages[-1].block_hash if pages else None
-            walk = [] if first_miss is None else itertools.chain([first_miss], rest)
-            for block_hash in walk:
-                got = self._promote_one(ns, block_hash, parent_page, parent_prom)
-                if not got:
-                    break
-                if isinstance(got, Page):
-                    up.append(got)
-                    parent_page, last_hash = got, block_hash
-                    continue
-                proms.append(got)
-                parent_page, parent_prom, last_hash = self._chain_step(ns, got, held)
-            else:
-                # Every full page of the prompt hit: bring up what followed it last time.
-                for _ in range(tiers.prefetch_pages if last_hash is not None else 0):
-                    nxt = tiers.successor(ns.name, last_hash)
-                    if nxt is None:
-                        break
-                    resident = ns.index.get(nxt)
-                    if resident is not None:
-                        ns.ref(resident)
-                        held.append(resident)
-                        parent_page, parent_prom, last_hash = resident, None, nxt
-                        continue
-                    got = self._promote_one(ns, nxt, parent_page, parent_prom)
-                    if not got:
-                        break
-                    tiers.counters["prefetched"] += 1
-                    if isinstance(got, Page):  # not part of the hit: held only while we walk
-                        held.append(got)
-                        parent_page, parent_prom, last_hash = got, None, nxt
-                        continue
-                    parent_page, parent_prom, last_hash = self._chain_step(ns, got, held)
-        except BaseException:
-            for page in up:
-                ns.unref(page)
-            raise
-        finally:
-            tiers.end_reads()
-            for page in held:
-                ns.unref(page)
-        return up, proms
-
-    @staticmethod
-    def _chain_step(
-        ns: Namespace, prom: Promotion, held: list[Page]
-    ) -> tuple[Page | None, Promotion | None, bytes]:
-        if prom.ok:  # settled already: resident from here on
-            ns.ref(prom.sealed)
-            held.append(prom.sealed)
-            return prom.sealed, None, prom.key.block_hash
-        return None, prom, prom.key.block_hash
-
-    @staticmethod
-    def _promote_one(
-        ns: Namespace, block_hash: bytes, parent_page: Page | None, parent_prom: Promotion | None
-    ) -> Page | Promotion | None:
-        """One block below the pool: the page sealed at once (Tiers.promote_now), a promotion
-        in flight, or None (no tier holds it, the pool cannot make room, or it failed)."""
-        tiers = ns.tiers
-        assert tiers is not None
-        key = PageKey(ns.name, block_hash)
-        prom = tiers.promoting.get(key)
-        if prom is not None:
-            return prom if prom.ok is not False else None  # another lookup is bringing it up: join it
-        source = tiers.holds_key(ns, key)
-        if source is None:
-            return None
-        try:
-            ns.make_room(1, "promotion")
-        except ResourceExhausted:
-            return None  # the pool is full of pinned pages: the hit ends here
-        if source == "host" and key not in tiers.host:  # type: ignore[operator]
-            source = tiers.holds_key(ns, key)  # the demotions that made room pushed it to disk
-            if source is None:
-                return None
-        if parent_prom is None:  # (a page in flight before it: this one waits for it too)
-            page = tiers.promote_now(ns, key, parent_page, source)
-            if page is not None:
-                return page or None
-        prom = tiers.promote(ns, block_hash, parent_page, parent_prom, source)
-        return prom if prom.ok is not False else None
 
     def pin_progress(self, sid: int, pin_id: int) -> tuple[list[int], int, Promotion | None]:
         """(slots of the pages ready, pages in the pin, the first page still in flight or None)."""

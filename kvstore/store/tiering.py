@@ -40,9 +40,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import Page
+from kvstore.store import swap_io
 from kvstore.tiers import (
     NOT_RESIDENT,
     CorruptPage,
@@ -51,6 +54,7 @@ from kvstore.tiers import (
     PageKey,
     PageMeta,
     PageRecord,
+    TierName,
     make_meta,
 )
 
@@ -62,10 +66,16 @@ log = logging.getLogger(__name__)
 
 PROMOTING_OWNER = -1  # owner of a RESERVED pool page being filled from a tier
 SUCCESSORS_REMEMBERED = 1 << 20
-WRITE_WAIT_S = 60.0  # a promotion of a page still queued for disk waits this long for its write
 # Records of swapped-out sequences' unsealed pages live under "<namespace>" + this: never
 # found by a lookup, and deleted at the next start (their sequences died with the daemon).
 SWAP_SUFFIX = "\x00swap"
+
+
+class NotNow(Enum):
+    """Why `Tiers.promote_now` brought no page up."""
+
+    WAIT = "wait"  # it has to wait (a write not yet committed, bytes not in the page cache)
+    FAILED = "failed"  # its record failed verification or is gone: the hit ends there
 
 
 class Verified(NamedTuple):
@@ -86,7 +96,7 @@ class Promotion:
     page: Page
     parent_page: Page | None  # resident parent (we hold a ref on it); None: root or in flight
     parent: Promotion | None  # in-flight parent
-    source: str  # "host" | "disk"
+    source: TierName
     pins: list[Pin] = field(default_factory=list)
     children: list[Promotion] = field(default_factory=list)  # in flight, waiting on us
     read_ok: bool | None = None  # None: the read has not finished
@@ -96,11 +106,16 @@ class Promotion:
     _waiters: list[asyncio.Future[bool]] = field(default_factory=list)
 
     async def wait(self) -> bool:
+        return bool(await self.future())
+
+    def future(self) -> asyncio.Future[bool]:
+        """Resolved (with `ok`) when the promotion settles; cancelling it cancels nothing else."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self.ok is None:
-            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
-            await fut
-        return bool(self.ok)
+        else:
+            fut.set_result(self.ok)
+        return fut
 
 
 class Tiers:
@@ -149,18 +164,18 @@ class Tiers:
 
     # ------------------------------------------------------------ what is below
 
-    def holds(self, ns: Namespace, block_hash: bytes) -> str | None:
-        """Which tier holds the page ("host", "disk"), or None."""
+    def holds(self, ns: Namespace, block_hash: bytes) -> TierName | None:
+        """Which tier holds the page, or None."""
         return self.holds_key(ns, PageKey(ns.name, block_hash))
 
-    def holds_key(self, ns: Namespace, key: PageKey) -> str | None:
+    def holds_key(self, ns: Namespace, key: PageKey) -> TierName | None:
         """`holds` by the page's key."""
         if self.host is not None and key in self.host:
             meta = self.host.meta(key)
             if meta is not None and meta.geometry == ns.geometry and meta.page_bytes == ns.spec.page_bytes:
-                return "host"
+                return TierName.HOST
         if self.disk is not None and (key in self.disk or key in self._queued):
-            return "disk"  # (a queued record is read once its batch has committed)
+            return TierName.DISK  # (a queued record is read once its batch has committed)
         return None
 
     def disk_evicted(self, keys: list[PageKey]) -> None:
@@ -188,7 +203,8 @@ class Tiers:
         of the pool slot). A page that came up from a tier keeps the metadata and checksum its
         bytes verified against then: no new checksum (and bytes changed in the pool since, by
         a client writing where it must not, fail that checksum at the next promotion)."""
-        assert page.block_hash is not None
+        if page.block_hash is None:
+            raise InvariantBroken(f"namespace {ns.name!r}: demoting {page}, which has no block hash")
         view = ns.page_view(page.slot)
         verified = page.verified
         if isinstance(verified, Verified):
@@ -232,7 +248,8 @@ class Tiers:
 
     def _make_host_room(self, page_bytes: int) -> bool:
         host = self.host
-        assert host is not None
+        if host is None:
+            raise InvariantBroken("making room in a host tier that does not exist")
         while not host.has_room(page_bytes):
             victims = host.victims(8, page_bytes)
             if not victims:
@@ -257,7 +274,8 @@ class Tiers:
         return True
 
     def _put_disk(self, records: list[PageRecord]) -> cf.Future[list[Any]]:
-        assert self.disk is not None
+        if self.disk is None:
+            raise InvariantBroken("writing to a disk tier that does not exist")
         keys = [r.key for r in records]
         fut = self.disk.put_async(records)
         for key in keys:
@@ -278,8 +296,7 @@ class Tiers:
             self.note_successor(ns.name, page.parent.block_hash, page.block_hash)
         if self.write_through and page.block_hash:
             key = PageKey(ns.name, page.block_hash)
-            assert self.disk is not None
-            if key not in self.disk and key not in self._queued:
+            if self.disk is not None and key not in self.disk and key not in self._queued:
                 self._put_disk([self._record(ns, page, copy=True)])
                 self.counters["written_through"] += 1
 
@@ -325,19 +342,10 @@ class Tiers:
             raise ValueError("no tier below the pool has room")
         return meta.key
 
-    def load_private(self, ns: Namespace, key: PageKey, page: Page) -> bool:
-        """Copy a swapped page back into `page` (verified); False if it is gone or corrupt."""
-        view = ns.page_view(page.slot)
-        try:
-            if self.host is not None and key in self.host:
-                return self.host.read_into(key, view) is not None
-            if self.disk is not None:
-                if key in self._queued:
-                    self.disk.flush_sync()  # (rare: swapped in before its write committed)
-                return self.disk.read_into(key, view) is not None
-        except (CorruptPage, ValueError) as e:
-            log.warning("swapped page %s cannot be read back: %s", key, e)
-        return False
+    def load_private(self, ns: Namespace, key: PageKey, page: Page) -> bool | asyncio.Future[bool]:
+        """Copy a swapped page back into `page`, verified: whether it could be (it may be gone
+        or corrupt), or a future of that while a reader thread reads it from disk."""
+        return swap_io.read_private(self.host, self.disk, self._queued.get(key), key, ns.page_view(page.slot))
 
     def discard_private(self, key: PageKey) -> None:
         if self.host is not None and self.host.remove(key):
@@ -353,7 +361,7 @@ class Tiers:
         block_hash: bytes,
         parent_page: Page | None,
         parent: Promotion | None,
-        source: str,
+        source: TierName,
     ) -> Promotion:
         """Start bringing one page up; the caller has made room for one page. `parent_page`
         (resident) or `parent` (in flight) is the page it extends."""
@@ -366,27 +374,27 @@ class Tiers:
         self.promoting[key] = prom
         if parent is not None:
             parent.children.append(prom)
-        if source == "host":
+        if source is TierName.HOST:
             self._read_done(prom, self._read_host(prom))
         else:
             self._read_disk(prom)
         return prom
 
     def promote_now(
-        self, ns: Namespace, key: PageKey, parent_page: Page | None, source: str
-    ) -> Page | bool | None:
+        self, ns: Namespace, key: PageKey, parent_page: Page | None, source: TierName
+    ) -> Page | NotNow:
         """Bring one page up at once when nothing has to wait for it: from the host tier, or
         from disk when its record has committed and its bytes are in the OS page cache (read
         here, on the loop). The caller has made room for one page, and `parent_page` is
         resident. Returns the sealed page, with one reference that is now the caller's;
-        False if its record failed verification or is gone (the hit ends there); None if it
+        FAILED if its record failed verification or is gone (the hit ends there); WAIT if it
         has to wait (a write not yet committed, bytes not in the page cache): nothing was
         done, start a `promote`. The common case of a lookup that continues below the pool,
         without a `Promotion` to track, settle and wait for."""
         block_hash = key.block_hash
         disk = self.disk
         in_page_cache = False
-        if source == "host":
+        if source is TierName.HOST:
             page = ns.reserve(PROMOTING_OWNER)
             try:
                 got: Any = self.host.read_record_into(key, ns.page_view(page.slot))  # type: ignore[union-attr]
@@ -394,9 +402,10 @@ class Tiers:
                 log.warning("promotion of %s from host failed: %s", key, e)
                 got = None
         else:
-            assert disk is not None
+            if disk is None:
+                raise InvariantBroken(f"promoting {key} from a disk tier that does not exist")
             if key in self._queued:
-                return None  # its write first: a reader thread waits for it
+                return NotNow.WAIT  # its write first: a reader thread waits for it
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (tools, tests of the store alone): read here
@@ -405,12 +414,12 @@ class Tiers:
             got = self._read_disk_one(key, ns.page_view(page.slot), ns.geometry, loop)
             if got is None:  # not in the page cache: a reader thread reads it
                 ns.free_reserved(page)
-                return None
+                return NotNow.WAIT
             in_page_cache = loop is not None
         if not isinstance(got, tuple):
             ns.free_reserved(page)
             self._failed(ns, key, source)
-            return False
+            return NotNow.FAILED
         existing = ns.index.get(block_hash)
         if existing is not None:  # (cannot happen from a lookup's walk; kept for any caller)
             ns.free_reserved(page)
@@ -423,7 +432,7 @@ class Tiers:
         self.counters["promoted_disk_inline"] += in_page_cache
         return page
 
-    def _failed(self, ns: Namespace, key: PageKey, source: str) -> None:
+    def _failed(self, ns: Namespace, key: PageKey, source: TierName) -> None:
         """A promotion's record failed verification or was gone: counted, and remembered for
         Explain when no tier holds the page any more."""
         self.counters["promotion_failures"] += 1
@@ -436,7 +445,8 @@ class Tiers:
             )
 
     def _read_host(self, prom: Promotion) -> tuple[PageMeta, int] | bool:
-        assert self.host is not None
+        if self.host is None:
+            raise InvariantBroken(f"promoting {prom.key} from a host tier that does not exist")
         try:
             got = self.host.read_record_into(prom.key, prom.ns.page_view(prom.page.slot))
         except (CorruptPage, ValueError) as e:
@@ -466,7 +476,8 @@ class Tiers:
         cheaper than the hop to a thread and back); from the first that is not, the rest go to
         the reader threads as one job."""
         disk = self.disk
-        assert disk is not None
+        if disk is None:
+            raise InvariantBroken("reading from a disk tier that does not exist")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (tools, tests of the store alone): read here
@@ -478,7 +489,7 @@ class Tiers:
                 if loop is not None:
                     break  # a reader thread waits for it
                 with contextlib.suppress(Exception):
-                    write.result(WRITE_WAIT_S)
+                    write.result(swap_io.WRITE_WAIT_S)
             got = self._read_disk_one(prom.key, prom.ns.page_view(prom.page.slot), prom.ns.geometry, loop)
             if got is None:
                 break
@@ -486,9 +497,8 @@ class Tiers:
             inline += 1
         self.counters["promoted_disk_inline"] += inline
         rest = proms[inline:]
-        if not rest:
+        if not rest or loop is None:  # (without a loop every read was done above)
             return
-        assert loop is not None
         jobs = [(p.key, p.ns.page_view(p.page.slot), p.ns.geometry, self._queued.get(p.key)) for p in rest]
 
         def read_all() -> list[tuple[PageMeta, int] | bool]:
@@ -496,7 +506,7 @@ class Tiers:
             for key, view, geometry, write in jobs:
                 if write is not None:  # a page demoted a moment ago: its write first
                     with contextlib.suppress(Exception):  # (what is on disk then decides)
-                        write.result(WRITE_WAIT_S)
+                        write.result(swap_io.WRITE_WAIT_S)
                 results.append(self._read_disk_one(key, view, geometry, None) or False)
             return results
 
@@ -516,7 +526,8 @@ class Tiers:
         if it did and is of this geometry, else False. On the loop (`loop` given) only if it
         cannot block: None if its bytes are not in the page cache (nothing was read)."""
         disk = self.disk
-        assert disk is not None
+        if disk is None:
+            raise InvariantBroken(f"reading {key} from a disk tier that does not exist")
         try:
             got = disk.read_record_into(key, view, resident_only=loop is not None)
         except (CorruptPage, ValueError) as e:
@@ -560,15 +571,14 @@ class Tiers:
                     page.refcount = holders
                 prom.sealed = page
             for pin in prom.pins:
-                pin.pages.append(prom.sealed)
-                pin.pending.remove(prom)
+                pin.settled(prom, prom.sealed)
             self.counters["promoted_" + prom.source] += 1
             # The host copy stays (the host tier is inclusive): when the pool evicts the page
             # again, demoting it costs nothing.
         else:
             ns.free_reserved(page)
-            for pin in prom.pins:
-                pin.pending.remove(prom)
+            for pin in list(prom.pins):
+                pin.settled(prom, None)
             if prom.read_ok is False:
                 self._failed(ns, prom.key, prom.source)
         if prom.parent is not None and prom.parent.sealed is not None:
@@ -619,7 +629,8 @@ def reindex_disk(
     """Run on a thread at start: rebuild the disk tier's index and hand (namespace, parent,
     child) pairs to `post` (which hops to the loop) in chunks. Returns (pages found, keys of
     swapped sequences' records, to delete)."""
-    assert tiers.disk is not None
+    if tiers.disk is None:
+        raise InvariantBroken("re-indexing a disk tier that does not exist")
     found = 0
     stale: list[PageKey] = []
     pairs: list[tuple[str, bytes, bytes]] = []
@@ -638,7 +649,8 @@ def _reindex(
     stale: list[PageKey],
     pairs: list[tuple[str, bytes, bytes]],
 ) -> int:
-    assert tiers.disk is not None
+    if tiers.disk is None:
+        raise InvariantBroken("re-indexing a disk tier that does not exist")
     found = 0
     if tiers.closing:  # (checked after the idle event was cleared: close() waits for us)
         return 0

@@ -4,7 +4,7 @@ read, so a page that fails is reported (`CorruptPage`), never served. See docs/t
 
 from .disk import NOT_RESIDENT, DiskTier, DiskWriteError
 from .host import HostFull, HostTier
-from .record import CorruptPage, PageKey, PageMeta, PageRecord, make_meta
+from .record import CorruptPage, PageKey, PageMeta, PageRecord, TierName, make_meta
 
 __all__ = [
     "NOT_RESIDENT",
@@ -16,5 +16,6 @@ __all__ = [
     "PageKey",
     "PageMeta",
     "PageRecord",
+    "TierName",
     "make_meta",
 ]

@@ -38,6 +38,8 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from kvstore.errors import InvariantBroken
+
 from .disk_index import DiskIndex
 from .disk_writer import BatchLimits, Dbs, DiskWriteError, DiskWriter
 from .record import META_HEAD_BYTES, CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
@@ -259,7 +261,8 @@ class DiskTier:
         caller reads is what was checked. None on a miss; CorruptPage when it fails (the
         record is then dropped: counted, logged, deleted, a miss from then on)."""
         got = self._read(key, memoryview(out).cast("B"))
-        assert got is not NOT_RESIDENT
+        if got is NOT_RESIDENT:
+            raise InvariantBroken(f"reading {key}: NOT_RESIDENT from a read that may block")
         return None if got is None else got[0]
 
     def read_record_into(

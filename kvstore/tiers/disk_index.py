@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import Page
 from kvstore.policy import EvictionPolicy, make_policy
 
@@ -277,7 +278,8 @@ class DiskIndex:
                 rec = policy.victim()
                 if rec is None:
                     break
-                assert isinstance(rec, _Record)
+                if not isinstance(rec, _Record):
+                    raise InvariantBroken(f"the disk tier's policy chose {rec!r}, not one of its records")
                 if rec.key in skip:
                     held.append(rec)
                     continue

@@ -33,6 +33,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
 import xxhash
@@ -48,6 +49,13 @@ _HEAD = struct.Struct("<4sB3xQ")
 _BODY = struct.Struct("<QIQB16s16sHH")
 META_HEAD_BYTES = _HEAD.size
 META_FIXED_BYTES = _HEAD.size + _BODY.size
+
+
+class TierName(StrEnum):
+    """A tier below the pool (a str: it reads as "host" or "disk" in messages and counters)."""
+
+    HOST = "host"
+    DISK = "disk"
 
 
 class CorruptPage(Exception):
