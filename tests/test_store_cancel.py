@@ -1,0 +1,164 @@
+"""A call cancelled at its `await` (the client's deadline, a cancel, the daemon stopping)
+leaves no state behind. The KVStore handlers await only in kvstore/store/waits.py, once
+each: `lookup` (promotions from disk settling), `swap_in` (its pages coming back) and
+`wait_pages` (the pin's next page). Each is driven here as a task over real tiers
+(tests/store_helpers.py), held at that await by the disk tier's busy reader threads, and
+cancelled there; then the reads finish and the books must be what they were.
+
+Also here: promotions that fail while in flight (defect 9 of issue 14)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from store_helpers import (
+    PB,
+    T,
+    books,
+    content,
+    make_store,
+    readers_held,
+    same_bytes,
+    to_device,
+    until,
+    write,
+)
+
+from kvstore.store import waits
+
+
+async def _below(tmp: Path, n_pages: int, seed: int):
+    """A store over a disk tier only, with a prompt of `n_pages` full pages on disk (not in
+    the pool, not in the page cache)."""
+    store, ns, sid = make_store(tmp, host=False, disk=True)
+    tokens = list(range(seed, seed + n_pages * T))
+    store.release_sequence(sid, write(store, sid, tokens))
+    store.evict_all("t")
+    await to_device(store, tmp)
+    return store, ns, sid, tokens
+
+
+async def _cancel_at_await(task: asyncio.Task, at: str, reached) -> None:
+    await until(reached, at)
+    assert not task.done(), f"{at}: the call finished without waiting (nothing was in flight)"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_pinned_lookup_cancelled_while_pages_come_up_releases_its_pin(tmp_path: Path) -> None:
+    store, ns, sid, tokens = await _below(tmp_path, 4, seed=10)
+    try:
+        before = books(store, ns)
+        with readers_held(store):
+            task = asyncio.create_task(waits.lookup(store, sid, "t", tokens, b"", True))
+            await _cancel_at_await(task, "lookup: promotions settling", lambda: store.sessions[sid].pins)
+            assert store.sessions[sid].pins == {}  # released at once: nobody knows its id
+        await until(lambda: not store.tiers.promoting, "the promotions to settle")
+        after = books(store, ns)
+        assert after["refs"] == {} and after["pins"] == 0 and after["reserved"] == 0
+        assert after["free"] == before["free"] - 4  # the pages came up, cached and unpinned
+        r = await waits.lookup(store, sid, "t", tokens, b"", True)  # and serve the next lookup
+        assert r.hit_tokens == 4 * T and same_bytes(ns, tokens, r.slots) == [True] * 4
+    finally:
+        store.close()
+
+
+async def test_a_swap_in_cancelled_while_pages_come_back_leaves_it_swapped_out(tmp_path: Path) -> None:
+    """Sealed pages (promotions) and private pages (reads on the reader threads) in flight
+    when it is cancelled: the sequence stays swapped out, a private page's slot is not given
+    back while a reader thread may still write into it, and a later SwapIn succeeds."""
+    store, ns, sid = make_store(tmp_path, host=False, disk=True)
+    try:
+        a = list(range(500, 500 + 4 * T + 1))
+        seq = write(store, sid, a, commit=2 * T, max_tokens=6 * T)  # 2 sealed, 3 private, 1 spare
+        assert store.preempt(sid, seq, "swap_out") == (5, 6)
+        await to_device(store, tmp_path)
+        before = books(store, ns)
+        s = store.sessions[sid].sequences[seq]
+        with readers_held(store):
+            task = asyncio.create_task(waits.swap_in(store, sid, seq))
+            await _cancel_at_await(task, "swap_in: pages coming back", lambda: s.swap_in is not None)
+            assert s.swap_in is None and s.swapped is not None and s.pages == [] and s.spare == []
+            # Its 3 private pages' reads are still queued: their slots stay taken until done.
+            assert ns.pages_reserved == 2 + 3
+        await until(lambda: not store.tiers.promoting and ns.pages_reserved == 0, "the reads to finish")
+        after = books(store, ns)
+        assert after["refs"] == {} and after["pins"] == 0 and after["free"] == before["free"] - 2
+        assert store.tiers.swapped_pages == 5
+
+        view = await waits.swap_in(store, sid, seq)
+        assert same_bytes(ns, a, [p.slot for p in view.pages]) == [True] * 5
+        assert len(s.spare) == 1
+        r = store.release_sequence(sid, seq)
+        assert (r.pages_freed, r.pages_unpinned) == (3 + 1, 2)
+        assert books(store, ns)["reserved"] == 0
+    finally:
+        store.close()
+
+
+async def test_wait_pages_cancelled_leaves_the_pin_whole(tmp_path: Path) -> None:
+    store, ns, sid, tokens = await _below(tmp_path, 3, seed=900)
+    try:
+        with readers_held(store):
+            r = store.lookup(sid, "t", tokens, b"", True, return_in_flight=True)
+            assert r.hit_tokens == 3 * T and r.ready_pages == 0
+            task = asyncio.create_task(waits.wait_pages(store, sid, r.pin_id, 0))
+            waited = lambda: any(p._waiters for p in store.tiers.promoting.values())  # noqa: E731
+            await _cancel_at_await(task, "wait_pages: the pin's next page", waited)
+        slots, total = await waits.wait_pages(store, sid, r.pin_id, 0)
+        assert total == 3 and same_bytes(ns, tokens, slots) == [True] * 3
+        assert len(books(store, ns)["refs"]) == 3
+        store.release_pin(sid, r.pin_id)
+        assert books(store, ns)["refs"] == {}
+    finally:
+        store.close()
+
+
+def _corrupt_on_disk(tmp: Path, payload: bytes) -> None:
+    """Flip bytes of `payload` wherever it is in the LMDB file (in place: the file is mapped
+    by the open tier), then make sure the next read comes from the device."""
+    path = tmp / "disk" / "data.mdb"
+    raw = path.read_bytes()
+    needle, at, copies = payload[100:164], 0, 0
+    fd = os.open(path, os.O_RDWR)
+    try:
+        while (at := raw.find(needle, at)) >= 0:
+            os.pwrite(fd, bytes(b ^ 0xFF for b in raw[at : at + 8]), at)
+            copies += 1
+            at += 1
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert copies, "the page's bytes are not in data.mdb"
+
+
+@pytest.mark.parametrize("how", ["wait_pages", "release"])
+async def test_an_in_flight_promotion_that_fails_ends_the_pins_hit_and_its_count(
+    tmp_path: Path, how: str
+) -> None:
+    """A pin taken with return_in_flight counts its in-flight pages as hits; the one that then
+    fails its checksum and every page after it leave the pin and the hit count (the
+    namespace's hit_tokens, miss_tokens), and WaitPages answers with what is left."""
+    store, ns, sid, tokens = await _below(tmp_path, 4, seed=70)
+    try:
+        _corrupt_on_disk(tmp_path, content(tokens, 2))
+        assert len(content(tokens, 2)) == PB
+        r = store.lookup(sid, "t", tokens, b"", True, return_in_flight=True)
+        assert r.hit_tokens == 4 * T and r.ready_pages == 0, "the pages came up without waiting"
+        assert store.stats("t")[0].hit_tokens == 4 * T
+        if how == "wait_pages":
+            slots, total = await asyncio.wait_for(waits.wait_pages(store, sid, r.pin_id, 0), 10)
+            assert total == 2 and same_bytes(ns, tokens, slots) == [True] * 2
+        else:
+            await until(lambda: not store.tiers.promoting, "the promotions to settle")
+        st = store.stats("t")[0]
+        assert (st.hit_tokens, st.miss_tokens) == (2 * T, 2 * T)
+        assert store.release_pin(sid, r.pin_id).pages_unpinned == 2
+        assert books(store, ns)["refs"] == {}
+    finally:
+        store.close()
