@@ -36,8 +36,9 @@ from kvstore.memory.shm_pool import remove_stale_segments
 from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.metrics import MetricsServer
+from kvstore.store.reindex import reindex_disk
 from kvstore.store.store import Store
-from kvstore.store.tiering import Tiers, reindex_disk
+from kvstore.store.tiering import Tiers
 from kvstore.tiers import DiskTier, HostTier, PageKey
 
 log = logging.getLogger(__name__)
