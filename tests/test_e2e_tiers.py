@@ -261,6 +261,54 @@ def test_swap_out_and_in_round_trip(kind: str, daemon_factory: Any, tmp_path: Pa
         assert seq.committed_tokens == 5 * T + 4
 
 
+def test_swap_in_under_pool_pressure(daemon_factory: Any, tmp_path: Path) -> None:
+    """SwapIn when the pool is full: it keeps its own resident pages while it makes room (they
+    were the least recently used), or fails with RESOURCE_EXHAUSTED and changes nothing; with
+    room again it succeeds, every byte back, and Release frees exactly what it holds."""
+    from kvstore_client.errors import ResourceExhausted
+
+    d = daemon_factory(server=tier_server("host", tmp_path), namespaces=[NS]).start()
+    a, b = prompt(6 * T, seed=1100), prompt(12 * T, seed=1200)
+    with kvstore_client.connect(d.target) as client:
+        ns = client.namespace("test")
+
+        def pool() -> Any:
+            return client.stats("test").namespaces[0]
+
+        seq = client.allocate(ns)
+        seq.append(a)
+        for page in seq.pages:
+            ns.page(page.slot).copy_(_content(ns, page.index, a))
+        seq.commit(4 * T)  # pages 0-3 sealed; 4 and 5 the sequence's own
+        pin = client.lookup(ns, a[: 4 * T], pin=True)  # 0-3 stay in the pool through swap-out
+        assert seq.swap_out().pages_freed == 2
+        pin.release()
+        with client.allocate(ns) as other:  # 12 newer pages: the pool is full, nothing pinned
+            other.append(b)
+            other.commit()
+        assert (pool().pages_free, pool().pages_pinned) == (0, 0)
+        seq.swap_in()
+        assert [p.index for p in seq.pages] == [0, 1, 2, 3, 4, 5]
+        for page in seq.pages:
+            got = ns.page(page.slot).contiguous().view(-1).numpy().tobytes()
+            assert got == _content(ns, page.index, a).contiguous().view(-1).numpy().tobytes(), page
+
+        seq.swap_out()
+        hog = client.allocate(ns, pool().pages_free * T + pool().pages_sealed * T)  # every page
+        before = pool()
+        with pytest.raises(ResourceExhausted, match="swap_in of sequence"):
+            seq.swap_in()
+        assert pool() == before and tiers(client).swapped_pages == 6
+        with pytest.raises(FailedPrecondition, match="swapped out"):
+            seq.append([1])
+        hog.release()
+        seq.swap_in()
+        assert tiers(client).swapped_pages == 0
+        r = seq.release()
+        assert r is not None and (r.pages_freed, r.pages_unpinned) == (2, 4)
+        assert (pool().pages_free + pool().pages_sealed, pool().pages_pinned) == (POOL_PAGES, 0)
+
+
 def _content(ns: Any, index: int, tokens: list[int]) -> Any:
     from e2e_helpers import page_content
 
