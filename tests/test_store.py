@@ -160,11 +160,12 @@ def state_of(store: Store, slot: int) -> PageState:
 
 def test_create_namespace_makes_private_segment(bare_store, prefix):
     info = bare_store.create_namespace(make_spec())
-    path = SHM / info.pool.shm_name
-    assert info.pool.shm_name == f"{prefix}{os.getpid()}.ns"
+    handle = info.pool.handle
+    path = SHM / handle.name
+    assert handle.name == f"{prefix}{os.getpid()}.{handle.epoch:016x}.ns"  # unique to this pool
     st_ = path.stat()
     assert stat.S_IMODE(st_.st_mode) == 0o600
-    assert st_.st_size == PAGES * 4096 == info.pool.nbytes
+    assert st_.st_size == PAGES * 4096 == handle.nbytes
     assert info.pool.page_bytes == PAGE_BYTES == 64
     assert info.pool.page_stride == 4096
     assert info.pool.page_shape == (1, 2, T, 1, 8)

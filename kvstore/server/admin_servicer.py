@@ -12,6 +12,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import FailedPrecondition
 from kvstore.server import convert
 from kvstore.server.status import grpc_errors
+from kvstore.store import namespaces
 from kvstore.store.store import Store
 
 Ctx = grpc.aio.ServicerContext
@@ -25,11 +26,16 @@ class AdminServicer(pb_grpc.AdminServicer):
     @grpc_errors
     async def CreateNamespace(self, request: pb.CreateNamespaceRequest, context: Ctx) -> pb.NamespaceInfo:
         spec = convert.namespace_spec(request.spec, self.default_policy)
-        self.store.check_new_namespace(spec)
-        # Backing a large segment takes a while: do it off the loop, then register on it
-        # (add_namespace re-checks the name, which another call may have taken meanwhile).
-        pool = await asyncio.to_thread(self.store.create_pool, spec)
-        return convert.namespace_info(self.store.add_namespace(spec, pool))
+        return convert.namespace_info(await namespaces.create(self.store, spec))
+
+    @grpc_errors
+    async def DeleteNamespace(
+        self, request: pb.DeleteNamespaceRequest, context: Ctx
+    ) -> pb.DeleteNamespaceResponse:
+        r = await namespaces.delete(self.store, request.namespace, request.force)
+        return pb.DeleteNamespaceResponse(
+            sequences_released=r.sequences_released, pins_released=r.pins_released
+        )
 
     @grpc_errors
     async def ListNamespaces(

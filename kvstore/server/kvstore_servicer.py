@@ -15,7 +15,7 @@ from kvstore import __version__
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
 from kvstore.server.status import abort_for, grpc_errors
-from kvstore.store import waits
+from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
 from kvstore.store.types import SequenceView
 
@@ -81,13 +81,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             convert.sequence_options(request.options),
             request.model_fingerprint,
         )
-        return pb.AllocateResponse(sequence_id=seq_id, reserved_pages=reserved)
+        return pb.AllocateResponse(
+            sequence_id=seq_id,
+            reserved_pages=reserved,
+            pool_epoch=namespaces.namespace_epoch(self.store, request.namespace),
+        )
 
     @grpc_errors
     async def Append(self, request: pb.AppendRequest, context: Ctx) -> pb.AppendResponse:
         r = self.store.append(request.session_id, request.sequence_id, request.token_ids)
         reply = pb.AppendResponse(
-            num_tokens=r.num_tokens, cached_tokens=r.cached_tokens, dropped_indices=r.dropped
+            num_tokens=r.num_tokens,
+            cached_tokens=r.cached_tokens,
+            dropped_indices=r.dropped,
+            pool_epoch=namespaces.sequence_epoch(self.store, request.session_id, request.sequence_id),
         )
         convert.add_page_refs(reply.pages, r.pages)
         return reply
@@ -97,13 +104,18 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         r = self.store.commit(
             request.session_id, request.sequence_id, request.num_tokens, request.written_slots
         )
-        reply = pb.CommitResponse(sealed_pages=r.sealed_pages, deduplicated_pages=r.deduplicated_pages)
+        reply = pb.CommitResponse(
+            sealed_pages=r.sealed_pages,
+            deduplicated_pages=r.deduplicated_pages,
+            pool_epoch=namespaces.sequence_epoch(self.store, request.session_id, request.sequence_id),
+        )
         convert.add_page_refs(reply.pages, r.moved)
         return reply
 
     @grpc_errors
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Ctx) -> pb.GetSequenceResponse:
-        return _sequence_reply(self.store.sequence_view(request.session_id, request.sequence_id))
+        view = self.store.sequence_view(request.session_id, request.sequence_id)
+        return _sequence_reply(view, namespaces.namespace_epoch(self.store, view.namespace))
 
     @grpc_errors
     async def Preempt(self, request: pb.PreemptRequest, context: Ctx) -> pb.PreemptResponse:
@@ -117,12 +129,18 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def SwapIn(self, request: pb.SwapInRequest, context: Ctx) -> pb.GetSequenceResponse:
-        return _sequence_reply(await waits.swap_in(self.store, request.session_id, request.sequence_id))
+        view = await waits.swap_in(self.store, request.session_id, request.sequence_id)
+        return _sequence_reply(view, namespaces.namespace_epoch(self.store, view.namespace))
 
     @grpc_errors
     async def WaitPages(self, request: pb.WaitPagesRequest, context: Ctx) -> pb.WaitPagesResponse:
         slots, total = await waits.wait_pages(self.store, request.session_id, request.pin_id, request.pages)
-        return pb.WaitPagesResponse(ready_pages=len(slots), hit_pages=total, slots=slots)
+        return pb.WaitPagesResponse(
+            ready_pages=len(slots),
+            hit_pages=total,
+            slots=slots,
+            pool_epoch=namespaces.pin_epoch(self.store, request.session_id, request.pin_id),
+        )
 
     @grpc_errors
     async def ReportImportance(
@@ -149,6 +167,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             block_hashes=b"".join(r.block_hashes),
             pin_id=r.pin_id,
             ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
+            pool_epoch=namespaces.namespace_epoch(self.store, request.namespace),
         )
 
     @grpc_errors
@@ -193,13 +212,14 @@ def _unix_ms(ttl_s: float) -> int:
     return int((time.time() + ttl_s) * 1000)
 
 
-def _sequence_reply(v: SequenceView) -> pb.GetSequenceResponse:
+def _sequence_reply(v: SequenceView, pool_epoch: int) -> pb.GetSequenceResponse:
     reply = pb.GetSequenceResponse(
         namespace=v.namespace,
         num_tokens=v.num_tokens,
         committed_tokens=v.committed_tokens,
         dropped_indices=v.dropped,
         options=convert.sequence_options_pb(v.options),
+        pool_epoch=pool_epoch,
     )
     convert.add_page_refs(reply.pages, v.pages)
     return reply

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from kvstore.errors import FailedPrecondition, InvariantBroken, ResourceExhausted
 from kvstore.hashing import namespace_salt, root_hash
 from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
+from kvstore.memory.backend import PoolBackend
 from kvstore.memory.pages import Page, PageState, PageTable
-from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import EvictionPolicy
 from kvstore.store.live_mrc import LiveMrc
 from kvstore.store.types import (
@@ -37,7 +37,7 @@ GHOST_MIN_ENTRIES = 65536  # evictions Explain remembers: at least this many, or
 
 class Namespace:
     def __init__(
-        self, spec: NamespaceSpec, pool: ShmPool, policy: EvictionPolicy, tiers: Tiers | None = None
+        self, spec: NamespaceSpec, pool: PoolBackend, policy: EvictionPolicy, tiers: Tiers | None = None
     ) -> None:
         self.spec = spec
         self.pool = pool
@@ -239,8 +239,9 @@ class Namespace:
 
     def page_view(self, slot: int) -> memoryview:
         """The bytes of one pool page (the daemon's own mapping)."""
-        start = slot * self.spec.page_stride
-        return memoryview(self.pool.mapping)[start : start + self.spec.page_bytes]
+        return self.pool.host_view(
+            self.pool.handle.offset + slot * self.spec.page_stride, self.spec.page_bytes
+        )
 
     def sealed_pages(self) -> Iterator[Page]:
         return iter(list(self.index._pages.values()))
@@ -248,10 +249,7 @@ class Namespace:
     def info(self) -> NamespaceInfo:
         spec = self.spec
         pool = PoolInfo(
-            device="cpu",
-            shm_name=self.pool.name,
-            offset=0,
-            nbytes=self.pool.nbytes,
+            handle=self.pool.handle,
             num_pages=spec.num_pages,
             page_bytes=spec.page_bytes,
             page_stride=spec.page_stride,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -30,8 +29,9 @@ from kvstore.errors import (
     ResourceExhausted,
 )
 from kvstore.hashing import BlockHash, chain, iter_block_hashes
+from kvstore.memory.backend import PoolBackend
 from kvstore.memory.pages import Page, PageState
-from kvstore.memory.shm_pool import ShmPool, segment_name
+from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import make_policy
 from kvstore.store import live_mrc, preempt, promote_walk, validate
 from kvstore.store.explain import Explanation
@@ -104,13 +104,11 @@ class Store:
         if spec.name in self.namespaces:
             raise AlreadyExists(f"namespace {spec.name!r} already exists")
 
-    def create_pool(self, spec: NamespaceSpec) -> ShmPool:
-        """Create and back the segment. Touches no metadata, so it may run in a thread."""
-        return ShmPool.create(
-            segment_name(self.shm_prefix, os.getpid(), spec.name), spec.page_stride * spec.num_pages
-        )
+    def create_pool(self, spec: NamespaceSpec) -> PoolBackend:
+        """Create and back the pool (a new epoch). Touches no metadata: may run in a thread."""
+        return ShmPool.create_for(self.shm_prefix, spec.name, spec.page_stride * spec.num_pages)
 
-    def add_namespace(self, spec: NamespaceSpec, pool: ShmPool) -> NamespaceInfo:
+    def add_namespace(self, spec: NamespaceSpec, pool: PoolBackend) -> NamespaceInfo:
         try:
             self.check_new_namespace(spec)
         except Exception:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from kvstore.memory.backend import PoolHandle
+
 # Element sizes of the dtypes a namespace may use (names follow torch).
 DTYPE_BYTES = {
     "float16": 2,
@@ -69,10 +71,7 @@ class StoreLimits:
 
 @dataclass(frozen=True)
 class PoolInfo:
-    device: str
-    shm_name: str
-    offset: int
-    nbytes: int
+    handle: PoolHandle  # how a client maps it, and its epoch
     num_pages: int
     page_bytes: int
     page_stride: int

@@ -17,6 +17,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT8: _ClassVar[DType]
     FLOAT8_E4M3: _ClassVar[DType]
 
+class HandleType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HANDLE_TYPE_UNSPECIFIED: _ClassVar[HandleType]
+    CPU_SHM: _ClassVar[HandleType]
+    CUDA_IPC: _ClassVar[HandleType]
+
 class PageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PAGE_STATE_UNSPECIFIED: _ClassVar[PageState]
@@ -56,6 +62,9 @@ FLOAT32: DType
 INT8: DType
 UINT8: DType
 FLOAT8_E4M3: DType
+HANDLE_TYPE_UNSPECIFIED: HandleType
+CPU_SHM: HandleType
+CUDA_IPC: HandleType
 PAGE_STATE_UNSPECIFIED: PageState
 WRITABLE: PageState
 CACHED: PageState
@@ -95,7 +104,7 @@ class Geometry(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., page_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class PoolDescriptor(_message.Message):
-    __slots__ = ("device", "shm_name", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype")
+    __slots__ = ("device", "shm_name", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype", "handle_type", "pool_epoch")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +116,8 @@ class PoolDescriptor(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     device: str
     shm_name: str
     ipc_handle: bytes
@@ -118,7 +129,9 @@ class PoolDescriptor(_message.Message):
     layout: str
     page_shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
-    def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    handle_type: HandleType
+    pool_epoch: int
+    def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
     __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint")
@@ -243,12 +256,14 @@ class AllocateRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., max_tokens: _Optional[int] = ..., extra_keys: _Optional[bytes] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
-    __slots__ = ("sequence_id", "reserved_pages")
+    __slots__ = ("sequence_id", "reserved_pages", "pool_epoch")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     reserved_pages: int
-    def __init__(self, sequence_id: _Optional[int] = ..., reserved_pages: _Optional[int] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, sequence_id: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "token_ids")
@@ -261,16 +276,18 @@ class AppendRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
-    __slots__ = ("num_tokens", "pages", "cached_tokens", "dropped_indices")
+    __slots__ = ("num_tokens", "pages", "cached_tokens", "dropped_indices", "pool_epoch")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_INDICES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRef]
     cached_tokens: int
     dropped_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., dropped_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots")
@@ -285,14 +302,16 @@ class CommitRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("sealed_pages", "deduplicated_pages", "pages")
+    __slots__ = ("sealed_pages", "deduplicated_pages", "pages", "pool_epoch")
     SEALED_PAGES_FIELD_NUMBER: _ClassVar[int]
     DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     sealed_pages: int
     deduplicated_pages: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRef]
-    def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class GetSequenceRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id")
@@ -303,20 +322,22 @@ class GetSequenceRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ...) -> None: ...
 
 class GetSequenceResponse(_message.Message):
-    __slots__ = ("namespace", "num_tokens", "committed_tokens", "pages", "dropped_indices", "options")
+    __slots__ = ("namespace", "num_tokens", "committed_tokens", "pages", "dropped_indices", "options", "pool_epoch")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     DROPPED_INDICES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     num_tokens: int
     committed_tokens: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRef]
     dropped_indices: _containers.RepeatedScalarFieldContainer[int]
     options: SequenceOptions
-    def __init__(self, namespace: _Optional[str] = ..., num_tokens: _Optional[int] = ..., committed_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, namespace: _Optional[str] = ..., num_tokens: _Optional[int] = ..., committed_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class ReportImportanceRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "scores")
@@ -353,18 +374,20 @@ class LookupRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., return_in_flight: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes", "ready_pages")
+    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes", "ready_pages", "pool_epoch")
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     READY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     hit_tokens: int
     pin_id: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     block_hashes: bytes
     ready_pages: int
-    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ..., ready_pages: _Optional[int] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ..., ready_pages: _Optional[int] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class WaitPagesRequest(_message.Message):
     __slots__ = ("session_id", "pin_id", "pages")
@@ -377,14 +400,16 @@ class WaitPagesRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., pin_id: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
 
 class WaitPagesResponse(_message.Message):
-    __slots__ = ("ready_pages", "hit_pages", "slots")
+    __slots__ = ("ready_pages", "hit_pages", "slots", "pool_epoch")
     READY_PAGES_FIELD_NUMBER: _ClassVar[int]
     HIT_PAGES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ready_pages: int
     hit_pages: int
     slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ready_pages: _Optional[int] = ..., hit_pages: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, ready_pages: _Optional[int] = ..., hit_pages: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class PreemptRequest(_message.Message):
     __slots__ = ("session_id", "sequence_id", "mode")
@@ -575,6 +600,22 @@ class CreateNamespaceRequest(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     spec: NamespaceSpec
     def __init__(self, spec: _Optional[_Union[NamespaceSpec, _Mapping]] = ...) -> None: ...
+
+class DeleteNamespaceRequest(_message.Message):
+    __slots__ = ("namespace", "force")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    force: bool
+    def __init__(self, namespace: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class DeleteNamespaceResponse(_message.Message):
+    __slots__ = ("sequences_released", "pins_released")
+    SEQUENCES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    PINS_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    sequences_released: int
+    pins_released: int
+    def __init__(self, sequences_released: _Optional[int] = ..., pins_released: _Optional[int] = ...) -> None: ...
 
 class ListNamespacesRequest(_message.Message):
     __slots__ = ()

@@ -801,6 +801,11 @@ class AdminStub:
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.CreateNamespaceRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.NamespaceInfo.FromString,
                 _registered_method=True)
+        self.DeleteNamespace = channel.unary_unary(
+                '/kvstore.v1.Admin/DeleteNamespace',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.DeleteNamespaceRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.DeleteNamespaceResponse.FromString,
+                _registered_method=True)
         self.ListNamespaces = channel.unary_unary(
                 '/kvstore.v1.Admin/ListNamespaces',
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.ListNamespacesRequest.SerializeToString,
@@ -832,6 +837,12 @@ class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateNamespace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNamespace(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -876,6 +887,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CreateNamespace,
                     request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.CreateNamespaceRequest.FromString,
                     response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.NamespaceInfo.SerializeToString,
+            ),
+            'DeleteNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNamespace,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.DeleteNamespaceRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.DeleteNamespaceResponse.SerializeToString,
             ),
             'ListNamespaces': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNamespaces,
@@ -930,6 +946,33 @@ class Admin:
             '/kvstore.v1.Admin/CreateNamespace',
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.CreateNamespaceRequest.SerializeToString,
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.NamespaceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/DeleteNamespace',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.DeleteNamespaceRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.DeleteNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
