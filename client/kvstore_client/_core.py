@@ -131,6 +131,14 @@ class ClientCore:
         # Two threads may fetch the same name: keep the first, so there is one mapping.
         return self._namespaces.setdefault(info.name, Namespace(info, shm_dir=self._shm_dir))
 
+    @staticmethod
+    def _pool_moved(call: _wire.Call[Any], reply: Any) -> Namespace | None:
+        """The namespace to map again before this reply's slots can be used: its slots index
+        a pool of another epoch than the one this client knows (the daemon restarted, or the
+        namespace was deleted and created again). None when they index the known pool."""
+        ns: Namespace | None = call.pool
+        return ns if ns is not None and not ns.is_current(reply.pool_epoch) else None
+
     def _close_namespaces(self) -> None:
         namespaces, self._namespaces = list(self._namespaces.values()), {}
         for ns in namespaces:
@@ -204,15 +212,17 @@ class SequenceBase(Held):
         )
 
     def _append_call(self, tokens: _wire.Tokens) -> _wire.Call[AppendResult]:
-        return _wire.append(self._client.session_id, self.sequence_id, tokens, self._apply_append)
+        call = _wire.append(self._client.session_id, self.sequence_id, tokens, self._apply_append)
+        return replace(call, pool=self.namespace)
 
     def _commit_call(
         self, num_tokens: int | None, written_slots: Iterable[int] | None
     ) -> _wire.Call[CommitResult]:
         n = self.num_tokens if num_tokens is None else num_tokens
-        return _wire.commit(
+        call = _wire.commit(
             self._client.session_id, self.sequence_id, n, written_slots, lambda r: self._apply_commit(r, n)
         )
+        return replace(call, pool=self.namespace)
 
     def _report_importance_call(self, scores: Iterable[float]) -> _wire.Call[int]:
         return _wire.report_importance(
@@ -220,7 +230,8 @@ class SequenceBase(Held):
         )
 
     def _refresh_call(self) -> _wire.Call[Any]:
-        return _wire.get_sequence(self._client.session_id, self.sequence_id, self._apply_sequence)
+        call = _wire.get_sequence(self._client.session_id, self.sequence_id, self._apply_sequence)
+        return replace(call, pool=self.namespace)
 
     def _preempt_call(self, drop: bool) -> _wire.Call[PreemptResult]:
         return _wire.preempt(
@@ -234,7 +245,8 @@ class SequenceBase(Held):
         return result
 
     def _swap_in_call(self) -> _wire.Call[Any]:
-        return _wire.swap_in(self._client.session_id, self.sequence_id, self._apply_sequence)
+        call = _wire.swap_in(self._client.session_id, self.sequence_id, self._apply_sequence)
+        return replace(call, pool=self.namespace)
 
     def _release_request(self) -> _wire.Call[ReleaseResult]:
         return _wire.release_sequence(self._client.session_id, self.sequence_id)
@@ -307,7 +319,8 @@ class LookupBase(Held):
         self.ready_pages = reply.ready_pages
 
     def _wait_call(self, pages: int) -> _wire.Call[Any]:
-        return _wire.wait_pages(self._client.session_id, self.pin_id, pages, self._apply_wait)
+        call = _wire.wait_pages(self._client.session_id, self.pin_id, pages, self._apply_wait)
+        return replace(call, pool=self.namespace)
 
     def _apply_wait(self, reply: pb.WaitPagesResponse) -> Any:
         """A page that failed (checksum, or gone below the pool) ends the hit before it."""

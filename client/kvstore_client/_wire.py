@@ -21,6 +21,7 @@ from .pool import wire_dtype
 from .results import (
     BUDGET_MODES,
     CloseResult,
+    DeleteNamespaceResult,
     EvictResult,
     FlushResult,
     PreemptResult,
@@ -44,6 +45,9 @@ class Call(Generic[T]):
     method: str  # RPC name on the service's stub
     request: Any  # the protobuf request
     convert: Callable[[Any], T]  # reply -> result; runs only if the RPC succeeded
+    # The namespace whose pool the reply's slots index: its `pool_epoch` is checked against
+    # this client's mapping before `convert` runs (ClientCore._pool_moved).
+    pool: Any = None
 
 
 def _same(reply: Any) -> Any:
@@ -166,6 +170,16 @@ def create_namespace(
             f"create_namespace: pass a NamespaceSpec or keyword fields, not both ({sorted(fields)})"
         )
     return Call("admin", "CreateNamespace", pb.CreateNamespaceRequest(spec=spec), convert)
+
+
+def delete_namespace(name: str, force: bool) -> Call[DeleteNamespaceResult]:
+    req = pb.DeleteNamespaceRequest(namespace=name, force=force)
+    return Call(
+        "admin",
+        "DeleteNamespace",
+        req,
+        lambda r: DeleteNamespaceResult(r.sequences_released, r.pins_released),
+    )
 
 
 def list_namespaces() -> Call[list[pb.NamespaceInfo]]:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Generator, Iterable
+from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -32,6 +33,7 @@ from .results import (
     AppendResult,
     CloseResult,
     CommitResult,
+    DeleteNamespaceResult,
     EvictResult,
     FlushResult,
     PreemptResult,
@@ -210,6 +212,10 @@ class AsyncClient(ClientCore):
             reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
             raise self._error(err) from err
+        moved = self._pool_moved(call, reply)
+        if moved is not None:
+            info = await self._send(_wire.get_namespace(moved.name), timeout=timeout)
+            moved.rebind(info, reply.pool_epoch)
         return call.convert(reply)
 
     async def _run(self, call: _wire.Call[T]) -> T:
@@ -224,6 +230,15 @@ class AsyncClient(ClientCore):
 
     async def create_namespace(self, spec: pb.NamespaceSpec | str, **fields: Any) -> Namespace:
         return await self._run(_wire.create_namespace(spec, fields, self._remember_namespace))
+
+    async def delete_namespace(self, name: str, *, force: bool = False) -> DeleteNamespaceResult:
+        """Admin: delete a namespace and unlink its pool. Refused (FailedPrecondition) while
+        a session holds a sequence or pin in it, unless `force` (they are released)."""
+        result = await self._run(_wire.delete_namespace(name, force))
+        ns = self._namespaces.pop(name, None)
+        if ns is not None:
+            ns.unmap()
+        return result
 
     async def list_namespaces(self) -> list[pb.NamespaceInfo]:
         return await self._run(_wire.list_namespaces())
@@ -259,7 +274,12 @@ class AsyncClient(ClientCore):
         ns = await self.namespace(namespace)
         make = partial(AsyncSequence, self, ns)
         return await self._run(
-            _wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, make, options, model_fingerprint)
+            replace(
+                _wire.allocate(
+                    self.session_id, ns.name, max_tokens, extra_keys, make, options, model_fingerprint
+                ),
+                pool=ns,
+            )
         )
 
     def lookup(
@@ -286,8 +306,18 @@ class AsyncClient(ClientCore):
         ns = await self.namespace(namespace)
         make = partial(AsyncLookup, self, ns)
         return await self._run(
-            _wire.lookup(
-                self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint, return_in_flight
+            replace(
+                _wire.lookup(
+                    self.session_id,
+                    ns.name,
+                    tokens,
+                    extra_keys,
+                    pin,
+                    make,
+                    model_fingerprint,
+                    return_in_flight,
+                ),
+                pool=ns,
             )
         )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from .results import (
     AppendResult,
     CloseResult,
     CommitResult,
+    DeleteNamespaceResult,
     EvictResult,
     FlushResult,
     PreemptResult,
@@ -213,6 +215,9 @@ class Client(ClientCore):
             reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
             raise self._error(err) from err
+        moved = self._pool_moved(call, reply)
+        if moved is not None:
+            moved.rebind(self._send(_wire.get_namespace(moved.name), timeout=timeout), reply.pool_epoch)
         return call.convert(reply)
 
     def _run(self, call: _wire.Call[T]) -> T:
@@ -233,6 +238,15 @@ class Client(ClientCore):
         of `kvstore_client.namespace_spec` (num_layers, num_kv_heads, head_dim, dtype,
         page_tokens, num_pages, ...)."""
         return self._run(_wire.create_namespace(spec, fields, self._remember_namespace))
+
+    def delete_namespace(self, name: str, *, force: bool = False) -> DeleteNamespaceResult:
+        """Admin: delete a namespace and unlink its pool. Refused (FailedPrecondition) while
+        a session holds a sequence or pin in it, unless `force` (they are released)."""
+        result = self._run(_wire.delete_namespace(name, force))
+        ns = self._namespaces.pop(name, None)
+        if ns is not None:
+            ns.unmap()
+        return result
 
     def list_namespaces(self) -> list[pb.NamespaceInfo]:
         return self._run(_wire.list_namespaces())
@@ -266,7 +280,12 @@ class Client(ClientCore):
         ns = self.namespace(namespace)
         make = partial(Sequence, self, ns)
         return self._run(
-            _wire.allocate(self.session_id, ns.name, max_tokens, extra_keys, make, options, model_fingerprint)
+            replace(
+                _wire.allocate(
+                    self.session_id, ns.name, max_tokens, extra_keys, make, options, model_fingerprint
+                ),
+                pool=ns,
+            )
         )
 
     def lookup(
@@ -285,8 +304,18 @@ class Client(ClientCore):
         ns = self.namespace(namespace)
         make = partial(Lookup, self, ns)
         return self._run(
-            _wire.lookup(
-                self.session_id, ns.name, tokens, extra_keys, pin, make, model_fingerprint, return_in_flight
+            replace(
+                _wire.lookup(
+                    self.session_id,
+                    ns.name,
+                    tokens,
+                    extra_keys,
+                    pin,
+                    make,
+                    model_fingerprint,
+                    return_in_flight,
+                ),
+                pool=ns,
             )
         )
 

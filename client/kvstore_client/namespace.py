@@ -3,6 +3,7 @@ mapping of its pool this client shares between all its sequences and lookups."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -15,11 +16,18 @@ from .pool import SHM_DIR, PoolMapping, torch_dtype
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 
 class Namespace:
     """`info` is the daemon's NamespaceInfo (protobuf). The pool is mapped on the
     first use of `pool`/`page()` (mapping prefaults the whole pool, so it takes a
-    moment for a big one) and stays mapped until the client closes."""
+    moment for a big one) and stays mapped until the client closes.
+
+    Slots index one pool, named by its epoch (`info.pool.pool_epoch`). When a reply hands
+    out slots of another epoch (the daemon restarted, or the namespace was deleted and
+    created again) the client maps the new pool before it uses them (`rebind`): views
+    taken before then still show the old pool's memory, never the new one's."""
 
     def __init__(self, info: kvstore_pb2.NamespaceInfo, *, shm_dir: str = SHM_DIR) -> None:
         self.info = info
@@ -59,6 +67,41 @@ class Namespace:
                 if self._pool is None:
                     self._pool = PoolMapping.open(self.info.pool, shm_dir=self._shm_dir)
         return self._pool
+
+    @property
+    def epoch(self) -> int:
+        return self.info.pool.pool_epoch
+
+    def is_current(self, epoch: int) -> bool:
+        """Whether slots of pool `epoch` index the pool this namespace maps (0: a daemon
+        that does not say; trusted, as before epochs)."""
+        return epoch == 0 or epoch == self.epoch
+
+    def rebind(self, info: kvstore_pb2.NamespaceInfo, epoch: int) -> None:
+        """Take the daemon's current `info` for this namespace, whose pool must be of `epoch`,
+        and drop the old mapping (the new pool is mapped on next use)."""
+        if info.name != self.name or info.pool.pool_epoch != epoch:
+            raise PoolError(
+                f"namespace {self.name!r}: a reply handed out slots of pool epoch {epoch:016x} but "
+                f"the daemon now serves epoch {info.pool.pool_epoch:016x} (the namespace was "
+                "deleted and created again meanwhile); its slots were not used: retry"
+            )
+        log.warning(
+            "namespace %s: the daemon serves a new pool (epoch %016x, was %016x); mapping it",
+            self.name,
+            epoch,
+            self.epoch,
+        )
+        with self._lock:
+            self.info = info
+        self.unmap()
+
+    def unmap(self) -> None:
+        """Drop the pool mapping (it is mapped again on next use, from `info`)."""
+        with self._lock:
+            old, self._pool = self._pool, None
+        if old is not None:
+            old.close()
 
     def page(self, slot: int) -> torch.Tensor:
         """Page `slot` as a `[*page_shape]` tensor view of the pool (no copy)."""

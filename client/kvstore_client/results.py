@@ -139,6 +139,12 @@ class PreemptResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteNamespaceResult:
+    sequences_released: int  # with force: sequences that were still live
+    pins_released: int  # with force: pins that were still held
+
+
+@dataclass(frozen=True, slots=True)
 class FlushResult:
     pages_written: int  # queued for disk by this flush
     disk_pages: int  # pages on disk after it

@@ -352,6 +352,16 @@ def cmd_evict(kv: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete_namespace(kv: Client, args: argparse.Namespace) -> int:
+    result = kv.delete_namespace(args.namespace, force=args.force)
+    if args.json:
+        print(json.dumps({"namespace": args.namespace, **dataclasses.asdict(result)}, indent=2))
+        return 0
+    released = f" ({result.sequences_released} sequences and {result.pins_released} pins released)"
+    print(f"deleted namespace {args.namespace}{released * bool(args.force)}")
+    return 0
+
+
 def cmd_flush(kv: Client, args: argparse.Namespace) -> int:
     result = kv.flush()
     if args.json:
@@ -412,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ns = command("namespaces", cmd_namespaces, help="geometry, dtype, pool size, shm segment, policy")
     ns.add_argument("--json", action="store_true")
+    delete = command(
+        "delete-namespace",
+        cmd_delete_namespace,
+        help="delete a namespace and unlink its pool",
+        description="Refused while a session holds a sequence or pin in it, unless --force "
+        "(which releases them). Its pages in the host and disk tiers are kept.",
+    )
+    delete.add_argument("namespace", metavar="NS")
+    delete.add_argument("--force", action="store_true", help="release live sequences and pins first")
+    delete.add_argument("--json", action="store_true")
     sessions = command("sessions", cmd_sessions, help="open client sessions")
     sessions.add_argument("--json", action="store_true")
 
