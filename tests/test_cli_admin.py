@@ -264,3 +264,17 @@ def test_flush_without_a_disk_tier_says_so(daemon: DaemonProcess) -> None:
     assert r.returncode == 1
     assert "FAILED_PRECONDITION" in r.stderr and "no disk tier" in r.stderr
     assert "tiers" not in stats_json(daemon)
+
+
+def test_delete_namespace_refuses_a_held_one_then_deletes_it(daemon: DaemonProcess) -> None:
+    with kvstore_client.connect(daemon.target) as kv:
+        kv.allocate("test", max_tokens=4)
+        assert len(daemon.shm_segments()) == 1
+        r = admin("delete-namespace", "test", target=daemon.target)
+        assert r.returncode == 1
+        assert r.stderr.startswith("error: FAILED_PRECONDITION: namespace 'test' has 1 live sequence(s)")
+        r = admin("delete-namespace", "test", "--force", "--json", target=daemon.target)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"namespace": "test", "sequences_released": 1, "pins_released": 0}
+        assert daemon.shm_segments() == []
+        assert admin("namespaces", target=daemon.target).stdout.strip() == "no namespaces"
