@@ -174,8 +174,9 @@ class ServerConfig:
     )
     shm_prefix: str = _key(
         "",
-        "name prefix of this user's /dev/shm segments; segment names add the pid, and a starting "
-        "daemon unlinks the segments under this prefix whose daemon is gone",
+        "name prefix of this user's /dev/shm segments; segment names add the pid, the pool's epoch "
+        "and the namespace, and a starting daemon unlinks the segments under this prefix that no "
+        "live daemon holds locked",
         _shm_prefix,
         doc_default="`kvstore-<uid>-`",
     )
