@@ -162,3 +162,36 @@ async def test_an_in_flight_promotion_that_fails_ends_the_pins_hit_and_its_count
         assert books(store, ns)["refs"] == {}
     finally:
         store.close()
+
+
+async def test_a_lookup_past_its_grpc_deadline_releases_its_pin(tmp_path: Path) -> None:
+    """Through real gRPC (the KVStore servicer on a unix socket in this process): the client's
+    deadline passes while the pages come up; grpc cancels the handler, and its pin goes."""
+    import grpc
+    from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+    from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+    from kvstore.server.kvstore_servicer import KVStoreServicer
+
+    store, ns, sid, tokens = await _below(tmp_path, 4, seed=4000)
+    server = grpc.aio.server()
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store), server)
+    target = f"unix://{tmp_path}/kv.sock"
+    server.add_insecure_port(target)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.KVStoreStub(channel)
+            request = pb.LookupRequest(session_id=sid, namespace="t", token_ids=tokens, pin=True)
+            with readers_held(store):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Lookup(request, timeout=0.3)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await until(lambda: not store.sessions[sid].pins, "the handler's pin to be released")
+            await until(lambda: not store.tiers.promoting, "the promotions to settle")
+            assert books(store, ns)["refs"] == {}
+            r = await stub.Lookup(request, timeout=10)
+            assert r.hit_tokens == 4 * T and same_bytes(ns, tokens, list(r.slots)) == [True] * 4
+    finally:
+        await server.stop(None)
+        store.close()
