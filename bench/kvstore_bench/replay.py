@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvstore.memory.shm_pool import ShmPool, segment_name
+from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import make_policy, policy_names
 from kvstore.store.namespace import Namespace
 from kvstore.store.types import PAGE_ALIGN, NamespaceSpec
@@ -79,7 +78,7 @@ def _namespace(policy: str, capacity: int, block_size: int) -> Namespace:
         policy=policy,
     )
     # The namespace never touches pool bytes here; a one-OS-page segment satisfies it.
-    pool = ShmPool.create(segment_name("kvsreplay-", os.getpid(), f"{next(_pool_ids)}"), PAGE_ALIGN)
+    pool = ShmPool.create_for("kvsreplay-", f"{next(_pool_ids)}", PAGE_ALIGN)
     return Namespace(spec, pool, make_policy(policy))
 
 
