@@ -195,3 +195,29 @@ async def test_a_lookup_past_its_grpc_deadline_releases_its_pin(tmp_path: Path) 
     finally:
         await server.stop(None)
         store.close()
+
+
+async def test_deleting_the_namespace_waits_for_a_given_up_swap_ins_reads(tmp_path: Path) -> None:
+    """A cancelled SwapIn's private pages may still be read into their slots on the reader
+    threads: DeleteNamespace waits for those reads before it closes the pool under them."""
+    from kvstore.store import namespaces
+
+    store, ns, sid = make_store(tmp_path, host=False, disk=True)
+    try:
+        a = list(range(800, 800 + 2 * T + 1))
+        seq = write(store, sid, a, commit=0)  # 3 private pages
+        store.preempt(sid, seq, "swap_out")
+        await to_device(store, tmp_path)
+        s = store.sessions[sid].sequences[seq]
+        with readers_held(store):
+            task = asyncio.create_task(waits.swap_in(store, sid, seq))
+            await _cancel_at_await(task, "swap_in: private pages read back", lambda: s.swap_in is not None)
+            assert len(ns.private_reads) == 3
+            delete = asyncio.create_task(namespaces.delete(store, "t", force=True))
+            for _ in range(3):  # its first steps: with nothing to wait for, it would be done
+                await asyncio.sleep(0)
+            assert not delete.done() and "t" in store.namespaces
+        assert (await delete).sequences_released == 1
+        assert not ns.private_reads and ns.pages_reserved == 0 and "t" not in store.namespaces
+    finally:
+        store.close()

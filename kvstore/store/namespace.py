@@ -4,6 +4,7 @@ called only by kvstore/store/store.py, which owns sessions and sequences."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -68,6 +69,10 @@ class Namespace:
         self.ghost_max = max(GHOST_MIN_ENTRIES, 4 * spec.num_pages)
         self.evicting_for = ""
         self.mrc = LiveMrc(spec.num_pages)  # sampled accesses, for Admin.Mrc
+        # Reads of swapped pages into this pool on the disk tier's reader threads (a swap-in's
+        # private pages; kvstore/store/swap_io.py), also those of a swap-in given up: the pool
+        # must not be closed under them.
+        self.private_reads: set[asyncio.Future[bool]] = set()
 
     @property
     def name(self) -> str:

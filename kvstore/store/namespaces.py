@@ -50,10 +50,13 @@ class Deleted:
 async def delete(store: Store, name: str, force: bool) -> Deleted:
     ns = store.namespace(name)
     while store.tiers is not None:
-        settling = [p for k, p in store.tiers.promoting.items() if k.namespace == name and p.ok is None]
+        settling = [
+            p.future() for k, p in store.tiers.promoting.items() if k.namespace == name and p.ok is None
+        ]
+        settling += ns.private_reads  # (asyncio.wait: a cancelled delete cancels none of them)
         if not settling:
             break
-        await asyncio.gather(*(p.wait() for p in settling))
+        await asyncio.wait(settling)
         ns = store.namespace(name)  # deleted meanwhile by another call: NOT_FOUND
     # From here on no await: nothing can start using the namespace before it is gone.
     seqs = [(s, q) for s in store.sessions.values() for q in s.sequences.values() if q.ns is ns]

@@ -194,6 +194,9 @@ def _bring_back(ticket: SwapInTicket, swapped: Swapped, resident: dict[int, Page
             page = ns.reserve(seq.id)
             page.block_hash = entry.block_hash  # a full page keeps the hash it will be sealed under
             got = tiers.load_private(ns, entry.key, page)
+            if not isinstance(got, bool):
+                ns.private_reads.add(got)
+                got.add_done_callback(ns.private_reads.discard)
             ticket.pages.append(page if isinstance(got, bool) else PrivateRead(page, got))
             if got is False:
                 raise _lost(seq, f"page {i} (unsealed, swapped below the pool)")
