@@ -498,3 +498,18 @@ def test_reads_on_the_loop_of_small_and_large_records(tier_dir: Path) -> None:
                 int.from_bytes(r.key.block_hash, "little"), len(out)
             )
         assert disk._cached.direct  # the large ones gave it the base: preadv2 from then on
+
+
+def test_a_cancelled_flush_fails_no_write(tier_dir: Path) -> None:
+    """An awaiter of a flush that goes away (a cancelled Admin.Flush: asyncio.wrap_future cancels
+    the writer's future) changes nothing: the batch is committed and the next flush succeeds.
+    (It once failed the batch, so every later flush raised DiskWriteError for records that were
+    on disk; found by tests/test_core_model.py.)"""
+    with DiskTier.open(tier_dir, 8 << 20) as disk:
+        put = disk.put_async([rec(1)])
+        flushed = disk.flush_async()
+        flushed.cancel()  # what asyncio.wrap_future does when the awaiting task is cancelled
+        assert put.result(10) == []
+        disk.flush_sync(10)
+        assert disk.get(key(1)) == payload(1)
+        assert not flushed.cancelled() and flushed.result(10) is None  # it could not be taken back

@@ -100,6 +100,9 @@ class DiskWriter:
 
     def submit(self, kind: str, payload: Any) -> cf.Future:
         work = _Work(kind, payload)
+        # Queued work cannot be taken back: its future is running, so cancel() (by an awaiter
+        # that went away, e.g. through asyncio.wrap_future) fails instead of failing the batch.
+        work.future.set_running_or_notify_cancel()
         self._queue.put(work)
         return work.future
 
