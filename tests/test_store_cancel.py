@@ -221,3 +221,41 @@ async def test_deleting_the_namespace_waits_for_a_given_up_swap_ins_reads(tmp_pa
         assert not ns.private_reads and ns.pages_reserved == 0 and "t" not in store.namespaces
     finally:
         store.close()
+
+
+def test_a_promotion_settled_as_failed_is_never_filed_as_in_flight(tmp_path: Path) -> None:
+    """A promotion can settle during the lookup's own walk (reads from the page cache are done
+    at its end; without a loop, every read is). One that settled as failed ends the hit there:
+    it is neither counted nor left in the pin as pending (WaitPages then spun on it forever,
+    its wait returning at once without ever yielding the loop).
+
+    The failing record is made as a client scribbling over a sealed page would: the page came
+    up from disk (keeping the checksum it verified against), its bytes changed in the pool,
+    its record left the disk tier, and evicting it wrote the scribbled bytes under the old
+    checksum; the next lookup finds that write still queued and reads it once committed."""
+    from kvstore.tiers import PageKey
+
+    store, ns, sid = make_store(tmp_path, host=False, disk=True)  # no running loop here
+    try:
+        tiers = store.tiers
+        tokens = list(range(60, 60 + T))
+        store.release_sequence(sid, write(store, sid, tokens))
+        store.evict_all("t")
+        tiers.disk.flush_sync()
+        r = store.lookup(sid, "t", tokens, b"", False)  # up from disk, read here, verified
+        assert r.hit_tokens == T and r.promotions == []
+        ns.page_view(r.slots[0])[:] = b"\x07" * PB  # the scribble
+        key = PageKey("t", r.block_hashes[0])
+        tiers.disk.remove_async([key]).result(10)
+        store.evict_all("t")  # written down again: the scribbled bytes, the old checksum
+        assert key in tiers._queued, "the demotion's write committed already"
+        failures = tiers.counters["promotion_failures"]
+
+        r = store.lookup(sid, "t", tokens, b"", True)
+        assert tiers.counters["promotion_failures"] == failures + 1  # it did settle, as failed
+        assert (r.hit_tokens, r.pin_id, r.slots, r.promotions) == (0, 0, [], [])
+        st = store.stats("t")[0]
+        assert st.hit_tokens == 2 * T - T and st.miss_tokens == T  # the first lookup's page only
+        assert books(store, ns) == {"free": 16, "reserved": 0, "refs": {}, "pins": 0}
+    finally:
+        store.close()
