@@ -10,16 +10,11 @@ which is what clients and tests wait for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import signal
-import socket
-import stat
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -31,11 +26,15 @@ from grpc_reflection.v1alpha import reflection
 from kvstore_proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from kvstore.config import Config, ServerConfig, format_size
-from kvstore.errors import InvariantBroken, KVStoreError
+from kvstore.errors import InvariantBroken, KVStoreError, StartupError
 from kvstore.memory.shm_pool import remove_stale_segments
+from kvstore.server import socket_path
 from kvstore.server.admin_servicer import AdminServicer
+from kvstore.server.edge import Edge
 from kvstore.server.kvstore_servicer import KVStoreServicer
+from kvstore.server.leases import LoopClock, reap_leases
 from kvstore.server.metrics import MetricsServer
+from kvstore.server.shutdown import close_store, step
 from kvstore.store.reindex import reindex_disk
 from kvstore.store.store import Store
 from kvstore.store.tiering import Tiers
@@ -48,14 +47,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_MESSAGE_BYTES = 64 << 20
 STEP_TIMEOUT_S = 5.0  # bound on each shutdown step beyond the RPC grace
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do about it."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code  # 2 when the configuration is at fault, as for ConfigError
+__all__ = ["Daemon", "StartupError", "run", "serve"]
 
 
 def server_options(s: ServerConfig) -> list[tuple[str, int]]:
@@ -90,6 +82,8 @@ class Daemon:
         self._socket_ino = 0  # inode of the socket we bound, so we only ever unlink our own
         self._tasks: list[asyncio.Task[None]] = []
         self._kvstore_servicer: KVStoreServicer | None = None
+        self.edge = Edge()  # every call passes it: malformed requests, INTERNAL, shutdown
+        self.clock = LoopClock()  # the store's: leaves out the loop's stalls (leases.py)
         self.metrics: MetricsServer | None = None
 
     @property
@@ -122,10 +116,12 @@ class Daemon:
         s = self.config.server
         settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
         log.info("config from %s: %s", self.config.config_file or "defaults/env/flags", settings)
-        self._claim_socket_path()
+        self._lock_fd = socket_path.claim(self.socket_path)
         remove_stale_segments(s.shm_prefix)  # logs each one it removes
         loop = asyncio.get_running_loop()
-        self.store = Store(self.config.store_limits(), s.shm_prefix, tiers=await self._open_tiers(s))
+        self.store = Store(
+            self.config.store_limits(), s.shm_prefix, clock=self.clock, tiers=await self._open_tiers(s)
+        )
         for spec in self.config.namespace_specs():
             try:
                 self.store.check_new_namespace(spec)
@@ -140,8 +136,8 @@ class Daemon:
             if stop.is_set():
                 return False
 
-        self.server = server = grpc.aio.server(options=server_options(s))
-        self._kvstore_servicer = KVStoreServicer(self.store)
+        self.server = server = grpc.aio.server(options=server_options(s), interceptors=[self.edge])
+        self._kvstore_servicer = KVStoreServicer(self.store, self.edge.counts)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, server)
         kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), server)
         self.health = health_aio.HealthServicer()
@@ -160,12 +156,12 @@ class Daemon:
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
-        self._tasks.append(asyncio.create_task(self._reap_leases(), name="reap-leases"))
+        self._tasks.append(asyncio.create_task(reap_leases(self.store, self.clock), name="reap-leases"))
         if self.store.tiers is not None and self.store.tiers.disk is not None:
             self._tasks.append(asyncio.create_task(self._reindex_disk(), name="reindex-disk"))
         if s.metrics:
             host, _, port = s.metrics.rpartition(":")
-            self.metrics = MetricsServer(self.store, host, int(port))
+            self.metrics = MetricsServer(self.store, host, int(port), edge=self.edge.counts)
             try:
                 self.metrics.start()
             except OSError as e:
@@ -245,45 +241,6 @@ class Daemon:
             len(stale),
         )
 
-    def _claim_socket_path(self) -> None:
-        """Own the socket path for the daemon's life, or fail if a live daemon does.
-
-        The lock file beside the socket is flock()ed; the kernel drops the lock when its holder
-        dies, even by kill -9. So holding it means any socket file there is stale, and two
-        daemons started at once cannot both pass this point."""
-        path = self.socket_path
-        _private_dir(path.parent)
-        lock_path = path.with_name(path.name + ".lock")
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise StartupError(
-                    f"another kvstore daemon (pid {owner}) is serving on {path}; "
-                    "stop it, or give this one another --socket"
-                ) from None
-            # A daemon stopping right now unlinks the lock file after we opened it: then we hold
-            # a lock on a file nobody else will open. Retry on the file that is there now.
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                    break
-            os.close(fd)
-        self._lock_fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-
-        if not os.path.lexists(path):
-            return
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
-        if _answers(path):  # not a kvstore daemon (it would hold the lock), but someone's
-            raise StartupError(f"another process is listening on {path}; choose another --socket")
-        os.unlink(path)
-        log.warning("startup: removed stale socket %s (its daemon is gone)", path)
-
     def _bind(self, server: grpc.aio.Server) -> None:
         s = self.config.server
         try:
@@ -302,42 +259,32 @@ class Daemon:
                 raise StartupError(f"cannot listen on tcp {s.tcp} (address in use?)")
             log.warning("also serving on tcp %s (port %d) without TLS or auth", s.tcp, self.tcp_port)
 
-    async def _reap_leases(self) -> None:
-        """End the sessions of clients that stopped renewing their lease (crashed or hung)."""
-        store = self.store
-        if store is None:
-            raise InvariantBroken("reaping leases before the store exists")
-        while True:
-            await asyncio.sleep(store.lease_check_interval_s)
-            try:
-                store.reap_expired()
-            except Exception:
-                # One failed pass must not end lease expiry for the rest of the daemon's life.
-                log.exception("lease check failed")
-
     async def stop(self) -> bool:
         """Stop in order, each step bounded. Safe after a partial start, and a second time.
         Returns False when a step failed or timed out (the later steps still ran)."""
         ok = True
         grace = self.config.server.shutdown_grace_s
         if self.health is not None:
-            ok &= await _step(
+            ok &= await step(
                 "health set to NOT_SERVING", self.health.enter_graceful_shutdown(), STEP_TIMEOUT_S
             )
-        if self._kvstore_servicer is not None:
-            # KeepAlive streams never end on their own; without this the drain below would
-            # always wait the whole grace for them.
-            self._kvstore_servicer.begin_shutdown()
         if self.server is not None:
             server, self.server = self.server, None
-            ok &= await _step(
-                f"server stopped (grace {grace:g}s)", server.stop(grace), grace + STEP_TIMEOUT_S
-            )
+            # New calls get UNAVAILABLE "daemon shutting down"; those under way have the grace
+            # to finish, then are cancelled with the same answer (edge.py), while KeepAlive
+            # streams still hold their sessions. Only then do the streams end (same status).
+            self.edge.begin_shutdown()
+            cancelled = await self.edge.drain(grace)
+            if cancelled:
+                log.warning("shutdown: %d call(s) still running after the grace were cancelled", cancelled)
+            if self._kvstore_servicer is not None:
+                self._kvstore_servicer.begin_shutdown()
+            ok &= await step("server stopped", server.stop(STEP_TIMEOUT_S), 2 * STEP_TIMEOUT_S)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         if tasks:
-            ok &= await _step(
+            ok &= await step(
                 "background tasks stopped", asyncio.gather(*tasks, return_exceptions=True), STEP_TIMEOUT_S
             )
         if self.metrics is not None:
@@ -346,67 +293,11 @@ class Daemon:
             log.info("shutdown: metrics server stopped")
         if self.store is not None:
             store, self.store = self.store, None
-            try:
-                store.close()
-                log.info("shutdown: store closed, pool segments unlinked")
-            except Exception:
-                log.exception("shutdown: store close failed")
-                ok = False
-        if self._socket_ino:
-            # grpc usually removes it on stop already; never remove a socket that is not ours.
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.socket_path).st_ino == self._socket_ino:
-                    os.unlink(self.socket_path)
-            self._socket_ino = 0
-            log.info("shutdown: socket %s removed", self.socket_path)
-        if self._lock_fd >= 0:
-            # Unlink while still holding the lock, so no one can lock this file after we let go.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path.with_name(self.socket_path.name + ".lock"))
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            # The disk writer's last commit and a stopping re-index are bounded at 30 s each.
+            ok &= await step("store closed, pool segments unlinked", close_store(store), 60 + STEP_TIMEOUT_S)
+        socket_path.release(self.socket_path, self._lock_fd, self._socket_ino)
+        self._socket_ino, self._lock_fd = 0, -1
         return ok
-
-
-async def _step(what: str, aw: Awaitable[object], timeout: float) -> bool:
-    t0 = time.monotonic()
-    try:
-        await asyncio.wait_for(aw, timeout)
-    except TimeoutError:
-        log.error("shutdown: timed out after %.1fs waiting for: %s", timeout, what)
-        return False
-    except Exception:
-        log.exception("shutdown: failed: %s", what)
-        return False
-    log.info("shutdown: %s in %.2fs", what, time.monotonic() - t0)
-    return True
-
-
-def _private_dir(d: Path) -> None:
-    """Create the socket's directory 0700, and refuse one that another user controls: they
-    could swap our socket for theirs and see every client's requests."""
-    try:
-        d.mkdir(mode=0o700, parents=True)
-        log.info("startup: created %s (mode 0700)", d)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise StartupError(f"cannot create socket directory {d}: {e.strerror}") from e
-    owner = os.stat(d).st_uid
-    if owner not in (os.getuid(), 0):
-        raise StartupError(f"socket directory {d} belongs to uid {owner}, not to us (uid {os.getuid()})")
-
-
-def _answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError:
-            return True  # e.g. a full backlog: someone is there
-        return True
 
 
 async def serve(config: Config) -> int:

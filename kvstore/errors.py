@@ -45,3 +45,12 @@ class InvariantBroken(KVStoreError):
     """The daemon's own bookkeeping is inconsistent (a bug, never the client's fault): the
     request fails with INTERNAL instead of going on with wrong state. Explicit checks raise
     it where an `assert` would vanish under `python -O`."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do about it. Not sent to
+    clients (not a KVStoreError)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # 2 when the configuration is at fault, as for ConfigError

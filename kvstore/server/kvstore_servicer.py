@@ -14,6 +14,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore import __version__
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
+from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
@@ -23,13 +24,15 @@ Ctx = grpc.aio.ServicerContext
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, edge: EdgeCounts | None = None) -> None:
         self.store = store
+        self.edge = edge or EdgeCounts()
         self.started = time.monotonic()
         self._closing = asyncio.Event()  # set when the daemon begins to shut down
 
     def begin_shutdown(self) -> None:
-        """End every KeepAlive stream now, so the server's drain does not wait for them."""
+        """End every KeepAlive stream now with UNAVAILABLE "daemon shutting down" (the edge has
+        drained the other calls already), so the server's stop does not wait for them."""
         self._closing.set()
 
     @grpc_errors
@@ -51,6 +54,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 # The event is a heartbeat both ways: a dead peer makes the write fail.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), session.lease_ttl_s / 3)
+            if self._closing.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
             # Runs when the client goes away (the call is cancelled) or closed its session.
             self.store.detach_stream(request.session_id)
@@ -205,6 +210,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             uptime_s=time.monotonic() - self.started,
             version=__version__,
             tiers=convert.tier_stats(tiers.stats()) if tiers is not None else None,
+            internal_errors=self.edge.internal,
+            malformed_requests=self.edge.malformed,
         )
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvstore.server.edge import EdgeCounts
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceStats
 
@@ -64,10 +65,15 @@ def tier_values(d: dict[str, Any]) -> dict[str, float]:
 class StatsCollector(Collector):
     def __init__(self) -> None:
         # Replaced whole by the loop: (namespaces, sessions, Tiers.stats() or None).
-        self.snapshot: tuple[list[NamespaceStats], int, dict[str, Any] | None] = ([], 0, None)
+        self.snapshot: tuple[list[NamespaceStats], int, dict[str, Any] | None, EdgeCounts] = (
+            [],
+            0,
+            None,
+            EdgeCounts(),
+        )
 
     def collect(self) -> Iterator[Any]:
-        namespaces, sessions, tiers = self.snapshot
+        namespaces, sessions, tiers, edge = self.snapshot
         pages = GaugeMetricFamily("kvstore_pages", "pool pages by state", labels=["namespace", "state"])
         total = GaugeMetricFamily("kvstore_pages_total", "pool pages", labels=["namespace"])
         page_bytes = GaugeMetricFamily("kvstore_page_bytes", "bytes of KV in one page", labels=["namespace"])
@@ -87,6 +93,14 @@ class StatsCollector(Collector):
                 family.add_metric([s.name], values[field])
         yield from (pages, total, page_bytes, sequences, *counters.values())
         yield GaugeMetricFamily("kvstore_sessions", "open client sessions", value=sessions)
+        yield CounterMetricFamily(
+            "kvstore_rpc_internal_errors",
+            "calls answered INTERNAL (daemon bugs, in its log)",
+            value=edge.internal,
+        )
+        yield CounterMetricFamily(
+            "kvstore_rpc_malformed_requests", "requests whose bytes did not parse", value=edge.malformed
+        )
         if tiers is not None:
             yield from self._tiers(tiers)
 
@@ -110,8 +124,11 @@ class StatsCollector(Collector):
 
 
 class MetricsServer:
-    def __init__(self, store: Store, host: str, port: int, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, store: Store, host: str, port: int, interval_s: float = 1.0, edge: EdgeCounts | None = None
+    ) -> None:
         self.store = store
+        self.edge = edge or EdgeCounts()
         self.host = host
         self.port = port
         self.interval_s = interval_s
@@ -135,6 +152,7 @@ class MetricsServer:
             self.store.stats(),
             len(self.store.sessions),
             tiers.stats() if tiers is not None else None,
+            replace(self.edge),
         )
 
     async def run(self) -> None:

@@ -1,18 +1,17 @@
 """The one table from domain errors to gRPC status codes, and the decorator
-that applies it at the edge of every servicer method."""
+that applies it at the edge of every servicer method. What escapes it (a bug)
+is answered INTERNAL by the interceptor in kvstore/server/edge.py."""
 
 from __future__ import annotations
 
+import errno
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from kvstore import errors
-
-log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[errors.KVStoreError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -23,6 +22,16 @@ STATUS_OF: dict[type[errors.KVStoreError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.InvariantBroken: grpc.StatusCode.INTERNAL,
+}
+# An OSError from creating or backing a pool: its errno says what the client can do.
+STATUS_OF_ERRNO = {
+    errno.EEXIST: grpc.StatusCode.ALREADY_EXISTS,
+    errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.ENOMEM: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.EDQUOT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.EMFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.ENFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 R = TypeVar("R")
@@ -35,6 +44,17 @@ def status_of(error: errors.KVStoreError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def status_and_message(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a failed call answers with; INTERNAL means a bug in the daemon."""
+    if isinstance(error, errors.KVStoreError):
+        return status_of(error), str(error)
+    if isinstance(error, OSError):
+        # Other OS errors (EIO, ...) are the host's trouble, not the request's: retry later.
+        code = STATUS_OF_ERRNO.get(error.errno or 0, grpc.StatusCode.UNAVAILABLE)
+        return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+
+
 async def abort_for(context: grpc.aio.ServicerContext, error: errors.KVStoreError) -> None:
     """Abort the call with the mapped status and the error's own message (raises)."""
     await context.abort(status_of(error), str(error))
@@ -43,17 +63,18 @@ async def abort_for(context: grpc.aio.ServicerContext, error: errors.KVStoreErro
 def grpc_errors(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
-    """Abort with the mapped status and the error's own message; log the unexpected."""
+    """Abort with the mapped status and the error's own message. Broken invariants and the
+    unexpected go on to the edge interceptor, which logs and counts them."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except errors.KVStoreError as e:
-            await abort_for(context, e)
-        except OSError as e:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method.__name__}: {e}")
+        except (errors.KVStoreError, OSError) as e:
+            code, message = status_and_message(e)
+            if code == grpc.StatusCode.INTERNAL:
+                raise
+            await context.abort(code, f"{method.__name__}: {message}" if isinstance(e, OSError) else message)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper

@@ -38,12 +38,12 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
     except (OverflowError, ValueError, TypeError) as e:
         raise InvalidArgument(f"{field} must be a list of integers in [0, {MAX_TOKEN_ID}]: {e}") from None
     if n:
-        bad = np.flatnonzero((arr < 0) | (arr >= (vocab_size or MAX_TOKEN_ID + 1)))
+        bad = np.flatnonzero((arr < 0) | (arr > (vocab_size - 1 if vocab_size else MAX_TOKEN_ID)))
         if bad.size:
             i = int(bad[0])
-            upper = f"vocab_size={vocab_size}" if vocab_size else f"{MAX_TOKEN_ID}"
+            upper = f"< vocab_size={vocab_size}" if vocab_size else f"<= {MAX_TOKEN_ID}"
             raise InvalidArgument(
-                f"{field}[{i}]={int(arr[i])} is out of range: token ids must be >= 0 and < {upper}"
+                f"{field}[{i}]={int(arr[i])} is out of range: token ids must be >= 0 and {upper}"
                 + (f" ({bad.size} bad ids in all)" if bad.size > 1 else "")
             )
     return arr.astype("<i4")

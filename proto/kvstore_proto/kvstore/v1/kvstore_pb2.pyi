@@ -566,18 +566,22 @@ class TierStats(_message.Message):
     def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers")
+    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests")
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
     uptime_s: float
     version: str
     tiers: TierStats
-    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
+    internal_errors: int
+    malformed_requests: int
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ...) -> None: ...
 
 class NamespaceSpec(_message.Message):
     __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint")

@@ -1,0 +1,256 @@
+"""The daemon's edge: what every RPC of every service passes through, as one server
+interceptor, so no call can end with UNKNOWN and shutdown reads the same to every caller.
+
+- Request bytes are parsed by a wrapping deserializer: bytes that do not parse, and strings
+  or bytes longer than the edge allows, become INVALID_ARGUMENT naming the message type
+  and field (grpc would answer UNKNOWN "Unexpected DecodeError" before any servicer ran).
+- An exception that escapes a handler is mapped by `status.status_and_message`; an
+  unexpected one (or a broken invariant) becomes INTERNAL, logged with its traceback and
+  counted (Stats `internal_errors`, metric `kvstore_rpc_internal_errors`).
+- Once shutdown begins, new calls get UNAVAILABLE "daemon shutting down"; calls still running
+  when the grace ends are cancelled and get the same status rather than CANCELLED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from kvstore.server import status
+
+log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = "daemon shutting down"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"  # answers during shutdown: clients see NOT_SERVING
+# Longest string (characters) and bytes value (other than extra_keys, which the store bounds
+# by max_extra_keys_bytes) a request may carry: names, fingerprints, salts, client names.
+MAX_STRING = 256
+UNBOUNDED_BYTES = frozenset({"extra_keys"})
+# Reflection's file_containing_symbol etc. are strings too; nothing legitimate is longer.
+
+
+@dataclass
+class EdgeCounts:
+    malformed: int = 0  # requests refused because their bytes did not parse (or were too long)
+    internal: int = 0  # calls that ended INTERNAL: a bug in the daemon, logged with a traceback
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """What the wrapping deserializer hands the handler instead of a message it cannot build."""
+
+    message: str
+
+
+class Edge(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self.counts = EdgeCounts()
+        self.closing = False
+        self._running: set[asyncio.Task[Any]] = set()  # unary calls under way
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    # ------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self) -> None:
+        """From now on, new calls (but health checks) get UNAVAILABLE "daemon shutting down"."""
+        self.closing = True
+
+    async def drain(self, grace_s: float) -> int:
+        """Wait up to `grace_s` for the unary calls under way, then cancel the rest (they
+        answer UNAVAILABLE "daemon shutting down"). Returns how many were cancelled."""
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        left = list(self._running)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=grace_s + 1.0)
+        return len(left)
+
+    # ------------------------------------------------------------ the interceptor
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        deserializer = _guarded(h.request_deserializer)
+        refuse = not method.startswith(HEALTH_PREFIX)
+        if h.unary_unary is not None:
+            return h._replace(
+                request_deserializer=deserializer, unary_unary=self._unary(method, h.unary_unary, refuse)
+            )
+        if h.unary_stream is not None:
+            return h._replace(
+                request_deserializer=deserializer, unary_stream=self._stream(method, h.unary_stream, refuse)
+            )
+        if h.stream_unary is not None:
+            inner = self._unary(method, h.stream_unary, refuse)
+            return h._replace(request_deserializer=deserializer, stream_unary=_checking_requests(inner))
+        inner = self._stream(method, h.stream_stream, refuse)
+        return h._replace(request_deserializer=deserializer, stream_stream=_checking_requests(inner))
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext, refuse: bool) -> None:
+        if isinstance(request, Malformed):
+            self.counts.malformed += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if refuse and self.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+    async def _fail(self, method: str, context: grpc.aio.ServicerContext, e: BaseException) -> None:
+        """Abort for an exception that escaped the handler (raises)."""
+        if isinstance(e, asyncio.CancelledError):
+            if not self.closing:
+                raise e  # the client went away: nobody to answer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        code, message = status.status_and_message(e)
+        if code == grpc.StatusCode.INTERNAL:
+            self.counts.internal += 1
+            log.error("%s failed: %s", method, e, exc_info=e)
+            message = (
+                f"internal error in {method.rsplit('/', 1)[-1]}: {message} (a bug: see the daemon's log)"
+            )
+        await context.abort(code, message)
+
+    def _unary(self, method: str, behavior: Callable[..., Any], refuse: bool) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(request, context, refuse)
+            task = asyncio.current_task()
+            if task is not None and refuse:
+                self._running.add(task)
+                self._idle.clear()
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except (Exception, asyncio.CancelledError) as e:
+                await self._fail(method, context, e)
+            finally:
+                if task is not None and refuse:
+                    self._running.discard(task)
+                    if not self._running:
+                        self._idle.set()
+
+        return call
+
+    def _stream(self, method: str, behavior: Callable[..., Any], refuse: bool) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):  # writes with context.write (Health.Watch)
+
+            async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await self._check(request, context, refuse)
+                try:
+                    await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except (Exception, asyncio.CancelledError) as e:
+                    await self._fail(method, context, e)
+
+            return run
+
+        async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._check(request, context, refuse)
+            try:
+                async for reply in behavior(request, context):
+                    yield reply
+            except grpc.aio.AbortError:
+                raise
+            except (Exception, asyncio.CancelledError) as e:
+                await self._fail(method, context, e)
+
+        return gen
+
+
+def _checking_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A request-streaming handler whose stream aborts at the first malformed message."""
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def gen(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for reply in behavior(checked(requests, context), context):
+                yield reply
+
+        return gen
+
+    async def run(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(checked(requests, context), context)
+
+    return run
+
+
+def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: bytes it cannot take become a `Malformed`."""
+    if deserializer is None:
+        return None
+    cls = getattr(deserializer, "__self__", None)  # pb.X.FromString is bound to the class
+    type_name = cls.DESCRIPTOR.full_name if isinstance(cls, type) and issubclass(cls, Message) else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            request = deserializer(data)
+        except Exception as e:  # DecodeError, or any other reason the bytes cannot be taken
+            return Malformed(f"the request is not a valid {type_name} ({len(data)} bytes): {_short(str(e))}")
+        if isinstance(request, Message):
+            problem = too_long(request)
+            if problem:
+                return Malformed(f"{type_name}.{problem}")
+        return request
+
+    return parse
+
+
+def too_long(msg: Message, path: str = "") -> str:
+    """The first string or bytes field over the edge's limit, described (never echoed), or ""."""
+    for field, value in msg.ListFields():
+        name = f"{path}{field.name}"
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            values = value if _repeated(field) else (value,)
+            for i, item in enumerate(values):
+                where = f"{name}[{i}]." if _repeated(field) else f"{name}."
+                problem = too_long(item, where)
+                if problem:
+                    return problem
+        elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+            if field.name in UNBOUNDED_BYTES:
+                continue
+            for item in value if _repeated(field) else (value,):
+                if len(item) > MAX_STRING:
+                    unit = "characters" if field.type == FieldDescriptor.TYPE_STRING else "bytes"
+                    return f"{name} has {len(item)} {unit}; the limit is {MAX_STRING}"
+    return ""
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
