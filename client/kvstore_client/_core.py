@@ -16,7 +16,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from . import _wire
-from .errors import KVStoreClientError, SessionLost, Unavailable, from_rpc_error
+from .errors import KVStoreClientError, SessionLost, ShuttingDown, Unavailable, from_rpc_error
 from .namespace import Namespace
 from .pool import SHM_DIR
 from .results import (
@@ -34,11 +34,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvstore_client")
 
-# Replies for long prompts carry one PageRef per page; gRPC's 4 MiB default is too small.
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.max_send_message_length", 256 << 20),
-)
+KEEPALIVE_S = 10.0  # HTTP/2 ping interval; the daemon accepts pings every 5 s or more
+KEEPALIVE_TIMEOUT_S = 5.0
+
+
+def channel_options(keepalive_s: float = KEEPALIVE_S) -> tuple[tuple[str, int], ...]:
+    return (
+        # Replies for long prompts carry one PageRef per page; gRPC's 4 MiB default is too small.
+        ("grpc.max_receive_message_length", 256 << 20),
+        ("grpc.max_send_message_length", 256 << 20),
+        # Ping the daemon, so a daemon that stopped answering (host gone, process stopped) fails
+        # the calls under way with UNAVAILABLE, even a call without a deadline (timeout_s=None).
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    )
 
 
 def make_stubs(channel: Any) -> dict[str, Any]:
@@ -84,7 +95,7 @@ class ClientCore:
         if self._closed:
             raise KVStoreClientError(f"client for {self.target} (session {self.session_id}) is closed")
         if self._lease_error is not None:
-            raise SessionLost(self._lease_error.details, code=self._lease_error.code)
+            raise type(self._lease_error)(self._lease_error.details, code=self._lease_error.code)
 
     def _error(self, err: grpc.RpcError) -> KVStoreClientError:
         mapped = from_rpc_error(err)
@@ -97,7 +108,9 @@ class ClientCore:
                 f"no kvstore daemon answered at {self.target} ({mapped.args[0]}); is `kvstore serve` running?"
             )
         if isinstance(mapped, Unavailable):
-            return Unavailable(f"kvstore daemon at {self.target}: {mapped.details}")
+            if isinstance(self._lease_error, ShuttingDown):  # the socket closed after it said so
+                return ShuttingDown(self._lease_error.details, code=mapped.code)
+            return type(mapped)(f"kvstore daemon at {self.target}: {mapped.details}", code=mapped.code)
         return mapped
 
     def _open_call(self, client_name: str, lease_ttl_s: float | None) -> _wire.Call[None]:
@@ -117,7 +130,12 @@ class ClientCore:
             return
         why = from_rpc_error(err).args[0] if isinstance(err, grpc.RpcError) else "the daemon ended the stream"
         code = err.code() if isinstance(err, grpc.RpcError) else None
-        self._lease_error = SessionLost(
+        lost = (
+            ShuttingDown
+            if isinstance(err, grpc.RpcError) and isinstance(from_rpc_error(err), ShuttingDown)
+            else SessionLost
+        )
+        self._lease_error = lost(
             f"session {self.session_id} at {self.target}: KeepAlive stream ended ({why}); the daemon "
             "released everything it held. Connect again.",
             code=code,

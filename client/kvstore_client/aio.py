@@ -25,7 +25,7 @@ import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _wire
-from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
+from ._core import KEEPALIVE_S, ClientCore, Held, LookupBase, SequenceBase, channel_options, log, make_stubs
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
@@ -358,9 +358,12 @@ def connect(
     timeout_s: float | None = 30.0,
     connect_timeout_s: float = 10.0,
     shm_dir: str = SHM_DIR,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> Opening[AsyncClient]:
     """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`."""
-    return Opening(_connect(target, client_name, lease_ttl_s, timeout_s, connect_timeout_s, shm_dir))
+    return Opening(
+        _connect(target, client_name, lease_ttl_s, timeout_s, connect_timeout_s, shm_dir, keepalive_s)
+    )
 
 
 async def _connect(
@@ -370,9 +373,10 @@ async def _connect(
     timeout_s: float | None,
     connect_timeout_s: float,
     shm_dir: str,
+    keepalive_s: float,
 ) -> AsyncClient:
     resolved = resolve_target(target)
-    channel = grpc.aio.insecure_channel(resolved, options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(resolved, options=channel_options(keepalive_s))
     client = AsyncClient(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
     try:
         await client.open(

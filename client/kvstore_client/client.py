@@ -26,7 +26,7 @@ import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _wire
-from ._core import CHANNEL_OPTIONS, ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
+from ._core import KEEPALIVE_S, ClientCore, Held, LookupBase, SequenceBase, channel_options, log, make_stubs
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
@@ -358,15 +358,18 @@ def connect(
     timeout_s: float | None = 30.0,
     connect_timeout_s: float = 10.0,
     shm_dir: str = SHM_DIR,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> Client:
     """Connect to the daemon and open a session.
 
     `target`: None = `default_target()`; a socket path; or any gRPC target (`host:port`,
     `unix:/path`). `lease_ttl_s`: None = the daemon's default. `timeout_s`: deadline of
-    each call. Waits up to `connect_timeout_s` for the daemon to come up.
+    each call (None = none). Waits up to `connect_timeout_s` for the daemon to come up.
+    `keepalive_s`: HTTP/2 ping interval (>= 5 s, the daemon's limit): a daemon that stops
+    answering pings fails the calls under way within `keepalive_s` + 5 s, deadline or not.
     """
     resolved = resolve_target(target)
-    channel = grpc.insecure_channel(resolved, options=CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(resolved, options=channel_options(keepalive_s))
     client = Client(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
     try:
         client.open(client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s)

@@ -82,6 +82,15 @@ class SessionLost(KVStoreClientError):
     the session and released everything it held. Open a new client."""
 
 
+class ShuttingDown(Unavailable, SessionLost):
+    """The daemon is shutting down (SIGTERM): every call under way and every later one of this
+    session gets this (UNAVAILABLE "daemon shutting down"), and the session is over (it is a
+    `SessionLost` too). Connect again once a daemon serves."""
+
+
+SHUTTING_DOWN = "daemon shutting down"  # the daemon's message; kvstore/server/edge.py
+
+
 class PoolError(KVStoreClientError):
     """A namespace's pool cannot be mapped (missing segment, inconsistent descriptor)."""
 
@@ -100,4 +109,6 @@ def from_rpc_error(err: grpc.RpcError) -> KVStoreClientError:
     if not isinstance(code, grpc.StatusCode):
         return KVStoreClientError(str(err))
     details = err.details() if callable(getattr(err, "details", None)) else None
+    if code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith(SHUTTING_DOWN):
+        return ShuttingDown(details or SHUTTING_DOWN, code=code)
     return _BY_CODE.get(code, KVStoreClientError)(details or code.value[1], code=code)

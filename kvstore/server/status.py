@@ -52,6 +52,8 @@ def status_and_message(error: BaseException) -> tuple[grpc.StatusCode, str]:
         # Other OS errors (EIO, ...) are the host's trouble, not the request's: retry later.
         code = STATUS_OF_ERRNO.get(error.errno or 0, grpc.StatusCode.UNAVAILABLE)
         return code, str(error)
+    if isinstance(error, NotImplementedError):  # a method a servicer (e.g. Health.List) lacks
+        return grpc.StatusCode.UNIMPLEMENTED, str(error) or "method not implemented"
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
 
