@@ -62,6 +62,7 @@ def server_options(s: ServerConfig) -> list[tuple[str, int]]:
         # is noticed and its KeepAlive stream ends, which releases its lease.
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.ping_timeout_ms", 10_000),  # the keepalive timeout is not enough alone
         ("grpc.keepalive_permit_without_calls", 1),
         # Accept clients' own keepalive pings (the default would answer them with GOAWAY).
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),

@@ -36,6 +36,9 @@ log = logging.getLogger("kvstore_client")
 
 KEEPALIVE_S = 10.0  # HTTP/2 ping interval; the daemon accepts pings every 5 s or more
 KEEPALIVE_TIMEOUT_S = 5.0
+# A call that fails UNAVAILABLE or CANCELLED may be the daemon going away: the KeepAlive stream
+# then ends within moments with the reason ("daemon shutting down"); wait that long for it.
+LEASE_SETTLE_S = 1.0
 
 
 def channel_options(keepalive_s: float = KEEPALIVE_S) -> tuple[tuple[str, int], ...]:
@@ -47,6 +50,7 @@ def channel_options(keepalive_s: float = KEEPALIVE_S) -> tuple[tuple[str, int], 
         # the calls under way with UNAVAILABLE, even a call without a deadline (timeout_s=None).
         ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),  # else a minute
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     )
@@ -77,6 +81,7 @@ class ClientCore:
         # Set by the keepalive consumer at the first event (the daemon sends one on attach)
         # or when the stream ends; a threading.Event (sync) or an asyncio.Event (aio).
         self._lease_attached: Any = None
+        self._lease_ended: Any = None  # set when the stream ends; the same kind of event
 
     @property
     def closed(self) -> bool:
@@ -97,8 +102,22 @@ class ClientCore:
         if self._lease_error is not None:
             raise type(self._lease_error)(self._lease_error.details, code=self._lease_error.code)
 
+    def _may_be_shutdown(self, err: grpc.RpcError) -> bool:
+        """A failure that the KeepAlive stream's end may explain (see LEASE_SETTLE_S)."""
+        return (
+            self._lease_ended is not None
+            and self._lease_error is None
+            and not self._closed
+            and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        )
+
     def _error(self, err: grpc.RpcError) -> KVStoreClientError:
         mapped = from_rpc_error(err)
+        if isinstance(self._lease_error, ShuttingDown) and mapped.code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+        ):  # the daemon said so on the KeepAlive stream, then closed the socket or the call
+            return ShuttingDown(self._lease_error.details, code=grpc.StatusCode.UNAVAILABLE)
         if not self.session_id and mapped.code in (
             grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.UNAVAILABLE,
@@ -108,8 +127,6 @@ class ClientCore:
                 f"no kvstore daemon answered at {self.target} ({mapped.args[0]}); is `kvstore serve` running?"
             )
         if isinstance(mapped, Unavailable):
-            if isinstance(self._lease_error, ShuttingDown):  # the socket closed after it said so
-                return ShuttingDown(self._lease_error.details, code=mapped.code)
             return type(mapped)(f"kvstore daemon at {self.target}: {mapped.details}", code=mapped.code)
         return mapped
 
@@ -125,7 +142,13 @@ class ClientCore:
         self._lease_attached.set()
 
     def _on_keepalive_end(self, err: BaseException | None) -> None:
-        self._lease_attached.set()  # wakes open(), which then sees _lease_error
+        try:
+            self._lease_ended_because(err)
+        finally:
+            self._lease_attached.set()  # wakes open(), which then sees _lease_error
+            self._lease_ended.set()
+
+    def _lease_ended_because(self, err: BaseException | None) -> None:
         if self._closed:
             return
         why = from_rpc_error(err).args[0] if isinstance(err, grpc.RpcError) else "the daemon ended the stream"

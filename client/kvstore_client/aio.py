@@ -25,7 +25,17 @@ import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _wire
-from ._core import KEEPALIVE_S, ClientCore, Held, LookupBase, SequenceBase, channel_options, log, make_stubs
+from ._core import (
+    KEEPALIVE_S,
+    LEASE_SETTLE_S,
+    ClientCore,
+    Held,
+    LookupBase,
+    SequenceBase,
+    channel_options,
+    log,
+    make_stubs,
+)
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
@@ -152,6 +162,7 @@ class AsyncClient(ClientCore):
             self._open_call(client_name, lease_ttl_s), timeout=connect_timeout_s, wait_for_ready=True
         )
         self._lease_attached = asyncio.Event()
+        self._lease_ended = asyncio.Event()
         self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
         self._keepalive_task = asyncio.get_running_loop().create_task(
             self._hold_lease(self._keepalive), name=f"kvstore-keepalive-{self.session_id}"
@@ -211,6 +222,9 @@ class AsyncClient(ClientCore):
         try:
             reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
+            if self._may_be_shutdown(err):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lease_ended.wait(), LEASE_SETTLE_S)
             raise self._error(err) from err
         moved = self._pool_moved(call, reply)
         if moved is not None:

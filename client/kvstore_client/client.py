@@ -26,7 +26,17 @@ import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _wire
-from ._core import KEEPALIVE_S, ClientCore, Held, LookupBase, SequenceBase, channel_options, log, make_stubs
+from ._core import (
+    KEEPALIVE_S,
+    LEASE_SETTLE_S,
+    ClientCore,
+    Held,
+    LookupBase,
+    SequenceBase,
+    channel_options,
+    log,
+    make_stubs,
+)
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
@@ -151,6 +161,7 @@ class Client(ClientCore):
         calls this."""
         self._send(self._open_call(client_name, lease_ttl_s), timeout=connect_timeout_s, wait_for_ready=True)
         self._lease_attached = threading.Event()
+        self._lease_ended = threading.Event()
         self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
         self._keepalive_thread = threading.Thread(
             target=self._hold_lease,
@@ -214,6 +225,8 @@ class Client(ClientCore):
         try:
             reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
+            if self._may_be_shutdown(err):
+                self._lease_ended.wait(LEASE_SETTLE_S)
             raise self._error(err) from err
         moved = self._pool_moved(call, reply)
         if moved is not None:
