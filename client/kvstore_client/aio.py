@@ -24,18 +24,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _wire
-from ._core import (
-    KEEPALIVE_S,
-    LEASE_SETTLE_S,
-    ClientCore,
-    Held,
-    LookupBase,
-    SequenceBase,
-    channel_options,
-    log,
-    make_stubs,
-)
+from . import _core, _wire
+from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
 from .errors import KVStoreClientError
 from .namespace import Namespace
 from .pool import SHM_DIR
@@ -224,7 +214,7 @@ class AsyncClient(ClientCore):
         except grpc.RpcError as err:
             if self._may_be_shutdown(err):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lease_ended.wait(), LEASE_SETTLE_S)
+                    await asyncio.wait_for(self._lease_ended.wait(), _core.LEASE_SETTLE_S)
             raise self._error(err) from err
         moved = self._pool_moved(call, reply)
         if moved is not None:
@@ -372,7 +362,7 @@ def connect(
     timeout_s: float | None = 30.0,
     connect_timeout_s: float = 10.0,
     shm_dir: str = SHM_DIR,
-    keepalive_s: float = KEEPALIVE_S,
+    keepalive_s: float = _core.KEEPALIVE_S,
 ) -> Opening[AsyncClient]:
     """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`."""
     return Opening(
@@ -390,7 +380,7 @@ async def _connect(
     keepalive_s: float,
 ) -> AsyncClient:
     resolved = resolve_target(target)
-    channel = grpc.aio.insecure_channel(resolved, options=channel_options(keepalive_s))
+    channel = grpc.aio.insecure_channel(resolved, options=_core.channel_options(keepalive_s))
     client = AsyncClient(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
     try:
         await client.open(
