@@ -121,8 +121,11 @@ def test_a_live_daemons_segments_survive_another_daemons_start() -> None:
         with kvstore_client.connect(a.target) as kv:
             write_prompt(kv, "test", 0x33)
             mine = a.shm_segments()
+            # A live daemon of the version before locks (it named segments <prefix><pid>.<ns>):
+            legacy = SHM_DIR / f"{a.shm_prefix}{os.getpid()}.legacy"
+            legacy.write_bytes(b"")
             b.start()
-            assert set(mine) < set(b.shm_segments())
+            assert set(mine) < set(b.shm_segments()) and legacy.exists()
             assert "removed stale pool segment" not in b.stderr_text()
             assert read_prompt(kv, "test") == {0x33}  # through a fresh mapping too:
             assert read_prompt(kvstore_client.connect(a.target), "test") == {0x33}

@@ -125,26 +125,61 @@ class ShmPool:
 
 
 def remove_stale_segments(prefix: str) -> list[str]:
-    """Unlink the segments named `<prefix>*` that no live daemon holds locked (left by a
-    daemon that died, kill -9 included, or by a version that did not lock them)."""
+    """Unlink the segments under `prefix` whose daemon is gone: those named as this version
+    names them that no live daemon holds locked (kill -9 included), and those of the older
+    `<prefix><pid>.<namespace>` naming (never locked) whose pid is dead or is our own (a
+    restart that got its old pid back). Other names under the prefix are left alone."""
     removed = []
     for path in SHM_DIR.glob(f"{prefix}*"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            continue  # gone meanwhile, or not ours to open
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live daemon's
-            # Still the file we locked? (its owner may have just unlinked it, and a new one
-            # taken the name: that one is not ours to judge).
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    path.unlink()
-                    removed.append(path.name)
-                    log.warning("removed stale pool segment /dev/shm/%s (no live daemon holds it)", path.name)
-        finally:
-            os.close(fd)
+        pid, _, rest = path.name[len(prefix) :].partition(".")
+        epoch, _, namespace = rest.partition(".")
+        if not pid.isdigit() or not rest:
+            continue
+        if len(epoch) == 16 and namespace and all(c in "0123456789abcdef" for c in epoch):
+            why = _unlink_if_unlocked(path)
+        elif int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            why = _unlink(path, f"its daemon pid {pid} is gone")
+        else:
+            continue
+        if why:
+            removed.append(path.name)
+            log.warning("removed stale pool segment /dev/shm/%s (%s)", path.name, why)
     return removed
+
+
+def _unlink_if_unlocked(path: Path) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return ""  # gone meanwhile, or not ours to open
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return ""  # a live daemon's
+        # Still the file we locked? (its owner may have just unlinked it, and a new one
+        # taken the name: that one is not ours to judge).
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return _unlink(path, "no live daemon holds it")
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path, why: str) -> str:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return ""
+    return why
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
