@@ -122,7 +122,8 @@ class ServerConfig:
     # `socket` and `shm_prefix` depend on the user and the environment; load() fills them in.
     socket: str = _key(
         "",
-        "unix socket the daemon serves on; its directory is created with mode 0700",
+        "unix socket the daemon serves on; its directory is created with mode 0700 (an existing one of ours is "
+        "made 0700; one others can write and we cannot fix is refused)",
         _socket_path,
         doc_default="`$XDG_RUNTIME_DIR/kvstore/kvstore.sock`, else `/tmp/kvstore-<uid>/kvstore.sock`",
     )
@@ -138,7 +139,10 @@ class ServerConfig:
     max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", _positive, size=True)
     max_sessions: int = _key(4096, "most sessions open at once", _positive)
     shutdown_grace_s: float = _key(
-        5.0, "on SIGTERM, how long in-flight RPCs may finish (seconds)", _in_range(0, 3600)
+        5.0,
+        "on SIGTERM, how long in-flight RPCs may finish (seconds); new ones and those still running after "
+        'get UNAVAILABLE "daemon shutting down"',
+        _in_range(0, 3600),
     )
     log_level: LogLevel = _key("info", "log level (logs go to stderr)")  # noqa: RUF009 (ruff: Literal)
     max_extra_keys_bytes: int = _key(
