@@ -10,6 +10,7 @@ Also here: promotions that fail while in flight (defect 9 of issue 14)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -164,24 +165,38 @@ async def test_an_in_flight_promotion_that_fails_ends_the_pins_hit_and_its_count
         store.close()
 
 
-async def test_a_lookup_past_its_grpc_deadline_releases_its_pin(tmp_path: Path) -> None:
-    """Through real gRPC (the KVStore servicer on a unix socket in this process): the client's
-    deadline passes while the pages come up; grpc cancels the handler, and its pin goes."""
+@contextlib.asynccontextmanager
+async def _served(store, tmp: Path):
+    """A stub of the KVStore servicer over real gRPC on a unix socket in this process, behind
+    the daemon's own edge interceptor (kvstore/daemon.py builds its server the same way)."""
     import grpc
-    from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
     from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
+    from kvstore.server.edge import Edge
     from kvstore.server.kvstore_servicer import KVStoreServicer
 
-    store, ns, sid, tokens = await _below(tmp_path, 4, seed=4000)
-    server = grpc.aio.server()
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store), server)
-    target = f"unix://{tmp_path}/kv.sock"
+    edge = Edge()
+    server = grpc.aio.server(interceptors=[edge])
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, edge.counts), server)
+    target = f"unix://{tmp}/kv.sock"
     server.add_insecure_port(target)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.KVStoreStub(channel)
+            yield pb_grpc.KVStoreStub(channel)
+    finally:
+        await server.stop(None)
+
+
+async def test_a_lookup_past_its_grpc_deadline_releases_its_pin(tmp_path: Path) -> None:
+    """Through real gRPC: the client's deadline passes while the pages come up; grpc cancels
+    the handler, and its pin goes."""
+    import grpc
+    from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+    store, ns, sid, tokens = await _below(tmp_path, 4, seed=4000)
+    try:
+        async with _served(store, tmp_path) as stub:
             request = pb.LookupRequest(session_id=sid, namespace="t", token_ids=tokens, pin=True)
             with readers_held(store):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -193,7 +208,33 @@ async def test_a_lookup_past_its_grpc_deadline_releases_its_pin(tmp_path: Path) 
             r = await stub.Lookup(request, timeout=10)
             assert r.hit_tokens == 4 * T and same_bytes(ns, tokens, list(r.slots)) == [True] * 4
     finally:
-        await server.stop(None)
+        store.close()
+
+
+async def test_a_swap_in_past_its_grpc_deadline_leaves_it_swapped_out(tmp_path: Path) -> None:
+    import grpc
+    from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+    store, ns, sid = make_store(tmp_path, host=False, disk=True)
+    try:
+        a = list(range(2000, 2000 + 3 * T + 3))
+        seq = write(store, sid, a, commit=2 * T)  # 2 sealed, 2 private
+        store.preempt(sid, seq, "swap_out")
+        await to_device(store, tmp_path)
+        s = store.sessions[sid].sequences[seq]
+        async with _served(store, tmp_path) as stub:
+            request = pb.SwapInRequest(session_id=sid, sequence_id=seq)
+            with readers_held(store):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.SwapIn(request, timeout=0.3)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await until(lambda: s.swap_in is None, "the handler's swap-in to be given up")
+                assert s.swapped is not None and s.pages == []
+            await until(lambda: not store.tiers.promoting and ns.pages_reserved == 0, "the reads")
+            assert books(store, ns)["refs"] == {}
+            view = await stub.SwapIn(request, timeout=10)
+            assert same_bytes(ns, a, [p.slot for p in view.pages]) == [True] * 4
+    finally:
         store.close()
 
 
