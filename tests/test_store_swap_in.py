@@ -122,3 +122,30 @@ async def test_private_pages_come_back_from_disk_off_the_loop(tmp_path: Path) ->
         books(store, ns)
     finally:
         store.close()
+
+
+async def test_release_during_a_swap_in_frees_each_page_once(tmp_path: Path) -> None:
+    """Release while the pages come back: the ticket gives back what it holds (a private
+    page's slot once its read is over), the sequence's own lists are empty, and the SwapIn
+    answers FAILED_PRECONDITION: no page is freed or unreferenced twice."""
+    from kvstore.errors import FailedPrecondition
+
+    store, ns, sid = make_store(tmp_path, host=False, disk=True)
+    try:
+        a = list(range(3000, 3000 + 3 * T + 1))
+        seq = write(store, sid, a, commit=2 * T, max_tokens=5 * T)  # 2 sealed, 2 private, 1 spare
+        store.preempt(sid, seq, "swap_out")
+        await to_device(store, tmp_path)
+        with readers_held(store):
+            task = asyncio.create_task(waits.swap_in(store, sid, seq))
+            await until(lambda: store.sessions[sid].sequences[seq].swap_in is not None, "the swap-in")
+            r = store.release_sequence(sid, seq)
+            assert (r.pages_freed, r.pages_unpinned) == (0, 0)  # it held nothing of its own yet
+            assert ns.pages_reserved == 2 + 2  # promotions, and private reads still in flight
+        with pytest.raises(FailedPrecondition, match="released while it was being swapped in"):
+            await task
+        await until(lambda: not store.tiers.promoting and ns.pages_reserved == 0, "the reads")
+        assert books(store, ns) == {"free": 16 - 2, "reserved": 0, "refs": {}, "pins": 0}
+        assert store.tiers.swapped_pages == 0
+    finally:
+        store.close()
