@@ -20,7 +20,7 @@ import pytest
 import torch
 from daemon import SHM_DIR, DaemonProcess, to_toml
 from e2e_helpers import wait_until
-from kvstore_client.errors import FailedPrecondition, NotFound
+from kvstore_client.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -197,7 +197,10 @@ def test_delete_namespace_refuses_while_held_unless_forced_and_a_mapping_never_s
             assert (SHM_DIR / segment).exists()
             assert {int(b) for b in held.views()[0].contiguous().view(-1).numpy().view("u1")} == {0x44}
 
-            r = admin.delete_namespace("tmp", force=True)
+            with pytest.raises(InvalidArgument, match="pool_epoch=0"):
+                admin.delete_namespace("tmp", force=True, pool_epoch=0)
+            old_epoch = ns.epoch
+            r = admin.delete_namespace("tmp", force=True, pool_epoch=old_epoch)
             assert (r.sequences_released, r.pins_released) == (0, 1)
             assert not (SHM_DIR / segment).exists()
             with pytest.raises(NotFound, match="'tmp'"):
@@ -209,6 +212,8 @@ def test_delete_namespace_refuses_while_held_unless_forced_and_a_mapping_never_s
             admin.create_namespace(spec)
             write_prompt(admin, "tmp", 0x55)
             assert read_prompt(kv, ns) == {0x55}
+            with pytest.raises(FailedPrecondition, match="not the namespace you looked at"):
+                admin.delete_namespace("tmp", pool_epoch=old_epoch)  # a stale command
             admin.delete_namespace("tmp")
 
 

@@ -172,8 +172,8 @@ def create_namespace(
     return Call("admin", "CreateNamespace", pb.CreateNamespaceRequest(spec=spec), convert)
 
 
-def delete_namespace(name: str, force: bool) -> Call[DeleteNamespaceResult]:
-    req = pb.DeleteNamespaceRequest(namespace=name, force=force)
+def delete_namespace(name: str, force: bool, pool_epoch: int) -> Call[DeleteNamespaceResult]:
+    req = pb.DeleteNamespaceRequest(namespace=name, force=force, pool_epoch=pool_epoch)
     return Call(
         "admin",
         "DeleteNamespace",

@@ -235,10 +235,13 @@ class AsyncClient(ClientCore):
     async def create_namespace(self, spec: pb.NamespaceSpec | str, **fields: Any) -> Namespace:
         return await self._run(_wire.create_namespace(spec, fields, self._remember_namespace))
 
-    async def delete_namespace(self, name: str, *, force: bool = False) -> DeleteNamespaceResult:
-        """Admin: delete a namespace and unlink its pool. Refused (FailedPrecondition) while
-        a session holds a sequence or pin in it, unless `force` (they are released)."""
-        result = await self._run(_wire.delete_namespace(name, force))
+    async def delete_namespace(
+        self, name: str, *, force: bool = False, pool_epoch: int | None = None
+    ) -> DeleteNamespaceResult:
+        """See `Client.delete_namespace`."""
+        if pool_epoch is None:
+            pool_epoch = (await self._run(_wire.get_namespace(name))).pool.pool_epoch
+        result = await self._run(_wire.delete_namespace(name, force, pool_epoch))
         ns = self._namespaces.pop(name, None)
         if ns is not None:
             ns.unmap()

@@ -252,10 +252,16 @@ class Client(ClientCore):
         page_tokens, num_pages, ...)."""
         return self._run(_wire.create_namespace(spec, fields, self._remember_namespace))
 
-    def delete_namespace(self, name: str, *, force: bool = False) -> DeleteNamespaceResult:
+    def delete_namespace(
+        self, name: str, *, force: bool = False, pool_epoch: int | None = None
+    ) -> DeleteNamespaceResult:
         """Admin: delete a namespace and unlink its pool. Refused (FailedPrecondition) while
-        a session holds a sequence or pin in it, unless `force` (they are released)."""
-        result = self._run(_wire.delete_namespace(name, force))
+        a session holds a sequence or pin in it, unless `force` (they are released).
+        `pool_epoch`: the pool to delete (default: the one the daemon serves now); another
+        epoch is refused, so a namespace created again since is never deleted by mistake."""
+        if pool_epoch is None:
+            pool_epoch = (self._run(_wire.get_namespace(name))).pool.pool_epoch
+        result = self._run(_wire.delete_namespace(name, force, pool_epoch))
         ns = self._namespaces.pop(name, None)
         if ns is not None:
             ns.unmap()

@@ -32,7 +32,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def DeleteNamespace(
         self, request: pb.DeleteNamespaceRequest, context: Ctx
     ) -> pb.DeleteNamespaceResponse:
-        r = await namespaces.delete(self.store, request.namespace, request.force)
+        r = await namespaces.delete(self.store, request.namespace, request.force, request.pool_epoch)
         return pb.DeleteNamespaceResponse(
             sequences_released=r.sequences_released, pins_released=r.pins_released
         )

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from kvstore.errors import FailedPrecondition
+from kvstore.errors import FailedPrecondition, InvalidArgument
 from kvstore.memory.backend import PoolBackend
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceInfo, NamespaceSpec
@@ -47,8 +47,17 @@ class Deleted:
     pins_released: int
 
 
-async def delete(store: Store, name: str, force: bool) -> Deleted:
+async def delete(store: Store, name: str, force: bool, pool_epoch: int) -> Deleted:
     ns = store.namespace(name)
+    if not pool_epoch:
+        raise InvalidArgument(
+            "pool_epoch=0: give the pool_epoch of the namespace to delete (GetNamespace's PoolDescriptor)"
+        )
+    if pool_epoch != ns.pool.handle.epoch:
+        raise FailedPrecondition(
+            f"namespace {name!r} has pool_epoch {ns.pool.handle.epoch:016x}, not {pool_epoch:016x}: "
+            "it is not the namespace you looked at (created again since?); nothing deleted"
+        )
     while store.tiers is not None:
         settling = [
             p.future() for k, p in store.tiers.promoting.items() if k.namespace == name and p.ok is None

@@ -606,12 +606,14 @@ class CreateNamespaceRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[NamespaceSpec, _Mapping]] = ...) -> None: ...
 
 class DeleteNamespaceRequest(_message.Message):
-    __slots__ = ("namespace", "force")
+    __slots__ = ("namespace", "force", "pool_epoch")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     force: bool
-    def __init__(self, namespace: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    pool_epoch: int
+    def __init__(self, namespace: _Optional[str] = ..., force: _Optional[bool] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class DeleteNamespaceResponse(_message.Message):
     __slots__ = ("sequences_released", "pins_released")
