@@ -83,17 +83,18 @@ def test_a_daemon_that_gets_its_old_pid_back_removes_its_old_segment_and_starts(
     d.config_path.write_text(to_toml(d.server, d.namespaces))
     # The daemon exec()s in a shell whose pid we know before it starts: its segments
     # from a "previous life" (the old naming, and the new one) are there when it starts.
-    proc = subprocess.Popen(
-        [
-            "sh",
-            "-c",
-            'read _ && exec "$0" -m kvstore serve --config "$1"',
-            sys.executable,
-            str(d.config_path),
-        ],
-        stdin=subprocess.PIPE,
-        stderr=open(d.dir / "stderr.log", "wb"),  # noqa: SIM115 (closed with the process)
-    )
+    with open(d.dir / "stderr.log", "wb") as err:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                'read _ && exec "$0" -m kvstore serve --config "$1"',
+                sys.executable,
+                str(d.config_path),
+            ],
+            stdin=subprocess.PIPE,
+            stderr=err,
+        )
     try:
         leftovers = [
             SHM_DIR / f"{d.shm_prefix}{proc.pid}.test",
