@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/kvstore demo
+	$(PY) examples/demo.py
 
 test: $(STAMP) lint
 	$(PY) tools/gen_proto.py --check

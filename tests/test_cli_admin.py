@@ -40,7 +40,7 @@ PAGE_TOKENS = SMALL_NAMESPACE["page_tokens"]
 
 def _admin_argv() -> list[str]:
     script = Path(sys.executable).with_name("kvstore-admin")  # the installed entry point
-    return [str(script)] if script.exists() else [sys.executable, "-m", "kvstore.cli.admin"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kvstore_client.cli.admin"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -199,6 +199,32 @@ def test_health_serving_exits_0_and_honours_kvstore_socket(daemon: DaemonProcess
     # No --target: the default comes from $KVSTORE_SOCKET, as for every client.
     r = admin("health", env=_env(KVSTORE_SOCKET=str(daemon.socket_path)))
     assert (r.returncode, r.stdout) == (0, "SERVING\n")
+
+
+def test_no_target_finds_the_socket_in_the_daemons_config_file(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """KVSTORE_CONFIG (the daemon's config file, here the test daemon's own) sets the socket for
+    `kvstore-admin` too; KVSTORE_SOCKET wins over it, as it does for the daemon."""
+    r = admin("health", env=_env(KVSTORE_CONFIG=str(daemon.config_path)))
+    assert (r.returncode, r.stdout) == (0, "SERVING\n"), r.stderr
+    elsewhere = _env(KVSTORE_CONFIG=str(daemon.config_path), KVSTORE_SOCKET=str(tmp_path / "none.sock"))
+    r = admin("health", env=elsewhere)
+    assert r.returncode == 1 and f"no kvstore daemon answered at unix:{tmp_path}/none.sock" in r.stderr
+    r = admin("health", env=_env(KVSTORE_CONFIG=str(tmp_path / "missing.toml")))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert (
+        r.stderr
+        == f"error: where is the daemon? config file {tmp_path}/missing.toml: No such file or directory\n"
+    )
+
+
+def test_version_names_the_package_and_the_wire_api() -> None:
+    want = f"{kvstore.__version__} (wire API kvstore.v1)\n"
+    r = admin("--version")
+    assert (r.returncode, r.stdout) == (0, f"kvstore-admin {want}")
+    script = Path(sys.executable).with_name("kvstore")  # the installed entry point
+    serve = [str(script)] if script.exists() else [sys.executable, "-m", "kvstore"]
+    r = subprocess.run([*serve, "--version"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, f"kvstore {want}")
 
 
 def test_no_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import fields
+from pathlib import Path
 
 import grpc
 import kvstore_client
@@ -23,7 +25,7 @@ import torch
 from kvstore_client import PageState, PoolMapping, _wire, errors
 from kvstore_client._core import SequenceBase
 from kvstore_client.namespace import Namespace
-from kvstore_client.target import default_target, resolve_target
+from kvstore_client.target import ConfigFileError, default_target, resolve_target
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -232,6 +234,58 @@ def test_default_target_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> Non
     assert resolve_target(None) == "unix:/run/user/1234/kvstore/kvstore.sock"
 
 
+def test_default_target_reads_the_daemons_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "kvstore.toml"
+    config.write_text('[server]\nsocket = "/srv/from-config.sock"\n')
+    monkeypatch.delenv("KVSTORE_SOCKET", raising=False)
+    monkeypatch.setenv("KVSTORE_CONFIG", str(config))
+    assert resolve_target(None) == "unix:/srv/from-config.sock"
+    monkeypatch.setenv("KVSTORE_SOCKET", "/srv/from-env.sock")  # the environment wins, as in the daemon
+    assert resolve_target(None) == "unix:/srv/from-env.sock"
+    assert (
+        resolve_target("/srv/given.sock") == "unix:/srv/given.sock"
+    )  # and an explicit target wins over both
+    monkeypatch.delenv("KVSTORE_SOCKET")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    config.write_text("[server]\nlease_ttl_s = 5\n")  # no socket in it: the default
+    assert resolve_target(None) == f"unix:/tmp/kvstore-{os.getuid()}/kvstore.sock"
+    for text, problem in (
+        ("[server\n", "invalid TOML"),
+        ("[server]\nsocket = 3\n", "server.socket=3: must be a string"),
+    ):
+        config.write_text(text)
+        with pytest.raises(ConfigFileError, match=problem):
+            resolve_target(None)
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (kvstore_client.Stats, pb.StatsResponse),
+        (kvstore_client.NamespaceStats, pb.NamespaceStats),
+        (kvstore_client.TierStats, pb.TierStats),
+    ],
+)
+def test_stats_results_carry_every_field_of_their_message(result: type, message: type) -> None:
+    # A field added to the proto must reach `Client.stats()` users too.
+    assert [f.name for f in fields(result)] == [f.name for f in message.DESCRIPTOR.fields]
+
+
+def test_stats_reply_becomes_typed_results() -> None:
+    reply = pb.StatsResponse(sessions=2, uptime_s=1.5, version="9.9")
+    reply.namespaces.add(name="a", pages_total=8, hit_tokens=3, miss_tokens=1, policy="lru")
+    stats = _wire.stats("").convert(reply)
+    assert isinstance(stats, kvstore_client.Stats) and stats.tiers is None
+    (ns,) = stats.namespaces
+    assert (ns.name, ns.pages_total, ns.policy, ns.hit_rate) == ("a", 8, "lru", 0.75)
+    reply.tiers.disk_pages = 5
+    reply.tiers.write_through = True
+    tiers = _wire.stats("").convert(reply).tiers
+    assert tiers is not None and (tiers.disk_pages, tiers.write_through, tiers.host_pages) == (5, True, 0)
+
+
 def test_resolve_target_turns_paths_into_unix_targets() -> None:
     assert resolve_target("/tmp/a.sock") == "unix:/tmp/a.sock"
     assert resolve_target("localhost:50051") == "localhost:50051"
@@ -268,8 +322,8 @@ def test_torch_is_imported_only_when_needed() -> None:
     """
     admin = """
         import sys
-        import kvstore.cli.admin
-        assert "torch" not in sys.modules, "kvstore.cli.admin imported torch"
+        import kvstore_client.cli.admin
+        assert "torch" not in sys.modules, "kvstore_client.cli.admin imported torch"
     """
     for code in (client, admin):
         out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)

@@ -74,6 +74,26 @@ def test_client_and_daemon_agree_on_the_default_socket(env: dict[str, str]) -> N
     assert cfg.load(environ=env).server.socket == default_socket_path(env)
 
 
+@pytest.mark.parametrize("socket_env", [None, "/run/env.sock"])
+def test_client_and_daemon_agree_on_the_socket_of_kvstore_config(
+    tmp_path: Path, socket_env: str | None
+) -> None:
+    """The socket set in the daemon's config file (via KVSTORE_CONFIG, or --config) is where the
+    client looks too, and KVSTORE_SOCKET still wins over it: the daemon's own precedence."""
+    config = tmp_path / "kvstore.toml"
+    config.write_text('[server]\nsocket = "unix:rel/kv.sock"\n')
+    env = {"KVSTORE_CONFIG": str(config), "XDG_RUNTIME_DIR": "/run/user/1234"}
+    env |= {"KVSTORE_SOCKET": socket_env} if socket_env else {}
+    daemon = cfg.load(environ=env).server.socket
+    assert daemon == (socket_env or os.path.abspath("rel/kv.sock"))
+    assert default_socket_path(env) == daemon
+    del env["KVSTORE_CONFIG"]
+    assert (
+        default_socket_path(env, config_file=str(config))
+        == cfg.load(config_file=str(config), environ=env).server.socket
+    )
+
+
 def test_default_namespace_is_256_mib() -> None:
     (spec,) = cfg.load(environ={}).namespace_specs()
     assert (spec.name, spec.num_layers, spec.num_kv_heads, spec.head_dim) == ("default", 8, 4, 64)

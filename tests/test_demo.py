@@ -1,4 +1,4 @@
-"""`kvstore demo` end to end: it starts the real daemon itself (default config), runs its two
+"""The demo (examples/demo.py, what `make run` runs) end to end: it starts the real daemon itself (default config), runs its two
 processes, and leaves nothing behind: no socket, no lock file, no /dev/shm segment. Each run
 gets its own socket directory and shm prefix (KVSTORE_SHM_PREFIX), so the leftover checks
 see only this run's files."""
@@ -33,9 +33,11 @@ READ_LINE = re.compile(
 )
 
 
-def _kvstore_argv() -> list[str]:
-    script = Path(sys.executable).with_name("kvstore")  # the installed entry point
-    return [str(script)] if script.exists() else [sys.executable, "-m", "kvstore"]
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _demo_argv() -> list[str]:
+    return [sys.executable, str(EXAMPLES / "demo.py")]
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Run:
         return env | {"KVSTORE_SHM_PREFIX": self.shm_prefix}
 
     def argv(self, *args: str) -> list[str]:
-        return [*_kvstore_argv(), "demo", "--socket", str(self.socket), *args]
+        return [*_demo_argv(), "--socket", str(self.socket), *args]
 
     def segments(self) -> list[str]:
         return sorted(p.name for p in SHM_DIR.glob(f"{self.shm_prefix}*"))
@@ -144,7 +146,7 @@ def test_sigint_stops_a_serving_demo_cleanly(run: Run) -> None:
 @pytest.mark.slow
 def test_demo_uses_a_daemon_that_is_already_serving(daemon: DaemonProcess) -> None:
     # The test daemon's namespace is small (64 pages of 4 tokens): a shorter prompt fits.
-    argv = [*_kvstore_argv(), "demo", "--no-serve", "--plain", "--socket", str(daemon.socket_path)]
+    argv = [*_demo_argv(), "--no-serve", "--plain", "--socket", str(daemon.socket_path)]
     argv += ["--tokens", "100", "--question-tokens", "10"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
@@ -166,7 +168,7 @@ MODEL_ANSWER = re.compile(
 
 @pytest.mark.slow
 def test_model_demo_answers_from_the_cache_like_the_model_alone(run: Run) -> None:
-    """`kvstore demo --model`: A reads the document with SmolLM2, B's questions hit A's pages
+    """`examples/demo.py --model`: A reads the document with SmolLM2, B's questions hit A's pages
     and B's greedy answers are the model alone's tokens (~50 s on 2 cores)."""
     from kvstore_client import hf
 
@@ -208,7 +210,7 @@ def test_demo_with_a_bad_config_exits_2(run: Run) -> None:
 
 
 def _worker(daemon: DaemonProcess, role: str, *args: str) -> dict:
-    argv = [sys.executable, "-m", "kvstore.cli.demo_worker", role, "--target", daemon.target]
+    argv = [sys.executable, str(EXAMPLES / "demo_worker.py"), role, "--target", daemon.target]
     argv += ["--namespace", "test", "--tokens", "40", "--seed", "5", *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -152,7 +152,7 @@ def test_bad_input_is_refused_clearly(kv: Any) -> None:
 
 
 def test_cli_explain_table_json_and_tokens_file(daemon_factory: Any, tmp_path: Any, capsys: Any) -> None:
-    from kvstore.cli.admin import main
+    from kvstore_client.cli.admin import main
 
     d = daemon_factory(namespaces=[NS]).start()
     tokens = prompt(4 * T, seed=9)

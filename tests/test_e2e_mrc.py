@@ -110,7 +110,7 @@ def test_bad_requests(kv: Any) -> None:
 
 
 def test_cli_mrc_table_json_and_plot(kv: Any, tmp_path: Any, capsys: Any) -> None:
-    from kvstore.cli.admin import main
+    from kvstore_client.cli.admin import main
 
     for tokens in workload(60, seed=1):
         serve(kv, tokens)

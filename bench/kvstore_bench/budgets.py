@@ -139,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "importance_score": "attention mass of the step's queries on the page's tokens (sum over layers, heads)",
         "model_alone_perplexity": ref_ppl,
         "unconstrained_rel_diff": rel,
-        "budget_dropped_pages": int(getattr(stats.namespaces[0], "budget_dropped_pages", -1))
-        if getattr(stats, "namespaces", None)
-        else None,
+        "budget_dropped_pages": stats.namespaces[0].budget_dropped_pages if stats.namespaces else None,
         "modes": rows,
     }
     if args.plot:

@@ -18,11 +18,14 @@ from .results import (
     CommitResult,
     EvictResult,
     FlushResult,
+    NamespaceStats,
     Page,
     PageState,
     PreemptResult,
     ReleaseResult,
     SequenceOptions,
+    Stats,
+    TierStats,
 )
 from .target import default_socket_path, default_target
 
@@ -39,6 +42,7 @@ __all__ = [
     "KVStoreClientError",
     "Lookup",
     "Namespace",
+    "NamespaceStats",
     "Page",
     "PageState",
     "PoolMapping",
@@ -46,6 +50,8 @@ __all__ = [
     "ReleaseResult",
     "Sequence",
     "SequenceOptions",
+    "Stats",
+    "TierStats",
     "aio",
     "connect",
     "default_socket_path",

@@ -27,6 +27,7 @@ from .results import (
     PreemptResult,
     ReleaseResult,
     SequenceOptions,
+    Stats,
 )
 
 T = TypeVar("T")
@@ -190,8 +191,8 @@ def list_sessions() -> Call[list[pb.SessionInfo]]:
     return Call("admin", "ListSessions", pb.ListSessionsRequest(), lambda r: list(r.sessions))
 
 
-def stats(namespace: str) -> Call[pb.StatsResponse]:
-    return Call("kv", "Stats", pb.StatsRequest(namespace=namespace), _same)
+def stats(namespace: str) -> Call[Stats]:
+    return Call("kv", "Stats", pb.StatsRequest(namespace=namespace), Stats.from_proto)
 
 
 def health(service: str) -> Call[str]:

@@ -39,6 +39,7 @@ from .results import (
     PreemptResult,
     ReleaseResult,
     SequenceOptions,
+    Stats,
 )
 from .target import resolve_target
 
@@ -253,7 +254,7 @@ class AsyncClient(ClientCore):
     async def list_sessions(self) -> list[pb.SessionInfo]:
         return await self._run(_wire.list_sessions())
 
-    async def stats(self, namespace: str = "") -> pb.StatsResponse:
+    async def stats(self, namespace: str = "") -> Stats:
         return await self._run(_wire.stats(namespace))
 
     async def health(self, service: str = "") -> str:

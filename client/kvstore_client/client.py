@@ -50,6 +50,7 @@ from .results import (
     PreemptResult,
     ReleaseResult,
     SequenceOptions,
+    Stats,
 )
 from .target import resolve_target
 
@@ -273,8 +274,8 @@ class Client(ClientCore):
     def list_sessions(self) -> list[pb.SessionInfo]:
         return self._run(_wire.list_sessions())
 
-    def stats(self, namespace: str = "") -> pb.StatsResponse:
-        """The daemon's StatsResponse protobuf (`namespaces`, `sessions`, `uptime_s`, `version`);
+    def stats(self, namespace: str = "") -> Stats:
+        """The daemon's counters (`namespaces`, `sessions`, `uptime_s`, `version`, `tiers`);
         empty `namespace` = all of them."""
         return self._run(_wire.stats(namespace))
 

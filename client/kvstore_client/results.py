@@ -1,11 +1,12 @@
 """Plain results handed to users instead of raw protobuf where they act on them
-(pages to write, counts to check). Metadata that is only read (NamespaceInfo,
-StatsResponse, SessionInfo) stays protobuf: its fields are documented in the proto."""
+(pages to write, counts to check, stats). Metadata that is only read (NamespaceInfo,
+SessionInfo) stays protobuf: its fields are documented in the proto."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
@@ -149,3 +150,86 @@ class FlushResult:
     pages_written: int  # queued for disk by this flush
     disk_pages: int  # pages on disk after it
     seconds: float
+
+
+# ---------------------------------------------------------------- stats
+# The field names and meanings are the proto's (NamespaceStats, TierStats, StatsResponse in
+# proto/kvstore/v1/kvstore.proto); a test holds each dataclass to its message's fields.
+
+_D = TypeVar("_D")
+
+
+def _from_message(cls: type[_D], msg: Any) -> _D:
+    return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceStats:
+    """One namespace's pool and counters (counters count since the daemon started)."""
+
+    name: str
+    page_bytes: int
+    pages_total: int
+    pages_free: int
+    pages_reserved: int
+    pages_sealed: int
+    pages_pinned: int
+    hit_tokens: int
+    miss_tokens: int
+    evictions: int
+    lookups: int
+    deduplicated_pages: int
+    sequences: int
+    policy: str
+    budget_dropped_pages: int  # pages sequences dropped to stay within their budgets
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Hit tokens / looked-up tokens; None before any lookup."""
+        looked_up = self.hit_tokens + self.miss_tokens
+        return self.hit_tokens / looked_up if looked_up else None
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """The tiers below the pools (docs/tiers.md). A capacity of 0 means that tier is off."""
+
+    host_capacity_bytes: int
+    host_bytes_used: int
+    host_pages: int
+    disk_capacity_bytes: int
+    disk_bytes_used: int
+    disk_pages: int
+    disk_full_events: int  # times a write had to evict from a full disk tier
+    corrupt_pages: int  # pages that failed their checksum (host + disk): dropped, never served
+    demoted_pages: int  # pool -> host or disk
+    promoted_pages: int  # host or disk -> pool
+    prefetched_pages: int
+    promotion_failures: int
+    swapped_pages: int  # pages of swapped-out sequences below the pool now
+    write_through: bool
+    reindex_running: bool  # the disk tier is being re-indexed (the daemon serves meanwhile)
+    reindex_done: int
+    reindex_total: int
+    disk_queued: int  # writes waiting for the disk writer
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """`Client.stats()`: the daemon's counters."""
+
+    namespaces: list[NamespaceStats]  # the one asked for, or all of them
+    sessions: int  # open client sessions
+    uptime_s: float
+    version: str  # the daemon's package version
+    tiers: TierStats | None  # None when the daemon has no tier below the pools
+
+    @classmethod
+    def from_proto(cls, r: kvstore_pb2.StatsResponse) -> Stats:
+        return cls(
+            namespaces=[_from_message(NamespaceStats, ns) for ns in r.namespaces],
+            sessions=r.sessions,
+            uptime_s=r.uptime_s,
+            version=r.version,
+            tiers=_from_message(TierStats, r.tiers) if r.HasField("tiers") else None,
+        )

@@ -1,19 +1,52 @@
-"""Where the daemon listens: the same default socket path the daemon uses."""
+"""Where the daemon listens, found the way the daemon itself chooses its socket.
+
+Order, first that is set wins: an explicit target (an argument, `--target`) >
+`$KVSTORE_SOCKET` > `socket` in the `[server]` table of the daemon's config file
+(`$KVSTORE_CONFIG`, or a file named by the caller) > `$XDG_RUNTIME_DIR/kvstore/kvstore.sock` >
+`/tmp/kvstore-<uid>/kvstore.sock`. A relative socket path is taken from the current
+directory, as the daemon does.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
 
 SOCKET_ENV = "KVSTORE_SOCKET"
+CONFIG_ENV = "KVSTORE_CONFIG"
 
 
-def default_socket_path(env: Mapping[str, str] | None = None) -> str:
-    """`$KVSTORE_SOCKET`, else `$XDG_RUNTIME_DIR/kvstore/kvstore.sock`, else
-    `/tmp/kvstore-<uid>/kvstore.sock`."""
+class ConfigFileError(ValueError):
+    """The daemon's config file could not be read for its socket; the message names the file."""
+
+
+def config_socket(path: str) -> str | None:
+    """`[server] socket` of the daemon's TOML config file at `path`; None when it sets none."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigFileError(f"config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"config file {path}: invalid TOML: {e}") from None
+    server = doc.get("server", {})
+    socket = server.get("socket") if isinstance(server, dict) else None
+    if socket is not None and not isinstance(socket, str):
+        raise ConfigFileError(f"config file {path}: server.socket={socket!r}: must be a string")
+    return socket or None
+
+
+def default_socket_path(env: Mapping[str, str] | None = None, config_file: str | None = None) -> str:
+    """The daemon's socket path when no target is given (the order is in this module's doc).
+    `config_file` stands for `$KVSTORE_CONFIG`, as `kvstore serve --config` does."""
     env = os.environ if env is None else env
-    if env.get(SOCKET_ENV):
-        return env[SOCKET_ENV].removeprefix("unix:")
+    path = env.get(SOCKET_ENV) or None
+    config_file = config_file or env.get(CONFIG_ENV)
+    if path is None and config_file:
+        path = config_socket(config_file)
+    if path is not None:
+        return os.path.abspath(path.removeprefix("unix:"))
     if env.get("XDG_RUNTIME_DIR"):
         return os.path.join(env["XDG_RUNTIME_DIR"], "kvstore", "kvstore.sock")
     return f"/tmp/kvstore-{os.getuid()}/kvstore.sock"

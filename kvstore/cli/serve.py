@@ -1,5 +1,5 @@
-"""`kvstore`: the command line. `kvstore serve` runs the daemon; `kvstore demo` runs the demo
-(kvstore/cli/demo.py, imported only when asked for, so the daemon never loads it)."""
+"""`kvstore`: the daemon's command line. `kvstore serve` runs the daemon. The clients' programs
+live on the client side: `kvstore-admin` (kvstore_client/cli/) and the demo (examples/)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kvstore_proto.kvstore.v1 import kvstore_pb2
+
+from kvstore import __version__
 from kvstore import config as cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache store sidecar")
+    parser.add_argument(
+        "--version",
+        action="version",
+        # The proto package (kvstore.v1) is the wire API's version.
+        version=f"kvstore {__version__} (wire API {kvstore_pb2.DESCRIPTOR.package})",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -20,17 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         "< KVSTORE_* environment < flags. All keys: docs/config.md.",
     )
     cfg.add_flags(serve)
-    # The demo parses its own arguments; everything after `demo` is handed to it untouched.
-    commands.add_parser("demo", help="run the end-to-end demo", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        from kvstore.cli import demo  # lazily: the demo's dependencies are not the daemon's
-
-        return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
     return serve(vars(args))
 

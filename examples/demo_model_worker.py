@@ -1,8 +1,8 @@
-"""The two model processes of `kvstore demo --model`, each its own OS process with its own copy
-of SmolLM2-135M-Instruct (loaded in ~20 s):
+"""The two model processes of `examples/demo.py --model`, each its own OS process with its
+own copy of SmolLM2-135M-Instruct (loaded in ~20 s):
 
-    python -m kvstore.cli.demo_model_worker read-document --target T --namespace NS
-    python -m kvstore.cli.demo_model_worker ask --target T --namespace NS
+    python examples/demo_model_worker.py read-document --target T --namespace NS
+    python examples/demo_model_worker.py ask --target T --namespace NS
 
 `read-document` (process A) creates the model's namespace if the daemon lacks it
 (`namespace_spec_for`: the model's geometry and fingerprint), then prefills a long document
@@ -11,7 +11,7 @@ through the transformers adapter (`kvstore_client.hf`): its KV goes into the sha
 question, so the adapter loads the document's KV from the pool and the model computes only the
 question; B also generates each answer with the model alone and compares the tokens.
 
-Each prints one JSON report on stdout for `kvstore demo` to narrate.
+Each prints one JSON report on stdout for examples/demo.py to narrate.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def ask(kv: kvstore_client.Client, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kvstore.cli.demo_model_worker")
+    parser = argparse.ArgumentParser(prog="python examples/demo_model_worker.py")
     parser.add_argument("role", choices=("read-document", "ask"))
     parser.add_argument("--target", required=True)
     parser.add_argument("--namespace", default=NAMESPACE)

@@ -1,7 +1,7 @@
-"""The two inference processes of `kvstore demo`, each run as its own OS process:
+"""The two inference processes of examples/demo.py, each run as its own OS process:
 
-    python -m kvstore.cli.demo_worker write --target T --namespace NS --tokens N --seed S
-    python -m kvstore.cli.demo_worker read  --target T --namespace NS --tokens N --seed S \\
+    python examples/demo_worker.py write --target T --namespace NS --tokens N --seed S
+    python examples/demo_worker.py read  --target T --namespace NS --tokens N --seed S \\
         --question-tokens Q --writer-pid PID --writer-digest HEX
 
 `write` (process A) computes KV for a prompt and writes it straight into its pages of the
@@ -9,7 +9,7 @@ shared pool, then commits. `read` (process B) looks the prompt up, reads A's pag
 its own mapping of the pool (torch views, no copy) and checks them byte for byte, then
 appends the same prompt plus a question of its own and gets A's pages back as CACHED.
 
-Each prints one JSON report on stdout for `kvstore demo` to narrate. Only `kvstore_client`
+Each prints one JSON report on stdout for examples/demo.py to narrate. Only `kvstore_client`
 is used: this is what an inference engine would do.
 """
 
@@ -158,7 +158,7 @@ def read(kv: kvstore_client.Client, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kvstore.cli.demo_worker")
+    parser = argparse.ArgumentParser(prog="python examples/demo_worker.py")
     parser.add_argument("role", choices=("write", "read"))
     parser.add_argument("--target", required=True)
     parser.add_argument("--namespace", required=True)

@@ -1,5 +1,5 @@
 """`kvstore-admin explain` (why was this a miss) and `kvstore-admin mrc` (the hit rate the
-daemon would have at other capacities). Registered by `kvstore.cli.admin.build_parser`;
+daemon would have at other capacities). Registered by `admin.build_parser`;
 errors follow its rules (one line on stderr, status 1; usage errors status 2)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvstore_client import Client
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from kvstore.cli.admin import PROG, _n, hit_rate, human_bytes, parse_tokens, table
+from ..client import Client
+from .fmt import PROG, count, human_bytes, parse_tokens, table
 
 # ---------------------------------------------------------------- explain
 
@@ -137,9 +137,9 @@ def mrc_dict(r: pb.MrcResponse, observed: float | None) -> dict[str, Any]:
 
 def render_mrc(r: pb.MrcResponse, observed: float | None) -> str:
     head = (
-        f"namespace {r.namespace} (policy {r.policy}, {_n(r.pool_pages)} pages x {human_bytes(r.page_bytes)}): "
-        f"{_n(r.sampled_accesses)} of {_n(r.accesses)} block accesses sampled "
-        f"(rate {100 * r.sample_rate:.3g}%, {_n(r.sampled_blocks)} distinct blocks)"
+        f"namespace {r.namespace} (policy {r.policy}, {count(r.pool_pages)} pages x {human_bytes(r.page_bytes)}): "
+        f"{count(r.sampled_accesses)} of {count(r.accesses)} block accesses sampled "
+        f"(rate {100 * r.sample_rate:.3g}%, {count(r.sampled_blocks)} distinct blocks)"
     )
     rows = [
         (
@@ -188,7 +188,7 @@ def plot_mrc(r: pb.MrcResponse, path: str) -> str | None:
 def cmd_mrc(kv: Client, args: argparse.Namespace) -> int:
     r = kv.mrc(args.namespace, args.capacities or (), args.fractions or ())
     stats = kv.stats(args.namespace).namespaces
-    observed = hit_rate(stats[0].hit_tokens, stats[0].miss_tokens) if stats else None
+    observed = stats[0].hit_rate if stats else None
     print(json.dumps(mrc_dict(r, observed), indent=2) if args.json else render_mrc(r, observed))
     if args.plot:
         why = plot_mrc(r, args.plot)

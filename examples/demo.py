@@ -1,11 +1,13 @@
-"""`kvstore demo`: the whole system end to end on one machine, with the CPU default config.
+"""The demo (`make run`, or `python examples/demo.py`): the whole system end to end on one
+machine, with the CPU default config. A client of the daemon like any other: it starts the
+daemon as a separate process and talks to it only through `kvstore_client`.
 
 Two variants. The model one (`--model`; the default where transformers and the SmolLM2-135M
 GGUF model are installed, see `kvstore_client.hf.smollm2_missing`): process A reads a long
 document into the cache through the transformers adapter, process B asks questions about it,
 computing only the questions, and checks its answers equal the model alone's
-(kvstore/cli/demo_model_worker.py). The plain one (`--plain`, the default otherwise) writes
-synthetic KV, as follows:
+(examples/demo_model_worker.py). The plain one (`--plain`, the default otherwise) writes
+synthetic KV (examples/demo_worker.py), as follows:
 
 1. Start the real daemon as a child process (`python -m kvstore serve`), or use the one
    already serving on the socket, and wait until its health check says SERVING.
@@ -18,7 +20,8 @@ synthetic KV, as follows:
    until Ctrl-C or SIGTERM and stop it gracefully (`--no-serve`: stop right away).
 
 Exit status: 0 when the demo verified and the daemon stopped cleanly; 1 when something
-failed; 2 for a bad config; 130 when interrupted before the demo finished.
+failed; 2 for a bad config (the daemon's error says which key); 130 when interrupted before
+the demo finished.
 """
 
 from __future__ import annotations
@@ -31,16 +34,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import demo_model_worker
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kvstore_client import KVStoreClientError, wait_until_serving
+from kvstore_client import KVStoreClientError, default_socket_path, wait_until_serving
+from kvstore_client.cli.admin import connect
+from kvstore_client.cli.fmt import count, human_bytes
+from kvstore_client.cli.stats_view import namespace_dict, render_stats
 from kvstore_client.errors import Unavailable
+from kvstore_client.target import ConfigFileError
 
-from kvstore import config as cfg
-from kvstore.cli import admin
-
+PROG = "demo"  # what its messages start with
+HERE = Path(__file__).resolve().parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
 START_TIMEOUT_S = 60.0  # the default 256 MiB pool is backed in well under a second
 STOP_TIMEOUT_S = 30.0  # beyond the daemon's own shutdown_grace_s
@@ -49,6 +57,10 @@ WORKER_TIMEOUT_S = 300.0
 
 class DemoError(Exception):
     """The demo cannot go on; the message says what happened."""
+
+
+class BadConfig(DemoError):
+    """The daemon refused its config (exit status 2); it printed which key and why."""
 
 
 class _Stop(BaseException):
@@ -105,6 +117,8 @@ class DaemonChild:
                 self.target, deadline - time.monotonic(), still_starting=lambda: proc.poll() is None
             )
         except Unavailable as e:
+            if proc.poll() == 2:
+                raise BadConfig("the daemon refused its config (its error is above)") from None
             if proc.poll() is not None:
                 raise DemoError(
                     f"the daemon exited with status {proc.returncode} before it was ready (its error is above)"
@@ -136,7 +150,7 @@ class DaemonChild:
 
 def run_worker(role: str, target: str, namespace: str, tokens: int, seed: int, *extra: str) -> dict[str, Any]:
     """Run one side of the demo as its own process; its JSON report."""
-    argv = [sys.executable, "-m", "kvstore.cli.demo_worker", role, "--target", target]
+    argv = [sys.executable, str(HERE / "demo_worker.py"), role, "--target", target]
     argv += ["--namespace", namespace, "--tokens", str(tokens), "--seed", str(seed), *extra]
     proc = subprocess.run(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, timeout=WORKER_TIMEOUT_S
@@ -149,7 +163,7 @@ def run_worker(role: str, target: str, namespace: str, tokens: int, seed: int, *
 def run_model_worker(role: str, target: str, namespace: str) -> dict[str, Any]:
     """Run one model process; its JSON report. Its stderr (the model loader's progress bars,
     transformers warnings) is shown only if it fails."""
-    argv = [sys.executable, "-m", "kvstore.cli.demo_model_worker", role, "--target", target]
+    argv = [sys.executable, str(HERE / "demo_model_worker.py"), role, "--target", target]
     argv += ["--namespace", namespace]
     proc = subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
@@ -165,8 +179,7 @@ def run_model_worker(role: str, target: str, namespace: str) -> dict[str, Any]:
 def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
     """A reads a document into the cache through the adapter, B asks about it. True when every
     answer hit the cache and equals the model alone's."""
-    from kvstore.cli import demo_model_worker as w
-
+    w = demo_model_worker
     say(f"A: its own process; loads {w.MODEL_NAME} (~20 s), then reads the document into the cache")
     a = run_model_worker("read-document", target, namespace)
     A = f"A (pid {a['pid']})"
@@ -176,9 +189,9 @@ def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
     )
     describe_namespace(kv, namespace)
     say(
-        f"{A}: read a {_n(a['tokens'])}-token document (pydoc topics {', '.join(a['topics'])}) through "
-        f"the adapter in {a['prefill_seconds']:.1f}s: {_n(a['hit_before'])} tokens were cached, "
-        f"{_n(a['pages_sealed'])} pages sealed; exited"
+        f"{A}: read a {count(a['tokens'])}-token document (pydoc topics {', '.join(a['topics'])}) through "
+        f"the adapter in {a['prefill_seconds']:.1f}s: {count(a['hit_before'])} tokens were cached, "
+        f"{count(a['pages_sealed'])} pages sealed; exited"
     )
     say(
         f"B: its own process; loads the model (~20 s), asks {len(w.QUESTIONS)} questions about the same document"
@@ -190,8 +203,8 @@ def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
     for i, q in enumerate(b["answers"], 1):
         say(f"{B}: Q{i}: {q['question']}")
         say(
-            f"{B}:   hit {_n(q['hit_tokens'])} of {_n(q['tokens'])} tokens written by pid {a['pid']}: "
-            f"prefilled only {_n(q['computed_tokens'])} tokens (its question is {q['question_tokens']}); "
+            f"{B}:   hit {count(q['hit_tokens'])} of {count(q['tokens'])} tokens written by pid {a['pid']}: "
+            f"prefilled only {count(q['computed_tokens'])} tokens (its question is {q['question_tokens']}); "
             f"TTFT {q['ttft_cached_s']:.2f}s with kvstore vs {q['ttft_alone_s']:.2f}s without"
         )
         say(f"{B}:   answer: {q['answer']!r}")
@@ -200,19 +213,15 @@ def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
     return ok
 
 
-def _n(x: int) -> str:
-    return f"{x:,}"
-
-
 def run_demo(target: str, namespace: str, tokens: int, question: int, seed: int) -> bool:
     """A writes, B reads and shares; narrate both. True when B verified A's bytes."""
     a = run_worker("write", target, namespace, tokens, seed)
     A = f"A (pid {a['pid']})"
-    say(f"{A}: lookup of its {_n(a['tokens'])}-token prompt: {_n(a['hit_before'])} tokens cached")
+    say(f"{A}: lookup of its {count(a['tokens'])}-token prompt: {count(a['hit_before'])} tokens cached")
     say(
-        f"{A}: wrote the KV of {_n(a['written_tokens'])} tokens in place into {_n(a['writable_pages'])} "
-        f"pages ({admin.human_bytes(a['written_bytes'])}) of the shared pool, "
-        f"committed: {_n(a['sealed_pages'])} pages sealed"
+        f"{A}: wrote the KV of {count(a['written_tokens'])} tokens in place into {count(a['writable_pages'])} "
+        f"pages ({human_bytes(a['written_bytes'])}) of the shared pool, "
+        f"committed: {count(a['sealed_pages'])} pages sealed"
     )
     say(f"{A}: exited; its pages stay cached in the daemon")
 
@@ -229,7 +238,7 @@ def run_demo(target: str, namespace: str, tokens: int, question: int, seed: int)
     ok = b["zero_copy"] and b["digest_matches_writer"] and b["matches_recomputed"] and b["hit_tokens"] > 0
     verdict = "read zero-copy, bytes match" if ok else "BYTES DO NOT MATCH"
     say(
-        f"{B}: hit {_n(b['hit_tokens'])} of {_n(b['tokens'])} tokens ({_n(b['hit_pages'])} pages) "
+        f"{B}: hit {count(b['hit_tokens'])} of {count(b['tokens'])} tokens ({count(b['hit_pages'])} pages) "
         f"written by pid {a['pid']}, {verdict}"
     )
     if not ok:
@@ -239,9 +248,9 @@ def run_demo(target: str, namespace: str, tokens: int, question: int, seed: int)
         )
     shared = "A's slots" if b["cached_slots_are_writers"] else "slots differ from A's!"
     say(
-        f"{B}: appended its {_n(b['tokens'])} tokens: {_n(b['cached_pages'])} pages CACHED ({shared}, "
-        f"nothing to compute or write), {_n(b['writable_pages'])} WRITABLE; wrote the KV of its "
-        f"{_n(b['written_tokens'])} new tokens, committed: {_n(b['sealed_pages'])} pages sealed"
+        f"{B}: appended its {count(b['tokens'])} tokens: {count(b['cached_pages'])} pages CACHED ({shared}, "
+        f"nothing to compute or write), {count(b['writable_pages'])} WRITABLE; wrote the KV of its "
+        f"{count(b['written_tokens'])} new tokens, committed: {count(b['sealed_pages'])} pages sealed"
     )
     return ok and b["cached_slots_are_writers"] and a["pid"] != b["pid"]
 
@@ -254,12 +263,12 @@ def describe_namespace(kv: Any, wanted: str | None) -> str:
     name = wanted or ("default" if "default" in infos else next(iter(infos)))
     if name not in infos:
         raise DemoError(f"namespace {name!r} does not exist; known: {', '.join(infos)}")
-    d = admin.namespace_dict(infos[name])
+    d = namespace_dict(infos[name])
     where = d["shm_segment"] or d["device"]
     say(
         f"namespace {name}: {d['num_layers']} layers x {d['num_kv_heads']} KV heads x {d['head_dim']} dims, "
-        f"{d['dtype']}, {d['page_tokens']} tokens a page ({admin.human_bytes(d['page_bytes'])}), "
-        f"{_n(d['num_pages'])} pages ({admin.human_bytes(d['pool_bytes'])}) in {where}"
+        f"{d['dtype']}, {d['page_tokens']} tokens a page ({human_bytes(d['page_bytes'])}), "
+        f"{count(d['num_pages'])} pages ({human_bytes(d['pool_bytes'])}) in {where}"
     )
     return name
 
@@ -269,11 +278,13 @@ def describe_namespace(kv: Any, wanted: str | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kvstore demo",
+        prog="python examples/demo.py",
         description="Start the daemon, share a prompt's KV between two processes zero-copy, show the "
         "stats, then serve until Ctrl-C.",
     )
-    parser.add_argument("--socket", help="daemon socket (default: as `kvstore serve` would choose)")
+    parser.add_argument(
+        "--socket", help="daemon socket (default: as `kvstore serve` chooses it, as clients find it)"
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML config for the daemon (see docs/config.md)")
     parser.add_argument("--no-serve", action="store_true", help="stop the daemon after the demo (tests, CI)")
     variant = parser.add_mutually_exclusive_group()
@@ -300,14 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tokens < 1 or args.question_tokens < 1:
-        print("kvstore demo: --tokens and --question-tokens must be >= 1", file=sys.stderr)
+        print(f"{PROG}: --tokens and --question-tokens must be >= 1", file=sys.stderr)
         return 2
     try:
-        # The socket exactly as the daemon will resolve it (flag > env > file > default).
-        config = cfg.load(config_file=args.config, flags={"socket": args.socket})
-    except cfg.ConfigError as e:
-        for problem in e.problems:
-            print(f"kvstore demo: config error: {problem}", file=sys.stderr)
+        # The socket as the daemon will choose it: --socket > $KVSTORE_SOCKET > the config file's.
+        given = args.socket and os.path.abspath(args.socket.removeprefix("unix:"))
+        socket_path = given or default_socket_path(config_file=args.config)
+    except ConfigFileError as e:
+        print(f"{PROG}: config error: {e}", file=sys.stderr)
         return 2
     use_model = args.model
     if not args.model and not args.plain:
@@ -319,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         missing = hf.smollm2_missing()
         if missing is not None:
-            print(f"kvstore demo: --model needs the model: {missing}", file=sys.stderr)
+            print(f"{PROG}: --model needs the model: {missing}", file=sys.stderr)
             return 2
-    target = f"unix:{config.server.socket}"
+    target = f"unix:{socket_path}"
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     # Explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -329,19 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = 1
     try:
         if use_model:
-            say("kvstore demo: two processes running SmolLM2-135M share one KV cache through the daemon")
+            say(f"{PROG}: two processes running SmolLM2-135M share one KV cache through the daemon")
         else:
-            say("kvstore demo: two processes share one KV cache through the daemon, zero-copy")
+            say(f"{PROG}: two processes share one KV cache through the daemon, zero-copy")
         if _health(target, timeout=5.0) == SERVING:
             say(f"daemon: one is already serving on {target}; using it")
         else:
-            daemon = DaemonChild(config.server.socket, args.config, args.log_level)
+            daemon = DaemonChild(socket_path, args.config, args.log_level)
             say(f"daemon: SERVING on {target} after {daemon.start():.2f}s")
         seed = args.seed if args.seed is not None else (0 if daemon else os.getpid())
-        with admin.connect(target, timeout_s=30.0) as kv:
+        with connect(target, timeout_s=30.0) as kv:
             if use_model:
-                from kvstore.cli import demo_model_worker
-
                 say()
                 ok = run_model_demo(kv, target, args.namespace or demo_model_worker.NAMESPACE)
             else:
@@ -349,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say()
                 ok = run_demo(target, namespace, args.tokens, args.question_tokens, seed)
             say()
-            say(admin.render_stats(kv.stats(), target))
+            say(render_stats(kv.stats(), target))
             say()
         if not ok:
             raise DemoError(
@@ -359,13 +368,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         rc = 0 if daemon is None or args.no_serve else serve(daemon, target)
     except (KeyboardInterrupt, _Stop):
-        say("kvstore demo: interrupted")
+        say(f"{PROG}: interrupted")
         rc = 130
-    except BrokenPipeError:  # `kvstore demo | head`: stop quietly, the daemon too
+    except BrokenPipeError:  # `python examples/demo.py | head`: stop quietly, the daemon too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         rc = 1
+    except BadConfig as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        rc = 2
     except (DemoError, KVStoreClientError, subprocess.TimeoutExpired) as e:
-        print(f"kvstore demo: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         rc = 1
     finally:
         # A second Ctrl-C must not cut the daemon's ordered shutdown short.
@@ -392,5 +404,9 @@ def serve(daemon: DaemonChild, target: str) -> int:
         status = daemon.wait()
     except (KeyboardInterrupt, _Stop):
         return 0
-    print(f"kvstore demo: error: the daemon exited on its own with status {status}", file=sys.stderr)
+    print(f"{PROG}: error: the daemon exited on its own with status {status}", file=sys.stderr)
     return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""What `kvstore-admin stats` and `namespaces` show: the daemon's counters and namespaces as
+text and as JSON objects. Also used by the demo (examples/demo.py) to show the same."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from ..errors import KVStoreClientError
+from ..pool import dtype_name
+from ..results import Stats, TierStats
+from .fmt import count, human_bytes, human_duration, key_values, pct
+
+_STATS_FIELDS = (
+    *("pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens"),
+    *("miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "page_bytes", "policy"),
+)
+
+
+def stats_dict(stats: Stats) -> dict[str, Any]:
+    """The `stats --json` object: counters as the daemon reports them, plus `hit_rate`."""
+    namespaces = {
+        ns.name: {k: getattr(ns, k) for k in _STATS_FIELDS} | {"hit_rate": ns.hit_rate}
+        for ns in stats.namespaces
+    }
+    out: dict[str, Any] = {
+        "version": stats.version,
+        "uptime_s": round(stats.uptime_s, 3),
+        "sessions": stats.sessions,
+        "namespaces": namespaces,
+    }
+    if stats.tiers is not None:
+        out["tiers"] = dataclasses.asdict(stats.tiers)
+    return out
+
+
+def render_tiers(t: TierStats) -> list[str]:
+    """The tiers below the pools, for the stats table."""
+    rows = []
+    if t.host_capacity_bytes:
+        used = t.host_bytes_used / t.host_capacity_bytes
+        rows.append(
+            (
+                "host tier",
+                f"{human_bytes(t.host_capacity_bytes)}: {pct(used)} used, {count(t.host_pages)} pages",
+            )
+        )
+    if t.disk_capacity_bytes:
+        used = t.disk_bytes_used / t.disk_capacity_bytes
+        full = f", full {count(t.disk_full_events)} times" if t.disk_full_events else ""
+        queued = f", {count(t.disk_queued)} writes queued" if t.disk_queued else ""
+        rows.append(
+            (
+                "disk tier",
+                f"{human_bytes(t.disk_capacity_bytes)}: {pct(used)} used, {count(t.disk_pages)} pages"
+                f"{full}{queued}{' (write-through)' * t.write_through}",
+            )
+        )
+        if t.reindex_running:
+            rows.append(("re-index", f"running: {count(t.reindex_done)} of {count(t.reindex_total)} pages"))
+    rows += [
+        (
+            "moved",
+            f"{count(t.demoted_pages)} pages demoted, {count(t.promoted_pages)} promoted "
+            f"({count(t.prefetched_pages)} prefetched, {count(t.promotion_failures)} failed)",
+        ),
+        ("corrupt", f"{count(t.corrupt_pages)} pages dropped (never served)"),
+        ("swapped", f"{count(t.swapped_pages)} pages of swapped-out sequences"),
+    ]
+    return key_values("tiers", rows)
+
+
+def render_stats(stats: Stats, target: str = "") -> str:
+    """The human-readable stats: a header line, then one small table per namespace."""
+    where = f" at {target}" if target else ""
+    out = [
+        f"kvstore {stats.version or '?'}{where}: up {human_duration(stats.uptime_s)}, "
+        f"{stats.sessions} session{'s' * (stats.sessions != 1)}"
+    ]
+    for ns in stats.namespaces:
+        total = ns.pages_total
+        used = (total - ns.pages_free) / total if total else 0.0
+        rows = [
+            ("policy", ns.policy),
+            (
+                "page size",
+                f"{human_bytes(ns.page_bytes)}  (KV capacity {human_bytes(ns.page_bytes * total)})",
+            ),
+            (
+                "pages",
+                f"{count(total)} total: {count(ns.pages_free)} free, {count(ns.pages_reserved)} reserved, "
+                f"{count(ns.pages_sealed)} sealed ({count(ns.pages_pinned)} pinned)",
+            ),
+            ("used", f"{pct(used)}  ({count(total - ns.pages_free)} of {count(total)} pages)"),
+            (
+                "hit rate",
+                f"{pct(ns.hit_rate)}  ({count(ns.hit_tokens)} hit / {count(ns.miss_tokens)} miss tokens "
+                f"in {count(ns.lookups)} lookup{'s' * (ns.lookups != 1)})",
+            ),
+            ("evictions", f"{count(ns.evictions)} pages"),
+            ("deduplicated", f"{count(ns.deduplicated_pages)} pages"),
+            ("sequences", f"{count(ns.sequences)} open"),
+        ]
+        out += key_values(f"namespace {ns.name}", rows)
+    if not stats.namespaces:
+        out += ["", "no namespaces"]
+    if stats.tiers is not None:
+        out += render_tiers(stats.tiers)
+    return "\n".join(out)
+
+
+def _dtype_name(dtype: int) -> str:
+    try:
+        return dtype_name(dtype)
+    except KVStoreClientError:
+        return pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
+
+
+def namespace_dict(info: pb.NamespaceInfo) -> dict[str, Any]:
+    """One namespace of `namespaces --json`: geometry, pool and policy."""
+    g, p = info.geometry, info.pool
+    return {
+        "num_layers": g.num_layers,
+        "num_kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "dtype": _dtype_name(g.dtype),
+        "page_tokens": g.page_tokens,
+        "vocab_size": g.vocab_size,
+        "page_bytes": p.page_bytes,
+        "page_stride": p.page_stride,
+        "num_pages": p.num_pages,
+        "pool_bytes": p.nbytes,
+        "device": p.device,
+        "shm_segment": f"/dev/shm/{p.shm_name}" if p.shm_name else "",
+        "layout": p.layout,
+        "page_shape": list(p.page_shape),
+        "policy": info.policy,
+        "model_fingerprint": info.model_fingerprint,
+    }
