@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from kvstore_bench import replay
+from kvstore_bench import replay_store
 from kvstore_bench.cli import main
 from kvstore_bench.synth_trace import synthesize
 from kvstore_bench.trace import Trace, belady_hits, ceiling_hits, parse_trace
@@ -37,7 +37,7 @@ def lines(requests: list[list[int]]) -> list[str]:
 def test_tiny_trace_by_hand():
     trace = parse_trace(lines(TINY))
     assert (trace.accesses, trace.distinct) == (9, 4)
-    hits, truncated, _ = replay.replay_store(trace, "lru", 3)
+    hits, truncated, _ = replay_store.replay_store(trace, "lru", 3)
     assert hits == [0, 2, 1, 0, 1] and truncated == 0
     assert belady_hits(trace, 3) == [0, 2, 1, 0, 2]
     assert ceiling_hits(trace) == [0, 2, 1, 0, 2]
@@ -52,7 +52,7 @@ def test_block_keys_are_whole_prefixes():
 
 def test_request_longer_than_the_cache_caches_what_fits():
     trace = parse_trace(lines([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]))
-    hits, truncated, _ = replay.replay_store(trace, "lru", 3)
+    hits, truncated, _ = replay_store.replay_store(trace, "lru", 3)
     assert truncated == 2 and hits == [0, 3]  # the first 3 blocks stay, root first
 
 
@@ -70,7 +70,7 @@ def test_belady_bounds_every_policy_and_the_ceiling_bounds_belady(capacity):
     ceiling = sum(ceiling_hits(trace))
     assert belady <= ceiling
     for policy in policy_names():
-        hits, _, _ = replay.replay_store(trace, policy, capacity)
+        hits, _, _ = replay_store.replay_store(trace, policy, capacity)
         assert 0 < sum(hits) <= belady, policy
 
 
@@ -142,7 +142,7 @@ def test_mrc_estimate_is_close_to_exact_lru_replays():
         s.record_request(trace.keys[n] for n in chain)
     caps = [max(1, round(f * trace.distinct)) for f in (0.01, 0.05, 0.1, 0.25)]
     for cap, est in s.curve(caps):
-        exact = sum(replay.replay_store(trace, "lru", cap)[0]) / trace.accesses
+        exact = sum(replay_store.replay_store(trace, "lru", cap)[0]) / trace.accesses
         assert abs(est - exact) <= 0.03, (cap, est, exact)
 
 

@@ -19,7 +19,7 @@ Layer-level (kvstore.tiers.DiskTier in this process, no daemon), on the file sys
 
 Store level (tiers_store.py, skipped with --no-store-level): TTFT through the HF adapter
 with the prefix in the pool vs only on disk vs recompute, and 16 concurrent clients with a
-shared-prefix workload against a daemon with tiers vs without
+shared-prefix workload (tiers_load.py) against a daemon with tiers vs without
 (`tiers_vs_none_throughput_ratio`, goal >= 0.95).
 """
 

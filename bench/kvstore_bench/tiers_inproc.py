@@ -1,6 +1,6 @@
 """The store's own cost of the tiers, without gRPC: part of `kvstore-bench tiers`' store level.
 
-The load workload of tiers_store.py (same prompts, same per-thread schedules, interleaved
+The load workload of tiers_load.py (tiers_workload.py: same prompts, same per-thread schedules, interleaved
 into one stream) driven straight against a `kvstore.store.Store` in this process, on an
 asyncio loop as in the daemon: pinned `lookup` (awaiting promotions still in flight as the
 Lookup servicer does), `allocate` + `append` + `commit` (no bytes written: the client's part
@@ -23,16 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .harness import median, progress
-
-WARMUP_REQUESTS = 3000
-
-
-def _spec() -> Any:
-    from kvstore.store.types import NamespaceSpec
-
-    from .tiers_store import LOAD_NS
-
-    return NamespaceSpec(**LOAD_NS, vocab_size=50_000)
+from .tiers_workload import CLIENTS, WARMUP_REQUESTS, load_prompts, schedule, spec
 
 
 async def _run(
@@ -48,7 +39,7 @@ async def _run(
         tiers = Tiers(HostTier(host_bytes) if host_bytes else None, DiskTier.open(tiers_dir, 1 << 30))
     store = Store(StoreLimits(), f"kvsb-inproc-{uuid.uuid4().hex[:8]}-", tiers=tiers)
     try:
-        store.create_namespace(_spec())
+        store.create_namespace(spec())
         sid = store.open_session("bench-inproc", 60).session_id
 
         async def request(i: int) -> None:
@@ -82,11 +73,9 @@ async def _run(
 
 
 def store_cost_in_process(requests: int, rounds: int, host_bytes: int) -> dict[str, Any]:
-    from .tiers_store import CLIENTS, _prompts, _schedule
-
-    prompts = _prompts()
+    prompts = load_prompts()
     per_thread = -(-(WARMUP_REQUESTS + requests) // CLIENTS)
-    streams = [_schedule(t, per_thread) for t in range(CLIENTS)]
+    streams = [schedule(t, per_thread) for t in range(CLIENTS)]
     order = [s[k] for k in range(per_thread) for s in streams][: WARMUP_REQUESTS + requests]
     us: dict[str, list[float]] = {"none": [], "tiers": []}
     moved: dict[str, int] = {}
