@@ -71,7 +71,15 @@ def commit_pages(kv: kvstore_client.Client, pages: int, first_token: int = 0) ->
 
 def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonProcess) -> None:
     before = stats_json(daemon)
-    assert set(before) == {"version", "uptime_s", "sessions", "namespaces"}
+    assert set(before) == {
+        "version",
+        "uptime_s",
+        "sessions",
+        "internal_errors",
+        "malformed_requests",
+        "namespaces",
+    }
+    assert before["internal_errors"] == before["malformed_requests"] == 0
     assert set(before["namespaces"]) == {"test"}
     ns = before["namespaces"]["test"]
     assert set(ns) == STATS_KEYS

@@ -223,6 +223,8 @@ class Stats:
     uptime_s: float
     version: str  # the daemon's package version
     tiers: TierStats | None  # None when the daemon has no tier below the pools
+    internal_errors: int  # calls answered INTERNAL since start: daemon bugs, in its log
+    malformed_requests: int  # requests refused because their bytes did not parse (or too long)
 
     @classmethod
     def from_proto(cls, r: kvstore_pb2.StatsResponse) -> Stats:
@@ -232,4 +234,6 @@ class Stats:
             uptime_s=r.uptime_s,
             version=r.version,
             tiers=_from_message(TierStats, r.tiers) if r.HasField("tiers") else None,
+            internal_errors=r.internal_errors,
+            malformed_requests=r.malformed_requests,
         )

@@ -29,6 +29,8 @@ def stats_dict(stats: Stats) -> dict[str, Any]:
         "version": stats.version,
         "uptime_s": round(stats.uptime_s, 3),
         "sessions": stats.sessions,
+        "internal_errors": stats.internal_errors,
+        "malformed_requests": stats.malformed_requests,
         "namespaces": namespaces,
     }
     if stats.tiers is not None:
@@ -79,6 +81,11 @@ def render_stats(stats: Stats, target: str = "") -> str:
         f"kvstore {stats.version or '?'}{where}: up {human_duration(stats.uptime_s)}, "
         f"{stats.sessions} session{'s' * (stats.sessions != 1)}"
     ]
+    if stats.internal_errors or stats.malformed_requests:
+        out.append(
+            f"{count(stats.internal_errors)} calls failed INTERNAL (daemon bugs: see its log), "
+            f"{count(stats.malformed_requests)} malformed requests refused"
+        )
     for ns in stats.namespaces:
         total = ns.pages_total
         used = (total - ns.pages_free) / total if total else 0.0
