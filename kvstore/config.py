@@ -1,25 +1,24 @@
 """The daemon's configuration: one typed definition table, filled from (lowest to highest
 precedence) defaults, a TOML file, `KVSTORE_*` environment variables and command-line flags,
-and validated once at start. This is the only module that reads the environment or the file.
+and validated once at start. This is the only module that reads the environment or decides
+which file to read; kvstore/config_parse.py turns the raw values into typed ones.
 
 The dataclass fields below *are* the table: their metadata carries the help text and the
 check, and the flags, the environment variables and docs/config.md are all derived from them,
-so a key cannot exist in one place and not another. The file is read with `tomllib`
-(Python 3.11+, which pyproject requires).
+so a key cannot exist in one place and not another.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from kvstore.config_parse import expect, fill, format_size, read_toml
 from kvstore.policy import policy_names
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.store.validate import MAX_PAGE_TOKENS, MAX_TOKEN_ID
@@ -33,7 +32,6 @@ DType = Literal["float16", "bfloat16", "float32", "int8", "uint8", "float8_e4m3f
 
 _U32_MAX = 2**32 - 1  # the wire carries geometry as uint32
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(ValueError):
@@ -288,11 +286,11 @@ def load(
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     path = config_file or environ.get(CONFIG_ENV, "")
-    doc = _read_toml(path, problems) if path else {}
+    doc = read_toml(path, problems) if path else {}
     for key in doc.keys() - {"server", "namespace"}:
         problems.append(f"{key}: unknown top-level key in {path}; allowed: [server], [[namespace]]")
 
-    file_server = _expect(doc.get("server", {}), dict, "server: must be a table ([server])", problems)
+    file_server = expect(doc.get("server", {}), dict, "server: must be a table ([server])", problems)
     keys = [f.name for f in fields(ServerConfig)]
     # Lowest precedence first; each value carries where it came from, for the error message.
     layers = [
@@ -300,7 +298,7 @@ def load(
         {k: (environ[env_name(k)], f"from {env_name(k)}") for k in keys if env_name(k) in environ},
         {k: (v, f"from {flag_name(k)}") for k, v in (flags or {}).items() if k in keys and v is not None},
     ]
-    server_values = _fill(ServerConfig, "server", layers, problems, **runtime_defaults(environ))
+    server_values = fill(ServerConfig, "server", layers, problems, **runtime_defaults(environ))
     if server_values:  # take `unix:/path` too, as clients do, and pin a relative path down now
         server_values["socket"] = os.path.abspath(server_values["socket"].removeprefix("unix:"))
     server = ServerConfig(**(server_values or runtime_defaults(environ)))
@@ -310,13 +308,13 @@ def load(
             f"must be >= server.lease_ttl_s={server.lease_ttl_s:g}"
         )
 
-    tables = _expect(
+    tables = expect(
         doc.get("namespace", []), list, "namespace: must be an array of tables ([[namespace]])", problems
     )
     namespaces = [DEFAULT_NAMESPACE] if not tables else []
     for i, table in enumerate(tables):
-        table = _expect(table, dict, f"namespace[{i}]: must be a table", problems)
-        values = _fill(NamespaceConfig, f"namespace[{i}]", [{k: (v, "") for k, v in table.items()}], problems)
+        table = expect(table, dict, f"namespace[{i}]: must be a table", problems)
+        values = fill(NamespaceConfig, f"namespace[{i}]", [{k: (v, "") for k, v in table.items()}], problems)
         if values is not None:
             namespaces.append(NamespaceConfig(**values))
     _check_namespaces(namespaces, server, problems)
@@ -324,109 +322,6 @@ def load(
     if problems:
         raise ConfigError(problems)
     return Config(server=server, namespaces=tuple(namespaces), config_file=path)
-
-
-def _expect(value: Any, kind: type, problem: str, problems: list[str]) -> Any:
-    if isinstance(value, kind):
-        return value
-    problems.append(problem)
-    return kind()
-
-
-def _read_toml(path: str, problems: list[str]) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as e:
-        problems.append(f"config file {path}: {e.strerror}")
-    except tomllib.TOMLDecodeError as e:
-        problems.append(f"config file {path}: invalid TOML: {e}")
-    return {}
-
-
-def _fill(cls: type, where: str, layers: list[dict[str, tuple[Any, str]]], problems: list[str], **base: Any):
-    """The values of `cls`'s keys: its defaults (and `base`), overridden by each layer in turn,
-    parsed and checked. None when any of them has a problem (each one is added to `problems`)."""
-    known = {f.name: f for f in fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {n: f.default for n, f in known.items() if f.default is not MISSING} | base
-    labels: dict[str, str] = {}
-    bad: set[str] = set()  # already reported; "required" would only repeat it
-    before = len(problems)
-    for layer in layers:
-        for key, (raw, label) in layer.items():
-            if key not in known:
-                problems.append(f"{where}.{key}: unknown key{_at(label)}; known: {', '.join(known)}")
-                continue
-            value = _coerce(f"{where}.{key}={raw!r}{_at(label)}", raw, hints[key], known[key].metadata)
-            if isinstance(value, _Problem):
-                problems.append(value)
-                bad.add(key)
-            else:
-                values[key], labels[key] = value, label
-    for name, f in known.items():
-        if name in bad:
-            continue
-        if name not in values:
-            problems.append(f"{where}.{name}: required")
-        elif f.metadata["check"] and (problem := f.metadata["check"](values[name])):
-            shown = f"{values[name]:g}" if isinstance(values[name], float) else repr(values[name])
-            problems.append(f"{where}.{name}={shown}{_at(labels.get(name, ''))}: {problem}")
-    return values if len(problems) == before else None
-
-
-def _at(label: str) -> str:
-    return f" ({label})" if label else ""
-
-
-class _Problem(str):
-    """A coercion failure, told apart from a value that happens to be a string."""
-
-
-def _coerce(shown: str, raw: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
-    """Turn a TOML value, or a string from env or a flag, into the field's type."""
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        value = raw.lower() if isinstance(raw, str) else raw
-        return value if value in choices else _Problem(f"{shown}: must be one of {', '.join(choices)}")
-    if hint is str:
-        return raw if isinstance(raw, str) else _Problem(f"{shown}: must be a string")
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        word = str(raw).strip().lower()
-        if word in ("true", "1", "yes", "on"):
-            return True
-        if word in ("false", "0", "no", "off"):
-            return False
-        return _Problem(f"{shown}: must be true or false")
-    try:
-        if isinstance(raw, bool):  # TOML `true` is an int to Python; never a number here
-            raise ValueError
-        if hint is int:
-            return _parse_size(raw) if meta["size"] else _parse_int(raw)
-        value = float(raw)
-        if not math.isfinite(value):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        what = "a number" if hint is float else "an integer" + (" or a size like 64GiB" * meta["size"])
-        return _Problem(f"{shown}: must be {what}")
-
-
-def _parse_int(raw: Any) -> int:
-    if isinstance(raw, float):
-        raise ValueError
-    return int(raw)  # accepts "1_048_576" too
-
-
-def _parse_size(raw: Any) -> int:
-    if not isinstance(raw, str):
-        return _parse_int(raw)
-    m = re.fullmatch(r"\s*(\d[\d_]*)\s*([kmgt]?)(?:i?b)?\s*", raw.lower())
-    if not m:
-        raise ValueError
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
 def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, problems: list[str]) -> None:
@@ -446,14 +341,6 @@ def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, p
                 f"{format_size(pool)} brings all pools to {format_size(total)}, over "
                 f"server.max_pool_bytes={format_size(server.max_pool_bytes)}"
             )
-
-
-def format_size(n: int) -> str:
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        scale = _SIZE_UNITS[unit[0].lower()]
-        if n >= scale:
-            return f"{n / scale:.4g} {unit}"
-    return f"{n} B"
 
 
 def doc_default(f: Any) -> str:

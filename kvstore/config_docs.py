@@ -16,8 +16,8 @@ from kvstore.config import (
     doc_default,
     env_name,
     flag_name,
-    format_size,
 )
+from kvstore.config_parse import format_size
 
 
 def markdown() -> str:
