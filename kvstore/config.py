@@ -159,7 +159,18 @@ class ServerConfig:
         "empty = no disk tier",
     )
     disk_tier_bytes: int = _key(
-        8 << 30, "most bytes the disk tier's LMDB file may take (its map size)", _in_range(2 << 20), size=True
+        8 << 30,
+        "most bytes the disk tier's LMDB file may take (its map size); clamped, with a warning, "
+        "to what its file system has free at start",
+        _in_range(2 << 20),
+        size=True,
+    )
+    disk_queue_bytes: int = _key(
+        128 << 20,
+        "most bytes of pages queued for the disk tier's writer; a demotion past it is dropped "
+        "(counted: the page is no longer cached), Admin.Flush waits for room",
+        _in_range(1 << 20),
+        size=True,
     )
     disk_tier_policy: str = _key(
         "",

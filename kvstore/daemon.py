@@ -190,6 +190,7 @@ class Daemon:
                     s.disk_tier_bytes,
                     on_evict=disk_evicted,
                     policy=s.disk_tier_policy or s.default_policy,
+                    queue_bytes=s.disk_queue_bytes,
                 )
             except (OSError, ValueError, lmdb.Error) as e:
                 raise StartupError(
@@ -198,7 +199,7 @@ class Daemon:
         log.info(
             "tiers: host %s, disk %s%s",
             format_size(s.host_tier_bytes) if host is not None else "off",
-            f"{format_size(s.disk_tier_bytes)} in {s.disk_tier_dir}" if disk is not None else "off",
+            f"{format_size(disk.capacity_bytes)} in {s.disk_tier_dir}" if disk is not None else "off",
             ", write-through" if s.write_through and disk is not None else "",
         )
         made.append(Tiers(host, disk, write_through=s.write_through, prefetch_pages=s.prefetch_pages))

@@ -37,6 +37,11 @@ class AlreadyExists(KVStoreError):
     """Creating something whose name is taken."""
 
 
+class Unavailable(KVStoreError):
+    """A part of the daemon that cannot serve now (e.g. a disk tier disabled after a fault);
+    the rest goes on."""
+
+
 class DataLoss(KVStoreError):
     """Stored bytes that cannot be served (a swapped page lost or corrupt below the pool)."""
 

@@ -149,6 +149,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
         "disk_tier_dir": "/x/disk",
         "disk_tier_bytes": "1GiB",
         "disk_tier_policy": "lfu",
+        "disk_queue_bytes": "16MiB",
         "write_through": "true",
         "prefetch_pages": "2",
         "shm_prefix": "p-",

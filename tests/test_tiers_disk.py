@@ -421,7 +421,7 @@ def test_flush_reports_failed_batches(tier_dir: Path) -> None:
         fut = disk.put_async([bad])
         with pytest.raises(TypeError):
             fut.result(10)
-        with pytest.raises(DiskWriteError, match="1 records failed"):
+        with pytest.raises(DiskWriteError, match="1 pages failed"):
             disk.flush_sync(10)
         assert disk.put_async([rec(2)]).result(10) == []
         disk.flush_sync(10)  # the failure was reported once; the writer went on

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kvstore.store.flush import flush_to_disk
 from kvstore.store.store import Store
 from kvstore.store.tiering import Tiers
 from kvstore.store.types import NamespaceSpec, StoreLimits
@@ -68,8 +69,7 @@ async def scenario(tmp: Path, drop_page_cache: bool) -> dict:
         store.evict_all("t")  # a -> host
         write(b)
         store.evict_all("t")  # b -> host, pushing a to disk
-        _, flushed = tiers.flush([ns])
-        await asyncio.wrap_future(flushed)
+        await flush_to_disk(tiers, [ns])
         assert len(tiers.host) == 4 and len(disk) == 8
         if drop_page_cache:
             fd = os.open(tmp / "disk" / "data.mdb", os.O_RDONLY)
@@ -133,8 +133,7 @@ def test_pages_brought_up_at_once_need_no_waiting_and_leak_no_references(tmp_pat
             store.release_sequence(sid, seq)
             store.evict_prefix("t", tokens[: 2 * T], b"")  # pages 1..3 below, page 0 stays
             if disk is not None:
-                _, flushed = tiers.flush([ns])
-                await asyncio.wrap_future(flushed)
+                await flush_to_disk(tiers, [ns])
             assert len(ns.index) == 1 and ns.pages_pinned == 0
 
             r = store.lookup(sid, "t", tokens, b"", True)

@@ -13,6 +13,7 @@ from kvstore.errors import FailedPrecondition
 from kvstore.server import convert
 from kvstore.server.status import grpc_errors
 from kvstore.store import namespaces
+from kvstore.store.flush import flush_to_disk
 from kvstore.store.store import Store
 
 Ctx = grpc.aio.ServicerContext
@@ -51,16 +52,17 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @grpc_errors
     async def Flush(self, request: pb.FlushRequest, context: Ctx) -> pb.FlushResponse:
+        t0 = time.monotonic()
         tiers = self.store.tiers
-        if tiers is None or tiers.disk is None:
+        if tiers is None:
             raise FailedPrecondition(
                 "the daemon has no disk tier (server.disk_tier_dir): nothing to flush to"
             )
-        t0 = time.monotonic()
-        queued, done = tiers.flush(list(self.store.namespaces.values()))
-        await asyncio.wrap_future(done)
+        queued = await flush_to_disk(tiers, list(self.store.namespaces.values()))
         return pb.FlushResponse(
-            pages_written=queued, disk_pages=len(tiers.disk), seconds=time.monotonic() - t0
+            pages_written=queued,
+            disk_pages=len(tiers.disk) if tiers.disk else 0,
+            seconds=time.monotonic() - t0,
         )
 
     @grpc_errors

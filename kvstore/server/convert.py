@@ -180,6 +180,13 @@ def tier_stats(d: dict[str, Any]) -> pb.TierStats:
         reindex_done=reindex["done"],
         reindex_total=reindex["total"],
         disk_queued=disk.get("queued", 0),
+        disk_disabled=disk.get("disabled", ""),
+        disk_moved_aside=disk.get("moved_aside", ""),
+        disk_io_errors=disk.get("io_errors", 0),
+        disk_fs_full_errors=disk.get("fs_full_errors", 0),
+        disk_queued_bytes=disk.get("queued_bytes", 0),
+        disk_queue_dropped=d.get("disk_queue_dropped", 0),
+        flushes_running=disk.get("flushing", 0),
     )
 
 

@@ -47,6 +47,15 @@ TIER_COUNTERS = {
         "pages below the pool that failed their checksum (never served)",
     ),
     "disk_full_events": ("kvstore_disk_full_events", "times a disk write had to evict from a full disk tier"),
+    "disk_io_errors": ("kvstore_disk_io_errors", "disk tier writes that failed with an I/O error"),
+    "disk_fs_full_errors": (
+        "kvstore_disk_fs_full_errors",
+        "disk tier writes that failed because the file system was full",
+    ),
+    "disk_queue_dropped": (
+        "kvstore_disk_queue_dropped_pages",
+        "demotions dropped because the disk write queue was full (server.disk_queue_bytes)",
+    ),
 }
 
 
@@ -59,6 +68,9 @@ def tier_values(d: dict[str, Any]) -> dict[str, float]:
         "promotion_failures": d["promotion_failures"],
         "corrupt": host.get("corrupt", 0) + disk.get("corrupt", 0),
         "disk_full_events": disk.get("disk_full_events", 0),
+        "disk_io_errors": disk.get("io_errors", 0),
+        "disk_fs_full_errors": disk.get("fs_full_errors", 0),
+        "disk_queue_dropped": d.get("disk_queue_dropped", 0),
     }
 
 
@@ -118,6 +130,23 @@ class StatsCollector(Collector):
                 cap.add_metric([tier], d[tier]["capacity_bytes"])
                 held.add_metric([tier], d[tier]["pages"])
         yield from (used, cap, held)
+        disk = d.get("disk", {})
+        if disk:
+            yield GaugeMetricFamily(
+                "kvstore_disk_disabled",
+                "1 while the disk tier is disabled by a fault",
+                value=bool(disk["disabled"]),
+            )
+            yield GaugeMetricFamily(
+                "kvstore_disk_moved_aside",
+                "1 if this start moved a corrupt disk tier aside",
+                value=bool(disk["moved_aside"]),
+            )
+            yield GaugeMetricFamily(
+                "kvstore_disk_queued_bytes",
+                "bytes of pages waiting for the disk writer",
+                value=disk["queued_bytes"],
+            )
         yield GaugeMetricFamily(
             "kvstore_swapped_pages", "pages of swapped-out sequences below the pool", value=d["swapped_pages"]
         )

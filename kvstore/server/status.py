@@ -23,6 +23,7 @@ STATUS_OF: dict[type[errors.KVStoreError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.InvariantBroken: grpc.StatusCode.INTERNAL,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 # An OSError from creating or backing a pool: its errno says what the client can do.
 STATUS_OF_ERRNO = {

@@ -23,8 +23,8 @@ that nobody else can see.
   never serves bytes that failed verification. Each promotion holds one reference on its
   parent page until it settles, so the parent cannot be evicted under it.
 - **Write-through** (`on_sealed`): with `write_through`, each page is queued for disk as it
-  is sealed; `flush` queues every sealed page not yet on disk and resolves once they are
-  committed and fsynced.
+  is sealed (flush.py streams every sealed page not yet on disk for Admin.Flush). What is
+  queued for disk is bounded (`disk_queue_bytes`): past it a demotion is dropped, counted.
 - **Prefetch**: the store records which page followed which (`successor`); a lookup that hits
   every full page of its prompt promotes up to `prefetch_pages` pages that followed last time.
 """
@@ -148,6 +148,7 @@ class Tiers:
             "promotion_failures": 0,
             "prefetched": 0,
             "written_through": 0,
+            "disk_queue_dropped": 0,  # pages not written: the disk write queue was full
         }
         self.swapped_pages = 0  # pages of swapped-out sequences below the pool now
         self.reindex_state = {"running": False, "done": 0, "total": 0}
@@ -242,8 +243,7 @@ class Tiers:
             self.counters["demoted_host"] += 1
         elif on_disk:
             self.counters["demoted_clean"] += 1  # freeing the slot loses nothing
-        elif disk is not None:
-            self._put_disk([self._record(ns, page, copy=True)])
+        elif disk is not None and self._put_disk([self._record(ns, page, copy=True)]):
             self.counters["demoted_disk"] += 1
 
     def _make_host_room(self, page_bytes: int) -> bool:
@@ -268,15 +268,23 @@ class Tiers:
                     host.remove(key)
                     if self.disk is None:
                         self._lost(key, "host tier (LRU)", "host tier full, no disk tier below it")
-            if down:
-                self._put_disk(down)  # one queue entry and one future for the batch
+            if down and self._put_disk(down):  # one queue entry and one future for the batch
                 self.counters["host_to_disk"] += len(down)
         return True
 
-    def _put_disk(self, records: list[PageRecord]) -> cf.Future[list[Any]]:
+    def _put_disk(self, records: list[PageRecord], strict: bool = False) -> cf.Future[list[Any]] | None:
+        """Queue records for disk; if the queue is at its bound (`disk_queue_bytes`), drop
+        them (counted; a page no longer cached), or with `strict` raise ValueError."""
         if self.disk is None:
             raise InvariantBroken("writing to a disk tier that does not exist")
         keys = [r.key for r in records]
+        if not self.disk.has_queue_room(sum(r.meta.page_bytes for r in records)):
+            if strict:
+                raise ValueError("the disk write queue is full (server.disk_queue_bytes)")
+            self.counters["disk_queue_dropped"] += len(records)
+            for key in keys:
+                self._lost(key, "disk write queue", "the disk write queue was full")
+            return None
         fut = self.disk.put_async(records)
         for key in keys:
             self._queued[key] = fut
@@ -300,30 +308,6 @@ class Tiers:
                 self._put_disk([self._record(ns, page, copy=True)])
                 self.counters["written_through"] += 1
 
-    def flush(self, namespaces: list[Namespace]) -> tuple[int, cf.Future[None]]:
-        """Queue every sealed page (pool and host) not yet on disk; the future resolves once
-        all of it, and everything queued before, is committed and fsynced."""
-        if self.disk is None:
-            raise ValueError("no disk tier")
-        disk, queued = self.disk, 0
-        for ns in namespaces:
-            for page in ns.sealed_pages():
-                key = PageKey(ns.name, page.block_hash or b"")
-                if key not in disk and key not in self._queued:
-                    self._put_disk([self._record(ns, page, copy=True)])
-                    queued += 1
-        if self.host is not None:
-            for key in self.host.keys():  # noqa: SIM118 (a HostTier, not a dict: keys() is a snapshot)
-                if key not in disk and key not in self._queued:
-                    try:
-                        record = self.host.record(key)
-                    except CorruptPage:
-                        continue
-                    if record is not None:
-                        self._put_disk([record])
-                        queued += 1
-        return queued, disk.flush_async()
-
     # ------------------------------------------------------------ swapped sequences
 
     def save_private(self, ns: Namespace, page: Page) -> PageKey:
@@ -337,7 +321,7 @@ class Tiers:
         if self.host is not None and self._make_host_room(ns.spec.page_bytes):
             self.host.put(PageRecord.build(meta, view))
         elif self.disk is not None:
-            self._put_disk([PageRecord.build(meta, bytes(view))])
+            self._put_disk([PageRecord.build(meta, bytes(view))], strict=True)
         else:
             raise ValueError("no tier below the pool has room")
         return meta.key

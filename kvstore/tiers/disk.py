@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextlib
 import logging
 import os
-import stat
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,14 +37,16 @@ import numpy as np
 
 from kvstore.errors import InvariantBroken
 
-from .disk_index import DiskIndex
-from .disk_writer import BatchLimits, Dbs, DiskWriteError, DiskWriter
+from .disk_health import DiskUnavailable, DiskWriteError
+from .disk_open import headroom_bytes, open_writer
+from .disk_reindex import scan
+from .disk_writer import BatchLimits, DiskWriter
 from .record import META_HEAD_BYTES, CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
 from .residency import PageCacheCopier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NOT_RESIDENT", "DiskTier", "DiskWriteError", "headroom_bytes"]
+__all__ = ["NOT_RESIDENT", "DiskTier", "DiskUnavailable", "DiskWriteError", "headroom_bytes"]
 
 RECORDS_REMEMBERED = 16384  # bound of the decoded metadata and the file offsets kept (~0.5 KiB each)
 NOT_RESIDENT = object()  # read_record_into(resident_only=True): not in the page cache
@@ -59,23 +58,6 @@ def _copy_off_the_gil(dst: memoryview, src: memoryview) -> None:
     the writer thread: with a few readers busy, every GIL hand-off went to another reader and
     writes stalled for good (tests/test_tiers_disk.py::test_readers_during_eviction_...)."""
     np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
-
-
-def headroom_bytes(capacity_bytes: int) -> int:
-    """The part of the map kept free of pages: 1/16 of it, at least 1 MiB, at most 1 GiB."""
-    return min(max(capacity_bytes // 16, 1 << 20), 1 << 30)
-
-
-def _secure_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(
-            f"disk tier directory {path} belongs to uid {st.st_uid}, not us ({os.getuid()})"
-        )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        log.warning("disk tier directory %s had mode %o; setting 0700", path, stat.S_IMODE(st.st_mode))
-        path.chmod(0o700)
 
 
 class DiskTier:
@@ -92,6 +74,7 @@ class DiskTier:
         self._index = writer.index
         self._writer = writer
         self._open_reads = writer.open_reads  # every read transaction is counted there
+        self._health = writer.health  # disabled (corrupt, file deleted): reads miss, writes fail
         # For aget/aread_into; its threads start on first use.
         self._readers = cf.ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-read")
         # Reads on the event loop copy only from the page cache through this (residency.py).
@@ -106,6 +89,8 @@ class DiskTier:
         # still the index's (see `_read_at`); what it copies must verify, or LMDB decides.
         self._offsets: dict[PageKey, tuple[int, int, PageMeta, int, bytes]] = {}
         self._closed = False
+        self.queue_bytes = 128 << 20  # bound of the payload bytes queued for the writer
+        self.flushing = 0  # Admin.Flush calls streaming into the tier now (store/flush.py)
 
     @classmethod
     def open(
@@ -122,53 +107,31 @@ class DiskTier:
         sync_commits: bool = False,
         on_evict: Callable[[list[PageKey]], None] | None = None,
         policy: str = "horizon",
+        check: bool = True,
+        queue_bytes: int = 128 << 20,
     ) -> DiskTier:
         """Open (creating) the environment in `path` (mode 0700), clear reader slots of dead
         processes (`reader_check`) and start the writer. Nothing on disk is indexed until
         `reindex()` has run. `on_evict(keys)` is called on the writer thread with the keys it
         evicted to make room (hop to your loop with call_soon_threadsafe). `policy` names the
-        eviction policy (kvstore.policy) that picks them, leaves first; ValueError if unknown."""
+        eviction policy (kvstore.policy) that picks them, leaves first; ValueError if unknown.
+        With `check`, an existing file is walked in a child process first and moved aside if
+        it is corrupt, and the map is clamped to the file system's room (disk_check.py)."""
         path = Path(path)
-        if capacity_bytes < 2 * headroom_bytes(capacity_bytes):
-            raise ValueError(f"disk tier capacity_bytes={capacity_bytes} is too small; at least 2 MiB")
-        try:
-            index = DiskIndex(policy)
-        except ValueError as e:
-            raise ValueError(f"disk tier policy: {e}") from None
-        _secure_dir(path)
-        env = lmdb.open(
-            str(path),
-            map_size=capacity_bytes,
-            max_dbs=3,
-            mode=0o600,
-            sync=sync_commits,
-            metasync=sync_commits,
+        writer, capacity_bytes = open_writer(
+            path,
+            capacity_bytes,
+            limits=BatchLimits(batch_records, batch_bytes, batch_wait_s),
+            reader_threads=reader_threads,
             writemap=writemap,
-            # A page is one run of contiguous overflow pages (64 KiB-1 MiB): readahead and the
-            # kernel's fault-around map it in a few faults, not one per 4 KiB (3x faster here).
             readahead=readahead,
-            max_readers=max(126, 4 * reader_threads),
+            sync_commits=sync_commits,
+            on_evict=on_evict,
+            policy=policy,
+            check=check,
         )
-        try:
-            stale = env.reader_check()
-            if stale:
-                log.info(
-                    "disk tier %s: cleared %d stale reader slots (a dead process held them)", path, stale
-                )
-            dbs = Dbs(env.open_db(b"meta"), env.open_db(b"data"), env.open_db(b"state"))
-            writer = DiskWriter(
-                env,
-                dbs,
-                index,
-                name=str(path),
-                soft_limit_bytes=capacity_bytes - headroom_bytes(capacity_bytes),
-                limits=BatchLimits(batch_records, batch_bytes, batch_wait_s),
-                on_evict=on_evict,
-            )
-        except BaseException:
-            env.close()
-            raise
-        tier = cls(env, path, capacity_bytes, writer, reader_threads)
+        tier = cls(writer.env, path, capacity_bytes, writer, reader_threads)
+        tier.queue_bytes = queue_bytes
         writer.start()
         return tier
 
@@ -185,6 +148,16 @@ class DiskTier:
         (visible to reads, safe from kill -9; not fsynced: see flush), to the keys dropped
         because they cannot fit even in an empty tier (usually [])."""
         return self._submit("put", list(records))
+
+    def has_queue_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` more of payload fit in the write queue's bound (`queue_bytes`);
+        one record always fits in an empty queue. Callers drop or wait (store/flush.py)."""
+        queued = self._writer.queued_bytes()
+        return queued == 0 or queued + nbytes <= self.queue_bytes
+
+    def barrier(self) -> cf.Future[int]:
+        """Resolves once everything queued before it is written (no fsync)."""
+        return self._submit("remove", [])
 
     async def put_many(self, records: Iterable[PageRecord]) -> list[PageKey]:
         return await asyncio.wrap_future(self.put_async(records))
@@ -206,9 +179,9 @@ class DiskTier:
         self.flush_async().result(timeout)
 
     def _submit(self, kind: str, payload: Any) -> cf.Future:
-        if self._closed:
+        if self._closed or not self._health.ok:
             fut: cf.Future = cf.Future()
-            fut.set_exception(RuntimeError(f"disk tier {self.path} is closed"))
+            fut.set_exception(DiskUnavailable(self._health.reason or f"disk tier {self.path} is closed"))
             return fut
         return self._writer.submit(kind, payload)
 
@@ -225,6 +198,7 @@ class DiskTier:
         self._readers.shutdown(wait=True)
         self._env.close()
         self._cached.close()
+        self._health.close()
 
     def __enter__(self) -> DiskTier:
         return self
@@ -236,7 +210,7 @@ class DiskTier:
 
     def __contains__(self, key: object) -> bool:
         """Committed and not found corrupt (after `reindex()` for what an earlier run wrote)."""
-        return key in self._index
+        return key in self._index and not self._health.reason
 
     def __len__(self) -> int:
         return len(self._index)
@@ -247,14 +221,20 @@ class DiskTier:
 
     def meta(self, key: PageKey) -> PageMeta | None:
         """The stored metadata (no payload read), or None; CorruptPage if it is garbage."""
-        with self._open_reads.txn(self._env) as txn:
-            raw = txn.get(key.encode(), db=self._dbs.meta)
-            if raw is None or self._index.is_dropped(key):
-                return None
-            try:
-                return decode_meta(key, raw)[0]
-            except CorruptPage as e:
-                raise self._corrupt(e) from None
+        if not self._health.ok:
+            return None
+        try:
+            with self._open_reads.txn(self._env) as txn:
+                raw = txn.get(key.encode(), db=self._dbs.meta)
+                if raw is None or self._index.is_dropped(key):
+                    return None
+                try:
+                    return decode_meta(key, raw)[0]
+                except CorruptPage as e:
+                    raise self._corrupt(e) from None
+        except lmdb.Error as e:
+            self._lmdb_failed(e)
+            return None
 
     def read_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
         """Copy the page into `out` (e.g. its pool slot) and verify the copy there: what the
@@ -298,7 +278,7 @@ class DiskTier:
     def _read(
         self, key: PageKey, dst: memoryview | None, resident_only: bool = False
     ) -> tuple[PageMeta, memoryview, int] | object | None:
-        if self._index.is_dropped(key):
+        if self._index.is_dropped(key) or not self._health.ok:
             self._index.count("misses")
             return None
         if resident_only and dst is not None:
@@ -333,6 +313,10 @@ class DiskTier:
             verify(key, meta, crc, dst, body)  # the copy, after the transaction: what the caller gets
         except CorruptPage as e:
             raise self._corrupt(e) from None
+        except lmdb.Error as e:  # LMDB's own structure is damaged: a miss, the tier disabled
+            self._lmdb_failed(e)
+            self._index.count("misses")
+            return None
         if offset is not None and commit_id is not None:
             if len(self._offsets) >= RECORDS_REMEMBERED:
                 self._offsets.clear()
@@ -388,6 +372,12 @@ class DiskTier:
             self.remove_async((e.key,))
         return e
 
+    def _lmdb_failed(self, e: lmdb.Error) -> None:
+        """An error from LMDB on a read: the file is damaged (or the device failing)."""
+        if isinstance(e, lmdb.MapFullError):
+            return
+        self._health.corrupt(e)
+
     # ------------------------------------------------------------------ re-index
 
     def reindex(
@@ -397,59 +387,14 @@ class DiskTier:
         chunk: int = 2048,
         progress_every_s: float = 1.0,
     ) -> Iterator[PageMeta]:
-        """Yield the metadata of every record on disk (payloads are not read) and rebuild the
-        tier's index and eviction order (oldest created first). Garbage records are skipped,
-        counted (`stats()['corrupt']`) and deleted. `progress(done, total, pages_per_s)` is
-        called every `progress_every_s` and at the end. Read transactions are short (one per
-        `chunk` records), so the writer is never held up: run it on a thread while serving."""
-        t0 = last = time.monotonic()
-        with self._env.begin() as txn:
-            total = txn.stat(self._dbs.meta)["entries"]
-        done = 0
-        order: list[tuple[int, PageKey]] = []
-        bad: list[bytes] = []
-        after: bytes | None = None
-        ok = True
-        index = self._index
-        while ok:
-            metas: list[PageMeta] = []
-            # The lock spans the read transaction and the index update: a delete committed
-            # after our snapshot unindexes after us, so a deleted key is never re-added.
-            with index.lock, self._open_reads.txn(self._env) as txn:
-                cur = txn.cursor(self._dbs.meta)
-                ok = cur.set_range(after) if after is not None else cur.first()
-                if ok and after is not None and bytes(cur.key()) == after:
-                    ok = cur.next()
-                n = 0
-                while ok and n < chunk:
-                    raw_key = after = bytes(cur.key())
-                    n += 1
-                    try:
-                        key = PageKey.decode(raw_key)
-                        meta, _ = decode_meta(key, cur.value())
-                    except (CorruptPage, ValueError, UnicodeDecodeError):
-                        bad.append(raw_key)
-                        with contextlib.suppress(ValueError, UnicodeDecodeError):
-                            index.dropped.add(PageKey.decode(raw_key))
-                    else:
-                        if key not in index.dropped:
-                            metas.append(meta)
-                            order.append((meta.created_ns, key))
-                            cost = self._writer.cost(len(cur.value()), meta.page_bytes)
-                            index.found(key, cost, meta.parent_hash)
-                    ok = cur.next()
-            done += n
-            yield from metas
-            now = time.monotonic()
-            if progress is not None and (now - last >= progress_every_s or not ok):
-                progress(done, total, done / max(now - t0, 1e-9))
-                last = now
-        order.sort()
-        index.oldest_first([k for _, k in order])  # then whatever was put meanwhile
-        if bad:
-            index.count("corrupt", len(bad))
-            log.warning("disk tier %s: %d unreadable records skipped and deleted", self.path, len(bad))
-            self.remove_async(bad)  # by raw bytes: a garbage key need not decode
+        """Yield the metadata of every record on disk and rebuild the index (disk_reindex.py).
+        LMDB finding its file damaged disables the tier (disk_health.py) and ends the scan."""
+        if not self._health.ok:
+            return
+        try:
+            yield from scan(self._writer, progress, chunk, progress_every_s)
+        except lmdb.Error as e:
+            self._lmdb_failed(e)
 
     # ------------------------------------------------------------------ stats
 
@@ -469,7 +414,11 @@ class DiskTier:
             "policy": self._index.policy_name,
         }
         out |= self._index.snapshot()
+        out |= self._health.stats()
         if not self._closed:
             out["map_used_bytes"] = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
         out["queued"] = self._writer.queued()
+        out["queued_bytes"] = self._writer.queued_bytes()
+        out["queue_bytes"] = self.queue_bytes
+        out["flushing"] = self.flushing
         return out

@@ -28,6 +28,7 @@ from typing import Any
 
 import lmdb
 
+from .disk_health import CORRUPTION, DiskFull, DiskHealth, DiskWriteError, fs_free_bytes, is_io_error
 from .disk_index import DiskIndex
 from .open_reads import OpenReads
 from .record import PageKey, PageRecord
@@ -38,10 +39,7 @@ _STOP = object()
 # How long the writer waits for the read transactions open at a MapFullError to end. They
 # copy one record each; this bounds a reader stalled for another reason.
 READERS_WAIT_S = 2.0
-
-
-class DiskWriteError(RuntimeError):
-    """A flush could not acknowledge everything before it: some batches failed (logged)."""
+FS_FULL_SLACK = 8 << 20  # below this much free space, a failed write is taken for a full disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +60,12 @@ class BatchLimits:
 
 
 class _Work:
-    __slots__ = ("future", "kind", "payload")
+    __slots__ = ("future", "kind", "nbytes", "payload")
 
     def __init__(self, kind: str, payload: Any) -> None:
         self.kind = kind  # "put" | "remove" | "flush"
         self.payload = payload
+        self.nbytes = sum(r.meta.page_bytes for r in payload) if kind == "put" else 0
         self.future: cf.Future = cf.Future()
 
 
@@ -81,10 +80,11 @@ class DiskWriter:
         soft_limit_bytes: int,
         limits: BatchLimits,
         on_evict: Callable[[list[PageKey]], None] | None,
+        health: DiskHealth,
     ) -> None:
         self.name = name
         self.soft_limit_bytes = soft_limit_bytes
-        self._env = env
+        self.env = env
         self.dbs = dbs
         self.index = index  # shared with the tier (readers, re-index)
         self.open_reads = OpenReads()  # the tier's readers count their transactions here
@@ -92,7 +92,11 @@ class DiskWriter:
         self._on_evict = on_evict
         self._psize = env.stat()["psize"]
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queued_bytes = 0  # payload bytes submitted and not yet written; under _bytes_lock
+        self._bytes_lock = threading.Lock()
         self._failed = 0  # records whose batch failed since the last flush; writer thread only
+        self._full = 0  # records dropped because the file system was full, since the last flush
+        self.health = health
         self._thread = threading.Thread(target=self._main, name="kvstore-disk-writer", daemon=True)
 
     def start(self) -> None:
@@ -103,11 +107,18 @@ class DiskWriter:
         # Queued work cannot be taken back: its future is running, so cancel() (by an awaiter
         # that went away, e.g. through asyncio.wrap_future) fails instead of failing the batch.
         work.future.set_running_or_notify_cancel()
+        if work.nbytes:
+            with self._bytes_lock:
+                self._queued_bytes += work.nbytes
         self._queue.put(work)
         return work.future
 
     def queued(self) -> int:
         return self._queue.qsize()
+
+    def queued_bytes(self) -> int:
+        """Payload bytes waiting for the writer (the tier bounds this: DiskTier.has_queue_room)."""
+        return self._queued_bytes
 
     def stop(self, timeout: float) -> bool:
         """Commit and sync what is queued, then end the thread; False if it did not in time."""
@@ -135,11 +146,22 @@ class DiskWriter:
             try:
                 self._run(batch)
             except Exception as e:
-                log.exception("disk tier %s: batch failed", self.name)
-                self._failed += sum(len(w.payload) for w in batch if w.kind == "put")
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(e)
+                self._fail(batch, e)
+            with self._bytes_lock:
+                self._queued_bytes -= sum(w.nbytes for w in batch)
+
+    def _fail(self, batch: list[_Work], e: Exception) -> None:
+        """A batch failed: its futures raise; a damaged file disables the tier (disk_health)."""
+        if isinstance(e, CORRUPTION):
+            self.health.corrupt(e)
+        elif is_io_error(e):
+            self.health.count("io_errors")
+        if self.health.ok:
+            log.exception("disk tier %s: batch failed", self.name)
+        self._failed += sum(len(w.payload) for w in batch if w.kind == "put")
+        for w in batch:
+            if not w.future.done():
+                w.future.set_exception(e)
 
     def _gather(self, first: _Work) -> tuple[list[_Work], bool]:
         """`first` and whatever follows within the batch limits; True if a stop came."""
@@ -160,6 +182,7 @@ class DiskWriter:
         return batch, False
 
     def _run(self, batch: list[_Work]) -> None:
+        self.health.check()  # (disabled, or its file deleted: the batch fails, typed)
         last: dict[PageKey | bytes, PageRecord | None] = {}  # in queue order, last op wins
         for w in batch:
             if w.kind == "put":
@@ -173,10 +196,13 @@ class DiskWriter:
         removed = self._delete(removes) if removes else {}
         dropped = set(self._write(puts)) if puts else set()  # type: ignore[arg-type]
         failed = 0
+        full = 0
         if any(w.kind == "flush" for w in batch):
-            self._env.sync(True)
+            self.env.sync(True)
+            self.health.check()  # an fsync of a deleted file acknowledges nothing
             self.index.count("syncs")
             failed, self._failed = self._failed, 0
+            full, self._full = self._full, 0
         self.index.count("batches")
         for w in batch:
             if w.kind == "put":
@@ -186,7 +212,17 @@ class DiskWriter:
             elif failed:
                 # A flush acknowledges everything before it: not if some of it never got there.
                 w.future.set_exception(
-                    DiskWriteError(f"{failed} records failed to write since the last flush")
+                    DiskWriteError(
+                        f"disk tier {self.name}: {failed} pages failed to write since the last flush"
+                        " (see the daemon's log)"
+                    )
+                )
+            elif full:
+                w.future.set_exception(
+                    DiskFull(
+                        f"disk tier {self.name}: its file system is full; {full} pages were not"
+                        " written since the last flush (the tier shrank to fit)"
+                    )
                 )
             else:
                 w.future.set_result(None)
@@ -194,7 +230,7 @@ class DiskWriter:
     def _delete(self, keys: list[PageKey | bytes]) -> dict[PageKey | bytes, bool]:
         """Delete records by key (or raw key bytes, for garbage found by the re-index)."""
         found: dict[PageKey | bytes, bool] = {}
-        with self._env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:
             for k in keys:
                 raw = k if isinstance(k, bytes) else k.encode()
                 found[k] = txn.delete(raw, db=self.dbs.meta)
@@ -235,6 +271,10 @@ class DiskWriter:
                 return []
             except lmdb.MapFullError:
                 self.index.count("map_full_errors")
+            except lmdb.Error as e:
+                if not self._fs_full(e) or not self._shrink(cost, chunk.keys()):
+                    break
+                continue
             if attempt == 0:
                 # Usually the room was made, but readers' snapshots still hold the pages freed
                 # for it: once the readers open now are gone, those pages are free.
@@ -247,11 +287,38 @@ class DiskWriter:
                 self._commit({key: item})
             except lmdb.MapFullError:
                 out.append(key)
+            except lmdb.Error as e:
+                if not self._fs_full(e):
+                    raise
+                out.append(key)
+                self._full += 1
         return out
+
+    def _fs_full(self, e: lmdb.Error) -> bool:
+        """A write failed for want of room in the file system (LMDB says EIO for a short
+        write), not in the map: counted as a full disk."""
+        if not is_io_error(e) or fs_free_bytes(self.health.path) > FS_FULL_SLACK:
+            return False
+        self.index.count("disk_full_events")
+        self.health.count("fs_full_errors")
+        return True
+
+    def _shrink(self, cost: int, exclude: Iterable[PageKey]) -> bool:
+        """The file cannot grow: lower the soft limit to 7/8 of what is held (for good; a
+        restart sizes the map to the free space again) and evict down to it, so writes
+        reuse the file's pages freed. False if nothing could be evicted."""
+        used = self.index.bytes_used
+        self.soft_limit_bytes = min(self.soft_limit_bytes, used * 7 // 8)
+        log.warning(
+            "disk tier %s: its file system is full; the tier shrinks to %d bytes",
+            self.name,
+            self.soft_limit_bytes,
+        )
+        return self._evict(used + cost - self.soft_limit_bytes, exclude)
 
     def _commit(self, items: dict[PageKey, tuple[bytes, PageRecord]]) -> None:
         done = {}  # key -> (size, parent_hash): the index tracks which record extends which
-        with self._env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:
             for key, (meta_raw, rec) in items.items():
                 raw = key.encode()
                 txn.put(raw, meta_raw, db=self.dbs.meta)
@@ -263,7 +330,7 @@ class DiskWriter:
         self._delete(victims)  # type: ignore[arg-type]
         # LMDB reuses pages freed by transaction N only from N+2 on (N's pages still back
         # the previous snapshot); one tiny commit in between lets the next write use them.
-        with self._env.begin(write=True, db=self.dbs.state) as txn:
+        with self.env.begin(write=True, db=self.dbs.state) as txn:
             txn.put(b"last_eviction_ns", str(time.time_ns()).encode())
 
     def _wait_for_readers(self) -> None:

@@ -526,7 +526,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued")
+    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running")
     HOST_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     HOST_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -545,6 +545,13 @@ class TierStats(_message.Message):
     REINDEX_DONE_FIELD_NUMBER: _ClassVar[int]
     REINDEX_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DISK_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    DISK_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    DISK_MOVED_ASIDE_FIELD_NUMBER: _ClassVar[int]
+    DISK_IO_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DISK_FS_FULL_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DISK_QUEUED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_QUEUE_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FLUSHES_RUNNING_FIELD_NUMBER: _ClassVar[int]
     host_capacity_bytes: int
     host_bytes_used: int
     host_pages: int
@@ -563,7 +570,14 @@ class TierStats(_message.Message):
     reindex_done: int
     reindex_total: int
     disk_queued: int
-    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ...) -> None: ...
+    disk_disabled: str
+    disk_moved_aside: str
+    disk_io_errors: int
+    disk_fs_full_errors: int
+    disk_queued_bytes: int
+    disk_queue_dropped: int
+    flushes_running: int
+    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests")
