@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from kvstore_proto import dtypes
+
 from kvstore.config_parse import expect, fill, format_size, read_toml
 from kvstore.policy import policy_names
 from kvstore.store.types import NamespaceSpec, StoreLimits
@@ -27,8 +29,7 @@ ENV_PREFIX = "KVSTORE_"
 CONFIG_ENV = "KVSTORE_CONFIG"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-# Must list exactly the keys of DTYPE_BYTES (a test holds the two together).
-DType = Literal["float16", "bfloat16", "float32", "int8", "uint8", "float8_e4m3fn"]
+DType = Literal[dtypes.NAMES]  # (a tuple subscript: Literal takes its items as the choices)
 
 _U32_MAX = 2**32 - 1  # the wire carries geometry as uint32
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL

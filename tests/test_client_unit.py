@@ -26,6 +26,7 @@ from kvstore_client import PageState, PoolMapping, _wire, errors
 from kvstore_client._core import SequenceBase
 from kvstore_client.namespace import Namespace
 from kvstore_client.target import ConfigFileError, default_target, resolve_target
+from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -173,6 +174,16 @@ def test_every_wire_dtype_maps_to_its_torch_dtype(
         assert pool.view().shape == (NUM_PAGES, 1, 2, 3, 1, 5)
     assert kvstore_client.wire_dtype(torch_dtype) == dtype
     assert kvstore_client.wire_dtype(pb.DType.Name(dtype)) == dtype
+
+
+def test_the_dtype_table_covers_the_wire_enum_and_matches_torch() -> None:
+    """kvstore_proto.dtypes is the one table (daemon, config, client, adapter): a DType added
+    to the proto without its row, or a row whose size or name torch disagrees with, fails here."""
+    assert set(dtypes.BY_WIRE) == set(pb.DType.values()) - {pb.DTYPE_UNSPECIFIED}
+    for d in dtypes.DTYPES:
+        assert getattr(torch, d.name).itemsize == d.itemsize, d
+        assert kvstore_client.torch_dtype(d.wire) == getattr(torch, d.name)
+        assert kvstore_client.dtype_name(d.wire) == d.name and kvstore_client.wire_dtype(d.name) == d.wire
 
 
 def test_close_with_live_views_keeps_them_valid_and_refuses_new_ones(shm_file: str) -> None:

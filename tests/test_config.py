@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from kvstore_client.target import default_socket_path
+from kvstore_proto import dtypes
 
 from kvstore import config as cfg
 from kvstore import config_docs
 from kvstore.cli.serve import build_parser
-from kvstore.store.types import DTYPE_BYTES, NamespaceSpec, StoreLimits
+from kvstore.store.types import NamespaceSpec, StoreLimits
 
 REPO = Path(__file__).resolve().parents[1]
 NS = """
@@ -195,7 +196,7 @@ def test_store_limits_carry_every_limit() -> None:
 
 
 def test_the_table_matches_the_store_types() -> None:
-    assert set(typing.get_args(cfg.DType)) == set(DTYPE_BYTES)
+    assert typing.get_args(cfg.DType) == dtypes.NAMES
     assert [f.name for f in dataclasses.fields(cfg.NamespaceConfig)] == [
         f.name for f in dataclasses.fields(NamespaceSpec)
     ]

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
 from .errors import InvalidArgument, PoolError, UnsupportedDevice
@@ -29,21 +30,13 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 
-# Wire DType -> name of the torch dtype. torch itself is imported only when a torch dtype
-# or a view is needed (importing it takes over a second; `kvstore-admin` never needs it).
-_TORCH_NAMES: dict[int, str] = {
-    kvstore_pb2.FLOAT16: "float16",
-    kvstore_pb2.BFLOAT16: "bfloat16",
-    kvstore_pb2.FLOAT32: "float32",
-    kvstore_pb2.INT8: "int8",
-    kvstore_pb2.UINT8: "uint8",
-    kvstore_pb2.FLOAT8_E4M3: "float8_e4m3fn",
-}
-_WIRE_NAMES: dict[str, int] = {kvstore_pb2.DType.Name(k): k for k in _TORCH_NAMES}
+# Wire DType -> name of the torch dtype (kvstore_proto.dtypes). torch itself is imported only
+# when a torch dtype or a view is needed (importing it takes over a second; `kvstore-admin`
+# never needs it).
+_TORCH_NAMES: dict[int, str] = {d.wire: d.name for d in dtypes.DTYPES}
+_WIRE_NAMES: dict[str, int] = {d.wire_name: d.wire for d in dtypes.DTYPES}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _DTYPE_ALIASES.update({"float": "float32", "fp8": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn"})
-# Lower-case names that resolve without torch (`getattr(torch, name)` gives the same dtype).
-_NAME_TO_WIRE: dict[str, int] = {v: k for k, v in _TORCH_NAMES.items()}
 
 
 @functools.cache
@@ -87,8 +80,8 @@ def wire_dtype(dtype: torch.dtype | str | int) -> int:
         if dtype in _WIRE_NAMES:
             return _WIRE_NAMES[dtype]
         name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
-        if name in _NAME_TO_WIRE:  # no need for torch
-            return _NAME_TO_WIRE[name]
+        if name in dtypes.BY_NAME:  # no need for torch
+            return dtypes.BY_NAME[name].wire
         import torch  # an unknown name: the message shows what torch makes of it, as before
 
         dtype = getattr(torch, name, None)

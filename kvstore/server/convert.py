@@ -5,20 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from kvstore.errors import InvalidArgument
 from kvstore.store import types as t
-
-DTYPE_TO_PB = {
-    "float16": pb.FLOAT16,
-    "bfloat16": pb.BFLOAT16,
-    "float32": pb.FLOAT32,
-    "int8": pb.INT8,
-    "uint8": pb.UINT8,
-    "float8_e4m3fn": pb.FLOAT8_E4M3,
-}
-DTYPE_FROM_PB = {v: k for k, v in DTYPE_TO_PB.items()}
 
 
 def add_page_refs(field: RepeatedCompositeFieldContainer[pb.PageRef], refs: list[t.PageRef]) -> None:
@@ -75,7 +66,7 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
             num_layers=spec.num_layers,
             num_kv_heads=spec.num_kv_heads,
             head_dim=spec.head_dim,
-            dtype=DTYPE_TO_PB[spec.dtype],
+            dtype=dtypes.BY_NAME[spec.dtype].wire,
             page_tokens=spec.page_tokens,
             vocab_size=spec.vocab_size,
         ),
@@ -92,7 +83,7 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
             page_stride=pool.page_stride,
             layout=pool.layout,
             page_shape=list(pool.page_shape),
-            dtype=DTYPE_TO_PB[pool.dtype],
+            dtype=dtypes.BY_NAME[pool.dtype].wire,
         ),
         policy=spec.policy,
         model_fingerprint=spec.model_fingerprint,
@@ -101,17 +92,17 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
 
 def namespace_spec(msg: pb.NamespaceSpec, default_policy: str) -> t.NamespaceSpec:
     g = msg.geometry
-    if g.dtype not in DTYPE_FROM_PB:
+    if g.dtype not in dtypes.BY_WIRE:
         raise InvalidArgument(
             f"spec.geometry.dtype={g.dtype} is not a known DType; use one of "
-            + ", ".join(pb.DType.Name(v) for v in DTYPE_FROM_PB)
+            + ", ".join(d.wire_name for d in dtypes.DTYPES)
         )
     return t.NamespaceSpec(
         name=msg.name,
         num_layers=g.num_layers,
         num_kv_heads=g.num_kv_heads,
         head_dim=g.head_dim,
-        dtype=DTYPE_FROM_PB[g.dtype],
+        dtype=dtypes.BY_WIRE[g.dtype].name,
         page_tokens=g.page_tokens,
         num_pages=msg.num_pages,
         vocab_size=g.vocab_size,

@@ -7,17 +7,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from kvstore.memory.backend import PoolHandle
+from kvstore_proto import dtypes
 
-# Element sizes of the dtypes a namespace may use (names follow torch).
-DTYPE_BYTES = {
-    "float16": 2,
-    "bfloat16": 2,
-    "float32": 4,
-    "int8": 1,
-    "uint8": 1,
-    "float8_e4m3fn": 1,
-}
+from kvstore.memory.backend import PoolHandle
 
 PAGE_LAYOUT = "layer,kv,token,head,dim"
 PAGE_ALIGN = 4096  # page starts are aligned to the OS page: misaligned copies are several times slower
@@ -47,7 +39,7 @@ class NamespaceSpec:
 
     @cached_property
     def page_bytes(self) -> int:
-        n = DTYPE_BYTES[self.dtype]
+        n = dtypes.BY_NAME[self.dtype].itemsize
         for dim in self.page_shape:
             n *= dim
         return n

@@ -6,12 +6,12 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+from kvstore_proto import dtypes
 
 from kvstore.errors import InvalidArgument
 from kvstore.policy import policy_names
 from kvstore.store.types import (
     BUDGET_MODES,
-    DTYPE_BYTES,
     IMPORTANCE,
     SLIDING_WINDOW,
     STATIC,
@@ -75,8 +75,8 @@ def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
             raise InvalidArgument(f"{where}: {field}={value} must be > 0")
     if spec.page_tokens > MAX_PAGE_TOKENS:
         raise InvalidArgument(f"{where}: page_tokens={spec.page_tokens} is over the limit {MAX_PAGE_TOKENS}")
-    if spec.dtype not in DTYPE_BYTES:
-        raise InvalidArgument(f"{where}: dtype={spec.dtype!r} must be one of {', '.join(DTYPE_BYTES)}")
+    if spec.dtype not in dtypes.BY_NAME:
+        raise InvalidArgument(f"{where}: dtype={spec.dtype!r} must be one of {', '.join(dtypes.NAMES)}")
     if spec.vocab_size < 0 or spec.vocab_size > MAX_TOKEN_ID:
         raise InvalidArgument(f"{where}: vocab_size={spec.vocab_size} must be in [0, {MAX_TOKEN_ID}]")
     if spec.policy not in policy_names():
