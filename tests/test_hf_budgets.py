@@ -54,7 +54,7 @@ def window_reference(model: Any, ids: list[int], new_tokens: int, sinks: int, wi
         while True:
             out = model(
                 input_ids=x,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 position_ids=torch.arange(start, start + x.shape[1]).unsqueeze(0),
                 attention_mask=torch.ones(1, len(pages) + x.shape[1], dtype=torch.long),

@@ -166,7 +166,7 @@ def evaluate(model: Any, ids: list[int], seq_cache: Any, importance: bool = Fals
         cache = DynamicCache(config=model.config)
         logits = torch.cat(
             [
-                model(input_ids=torch.tensor([ids[s : s + PAGE_TOKENS]]), past_key_values=cache).logits
+                model(input_ids=torch.tensor([ids[s : s + PAGE_TOKENS]]), cache=cache).logits
                 for s in range(0, len(ids), PAGE_TOKENS)
             ],
             dim=1,

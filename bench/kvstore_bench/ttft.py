@@ -218,9 +218,7 @@ def measure(
             n = cache.load_prefix(ids)
             t1 = time.perf_counter()
             batch = torch.tensor([ids[n:]], dtype=torch.long)
-            logits = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[
-                0, -1
-            ]
+            logits = model(input_ids=batch, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             t2 = time.perf_counter()
             cache.save(ids)
             t3 = time.perf_counter()

@@ -13,29 +13,11 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
+from ._hf_model import as_batch, cached_fingerprint, check_fits, is_model, prompt_ids
 from .client import Client, Lookup, Sequence
 from .errors import KVStoreClientError
-from .hf import _is_model, cached_fingerprint
 from .namespace import Namespace
 from .results import PreemptResult, SequenceOptions
-
-
-def _ids(input_ids: Any) -> list[int]:
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 2:
-            if input_ids.shape[0] != 1:
-                raise ValueError(
-                    f"KVStoreCache takes a batch of one; got input_ids of shape {tuple(input_ids.shape)}"
-                )
-            input_ids = input_ids[0]
-        return [int(t) for t in input_ids.tolist()]
-    return [int(t) for t in input_ids]
-
-
-def _as_batch(input_ids: Any, device: Any) -> torch.Tensor:
-    if isinstance(input_ids, torch.Tensor):
-        return input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
-    return torch.tensor([list(input_ids)], dtype=torch.long, device=device)
 
 
 class _BudgetedLayer(DynamicLayer):
@@ -53,10 +35,8 @@ class _BudgetedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.cut_tokens
 
-    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
-        # transformers >= 5 passes the query length, 4.5x the cache_position tensor.
-        q = query if isinstance(query, int) else int(query.shape[0])
-        return super().get_seq_length() + q, self.cut_tokens
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return super().get_seq_length() + query_length, self.cut_tokens
 
 
 class _SaveAsPagesFill(StoppingCriteria):
@@ -84,7 +64,8 @@ class KVStoreCache(DynamicCache):
     `model_or_config`: the model (its fingerprint goes with every Lookup and Allocate) or its
     config (the fingerprint is then taken from the model given to `prefill`/`generate`, or is
     `model_fingerprint` when given; `""` sends none). A namespace made for another model
-    refuses the cache with `errors.FailedPrecondition` (the daemon's message names both).
+    refuses the cache with `errors.FailedPrecondition` (the daemon's message names both); one of
+    another geometry or dtype than the model's, with `errors.InvalidArgument` before any RPC.
 
     `options`: the sequence's budget (`SequenceOptions`; default unconstrained). Each `save`
     appends to the budgeted sequence and cuts the pages the daemon dropped out of the model's
@@ -107,7 +88,7 @@ class KVStoreCache(DynamicCache):
         max_tokens: int = 0,
     ) -> None:
         config = model_or_config
-        if _is_model(model_or_config):
+        if is_model(model_or_config):
             config = model_or_config.config
             if model_fingerprint is None:
                 model_fingerprint = cached_fingerprint(model_or_config)
@@ -117,12 +98,7 @@ class KVStoreCache(DynamicCache):
         self.layers = [_BudgetedLayer() for _ in self.layers]
         self.client = client
         self.namespace = client.namespace(namespace)
-        g = self.namespace.geometry
-        if (g.num_layers, g.num_kv_heads) != (len(self.layers), self._kv_heads(config)):
-            raise ValueError(
-                f"namespace {self.namespace.name!r} has num_layers={g.num_layers}, num_kv_heads={g.num_kv_heads}; "
-                f"the model has {len(self.layers)} layers and {self._kv_heads(config)} KV heads"
-            )
+        check_fits(self.namespace, model_or_config)
         self.page_tokens = self.namespace.page_tokens
         self.hit_tokens = 0  # tokens of the prompt found in kvstore (whole pages)
         self.prefix_tokens = 0  # tokens loaded into the cache from kvstore (< prompt length)
@@ -140,13 +116,9 @@ class KVStoreCache(DynamicCache):
         self._preempted: str | None = None  # "swap" | "drop": what resume() undoes
 
     def _use_model(self, model: Any) -> None:
+        check_fits(self.namespace, model)  # (a cache made from a config has not seen the model)
         if self.model_fingerprint is None:
             self.model_fingerprint = cached_fingerprint(model)
-
-    @staticmethod
-    def _kv_heads(config: Any) -> int:
-        config = config.get_text_config(decoder=True)
-        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
     # ------------------------------------------------------------ kvstore side
 
@@ -156,7 +128,7 @@ class KVStoreCache(DynamicCache):
         token left to compute logits for."""
         if self.get_seq_length() or self.lookup is not None:
             raise RuntimeError("load_prefix needs an empty KVStoreCache (one prompt per cache)")
-        ids = _ids(input_ids)
+        ids = prompt_ids(input_ids)
         self.lookup = self.client.lookup(
             self.namespace, ids, pin=True, model_fingerprint=self.model_fingerprint or ""
         )
@@ -165,24 +137,9 @@ class KVStoreCache(DynamicCache):
         n = min(self.hit_tokens, len(ids) - 1)
         if n <= 0:
             return 0
-        views = self.lookup.views()
         pt = self.page_tokens
-        L, _, _, H, D = views[0].shape
-        # [layer, kv, batch, kv_head, token, head_dim]: each layer's K and V are views of it.
-        kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype)
-        for i, view in enumerate(views):
-            start = i * pt
-            if start >= n:
-                break
-            t = min(pt, n - start)
-            kv[:, :, 0, :, start : start + t].copy_(view[:, :, :t].transpose(2, 3))  # the one copy
-        for layer_idx, layer in enumerate(self.layers):
-            keys, values = kv[layer_idx, 0], kv[layer_idx, 1]
-            # update() with no tokens initializes the layer (its signature is stable across
-            # transformers versions, lazy_initialization's is not); then the layer takes our
-            # tensors as they are, where update() would copy them once more.
-            layer.update(keys[:, :, :0], values[:, :, :0])
-            layer.keys, layer.values = keys, values
+        counts = [min(pt, n - start) for start in range(0, n, pt)]
+        self._load_pages(self.lookup.views()[: len(counts)], counts)
         self.prefix_tokens = n
         self._position_pages = [t // pt for t in range(n)]
         self._positions_seen = n
@@ -193,7 +150,7 @@ class KVStoreCache(DynamicCache):
         appends the new tokens to the sequence, writes the WRITABLE pages' new tokens and
         commits (full pages are sealed). Pages the sequence's budget dropped are cut out of the
         model's KV. Returns the tokens stored in all."""
-        ids = _ids(token_ids)
+        ids = prompt_ids(token_ids)
         total = self.get_seq_length()
         pt = self.page_tokens
         self._position_pages.extend(t // pt for t in range(self._positions_seen, total))
@@ -325,22 +282,30 @@ class KVStoreCache(DynamicCache):
         """Fill the (empty) model KV with the sequence's held pages: one copy per page, as
         load_prefix does; cut (budget-dropped) pages stay cut."""
         pages = seq.held_pages
-        views = seq.views(pages)
-        L, _, _, H, D = views[0].shape
-        n = sum(p.token_count for p in pages)
-        kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype)
-        at = 0
-        for page, view in zip(pages, views, strict=True):
-            t = page.token_count
-            kv[:, :, 0, :, at : at + t].copy_(view[:, :, :t].transpose(2, 3))
-            at += t
-        for layer_idx, layer in enumerate(self.layers):
-            keys, values = kv[layer_idx, 0], kv[layer_idx, 1]
-            layer.update(keys[:, :, :0], values[:, :, :0])
-            layer.keys, layer.values = keys, values
+        n = self._load_pages(seq.views(pages), [p.token_count for p in pages])
+        for layer in self.layers:
             layer.cut_tokens = seq.num_tokens - n
         self._position_pages = [p.index for p in pages for _ in range(p.token_count)]
         self._positions_seen = self._written = seq.num_tokens
+
+    def _load_pages(self, views: list[torch.Tensor], counts: list[int]) -> int:
+        """Fill the (empty) model KV with the first `counts[i]` tokens of page `views[i]`, in
+        order: one copy, pool `[layer, kv, token, head, dim]` -> HF `[1, head, seq, dim]`.
+        Returns the tokens loaded."""
+        L, _, _, H, D = views[0].shape
+        n = sum(counts)
+        # [layer, kv, batch, kv_head, token, head_dim]: each layer's K and V are views of it.
+        kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype)
+        at = 0
+        for view, t in zip(views, counts, strict=True):
+            kv[:, :, 0, :, at : at + t].copy_(view[:, :, :t].transpose(2, 3))  # the one copy
+            at += t
+        for layer, (keys, values) in zip(self.layers, kv, strict=True):
+            # update() with no tokens initializes the layer; then the layer takes our tensors as
+            # they are, where update() would copy them once more.
+            layer.update(keys[:, :, :0], values[:, :, :0])
+            layer.keys, layer.values = keys, values
+        return n
 
     def release(self) -> None:
         """Release the sequence (its unsealed pages) and the prefix pin. Idempotent."""
@@ -383,9 +348,9 @@ class KVStoreCache(DynamicCache):
         `on_chunk(cache, output)` is called after each chunk's save (e.g. to report importance
         from `output.attentions`); `model_kwargs` go to every model call (`output_attentions`)."""
         self._use_model(model)
-        ids = _ids(input_ids)
+        ids = prompt_ids(input_ids)
         n = self.load_prefix(ids)
-        batch = _as_batch(input_ids, model.device)
+        batch = as_batch(input_ids, model.device)
         step = chunk_tokens or len(ids)
         if step <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -393,7 +358,7 @@ class KVStoreCache(DynamicCache):
         logits = []
         for start in range(n, len(ids), step):
             end = min(start + step, len(ids))
-            out = model(input_ids=batch[:, start:end], past_key_values=self, use_cache=True, **kwargs)
+            out = model(input_ids=batch[:, start:end], cache=self, use_cache=True, **kwargs)
             self.save(ids[:end])
             logits.append(out.logits)
             if on_chunk is not None:
@@ -406,17 +371,17 @@ class KVStoreCache(DynamicCache):
         tokens (all but the last, whose KV is never computed) are stored page by page as pages
         fill. Returns the output ids."""
         self._use_model(model)
-        self.load_prefix(_ids(input_ids))
+        self.load_prefix(prompt_ids(input_ids))
         return self._generate(model, input_ids, gen_kwargs)
 
     def _generate(self, model: Any, input_ids: Any, gen_kwargs: dict[str, Any]) -> torch.Tensor:
         """`model.generate` on this cache (holding the KV of all but the last token or fewer),
         saving pages as they fill, and the rest at the end."""
-        batch = _as_batch(input_ids, model.device)
+        batch = as_batch(input_ids, model.device)
         gen_kwargs.setdefault("attention_mask", torch.ones_like(batch))
         # Ours first: the caller's criteria see the pages saved in this step.
         user = gen_kwargs.pop("stopping_criteria", None) or []
         criteria = StoppingCriteriaList([_SaveAsPagesFill(self), *user])
-        out = model.generate(batch, past_key_values=self, stopping_criteria=criteria, **gen_kwargs)
+        out = model.generate(batch, cache=self, stopping_criteria=criteria, **gen_kwargs)
         self.save(out[0])
         return out

