@@ -65,7 +65,7 @@ def server_options(s: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", 10_000),  # the keepalive timeout is not enough alone
         ("grpc.keepalive_permit_without_calls", 1),
         # Accept clients' own keepalive pings (the default would answer them with GOAWAY).
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # (the "recv" spelling is no arg)
         ("grpc.http2.max_pings_without_data", 0),
     ]
 

@@ -143,3 +143,22 @@ def test_a_stopped_daemon_fails_calls_by_deadline_and_by_keepalive(daemon: Daemo
             assert time.monotonic() - t0 < 5 + 5 + 2  # one ping interval, its timeout, slack
         finally:
             daemon.signal(signal.SIGCONT)
+
+
+def test_keepalive_pings_of_an_idle_client_are_accepted(daemon: DaemonProcess) -> None:
+    """A client with no call under way (say one that renews its lease with Heartbeat) pings
+    every 5 s, the least the daemon accepts; before the fix the daemon's limit was the 5 min
+    default (its option was misspelled) and the third ping drew GOAWAY "too_many_pings"
+    at 15 s. Waits 16 s: an event that must not happen has no condition to wait on."""
+    options = [
+        ("grpc.keepalive_time_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    with grpc.insecure_channel(daemon.target, options=options) as channel:
+        states: list[grpc.ChannelConnectivity] = []
+        channel.subscribe(states.append)
+        channel.unary_unary("/kvstore.v1.KVStore/Stats")(b"", timeout=5)
+        ready = len(states)
+        time.sleep(16)
+        assert states[ready - 1 :] == [grpc.ChannelConnectivity.READY], states
