@@ -6,15 +6,18 @@ values (huge, negative and odd ints, NaN, long and odd strings, unknown enum num
 and huge repeated fields, nested messages) and garbage bytes (random, truncated, bad varints,
 wrong wire types). The answer must never be UNKNOWN or INTERNAL; afterwards the daemon is
 SERVING, counted no internal error, and the pages process A stored read back unchanged
-(bytes, through A's own mapping and through /dev/shm). Seeded: the same calls every run.
+(bytes, through A's own mapping and through /dev/shm). Seeded: the same calls every run;
+KVSTORE_FUZZ_SEED and KVSTORE_FUZZ_TYPED (calls a method, 40) to hunt further.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,8 +29,8 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-SEED = 14
-TYPED_PER_METHOD = 40
+SEED = int(os.environ.get("KVSTORE_FUZZ_SEED", 14))
+TYPED_PER_METHOD = int(os.environ.get("KVSTORE_FUZZ_TYPED", 40))  # per method; more to hunt
 GARBAGE_PER_METHOD = 12
 CALL_TIMEOUT_S = 5.0
 HELD = prompt(24, seed=141, vocab=1000)
@@ -162,11 +165,15 @@ def call(channel: grpc.Channel, method: MethodDescriptor, payload: bytes) -> grp
 
 
 @pytest.fixture
-def stored() -> Iterator[tuple[DaemonProcess, Worker, list[int]]]:
-    with DaemonProcess(
-        server={"max_pool_bytes": 16 << 20, "max_request_tokens": 4096, "host_tier_bytes": 1 << 20},
-        namespaces=[SMALL_NAMESPACE],
-    ) as d:
+def stored(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Worker, list[int]]]:
+    server = {
+        "max_pool_bytes": 16 << 20,
+        "max_request_tokens": 4096,
+        "host_tier_bytes": 1 << 20,
+        "disk_tier_dir": str(tmp_path / "disk"),
+        "disk_tier_bytes": 64 << 20,
+    }
+    with DaemonProcess(server=server, namespaces=[SMALL_NAMESPACE]) as d:
         d.start()
         with Worker("A") as a:
             a.call("connect", target=d.target, client_name="A")
