@@ -20,7 +20,7 @@ import pytest
 import torch
 from daemon import SHM_DIR, DaemonProcess, to_toml
 from e2e_helpers import wait_until
-from kvstore_client.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvstore_client.errors import FailedPrecondition, InvalidArgument, NotFound, PoolError
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -51,6 +51,7 @@ def test_a_client_holding_a_restarted_daemons_old_mapping_reads_the_new_pools_by
         write_prompt(old, ns, 0xAA)
         old_mapping = ns.pool
         assert read_prompt(old, ns) == {0xAA}
+        old_hit = old.lookup(ns, TOKENS)  # slots of the old pool, kept by the engine
 
         d.kill()  # the same prefix, socket and namespace come back: a sidecar's restart
         d.start()
@@ -60,6 +61,8 @@ def test_a_client_holding_a_restarted_daemons_old_mapping_reads_the_new_pools_by
             # The engine kept its Namespace (and mapping) across the reconnect.
             assert read_prompt(again, ns) == {0xBB}
             assert ns.pool is not old_mapping and old_mapping.closed
+            with pytest.raises(PoolError, match="they index nothing there"):
+                old_hit.views()  # the old slots are never read in the new pool
         old.close()
 
 

@@ -172,14 +172,6 @@ class ClientCore:
         # Two threads may fetch the same name: keep the first, so there is one mapping.
         return self._namespaces.setdefault(info.name, Namespace(info, shm_dir=self._shm_dir))
 
-    @staticmethod
-    def _pool_moved(call: _wire.Call[Any], reply: Any) -> Namespace | None:
-        """The namespace to map again before this reply's slots can be used: its slots index
-        a pool of another epoch than the one this client knows (the daemon restarted, or the
-        namespace was deleted and created again). None when they index the known pool."""
-        ns: Namespace | None = call.pool
-        return ns if ns is not None and not ns.is_current(reply.pool_epoch) else None
-
     def _close_namespaces(self) -> None:
         namespaces, self._namespaces = list(self._namespaces.values()), {}
         for ns in namespaces:
@@ -193,6 +185,11 @@ class Held:
         self._client = client
         self.namespace = namespace
         self.released = False
+        # The pool our slots index (the reply that gave them was checked against it).
+        self._epoch = namespace.epoch
+
+    def _views(self, slots: Iterable[int]) -> list[torch.Tensor]:
+        return self.namespace.pages_of(self._epoch, slots, holder=repr(self))
 
     def _release_request(self) -> _wire.Call[ReleaseResult]:
         raise NotImplementedError
@@ -244,7 +241,7 @@ class SequenceBase(Held):
 
     def views(self, pages: Iterable[Page] | None = None) -> list[torch.Tensor]:
         """Pool views of `pages` (default: every held page), in order, no copy."""
-        return self.namespace.pages(p.slot for p in (self.held_pages if pages is None else pages))
+        return self._views(p.slot for p in (self.held_pages if pages is None else pages))
 
     def __repr__(self) -> str:
         return (
@@ -340,6 +337,7 @@ class SequenceBase(Held):
         for page in pages_from_proto(reply.pages):
             table[page.index] = page
         self.pages = table
+        self._epoch = self.namespace.epoch
         self.num_tokens = reply.num_tokens
         self.committed_tokens = reply.committed_tokens
         return self
@@ -387,7 +385,7 @@ class LookupBase(Held):
 
     def views(self) -> list[torch.Tensor]:
         """Pool views of the hit pages, in order (read only by convention: they are sealed)."""
-        return self.namespace.pages(self.slots)
+        return self._views(self.slots)
 
     def __len__(self) -> int:
         return len(self.slots)

@@ -47,7 +47,7 @@ class Call(Generic[T]):
     request: Any  # the protobuf request
     convert: Callable[[Any], T]  # reply -> result; runs only if the RPC succeeded
     # The namespace whose pool the reply's slots index: its `pool_epoch` is checked against
-    # this client's mapping before `convert` runs (ClientCore._pool_moved).
+    # this client's mapping before `convert` runs (kvstore_client.namespace.pool_moved).
     pool: Any = None
 
 

@@ -27,7 +27,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from . import _core, _wire
 from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
 from .errors import KVStoreClientError
-from .namespace import Namespace
+from .namespace import Namespace, pool_moved
 from .pool import SHM_DIR
 from .results import (
     AppendResult,
@@ -217,7 +217,7 @@ class AsyncClient(ClientCore):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lease_ended.wait(), _core.LEASE_SETTLE_S)
             raise self._error(err) from err
-        moved = self._pool_moved(call, reply)
+        moved = pool_moved(call.pool, reply)
         if moved is not None:
             info = await self._send(_wire.get_namespace(moved.name), timeout=timeout)
             moved.rebind(info, reply.pool_epoch)

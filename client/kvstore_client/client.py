@@ -38,7 +38,7 @@ from ._core import (
     make_stubs,
 )
 from .errors import KVStoreClientError
-from .namespace import Namespace
+from .namespace import Namespace, pool_moved
 from .pool import SHM_DIR
 from .results import (
     AppendResult,
@@ -229,7 +229,7 @@ class Client(ClientCore):
             if self._may_be_shutdown(err):
                 self._lease_ended.wait(LEASE_SETTLE_S)
             raise self._error(err) from err
-        moved = self._pool_moved(call, reply)
+        moved = pool_moved(call.pool, reply)
         if moved is not None:
             moved.rebind(self._send(_wire.get_namespace(moved.name), timeout=timeout), reply.pool_epoch)
         return call.convert(reply)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
@@ -110,6 +110,17 @@ class Namespace:
     def pages(self, slots: Iterable[int]) -> list[torch.Tensor]:
         return self.pool.pages(slots)
 
+    def pages_of(self, epoch: int, slots: Iterable[int], holder: str = "") -> list[torch.Tensor]:
+        """Views of `slots` handed out for pool `epoch`: PoolError if this namespace now maps
+        another pool (the daemon restarted, or the namespace was created again)."""
+        if epoch != self.epoch:
+            raise PoolError(
+                f"{holder or 'slots'}: its slots index pool epoch {epoch:016x}, but namespace "
+                f"{self.name!r} now maps epoch {self.epoch:016x} (the daemon restarted, or the "
+                "namespace was created again): they index nothing there"
+            )
+        return self.pages(slots)
+
     def close(self) -> None:
         with self._lock:
             pool, self._pool, self._closed = self._pool, None, True
@@ -122,3 +133,9 @@ class Namespace:
             f"Namespace({self.name!r}, layers={g.num_layers}, kv_heads={g.num_kv_heads}, head_dim={g.head_dim}, "
             f"page_tokens={g.page_tokens}, num_pages={self.info.pool.num_pages})"
         )
+
+
+def pool_moved(ns: Namespace | None, reply: Any) -> Namespace | None:
+    """The namespace to map again (`Namespace.rebind`) before the slots of `reply`, a reply
+    about `ns` (None: a reply without slots), are used."""
+    return ns if ns is not None and not ns.is_current(reply.pool_epoch) else None
