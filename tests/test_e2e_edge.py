@@ -3,6 +3,7 @@ sees it, the socket directory, leases across a stalled daemon, and keepalive pin
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
@@ -162,3 +163,24 @@ def test_keepalive_pings_of_an_idle_client_are_accepted(daemon: DaemonProcess) -
         ready = len(states)
         time.sleep(16)
         assert states[ready - 1 :] == [grpc.ChannelConnectivity.READY], states
+
+
+def test_sigterm_gives_the_asyncio_client_shutting_down_too(daemon_factory) -> None:
+    d = daemon_factory(server={"shutdown_grace_s": 1.0}).start()
+
+    async def busy() -> BaseException:
+        async with kvstore_client.aio.connect(d.target, client_name="busy-aio", timeout_s=10) as kv:
+            tokens = prompt(32, seed=9, vocab=1000)
+            d.signal(signal.SIGTERM)  # while this task keeps calling
+            try:
+                while True:
+                    async with kv.allocate("test") as seq:
+                        await seq.append(tokens)
+                        await seq.commit()
+                    await kv.lookup("test", tokens)
+            except KVStoreClientError as e:
+                return e
+
+    e = asyncio.run(busy())
+    assert isinstance(e, ShuttingDown) and "daemon shutting down" in e.details, repr(e)
+    assert d.wait() == 0, d.stderr_text()
