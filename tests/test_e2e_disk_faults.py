@@ -179,21 +179,21 @@ def test_a_full_file_system_is_counted_and_the_tier_fits_itself(daemon_factory: 
 
 def test_demotions_past_the_queue_bound_are_dropped_and_counted(daemon_factory: Any, tmp_path: Path) -> None:
     """Before: every demotion queued a copy, unbounded. With a 1 MiB bound, one Evict of
-    16 MiB demotes faster than the writer drains: the rest is dropped (counted), a miss."""
+    8 MiB demotes faster than the writer drains: the rest is dropped (counted), a miss."""
     server = tier_server("disk", tmp_path, disk_queue_bytes=1 << 20, disk_tier_bytes=64 << 20)
-    ns = dict(NS, head_dim=2048, num_pages=256)  # 64 KiB pages
+    ns = dict(NS, head_dim=2048, num_pages=128)  # 64 KiB pages
     d = daemon_factory(server=server, namespaces=[ns]).start()
-    tokens = prompt(256 * T, seed=8)
+    tokens = prompt(128 * T, seed=8)
     with kvstore_client.connect(d.target) as client, Worker("writer") as a, Worker("reader") as b:
         a.call("connect", target=d.target)
         b.call("connect", target=d.target)
         a.call("write_prompt", namespace="test", tokens=tokens, release=True)
-        assert client.evict("test", all=True).pages_evicted == 256
+        assert client.evict("test", all=True).pages_evicted == 128
         client.flush()
         t = tiers(client)
-        assert 0 < t.disk_queue_dropped < 256 and t.disk_pages == 256 - t.disk_queue_dropped, t
+        assert 0 < t.disk_queue_dropped < 128 and t.disk_pages == 128 - t.disk_queue_dropped, t
         found = b.call("lookup", namespace="test", tokens=tokens, pin=True)  # what is there is right
-        assert found["hit_tokens"] < 256 * T
+        assert found["hit_tokens"] < 128 * T
         checked = b.call("verify", namespace="test", tokens=tokens, slots=found["slots"])
         assert checked["mismatched"] == []
         if found["pin_id"]:  # (no pin when the first page was one of those dropped)
@@ -205,11 +205,11 @@ def test_flush_streams_within_the_queue_bound_while_other_rpcs_are_answered(
 ) -> None:
     """Before: Flush copied every sealed page onto the queue at once, on the loop."""
     server = tier_server("disk", tmp_path, disk_queue_bytes=1 << 20, disk_tier_bytes=256 << 20)
-    ns = dict(NS, head_dim=2048, num_pages=1024)  # 64 MiB of 64 KiB pages
+    ns = dict(NS, head_dim=2048, num_pages=512)  # 32 MiB of 64 KiB pages
     d = daemon_factory(server=server, namespaces=[ns]).start()
     with kvstore_client.connect(d.target) as client, Worker("writer") as a:
         a.call("connect", target=d.target)
-        for i in range(16):
+        for i in range(8):
             a.call("write_prompt", namespace="test", tokens=prompt(64 * T, seed=50 + i), release=True)
         result: list[Any] = []
         flush = threading.Thread(target=lambda: result.append(client.flush()))
@@ -220,8 +220,8 @@ def test_flush_streams_within_the_queue_bound_while_other_rpcs_are_answered(
             if t.flushes_running:
                 during.append(t)
         flush.join()
-        assert result[0].pages_written == 1024
+        assert result[0].pages_written == 512
         assert during, "no Stats was answered while the flush ran"
         assert all(t.disk_queued_bytes <= (1 << 20) + (64 << 10) for t in during), during
-        t = wait_until(lambda: tiers(client), lambda t: t.disk_pages == 1024, timeout=10, what="pages")
+        t = wait_until(lambda: tiers(client), lambda t: t.disk_pages == 512, timeout=10, what="pages")
         assert t.flushes_running == 0

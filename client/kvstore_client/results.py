@@ -212,6 +212,13 @@ class TierStats:
     reindex_done: int
     reindex_total: int
     disk_queued: int  # writes waiting for the disk writer
+    disk_disabled: str  # why the disk tier is disabled (corrupt, its file deleted); "" = working
+    disk_moved_aside: str  # where this start moved a corrupt disk tier to; "" = it did not
+    disk_io_errors: int  # writes that failed with an I/O error
+    disk_fs_full_errors: int  # writes that failed because the file system was full
+    disk_queued_bytes: int  # bytes waiting for the disk writer (bounded: server.disk_queue_bytes)
+    disk_queue_dropped: int  # demotions dropped because that queue was full (no longer cached)
+    flushes_running: int  # Admin.Flush calls in progress
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,19 @@ def render_tiers(t: TierStats) -> list[str]:
                 f"{full}{queued}{' (write-through)' * t.write_through}",
             )
         )
+        if t.disk_disabled:
+            rows.append(("disk tier", f"DISABLED: {t.disk_disabled}"))
+        if t.disk_moved_aside:
+            rows.append(("disk tier", f"corrupt at start: moved aside to {t.disk_moved_aside}"))
+        faults = (t.disk_io_errors, t.disk_fs_full_errors, t.disk_queue_dropped)
+        if any(faults):
+            rows.append(
+                (
+                    "disk faults",
+                    f"{count(faults[0])} I/O errors, {count(faults[1])} file system full, "
+                    f"{count(faults[2])} demotions dropped (queue full)",
+                )
+            )
         if t.reindex_running:
             rows.append(("re-index", f"running: {count(t.reindex_done)} of {count(t.reindex_total)} pages"))
     rows += [
