@@ -21,6 +21,7 @@ from daemon import SMALL_NAMESPACE
 from e2e_helpers import Worker, prompt, wait_until
 from kvstore_client.errors import ResourceExhausted, Unavailable
 from test_e2e_tiers import check_bytes, tier_server, tiers
+from test_metrics import _free_port, _scrape
 
 T = SMALL_NAMESPACE["page_tokens"]
 NS = dict(SMALL_NAMESPACE, num_pages=16)
@@ -115,7 +116,9 @@ def test_corruption_found_while_running_disables_the_tier_and_misses(
 
 def test_a_deleted_tier_directory_fails_flush_and_is_surfaced(daemon_factory: Any, tmp_path: Path) -> None:
     """Before: flush went on acknowledging writes into a deleted file."""
-    d = daemon_factory(server=tier_server("disk", tmp_path), namespaces=[NS]).start()
+    port = _free_port()
+    server = tier_server("disk", tmp_path, metrics=f"127.0.0.1:{port}")
+    d = daemon_factory(server=server, namespaces=[NS]).start()
     with kvstore_client.connect(d.target) as client:
         write_and_flush(d, client, prompt(4 * T, seed=5))
         shutil.rmtree(tmp_path / "disk")
@@ -130,6 +133,10 @@ def test_a_deleted_tier_directory_fails_flush_and_is_surfaced(daemon_factory: An
             assert "gone" in t.disk_disabled or "deleted" in t.disk_disabled, t
             check_bytes(b, later, 4)  # still in the pool: served from there
         assert client.health() == "SERVING"
+    # (The loop refreshes the metrics once a second.)
+    wait_until(
+        lambda: _scrape(port), lambda m: m[("kvstore_disk_disabled", ())] == 1, timeout=10, what="metric"
+    )
 
 
 @pytest.fixture
