@@ -370,7 +370,7 @@ def test_reads_on_the_loop_by_remembered_offset_serve_only_the_record_there(tier
         for _ in range(2):
             for i in range(8):
                 assert read(i) is not NOT_RESIDENT and out == payload(i)
-        assert disk._offsets.keys() == {key(i) for i in range(8)}  # read by offset from now on
+        assert disk._recall._offsets.keys() == {key(i) for i in range(8)}  # read by offset from now on
 
         disk.remove_async([key(1)]).result(10)
         assert read(1) is None  # deleted: a miss, though its bytes may still be at that offset
@@ -383,7 +383,7 @@ def test_reads_on_the_loop_by_remembered_offset_serve_only_the_record_there(tier
 
         fd = os.open(tier_dir / "data.mdb", os.O_RDWR)
         try:
-            os.pwrite(fd, b"\xff" * 64, disk._offsets[key(3)][0] + 1000)  # (its file offset)
+            os.pwrite(fd, b"\xff" * 64, disk._recall._offsets[key(3)][0] + 1000)  # (its file offset)
         finally:
             os.close(fd)
         with pytest.raises(CorruptPage):
@@ -401,7 +401,7 @@ def test_reads_on_the_loop_by_remembered_offset_serve_only_the_record_there(tier
                 assert writing.result(10) == []
             writing = nxt
             for j in range(max(0, i - 40), i):
-                remembered = key(j) in disk._offsets
+                remembered = key(j) in disk._recall._offsets
                 got = read(j)
                 if got is not None and got is not NOT_RESIDENT:
                     assert out == payload(j), f"record {j} read back other bytes"

@@ -33,31 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import numpy as np
 
 from kvstore.errors import InvariantBroken
 
 from .disk_health import DiskUnavailable, DiskWriteError
 from .disk_open import headroom_bytes, open_writer
+from .disk_recall import Recall
 from .disk_reindex import scan
 from .disk_writer import BatchLimits, DiskWriter
-from .record import META_HEAD_BYTES, CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
-from .residency import PageCacheCopier
+from .record import CorruptPage, PageKey, PageMeta, PageRecord, decode_meta, verify
+from .residency import PageCacheCopier, copy_off_the_gil
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NOT_RESIDENT", "DiskTier", "DiskUnavailable", "DiskWriteError", "headroom_bytes"]
 
-RECORDS_REMEMBERED = 16384  # bound of the decoded metadata and the file offsets kept (~0.5 KiB each)
 NOT_RESIDENT = object()  # read_record_into(resident_only=True): not in the page cache
-
-
-def _copy_off_the_gil(dst: memoryview, src: memoryview) -> None:
-    """Copy with the GIL released (numpy drops it for copies this size). A memoryview copy
-    holds it, and a reader thread that never lets go of the GIL outside LMDB calls starves
-    the writer thread: with a few readers busy, every GIL hand-off went to another reader and
-    writes stalled for good (tests/test_tiers_disk.py::test_readers_during_eviction_...)."""
-    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
 
 
 class DiskTier:
@@ -79,15 +70,8 @@ class DiskTier:
         self._readers = cf.ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-read")
         # Reads on the event loop copy only from the page cache through this (residency.py).
         self._cached = PageCacheCopier(str(path / "data.mdb"), env.stat()["psize"])
-        # Metadata decoded by earlier reads: key -> (the stored bytes, meta, checksum, BODY).
-        # Used only while LMDB returns the very same bytes (a rewritten record decodes again);
-        # decoding is a third of a read's Python. Dict operations are atomic: any thread.
-        self._decoded: dict[PageKey, tuple[bytes, PageMeta, int, bytes]] = {}
-        # Where each record's payload was in the data file when last read on the loop: key ->
-        # (file offset, the index's commit id of that record, its meta, checksum, BODY). The
-        # next read of it on the loop copies from there without LMDB while the commit id is
-        # still the index's (see `_read_at`); what it copies must verify, or LMDB decides.
-        self._offsets: dict[PageKey, tuple[int, int, PageMeta, int, bytes]] = {}
+        # What earlier reads learnt (decoded metadata, file offsets): cheaper reads again.
+        self._recall = Recall(self._cached, self._index)
         self._closed = False
         self.queue_bytes = 128 << 20  # bound of the payload bytes queued for the writer
         self.flushing = 0  # Admin.Flush calls streaming into the tier now (store/flush.py)
@@ -282,7 +266,7 @@ class DiskTier:
             self._index.count("misses")
             return None
         if resident_only and dst is not None:
-            got = self._read_at(key, dst)
+            got = self._recall.read_at(key, dst)
             if got is not None:
                 return got
         offset: int | None = None
@@ -295,7 +279,7 @@ class DiskTier:
                 if meta_raw is None or payload is None:
                     self._index.count("misses")
                     return None
-                meta, crc, body = self._decode(key, bytes(meta_raw))
+                meta, crc, body = self._recall.decode(key, bytes(meta_raw))
                 if dst is None:
                     dst = memoryview(bytearray(meta.page_bytes))
                 elif dst.nbytes != meta.page_bytes:
@@ -308,8 +292,8 @@ class DiskTier:
                     if not self._cached.copy(payload, dst):
                         return NOT_RESIDENT
                     offset = self._cached.offset_of(payload)
-                else:  # (off the loop: numpy's copy lets go of the GIL; see _copy_off_the_gil)
-                    _copy_off_the_gil(dst, payload)
+                else:  # (off the loop: numpy's copy lets go of the GIL; see copy_off_the_gil)
+                    copy_off_the_gil(dst, payload)
             verify(key, meta, crc, dst, body)  # the copy, after the transaction: what the caller gets
         except CorruptPage as e:
             raise self._corrupt(e) from None
@@ -318,55 +302,14 @@ class DiskTier:
             self._index.count("misses")
             return None
         if offset is not None and commit_id is not None:
-            if len(self._offsets) >= RECORDS_REMEMBERED:
-                self._offsets.clear()
-            self._offsets[key] = (offset, commit_id, meta, crc, body)
+            self._recall.remember(key, offset, commit_id, meta, crc, body)
         self._index.hit(key)
         return meta, dst, crc
-
-    def _read_at(self, key: PageKey, dst: memoryview) -> tuple[PageMeta, memoryview, int] | None:
-        """The read on the loop of a record read there before, without LMDB, while the index
-        says the same write is on disk (its commit id): copy from the page cache at the file
-        offset its payload had then, and verify against its metadata and checksum. Half the
-        cost of a read through LMDB (a read transaction, two B-tree lookups, finding the
-        address). None if anything is off (not read before, rewritten or deleted since, not
-        in the page cache, or bytes that do not verify); then LMDB decides, as for any read.
-        A delete or rewrite that commits during the copy is seen as a read transaction begun
-        before it would see it: the freed pages are not reused for two more commits, and
-        bytes that verify are this record's anyway (the checksum covers key and payload)."""
-        known = self._offsets.get(key)
-        if known is None:
-            return None
-        offset, commit_id, meta, crc, body = known
-        if commit_id != self._index.commit_id(key):
-            return None
-        if dst.nbytes != meta.page_bytes or not self._cached.copy_at(offset, dst):
-            return None
-        try:
-            verify(key, meta, crc, dst, body)
-        except CorruptPage:
-            self._offsets.pop(key, None)
-            return None
-        self._index.hit(key)
-        return meta, dst, crc
-
-    def _decode(self, key: PageKey, raw: bytes) -> tuple[PageMeta, int, bytes]:
-        """decode_meta, remembered while the stored bytes stay the same; also the BODY bytes
-        as stored (the checksum is over them)."""
-        known = self._decoded.get(key)
-        if known is not None and known[0] == raw:
-            return known[1], known[2], known[3]
-        meta, crc = decode_meta(key, raw)
-        body = raw[META_HEAD_BYTES:]  # (decode_meta checked the lengths)
-        if len(self._decoded) >= RECORDS_REMEMBERED:
-            self._decoded.clear()  # (a bound, not a policy: re-decoding is cheap)
-        self._decoded[key] = (raw, meta, crc, body)
-        return meta, crc, body
 
     def _corrupt(self, e: CorruptPage) -> CorruptPage:
         """Count and drop a corrupt record; returns the error for the caller to raise."""
         self._index.mark_dropped(e.key)
-        self._offsets.pop(e.key, None)
+        self._recall.forget(e.key)
         log.warning("disk tier %s: page %s is corrupt (%s); dropping it", self.path, e.key, e.reason)
         if not self._closed:
             self.remove_async((e.key,))

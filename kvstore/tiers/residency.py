@@ -152,3 +152,11 @@ class PageCacheCopier:
         else:
             self._nowait = False
         return True
+
+
+def copy_off_the_gil(dst: memoryview, src: memoryview) -> None:
+    """Copy with the GIL released (numpy drops it for copies this size). A memoryview copy
+    holds it, and a reader thread that never lets go of the GIL outside LMDB calls starves
+    the writer thread: with a few readers busy, every GIL hand-off went to another reader and
+    writes stalled for good (tests/test_tiers_disk.py::test_readers_during_eviction_...)."""
+    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
