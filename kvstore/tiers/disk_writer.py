@@ -28,6 +28,8 @@ from typing import Any
 
 import lmdb
 
+from kvstore.errors import KVStoreError
+
 from .disk_health import CORRUPTION, DiskFull, DiskHealth, DiskWriteError, fs_free_bytes, is_io_error
 from .disk_index import DiskIndex
 from .open_reads import OpenReads
@@ -159,9 +161,10 @@ class DiskWriter:
         if self.health.ok:
             log.exception("disk tier %s: batch failed", self.name)
         self._failed += sum(len(w.payload) for w in batch if w.kind == "put")
+        typed = e if isinstance(e, KVStoreError) else DiskWriteError(f"disk tier {self.name}: {e}")
         for w in batch:
-            if not w.future.done():
-                w.future.set_exception(e)
+            if not w.future.done():  # (a flush's error reaches a client: typed)
+                w.future.set_exception(typed if w.kind == "flush" else e)
 
     def _gather(self, first: _Work) -> tuple[list[_Work], bool]:
         """`first` and whatever follows within the batch limits; True if a stop came."""
