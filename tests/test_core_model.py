@@ -295,11 +295,12 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(i=picks, share=shares, evict=st.booleans())
     def swap_in(self, i, share, evict):
         """Swap in a swapped sequence (one swapped out just now when there is none, its pages
-        evicted from the pool with `evict`, so they come up from the tiers)."""
+        evicted from the pool with `evict`, so they come up from the tiers, from disk in flight)."""
         if not self.seqs(swapped=True):
             self.preempt.hypothesis_stateful_rule.function(self, i, share, "swap_out")
             if evict:
                 self.store.evict_all("ns")
+                self.drop_page_cache()
         if self.seqs(swapped=True):
             sid, seq = pick(self.seqs(swapped=True), i)
             reply = self.call(self.kv.SwapIn, pb.SwapInRequest(session_id=sid, sequence_id=seq))
@@ -326,19 +327,33 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ lookup and pins
 
-    @rule(i=picks, share=shares, tokens=tokens_st, pin=st.booleans(), in_flight=st.booleans())
-    def lookup(self, i, share, tokens, pin, in_flight):
-        """A lookup (pinned or not; a pin may take its pages in flight, then WaitPages): every
-        page it serves holds its hash's bytes, and it hits at least what is held."""
+    @rule(
+        i=picks,
+        share=shares,
+        tokens=tokens_st,
+        pin=st.booleans(),
+        in_flight=st.booleans(),
+        cold=st.booleans(),
+    )
+    def lookup(self, i, share, tokens, pin, in_flight, cold):
+        """A lookup (pinned or not; a pin may take its pages in flight, then WaitPages; `cold`:
+        the disk tier's pages are not in the page cache): every page it serves holds its hash's
+        bytes, and it hits at least what is held."""
         tokens, sid = self.prompt(share, tokens), pick(list(self.sessions), i)
+        if cold:
+            self.drop_page_cache()
         floor = self.held_floor(tokens)
         request = pb.LookupRequest(
             session_id=sid, namespace="ns", token_ids=tokens, pin=pin, return_in_flight=pin and in_flight
         )
+        c = self.tiers.counters
+        threads = c["promoted_disk"] - c["promoted_disk_inline"]
         r = self.call(self.kv.Lookup, request)
         assert not isinstance(r, Aborted), str(r)
         k = self.check_served(tokens, r.slots, r.block_hashes, r.ready_pages)
-        event(f"lookup: {'in flight' if r.ready_pages < k else 'ready'}")
+        event(f"lookup: {'returned in flight' if r.ready_pages < k else 'ready'}")
+        if c["promoted_disk"] - c["promoted_disk_inline"] > threads:
+            event("lookup: waited for pages read from disk in flight")
         assert r.hit_tokens == k * T and k >= floor
         if not pin or not k:
             assert r.pin_id == 0
@@ -350,6 +365,8 @@ class CoreMachine(RuleBasedStateMachine):
             self.check_served(tokens, w.slots, r.block_hashes[: 16 * len(w.slots)], len(w.slots))
             assert w.ready_pages == w.hit_pages == len(w.slots)
         self.settle()
+        if c["promoted_disk"] - c["promoted_disk_inline"] > threads:
+            event("lookup: pages read from disk in flight")
         self.pin_settled(sid, r.pin_id, tokens)
         assert len(self.sessions[sid].pins[r.pin_id]) >= floor * T
 
@@ -388,6 +405,7 @@ class CoreMachine(RuleBasedStateMachine):
         starts, at its first await, or a later one). It leaves nothing behind."""
         sid = pick(list(self.sessions), i)
         tokens = self.prompt(share, [])
+        self.drop_page_cache()  # (what is on disk comes up in flight)
         if op == "swap_in" and self.seqs(swapped=True):
             sid, seq = pick(self.seqs(swapped=True), i)
             coro = self._call(self.kv.SwapIn, pb.SwapInRequest(session_id=sid, sequence_id=seq))
@@ -460,16 +478,18 @@ class CoreMachine(RuleBasedStateMachine):
         assert not isinstance(r, Aborted), str(r)
         self.acked |= flushable
 
-    @rule(all_=st.booleans())
-    def evict(self, all_):
+    @rule(all_=st.booleans(), drop_cache=st.booleans())
+    def evict(self, all_, drop_cache):
+        """Evict (everything, or 3 pages' worth); and now and then the kernel drops the disk
+        tier's pages from its page cache, so the next promotions from disk are read in flight."""
         if all_:
             self.store.evict_all("ns")
         else:
             self.store.evict_bytes("ns", 3 * PB)
+        if drop_cache:
+            self.drop_page_cache()
 
-    @rule()
     def drop_page_cache(self):
-        """The kernel drops the disk tier's pages: the next promotions are read in flight."""
         fd = os.open(self.dir / "disk" / "data.mdb", os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
