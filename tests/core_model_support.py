@@ -37,6 +37,7 @@ SPEC = NamespaceSpec(
 PB = SPEC.page_bytes
 SALT = namespace_salt(SPEC.name, SPEC.salt)
 HOST_BYTES = 3 * PB
+READERS = 2  # the disk tier's reader threads
 DISK_BYTES = 8 << 20  # ~1500 pages: far more than an example writes, so the disk never evicts
 WAIT_S = 30.0  # nothing the model awaits takes this long: past it, the store hung
 

@@ -22,6 +22,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from tests.core_model_support import (
     HOST_BYTES,
     LIMITS,
     PB,
+    READERS,
     SPEC,
     TTL,
     WAIT_S,
@@ -89,7 +91,14 @@ class CoreMachine(RuleBasedStateMachine):
 
     def start(self) -> None:
         disk = DiskTier.open(
-            self.dir / "disk", DISK_BYTES, readahead=False, on_evict=self.disk_evicted.update
+            self.dir / "disk",
+            DISK_BYTES,
+            readahead=False,
+            on_evict=self.disk_evicted.update,
+            reader_threads=READERS,
+            # A demoted page's write stays queued a while (not committed within a few ms, as
+            # in production): a promotion of it goes to a reader thread, in flight.
+            batch_wait_s=0.05,
         )
         self.tiers = Tiers(HostTier(HOST_BYTES), disk)
         self.store = Store(LIMITS, shm_prefix=self.prefix, clock=self.clock, tiers=self.tiers)
@@ -399,13 +408,33 @@ class CoreMachine(RuleBasedStateMachine):
         op=st.sampled_from(["lookup", "swap_in", "wait_pages", "flush"]),
         steps=st.integers(0, 3),
         share=shares,
+        evict=st.booleans(),
     )
-    def cancelled(self, i, op, steps, share):
+    def cancelled(self, i, op, steps, share, evict):
         """An RPC whose client goes away: cancelled after `steps` turns of the loop (before it
-        starts, at its first await, or a later one). It leaves nothing behind."""
+        starts, at its first await, or a later one). It leaves nothing behind. With `evict`,
+        the pool is emptied first, so what it looks up comes from the tiers."""
         sid = pick(list(self.sessions), i)
-        tokens = self.prompt(share, [])
+        tokens = self.prompt((True, *share[1:]), [])  # (an earlier prompt: something to find)
+        if evict:
+            self.store.evict_all("ns")
         self.drop_page_cache()  # (what is on disk comes up in flight)
+        # The disk tier's reader threads are kept busy until the call is cancelled: what it
+        # reads from disk is still in flight then, whatever the threads' timing.
+        gate = threading.Event()
+        busy = [self.tiers.disk.readers.submit(gate.wait, WAIT_S) for _ in range(READERS)]
+        try:
+            self.cancel_at(op, steps, sid, tokens, i)
+        finally:
+            gate.set()
+            for f in busy:
+                f.result(WAIT_S)
+        self.settle()
+        for sid, s in self.sessions.items():  # pins whose pages were in flight
+            for pin_id, held in s.pins.items():
+                self.pin_settled(sid, pin_id, held)
+
+    def cancel_at(self, op: str, steps: int, sid: int, tokens: list[int], i: int) -> None:
         if op == "swap_in" and self.seqs(swapped=True):
             sid, seq = pick(self.seqs(swapped=True), i)
             coro = self._call(self.kv.SwapIn, pb.SwapInRequest(session_id=sid, sequence_id=seq))
@@ -449,20 +478,16 @@ class CoreMachine(RuleBasedStateMachine):
             elif op == "flush":
                 assert not isinstance(out, Aborted), str(out)
                 self.acked |= flushable
-            self.settle()
             return
         if op == "lookup":
             assert set(session.pins) == pins_before, "a cancelled Lookup left a pin nobody can release"
         check_holders(self.store, self.ns, reads_in_flight=True)  # promotions, reads in flight
-        self.settle()
         if op == "swap_in":
             q = session.sequences[seq]
             assert q.swap_in is None, "a cancelled SwapIn left the sequence 'being swapped in'"
             if q.swapped is None:  # it got its pages before it saw the cancellation
                 self.sessions[sid].seqs[seq].swapped = False
                 self.check_view(sid, seq)
-        if op == "wait_pages":
-            self.pin_settled(sid, r.pin_id, tokens)
 
     # ------------------------------------------------------------ tiers
 
