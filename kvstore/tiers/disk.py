@@ -36,7 +36,7 @@ import lmdb
 
 from kvstore.errors import InvariantBroken
 
-from .disk_health import DiskUnavailable, DiskWriteError
+from .disk_health import CORRUPTION, DiskUnavailable, DiskWriteError, is_io_error
 from .disk_open import headroom_bytes, open_writer
 from .disk_recall import Recall
 from .disk_reindex import scan
@@ -316,10 +316,13 @@ class DiskTier:
         return e
 
     def _lmdb_failed(self, e: lmdb.Error) -> None:
-        """An error from LMDB on a read: the file is damaged (or the device failing)."""
-        if isinstance(e, lmdb.MapFullError):
-            return
-        self._health.corrupt(e)
+        """An error from LMDB on a read (the read is a miss): a damaged file disables the
+        tier; anything else (e.g. out of reader slots) is counted and logged, and passes."""
+        if isinstance(e, CORRUPTION):
+            self._health.corrupt(e)
+        else:
+            self._health.count("io_errors" if is_io_error(e) else "read_errors")
+            log.warning("disk tier %s: a read failed (%s: %s); a miss", self.path, type(e).__name__, e)
 
     # ------------------------------------------------------------------ re-index
 

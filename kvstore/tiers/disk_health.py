@@ -73,7 +73,9 @@ class DiskHealth:
         self.path = path
         self.reason = ""  # why the tier is disabled; "" while it works
         self.moved_aside = moved_aside  # where the start check moved a corrupt tier, if it did
-        self.counters = {"io_errors": 0, "fs_full_errors": 0, "file_lost": 0, "corruption_errors": 0}
+        self.counters = dict.fromkeys(
+            ("io_errors", "fs_full_errors", "file_lost", "corruption_errors", "read_errors"), 0
+        )
         self._lock = threading.Lock()
         data = path / "data.mdb"
         # Our own descriptor of the data file: st_nlink drops to 0 when it is deleted, and
