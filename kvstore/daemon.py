@@ -35,9 +35,9 @@ from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.leases import LoopClock, reap_leases
 from kvstore.server.metrics import MetricsServer
 from kvstore.server.shutdown import close_store, step
-from kvstore.store.reindex import reindex_disk
 from kvstore.store.store import Store
-from kvstore.store.tiering import Tiers
+from kvstore.store.tiering.reindex import reindex_disk
+from kvstore.store.tiering.tiers import Tiers
 from kvstore.tiers import DiskTier, HostTier, PageKey
 
 log = logging.getLogger(__name__)
@@ -214,10 +214,10 @@ class Daemon:
             raise InvariantBroken("re-indexing before the store and its disk tier exist")
         tiers, loop, t0 = store.tiers, asyncio.get_running_loop(), time.monotonic()
         state = tiers.reindex_state
-        state["running"] = True
+        state.running = True
 
         def progress(done: int, total: int, rate: float) -> None:
-            state.update(done=done, total=total)
+            state.done, state.total = done, total
             log.info("re-index of the disk tier: %d / %d pages (%.0f pages/s)", done, total, rate)
 
         def post(pairs: list[tuple[str, bytes, bytes]]) -> None:
@@ -233,7 +233,7 @@ class Daemon:
             log.exception("re-index of the disk tier failed; pages written from now on are served")
             return
         finally:
-            state["running"] = False
+            state.running = False
         if stale:
             tiers.disk.remove_async(stale)
         log.info(

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from kvstore.hashing import block_hashes, namespace_salt
 from kvstore.memory.pages import PageState
 from kvstore.store.namespace import Namespace
-from kvstore.store.preempt import PrivateEntry, PrivateRead
+from kvstore.store.sessions import PrivateEntry, PrivateRead
 from kvstore.store.store import Store
-from kvstore.store.tiering import PROMOTING_OWNER, SWAP_SUFFIX, Promotion
+from kvstore.store.tiering.promotion import PROMOTING_OWNER, Promotion
+from kvstore.store.tiering.tiers import SWAP_SUFFIX
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.tiers import DiskTier, HostTier
 from tests.test_store_stateful import common_prefix
@@ -139,7 +140,7 @@ def holders(store: Store, ns: Namespace) -> tuple[Counter[int], dict[int, object
     swapped = 0
     for session in store.sessions.values():
         for seq in session.sequences.values():
-            assert store._owner[seq.id] is session
+            assert store.table._owner[seq.id] is session
             for page in seq.pages:
                 if page is not None:
                     if page.state is PageState.RESERVED:
@@ -166,13 +167,13 @@ def holders(store: Store, ns: Namespace) -> tuple[Counter[int], dict[int, object
                 for page in ticket.holder.pages + ticket.spare:
                     hold(page, f"swap-in of {seq.id} (settled, spare)")
         for pin in session.pins.values():
-            assert store._owner[pin.id] is session
+            assert store.table._owner[pin.id] is session
             live_pins.add(id(pin))
             for page in pin.pages:
                 assert page.state is PageState.SEALED
                 refs[page.slot] += 1
     live_ids = {i for s in store.sessions.values() for i in (*s.sequences, *s.pins)}
-    assert set(store._owner) == live_ids, "ids of ended sessions' sequences or pins are left"
+    assert set(store.table._owner) == live_ids, "ids of ended sessions' sequences or pins are left"
     tiers = ns.tiers
     if tiers is not None:
         assert tiers.swapped_pages == swapped

@@ -19,7 +19,7 @@ from pathlib import Path
 from kvstore.memory.pages import PageState
 from kvstore.store.namespace import Namespace
 from kvstore.store.store import Store
-from kvstore.store.tiering import Tiers
+from kvstore.store.tiering.tiers import Tiers
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.tiers import DiskTier, HostTier
 

@@ -37,9 +37,9 @@ from kvstore.hashing import token_bytes
 from kvstore.memory.pages import PageState
 from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.kvstore_servicer import KVStoreServicer
-from kvstore.store.reindex import reindex_disk
 from kvstore.store.store import Store
-from kvstore.store.tiering import Tiers
+from kvstore.store.tiering.reindex import reindex_disk
+from kvstore.store.tiering.tiers import Tiers
 from kvstore.store.types import SLIDING_WINDOW, SequenceOptions
 from kvstore.tiers import DiskTier, HostTier, PageKey
 from tests.core_model_support import (

@@ -484,7 +484,7 @@ def assert_holds_nothing(store: Store) -> None:
     assert (s["pages_reserved"], s["pages_pinned"], s["sequences"]) == (0, 0, 0)
     assert (s["pages_sealed"], s["pages_free"]) == (3, PAGES - 3)
     assert free_list_len(store) == PAGES - 3
-    assert store._owner == {}
+    assert store.table._owner == {}
     assert all(p.refcount == 0 for p in store.namespaces["ns"].pages.pages)
     assert resident(store, [1, 2, 3, 4]) == 2 and resident(store, [9, 9]) == 1
 

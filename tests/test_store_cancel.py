@@ -289,7 +289,7 @@ def test_a_promotion_settled_as_failed_is_never_filed_as_in_flight(tmp_path: Pat
         key = PageKey("t", r.block_hashes[0])
         tiers.disk.remove_async([key]).result(10)
         store.evict_all("t")  # written down again: the scribbled bytes, the old checksum
-        assert key in tiers._queued, "the demotion's write committed already"
+        assert key in tiers.queued, "the demotion's write committed already"
         failures = tiers.counters["promotion_failures"]
 
         r = store.lookup(sid, "t", tokens, b"", True)

@@ -632,7 +632,7 @@ class StoreMachine(RuleBasedStateMachine):
                 owners[q.id] = session
             for p in session.pins.values():
                 owners[p.id] = session
-        assert self.store._owner == owners  # nothing of an ended session is left
+        assert self.store.table._owner == owners  # nothing of an ended session is left
         refs: dict[int, int] = {}
         reserved_by: dict[int, int] = {}
         for session in self.store.sessions.values():

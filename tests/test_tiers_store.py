@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.store.flush import flush_to_disk
 from kvstore.store.store import Store
-from kvstore.store.tiering import Tiers
+from kvstore.store.tiering.flush import flush_to_disk
+from kvstore.store.tiering.tiers import Tiers
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.tiers import DiskTier, HostTier
 

@@ -30,7 +30,7 @@ async def _run(
     tiers_dir: Path | None, order: list[int], prompts: list[list[int]], host_bytes: int
 ) -> tuple[float, dict]:
     from kvstore.store.store import Store
-    from kvstore.store.tiering import Tiers
+    from kvstore.store.tiering.tiers import Tiers
     from kvstore.store.types import StoreLimits
     from kvstore.tiers import DiskTier, HostTier
 

@@ -46,7 +46,7 @@ class Page:
         self.last_access = 0  # logical clock of the last hit or seal
         self.policy_state: object = None  # owned by the namespace's eviction policy
         # SEALED pages brought up from a tier: (PageMeta, checksum) their bytes verified
-        # against, so copying them down again needs no new checksum (kvstore/store/tiering.py).
+        # against, so copying them down again needs no new checksum (kvstore/store/tiering/tiers.py).
         self.verified: object = None
         self.prev: Page | None = None
         self.next: Page | None = None

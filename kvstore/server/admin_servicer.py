@@ -10,11 +10,12 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from kvstore.errors import FailedPrecondition
+from kvstore.observe import explain, mrc_curve
 from kvstore.server import convert
 from kvstore.server.status import grpc_errors
 from kvstore.store import namespaces
-from kvstore.store.flush import flush_to_disk
 from kvstore.store.store import Store
+from kvstore.store.tiering.flush import flush_to_disk
 
 Ctx = grpc.aio.ServicerContext
 
@@ -67,13 +68,13 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @grpc_errors
     async def Explain(self, request: pb.ExplainRequest, context: Ctx) -> pb.ExplainResponse:
-        e = self.store.explain(
-            request.namespace, request.token_ids, request.extra_keys, request.model_fingerprint
+        e = explain.explain(
+            self.store, request.namespace, request.token_ids, request.extra_keys, request.model_fingerprint
         )
         return convert.explain_response(e)
 
     @grpc_errors
     async def Mrc(self, request: pb.MrcRequest, context: Ctx) -> pb.MrcResponse:
         # The copy is taken on the loop; the curve (O(n log n) over the sample) runs off it.
-        compute = self.store.mrc_snapshot(request.namespace, request.capacities, request.fractions)
+        compute = mrc_curve.snapshot(self.store, request.namespace, request.capacities, request.fractions)
         return convert.mrc_response(await asyncio.to_thread(compute))

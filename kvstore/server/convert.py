@@ -150,7 +150,7 @@ def evict_response(r: t.EvictResult) -> pb.EvictResponse:
 
 
 def tier_stats(d: dict[str, Any]) -> pb.TierStats:
-    """kvstore/store/tiering.py's `Tiers.stats()` on the wire."""
+    """kvstore/store/tiering/tiers.py's `Tiers.stats()` on the wire."""
     host, disk, reindex = d.get("host", {}), d.get("disk", {}), d["reindex"]
     return pb.TierStats(
         host_capacity_bytes=host.get("capacity_bytes", 0),
@@ -197,7 +197,7 @@ EXPLAIN_VERDICT_TO_PB = {
 
 
 def explain_response(e: Any) -> pb.ExplainResponse:
-    """kvstore.store.explain.Explanation -> ExplainResponse."""
+    """kvstore.observe.explain.Explanation -> ExplainResponse."""
     reply = pb.ExplainResponse(
         namespace=e.namespace,
         policy=e.policy,
@@ -225,7 +225,7 @@ def explain_response(e: Any) -> pb.ExplainResponse:
 
 
 def mrc_response(r: Any) -> pb.MrcResponse:
-    """kvstore.store.live_mrc.MrcResult -> MrcResponse."""
+    """kvstore.observe.mrc_curve.MrcResult -> MrcResponse."""
     reply = pb.MrcResponse(
         namespace=r.namespace,
         policy=r.policy,

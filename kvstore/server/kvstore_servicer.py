@@ -18,7 +18,7 @@ from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
-from kvstore.store.types import SequenceView
+from kvstore.store.types import PreemptMode, SequenceView
 
 Ctx = grpc.aio.ServicerContext
 
@@ -124,7 +124,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def Preempt(self, request: pb.PreemptRequest, context: Ctx) -> pb.PreemptResponse:
-        mode = {pb.PREEMPT_SWAP_OUT: "swap_out", pb.PREEMPT_DROP: "drop"}.get(request.mode)
+        mode = {pb.PREEMPT_SWAP_OUT: PreemptMode.SWAP_OUT, pb.PREEMPT_DROP: PreemptMode.DROP}.get(
+            request.mode
+        )
         if mode is None:
             raise InvalidArgument(
                 f"mode={request.mode} is not a preemption; give PREEMPT_SWAP_OUT or PREEMPT_DROP"

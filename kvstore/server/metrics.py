@@ -36,7 +36,7 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
 }
 
 
-# Tiers below the pools (kvstore/store/tiering.py `Tiers.stats()`): counters, then gauges.
+# Tiers below the pools (kvstore/store/tiering/tiers.py `Tiers.stats()`): counters, then gauges.
 TIER_COUNTERS = {
     "demoted": ("kvstore_tier_demoted_pages", "pages copied below the pool when it evicted them"),
     "promoted": ("kvstore_tier_promoted_pages", "pages brought back into the pool from a tier"),

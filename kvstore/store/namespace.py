@@ -1,6 +1,7 @@
 """One namespace's metadata: its pool, page table, prefix index, policy and
-counters, and the page-level operations that keep them consistent. Loop-owned:
-called only by kvstore/store/store.py, which owns sessions and sequences."""
+counters, and the page-level operations that keep them consistent (FREE -> RESERVED ->
+SEALED -> FREE, references, eviction). Loop-owned. It knows nothing of sessions or of how
+the tiers work: what is below the pool is a `Below` it is given (kvstore/store/tiering/)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import NamedTuple, Protocol
 
 from kvstore.errors import FailedPrecondition, InvariantBroken, ResourceExhausted
 from kvstore.hashing import namespace_salt, root_hash
@@ -27,18 +29,39 @@ from kvstore.store.types import (
     PoolInfo,
 )
 
-if TYPE_CHECKING:
-    from kvstore.store.tiering import Tiers
-
 log = logging.getLogger(__name__)
 
 
 GHOST_MIN_ENTRIES = 65536  # evictions Explain remembers: at least this many, or 4 x the pool
 
 
+class Below(Protocol):
+    """What is below the pool, as the page table calls it (kvstore/store/tiering/tiers.py)."""
+
+    def demote(self, ns: Namespace, page: Page) -> None:
+        """Copy a sealed page the pool is about to free below it (if not there already)."""
+
+    def on_sealed(self, ns: Namespace, page: Page) -> None:
+        """A page was sealed (write-through, the successor map)."""
+
+
+class GoneKind(Enum):
+    EVICTED = "evicted"  # by the pool's policy (its copy below, if any, is still there) or a tier
+    CORRUPT = "corrupt"  # failed its checksum below the pool
+
+
+class Gone(NamedTuple):
+    """Explain's memory of a page that left the pool (or a tier below)."""
+
+    unix_s: float
+    by: str  # the policy or tier that evicted it
+    why: str  # what the eviction made room for
+    kind: GoneKind
+
+
 class Namespace:
     def __init__(
-        self, spec: NamespaceSpec, pool: PoolBackend, policy: EvictionPolicy, tiers: Tiers | None = None
+        self, spec: NamespaceSpec, pool: PoolBackend, policy: EvictionPolicy, tiers: Below | None = None
     ) -> None:
         self.spec = spec
         self.pool = pool
@@ -61,16 +84,16 @@ class Namespace:
         self.evictions = 0
         self.deduplicated_pages = 0
         self.budget_dropped_pages = 0
-        # Explain's memory of pages gone from every tier (kvstore/store/explain.py): block hash
-        # -> (unix time, by whom, for what, kind "evicted" | "corrupt"), the newest last.
+        # Explain's memory of pages gone from every tier (kvstore/observe/explain.py): block
+        # hash -> when, by whom, for what; the newest last.
         # The store's own, whatever the policy remembers. `evicting_for` says what the
         # evictions under way make room for (set around make_room and the Evict paths).
-        self.ghost: OrderedDict[bytes, tuple[float, str, str, str]] = OrderedDict()
+        self.ghost: OrderedDict[bytes, Gone] = OrderedDict()
         self.ghost_max = max(GHOST_MIN_ENTRIES, 4 * spec.num_pages)
         self.evicting_for = ""
         self.mrc = LiveMrc(spec.num_pages)  # sampled accesses, for Admin.Mrc
         # Reads of swapped pages into this pool on the disk tier's reader threads (a swap-in's
-        # private pages; kvstore/store/swap_io.py), also those of a swap-in given up: the pool
+        # private pages; kvstore/store/tiering/private.py), also those of a swap-in given up: the pool
         # must not be closed under them.
         self.private_reads: set[asyncio.Future[bool]] = set()
 
@@ -162,12 +185,14 @@ class Namespace:
         self.pages.give_back(page)
         self.evictions += 1
 
-    def remember_gone(self, block_hash: bytes | None, by: str, why: str, kind: str = "evicted") -> None:
+    def remember_gone(
+        self, block_hash: bytes | None, by: str, why: str, kind: GoneKind = GoneKind.EVICTED
+    ) -> None:
         """Explain's ghost: `block_hash` left the pool (or a tier below) at this moment."""
         if block_hash is None:
             return
         ghost = self.ghost
-        ghost[block_hash] = (time.time(), by, why, kind)
+        ghost[block_hash] = Gone(time.time(), by, why, kind)
         ghost.move_to_end(block_hash)
         if len(ghost) > self.ghost_max:
             ghost.popitem(last=False)

@@ -81,9 +81,9 @@ async def delete(store: Store, name: str, force: bool, pool_epoch: int) -> Delet
             f"{len({s.id for s, _ in seqs + pins})} session(s); release them, or delete with force"
         )
     for session, seq in seqs:
-        store._release_sequence(session, seq)
+        store.release_held_sequence(session, seq)
     for session, pin in pins:
-        store._release_pin(session, pin)
+        store.release_held_pin(session, pin)
     del store.namespaces[name]
     ns.pool.close()
     log.info(

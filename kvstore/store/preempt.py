@@ -24,72 +24,27 @@ client's swapped sequences are freed with it (`discard_swapped`).
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-
 from kvstore.errors import DataLoss, FailedPrecondition, InvariantBroken, ResourceExhausted
 from kvstore.memory.pages import Page, PageState
-from kvstore.store.sessions import Pin, Sequence
-from kvstore.store.tiering import Promotion, Tiers
+from kvstore.store.sessions import (
+    Pin,
+    PrivateEntry,
+    PrivateRead,
+    SealedEntry,
+    Sequence,
+    SwapInTicket,
+    Swapped,
+)
+from kvstore.store.tiering import private
+from kvstore.store.tiering.promote import start
+from kvstore.store.tiering.promotion import Promotion
+from kvstore.store.tiering.tiers import Tiers
 from kvstore.tiers import PageKey
 
 
-@dataclass(frozen=True, slots=True)
-class SealedEntry:
-    """A sealed page: shared, found again by its hash (in the pool, or promoted)."""
-
-    block_hash: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PrivateEntry:
-    """An unsealed page, copied below the pool under a key of its own."""
-
-    key: PageKey
-    block_hash: bytes | None  # the hash a full page will be sealed under (None: none yet)
-
-
-@dataclass
-class Swapped:
-    """Where a swapped-out sequence's pages went, by page index (None: dropped by its budget)."""
-
-    entries: list[SealedEntry | PrivateEntry | None]
-    spare: int  # preallocated pages it held (static budget): reserved again at swap-in
-
-
-@dataclass(eq=False, slots=True)
-class PrivateRead:
-    """A private page being read back from disk on a reader thread into `page` (RESERVED,
-    the sequence's): its slot is not given back before `done` is, whatever happens."""
-
-    page: Page
-    done: asyncio.Future[bool]
-
-
-@dataclass
-class SwapInTicket:
-    """A swap-in under way. pages[i] is a Page (resident and referenced, or a RESERVED private
-    page read back), a PrivateRead, a Promotion (in flight, held through `holder`) or None
-    (dropped by the budget); `spare` are the static budget's pages, reserved."""
-
-    seq: Sequence
-    holder: Pin
-    pages: list[Page | PrivateRead | Promotion | None] = field(default_factory=list)
-    spare: list[Page] = field(default_factory=list)
-    aborted: bool = False
-
-    def waits(self) -> list[asyncio.Future[bool]]:
-        """What to wait for before `finish_swap_in`: futures that are never cancelled by
-        the waiter going away (asyncio.wait them)."""
-        out = [item.done for item in self.pages if isinstance(item, PrivateRead)]
-        out += [prom.future() for prom in self.holder.pending]
-        return out
-
-
-def swap_out(seq: Sequence) -> tuple[int, int]:
+def swap_out(tiers: Tiers | None, seq: Sequence) -> tuple[int, int]:
     """(pages now below the pool, pool pages freed)."""
     ns = seq.ns
-    tiers = ns.tiers
     if tiers is None:
         raise FailedPrecondition(
             f"sequence {seq.id}: namespace {ns.name!r} has no tier below the pool to swap to "
@@ -106,12 +61,12 @@ def swap_out(seq: Sequence) -> tuple[int, int]:
                 tiers.demote(ns, page)  # a copy below, unless there is one already
                 entries.append(SealedEntry(page.block_hash or b""))
             else:
-                key = tiers.save_private(ns, page)
+                key = private.save(tiers, ns, page)
                 saved.append(key)
                 entries.append(PrivateEntry(key, page.block_hash))
     except ValueError as e:
         for key in saved:
-            tiers.discard_private(key)
+            private.discard(tiers, key)
         raise ResourceExhausted(f"swap_out of sequence {seq.id}: {e}") from None
     freed = 0
     for page in reversed(seq.pages):  # leaves first
@@ -135,11 +90,11 @@ def swap_out(seq: Sequence) -> tuple[int, int]:
     return moved, freed
 
 
-def begin_swap_in(seq: Sequence) -> SwapInTicket:
+def begin_swap_in(tiers: Tiers | None, seq: Sequence) -> SwapInTicket:
     """Make room and start bringing the pages back; the caller waits for `ticket.waits()` and
     calls `finish_swap_in` (or `abort_swap_in`). ResourceExhausted, with nothing changed, if
     the pool cannot hold them; DataLoss (the caller drops the sequence) if a page is gone."""
-    ns, swapped, tiers = seq.ns, seq.swapped, seq.ns.tiers
+    ns, swapped = seq.ns, seq.swapped
     if swapped is None or seq.swap_in is not None:
         what = "being swapped in" if seq.swap_in is not None else "not swapped out"
         raise FailedPrecondition(f"sequence {seq.id} is {what}")
@@ -193,7 +148,7 @@ def _bring_back(ticket: SwapInTicket, swapped: Swapped, resident: dict[int, Page
         if isinstance(entry, PrivateEntry):
             page = ns.reserve(seq.id)
             page.block_hash = entry.block_hash  # a full page keeps the hash it will be sealed under
-            got = tiers.load_private(ns, entry.key, page)
+            got = private.load(tiers, ns, entry.key, page)
             if not isinstance(got, bool):
                 ns.private_reads.add(got)
                 got.add_done_callback(ns.private_reads.discard)
@@ -213,7 +168,7 @@ def _bring_back(ticket: SwapInTicket, swapped: Swapped, resident: dict[int, Page
             source = tiers.holds_key(ns, key)
             if source is None:
                 raise _lost(seq, f"page {i} (sealed; evicted from every tier since)")
-            prom = tiers.promote(ns, entry.block_hash, parent_page, parent_prom, source)
+            prom = start(tiers, ns, entry.block_hash, parent_page, parent_prom, source)
         if prom.ok:
             ns.ref(prom.sealed)  # type: ignore[arg-type]  (ok: sealed is set)
             ticket.pages.append(prom.sealed)
@@ -227,10 +182,10 @@ def _bring_back(ticket: SwapInTicket, swapped: Swapped, resident: dict[int, Page
             parent_page, parent_prom = None, prom
 
 
-def finish_swap_in(ticket: SwapInTicket) -> None:
+def finish_swap_in(tiers: Tiers | None, ticket: SwapInTicket) -> None:
     """Once everything in `ticket.waits()` is done: give the sequence its pages back (DataLoss,
     the ticket aborted, if one did not come back). Nothing can fail once pages move."""
-    seq, ns = ticket.seq, ticket.seq.ns
+    seq = ticket.seq
     if seq.swap_in is not ticket or ticket.aborted:
         raise FailedPrecondition(f"sequence {seq.id} was released while it was being swapped in")
     pages: list[Page | None] = []
@@ -250,12 +205,12 @@ def finish_swap_in(ticket: SwapInTicket) -> None:
                 raise _lost(seq, f"page {i} (failed its checksum or vanished below the pool)")
             item = item.sealed  # the holder's reference becomes the sequence's
         pages.append(item)
-    swapped, tiers = seq.swapped, ns.tiers
+    swapped = seq.swapped
     if swapped is None or tiers is None:
         raise InvariantBroken(f"sequence {seq.id} is being swapped in but not swapped out")
     for entry in swapped.entries:
         if isinstance(entry, PrivateEntry):
-            tiers.discard_private(entry.key)
+            private.discard(tiers, entry.key)
     tiers.swapped_pages -= sum(e is not None for e in swapped.entries)
     seq.pages = pages
     seq.held = sum(p is not None for p in pages)
@@ -297,17 +252,17 @@ def abort_swap_in(ticket: SwapInTicket) -> None:
         seq.swap_in = None
 
 
-def discard_swapped(seq: Sequence) -> int:
+def discard_swapped(tiers: Tiers | None, seq: Sequence) -> int:
     """Free what a swapped sequence keeps below the pool (its session ended, or it was
     dropped). Returns the pages it had there."""
-    swapped, tiers = seq.swapped, seq.ns.tiers
+    swapped = seq.swapped
     if swapped is None or tiers is None:
         return 0
     if seq.swap_in is not None:
         abort_swap_in(seq.swap_in)
     for entry in swapped.entries:
         if isinstance(entry, PrivateEntry):
-            tiers.discard_private(entry.key)
+            private.discard(tiers, entry.key)
     moved = sum(e is not None for e in swapped.entries)
     tiers.swapped_pages -= moved
     seq.swapped = None

@@ -1,20 +1,19 @@
-"""What a client holds: sessions (leases), their sequences and pins. Plain
-records; kvstore/store/store.py is the only code that changes them."""
+"""What a client holds: sessions (leases), their sequences and pins, and where a swapped-out
+sequence's pages went. Plain records; the store's modules (session_table, sequences, lookup,
+preempt) change them, called by kvstore/store/store.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from kvstore.hashing import BlockHash
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import Namespace
+from kvstore.store.tiering.promotion import Promotion
 from kvstore.store.types import SequenceOptions
-
-if TYPE_CHECKING:
-    from kvstore.store.preempt import SwapInTicket, Swapped
-    from kvstore.store.tiering import Promotion
+from kvstore.tiers import PageKey
 
 
 @dataclass(eq=False)
@@ -51,7 +50,7 @@ class Pin:
     session_id: int
     ns: Namespace
     pages: list[Page]  # sealed, in prefix order
-    # Pages still coming up from a tier (kvstore/store/tiering.py), in prefix order: each
+    # Pages still coming up from a tier (kvstore/store/tiering/promote.py), in prefix order: each
     # joins `pages` when it is sealed, or leaves (with every later one) when it fails.
     pending: list[Promotion] = field(default_factory=list)
     counted: bool = True  # its pages are counted in the namespace's hit_tokens (a lookup's pin)
@@ -89,3 +88,55 @@ class Session:
     # Lookups whose accesses the MRC sample has counted: first block hash -> pages counted,
     # so the append of the same prompt does not count them again (kvstore/store/live_mrc.py).
     mrc_lookups: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEntry:
+    """A sealed page: shared, found again by its hash (in the pool, or promoted)."""
+
+    block_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateEntry:
+    """An unsealed page, copied below the pool under a key of its own."""
+
+    key: PageKey
+    block_hash: bytes | None  # the hash a full page will be sealed under (None: none yet)
+
+
+@dataclass
+class Swapped:
+    """Where a swapped-out sequence's pages went, by page index (None: dropped by its budget)."""
+
+    entries: list[SealedEntry | PrivateEntry | None]
+    spare: int  # preallocated pages it held (static budget): reserved again at swap-in
+
+
+@dataclass(eq=False, slots=True)
+class PrivateRead:
+    """A private page being read back from disk on a reader thread into `page` (RESERVED,
+    the sequence's): its slot is not given back before `done` is, whatever happens."""
+
+    page: Page
+    done: asyncio.Future[bool]
+
+
+@dataclass
+class SwapInTicket:
+    """A swap-in under way. pages[i] is a Page (resident and referenced, or a RESERVED private
+    page read back), a PrivateRead, a Promotion (in flight, held through `holder`) or None
+    (dropped by the budget); `spare` are the static budget's pages, reserved."""
+
+    seq: Sequence
+    holder: Pin
+    pages: list[Page | PrivateRead | Promotion | None] = field(default_factory=list)
+    spare: list[Page] = field(default_factory=list)
+    aborted: bool = False
+
+    def waits(self) -> list[asyncio.Future[bool]]:
+        """What to wait for before `finish_swap_in`: futures that are never cancelled by
+        the waiter going away (asyncio.wait them)."""
+        out = [item.done for item in self.pages if isinstance(item, PrivateRead)]
+        out += [prom.future() for prom in self.holder.pending]
+        return out

@@ -4,6 +4,7 @@ from protobuf; nothing here knows about grpc."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
@@ -79,6 +80,15 @@ class NamespaceInfo:
 
 
 UNCONSTRAINED = "unconstrained"
+
+
+class PreemptMode(StrEnum):
+    """How Preempt frees a live sequence's pool pages (kvstore/store/preempt.py)."""
+
+    SWAP_OUT = "swap_out"  # its pages move below the pool; SwapIn brings them back
+    DROP = "drop"  # freed; the engine recomputes
+
+
 STATIC = "static"
 SLIDING_WINDOW = "sliding_window"
 IMPORTANCE = "importance"

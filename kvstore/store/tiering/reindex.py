@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvstore.errors import InvariantBroken
-from kvstore.store.tiering import SWAP_SUFFIX, Tiers
+from kvstore.store.tiering.tiers import SWAP_SUFFIX, Tiers
 from kvstore.tiers import PageKey
 
 
@@ -25,11 +25,11 @@ def reindex_disk(
     found = 0
     stale: list[PageKey] = []
     pairs: list[tuple[str, bytes, bytes]] = []
-    tiers._reindex_idle.clear()
+    tiers.reindex_idle.clear()
     try:
         found = _reindex(tiers, on_progress, post, stale, pairs)
     finally:
-        tiers._reindex_idle.set()
+        tiers.reindex_idle.set()
     return found, stale
 
 

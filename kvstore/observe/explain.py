@@ -1,7 +1,7 @@
 """Why was this a miss: for each full page of a prompt, where its block is now and, if it
 is nowhere, why (Admin.Explain; docs/policies.md, "Why was this a miss").
 
-Read-only: nothing is touched, counted, pinned or promoted. The verdicts, in the order they
+Read-only, above the store: nothing is touched, counted, pinned or promoted. The verdicts, in the order they
 are tried for one page (its block hash chained under the namespace's salt):
 
 - `hit_pool`, `in_flight` (being promoted), `hit_host`, `hit_disk`: a lookup finds it.
@@ -22,15 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from kvstore.hashing import iter_block_hashes
 from kvstore.store import validate
-from kvstore.tiers import PageKey
-
-if TYPE_CHECKING:
-    from kvstore.store.namespace import Namespace
-    from kvstore.store.store import Store
+from kvstore.store.namespace import GoneKind, Namespace
+from kvstore.store.store import Store
+from kvstore.store.tiering.tiers import Tiers
+from kvstore.tiers import PageKey, TierName
 
 HIT_POOL = "hit_pool"
 HIT_HOST = "hit_host"
@@ -102,7 +100,7 @@ def explain(
     missed = False
     for i, block_hash in enumerate(hashes):
         page = PageExplanation(i, i * T, T, block_hash, NEVER_STORED)
-        _own_state(ns, page, others, now)
+        _own_state(ns, store.tiers, page, others, now)
         if wrong_model:
             page.where, page.verdict = page.verdict, OTHER_MODEL
             page.detail = f"namespace {ns.name!r} holds model {mine}, the request is for {model_fingerprint}"
@@ -141,7 +139,8 @@ class _Others:
                 )
                 self._hashes[other.name] = hashes
             h = hashes[index]
-            if other.index.get(h) is not None or (other.tiers is not None and other.tiers.holds(other, h)):
+            tiers = self.store.tiers
+            if other.index.get(h) is not None or (tiers is not None and tiers.holds(other, h)):
                 return other.name
         return ""
 
@@ -152,13 +151,14 @@ class _Others:
         return ""
 
 
-def _own_state(ns: Namespace, page: PageExplanation, others: _Others, now: float) -> None:
+def _own_state(
+    ns: Namespace, tiers: Tiers | None, page: PageExplanation, others: _Others, now: float
+) -> None:
     """The page's verdict in this namespace alone (no prefix semantics, no model check)."""
     h = page.block_hash
     if ns.index.get(h) is not None:
         page.verdict = HIT_POOL
         return
-    tiers = ns.tiers
     if tiers is not None:
         if PageKey(ns.name, h) in tiers.promoting:
             page.verdict = IN_FLIGHT
@@ -166,18 +166,17 @@ def _own_state(ns: Namespace, page: PageExplanation, others: _Others, now: float
             return
         source = tiers.holds(ns, h)
         if source is not None:
-            page.verdict = HIT_HOST if source == "host" else HIT_DISK
+            page.verdict = HIT_HOST if source is TierName.HOST else HIT_DISK
             page.detail = f"in the {source} tier: a lookup promotes it"
             return
     holder = others.holder(page.index)
     gone = ns.ghost.get(h)
     if gone is not None:
-        when, by, why, kind = gone
-        page.verdict = DROPPED_CORRUPT if kind == "corrupt" else EVICTED
-        page.evicted_unix_ms = int(when * 1000)
-        page.evicted_by, page.evicted_for = by, why
+        page.verdict = DROPPED_CORRUPT if gone.kind is GoneKind.CORRUPT else EVICTED
+        page.evicted_unix_ms = int(gone.unix_s * 1000)
+        page.evicted_by, page.evicted_for = gone.by, gone.why
         page.detail = _gone_phrase(page, now)
-        if tiers is not None and kind == "evicted" and not _by_a_tier(by):
+        if tiers is not None and gone.kind is GoneKind.EVICTED and not _by_a_tier(gone.by):
             page.detail += "; its copy below the pool is gone too"
         if holder:
             page.detail += f"; the same tokens are resident in namespace {holder!r}"

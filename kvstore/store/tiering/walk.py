@@ -1,4 +1,4 @@
-"""A lookup's walk below the pool (kvstore/store/store.py `Store.lookup`): after the pool's
+"""A lookup's walk below the pool (kvstore/store/lookup.py): after the pool's
 hits, bring up the blocks a tier holds while the pool can make room; with every full page
 hit, prefetch the pages that followed last time. Loop-owned, synchronous, like the store."""
 
@@ -8,9 +8,11 @@ import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from kvstore.errors import InvariantBroken, ResourceExhausted
+from kvstore.errors import ResourceExhausted
 from kvstore.memory.pages import Page
-from kvstore.store.tiering import NotNow, Promotion, Tiers
+from kvstore.store.tiering.promote import begin_reads, end_reads, promote_now, start
+from kvstore.store.tiering.promotion import NotNow, Promotion
+from kvstore.store.tiering.tiers import Tiers
 from kvstore.tiers import PageKey, TierName
 
 if TYPE_CHECKING:
@@ -18,7 +20,12 @@ if TYPE_CHECKING:
 
 
 def promote(
-    ns: Namespace, pages: list[Page], first_miss: bytes | None, rest: Iterable[bytes], held_already: bool
+    tiers: Tiers,
+    ns: Namespace,
+    pages: list[Page],
+    first_miss: bytes | None,
+    rest: Iterable[bytes],
+    held_already: bool,
 ) -> tuple[list[Page], list[Promotion]]:
     """Continue a lookup below the pool: bring up the blocks after the pool hits
     (`first_miss` and then `rest`) while a tier holds them and the pool can make room.
@@ -27,7 +34,6 @@ def promote(
     Returns (pages sealed at once, each with a reference the caller now owns; then the
     promotions the hit continues with: in flight, or settled ok since they started; the
     hit ends before the first that failed)."""
-    tiers = _tiers(ns)
     if first_miss is None and (
         not pages or not tiers.prefetch_pages or tiers.successor(ns.name, pages[-1].block_hash) is None
     ):
@@ -37,7 +43,7 @@ def promote(
         ns.ref(page)
     up: list[Page] = []  # sealed at once; their references are the caller's
     proms: list[Promotion] = []
-    tiers.begin_reads()
+    begin_reads(tiers)
     try:
         parent_page = pages[-1] if pages else None
         parent_prom: Promotion | None = None
@@ -79,7 +85,7 @@ def promote(
             ns.unref(page)
         raise
     finally:
-        tiers.end_reads()  # (reads from the page cache settle their promotions here)
+        end_reads(tiers)  # (reads from the page cache settle their promotions here)
         for page in held:
             ns.unref(page)
     for i, prom in enumerate(proms):
@@ -87,12 +93,6 @@ def promote(
             del proms[i:]
             break
     return up, proms
-
-
-def _tiers(ns: Namespace) -> Tiers:
-    if ns.tiers is None:
-        raise InvariantBroken(f"namespace {ns.name!r} has no tiers to promote from")
-    return ns.tiers
 
 
 def _chain_step(
@@ -108,7 +108,7 @@ def _chain_step(
 def _promote_one(
     ns: Namespace, tiers: Tiers, block_hash: bytes, parent_page: Page | None, parent_prom: Promotion | None
 ) -> Page | Promotion | None:
-    """One block below the pool: the page sealed at once (Tiers.promote_now), a promotion
+    """One block below the pool: the page sealed at once (promote.promote_now), a promotion
     in flight, or None (no tier holds it, the pool cannot make room, or it failed)."""
     key = PageKey(ns.name, block_hash)
     prom = tiers.promoting.get(key)
@@ -126,10 +126,10 @@ def _promote_one(
         if source is None:
             return None
     if parent_prom is None:  # (a page in flight before it: this one waits for it too)
-        page = tiers.promote_now(ns, key, parent_page, source)
+        page = promote_now(tiers, ns, key, parent_page, source)
         if page is NotNow.FAILED:
             return None
         if isinstance(page, Page):
             return page
-    prom = tiers.promote(ns, block_hash, parent_page, parent_prom, source)
+    prom = start(tiers, ns, block_hash, parent_page, parent_prom, source)
     return prom if prom.ok is not False else None

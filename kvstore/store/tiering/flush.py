@@ -18,7 +18,7 @@ from kvstore.tiers import CorruptPage, PageKey, PageRecord
 
 if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
-    from kvstore.store.tiering import Tiers
+    from kvstore.store.tiering.tiers import Tiers
 
 CHUNK_PAGES = 32  # pages copied per turn of the loop
 
@@ -36,7 +36,7 @@ async def flush_to_disk(tiers: Tiers, namespaces: list[Namespace]) -> int:
         for n, record in enumerate(_records(tiers, namespaces), 1):
             while not disk.has_queue_room(record.meta.page_bytes):
                 await asyncio.wrap_future(disk.barrier())
-            tiers._put_disk([record], strict=True)
+            tiers.put_disk([record], strict=True)
             queued += 1
             if n % CHUNK_PAGES == 0:
                 await asyncio.sleep(0)  # let other RPCs in
@@ -56,12 +56,12 @@ def _records(tiers: Tiers, namespaces: list[Namespace]) -> Iterator[PageRecord]:
         for block_hash in [p.block_hash for p in ns.sealed_pages() if p.block_hash]:
             page = ns.index.get(block_hash)
             key = PageKey(ns.name, block_hash)
-            if page is not None and key not in disk and key not in tiers._queued:
-                yield tiers._record(ns, page, copy=True)
+            if page is not None and key not in disk and key not in tiers.queued:
+                yield tiers.record(ns, page, copy=True)
     host = tiers.host
     if host is not None:
         for key in host.keys():  # noqa: SIM118 (a HostTier, not a dict: keys() is a snapshot)
-            if key in host and key not in disk and key not in tiers._queued:
+            if key in host and key not in disk and key not in tiers.queued:
                 try:
                     record = host.record(key)
                 except CorruptPage:

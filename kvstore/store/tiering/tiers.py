@@ -1,0 +1,274 @@
+"""The tiers below the pools, as the store uses them: what is below, demotion, the disk write
+queue, write-through and the successor map behind prefetch (docs/tiers.md, "In the store").
+Promotion is in promote.py, a swapped sequence's private pages in private.py, Admin.Flush in
+flush.py, the re-index at start in reindex.py; all of them work on the one `Tiers`.
+
+One `Tiers` serves every namespace: a `HostTier` (daemon DRAM) and/or a `DiskTier` (LMDB),
+keyed by `PageKey(namespace, block_hash)`. Loop-owned like the store; the disk tier's own
+threads (writer, readers) only ever touch disk state and the bytes of a RESERVED pool page
+that nobody else can see.
+
+- **Demotion** (`demote`): a sealed page the pool evicts is copied down before its slot is
+  freed: into the host tier (checksummed, one memcpy), pushing the host's least recently used
+  pages to disk when it is full; straight to disk when there is no host tier. The copy is
+  synchronous on the loop, so "copied first, freed second" holds without a pin. Both tiers
+  are inclusive of the pool: a page already in the host tier is not copied again; one that
+  is only on disk is just freed when it came up through the OS page cache (its bytes are in
+  DRAM there), else copied into the host tier if there is one.
+- **Write-through** (`on_sealed`): with `write_through`, each page is queued for disk as it
+  is sealed. What is queued for disk is bounded (`disk_queue_bytes`): past it a demotion is
+  dropped, counted (`put_disk`).
+- **Prefetch**: the store records which page followed which (`successor`); a lookup that hits
+  every full page of its prompt promotes up to `prefetch_pages` pages that followed last time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvstore.errors import InvariantBroken
+from kvstore.memory.pages import Page
+from kvstore.store.namespace import GoneKind
+from kvstore.store.tiering.promotion import Promotion, Verified
+from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageRecord, TierName, make_meta
+
+if TYPE_CHECKING:
+    from kvstore.store.namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+SUCCESSORS_REMEMBERED = 1 << 20
+# Records of swapped-out sequences' unsealed pages live under "<namespace>" + this: never
+# found by a lookup, and deleted at the next start (their sequences died with the daemon).
+SWAP_SUFFIX = "\x00swap"
+WRITE_WAIT_S = 60.0  # a read of a page still queued for disk waits this long for its write
+
+
+@dataclass
+class ReindexState:
+    """The disk tier's re-index at start (reindex.py), for stats."""
+
+    running: bool = False
+    done: int = 0
+    total: int = 0
+
+
+class Tiers:
+    def __init__(
+        self,
+        host: HostTier | None,
+        disk: DiskTier | None,
+        *,
+        write_through: bool = False,
+        prefetch_pages: int = 4,
+    ) -> None:
+        self.host = host
+        self.disk = disk
+        self.write_through = write_through and disk is not None
+        self.prefetch_pages = prefetch_pages
+        self.promoting: dict[PageKey, Promotion] = {}
+        # Put to disk, not yet committed: key -> the writer's future for its batch. Entries are
+        # removed by the future's callback (on the writer thread; single dict operations).
+        self.queued: dict[PageKey, cf.Future[list[Any]]] = {}
+        self.read_batch: list[Promotion] | None = None  # disk reads collected by promote.begin_reads()
+        self._successor: OrderedDict[PageKey, bytes] = OrderedDict()
+        self.counters = {
+            "demoted_host": 0,
+            "demoted_disk": 0,
+            "demoted_clean": 0,  # evicted while a copy was below already: nothing to copy
+            "host_to_disk": 0,
+            "promoted_host": 0,
+            "promoted_disk": 0,
+            "promoted_disk_inline": 0,  # of those, read on the loop (bytes in the page cache)
+            "promotion_failures": 0,
+            "prefetched": 0,
+            "written_through": 0,
+            "disk_queue_dropped": 0,  # pages not written: the disk write queue was full
+        }
+        self.swapped_pages = 0  # pages of swapped-out sequences below the pool now
+        self.reindex_state = ReindexState()
+        self.closing = False
+        self.reindex_idle = threading.Event()  # set unless a re-index thread is reading LMDB
+        self.reindex_idle.set()
+        # Told when a page leaves every tier for good: (key, by whom, why, kind); the store
+        # keeps it for Explain (Store._page_lost).
+        self.on_lost: Callable[[PageKey, str, str, GoneKind], None] | None = None
+
+    def lost(self, key: PageKey, by: str, why: str, kind: GoneKind = GoneKind.EVICTED) -> None:
+        if self.on_lost is not None:
+            self.on_lost(key, by, why, kind)
+
+    # ------------------------------------------------------------ what is below
+
+    def holds(self, ns: Namespace, block_hash: bytes) -> TierName | None:
+        """Which tier holds the page, or None."""
+        return self.holds_key(ns, PageKey(ns.name, block_hash))
+
+    def holds_key(self, ns: Namespace, key: PageKey) -> TierName | None:
+        """`holds` by the page's key."""
+        if self.host is not None and key in self.host:
+            meta = self.host.meta(key)
+            if meta is not None and meta.geometry == ns.geometry and meta.page_bytes == ns.spec.page_bytes:
+                return TierName.HOST
+        if self.disk is not None and (key in self.disk or key in self.queued):
+            return TierName.DISK  # (a queued record is read once its batch has committed)
+        return None
+
+    def disk_evicted(self, keys: list[PageKey]) -> None:
+        """The disk tier evicted `keys` to make room (DiskTier's on_evict, hopped to the loop):
+        those in no other tier are gone for good."""
+        for key in keys:
+            if key in self.queued or key in self.promoting or (self.host is not None and key in self.host):
+                continue
+            self.lost(key, f"disk tier ({self.disk.policy_name})", "disk tier full")
+
+    def note_successor(self, ns_name: str, parent_hash: bytes, child_hash: bytes) -> None:
+        key = PageKey(ns_name, parent_hash)
+        self._successor[key] = child_hash
+        self._successor.move_to_end(key)
+        if len(self._successor) > SUCCESSORS_REMEMBERED:
+            self._successor.popitem(last=False)
+
+    def successor(self, ns_name: str, block_hash: bytes) -> bytes | None:
+        return self._successor.get(PageKey(ns_name, block_hash))
+
+    # ------------------------------------------------------------ down
+
+    def record(self, ns: Namespace, page: Page, copy: bool) -> PageRecord:
+        """The page as a record for a tier (its payload a `bytes` copy with `copy`, else a view
+        of the pool slot). A page that came up from a tier keeps the metadata and checksum its
+        bytes verified against then: no new checksum (and bytes changed in the pool since, by
+        a client writing where it must not, fail that checksum at the next promotion)."""
+        if page.block_hash is None:
+            raise InvariantBroken(f"namespace {ns.name!r}: demoting {page}, which has no block hash")
+        view = ns.page_view(page.slot)
+        verified = page.verified
+        if isinstance(verified, Verified):
+            meta = verified.meta
+            if meta.block_hash == page.block_hash and meta.namespace == ns.name:
+                return PageRecord(meta, bytes(view) if copy else view, verified.checksum)
+        parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
+        meta = make_meta(
+            ns.name, page.block_hash, parent, ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
+        )
+        return PageRecord.build(meta, bytes(view) if copy else view)
+
+    def demote(self, ns: Namespace, page: Page) -> None:
+        """Copy a sealed page the pool is about to free into the tier below (if not there)."""
+        key = PageKey(ns.name, page.block_hash or b"")
+        host, disk = self.host, self.disk
+        if host is not None and key in host:
+            host.touch(key)  # (a sealed page never changes: the copy below is still its bytes)
+            self.counters["demoted_clean"] += 1
+            return
+        on_disk = disk is not None and (key in disk or key in self.queued)
+        verified = page.verified
+        if on_disk and isinstance(verified, Verified) and verified.in_page_cache:
+            # It came up from disk through the OS page cache: its bytes are in DRAM there
+            # already, and a host copy would be a second one (a memcpy, a host slot and the
+            # host tier's bookkeeping for nothing). Should the kernel drop them, the next
+            # promotion reads it on a reader thread, and its next demotion copies it here.
+            self.counters["demoted_clean"] += 1
+            return
+        # Any other page on disk still goes into the host tier if it can make room (moving
+        # its coldest pages down): the next hit on it is then a copy from DRAM, not a read
+        # from the device.
+        if host is not None and self.make_host_room(ns.spec.page_bytes):
+            host.put(self.record(ns, page, copy=False))  # put copies into its slab
+            self.counters["demoted_host"] += 1
+        elif on_disk:
+            self.counters["demoted_clean"] += 1  # freeing the slot loses nothing
+        elif disk is not None and self.put_disk([self.record(ns, page, copy=True)]):
+            self.counters["demoted_disk"] += 1
+
+    def make_host_room(self, page_bytes: int) -> bool:
+        host = self.host
+        if host is None:
+            raise InvariantBroken("making room in a host tier that does not exist")
+        while not host.has_room(page_bytes):
+            victims = host.victims(8, page_bytes)
+            if not victims:
+                return False  # the page is larger than the whole host tier
+            down: list[PageRecord] = []
+            for key in victims:
+                if self.disk is not None and key not in self.disk and key not in self.queued:
+                    try:
+                        record = host.take(key)
+                    except CorruptPage:
+                        self.lost(key, "host tier", "failed its checksum in the host tier", GoneKind.CORRUPT)
+                        continue  # counted and removed by the host tier; nothing to save
+                    if record is not None:
+                        down.append(record)
+                else:
+                    host.remove(key)
+                    if self.disk is None:
+                        self.lost(key, "host tier (LRU)", "host tier full, no disk tier below it")
+            if down and self.put_disk(down):  # one queue entry and one future for the batch
+                self.counters["host_to_disk"] += len(down)
+        return True
+
+    def put_disk(self, records: list[PageRecord], strict: bool = False) -> cf.Future[list[Any]] | None:
+        """Queue records for disk; if the queue is at its bound (`disk_queue_bytes`), drop
+        them (counted; a page no longer cached), or with `strict` raise ValueError."""
+        if self.disk is None:
+            raise InvariantBroken("writing to a disk tier that does not exist")
+        keys = [r.key for r in records]
+        if not self.disk.has_queue_room(sum(r.meta.page_bytes for r in records)):
+            if strict:
+                raise ValueError("the disk write queue is full (server.disk_queue_bytes)")
+            self.counters["disk_queue_dropped"] += len(records)
+            for key in keys:
+                self.lost(key, "disk write queue", "the disk write queue was full")
+            return None
+        fut = self.disk.put_async(records)
+        for key in keys:
+            self.queued[key] = fut
+
+        def committed(done: cf.Future[list[Any]]) -> None:
+            # (`done`, not `fut` from the closure: a future holding a callback that holds
+            # the future is a reference cycle, left for the garbage collector to find.)
+            for key in keys:
+                if self.queued.get(key) is done:  # (not a later write of the same key)
+                    self.queued.pop(key, None)
+
+        fut.add_done_callback(committed)
+        return fut
+
+    def on_sealed(self, ns: Namespace, page: Page) -> None:
+        if page.parent is not None and page.parent.block_hash and page.block_hash:
+            self.note_successor(ns.name, page.parent.block_hash, page.block_hash)
+        if self.write_through and page.block_hash:
+            key = PageKey(ns.name, page.block_hash)
+            if self.disk is not None and key not in self.disk and key not in self.queued:
+                self.put_disk([self.record(ns, page, copy=True)])
+                self.counters["written_through"] += 1
+
+    # ------------------------------------------------------------ stats and close
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["promoting"] = len(self.promoting)
+        out["swapped_pages"] = self.swapped_pages
+        out["write_through"] = self.write_through
+        out["reindex"] = dataclasses.asdict(self.reindex_state)
+        if self.host is not None:
+            out["host"] = self.host.stats()
+        if self.disk is not None:
+            out["disk"] = self.disk.stats()
+        return out
+
+    def close(self) -> None:
+        self.closing = True
+        if not self.reindex_idle.wait(30):
+            log.error("the disk tier's re-index did not stop within 30s; closing LMDB anyway")
+        if self.disk is not None:
+            self.disk.close()
+        if self.host is not None:
+            self.host.clear()
