@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from kvstore.hashing import iter_block_hashes
 from kvstore.store import validate
@@ -30,17 +31,21 @@ from kvstore.store.store import Store
 from kvstore.store.tiering.tiers import Tiers
 from kvstore.tiers import PageKey, TierName
 
-HIT_POOL = "hit_pool"
-HIT_HOST = "hit_host"
-HIT_DISK = "hit_disk"
-IN_FLIGHT = "in_flight"
-NEVER_STORED = "never_stored"
-EVICTED = "evicted"
-DROPPED_CORRUPT = "dropped_corrupt"
-OTHER_NAMESPACE = "other_namespace"
-OTHER_MODEL = "other_model"
-AFTER_MISS = "after_miss"
-HITS = (HIT_POOL, HIT_HOST, HIT_DISK, IN_FLIGHT)
+
+class Verdict(StrEnum):
+    HIT_POOL = "hit_pool"
+    HIT_HOST = "hit_host"
+    HIT_DISK = "hit_disk"
+    IN_FLIGHT = "in_flight"
+    NEVER_STORED = "never_stored"
+    EVICTED = "evicted"
+    DROPPED_CORRUPT = "dropped_corrupt"
+    OTHER_NAMESPACE = "other_namespace"
+    OTHER_MODEL = "other_model"
+    AFTER_MISS = "after_miss"
+
+
+HITS = (Verdict.HIT_POOL, Verdict.HIT_HOST, Verdict.HIT_DISK, Verdict.IN_FLIGHT)
 
 
 @dataclass
@@ -49,8 +54,8 @@ class PageExplanation:
     token_start: int
     token_count: int
     block_hash: bytes
-    verdict: str
-    where: str = ""  # after_miss, other_model: the page's own state in this namespace
+    verdict: Verdict
+    where: Verdict | None = None  # after_miss, other_model: the page's own state in this namespace
     evicted_unix_ms: int = 0
     evicted_by: str = ""  # the policy (or tier) that evicted it
     evicted_for: str = ""  # what the eviction made room for, e.g. "append of 8 tokens to sequence 3"
@@ -99,16 +104,16 @@ def explain(
     out = Explanation(ns.name, ns.policy.name, mine, T, len(tokens) // 4, 0)
     missed = False
     for i, block_hash in enumerate(hashes):
-        page = PageExplanation(i, i * T, T, block_hash, NEVER_STORED)
+        page = PageExplanation(i, i * T, T, block_hash, Verdict.NEVER_STORED)
         _own_state(ns, store.tiers, page, others, now)
         if wrong_model:
-            page.where, page.verdict = page.verdict, OTHER_MODEL
+            page.where, page.verdict = page.verdict, Verdict.OTHER_MODEL
             page.detail = f"namespace {ns.name!r} holds model {mine}, the request is for {model_fingerprint}"
             holder = others.with_model(model_fingerprint)
             if holder:
                 page.detail += f" (namespace {holder!r} is for that model)"
         elif missed:
-            page.where, page.verdict = page.verdict, AFTER_MISS
+            page.where, page.verdict = page.verdict, Verdict.AFTER_MISS
         elif page.verdict in HITS:
             out.hit_tokens += T
         else:
@@ -157,22 +162,22 @@ def _own_state(
     """The page's verdict in this namespace alone (no prefix semantics, no model check)."""
     h = page.block_hash
     if ns.index.get(h) is not None:
-        page.verdict = HIT_POOL
+        page.verdict = Verdict.HIT_POOL
         return
     if tiers is not None:
         if PageKey(ns.name, h) in tiers.promoting:
-            page.verdict = IN_FLIGHT
+            page.verdict = Verdict.IN_FLIGHT
             page.detail = "being promoted into the pool"
             return
         source = tiers.holds(ns, h)
         if source is not None:
-            page.verdict = HIT_HOST if source is TierName.HOST else HIT_DISK
+            page.verdict = Verdict.HIT_HOST if source is TierName.HOST else Verdict.HIT_DISK
             page.detail = f"in the {source} tier: a lookup promotes it"
             return
     holder = others.holder(page.index)
     gone = ns.ghost.get(h)
     if gone is not None:
-        page.verdict = DROPPED_CORRUPT if gone.kind is GoneKind.CORRUPT else EVICTED
+        page.verdict = Verdict.DROPPED_CORRUPT if gone.kind is GoneKind.CORRUPT else Verdict.EVICTED
         page.evicted_unix_ms = int(gone.unix_s * 1000)
         page.evicted_by, page.evicted_for = gone.by, gone.why
         page.detail = _gone_phrase(page, now)
@@ -182,14 +187,14 @@ def _own_state(
             page.detail += f"; the same tokens are resident in namespace {holder!r}"
         return
     if holder:
-        page.verdict = OTHER_NAMESPACE
+        page.verdict = Verdict.OTHER_NAMESPACE
         page.other_namespace = holder
         page.detail = (
             f"not stored here; the same tokens are resident in namespace {holder!r} "
             "(another salt: its hashes differ)"
         )
         return
-    page.verdict = NEVER_STORED
+    page.verdict = Verdict.NEVER_STORED
     page.detail = (
         f"no sequence has sealed this prefix in namespace {ns.name!r} (or its eviction was forgotten)"
     )
@@ -204,7 +209,7 @@ def _by_a_tier(by: str) -> bool:
 def _gone_phrase(page: PageExplanation, now: float) -> str:
     """'evicted 3m 05s ago by horizon to make room for append of 8 tokens to sequence 12'."""
     when = ago(now - page.evicted_unix_ms / 1000)
-    if page.verdict == DROPPED_CORRUPT:
+    if page.verdict == Verdict.DROPPED_CORRUPT:
         return f"dropped {when}: {page.evicted_for}"
     if page.evicted_for.startswith("Evict RPC"):
         return f"evicted {when} by {page.evicted_for} (policy {page.evicted_by})"
@@ -220,7 +225,7 @@ def _summary(out: Explanation, ns: Namespace, model_fingerprint: str, now: float
     if not pages:
         return f"{n} tokens: fewer than one page (page_tokens={T}), nothing a lookup can hit"
     head = f"{out.hit_tokens:,} hit tokens of {n:,}"
-    if pages[0].verdict == OTHER_MODEL:
+    if pages[0].verdict == Verdict.OTHER_MODEL:
         return (
             f"0 hit tokens of {n:,}: the request is for model {model_fingerprint} but namespace "
             f"{ns.name!r} holds model {out.model_fingerprint}; a lookup is refused ({pages[0].detail})"
@@ -230,13 +235,13 @@ def _summary(out: Explanation, ns: Namespace, model_fingerprint: str, now: float
         where = {v: sum(p.verdict == v for p in pages) for v in HITS}
         parts = [f"{c} {v.removeprefix('hit_').replace('_', ' ')}" for v, c in where.items() if c]
         return f"{head}: every full page is cached ({', '.join(parts)})"
-    if first.verdict in (EVICTED, DROPPED_CORRUPT):
+    if first.verdict in (Verdict.EVICTED, Verdict.DROPPED_CORRUPT):
         why = f"page {first.index} was {first.detail}"
-    elif first.verdict == OTHER_NAMESPACE:
+    elif first.verdict == Verdict.OTHER_NAMESPACE:
         why = f"page {first.index} is not in {ns.name!r} but in namespace {first.other_namespace!r} (another salt)"
     else:
         why = f"page {first.index} was never stored in {ns.name!r}"
-    later = [p for p in pages if p.verdict == AFTER_MISS]
+    later = [p for p in pages if p.verdict == Verdict.AFTER_MISS]
     stored = sum(p.where in HITS for p in later)
     tail = ""
     if later:

@@ -9,6 +9,7 @@ from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from kvstore.errors import InvalidArgument
+from kvstore.observe.explain import Verdict
 from kvstore.store import types as t
 
 
@@ -181,19 +182,7 @@ def tier_stats(d: dict[str, Any]) -> pb.TierStats:
     )
 
 
-EXPLAIN_VERDICT_TO_PB = {
-    "hit_pool": pb.HIT_POOL,
-    "hit_host": pb.HIT_HOST,
-    "hit_disk": pb.HIT_DISK,
-    "in_flight": pb.IN_FLIGHT,
-    "never_stored": pb.NEVER_STORED,
-    "evicted": pb.EVICTED,
-    "dropped_corrupt": pb.DROPPED_CORRUPT,
-    "other_namespace": pb.OTHER_NAMESPACE,
-    "other_model": pb.OTHER_MODEL,
-    "after_miss": pb.AFTER_MISS,
-    "": pb.EXPLAIN_VERDICT_UNSPECIFIED,
-}
+EXPLAIN_VERDICT_TO_PB = {v: pb.ExplainVerdict.Value(v.name) for v in Verdict}
 
 
 def explain_response(e: Any) -> pb.ExplainResponse:
@@ -214,7 +203,7 @@ def explain_response(e: Any) -> pb.ExplainResponse:
             token_count=p.token_count,
             block_hash=p.block_hash,
             verdict=EXPLAIN_VERDICT_TO_PB[p.verdict],
-            where=EXPLAIN_VERDICT_TO_PB[p.where],
+            where=EXPLAIN_VERDICT_TO_PB[p.where] if p.where else pb.EXPLAIN_VERDICT_UNSPECIFIED,
             evicted_unix_ms=p.evicted_unix_ms,
             evicted_by=p.evicted_by,
             evicted_for=p.evicted_for,
