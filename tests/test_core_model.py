@@ -591,7 +591,7 @@ class CoreMachine(RuleBasedStateMachine):
 
 
 CoreMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("KVSTORE_MODEL_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("KVSTORE_MODEL_EXAMPLES", "100")),
     stateful_step_count=50,
     derandomize=True,
     database=None,
