@@ -50,6 +50,7 @@ from tests.core_model_support import (
     READERS,
     SPEC,
     TTL,
+    VOCAB,
     WAIT_S,
     Aborted,
     Context,
@@ -224,15 +225,18 @@ class CoreMachine(RuleBasedStateMachine):
         """A sequence (a static budget with max_tokens, a sliding window), appended to at once."""
         sid = pick(list(self.sessions), i)
         options = SequenceOptions(SLIDING_WINDOW, sink_tokens=2, window_tokens=window) if window else None
-        max_tokens = 0 if window else max_tokens
+        self.new_sequence(sid, 0 if window else max_tokens, options, self.prompt(share, tokens), commit)
+
+    def new_sequence(self, sid, max_tokens, options, tokens, commit=True) -> int | None:
         before = self.store.stats("ns")
         try:
             seq, _ = self.store.allocate(sid, "ns", max_tokens, b"", options)
         except ResourceExhausted:
             assert self.store.stats("ns") == before
-            return
+            return None
         self.sessions[sid].seqs[seq] = SeqModel(max_tokens)
-        self.do_append(sid, seq, self.prompt(share, tokens), commit)
+        self.do_append(sid, seq, tokens, commit)
+        return seq
 
     @rule(i=picks, share=shares, tokens=tokens_st, commit=st.booleans())
     def append(self, i, share, tokens, commit):
@@ -314,6 +318,30 @@ class CoreMachine(RuleBasedStateMachine):
             sid, seq = pick(self.seqs(swapped=True), i)
             reply = self.call(self.kv.SwapIn, pb.SwapInRequest(session_id=sid, sequence_id=seq))
             self.after_swap_in(sid, seq, reply)
+
+    @rule(i=picks, share=shares, tokens=st.lists(st.integers(0, VOCAB - 1), min_size=4, max_size=8))
+    def swap_in_squeezed(self, i, share, tokens):
+        """Swap-in under pool pressure: the sequence's sealed pages stay resident but unpinned
+        (a pin held them through the swap-out) and every free page is reserved by another
+        sequence, so making room for its other pages could evict them."""
+        sid = pick(list(self.sessions), i)
+        seq = self.new_sequence(sid, 0, None, self.prompt(share, tokens))
+        if seq is None:
+            return
+        m = self.sessions[sid].seqs[seq]
+        pin = self.call(
+            self.kv.Lookup, pb.LookupRequest(session_id=sid, namespace="ns", token_ids=m.tokens, pin=True)
+        )
+        self.check_served(m.tokens, pin.slots, pin.block_hashes, pin.ready_pages)
+        self.store.preempt(sid, seq, "swap_out")
+        m.swapped = True
+        if pin.pin_id:
+            self.store.release_pin(sid, pin.pin_id)
+        free = len(self.ns.pages.free)
+        if free:
+            self.new_sequence(sid, T * free, None, [])
+        reply = self.call(self.kv.SwapIn, pb.SwapInRequest(session_id=sid, sequence_id=seq))
+        self.after_swap_in(sid, seq, reply)
 
     def after_swap_in(self, sid: int, seq: int, reply) -> None:
         event(f"swap_in: {reply.code.name if isinstance(reply, Aborted) else 'ok'}")
