@@ -1,7 +1,7 @@
 """The store's own cost of the tiers, without gRPC: part of `kvstore-bench tiers`' store level.
 
 The load workload of tiers_load.py (tiers_workload.py: same prompts, same per-thread schedules, interleaved
-into one stream) driven straight against a `kvstore.store.Store` in this process, on an
+into one stream) driven straight against a `kvstore.store.store.Store` in this process, on an
 asyncio loop as in the daemon: pinned `lookup` (awaiting promotions still in flight as the
 Lookup servicer does), `allocate` + `append` + `commit` (no bytes written: the client's part
 is not measured here), release both. Once with no tiers, once with a host tier (the load

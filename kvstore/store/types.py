@@ -159,7 +159,7 @@ class LookupResult:
     block_hashes: list[bytes]
     pin_id: int = 0
     ready_pages: int | None = None  # pages [0, ready) are in the pool now; None: all of them
-    # Not on the wire: the promotions the hit ends with (kvstore/store/tiering.py), for the
+    # Not on the wire: the promotions the hit ends with (kvstore/store/tiering/promote.py), for the
     # server to await, and the namespace (to settle the lookup's counters).
     promotions: list[Any] = field(default_factory=list)
     namespace: str = ""

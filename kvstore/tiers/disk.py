@@ -74,7 +74,7 @@ class DiskTier:
         self._recall = Recall(self._cached, self._index)
         self._closed = False
         self.queue_bytes = 128 << 20  # bound of the payload bytes queued for the writer
-        self.flushing = 0  # Admin.Flush calls streaming into the tier now (store/flush.py)
+        self.flushing = 0  # Admin.Flush calls streaming into the tier now (store/tiering/flush.py)
 
     @classmethod
     def open(
@@ -135,7 +135,7 @@ class DiskTier:
 
     def has_queue_room(self, nbytes: int) -> bool:
         """Whether `nbytes` more of payload fit in the write queue's bound (`queue_bytes`);
-        one record always fits in an empty queue. Callers drop or wait (store/flush.py)."""
+        one record always fits in an empty queue. Callers drop or wait (store/tiering/flush.py)."""
         queued = self._writer.queued_bytes()
         return queued == 0 or queued + nbytes <= self.queue_bytes
 
