@@ -7,14 +7,16 @@ anywhere (pool, host tier, disk tier) must hold exactly those bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
 from hypothesis import strategies as st
 
-from kvstore.hashing import block_hashes, namespace_salt
+from kvstore.hashing import block_hashes, namespace_salt, token_bytes
 from kvstore.memory.pages import PageState
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import PrivateEntry, PrivateRead
@@ -241,3 +243,119 @@ def check_disk(disk: DiskTier) -> None:
     st = disk.stats()
     assert 0 <= st["bytes_used"] <= disk.soft_limit_bytes
     assert st["pages"] * 4096 <= st["bytes_used"] or not st["pages"]
+
+
+class ModelSteps:
+    """The machine's helpers: drive the loop, write and check pages as the engine would. (The
+    machine has `loop`, `dir`, `store`, `ns`, `tiers`, `sessions` and `prompts`.)"""
+
+    def run(self, coro):
+        return self.loop.run_until_complete(asyncio.wait_for(coro, WAIT_S))
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, Context())
+        except Aborted as e:
+            return e
+
+    def call(self, method, request):
+        return self.run(self._call(method, request))
+
+    def settle(self) -> None:
+        """Run the loop until every promotion in flight has settled."""
+
+        async def wait() -> None:
+            while self.tiers.promoting or holders(self.store, self.ns)[2]:
+                if self.tiers.promoting:
+                    await asyncio.wait([p.future() for p in self.tiers.promoting.values()])
+                else:  # an aborted swap-in's page, freed once its read is done
+                    await asyncio.sleep(0.001)
+
+        self.run(wait())
+
+    def seqs(self, swapped: bool | None = None) -> list[tuple[int, int]]:
+        return [
+            (sid, q)
+            for sid, s in self.sessions.items()
+            for q, m in s.seqs.items()
+            if swapped is None or m.swapped == swapped
+        ]
+
+    def prompt(self, share: tuple[bool, int, int], tokens: list[int]) -> list[int]:
+        """Often a prefix of an earlier prompt plus `tokens`, so pages are shared."""
+        if self.prompts and share[0]:
+            old = pick(self.prompts[-8:], share[1])
+            tokens = old[: share[2] % (len(old) + 1)] + tokens
+        return tokens[:14]
+
+    def open_session(self) -> None:
+        sid = self.store.open_session("model", 0.0).session_id
+        self.sessions[sid] = SessionModel()
+
+    def check_served(self, tokens: list[int], slots, hashes: bytes, ready: int) -> int:
+        """A hit: the hashes of the prompt's first pages, each ready slot holding their bytes."""
+        want = hashes_of(tokens)
+        k = len(slots)
+        assert hashes == b"".join(want[:k])
+        for i, slot in enumerate(list(slots)[:ready]):
+            assert bytes(self.ns.page_view(slot)) == content(want[i], PB), f"page {i} served wrong bytes"
+        return k
+
+    def write_pages(self, sid: int, seq: int, refs) -> None:
+        """What the engine does after Append: write the KV of every page it must write."""
+        m = self.sessions[sid].seqs[seq]
+        for p in refs:
+            if p.cached:
+                assert bytes(self.ns.page_view(p.slot)) == content(p.block_hash, PB)
+                continue
+            if p.block_hash and not p.private:
+                data = content(p.block_hash, PB)
+            else:
+                data = private_content(
+                    seq, p.index, token_bytes(m.tokens[p.index * T : (p.index + 1) * T]), PB
+                )
+            self.ns.page_view(p.slot)[:] = data
+            m.written[p.index] = data
+
+    def check_view(self, sid: int, seq: int) -> None:
+        """A sequence's pages hold what was written there (sealed: its hash's bytes)."""
+        m = self.sessions[sid].seqs[seq]
+        view = self.store.sequence_view(sid, seq)
+        assert view.num_tokens == len(m.tokens) and view.committed_tokens == m.committed
+        for p in view.pages:
+            got = bytes(self.ns.page_view(p.slot))
+            assert got == (content(p.block_hash, PB) if p.cached else m.written[p.index]), f"page {p.index}"
+
+    def pin_settled(self, sid: int, pin_id: int, tokens: list[int]) -> None:
+        """A pin once its promotions settled: a promotion that failed ends its hit early."""
+        pin = self.store.sessions[sid].pins[pin_id]
+        assert not pin.pending
+        self.check_served(tokens, [p.slot for p in pin.pages], b"".join(p.block_hash for p in pin.pages), 99)
+        self.sessions[sid].pins[pin_id] = tokens[: len(pin.pages) * T]
+
+    def held_floor(self, tokens: list[int]) -> int:
+        """Pages a lookup of `tokens` must hit: what live sequences sealed and pins hold."""
+        floor = 0
+        for sid, s in self.sessions.items():
+            for seq, m in s.seqs.items():
+                sealed = 0
+                for page in self.store.sessions[sid].sequences[seq].pages:
+                    if page is None or page.state is not PageState.SEALED:
+                        break
+                    sealed += 1
+                floor = max(floor, min(common_pages(m.tokens, tokens), sealed))
+            for held in s.pins.values():
+                floor = max(floor, common_pages(held, tokens))
+        return floor
+
+    def flushable(self) -> set[bytes]:
+        """What a flush started now acknowledges: every sealed page in the pool and host tier."""
+        out = {p.block_hash for p in self.ns.sealed_pages()}
+        return out | {k.block_hash for k in self.tiers.host.keys() if k.namespace == "ns"}  # noqa: SIM118
+
+    def drop_page_cache(self):
+        fd = os.open(self.dir / "disk" / "data.mdb", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

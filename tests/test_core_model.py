@@ -33,8 +33,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from kvstore.errors import OutOfRange, ResourceExhausted
-from kvstore.hashing import token_bytes
-from kvstore.memory.pages import PageState
 from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.store.store import Store
@@ -53,7 +51,7 @@ from tests.core_model_support import (
     VOCAB,
     WAIT_S,
     Aborted,
-    Context,
+    ModelSteps,
     SeqModel,
     SessionModel,
     T,
@@ -61,13 +59,9 @@ from tests.core_model_support import (
     check_holders,
     check_host,
     check_pool,
-    common_pages,
     content,
-    hashes_of,
-    holders,
     pick,
     picks,
-    private_content,
     shares,
     swap_keys,
     tokens_st,
@@ -77,7 +71,7 @@ from tests.test_store_stateful import FakeClock
 SHM = Path("/dev/shm")
 
 
-class CoreMachine(RuleBasedStateMachine):
+class CoreMachine(ModelSteps, RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
@@ -120,85 +114,6 @@ class CoreMachine(RuleBasedStateMachine):
         finally:
             left = sorted(p.name for p in SHM.glob(self.prefix + "*"))
             assert not left, f"segments left in /dev/shm: {left}"
-
-    # ------------------------------------------------------------ helpers
-
-    def run(self, coro):
-        return self.loop.run_until_complete(asyncio.wait_for(coro, WAIT_S))
-
-    async def _call(self, method, request):
-        try:
-            return await method(request, Context())
-        except Aborted as e:
-            return e
-
-    def call(self, method, request):
-        return self.run(self._call(method, request))
-
-    def settle(self) -> None:
-        """Run the loop until every promotion in flight has settled."""
-
-        async def wait() -> None:
-            while self.tiers.promoting or holders(self.store, self.ns)[2]:
-                if self.tiers.promoting:
-                    await asyncio.wait([p.future() for p in self.tiers.promoting.values()])
-                else:  # an aborted swap-in's page, freed once its read is done
-                    await asyncio.sleep(0.001)
-
-        self.run(wait())
-
-    def seqs(self, swapped: bool | None = None) -> list[tuple[int, int]]:
-        return [
-            (sid, q)
-            for sid, s in self.sessions.items()
-            for q, m in s.seqs.items()
-            if swapped is None or m.swapped == swapped
-        ]
-
-    def prompt(self, share: tuple[bool, int, int], tokens: list[int]) -> list[int]:
-        """Often a prefix of an earlier prompt plus `tokens`, so pages are shared."""
-        if self.prompts and share[0]:
-            old = pick(self.prompts[-8:], share[1])
-            tokens = old[: share[2] % (len(old) + 1)] + tokens
-        return tokens[:14]
-
-    def open_session(self) -> None:
-        sid = self.store.open_session("model", 0.0).session_id
-        self.sessions[sid] = SessionModel()
-
-    def check_served(self, tokens: list[int], slots, hashes: bytes, ready: int) -> int:
-        """A hit: the hashes of the prompt's first pages, each ready slot holding their bytes."""
-        want = hashes_of(tokens)
-        k = len(slots)
-        assert hashes == b"".join(want[:k])
-        for i, slot in enumerate(list(slots)[:ready]):
-            assert bytes(self.ns.page_view(slot)) == content(want[i], PB), f"page {i} served wrong bytes"
-        return k
-
-    def write_pages(self, sid: int, seq: int, refs) -> None:
-        """What the engine does after Append: write the KV of every page it must write."""
-        m = self.sessions[sid].seqs[seq]
-        for p in refs:
-            if p.cached:
-                assert bytes(self.ns.page_view(p.slot)) == content(p.block_hash, PB)
-                continue
-            if p.block_hash and not p.private:
-                data = content(p.block_hash, PB)
-            else:
-                data = private_content(
-                    seq, p.index, token_bytes(m.tokens[p.index * T : (p.index + 1) * T]), PB
-                )
-            self.ns.page_view(p.slot)[:] = data
-            m.written[p.index] = data
-
-    def check_view(self, sid: int, seq: int) -> None:
-        """A sequence's pages hold what was written there (sealed: its hash's bytes)."""
-        m = self.sessions[sid].seqs[seq]
-        view = self.store.sequence_view(sid, seq)
-        assert view.num_tokens == len(m.tokens) and view.committed_tokens == m.committed
-        for p in view.pages:
-            got = bytes(self.ns.page_view(p.slot))
-            assert got == (content(p.block_hash, PB) if p.cached else m.written[p.index]), f"page {p.index}"
 
     # ------------------------------------------------------------ setup
 
@@ -407,28 +322,6 @@ class CoreMachine(RuleBasedStateMachine):
         self.pin_settled(sid, r.pin_id, tokens)
         assert len(self.sessions[sid].pins[r.pin_id]) >= floor * T
 
-    def pin_settled(self, sid: int, pin_id: int, tokens: list[int]) -> None:
-        """A pin once its promotions settled: a promotion that failed ends its hit early."""
-        pin = self.store.sessions[sid].pins[pin_id]
-        assert not pin.pending
-        self.check_served(tokens, [p.slot for p in pin.pages], b"".join(p.block_hash for p in pin.pages), 99)
-        self.sessions[sid].pins[pin_id] = tokens[: len(pin.pages) * T]
-
-    def held_floor(self, tokens: list[int]) -> int:
-        """Pages a lookup of `tokens` must hit: what live sequences sealed and pins hold."""
-        floor = 0
-        for sid, s in self.sessions.items():
-            for seq, m in s.seqs.items():
-                sealed = 0
-                for page in self.store.sessions[sid].sequences[seq].pages:
-                    if page is None or page.state is not PageState.SEALED:
-                        break
-                    sealed += 1
-                floor = max(floor, min(common_pages(m.tokens, tokens), sealed))
-            for held in s.pins.values():
-                floor = max(floor, common_pages(held, tokens))
-        return floor
-
     # ------------------------------------------------------------ cancellation
 
     @rule(
@@ -519,11 +412,6 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ tiers
 
-    def flushable(self) -> set[bytes]:
-        """What a flush started now acknowledges: every sealed page in the pool and host tier."""
-        out = {p.block_hash for p in self.ns.sealed_pages()}
-        return out | {k.block_hash for k in self.tiers.host.keys() if k.namespace == "ns"}  # noqa: SIM118
-
     @rule()
     def flush(self):
         flushable = self.flushable()
@@ -541,13 +429,6 @@ class CoreMachine(RuleBasedStateMachine):
             self.store.evict_bytes("ns", 3 * PB)
         if drop_cache:
             self.drop_page_cache()
-
-    def drop_page_cache(self):
-        fd = os.open(self.dir / "disk" / "data.mdb", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------ sessions and restarts
 
