@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import FreeList, Page, PageState, PageTable
 
 
@@ -53,19 +54,19 @@ def test_free_list_remove_only_element_then_reuse():
     assert free.pop() is page
 
 
-def test_free_list_double_push_asserts():
+def test_free_list_double_push_is_refused():
     page = Page(0)
     free = FreeList([page])
-    with pytest.raises(AssertionError, match="already linked"):
+    with pytest.raises(InvariantBroken, match="already linked"):
         free.push(page)
     assert len(free) == 1  # the failed push changed nothing
     assert drain(free) == [0]
 
 
-def test_free_list_remove_unlinked_asserts():
+def test_free_list_remove_unlinked_is_refused():
     page = Page(0)
     free = FreeList([])
-    with pytest.raises(AssertionError, match="not linked"):
+    with pytest.raises(InvariantBroken, match="not linked"):
         free.remove(page)
     assert len(free) == 0
 
@@ -128,12 +129,12 @@ def test_page_table_take_and_give_back():
     assert table.take(owner=15) is a
 
 
-def test_page_table_give_back_twice_asserts():
+def test_page_table_give_back_twice_is_refused():
     table = PageTable(2)
     page = table.take(owner=1)
     assert page is not None
     table.give_back(page)
-    with pytest.raises(AssertionError):
+    with pytest.raises(InvariantBroken):
         table.give_back(page)
     assert len(table.free) == 2
 

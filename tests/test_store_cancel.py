@@ -254,7 +254,9 @@ async def test_deleting_the_namespace_waits_for_a_given_up_swap_ins_reads(tmp_pa
             task = asyncio.create_task(waits.swap_in(store, sid, seq))
             await _cancel_at_await(task, "swap_in: private pages read back", lambda: s.swap_in is not None)
             assert len(ns.private_reads) == 3
-            delete = asyncio.create_task(namespaces.delete(store, "t", force=True))
+            delete = asyncio.create_task(
+                namespaces.delete(store, "t", force=True, pool_epoch=ns.pool.handle.epoch)
+            )
             for _ in range(3):  # its first steps: with nothing to wait for, it would be done
                 await asyncio.sleep(0)
             assert not delete.done() and "t" in store.namespaces
