@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from .._core import channel_options
 from ..client import Client
 from ..errors import KVStoreClientError
 from ..target import ConfigFileError, resolve_target
@@ -268,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 def connect(target: str | None, timeout_s: float) -> Client:
     """A client with no session: admin calls need none, and an operator is not a client."""
     resolved = resolve_target(target)
-    return Client(grpc.insecure_channel(resolved), resolved, timeout_s=timeout_s)
+    # The library's channel options: keepalive pings, so a stopped daemon fails the call.
+    return Client(grpc.insecure_channel(resolved, options=channel_options()), resolved, timeout_s=timeout_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
