@@ -1,0 +1,1 @@
+"""Read-only operator views of the store: Admin.Explain and Admin.Mrc."""
