@@ -117,6 +117,22 @@ class Namespace:
         self.pages_reserved -= 1
         self.pages.give_back(page)
 
+    def let_go(self, pages: list[Page | None]) -> tuple[int, int]:
+        """A holder gives up its `pages` (parents before children; None = dropped): reserved
+        ones are freed, sealed ones unpinned and left cached. Leaves first, so a parent never
+        becomes evictable while a child of this holder still holds it. (freed, unpinned)."""
+        freed = unpinned = 0
+        for page in reversed(pages):
+            if page is None:
+                continue
+            if page.state is PageState.RESERVED:
+                self.free_reserved(page)
+                freed += 1
+            else:
+                self.unref(page)
+                unpinned += 1
+        return freed, unpinned
+
     def seal(self, page: Page, parent: Page | None) -> None:
         """RESERVED -> SEALED, held once by the sealing sequence."""
         if page.state is not PageState.RESERVED or page.block_hash is None:

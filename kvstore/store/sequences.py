@@ -271,16 +271,7 @@ def release(tiers: Tiers | None, seq: Sequence) -> ReleaseResult:
     forgets it."""
     ns = seq.ns
     preempt.discard_swapped(tiers, seq)
-    freed = unpinned = 0
-    for page in reversed(seq.pages + seq.spare):  # leaves first
-        if page is None:
-            continue
-        if page.state is PageState.RESERVED:
-            ns.free_reserved(page)
-            freed += 1
-        else:
-            ns.unref(page)
-            unpinned += 1
+    freed, unpinned = ns.let_go(seq.pages + seq.spare)
     ns.sequences -= 1
     return ReleaseResult(freed, unpinned)
 
@@ -289,15 +280,7 @@ def drop(tiers: Tiers | None, seq: Sequence) -> int:
     """Free every page of the sequence and empty it (same id, same budget and spare pages)."""
     ns = seq.ns
     preempt.discard_swapped(tiers, seq)
-    freed = 0
-    for page in reversed(seq.pages):
-        if page is None:
-            continue
-        if page.state is PageState.RESERVED:
-            ns.free_reserved(page)
-        else:
-            ns.unref(page)
-        freed += 1
+    freed = sum(ns.let_go(seq.pages))
     seq.pages, seq.held, seq.num_tokens, seq.committed_tokens = [], 0, 0, 0
     seq.tail_tokens, seq.last_hash, seq.cut, seq.window_lo, seq.scores = b"", ns.index.root, None, 0, {}
     return freed
