@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, crashloop, pageio, replay, rpc, tiers, ttft
+from . import budgets, crashloop, pageio, peers, replay, rpc, tiers, ttft
 from .harness import BenchError, install_signal_exit
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("budgets", budgets),
         ("crashloop", crashloop),
         ("pageio", pageio),
+        ("peers", peers),
         ("replay", replay),
         ("rpc", rpc),
         ("tiers", tiers),

@@ -1,0 +1,130 @@
+"""kvstore's side of `kvstore-bench peers`, and the memcpy baseline, in this process.
+
+`KvstoreSide` is the one place that knows the client API: `put` and `get` (and `get_views`,
+the zero-copy get) of one request. Today's API: put = allocate (its pages reserved) +
+append + a copy into each WRITABLE page + commit + release (the `with`); get = lookup with a
+pin + a copy out of each page + release. A faster API changes these three methods only.
+
+A request is a prompt of k pages whose tokens are fresh random ids, so every put writes k new
+pages (none CACHED) and every get hits all k.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import kvstore_client
+import torch
+
+from .harness import BenchError
+
+NAMESPACE = "peers"
+PAGE_TOKENS = 16
+# SmolLM2-135M: 30 layers x 2 (K, V) x 16 tokens x 3 KV heads x 64 dims x 4 bytes (float32)
+# = 737,280 bytes a page.
+GEOMETRY = {
+    "num_layers": 30,
+    "num_kv_heads": 3,
+    "head_dim": 64,
+    "dtype": "float32",
+    "page_tokens": PAGE_TOKENS,
+}
+PAGE_BYTES = 30 * 2 * PAGE_TOKENS * 3 * 64 * 4
+VOCAB = 49152
+
+
+def page_data(seed: int, pages: int) -> torch.Tensor:
+    """The pages every system stores: the same bytes as peers_worker.page_bytes_of."""
+    raw = bytearray(random.Random(seed).randbytes(pages * PAGE_BYTES))
+    return torch.frombuffer(raw, dtype=torch.uint8).view(pages, PAGE_BYTES)
+
+
+def namespace_spec(pages: int, largest_request: int) -> dict[str, Any]:
+    # Room for one pass of every page plus a request: each pass evicts the last one first.
+    return {"name": NAMESPACE, **GEOMETRY, "num_pages": pages + largest_request, "vocab_size": VOCAB}
+
+
+class KvstoreSide:
+    """One request at a time through the client library; pages move as raw bytes."""
+
+    def __init__(self, kv: kvstore_client.Client) -> None:
+        self.kv = kv
+        self.ns = kv.namespace(NAMESPACE)
+        if int(self.ns.info.pool.page_bytes) != PAGE_BYTES:
+            raise BenchError(f"namespace page_bytes {self.ns.info.pool.page_bytes} != {PAGE_BYTES}")
+        self.pool = self.ns.pool  # maps (and prefaults) the pool before anything is timed
+
+    def _raw(self, slots: list[int]) -> list[torch.Tensor]:
+        return [self.pool.raw_page(s) for s in slots]
+
+    def put(self, tokens: list[int], src: torch.Tensor) -> None:
+        with self.kv.allocate(self.ns, max_tokens=len(tokens)) as seq:
+            writable = seq.append(tokens).writable_pages
+            if len(writable) != len(src):
+                raise BenchError(f"put: {len(writable)} writable pages for {len(src)}")
+            for page, s in zip(self._raw([p.slot for p in writable]), src, strict=True):
+                page.copy_(s)
+            seq.commit()
+
+    def get(self, tokens: list[int], dst: torch.Tensor) -> None:
+        with self.kv.lookup(self.ns, tokens, pin=True) as hit:
+            pages = self._raw(hit.slots)
+            if len(pages) != len(dst):
+                raise BenchError(f"get: {len(pages)} pages hit of {len(dst)}")
+            for d, page in zip(dst, pages, strict=True):
+                d.copy_(page)
+
+    def get_views(self, tokens: list[int]) -> int:
+        """The zero-copy get: the pinned pages' views, nothing copied."""
+        with self.kv.lookup(self.ns, tokens, pin=True) as hit:
+            return len(hit.views())
+
+    def clear(self) -> None:
+        self.kv.evict(NAMESPACE, all=True)
+
+
+def measure_kvstore(
+    side: KvstoreSide, src: torch.Tensor, sizes: list[int], repeat: int, rng: random.Random
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds a pass (all pages) for put, get and zero-copy get, per request size."""
+    n = len(src)
+    dst = torch.zeros_like(src)
+    out: dict[str, dict[str, list[float]]] = {"put_s": {}, "get_s": {}, "get_zero_copy_s": {}}
+    for k in sizes:
+        spans = [(i, min(i + k, n)) for i in range(0, n, k)]
+        for rep in range(repeat + 1):  # the first pass warms up
+            prompts = [[rng.randrange(VOCAB) for _ in range((b - a) * PAGE_TOKENS)] for a, b in spans]
+            dst.zero_()
+            t0 = time.perf_counter()
+            for tokens, (a, b) in zip(prompts, spans, strict=True):
+                side.put(tokens, src[a:b])
+            t1 = time.perf_counter()
+            for tokens, (a, b) in zip(prompts, spans, strict=True):
+                side.get(tokens, dst[a:b])
+            t2 = time.perf_counter()
+            for tokens in prompts:
+                side.get_views(tokens)
+            t3 = time.perf_counter()
+            if not torch.equal(dst, src):
+                raise BenchError(f"kvstore, {k} pages a request: the bytes read back differ")
+            side.clear()
+            if rep:
+                for key, t in (("put_s", t1 - t0), ("get_s", t2 - t1), ("get_zero_copy_s", t3 - t2)):
+                    out[key].setdefault(str(k), []).append(t)
+    return out
+
+
+def measure_memcpy(src: torch.Tensor, sizes: list[int], repeat: int) -> dict[str, list[float]]:
+    """Seconds to copy all pages, k pages a copy, into a warm preallocated buffer."""
+    n, dst = len(src), torch.empty_like(src)
+    out: dict[str, list[float]] = {}
+    for k in sizes:
+        for rep in range(repeat + 1):
+            t0 = time.perf_counter()
+            for a in range(0, n, k):
+                dst[a : a + k].copy_(src[a : a + k])
+            if rep:
+                out.setdefault(str(k), []).append(time.perf_counter() - t0)
+    return out
