@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint proto bench clean
+.PHONY: run test lint proto bench peers clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -35,5 +35,21 @@ bench: $(STAMP)
 	$(VENV)/bin/kvstore-bench pageio
 	$(VENV)/bin/kvstore-bench rpc
 
+# The peers of `kvstore-bench peers` (BENCHMARKS.md#peers): Debian's redis-server and the
+# RDMA libraries Mooncake's wheel links against, and a venv of their Python clients of its own
+# (the benchmark runs them in subprocesses through it; the project is not installed there).
+PEERS_VENV ?= build/peers-venv
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP):
+	command -v redis-server >/dev/null && ldconfig -p | grep -q librdmacm.so.1 || \
+		apt-get install -y libibverbs1 librdmacm1 redis-server
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet \
+		mooncake-transfer-engine-non-cuda==0.3.13.post1 redis==8.1.0 hiredis==3.5.0
+	touch $(PEERS_STAMP)
+
+peers: $(STAMP) $(PEERS_STAMP)
+	$(VENV)/bin/kvstore-bench peers --peers-python $(PEERS_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -20,7 +20,7 @@ A peer that cannot run is skipped with the reason in the output; ratios against 
 Both orders run (`--rounds`, default 2): kvstore first, then peers first, so a warm-up or
 ordering bias shows as a difference between `by_order` entries. GB/s = pages x page bytes /
 seconds of a pass, median of the passes of a round (`--repeat`), mean over the rounds.
-`make peers` installs the peers (.venv-peers, Debian packages) and runs this.
+`make peers` installs the peers (build/peers-venv, Debian packages) and runs this.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ from .harness import (
     system_busy_seconds,
 )
 
-PEERS = ("mooncake", "redis-unix", "redis-tcp")
+PEERS = ("mooncake", "redis-unix", "redis-tcp", "lmcache")
 GOALS = {"mooncake": {1: 1.0, 16: 1.25, 64: 1.25}, "redis": {16: 10.0, 64: 10.0}}
 WORKER = Path(__file__).with_name("peers_worker.py")
-DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-peers" / "bin" / "python"
+DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / "build" / "peers-venv" / "bin" / "python"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--peers-python",
         default=os.environ.get("KVSTORE_BENCH_PEERS_PYTHON", str(DEFAULT_PYTHON)),
-        help="python of the venv with the peers' clients (default .venv-peers/bin/python)",
+        help="python of the venv with the peers' clients (default build/peers-venv/bin/python)",
     )
     p.add_argument("--peers", default=",".join(PEERS), help=f"peers to run (default {','.join(PEERS)})")
 
@@ -191,9 +191,10 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]], peers: lis
             tag = "mooncake" if peer == "mooncake" else peer.replace("-", "_")
             pv = view.get(peer) or {}
             for op in ("put", "get"):
-                for k in sizes:
+                # The sizes the goals name are always keys (null when not measured).
+                for k in sorted({*sizes, *map(str, GOALS["mooncake"])}, key=int):
                     their = pv.get(f"{op}_gbps", {}).get(k)
-                    out[f"{op}_vs_{tag}_{k}"] = ratio(kv[f"{op}_gbps"][k], their)
+                    out[f"{op}_vs_{tag}_{k}"] = ratio(kv[f"{op}_gbps"].get(k), their)
         redis = [v for key, v in out.items() if "_vs_redis_" in key and key.rsplit("_", 1)[1] in ("16", "64")]
         out["vs_redis_min"] = None if not redis or None in redis else min(v for v in redis if v is not None)
         return out

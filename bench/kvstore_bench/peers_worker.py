@@ -1,5 +1,5 @@
 """One peer of `kvstore-bench peers`, measured in its own process (run with the peers venv's
-python: `.venv-peers/bin/python bench/kvstore_bench/peers_worker.py SYSTEM ...`).
+python: `build/peers-venv/bin/python bench/kvstore_bench/peers_worker.py SYSTEM ...`).
 
 Standard library only at import time, so it runs under any python; the peer's client package
 is imported when measured, and a missing one is reported as a reason, never faked. Starts the
@@ -15,6 +15,7 @@ in requests of k pages into a preallocated buffer, checks the bytes, and clears 
   holds the data), protocol tcp (local transfers are memcpy), metadata P2PHANDSHAKE, a
   mooncake_master child. put = batch_put_from (registered source buffer), get =
   batch_get_into (registered destination buffer): one call a request each way.
+- lmcache: always skipped, with the reason (see LMCACHE_REASON).
 - redis-unix / redis-tcp: redis-server child (no persistence), redis-py (hiredis if present),
   a non-transactional pipeline of k SETs / k GETs a request; get copies each value into the
   destination buffer.
@@ -38,6 +39,23 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 Batch = list[int]  # page indices of one request
+
+LMCACHE_REASON = (
+    "its MP server (lmcache.v1.multiprocess) moves KV between its storage and an engine's "
+    "registered KV-cache tensors (register the engine's caches by IPC handle, then store/retrieve "
+    "by block ids); it has no put/get of bytes from client memory to time against these pages on "
+    "a CPU-only machine"
+)
+
+
+def lmcache_reason() -> str:
+    try:
+        import lmcache  # noqa: F401
+    except ImportError as e:
+        return f"lmcache is not installed in this venv ({e}); " + LMCACHE_REASON
+    from importlib.metadata import version
+
+    return f"lmcache {version('lmcache')} installs, but " + LMCACHE_REASON
 
 
 def free_port() -> int:
@@ -217,13 +235,16 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("system", choices=["mooncake", "redis-unix", "redis-tcp"])
+    p.add_argument("system", choices=["mooncake", "redis-unix", "redis-tcp", "lmcache"])
     p.add_argument("--pages", type=int, required=True)
     p.add_argument("--page-bytes", type=int, required=True)
     p.add_argument("--sizes", required=True, type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.system == "lmcache":
+        print(json.dumps({"available": False, "reason": lmcache_reason(), "python": sys.executable}))
+        return 0
     src = page_bytes_of(a.seed, a.pages, a.page_bytes)
     dst = bytearray(len(src))
     with tempfile.TemporaryDirectory(prefix="kvsb-peer-") as tmp:

@@ -1,0 +1,41 @@
+"""`kvstore-bench peers` at tiny sizes: kvstore's side against its own daemon and the memcpy
+baseline, the peers skipped for want of their venv (a reason each, null ratios, never a
+number), both orders, and the JSON keys the issue names."""
+
+from __future__ import annotations
+
+import json
+
+from kvstore_bench.cli import main
+from kvstore_bench.peers_kvstore import GEOMETRY, PAGE_BYTES
+
+
+def test_page_geometry_is_one_smollm2_page():
+    g = GEOMETRY
+    assert (
+        g["num_layers"] * 2 * g["page_tokens"] * g["num_kv_heads"] * g["head_dim"] * 4
+        == PAGE_BYTES
+        == 737_280
+    )
+
+
+def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, capsys):
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    argv = ["peers", "--json", "--pages", "4", "--sizes", "1,4", "--repeat", "1", "--rounds", "2"]
+    assert main([*argv, "--peers-python", str(missing)]) == 0
+    r = json.loads(capsys.readouterr().out)
+
+    for key in ("put_vs_mooncake_1", "get_vs_mooncake_1", "put_vs_mooncake_16", "get_vs_mooncake_16"):
+        assert key in r and r[key] is None
+    assert r["vs_redis_min"] is None
+    assert r["goals"]["vs_redis_min"]["met"] is None
+    for peer in ("mooncake", "redis-unix", "redis-tcp", "lmcache"):
+        assert r["systems"][peer]["available"] is False
+        assert str(missing) in r["systems"][peer]["reason"]
+    kv, memcpy = r["systems"]["kvstore"], r["systems"]["memcpy"]
+    for size in ("1", "4"):
+        assert memcpy["copy_gbps"][size] > 0
+        for op in ("put_gbps", "get_gbps", "get_zero_copy_gbps"):
+            assert kv[op][size] > 0
+    assert [o["order"][0] for o in r["by_order"]] == ["kvstore", "mooncake"]
+    assert r["config"]["page_bytes"] == 737_280
