@@ -134,6 +134,12 @@ class ServerConfig:
     )
     lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", _in_range(0.5))
     lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", _in_range(0.5))
+    pin_ttl_max_s: float = _key(
+        2.0,
+        "longest life of a lookup's self-ending pin (LookupRequest.pin_ttl_ms; seconds): its pages cannot "
+        "be evicted meanwhile",
+        _in_range(0.001, 60),
+    )
     max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", _in_range(1, _U32_MAX))
     max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", _positive, size=True)
     max_sessions: int = _key(4096, "most sessions open at once", _positive)
@@ -240,6 +246,7 @@ class Config:
             lease_ttl_max_s=s.lease_ttl_max_s,
             max_sessions=s.max_sessions,
             max_extra_keys_bytes=s.max_extra_keys_bytes,
+            pin_ttl_max_s=s.pin_ttl_max_s,
         )
 
     def namespace_specs(self) -> list[NamespaceSpec]:

@@ -8,7 +8,8 @@ from . import aio, errors
 from ._wire import namespace_spec
 from .aio import AsyncClient, AsyncLookup, AsyncSequence
 from .client import Client, Lookup, Sequence, connect
-from .errors import KVStoreClientError
+from .errors import KVStoreClientError, PinExpired
+from .fastpath import GetResult, PutResult
 from .namespace import Namespace
 from .pool import PoolMapping, dtype_name, torch_dtype, wire_dtype
 from .readiness import wait_until_serving
@@ -39,14 +40,17 @@ __all__ = [
     "CommitResult",
     "EvictResult",
     "FlushResult",
+    "GetResult",
     "KVStoreClientError",
     "Lookup",
     "Namespace",
     "NamespaceStats",
     "Page",
     "PageState",
+    "PinExpired",
     "PoolMapping",
     "PreemptResult",
+    "PutResult",
     "ReleaseResult",
     "Sequence",
     "SequenceOptions",

@@ -26,6 +26,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _core, _wire
 from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
+from ._fast_api import AsyncFastPath
 from .errors import KVStoreClientError
 from .namespace import Namespace, pool_moved
 from .pool import SHM_DIR
@@ -127,7 +128,7 @@ class AsyncLookup(LookupBase, _AsyncReleaseOnExit):
         return await self._client._run(self._wait_call(pages))
 
 
-class AsyncClient(ClientCore):
+class AsyncClient(AsyncFastPath, ClientCore):
     """One session with the daemon, for asyncio. Build it with `await aio.connect()`;
     use it from the loop that built it. Method docs: `kvstore_client.Client`."""
 

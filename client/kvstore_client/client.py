@@ -37,6 +37,7 @@ from ._core import (
     log,
     make_stubs,
 )
+from ._fast_api import FastPath
 from .errors import KVStoreClientError
 from .namespace import Namespace, pool_moved
 from .pool import SHM_DIR
@@ -135,7 +136,7 @@ class Lookup(LookupBase, _ReleaseOnExit):
         return self._client._run(self._wait_call(pages))
 
 
-class Client(ClientCore):
+class Client(FastPath, ClientCore):
     """One session with the daemon. Build it with `connect()`.
 
     Thread-safe for calls; each `Sequence`/`Lookup` is driven by one thread.

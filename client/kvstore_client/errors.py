@@ -91,12 +91,28 @@ class ShuttingDown(Unavailable, SessionLost):
 SHUTTING_DOWN = "daemon shutting down"  # the daemon's message; kvstore/server/edge.py
 
 
+class PinExpired(KVStoreClientError):
+    """A get copied its pages out after its pin's deadline (`LookupRequest.pin_ttl_ms`): the
+    daemon may have freed and reused those pages meanwhile, so the bytes were not returned.
+    Retry (with a longer `pin_ttl_s`, or fewer pages a call)."""
+
+
 class PoolError(KVStoreClientError):
     """A namespace's pool cannot be mapped (missing segment, inconsistent descriptor)."""
 
 
 class UnsupportedDevice(PoolError, NotImplementedError):
     """The pool lives on a device this client cannot map yet (CUDA IPC is future work)."""
+
+
+def from_status(code: int, details: str) -> KVStoreClientError:
+    """The typed error for a status a batch call answers one of its items with (`ItemStatus`)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    if status is None:
+        return KVStoreClientError(f"status code {code}: {details}")
+    if status == grpc.StatusCode.UNAVAILABLE and details.startswith(SHUTTING_DOWN):
+        return ShuttingDown(details, code=status)
+    return _BY_CODE.get(status, KVStoreClientError)(details or status.value[1], code=status)
 
 
 def from_rpc_error(err: grpc.RpcError) -> KVStoreClientError:

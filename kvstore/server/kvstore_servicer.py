@@ -15,6 +15,7 @@ from kvstore import __version__
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
 from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
+from kvstore.server.fast_servicer import FastPathServicer, lookup_reply
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
@@ -23,7 +24,7 @@ from kvstore.store.types import PreemptMode, SequenceView
 Ctx = grpc.aio.ServicerContext
 
 
-class KVStoreServicer(pb_grpc.KVStoreServicer):
+class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
     def __init__(self, store: Store, edge: EdgeCounts | None = None) -> None:
         self.store = store
         self.edge = edge or EdgeCounts()
@@ -158,24 +159,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
-        r = await waits.lookup(
-            self.store,
-            request.session_id,
-            request.namespace,
-            request.token_ids,
-            request.extra_keys,
-            request.pin,
-            request.model_fingerprint,
-            request.return_in_flight,
-        )
-        return pb.LookupResponse(
-            hit_tokens=r.hit_tokens,
-            slots=r.slots,
-            block_hashes=b"".join(r.block_hashes),
-            pin_id=r.pin_id,
-            ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
-            pool_epoch=namespaces.namespace_epoch(self.store, request.namespace),
-        )
+        return await lookup_reply(self.store, request)
 
     @grpc_errors
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:

@@ -35,6 +35,7 @@ from kvstore.policy import make_policy
 from kvstore.store import lookup as lookups
 from kvstore.store import preempt, sequences, validate
 from kvstore.store.namespace import GoneKind, Namespace
+from kvstore.store.pin_deadlines import PinDeadlines
 from kvstore.store.session_table import SessionTable
 from kvstore.store.sessions import Pin, Sequence, Session, SwapInTicket
 from kvstore.store.tiering.promotion import Promotion
@@ -73,6 +74,7 @@ class Store:
         self.namespaces: dict[str, Namespace] = {}  # loop-owned
         self.table = SessionTable(limits, clock)
         self.sessions = self.table.sessions  # loop-owned: session id -> Session
+        self.pin_deadlines = PinDeadlines()  # pins that end by themselves (LookupRequest.pin_ttl_ms)
         if tiers is not None:
             tiers.on_lost = self._page_lost
 
@@ -168,10 +170,24 @@ class Store:
         return ReleaseResult(freed, unpinned)
 
     def reap_expired(self) -> list[int]:
+        self.reap_pins()
         expired = self.table.expired()
         for sid in expired:
             self.close_session(sid, "lease expired")
         return expired
+
+    def reap_pins(self) -> int:
+        """Release the pins whose deadline has passed (run by the reaper's tick, and first by
+        every call that may need room); how many."""
+        n = 0
+        for sid, pin_id in self.pin_deadlines.due():
+            session = self.sessions.get(sid)
+            pin = session.pins.get(pin_id) if session is not None else None
+            if pin is not None:  # (else released already, or with its session)
+                self.release_held_pin(session, pin)
+                n += 1
+        self.pin_deadlines.expired += n
+        return n
 
     def session_infos(self) -> list[SessionInfo]:
         return self.table.infos()
@@ -193,6 +209,7 @@ class Store:
         options: SequenceOptions | None = None,
         model_fingerprint: str = "",
     ) -> tuple[int, int]:
+        self.reap_pins()
         session = self.table.get(sid)
         ns = self.namespace(namespace)
         return sequences.allocate(
@@ -207,6 +224,7 @@ class Store:
         )
 
     def append(self, sid: int, seq_id: int, token_ids: Seq[int]) -> AppendResult:
+        self.reap_pins()
         session, seq = self._live_sequence(sid, seq_id)
         return sequences.append(session, seq, self.limits, token_ids)
 
@@ -291,6 +309,7 @@ class Store:
             raise InvalidArgument(
                 "return_in_flight=true needs pin=true: an unpinned page may be evicted before it is read"
             )
+        self.reap_pins()  # (promotions may need room)
         session = self.table.get(sid) if sid else None
         ns = self.namespace(namespace)
         ns.check_model(model_fingerprint)

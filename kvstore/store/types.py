@@ -60,6 +60,7 @@ class StoreLimits:
     lease_ttl_max_s: float = 300.0
     max_sessions: int = 4096
     max_extra_keys_bytes: int = 1024
+    pin_ttl_max_s: float = 2.0  # longest pin_ttl_ms a lookup gets (its pages unevictable meanwhile)
 
 
 @dataclass(frozen=True)

@@ -356,7 +356,7 @@ class ReportImportanceResponse(_message.Message):
     def __init__(self, pages_held: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint", "return_in_flight")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint", "return_in_flight", "pin_ttl_ms", "release_pin_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +364,8 @@ class LookupRequest(_message.Message):
     PIN_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RETURN_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PIN_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -371,23 +373,29 @@ class LookupRequest(_message.Message):
     pin: bool
     model_fingerprint: str
     return_in_flight: bool
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., return_in_flight: _Optional[bool] = ...) -> None: ...
+    pin_ttl_ms: int
+    release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., return_in_flight: _Optional[bool] = ..., pin_ttl_ms: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes", "ready_pages", "pool_epoch")
+    __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes", "ready_pages", "pool_epoch", "pin_ttl_ms", "pin_deadline_ns")
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     READY_PAGES_FIELD_NUMBER: _ClassVar[int]
     POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PIN_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    PIN_DEADLINE_NS_FIELD_NUMBER: _ClassVar[int]
     hit_tokens: int
     pin_id: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     block_hashes: bytes
     ready_pages: int
     pool_epoch: int
-    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ..., ready_pages: _Optional[int] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
+    pin_ttl_ms: int
+    pin_deadline_ns: int
+    def __init__(self, hit_tokens: _Optional[int] = ..., pin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[bytes] = ..., ready_pages: _Optional[int] = ..., pool_epoch: _Optional[int] = ..., pin_ttl_ms: _Optional[int] = ..., pin_deadline_ns: _Optional[int] = ...) -> None: ...
 
 class WaitPagesRequest(_message.Message):
     __slots__ = ("session_id", "pin_id", "pages")
@@ -454,6 +462,142 @@ class ReleaseResponse(_message.Message):
     pages_freed: int
     pages_unpinned: int
     def __init__(self, pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "max_tokens", "options", "model_fingerprint", "release_pin_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    namespace: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    extra_keys: bytes
+    max_tokens: int
+    options: SequenceOptions
+    model_fingerprint: str
+    release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., max_tokens: _Optional[int] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., release_pin_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("sequence_id", "reserved_pages", "num_tokens", "pages", "cached_tokens", "dropped_indices", "pool_epoch")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_INDICES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    reserved_pages: int
+    num_tokens: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    cached_tokens: int
+    dropped_indices: _containers.RepeatedScalarFieldContainer[int]
+    pool_epoch: int
+    def __init__(self, sequence_id: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
+
+class SealRequest(_message.Message):
+    __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots", "release")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    sequence_id: int
+    num_tokens: int
+    written_slots: _containers.RepeatedScalarFieldContainer[int]
+    release: bool
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ..., release: _Optional[bool] = ...) -> None: ...
+
+class SealResponse(_message.Message):
+    __slots__ = ("sealed_pages", "deduplicated_pages", "pages", "pool_epoch", "pages_freed", "pages_unpinned")
+    SEALED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FREED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_UNPINNED_FIELD_NUMBER: _ClassVar[int]
+    sealed_pages: int
+    deduplicated_pages: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    pool_epoch: int
+    pages_freed: int
+    pages_unpinned: int
+    def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pool_epoch: _Optional[int] = ..., pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ...) -> None: ...
+
+class ItemStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class BatchLookupRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[LookupRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[LookupRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchLookupItem(_message.Message):
+    __slots__ = ("status", "reply")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    status: ItemStatus
+    reply: LookupResponse
+    def __init__(self, status: _Optional[_Union[ItemStatus, _Mapping]] = ..., reply: _Optional[_Union[LookupResponse, _Mapping]] = ...) -> None: ...
+
+class BatchLookupResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchLookupItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchLookupItem, _Mapping]]] = ...) -> None: ...
+
+class BatchReserveRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReserveRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[ReserveRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchReserveItem(_message.Message):
+    __slots__ = ("status", "reply")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    status: ItemStatus
+    reply: ReserveResponse
+    def __init__(self, status: _Optional[_Union[ItemStatus, _Mapping]] = ..., reply: _Optional[_Union[ReserveResponse, _Mapping]] = ...) -> None: ...
+
+class BatchReserveResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchReserveItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchReserveItem, _Mapping]]] = ...) -> None: ...
+
+class BatchSealRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SealRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[SealRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchSealItem(_message.Message):
+    __slots__ = ("status", "reply")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    status: ItemStatus
+    reply: SealResponse
+    def __init__(self, status: _Optional[_Union[ItemStatus, _Mapping]] = ..., reply: _Optional[_Union[SealResponse, _Mapping]] = ...) -> None: ...
+
+class BatchSealResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchSealItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchSealItem, _Mapping]]] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
     __slots__ = ("namespace", "all", "prefix", "bytes")

@@ -1,0 +1,174 @@
+"""The fast path's RPCs (Reserve, Seal, the batches): convert, call kvstore/store/fastpath.py,
+convert. A batch runs its items one after another, each as its own call would, and answers
+each with its reply or the status that call would have failed with."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.server import convert
+from kvstore.server.status import grpc_errors, status_and_message
+from kvstore.store import fastpath, namespaces
+from kvstore.store.store import Store
+
+Ctx = grpc.aio.ServicerContext
+MAX_BATCH_ITEMS = 1024  # one batch is one engine step's requests, not a bulk load
+
+
+async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResponse:
+    """One Lookup, as the Lookup RPC and each BatchLookup item answer it."""
+    fastpath.release_pins(store, request.session_id, request.release_pin_ids)
+    r, ttl_ms, deadline_ns = await fastpath.lookup(
+        store,
+        request.session_id,
+        request.namespace,
+        request.token_ids,
+        request.extra_keys,
+        request.pin,
+        request.model_fingerprint,
+        request.return_in_flight,
+        request.pin_ttl_ms,
+    )
+    return pb.LookupResponse(
+        hit_tokens=r.hit_tokens,
+        slots=r.slots,
+        block_hashes=b"".join(r.block_hashes),
+        pin_id=r.pin_id,
+        ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
+        pool_epoch=namespaces.namespace_epoch(store, request.namespace),
+        pin_ttl_ms=ttl_ms,
+        pin_deadline_ns=deadline_ns,
+    )
+
+
+def _reserve_reply(store: Store, request: pb.ReserveRequest) -> pb.ReserveResponse:
+    fastpath.release_pins(store, request.session_id, request.release_pin_ids)
+    seq_id, reserved, r = fastpath.reserve(
+        store,
+        request.session_id,
+        request.namespace,
+        request.token_ids,
+        request.extra_keys,
+        request.max_tokens,
+        convert.sequence_options(request.options),
+        request.model_fingerprint,
+    )
+    reply = pb.ReserveResponse(
+        sequence_id=seq_id,
+        reserved_pages=reserved,
+        num_tokens=r.num_tokens,
+        cached_tokens=r.cached_tokens,
+        dropped_indices=r.dropped,
+        pool_epoch=namespaces.namespace_epoch(store, request.namespace),
+    )
+    convert.add_page_refs(reply.pages, r.pages)
+    return reply
+
+
+def _seal_reply(store: Store, request: pb.SealRequest) -> pb.SealResponse:
+    # The epoch first: a released sequence is no longer there to ask.
+    epoch = namespaces.sequence_epoch(store, request.session_id, request.sequence_id)
+    committed, released = fastpath.seal(
+        store,
+        request.session_id,
+        request.sequence_id,
+        request.num_tokens,
+        request.written_slots,
+        request.release,
+    )
+    reply = pb.SealResponse(
+        sealed_pages=committed.sealed_pages,
+        deduplicated_pages=committed.deduplicated_pages,
+        pool_epoch=epoch,
+        pages_freed=released.pages_freed,
+        pages_unpinned=released.pages_unpinned,
+    )
+    convert.add_page_refs(reply.pages, committed.moved)
+    return reply
+
+
+async def _batch(
+    items: Any, run: Callable[[Any], Awaitable[Any]], undo: Callable[[Any, Any], None]
+) -> list[tuple[pb.ItemStatus, Any]]:
+    """Run each item; a domain error answers that item only. If the call itself ends (its
+    deadline, a cancel, a bug), `undo` gives back what the finished items took (nobody
+    will learn their ids)."""
+    if len(items) > MAX_BATCH_ITEMS:
+        raise InvalidArgument(f"items has {len(items)} entries; a batch takes at most {MAX_BATCH_ITEMS}")
+    done: list[tuple[pb.ItemStatus, Any]] = []
+    try:
+        for item in items:
+            try:
+                done.append((pb.ItemStatus(), await run(item)))
+            except (KVStoreError, OSError) as e:
+                code, message = status_and_message(e)
+                if code == grpc.StatusCode.INTERNAL:
+                    raise
+                done.append((pb.ItemStatus(code=code.value[0], message=message), None))
+    except BaseException:
+        for item, (_status, reply) in zip(items, done, strict=False):
+            if reply is not None:
+                with contextlib.suppress(KVStoreError):  # (its session ended meanwhile)
+                    undo(item, reply)
+        raise
+    return done
+
+
+class FastPathServicer:
+    """Mixed into KVStoreServicer."""
+
+    store: Store
+
+    @grpc_errors
+    async def Reserve(self, request: pb.ReserveRequest, context: Ctx) -> pb.ReserveResponse:
+        return _reserve_reply(self.store, request)
+
+    @grpc_errors
+    async def Seal(self, request: pb.SealRequest, context: Ctx) -> pb.SealResponse:
+        return _seal_reply(self.store, request)
+
+    @grpc_errors
+    async def BatchLookup(self, request: pb.BatchLookupRequest, context: Ctx) -> pb.BatchLookupResponse:
+        store = self.store
+
+        async def run(item: pb.LookupRequest) -> pb.LookupResponse:
+            return await lookup_reply(store, item)
+
+        def undo(item: pb.LookupRequest, reply: pb.LookupResponse) -> None:
+            if reply.pin_id:
+                store.release_pin(item.session_id, reply.pin_id)
+
+        done = await _batch(request.items, run, undo)
+        return pb.BatchLookupResponse(items=[pb.BatchLookupItem(status=s, reply=r) for s, r in done])
+
+    @grpc_errors
+    async def BatchReserve(self, request: pb.BatchReserveRequest, context: Ctx) -> pb.BatchReserveResponse:
+        store = self.store
+
+        async def run(item: pb.ReserveRequest) -> pb.ReserveResponse:
+            return _reserve_reply(store, item)
+
+        def undo(item: pb.ReserveRequest, reply: pb.ReserveResponse) -> None:
+            store.release_sequence(item.session_id, reply.sequence_id)
+
+        done = await _batch(request.items, run, undo)
+        return pb.BatchReserveResponse(items=[pb.BatchReserveItem(status=s, reply=r) for s, r in done])
+
+    @grpc_errors
+    async def BatchSeal(self, request: pb.BatchSealRequest, context: Ctx) -> pb.BatchSealResponse:
+        store = self.store
+
+        async def run(item: pb.SealRequest) -> pb.SealResponse:
+            return _seal_reply(store, item)
+
+        def undo(item: pb.SealRequest, reply: pb.SealResponse) -> None:
+            pass  # a seal gives back nothing: its pages are visible, as the item's call would leave them
+
+        done = await _batch(request.items, run, undo)
+        return pb.BatchSealResponse(items=[pb.BatchSealItem(status=s, reply=r) for s, r in done])

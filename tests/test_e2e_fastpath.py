@@ -1,0 +1,215 @@
+"""The fast path through the real daemon (docs/api.md, "The fast path"): a put is two RPCs
+(Reserve, Seal) and visible to another process when it returns; a get is one RPC (Lookup with
+a self-ending pin) that copies the right bytes, and never returns bytes copied after its pin's
+deadline; such a pin is reaped once past it and its pages can be evicted; a Reserve that fails
+half-way leaves nothing; a batch answers each item on its own. RPCs are counted by a client
+interceptor on the channel the client library uses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import kvstore_client
+import numpy as np
+import pytest
+from e2e_helpers import Raw, Worker, assert_status, page_content_bytes, page_tokens_of, prompt, wait_until
+from kvstore_client import PinExpired
+from kvstore_client.errors import InvalidArgument, ResourceExhausted
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages
+T = 4
+TOTAL = 64
+IDLE = {"pages_reserved": 0, "pages_pinned": 0, "sequences": 0}
+
+
+class Counter(grpc.UnaryUnaryClientInterceptor):
+    """The unary RPCs a client sends, by method name."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.calls.append(details.method.rsplit("/", 1)[-1])
+        return continuation(details, request)
+
+
+@pytest.fixture
+def counted(daemon):
+    """(a client whose channel counts RPCs, the counter), namespace already fetched."""
+    counter = Counter()
+    channel = grpc.intercept_channel(grpc.insecure_channel(daemon.target), counter)
+    client = kvstore_client.Client(channel, daemon.target)
+    try:
+        client.open("counted")
+        client.namespace(NS)
+        counter.calls.clear()
+        yield client, counter
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def raw(daemon):
+    with Raw(daemon.target) as r:
+        yield r
+
+
+def kv_bytes(tokens: list[int], shape: tuple[int, ...]) -> bytes:
+    """page_content of every page of `tokens`, concatenated (page i at i * page_bytes)."""
+    pages = -(-len(tokens) // T)
+    return b"".join(page_content_bytes(i, page_tokens_of(tokens, i, T), shape) for i in range(pages))
+
+
+def idle(counts: dict[str, int]) -> dict[str, int]:
+    return {k: counts[k] for k in IDLE}
+
+
+def test_a_put_is_reserve_and_seal_and_another_process_reads_it_back(daemon, counted, raw) -> None:
+    kv, counter = counted
+    ns = kv.namespace(NS)
+    tokens = prompt(3 * T + 2, seed=1)  # three full pages and a partial one
+    res = kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+    assert counter.calls == ["Reserve", "Seal"]
+    assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 3, 0)
+    assert idle(raw.counts(NS)) == IDLE, "the put's sequence is released by its Seal"
+    with Worker("reader") as other:
+        other.call("connect", target=daemon.target)
+        found = other.call("lookup", namespace=NS, tokens=tokens)
+        assert found["hit_tokens"] == 3 * T
+        assert other.call("verify", namespace=NS, tokens=tokens, slots=found["slots"])["mismatched"] == []
+
+    counter.calls.clear()  # again, the full pages: all cached now, nothing to write
+    again = kv.put(NS, tokens[: 3 * T], lambda pages, views: pytest.fail(f"nothing to write, got {pages}"))
+    assert (again.written_pages, again.cached_tokens, again.sealed_pages) == (0, 3 * T, 0)
+    assert counter.calls == ["Reserve", "Seal"]
+
+
+def test_a_get_is_one_lookup_and_copies_the_right_bytes(daemon, counted, raw) -> None:
+    kv, counter = counted
+    ns = kv.namespace(NS)
+    tokens = prompt(3 * T, seed=2)
+    with Worker("writer") as other:
+        other.call("connect", target=daemon.target)
+        other.call("write_prompt", namespace=NS, tokens=tokens, release=True)
+    out = np.zeros(4 * ns.pool.page_bytes, dtype=np.uint8)
+    hit = kv.get(NS, [*tokens, 7], out)
+    assert counter.calls == ["Lookup"]
+    assert (hit.hit_tokens, hit.pages) == (3 * T, 3)
+    assert out[: 3 * ns.pool.page_bytes].tobytes() == kv_bytes(tokens, ns.page_shape)
+    assert hit.data.numpy().tobytes() == kv_bytes(tokens, ns.page_shape)
+    assert raw.counts(NS)["pages_pinned"] == 3, "pinned until the next call or its deadline"
+    # The next call releases the pin the client is done with: no Release RPC.
+    miss = kv.get(NS, prompt(T, seed=3))
+    assert counter.calls == ["Lookup", "Lookup"]
+    assert miss.hit_tokens == 0 and len(miss.data) == 0
+    assert raw.counts(NS)["pages_pinned"] == 0
+
+
+def test_a_copy_that_ends_after_the_pins_deadline_raises_pin_expired(counted) -> None:
+    kv, counter = counted
+    ns = kv.namespace(NS)
+    tokens = prompt(2 * T, seed=4)
+    kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+
+    def outlast(ttl_ns: int) -> Any:
+        def hook() -> None:
+            # The copy is done, so the daemon took the pin before `start`: its deadline is
+            # before start + ttl. Wait for the clock to pass that (no sleep: the clock itself).
+            start = time.monotonic_ns()
+            while time.monotonic_ns() <= start + ttl_ns:
+                pass
+
+        return hook
+
+    with pytest.raises(PinExpired, match="after the pin's deadline"):
+        kv.get(NS, tokens, pin_ttl_s=0.001, after_copy=outlast(1_000_000))
+    # The same get whose copy ends in time returns the bytes.
+    hit = kv.get(NS, tokens, pin_ttl_s=2.0, after_copy=lambda: None)
+    assert hit.data.numpy().tobytes() == kv_bytes(tokens, ns.page_shape)
+    assert hit.pin_deadline_ns > time.monotonic_ns()
+
+
+def test_a_pin_past_its_deadline_is_reaped_and_its_pages_evicted_under_pressure(daemon, raw) -> None:
+    with (
+        kvstore_client.connect(daemon.target, client_name="writer") as writer,
+        kvstore_client.connect(daemon.target, client_name="getter") as getter,
+    ):
+        shape = writer.namespace(NS).page_shape
+        held = prompt(40 * T, seed=5)
+        writer.put(NS, held, kv_bytes(held, shape))
+        hit = getter.get(NS, held, pin_ttl_s=1.5)  # getter makes no other call: only the deadline ends it
+        assert hit.pages == 40 and raw.counts(NS)["pages_pinned"] == 40
+        big = prompt(40 * T, seed=6)  # needs 40 pages: only 24 are free or evictable while pinned
+        with pytest.raises(ResourceExhausted):
+            writer.put(NS, big, kv_bytes(big, shape))
+        assert time.monotonic_ns() < hit.pin_deadline_ns, "the refusal must have come before the deadline"
+        wait_until(time.monotonic_ns, lambda now: now > hit.pin_deadline_ns, timeout=5, what="the deadline")
+        before = raw.stats(NS)[0].evictions
+        res = writer.put(NS, big, kv_bytes(big, shape))  # the expired pin is reaped, its pages evicted
+        assert res.sealed_pages == 40
+        assert raw.stats(NS)[0].evictions - before >= 16
+        assert raw.counts(NS)["pages_pinned"] == 0
+        # The reaper's tick alone also ends a pin (no call that needs room comes).
+        hit = getter.get(NS, big, pin_ttl_s=0.05)
+        assert hit.pages == 40
+        wait_until(lambda: raw.counts(NS)["pages_pinned"], lambda n: n == 0, timeout=5, what="the reaper")
+
+
+def test_a_reserve_that_fails_half_way_leaves_nothing(daemon, counted, raw) -> None:
+    kv, _ = counted
+    shape = kv.namespace(NS).page_shape
+    too_big = prompt((TOTAL + 1) * T, seed=7)
+    with pytest.raises(ResourceExhausted):
+        kv.put(NS, too_big, kv_bytes(too_big, shape))
+    assert idle(raw.counts(NS)) == IDLE and raw.counts(NS)["pages_free"] == TOTAL
+    bad = [*prompt(T, seed=8), -1]
+    for max_tokens in (0, 16):
+        with pytest.raises(InvalidArgument, match="token_ids"):
+            kv.put(NS, bad, kv_bytes(bad, shape), max_tokens=max_tokens)
+        assert idle(raw.counts(NS)) == IDLE and raw.counts(NS)["pages_free"] == TOTAL
+    # The wire call itself, without the library.
+    req = pb.ReserveRequest(session_id=kv.session_id, namespace=NS, token_ids=too_big)
+    assert_status(raw.error("Reserve", req), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert idle(raw.counts(NS)) == IDLE
+
+
+def test_a_batch_answers_each_item_and_one_bad_item_fails_alone(daemon, counted, raw) -> None:
+    kv, counter = counted
+    shape = kv.namespace(NS).page_shape
+    good1, good2 = prompt(2 * T, seed=9), prompt(3 * T, seed=10)
+    bad = [1, 2, -1]
+    puts = kv.put_many(NS, [good1, bad, good2], [kv_bytes(p, shape) for p in (good1, bad, good2)])
+    assert counter.calls == ["BatchReserve", "BatchSeal"]
+    assert [type(r).__name__ for r in puts] == ["PutResult", "InvalidArgument", "PutResult"]
+    assert (puts[0].sealed_pages, puts[2].sealed_pages) == (2, 3)
+    assert idle(raw.counts(NS)) == IDLE
+
+    counter.calls.clear()
+    gets = kv.get_many(NS, [good1, bad, good2])
+    assert counter.calls == ["BatchLookup"]
+    assert isinstance(gets[1], InvalidArgument) and "token_ids" in gets[1].details
+    assert gets[0].data.numpy().tobytes() == kv_bytes(good1, shape)
+    assert gets[2].data.numpy().tobytes() == kv_bytes(good2, shape)
+    assert raw.counts(NS)["pages_pinned"] == 5
+    kv.get(NS, [0])  # releases the batch's pins
+    assert raw.counts(NS)["pages_pinned"] == 0
+
+
+def test_the_asyncio_client_puts_and_gets_the_same_way(daemon, raw) -> None:
+    async def main() -> None:
+        async with kvstore_client.aio.connect(daemon.target, client_name="aio") as kv:
+            ns = await kv.namespace(NS)
+            tokens = prompt(2 * T + 1, seed=11)
+            res = await kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+            assert res.sealed_pages == 2
+            hit = await kv.get(NS, tokens)
+            assert hit.data.numpy().tobytes() == kv_bytes(tokens[: 2 * T], ns.page_shape)
+            (r,) = await kv.get_many(NS, [tokens])
+            assert r.hit_tokens == 2 * T
+
+    asyncio.run(main())
+    assert idle(raw.counts(NS)) == IDLE
