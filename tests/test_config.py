@@ -139,6 +139,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
         "metrics": "127.0.0.1:0",
         "lease_ttl_s": "2",
         "lease_ttl_max_s": "30",
+        "pin_ttl_max_s": "0.5",
         "max_request_tokens": "9",
         "max_pool_bytes": "1GiB",
         "max_sessions": "3",
@@ -182,9 +183,10 @@ def test_store_limits_carry_every_limit() -> None:
         "KVSTORE_LEASE_TTL_MAX_S": "3",
         "KVSTORE_MAX_SESSIONS": "5",
         "KVSTORE_MAX_EXTRA_KEYS_BYTES": "7",
+        "KVSTORE_PIN_TTL_MAX_S": "0.25",
     }
     limits = cfg.load(environ=env).store_limits()
-    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7)
+    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25)
     # A limit the store gains later must get a key here too, or this stays at its default.
     defaults = StoreLimits()
     unset = [

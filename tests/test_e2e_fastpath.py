@@ -110,7 +110,7 @@ def test_a_get_is_one_lookup_and_copies_the_right_bytes(daemon, counted, raw) ->
 
 
 def test_a_copy_that_ends_after_the_pins_deadline_raises_pin_expired(counted) -> None:
-    kv, counter = counted
+    kv, _ = counted
     ns = kv.namespace(NS)
     tokens = prompt(2 * T, seed=4)
     kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
