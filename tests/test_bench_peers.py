@@ -29,7 +29,7 @@ def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, 
         assert key in r and r[key] is None
     assert r["vs_redis_min"] is None
     assert r["goals"]["vs_redis_min"]["met"] is None
-    for peer in ("mooncake", "redis-unix", "redis-tcp", "lmcache"):
+    for peer in ("mooncake", "mooncake-standalone", "redis-unix", "redis-tcp", "lmcache"):
         assert r["systems"][peer]["available"] is False
         assert str(missing) in r["systems"][peer]["reason"]
     kv, memcpy = r["systems"]["kvstore"], r["systems"]["memcpy"]

@@ -49,7 +49,7 @@ from .harness import (
     system_busy_seconds,
 )
 
-PEERS = ("mooncake", "redis-unix", "redis-tcp", "lmcache")
+PEERS = ("mooncake", "mooncake-standalone", "redis-unix", "redis-tcp", "lmcache")
 GOALS = {"mooncake": {1: 1.0, 16: 1.25, 64: 1.25}, "redis": {16: 10.0, 64: 10.0}}
 WORKER = Path(__file__).with_name("peers_worker.py")
 DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / "build" / "peers-venv" / "bin" / "python"

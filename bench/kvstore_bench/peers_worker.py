@@ -15,6 +15,8 @@ in requests of k pages into a preallocated buffer, checks the bytes, and clears 
   holds the data), protocol tcp (local transfers are memcpy), metadata P2PHANDSHAKE, a
   mooncake_master child. put = batch_put_from (registered source buffer), get =
   batch_get_into (registered destination buffer): one call a request each way.
+- mooncake-standalone: the data in a mooncake_client process (the "real client"), this one a
+  dummy client over its IPC socket and shared memory; put_batch / get_batch (bytes).
 - lmcache: always skipped, with the reason (see LMCACHE_REASON).
 - redis-unix / redis-tcp: redis-server child (no persistence), redis-py (hiredis if present),
   a non-transactional pipeline of k SETs / k GETs a request; get copies each value into the
@@ -161,6 +163,56 @@ class Mooncake:
                 time.sleep(0.02)
 
 
+class MooncakeStandalone(Mooncake):
+    """The data in a mooncake_client process of its own (the real client owning the segment);
+    this process is a dummy client talking to it over its IPC socket and shared memory.
+    put_batch / get_batch of the pages (get returns bytes, copied into the buffer)."""
+
+    def __init__(
+        self, tmp: str, pages: int, page_bytes: int, src: bytearray, dst: bytearray, largest: int
+    ) -> None:
+        super().__init__(tmp, pages, page_bytes, src, dst)
+        self.local_buffer = largest * page_bytes + (64 << 20)  # a request's bytes in transit
+        self.src_view, self.dst_view = memoryview(src), memoryview(dst)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        import mooncake
+
+        here = os.path.dirname(mooncake.__file__)
+        rpc, metrics, port = free_port(), free_port(), free_port()
+        master = [os.path.join(here, "mooncake_master"), f"-rpc_port={rpc}", f"-metrics_port={metrics}"]
+        master.append("-default_kv_lease_ttl=200")
+        client = [os.path.join(here, "mooncake_client"), "-host=127.0.0.1", f"-port={port}"]
+        client += [f"-global_segment_size={self.segment}", f"-master_server_address=127.0.0.1:{rpc}"]
+        client += ["-metadata_server=P2PHANDSHAKE", "-protocol=tcp"]
+        with (
+            child(master, os.path.join(self.tmp, "master.log"), port_open(rpc), "mooncake_master"),
+            child(client, os.path.join(self.tmp, "client.log"), port_open(port), "mooncake_client"),
+        ):
+            rc = self.store.setup_dummy(64 << 20, self.local_buffer, f"127.0.0.1:{port}")
+            if rc != 0:
+                raise RuntimeError(f"MooncakeDistributedStore.setup_dummy returned {rc}")
+            try:
+                yield
+            finally:
+                self.store.close()
+
+    def put(self, keys: list[str], batch: Batch) -> None:
+        pb = self.page_bytes
+        rc = self.store.put_batch(keys, [self.src_view[i * pb : (i + 1) * pb] for i in batch])
+        if rc != 0:
+            raise RuntimeError(f"put_batch of {len(batch)} pages: {rc}")
+        self.stored += len(keys)
+
+    def get(self, keys: list[str], batch: Batch) -> None:
+        pb = self.page_bytes
+        for value, i in zip(self.store.get_batch(keys), batch, strict=True):
+            if len(value) != pb:
+                raise RuntimeError(f"get_batch of {len(batch)} pages: a value of {len(value)} bytes")
+            self.dst_view[i * pb : (i + 1) * pb] = value
+
+
 class Redis:
     def __init__(self, tmp: str, unix: bool, page_bytes: int, src: bytearray, dst: bytearray) -> None:
         import redis
@@ -235,7 +287,9 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("system", choices=["mooncake", "redis-unix", "redis-tcp", "lmcache"])
+    p.add_argument(
+        "system", choices=["mooncake", "mooncake-standalone", "redis-unix", "redis-tcp", "lmcache"]
+    )
     p.add_argument("--pages", type=int, required=True)
     p.add_argument("--page-bytes", type=int, required=True)
     p.add_argument("--sizes", required=True, type=lambda s: [int(x) for x in s.split(",")])
@@ -251,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if a.system == "mooncake":
                 peer: Any = Mooncake(tmp, a.pages, a.page_bytes, src, dst)
+            elif a.system == "mooncake-standalone":
+                peer = MooncakeStandalone(tmp, a.pages, a.page_bytes, src, dst, max(a.sizes))
             else:
                 peer = Redis(tmp, a.system == "redis-unix", a.page_bytes, src, dst)
             with peer.running():
