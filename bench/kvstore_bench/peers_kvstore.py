@@ -19,6 +19,7 @@ import kvstore_client
 import torch
 
 from .harness import BenchError
+from .peers_worker import page_bytes_of
 
 NAMESPACE = "peers"
 PAGE_TOKENS = 16
@@ -36,8 +37,8 @@ VOCAB = 49152
 
 
 def page_data(seed: int, pages: int) -> torch.Tensor:
-    """The pages every system stores: the same bytes as peers_worker.page_bytes_of."""
-    raw = bytearray(random.Random(seed).randbytes(pages * PAGE_BYTES))
+    """The pages every system stores (the peers' workers make the same bytes)."""
+    raw = page_bytes_of(seed, pages, PAGE_BYTES)
     return torch.frombuffer(raw, dtype=torch.uint8).view(pages, PAGE_BYTES)
 
 

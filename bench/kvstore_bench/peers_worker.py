@@ -67,7 +67,11 @@ def free_port() -> int:
 
 
 def page_bytes_of(seed: int, pages: int, page_bytes: int) -> bytearray:
-    return bytearray(random.Random(seed).randbytes(pages * page_bytes))
+    """The pages every system stores (randbytes takes under 2^28 bytes at once: page by page)."""
+    rng, out = random.Random(seed), bytearray()
+    for _ in range(pages):
+        out += rng.randbytes(page_bytes)
+    return out
 
 
 @contextlib.contextmanager
