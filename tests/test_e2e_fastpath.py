@@ -202,12 +202,12 @@ def test_a_batch_answers_each_item_and_one_bad_item_fails_alone(daemon, counted,
 def test_the_asyncio_client_puts_and_gets_the_same_way(daemon, raw) -> None:
     async def main() -> None:
         async with kvstore_client.aio.connect(daemon.target, client_name="aio") as kv:
-            ns = await kv.namespace(NS)
+            shape = tuple(raw.pool(NS).page_shape)
             tokens = prompt(2 * T + 1, seed=11)
-            res = await kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+            res = await kv.put(NS, tokens, kv_bytes(tokens, shape))  # (maps the namespace first)
             assert res.sealed_pages == 2
             hit = await kv.get(NS, tokens)
-            assert hit.data.numpy().tobytes() == kv_bytes(tokens[: 2 * T], ns.page_shape)
+            assert hit.data.numpy().tobytes() == kv_bytes(tokens[: 2 * T], shape)
             (r,) = await kv.get_many(NS, [tokens])
             assert r.hit_tokens == 2 * T
 
