@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint proto bench peers clean
+.PHONY: run test lint native proto bench peers clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -20,13 +20,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP) lint
+test: $(STAMP) lint native
 	$(PY) tools/gen_proto.py --check
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# kvstore/_chainhash.c in place (pip's editable install builds it too; this rebuilds it when the
+# source changed, for a tree used through PYTHONPATH). kvstore/hashing.py falls back to Python
+# without it, but tests/test_hashing.py requires it.
+native: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
 
 proto: $(STAMP)
 	$(PY) tools/gen_proto.py
@@ -52,4 +58,4 @@ peers: $(STAMP) $(PEERS_STAMP)
 	$(VENV)/bin/kvstore-bench peers --peers-python $(PEERS_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so

@@ -6,17 +6,22 @@
 The salt is the namespace's, set by the operator (never by a client), so two
 tenants never share a hash. The spec and test vectors are in docs/hashing.md;
 tests/test_hashing.py checks that the vectors there are what this code computes.
+
+The per-request loops (`chain_hashes`, `probe`) run in C (kvstore/_chainhash.c, built by
+`pip install -e .` or `make native`) when it is built, else in Python (`py_chain_hashes`,
+`py_probe`); tests/test_hashing.py checks that both give the same output.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import NewType
+from typing import NewType, TypeVar
 
 import numpy as np
 
 BlockHash = NewType("BlockHash", bytes)
+V = TypeVar("V")
 
 DOMAIN = b"kvstore/v1"
 DIGEST_BYTES = 16
@@ -52,6 +57,45 @@ def iter_block_hashes(
     for start in range(0, len(tokens_le) - page_len + 1, page_len):
         parent = chain(parent, tokens_le[start : start + page_len], extra_keys)
         yield parent
+
+
+def py_chain_hashes(
+    parent: BlockHash, tokens_le: bytes, page_tokens: int, extra_keys: bytes = b""
+) -> list[BlockHash]:
+    """Every hash `iter_block_hashes` yields, as a list."""
+    return list(iter_block_hashes(parent, tokens_le, page_tokens, extra_keys))
+
+
+def py_probe(
+    parent: BlockHash, tokens_le: bytes, page_tokens: int, extra_keys: bytes, index: dict[bytes, V]
+) -> tuple[list[BlockHash], list[V]]:
+    """(the hashes of the full pages up to and including the first that is not a key of `index`,
+    or all of them; `index[h]` of each before it). A lookup's hashing and probing in one loop."""
+    page_len = 4 * page_tokens
+    found: list[BlockHash] = []
+    values: list[V] = []
+    blake2b = hashlib.blake2b
+    get = index.get
+    for start in range(0, len(tokens_le) - page_len + 1, page_len):
+        parent = blake2b(
+            parent + tokens_le[start : start + page_len] + extra_keys, digest_size=DIGEST_BYTES
+        ).digest()
+        found.append(parent)
+        value = get(parent)
+        if value is None:
+            break
+        values.append(value)
+    return found, values
+
+
+try:  # the C loops, when built (their output is the same: tests/test_hashing.py)
+    from kvstore._chainhash import hashes as chain_hashes
+    from kvstore._chainhash import probe
+
+    NATIVE = True
+except ImportError:  # a tree used without building it
+    chain_hashes, probe = py_chain_hashes, py_probe
+    NATIVE = False
 
 
 def block_hashes(

@@ -126,3 +126,64 @@ def test_docs_contain_every_test_vector_line():
     doc_lines = DOCS.read_text().splitlines()
     missing = [line for line in hashing.test_vector_lines() if line not in doc_lines]
     assert not missing, f"docs/hashing.md lacks {len(missing)} test-vector lines, first: {missing[0]!r}"
+
+
+# ------------------------------------------------------------------ the C loops and their fallback
+
+IMPLEMENTATIONS = [("python", hashing.py_chain_hashes, hashing.py_probe)]
+if hashing.NATIVE:
+    from kvstore import _chainhash
+
+    IMPLEMENTATIONS.append(("native", _chainhash.hashes, _chainhash.probe))
+
+
+def test_native_loops_are_built_and_used():
+    """`pip install -e .` and `make test` build kvstore/_chainhash.c; the daemon uses it."""
+    assert hashing.NATIVE, "kvstore._chainhash is not built: run `make native` (or pip install -e .)"
+    assert hashing.chain_hashes is _chainhash.hashes
+    assert hashing.probe is _chainhash.probe
+
+
+@pytest.mark.parametrize("name,hashes,probe", IMPLEMENTATIONS)
+def test_loops_give_the_published_vectors(name, hashes, probe):
+    for v in hashing.TEST_VECTORS:
+        want = spec_hashes(v["salt"], v["token_ids"], v["page_tokens"], v["extra_keys"])
+        root, tokens = spec_root(v["salt"]), hashing.token_bytes(v["token_ids"])
+        assert hashes(root, tokens, v["page_tokens"], v["extra_keys"]) == want
+        assert probe(root, tokens, v["page_tokens"], v["extra_keys"], dict.fromkeys(want, 1)) == (
+            want,
+            [1] * 2,
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parent=st.binary(min_size=16, max_size=16),
+    tokens=st.binary(max_size=4 * 300).map(lambda b: b[: len(b) // 4 * 4]),
+    page_tokens=st.integers(1, 40),
+    extra=st.binary(max_size=1024),  # past one BLAKE2b block (128 bytes) and the 1024 the store allows
+    hits=st.integers(0, 80),
+)
+def test_native_and_python_loops_agree(parent, tokens, page_tokens, extra, hits):
+    """Same hashes and same probe answers, for every length of message BLAKE2b sees (one or
+    more 128-byte blocks, a last one full or not) and every place of the first miss."""
+    want = hashing.py_chain_hashes(parent, tokens, page_tokens, extra)
+    assert want == list(hashing.iter_block_hashes(parent, tokens, page_tokens, extra))
+    index = {h: i for i, h in enumerate(want[:hits])}
+    want_probe = hashing.py_probe(parent, tokens, page_tokens, extra, index)
+    assert want_probe == (want[: hits + 1], list(range(min(hits, len(want)))))
+    for _name, hashes, probe in IMPLEMENTATIONS:
+        assert hashes(parent, tokens, page_tokens, extra) == want
+        assert probe(parent, tokens, page_tokens, extra, index) == want_probe
+
+
+def test_native_loops_refuse_a_bad_parent_or_page_size():
+    """The store never passes these; the C code must still not read past a buffer."""
+    assert hashing.NATIVE
+    for args in ((b"short", b"", 1, b""), (bytes(16), bytes(8), 0, b""), (bytes(16), bytes(8), -1, b"")):
+        with pytest.raises(ValueError):
+            _chainhash.hashes(*args)
+        with pytest.raises(ValueError):
+            _chainhash.probe(*args, {})
+    with pytest.raises(TypeError):
+        _chainhash.probe(bytes(16), bytes(8), 1, b"", [])  # the index is a dict

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from kvstore import hashing
 from kvstore.errors import InvariantBroken
-from kvstore.hashing import BlockHash, iter_block_hashes
+from kvstore.hashing import BlockHash
 from kvstore.memory.pages import Page
 
 
@@ -37,13 +38,14 @@ class PrefixIndex:
 
     def match(self, tokens_le: bytes, page_tokens: int, extra_keys: bytes) -> list[Page]:
         """The resident pages of the longest cached prefix, root first (stops at the first miss)."""
-        hits = []
-        for block_hash in iter_block_hashes(self.root, tokens_le, page_tokens, extra_keys):
-            page = self._pages.get(block_hash)
-            if page is None:
-                break
-            hits.append(page)
-        return hits
+        return self.probe(tokens_le, page_tokens, extra_keys)[1]
+
+    def probe(
+        self, tokens_le: bytes, page_tokens: int, extra_keys: bytes
+    ) -> tuple[list[BlockHash], list[Page]]:
+        """(the block hashes of the full pages up to and including the first miss, or all of
+        them; the resident pages of the longest cached prefix, root first): one call a lookup."""
+        return hashing.probe(self.root, tokens_le, page_tokens, extra_keys, self._pages)
 
 
 def subtree_postorder(page: Page) -> Iterator[Page]:

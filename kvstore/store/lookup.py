@@ -36,19 +36,13 @@ def lookup(
     tokens = validate.token_array(token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=limits)
     extra = validate.extra_keys(extra_keys, limits)
     T = ns.spec.page_tokens
-    hashes = iter_block_hashes(ns.index.root, tokens.tobytes(), T, extra)
-    pages: list[Page] = []
-    first_miss = None
+    tokens_le = tokens.tobytes()
+    found, pages = ns.index.probe(tokens_le, T, extra)
+    first_miss = found[-1] if len(found) > len(pages) else None
+    # Below the pool the walk goes on from the first miss, hashing lazily again.
+    hashes = iter_block_hashes(found[-1], tokens_le[4 * T * len(found) :], T, extra) if found else iter(())
     cut = ns.mrc.cut
-    sampled: list[bytes] = []  # for the MRC: the blocks this lookup touches under the cut
-    for block_hash in hashes:
-        if block_hash < cut:
-            sampled.append(block_hash)
-        page = ns.index.get(block_hash)
-        if page is None:
-            first_miss = block_hash
-            break
-        pages.append(page)
+    sampled = [h for h in found if h < cut]  # for the MRC: the blocks this lookup touches under the cut
     touched = len(pages) + (first_miss is not None)
     if touched:
         ns.mrc.add(touched, sampled)

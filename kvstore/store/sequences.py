@@ -11,7 +11,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from kvstore.errors import FailedPrecondition, InvalidArgument, InvariantBroken, OutOfRange, PermissionDenied
-from kvstore.hashing import BlockHash, chain
+from kvstore.hashing import BlockHash, chain, chain_hashes
 from kvstore.memory.pages import Page, PageState
 from kvstore.store import budgets, preempt, validate
 from kvstore.store.namespace import Namespace
@@ -90,6 +90,12 @@ def append(session: Session, seq: Sequence, limits: StoreLimits, token_ids: Seq[
     if into_tail and fill + into_tail == T and (cut is None or tail_index < cut):
         tail_hash = parent = chain(parent, seq.tail_tokens + tokens[: 4 * into_tail], seq.extra_keys)
     prefix_phase = all(p is not None and p.state is PageState.SEALED for p in seq.pages)
+    # The new full pages below the cut are hashed in one call (a dropped page is at or above
+    # the cut, so they are the first `full` new pages).
+    full = (n - into_tail) // T
+    if cut is not None:
+        full = max(0, min(full, cut - old_pages))
+    new_hashes = chain_hashes(parent, tokens[4 * into_tail : 4 * (into_tail + full * T)], T, seq.extra_keys)
     # (index, start, count, hash, cached, dropped)
     plan: list[tuple[int, int, int, BlockHash | None, Page | None, bool]] = []
     for i, start in enumerate(range(into_tail, n, T), old_pages):
@@ -97,7 +103,7 @@ def append(session: Session, seq: Sequence, limits: StoreLimits, token_ids: Seq[
         block_hash = cached = None
         dropped = i in dropset
         if count == T and not dropped and (cut is None or i < cut):
-            block_hash = parent = chain(parent, tokens[4 * start : 4 * (start + T)], seq.extra_keys)
+            block_hash = new_hashes[i - old_pages]
             if prefix_phase:
                 cached = ns.index.get(block_hash)
                 prefix_phase = cached is not None
