@@ -171,6 +171,17 @@ def test_a_reserve_that_fails_half_way_leaves_nothing(daemon, counted, raw) -> N
         with pytest.raises(InvalidArgument, match="token_ids"):
             kv.put(NS, bad, kv_bytes(bad, shape), max_tokens=max_tokens)
         assert idle(raw.counts(NS)) == IDLE and raw.counts(NS)["pages_free"] == TOTAL
+    # A write that fails on the client's side: the library gives the sequence back.
+    tokens = prompt(2 * T, seed=12)
+
+    def broken(pages: Any, views: Any) -> None:
+        raise ValueError("the engine failed")
+
+    with pytest.raises(ValueError, match="the engine failed"):
+        kv.put(NS, tokens, broken)
+    with pytest.raises(InvalidArgument, match="data has 3 bytes"):
+        kv.put(NS, tokens, b"abc")
+    assert idle(raw.counts(NS)) == IDLE and raw.counts(NS)["pages_sealed"] == 0
     # The wire call itself, without the library.
     req = pb.ReserveRequest(session_id=kv.session_id, namespace=NS, token_ids=too_big)
     assert_status(raw.error("Reserve", req), grpc.StatusCode.RESOURCE_EXHAUSTED)
