@@ -24,6 +24,11 @@ class EvictionPolicy(ABC):
     def on_access(self, page: Page) -> None:  # noqa: B027 - optional hook
         """A lookup hit the page, or a sequence reused it."""
 
+    def on_access_all(self, pages: list[Page]) -> None:
+        """`on_access` of each page, in order (one lookup's hit); a policy may do it in one loop."""
+        for page in pages:
+            self.on_access(page)
+
     def on_dropped(self, page: Page) -> None:  # noqa: B027 - optional hook
         """The store is freeing the page (after on_unevictable); its block_hash is still set."""
 

@@ -76,6 +76,13 @@ class Horizon(HeapPolicy):
         if page.policy_state is not None:
             self._push(page)
 
+    def on_access_all(self, pages: list[Page]) -> None:
+        freq, push = self._freq, self._push  # on_access, inlined: a lookup's whole hit
+        for page in pages:
+            freq[page.slot] += 1
+            if page.policy_state is not None:
+                push(page)
+
     def on_dropped(self, page: Page) -> None:
         self.resident -= 1
         f = self._freq.pop(page.slot)

@@ -22,3 +22,9 @@ class LRULeafFirst(HeapPolicy):
 
     def on_access(self, page: Page) -> None:
         self._rekey(page)  # a candidate touched without a pin
+
+    def on_access_all(self, pages: list[Page]) -> None:
+        push = self._push  # _rekey, inlined: a lookup's whole hit
+        for page in pages:
+            if page.policy_state is not None:
+                push(page)

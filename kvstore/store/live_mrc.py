@@ -58,6 +58,11 @@ class LiveMrc:
         base = s.accesses
         if sampled:
             keys, log, seen, distinct = s._keys, s._log, s._seen_at, s._distinct
+            known = list(map(keys.get, sampled))
+            if None not in known:  # every block sampled before, so each in `distinct` already:
+                log += known  # what the loop below does for them, in one step each
+                seen += [base] * len(known)
+                sampled = []
             for block in sampled:
                 h = keys.get(block)
                 if h is None:

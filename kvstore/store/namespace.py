@@ -174,10 +174,10 @@ class Namespace:
 
     def touch(self, pages: list[Page]) -> None:
         """One access of a whole prefix: every page gets the same clock value (see policy/lru.py)."""
-        self.clock += 1
+        self.clock = clock = self.clock + 1
         for page in pages:
-            page.last_access = self.clock
-            self.policy.on_access(page)
+            page.last_access = clock
+        self.policy.on_access_all(pages)
 
     def drop(self, page: Page) -> None:
         """Evict a sealed, unpinned leaf: unindex and free it."""
