@@ -1,9 +1,10 @@
 """kvstore's side of `kvstore-bench peers`, and the memcpy baseline, in this process.
 
 `KvstoreSide` is the one place that knows the client API: `put` and `get` (and `get_views`,
-the zero-copy get) of one request. Today's API: put = allocate (its pages reserved) +
-append + a copy into each WRITABLE page + commit + release (the `with`); get = lookup with a
-pin + a copy out of each page + release. A faster API changes these three methods only.
+the zero-copy get) of one request. put = `client.put` (Reserve, a copy into each WRITABLE
+page, Seal: two RPCs); get = `client.get` (one Lookup whose pin ends by itself, a copy out of
+each page, the deadline checked after it); the zero-copy get = `client.lookup(pin=True)`,
+the pages' views, release (two RPCs: the client has no views-only fast get).
 
 A request is a prompt of k pages whose tokens are fresh random ids, so every put writes k new
 pages (none CACHED) and every get hits all k.
@@ -57,25 +58,15 @@ class KvstoreSide:
             raise BenchError(f"namespace page_bytes {self.ns.info.pool.page_bytes} != {PAGE_BYTES}")
         self.pool = self.ns.pool  # maps (and prefaults) the pool before anything is timed
 
-    def _raw(self, slots: list[int]) -> list[torch.Tensor]:
-        return [self.pool.raw_page(s) for s in slots]
-
     def put(self, tokens: list[int], src: torch.Tensor) -> None:
-        with self.kv.allocate(self.ns, max_tokens=len(tokens)) as seq:
-            writable = seq.append(tokens).writable_pages
-            if len(writable) != len(src):
-                raise BenchError(f"put: {len(writable)} writable pages for {len(src)}")
-            for page, s in zip(self._raw([p.slot for p in writable]), src, strict=True):
-                page.copy_(s)
-            seq.commit()
+        written = self.kv.put(self.ns, tokens, src).written_pages
+        if written != len(src):
+            raise BenchError(f"put: {written} pages written of {len(src)}")
 
     def get(self, tokens: list[int], dst: torch.Tensor) -> None:
-        with self.kv.lookup(self.ns, tokens, pin=True) as hit:
-            pages = self._raw(hit.slots)
-            if len(pages) != len(dst):
-                raise BenchError(f"get: {len(pages)} pages hit of {len(dst)}")
-            for d, page in zip(dst, pages, strict=True):
-                d.copy_(page)
+        pages = self.kv.get(self.ns, tokens, dst).pages
+        if pages != len(dst):
+            raise BenchError(f"get: {pages} pages hit of {len(dst)}")
 
     def get_views(self, tokens: list[int]) -> int:
         """The zero-copy get: the pinned pages' views, nothing copied."""
