@@ -37,8 +37,9 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
         arr = np.asarray(token_ids, dtype=np.int64)
     except (OverflowError, ValueError, TypeError) as e:
         raise InvalidArgument(f"{field} must be a list of integers in [0, {MAX_TOKEN_ID}]: {e}") from None
-    if n:
-        bad = np.flatnonzero((arr < 0) | (arr > (vocab_size - 1 if vocab_size else MAX_TOKEN_ID)))
+    top = vocab_size - 1 if vocab_size else MAX_TOKEN_ID
+    if n and (arr.min() < 0 or arr.max() > top):  # (two reductions: no temporary arrays)
+        bad = np.flatnonzero((arr < 0) | (arr > top))
         if bad.size:
             i = int(bad[0])
             upper = f"< vocab_size={vocab_size}" if vocab_size else f"<= {MAX_TOKEN_ID}"
