@@ -51,6 +51,7 @@ from .harness import (
 
 PEERS = ("mooncake", "mooncake-standalone", "redis-unix", "redis-tcp", "lmcache")
 GOALS = {"mooncake": {1: 1.0, 16: 1.25, 64: 1.25}, "redis": {16: 10.0, 64: 10.0}}
+BUSY = 0.2  # CPUs used by other processes above which results are flagged
 WORKER = Path(__file__).with_name("peers_worker.py")
 DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / "build" / "peers-venv" / "bin" / "python"
 
@@ -236,7 +237,10 @@ def format_text(r: dict[str, Any]) -> str:
     lines = [
         f"peers: {c['pages']} pages x {c['page_bytes']} B, {c['rounds']} rounds (orders alternate), "
         f"median of {c['repeat']} passes; GB/s put / get",
-        f"  others (CPUs other processes used meanwhile): {r['others_cpu_util']}",
+        f"  others (CPUs other processes used meanwhile): {r['others_cpu_util']}"
+        + (
+            "  -- warning: a loaded machine, numbers are less reliable" if r["others_cpu_util"] > BUSY else ""
+        ),
         "",
         "  " + f"{'system':<24}" + "".join(f"{k + ' pages':>18}" for k in map(str, c["sizes"])),
     ]
