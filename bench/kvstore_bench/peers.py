@@ -255,7 +255,11 @@ def format_text(r: dict[str, Any]) -> str:
     lines.append("")
     for key, g in r["goals"].items():
         v = r.get(key)
-        met = "n/a (peer skipped)" if g["met"] is None else ("met" if g["met"] else "MISSED")
+        met = (
+            "n/a (a peer skipped or a size not measured)"
+            if g["met"] is None
+            else ("met" if g["met"] else "MISSED")
+        )
         lines.append(f"  {key:<22} {v if v is not None else 'null':>8}  goal >= {g['goal']}: {met}")
     for o in r["by_order"]:
         first = "kvstore first" if o["order"][0] == "kvstore" else "peers first"
