@@ -22,7 +22,7 @@ import lmdb
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from kvstore.config import Config, ServerConfig, format_size
@@ -137,22 +137,26 @@ class Daemon:
             if stop.is_set():
                 return False
 
-        self.server = server = grpc.aio.server(options=server_options(s), interceptors=[self.edge])
-        self._kvstore_servicer = KVStoreServicer(self.store, self.edge.counts)
-        kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, server)
-        kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), server)
+        self.server = server = grpc.aio.server(options=server_options(s))
+        # Every service registers with the edge, which wraps each method once and installs them.
+        edge = self.edge
+        self._kvstore_servicer = KVStoreServicer(self.store, edge.counts)
+        kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, edge)
+        kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), edge)
         self.health = health_aio.HealthServicer()
         for name in ("", *SERVICE_NAMES):  # the servicer starts out claiming "" is SERVING
             await self.health.set(name, NOT_SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, edge)
+        reflected = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
         )
+        # (reflection.enable_server_reflection picks its asyncio servicer only for a grpc.aio server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(reflected), edge
+        )
+        edge.install(server)
         self._bind(server)
         await server.start()
         for name in ("", *SERVICE_NAMES):

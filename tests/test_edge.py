@@ -1,4 +1,4 @@
-"""The edge interceptor (kvstore/server/edge.py) in process, on a real grpc.aio server over a
+"""The edge (kvstore/server/edge.py) in process, on a real grpc.aio server over a
 unix socket: what a handler raises is what the caller's status says, a bug is INTERNAL (logged,
 counted), and shutdown cancels what is still running with UNAVAILABLE "daemon shutting down".
 The handlers here stand for servicer methods that fail in ways no black-box request reaches."""
@@ -64,8 +64,9 @@ async def _with_server(body: Callable[[Edge, Failing, grpc.aio.Channel], Awaitab
         )
         for name in ("Bug", "Invariant", "Exists", "Full", "Slow")
     }
-    server = grpc.aio.server(interceptors=[edge])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Failing", handlers),))
+    server = grpc.aio.server()
+    edge.add_registered_method_handlers("test.Failing", handlers)  # as the daemon's services do
+    edge.install(server)
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
         target = f"unix:{Path(d) / 's.sock'}"
         server.add_insecure_port(target)
@@ -115,3 +116,18 @@ def test_shutdown_answers_running_and_new_calls_unavailable() -> None:
         assert await running == (Code.UNAVAILABLE, SHUTTING_DOWN)
 
     asyncio.run(_with_server(body))
+
+
+def test_a_generic_handler_whose_methods_the_edge_never_saw_is_refused() -> None:
+    """Registration goes through the edge (the generated code hands it every method): a
+    generic handler alone would serve calls that bypass it, so `install` refuses it."""
+    edge = Edge()
+    handler = grpc.unary_unary_rpc_method_handler(Failing().Bug)
+    edge.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Other", {"Bug": handler}),))
+    edge.add_registered_method_handlers("test.Failing", {"Bug": handler})
+
+    async def install() -> None:
+        edge.install(grpc.aio.server())
+
+    with pytest.raises(TypeError, match="generic handlers without their methods registered"):
+        asyncio.run(install())

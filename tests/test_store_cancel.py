@@ -168,7 +168,7 @@ async def test_an_in_flight_promotion_that_fails_ends_the_pins_hit_and_its_count
 @contextlib.asynccontextmanager
 async def _served(store, tmp: Path):
     """A stub of the KVStore servicer over real gRPC on a unix socket in this process, behind
-    the daemon's own edge interceptor (kvstore/daemon.py builds its server the same way)."""
+    the daemon's own edge (kvstore/daemon.py builds its server the same way)."""
     import grpc
     from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -176,8 +176,9 @@ async def _served(store, tmp: Path):
     from kvstore.server.kvstore_servicer import KVStoreServicer
 
     edge = Edge()
-    server = grpc.aio.server(interceptors=[edge])
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, edge.counts), server)
+    server = grpc.aio.server()
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, edge.counts), edge)
+    edge.install(server)
     target = f"unix://{tmp}/kv.sock"
     server.add_insecure_port(target)
     await server.start()

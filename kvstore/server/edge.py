@@ -1,5 +1,12 @@
-"""The daemon's edge: what every RPC of every service passes through, as one server
-interceptor, so no call can end with UNKNOWN and shutdown reads the same to every caller.
+"""The daemon's edge: what every RPC of every service passes through, so no call can end with
+UNKNOWN and shutdown reads the same to every caller.
+
+Services register with the edge as they would with the server (the generated
+`add_*Servicer_to_server(servicer, edge)`); each method's handler is wrapped once, there, and
+`install` puts them all on the server as one generic handler. Not a server interceptor: grpc.aio
+runs an interceptor's coroutine chain on every call, and for each method registered with the
+server it keeps a request pending in its accept loop, which waits on all of them (~35 for
+our services) at every call. One generic handler is one pending request and a dict lookup.
 
 - Request bytes are parsed by a wrapping deserializer: bytes that do not parse, and strings
   or bytes longer than the edge allows, become INVALID_ARGUMENT naming the message type
@@ -17,7 +24,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +58,38 @@ class Malformed:
     message: str
 
 
-class Edge(grpc.aio.ServerInterceptor):
+class Edge:
     def __init__(self) -> None:
         self.counts = EdgeCounts()
         self.closing = False
         self._running: set[asyncio.Task[Any]] = set()  # unary calls under way
         self._idle = asyncio.Event()
         self._idle.set()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> wrapped handler
+        self._services: set[str] = set()
+        self._generic: list[grpc.GenericRpcHandler] = []
+
+    # ------------------------------------------------------------ registration
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """What generated `add_*Servicer_to_server` hands a server: each method, wrapped now."""
+        self._services.add(service)
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._methods[method] = self._wrap(method, handler)
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        """The generated code hands the same methods over this way too: kept to check in `install`."""
+        self._generic.extend(handlers)
+
+    def install(self, server: grpc.aio.Server) -> None:
+        """Serve every method registered here, through the edge, on `server` (before it starts)."""
+        other = [h for h in self._generic if getattr(h, "service_name", lambda: None)() not in self._services]
+        if other:  # (a handler only a generic handler knows would bypass the edge)
+            raise TypeError(f"generic handlers without their methods registered: {other}")
+        server.add_generic_rpc_handlers((_Methods(self._methods),))
 
     # ------------------------------------------------------------ shutdown
 
@@ -79,22 +110,7 @@ class Edge(grpc.aio.ServerInterceptor):
             await asyncio.wait(left, timeout=grace_s + 1.0)
         return len(left)
 
-    # ------------------------------------------------------------ the interceptor
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(method, handler))
-            self._wrapped[method] = cached
-        return cached[1]
+    # ------------------------------------------------------------ the wrapping
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserializer = _guarded(h.request_deserializer)
@@ -181,6 +197,14 @@ class Edge(grpc.aio.ServerInterceptor):
                 await self._fail(method, context, e)
 
         return gen
+
+
+class _Methods(grpc.GenericRpcHandler):
+    def __init__(self, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._get = methods.get
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._get(details.method)
 
 
 def _checking_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,6 +1,6 @@
 """The one table from domain errors to gRPC status codes, and the decorator
 that applies it at the edge of every servicer method. What escapes it (a bug)
-is answered INTERNAL by the interceptor in kvstore/server/edge.py."""
+is answered INTERNAL by the edge, kvstore/server/edge.py."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def grpc_errors(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
     """Abort with the mapped status and the error's own message. Broken invariants and the
-    unexpected go on to the edge interceptor, which logs and counts them."""
+    unexpected go on to the edge (kvstore/server/edge.py), which logs and counts them."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
