@@ -21,6 +21,7 @@ from typing import Any, Literal
 from kvstore_proto import dtypes
 
 from kvstore.config_parse import expect, fill, format_size, read_toml
+from kvstore.memory.make_pool import check_device
 from kvstore.policy import policy_names
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.store.validate import MAX_PAGE_TOKENS, MAX_TOKEN_ID
@@ -223,6 +224,12 @@ class NamespaceConfig:
         _salt,
     )
     model_fingerprint: str = _key("", "model the KV belongs to; empty = any")
+    device: str = _key(
+        "cpu",
+        "where the pool lives: `cpu` (shared memory), `cuda:N` or `cuda:GPU-<uuid>` (GPU memory shared "
+        "over CUDA IPC; docs/gpu.md), `fake:<id>` (CI's fake device)",
+        lambda v: check_device(v) or None,
+    )
 
 
 # 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.

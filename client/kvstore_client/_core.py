@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-from . import _wire
+from . import _wire, device
 from .errors import KVStoreClientError, SessionLost, ShuttingDown, Unavailable, from_rpc_error
 from .namespace import Namespace
 from .pool import SHM_DIR
@@ -76,6 +76,7 @@ class ClientCore:
         self.lease_expires_unix_ms = 0  # written by the keepalive consumer only
         self._shm_dir = shm_dir
         self._namespaces: dict[str, Namespace] = {}
+        self._all_pools = device.AllPools(self._namespaces)  # (ReleasePin, CloseSession: sync all)
         self._closed = False  # set by close() before the stream is cancelled
         self._lease_error: SessionLost | None = None  # set by the keepalive consumer only
         # Set by the keepalive consumer at the first event (the daemon sends one on attach)
@@ -144,6 +145,8 @@ class ClientCore:
     def _on_keepalive_end(self, err: BaseException | None) -> None:
         try:
             self._lease_ended_because(err)
+            if self._lease_error is not None:
+                device.close_device_pools(self._namespaces)
         finally:
             self._lease_attached.set()  # wakes open(), which then sees _lease_error
             self._lease_ended.set()
@@ -200,7 +203,7 @@ class Held:
         if self.released:
             return None
         self.released = True
-        return self._release_request() if self._client.alive else None
+        return replace(self._release_request(), sync_first=self.namespace) if self._client.alive else None
 
     def _release_failed(self, exc: BaseException | None, err: KVStoreClientError) -> None:
         """Releasing on the way out of a failed `with` block must not hide the first error."""
@@ -260,7 +263,7 @@ class SequenceBase(Held):
         call = _wire.commit(
             self._client.session_id, self.sequence_id, n, written_slots, lambda r: self._apply_commit(r, n)
         )
-        return replace(call, pool=self.namespace)
+        return replace(call, pool=self.namespace, sync_first=self.namespace)  # seal after sync (release too)
 
     def _report_importance_call(self, scores: Iterable[float]) -> _wire.Call[int]:
         return _wire.report_importance(

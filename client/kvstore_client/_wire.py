@@ -7,6 +7,7 @@ request, and how to turn the reply into what the user gets. `Client._run` and
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class Call(Generic[T]):
     # The namespace whose pool the reply's slots index: its `pool_epoch` is checked against
     # this client's mapping before `convert` runs (kvstore_client.namespace.pool_moved).
     pool: Any = None
+    # Device pools: what must have synchronized its device work before the request goes
+    # out (seal after sync, release after sync): a Namespace, or the client for all of its
+    # namespaces. Anything with `record()` (see kvstore_client/device.py).
+    sync_first: Any = None
 
 
 def _same(reply: Any) -> Any:
@@ -96,17 +101,18 @@ def _release_result(r: pb.ReleaseResponse) -> ReleaseResult:
 
 def open_session(client_name: str, lease_ttl_s: float | None) -> Call[pb.OpenSessionResponse]:
     ttl_ms = 0 if lease_ttl_s is None else max(1, round(lease_ttl_s * 1000))
-    return Call(
-        "kv", "OpenSession", pb.OpenSessionRequest(client_name=client_name, lease_ttl_ms=ttl_ms), _same
-    )
+    # Our pid: a device pool quarantines the pages we leave reserved until we are gone.
+    req = pb.OpenSessionRequest(client_name=client_name, lease_ttl_ms=ttl_ms, client_pid=os.getpid())
+    return Call("kv", "OpenSession", req, _same)
 
 
-def close_session(session_id: int) -> Call[CloseResult]:
+def close_session(session_id: int, sync_first: Any = None) -> Call[CloseResult]:
     return Call(
         "kv",
         "CloseSession",
         pb.CloseSessionRequest(session_id=session_id),
         lambda r: CloseResult(r.sequences_released, r.pins_released),
+        sync_first=sync_first,
     )
 
 
@@ -140,6 +146,7 @@ def namespace_spec(
     policy: str = "",
     salt: bytes = b"",
     model_fingerprint: str = "",
+    device: str = "",
 ) -> pb.NamespaceSpec:
     """A NamespaceSpec for `create_namespace`. `dtype`: torch dtype, name ("bf16") or DType value;
     empty `policy` = the daemon's default; empty `salt` = derived from the name."""
@@ -158,6 +165,7 @@ def namespace_spec(
         policy=policy,
         salt=extra_bytes(salt),
         model_fingerprint=model_fingerprint,
+        device=device,
     )
 
 
@@ -345,8 +353,9 @@ def release_sequence(session_id: int, sequence_id: int) -> Call[ReleaseResult]:
     )
 
 
-def release_pin(session_id: int, pin_id: int) -> Call[ReleaseResult]:
-    return Call("kv", "Release", pb.ReleaseRequest(session_id=session_id, pin_id=pin_id), _release_result)
+def release_pin(session_id: int, pin_id: int, sync_first: Any = None) -> Call[ReleaseResult]:
+    req = pb.ReleaseRequest(session_id=session_id, pin_id=pin_id)
+    return Call("kv", "Release", req, _release_result, sync_first=sync_first)
 
 
 def evict(

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _core, _wire
+from . import _core, _wire, device
 from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
 from ._fast_api import AsyncFastPath
 from .errors import KVStoreClientError
@@ -187,7 +187,7 @@ class AsyncClient(AsyncFastPath, ClientCore):
         result = None
         try:
             if self.session_id and self._lease_error is None:
-                close = _wire.close_session(self.session_id)
+                close = _wire.close_session(self.session_id, self._all_pools)
                 result = await self._send(close, timeout=min(self.timeout_s or 5.0, 5.0))
         except KVStoreClientError as err:
             log.warning("closing session %d at %s: %s", self.session_id, self.target, err)
@@ -211,6 +211,8 @@ class AsyncClient(AsyncFastPath, ClientCore):
         self, call: _wire.Call[T], *, timeout: float | None = None, wait_for_ready: bool | None = None
     ) -> T:
         method = getattr(self._stubs[call.service], call.method)
+        if (event := device.sync_event(call)) is not None:  # recorded on the caller's stream
+            await asyncio.to_thread(event.synchronize)  # seal/release after sync (docs/gpu.md)
         try:
             reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
@@ -346,7 +348,7 @@ class AsyncClient(AsyncFastPath, ClientCore):
         return await self._run(_wire.mrc(namespace, capacities, fractions))
 
     async def release_pin(self, pin_id: int) -> ReleaseResult:
-        return await self._run(_wire.release_pin(self.session_id, pin_id))
+        return await self._run(_wire.release_pin(self.session_id, pin_id, self._all_pools))
 
     async def evict(
         self,

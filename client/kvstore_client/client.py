@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _wire
+from . import _wire, device
 from ._core import (
     KEEPALIVE_S,
     LEASE_SETTLE_S,
@@ -198,9 +198,8 @@ class Client(FastPath, ClientCore):
         result = None
         try:
             if self.session_id and self._lease_error is None:
-                result = self._send(
-                    _wire.close_session(self.session_id), timeout=min(self.timeout_s or 5.0, 5.0)
-                )
+                close = _wire.close_session(self.session_id, self._all_pools)  # after sync
+                result = self._send(close, timeout=min(self.timeout_s or 5.0, 5.0))
         except KVStoreClientError as err:
             log.warning("closing session %d at %s: %s", self.session_id, self.target, err)
         finally:
@@ -224,6 +223,7 @@ class Client(FastPath, ClientCore):
         self, call: _wire.Call[T], *, timeout: float | None = None, wait_for_ready: bool | None = None
     ) -> T:
         method = getattr(self._stubs[call.service], call.method)
+        device.synchronize(call)  # seal/release after sync (device pools; docs/gpu.md)
         try:
             reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
@@ -357,7 +357,7 @@ class Client(FastPath, ClientCore):
         return self._run(_wire.mrc(namespace, capacities, fractions))
 
     def release_pin(self, pin_id: int) -> ReleaseResult:
-        return self._run(_wire.release_pin(self.session_id, pin_id))
+        return self._run(_wire.release_pin(self.session_id, pin_id, self._all_pools))
 
     def evict(
         self,

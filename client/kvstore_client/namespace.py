@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
+from .device import open_device_pool
 from .errors import PoolError
 from .pool import SHM_DIR, PoolMapping, torch_dtype
 
@@ -65,7 +66,11 @@ class Namespace:
                 if self._closed:
                     raise PoolError(f"namespace {self.name!r}: its client is closed")
                 if self._pool is None:
-                    self._pool = PoolMapping.open(self.info.pool, shm_dir=self._shm_dir)
+                    d = self.info.pool
+                    if d.sync_mode == kvstore_pb2.SYNC_BEFORE_COMMIT:
+                        self._pool = open_device_pool(d)
+                    else:
+                        self._pool = PoolMapping.open(d, shm_dir=self._shm_dir)
         return self._pool
 
     @property
@@ -120,6 +125,12 @@ class Namespace:
                 "namespace was created again): they index nothing there"
             )
         return self.pages(slots)
+
+    def record(self) -> Any:
+        """An event after this process's device work on the pool (None: not mapped, or host
+        memory); the library waits for it before Commit and Release (docs/gpu.md)."""
+        pool = self._pool
+        return pool.record() if pool is not None and not pool.closed else None
 
     def close(self) -> None:
         with self._lock:

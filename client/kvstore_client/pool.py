@@ -123,8 +123,8 @@ class PoolMapping:
         """Map the pool a descriptor names. MAP_POPULATE prefaults it: first touch is slow."""
         if descriptor.device != "cpu":
             raise UnsupportedDevice(
-                f"pool device={descriptor.device!r}: only 'cpu' (POSIX shm) pools can be mapped "
-                "by this client; CUDA IPC pools are not supported yet"
+                f"pool device={descriptor.device!r} is not a CPU pool: a CUDA (or fake device) "
+                "pool is opened by kvstore_client.device.open_device_pool"
             )
         if not descriptor.shm_name or "/" in descriptor.shm_name:
             raise PoolError(f"shm_name={descriptor.shm_name!r} is not a file name under {shm_dir}")
@@ -156,6 +156,13 @@ class PoolMapping:
     @property
     def nbytes(self) -> int:
         return int(self.descriptor.nbytes)
+
+    def record(self) -> None:
+        """Host memory needs no sync event (device mappings return one)."""
+        return None
+
+    def synchronize(self) -> None:
+        pass
 
     def raw_page(self, slot: int) -> torch.Tensor:
         """The `page_bytes` bytes of page `slot`, as a flat uint8 view."""

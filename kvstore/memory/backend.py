@@ -1,10 +1,13 @@
 """The seam between the store and a pool's memory: what a client needs to map a pool
 (`PoolHandle`), and what the daemon does with the memory itself (`PoolBackend`).
 
-The shared-memory pool (kvstore/memory/shm_pool.py) is the first backend; a GPU pool
-(CUDA IPC, design/GPU.md) is meant to be the next one. The store never sees more than
-this: it addresses pages by byte offset, copies page bytes in and out for the tiers, and
-hands the handle to clients.
+Backends: shared memory (kvstore/memory/shm_pool.py, the default), CUDA IPC
+(kvstore/memory/cuda_pool.py, docs/gpu.md) and a fake device for CI that enforces the
+device rules (kvstore/memory/fake_device.py). The store never sees more than this: it
+addresses pages by byte offset, copies page bytes in and out for the tiers (`copy_out`,
+`copy_in`: in place for shm, through host staging buffers for a device), asks a device
+pool whether a client synchronized before it seals (`unsynced`), and hands the handle to
+clients.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ class HandleType(enum.IntEnum):
 
     CPU_SHM = 1  # a file under /dev/shm, named by `PoolHandle.name`
     CUDA_IPC = 2  # a cudaIpcMemHandle_t in `PoolHandle.ipc_handle`, opened once per process
+    FAKE_DEVICE = 15  # CI only: shm behind the device rules (fake_device.py)
+
+
+class SyncMode(enum.IntEnum):
+    """What a client must do before Commit and Release (the wire's PoolDescriptor.sync_mode)."""
+
+    NONE = 1  # host memory: a store through the mapping is visible at once
+    BEFORE_COMMIT = 2  # device memory: wait for an event after the writes (reads) first
 
 
 @dataclass(frozen=True)
@@ -38,26 +49,64 @@ class PoolHandle:
     offset: int = 0  # byte offset of page 0 inside the mapping
     name: str = ""  # CPU_SHM: file name under /dev/shm
     ipc_handle: bytes = b""  # CUDA_IPC: the handle's bytes
+    alloc_nbytes: int = 0  # device pools: bytes of the allocation behind the handle
+    host_id: str = ""  # device pools: the host's boot id; a handle means nothing elsewhere
+    sync_mode: SyncMode = SyncMode.NONE
+
+    @property
+    def on_device(self) -> bool:
+        return self.sync_mode is SyncMode.BEFORE_COMMIT
 
 
 class PoolBackend(Protocol):
-    """One pool's memory, owned by the daemon. Loop-owned like the page table, except that
-    the tiers' copies through `host_view`, which may run on a tier's worker thread for a
-    page the store has handed to that copy."""
+    """One pool's memory, owned by the daemon. Loop-owned like the page table, except the
+    tiers' copies into a buffer from `copy_in`, which may run on a tier's worker thread for
+    a page the store has handed to that copy."""
 
     handle: PoolHandle
 
-    def host_view(self, offset: int, nbytes: int) -> memoryview:
-        """Host-addressable bytes of the pool: the tiers copy pages out of it (demotion,
-        swap-out) and into it (promotion, swap-in) through this view, in place. A device
-        backend will add explicit copies (staging buffers, streams) here: this is the one
-        place the tiers touch pool memory."""
+    def copy_out(self, offset: int, nbytes: int) -> memoryview:
+        """The bytes of a page, for a copy below the pool (demotion, swap-out): in place
+        for host memory, a host copy for a device (valid until the next call)."""
+        ...
+
+    def copy_in(self, offset: int, nbytes: int) -> memoryview:
+        """Where a copy from below writes a page (promotion, swap-in): in place for host
+        memory; for a device a host staging buffer, pushed to the device by `landed`."""
+        ...
+
+    def landed(self, offset: int) -> None:
+        """The copy into `copy_in(offset)` is complete and the page is about to become
+        visible (sealed, or handed to a sequence): a device pushes the staged bytes now."""
+        ...
+
+    def dropped(self, offset: int) -> None:
+        """The page at `offset` was freed: forget a staged copy of it, if any."""
+        ...
+
+    def unsynced(self, offsets: list[int]) -> list[int]:
+        """The offsets among these whose writes a client has not yet synchronized: a seal
+        of them must be refused. Only a backend that can see it (the fake device) answers
+        anything but []."""
+        ...
+
+    def still_mapped(self) -> bool | None:
+        """Whether a client still maps the pool (None: the backend cannot tell)."""
         ...
 
     def close(self) -> None:
         """Give the memory back. Clients that still map it keep their mapping; they can
         never reach this pool's successor through it (a new pool has a new epoch)."""
         ...
+
+
+def boot_id() -> str:
+    """This host's boot id: a device handle is refused on any other host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def new_epoch() -> int:

@@ -68,6 +68,10 @@ class ShmPool:
     def epoch(self) -> int:
         return self.handle.epoch
 
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
     @classmethod
     def create_for(cls, prefix: str, namespace: str, nbytes: int) -> ShmPool:
         """The pool of `namespace`, with a new epoch."""
@@ -109,6 +113,21 @@ class ShmPool:
 
     def host_view(self, offset: int, nbytes: int) -> memoryview:
         return memoryview(self.mapping)[offset : offset + nbytes]
+
+    # Host memory: the tiers copy in place, and a client's store is visible at once.
+    copy_out = copy_in = host_view
+
+    def landed(self, offset: int) -> None:
+        pass
+
+    def dropped(self, offset: int) -> None:
+        pass
+
+    def unsynced(self, offsets: list[int]) -> list[int]:
+        return []
+
+    def still_mapped(self) -> bool | None:
+        return None
 
     def close(self) -> None:
         """Unmap and unlink. Clients that still map it keep their memory until they unmap."""

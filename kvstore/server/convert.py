@@ -85,6 +85,9 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
             layout=pool.layout,
             page_shape=list(pool.page_shape),
             dtype=dtypes.BY_NAME[pool.dtype].wire,
+            alloc_nbytes=pool.handle.alloc_nbytes,
+            host_id=pool.handle.host_id,
+            sync_mode=int(pool.handle.sync_mode),
         ),
         policy=spec.policy,
         model_fingerprint=spec.model_fingerprint,
@@ -110,6 +113,7 @@ def namespace_spec(msg: pb.NamespaceSpec, default_policy: str) -> t.NamespaceSpe
         policy=msg.policy or default_policy,
         salt=msg.salt,
         model_fingerprint=msg.model_fingerprint,
+        device=msg.device or "cpu",
     )
 
 

@@ -115,6 +115,7 @@ class Namespace:
         if page.state is not PageState.RESERVED:
             raise InvariantBroken(f"namespace {self.name!r}: freeing {page} as reserved")
         self.pages_reserved -= 1
+        self.pool.dropped(self.offset(page.slot))
         self.pages.give_back(page)
 
     def let_go(self, pages: list[Page | None]) -> tuple[int, int]:
@@ -137,6 +138,7 @@ class Namespace:
         """RESERVED -> SEALED, held once by the sealing sequence."""
         if page.state is not PageState.RESERVED or page.block_hash is None:
             raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
+        self.pool.landed(self.offset(page.slot))  # a copy from below reaches the device first
         self.pages_reserved -= 1
         page.state = PageState.SEALED
         page.owner = 0
@@ -283,11 +285,24 @@ class Namespace:
 
     # ------------------------------------------------------------ views
 
+    def offset(self, slot: int) -> int:
+        return self.pool.handle.offset + slot * self.spec.page_stride
+
     def page_view(self, slot: int) -> memoryview:
-        """The bytes of one pool page (the daemon's own mapping)."""
-        return self.pool.host_view(
-            self.pool.handle.offset + slot * self.spec.page_stride, self.spec.page_bytes
-        )
+        """The bytes of one pool page in the daemon's own mapping (host pools only: tests)."""
+        return self.pool.host_view(self.offset(slot), self.spec.page_bytes)  # type: ignore[attr-defined]
+
+    def page_out(self, slot: int) -> memoryview:
+        """A page's bytes for a copy below the pool (in place on host, staged from a device)."""
+        return self.pool.copy_out(self.offset(slot), self.spec.page_bytes)
+
+    def page_in(self, slot: int) -> memoryview:
+        """Where a copy from below writes a page; `land` (or `seal`) makes it the page's."""
+        return self.pool.copy_in(self.offset(slot), self.spec.page_bytes)
+
+    def land(self, page: Page) -> None:
+        """A page copied in from below goes to a sequence unsealed (swap-in): push it now."""
+        self.pool.landed(self.offset(page.slot))
 
     def sealed_pages(self) -> Iterator[Page]:
         return iter(list(self.index._pages.values()))

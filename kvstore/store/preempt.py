@@ -212,6 +212,9 @@ def finish_swap_in(tiers: Tiers | None, ticket: SwapInTicket) -> None:
         if isinstance(entry, PrivateEntry):
             private.discard(tiers, entry.key)
     tiers.swapped_pages -= sum(e is not None for e in swapped.entries)
+    for page in pages:
+        if page is not None and page.state is PageState.RESERVED:
+            seq.ns.land(page)  # a private page copied up: on a device, its staged bytes go now
     seq.pages = pages
     seq.held = sum(p is not None for p in pages)
     seq.spare, ticket.spare = ticket.spare, []

@@ -204,6 +204,7 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
                 f"in namespace {ns.name!r} (pool has {len(ns.pages)} pages)"
             )
     T = ns.spec.page_tokens
+    _check_synced(seq, range(seq.committed_tokens // T, num_tokens // T))
     sealed = dedup = 0
     moved: list[PageRef] = []
     for i in range(seq.committed_tokens // T, num_tokens // T):
@@ -227,6 +228,26 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
             sealed += 1
     seq.committed_tokens = max(seq.committed_tokens, num_tokens)
     return CommitResult(sealed, dedup, moved)
+
+
+def _check_synced(seq: Sequence, indices: range) -> None:
+    """Seal after sync: refuse a commit of pages with device writes the client has not
+    waited for (only a backend that can see them, the fake device, ever refuses)."""
+    ns = seq.ns
+    if not ns.pool.handle.on_device:
+        return
+    slots = {}
+    for i in indices:
+        page = seq.pages[i]
+        if page is not None and page.state is PageState.RESERVED:
+            slots[ns.offset(page.slot)] = page.slot
+    pending = ns.pool.unsynced(list(slots))
+    if pending:
+        raise FailedPrecondition(
+            f"sequence {seq.id}: Commit of slots {sorted(slots[o] for o in pending)} before the writes "
+            "to them were synchronized; wait for an event recorded after the last write first "
+            "(seal after sync, docs/gpu.md)"
+        )
 
 
 def view(seq: Sequence) -> SequenceView:

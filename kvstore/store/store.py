@@ -30,7 +30,7 @@ from kvstore.errors import (
     NotFound,
 )
 from kvstore.memory.backend import PoolBackend
-from kvstore.memory.shm_pool import ShmPool
+from kvstore.memory.make_pool import make_pool
 from kvstore.policy import make_policy
 from kvstore.store import lookup as lookups
 from kvstore.store import preempt, sequences, validate
@@ -97,7 +97,7 @@ class Store:
 
     def create_pool(self, spec: NamespaceSpec) -> PoolBackend:
         """Create and back the pool (a new epoch). Touches no metadata: may run in a thread."""
-        return ShmPool.create_for(self.shm_prefix, spec.name, spec.page_stride * spec.num_pages)
+        return make_pool(self.shm_prefix, spec.name, spec.device, spec.page_stride, spec.num_pages)
 
     def add_namespace(self, spec: NamespaceSpec, pool: PoolBackend) -> NamespaceInfo:
         try:

@@ -31,6 +31,7 @@ class NamespaceSpec:
     policy: str = "lru"
     salt: bytes = b""  # empty = derived from the name (see docs/hashing.md)
     model_fingerprint: str = ""
+    device: str = "cpu"  # "cpu" (shm), "cuda:N" / "cuda:GPU-<uuid>", "fake:<id>" (CI)
 
     # (cached: the store asks for these several times per page it moves; a frozen
     # dataclass's fields never change, and cached_property writes past its __setattr__)

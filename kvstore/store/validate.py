@@ -9,6 +9,7 @@ import numpy as np
 from kvstore_proto import dtypes
 
 from kvstore.errors import InvalidArgument
+from kvstore.memory.make_pool import check_device
 from kvstore.policy import policy_names
 from kvstore.store.types import (
     BUDGET_MODES,
@@ -84,6 +85,9 @@ def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
         raise InvalidArgument(
             f"{where}: policy={spec.policy!r} is unknown; known: {', '.join(policy_names())}"
         )
+    bad_device = check_device(spec.device)
+    if bad_device:
+        raise InvalidArgument(f"{where}: {bad_device}")
     pool_bytes = spec.page_stride * spec.num_pages
     if pool_bytes > limits.max_pool_bytes:
         raise InvalidArgument(

@@ -30,7 +30,7 @@ def save(tiers: Tiers, ns: Namespace, page: Page) -> PageKey:
     meta = make_meta(
         ns.name + SWAP_SUFFIX, os.urandom(16), b"", ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
     )
-    view = ns.page_view(page.slot)
+    view = ns.page_out(page.slot)
     if tiers.host is not None and tiers.make_host_room(ns.spec.page_bytes):
         tiers.host.put(PageRecord.build(meta, view))
     elif tiers.disk is not None:
@@ -43,7 +43,7 @@ def save(tiers: Tiers, ns: Namespace, page: Page) -> PageKey:
 def load(tiers: Tiers, ns: Namespace, key: PageKey, page: Page) -> bool | asyncio.Future[bool]:
     """Copy a swapped page back into `page`, verified: whether it could be (it may be gone
     or corrupt), or a future of that while a reader thread reads it from disk."""
-    return read_private(tiers.host, tiers.disk, tiers.queued.get(key), key, ns.page_view(page.slot))
+    return read_private(tiers.host, tiers.disk, tiers.queued.get(key), key, ns.page_in(page.slot))
 
 
 def discard(tiers: Tiers, key: PageKey) -> None:

@@ -80,13 +80,13 @@ def promote_now(
         if tiers.host is None:
             raise InvariantBroken(f"promoting {key} from a host tier that does not exist")
         page = ns.reserve(PROMOTING_OWNER)
-        got = _read_host_into(tiers, key, ns.page_view(page.slot))
+        got = _read_host_into(tiers, key, ns.page_in(page.slot))
     else:
         if key in tiers.queued:
             return NotNow.WAIT  # its write first: a reader thread waits for it
         loop = _running_loop()
         page = ns.reserve(PROMOTING_OWNER)
-        got = _read_disk_one(tiers, key, ns.page_view(page.slot), ns.geometry, loop)
+        got = _read_disk_one(tiers, key, ns.page_in(page.slot), ns.geometry, loop)
         if got is NotNow.WAIT:  # not in the page cache: a reader thread reads it
             ns.free_reserved(page)
             return NotNow.WAIT
@@ -143,7 +143,7 @@ def _failed(tiers: Tiers, ns: Namespace, key: PageKey, source: TierName) -> None
 def _read_host(tiers: Tiers, prom: Promotion) -> Read:
     if tiers.host is None:
         raise InvariantBroken(f"promoting {prom.key} from a host tier that does not exist")
-    return _read_host_into(tiers, prom.key, prom.ns.page_view(prom.page.slot))
+    return _read_host_into(tiers, prom.key, prom.ns.page_in(prom.page.slot))
 
 
 def _read_host_into(tiers: Tiers, key: PageKey, view: memoryview) -> Read:
@@ -172,7 +172,7 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
                 break  # a reader thread waits for it
             with contextlib.suppress(Exception):
                 write.result(WRITE_WAIT_S)
-        got = _read_disk_one(tiers, prom.key, prom.ns.page_view(prom.page.slot), prom.ns.geometry, loop)
+        got = _read_disk_one(tiers, prom.key, prom.ns.page_in(prom.page.slot), prom.ns.geometry, loop)
         if got is NotNow.WAIT:
             break
         _read_done(tiers, prom, got, in_page_cache=True)
@@ -181,7 +181,7 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
     rest = proms[inline:]
     if not rest or loop is None:  # (without a loop every read was done above)
         return
-    jobs = [(p.key, p.ns.page_view(p.page.slot), p.ns.geometry, tiers.queued.get(p.key)) for p in rest]
+    jobs = [(p.key, p.ns.page_in(p.page.slot), p.ns.geometry, tiers.queued.get(p.key)) for p in rest]
 
     def read_all() -> list[Read]:
         results: list[Read] = []

@@ -148,7 +148,7 @@ class Tiers:
         a client writing where it must not, fail that checksum at the next promotion)."""
         if page.block_hash is None:
             raise InvariantBroken(f"namespace {ns.name!r}: demoting {page}, which has no block hash")
-        view = ns.page_view(page.slot)
+        view = ns.page_out(page.slot)
         verified = page.verified
         if isinstance(verified, Verified):
             meta = verified.meta

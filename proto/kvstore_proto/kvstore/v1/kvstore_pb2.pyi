@@ -17,11 +17,18 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT8: _ClassVar[DType]
     FLOAT8_E4M3: _ClassVar[DType]
 
+class SyncMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SYNC_MODE_UNSPECIFIED: _ClassVar[SyncMode]
+    SYNC_NONE: _ClassVar[SyncMode]
+    SYNC_BEFORE_COMMIT: _ClassVar[SyncMode]
+
 class HandleType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     HANDLE_TYPE_UNSPECIFIED: _ClassVar[HandleType]
     CPU_SHM: _ClassVar[HandleType]
     CUDA_IPC: _ClassVar[HandleType]
+    FAKE_DEVICE: _ClassVar[HandleType]
 
 class PageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,9 +69,13 @@ FLOAT32: DType
 INT8: DType
 UINT8: DType
 FLOAT8_E4M3: DType
+SYNC_MODE_UNSPECIFIED: SyncMode
+SYNC_NONE: SyncMode
+SYNC_BEFORE_COMMIT: SyncMode
 HANDLE_TYPE_UNSPECIFIED: HandleType
 CPU_SHM: HandleType
 CUDA_IPC: HandleType
+FAKE_DEVICE: HandleType
 PAGE_STATE_UNSPECIFIED: PageState
 WRITABLE: PageState
 CACHED: PageState
@@ -104,7 +115,7 @@ class Geometry(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., page_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class PoolDescriptor(_message.Message):
-    __slots__ = ("device", "shm_name", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype", "handle_type", "pool_epoch")
+    __slots__ = ("device", "shm_name", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype", "handle_type", "pool_epoch", "alloc_nbytes", "host_id", "sync_mode")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +129,9 @@ class PoolDescriptor(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_TYPE_FIELD_NUMBER: _ClassVar[int]
     POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ALLOC_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SYNC_MODE_FIELD_NUMBER: _ClassVar[int]
     device: str
     shm_name: str
     ipc_handle: bytes
@@ -131,7 +145,10 @@ class PoolDescriptor(_message.Message):
     dtype: DType
     handle_type: HandleType
     pool_epoch: int
-    def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
+    alloc_nbytes: int
+    host_id: str
+    sync_mode: SyncMode
+    def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ..., alloc_nbytes: _Optional[int] = ..., host_id: _Optional[str] = ..., sync_mode: _Optional[_Union[SyncMode, str]] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
     __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint")
@@ -166,12 +183,14 @@ class PageRef(_message.Message):
     def __init__(self, index: _Optional[int] = ..., slot: _Optional[int] = ..., state: _Optional[_Union[PageState, str]] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., private: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("client_name", "lease_ttl_ms")
+    __slots__ = ("client_name", "lease_ttl_ms", "client_pid")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     lease_ttl_ms: int
-    def __init__(self, client_name: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+    client_pid: int
+    def __init__(self, client_name: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ..., client_pid: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "lease_ttl_ms")
@@ -742,20 +761,22 @@ class StatsResponse(_message.Message):
     def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ...) -> None: ...
 
 class NamespaceSpec(_message.Message):
-    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint")
+    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SALT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     num_pages: int
     policy: str
     salt: bytes
     model_fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("spec",)

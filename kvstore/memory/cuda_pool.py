@@ -1,0 +1,131 @@
+"""The CUDA pool backend: one raw device allocation per namespace, shared over CUDA IPC.
+
+docs/gpu.md and ../shared/design/GPU.md say why this shape:
+- `cupy.cuda.runtime.malloc` is a plain cudaMalloc. Never CuPy's memory pool nor torch's
+  caching allocator: their blocks are sub-allocations, and an IPC handle names a whole
+  allocation.
+- `ipcGetMemHandle` gives the 64 bytes a client opens once per process
+  (`ipcOpenMemHandle`); they travel in the PoolDescriptor with the device's UUID (never an
+  ordinal: CUDA_VISIBLE_DEVICES renumbers) and the host's boot id.
+- The tiers copy through host staging (staging.py); the daemon cannot see a client's
+  syncs, so `unsynced` is always [] here and the client library does seal after sync.
+- `close` frees the allocation. Importers that still map it make that undefined, so the
+  daemon's stop waits a grace for clients to unmap first (docs/gpu.md, "Lifecycle").
+
+CuPy is imported only when a CUDA pool is made: the CPU daemon never needs it. Not
+verified without a GPU: tools/gpu_check.py runs what a GPU machine can check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from kvstore.memory.backend import HandleType, PoolHandle, SyncMode, boot_id, new_epoch
+from kvstore.memory.staging import StagedPool
+
+log = logging.getLogger(__name__)
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError(
+            "a cuda: pool needs CuPy (pip install 'kvstore[gpu]', or cupy-cuda13x on CUDA 13)"
+        ) from e
+    return cupy
+
+
+def uuid_string(raw: Any) -> str:
+    """`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` from CUDA's 16 uuid bytes (or a string)."""
+    if isinstance(raw, str):
+        return raw if raw.startswith("GPU-") else "GPU-" + raw
+    h = bytes(raw)[:16].hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def device_uuids(cupy: Any) -> list[str]:
+    """The UUID of each device this process sees, by ordinal."""
+    n = cupy.cuda.runtime.getDeviceCount()
+    return [uuid_string(cupy.cuda.runtime.getDeviceProperties(i)["uuid"]) for i in range(n)]
+
+
+def resolve(device: str, cupy: Any) -> tuple[int, str]:
+    """`cuda:N` or `cuda:GPU-<uuid>` -> (ordinal in this process, UUID)."""
+    which = device.removeprefix("cuda:")
+    uuids = device_uuids(cupy)
+    if which.isdigit():
+        if int(which) >= len(uuids):
+            raise ValueError(f"device={device!r}: this process sees {len(uuids)} CUDA device(s)")
+        return int(which), uuids[int(which)]
+    if which not in uuids:
+        raise ValueError(f"device={device!r}: no visible CUDA device has that UUID (visible: {uuids})")
+    return uuids.index(which), which
+
+
+class CudaPool(StagedPool):
+    """A namespace's pool in device memory."""
+
+    def __init__(self, cupy: Any, ordinal: int, uuid: str, ptr: int, nbytes: int, epoch: int) -> None:
+        super().__init__()
+        self._cupy = cupy
+        self._ordinal = ordinal
+        self._ptr = ptr
+        with cupy.cuda.Device(ordinal):
+            ipc = bytes(cupy.cuda.runtime.ipcGetMemHandle(ptr))
+        self.handle = PoolHandle(
+            HandleType.CUDA_IPC,
+            f"cuda:{uuid}",
+            epoch,
+            nbytes,
+            ipc_handle=ipc,
+            alloc_nbytes=nbytes,
+            host_id=boot_id(),
+            sync_mode=SyncMode.BEFORE_COMMIT,
+        )
+
+    @classmethod
+    def create(cls, device: str, nbytes: int) -> CudaPool:
+        cupy = _cupy()
+        ordinal, uuid = resolve(device, cupy)
+        with cupy.cuda.Device(ordinal):
+            ptr = cupy.cuda.runtime.malloc(nbytes)  # raw cudaMalloc: one allocation, one handle
+            try:
+                cupy.cuda.runtime.memset(ptr, 0, nbytes)
+                pool = cls(cupy, ordinal, uuid, ptr, nbytes, new_epoch())
+            except BaseException:
+                cupy.cuda.runtime.free(ptr)
+                raise
+        log.info("created CUDA pool on %s (ordinal %d here): %d bytes", uuid, ordinal, nbytes)
+        return pool
+
+    def _copy(self, dst: int, src: int, n: int, kind: int) -> None:
+        with self._cupy.cuda.Device(self._ordinal):
+            self._cupy.cuda.runtime.memcpy(dst, src, n, kind)
+
+    def _to_host(self, offset: int, out: bytearray) -> None:
+        host = np.frombuffer(out, dtype=np.uint8)
+        self._copy(host.ctypes.data, self._ptr + offset, len(out), self._cupy.cuda.runtime.memcpyDeviceToHost)
+
+    def _to_device(self, offset: int, data: bytearray) -> None:
+        host = np.frombuffer(data, dtype=np.uint8)
+        self._copy(
+            self._ptr + offset, host.ctypes.data, len(data), self._cupy.cuda.runtime.memcpyHostToDevice
+        )
+
+    def unsynced(self, offsets: list[int]) -> list[int]:
+        return []  # invisible from here: the client library seals after sync
+
+    def still_mapped(self) -> bool | None:
+        return None  # CUDA does not say who has opened a handle
+
+    def close(self) -> None:
+        if not self._ptr:
+            return
+        ptr, self._ptr = self._ptr, 0
+        with self._cupy.cuda.Device(self._ordinal):
+            self._cupy.cuda.runtime.free(ptr)
+        log.info("freed CUDA pool on %s", self.handle.device)

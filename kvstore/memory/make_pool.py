@@ -1,0 +1,33 @@
+"""Which backend a namespace's `device` names: `cpu` (shm), `cuda:...` (CUDA IPC), `fake:...` (CI)."""
+
+from __future__ import annotations
+
+import re
+
+from kvstore.memory.backend import PoolBackend
+from kvstore.memory.shm_pool import ShmPool
+
+DEVICE_RE = re.compile(r"cpu|cuda:(\d{1,3}|GPU-[0-9a-fA-F-]{1,64})|fake:[A-Za-z0-9_.-]{1,64}")
+
+
+def check_device(device: str) -> str:
+    """'' when `device` names a backend, else what is wrong with it."""
+    if device and not DEVICE_RE.fullmatch(device):
+        return (
+            f"device={device!r} is not 'cpu', 'cuda:<ordinal>', 'cuda:GPU-<uuid>' or 'fake:<id>' "
+            "(the CI fake device)"
+        )
+    return ""
+
+
+def make_pool(prefix: str, namespace: str, device: str, page_stride: int, num_pages: int) -> PoolBackend:
+    """A new pool (a new epoch) for `namespace` on `device`. Touches no metadata."""
+    if device.startswith("cuda:"):
+        from kvstore.memory.cuda_pool import CudaPool  # imports numpy; CuPy on first use
+
+        return CudaPool.create(device, page_stride * num_pages)
+    if device.startswith("fake:"):
+        from kvstore.memory.fake_device import FakeDevicePool
+
+        return FakeDevicePool.create_for(prefix, namespace, device, page_stride, num_pages)
+    return ShmPool.create_for(prefix, namespace, page_stride * num_pages)
