@@ -305,6 +305,17 @@ class _WorkerState:
             self.sequences[seq.sequence_id] = seq
         return out
 
+    def op_put(self, namespace: str, tokens: list[int]) -> dict:
+        """`client.put` of page_content for every page of `tokens` (the fast path)."""
+        ns = self.client.namespace(namespace)
+        T = ns.page_tokens
+        pages = -(-len(tokens) // T)
+        data = b"".join(
+            page_content_bytes(i, page_tokens_of(tokens, i, T), ns.page_shape, ns.dtype) for i in range(pages)
+        )
+        res = self.client.put(ns, tokens, data)
+        return {"sealed_pages": res.sealed_pages, "cached_tokens": res.cached_tokens}
+
     def op_swap_out_partial(self, namespace: str, tokens: list[int]) -> dict:
         """Allocate, append, write every page, commit the full ones, swap the sequence out
         (held: the session owns its swapped pages)."""

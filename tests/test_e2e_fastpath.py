@@ -1,9 +1,12 @@
-"""The fast path through the real daemon (docs/api.md, "The fast path"): a put is two RPCs
-(Reserve, Seal) and visible to another process when it returns; a get is one RPC (Lookup with
-a self-ending pin) that copies the right bytes, and never returns bytes copied after its pin's
-deadline; such a pin is reaped once past it and its pages can be evicted; a Reserve that fails
-half-way leaves nothing; a batch answers each item on its own. RPCs are counted by a client
-interceptor on the channel the client library uses."""
+"""The fast path through the real daemon (docs/api.md, "The fast path"): a session's first put
+is two RPCs (Reserve, Seal, whose reply grants a credit of reserved pages), the next ones one
+(Put, into the credit), each visible to another process when it returns; a put into a credit
+never changes pages sealed already, a Put that fails changes nothing, and a client that dies
+holding a credit leaks nothing; a get is one RPC (Lookup with a self-ending pin) that copies
+the right bytes, and never returns bytes copied after its pin's deadline; such a pin is reaped
+once past it and its pages can be evicted; a Reserve that fails half-way leaves nothing; a
+batch answers each item on its own. RPCs are counted by a client interceptor on the channel
+the client library uses."""
 
 from __future__ import annotations
 
@@ -68,24 +71,111 @@ def idle(counts: dict[str, int]) -> dict[str, int]:
     return {k: counts[k] for k in IDLE}
 
 
-def test_a_put_is_reserve_and_seal_and_another_process_reads_it_back(daemon, counted, raw) -> None:
+def credit_held(pages: int) -> dict[str, int]:
+    """The counts of a namespace where nothing is held but one credit of `pages` pages."""
+    return {"pages_reserved": pages, "pages_pinned": 0, "sequences": 1 if pages else 0}
+
+
+def test_a_put_is_reserve_and_seal_then_one_put_into_its_credit(daemon, counted, raw) -> None:
     kv, counter = counted
     ns = kv.namespace(NS)
     tokens = prompt(3 * T + 2, seed=1)  # three full pages and a partial one
     res = kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
     assert counter.calls == ["Reserve", "Seal"]
     assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 3, 0)
-    assert idle(raw.counts(NS)) == IDLE, "the put's sequence is released by its Seal"
+    assert idle(raw.counts(NS)) == credit_held(4), "the put's sequence released; a credit of 4 pages held"
+    second = prompt(3 * T + 1, seed=13)
+    counter.calls.clear()
+    res = kv.put(NS, second, kv_bytes(second, ns.page_shape))
+    assert counter.calls == ["Put"]
+    assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 3, 0)
+    assert idle(raw.counts(NS)) == credit_held(4)
     with Worker("reader") as other:
         other.call("connect", target=daemon.target)
-        found = other.call("lookup", namespace=NS, tokens=tokens)
-        assert found["hit_tokens"] == 3 * T
-        assert other.call("verify", namespace=NS, tokens=tokens, slots=found["slots"])["mismatched"] == []
+        for prompt_ in (tokens, second):
+            found = other.call("lookup", namespace=NS, tokens=prompt_)
+            assert found["hit_tokens"] == 3 * T
+            assert (
+                other.call("verify", namespace=NS, tokens=prompt_, slots=found["slots"])["mismatched"] == []
+            )
 
-    counter.calls.clear()  # again, the full pages: all cached now, nothing to write
+        # Into the credit again, pages sealed already: their copies (zeros here) are dropped,
+        # the sealed bytes stay as they were.
+        counter.calls.clear()
+        again = kv.put(NS, second[: 3 * T], bytes(3 * ns.pool.page_bytes))
+        assert counter.calls == ["Put"]
+        assert (again.written_pages, again.cached_tokens, again.sealed_pages) == (3, 3 * T, 0)
+        found = other.call("lookup", namespace=NS, tokens=second)
+        assert other.call("verify", namespace=NS, tokens=second, slots=found["slots"])["mismatched"] == []
+    assert idle(raw.counts(NS)) == credit_held(3)
+
+    counter.calls.clear()  # with a function: Reserve says what to write (nothing: all cached)
     again = kv.put(NS, tokens[: 3 * T], lambda pages, views: pytest.fail(f"nothing to write, got {pages}"))
     assert (again.written_pages, again.cached_tokens, again.sealed_pages) == (0, 3 * T, 0)
     assert counter.calls == ["Reserve", "Seal"]
+    assert idle(raw.counts(NS)) == credit_held(3), "the credit kept for a put that can use it"
+
+    counter.calls.clear()  # bigger than the credit: Reserve + Seal, which replaces the credit
+    bigger = prompt(5 * T, seed=14)
+    assert kv.put(NS, bigger, kv_bytes(bigger, ns.page_shape)).sealed_pages == 5
+    assert counter.calls == ["Reserve", "Seal"]
+    assert idle(raw.counts(NS)) == credit_held(5)
+
+
+def test_a_client_that_dies_holding_a_credit_leaks_nothing(daemon, raw) -> None:
+    tokens, more = prompt(2 * T, seed=15), prompt(2 * T, seed=16)
+    with Worker("dies") as worker:
+        worker.call("connect", target=daemon.target)
+        worker.call("put", namespace=NS, tokens=tokens)
+        assert worker.call("put", namespace=NS, tokens=more)["sealed_pages"] == 2  # (into the credit)
+        assert idle(raw.counts(NS)) == credit_held(2)
+        worker.kill()
+        wait_until(lambda: idle(raw.counts(NS)), lambda c: c == IDLE, timeout=10, what="the credit freed")
+    assert raw.counts(NS)["pages_sealed"] == 4
+
+
+def test_a_put_that_fails_changes_nothing_and_keeps_the_credit(counted, raw) -> None:
+    kv, _ = counted
+    sid = kv.session_id
+    first = prompt(T, seed=17)
+    r = raw.kv.Reserve(pb.ReserveRequest(session_id=sid, namespace=NS, token_ids=first))
+    seal = raw.kv.Seal(
+        pb.SealRequest(session_id=sid, sequence_id=r.sequence_id, num_tokens=T, release=True, credit_pages=2)
+    )
+    credit = seal.credit
+    assert credit.sequence_id and len(credit.slots) == 2 and list(credit.slots) == sorted(credit.slots)
+    assert credit.pool_epoch == raw.pool(NS).pool_epoch
+    tokens = prompt(2 * T, seed=18)
+
+    def put(**fields: Any) -> pb.PutRequest:
+        base = dict(
+            session_id=sid,
+            namespace=NS,
+            token_ids=tokens,
+            credit_sequence_id=credit.sequence_id,
+            slots=credit.slots,
+        )
+        return pb.PutRequest(**(base | fields))
+
+    before = raw.counts(NS)
+    for request, code, part in (
+        (put(slots=[credit.slots[0], credit.slots[0]]), grpc.StatusCode.INVALID_ARGUMENT, "given twice"),
+        (put(slots=credit.slots[:1]), grpc.StatusCode.INVALID_ARGUMENT, "one slot per page"),
+        (put(token_ids=[1, 2, -1, 4, 5]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+        (put(credit_sequence_id=credit.sequence_id + 999), grpc.StatusCode.NOT_FOUND, "sequence_id"),
+    ):
+        assert_status(raw.error("Put", request), code, part)
+        assert raw.counts(NS) == before, f"a Put refused with {code.name} changed nothing"
+    held = raw.kv.Allocate(pb.AllocateRequest(session_id=sid, namespace=NS))
+    raw.kv.Append(pb.AppendRequest(session_id=sid, sequence_id=held.sequence_id, token_ids=[1]))
+    not_credit = put(credit_sequence_id=held.sequence_id, slots=[])
+    assert_status(raw.error("Put", not_credit), grpc.StatusCode.FAILED_PRECONDITION, "not an unused credit")
+    raw.kv.Release(pb.ReleaseRequest(session_id=sid, sequence_id=held.sequence_id))
+
+    done = raw.kv.Put(put(credit_pages=TOTAL))  # the credit still good; a next one over 1/8 of the pool: none
+    assert (done.sealed_pages, done.num_tokens, done.credit.sequence_id) == (2, 2 * T, 0)
+    assert idle(raw.counts(NS)) == IDLE
+    assert_status(raw.error("Put", put()), grpc.StatusCode.NOT_FOUND, "sequence_id")
 
 
 def test_a_get_is_one_lookup_and_copies_the_right_bytes(daemon, counted, raw) -> None:
@@ -217,6 +307,9 @@ def test_the_asyncio_client_puts_and_gets_the_same_way(daemon, raw) -> None:
             tokens = prompt(2 * T + 1, seed=11)
             res = await kv.put(NS, tokens, kv_bytes(tokens, shape))  # (maps the namespace first)
             assert res.sealed_pages == 2
+            more = prompt(3 * T, seed=19)  # into the credit the first put's Seal granted
+            assert (await kv.put(NS, more, kv_bytes(more, shape))).sealed_pages == 3
+            assert (await kv.get(NS, more)).data.numpy().tobytes() == kv_bytes(more, shape)
             hit = await kv.get(NS, tokens)
             assert hit.data.numpy().tobytes() == kv_bytes(tokens[: 2 * T], shape)
             (r,) = await kv.get_many(NS, [tokens])

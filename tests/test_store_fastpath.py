@@ -41,7 +41,7 @@ async def test_a_pin_with_a_deadline_holds_its_pages_until_then_and_no_longer(tm
         seq, _, appended = fastpath.reserve(store, sid, "t", other, b"", 0, None, "")
         assert store.sessions[sid].pins == {} and len(appended.pages) == 9, "reaped when room was needed"
         assert store.pin_deadlines.expired == 1
-        committed, released = fastpath.seal(store, sid, seq, len(other), (), True)
+        committed, released, _ = fastpath.seal(store, sid, seq, len(other), (), True)
         assert (committed.sealed_pages, released.pages_unpinned) == (9, 9)
         books(store, ns)
         # The reaper's tick reaps too; a pin released before its deadline is skipped then.

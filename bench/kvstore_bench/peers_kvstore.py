@@ -1,8 +1,9 @@
 """kvstore's side of `kvstore-bench peers`, and the memcpy baseline, in this process.
 
 `KvstoreSide` is the one place that knows the client API: `put` and `get` (and `get_views`,
-the zero-copy get) of one request. put = `client.put` (Reserve, a copy into each WRITABLE
-page, Seal: two RPCs); get = `client.get` (one Lookup whose pin ends by itself, a copy out of
+the zero-copy get) of one request. put = `client.put` (a copy into the session's credit of
+reserved pages, then Put: one RPC; the first put of a size is Reserve, copy, Seal, which
+grants the credit); get = `client.get` (one Lookup whose pin ends by itself, a copy out of
 each page, the deadline checked after it); the zero-copy get = `client.lookup(pin=True)`,
 the pages' views, release (two RPCs: the client has no views-only fast get).
 
@@ -44,8 +45,9 @@ def page_data(seed: int, pages: int) -> torch.Tensor:
 
 
 def namespace_spec(pages: int, largest_request: int) -> dict[str, Any]:
-    # Room for one pass of every page plus a request: each pass evicts the last one first.
-    return {"name": NAMESPACE, **GEOMETRY, "num_pages": pages + largest_request, "vocab_size": VOCAB}
+    # Room for one pass of every page, the last get's request (pinned until the next call) and
+    # the put's credit (a request's worth of reserved pages): each pass evicts the last one first.
+    return {"name": NAMESPACE, **GEOMETRY, "num_pages": pages + 2 * largest_request, "vocab_size": VOCAB}
 
 
 class KvstoreSide:

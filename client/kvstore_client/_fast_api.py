@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _wire
+from ._put import Credits, put
 from .errors import KVStoreClientError
 from .fastpath import (
     DEFAULT_PIN_TTL_S,
@@ -18,7 +19,6 @@ from .fastpath import (
     drive_async,
     get,
     get_many,
-    put,
     put_many,
 )
 from .namespace import Namespace
@@ -33,6 +33,7 @@ class FastPath:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pins_done = PinsDone()
+        self._credits = Credits()
 
     def put(
         self,
@@ -45,10 +46,13 @@ class FastPath:
         options: SequenceOptions | None = None,
         model_fingerprint: str = "",
     ) -> PutResult:
-        """Store the KV of `tokens` in two RPCs (Reserve, Seal): the pages nobody had sealed
-        are written from `data` (page i at bytes [i*page_bytes, (i+1)*page_bytes) of a buffer,
-        array or CPU tensor; or a function `data(pages, views)` that writes them), then sealed.
-        When it returns, every full page is visible to every process."""
+        """Store the KV of `tokens` from `data`: page i at bytes [i*page_bytes, (i+1)*page_bytes)
+        of a buffer, array or CPU tensor, or a function `data(pages, views)` that writes the
+        pages it is given. One RPC (Put) when the session holds a credit of reserved pages big
+        enough (every page is copied into it; the copies of pages sealed already are dropped),
+        else two (Reserve, then the pages nobody had sealed written, then Seal), whose reply
+        grants a credit the size of this put. With a function, `max_tokens` or `options` it
+        is always two. When it returns, every full page is visible to every process."""
         kw = dict(
             extra_keys=extra_keys, max_tokens=max_tokens, options=options, fingerprint=model_fingerprint
         )
@@ -109,6 +113,7 @@ class AsyncFastPath:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pins_done = PinsDone()
+        self._credits = Credits()
 
     async def put(
         self,

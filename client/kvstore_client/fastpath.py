@@ -1,7 +1,8 @@
-"""The fast path: a put in two RPCs (Reserve, Seal), a get in one (Lookup with a pin that
-ends by itself), several prompts a call (BatchLookup, BatchReserve, BatchSeal).
+"""The fast path: a put in one RPC (Put, into the credit of reserved pages its previous put's
+reply granted; the first put of a session is Reserve + Seal: _put.py), a get in one (Lookup
+with a pin that ends by itself), several prompts a call (BatchLookup, BatchReserve, BatchSeal).
 
-    kv.put("ns", tokens, kv_bytes)         # Reserve, write the WRITABLE pages, Seal: visible
+    kv.put("ns", tokens, kv_bytes)         # copy into the credit, Put: visible (_put.py)
     hit = kv.get("ns", tokens, out)        # Lookup, copy the hit into `out`, check the deadline
 
 Each operation is written once, as a generator that yields the `Call`s it needs and gets
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _wire
+from . import _copy, _wire
 from .errors import InvalidArgument, KVStoreClientError, PinExpired, PoolError, from_status
 from .namespace import Namespace
 from .results import Page, SequenceOptions, pages_from_proto
@@ -48,7 +49,7 @@ PutData = Any
 class PutResult:
     num_tokens: int
     cached_tokens: int  # tokens in pages someone had sealed already: not written
-    written_pages: int  # pages this put wrote
+    written_pages: int  # pages this put copied (into a credit: every page, cached ones too)
     sealed_pages: int  # pages made visible by this put
     deduplicated_pages: int  # written, but sealed by someone else first (ours freed)
 
@@ -161,26 +162,6 @@ def seal_request(sid: int, seq_id: int, num_tokens: int) -> pb.SealRequest:
 # ---------------------------------------------------------------- bytes in and out
 
 
-def _flat_bytes(buf: Any, what: str) -> Any:
-    """A 1-D uint8 view of `buf` (a torch tensor stays one; others become numpy)."""
-    if hasattr(buf, "is_contiguous") and hasattr(buf, "untyped_storage"):  # a torch tensor
-        if buf.device.type != "cpu" or not buf.is_contiguous():
-            raise InvalidArgument(
-                f"{what}: need a contiguous CPU tensor, got {buf.device} {tuple(buf.shape)}"
-            )
-        import torch
-
-        return buf.reshape(-1).view(torch.uint8)
-    try:
-        return (
-            np.frombuffer(memoryview(buf), dtype=np.uint8)
-            if not isinstance(buf, np.ndarray)
-            else (buf.reshape(-1).view(np.uint8))
-        )
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"{what}: need a contiguous buffer (bytes, numpy array, tensor): {e}") from None
-
-
 def write_pages(ns: Namespace, pages: list[Page], data: PutData) -> int:
     """Write the WRITABLE pages of a reserve from `data`; how many."""
     writable = [p for p in pages if p.writable]
@@ -189,19 +170,18 @@ def write_pages(ns: Namespace, pages: list[Page], data: PutData) -> int:
     if callable(data):
         data(writable, ns.pages(p.slot for p in writable))
         return len(writable)
-    src = _flat_bytes(data, "data")
-    size = ns.pool.page_bytes
-    need = (max(p.index for p in writable) + 1) * size
-    if len(src) < need:
-        raise InvalidArgument(f"data has {len(src)} bytes; its pages need {need} (page_bytes={size})")
-    for p in writable:
-        dst = ns.pool.raw_page(p.slot)
-        part = src[p.index * size : (p.index + 1) * size]
-        if isinstance(part, np.ndarray):
-            dst.numpy()[:] = part
-        else:
-            dst.copy_(part)
+    src = src_of(ns, data, max(p.index for p in writable) + 1)
+    _copy.copy_in(ns, src, [p.index for p in writable], [p.slot for p in writable])
     return len(writable)
+
+
+def src_of(ns: Namespace, data: PutData, pages: int) -> Any:
+    """`data` as flat bytes, checked to hold `pages` pages."""
+    src = _copy.flat_bytes(data, "data")
+    size = ns.pool.page_bytes
+    if len(src) < pages * size:
+        raise InvalidArgument(f"data has {len(src)} bytes; its pages need {pages * size} (page_bytes={size})")
+    return src
 
 
 def copy_out(
@@ -219,15 +199,14 @@ def copy_out(
     if out is None:
         dst = torch.empty(n * size, dtype=torch.uint8)
     else:
-        dst = _flat_bytes(out, "out")
+        dst = _copy.flat_bytes(out, "out")
         if len(dst) < n * size:
             raise InvalidArgument(f"out has {len(dst)} bytes; the {n} pages hit need {n * size}")
         if isinstance(dst, np.ndarray):
             if not dst.flags.writeable:
                 raise InvalidArgument("out is read-only")
             dst = torch.from_numpy(dst)
-    for i, slot in enumerate(reply.slots):
-        dst[i * size : (i + 1) * size].copy_(ns.pool.raw_page(slot))
+    _copy.copy_out(ns, dst, reply.slots)
     if after_copy is not None:
         after_copy()
     if reply.pin_ttl_ms:
@@ -244,29 +223,11 @@ def copy_out(
 # ---------------------------------------------------------------- the flows
 
 
-def _namespace(client: Any, namespace: str | Namespace) -> Flow[Namespace]:
+def namespace_of(client: Any, namespace: str | Namespace) -> Flow[Namespace]:
     if isinstance(namespace, Namespace):
         return namespace
     cached = client._namespaces.get(namespace)
     return cached if cached is not None else (yield client._namespace_call(namespace))
-
-
-def put(
-    client: Any, namespace: str | Namespace, tokens: _wire.Tokens, data: PutData, **kw: Any
-) -> Flow[PutResult]:
-    ns = yield from _namespace(client, namespace)
-    sid = client.session_id
-    req = reserve_request(sid, ns, tokens, **kw)
-    req.release_pin_ids.extend(client._pins_done.take())
-    r = yield _wire.Call("kv", "Reserve", req, _same, pool=ns)
-    try:
-        written = write_pages(ns, pages_from_proto(r.pages), data)
-        s = yield _wire.Call("kv", "Seal", seal_request(sid, r.sequence_id, r.num_tokens), _same)
-    except BaseException:
-        if client.alive:  # give the sequence back (a Seal that failed left it held)
-            yield _wire.release_sequence(sid, r.sequence_id)
-        raise
-    return PutResult(r.num_tokens, r.cached_tokens, written, s.sealed_pages, s.deduplicated_pages)
 
 
 def get(
@@ -277,7 +238,7 @@ def get(
     after_copy: Callable[[], None] | None = None,
     **kw: Any,
 ) -> Flow[GetResult]:
-    ns = yield from _namespace(client, namespace)
+    ns = yield from namespace_of(client, namespace)
     req = lookup_request(client.session_id, ns, tokens, **kw)
     req.release_pin_ids.extend(client._pins_done.take())
     sent = time.monotonic_ns()
@@ -306,7 +267,7 @@ def get_many(
     outs: Iterable[Any] | None,
     **kw: Any,
 ) -> Flow[list[GetResult | KVStoreClientError]]:
-    ns = yield from _namespace(client, namespace)
+    ns = yield from namespace_of(client, namespace)
     reqs = [lookup_request(client.session_id, ns, t, **kw) for t in prompts]
     outs = [None] * len(reqs) if outs is None else list(outs)
     if reqs:
@@ -331,7 +292,7 @@ def put_many(
     datas: Iterable[PutData],
     **kw: Any,
 ) -> Flow[list[PutResult | KVStoreClientError]]:
-    ns = yield from _namespace(client, namespace)
+    ns = yield from namespace_of(client, namespace)
     sid = client.session_id
     reqs = [reserve_request(sid, ns, t, **kw) for t in prompts]
     datas = list(datas)

@@ -117,6 +117,7 @@ class PoolMapping:
         import torch
 
         self._bytes: torch.Tensor | None = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+        self._rows: torch.Tensor | None = None
 
     @classmethod
     def open(cls, descriptor: kvstore_pb2.PoolDescriptor, *, shm_dir: str = SHM_DIR) -> PoolMapping:
@@ -169,6 +170,15 @@ class PoolMapping:
         start = self.offset + self._check_slot(slot) * self.page_stride
         return self._base()[start : start + self.page_bytes]
 
+    def rows(self) -> torch.Tensor:
+        """The pool as one `[num_pages, page_bytes]` uint8 view (row i = page i's bytes; the
+        padding between pages, if any, skipped by the stride). Built once."""
+        if self._rows is None:
+            self._rows = self._base().as_strided(
+                (self.num_pages, self.page_bytes), (self.page_stride, 1), self.offset
+            )
+        return self._rows
+
     def page(self, slot: int) -> torch.Tensor:
         """Page `slot` as a view of shape `page_shape` and the pool's dtype (no copy)."""
         return self.raw_page(slot).view(self.dtype).view(self.page_shape)
@@ -196,7 +206,7 @@ class PoolMapping:
         """Drop this mapping. If views handed out are still alive the memory stays
         mapped until the last one is garbage collected (mmap refuses to close
         under live buffers); pages are never unmapped under a live tensor."""
-        self._bytes = None
+        self._bytes = self._rows = None
         mm, self._mm = self._mm, None
         if mm is None:
             return

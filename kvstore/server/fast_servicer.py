@@ -1,4 +1,4 @@
-"""The fast path's RPCs (Reserve, Seal, the batches): convert, call kvstore/store/fastpath.py,
+"""The fast path's RPCs (Reserve, Seal, Put, the batches): convert, call kvstore/store/fastpath.py,
 convert. A batch runs its items one after another, each as its own call would, and answers
 each with its reply or the status that call would have failed with."""
 
@@ -14,6 +14,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
 from kvstore.server.status import grpc_errors, status_and_message
+from kvstore.store import credit as credits
 from kvstore.store import fastpath, namespaces
 from kvstore.store.store import Store
 
@@ -74,13 +75,15 @@ def _reserve_reply(store: Store, request: pb.ReserveRequest) -> pb.ReserveRespon
 def _seal_reply(store: Store, request: pb.SealRequest) -> pb.SealResponse:
     # The epoch first: a released sequence is no longer there to ask.
     epoch = namespaces.sequence_epoch(store, request.session_id, request.sequence_id)
-    committed, released = fastpath.seal(
+    committed, released, credit = fastpath.seal(
         store,
         request.session_id,
         request.sequence_id,
         request.num_tokens,
         request.written_slots,
         request.release,
+        request.credit_pages,
+        request.credit_sequence_id,
     )
     reply = pb.SealResponse(
         sealed_pages=committed.sealed_pages,
@@ -88,9 +91,37 @@ def _seal_reply(store: Store, request: pb.SealRequest) -> pb.SealResponse:
         pool_epoch=epoch,
         pages_freed=released.pages_freed,
         pages_unpinned=released.pages_unpinned,
+        credit=_credit(credit),
     )
     convert.add_page_refs(reply.pages, committed.moved)
     return reply
+
+
+def _credit(c: credits.Credit) -> pb.Credit:
+    return pb.Credit(sequence_id=c.sequence_id, slots=c.slots, pool_epoch=c.pool_epoch)
+
+
+def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
+    fastpath.release_pins(store, request.session_id, request.release_pin_ids)
+    appended, committed, credit = credits.put(
+        store,
+        request.session_id,
+        request.namespace,
+        request.token_ids,
+        request.extra_keys,
+        request.model_fingerprint,
+        request.credit_sequence_id,
+        request.slots,
+        request.credit_pages,
+    )
+    return pb.PutResponse(
+        num_tokens=appended.num_tokens,
+        cached_tokens=appended.cached_tokens,
+        sealed_pages=committed.sealed_pages,
+        deduplicated_pages=committed.deduplicated_pages,
+        pool_epoch=namespaces.namespace_epoch(store, request.namespace),
+        credit=_credit(credit),
+    )
 
 
 async def _batch(
@@ -132,6 +163,10 @@ class FastPathServicer:
     @grpc_errors
     async def Seal(self, request: pb.SealRequest, context: Ctx) -> pb.SealResponse:
         return _seal_reply(self.store, request)
+
+    @grpc_errors
+    async def Put(self, request: pb.PutRequest, context: Ctx) -> pb.PutResponse:
+        return _put_reply(self.store, request)
 
     @grpc_errors
     async def BatchLookup(self, request: pb.BatchLookupRequest, context: Ctx) -> pb.BatchLookupResponse:

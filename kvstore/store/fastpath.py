@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Sequence as Seq
 
 from kvstore.errors import InvalidArgument, KVStoreError, OutOfRange
+from kvstore.store import credit as credits
 from kvstore.store import validate, waits
 from kvstore.store.store import Store
 from kvstore.store.types import AppendResult, CommitResult, LookupResult, ReleaseResult, SequenceOptions
@@ -94,10 +95,29 @@ def reserve(
 
 
 def seal(
-    store: Store, sid: int, seq_id: int, num_tokens: int, written_slots: Seq[int], release: bool
-) -> tuple[CommitResult, ReleaseResult]:
-    """Commit, then release the sequence if asked. A failed commit changes nothing (the
-    sequence is still held: release it, or fix the request and seal again)."""
+    store: Store,
+    sid: int,
+    seq_id: int,
+    num_tokens: int,
+    written_slots: Seq[int],
+    release: bool,
+    credit_pages: int = 0,
+    credit_id: int = 0,
+) -> tuple[CommitResult, ReleaseResult, credits.Credit]:
+    """Commit, then release the sequence if asked, then replace the session's credit
+    (`credit_id`, 0: none) with one of `credit_pages` (kvstore/store/credit.py). A failed
+    commit changes nothing (the sequence is still held: release it, or fix the request and
+    seal again); so does a `credit_id` that is not an unused credit, checked first."""
+    ns = store.table.sequence(sid, seq_id)[1].ns
+    if credit_id:
+        if credit_id == seq_id:
+            raise InvalidArgument(f"credit_sequence_id={credit_id} is the sequence being sealed")
+        credits.unused_credit(store, sid, credit_id)
     committed = store.commit(sid, seq_id, num_tokens, written_slots)
     released = store.release_sequence(sid, seq_id) if release else ReleaseResult()
-    return committed, released
+    credit = (
+        credits.replace(store, sid, credit_id, ns, credit_pages)
+        if credit_id or credit_pages
+        else credits.Credit()
+    )
+    return committed, released, credit

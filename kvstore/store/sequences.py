@@ -57,8 +57,17 @@ def allocate(
     return seq.id, pages_needed
 
 
-def append(session: Session, seq: Sequence, limits: StoreLimits, token_ids: Seq[int]) -> AppendResult:
+def append(
+    session: Session,
+    seq: Sequence,
+    limits: StoreLimits,
+    token_ids: Seq[int],
+    spare_at: dict[int, Page] | None = None,
+) -> AppendResult:
+    """`spare_at`: reserved pages of the sequence to take for given page indices (a put into a
+    credit, kvstore/store/credit.py); those left unused (the index was cached) stay in it."""
     seq_id = seq.id
+    spare_at = {} if spare_at is None else spare_at
     ns = seq.ns
     T = ns.spec.page_tokens
     tokens = validate.token_array(
@@ -113,7 +122,7 @@ def append(session: Session, seq: Sequence, limits: StoreLimits, token_ids: Seq[
     hits = [e[4] for e in plan if e[4] is not None]
     for page in hits:  # pin the planned hits so making room cannot evict them
         ns.ref(page)
-    new_pages = sum(e[4] is None and not e[5] for e in plan)
+    new_pages = sum(e[4] is None and not e[5] and e[0] not in spare_at for e in plan)
     freed = 0  # reserved pages the drops give back
     for i in drops:
         old = seq.pages[i] if i < old_pages else None
@@ -156,7 +165,7 @@ def append(session: Session, seq: Sequence, limits: StoreLimits, token_ids: Seq[
         if dropped:
             seq.pages.append(None)
             continue
-        page = cached or (seq.spare.pop() if seq.spare else ns.reserve(seq.id))
+        page = cached or spare_at.pop(i, None) or (seq.spare.pop() if seq.spare else ns.reserve(seq.id))
         if block_hash is not None:
             seq.last_hash = block_hash
             if cached is None:

@@ -521,34 +521,88 @@ class ReserveResponse(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class SealRequest(_message.Message):
-    __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots", "release")
+    __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots", "release", "credit_pages", "credit_sequence_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_SLOTS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     sequence_id: int
     num_tokens: int
     written_slots: _containers.RepeatedScalarFieldContainer[int]
     release: bool
-    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ..., release: _Optional[bool] = ...) -> None: ...
+    credit_pages: int
+    credit_sequence_id: int
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ..., release: _Optional[bool] = ..., credit_pages: _Optional[int] = ..., credit_sequence_id: _Optional[int] = ...) -> None: ...
 
 class SealResponse(_message.Message):
-    __slots__ = ("sealed_pages", "deduplicated_pages", "pages", "pool_epoch", "pages_freed", "pages_unpinned")
+    __slots__ = ("sealed_pages", "deduplicated_pages", "pages", "pool_epoch", "pages_freed", "pages_unpinned", "credit")
     SEALED_PAGES_FIELD_NUMBER: _ClassVar[int]
     DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PAGES_FREED_FIELD_NUMBER: _ClassVar[int]
     PAGES_UNPINNED_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     sealed_pages: int
     deduplicated_pages: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRef]
     pool_epoch: int
     pages_freed: int
     pages_unpinned: int
-    def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pool_epoch: _Optional[int] = ..., pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ...) -> None: ...
+    credit: Credit
+    def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pool_epoch: _Optional[int] = ..., pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
+
+class Credit(_message.Message):
+    __slots__ = ("sequence_id", "slots", "pool_epoch")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    pool_epoch: int
+    def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_PAGES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    namespace: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    extra_keys: bytes
+    model_fingerprint: str
+    credit_sequence_id: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    credit_pages: int
+    release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("num_tokens", "cached_tokens", "sealed_pages", "deduplicated_pages", "pool_epoch", "credit")
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    cached_tokens: int
+    sealed_pages: int
+    deduplicated_pages: int
+    pool_epoch: int
+    credit: Credit
+    def __init__(self, num_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pool_epoch: _Optional[int] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
 
 class ItemStatus(_message.Message):
     __slots__ = ("code", "message")

@@ -129,6 +129,11 @@ class KVStoreStub:
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SealRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SealResponse.FromString,
                 _registered_method=True)
+        self.Put = channel.unary_unary(
+                '/kvstore.v1.KVStore/Put',
+                request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PutRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
         self.BatchLookup = channel.unary_unary(
                 '/kvstore.v1.KVStore/BatchLookup',
                 request_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.BatchLookupRequest.SerializeToString,
@@ -254,13 +259,20 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reserve(self, request, context):
-        """The fast path: a put is Reserve + Seal, a get one Lookup with pin_ttl_ms.
+        """The fast path: a put is Reserve + Seal (then Put, into the credit Seal granted), a get
+        one Lookup with pin_ttl_ms.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Seal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Put(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -381,6 +393,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Seal,
                     request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SealRequest.FromString,
                     response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SealResponse.SerializeToString,
+            ),
+            'Put': grpc.unary_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PutRequest.FromString,
+                    response_serializer=kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
             ),
             'BatchLookup': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchLookup,
@@ -911,6 +928,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Seal',
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SealRequest.SerializeToString,
             kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.SealResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Put',
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PutRequest.SerializeToString,
+            kvstore__proto_dot_kvstore_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,

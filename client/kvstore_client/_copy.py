@@ -1,0 +1,80 @@
+"""Copies of whole pages between a caller's buffer and the pool, for the fast path.
+
+Page i of the buffer is at bytes [i * page_bytes, (i+1) * page_bytes). Pages whose slots
+follow each other move in one copy (the daemon hands out a put's credit in ascending slots,
+so most runs are the whole request): one call into torch a run, not a few per page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import torch
+
+    from .namespace import Namespace
+
+
+def flat_bytes(buf: Any, what: str) -> Any:
+    """A 1-D uint8 view of `buf` (a torch tensor stays one; others become numpy)."""
+    if hasattr(buf, "is_contiguous") and hasattr(buf, "untyped_storage"):  # a torch tensor
+        if buf.device.type != "cpu" or not buf.is_contiguous():
+            raise InvalidArgument(
+                f"{what}: need a contiguous CPU tensor, got {buf.device} {tuple(buf.shape)}"
+            )
+        import torch
+
+        return buf.reshape(-1).view(torch.uint8)
+    try:
+        return (
+            np.frombuffer(memoryview(buf), dtype=np.uint8)
+            if not isinstance(buf, np.ndarray)
+            else (buf.reshape(-1).view(np.uint8))
+        )
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{what}: need a contiguous buffer (bytes, numpy array, tensor): {e}") from None
+
+
+def runs(indices: Sequence[int], slots: Sequence[int]) -> list[list[int]]:
+    """[index, slot, count] of each run of pages whose indices and slots both go up by one."""
+    out: list[list[int]] = []
+    last = None
+    for i, s in zip(indices, slots, strict=True):
+        if last is not None and last[0] + last[2] == i and last[1] + last[2] == s:
+            last[2] += 1
+        else:
+            last = [i, s, 1]
+            out.append(last)
+    return out
+
+
+def _rows(ns: Namespace, slots: Sequence[int]) -> torch.Tensor:
+    """The pool as `[num_pages, page_bytes]` uint8 rows, once `slots` are known to be in it."""
+    pool = ns.pool
+    if slots and max(slots) >= pool.num_pages:
+        raise InvalidArgument(f"slot={max(slots)} is outside the pool (num_pages={pool.num_pages})")
+    return pool.rows()
+
+
+def copy_in(ns: Namespace, src: Any, indices: Sequence[int], slots: Sequence[int]) -> None:
+    """Page indices[k] of `src` (flat_bytes) into slot slots[k]."""
+    rows, size = _rows(ns, slots), ns.pool.page_bytes
+    if isinstance(src, np.ndarray):
+        arrays = rows.numpy()
+        for i, s, n in runs(indices, slots):
+            arrays[s : s + n] = src[i * size : (i + n) * size].reshape(n, size)
+    else:
+        for i, s, n in runs(indices, slots):
+            rows[s : s + n].copy_(src[i * size : (i + n) * size].view(n, size))
+
+
+def copy_out(ns: Namespace, dst: torch.Tensor, slots: Sequence[int]) -> None:
+    """Slot slots[i] into page i of the flat uint8 tensor `dst`."""
+    rows, size = _rows(ns, slots), ns.pool.page_bytes
+    for i, s, n in runs(range(len(slots)), slots):
+        dst[i * size : (i + n) * size].view(n, size).copy_(rows[s : s + n])

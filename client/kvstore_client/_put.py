@@ -1,0 +1,137 @@
+"""`put` (docs/api.md, "The fast path"): one call when the session holds a credit big enough
+(copy page i into credit slot i, then Put, whose reply grants the next credit), else
+Reserve, write the WRITABLE pages, Seal (whose reply grants the credit). A put with a
+callable `data`, `max_tokens` or `options` always takes Reserve + Seal: only Reserve says
+which pages are cached, and only the pages not cached are written then."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from . import _copy, _wire
+from .errors import KVStoreClientError
+from .fastpath import (
+    Flow,
+    PutData,
+    PutResult,
+    namespace_of,
+    reserve_request,
+    seal_request,
+    src_of,
+    write_pages,
+)
+from .namespace import Namespace
+from .results import pages_from_proto
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+class Credits:
+    """The credits this client holds, by namespace: a put takes one, its reply gives the next."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, list[pb.Credit]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, ns: Namespace) -> pb.Credit | None:
+        """A credit for `ns`'s pool, or None (one of a pool no longer mapped went with it)."""
+        with self._lock:
+            held = self._held.get(ns.name)
+            credit = held.pop() if held else None
+        return credit if credit is not None and credit.pool_epoch == ns.epoch else None
+
+    def give(self, ns: Namespace, credit: pb.Credit | None) -> None:
+        if credit is not None and credit.sequence_id:
+            with self._lock:
+                self._held.setdefault(ns.name, []).append(credit)
+
+
+def put(
+    client: Any, namespace: str | Namespace, tokens: _wire.Tokens, data: PutData, **kw: Any
+) -> Flow[PutResult]:
+    ns = yield from namespace_of(client, namespace)
+    req = reserve_request(client.session_id, ns, tokens, **kw)
+    pages = -(-len(req.token_ids) // ns.page_tokens)
+    plain = callable(data) or req.max_tokens or req.HasField("options")
+    credit = client._credits.take(ns)
+    if credit is not None and not plain and len(credit.slots) >= pages:
+        return (yield from _into_credit(client, ns, req, data, credit, pages))
+    if plain:  # keep the credit for a put that can use it
+        client._credits.give(ns, credit)
+        credit = None
+    try:
+        return (yield from _reserve_and_seal(client, ns, req, data, credit, 0 if plain else pages))
+    except BaseException:
+        if credit is not None:
+            yield from _drop(client, credit)
+        raise
+
+
+def _drop(client: Any, credit: pb.Credit) -> Flow[None]:
+    """Give a credit back to the daemon after a failed call: whether that call released it is
+    not known, so the library forgets it either way (and the next put asks for a new one)."""
+    if client.alive:
+        with contextlib.suppress(KVStoreClientError):  # (released already)
+            yield _wire.release_sequence(client.session_id, credit.sequence_id)
+
+
+def _into_credit(
+    client: Any, ns: Namespace, req: pb.ReserveRequest, data: PutData, credit: pb.Credit, pages: int
+) -> Flow[PutResult]:
+    sid = client.session_id
+    try:
+        src = src_of(ns, data, pages)
+    except BaseException:
+        client._credits.give(ns, credit)
+        raise
+    slots = credit.slots[:pages]
+    _copy.copy_in(ns, src, range(pages), slots)
+    call = pb.PutRequest(
+        session_id=sid,
+        namespace=ns.name,
+        token_ids=req.token_ids,
+        extra_keys=req.extra_keys,
+        model_fingerprint=req.model_fingerprint,
+        credit_sequence_id=credit.sequence_id,
+        slots=slots,
+        credit_pages=pages,
+        release_pin_ids=client._pins_done.take(),
+    )
+    try:
+        r = yield _wire.Call("kv", "Put", call, _same, pool=ns)
+    except BaseException:
+        yield from _drop(client, credit)
+        raise
+    client._credits.give(ns, r.credit)
+    return PutResult(r.num_tokens, r.cached_tokens, pages, r.sealed_pages, r.deduplicated_pages)
+
+
+def _reserve_and_seal(
+    client: Any,
+    ns: Namespace,
+    req: pb.ReserveRequest,
+    data: PutData,
+    old: pb.Credit | None,
+    credit_pages: int,
+) -> Flow[PutResult]:
+    sid = client.session_id
+    req.release_pin_ids.extend(client._pins_done.take())
+    r = yield _wire.Call("kv", "Reserve", req, _same, pool=ns)
+    try:
+        written = write_pages(ns, pages_from_proto(r.pages), data)
+        seal = seal_request(sid, r.sequence_id, r.num_tokens)
+        seal.credit_pages = credit_pages
+        seal.credit_sequence_id = old.sequence_id if old is not None else 0
+        s = yield _wire.Call("kv", "Seal", seal, _same)
+    except BaseException:
+        if client.alive:  # give the sequence back (a Seal that failed left it held)
+            yield _wire.release_sequence(sid, r.sequence_id)
+        raise
+    client._credits.give(ns, s.credit)
+    return PutResult(r.num_tokens, r.cached_tokens, written, s.sealed_pages, s.deduplicated_pages)

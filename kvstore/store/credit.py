@@ -1,0 +1,110 @@
+"""A put in one call (docs/api.md, "The fast path"): the session holds a credit, a sequence
+with no tokens and a few RESERVED pages, granted by its previous Seal or Put. The client
+copies page i of its next put into credit slot i, then Put appends the tokens with page i in
+that slot, commits, releases, and grants the next credit. The pages are the session's alone
+until then (reserved, like any sequence's), so nobody else can see or take them, and they go
+with the session when its client dies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from kvstore.memory.pages import Page
+from kvstore.store import sequences, validate
+from kvstore.store.namespace import Namespace
+from kvstore.store.sessions import Sequence, Session
+from kvstore.store.store import Store
+from kvstore.store.types import UNCONSTRAINED, AppendResult, CommitResult
+
+# A credit is pages the cache cannot use meanwhile: at most this share of the pool.
+POOL_SHARE = 8
+
+
+@dataclass(frozen=True)
+class Credit:
+    sequence_id: int = 0  # 0: none
+    slots: tuple[int, ...] = ()
+    pool_epoch: int = 0
+
+
+def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
+    """A credit of `pages` pages, made room for like any allocation (it may evict); none when
+    that is over 1/POOL_SHARE of the pool or the request limit, or the pool cannot spare them
+    now (a smaller one would not hold a put of that size)."""
+    T = ns.spec.page_tokens
+    if not 0 < pages <= min(ns.spec.num_pages // POOL_SHARE, store.limits.max_request_tokens // T):
+        return Credit()
+    try:
+        seq_id, _ = sequences.allocate(
+            session, ns, store.limits, lambda: store.table.new_id(session), pages * T, b"", None, ""
+        )
+    except ResourceExhausted:
+        return Credit()
+    spare = session.sequences[seq_id].spare
+    # Ascending: a put copies each run of consecutive slots in one go (the client library).
+    return Credit(seq_id, tuple(sorted(p.slot for p in spare)), ns.pool.handle.epoch)
+
+
+def unused_credit(store: Store, sid: int, seq_id: int) -> tuple[Session, Sequence]:
+    session, seq = store.table.sequence(sid, seq_id)
+    if seq.num_tokens or seq.pages or seq.swapped is not None or seq.options.mode != UNCONSTRAINED:
+        raise FailedPrecondition(f"sequence_id={seq_id} is not an unused credit: it has tokens or pages")
+    return session, seq
+
+
+def replace(store: Store, sid: int, old_id: int, ns: Namespace, pages: int) -> Credit:
+    """Seal's credit: release the unused credit `old_id` (0: none), grant one of `pages`."""
+    session = store.session(sid)
+    if old_id:
+        store.release_held_sequence(*unused_credit(store, sid, old_id))
+    return grant(store, session, ns, pages)
+
+
+def put(
+    store: Store,
+    sid: int,
+    namespace: str,
+    token_ids: Seq[int],
+    extra_keys: bytes,
+    model_fingerprint: str,
+    credit_id: int,
+    slots: Seq[int],
+    credit_pages: int,
+) -> tuple[AppendResult, CommitResult, Credit]:
+    """Append `token_ids` to the credit with page i in `slots[i]`, seal, release, grant the
+    next credit. Fails having changed nothing (the credit still held) until the append is done."""
+    store.reap_pins()
+    ns = store.namespace(namespace)
+    session, seq = unused_credit(store, sid, credit_id)
+    if seq.ns is not ns:
+        raise InvalidArgument(f"credit_sequence_id={credit_id} is a credit of namespace {seq.ns.name!r}")
+    ns.check_model(model_fingerprint)
+    extra = validate.extra_keys(extra_keys, store.limits)
+    T = ns.spec.page_tokens
+    if len(slots) != -(-len(token_ids) // T):
+        raise InvalidArgument(
+            f"slots has {len(slots)} entries; the {len(token_ids)} token ids fill "
+            f"{-(-len(token_ids) // T)} pages of {T} tokens: give one slot per page"
+        )
+    spare = {p.slot: p for p in seq.spare}
+    at: dict[int, Page] = {}
+    for i, slot in enumerate(slots):
+        page = spare.pop(slot, None)
+        if page is None:
+            raise InvalidArgument(
+                f"slots[{i}]={slot} is not an unused page of credit {credit_id} (or is given twice)"
+            )
+        at[i] = page
+    old_spare, old_extra = seq.spare, seq.extra_keys
+    seq.spare, seq.extra_keys = list(spare.values()), extra
+    try:
+        appended = sequences.append(session, seq, store.limits, token_ids, spare_at=at)
+    except BaseException:
+        seq.spare, seq.extra_keys = old_spare, old_extra
+        raise
+    seq.spare.extend(at.values())  # the credit pages of cached indices: freed with the rest
+    committed = sequences.commit(seq, seq.num_tokens)
+    store.release_held_sequence(session, seq)
+    return appended, committed, grant(store, session, ns, credit_pages)
