@@ -144,6 +144,12 @@ class ServerConfig:
     max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", _in_range(1, _U32_MAX))
     max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", _positive, size=True)
     max_sessions: int = _key(4096, "most sessions open at once", _positive)
+    quarantine_grace_s: float = _key(
+        30.0,
+        "device pools: how long the reserved pages of a session that ended without closing stay "
+        "quarantined when its client's process cannot be watched (seconds; docs/gpu.md)",
+        _in_range(0, 3600),
+    )
     shutdown_grace_s: float = _key(
         5.0,
         "on SIGTERM, how long in-flight RPCs may finish (seconds); new ones and those still running after "
@@ -254,6 +260,7 @@ class Config:
             max_sessions=s.max_sessions,
             max_extra_keys_bytes=s.max_extra_keys_bytes,
             pin_ttl_max_s=s.pin_ttl_max_s,
+            quarantine_grace_s=s.quarantine_grace_s,
         )
 
     def namespace_specs(self) -> list[NamespaceSpec]:

@@ -144,6 +144,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
         "max_pool_bytes": "1GiB",
         "max_sessions": "3",
         "shutdown_grace_s": "1",
+        "quarantine_grace_s": "4",
         "log_level": "debug",
         "max_extra_keys_bytes": "7",
         "default_policy": "lru",
@@ -184,9 +185,10 @@ def test_store_limits_carry_every_limit() -> None:
         "KVSTORE_MAX_SESSIONS": "5",
         "KVSTORE_MAX_EXTRA_KEYS_BYTES": "7",
         "KVSTORE_PIN_TTL_MAX_S": "0.25",
+        "KVSTORE_QUARANTINE_GRACE_S": "4",
     }
     limits = cfg.load(environ=env).store_limits()
-    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25)
+    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0)
     # A limit the store gains later must get a key here too, or this stays at its default.
     defaults = StoreLimits()
     unset = [

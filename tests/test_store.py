@@ -185,6 +185,7 @@ def test_create_namespace_makes_private_segment(bare_store, prefix):
         "evictions": 0,
         "deduplicated_pages": 0,
         "budget_dropped_pages": 0,
+        "pages_quarantined": 0,
         "extra": {},
     }
     bare_store.close()

@@ -103,6 +103,7 @@ def open_session(client_name: str, lease_ttl_s: float | None) -> Call[pb.OpenSes
     ttl_ms = 0 if lease_ttl_s is None else max(1, round(lease_ttl_s * 1000))
     # Our pid: a device pool quarantines the pages we leave reserved until we are gone.
     req = pb.OpenSessionRequest(client_name=client_name, lease_ttl_ms=ttl_ms, client_pid=os.getpid())
+    req.client_pid_ns = os.stat("/proc/self/ns/pid").st_ino if os.path.exists("/proc/self/ns/pid") else 0
     return Call("kv", "OpenSession", req, _same)
 
 

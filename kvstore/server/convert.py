@@ -134,6 +134,7 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         sequences=s.sequences,
         policy=s.policy,
         budget_dropped_pages=s.budget_dropped_pages,
+        pages_quarantined=s.pages_quarantined,
     )
 
 

@@ -38,7 +38,9 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def OpenSession(self, request: pb.OpenSessionRequest, context: Ctx) -> pb.OpenSessionResponse:
-        info = self.store.open_session(request.client_name, request.lease_ttl_ms / 1000)
+        info = self.store.open_session(
+            request.client_name, request.lease_ttl_ms / 1000, request.client_pid, request.client_pid_ns
+        )
         return pb.OpenSessionResponse(session_id=info.session_id, lease_ttl_ms=int(info.lease_ttl_s * 1000))
 
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> AsyncIterator[pb.KeepAliveEvent]:

@@ -84,6 +84,7 @@ class Namespace:
         self.evictions = 0
         self.deduplicated_pages = 0
         self.budget_dropped_pages = 0
+        self.pages_quarantined = 0  # RESERVED, held for a dead client (store/quarantine.py)
         # Explain's memory of pages gone from every tier (kvstore/observe/explain.py): block
         # hash -> when, by whom, for what; the newest last.
         # The store's own, whatever the policy remembers. `evicting_for` says what the
@@ -337,4 +338,5 @@ class Namespace:
             evictions=self.evictions,
             deduplicated_pages=self.deduplicated_pages,
             budget_dropped_pages=self.budget_dropped_pages,
+            pages_quarantined=self.pages_quarantined,
         )

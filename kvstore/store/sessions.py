@@ -83,6 +83,7 @@ class Session:
     expires_at: float  # monotonic; ignored while a keep-alive stream is attached
     last_seen: float
     streams: int = 0
+    pidfd: int = -1  # the client's process (device pools' quarantine; kvstore/store/quarantine.py)
     sequences: dict[int, Sequence] = field(default_factory=dict)
     pins: dict[int, Pin] = field(default_factory=dict)
     # Lookups whose accesses the MRC sample has counted: first block hash -> pages counted,

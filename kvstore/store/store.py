@@ -36,6 +36,7 @@ from kvstore.store import lookup as lookups
 from kvstore.store import preempt, sequences, validate
 from kvstore.store.namespace import GoneKind, Namespace
 from kvstore.store.pin_deadlines import PinDeadlines
+from kvstore.store.quarantine import CLOSED_BY_CLIENT, Quarantine, watch_pid
 from kvstore.store.session_table import SessionTable
 from kvstore.store.sessions import Pin, Sequence, Session, SwapInTicket
 from kvstore.store.tiering.promotion import Promotion
@@ -75,6 +76,7 @@ class Store:
         self.table = SessionTable(limits, clock)
         self.sessions = self.table.sessions  # loop-owned: session id -> Session
         self.pin_deadlines = PinDeadlines()  # pins that end by themselves (LookupRequest.pin_ttl_ms)
+        self.quarantine = Quarantine(clock, limits.quarantine_grace_s)  # a dead client's device pages
         if tiers is not None:
             tiers.on_lost = self._page_lost
 
@@ -131,8 +133,12 @@ class Store:
 
     # ------------------------------------------------------------ sessions
 
-    def open_session(self, client_name: str, lease_ttl_s: float) -> SessionInfo:
-        return self.table.open(client_name, lease_ttl_s)
+    def open_session(
+        self, client_name: str, lease_ttl_s: float, pid: int = 0, pid_ns: int = 0
+    ) -> SessionInfo:
+        info = self.table.open(client_name, lease_ttl_s)
+        self.sessions[info.session_id].pidfd = watch_pid(pid, pid_ns)
+        return info
 
     def session(self, sid: int) -> Session:
         """The live session `sid`, its lease renewed (any request is a sign of life)."""
@@ -156,9 +162,10 @@ class Store:
         if session.streams == 0:
             self.close_session(sid, "keep-alive stream broke")
 
-    def close_session(self, sid: int, why: str = "closed by client") -> ReleaseResult:
+    def close_session(self, sid: int, why: str = CLOSED_BY_CLIENT) -> ReleaseResult:
         session = self.table.get(sid)
         freed = unpinned = 0
+        self.quarantine.session_ends(session, clean=why == CLOSED_BY_CLIENT)
         for seq in list(session.sequences.values()):
             r = self.release_held_sequence(session, seq)
             freed += r.pages_freed
@@ -171,6 +178,7 @@ class Store:
 
     def reap_expired(self) -> list[int]:
         self.reap_pins()
+        self.quarantine.reap(self.namespaces)
         expired = self.table.expired()
         for sid in expired:
             self.close_session(sid, "lease expired")
@@ -379,6 +387,7 @@ class Store:
         try:
             for sid in list(self.sessions):
                 self.close_session(sid, "daemon shut down")
+            self.quarantine.close()
         finally:
             try:
                 if self.tiers is not None:

@@ -62,6 +62,7 @@ class StoreLimits:
     max_sessions: int = 4096
     max_extra_keys_bytes: int = 1024
     pin_ttl_max_s: float = 2.0  # longest pin_ttl_ms a lookup gets (its pages unevictable meanwhile)
+    quarantine_grace_s: float = 30.0  # a dead client's reserved device pages, when its pid is unknown
 
 
 @dataclass(frozen=True)
@@ -197,4 +198,5 @@ class NamespaceStats:
     evictions: int = 0
     deduplicated_pages: int = 0
     budget_dropped_pages: int = 0
+    pages_quarantined: int = 0
     extra: dict[str, int] = field(default_factory=dict)

@@ -183,14 +183,16 @@ class PageRef(_message.Message):
     def __init__(self, index: _Optional[int] = ..., slot: _Optional[int] = ..., state: _Optional[_Union[PageState, str]] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., private: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("client_name", "lease_ttl_ms", "client_pid")
+    __slots__ = ("client_name", "lease_ttl_ms", "client_pid", "client_pid_ns")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PID_NS_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     lease_ttl_ms: int
     client_pid: int
-    def __init__(self, client_name: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ..., client_pid: _Optional[int] = ...) -> None: ...
+    client_pid_ns: int
+    def __init__(self, client_name: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ..., client_pid: _Optional[int] = ..., client_pid_ns: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "lease_ttl_ms")
@@ -709,7 +711,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -725,6 +727,7 @@ class NamespaceStats(_message.Message):
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_DROPPED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     name: str
     page_bytes: int
     pages_total: int
@@ -740,7 +743,8 @@ class NamespaceStats(_message.Message):
     sequences: int
     policy: str
     budget_dropped_pages: int
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ...) -> None: ...
+    pages_quarantined: int
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running")
