@@ -23,6 +23,7 @@ from kvstore_proto import dtypes
 from kvstore.config_parse import expect, fill, format_size, read_toml
 from kvstore.memory.make_pool import check_device
 from kvstore.policy import policy_names
+from kvstore.store import precision
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.store.validate import MAX_PAGE_TOKENS, MAX_TOKEN_ID
 
@@ -31,6 +32,7 @@ CONFIG_ENV = "KVSTORE_CONFIG"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 DType = Literal[dtypes.NAMES]  # (a tuple subscript: Literal takes its items as the choices)
+TierDType = Literal[precision.TIER_DTYPES]
 
 _U32_MAX = 2**32 - 1  # the wire carries geometry as uint32
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
@@ -101,6 +103,22 @@ def _salt(v: str) -> str | None:
             bytes.fromhex(v[4:])
         except ValueError:
             return "must be hex digits after 'hex:'"
+    return None
+
+
+def _tier_schedule(v: str) -> str | None:
+    try:  # (the layer count is checked against num_layers with the namespace)
+        precision.parse_schedule(v)
+    except ValueError as e:
+        return str(e).partition(": ")[2] or str(e)
+    return None
+
+
+def _tier_error_bound(v: float) -> str | None:
+    try:
+        precision.check_error_bound(v)
+    except ValueError:
+        return "must be in [0, 1): a relative L2 error (of its K or V), 0 = no bound"
     return None
 
 
@@ -236,6 +254,23 @@ class NamespaceConfig:
         "over CUDA IPC; docs/gpu.md), `fake:<id>` (CI's fake device)",
         lambda v: check_device(v) or None,
     )
+    tier_dtype: TierDType = _key(  # noqa: RUF009 (ruff: Literal)
+        "fp",
+        "how the host and disk tiers store its pages: `fp` = the pool's bytes (byte-exact); `int8`/`int4` = "
+        "quantized records, dequantized on promotion (docs/tiers.md)",
+    )
+    tier_schedule: str = _key(
+        "",
+        "other precisions for the first layers: runs `<dtype>:<layers>` from layer 0, the rest at "
+        "`tier_dtype` (e.g. `fp:1,int8:3`); empty = every layer at `tier_dtype`",
+        _tier_schedule,
+    )
+    tier_error_bound: float = _key(
+        0.0,
+        "a quantized layer whose relative L2 error (of its K or V) is over this is stored at the next higher precision; "
+        "0 = no bound",
+        _tier_error_bound,
+    )
 
 
 # 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.
@@ -366,6 +401,15 @@ def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, p
         seen.setdefault(ns.name, i)
         # The pool takes page_stride (page_bytes rounded up to 4 KiB) per page, so count that.
         spec = _to_spec(ns, server.default_policy)
+        try:  # (the schedule's syntax is checked with the key; its length needs num_layers)
+            if spec.tier_quantized and spec.dtype not in precision.QUANTIZABLE_DTYPES:
+                problems.append(
+                    f"namespace[{i}] {ns.name!r}: tier_dtype={spec.tier_dtype!r} "
+                    f"tier_schedule={spec.tier_schedule!r} quantizes pages, which needs dtype one of "
+                    f"{', '.join(precision.QUANTIZABLE_DTYPES)}, not {spec.dtype!r}"
+                )
+        except ValueError as e:
+            problems.append(f"namespace[{i}] {ns.name!r}: {e}")
         pool = spec.page_stride * spec.num_pages
         total += pool
         if total > server.max_pool_bytes:

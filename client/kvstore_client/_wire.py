@@ -148,9 +148,13 @@ def namespace_spec(
     salt: bytes = b"",
     model_fingerprint: str = "",
     device: str = "",
+    tier_dtype: str = "fp",
+    tier_schedule: str = "",
+    tier_error_bound: float = 0.0,
 ) -> pb.NamespaceSpec:
     """A NamespaceSpec for `create_namespace`. `dtype`: torch dtype, name ("bf16") or DType value;
-    empty `policy` = the daemon's default; empty `salt` = derived from the name."""
+    empty `policy` = the daemon's default; empty `salt` = derived from the name. `tier_*`: how
+    the host and disk tiers store its pages (fp, int8, int4; docs/tiers.md, "Quantized tiers")."""
     geometry = pb.Geometry(
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
@@ -167,6 +171,9 @@ def namespace_spec(
         salt=extra_bytes(salt),
         model_fingerprint=model_fingerprint,
         device=device,
+        tier_precision=pb.TierPrecision(
+            dtype=tier_dtype, schedule=tier_schedule, error_bound=tier_error_bound
+        ),
     )
 
 

@@ -219,6 +219,21 @@ class TierStats:
     disk_queued_bytes: int  # bytes waiting for the disk writer (bounded: server.disk_queue_bytes)
     disk_queue_dropped: int  # demotions dropped because that queue was full (no longer cached)
     flushes_running: int  # Admin.Flush calls in progress
+    # Quantized tiers (docs/tiers.md, "Quantized tiers"); all 0 without a quantized namespace.
+    host_bytes_represented: int  # pool bytes the host tier's pages stand for
+    disk_bytes_represented: int  # the same for the disk tier
+    quantized_pages: int  # quantized records made
+    quant_layers_fp: int  # their layers by the precision stored, after any fallback
+    quant_layers_int8: int
+    quant_layers_int4: int
+    quant_fallbacks: int  # layers stored more precisely than asked: over the error bound
+    quant_bytes_stored: int  # bytes of the records made
+    quant_bytes_represented: int  # bytes of the pool pages they stand for
+    quantize_seconds: float
+    dequantized_pages: int  # records dequantized into the pool by promotions
+    dequantize_seconds: float
+    dequantize_failures: int  # records the codec refused (never served)
+    not_requantized: int  # dequantized pages whose record was gone: freed, not quantized again
 
 
 @dataclass(frozen=True, slots=True)

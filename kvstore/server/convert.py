@@ -91,6 +91,9 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
         ),
         policy=spec.policy,
         model_fingerprint=spec.model_fingerprint,
+        tier_precision=pb.TierPrecision(
+            dtype=spec.tier_dtype, schedule=spec.tier_schedule, error_bound=spec.tier_error_bound
+        ),
     )
 
 
@@ -114,6 +117,9 @@ def namespace_spec(msg: pb.NamespaceSpec, default_policy: str) -> t.NamespaceSpe
         salt=msg.salt,
         model_fingerprint=msg.model_fingerprint,
         device=msg.device or "cpu",
+        tier_dtype=msg.tier_precision.dtype or "fp",
+        tier_schedule=msg.tier_precision.schedule,
+        tier_error_bound=msg.tier_precision.error_bound,
     )
 
 
@@ -157,7 +163,7 @@ def evict_response(r: t.EvictResult) -> pb.EvictResponse:
 
 def tier_stats(d: dict[str, Any]) -> pb.TierStats:
     """kvstore/store/tiering/tiers.py's `Tiers.stats()` on the wire."""
-    host, disk, reindex = d.get("host", {}), d.get("disk", {}), d["reindex"]
+    host, disk, reindex, q = d.get("host", {}), d.get("disk", {}), d["reindex"], d["quant"]
     return pb.TierStats(
         host_capacity_bytes=host.get("capacity_bytes", 0),
         host_bytes_used=host.get("bytes_used", 0),
@@ -184,6 +190,20 @@ def tier_stats(d: dict[str, Any]) -> pb.TierStats:
         disk_queued_bytes=disk.get("queued_bytes", 0),
         disk_queue_dropped=d.get("disk_queue_dropped", 0),
         flushes_running=disk.get("flushing", 0),
+        host_bytes_represented=host.get("bytes_represented", 0),
+        disk_bytes_represented=disk.get("bytes_represented", 0),
+        quantized_pages=q["quantized_pages"],
+        quant_layers_fp=q["layers_fp"],
+        quant_layers_int8=q["layers_int8"],
+        quant_layers_int4=q["layers_int4"],
+        quant_fallbacks=q["fallbacks"],
+        quant_bytes_stored=q["bytes_stored"],
+        quant_bytes_represented=q["bytes_represented"],
+        quantize_seconds=q["quantize_s"],
+        dequantized_pages=q["dequantized_pages"],
+        dequantize_seconds=q["dequantize_s"],
+        dequantize_failures=q["dequantize_failures"],
+        not_requantized=q["not_requantized"],
     )
 
 

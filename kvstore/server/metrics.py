@@ -59,6 +59,26 @@ TIER_COUNTERS = {
 }
 
 
+# Quantized tiers (kvstore/store/tiering/quantize.py `TierQuant.stats()`): counters.
+QUANT_COUNTERS = {
+    "quantized_pages": ("kvstore_tier_quantized_pages", "quantized page records made"),
+    "fallbacks": (
+        "kvstore_tier_quant_fallbacks",
+        "layers stored more precisely than asked because they were over the error bound",
+    ),
+    "bytes_stored": ("kvstore_tier_quant_bytes_stored", "bytes of the quantized records made"),
+    "bytes_represented": ("kvstore_tier_quant_bytes_represented", "bytes of the pool pages they stand for"),
+    "quantize_s": ("kvstore_tier_quantize_seconds", "time spent quantizing pages"),
+    "dequantized_pages": ("kvstore_tier_dequantized_pages", "quantized records dequantized into a pool"),
+    "dequantize_s": ("kvstore_tier_dequantize_seconds", "time spent dequantizing pages"),
+    "dequantize_failures": (
+        "kvstore_tier_dequantize_failures",
+        "quantized records the codec refused (dropped, never served)",
+    ),
+}
+QUANT_PRECISIONS = ("fp", "int8", "int4")
+
+
 def tier_values(d: dict[str, Any]) -> dict[str, float]:
     host, disk = d.get("host", {}), d.get("disk", {})
     return {
@@ -129,7 +149,26 @@ class StatsCollector(Collector):
                 used.add_metric([tier], d[tier]["bytes_used"])
                 cap.add_metric([tier], d[tier]["capacity_bytes"])
                 held.add_metric([tier], d[tier]["pages"])
-        yield from (used, cap, held)
+        represented = GaugeMetricFamily(
+            "kvstore_tier_bytes_represented",
+            "pool bytes the pages held below the pool stand for (/ bytes_used: the compression)",
+            labels=["tier"],
+        )
+        for tier in ("host", "disk"):
+            if tier in d:
+                represented.add_metric([tier], d[tier]["bytes_represented"])
+        yield from (used, cap, held, represented)
+        q = d["quant"]
+        for key, (name, help) in QUANT_COUNTERS.items():
+            yield CounterMetricFamily(name, help, value=q[key])
+        layers = CounterMetricFamily(
+            "kvstore_tier_quant_layers",
+            "layers of quantized records by the precision stored",
+            labels=["precision"],
+        )
+        for p in QUANT_PRECISIONS:
+            layers.add_metric([p], q["layers_" + p])
+        yield layers
         disk = d.get("disk", {})
         if disk:
             yield GaugeMetricFamily(

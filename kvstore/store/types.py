@@ -11,6 +11,7 @@ from typing import Any
 from kvstore_proto import dtypes
 
 from kvstore.memory.backend import PoolHandle
+from kvstore.store import precision
 
 PAGE_LAYOUT = "layer,kv,token,head,dim"
 PAGE_ALIGN = 4096  # page starts are aligned to the OS page: misaligned copies are several times slower
@@ -32,6 +33,11 @@ class NamespaceSpec:
     salt: bytes = b""  # empty = derived from the name (see docs/hashing.md)
     model_fingerprint: str = ""
     device: str = "cpu"  # "cpu" (shm), "cuda:N" / "cuda:GPU-<uuid>", "fake:<id>" (CI)
+    # How the tiers below the pool store its pages (kvstore/store/precision.py): "fp" = the
+    # pool's bytes; "int8"/"int4" = quantized records; the schedule gives early layers more bits.
+    tier_dtype: str = "fp"
+    tier_schedule: str = ""
+    tier_error_bound: float = 0.0
 
     # (cached: the store asks for these several times per page it moves; a frozen
     # dataclass's fields never change, and cached_property writes past its __setattr__)
@@ -45,6 +51,29 @@ class NamespaceSpec:
         for dim in self.page_shape:
             n *= dim
         return n
+
+    @cached_property
+    def tier_layer_dtypes(self) -> tuple[str, ...]:
+        """Each layer's precision below the pool (ValueError if the spec's fields do not parse:
+        validate.namespace_spec checks them first)."""
+        return precision.layer_dtypes(self.tier_dtype, self.tier_schedule, self.num_layers)
+
+    @cached_property
+    def tier_quantized(self) -> bool:
+        """Whether any layer is stored below the pool at less than the pool's precision."""
+        return any(d != precision.FP for d in self.tier_layer_dtypes)
+
+    def tier_codec(self) -> tuple[Any, Any]:
+        """(PageShape, QuantScheme) of the codec (kvstore/quant) for a quantized namespace."""
+        return precision.codec_scheme(
+            self.num_layers,
+            self.page_tokens,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.tier_layer_dtypes,
+            self.tier_error_bound,
+        )
 
     @cached_property
     def page_stride(self) -> int:

@@ -11,6 +11,7 @@ from kvstore_proto import dtypes
 from kvstore.errors import InvalidArgument
 from kvstore.memory.make_pool import check_device
 from kvstore.policy import policy_names
+from kvstore.store import precision
 from kvstore.store.types import (
     BUDGET_MODES,
     IMPORTANCE,
@@ -88,6 +89,22 @@ def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
     bad_device = check_device(spec.device)
     if bad_device:
         raise InvalidArgument(f"{where}: {bad_device}")
+    try:
+        precision.layer_dtypes(spec.tier_dtype, spec.tier_schedule, spec.num_layers)
+        precision.check_error_bound(spec.tier_error_bound)
+    except ValueError as e:
+        raise InvalidArgument(f"{where}: {e}") from None
+    if spec.tier_quantized and spec.dtype not in precision.QUANTIZABLE_DTYPES:
+        raise InvalidArgument(
+            f"{where}: tier_dtype={spec.tier_dtype!r} tier_schedule={spec.tier_schedule!r} quantizes "
+            f"pages of dtype={spec.dtype!r}; only {', '.join(precision.QUANTIZABLE_DTYPES)} can be "
+            "quantized (use tier_dtype='fp')"
+        )
+    if spec.tier_quantized:
+        try:
+            precision.check_codec(*spec.tier_codec())
+        except ValueError as e:
+            raise InvalidArgument(f"{where}: the quantized tier cannot store these pages: {e}") from None
     pool_bytes = spec.page_stride * spec.num_pages
     if pool_bytes > limits.max_pool_bytes:
         raise InvalidArgument(

@@ -242,6 +242,18 @@ class DiskTier:
         meta, _, crc = got  # type: ignore[misc]
         return meta, crc
 
+    def read_stored(
+        self, key: PageKey, *, resident_only: bool = False
+    ) -> tuple[PageMeta, int, memoryview] | object | None:
+        """The stored payload, a verified copy: (meta, checksum, payload) for a caller that
+        decodes it (a quantized record). None on a miss, CorruptPage as read_into;
+        `resident_only` and NOT_RESIDENT as read_record_into."""
+        got = self._read(key, None, resident_only)
+        if got is None or got is NOT_RESIDENT:
+            return got
+        meta, payload, crc = got  # type: ignore[misc]
+        return meta, crc, payload
+
     def get(self, key: PageKey) -> bytes | None:
         """A verified copy of the page's bytes, or None on a miss (CorruptPage as read_into)."""
         got = self._read(key, None)
@@ -305,6 +317,12 @@ class DiskTier:
             self._recall.remember(key, offset, commit_id, meta, crc, body)
         self._index.hit(key)
         return meta, dst, crc
+
+    def refuse(self, key: PageKey) -> None:
+        """A record that verified but that its reader cannot use (a quantized record the codec
+        refuses): dropped like a corrupt one (counted, logged, deleted; a miss from now on)."""
+        if not self._index.is_dropped(key):
+            self._corrupt(CorruptPage(key, "its reader refused it"))
 
     def _corrupt(self, e: CorruptPage) -> CorruptPage:
         """Count and drop a corrupt record; returns the error for the caller to raise."""

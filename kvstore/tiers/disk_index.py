@@ -81,6 +81,8 @@ class DiskIndex:
         self._slots = 0  # the last slot id given out; lock
         self._commits = 0  # the last commit id given out; lock
         self.bytes_used = 0  # lock
+        self._represented: dict[PageKey, int] = {}  # key -> bytes of pool page it stands for; lock
+        self.bytes_represented = 0  # lock (> bytes_used when records are quantized)
         self.dropped: set[PageKey] = set()  # corrupt, delete queued: read as misses; lock
         self.counters = dict.fromkeys(COUNTERS, 0)  # lock
         self._hits: deque[PageKey] = deque()  # reads' hits not yet applied (any thread appends)
@@ -106,12 +108,14 @@ class DiskIndex:
 
     # ------------------------------------------------------------------ records in and out (lock held)
 
-    def _add(self, key: PageKey, size: int, parent_hash: bytes, last_access: int) -> None:
+    def _add(self, key: PageKey, size: int, parent_hash: bytes, last_access: int, represented: int) -> None:
         self._commits += 1
         rec = self._records.get(key)
         parent = parent_of(key, parent_hash)
         self.bytes_used += size - self.entries.get(key, 0)
         self.entries[key] = size
+        self.bytes_represented += represented - self._represented.get(key, 0)
+        self._represented[key] = represented
         if rec is not None:  # replaced: the block hash fixes the parent, but a swap key need not
             if rec.leaving:  # a victim whose delete did not happen: indexed again
                 rec.leaving = False
@@ -142,6 +146,7 @@ class DiskIndex:
         if rec is None:
             return
         self.bytes_used -= self.entries.pop(key)
+        self.bytes_represented -= self._represented.pop(key, 0)
         self._policy.on_unevictable(rec)
         self._policy.on_dropped(rec)
         if not rec.leaving:  # a leaving record let go of its parent already
@@ -172,20 +177,21 @@ class DiskIndex:
 
     # ------------------------------------------------------------------ the writer, readers, re-index
 
-    def committed(self, records: dict[PageKey, tuple[int, bytes]]) -> None:
-        """Records committed (new, or replaced), key -> (size, parent_hash): most recently used."""
+    def committed(self, records: dict[PageKey, tuple[int, bytes, int]]) -> None:
+        """Records committed (new, or replaced), key -> (size, parent_hash, represented bytes):
+        most recently used."""
         with self.lock:
             self._apply_hits()
-            for key, (size, parent_hash) in records.items():
+            for key, (size, parent_hash, represented) in records.items():
                 self._clock += 1
-                self._add(key, size, parent_hash, self._clock)
+                self._add(key, size, parent_hash, self._clock, represented)
             self.counters["puts"] += len(records)
 
-    def found(self, key: PageKey, size: int, parent_hash: bytes) -> None:
+    def found(self, key: PageKey, size: int, parent_hash: bytes, represented: int) -> None:
         """A record seen by the re-index; the caller holds `lock`. Older than anything put since
         start (last access 0) until `oldest_first` orders it."""
         if key not in self.entries:
-            self._add(key, size, parent_hash, 0)
+            self._add(key, size, parent_hash, 0, represented)
 
     def discard(self, keys: Iterable[PageKey | bytes]) -> None:
         with self.lock:
@@ -306,4 +312,9 @@ class DiskIndex:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             self._apply_hits()
-            return {"bytes_used": self.bytes_used, "pages": len(self.entries), **self.counters}
+            return {
+                "bytes_used": self.bytes_used,
+                "bytes_represented": self.bytes_represented,
+                "pages": len(self.entries),
+                **self.counters,
+            }

@@ -60,7 +60,7 @@ def scan(
                         metas.append(meta)
                         order.append((meta.created_ns, key))
                         cost = writer.cost(len(cur.value()), meta.page_bytes)
-                        index.found(key, cost, meta.parent_hash)
+                        index.found(key, cost, meta.parent_hash, meta.represented_bytes)
                 ok = cur.next()
         done += n
         yield from metas

@@ -320,13 +320,18 @@ class DiskWriter:
         return self._evict(used + cost - self.soft_limit_bytes, exclude)
 
     def _commit(self, items: dict[PageKey, tuple[bytes, PageRecord]]) -> None:
-        done = {}  # key -> (size, parent_hash): the index tracks which record extends which
+        done = {}  # key -> (size, parent_hash, represented): the index tracks which record extends which
         with self.env.begin(write=True) as txn:
             for key, (meta_raw, rec) in items.items():
                 raw = key.encode()
                 txn.put(raw, meta_raw, db=self.dbs.meta)
                 txn.put(raw, rec.payload, db=self.dbs.data)
-                done[key] = (self.cost(len(meta_raw), rec.meta.page_bytes), rec.meta.parent_hash)
+                meta = rec.meta
+                done[key] = (
+                    self.cost(len(meta_raw), meta.page_bytes),
+                    meta.parent_hash,
+                    meta.represented_bytes,
+                )
         self.index.committed(done)
 
     def _delete_settled(self, victims: list[PageKey]) -> None:

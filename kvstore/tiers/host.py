@@ -1,9 +1,12 @@
 """The host tier: page copies in DRAM owned by the daemon (clients never map it).
 
 Memory comes in slabs: anonymous mmaps (prefaulted) cut into fixed-size slots, one size
-class per payload size (a namespace's page_bytes is fixed, so a namespace uses one class).
-The capacity bounds the bytes of all slabs together; an emptied slab is unmapped, so its
-bytes go back to the capacity for any class. Pages are kept in LRU order; the tier never
+class per payload size rounded up to 4 KiB (a namespace's page_bytes is fixed, so an fp
+namespace uses one class; a quantized one a few: records with layers over the error bound,
+or sinks, are larger). The capacity bounds the bytes of all slabs together; an emptied slab
+is unmapped, so its bytes go back to the capacity for any class. A slab takes at most an
+eighth of the capacity, so that one class cannot hold all of a small tier and another class
+find room only by emptying it. Pages are kept in LRU order; the tier never
 drops a page on its own: when it is full, `put` raises HostFull and the caller asks
 `victims()` which pages to move down (to disk) or drop, then `take()`s or `remove()`s them.
 
@@ -21,6 +24,12 @@ from typing import Any
 from .record import CorruptPage, PageKey, PageMeta, PageRecord, verify
 
 DEFAULT_SLAB_BYTES = 32 << 20
+SLOT_ALIGN = 4096
+
+
+def slot_size(page_bytes: int) -> int:
+    """The size class of a payload: its size rounded up to 4 KiB (as is below that)."""
+    return page_bytes if page_bytes <= SLOT_ALIGN else -(-page_bytes // SLOT_ALIGN) * SLOT_ALIGN
 
 
 class HostFull(Exception):
@@ -72,9 +81,10 @@ class HostTier:
         self.capacity_bytes = capacity_bytes
         self.slab_bytes = slab_bytes
         self._entries: OrderedDict[PageKey, _Entry] = OrderedDict()  # loop-owned; LRU first
-        self._classes: dict[int, _Class] = {}  # page_bytes -> its slabs
+        self._classes: dict[int, _Class] = {}  # slot_size(page_bytes) -> its slabs
         self._slab_total = 0  # bytes of all slabs; <= capacity_bytes
         self._bytes_used = 0  # payload bytes of the pages held
+        self._bytes_represented = 0  # pool bytes they stand for (more when quantized)
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -83,10 +93,11 @@ class HostTier:
 
     def has_room(self, page_bytes: int) -> bool:
         """Whether `put` of a page of this size would succeed now."""
-        cls = self._classes.get(page_bytes)
+        size = slot_size(page_bytes)
+        cls = self._classes.get(size)
         if cls and any(s.free for s in cls.slabs):
             return True
-        return self._new_slab_slots(page_bytes) > 0
+        return self._new_slab_slots(size) > 0
 
     def put(self, record: PageRecord) -> bool:
         """Copy the record into a slot. False (and a touch) if the key is already here — a
@@ -95,18 +106,21 @@ class HostTier:
         if key in self._entries:
             self._entries.move_to_end(key)
             return False
-        slab, slot = self._allocate(record.meta.page_bytes)
-        slab.slot(slot)[:] = record.payload
+        n = record.meta.page_bytes
+        slab, slot = self._allocate(slot_size(n))
+        slab.slot(slot)[:n] = record.payload
         self._entries[key] = _Entry(record.meta, record.checksum, slab, slot)
-        self._classes[record.meta.page_bytes].pages += 1
+        self._classes[slot_size(n)].pages += 1
         self._bytes_used += record.meta.page_bytes
+        self._bytes_represented += record.meta.represented_bytes
         return True
 
-    def _new_slab_slots(self, page_bytes: int) -> int:
+    def _new_slab_slots(self, size: int) -> int:
         room = self.capacity_bytes - self._slab_total
-        if page_bytes == 0:
+        if size == 0:
             return 1 << 16 if room >= 0 else 0
-        return min(max(1, self.slab_bytes // page_bytes), room // page_bytes)
+        slab = min(self.slab_bytes, max(size, self.capacity_bytes // 8))
+        return min(max(1, slab // size), room // size)
 
     def _allocate(self, page_bytes: int) -> tuple[_Slab, int]:
         cls = self._classes.setdefault(page_bytes, _Class())
@@ -156,7 +170,7 @@ class HostTier:
         dst = memoryview(out).cast("B")
         if dst.nbytes != entry.meta.page_bytes:
             raise ValueError(f"page {key} is {entry.meta.page_bytes} bytes, the buffer {dst.nbytes}")
-        dst[:] = entry.slab.slot(entry.slot)
+        dst[:] = entry.slab.slot(entry.slot)[: dst.nbytes]
         self._check(key, entry, dst)
         self._entries.move_to_end(key)
         self.hits += 1
@@ -166,6 +180,18 @@ class HostTier:
         """`read_into`, returning the metadata and the checksum the copy verified against."""
         meta = self.read_into(key, out)
         return None if meta is None else (meta, self._entries[key].checksum)
+
+    def read_stored(self, key: PageKey) -> tuple[PageMeta, int, memoryview] | None:
+        """A verified copy of the stored payload: (meta, checksum, payload) for a caller that
+        decodes it (a quantized record) itself. None on a miss; CorruptPage (the page is
+        dropped) when the copy does not verify."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        payload = memoryview(bytearray(entry.meta.page_bytes))
+        self.read_into(key, payload)
+        return entry.meta, entry.checksum, payload
 
     def get(self, key: PageKey) -> bytes | None:
         """A verified copy of the page's bytes, or None on a miss."""
@@ -186,6 +212,12 @@ class HostTier:
         entry = self._entries[key]
         return PageRecord(entry.meta, payload, entry.checksum)
 
+    def refuse(self, key: PageKey) -> None:
+        """A page that verified but that its reader cannot use (a quantized record the codec
+        refuses): dropped and counted as corrupt."""
+        if self.remove(key):
+            self.corrupt += 1
+
     def _check(self, key: PageKey, entry: _Entry, payload: memoryview) -> None:
         try:
             verify(key, entry.meta, entry.checksum, payload)
@@ -200,12 +232,13 @@ class HostTier:
         """Up to `n` keys, least recently used first, that the caller should move down or
         drop. With `page_bytes`, when no new slab fits, only pages of that size (removing
         them frees slots the new page can use); the pages stay until removed."""
-        if page_bytes is not None and self._new_slab_slots(page_bytes) <= 0:
-            cls = self._classes.get(page_bytes)
+        size = None if page_bytes is None else slot_size(page_bytes)
+        if size is not None and self._new_slab_slots(size) <= 0:
+            cls = self._classes.get(size)
             if cls and cls.pages:
                 out = []
                 for key, entry in self._entries.items():
-                    if entry.meta.page_bytes == page_bytes:
+                    if slot_size(entry.meta.page_bytes) == size:
                         out.append(key)
                         if len(out) >= n:
                             break
@@ -228,10 +261,11 @@ class HostTier:
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        size = entry.meta.page_bytes
+        size = slot_size(entry.meta.page_bytes)
         cls = self._classes[size]
         cls.pages -= 1
-        self._bytes_used -= size
+        self._bytes_used -= entry.meta.page_bytes
+        self._bytes_represented -= entry.meta.represented_bytes
         slab = entry.slab
         slab.free.append(entry.slot)
         if len(slab.free) * slab.slot_bytes >= slab.nbytes or (size == 0 and not cls.pages):
@@ -248,6 +282,7 @@ class HostTier:
         return {
             "capacity_bytes": self.capacity_bytes,
             "bytes_used": self._bytes_used,
+            "bytes_represented": self._bytes_represented,
             "slab_bytes": self._slab_total,
             "pages": len(self._entries),
             "hits": self.hits,

@@ -84,7 +84,43 @@ def render_tiers(t: TierStats) -> list[str]:
         ("corrupt", f"{count(t.corrupt_pages)} pages dropped (never served)"),
         ("swapped", f"{count(t.swapped_pages)} pages of swapped-out sequences"),
     ]
+    if t.quantized_pages or t.dequantized_pages:
+        rows += _quant_rows(t)
     return key_values("tiers", rows)
+
+
+def _ratio(represented: int, stored: int) -> str:
+    return f"{represented / stored:.2f}x" if stored else "-"
+
+
+def _ms(seconds: float, n: int) -> str:
+    return f"{1000 * seconds / n:.2f} ms" if n else "-"
+
+
+def _quant_rows(t: TierStats) -> list[tuple[str, str]]:
+    """Quantized tiers: the compression each tier holds now, what the quantizer made, its time."""
+    held = []
+    if t.host_capacity_bytes:
+        held.append(f"host {_ratio(t.host_bytes_represented, t.host_bytes_used)}")
+    if t.disk_capacity_bytes:
+        held.append(f"disk {_ratio(t.disk_bytes_represented, t.disk_bytes_used)}")
+    made, undone = t.quantized_pages, t.dequantized_pages
+    return [
+        ("compression", ", ".join(held) + " (pool bytes represented / bytes stored)"),
+        (
+            "quantized",
+            f"{count(made)} pages ({_ratio(t.quant_bytes_represented, t.quant_bytes_stored)}), layers: "
+            f"{count(t.quant_layers_int4)} int4, {count(t.quant_layers_int8)} int8, {count(t.quant_layers_fp)} fp; "
+            f"{count(t.quant_fallbacks)} over the error bound stored more precisely; "
+            f"{_ms(t.quantize_seconds, made)} a page",
+        ),
+        (
+            "dequantized",
+            f"{count(undone)} pages, {_ms(t.dequantize_seconds, undone)} a page; "
+            f"{count(t.dequantize_failures)} refused (never served), "
+            f"{count(t.not_requantized)} not quantized twice",
+        ),
+    ]
 
 
 def render_stats(stats: Stats, target: str = "") -> str:

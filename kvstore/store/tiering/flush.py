@@ -57,7 +57,9 @@ def _records(tiers: Tiers, namespaces: list[Namespace]) -> Iterator[PageRecord]:
             page = ns.index.get(block_hash)
             key = PageKey(ns.name, block_hash)
             if page is not None and key not in disk and key not in tiers.queued:
-                yield tiers.record(ns, page, copy=True)
+                record = tiers.record(ns, page, copy=True)
+                if record is not None:  # (None: dequantized bytes, never quantized again)
+                    yield record
     host = tiers.host
     if host is not None:
         for key in host.keys():  # noqa: SIM118 (a HostTier, not a dict: keys() is a snapshot)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvstore.errors import InvariantBroken
@@ -80,13 +81,13 @@ def promote_now(
         if tiers.host is None:
             raise InvariantBroken(f"promoting {key} from a host tier that does not exist")
         page = ns.reserve(PROMOTING_OWNER)
-        got = _read_host_into(tiers, key, ns.page_in(page.slot))
+        got = _read_host_into(tiers, ns, key, ns.page_in(page.slot))
     else:
         if key in tiers.queued:
             return NotNow.WAIT  # its write first: a reader thread waits for it
         loop = _running_loop()
         page = ns.reserve(PROMOTING_OWNER)
-        got = _read_disk_one(tiers, key, ns.page_in(page.slot), ns.geometry, loop)
+        got = _read_disk_one(tiers, ns, key, ns.page_in(page.slot), loop)
         if got is NotNow.WAIT:  # not in the page cache: a reader thread reads it
             ns.free_reserved(page)
             return NotNow.WAIT
@@ -143,16 +144,47 @@ def _failed(tiers: Tiers, ns: Namespace, key: PageKey, source: TierName) -> None
 def _read_host(tiers: Tiers, prom: Promotion) -> Read:
     if tiers.host is None:
         raise InvariantBroken(f"promoting {prom.key} from a host tier that does not exist")
-    return _read_host_into(tiers, prom.key, prom.ns.page_in(prom.page.slot))
+    return _read_host_into(tiers, prom.ns, prom.key, prom.ns.page_in(prom.page.slot))
 
 
-def _read_host_into(tiers: Tiers, key: PageKey, view: memoryview) -> Read:
+def _read_host_into(tiers: Tiers, ns: Namespace, key: PageKey, view: memoryview) -> Read:
+    host = tiers.host
     try:
-        got = tiers.host.read_record_into(key, view)  # type: ignore[union-attr]
+        if ns.spec.tier_quantized:
+            stored = host.read_stored(key)  # type: ignore[union-attr]
+            got = None if stored is None else _unpack(tiers, ns, key, stored, view, host.refuse)  # type: ignore[union-attr]
+        else:
+            got = host.read_record_into(key, view)  # type: ignore[union-attr]
     except (CorruptPage, ValueError) as e:
         log.warning("promotion of %s from host failed: %s", key, e)
         return NotNow.FAILED
     return NotNow.FAILED if got is None else got
+
+
+def _unpack(
+    tiers: Tiers,
+    ns: Namespace,
+    key: PageKey,
+    stored: tuple[PageMeta, int, memoryview],
+    view: memoryview,
+    refuse: Callable[[PageKey], None],
+) -> tuple[PageMeta, int] | None:
+    """A verified stored payload into the pool page `view`: dequantized if it is a quantized
+    record, copied if it is the page's bytes; None if it is another geometry's. A record the
+    codec refuses is `refuse`d (dropped, counted corrupt) and raises CorruptPage: nothing of
+    it is served."""
+    meta, crc, payload = stored
+    if meta.geometry != ns.geometry or not tiers.readable(ns, meta):
+        return None
+    if not meta.raw_bytes:
+        view[:] = payload
+        return meta, crc
+    try:
+        tiers.quant.decode_into(ns, key, meta, payload, view)
+    except CorruptPage:
+        refuse(key)
+        raise
+    return meta, crc
 
 
 def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
@@ -172,7 +204,7 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
                 break  # a reader thread waits for it
             with contextlib.suppress(Exception):
                 write.result(WRITE_WAIT_S)
-        got = _read_disk_one(tiers, prom.key, prom.ns.page_in(prom.page.slot), prom.ns.geometry, loop)
+        got = _read_disk_one(tiers, prom.ns, prom.key, prom.ns.page_in(prom.page.slot), loop)
         if got is NotNow.WAIT:
             break
         _read_done(tiers, prom, got, in_page_cache=True)
@@ -181,15 +213,15 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
     rest = proms[inline:]
     if not rest or loop is None:  # (without a loop every read was done above)
         return
-    jobs = [(p.key, p.ns.page_in(p.page.slot), p.ns.geometry, tiers.queued.get(p.key)) for p in rest]
+    jobs = [(p.ns, p.key, p.ns.page_in(p.page.slot), tiers.queued.get(p.key)) for p in rest]
 
     def read_all() -> list[Read]:
         results: list[Read] = []
-        for key, view, geometry, write in jobs:
+        for ns, key, view, write in jobs:
             if write is not None:  # a page demoted a moment ago: its write first
                 with contextlib.suppress(Exception):  # (what is on disk then decides)
                     write.result(WRITE_WAIT_S)
-            got = _read_disk_one(tiers, key, view, geometry, None)
+            got = _read_disk_one(tiers, ns, key, view, None)
             results.append(NotNow.FAILED if got is NotNow.WAIT else got)
         return results
 
@@ -206,22 +238,29 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
 
 
 def _read_disk_one(
-    tiers: Tiers, key: PageKey, view: memoryview, geometry: str, loop: asyncio.AbstractEventLoop | None
+    tiers: Tiers, ns: Namespace, key: PageKey, view: memoryview, loop: asyncio.AbstractEventLoop | None
 ) -> Read:
     """Read one page from disk into its pool slot: the (meta, checksum) it verified against
-    if it did and is of this geometry, else FAILED. On the loop (`loop` given) only if it
-    cannot block: WAIT if its bytes are not in the page cache (nothing was read)."""
+    if it did and is of the namespace's geometry, else FAILED. On the loop (`loop` given)
+    only if it cannot block: WAIT if its bytes are not in the page cache (nothing was read).
+    A quantized namespace's record is read whole, verified, then dequantized into the slot."""
     disk = tiers.disk
     if disk is None:
         raise InvariantBroken(f"reading {key} from a disk tier that does not exist")
     try:
+        if ns.spec.tier_quantized:
+            stored = disk.read_stored(key, resident_only=loop is not None)
+            if stored is NOT_RESIDENT:
+                return NotNow.WAIT
+            got = None if stored is None else _unpack(tiers, ns, key, stored, view, disk.refuse)  # type: ignore[arg-type]
+            return NotNow.FAILED if got is None else got
         got = disk.read_record_into(key, view, resident_only=loop is not None)
     except (CorruptPage, ValueError) as e:
         log.warning("promotion of %s from disk failed: %s", key, e)
         return NotNow.FAILED
     if got is NOT_RESIDENT:
         return NotNow.WAIT
-    if not isinstance(got, tuple) or got[0].geometry != geometry:
+    if not isinstance(got, tuple) or got[0].geometry != ns.geometry:
         return NotNow.FAILED
     return got
 

@@ -37,7 +37,8 @@ from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import GoneKind
 from kvstore.store.tiering.promotion import Promotion, Verified
-from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageRecord, TierName, make_meta
+from kvstore.store.tiering.quantize import TierQuant
+from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageMeta, PageRecord, TierName, make_meta
 
 if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
@@ -97,6 +98,7 @@ class Tiers:
         self.closing = False
         self.reindex_idle = threading.Event()  # set unless a re-index thread is reading LMDB
         self.reindex_idle.set()
+        self.quant = TierQuant()  # namespaces stored quantized below the pool (quantize.py)
         # Told when a page leaves every tier for good: (key, by whom, why, kind); the store
         # keeps it for Explain (Store._page_lost).
         self.on_lost: Callable[[PageKey, str, str, GoneKind], None] | None = None
@@ -115,11 +117,19 @@ class Tiers:
         """`holds` by the page's key."""
         if self.host is not None and key in self.host:
             meta = self.host.meta(key)
-            if meta is not None and meta.geometry == ns.geometry and meta.page_bytes == ns.spec.page_bytes:
+            if meta is not None and meta.geometry == ns.geometry and self.readable(ns, meta):
                 return TierName.HOST
         if self.disk is not None and (key in self.disk or key in self.queued):
             return TierName.DISK  # (a queued record is read once its batch has committed)
         return None
+
+    @staticmethod
+    def readable(ns: Namespace, meta: PageMeta) -> bool:
+        """Whether a promotion into `ns` can read the record: the pool's bytes, or a quantized
+        record of them when `ns` is quantized (an fp namespace reads only exact bytes)."""
+        if meta.raw_bytes:
+            return meta.raw_bytes == ns.spec.page_bytes and ns.spec.tier_quantized
+        return meta.page_bytes == ns.spec.page_bytes
 
     def disk_evicted(self, keys: list[PageKey]) -> None:
         """The disk tier evicted `keys` to make room (DiskTier's on_evict, hopped to the loop):
@@ -141,20 +151,27 @@ class Tiers:
 
     # ------------------------------------------------------------ down
 
-    def record(self, ns: Namespace, page: Page, copy: bool) -> PageRecord:
+    def record(self, ns: Namespace, page: Page, copy: bool) -> PageRecord | None:
         """The page as a record for a tier (its payload a `bytes` copy with `copy`, else a view
-        of the pool slot). A page that came up from a tier keeps the metadata and checksum its
-        bytes verified against then: no new checksum (and bytes changed in the pool since, by
-        a client writing where it must not, fail that checksum at the next promotion)."""
+        of the pool slot; a quantized record for a quantized namespace). A page that came up
+        from a tier keeps the metadata and checksum its bytes verified against then: no new
+        checksum (and bytes changed in the pool since, by a client writing where it must not,
+        fail that checksum at the next promotion). None for a page dequantized from a record:
+        its bytes are not the original, and quantizing them again would compound the error."""
         if page.block_hash is None:
             raise InvariantBroken(f"namespace {ns.name!r}: demoting {page}, which has no block hash")
         view = ns.page_out(page.slot)
         verified = page.verified
         if isinstance(verified, Verified):
             meta = verified.meta
+            if meta.raw_bytes:
+                self.quant.counters["not_requantized"] += 1
+                return None
             if meta.block_hash == page.block_hash and meta.namespace == ns.name:
                 return PageRecord(meta, bytes(view) if copy else view, verified.checksum)
         parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
+        if ns.spec.tier_quantized:
+            return self.quant.record(ns, page.block_hash, parent, view)
         meta = make_meta(
             ns.name, page.block_hash, parent, ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
         )
@@ -170,23 +187,33 @@ class Tiers:
             return
         on_disk = disk is not None and (key in disk or key in self.queued)
         verified = page.verified
-        if on_disk and isinstance(verified, Verified) and verified.in_page_cache:
+        if on_disk and isinstance(verified, Verified) and (verified.in_page_cache or verified.meta.raw_bytes):
             # It came up from disk through the OS page cache: its bytes are in DRAM there
             # already, and a host copy would be a second one (a memcpy, a host slot and the
             # host tier's bookkeeping for nothing). Should the kernel drop them, the next
             # promotion reads it on a reader thread, and its next demotion copies it here.
+            # (Or it was dequantized from its record on disk: that record is all there is.)
             self.counters["demoted_clean"] += 1
+            return
+        # A quantized namespace's record is made first: its size decides the room it needs.
+        rec = self.record(ns, page, copy=False) if ns.spec.tier_quantized else None
+        if ns.spec.tier_quantized and rec is None:
+            self.lost(key, "quantized tier", "dequantized from a record no longer below the pool")
             return
         # Any other page on disk still goes into the host tier if it can make room (moving
         # its coldest pages down): the next hit on it is then a copy from DRAM, not a read
         # from the device.
-        if host is not None and self.make_host_room(ns.spec.page_bytes):
-            host.put(self.record(ns, page, copy=False))  # put copies into its slab
-            self.counters["demoted_host"] += 1
+        if host is not None and self.make_host_room(rec.meta.page_bytes if rec else ns.spec.page_bytes):
+            rec = rec or self.record(ns, page, copy=False)  # (a view: put copies into its slab)
+            if rec is not None:
+                host.put(rec)
+                self.counters["demoted_host"] += 1
         elif on_disk:
             self.counters["demoted_clean"] += 1  # freeing the slot loses nothing
-        elif disk is not None and self.put_disk([self.record(ns, page, copy=True)]):
-            self.counters["demoted_disk"] += 1
+        elif disk is not None:
+            rec = rec or self.record(ns, page, copy=True)
+            if rec is not None and self.put_disk([rec]):
+                self.counters["demoted_disk"] += 1
 
     def make_host_room(self, page_bytes: int) -> bool:
         host = self.host
@@ -247,8 +274,10 @@ class Tiers:
         if self.write_through and page.block_hash:
             key = PageKey(ns.name, page.block_hash)
             if self.disk is not None and key not in self.disk and key not in self.queued:
-                self.put_disk([self.record(ns, page, copy=True)])
-                self.counters["written_through"] += 1
+                record = self.record(ns, page, copy=True)
+                if record is not None:
+                    self.put_disk([record])
+                    self.counters["written_through"] += 1
 
     # ------------------------------------------------------------ stats and close
 
@@ -258,6 +287,7 @@ class Tiers:
         out["swapped_pages"] = self.swapped_pages
         out["write_through"] = self.write_through
         out["reindex"] = dataclasses.asdict(self.reindex_state)
+        out["quant"] = self.quant.stats()
         if self.host is not None:
             out["host"] = self.host.stats()
         if self.disk is not None:

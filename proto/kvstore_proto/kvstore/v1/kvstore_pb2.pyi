@@ -151,18 +151,30 @@ class PoolDescriptor(_message.Message):
     def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ..., alloc_nbytes: _Optional[int] = ..., host_id: _Optional[str] = ..., sync_mode: _Optional[_Union[SyncMode, str]] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint")
+    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint", "tier_precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TIER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     pool: PoolDescriptor
     policy: str
     model_fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    tier_precision: TierPrecision
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ...) -> None: ...
+
+class TierPrecision(_message.Message):
+    __slots__ = ("dtype", "schedule", "error_bound")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    schedule: str
+    error_bound: float
+    def __init__(self, dtype: _Optional[str] = ..., schedule: _Optional[str] = ..., error_bound: _Optional[float] = ...) -> None: ...
 
 class PageRef(_message.Message):
     __slots__ = ("index", "slot", "state", "token_start", "token_count", "block_hash", "private")
@@ -747,7 +759,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running")
+    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized")
     HOST_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     HOST_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -773,6 +785,20 @@ class TierStats(_message.Message):
     DISK_QUEUED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_QUEUE_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FLUSHES_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_REPRESENTED_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_REPRESENTED_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    QUANT_LAYERS_FP_FIELD_NUMBER: _ClassVar[int]
+    QUANT_LAYERS_INT8_FIELD_NUMBER: _ClassVar[int]
+    QUANT_LAYERS_INT4_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BYTES_STORED_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BYTES_REPRESENTED_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEQUANTIZED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DEQUANTIZE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEQUANTIZE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NOT_REQUANTIZED_FIELD_NUMBER: _ClassVar[int]
     host_capacity_bytes: int
     host_bytes_used: int
     host_pages: int
@@ -798,7 +824,21 @@ class TierStats(_message.Message):
     disk_queued_bytes: int
     disk_queue_dropped: int
     flushes_running: int
-    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ...) -> None: ...
+    host_bytes_represented: int
+    disk_bytes_represented: int
+    quantized_pages: int
+    quant_layers_fp: int
+    quant_layers_int8: int
+    quant_layers_int4: int
+    quant_fallbacks: int
+    quant_bytes_stored: int
+    quant_bytes_represented: int
+    quantize_seconds: float
+    dequantized_pages: int
+    dequantize_seconds: float
+    dequantize_failures: int
+    not_requantized: int
+    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ..., host_bytes_represented: _Optional[int] = ..., disk_bytes_represented: _Optional[int] = ..., quantized_pages: _Optional[int] = ..., quant_layers_fp: _Optional[int] = ..., quant_layers_int8: _Optional[int] = ..., quant_layers_int4: _Optional[int] = ..., quant_fallbacks: _Optional[int] = ..., quant_bytes_stored: _Optional[int] = ..., quant_bytes_represented: _Optional[int] = ..., quantize_seconds: _Optional[float] = ..., dequantized_pages: _Optional[int] = ..., dequantize_seconds: _Optional[float] = ..., dequantize_failures: _Optional[int] = ..., not_requantized: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests")
@@ -819,7 +859,7 @@ class StatsResponse(_message.Message):
     def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ...) -> None: ...
 
 class NamespaceSpec(_message.Message):
-    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device")
+    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device", "tier_precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -827,6 +867,7 @@ class NamespaceSpec(_message.Message):
     SALT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TIER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     num_pages: int
@@ -834,7 +875,8 @@ class NamespaceSpec(_message.Message):
     salt: bytes
     model_fingerprint: str
     device: str
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    tier_precision: TierPrecision
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("spec",)
