@@ -106,22 +106,6 @@ def _salt(v: str) -> str | None:
     return None
 
 
-def _tier_schedule(v: str) -> str | None:
-    try:  # (the layer count is checked against num_layers with the namespace)
-        precision.parse_schedule(v)
-    except ValueError as e:
-        return str(e).partition(": ")[2] or str(e)
-    return None
-
-
-def _tier_error_bound(v: float) -> str | None:
-    try:
-        precision.check_error_bound(v)
-    except ValueError:
-        return "must be in [0, 1): a relative L2 error (of its K or V), 0 = no bound"
-    return None
-
-
 def _key(default: Any = MISSING, help: str = "", check: Check | None = None, **extra: Any) -> Any:
     """A field of the table: its default, the help text for flags and docs, and its check.
     `doc_default` replaces the default in the docs; `size=True` accepts "64GiB"."""
@@ -254,23 +238,9 @@ class NamespaceConfig:
         "over CUDA IPC; docs/gpu.md), `fake:<id>` (CI's fake device)",
         lambda v: check_device(v) or None,
     )
-    tier_dtype: TierDType = _key(  # noqa: RUF009 (ruff: Literal)
-        "fp",
-        "how the host and disk tiers store its pages: `fp` = the pool's bytes (byte-exact); `int8`/`int4` = "
-        "quantized records, dequantized on promotion (docs/tiers.md)",
-    )
-    tier_schedule: str = _key(
-        "",
-        "other precisions for the first layers: runs `<dtype>:<layers>` from layer 0, the rest at "
-        "`tier_dtype` (e.g. `fp:1,int8:3`); empty = every layer at `tier_dtype`",
-        _tier_schedule,
-    )
-    tier_error_bound: float = _key(
-        0.0,
-        "a quantized layer whose relative L2 error (of its K or V) is over this is stored at the next higher precision; "
-        "0 = no bound",
-        _tier_error_bound,
-    )
+    tier_dtype: TierDType = _key("fp", precision.DTYPE_HELP)  # noqa: RUF009 (ruff: Literal)
+    tier_schedule: str = _key("", precision.SCHEDULE_HELP, precision.schedule_problem)
+    tier_error_bound: float = _key(0.0, precision.BOUND_HELP, precision.bound_problem)
 
 
 # 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.
@@ -401,15 +371,9 @@ def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, p
         seen.setdefault(ns.name, i)
         # The pool takes page_stride (page_bytes rounded up to 4 KiB) per page, so count that.
         spec = _to_spec(ns, server.default_policy)
-        try:  # (the schedule's syntax is checked with the key; its length needs num_layers)
-            if spec.tier_quantized and spec.dtype not in precision.QUANTIZABLE_DTYPES:
-                problems.append(
-                    f"namespace[{i}] {ns.name!r}: tier_dtype={spec.tier_dtype!r} "
-                    f"tier_schedule={spec.tier_schedule!r} quantizes pages, which needs dtype one of "
-                    f"{', '.join(precision.QUANTIZABLE_DTYPES)}, not {spec.dtype!r}"
-                )
-        except ValueError as e:
-            problems.append(f"namespace[{i}] {ns.name!r}: {e}")
+        bad = precision.problem(ns.tier_dtype, ns.tier_schedule, ns.tier_error_bound, ns.num_layers, ns.dtype)
+        if bad:
+            problems.append(f"namespace[{i}] {ns.name!r}: {bad}")
         pool = spec.page_stride * spec.num_pages
         total += pool
         if total > server.max_pool_bytes:

@@ -19,6 +19,19 @@ from kvstore.quant import PageShape, QuantScheme, encode
 
 FP = "fp"
 TIER_DTYPES = (FP, "int8", "int4")
+# The config keys' help (docs/config.md is made from it).
+DTYPE_HELP = (
+    "how the host and disk tiers store its pages: `fp` = the pool's bytes (byte-exact); `int8`/`int4` = "
+    "quantized records, dequantized on promotion (docs/tiers.md)"
+)
+SCHEDULE_HELP = (
+    "other precisions for the first layers: runs `<dtype>:<layers>` from layer 0, the rest at "
+    "`tier_dtype` (e.g. `fp:1,int8:3`); empty = every layer at `tier_dtype`"
+)
+BOUND_HELP = (
+    "a quantized layer whose relative L2 error (of its K or V) is over this is stored at the next higher "
+    "precision; 0 = no bound"
+)
 # The pool dtypes a quantizer reads (ints and fp8 stay "fp": nothing to gain or no scale to keep).
 QUANTIZABLE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -56,6 +69,38 @@ def check_error_bound(bound: float) -> None:
         raise ValueError(
             f"tier_error_bound={bound} must be in [0, 1): a layer's relative L2 error (of its K or V) bound, 0 = none"
         )
+
+
+def problem(tier_dtype: str, schedule: str, bound: float, num_layers: int, dtype: str) -> str | None:
+    """What is wrong with a namespace's tier precision, naming the field; None if nothing."""
+    try:
+        layers = layer_dtypes(tier_dtype, schedule, num_layers)
+        check_error_bound(bound)
+    except ValueError as e:
+        return str(e)
+    if any(d != FP for d in layers) and dtype not in QUANTIZABLE_DTYPES:
+        return (
+            f"tier_dtype={tier_dtype!r} tier_schedule={schedule!r} quantizes pages of dtype={dtype!r}; "
+            f"only {', '.join(QUANTIZABLE_DTYPES)} can be quantized (use tier_dtype='fp')"
+        )
+    return None
+
+
+def schedule_problem(schedule: str) -> str | None:
+    """A config key's check: the schedule's syntax (its length is checked with num_layers)."""
+    try:
+        parse_schedule(schedule)
+    except ValueError as e:
+        return str(e).partition(": ")[2] or str(e)
+    return None
+
+
+def bound_problem(bound: float) -> str | None:
+    try:
+        check_error_bound(bound)
+    except ValueError:
+        return "must be in [0, 1): a relative L2 error (of a layer's K or V), 0 = no bound"
+    return None
 
 
 SINK_TOKENS = 4  # the first tokens of a sequence, kept exact in its first page's record

@@ -89,17 +89,11 @@ def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
     bad_device = check_device(spec.device)
     if bad_device:
         raise InvalidArgument(f"{where}: {bad_device}")
-    try:
-        precision.layer_dtypes(spec.tier_dtype, spec.tier_schedule, spec.num_layers)
-        precision.check_error_bound(spec.tier_error_bound)
-    except ValueError as e:
-        raise InvalidArgument(f"{where}: {e}") from None
-    if spec.tier_quantized and spec.dtype not in precision.QUANTIZABLE_DTYPES:
-        raise InvalidArgument(
-            f"{where}: tier_dtype={spec.tier_dtype!r} tier_schedule={spec.tier_schedule!r} quantizes "
-            f"pages of dtype={spec.dtype!r}; only {', '.join(precision.QUANTIZABLE_DTYPES)} can be "
-            "quantized (use tier_dtype='fp')"
-        )
+    bad = precision.problem(
+        spec.tier_dtype, spec.tier_schedule, spec.tier_error_bound, spec.num_layers, spec.dtype
+    )
+    if bad:
+        raise InvalidArgument(f"{where}: {bad}")
     if spec.tier_quantized:
         try:
             precision.check_codec(*spec.tier_codec())
