@@ -178,3 +178,30 @@ def test_policy_default_is_the_configured_default(tmp_path, capsys):
     assert main(["replay", "--trace", str(path), "--capacity-blocks", "3", "--json"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["policy"] == ServerConfig().default_policy
+
+
+def test_a_quantized_host_tier_holds_more_pages_and_reaches_a_higher_hit_rate(tmp_path, capsys):
+    """`--host-tier-bytes`: the pool's evictions go to a host tier of fixed bytes; at int8 and
+    int4 its records (measured with the daemon's codec) are smaller, so it holds more pages and
+    more lookups hit. With a host tier too small for one page, the hit rate is the pool's alone."""
+    rng = random.Random(7)
+    requests = [[rng.randrange(12), 100 + rng.randrange(30)] for _ in range(300)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines(requests)) + "\n")
+    base = ["replay", "--trace", str(path), "--capacity-blocks", "4", "--policy", "lru", "--json"]
+    tiny = ["--block-size", "16", "--kv-geometry", "2,2,64,float16"]  # 16 KiB pages
+    assert main([*base, *tiny, "--host-tier-bytes", "100"]) == 0
+    alone = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert [r["host_hits"] for r in alone] == [0, 0, 0]
+    assert {r["hit_rate"] for r in alone} == {plain["hit_rate"]}
+
+    assert main([*base, *tiny, "--host-tier-bytes", "256KiB"]) == 0
+    rows = {r["tier_dtype"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    fp, int8, int4 = rows["fp"], rows["int8"], rows["int4"]
+    assert fp["host_pages"] == 16 and fp["compression"] == 1.0
+    assert int8["compression"] > 1.5 and int4["compression"] > 2.5
+    assert fp["host_pages"] < int8["host_pages"] < int4["host_pages"]
+    assert plain["hit_rate"] < fp["hit_rate"] < int8["hit_rate"] <= int4["hit_rate"]
+    assert all(r["hits"] == r["pool_hits"] + r["host_hits"] for r in rows.values())

@@ -67,6 +67,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--d-model", type=int, default=4096, help="model width for compute_saved's C (default 4096)"
     )
+    p.add_argument(
+        "--host-tier-bytes",
+        metavar="SIZE",
+        help="a host tier of this many bytes below the pool (e.g. 2GiB): the hit rate at each --tier-dtypes",
+    )
+    p.add_argument(
+        "--tier-dtypes",
+        default="fp,int8,int4",
+        help="the host tier's precisions to compare (default fp,int8,int4)",
+    )
+    p.add_argument(
+        "--kv-geometry",
+        default="30,3,64,float16",
+        metavar="LAYERS,KV_HEADS,HEAD_DIM,DTYPE",
+        help="the KV of a block, for the host tier's page sizes (default 30,3,64,float16: SmolLM2-135M)",
+    )
 
 
 def _split(values: list[str], kind: type) -> list[Any]:
@@ -152,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mrc and "lru" not in policies:
         policies.append("lru")
     caps = _capacities(args, trace.distinct)
+    if args.host_tier_bytes:
+        from .replay_tiers import run_tiered
+
+        run_tiered(trace, policies, caps, args)
+        return 0
     weights = compute_weights(trace, args.block_size, args.d_model)
     ceiling = ceiling_hits(trace)
     bar = _Bar(len(policies) * len(caps), len(trace.requests))

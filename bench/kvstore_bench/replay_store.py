@@ -69,6 +69,26 @@ def _namespace(policy: str, capacity: int, block_size: int) -> Namespace:
     return Namespace(spec, pool, make_policy(policy))
 
 
+def seal_missing(ns: Namespace, keys: list[bytes], chain: list[int], held: list[Any]) -> bool:
+    """After a request's hits (`held`, referenced): make room for its missing blocks and seal
+    them under their parent, as an engine writes a prompt's KV, appending them to `held`.
+    True if not all of them fit (the request is truncated)."""
+    want = len(chain) - len(held)
+    truncated = False
+    if want > len(ns.pages.free):
+        room = min(want, ns.obtainable())
+        truncated, want = room < want, room
+        ns.make_room(want, "replay")
+    parent = held[-1] if held else None
+    for node in chain[len(held) : len(held) + want]:
+        page = ns.reserve(0)
+        page.block_hash = keys[node]
+        ns.seal(page, parent)
+        held.append(page)
+        parent = page
+    return truncated
+
+
 def replay_store(
     trace: Trace, policy: str, capacity: int, block_size: int = 512, tick: Any = None
 ) -> tuple[list[int], int, float]:
@@ -77,8 +97,7 @@ def replay_store(
     try:
         keys = trace.keys
         get = ns.index.get
-        ref, unref, touch, seal, reserve = ns.ref, ns.unref, ns.touch, ns.seal, ns.reserve
-        free = ns.pages.free
+        ref, unref, touch = ns.ref, ns.unref, ns.touch
         hits_per_request: list[int] = []
         truncated = 0
         t0 = time.perf_counter()
@@ -95,21 +114,7 @@ def replay_store(
                 for page in held:
                     ref(page)
                 touch(held)
-            want = len(chain) - n_hit
-            if want:
-                if want > len(free):
-                    room = min(want, ns.obtainable())
-                    if room < want:
-                        truncated += 1
-                        want = room
-                    ns.make_room(want, "replay")
-                parent = held[-1] if held else None
-                for node in chain[n_hit : n_hit + want]:
-                    page = reserve(0)
-                    page.block_hash = keys[node]
-                    seal(page, parent)
-                    held.append(page)
-                    parent = page
+            truncated += seal_missing(ns, keys, chain, held)
             for page in reversed(held):
                 unref(page)
             if tick is not None and r & 255 == 0:
