@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -127,7 +128,9 @@ class StoreMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ helpers
 
     def stats(self) -> dict:
-        return dataclasses.asdict(self.store.stats("ns")[0])
+        # Shallow: asdict's deep copy took ~15% of the test's time.
+        s = self.store.stats("ns")[0]
+        return {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
 
     def touch(self, sid: int) -> None:
         s = self.sessions[sid]
@@ -723,12 +726,16 @@ class StoreMachine(RuleBasedStateMachine):
         assert len(ns.policy) == candidates
 
 
+# About 12 s on a quiet 2-vCPU machine, but hypothesis's engine and the invariants are pure
+# Python: under a load of 8 it took ~115 s, and a CI run on a busy host passed 300 s, where
+# pytest-timeout's exception inside hypothesis surfaces as FlakyStrategyDefinition. So fewer
+# examples, and a timeout of its own that still catches a hang.
 StoreMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=120,
     stateful_step_count=50,
     derandomize=True,
     database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestStoreStateful = StoreMachine.TestCase
+TestStoreStateful = pytest.mark.timeout(900)(StoreMachine.TestCase)
