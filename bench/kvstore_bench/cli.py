@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, crashloop, pageio, peers, replay, rpc, tiers, ttft
+from . import budgets, crashloop, pageio, peers, quant, replay, rpc, tiers, ttft
 from .harness import BenchError, install_signal_exit
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("crashloop", crashloop),
         ("pageio", pageio),
         ("peers", peers),
+        ("quant", quant),
         ("replay", replay),
         ("rpc", rpc),
         ("tiers", tiers),
