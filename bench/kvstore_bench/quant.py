@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--early-layers", type=int, default=4, help="int8 layers of the layer schedule (default 4)"
     )
     p.add_argument("--bound", type=float, default=0.1, help="error bound of the bounded row (default 0.1)")
-    p.add_argument("--batch", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--batch", type=int, default=16, help="windows per forward pass (default 16)")
     p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all CPUs)"
     )
