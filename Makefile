@@ -29,9 +29,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# kvstore/_chainhash.c in place (pip's editable install builds it too; this rebuilds it when the
-# source changed, for a tree used through PYTHONPATH). kvstore/hashing.py falls back to Python
-# without it, but tests/test_hashing.py requires it.
+# kvstore/_chainhash.c and kvstore/_quant.c in place (pip's editable install builds them too; this
+# rebuilds them when the source changed, for a tree used through PYTHONPATH). kvstore/hashing.py
+# and kvstore/quant fall back to Python (numpy) without them, but tests/test_hashing.py requires
+# the first (tests/test_quant_fast.py skips without the second).
 native: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
@@ -59,4 +60,4 @@ peers: $(STAMP) $(PEERS_STAMP)
 	$(VENV)/bin/kvstore-bench peers --peers-python $(PEERS_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so

@@ -4,17 +4,18 @@ numpy only: this is the daemon's path (the daemon never imports torch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import numeric, record
+from . import native, numeric, record
 from .errors import CorruptRecord, RecordMismatch, SchemeError
 from .numeric import Quantized
 from .record import RecordInfo
 from .scheme import FALLBACK, QUANTIZABLE, PageShape, QuantScheme
 
 BITS = {"int8": 8, "int4": 4}
+USE_NATIVE = True  # kvstore/_quant.c where built; tests turn it off to compare with numeric.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +62,10 @@ def _quantize_layers(xf: np.ndarray, precision: str, scheme: QuantScheme, dtype:
     return parts[0], parts[1], np.maximum(errors[0], errors[1])
 
 
-def encode(page: object, shape: PageShape, scheme: QuantScheme, sink_tokens: int = 0) -> Encoded:
-    """Quantize one page (any bytes-like of shape.page_bytes, layout [layer, kv, token, head,
-    dim]) into a record. The first `sink_tokens` tokens are kept as they are."""
-    if not 0 <= sink_tokens <= shape.page_tokens:
-        raise SchemeError(f"sink_tokens must be in 0..{shape.page_tokens}, got {sink_tokens}")
-    x = _elements(page, shape)
-    asked = scheme.layer_precisions(shape.num_layers)
-    k = min(scheme.outliers, shape.head_dim)
-    if any(p != "fp" for p in asked) and k and shape.head_dim > 256:
-        raise SchemeError(f"outliers need head_dim <= 256 (a uint8 index), got {shape.head_dim}")
-    if shape.dtype not in QUANTIZABLE or sink_tokens == shape.page_tokens:
-        asked = ("fp",) * shape.num_layers
-    precisions = list(asked)
+def _encode_numpy(x: np.ndarray, info: RecordInfo, scheme: QuantScheme) -> list[tuple[str, float, bytes]]:
+    """(precision, error, block) per layer: numeric.py over all layers of a precision at once."""
+    shape, sink_tokens, k = info.shape, info.sink_tokens, info.outliers
+    precisions = list(info.precisions)
     errors = [0.0] * shape.num_layers
     stored: dict[int, tuple[Quantized, Quantized, int]] = {}  # layer -> (K, V, index in batch)
     pending = [i for i, p in enumerate(precisions) if p != "fp"]
@@ -93,24 +85,47 @@ def encode(page: object, shape: PageShape, scheme: QuantScheme, sink_tokens: int
                     precisions[i] = FALLBACK[p]
                     if precisions[i] == "fp":
                         pending.remove(i)
-    info = RecordInfo(shape, tuple(precisions), scheme.keys, scheme.values, k, sink_tokens, 0)
-    out = bytearray(record.pack_header(info))
+    blocks = []
     for i, p in enumerate(precisions):
         if p == "fp":
-            out += x[i].tobytes()
+            blocks.append((p, 0.0, x[i].tobytes()))
             continue
         qk, qv, j = stored[i]
-        out += x[i, :, :sink_tokens].tobytes()
-        out += qk.scale[j].tobytes()
+        parts = [x[i, :, :sink_tokens], qk.scale[j]]
         if p == "int4":
-            out += qk.zero[j].tobytes()
-        out += qv.scale[j].tobytes()
+            parts.append(qk.zero[j])
+        parts.append(qv.scale[j])
         if p == "int4":
-            out += qv.zero[j].tobytes()
-        out += np.stack([qk.out_val[j], qv.out_val[j]]).tobytes()
-        out += np.stack([qk.out_idx[j], qv.out_idx[j]]).tobytes()
+            parts.append(qv.zero[j])
+        parts += [np.stack([qk.out_val[j], qv.out_val[j]]), np.stack([qk.out_idx[j], qv.out_idx[j]])]
         body = np.stack([qk.codes[j], qv.codes[j]])
-        out += (numeric.pack4(body) if p == "int4" else body).tobytes()
+        parts.append(numeric.pack4(body) if p == "int4" else body)
+        blocks.append((p, errors[i], b"".join(a.tobytes() for a in parts)))
+    return blocks
+
+
+def encode(page: object, shape: PageShape, scheme: QuantScheme, sink_tokens: int = 0) -> Encoded:
+    """Quantize one page (any bytes-like of shape.page_bytes, layout [layer, kv, token, head,
+    dim]) into a record. The first `sink_tokens` tokens are kept as they are."""
+    if not 0 <= sink_tokens <= shape.page_tokens:
+        raise SchemeError(f"sink_tokens must be in 0..{shape.page_tokens}, got {sink_tokens}")
+    x = _elements(page, shape)
+    asked = scheme.layer_precisions(shape.num_layers)
+    k = min(scheme.outliers, shape.head_dim)
+    if any(p != "fp" for p in asked) and k and shape.head_dim > 256:
+        raise SchemeError(f"outliers need head_dim <= 256 (a uint8 index), got {shape.head_dim}")
+    if shape.dtype not in QUANTIZABLE or sink_tokens == shape.page_tokens:
+        asked = ("fp",) * shape.num_layers
+    info = RecordInfo(shape, asked, scheme.keys, scheme.values, k, sink_tokens, 0)
+    if native.quantize is not None and USE_NATIVE:
+        stored = [native.encode_layer(x[i], info, scheme, p) for i, p in enumerate(asked)]
+    else:
+        stored = _encode_numpy(x, info, scheme)
+    precisions = [p for p, _, _ in stored]
+    errors = [e for _, e, _ in stored]
+    out = bytearray(record.pack_header(replace(info, precisions=tuple(precisions))))
+    for _, _, block in stored:
+        out += block
     return Encoded(
         record.seal(out),
         tuple(precisions),
@@ -159,6 +174,13 @@ def decode(rec: object, shape: PageShape | None = None, out: object = None) -> n
     if target.nbytes != s.page_bytes:
         raise RecordMismatch(f"out has {target.nbytes} bytes, the page {s.page_bytes}")
     pages = target.view(np.uint16 if s.dtype == "bfloat16" else np.dtype(s.dtype)).reshape(s.dims)
+    if native.dequantize is not None and USE_NATIVE:
+        for i, p in enumerate(ri.precisions):
+            if p == "fp":
+                pages[i] = blocks[i]["raw"]
+            else:
+                native.decode_layer(blocks[i], ri, p, pages[i])
+        return target
     for p in ("int8", "int4"):
         layers = [i for i, q in enumerate(ri.precisions) if q == p]
         if layers:

@@ -13,10 +13,11 @@ header, so a flipped bit anywhere, a truncation or an appended byte is refused.
 
 from __future__ import annotations
 
+import functools
+import math
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import xxhash
 from kvstore_proto import dtypes
 
@@ -54,17 +55,19 @@ class Section:
     shape: tuple[int, ...]
 
     def nbytes(self, itemsize: int) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * (
-            itemsize if self.dtype == "page" else np.dtype(self.dtype).itemsize
-        )
+        return math.prod(self.shape) * (itemsize if self.dtype == "page" else _ITEMSIZE[self.dtype])
 
 
-def layer_sections(info: RecordInfo, precision: str) -> list[Section]:
+_ITEMSIZE = {"float16": 2, "int8": 1, "uint8": 1}
+
+
+@functools.lru_cache(maxsize=64)
+def layer_sections(info: RecordInfo, precision: str) -> tuple[Section, ...]:
     """The parts of one layer's block, in order. T' = tokens - sinks (the quantized tokens)."""
     s = info.shape
     t, h, d, k = s.page_tokens - info.sink_tokens, s.num_kv_heads, s.head_dim, info.outliers
     if precision == "fp":
-        return [Section("raw", "page", (2, s.page_tokens, h, d))]
+        return (Section("raw", "page", (2, s.page_tokens, h, d)),)
     key_scales = {"vector": (t, h), "channel": (h, d), "tensor": (1,)}[info.keys]
     value_scales = {"vector": (t, h), "tensor": (1,)}[info.values]
     parts = [Section("sinks", "page", (2, info.sink_tokens, h, d)), Section("k_scale", "float16", key_scales)]
@@ -78,15 +81,17 @@ def layer_sections(info: RecordInfo, precision: str) -> list[Section]:
         parts.append(Section("body", "int8", (2, t, h, d)))
     else:
         parts.append(Section("body", "uint8", (2, t, h, (d + 1) // 2)))
-    return parts
+    return tuple(parts)
 
 
+@functools.lru_cache(maxsize=64)
 def block_bytes(info: RecordInfo, precision: str) -> int:
     return sum(p.nbytes(info.shape.itemsize) for p in layer_sections(info, precision))
 
 
 def record_bytes(info: RecordInfo) -> int:
-    return HEADER.size + info.shape.num_layers + sum(block_bytes(info, p) for p in info.precisions)
+    per = {p: block_bytes(info, p) for p in set(info.precisions)}
+    return HEADER.size + info.shape.num_layers + sum(per[p] for p in info.precisions)
 
 
 def pack_header(info: RecordInfo) -> bytes:

@@ -1,0 +1,397 @@
+/* The quantizer of kvstore/quant in C: one (layer, K or V) tensor of a page per call, fused
+ * (top-k outliers, scales, codes, the reconstruction error) in one pass for vector scales, two
+ * for channel and tensor scales, where numpy makes ~20. It computes exactly what
+ * kvstore/quant/numeric.py computes (float32 arithmetic, IEEE division, round half to even,
+ * fp16 rounding to nearest even; built with -ffp-contract=off so no FMA changes a result), so
+ * records are byte-identical either way: tests/test_quant_fast.py. numeric.py stays the fallback
+ * where this is not built, and the spec (docs/quant.md).
+ *
+ *   quantize(src, src_dtype, T, H, D, bits, gran, k, scale, zero, oval, oidx, body) -> (err2, x2)
+ *   dequantize(scale, zero, oval, oidx, body, T, H, D, bits, gran, k, out, out_dtype)
+ *
+ * dtypes: 0 float32, 1 float16, 2 bfloat16 (elements of src/out; the error is measured on
+ * what a reader gets back in that dtype). gran: 0 tensor, 1 vector, 2 channel. Buffers are
+ * contiguous, little-endian, any alignment. err2 = sum (x - x')^2, x2 = sum x^2 (doubles). */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+enum { TENSOR = 0, VECTOR = 1, CHANNEL = 2 };
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* float32 -> float16 bits, round to nearest even (numpy's npy_floatbits_to_halfbits). */
+static uint16_t f2h(float f) {
+    uint32_t x = f32_bits(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) {
+        if (ax == 0x7f800000u) return (uint16_t)(sign | 0x7c00u);
+        uint32_t h = 0x7c00u | ((ax & 0x7fffffu) >> 13);
+        return (uint16_t)(sign | (h == 0x7c00u ? 0x7c01u : h));
+    }
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520: inf */
+    if (ax < 0x38800000u) {                                   /* a half subnormal, or 0 */
+        if (ax <= 0x33000000u) return (uint16_t)sign;         /* <= 2^-25: 0 (a tie rounds to even 0) */
+        uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1u))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t h = (((ax >> 23) - 112u) << 10) | ((ax & 0x7fffffu) >> 13), rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1fu) return bits_f32(sign | 0x7f800000u | (m << 13));
+    if (e == 0) {
+        if (m == 0) return bits_f32(sign);
+        float v = (float)m * 5.9604644775390625e-08f; /* m * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u = f32_bits(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t ld16(const uint8_t *p, Py_ssize_t i) { uint16_t v; memcpy(&v, p + 2 * i, 2); return v; }
+static inline void st16(uint8_t *p, Py_ssize_t i, uint16_t v) { memcpy(p + 2 * i, &v, 2); }
+
+static inline float load(const uint8_t *p, Py_ssize_t i, int dt) {
+    if (dt == F32) { float v; memcpy(&v, p + 4 * i, 4); return v; }
+    if (dt == F16) return h2f(ld16(p, i));
+    return bits_f32((uint32_t)ld16(p, i) << 16);
+}
+
+/* What a reader of dtype `dt` gets back for y. */
+static inline float round_to(float y, int dt) {
+    if (dt == F16) return h2f(f2h(y));
+    if (dt == BF16) return bits_f32((uint32_t)f2bf(y) << 16);
+    return y;
+}
+
+static inline void store(uint8_t *p, Py_ssize_t i, float y, int dt) {
+    if (dt == F32) memcpy(p + 4 * i, &y, 4);
+    else st16(p, i, dt == F16 ? f2h(y) : f2bf(y));
+}
+
+/* The stored (fp16) scale: a scale that rounds to 0 is stored as 1. */
+static inline uint16_t scale16(float m, float qmax) {
+    uint16_t s = f2h(m / qmax);
+    return h2f(s) == 0.0f ? 0x3c00u : s;
+}
+
+/* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body. */
+static void outliers(const float *x, float *body, uint8_t *pick, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
+    memcpy(body, x, sizeof(float) * D);
+    memset(pick, 0, D);
+    for (int j = 0; j < k; j++) {
+        float best = -1.0f;
+        int bi = 0;
+        for (int d = 0; d < D; d++) {
+            float a = fabsf(x[d]);
+            if (!pick[d] && a > best) { best = a; bi = d; }
+        }
+        pick[bi] = 1;
+        body[bi] = 0.0f;
+        st16(oval, v * k + j, f2h(x[bi]));
+        oidx[v * k + j] = (uint8_t)bi;
+    }
+}
+
+typedef struct {
+    const uint8_t *src; int sdt, bits, gran, k;
+    Py_ssize_t T, H, D;
+    uint8_t *scale, *zero, *oval, *oidx, *body;
+} QArgs;
+
+/* round half to even, exact for |v| < 2^22 (codes are clamped to [-127, 127] or [0, 15] after;
+ * the division that makes v is bounded by ~2 x that unless the scale overflowed, and then the
+ * error check refuses the page anyway) */
+static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+/* Codes of one vector's body with per-element scale s[d] (and zero z[d]); y = what they
+ * dequantize to, before the outliers go back. Simple loops: the compiler vectorizes them. */
+static void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const float *s, const float *z, float *y) {
+    int D = (int)a->D;
+    if (a->bits == 8) {
+        int8_t *out = (int8_t *)a->body + v * D;
+        for (int d = 0; d < D; d++) {
+            float q = rne(body[d] / s[d]);
+            q = q > -127.0f ? q : -127.0f;
+            q = q < 127.0f ? q : 127.0f;
+            out[d] = (int8_t)(int)q;
+            y[d] = q * s[d];
+        }
+        return;
+    }
+    float qv[D + 1];
+    for (int d = 0; d < D; d++) {
+        float q = rne((body[d] - z[d]) / s[d]);
+        q = q > 0.0f ? q : 0.0f;
+        q = q < 15.0f ? q : 15.0f;
+        qv[d] = q;
+        float t = q * s[d];
+        y[d] = t + z[d];
+    }
+    qv[D] = 0.0f;
+    uint8_t *out = a->body + v * ((D + 1) / 2);
+    for (int i = 0; i < (D + 1) / 2; i++) out[i] = (uint8_t)((int)qv[2 * i] | ((int)qv[2 * i + 1] << 4));
+}
+
+/* Outliers back into y, then the error sums against x of what a reader gets back. */
+static void finish_vector(const QArgs *a, Py_ssize_t v, const float *x, float *y, double *err2, double *x2) {
+    int D = (int)a->D, k = a->k;
+    for (int j = 0; j < k; j++) y[a->oidx[v * k + j]] = h2f(ld16(a->oval, v * k + j));
+    if (a->sdt != F32)
+        for (int d = 0; d < D; d++) y[d] = round_to(y[d], a->sdt);
+    double e[4] = {0, 0, 0, 0}, s[4] = {0, 0, 0, 0};
+    int d = 0;
+    for (; d + 4 <= D; d += 4)
+        for (int u = 0; u < 4; u++) {
+            double diff = (double)(x[d + u] - y[d + u]), xd = (double)x[d + u];
+            e[u] += diff * diff;
+            s[u] += xd * xd;
+        }
+    for (; d < D; d++) {
+        double diff = (double)(x[d] - y[d]), xd = (double)x[d];
+        e[0] += diff * diff;
+        s[0] += xd * xd;
+    }
+    *err2 += (e[0] + e[1]) + (e[2] + e[3]);
+    *x2 += (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+static inline void load_vector(const QArgs *a, Py_ssize_t v, float *x) {
+    int D = (int)a->D;
+    if (a->sdt == F32) memcpy(x, a->src + 4 * v * D, sizeof(float) * D);
+    else
+        for (int d = 0; d < D; d++) x[d] = load(a->src, v * D + d, a->sdt);
+}
+
+static void quantize(const QArgs *a, double *err2, double *x2) {
+    int D = (int)a->D, k = a->k, bits = a->bits;
+    Py_ssize_t nv = a->T * a->H, H = a->H;
+    float x[D], body[D], y[D], sv[D], zv[D];
+    uint8_t pick[D > 0 ? D : 1];
+    float qmax = bits == 8 ? 127.0f : 15.0f;
+    if (a->gran == VECTOR) {
+        for (Py_ssize_t v = 0; v < nv; v++) {
+            load_vector(a, v, x);
+            outliers(x, body, pick, D, k, a->oval, a->oidx, v);
+            float sc, zc = 0.0f;
+            if (bits == 8) {
+                float m = 0.0f;
+                for (int d = 0; d < D; d++) { float b = fabsf(body[d]); m = b > m ? b : m; }
+                uint16_t sh = scale16(m, qmax);
+                st16(a->scale, v, sh);
+                sc = h2f(sh);
+            } else {
+                float lo = body[0], hi = body[0];
+                for (int d = 1; d < D; d++) { lo = body[d] < lo ? body[d] : lo; hi = body[d] > hi ? body[d] : hi; }
+                uint16_t zh = f2h(lo);
+                zc = h2f(zh);
+                uint16_t sh = scale16(hi - zc, qmax);
+                st16(a->scale, v, sh);
+                st16(a->zero, v, zh);
+                sc = h2f(sh);
+            }
+            for (int d = 0; d < D; d++) { sv[d] = sc; zv[d] = zc; }
+            code_vector(a, v, body, sv, zv, y);
+            finish_vector(a, v, x, y, err2, x2);
+        }
+        return;
+    }
+    /* channel (a scale per head x dim over the tokens) or tensor (one): stats, then codes */
+    Py_ssize_t ns = a->gran == CHANNEL ? H * D : 1;
+    float *lo = malloc(sizeof(float) * ns), *hi = malloc(sizeof(float) * ns);
+    float *s = malloc(sizeof(float) * ns * 2), *z = s + ns;
+    for (Py_ssize_t i = 0; i < ns; i++) { lo[i] = INFINITY; hi[i] = -INFINITY; }
+    for (Py_ssize_t v = 0; v < nv; v++) {
+        load_vector(a, v, x);
+        outliers(x, body, pick, D, k, a->oval, a->oidx, v);
+        Py_ssize_t at = a->gran == CHANNEL ? (v % H) * D : 0;
+        for (int d = 0; d < D; d++) {
+            Py_ssize_t i = a->gran == CHANNEL ? at + d : 0;
+            float b = bits == 8 ? fabsf(body[d]) : body[d];
+            lo[i] = b < lo[i] ? b : lo[i];
+            hi[i] = b > hi[i] ? b : hi[i];
+        }
+    }
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        if (bits == 8) {
+            uint16_t sh = scale16(hi[i], qmax);
+            st16(a->scale, i, sh);
+            s[i] = h2f(sh);
+            z[i] = 0.0f;
+        } else {
+            uint16_t zh = f2h(lo[i]);
+            z[i] = h2f(zh);
+            uint16_t sh = scale16(hi[i] - z[i], qmax);
+            st16(a->scale, i, sh);
+            st16(a->zero, i, zh);
+            s[i] = h2f(sh);
+        }
+    }
+    for (Py_ssize_t v = 0; v < nv; v++) {
+        load_vector(a, v, x);
+        memcpy(body, x, sizeof(float) * D);
+        for (int j = 0; j < k; j++) body[a->oidx[v * k + j]] = 0.0f;
+        if (a->gran == CHANNEL) {
+            code_vector(a, v, body, s + (v % H) * D, z + (v % H) * D, y);
+        } else {
+            for (int d = 0; d < D; d++) { sv[d] = s[0]; zv[d] = z[0]; }
+            code_vector(a, v, body, sv, zv, y);
+        }
+        finish_vector(a, v, x, y, err2, x2);
+    }
+    free(lo); free(hi); free(s);
+}
+
+static void dequantize(const uint8_t *scale, const uint8_t *zero, const uint8_t *oval, const uint8_t *oidx, const uint8_t *codes,
+                       Py_ssize_t T, Py_ssize_t H, int D, int bits, int gran, int k, uint8_t *out, int odt) {
+    Py_ssize_t nv = T * H, dp = (D + 1) / 2, ns = gran == VECTOR ? nv : (gran == CHANNEL ? H * D : 1);
+    float y[D > 0 ? D : 1], sv[D > 0 ? D : 1], zv[D > 0 ? D : 1];
+    float *s = malloc(sizeof(float) * ns * 2), *z = s + ns;
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        s[i] = h2f(ld16(scale, i));
+        z[i] = bits == 4 ? h2f(ld16(zero, i)) : 0.0f;
+    }
+    for (Py_ssize_t v = 0; v < nv; v++) {
+        const float *sd = sv, *zd = zv;
+        if (gran == CHANNEL) {
+            sd = s + (v % H) * D;
+            zd = z + (v % H) * D;
+        } else {
+            float sc = s[gran == VECTOR ? v : 0], zc = z[gran == VECTOR ? v : 0];
+            for (int d = 0; d < D; d++) { sv[d] = sc; zv[d] = zc; }
+        }
+        float *dst = odt == F32 ? (float *)(void *)(out + 4 * v * D) : y; /* (any alignment on x86/ARM64) */
+        if (odt == F32 && ((uintptr_t)dst & 3)) dst = y;
+        if (bits == 8) {
+            const int8_t *c = (const int8_t *)codes + v * D;
+            for (int d = 0; d < D; d++) dst[d] = (float)c[d] * sd[d];
+        } else {
+            const uint8_t *c = codes + v * dp;
+            for (int d = 0; d < D; d++) {
+                float t = (float)((c[d >> 1] >> ((d & 1) * 4)) & 0x0f) * sd[d];
+                dst[d] = t + zd[d];
+            }
+        }
+        for (int j = 0; j < k; j++) dst[oidx[v * k + j]] = h2f(ld16(oval, v * k + j));
+        if (dst == y)
+            for (int d = 0; d < D; d++) store(out, v * D + d, y[d], odt);
+    }
+    free(s);
+}
+
+/* ---------------------------------------------------------------- Python glue */
+
+static int get(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *name) {
+    if (PyObject_GetBuffer(o, b, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, needs %zd", name, b->len, need);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+static int valid(Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, int bits, int gran, int k, int dt) {
+    if (T < 1 || H < 1 || D < 1 || D > 65535 || (bits != 8 && bits != 4) || gran < 0 || gran > 2 || k < 0 || k > D ||
+        (k > 0 && D > 256) || dt < 0 || dt > 2) {
+        PyErr_SetString(PyExc_ValueError, "invalid quantizer arguments");
+        return 0;
+    }
+    return 1;
+}
+
+static Py_ssize_t nscales(int gran, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D) {
+    return gran == VECTOR ? T * H : (gran == CHANNEL ? H * D : 1);
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    PyObject *o[6];
+    Py_ssize_t T, H, D;
+    int sdt, bits, gran, k;
+    if (!PyArg_ParseTuple(args, "OinnniiiOOOOO", &o[0], &sdt, &T, &H, &D, &bits, &gran, &k, &o[1], &o[2], &o[3], &o[4], &o[5]))
+        return NULL;
+    if (!valid(T, H, D, bits, gran, k, sdt)) return NULL;
+    Py_ssize_t nv = T * H, ns = nscales(gran, T, H, D);
+    Py_ssize_t need[6] = {nv * D * (sdt == F32 ? 4 : 2), 2 * ns, bits == 4 ? 2 * ns : 0, 2 * nv * k, nv * k,
+                          bits == 8 ? nv * D : nv * ((D + 1) / 2)};
+    const char *names[6] = {"src", "scale", "zero", "oval", "oidx", "body"};
+    Py_buffer b[6];
+    int got = 0;
+    for (; got < 6; got++) {
+        if (got == 2 && bits == 8) { b[2].buf = NULL; b[2].obj = NULL; continue; }
+        if (get(o[got], &b[got], got > 0, need[got], names[got]) < 0) break;
+    }
+    double err2 = 0.0, x2 = 0.0;
+    if (got == 6) {
+        QArgs a = {b[0].buf, sdt, bits, gran, k, T, H, D, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf};
+        Py_BEGIN_ALLOW_THREADS
+        quantize(&a, &err2, &x2);
+        Py_END_ALLOW_THREADS
+    }
+    for (int i = 0; i < got; i++)
+        if (b[i].obj != NULL) PyBuffer_Release(&b[i]);
+    if (got < 6) return NULL;
+    return Py_BuildValue("dd", err2, x2);
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    PyObject *o[6];
+    Py_ssize_t T, H, D;
+    int bits, gran, k, odt;
+    if (!PyArg_ParseTuple(args, "OOOOOnnniiiOi", &o[0], &o[1], &o[2], &o[3], &o[4], &T, &H, &D, &bits, &gran, &k, &o[5], &odt))
+        return NULL;
+    if (!valid(T, H, D, bits, gran, k, odt)) return NULL;
+    Py_ssize_t nv = T * H, ns = nscales(gran, T, H, D);
+    Py_ssize_t need[6] = {2 * ns, bits == 4 ? 2 * ns : 0, 2 * nv * k, nv * k, bits == 8 ? nv * D : nv * ((D + 1) / 2),
+                          nv * D * (odt == F32 ? 4 : 2)};
+    const char *names[6] = {"scale", "zero", "oval", "oidx", "body", "out"};
+    Py_buffer b[6];
+    int got = 0;
+    for (; got < 6; got++) {
+        if (got == 1 && bits == 8) { b[1].buf = NULL; b[1].obj = NULL; continue; }
+        if (get(o[got], &b[got], got == 5, need[got], names[got]) < 0) break;
+    }
+    int bad = 0;
+    if (got == 6) {
+        const uint8_t *idx = b[3].buf;
+        for (Py_ssize_t i = 0; i < nv * k; i++) bad |= idx[i] >= D;
+        if (!bad) {
+            Py_BEGIN_ALLOW_THREADS
+            dequantize(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, T, H, (int)D, bits, gran, k, b[5].buf, odt);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    for (int i = 0; i < got; i++)
+        if (b[i].obj != NULL) PyBuffer_Release(&b[i]);
+    if (got < 6) return NULL;
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "an outlier index is past head_dim");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS, "quantize one tensor into the given buffers; (err2, x2)"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize one tensor into out"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_quant", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__quant(void) { return PyModule_Create(&module); }

@@ -1,0 +1,79 @@
+"""kvstore/_quant.c (the codec's fused loops) writes the very bytes numeric.py (the numpy path,
+itself equal to the torch reference) writes, reads them back to the very same pages, and
+measures the same errors, on ugly shapes, all dtypes, schemes and fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore.quant import PageShape, QuantScheme, codec, decode, encode, native, numeric
+
+pytestmark = pytest.mark.skipif(native.quantize is None, reason="kvstore/_quant.c is not built (make native)")
+
+
+def page(shape: PageShape, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape.dims).astype(np.float32) * rng.choice(
+        [1e-4, 1.0, 300.0], size=(shape.num_layers, 1, 1, 1, 1)
+    )
+    x[:, 0, ..., 0] *= 9.0
+    x[rng.random(shape.dims) < 0.03] = 0.0
+    if shape.head_dim > 3:
+        x[..., 2] = -x[..., 3]  # ties in |x|
+    x[rng.random(shape.dims) < 0.001] = 4e4  # near fp16's end
+    if shape.dtype == "bfloat16":
+        return numeric.from_f32(x, "bfloat16").tobytes()
+    return x.astype(shape.dtype).tobytes()
+
+
+SCHEMES = [
+    QuantScheme.preset("int8"),
+    QuantScheme.preset("int4"),
+    QuantScheme("int8", "tensor", "tensor", 0),
+    QuantScheme("int4", "vector", "tensor", 3),
+    QuantScheme("int8", "channel", "vector", 2),
+    QuantScheme(("int4", "int8", "fp", "int4"), "channel", "vector", 1, bound=0.05),
+    QuantScheme("int4", "channel", "vector", 2, bound=0.07),
+]
+SHAPES = [(4, 16, 2, 64), (4, 7, 3, 5), (4, 1, 1, 1), (4, 33, 1, 130), (4, 4, 2, 2)]
+
+
+def both(buf: bytes, shape: PageShape, scheme: QuantScheme, sinks: int, monkeypatch: pytest.MonkeyPatch):
+    fast = encode(buf, shape, scheme, sinks)
+    with monkeypatch.context() as m:
+        m.setattr(codec, "USE_NATIVE", False)
+        slow = encode(buf, shape, scheme, sinks)
+        slow_page = decode(slow.record)
+    return fast, slow, slow_page
+
+
+@pytest.mark.parametrize("dims", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("si", range(len(SCHEMES)))
+def test_native_equals_numpy(
+    dims: tuple[int, ...], dtype: str, si: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape = PageShape(*dims, dtype)
+    buf = page(shape, seed=si)
+    sinks = min(2, dims[1] - 1) if si % 2 else 0
+    fast, slow, slow_page = both(buf, shape, SCHEMES[si], sinks, monkeypatch)
+    assert fast.precisions == slow.precisions
+    assert fast.record == slow.record
+    assert np.allclose(fast.layer_errors, slow.layer_errors, rtol=1e-9, atol=0)
+    assert np.array_equal(decode(fast.record), slow_page)
+
+
+def test_fallbacks_happen_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = PageShape(4, 16, 2, 64, "float32")
+    fast, slow, _ = both(page(shape, 1), shape, SCHEMES[-1], 1, monkeypatch)
+    assert fast.fallbacks == slow.fallbacks > 0 and fast.record == slow.record
+
+
+def test_non_finite_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = PageShape(2, 16, 2, 64, "float32")
+    x = np.frombuffer(page(shape, 3), np.float32).reshape(shape.dims).copy()
+    x[0, 1, 5, 1, 3] = np.nan
+    x[1, 0, 2, 0, 0] = -np.inf
+    fast, slow, _ = both(x.tobytes(), shape, QuantScheme.preset("int8"), 0, monkeypatch)
+    assert fast.precisions == slow.precisions == ("fp", "fp") and fast.record == slow.record
