@@ -34,7 +34,7 @@ from kvstore.server.edge import Edge
 from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.leases import LoopClock, reap_leases
 from kvstore.server.metrics import MetricsServer
-from kvstore.server.shutdown import close_store, step
+from kvstore.server.shutdown import close_store, device_pools_unmapped, step
 from kvstore.store.store import Store
 from kvstore.store.tiering.reindex import reindex_disk
 from kvstore.store.tiering.tiers import Tiers
@@ -297,6 +297,9 @@ class Daemon:
             self.metrics.stop()
             self.metrics = None
             log.info("shutdown: metrics server stopped")
+        if self.store is not None and any(ns.pool.handle.on_device for ns in self.store.namespaces.values()):
+            wait = device_pools_unmapped(self.store, grace)
+            ok &= await step("clients let go of the device pools", wait, grace + STEP_TIMEOUT_S)
         if self.store is not None:
             store, self.store = self.store, None
             # The disk writer's last commit and a stopping re-index are bounded at 30 s each.

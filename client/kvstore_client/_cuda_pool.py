@@ -59,6 +59,7 @@ class CudaMapping(PoolMapping):
         self._mm = None
         self._cupy, self._ordinal, self._ptr = cupy, ordinal, ptr
         self._bytes = base
+        self._rows = None  # (PoolMapping.rows, built on first use)
         self.torch_device = base.device
 
     @classmethod
@@ -109,7 +110,7 @@ class CudaMapping(PoolMapping):
         if self._bytes is None:
             return
         self.synchronize()
-        self._bytes = None
+        self._bytes = self._rows = None
         ptr, self._ptr = self._ptr, 0
         with self._cupy.cuda.Device(self._ordinal):
             self._cupy.cuda.runtime.ipcCloseMemHandle(ptr)

@@ -130,6 +130,12 @@ class FakeDeviceMapping:
     def view(self) -> torch.Tensor:
         raise UnsupportedDevice("the fake device hands out page views only (page(), pages())")
 
+    def rows(self) -> torch.Tensor:
+        raise UnsupportedDevice(
+            "the fake device hands out page views only: the fast path's put/get copies (rows()) "
+            "are not supported on it; use allocate/append/commit and lookup"
+        )
+
     def record(self) -> _Touched | None:
         with self._lock:
             pages, self._touched = self._touched, {}

@@ -104,7 +104,7 @@ def _into_credit(
         release_pin_ids=client._pins_done.take(),
     )
     try:
-        r = yield _wire.Call("kv", "Put", call, _same, pool=ns)
+        r = yield _wire.Call("kv", "Put", call, _same, pool=ns, sync_first=ns)
     except BaseException:
         yield from _drop(client, credit)
         raise
@@ -128,7 +128,7 @@ def _reserve_and_seal(
         seal = seal_request(sid, r.sequence_id, r.num_tokens)
         seal.credit_pages = credit_pages
         seal.credit_sequence_id = old.sequence_id if old is not None else 0
-        s = yield _wire.Call("kv", "Seal", seal, _same)
+        s = yield _wire.Call("kv", "Seal", seal, _same, sync_first=ns)
     except BaseException:
         if client.alive:  # give the sequence back (a Seal that failed left it held)
             yield _wire.release_sequence(sid, r.sequence_id)

@@ -320,7 +320,7 @@ def put_many(
     if not seals:
         return results
     try:
-        sealed = yield _wire.Call("kv", "BatchSeal", pb.BatchSealRequest(items=seals), _same)
+        sealed = yield _wire.Call("kv", "BatchSeal", pb.BatchSealRequest(items=seals), _same, sync_first=ns)
     except BaseException:
         if client.alive:
             for _, r, _ in sealing:

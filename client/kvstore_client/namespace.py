@@ -132,6 +132,11 @@ class Namespace:
         pool = self._pool
         return pool.record() if pool is not None and not pool.closed else None
 
+    @property
+    def closed(self) -> bool:
+        """Closed: by the client's close, or because its daemon went away (device pools)."""
+        return self._closed
+
     def close(self) -> None:
         with self._lock:
             pool, self._pool, self._closed = self._pool, None, True

@@ -182,6 +182,7 @@ class NamespaceStats:
     sequences: int
     policy: str
     budget_dropped_pages: int  # pages sequences dropped to stay within their budgets
+    pages_quarantined: int  # device pools: reserved pages of clients gone without closing
 
     @property
     def hit_rate(self) -> float | None:

@@ -28,6 +28,25 @@ async def step(what: str, aw: Awaitable[object], timeout: float) -> bool:
     return True
 
 
+async def device_pools_unmapped(store: Store, grace: float) -> None:
+    """Device pools: the KeepAlive streams have ended (UNAVAILABLE "daemon shutting down"),
+    so clients synchronize and close their mappings; give them `grace` to, before the
+    memory is freed (cudaFree under an importer's mapping is undefined). A backend that can
+    tell (the fake device counts its mappers) ends the wait early; CUDA cannot say who maps
+    a handle, so a daemon with a CUDA pool waits the whole grace."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    pools = [ns.pool for ns in store.namespaces.values() if ns.pool.handle.on_device]
+    while pools and loop.time() < deadline:
+        pools = [p for p in pools if p.still_mapped() is not False]
+        if pools:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+    if pools:
+        log.warning(
+            "shutdown: %d device pool(s) may still be mapped by clients after %.1fs", len(pools), grace
+        )
+
+
 async def close_store(store: Store) -> None:
     """End the sessions on the loop (loop-owned state), then close the tiers and the pools in
     a thread: the disk writer's last commit and fsync, or a re-index that stops, may take a
