@@ -90,17 +90,42 @@ static inline uint16_t scale16(float m, float qmax) {
     return h2f(s) == 0.0f ? 0x3c00u : s;
 }
 
+/* max over d of f(v[d]) with 8 independent accumulators (max is exact in any order; a NaN is
+ * skipped either way, and then the error check refuses the page) */
+#define MAX8(name, expr)                                                            \
+    static inline float name(const float *v, int D) {                                \
+        float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,                     \
+                      -INFINITY, -INFINITY, -INFINITY, -INFINITY};                    \
+        int d = 0;                                                                   \
+        for (; d + 8 <= D; d += 8)                                                   \
+            for (int u = 0; u < 8; u++) { float b = expr(v[d + u]); m[u] = b > m[u] ? b : m[u]; } \
+        for (; d < D; d++) { float b = expr(v[d]); m[0] = b > m[0] ? b : m[0]; }     \
+        for (int u = 1; u < 8; u++) m[0] = m[u] > m[0] ? m[u] : m[0];                \
+        return m[0];                                                                 \
+    }
+#define ID(x) (x)
+#define NEG(x) (-(x))
+MAX8(max_abs, fabsf)
+MAX8(max_of, ID)
+MAX8(neg_min_of, NEG)
+
 /* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body. */
 static void outliers(const float *x, float *body, uint8_t *pick, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
     memcpy(body, x, sizeof(float) * D);
-    memset(pick, 0, D);
     for (int j = 0; j < k; j++) {
-        float best = -1.0f;
-        int bi = 0;
-        for (int d = 0; d < D; d++) {
-            float a = fabsf(x[d]);
-            if (!pick[d] && a > best) { best = a; bi = d; }
+        float best = max_abs(body, D); /* picked slots are 0 in body: never above an unpicked max */
+        int bi = -1;
+        for (int d = 0; d < D; d++)
+            if (fabsf(body[d]) == best && !(j && pick[d])) { bi = d; break; }
+        if (bi < 0) { /* no finite maximum (NaN) or only picked zeros left: the first unpicked */
+            float b2 = -1.0f;
+            for (int d = 0; d < D; d++) {
+                float a = fabsf(x[d]);
+                if (!(j && pick[d]) && a > b2) { b2 = a; bi = d; }
+            }
+            if (bi < 0) bi = 0;
         }
+        if (j == 0) memset(pick, 0, D);
         pick[bi] = 1;
         body[bi] = 0.0f;
         st16(oval, v * k + j, f2h(x[bi]));
@@ -190,14 +215,11 @@ static void quantize(const QArgs *a, double *err2, double *x2) {
             outliers(x, body, pick, D, k, a->oval, a->oidx, v);
             float sc, zc = 0.0f;
             if (bits == 8) {
-                float m = 0.0f;
-                for (int d = 0; d < D; d++) { float b = fabsf(body[d]); m = b > m ? b : m; }
-                uint16_t sh = scale16(m, qmax);
+                uint16_t sh = scale16(max_abs(body, D), qmax);
                 st16(a->scale, v, sh);
                 sc = h2f(sh);
             } else {
-                float lo = body[0], hi = body[0];
-                for (int d = 1; d < D; d++) { lo = body[d] < lo ? body[d] : lo; hi = body[d] > hi ? body[d] : hi; }
+                float lo = -neg_min_of(body, D), hi = max_of(body, D);
                 uint16_t zh = f2h(lo);
                 zc = h2f(zh);
                 uint16_t sh = scale16(hi - zc, qmax);
@@ -282,8 +304,13 @@ static void dequantize(const uint8_t *scale, const uint8_t *zero, const uint8_t 
             for (int d = 0; d < D; d++) dst[d] = (float)c[d] * sd[d];
         } else {
             const uint8_t *c = codes + v * dp;
+            float q[D + 1];
+            for (Py_ssize_t i = 0; i < dp; i++) {
+                q[2 * i] = (float)(c[i] & 0x0f);
+                q[2 * i + 1] = (float)(c[i] >> 4);
+            }
             for (int d = 0; d < D; d++) {
-                float t = (float)((c[d >> 1] >> ((d & 1) * 4)) & 0x0f) * sd[d];
+                float t = q[d] * sd[d];
                 dst[d] = t + zd[d];
             }
         }
