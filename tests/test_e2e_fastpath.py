@@ -134,6 +134,31 @@ def test_a_client_that_dies_holding_a_credit_leaks_nothing(daemon, raw) -> None:
     assert raw.counts(NS)["pages_sealed"] == 4
 
 
+def test_a_credit_does_not_keep_its_namespace_from_being_deleted(counted, raw) -> None:
+    kv, counter = counted
+    ns = kv.namespace(NS)
+    g, num_pages = ns.geometry, ns.info.pool.num_pages
+    for seed in (20, 21):
+        tokens = prompt(2 * T, seed=seed)
+        kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+    assert idle(raw.counts(NS)) == credit_held(2)
+    assert kv.delete_namespace(NS).sequences_released == 1  # without force: the credit goes with it
+    kv.create_namespace(
+        NS,
+        num_layers=g.num_layers,
+        num_kv_heads=g.num_kv_heads,
+        head_dim=g.head_dim,
+        dtype=g.dtype,
+        page_tokens=g.page_tokens,
+        num_pages=num_pages,
+    )
+    counter.calls.clear()  # the credit of the deleted pool is not used
+    tokens = prompt(2 * T, seed=22)
+    assert kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape)).sealed_pages == 2
+    assert counter.calls[-2:] == ["Reserve", "Seal"]
+    assert kv.get(NS, tokens).data.numpy().tobytes() == kv_bytes(tokens, ns.page_shape)
+
+
 def test_a_put_that_fails_changes_nothing_and_keeps_the_credit(counted, raw) -> None:
     kv, _ = counted
     sid = kv.session_id
@@ -166,9 +191,8 @@ def test_a_put_that_fails_changes_nothing_and_keeps_the_credit(counted, raw) -> 
     ):
         assert_status(raw.error("Put", request), code, part)
         assert raw.counts(NS) == before, f"a Put refused with {code.name} changed nothing"
-    held = raw.kv.Allocate(pb.AllocateRequest(session_id=sid, namespace=NS))
-    raw.kv.Append(pb.AppendRequest(session_id=sid, sequence_id=held.sequence_id, token_ids=[1]))
-    not_credit = put(credit_sequence_id=held.sequence_id, slots=[])
+    held = raw.kv.Allocate(pb.AllocateRequest(session_id=sid, namespace=NS, max_tokens=2 * T))
+    not_credit = put(credit_sequence_id=held.sequence_id, slots=[])  # spare pages, but not a credit
     assert_status(raw.error("Put", not_credit), grpc.StatusCode.FAILED_PRECONDITION, "not an unused credit")
     raw.kv.Release(pb.ReleaseRequest(session_id=sid, sequence_id=held.sequence_id))
 

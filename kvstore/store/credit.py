@@ -16,7 +16,7 @@ from kvstore.store import sequences, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.store import Store
-from kvstore.store.types import UNCONSTRAINED, AppendResult, CommitResult
+from kvstore.store.types import AppendResult, CommitResult
 
 # A credit is pages the cache cannot use meanwhile: at most this share of the pool.
 POOL_SHARE = 8
@@ -42,15 +42,19 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
         )
     except ResourceExhausted:
         return Credit()
-    spare = session.sequences[seq_id].spare
+    seq = session.sequences[seq_id]
+    seq.credit = True
+    spare = seq.spare
     # Ascending: a put copies each run of consecutive slots in one go (the client library).
     return Credit(seq_id, tuple(sorted(p.slot for p in spare)), ns.pool.handle.epoch)
 
 
 def unused_credit(store: Store, sid: int, seq_id: int) -> tuple[Session, Sequence]:
     session, seq = store.table.sequence(sid, seq_id)
-    if seq.num_tokens or seq.pages or seq.swapped is not None or seq.options.mode != UNCONSTRAINED:
-        raise FailedPrecondition(f"sequence_id={seq_id} is not an unused credit: it has tokens or pages")
+    if not seq.credit or seq.num_tokens or seq.pages or seq.swapped is not None:
+        raise FailedPrecondition(
+            f"sequence_id={seq_id} is not an unused credit (one a Seal or Put granted, not put into yet)"
+        )
     return session, seq
 
 

@@ -75,10 +75,11 @@ async def delete(store: Store, name: str, force: bool, pool_epoch: int) -> Delet
         raise FailedPrecondition(
             f"namespace {name!r}: {swapping} sequence(s) are being swapped in; retry when SwapIn answered"
         )
-    if (seqs or pins) and not force:
+    live = [(s, q) for s, q in seqs if not q.credit]  # a put's credit holds no one's data: released
+    if (live or pins) and not force:
         raise FailedPrecondition(
-            f"namespace {name!r} has {len(seqs)} live sequence(s) and {len(pins)} pin(s) in "
-            f"{len({s.id for s, _ in seqs + pins})} session(s); release them, or delete with force"
+            f"namespace {name!r} has {len(live)} live sequence(s) and {len(pins)} pin(s) in "
+            f"{len({s.id for s, _ in live + pins})} session(s); release them, or delete with force"
         )
     for session, seq in seqs:
         store.release_held_sequence(session, seq)

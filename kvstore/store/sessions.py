@@ -39,6 +39,7 @@ class Sequence:
     swapped: Swapped | None = None  # swapped out (kvstore/store/preempt.py): its pages are below the pool
     swap_in: SwapInTicket | None = None  # a SwapIn under way
     mrc_skip: int = 0  # leading pages a lookup of this session already sampled (kvstore/store/live_mrc.py)
+    credit: bool = False  # reserved for the session's next put (kvstore/store/credit.py)
 
     def private(self, index: int) -> bool:
         return self.cut is not None and index > self.cut
