@@ -241,12 +241,22 @@ static void quantize(const QArgs *a, double *err2, double *x2) {
     for (Py_ssize_t v = 0; v < nv; v++) {
         load_vector(a, v, x);
         outliers(x, body, pick, D, k, a->oval, a->oidx, v);
-        Py_ssize_t at = a->gran == CHANNEL ? (v % H) * D : 0;
-        for (int d = 0; d < D; d++) {
-            Py_ssize_t i = a->gran == CHANNEL ? at + d : 0;
-            float b = bits == 8 ? fabsf(body[d]) : body[d];
-            lo[i] = b < lo[i] ? b : lo[i];
-            hi[i] = b > hi[i] ? b : hi[i];
+        if (a->gran == CHANNEL) {
+            float *l = lo + (v % H) * D, *h = hi + (v % H) * D;
+            if (bits == 8)
+                for (int d = 0; d < D; d++) { float b = fabsf(body[d]); h[d] = b > h[d] ? b : h[d]; }
+            else
+                for (int d = 0; d < D; d++) {
+                    l[d] = body[d] < l[d] ? body[d] : l[d];
+                    h[d] = body[d] > h[d] ? body[d] : h[d];
+                }
+        } else if (bits == 8) {
+            float m = max_abs(body, D);
+            hi[0] = m > hi[0] ? m : hi[0];
+        } else {
+            float l = -neg_min_of(body, D), h = max_of(body, D);
+            lo[0] = l < lo[0] ? l : lo[0];
+            hi[0] = h > hi[0] ? h : hi[0];
         }
     }
     for (Py_ssize_t i = 0; i < ns; i++) {

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.quant import QuantScheme, decode, encode_array, numeric
+from kvstore.quant import QuantScheme, codec, decode, encode_array, native, numeric
 
 from .harness import BenchError, median
 
@@ -184,6 +184,8 @@ def codec_speed(pages: list[np.ndarray], scheme: QuantScheme, repeat: int) -> di
     m = {k: median(v) for k, v in times.items()}
     nbytes = sum(p.nbytes for p in pages)
     return {
+        "codec": "C (kvstore/_quant.c)" if native.quantize is not None and codec.USE_NATIVE else "numpy",
+        "pages": len(pages),
         "memcpy_gbps": round(nbytes / m["memcpy"] / 1e9, 2),
         "encode_ms_per_page": round(m["encode"] / len(pages) * 1e3, 3),
         "decode_ms_per_page": round(m["decode"] / len(pages) * 1e3, 3),
