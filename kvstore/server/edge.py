@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from kvstore.server import status
@@ -63,8 +64,7 @@ class Edge:
         self.counts = EdgeCounts()
         self.closing = False
         self._running: set[asyncio.Task[Any]] = set()  # unary calls under way
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Event | None = None  # set when _running empties, while drain waits
         self._methods: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> wrapped handler
         self._services: set[str] = set()
         self._generic: list[grpc.GenericRpcHandler] = []
@@ -101,8 +101,9 @@ class Edge:
         """Wait up to `grace_s` for the unary calls under way, then cancel the rest (they
         answer UNAVAILABLE "daemon shutting down"). Returns how many were cancelled."""
         if self._running:
+            self._idle = idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace_s)
+                await asyncio.wait_for(idle.wait(), grace_s)
         left = list(self._running)
         for task in left:
             task.cancel()
@@ -152,12 +153,14 @@ class Edge:
         await context.abort(code, message)
 
     def _unary(self, method: str, behavior: Callable[..., Any], refuse: bool) -> Callable[..., Any]:
+        running = self._running
+
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._check(request, context, refuse)
-            task = asyncio.current_task()
-            if task is not None and refuse:
-                self._running.add(task)
-                self._idle.clear()
+            if self.closing or isinstance(request, Malformed):  # (tested first: every call runs this)
+                await self._check(request, context, refuse)
+            task = asyncio.current_task() if refuse else None
+            if task is not None:
+                running.add(task)
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
@@ -165,9 +168,9 @@ class Edge:
             except (Exception, asyncio.CancelledError) as e:
                 await self._fail(method, context, e)
             finally:
-                if task is not None and refuse:
-                    self._running.discard(task)
-                    if not self._running:
+                if task is not None:
+                    running.discard(task)
+                    if not running and self._idle is not None:
                         self._idle.set()
 
         return call
@@ -253,27 +256,35 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def too_long(msg: Message, path: str = "") -> str:
     """The first string or bytes field over the edge's limit, described (never echoed), or ""."""
-    for field, value in msg.ListFields():
-        name = f"{path}{field.name}"
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            values = value if _repeated(field) else (value,)
-            for i, item in enumerate(values):
-                where = f"{name}[{i}]." if _repeated(field) else f"{name}."
-                problem = too_long(item, where)
+    for name, kind, repeated in _bounded_fields(msg.DESCRIPTOR):
+        if kind == FieldDescriptor.TYPE_MESSAGE:
+            if repeated:
+                for i, item in enumerate(getattr(msg, name)):
+                    problem = too_long(item, f"{path}{name}[{i}].")
+                    if problem:
+                        return problem
+            elif msg.HasField(name):
+                problem = too_long(getattr(msg, name), f"{path}{name}.")
                 if problem:
                     return problem
-        elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
-            if field.name in UNBOUNDED_BYTES:
-                continue
-            for item in value if _repeated(field) else (value,):
-                if len(item) > MAX_STRING:
-                    unit = "characters" if field.type == FieldDescriptor.TYPE_STRING else "bytes"
-                    return f"{name} has {len(item)} {unit}; the limit is {MAX_STRING}"
+            continue
+        for item in getattr(msg, name) if repeated else (getattr(msg, name),):
+            if len(item) > MAX_STRING:
+                unit = "characters" if kind == FieldDescriptor.TYPE_STRING else "bytes"
+                return f"{path}{name} has {len(item)} {unit}; the limit is {MAX_STRING}"
     return ""
 
 
-def _repeated(field: FieldDescriptor) -> bool:
-    return bool(field.is_repeated)
+@functools.cache
+def _bounded_fields(descriptor: Descriptor) -> tuple[tuple[str, int, bool], ...]:
+    """(name, type, repeated) of the fields `too_long` checks, in field number order (the
+    order ListFields reports them): found once per message type, not walked per request."""
+    kinds = (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+    return tuple(
+        (f.name, f.type, bool(f.is_repeated))
+        for f in sorted(descriptor.fields, key=lambda f: f.number)
+        if f.type in kinds and f.name not in UNBOUNDED_BYTES
+    )
 
 
 def _short(text: str, limit: int = 200) -> str:

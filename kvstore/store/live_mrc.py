@@ -34,7 +34,7 @@ SAMPLED_POOL_PAGES = 4096  # a pool of N pages is sampled at min(1, this / N)
 MAX_KEYS = 1 << 14  # distinct sampled blocks before the rate halves
 MAX_LOG = 1 << 17  # sampled accesses kept (the curve is of recent history)
 LOOKUPS_REMEMBERED = 256  # per session: lookups waiting for the append of their prompt
-_ALL_SAMPLED = b"\xff" * 17  # above every 16-byte hash
+ALL_SAMPLED = b"\xff" * 17  # above every 16-byte hash
 
 
 class LiveMrc:
@@ -44,12 +44,12 @@ class LiveMrc:
 
     def __init__(self, num_pages: int) -> None:
         self.sampler = MrcSampler(min(1.0, SAMPLED_POOL_PAGES / max(1, num_pages)), MAX_KEYS, MAX_LOG)
-        self.cut = _ALL_SAMPLED
+        self.cut = ALL_SAMPLED
         self._update_cut()
 
     def _update_cut(self) -> None:
         t = self.sampler.threshold
-        self.cut = t.to_bytes(3, "big") if t < MODULUS else _ALL_SAMPLED
+        self.cut = t.to_bytes(3, "big") if t < MODULUS else ALL_SAMPLED
 
     def add(self, accesses: int, sampled: list[bytes]) -> None:
         """`accesses` block accesses, of which `sampled` (in order) passed `< cut`.

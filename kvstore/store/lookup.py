@@ -12,7 +12,7 @@ from kvstore.errors import InvariantBroken
 from kvstore.hashing import iter_block_hashes
 from kvstore.memory.pages import Page
 from kvstore.store import validate
-from kvstore.store.live_mrc import remember_lookup
+from kvstore.store.live_mrc import ALL_SAMPLED, remember_lookup
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Session
 from kvstore.store.tiering import walk
@@ -42,7 +42,8 @@ def lookup(
     # Below the pool the walk goes on from the first miss, hashing lazily again.
     hashes = iter_block_hashes(found[-1], tokens_le[4 * T * len(found) :], T, extra) if found else iter(())
     cut = ns.mrc.cut
-    sampled = [h for h in found if h < cut]  # for the MRC: the blocks this lookup touches under the cut
+    # For the MRC: the blocks this lookup touches under the cut (all of them in a small pool).
+    sampled = found if cut is ALL_SAMPLED else [h for h in found if h < cut]
     touched = len(pages) + (first_miss is not None)
     if touched:
         ns.mrc.add(touched, sampled)

@@ -26,21 +26,28 @@ from kvstore.store.types import (
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOKEN_ID = 2**31 - 1
 MAX_PAGE_TOKENS = 65536
+_INT32 = np.dtype(np.int32)
+_UNSIGNED = {4: np.uint32, 8: np.uint64}
+_MAX = np.maximum.reduce
 
 
 def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits: StoreLimits) -> np.ndarray:
-    """Token ids as little-endian int32, after checking count and range."""
+    """Token ids as little-endian int32, after checking count and range (`token_ids` itself
+    when it is such an array already: read it, do not keep it)."""
     n = len(token_ids)
     if n > limits.max_request_tokens:
         raise InvalidArgument(
             f"{field} has {n} ids; the limit is max_request_tokens={limits.max_request_tokens}"
         )
     try:
-        arr = np.asarray(token_ids, dtype=np.int64)
+        arr = np.asarray(token_ids)  # a request's repeated int32 converts as int32, in C
+        if arr.dtype != _INT32:  # (a list from an in-process caller: any integers, checked below)
+            arr = np.asarray(token_ids, dtype=np.int64)
     except (OverflowError, ValueError, TypeError) as e:
         raise InvalidArgument(f"{field} must be a list of integers in [0, {MAX_TOKEN_ID}]: {e}") from None
     top = vocab_size - 1 if vocab_size else MAX_TOKEN_ID
-    if n and (arr.min() < 0 or arr.max() > top):  # (two reductions: no temporary arrays)
+    # One reduction, no temporary: seen unsigned, a negative id is above every valid one.
+    if n and _MAX(arr.view(_UNSIGNED[arr.dtype.itemsize]), axis=None) > top:
         bad = np.flatnonzero((arr < 0) | (arr > top))
         if bad.size:
             i = int(bad[0])
@@ -49,7 +56,7 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
                 f"{field}[{i}]={int(arr[i])} is out of range: token ids must be >= 0 and {upper}"
                 + (f" ({bad.size} bad ids in all)" if bad.size > 1 else "")
             )
-    return arr.astype("<i4")
+    return arr.astype("<i4", copy=False)
 
 
 def extra_keys(value: bytes, limits: StoreLimits) -> bytes:
