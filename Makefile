@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint native proto bench peers clean
+.PHONY: run test lint native proto bench peers gpu-check clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -55,6 +55,12 @@ $(PEERS_STAMP):
 	$(PEERS_VENV)/bin/python -m pip install --quiet \
 		mooncake-transfer-engine-non-cuda==0.3.13.post1 redis==8.1.0 hiredis==3.5.0
 	touch $(PEERS_STAMP)
+
+# On a GPU machine, with the image's Python (not .venv): every GPU test and `kvstore-bench gpu`,
+# JSON into $(OUT) (docs/gpu.md). `python3 tools/gpu_check.py --fetch-wheels` first, with a network.
+OUT ?= build/gpu-out
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 peers: $(STAMP) $(PEERS_STAMP)
 	$(VENV)/bin/kvstore-bench peers --peers-python $(PEERS_VENV)/bin/python

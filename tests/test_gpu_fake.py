@@ -9,9 +9,6 @@ process reads other bytes), or if the tiers touched device memory as host memory
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 import torch
 from daemon import SMALL_NAMESPACE
 from e2e_helpers import Raw, page_content, page_tokens_of, prompt
+from gpu_probe import run_reader
 from kvstore_client.errors import PoolError
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
@@ -62,15 +60,7 @@ READER = textwrap.dedent(
 
 
 def read_in_another_process(target: str, tokens: list[int]) -> list[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", READER, target, ",".join(map(str, tokens))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ.copy(),
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()
+    return run_reader(READER, target, tokens, timeout=60)
 
 
 def digest(t: torch.Tensor) -> str:

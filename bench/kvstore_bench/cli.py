@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, crashloop, pageio, peers, quant, replay, rpc, tiers, ttft
+from . import budgets, crashloop, gpu, pageio, peers, quant, replay, rpc, tiers, ttft
 from .harness import BenchError, install_signal_exit
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in (
         ("budgets", budgets),
         ("crashloop", crashloop),
+        ("gpu", gpu),
         ("pageio", pageio),
         ("peers", peers),
         ("quant", quant),

@@ -102,7 +102,8 @@ class PoolError(KVStoreClientError):
 
 
 class UnsupportedDevice(PoolError, NotImplementedError):
-    """The pool lives on a device this client cannot map yet (CUDA IPC is future work)."""
+    """The pool (or this use of it) needs what this mapping cannot do: a CPU mapping of a device
+    pool, the fake device's whole-pool views."""
 
 
 def from_status(code: int, details: str) -> KVStoreClientError:

@@ -1,0 +1,226 @@
+"""`kvstore-bench gpu`: the GPU pool against the copies it must come close to, one run.
+
+Needs CuPy and torch with CUDA (tools/gpu_check.py runs it on the GPU machine; docs/gpu.md).
+All rates are bytes moved per second (a copy of n bytes counts n), each the median of
+`--repeat` timed passes after a warm-up, every ratio against a baseline of the same bytes
+measured in this run:
+- `d2d_gbs`: torch `copy_` between two device tensors of `--mib` MiB, the ceiling for IPC;
+- `pinned_*`, `pageable_*`: host<->device `copy_` of the same bytes, the tiers' ceiling;
+- IPC: the daemon's pool class (CudaPool: one cudaMalloc, its IPC handle) in this process; a
+  second process opens the handle with the client's mapping (`ipc_open_ms`), writes the bytes
+  through it and reads them back, and measures its own d2d: `ipc_vs_d2d` = min(write, read) /
+  its d2d (goal >= 0.9). This process then checks it sees the writer's last bytes (`ipc_visible`);
+- `offload_vs_pinned` / `promote_vs_pinned`: the daemon's staging path page by page
+  (`CudaPool.copy_out`, `landed`), pages of `--page-bytes`, over pinned D2H / H2D (goal >= 0.8);
+- gather/scatter kernels and SmolLM2 TTFT from the GPU pool are not built yet: null, with why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .harness import BenchError, emit, machine_info, now_iso, progress
+
+NOT_BUILT = "not built yet (issue 16 part 5, kernels; part 7, the HF adapter on a GPU)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--mib", type=int, default=256, help="MiB moved by each timed copy (default 256)")
+    p.add_argument(
+        "--page-bytes", type=int, default=737_280, help="page size of the staging path (default: SmolLM2)"
+    )
+    p.add_argument("--repeat", type=int, default=10, help="timed passes, median taken (default 10)")
+    p.add_argument("--device", default="cuda:0", help="pool device, as a namespace names it (default cuda:0)")
+
+
+def timed(torch: Any, fn: Callable[[], Any], repeat: int) -> float:
+    """Median seconds of `fn` on the current stream, after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def wall(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall seconds of a host-synchronous `fn` (the staging path syncs itself)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copies(torch: Any, n: int, repeat: int) -> dict[str, float]:
+    dev_a, dev_b = (
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+    )
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(n, dtype=torch.uint8)
+    gbs = {}
+    for name, dst, src in (
+        ("d2d", dev_b, dev_a),
+        ("pinned_h2d", dev_a, pinned),
+        ("pinned_d2h", pinned, dev_a),
+        ("pageable_h2d", dev_a, pageable),
+        ("pageable_d2h", pageable, dev_a),
+    ):
+        gbs[f"{name}_gbs"] = (
+            n / timed(torch, lambda d=dst, s=src: d.copy_(s, non_blocking=True), repeat) / 1e9
+        )
+    return gbs
+
+
+def ipc(device: str, n: int, repeat: int) -> dict[str, Any]:
+    """The pool in this process, the mapping in another: open time, write/read vs d2d."""
+    from kvstore.memory.cuda_pool import CudaPool
+
+    pool = CudaPool.create(device, n)
+    try:
+        h = pool.handle
+        job = {
+            "device": h.device,
+            "ipc_handle": h.ipc_handle.hex(),
+            "alloc_nbytes": h.alloc_nbytes,
+            "repeat": repeat,
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", "from kvstore_bench.gpu import ipc_child; ipc_child()"],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=os.environ.copy(),
+        )
+        if out.returncode != 0:
+            raise BenchError(f"the IPC process failed:\n{out.stderr}")
+        got = json.loads(out.stdout)
+        got["ipc_visible"] = (
+            bytes(pool.copy_out(0, 4096)) == bytes([7]) * 4096
+            and bytes(pool.copy_out(n - 4096, 4096)) == bytes([7]) * 4096
+        )
+    finally:
+        pool.close()
+    got["ipc_vs_d2d"] = min(got["ipc_write_gbs"], got["ipc_read_gbs"]) / got["child_d2d_gbs"]
+    return got
+
+
+def ipc_child() -> None:
+    """The other process: open the handle as a client does, write and read through it."""
+    import torch
+    from kvstore_client._cuda_pool import CudaMapping
+    from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+    job = json.loads(sys.stdin.read())
+    n, repeat = job["alloc_nbytes"], job["repeat"]
+    d = pb.PoolDescriptor(
+        device=job["device"],
+        handle_type=pb.CUDA_IPC,
+        ipc_handle=bytes.fromhex(job["ipc_handle"]),
+        nbytes=n,
+        alloc_nbytes=n,
+        num_pages=1,
+        page_bytes=n,
+        page_stride=n,
+        page_shape=[n],
+        dtype=pb.UINT8,
+        sync_mode=pb.SYNC_BEFORE_COMMIT,
+    )
+    t0 = time.perf_counter()
+    mapping = CudaMapping.open(d)
+    view = mapping.raw_page(0)
+    open_ms = (time.perf_counter() - t0) * 1000
+    src = torch.full((n,), 7, dtype=torch.uint8, device=view.device)
+    dst = torch.empty(n, dtype=torch.uint8, device=view.device)
+    out = {
+        "ipc_open_ms": open_ms,
+        "ipc_write_gbs": n / timed(torch, lambda: view.copy_(src), repeat) / 1e9,
+        "ipc_read_gbs": n / timed(torch, lambda: dst.copy_(view), repeat) / 1e9,
+        "child_d2d_gbs": n / timed(torch, lambda: dst.copy_(src), repeat) / 1e9,
+    }
+    view.copy_(src)  # the owner checks it sees these bytes
+    mapping.close()  # (synchronizes first; nothing touches `view` after)
+    print(json.dumps(out))
+
+
+def staging(device: str, n: int, page_bytes: int, repeat: int) -> dict[str, float]:
+    """The daemon's tier copies (host staging, one synchronous copy a page) over `n` bytes."""
+    from kvstore.memory.cuda_pool import CudaPool
+
+    pages = max(1, n // page_bytes)
+    pool = CudaPool.create(device, pages * page_bytes)
+    try:
+        offsets = [i * page_bytes for i in range(pages)]
+
+        def offload() -> None:
+            for o in offsets:
+                pool.copy_out(o, page_bytes)
+
+        def promote() -> None:
+            for o in offsets:
+                pool.copy_in(o, page_bytes)
+            t0 = time.perf_counter()
+            for o in offsets:
+                pool.landed(o)
+            promote_s.append(time.perf_counter() - t0)
+
+        promote_s: list[float] = []
+        off = wall(offload, repeat)
+        for _ in range(repeat + 1):
+            promote()
+        return {
+            "offload_gbs": pages * page_bytes / off / 1e9,
+            "promote_gbs": pages * page_bytes / statistics.median(promote_s[1:]) / 1e9,
+        }
+    finally:
+        pool.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchError("torch sees no CUDA device")
+        import cupy  # noqa: F401  (the pool's allocator)
+    except ImportError as e:
+        raise BenchError(f"needs torch with CUDA and CuPy: {e}") from e
+    n = args.mib << 20
+    progress("gpu: %s, %d MiB a copy", torch.cuda.get_device_name(), args.mib)
+    result: dict[str, Any] = {"benchmark": "gpu", "when": now_iso(), "gpu": torch.cuda.get_device_name()}
+    result |= copies(torch, n, args.repeat)
+    progress("gpu: d2d %.0f GB/s, pinned h2d %.1f GB/s", result["d2d_gbs"], result["pinned_h2d_gbs"])
+    result |= ipc(args.device, n, args.repeat)
+    result |= staging(args.device, n, args.page_bytes, max(3, args.repeat // 3))
+    result["offload_vs_pinned"] = result["offload_gbs"] / result["pinned_d2h_gbs"]
+    result["promote_vs_pinned"] = result["promote_gbs"] / result["pinned_h2d_gbs"]
+    for key in ("gather_vs_d2d", "scatter_vs_d2d", "ttft_speedup_2k", "exact"):
+        result[key] = None
+    result["not_measured"] = {
+        "gather_vs_d2d": NOT_BUILT,
+        "scatter_vs_d2d": NOT_BUILT,
+        "ttft_speedup_2k": NOT_BUILT,
+    }
+    result["goals"] = {"ipc_vs_d2d": 0.9, "offload_vs_pinned": 0.8, "promote_vs_pinned": 0.8}
+    result["machine"] = machine_info(torch=torch.__version__, cupy=__import__("cupy").__version__)
+    text = "\n".join(f"{k:22} {v:.3f}" if isinstance(v, float) else f"{k:22} {v}" for k, v in result.items())
+    emit(result, args.json, text)
+    return 0

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""The GPU check: every GPU test and the GPU benchmark, on a GPU machine, in one command.
+
+    python3 tools/gpu_check.py --out $OUT         (docs/gpu.md says how, through the device tool)
+
+It needs no network: the wheels the GPU image lacks (tools/gpu_check.py --fetch-wheels, run
+where there is a network, puts cp312 ones in build/gpu-wheels) are unpacked into
+build/gpu-site, first on PYTHONPATH, and the tree runs from source over PYTHONPATH (the
+repo's 3.11 .venv cannot be used there). Then:
+1. the environment: versions, the GPUs (nvidia-smi -L), whether the generated gRPC code
+   imports under this grpcio/protobuf;
+2. pytest on the GPU tests (the CUDA ones must run, not skip: a skip fails the check) and
+   the fake-device and Triton tests, natively; junit XML in --out;
+3. `kvstore-bench gpu --json`;
+4. --out/gpu-check.json: all of it, the goals and whether each was met, and `ok`.
+Exit status 0 only when every step passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELS = ROOT / "build" / "gpu-wheels"
+SITE = ROOT / "build" / "gpu-site"
+# The versions this tree's generated code and tests were built against (the .venv's).
+PINS = [
+    "grpcio==1.85.3",
+    "grpcio-health-checking==1.85.1",
+    "grpcio-reflection==1.85.1",
+    "protobuf==7.36.2",
+    "lmdb==3.0.0",
+    "pytest-asyncio==1.5.0",
+]
+CUDA_TESTS = ["tests/test_gpu_cuda.py"]
+OTHER_TESTS = [
+    "tests/test_gpu_fake.py",
+    "tests/test_gpu_quarantine.py",
+    "tests/test_gpu_lifecycle.py",
+    "tests/test_quant_triton.py",
+]
+GOALS = {"ipc_vs_d2d": 0.9, "offload_vs_pinned": 0.8, "promote_vs_pinned": 0.8}
+
+
+def fetch_wheels() -> int:
+    """Where there is a network: the cp312 wheels the GPU image lacks, into build/gpu-wheels."""
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    platforms = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.12"]
+    cmd += ["--implementation", "cp", *[f"--platform={p}" for p in platforms], "-d", str(WHEELS), *PINS]
+    return subprocess.call(cmd)
+
+
+def env_for_tree(site: bool) -> dict[str, str]:
+    paths = [SITE] * site + [ROOT, ROOT / "client", ROOT / "bench", ROOT / "proto", ROOT / "kernels"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("TRITON_INTERPRET", None)  # natively on the GPU
+    return env
+
+
+def install_wheels() -> dict[str, object]:
+    """Unpack the wheels into build/gpu-site (a wheel is laid out to be unpacked onto
+    sys.path as it is; no pip needed), once per set of wheels."""
+    wheels = sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
+    if not wheels:
+        return {"installed": False, "why": f"no wheels in {WHEELS} (tools/gpu_check.py --fetch-wheels)"}
+    stamp = SITE / ".wheels"
+    names = "\n".join(w.name for w in wheels)
+    if not (stamp.exists() and stamp.read_text() == names):
+        shutil.rmtree(SITE, ignore_errors=True)
+        SITE.mkdir(parents=True)
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(SITE)
+        stamp.write_text(names)
+    return {"installed": True, "wheels": [w.name for w in wheels], "site": str(SITE)}
+
+
+def probe(env: dict[str, str]) -> dict[str, object]:
+    code = (
+        "import json, sys, grpc, google.protobuf as pb, torch\n"
+        "info = {'python': sys.version.split()[0], 'grpcio': grpc.__version__, 'protobuf': pb.__version__,\n"
+        "        'torch': torch.__version__, 'cuda': torch.version.cuda, 'gpu': torch.cuda.is_available() and torch.cuda.get_device_name()}\n"
+        "try:\n    import cupy; info['cupy'] = cupy.__version__\nexcept Exception as e: info['cupy'] = repr(e)\n"
+        "try:\n    import triton; info['triton'] = triton.__version__\nexcept Exception as e: info['triton'] = repr(e)\n"
+        "try:\n    from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc; info['generated_code'] = 'imports'\n"
+        "except Exception as e: info['generated_code'] = repr(e)\n"
+        "sys.path.insert(0, 'tests'); from gpu_probe import cuda_missing; info['cuda_missing'] = cuda_missing()\n"
+        "print(json.dumps(info))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    info = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-3000:]}
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        info["nvidia_smi"] = repr(e)
+    return info
+
+
+def pytest(env: dict[str, str], out: Path, files: list[str], name: str, timeout: int) -> dict[str, object]:
+    xml = out / f"pytest-{name}.xml"
+    files = [f for f in files if (ROOT / f).exists()]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    t0 = time.monotonic()
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        rc, tail = run.returncode, (run.stdout + run.stderr)[-6000:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = 124, f"timed out after {timeout}s\n{(e.stdout or b'')[-4000:]!r}"
+    (out / f"pytest-{name}.txt").write_text(tail)
+    result: dict[str, object] = {"files": files, "rc": rc, "seconds": round(time.monotonic() - t0, 1)}
+    if xml.exists():
+        cases = ET.parse(xml).getroot().iter("testcase")
+        outcome: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+        for case in cases:
+            what = f"{case.get('classname')}::{case.get('name')}"
+            kind = "failed" if case.find("failure") is not None or case.find("error") is not None else None
+            kind = kind or ("skipped" if case.find("skipped") is not None else "passed")
+            outcome[kind].append(what)
+        result |= {k: len(v) for k, v in outcome.items()} | {
+            "not_passed": outcome["failed"] + outcome["skipped"]
+        }
+    result["tail"] = tail[-1500:]
+    return result
+
+
+def bench(env: dict[str, str], out: Path, timeout: int) -> dict[str, object]:
+    cmd = [sys.executable, "-m", "kvstore_bench.cli", "gpu", "--json"]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    (out / "gpu-bench.stderr.txt").write_text(run.stderr)
+    if run.returncode != 0:
+        return {"error": run.stderr[-3000:]}
+    (out / "gpu-bench.json").write_text(run.stdout)
+    return json.loads(run.stdout)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/gpu-out")))
+    p.add_argument(
+        "--fetch-wheels", action="store_true", help="download the wheels (needs a network) and exit"
+    )
+    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--no-wheels", action="store_true", help="use the interpreter's packages (a dry run here)")
+    args = p.parse_args()
+    if args.fetch_wheels:
+        return fetch_wheels()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    wheels = {"installed": False, "why": "--no-wheels"} if args.no_wheels else install_wheels()
+    report: dict[str, object] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wheels": wheels}
+    env = env_for_tree(site=not args.no_wheels)
+    report["env"] = probe(env)
+    report["cuda_tests"] = pytest(env, out, CUDA_TESTS, "cuda", 300)
+    report["other_tests"] = pytest(env, out, OTHER_TESTS, "other", 400)
+    result = {} if args.skip_bench else bench(env, out, 300)
+    report["bench"] = result
+    met = {
+        k: (result.get(k) is not None and result[k] >= goal)
+        for k, goal in GOALS.items()
+        if "error" not in result
+    }
+    report["goals_met"] = met
+    cuda = report["cuda_tests"]
+    report["ok"] = bool(
+        cuda.get("rc") == 0
+        and not cuda.get("not_passed")
+        and cuda.get("passed")  # type: ignore[union-attr]
+        and report["other_tests"].get("rc") == 0  # type: ignore[union-attr]
+        and (args.skip_bench or "error" not in result)
+    )
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({k: report[k] for k in ("ok", "goals_met")} | {"out": str(out)}, indent=2))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
