@@ -11,6 +11,7 @@ the client library uses."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -132,6 +133,30 @@ def test_a_client_that_dies_holding_a_credit_leaks_nothing(daemon, raw) -> None:
         worker.kill()
         wait_until(lambda: idle(raw.counts(NS)), lambda c: c == IDLE, timeout=10, what="the credit freed")
     assert raw.counts(NS)["pages_sealed"] == 4
+
+
+def test_threads_of_one_client_put_at_once_each_into_its_own_credit(daemon, counted, raw) -> None:
+    kv, counter = counted
+    shape = kv.namespace(NS).page_shape
+    prompts = [[prompt(2 * T, seed=100 + 10 * t + i) for i in range(5)] for t in range(4)]
+
+    def run(mine: list[list[int]]) -> None:
+        for tokens in mine:
+            assert kv.put(NS, tokens, kv_bytes(tokens, shape)).sealed_pages == 2
+
+    threads = [threading.Thread(target=run, args=(mine,)) for mine in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "Put" in counter.calls
+    with Worker("reader") as other:
+        other.call("connect", target=daemon.target)
+        for tokens in (t for mine in prompts for t in mine):
+            found = other.call("lookup", namespace=NS, tokens=tokens)
+            assert other.call("verify", namespace=NS, tokens=tokens, slots=found["slots"])["mismatched"] == []
+    counts = raw.counts(NS)
+    assert counts["pages_pinned"] == 0 and counts["pages_reserved"] == 2 * counts["sequences"] <= 2 * 4
 
 
 def test_a_credit_does_not_keep_its_namespace_from_being_deleted(counted, raw) -> None:
