@@ -131,3 +131,18 @@ def test_pages_go_down_to_the_host_tier_and_come_back_through_staging(daemon_fac
         shape = c.namespace(NS).page_shape
         want = [digest(page_content(i, page_tokens_of(tokens, i, T), shape)) for i in range(3)]
         assert read_in_another_process(d.target, tokens) == ["12", *want]  # promoted, bytes intact
+
+
+def test_a_reader_synchronizes_before_its_pin_is_released(device_daemon) -> None:
+    tokens = prompt(8, seed=5)
+    with kvstore_client.connect(device_daemon.target) as c:
+        seq = c.allocate(NS)
+        write(seq, tokens, seq.append(tokens).writable_pages)
+        seq.commit()
+        pool = c.namespace(NS).pool
+        synced = pool.syncs
+        hit = c.lookup(NS, tokens, pin=True)
+        assert [float(v.float().sum()) for v in hit.views()]  # "kernels" read the pages
+        assert pool.pending == 2 and pool.syncs == synced
+        hit.release()  # release after sync: the reads were waited for first
+        assert pool.pending == 0 and pool.syncs == synced + 1

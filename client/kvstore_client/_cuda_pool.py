@@ -96,11 +96,14 @@ class CudaMapping(PoolMapping):
             raise
 
     def record(self) -> Any:
-        """An event after the work queued so far on this thread's current stream."""
+        """An event after the work queued so far on the stream of `device.stream(...)`, else
+        on this thread's current stream."""
         import torch
 
+        from ._stream import current_stream
+
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.torch_device))
+        event.record(current_stream() or torch.cuda.current_stream(self.torch_device))
         return event
 
     def synchronize(self) -> None:

@@ -136,6 +136,16 @@ class FakeDeviceMapping:
             "are not supported on it; use allocate/append/commit and lookup"
         )
 
+    @property
+    def syncs(self) -> int:
+        """Syncs of this pool by every process so far (the fake device records them)."""
+        return struct.unpack_from("<Q", self._live(), self._state + 16)[0]
+
+    @property
+    def pending(self) -> int:
+        """Pages this process touched since its last sync."""
+        return len(self._touched)
+
     def record(self) -> _Touched | None:
         with self._lock:
             pages, self._touched = self._touched, {}

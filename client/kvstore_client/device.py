@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
+from ._stream import current_stream, stream  # noqa: F401  (the public name: device.stream)
 from .errors import PoolError
 
 log = logging.getLogger(__name__)
