@@ -73,6 +73,11 @@ class Bench:
         store.commit(self.sid, seq, len(tokens))
         store.release_sequence(self.sid, seq)
 
+    async def evict(self) -> None:
+        """Evict everything and wait for the records (made on the quantizer's threads) to be placed."""
+        self.store.evict_all(self.ns.name)
+        await self.tiers.quant.settled()
+
     async def read(self, tokens: list[int]) -> list[np.ndarray]:
         r = self.store.lookup(self.sid, self.ns.name, tokens, b"", True)
         waiting = [p.wait() for p in r.promotions if p.ok is None]
@@ -106,7 +111,7 @@ def test_int8_pages_come_back_within_the_bound_from_host_in_fewer_bytes(tmp_path
         try:
             tokens, pages = prompt_pages(4, seed=1)
             b.write(tokens, pages)
-            b.store.evict_all("q")
+            await b.evict()
             host = b.tiers.host.stats()  # type: ignore[union-attr]
             assert host["pages"] == 4 and host["bytes_represented"] == 4 * SPEC.page_bytes
             ratio = host["bytes_represented"] / host["bytes_used"]
@@ -122,10 +127,37 @@ def test_int8_pages_come_back_within_the_bound_from_host_in_fewer_bytes(tmp_path
             assert q["dequantized_pages"] == 4 and q["dequantize_failures"] == 0
             assert q["bytes_represented"] == 4 * SPEC.page_bytes and q["bytes_stored"] == host["bytes_used"]
             # Evicted again: its record is still in the host tier, nothing is quantized twice.
-            b.store.evict_all("q")
+            await b.evict()
             assert b.tiers.stats()["quant"]["quantized_pages"] == 4
             again = await b.read(tokens)
             assert all(np.array_equal(g, h) for g, h in zip(again, got, strict=True))
+        finally:
+            b.close()
+
+    asyncio.run(run())
+
+
+def test_records_are_made_off_the_loop_and_a_lookup_meanwhile_gets_the_original(tmp_path: Path) -> None:
+    """A demotion copies the page and frees its slot; the codec runs on the quantizer's
+    threads (not one record is made before the loop runs again). A lookup before the records
+    are placed promotes the copies: the original bytes, exactly."""
+
+    async def run() -> None:
+        b = Bench(tmp_path, SPEC)
+        try:
+            tokens, pages = prompt_pages(3, seed=9)
+            b.write(tokens, pages)
+            b.store.evict_all("q")
+            assert len(b.ns.index) == 0 and len(b.tiers.quant.encoding) == 3
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 0  # nothing encoded on the loop
+            got = await b.read(tokens)  # (no await before the lookup: still being made)
+            assert [g.tobytes() for g in got] == [p.tobytes() for p in pages]
+            await b.tiers.quant.settled()
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 3 and len(b.tiers.host) == 3  # type: ignore[arg-type]
+            await b.evict()  # the exact pages: their records are below already
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 3
+            got = await b.read(tokens)  # now dequantized, on the threads too
+            assert all(0 < rel_err(g, w) < 0.02 for g, w in zip(got, pages, strict=True))
         finally:
             b.close()
 
@@ -149,7 +181,7 @@ def test_a_layer_over_the_error_bound_is_stored_at_the_next_higher_precision(tmp
             tokens = list(range(5000, 5000 + 2 * T))
             pages = [page(50), page(51)]
             b.write(tokens, pages)
-            b.store.evict_all("q")
+            await b.evict()
             for _, rec in host_records(b.tiers):
                 assert info(rec).precisions == ("int8", "int8", "int8", "int4")
             q = b.tiers.stats()["quant"]
@@ -173,7 +205,7 @@ def test_a_bound_only_fp_meets_stores_the_page_exactly(tmp_path: Path) -> None:
         try:
             tokens, pages = prompt_pages(2, seed=3, spec=spec)
             b.write(tokens, pages)
-            b.store.evict_all("q")
+            await b.evict()
             q = b.tiers.stats()["quant"]
             assert q["layers_fp"] == 8 and q["fallbacks"] == 8 and q["layers_int4"] == 0
             got = await b.read(tokens)
@@ -192,7 +224,7 @@ def test_the_layer_schedule_gives_early_layers_more_bits(tmp_path: Path) -> None
         try:
             tokens, pages = prompt_pages(2, seed=4, spec=spec)
             b.write(tokens, pages)
-            b.store.evict_all("q")
+            await b.evict()
             for _, rec in host_records(b.tiers):
                 assert info(rec).precisions == ("fp", "int8", "int4", "int4")
             got = await b.read(tokens)
@@ -226,7 +258,7 @@ def test_a_quantized_record_corrupted_in_the_lmdb_file_is_a_miss_never_served(
             tokens, pages = prompt_pages(4, seed=5)
             b.write(tokens, pages)
             keys = [PageKey("q", h) for h in b.store.lookup(b.sid, "q", tokens, b"", False).block_hashes]
-            b.store.evict_all("q")
+            await b.evict()
             await flush_to_disk(b.tiers, [b.ns])
             assert b.disk is not None
             record2 = b.disk.get(keys[2])
@@ -257,7 +289,7 @@ def test_a_record_the_codec_refuses_is_dropped_and_missed(tmp_path: Path, below:
             tokens, pages = prompt_pages(2, seed=6)
             b.write(tokens, pages)
             hashes = b.store.lookup(b.sid, "q", tokens, b"", False).block_hashes
-            b.store.evict_all("q")
+            await b.evict()
             if b.disk is not None:
                 await flush_to_disk(b.tiers, [b.ns])
             tier: Any = b.tiers.host if below == "host" else b.disk
@@ -286,10 +318,10 @@ def test_a_dequantized_page_whose_record_is_gone_is_not_quantized_again(tmp_path
         try:
             tokens, pages = prompt_pages(2, seed=7)
             b.write(tokens, pages)
-            b.store.evict_all("q")
+            await b.evict()
             await b.read(tokens)  # promoted: dequantized bytes in the pool
             b.tiers.host.clear()  # type: ignore[union-attr] (the records are gone)
-            b.store.evict_all("q")
+            await b.evict()
             q = b.tiers.stats()["quant"]
             assert q["not_requantized"] == 2 and q["quantized_pages"] == 2
             assert len(b.tiers.host) == 0  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ async def flush_to_disk(tiers: Tiers, namespaces: list[Namespace]) -> int:
         raise FailedPrecondition("the daemon has no disk tier (server.disk_tier_dir): nothing to flush to")
     disk.flushing += 1
     try:
+        await tiers.quant.settled()  # (pages demoted a moment ago: their records placed first)
         queued = 0
         for n, record in enumerate(_records(tiers, namespaces), 1):
             while not disk.has_queue_room(record.meta.page_bytes):

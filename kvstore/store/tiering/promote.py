@@ -16,23 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import GoneKind
-from kvstore.store.tiering.promotion import PROMOTING_OWNER, NotNow, Promotion, Verified
+from kvstore.store.tiering import promote_quant
+from kvstore.store.tiering.promotion import PROMOTING_OWNER, NotNow, Promotion, Read, Verified
 from kvstore.store.tiering.tiers import WRITE_WAIT_S, Tiers
-from kvstore.tiers import NOT_RESIDENT, CorruptPage, PageKey, PageMeta, TierName
+from kvstore.tiers import NOT_RESIDENT, CorruptPage, PageKey, TierName
 
 if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
 
 log = logging.getLogger(__name__)
-
-# A read's outcome: what the bytes verified against, or why there are none.
-Read = tuple[PageMeta, int] | NotNow
 
 
 def start(
@@ -54,7 +51,10 @@ def start(
     tiers.promoting[key] = prom
     if parent is not None:
         parent.children.append(prom)
-    if source is TierName.HOST:
+    loop = _running_loop() if ns.spec.tier_quantized and key not in tiers.quant.encoding else None
+    if source is TierName.HOST and loop is not None:  # (dequantized on the quantizer's threads)
+        promote_quant.read_host_later(tiers, prom, loop, lambda got: _read_done(tiers, prom, got))
+    elif source is TierName.HOST:
         _read_done(tiers, prom, _read_host(tiers, prom))
     elif tiers.read_batch is not None:
         tiers.read_batch.append(prom)
@@ -74,6 +74,8 @@ def promote_now(
     has to wait (a write not yet committed, bytes not in the page cache): nothing was
     done, `start` one. The common case of a lookup that continues below the pool,
     without a `Promotion` to track, settle and wait for."""
+    if ns.spec.tier_quantized and key not in tiers.quant.encoding and _running_loop() is not None:
+        return NotNow.WAIT  # a record to dequantize: on the quantizer's threads (`start`)
     block_hash = key.block_hash
     in_page_cache = False
     got: Read
@@ -148,43 +150,14 @@ def _read_host(tiers: Tiers, prom: Promotion) -> Read:
 
 
 def _read_host_into(tiers: Tiers, ns: Namespace, key: PageKey, view: memoryview) -> Read:
-    host = tiers.host
+    if ns.spec.tier_quantized:
+        return promote_quant.read_host(tiers, ns, key, view)
     try:
-        if ns.spec.tier_quantized:
-            stored = host.read_stored(key)  # type: ignore[union-attr]
-            got = None if stored is None else _unpack(tiers, ns, key, stored, view, host.refuse)  # type: ignore[union-attr]
-        else:
-            got = host.read_record_into(key, view)  # type: ignore[union-attr]
+        got = tiers.host.read_record_into(key, view)  # type: ignore[union-attr]
     except (CorruptPage, ValueError) as e:
         log.warning("promotion of %s from host failed: %s", key, e)
         return NotNow.FAILED
     return NotNow.FAILED if got is None else got
-
-
-def _unpack(
-    tiers: Tiers,
-    ns: Namespace,
-    key: PageKey,
-    stored: tuple[PageMeta, int, memoryview],
-    view: memoryview,
-    refuse: Callable[[PageKey], None],
-) -> tuple[PageMeta, int] | None:
-    """A verified stored payload into the pool page `view`: dequantized if it is a quantized
-    record, copied if it is the page's bytes; None if it is another geometry's. A record the
-    codec refuses is `refuse`d (dropped, counted corrupt) and raises CorruptPage: nothing of
-    it is served."""
-    meta, crc, payload = stored
-    if meta.geometry != ns.geometry or not tiers.readable(ns, meta):
-        return None
-    if not meta.raw_bytes:
-        view[:] = payload
-        return meta, crc
-    try:
-        tiers.quant.decode_into(ns, key, meta, payload, view)
-    except CorruptPage:
-        refuse(key)
-        raise
-    return meta, crc
 
 
 def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
@@ -198,6 +171,8 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
     loop = _running_loop()
     inline = 0
     for prom in proms:
+        if prom.ns.spec.tier_quantized and loop is not None:
+            break  # a record to dequantize: on the reader threads, never on the loop
         write = tiers.queued.get(prom.key)
         if write is not None:  # its batch is not committed yet
             if loop is not None:
@@ -252,7 +227,7 @@ def _read_disk_one(
             stored = disk.read_stored(key, resident_only=loop is not None)
             if stored is NOT_RESIDENT:
                 return NotNow.WAIT
-            got = None if stored is None else _unpack(tiers, ns, key, stored, view, disk.refuse)  # type: ignore[arg-type]
+            got = None if stored is None else promote_quant.unpack(tiers, ns, key, stored, view, disk.refuse)  # type: ignore[arg-type]
             return NotNow.FAILED if got is None else got
         got = disk.read_record_into(key, view, resident_only=loop is not None)
     except (CorruptPage, ValueError) as e:

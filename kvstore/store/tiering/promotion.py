@@ -24,6 +24,10 @@ class NotNow(Enum):
     FAILED = "failed"  # its record failed verification or is gone: the hit ends there
 
 
+# A read's outcome: what the bytes verified against, or why there are none.
+Read = tuple[PageMeta, int] | NotNow
+
+
 class Verified(NamedTuple):
     """What a promoted page's bytes verified against (kept on the sealed page: `Page.verified`),
     and whether they came from disk through the OS page cache (read on the loop)."""

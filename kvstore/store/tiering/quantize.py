@@ -10,16 +10,25 @@ bytes; it is never quantized again (the error would compound): while its record 
 demotion frees it as is, and once the record is gone it is simply not cached any more.
 
 The first `precision.SINK_TOKENS` tokens of a sequence (its first page) are kept exact: attention sinks.
-Encoding and decoding run where the copies ran before (numpy, on the loop for the host tier;
-~ms a page): `stats()` has their time. Loop-owned like the rest of `Tiers`.
+Encoding and decoding cost milliseconds a page (kvstore/quant), so with a running loop they
+run on this module's threads (the codec's loops release the GIL), never on the loop: a
+demotion copies the page's bytes (one memcpy, as before) and frees its slot; the record is
+placed below when it is made (`start`), and until then a lookup promotes the copy, exactly.
+Without a loop (tools, tests of the store alone) they run inline. Loop-owned like `Tiers`;
+the threads only encode bytes they were handed and decode into a RESERVED pool page.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
+import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvstore.quant import PageShape, QuantError, QuantScheme, decode, encode
+from kvstore.quant import Encoded, PageShape, QuantError, QuantScheme, decode, encode
 from kvstore.store.precision import SINK_TOKENS
 from kvstore.tiers import CorruptPage, PageKey, PageMeta, PageRecord, make_meta
 
@@ -27,12 +36,21 @@ if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
     from kvstore.store.types import NamespaceSpec
 
+log = logging.getLogger(__name__)
+QUANT_THREADS = 2
+Placed = Callable[["Namespace", PageKey, "PageRecord | None"], None]
+
 
 class TierQuant:
     """Encodes and decodes the quantized namespaces' pages; counts what it did."""
 
     def __init__(self) -> None:
         self._schemes: dict[str, tuple[NamespaceSpec, PageShape, QuantScheme]] = {}
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # the counters, from the threads
+        # Being encoded: key -> the page's original bytes (a lookup meanwhile promotes them).
+        self.encoding: dict[PageKey, bytes] = {}
+        self._done: dict[PageKey, asyncio.Future[Any]] = {}
         self.counters: dict[str, Any] = {
             "quantized_pages": 0,  # records made
             "layers_fp": 0,  # their layers, by the precision stored (after any fallback)
@@ -48,6 +66,11 @@ class TierQuant:
             "not_requantized": 0,  # dequantized pages whose record was gone: not quantized again
         }
 
+    def executor(self) -> cf.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(QUANT_THREADS, thread_name_prefix="kvstore-quant")
+        return self._pool
+
     def _scheme(self, spec: NamespaceSpec) -> tuple[PageShape, QuantScheme]:
         known = self._schemes.get(spec.name)
         if known is None or known[0] is not spec:  # (a namespace deleted and made again)
@@ -55,15 +78,17 @@ class TierQuant:
             known = self._schemes[spec.name] = (spec, shape, scheme)
         return known[1], known[2]
 
-    def record(self, ns: Namespace, block_hash: bytes, parent_hash: bytes, view: memoryview) -> PageRecord:
-        """A quantized record of the pool page `view` (the original bytes)."""
-        spec = ns.spec
-        shape, scheme = self._scheme(spec)
-        sinks = 0 if parent_hash else min(SINK_TOKENS, spec.page_tokens)
+    def _encode(self, shape: PageShape, scheme: QuantScheme, sinks: int, raw: Any) -> tuple[Encoded, float]:
         t0 = time.perf_counter()
-        enc = encode(view, shape, scheme, sink_tokens=sinks)
+        return encode(raw, shape, scheme, sink_tokens=sinks), time.perf_counter() - t0
+
+    def _made(
+        self, ns: Namespace, key: PageKey, parent_hash: bytes, got: tuple[Encoded, float]
+    ) -> PageRecord:
+        enc, seconds = got
+        spec = ns.spec
         c = self.counters
-        c["quantize_s"] += time.perf_counter() - t0
+        c["quantize_s"] += seconds
         c["quantized_pages"] += 1
         for p in enc.precisions:
             c["layers_" + p] += 1
@@ -72,7 +97,7 @@ class TierQuant:
         c["bytes_represented"] += spec.page_bytes
         meta = make_meta(
             ns.name,
-            block_hash,
+            key.block_hash,
             parent_hash,
             spec.page_tokens,
             len(enc.record),
@@ -81,11 +106,52 @@ class TierQuant:
         )
         return PageRecord.build(meta, enc.record)
 
-    def decode_into(
-        self, ns: Namespace, key: PageKey, meta: PageMeta, payload: memoryview, out: memoryview
-    ) -> None:
-        """Dequantize a verified record into the pool page `out`; CorruptPage (nothing
-        written) if the codec refuses it (another geometry, a version it cannot read)."""
+    def _args(self, ns: Namespace, parent_hash: bytes) -> tuple[PageShape, QuantScheme, int]:
+        shape, scheme = self._scheme(ns.spec)
+        return shape, scheme, 0 if parent_hash else min(SINK_TOKENS, ns.spec.page_tokens)
+
+    def record(self, ns: Namespace, block_hash: bytes, parent_hash: bytes, view: Any) -> PageRecord:
+        """A quantized record of the pool page `view` (the original bytes), made here."""
+        key = PageKey(ns.name, block_hash)
+        return self._made(ns, key, parent_hash, self._encode(*self._args(ns, parent_hash), view))
+
+    def start(self, ns: Namespace, key: PageKey, parent_hash: bytes, raw: bytes, placed: Placed) -> None:
+        """Make the record of `raw` (a copy of the original page) on the threads, then call
+        `placed(ns, key, record)` on the loop (record None if it failed); inline without a loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            placed(ns, key, self.record(ns, key.block_hash, parent_hash, raw))
+            return
+        self.encoding[key] = raw
+        fut = loop.run_in_executor(self.executor(), self._encode, *self._args(ns, parent_hash), raw)
+        self._done[key] = fut
+
+        def made(f: asyncio.Future[tuple[Encoded, float]]) -> None:
+            if self._done.get(key) is f:
+                del self._done[key]
+                self.encoding.pop(key, None)
+            if f.cancelled() or f.exception() is not None:
+                log.error(
+                    "quantizing page %s failed: %r; it is not cached",
+                    key,
+                    None if f.cancelled() else f.exception(),
+                )
+                placed(ns, key, None)
+                return
+            placed(ns, key, self._made(ns, key, parent_hash, f.result()))
+
+        fut.add_done_callback(made)
+
+    async def settled(self) -> None:
+        """Every record being made now is made and placed (Admin.Flush waits for this)."""
+        while self._done:
+            await asyncio.wait(list(self._done.values()))
+            await asyncio.sleep(0)  # (their callbacks run)
+
+    def decode_into(self, ns: Namespace, key: PageKey, meta: PageMeta, payload: Any, out: memoryview) -> None:
+        """Dequantize a verified record into the pool page `out` (any thread); CorruptPage
+        (nothing written) if the codec refuses it (another geometry, a version it cannot read)."""
         if meta.raw_bytes != ns.spec.page_bytes:
             raise CorruptPage(
                 key, f"a record of {meta.raw_bytes} bytes of page, the namespace's are {ns.spec.page_bytes}"
@@ -95,10 +161,17 @@ class TierQuant:
         try:
             decode(payload, shape=shape, out=out)
         except QuantError as e:
-            self.counters["dequantize_failures"] += 1
+            with self._lock:
+                self.counters["dequantize_failures"] += 1
             raise CorruptPage(key, str(e)) from None
-        self.counters["dequantize_s"] += time.perf_counter() - t0
-        self.counters["dequantized_pages"] += 1
+        with self._lock:
+            self.counters["dequantize_s"] += time.perf_counter() - t0
+            self.counters["dequantized_pages"] += 1
 
     def stats(self) -> dict[str, Any]:
-        return dict(self.counters)
+        with self._lock:
+            return dict(self.counters)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -115,6 +115,8 @@ class Tiers:
 
     def holds_key(self, ns: Namespace, key: PageKey) -> TierName | None:
         """`holds` by the page's key."""
+        if key in self.quant.encoding:
+            return TierName.HOST  # (its record is being made: a promotion copies the original)
         if self.host is not None and key in self.host:
             meta = self.host.meta(key)
             if meta is not None and meta.geometry == ns.geometry and self.readable(ns, meta):
@@ -167,7 +169,12 @@ class Tiers:
             if meta.raw_bytes:
                 self.quant.counters["not_requantized"] += 1
                 return None
-            if meta.block_hash == page.block_hash and meta.namespace == ns.name:
+            # (A quantized namespace's exact bytes are quantized again, below.)
+            if (
+                meta.block_hash == page.block_hash
+                and meta.namespace == ns.name
+                and not ns.spec.tier_quantized
+            ):
                 return PageRecord(meta, bytes(view) if copy else view, verified.checksum)
         parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
         if ns.spec.tier_quantized:
@@ -195,25 +202,55 @@ class Tiers:
             # (Or it was dequantized from its record on disk: that record is all there is.)
             self.counters["demoted_clean"] += 1
             return
-        # A quantized namespace's record is made first: its size decides the room it needs.
-        rec = self.record(ns, page, copy=False) if ns.spec.tier_quantized else None
-        if ns.spec.tier_quantized and rec is None:
-            self.lost(key, "quantized tier", "dequantized from a record no longer below the pool")
+        if ns.spec.tier_quantized:
+            self._demote_quantized(ns, page, key)
             return
         # Any other page on disk still goes into the host tier if it can make room (moving
         # its coldest pages down): the next hit on it is then a copy from DRAM, not a read
         # from the device.
-        if host is not None and self.make_host_room(rec.meta.page_bytes if rec else ns.spec.page_bytes):
-            rec = rec or self.record(ns, page, copy=False)  # (a view: put copies into its slab)
+        if host is not None and self.make_host_room(ns.spec.page_bytes):
+            rec = self.record(ns, page, copy=False)  # (a view: put copies into its slab)
             if rec is not None:
                 host.put(rec)
                 self.counters["demoted_host"] += 1
         elif on_disk:
             self.counters["demoted_clean"] += 1  # freeing the slot loses nothing
         elif disk is not None:
-            rec = rec or self.record(ns, page, copy=True)
+            rec = self.record(ns, page, copy=True)
             if rec is not None and self.put_disk([rec]):
                 self.counters["demoted_disk"] += 1
+
+    def _demote_quantized(self, ns: Namespace, page: Page, key: PageKey) -> None:
+        """A quantized namespace's page: its bytes copied (the slot is freed next), its record
+        made on the quantizer's threads and placed by `_placed` (quantize.py)."""
+        verified = page.verified
+        if isinstance(verified, Verified) and verified.meta.raw_bytes:
+            self.quant.counters["not_requantized"] += 1  # (dequantized bytes: never quantized twice)
+            self.lost(key, "quantized tier", "dequantized from a record no longer below the pool")
+            return
+        if key in self.quant.encoding:
+            self.counters["demoted_clean"] += 1
+            return
+        parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
+        self.quant.start(ns, key, parent, bytes(ns.page_out(page.slot)), self._placed)
+
+    def _placed(self, ns: Namespace, key: PageKey, rec: PageRecord | None) -> None:
+        """A demoted page's quantized record is made: into the host tier if it can make room,
+        else to disk (unless a copy is there already)."""
+        host, disk = self.host, self.disk
+        if rec is None or self.closing:
+            self.lost(key, "quantized tier", "its record could not be made")
+            return
+        if host is not None and key in host:
+            return
+        on_disk = disk is not None and (key in disk or key in self.queued)
+        if host is not None and self.make_host_room(rec.meta.page_bytes):
+            host.put(rec)
+            self.counters["demoted_host"] += 1
+        elif on_disk:
+            self.counters["demoted_clean"] += 1
+        elif disk is not None and self.put_disk([rec]):
+            self.counters["demoted_disk"] += 1
 
     def make_host_room(self, page_bytes: int) -> bool:
         host = self.host
@@ -274,10 +311,22 @@ class Tiers:
         if self.write_through and page.block_hash:
             key = PageKey(ns.name, page.block_hash)
             if self.disk is not None and key not in self.disk and key not in self.queued:
+                if ns.spec.tier_quantized:  # (made on the quantizer's threads)
+                    if key not in self.quant.encoding:
+                        parent = page.parent.block_hash if page.parent is not None else b""
+                        self.quant.start(ns, key, parent or b"", bytes(ns.page_out(page.slot)), self._written)
+                    return
                 record = self.record(ns, page, copy=True)
                 if record is not None:
                     self.put_disk([record])
                     self.counters["written_through"] += 1
+
+    def _written(self, ns: Namespace, key: PageKey, rec: PageRecord | None) -> None:
+        """A written-through page's quantized record is made: to disk, unless it is there."""
+        if rec is None or self.closing or self.disk is None or key in self.disk or key in self.queued:
+            return
+        if self.put_disk([rec]):
+            self.counters["written_through"] += 1
 
     # ------------------------------------------------------------ stats and close
 
@@ -296,6 +345,7 @@ class Tiers:
 
     def close(self) -> None:
         self.closing = True
+        self.quant.close()  # (records being made are dropped: a cache)
         if not self.reindex_idle.wait(30):
             log.error("the disk tier's re-index did not stop within 30s; closing LMDB anyway")
         if self.disk is not None:
