@@ -14,7 +14,7 @@ import kvstore_client
 import numpy as np
 import pytest
 from daemon import SMALL_NAMESPACE
-from e2e_helpers import page_content, page_content_bytes, page_tokens_of, prompt, shm_read_page
+from e2e_helpers import page_content, page_content_bytes, page_tokens_of, prompt, shm_read_page, wait_until
 from kvstore_client.errors import InvalidArgument
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from test_cli_admin import admin
@@ -49,7 +49,8 @@ def test_an_int8_namespace_round_trips_through_host_and_disk_within_its_bound(
         assert seq.commit().sealed_pages == 4
         seq.release()
         assert client.evict("test", all=True).pages_evicted == 4
-        t = client.stats().tiers
+        # (the records are made on the quantizer's threads, and placed when made)
+        t = wait_until(lambda: client.stats().tiers, lambda t: t.host_pages == 4, timeout=30, what="records")
         assert t.quantized_pages == 4 and t.quant_layers_int8 == 4 * NS["num_layers"]
         assert t.host_pages == 4 and t.host_bytes_represented == 4 * len(want[0])
         assert t.host_bytes_represented > 1.3 * t.host_bytes_used, t

@@ -137,13 +137,16 @@ def test_int8_pages_come_back_within_the_bound_from_host_in_fewer_bytes(tmp_path
     asyncio.run(run())
 
 
-def test_records_are_made_off_the_loop_and_a_lookup_meanwhile_gets_the_original(tmp_path: Path) -> None:
+@pytest.mark.parametrize("below", ["host", "disk"])
+def test_records_are_made_off_the_loop_and_a_lookup_meanwhile_gets_the_original(
+    tmp_path: Path, below: str
+) -> None:
     """A demotion copies the page and frees its slot; the codec runs on the quantizer's
     threads (not one record is made before the loop runs again). A lookup before the records
-    are placed promotes the copies: the original bytes, exactly."""
+    are placed promotes the copies: the original bytes, exactly (with a disk tier alone too)."""
 
     async def run() -> None:
-        b = Bench(tmp_path, SPEC)
+        b = Bench(tmp_path, SPEC, host_bytes=(1 << 20) if below == "host" else 0, disk=below == "disk")
         try:
             tokens, pages = prompt_pages(3, seed=9)
             b.write(tokens, pages)
@@ -153,7 +156,10 @@ def test_records_are_made_off_the_loop_and_a_lookup_meanwhile_gets_the_original(
             got = await b.read(tokens)  # (no await before the lookup: still being made)
             assert [g.tobytes() for g in got] == [p.tobytes() for p in pages]
             await b.tiers.quant.settled()
-            assert b.tiers.stats()["quant"]["quantized_pages"] == 3 and len(b.tiers.host) == 3  # type: ignore[arg-type]
+            tier: Any = b.tiers.host if below == "host" else b.disk
+            if b.disk is not None:
+                await flush_to_disk(b.tiers, [b.ns])
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 3 and len(tier) == 3
             await b.evict()  # the exact pages: their records are below already
             assert b.tiers.stats()["quant"]["quantized_pages"] == 3
             got = await b.read(tokens)  # now dequantized, on the threads too

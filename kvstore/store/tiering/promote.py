@@ -80,7 +80,7 @@ def promote_now(
     in_page_cache = False
     got: Read
     if source is TierName.HOST:
-        if tiers.host is None:
+        if tiers.host is None and key not in tiers.quant.encoding:
             raise InvariantBroken(f"promoting {key} from a host tier that does not exist")
         page = ns.reserve(PROMOTING_OWNER)
         got = _read_host_into(tiers, ns, key, ns.page_in(page.slot))
@@ -144,7 +144,7 @@ def _failed(tiers: Tiers, ns: Namespace, key: PageKey, source: TierName) -> None
 
 
 def _read_host(tiers: Tiers, prom: Promotion) -> Read:
-    if tiers.host is None:
+    if tiers.host is None and prom.key not in tiers.quant.encoding:
         raise InvariantBroken(f"promoting {prom.key} from a host tier that does not exist")
     return _read_host_into(tiers, prom.ns, prom.key, prom.ns.page_in(prom.page.slot))
 

@@ -203,7 +203,10 @@ class Tiers:
             self.counters["demoted_clean"] += 1
             return
         if ns.spec.tier_quantized:
-            self._demote_quantized(ns, page, key)
+            if on_disk and host is None:
+                self.counters["demoted_clean"] += 1  # freeing the slot loses nothing
+            else:
+                self._demote_quantized(ns, page, key)
             return
         # Any other page on disk still goes into the host tier if it can make room (moving
         # its coldest pages down): the next hit on it is then a copy from DRAM, not a read

@@ -121,7 +121,7 @@ def _promote_one(
         ns.make_room(1, "promotion")
     except ResourceExhausted:
         return None  # the pool is full of pinned pages: the hit ends here
-    if source is TierName.HOST and key not in tiers.host:  # type: ignore[operator]
+    if source is TierName.HOST and key not in tiers.quant.encoding and key not in tiers.host:  # type: ignore[operator]
         source = tiers.holds_key(ns, key)  # the demotions that made room pushed it to disk
         if source is None:
             return None
