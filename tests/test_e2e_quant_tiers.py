@@ -78,6 +78,8 @@ def test_an_int8_namespace_round_trips_through_host_and_disk_within_its_bound(
     r = admin("stats", target=d.target)
     assert r.returncode == 0, r.stderr
     assert "compression" in r.stdout and "8 int8" in r.stdout, r.stdout  # 4 pages x 2 layers
+    r = admin("namespaces", target=d.target)
+    assert "test: stored below the pool as int8, error bound 0.05" in r.stdout, r.stdout
     assert "Traceback" not in d.stderr_text()
 
 

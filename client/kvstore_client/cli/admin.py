@@ -104,6 +104,12 @@ def cmd_namespaces(kv: Client, args: argparse.Namespace) -> int:
     fingerprints = [(i.name, i.model_fingerprint) for i in infos if i.model_fingerprint]
     for name, fp in fingerprints:
         print(f"{name}: model {fp}")
+    for info in infos:
+        tp = info.tier_precision
+        if (tp.dtype or "fp") != "fp" or tp.schedule:
+            bound = f", error bound {tp.error_bound:g}" if tp.error_bound else ""
+            schedule = f" (first layers {tp.schedule})" if tp.schedule else ""
+            print(f"{info.name}: stored below the pool as {tp.dtype or 'fp'}{schedule}{bound}")
     return 0
 
 

@@ -194,4 +194,8 @@ def namespace_dict(info: pb.NamespaceInfo) -> dict[str, Any]:
         "page_shape": list(p.page_shape),
         "policy": info.policy,
         "model_fingerprint": info.model_fingerprint,
+        # How the host and disk tiers store its pages (docs/tiers.md, "Quantized tiers").
+        "tier_dtype": info.tier_precision.dtype or "fp",
+        "tier_schedule": info.tier_precision.schedule,
+        "tier_error_bound": info.tier_precision.error_bound,
     }
