@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.quant import QuantScheme, codec, decode, encode_array, native, numeric
+from kvstore.quant import QuantScheme, codec, decode, encode_array, native
 
 from .harness import BenchError, median
 
@@ -157,13 +157,11 @@ class Accuracy:
 def codec_speed(pages: list[np.ndarray], scheme: QuantScheme, repeat: int) -> dict[str, float]:
     """Medians over `repeat` interleaved rounds, each over all `pages` (float32 [L,2,T,H,D]):
     memcpy of the same bytes (the baseline), encode (quantize, measure the error, build the
-    record), decode (verify, dequantize into a page buffer), and the quantize arithmetic
-    alone. Ratios are memcpy time / codec time: 1.0 = as fast as copying the fp32 bytes."""
+    record) and decode (verify, dequantize into a page buffer). Ratios are memcpy time / codec
+    time: 1.0 = as fast as copying the fp32 bytes."""
     dst = [np.empty_like(p) for p in pages]
     recs = [encode_array(p, scheme).record for p in pages]
-    times: dict[str, list[float]] = {"memcpy": [], "encode": [], "decode": [], "quantize": []}
-    gran = {0: scheme.keys, 1: scheme.values}
-    bits = 8 if scheme.precision == "int8" else 4
+    times: dict[str, list[float]] = {"memcpy": [], "encode": [], "decode": []}
     for _ in range(repeat):
         t0 = time.perf_counter()
         for p, d in zip(pages, dst, strict=True):
@@ -175,11 +173,7 @@ def codec_speed(pages: list[np.ndarray], scheme: QuantScheme, repeat: int) -> di
         for r, d in zip(recs, dst, strict=True):
             decode(r, out=d)
         t3 = time.perf_counter()
-        for p in pages:
-            for kv in (0, 1):
-                numeric.quantize(p[:, kv], bits, gran[kv], scheme.outliers)
-        t4 = time.perf_counter()
-        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
             times[k].append(v)
     m = {k: median(v) for k, v in times.items()}
     nbytes = sum(p.nbytes for p in pages)
@@ -191,5 +185,4 @@ def codec_speed(pages: list[np.ndarray], scheme: QuantScheme, repeat: int) -> di
         "decode_ms_per_page": round(m["decode"] / len(pages) * 1e3, 3),
         "quant_memcpy_ratio": round(m["memcpy"] / m["encode"], 4),
         "dequant_memcpy_ratio": round(m["memcpy"] / m["decode"], 4),
-        "quantize_only_memcpy_ratio": round(m["memcpy"] / m["quantize"], 4),
     }
