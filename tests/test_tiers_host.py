@@ -112,3 +112,22 @@ def test_clear_unmaps_everything() -> None:
         host.put(rec(i))
     host.clear()
     assert len(host) == 0 and host.stats()["slab_bytes"] == 0 and host.stats()["bytes_used"] == 0
+
+
+def test_pages_of_another_size_find_room_while_one_size_holds_under_an_eighth_of_the_tier() -> None:
+    """A quantized namespace's records come in a few sizes (a first page's sinks, layers over
+    the error bound). One size class must not take a whole small tier in one slab: then a
+    record of another size found room only by emptying that slab, page after page."""
+    host = HostTier(64 * PAGE)  # default slab_bytes (32 MiB) is far larger than the tier
+    for i in range(4):
+        host.put(rec(i))
+    assert host.stats()["slab_bytes"] <= 8 * PAGE  # a slab is at most an eighth of the tier
+    odd = rec(100, size=PAGE + 5000)  # rounded up to a 4 KiB slot of its own class
+    assert host.has_room(odd.meta.page_bytes)
+    host.put(odd)
+    assert len(host) == 5 and host.get(odd.key) == bytes(odd.payload)
+    assert host.stats()["bytes_used"] == 4 * PAGE + PAGE + 5000
+    # Payloads of sizes that round to the same 4 KiB slot share a class.
+    near = rec(101, size=PAGE + 4000)
+    host.put(near)
+    assert host.get(near.key) == bytes(near.payload) and len(host) == 6

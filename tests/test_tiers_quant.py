@@ -56,9 +56,11 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 class Bench:
     """A store with tiers and one namespace; writes prompts of `pages` pages and reads them."""
 
-    def __init__(self, tmp: Path, spec: NamespaceSpec, host_bytes: int = 1 << 20, disk: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, spec: NamespaceSpec, host_bytes: int = 1 << 20, disk: bool = False, **tiers: Any
+    ) -> None:
         self.disk = DiskTier.open(tmp / "disk", 16 << 20) if disk else None
-        self.tiers = Tiers(HostTier(host_bytes) if host_bytes else None, self.disk)
+        self.tiers = Tiers(HostTier(host_bytes) if host_bytes else None, self.disk, **tiers)
         self.store = Store(StoreLimits(), f"kvq-{uuid.uuid4().hex[:8]}-", tiers=self.tiers)
         self.spec = spec
         self.store.create_namespace(spec)
@@ -164,6 +166,27 @@ def test_records_are_made_off_the_loop_and_a_lookup_meanwhile_gets_the_original(
             assert b.tiers.stats()["quant"]["quantized_pages"] == 3
             got = await b.read(tokens)  # now dequantized, on the threads too
             assert all(0 < rel_err(g, w) < 0.02 for g, w in zip(got, pages, strict=True))
+        finally:
+            b.close()
+
+    asyncio.run(run())
+
+
+def test_write_through_writes_quantized_records_made_off_the_loop(tmp_path: Path) -> None:
+    async def run() -> None:
+        b = Bench(tmp_path, SPEC, host_bytes=0, disk=True, write_through=True)
+        try:
+            tokens, pages = prompt_pages(3, seed=10)
+            b.write(tokens, pages)  # sealed: each page queued for a record, on the threads
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 0 and len(b.tiers.quant.encoding) == 3
+            await flush_to_disk(b.tiers, [b.ns])  # waits for them, then fsyncs
+            assert b.disk is not None and len(b.disk) == 3 and b.tiers.counters["written_through"] == 3
+            for h in b.store.lookup(b.sid, "q", tokens, b"", False).block_hashes:
+                assert info(b.disk.get(PageKey("q", h))).precisions == ("int8",) * 4  # type: ignore[arg-type]
+            await b.evict()  # on disk already, no host tier: freed, nothing quantized again
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 3
+            got = await b.read(tokens)
+            assert len(got) == 3 and all(0 < rel_err(g, w) < 0.02 for g, w in zip(got, pages, strict=True))
         finally:
             b.close()
 
