@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from kvstore.hashing import block_hashes, namespace_salt, token_bytes
 from kvstore.memory.pages import PageState
 from kvstore.store.namespace import Namespace
+from kvstore.store.quarantine import QUARANTINE_OWNER
 from kvstore.store.sessions import PrivateEntry, PrivateRead
 from kvstore.store.store import Store
 from kvstore.store.tiering.promotion import PROMOTING_OWNER, Promotion
@@ -99,6 +100,13 @@ def private_content(seq_id: int, index: int, tokens: bytes, nbytes: int) -> byte
     return hashlib.shake_128(b"private%d/%d/" % (seq_id, index) + tokens).digest(nbytes)
 
 
+def write_page(ns: Namespace, slot: int, data: bytes) -> None:
+    """Put a page's bytes in the pool as a client's completed write would: in place in shm;
+    through the staging path on a device pool (the model drives the store, not a client)."""
+    ns.pool.copy_in(ns.offset(slot), len(data))[:] = data
+    ns.pool.landed(ns.offset(slot))
+
+
 def check_pool(ns: Namespace) -> None:
     """free + reserved + sealed = total, the counters agree with the page table, and every
     sealed page holds its hash's bytes."""
@@ -112,7 +120,7 @@ def check_pool(ns: Namespace) -> None:
     for p in pages:
         if p.state is PageState.SEALED:
             assert ns.index.get(p.block_hash) is p
-            assert bytes(ns.page_view(p.slot)) == content(p.block_hash, ns.spec.page_bytes), (
+            assert bytes(ns.page_out(p.slot)) == content(p.block_hash, ns.spec.page_bytes), (
                 f"sealed {p} does not hold its hash's bytes"
             )
         else:
@@ -174,6 +182,10 @@ def holders(store: Store, ns: Namespace) -> tuple[Counter[int], dict[int, object
             for page in pin.pages:
                 assert page.state is PageState.SEALED
                 refs[page.slot] += 1
+    quarantined = [page for held in store.quarantine.held for page in held.pages.get(ns, [])]
+    for page in quarantined:  # a dead client's reserved device pages (store/quarantine.py)
+        reserve(page, "quarantine", QUARANTINE_OWNER)
+    assert ns.pages_quarantined == len(quarantined)
     live_ids = {i for s in store.sessions.values() for i in (*s.sequences, *s.pins)}
     assert set(store.table._owner) == live_ids, "ids of ended sessions' sequences or pins are left"
     tiers = ns.tiers
@@ -298,7 +310,7 @@ class ModelSteps:
         k = len(slots)
         assert hashes == b"".join(want[:k])
         for i, slot in enumerate(list(slots)[:ready]):
-            assert bytes(self.ns.page_view(slot)) == content(want[i], PB), f"page {i} served wrong bytes"
+            assert bytes(self.ns.page_out(slot)) == content(want[i], PB), f"page {i} served wrong bytes"
         return k
 
     def write_pages(self, sid: int, seq: int, refs) -> None:
@@ -306,7 +318,7 @@ class ModelSteps:
         m = self.sessions[sid].seqs[seq]
         for p in refs:
             if p.cached:
-                assert bytes(self.ns.page_view(p.slot)) == content(p.block_hash, PB)
+                assert bytes(self.ns.page_out(p.slot)) == content(p.block_hash, PB)
                 continue
             if p.block_hash and not p.private:
                 data = content(p.block_hash, PB)
@@ -314,7 +326,7 @@ class ModelSteps:
                 data = private_content(
                     seq, p.index, token_bytes(m.tokens[p.index * T : (p.index + 1) * T]), PB
                 )
-            self.ns.page_view(p.slot)[:] = data
+            write_page(self.ns, p.slot, data)
             m.written[p.index] = data
 
     def check_view(self, sid: int, seq: int) -> None:
@@ -323,7 +335,7 @@ class ModelSteps:
         view = self.store.sequence_view(sid, seq)
         assert view.num_tokens == len(m.tokens) and view.committed_tokens == m.committed
         for p in view.pages:
-            got = bytes(self.ns.page_view(p.slot))
+            got = bytes(self.ns.page_out(p.slot))
             assert got == (content(p.block_hash, PB) if p.cached else m.written[p.index]), f"page {p.index}"
 
     def pin_settled(self, sid: int, pin_id: int, tokens: list[int]) -> None:

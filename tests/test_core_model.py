@@ -19,6 +19,7 @@ KVSTORE_MODEL_EXAMPLES=N runs N examples instead of the default (a deeper run)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -72,6 +73,8 @@ SHM = Path("/dev/shm")
 
 
 class CoreMachine(ModelSteps, RuleBasedStateMachine):
+    spec = SPEC
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
@@ -97,7 +100,7 @@ class CoreMachine(ModelSteps, RuleBasedStateMachine):
         )
         self.tiers = Tiers(HostTier(HOST_BYTES), disk)
         self.store = Store(LIMITS, shm_prefix=self.prefix, clock=self.clock, tiers=self.tiers)
-        self.store.create_namespace(SPEC)
+        self.store.create_namespace(self.spec)
         self.ns = self.store.namespaces["ns"]
         self.kv = KVStoreServicer(self.store)
         self.admin = AdminServicer(self.store)
@@ -508,3 +511,18 @@ CoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestCoreModel = CoreMachine.TestCase
+
+
+class DeviceCoreMachine(CoreMachine):
+    """The same model on CI's fake device pool: the tiers move its pages only through the
+    host staging path (it has no host view), and a promoted or swapped-in page must have
+    landed on the "device" before anyone sees it (docs/gpu.md)."""
+
+    spec = dataclasses.replace(SPEC, device="fake:model")
+
+
+DeviceCoreMachine.TestCase.settings = settings(
+    CoreMachine.TestCase.settings,
+    max_examples=int(os.environ.get("KVSTORE_MODEL_DEVICE_EXAMPLES", "40")),
+)
+TestDeviceCoreModel = DeviceCoreMachine.TestCase
