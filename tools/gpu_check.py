@@ -43,6 +43,7 @@ PINS = [
 ]
 CUDA_TESTS = ["tests/test_gpu_cuda.py"]
 OTHER_TESTS = [
+    "tests/test_gpu_names.py",
     "tests/test_gpu_fake.py",
     "tests/test_gpu_quarantine.py",
     "tests/test_gpu_lifecycle.py",
@@ -96,6 +97,10 @@ def probe(env: dict[str, str]) -> dict[str, object]:
         "try:\n    from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc; info['generated_code'] = 'imports'\n"
         "except Exception as e: info['generated_code'] = repr(e)\n"
         "sys.path.insert(0, 'tests'); from gpu_probe import cuda_missing; info['cuda_missing'] = cuda_missing()\n"
+        "if not info['cuda_missing']:\n"
+        "    from kvstore.memory.cuda_pool import device_uuids\n"
+        "    info['device_ids'] = device_uuids(cupy)  # what the daemon names the GPUs\n"
+        "    info['torch_uuids'] = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]\n"
         "print(json.dumps(info))\n"
     )
     out = subprocess.run(

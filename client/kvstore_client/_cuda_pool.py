@@ -33,15 +33,16 @@ def _cupy() -> Any:
 
 
 def visible_uuids(cupy: Any) -> list[str]:
-    """`GPU-...` UUIDs of the devices this process sees, by its ordinals."""
+    """The devices this process sees, by its ordinals, named as the daemon names them
+    (kvstore/memory/cuda_pool.py `device_id`: `GPU-<uuid>`, else `PCI-<bus id>`)."""
     out = []
     for i in range(cupy.cuda.runtime.getDeviceCount()):
-        raw = cupy.cuda.runtime.getDeviceProperties(i)["uuid"]
-        if isinstance(raw, str):
-            out.append(raw if raw.startswith("GPU-") else "GPU-" + raw)
-            continue
-        h = bytes(raw)[:16].hex()
-        out.append(f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}")
+        raw = cupy.cuda.runtime.getDeviceProperties(i).get("uuid")
+        if isinstance(raw, bytes | bytearray) and len(raw) == 16:
+            h = bytes(raw).hex()
+            out.append(f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}")
+        else:
+            out.append("PCI-" + cupy.cuda.runtime.deviceGetPCIBusId(i))
     return out
 
 

@@ -39,18 +39,21 @@ def _cupy() -> Any:
     return cupy
 
 
-def uuid_string(raw: Any) -> str:
-    """`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` from CUDA's 16 uuid bytes (or a string)."""
-    if isinstance(raw, str):
-        return raw if raw.startswith("GPU-") else "GPU-" + raw
-    h = bytes(raw)[:16].hex()
-    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+def device_id(cupy: Any, ordinal: int) -> str:
+    """The device's name that no CUDA_VISIBLE_DEVICES renumbers: `GPU-<uuid>` from CUDA's 16
+    uuid bytes; `PCI-<bus id>` when CuPy does not give all 16 (its char[16] may come back
+    cut at a zero byte: unverified, so never guessed). The client computes it the same way
+    (kvstore_client/_cuda_pool.py)."""
+    raw = cupy.cuda.runtime.getDeviceProperties(ordinal).get("uuid")
+    if isinstance(raw, bytes | bytearray) and len(raw) == 16:
+        h = bytes(raw).hex()
+        return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+    return "PCI-" + cupy.cuda.runtime.deviceGetPCIBusId(ordinal)
 
 
 def device_uuids(cupy: Any) -> list[str]:
-    """The UUID of each device this process sees, by ordinal."""
-    n = cupy.cuda.runtime.getDeviceCount()
-    return [uuid_string(cupy.cuda.runtime.getDeviceProperties(i)["uuid"]) for i in range(n)]
+    """The id of each device this process sees, by ordinal."""
+    return [device_id(cupy, i) for i in range(cupy.cuda.runtime.getDeviceCount())]
 
 
 def resolve(device: str, cupy: Any) -> tuple[int, str]:

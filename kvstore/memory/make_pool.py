@@ -7,14 +7,16 @@ import re
 from kvstore.memory.backend import PoolBackend
 from kvstore.memory.shm_pool import ShmPool
 
-DEVICE_RE = re.compile(r"cpu|cuda:(\d{1,3}|GPU-[0-9a-fA-F-]{1,64})|fake:[A-Za-z0-9_.-]{1,64}")
+DEVICE_RE = re.compile(
+    r"cpu|cuda:(\d{1,3}|GPU-[0-9a-fA-F-]{1,64}|PCI-[0-9a-fA-F:.]{1,32})|fake:[A-Za-z0-9_.-]{1,64}"
+)
 
 
 def check_device(device: str) -> str:
     """'' when `device` names a backend, else what is wrong with it."""
     if device and not DEVICE_RE.fullmatch(device):
         return (
-            f"device={device!r} is not 'cpu', 'cuda:<ordinal>', 'cuda:GPU-<uuid>' or 'fake:<id>' "
+            f"device={device!r} is not 'cpu', 'cuda:<ordinal>', 'cuda:GPU-<uuid>' (or 'cuda:PCI-<bus id>') or 'fake:<id>' "
             "(the CI fake device)"
         )
     return ""
