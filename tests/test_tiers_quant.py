@@ -193,6 +193,26 @@ def test_write_through_writes_quantized_records_made_off_the_loop(tmp_path: Path
     asyncio.run(run())
 
 
+def test_flush_writes_the_pools_pages_as_quantized_records(tmp_path: Path) -> None:
+    async def run() -> None:
+        b = Bench(tmp_path, SPEC, host_bytes=0, disk=True)
+        try:
+            tokens, pages = prompt_pages(3, seed=11)
+            b.write(tokens, pages)
+            assert await flush_to_disk(b.tiers, [b.ns]) == 3  # records made on the threads
+            assert b.disk is not None and len(b.disk) == 3 and len(b.ns.index) == 3
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 3
+            assert b.disk.stats()["bytes_represented"] == 3 * SPEC.page_bytes
+            await b.evict()  # on disk already: freed as is
+            got = await b.read(tokens)
+            assert len(got) == 3 and all(0 < rel_err(g, w) < 0.02 for g, w in zip(got, pages, strict=True))
+            assert b.tiers.stats()["quant"]["quantized_pages"] == 3
+        finally:
+            b.close()
+
+    asyncio.run(run())
+
+
 def test_a_layer_over_the_error_bound_is_stored_at_the_next_higher_precision(tmp_path: Path) -> None:
     """int4 asked with a bound int4 cannot meet on gaussian layers (~7% error) but meets on a
     layer of values near +-1 (~2%): the gaussian layers are stored int8 (fallbacks), the other int4."""

@@ -34,7 +34,13 @@ async def flush_to_disk(tiers: Tiers, namespaces: list[Namespace]) -> int:
     try:
         await tiers.quant.settled()  # (pages demoted a moment ago: their records placed first)
         queued = 0
-        for n, record in enumerate(_records(tiers, namespaces), 1):
+        for n, item in enumerate(_records(tiers, namespaces), 1):
+            if isinstance(item, PageRecord):
+                record = item
+            else:  # a quantized namespace's page: its record made on the quantizer's threads
+                record = await tiers.quant.make(*item)
+                if record.key in disk or record.key in tiers.queued:
+                    continue  # (written meanwhile)
             while not disk.has_queue_room(record.meta.page_bytes):
                 await asyncio.wrap_future(disk.barrier())
             tiers.put_disk([record], strict=True)
@@ -47,9 +53,13 @@ async def flush_to_disk(tiers: Tiers, namespaces: list[Namespace]) -> int:
         disk.flushing -= 1
 
 
-def _records(tiers: Tiers, namespaces: list[Namespace]) -> Iterator[PageRecord]:
+def _records(
+    tiers: Tiers, namespaces: list[Namespace]
+) -> Iterator[PageRecord | tuple[Namespace, PageKey, bytes, bytes]]:
     """The records to write, each made (copied) when the consumer asks for it: between two
-    asks the loop may have run, so each page is looked up again by its hash."""
+    asks the loop may have run, so each page is looked up again by its hash. A quantized
+    namespace's page comes as (namespace, key, parent hash, a copy of its bytes), for the
+    consumer to have its record made off the loop."""
     disk = tiers.disk
     if disk is None:
         raise InvariantBroken("flushing to a disk tier that does not exist")
@@ -57,10 +67,16 @@ def _records(tiers: Tiers, namespaces: list[Namespace]) -> Iterator[PageRecord]:
         for block_hash in [p.block_hash for p in ns.sealed_pages() if p.block_hash]:
             page = ns.index.get(block_hash)
             key = PageKey(ns.name, block_hash)
-            if page is not None and key not in disk and key not in tiers.queued:
-                record = tiers.record(ns, page, copy=True)
-                if record is not None:  # (None: dequantized bytes, never quantized again)
-                    yield record
+            if page is None or key in disk or key in tiers.queued:
+                continue
+            if ns.spec.tier_quantized:
+                original = tiers.original(ns, page)
+                if original is not None:  # (None: dequantized bytes, never quantized again)
+                    yield (ns, key, *original)
+                continue
+            record = tiers.record(ns, page, copy=True)
+            if record is not None:
+                yield record
     host = tiers.host
     if host is not None:
         for key in host.keys():  # noqa: SIM118 (a HostTier, not a dict: keys() is a snapshot)

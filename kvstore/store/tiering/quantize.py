@@ -143,6 +143,12 @@ class TierQuant:
 
         fut.add_done_callback(made)
 
+    async def make(self, ns: Namespace, key: PageKey, parent_hash: bytes, raw: bytes) -> PageRecord:
+        """The record of `raw` (a copy of the original page), made on the threads."""
+        args = self._args(ns, parent_hash)
+        got = await asyncio.get_running_loop().run_in_executor(self.executor(), self._encode, *args, raw)
+        return self._made(ns, key, parent_hash, got)
+
     async def settled(self) -> None:
         """Every record being made now is made and placed (Admin.Flush waits for this)."""
         while self._done:

@@ -184,6 +184,15 @@ class Tiers:
         )
         return PageRecord.build(meta, bytes(view) if copy else view)
 
+    def original(self, ns: Namespace, page: Page) -> tuple[bytes, bytes] | None:
+        """A quantized namespace's page to quantize: (its parent's hash, a copy of its bytes),
+        or None if its bytes were dequantized from a record (never quantized twice)."""
+        verified = page.verified
+        if isinstance(verified, Verified) and verified.meta.raw_bytes:
+            return None
+        parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
+        return parent, bytes(ns.page_out(page.slot))
+
     def demote(self, ns: Namespace, page: Page) -> None:
         """Copy a sealed page the pool is about to free into the tier below (if not there)."""
         key = PageKey(ns.name, page.block_hash or b"")
@@ -226,16 +235,15 @@ class Tiers:
     def _demote_quantized(self, ns: Namespace, page: Page, key: PageKey) -> None:
         """A quantized namespace's page: its bytes copied (the slot is freed next), its record
         made on the quantizer's threads and placed by `_placed` (quantize.py)."""
-        verified = page.verified
-        if isinstance(verified, Verified) and verified.meta.raw_bytes:
-            self.quant.counters["not_requantized"] += 1  # (dequantized bytes: never quantized twice)
-            self.lost(key, "quantized tier", "dequantized from a record no longer below the pool")
-            return
         if key in self.quant.encoding:
             self.counters["demoted_clean"] += 1
             return
-        parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
-        self.quant.start(ns, key, parent, bytes(ns.page_out(page.slot)), self._placed)
+        original = self.original(ns, page)
+        if original is None:
+            self.quant.counters["not_requantized"] += 1
+            self.lost(key, "quantized tier", "dequantized from a record no longer below the pool")
+            return
+        self.quant.start(ns, key, *original, self._placed)
 
     def _placed(self, ns: Namespace, key: PageKey, rec: PageRecord | None) -> None:
         """A demoted page's quantized record is made: into the host tier if it can make room,
@@ -315,9 +323,9 @@ class Tiers:
             key = PageKey(ns.name, page.block_hash)
             if self.disk is not None and key not in self.disk and key not in self.queued:
                 if ns.spec.tier_quantized:  # (made on the quantizer's threads)
-                    if key not in self.quant.encoding:
-                        parent = page.parent.block_hash if page.parent is not None else b""
-                        self.quant.start(ns, key, parent or b"", bytes(ns.page_out(page.slot)), self._written)
+                    original = self.original(ns, page) if key not in self.quant.encoding else None
+                    if original is not None:
+                        self.quant.start(ns, key, *original, self._written)
                     return
                 record = self.record(ns, page, copy=True)
                 if record is not None:
