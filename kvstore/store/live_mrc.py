@@ -58,8 +58,11 @@ class LiveMrc:
         base = s.accesses
         if sampled:
             keys, log, seen, distinct = s._keys, s._log, s._seen_at, s._distinct
-            known = list(map(keys.get, sampled))
-            if None not in known:  # every block sampled before, so each in `distinct` already:
+            try:  # every block sampled before (the common case), so each in `distinct` already:
+                known = list(map(keys.__getitem__, sampled))
+            except KeyError:
+                pass  # (some are new: the loop below)
+            else:
                 log += known  # what the loop below does for them, in one step each
                 seen += [base] * len(known)
                 sampled = []

@@ -5,6 +5,7 @@ in kvstore/store/waits.py."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
@@ -19,6 +20,8 @@ from kvstore.store.tiering import walk
 from kvstore.store.tiering.promotion import Promotion
 from kvstore.store.tiering.tiers import Tiers
 from kvstore.store.types import LookupResult, ReleaseResult, StoreLimits
+
+_slot = operator.attrgetter("slot")
 
 
 def lookup(
@@ -39,8 +42,6 @@ def lookup(
     tokens_le = tokens.tobytes()
     found, pages = ns.index.probe(tokens_le, T, extra)
     first_miss = found[-1] if len(found) > len(pages) else None
-    # Below the pool the walk goes on from the first miss, hashing lazily again.
-    hashes = iter_block_hashes(found[-1], tokens_le[4 * T * len(found) :], T, extra) if found else iter(())
     cut = ns.mrc.cut
     # For the MRC: the blocks this lookup touches under the cut (all of them in a small pool).
     sampled = found if cut is ALL_SAMPLED else [h for h in found if h < cut]
@@ -60,6 +61,9 @@ def lookup(
     proms: list[Promotion] = []
     up: list[Page] = []
     if tiers is not None:
+        # Below the pool the walk goes on from the first miss, hashing lazily again.
+        rest = tokens_le[4 * T * len(found) :]
+        hashes = iter_block_hashes(found[-1], rest, T, extra) if found else iter(())
         try:
             up, proms = walk.promote(tiers, ns, pages, first_miss, hashes, held_already=pinning)
         except BaseException:
@@ -97,8 +101,12 @@ def lookup(
                 pinned.pending.append(prom)
         pin_id = pinned.id
         session.pins[pin_id] = pinned
-    slots = [p.slot for p in pages] + [(p.sealed or p.page).slot for p in proms]
-    block_hashes = [p.block_hash or b"" for p in pages] + [p.key.block_hash for p in proms]
+    slots = list(map(_slot, pages))
+    # The resident pages of the hit are the probe's first hashes (unless some came up from a tier).
+    block_hashes = found[: len(pages)] if not up else [p.block_hash or b"" for p in pages]
+    if proms:
+        slots += [(p.sealed or p.page).slot for p in proms]
+        block_hashes += [p.key.block_hash for p in proms]
     return LookupResult(hit, slots, block_hashes, pin_id, ready, proms, ns.name)
 
 
