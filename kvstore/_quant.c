@@ -1,4 +1,4 @@
-/* The quantizer of kvstore/quant in C: one (layer, K or V) tensor of a page per call, fused
+/* The quantizer of kvstore/quant in C: a layer of a page per encode call, a whole page per decode, fused
  * (top-k outliers, scales, codes, the reconstruction error) in one pass for vector scales, two
  * for channel and tensor scales, where numpy makes ~20. It computes exactly what
  * kvstore/quant/numeric.py computes (float32 arithmetic, IEEE division, round half to even,
@@ -6,8 +6,8 @@
  * records are byte-identical either way: tests/test_quant_fast.py. numeric.py stays the fallback
  * where this is not built, and the spec (docs/quant.md).
  *
- *   quantize(src, src_dtype, T, H, D, bits, gran, k, scale, zero, oval, oidx, body) -> (err2, x2)
- *   dequantize(scale, zero, oval, oidx, body, T, H, D, bits, gran, k, out, out_dtype)
+ *   encode_layer(src, dt, T, H, D, sinks, k, kgran, vgran, prec, block) -> (errK2, xK2, errV2, xV2)
+ *   decode_page(record, out, L, T, H, D, sinks, k, kgran, vgran, dt, itemsize)
  *
  * dtypes: 0 float32, 1 float16, 2 bfloat16 (elements of src/out; the error is measured on
  * what a reader gets back in that dtype). gran: 0 tensor, 1 vector, 2 channel. Buffers are
@@ -90,27 +90,41 @@ static inline uint16_t scale16(float m, float qmax) {
     return h2f(s) == 0.0f ? 0x3c00u : s;
 }
 
-/* max over d of f(v[d]) with 8 independent accumulators (max is exact in any order; a NaN is
- * skipped either way, and then the error check refuses the page) */
-#define MAX8(name, expr)                                                            \
+/* Vectors of 8 floats (GCC/Clang vector extensions: AVX where built for it, else two SSE
+ * halves) for the reductions the compiler will not reorder itself. Max is exact in any order,
+ * and a NaN is skipped either way (the error check then refuses the page); the error sums
+ * are float64 in 8 lanes (numpy's einsum sums in its own order too: the tests compare errors
+ * to 1e-9, records byte for byte). */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
+static inline v8f vload(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline v8f vmax(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline float hmax(v8f v) {
+    float m = v[0];
+    for (int u = 1; u < 8; u++) m = v[u] > m ? v[u] : m;
+    return m;
+}
+
+#define MAX8(name, expr, vexpr)                                                      \
     static inline float name(const float *v, int D) {                                \
-        float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,                     \
-                      -INFINITY, -INFINITY, -INFINITY, -INFINITY};                    \
+        v8f m = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY}; \
         int d = 0;                                                                   \
-        for (; d + 8 <= D; d += 8)                                                   \
-            for (int u = 0; u < 8; u++) { float b = expr(v[d + u]); m[u] = b > m[u] ? b : m[u]; } \
-        for (; d < D; d++) { float b = expr(v[d]); m[0] = b > m[0] ? b : m[0]; }     \
-        for (int u = 1; u < 8; u++) m[0] = m[u] > m[0] ? m[u] : m[0];                \
-        return m[0];                                                                 \
+        for (; d + 8 <= D; d += 8) m = vmax(vexpr(vload(v + d)), m);                 \
+        float r = hmax(m);                                                           \
+        for (; d < D; d++) { float b = expr(v[d]); r = b > r ? b : r; }              \
+        return r;                                                                    \
     }
 #define ID(x) (x)
 #define NEG(x) (-(x))
-MAX8(max_abs, fabsf)
-MAX8(max_of, ID)
-MAX8(neg_min_of, NEG)
+static inline v8f vabs(v8f v) { return (v8f)((v8i)v & 0x7fffffff); }
+MAX8(max_abs, fabsf, vabs)
+MAX8(max_of, ID, ID)
+MAX8(neg_min_of, NEG, NEG)
 
 /* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body. */
-static void outliers(const float *x, float *body, uint8_t *pick, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
+static inline __attribute__((always_inline)) void outliers(const float *x, float *body, uint8_t *pick, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
     memcpy(body, x, sizeof(float) * D);
     for (int j = 0; j < k; j++) {
         float best = max_abs(body, D); /* picked slots are 0 in body: never above an unpicked max */
@@ -146,7 +160,7 @@ static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
 
 /* Codes of one vector's body with per-element scale s[d] (and zero z[d]); y = what they
  * dequantize to, before the outliers go back. Simple loops: the compiler vectorizes them. */
-static void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const float *s, const float *z, float *y) {
+static inline __attribute__((always_inline)) void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const float *s, const float *z, float *y) {
     int D = (int)a->D;
     if (a->bits == 8) {
         int8_t *out = (int8_t *)a->body + v * D;
@@ -174,26 +188,28 @@ static void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const f
 }
 
 /* Outliers back into y, then the error sums against x of what a reader gets back. */
-static void finish_vector(const QArgs *a, Py_ssize_t v, const float *x, float *y, double *err2, double *x2) {
+static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, Py_ssize_t v, const float *x, float *y, double *err2, double *x2) {
     int D = (int)a->D, k = a->k;
     for (int j = 0; j < k; j++) y[a->oidx[v * k + j]] = h2f(ld16(a->oval, v * k + j));
     if (a->sdt != F32)
         for (int d = 0; d < D; d++) y[d] = round_to(y[d], a->sdt);
-    double e[4] = {0, 0, 0, 0}, s[4] = {0, 0, 0, 0};
+    v8d e = {0}, s = {0};
     int d = 0;
-    for (; d + 4 <= D; d += 4)
-        for (int u = 0; u < 4; u++) {
-            double diff = (double)(x[d + u] - y[d + u]), xd = (double)x[d + u];
-            e[u] += diff * diff;
-            s[u] += xd * xd;
-        }
+    for (; d + 8 <= D; d += 8) {
+        v8f xf = vload(x + d), df = xf - vload(y + d);
+        v8d dd = __builtin_convertvector(df, v8d), xd = __builtin_convertvector(xf, v8d);
+        e += dd * dd;
+        s += xd * xd;
+    }
+    double et = 0.0, st = 0.0;
+    for (int u = 0; u < 8; u++) { et += e[u]; st += s[u]; }
     for (; d < D; d++) {
         double diff = (double)(x[d] - y[d]), xd = (double)x[d];
-        e[0] += diff * diff;
-        s[0] += xd * xd;
+        et += diff * diff;
+        st += xd * xd;
     }
-    *err2 += (e[0] + e[1]) + (e[2] + e[3]);
-    *x2 += (s[0] + s[1]) + (s[2] + s[3]);
+    *err2 += et;
+    *x2 += st;
 }
 
 static inline void load_vector(const QArgs *a, Py_ssize_t v, float *x) {
@@ -203,7 +219,15 @@ static inline void load_vector(const QArgs *a, Py_ssize_t v, float *x) {
         for (int d = 0; d < D; d++) x[d] = load(a->src, v * D + d, a->sdt);
 }
 
-static void quantize(const QArgs *a, double *err2, double *x2) {
+/* Built for AVX2 and for the baseline, picked at load (GCC's target_clones): the same IEEE
+ * operations either way (no FMA: -ffp-contract=off), only wider. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
     int D = (int)a->D, k = a->k, bits = a->bits;
     Py_ssize_t nv = a->T * a->H, H = a->H;
     float x[D], body[D], y[D], sv[D], zv[D];
@@ -289,7 +313,7 @@ static void quantize(const QArgs *a, double *err2, double *x2) {
     free(lo); free(hi); free(s);
 }
 
-static void dequantize(const uint8_t *scale, const uint8_t *zero, const uint8_t *oval, const uint8_t *oidx, const uint8_t *codes,
+CLONES static void dequantize(const uint8_t *scale, const uint8_t *zero, const uint8_t *oval, const uint8_t *oidx, const uint8_t *codes,
                        Py_ssize_t T, Py_ssize_t H, int D, int bits, int gran, int k, uint8_t *out, int odt) {
     Py_ssize_t nv = T * H, dp = (D + 1) / 2, ns = gran == VECTOR ? nv : (gran == CHANNEL ? H * D : 1);
     float y[D > 0 ? D : 1], sv[D > 0 ? D : 1], zv[D > 0 ? D : 1];
@@ -352,80 +376,125 @@ static int valid(Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, int bits, int gran, i
     return 1;
 }
 
-static Py_ssize_t nscales(int gran, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D) {
-    return gran == VECTOR ? T * H : (gran == CHANNEL ? H * D : 1);
+/* ---------------------------------------------------------------- whole layers and pages
+ * The layout of a layer's block (record.py's layer_sections, docs/quant.md) for the calls
+ * below, which save numpy's per-section views: one call per layer to encode, one per page to
+ * decode. */
+
+typedef struct { Py_ssize_t sinks, kscale, kzero, vscale, vzero, oval, oidx, body, total; } Layout;
+
+static Layout layout(int prec, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssize_t S, int k, int kg, int vg, int isz) {
+    Layout o;
+    Py_ssize_t t = T - S, nk = kg == VECTOR ? t * H : (kg == CHANNEL ? H * D : 1), nv = vg == VECTOR ? t * H : 1;
+    if (prec == 0) {
+        memset(&o, 0, sizeof o);
+        o.total = 2 * T * H * D * isz;
+        return o;
+    }
+    o.sinks = 2 * S * H * D * isz;
+    o.kscale = 2 * nk;
+    o.kzero = prec == 2 ? 2 * nk : 0;
+    o.vscale = 2 * nv;
+    o.vzero = prec == 2 ? 2 * nv : 0;
+    o.oval = 2 * t * H * k * 2;
+    o.oidx = 2 * t * H * k;
+    o.body = prec == 1 ? 2 * t * H * D : 2 * t * H * ((D + 1) / 2);
+    o.total = o.sinks + o.kscale + o.kzero + o.vscale + o.vzero + o.oval + o.oidx + o.body;
+    return o;
 }
 
-static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    PyObject *o[6];
-    Py_ssize_t T, H, D;
-    int sdt, bits, gran, k;
-    if (!PyArg_ParseTuple(args, "OinnniiiOOOOO", &o[0], &sdt, &T, &H, &D, &bits, &gran, &k, &o[1], &o[2], &o[3], &o[4], &o[5]))
-        return NULL;
-    if (!valid(T, H, D, bits, gran, k, sdt)) return NULL;
-    Py_ssize_t nv = T * H, ns = nscales(gran, T, H, D);
-    Py_ssize_t need[6] = {nv * D * (sdt == F32 ? 4 : 2), 2 * ns, bits == 4 ? 2 * ns : 0, 2 * nv * k, nv * k,
-                          bits == 8 ? nv * D : nv * ((D + 1) / 2)};
-    const char *names[6] = {"src", "scale", "zero", "oval", "oidx", "body"};
-    Py_buffer b[6];
-    int got = 0;
-    for (; got < 6; got++) {
-        if (got == 2 && bits == 8) { b[2].buf = NULL; b[2].obj = NULL; continue; }
-        if (get(o[got], &b[got], got > 0, need[got], names[got]) < 0) break;
+/* encode_layer(src, dt, T, H, D, S, k, kgran, vgran, prec, block) -> (errK2, xK2, errV2, xV2):
+ * one layer [2, T, H, D] at precision prec (1 int8, 2 int4) into block (its exact size). */
+static PyObject *py_encode_layer(PyObject *self, PyObject *args) {
+    PyObject *so, *bo;
+    Py_ssize_t T, H, D, S;
+    int dt, k, kg, vg, prec;
+    if (!PyArg_ParseTuple(args, "OinnnniiiiO", &so, &dt, &T, &H, &D, &S, &k, &kg, &vg, &prec, &bo)) return NULL;
+    int isz = dt == F32 ? 4 : 2;
+    if (S >= T || S < 0 || (prec != 1 && prec != 2) || vg == CHANNEL || !valid(T - S, H, D, prec == 1 ? 8 : 4, kg, k, dt) ||
+        !valid(T - S, H, D, 8, vg, k, dt))
+        return PyErr_Format(PyExc_ValueError, "invalid layer arguments");
+    Layout o = layout(prec, T, H, D, S, k, kg, vg, isz);
+    Py_buffer sb, bb;
+    if (get(so, &sb, 0, 2 * T * H * D * isz, "src") < 0) return NULL;
+    if (get(bo, &bb, 1, o.total, "block") < 0) { PyBuffer_Release(&sb); return NULL; }
+    double e[2] = {0, 0}, x[2] = {0, 0};
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *src = sb.buf;
+    uint8_t *b = bb.buf;
+    Py_ssize_t half = T * H * D * isz, t = T - S;
+    memcpy(b, src, S * H * D * isz);
+    memcpy(b + S * H * D * isz, src + half, S * H * D * isz);
+    uint8_t *kscale = b + o.sinks, *kzero = kscale + o.kscale, *vscale = kzero + o.kzero, *vzero = vscale + o.vscale;
+    uint8_t *oval = vzero + o.vzero, *oidx = oval + o.oval, *body = oidx + o.oidx;
+    for (int kv = 0; kv < 2; kv++) {
+        QArgs a = {src + kv * half + S * H * D * isz, dt, prec == 1 ? 8 : 4, kv ? vg : kg, k, t, H, D,
+                   kv ? vscale : kscale, kv ? vzero : kzero, oval + kv * o.oval / 2, oidx + kv * o.oidx / 2,
+                   body + kv * o.body / 2};
+        quantize(&a, &e[kv], &x[kv]);
     }
-    double err2 = 0.0, x2 = 0.0;
-    if (got == 6) {
-        QArgs a = {b[0].buf, sdt, bits, gran, k, T, H, D, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf};
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&bb);
+    return Py_BuildValue("dddd", e[0], x[0], e[1], x[1]);
+}
+
+/* decode_page(record, out, L, T, H, D, S, k, kgran, vgran, dt, isz): a verified record (the
+ * caller checked magic, version, checksum, length, header codes) into out; every outlier
+ * index is checked before anything is written (ValueError). */
+static PyObject *py_decode_page(PyObject *self, PyObject *args) {
+    PyObject *ro, *oo;
+    Py_ssize_t L, T, H, D, S;
+    int k, kg, vg, dt, isz;
+    if (!PyArg_ParseTuple(args, "OOnnnnniiiii", &ro, &oo, &L, &T, &H, &D, &S, &k, &kg, &vg, &dt, &isz)) return NULL;
+    Py_buffer rb, ob;
+    if (get(ro, &rb, 0, 32 + L, "record") < 0) return NULL;
+    if (get(oo, &ob, 1, 2 * L * T * H * D * isz, "out") < 0) { PyBuffer_Release(&rb); return NULL; }
+    const uint8_t *r = rb.buf, *table = r + 32;
+    Py_ssize_t at = 32 + L, t = T - S, half = T * H * D * isz;
+    int bad = 0;
+    for (Py_ssize_t l = 0; l < L && !bad; l++) {
+        Layout o = layout(table[l], T, H, D, S, k, kg, vg, isz);
+        if (at + o.total > rb.len || table[l] > 2 || (table[l] && (dt < 0 || t < 1))) { bad = 2; break; }
+        const uint8_t *oidx = r + at + o.sinks + o.kscale + o.kzero + o.vscale + o.vzero + o.oval;
+        for (Py_ssize_t i = 0; table[l] && i < o.oidx; i++) bad |= oidx[i] >= D;
+        at += o.total;
+    }
+    if (!bad) {
         Py_BEGIN_ALLOW_THREADS
-        quantize(&a, &err2, &x2);
+        at = 32 + L;
+        for (Py_ssize_t l = 0; l < L; l++) {
+            Layout o = layout(table[l], T, H, D, S, k, kg, vg, isz);
+            const uint8_t *b = r + at;
+            uint8_t *dst = (uint8_t *)ob.buf + l * 2 * half;
+            if (table[l] == 0) {
+                memcpy(dst, b, o.total);
+            } else {
+                memcpy(dst, b, S * H * D * isz);
+                memcpy(dst + half, b + S * H * D * isz, S * H * D * isz);
+                const uint8_t *kscale = b + o.sinks, *kzero = kscale + o.kscale, *vscale = kzero + o.kzero;
+                const uint8_t *vzero = vscale + o.vscale, *oval = vzero + o.vzero, *oidx = oval + o.oval, *body = oidx + o.oidx;
+                for (int kv = 0; kv < 2; kv++)
+                    dequantize(kv ? vscale : kscale, kv ? vzero : kzero, oval + kv * o.oval / 2, oidx + kv * o.oidx / 2,
+                               body + kv * o.body / 2, t, H, (int)D, table[l] == 1 ? 8 : 4, kv ? vg : kg, k,
+                               dst + kv * half + S * H * D * isz, dt);
+            }
+            at += o.total;
+        }
         Py_END_ALLOW_THREADS
     }
-    for (int i = 0; i < got; i++)
-        if (b[i].obj != NULL) PyBuffer_Release(&b[i]);
-    if (got < 6) return NULL;
-    return Py_BuildValue("dd", err2, x2);
-}
-
-static PyObject *py_dequantize(PyObject *self, PyObject *args) {
-    PyObject *o[6];
-    Py_ssize_t T, H, D;
-    int bits, gran, k, odt;
-    if (!PyArg_ParseTuple(args, "OOOOOnnniiiOi", &o[0], &o[1], &o[2], &o[3], &o[4], &T, &H, &D, &bits, &gran, &k, &o[5], &odt))
-        return NULL;
-    if (!valid(T, H, D, bits, gran, k, odt)) return NULL;
-    Py_ssize_t nv = T * H, ns = nscales(gran, T, H, D);
-    Py_ssize_t need[6] = {2 * ns, bits == 4 ? 2 * ns : 0, 2 * nv * k, nv * k, bits == 8 ? nv * D : nv * ((D + 1) / 2),
-                          nv * D * (odt == F32 ? 4 : 2)};
-    const char *names[6] = {"scale", "zero", "oval", "oidx", "body", "out"};
-    Py_buffer b[6];
-    int got = 0;
-    for (; got < 6; got++) {
-        if (got == 1 && bits == 8) { b[1].buf = NULL; b[1].obj = NULL; continue; }
-        if (get(o[got], &b[got], got == 5, need[got], names[got]) < 0) break;
-    }
-    int bad = 0;
-    if (got == 6) {
-        const uint8_t *idx = b[3].buf;
-        for (Py_ssize_t i = 0; i < nv * k; i++) bad |= idx[i] >= D;
-        if (!bad) {
-            Py_BEGIN_ALLOW_THREADS
-            dequantize(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, T, H, (int)D, bits, gran, k, b[5].buf, odt);
-            Py_END_ALLOW_THREADS
-        }
-    }
-    for (int i = 0; i < got; i++)
-        if (b[i].obj != NULL) PyBuffer_Release(&b[i]);
-    if (got < 6) return NULL;
+    PyBuffer_Release(&rb);
+    PyBuffer_Release(&ob);
     if (bad) {
-        PyErr_SetString(PyExc_ValueError, "an outlier index is past head_dim");
+        PyErr_SetString(PyExc_ValueError, bad == 2 ? "the blocks do not fit the record" : "an outlier index is past head_dim");
         return NULL;
     }
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"quantize", py_quantize, METH_VARARGS, "quantize one tensor into the given buffers; (err2, x2)"},
-    {"dequantize", py_dequantize, METH_VARARGS, "dequantize one tensor into out"},
+    {"encode_layer", py_encode_layer, METH_VARARGS, "quantize one layer into its block; (errK2, xK2, errV2, xV2)"},
+    {"decode_page", py_decode_page, METH_VARARGS, "dequantize a verified record into out"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,7 +9,7 @@ import pytest
 
 from kvstore.quant import PageShape, QuantScheme, codec, decode, encode, native, numeric
 
-pytestmark = pytest.mark.skipif(native.quantize is None, reason="kvstore/_quant.c is not built (make native)")
+pytestmark = pytest.mark.skipif(not native.available, reason="kvstore/_quant.c is not built (make native)")
 
 
 def page(shape: PageShape, seed: int) -> bytes:

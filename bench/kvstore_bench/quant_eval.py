@@ -178,7 +178,7 @@ def codec_speed(pages: list[np.ndarray], scheme: QuantScheme, repeat: int) -> di
     m = {k: median(v) for k, v in times.items()}
     nbytes = sum(p.nbytes for p in pages)
     return {
-        "codec": "C (kvstore/_quant.c)" if native.quantize is not None and codec.USE_NATIVE else "numpy",
+        "codec": "C (kvstore/_quant.c)" if native.available and codec.USE_NATIVE else "numpy",
         "pages": len(pages),
         "memcpy_gbps": round(nbytes / m["memcpy"] / 1e9, 2),
         "encode_ms_per_page": round(m["encode"] / len(pages) * 1e3, 3),

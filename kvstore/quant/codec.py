@@ -117,7 +117,7 @@ def encode(page: object, shape: PageShape, scheme: QuantScheme, sink_tokens: int
     if shape.dtype not in QUANTIZABLE or sink_tokens == shape.page_tokens:
         asked = ("fp",) * shape.num_layers
     info = RecordInfo(shape, asked, scheme.keys, scheme.values, k, sink_tokens, 0)
-    if native.quantize is not None and USE_NATIVE:
+    if native.available and USE_NATIVE:
         stored = [native.encode_layer(x[i], info, scheme, p) for i, p in enumerate(asked)]
     else:
         stored = _encode_numpy(x, info, scheme)
@@ -163,6 +163,13 @@ def decode(rec: object, shape: PageShape | None = None, out: object = None) -> n
     s = ri.shape
     if shape is not None and s != shape:
         raise RecordMismatch(f"the record holds a page of {s}, not {shape}")
+    if native.available and USE_NATIVE:
+        target = _target(out, s)
+        try:
+            native.decode_page(mv, ri, target)
+        except ValueError as e:
+            raise CorruptRecord(str(e)) from None
+        return target
     at = record.HEADER.size + s.num_layers
     blocks = []
     for p in ri.precisions:
@@ -170,17 +177,8 @@ def decode(rec: object, shape: PageShape | None = None, out: object = None) -> n
         if p != "fp" and ri.outliers and int(parts["out_idx"].max(initial=0)) >= s.head_dim:
             raise CorruptRecord(f"an outlier index is past head_dim {s.head_dim}")
         blocks.append(parts)
-    target = np.empty(s.page_bytes, np.uint8) if out is None else np.frombuffer(out, dtype=np.uint8)
-    if target.nbytes != s.page_bytes:
-        raise RecordMismatch(f"out has {target.nbytes} bytes, the page {s.page_bytes}")
+    target = _target(out, s)
     pages = target.view(np.uint16 if s.dtype == "bfloat16" else np.dtype(s.dtype)).reshape(s.dims)
-    if native.dequantize is not None and USE_NATIVE:
-        for i, p in enumerate(ri.precisions):
-            if p == "fp":
-                pages[i] = blocks[i]["raw"]
-            else:
-                native.decode_layer(blocks[i], ri, p, pages[i])
-        return target
     for p in ("int8", "int4"):
         layers = [i for i, q in enumerate(ri.precisions) if q == p]
         if layers:
@@ -190,6 +188,13 @@ def decode(rec: object, shape: PageShape | None = None, out: object = None) -> n
     for i, p in enumerate(ri.precisions):
         if p == "fp":
             pages[i] = blocks[i]["raw"]
+    return target
+
+
+def _target(out: object, s: PageShape) -> np.ndarray:
+    target = np.empty(s.page_bytes, np.uint8) if out is None else np.frombuffer(out, dtype=np.uint8)
+    if target.nbytes != s.page_bytes:
+        raise RecordMismatch(f"out has {target.nbytes} bytes, the page {s.page_bytes}")
     return target
 
 
