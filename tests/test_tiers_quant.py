@@ -402,3 +402,22 @@ def test_bad_tier_precision_is_refused_naming_the_field(fields: dict[str, Any], 
         store.create_namespace(SPEC)  # and a good one is taken
     finally:
         store.close()
+
+
+def test_a_demotion_while_the_quantizer_is_shut_down_drops_the_page(tmp_path: Path) -> None:
+    """The daemon stopping (the quantizer's threads shut down): an eviction frees its pages and
+    they are simply not cached; nothing raises, nothing is left being made."""
+
+    async def run() -> None:
+        b = Bench(tmp_path, SPEC)
+        try:
+            tokens, pages = prompt_pages(2, seed=12)
+            b.write(tokens, pages)
+            b.tiers.quant.close()
+            assert b.store.evict_all("q").pages_evicted == 2
+            assert len(b.tiers.quant.encoding) == 0 and len(b.tiers.host) == 0  # type: ignore[arg-type]
+            assert await b.read(tokens) == []
+        finally:
+            b.close()
+
+    asyncio.run(run())

@@ -47,6 +47,7 @@ class TierQuant:
     def __init__(self) -> None:
         self._schemes: dict[str, tuple[NamespaceSpec, PageShape, QuantScheme]] = {}
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._closed = False
         self._lock = threading.Lock()  # the counters, from the threads
         # Being encoded: key -> the page's original bytes (a lookup meanwhile promotes them).
         self.encoding: dict[PageKey, bytes] = {}
@@ -67,6 +68,8 @@ class TierQuant:
         }
 
     def executor(self) -> cf.ThreadPoolExecutor:
+        if self._closed:
+            raise RuntimeError("the quantizer's threads are shut down (the daemon is stopping)")
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(QUANT_THREADS, thread_name_prefix="kvstore-quant")
         return self._pool
@@ -123,8 +126,12 @@ class TierQuant:
         except RuntimeError:
             placed(ns, key, self.record(ns, key.block_hash, parent_hash, raw))
             return
+        try:
+            fut = loop.run_in_executor(self.executor(), self._encode, *self._args(ns, parent_hash), raw)
+        except RuntimeError:  # the daemon is stopping: its threads are shut down
+            placed(ns, key, None)
+            return
         self.encoding[key] = raw
-        fut = loop.run_in_executor(self.executor(), self._encode, *self._args(ns, parent_hash), raw)
         self._done[key] = fut
 
         def made(f: asyncio.Future[tuple[Encoded, float]]) -> None:
@@ -179,5 +186,6 @@ class TierQuant:
             return dict(self.counters)
 
     def close(self) -> None:
+        self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
