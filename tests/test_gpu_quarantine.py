@@ -109,3 +109,21 @@ def test_a_session_closed_by_its_client_frees_at_once(daemon_factory, monkeypatc
                 c.namespace(NS).page(p.slot).fill_(1)
         # close() synchronized, then CloseSession: nothing can still write those pages.
         assert counts(raw) == {"free": TOTAL, "reserved": 0, "quarantined": 0, "sessions": 0}
+
+
+def test_a_pid_is_watched_only_when_it_means_this_process_here() -> None:
+    from kvstore.store.quarantine import exited, watch_pid
+
+    ours = os.stat("/proc/self/ns/pid").st_ino
+    # Not told, out of range, or from another pid namespace: no pidfd (the grace applies).
+    assert watch_pid(0, ours) == watch_pid(-5, ours) == watch_pid(2**63 - 1, ours) == -1
+    assert watch_pid(os.getpid(), ours + 1) == watch_pid(os.getpid(), 0) == -1
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    fd = watch_pid(child.pid, ours)
+    try:
+        assert fd >= 0 and not exited(fd)
+        child.kill()
+        child.wait()
+        assert exited(fd)
+    finally:
+        os.close(fd)

@@ -41,7 +41,7 @@ def watch_pid(pid: int, pid_ns: int) -> int:
         if os.stat("/proc/self/ns/pid").st_ino != pid_ns:
             return -1  # another pid namespace: its pid names another process here, or none
         return os.pidfd_open(pid)
-    except (OSError, AttributeError):  # gone already, no pidfd_open (Linux < 5.3)
+    except (OSError, OverflowError, AttributeError):  # gone, out of range, no pidfd_open (Linux < 5.3)
         return -1
 
 
