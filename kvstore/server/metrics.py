@@ -23,7 +23,13 @@ from kvstore.store.types import NamespaceStats
 
 log = logging.getLogger(__name__)
 
-PAGE_STATES = ("free", "reserved", "sealed", "pinned")
+PAGE_STATES = (
+    "free",
+    "reserved",
+    "sealed",
+    "pinned",
+    "quarantined",
+)  # (quarantined: device pools, of reserved)
 COUNTERS = {  # NamespaceStats field -> (metric name, help)
     "hit_tokens": ("kvstore_hit_tokens", "prompt tokens found cached by lookups"),
     "miss_tokens": ("kvstore_miss_tokens", "prompt tokens lookups did not find"),
