@@ -97,7 +97,10 @@ static inline uint16_t scale16(float m, float qmax) {
  * to 1e-9, records byte for byte). */
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+
+static inline v4f vload4(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
 
 static inline v8f vload(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline v8f vmax(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
@@ -193,16 +196,19 @@ static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, 
     for (int j = 0; j < k; j++) y[a->oidx[v * k + j]] = h2f(ld16(a->oval, v * k + j));
     if (a->sdt != F32)
         for (int d = 0; d < D; d++) y[d] = round_to(y[d], a->sdt);
-    v8d e = {0}, s = {0};
+    v4d e0 = {0}, e1 = {0}, s0 = {0}, s1 = {0};
     int d = 0;
     for (; d + 8 <= D; d += 8) {
-        v8f xf = vload(x + d), df = xf - vload(y + d);
-        v8d dd = __builtin_convertvector(df, v8d), xd = __builtin_convertvector(xf, v8d);
-        e += dd * dd;
-        s += xd * xd;
+        v4f xa = vload4(x + d), xb = vload4(x + d + 4);
+        v4d da = __builtin_convertvector(xa - vload4(y + d), v4d), db = __builtin_convertvector(xb - vload4(y + d + 4), v4d);
+        v4d xda = __builtin_convertvector(xa, v4d), xdb = __builtin_convertvector(xb, v4d);
+        e0 += da * da;
+        e1 += db * db;
+        s0 += xda * xda;
+        s1 += xdb * xdb;
     }
-    double et = 0.0, st = 0.0;
-    for (int u = 0; u < 8; u++) { et += e[u]; st += s[u]; }
+    v4d e = e0 + e1, s = s0 + s1;
+    double et = (e[0] + e[1]) + (e[2] + e[3]), st = (s[0] + s[1]) + (s[2] + s[3]);
     for (; d < D; d++) {
         double diff = (double)(x[d] - y[d]), xd = (double)x[d];
         et += diff * diff;
