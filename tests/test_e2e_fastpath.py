@@ -135,6 +135,33 @@ def test_a_client_that_dies_holding_a_credit_leaks_nothing(daemon, raw) -> None:
     assert raw.counts(NS)["pages_sealed"] == 4
 
 
+def test_a_put_told_its_cached_prefix_copies_only_the_rest(daemon, counted, raw) -> None:
+    kv, counter = counted
+    shape = kv.namespace(NS).page_shape
+    head = prompt(3 * T, seed=30)
+    kv.put(NS, head, kv_bytes(head, shape))  # Reserve + Seal: a credit of 3 pages
+    full = [*head, *prompt(2 * T, seed=31)]
+    counter.calls.clear()
+    res = kv.put(NS, full, kv_bytes(full, shape), cached_tokens=3 * T)
+    assert counter.calls == ["Put"]
+    assert (res.written_pages, res.cached_tokens, res.sealed_pages) == (2, 3 * T, 2)
+    with Worker("reader") as other:
+        other.call("connect", target=daemon.target)
+        found = other.call("lookup", namespace=NS, tokens=full)
+        assert found["hit_tokens"] == 5 * T
+        assert other.call("verify", namespace=NS, tokens=full, slots=found["slots"])["mismatched"] == []
+        # A hint no longer true (the prefix evicted meanwhile): the put falls back, writes it all.
+        kv.evict(NS, all=True)
+        evicted = [*prompt(3 * T, seed=32), *prompt(T, seed=33)]
+        counter.calls.clear()
+        res = kv.put(NS, evicted, kv_bytes(evicted, shape), cached_tokens=3 * T)
+        assert counter.calls == ["Put", "Release", "Reserve", "Seal"]
+        assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 4, 0)
+        found = other.call("lookup", namespace=NS, tokens=evicted)
+        assert other.call("verify", namespace=NS, tokens=evicted, slots=found["slots"])["mismatched"] == []
+    assert idle(raw.counts(NS)) == credit_held(4)
+
+
 def test_threads_of_one_client_put_at_once_each_into_its_own_credit(daemon, counted, raw) -> None:
     kv, counter = counted
     shape = kv.namespace(NS).page_shape
@@ -213,6 +240,8 @@ def test_a_put_that_fails_changes_nothing_and_keeps_the_credit(counted, raw) -> 
         (put(slots=credit.slots[:1]), grpc.StatusCode.INVALID_ARGUMENT, "one slot per page"),
         (put(token_ids=[1, 2, -1, 4, 5]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
         (put(credit_sequence_id=credit.sequence_id + 999), grpc.StatusCode.NOT_FOUND, "sequence_id"),
+        (put(skip_pages=3), grpc.StatusCode.INVALID_ARGUMENT, "skip_pages"),
+        (put(skip_pages=1, slots=credit.slots[:1]), grpc.StatusCode.FAILED_PRECONDITION, "cached"),
     ):
         assert_status(raw.error("Put", request), code, part)
         assert raw.counts(NS) == before, f"a Put refused with {code.name} changed nothing"

@@ -45,6 +45,7 @@ class FastPath:
         max_tokens: int = 0,
         options: SequenceOptions | None = None,
         model_fingerprint: str = "",
+        cached_tokens: int = 0,
     ) -> PutResult:
         """Store the KV of `tokens` from `data`: page i at bytes [i*page_bytes, (i+1)*page_bytes)
         of a buffer, array or CPU tensor, or a function `data(pages, views)` that writes the
@@ -52,11 +53,14 @@ class FastPath:
         enough (every page is copied into it; the copies of pages sealed already are dropped),
         else two (Reserve, then the pages nobody had sealed written, then Seal), whose reply
         grants a credit the size of this put. With a function, `max_tokens` or `options` it
-        is always two. When it returns, every full page is visible to every process."""
+        is always two. `cached_tokens` (e.g. a get's `hit_tokens`): the full pages among them
+        are known cached and not copied into the credit (if they were evicted meanwhile, the
+        put falls back to Reserve + Seal). When it returns, every full page is visible to
+        every process."""
         kw = dict(
             extra_keys=extra_keys, max_tokens=max_tokens, options=options, fingerprint=model_fingerprint
         )
-        return drive(self._run, put(self, namespace, tokens, data, **kw))
+        return drive(self._run, put(self, namespace, tokens, data, cached_tokens, **kw))
 
     def get(
         self,
@@ -125,11 +129,12 @@ class AsyncFastPath:
         max_tokens: int = 0,
         options: SequenceOptions | None = None,
         model_fingerprint: str = "",
+        cached_tokens: int = 0,
     ) -> PutResult:
         kw = dict(
             extra_keys=extra_keys, max_tokens=max_tokens, options=options, fingerprint=model_fingerprint
         )
-        return await drive_async(self._run, put(self, namespace, tokens, data, **kw))
+        return await drive_async(self._run, put(self, namespace, tokens, data, cached_tokens, **kw))
 
     async def get(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _copy, _wire
-from .errors import KVStoreClientError
+from .errors import FailedPrecondition, InvalidArgument, KVStoreClientError
 from .fastpath import (
     Flow,
     PutData,
@@ -53,15 +53,28 @@ class Credits:
 
 
 def put(
-    client: Any, namespace: str | Namespace, tokens: _wire.Tokens, data: PutData, **kw: Any
+    client: Any,
+    namespace: str | Namespace,
+    tokens: _wire.Tokens,
+    data: PutData,
+    cached_tokens: int = 0,
+    **kw: Any,
 ) -> Flow[PutResult]:
     ns = yield from namespace_of(client, namespace)
+    if cached_tokens < 0:
+        raise InvalidArgument(f"cached_tokens={cached_tokens} is negative")
     req = reserve_request(client.session_id, ns, tokens, **kw)
     pages = -(-len(req.token_ids) // ns.page_tokens)
     plain = callable(data) or req.max_tokens or req.HasField("options")
+    skip = min(cached_tokens, len(req.token_ids)) // ns.page_tokens
     credit = client._credits.take(ns)
-    if credit is not None and not plain and len(credit.slots) >= pages:
-        return (yield from _into_credit(client, ns, req, data, credit, pages))
+    if credit is not None and not plain and len(credit.slots) >= pages - skip:
+        try:
+            return (yield from _into_credit(client, ns, req, data, credit, pages, skip))
+        except FailedPrecondition:
+            if not skip:
+                raise
+            credit = None  # (forgotten) the prefix was evicted meanwhile: Reserve says what to write
     if plain:  # keep the credit for a put that can use it
         client._credits.give(ns, credit)
         credit = None
@@ -82,16 +95,23 @@ def _drop(client: Any, credit: pb.Credit) -> Flow[None]:
 
 
 def _into_credit(
-    client: Any, ns: Namespace, req: pb.ReserveRequest, data: PutData, credit: pb.Credit, pages: int
+    client: Any,
+    ns: Namespace,
+    req: pb.ReserveRequest,
+    data: PutData,
+    credit: pb.Credit,
+    pages: int,
+    skip: int,
 ) -> Flow[PutResult]:
+    """Copy pages [skip, pages) into the credit, then Put."""
     sid = client.session_id
     try:
         src = src_of(ns, data, pages)
     except BaseException:
         client._credits.give(ns, credit)
         raise
-    slots = credit.slots[:pages]
-    _copy.copy_in(ns, src, range(pages), slots)
+    slots = credit.slots[: pages - skip]
+    _copy.copy_in(ns, src, range(skip, pages), slots)
     call = pb.PutRequest(
         session_id=sid,
         namespace=ns.name,
@@ -102,6 +122,7 @@ def _into_credit(
         slots=slots,
         credit_pages=pages,
         release_pin_ids=client._pins_done.take(),
+        skip_pages=skip,
     )
     try:
         r = yield _wire.Call("kv", "Put", call, _same, pool=ns, sync_first=ns)
@@ -109,7 +130,7 @@ def _into_credit(
         yield from _drop(client, credit)
         raise
     client._credits.give(ns, r.credit)
-    return PutResult(r.num_tokens, r.cached_tokens, pages, r.sealed_pages, r.deduplicated_pages)
+    return PutResult(r.num_tokens, r.cached_tokens, pages - skip, r.sealed_pages, r.deduplicated_pages)
 
 
 def _reserve_and_seal(

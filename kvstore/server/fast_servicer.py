@@ -113,6 +113,7 @@ def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
         request.credit_sequence_id,
         request.slots,
         request.credit_pages,
+        request.skip_pages,
     )
     return pb.PutResponse(
         num_tokens=appended.num_tokens,

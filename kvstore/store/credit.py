@@ -44,6 +44,7 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
         return Credit()
     seq = session.sequences[seq_id]
     seq.credit = True
+    seq.max_tokens = 0  # a put into it may be longer: its cached prefix takes no credit page
     spare = seq.spare
     # Ascending: a put copies each run of consecutive slots in one go (the client library).
     return Credit(seq_id, tuple(sorted(p.slot for p in spare)), ns.pool.handle.epoch)
@@ -76,9 +77,11 @@ def put(
     credit_id: int,
     slots: Seq[int],
     credit_pages: int,
+    skip_pages: int = 0,
 ) -> tuple[AppendResult, CommitResult, Credit]:
-    """Append `token_ids` to the credit with page i in `slots[i]`, seal, release, grant the
-    next credit. Fails having changed nothing (the credit still held) until the append is done."""
+    """Append `token_ids` to the credit with page skip_pages + i in `slots[i]` (the first
+    `skip_pages` must be cached), seal, release, grant the next credit. Fails having changed
+    nothing (the credit still held) until the append is done."""
     store.reap_pins()
     ns = store.namespace(namespace)
     session, seq = unused_credit(store, sid, credit_id)
@@ -87,11 +90,24 @@ def put(
     ns.check_model(model_fingerprint)
     extra = validate.extra_keys(extra_keys, store.limits)
     T = ns.spec.page_tokens
-    if len(slots) != -(-len(token_ids) // T):
+    pages = -(-len(token_ids) // T)
+    if skip_pages > len(token_ids) // T:
+        raise InvalidArgument(f"skip_pages={skip_pages} is more than the {len(token_ids) // T} full pages")
+    if len(slots) != pages - skip_pages:
         raise InvalidArgument(
-            f"slots has {len(slots)} entries; the {len(token_ids)} token ids fill "
-            f"{-(-len(token_ids) // T)} pages of {T} tokens: give one slot per page"
+            f"slots has {len(slots)} entries; the {len(token_ids)} token ids fill {pages} pages of "
+            f"{T} tokens: give one slot per page after skip_pages={skip_pages}"
         )
+    if skip_pages:
+        tokens = validate.token_array(
+            token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=store.limits
+        )
+        cached = len(ns.index.match(tokens[: skip_pages * T].tobytes(), T, extra))
+        if cached < skip_pages:
+            raise FailedPrecondition(
+                f"skip_pages={skip_pages} but only the first {cached} pages are cached (evicted "
+                "meanwhile?): copy them too and put again"
+            )
     spare = {p.slot: p for p in seq.spare}
     at: dict[int, Page] = {}
     for i, slot in enumerate(slots):
@@ -100,7 +116,7 @@ def put(
             raise InvalidArgument(
                 f"slots[{i}]={slot} is not an unused page of credit {credit_id} (or is given twice)"
             )
-        at[i] = page
+        at[skip_pages + i] = page
     old_spare, old_extra = seq.spare, seq.extra_keys
     seq.spare, seq.extra_keys = list(spare.values()), extra
     try:

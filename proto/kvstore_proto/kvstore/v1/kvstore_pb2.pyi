@@ -581,7 +581,7 @@ class Credit(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -591,6 +591,7 @@ class PutRequest(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CREDIT_PAGES_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -600,7 +601,8 @@ class PutRequest(_message.Message):
     slots: _containers.RepeatedScalarFieldContainer[int]
     credit_pages: int
     release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    skip_pages: int
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("num_tokens", "cached_tokens", "sealed_pages", "deduplicated_pages", "pool_epoch", "credit")
