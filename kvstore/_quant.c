@@ -163,27 +163,32 @@ static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
 
 /* Codes of one vector's body with per-element scale s[d] (and zero z[d]); y = what they
  * dequantize to, before the outliers go back. Simple loops: the compiler vectorizes them. */
-static inline __attribute__((always_inline)) void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const float *s, const float *z, float *y) {
+static inline __attribute__((always_inline)) void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const float *s, const float *z, float *y,
+                                                              int per_col) {
     int D = (int)a->D;
+    /* per_col is a constant at each call: the loops are built for both, scalar s and z
+     * broadcast in the second */
     if (a->bits == 8) {
         int8_t *out = (int8_t *)a->body + v * D;
         for (int d = 0; d < D; d++) {
-            float q = rne(body[d] / s[d]);
+            float sd = per_col ? s[d] : s[0];
+            float q = rne(body[d] / sd);
             q = q > -127.0f ? q : -127.0f;
             q = q < 127.0f ? q : 127.0f;
             out[d] = (int8_t)(int)q;
-            y[d] = q * s[d];
+            y[d] = q * sd;
         }
         return;
     }
     float qv[D + 1];
     for (int d = 0; d < D; d++) {
-        float q = rne((body[d] - z[d]) / s[d]);
+        float sd = per_col ? s[d] : s[0], zd = per_col ? z[d] : z[0];
+        float q = rne((body[d] - zd) / sd);
         q = q > 0.0f ? q : 0.0f;
         q = q < 15.0f ? q : 15.0f;
         qv[d] = q;
-        float t = q * s[d];
-        y[d] = t + z[d];
+        float t = q * sd;
+        y[d] = t + zd;
     }
     qv[D] = 0.0f;
     uint8_t *out = a->body + v * ((D + 1) / 2);
@@ -236,7 +241,7 @@ static inline void load_vector(const QArgs *a, Py_ssize_t v, float *x) {
 CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
     int D = (int)a->D, k = a->k, bits = a->bits;
     Py_ssize_t nv = a->T * a->H, H = a->H;
-    float x[D], body[D], y[D], sv[D], zv[D];
+    float x[D], body[D], y[D];
     uint8_t pick[D > 0 ? D : 1];
     float qmax = bits == 8 ? 127.0f : 15.0f;
     if (a->gran == VECTOR) {
@@ -257,8 +262,7 @@ CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
                 st16(a->zero, v, zh);
                 sc = h2f(sh);
             }
-            for (int d = 0; d < D; d++) { sv[d] = sc; zv[d] = zc; }
-            code_vector(a, v, body, sv, zv, y);
+            code_vector(a, v, body, &sc, &zc, y, 0);
             finish_vector(a, v, x, y, err2, x2);
         }
         return;
@@ -309,10 +313,9 @@ CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
         memcpy(body, x, sizeof(float) * D);
         for (int j = 0; j < k; j++) body[a->oidx[v * k + j]] = 0.0f;
         if (a->gran == CHANNEL) {
-            code_vector(a, v, body, s + (v % H) * D, z + (v % H) * D, y);
+            code_vector(a, v, body, s + (v % H) * D, z + (v % H) * D, y, 1);
         } else {
-            for (int d = 0; d < D; d++) { sv[d] = s[0]; zv[d] = z[0]; }
-            code_vector(a, v, body, sv, zv, y);
+            code_vector(a, v, body, s, z, y, 0);
         }
         finish_vector(a, v, x, y, err2, x2);
     }
