@@ -12,7 +12,8 @@ repo's 3.11 .venv cannot be used there). Then:
 2. pytest on the GPU tests (the CUDA ones must run, not skip: a skip fails the check) and
    the fake-device and Triton tests, natively; junit XML in --out;
 3. `kvstore-bench gpu --json`;
-4. --out/gpu-check.json: all of it, the goals and whether each was met, and `ok`.
+4. tools/gpu_check_quant.py (the Triton quantization kernels natively, and their speed);
+5. --out/gpu-check.json: all of it, the goals and whether each was met, and `ok`.
 Exit status 0 only when every step passed.
 """
 
@@ -47,7 +48,6 @@ OTHER_TESTS = [
     "tests/test_gpu_fake.py",
     "tests/test_gpu_quarantine.py",
     "tests/test_gpu_lifecycle.py",
-    "tests/test_quant_triton.py",
 ]
 GOALS = {"ipc_vs_d2d": 0.9, "offload_vs_pinned": 0.8, "promote_vs_pinned": 0.8}
 
@@ -155,6 +155,21 @@ def bench(env: dict[str, str], out: Path, timeout: int) -> dict[str, object]:
     return json.loads(run.stdout)
 
 
+def quant(env: dict[str, str], out: Path, timeout: int) -> dict[str, object]:
+    """tools/gpu_check_quant.py (issue 17's kernels): its own tests and throughput lines."""
+    script = ROOT / "tools" / "gpu_check_quant.py"
+    if not script.exists():
+        return {"skipped": f"{script} is not in this tree"}
+    try:
+        run = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"rc": 124, "error": f"timed out after {timeout}s"}
+    (out / "gpu-check-quant.txt").write_text(run.stdout + run.stderr)
+    return {"rc": run.returncode, "tail": (run.stdout + run.stderr)[-3000:]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/gpu-out")))
@@ -176,6 +191,7 @@ def main() -> int:
     report["other_tests"] = pytest(env, out, OTHER_TESTS, "other", 400)
     result = {} if args.skip_bench else bench(env, out, 300)
     report["bench"] = result
+    report["quant"] = quant(env, out, 300)
     met = {
         k: (result.get(k) is not None and result[k] >= goal)
         for k, goal in GOALS.items()
@@ -188,6 +204,7 @@ def main() -> int:
         and not cuda.get("not_passed")
         and cuda.get("passed")  # type: ignore[union-attr]
         and report["other_tests"].get("rc") == 0  # type: ignore[union-attr]
+        and report["quant"].get("rc", 0) == 0  # type: ignore[union-attr]
         and (args.skip_bench or "error" not in result)
     )
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
