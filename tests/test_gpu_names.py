@@ -4,6 +4,7 @@ when the bytes are not all there. A stand-in replaces CuPy's two runtime calls."
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -40,3 +41,21 @@ def test_a_namespace_device_resolves_to_this_process_ordinal() -> None:
     for bad in ("cuda:2", "cuda:GPU-ffffffff-0000-0000-0000-000000000000"):
         with pytest.raises(ValueError, match="device="):
             resolve(bad, cupy)
+
+
+def test_a_handle_is_opened_once_per_process_and_closed_by_its_last_mapping() -> None:
+    from kvstore_client._cuda_pool import _opened, close_handle, open_handle
+
+    calls: list[tuple[str, object]] = []
+    runtime = SimpleNamespace(
+        ipcOpenMemHandle=lambda h: calls.append(("open", h)) or 0xBEEF,
+        ipcCloseMemHandle=lambda p: calls.append(("close", p)),
+    )
+    cupy = SimpleNamespace(cuda=SimpleNamespace(runtime=runtime, Device=lambda i: nullcontext()))
+    key = ("cuda:GPU-x", b"h" * 64)
+    assert open_handle(cupy, 0, key) == open_handle(cupy, 0, key) == 0xBEEF
+    assert calls == [("open", b"h" * 64)]  # the second mapping shares the first one's pointer
+    close_handle(cupy, 0, key)
+    assert calls == [("open", b"h" * 64)] and key in _opened
+    close_handle(cupy, 0, key)
+    assert calls == [("open", b"h" * 64), ("close", 0xBEEF)] and key not in _opened

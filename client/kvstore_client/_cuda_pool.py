@@ -1,6 +1,6 @@
 """A CUDA IPC pool, mapped once per process (the daemon's side: kvstore/memory/cuda_pool.py).
 
-`ipcOpenMemHandle` on the device whose UUID the descriptor names (never an ordinal: this
+`ipcOpenMemHandle` (once per process: mappings of one handle share it) on the device whose UUID the descriptor names (never an ordinal: this
 process's CUDA_VISIBLE_DEVICES may number it differently), wrapped without a copy:
 `cupy.cuda.UnownedMemory` -> `cupy.ndarray` -> `torch.from_dlpack`. The mapping owns the
 base tensor every page view is cut from; `close` synchronizes, drops it and closes the
@@ -11,6 +11,7 @@ here only, when a CUDA pool is opened. Not verified without a GPU: tools/gpu_che
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -46,6 +47,32 @@ def visible_uuids(cupy: Any) -> list[str]:
     return out
 
 
+# A handle is opened once per process (CUDA refuses a second cudaIpcOpenMemHandle of it in
+# the same context): every mapping of it here shares that pointer, the last one closes it.
+_opened: dict[tuple[str, bytes], list[int]] = {}  # (device, handle) -> [pointer, mappings]
+_opened_lock = threading.Lock()
+
+
+def open_handle(cupy: Any, ordinal: int, key: tuple[str, bytes]) -> int:
+    with _opened_lock:
+        got = _opened.get(key)
+        if got is None:
+            with cupy.cuda.Device(ordinal):
+                got = _opened[key] = [cupy.cuda.runtime.ipcOpenMemHandle(key[1]), 0]
+        got[1] += 1
+        return got[0]
+
+
+def close_handle(cupy: Any, ordinal: int, key: tuple[str, bytes]) -> None:
+    with _opened_lock:
+        got = _opened[key]
+        got[1] -= 1
+        if got[1] == 0:
+            del _opened[key]
+            with cupy.cuda.Device(ordinal):
+                cupy.cuda.runtime.ipcCloseMemHandle(got[0])
+
+
 class CudaMapping(PoolMapping):
     """Page views (torch CUDA tensors) of a pool in another process's device allocation."""
 
@@ -59,6 +86,7 @@ class CudaMapping(PoolMapping):
         _check_geometry(d, self.dtype, int(d.alloc_nbytes))
         self._mm = None
         self._cupy, self._ordinal, self._ptr = cupy, ordinal, ptr
+        self._key = (d.device, bytes(d.ipc_handle))
         self._bytes = base
         self._rows = None  # (PoolMapping.rows, built on first use)
         self.torch_device = base.device
@@ -76,14 +104,15 @@ class CudaMapping(PoolMapping):
                 "only on the same device (and not across MIG instances)"
             )
         ordinal = uuids.index(uuid)
+        key = (d.device, bytes(d.ipc_handle))
+        try:
+            ptr = open_handle(cupy, ordinal, key)
+        except Exception as e:  # loud: never a silent fallback to a slow path
+            raise PoolError(
+                f"pool on {d.device!r}: cudaIpcOpenMemHandle failed ({e}); the daemon and this "
+                "process need the same GPU and a shared PID namespace (docs/gpu.md)"
+            ) from e
         with cupy.cuda.Device(ordinal):
-            try:
-                ptr = cupy.cuda.runtime.ipcOpenMemHandle(bytes(d.ipc_handle))
-            except Exception as e:  # loud: never a silent fallback to a slow path
-                raise PoolError(
-                    f"pool on {d.device!r}: cudaIpcOpenMemHandle failed ({e}); the daemon and this "
-                    "process need the same GPU and a shared PID namespace (docs/gpu.md)"
-                ) from e
             n = int(d.alloc_nbytes)
             mem = cupy.cuda.UnownedMemory(ptr, n, d, ordinal)
             arr = cupy.ndarray((n,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
@@ -92,8 +121,7 @@ class CudaMapping(PoolMapping):
             return cls(d, cupy, ordinal, ptr, base)
         except BaseException:
             del base, arr
-            with cupy.cuda.Device(ordinal):
-                cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+            close_handle(cupy, ordinal, key)
             raise
 
     def record(self) -> Any:
@@ -115,9 +143,8 @@ class CudaMapping(PoolMapping):
             return
         self.synchronize()
         self._bytes = self._rows = None
-        ptr, self._ptr = self._ptr, 0
-        with self._cupy.cuda.Device(self._ordinal):
-            self._cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+        self._ptr = 0
+        close_handle(self._cupy, self._ordinal, self._key)
         log.info("closed CUDA IPC mapping of %s", self.descriptor.device)
 
     def __repr__(self) -> str:
