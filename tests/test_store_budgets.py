@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.errors import FailedPrecondition, InvalidArgument
+from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from kvstore.memory.pages import PageState
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceSpec, SequenceOptions, StoreLimits
@@ -303,3 +303,30 @@ def test_fingerprint_match_or_empty_accepted(fp_store, sid):
     fp_store.allocate(sid, "ns", 0, b"", None, "anything")
     fp_store.lookup(sid, "ns", toks(4), b"", False, "anything")
     assert fp_store.namespaces["ns"].spec.model_fingerprint == ""
+
+
+def test_a_dropped_page_under_a_held_page_is_counted_as_held_not_as_obtainable():
+    """A window drops page 0 while the sequence keeps pages 1-2, which extend it in the tree:
+    eviction (leaves first) cannot take page 0 until they go. Evict reports it as skipped, and
+    an allocation that only page 0 could satisfy is refused without evicting anything."""
+    spec = make_spec(num_pages=5)
+    s = Store(LIMITS, shm_prefix=f"kvtest-budget-{uuid.uuid4().hex[:12]}-")
+    try:
+        s.create_namespace(spec)
+        sid = s.open_session("t", 0.0).session_id
+        seq, _ = s.allocate(sid, "ns", 0, b"", window(0, 5))
+        s.append(sid, seq, [1] * 6)
+        s.commit(sid, seq, 6, [])
+        assert s.append(sid, seq, [1]).dropped == [0]  # pages 1, 2 sealed and held; 3 reserved
+        ns = s.namespaces["ns"]
+        assert ns.obtainable() == 1  # the one free page, not page 0
+        with pytest.raises(ResourceExhausted):
+            s.allocate(sid, "ns", 2 * T, b"")
+        assert ns.evictions == 0
+        r = s.evict_all("ns")
+        assert (r.pages_evicted, r.pages_skipped_pinned) == (0, 3)
+        s.release_sequence(sid, seq)  # now page 0 and its subtree can go
+        assert ns.obtainable() == 5
+        assert s.evict_all("ns").pages_evicted == 3
+    finally:
+        s.close()

@@ -27,8 +27,7 @@ from .scheme import KEY_SCALES, PRECISIONS, VALUE_SCALES, PageShape
 MAGIC = b"KVQ1"
 VERSION = 1
 HEADER = struct.Struct("<4s6B7HQ")
-_CHECKED = 24  # the header's bytes before the checksum
-assert HEADER.size == 32 and HEADER.size - 8 == _CHECKED
+_CHECKED = HEADER.size - 8  # the header's bytes before the checksum (the last 8)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,8 @@ def drop_pages(seq: Sequence, drops: list[int], cut: int) -> None:
                     ns.free_reserved(page)
                 else:
                     ns.unref(page)  # stays cached for others
+                    if page.refcount == 0 and page.children:
+                        ns.held_up.add(page)  # may sit under this sequence's later pages
                 seq.pages[i] = None
                 seq.held -= 1
         seq.scores.pop(i, None)

@@ -84,6 +84,9 @@ class Namespace:
         self.evictions = 0
         self.deduplicated_pages = 0
         self.budget_dropped_pages = 0
+        # Sealed pages a budget let go while a page extending them stayed pinned (only a budget
+        # can unpin a page under a pinned one): eviction cannot take them until that page goes.
+        self.held_up: set[Page] = set()
         self.pages_quarantined = 0  # RESERVED, held for a dead client (store/quarantine.py)
         # Explain's memory of pages gone from every tier (kvstore/observe/explain.py): block
         # hash -> when, by whom, for what; the newest last.
@@ -219,8 +222,15 @@ class Namespace:
     # ------------------------------------------------------------ capacity
 
     def obtainable(self) -> int:
-        """Free pages plus sealed pages nobody pins: an upper bound on what eviction can yield."""
-        return len(self.pages.free) + len(self.index) - self.pages_pinned
+        """Free pages plus the sealed pages eviction can take: nobody pins them or a page that
+        extends them."""
+        return len(self.pages.free) + len(self.index) - self.pages_pinned - self.pages_held_up()
+
+    def pages_held_up(self) -> int:
+        """Unpinned sealed pages that a pinned page extends (see `held_up`)."""
+        still = {p for p in self.held_up if p.state is PageState.SEALED and p.refcount == 0 and pins_below(p)}
+        self.held_up = still
+        return len(still)
 
     def make_room(self, needed: int, what: str) -> None:
         """Evict (policy's choice) until `needed` pages are free, or raise with the numbers."""
@@ -267,7 +277,7 @@ class Namespace:
                 evicted += 1
         finally:
             self.evicting_for = ""
-        return EvictResult(evicted, evicted * self.spec.page_bytes, self.pages_pinned)
+        return EvictResult(evicted, evicted * self.spec.page_bytes, self.pages_pinned + self.pages_held_up())
 
     def evict_subtree(self, top: Page, why: str = "Evict RPC (prefix)") -> EvictResult:
         """Evict `top` and every resident page extending it, leaves first; pinned ones stay."""
@@ -340,3 +350,8 @@ class Namespace:
             budget_dropped_pages=self.budget_dropped_pages,
             pages_quarantined=self.pages_quarantined,
         )
+
+
+def pins_below(page: Page) -> bool:
+    """Whether a pinned page extends `page` (its subtree, below it)."""
+    return any(p.refcount > 0 for p in subtree_postorder(page) if p is not page)
