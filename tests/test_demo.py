@@ -56,6 +56,34 @@ class Run:
     def argv(self, *args: str) -> list[str]:
         return [*_demo_argv(), "--socket", str(self.socket), *args]
 
+    def demo(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """Run the demo to its end. It starts a daemon of its own, in a process group of its
+        own: on a timeout the demo gets SIGINT (it stops its daemon), and whatever still runs
+        on this run's socket is killed, so a slow run leaves no daemon behind."""
+        proc = subprocess.Popen(
+            self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env()
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            self.kill_daemons()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def kill_daemons(self) -> None:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(self.socket).encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass  # gone meanwhile
+
     def segments(self) -> list[str]:
         return sorted(p.name for p in SHM_DIR.glob(f"{self.shm_prefix}*"))
 
@@ -86,9 +114,7 @@ def _pids(out: str) -> tuple[int, int, int]:
 
 @pytest.mark.slow
 def test_demo_no_serve_shares_kv_between_two_processes_and_cleans_up(run: Run) -> None:
-    proc = subprocess.run(
-        run.argv("--no-serve", "--plain"), capture_output=True, text=True, timeout=300, env=run.env()
-    )
+    proc = run.demo("--no-serve", "--plain", timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
 
@@ -176,9 +202,7 @@ def test_model_demo_answers_from_the_cache_like_the_model_alone(run: Run) -> Non
 
     if (missing := hf.smollm2_missing()) is not None:
         pytest.skip(f"the model demo needs the `model` extra: {missing}")
-    proc = subprocess.run(
-        run.argv("--no-serve", "--model"), capture_output=True, text=True, timeout=280, env=run.env()
-    )
+    proc = run.demo("--no-serve", "--model", timeout=280)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     a = re.search(r"^A \(pid (\d+)\): read a ([\d,]+)-token document", out, re.M)
@@ -198,13 +222,7 @@ def test_model_demo_answers_from_the_cache_like_the_model_alone(run: Run) -> Non
 def test_demo_with_a_bad_config_exits_2(run: Run) -> None:
     config = run.dir / "bad.toml"
     config.write_text("[server]\nlease_ttl_s = -1\n")
-    proc = subprocess.run(
-        run.argv("--no-serve", "--plain", "--config", str(config)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=run.env(),
-    )
+    proc = run.demo("--no-serve", "--plain", "--config", str(config), timeout=60)
     assert proc.returncode == 2
     assert "config error: server.lease_ttl_s=-1" in proc.stderr and "Traceback" not in proc.stderr
     config.unlink()
