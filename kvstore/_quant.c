@@ -1,12 +1,12 @@
-/* The quantizer of kvstore/quant in C: a layer of a page per encode call, a whole page per decode, fused
+/* The quantizer of kvstore/quant in C: a whole page per encode or decode call, fused
  * (top-k outliers, scales, codes, the reconstruction error) in one pass for vector scales, two
  * for channel and tensor scales, where numpy makes ~20. It computes exactly what
- * kvstore/quant/numeric.py computes (float32 arithmetic, IEEE division, round half to even,
+ * kvstore/quant/numeric.py computes (float32 arithmetic, quotients as IEEE division rounds them, round half to even,
  * fp16 rounding to nearest even; built with -ffp-contract=off so no FMA changes a result), so
  * records are byte-identical either way: tests/test_quant_fast.py. numeric.py stays the fallback
  * where this is not built, and the spec (docs/quant.md).
  *
- *   encode_layer(src, dt, T, H, D, sinks, k, kgran, vgran, prec, block) -> (errK2, xK2, errV2, xV2)
+ *   encode_page(src, dt, L, T, H, D, sinks, k, kgran, vgran, table, redo, out, sums)
  *   decode_page(record, out, L, T, H, D, sinks, k, kgran, vgran, dt, itemsize)
  *
  * dtypes: 0 float32, 1 float16, 2 bfloat16 (elements of src/out; the error is measured on
@@ -126,27 +126,66 @@ MAX8(max_abs, fabsf, vabs)
 MAX8(max_of, ID, ID)
 MAX8(neg_min_of, NEG, NEG)
 
-/* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body. */
-static inline __attribute__((always_inline)) void outliers(const float *x, float *body, uint8_t *pick, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
-    memcpy(body, x, sizeof(float) * D);
+/* memcpy of n floats, 8 at a time (a call to memcpy costs more than the copy here) */
+static inline void copyf(float *dst, const void *src, int n) {
+    int d = 0;
+    for (; d + 8 <= n; d += 8) memcpy(dst + d, (const float *)src + d, 32);
+    for (; d < n; d++) memcpy(dst + d, (const float *)src + d, 4);
+}
+
+static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+static inline v8f vsel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static const v8i IOTA = {0, 1, 2, 3, 4, 5, 6, 7};
+
+/* The first index of the largest |v[d]|, or -1 where it is not > 0 (no finite nonzero value:
+ * then outliers() takes its careful path). Per lane the first maximum (strict >), then the
+ * lowest index among the lanes that hold the maximum. NaN is skipped, as in max_abs. */
+static inline int argmax_abs(const float *v, int D) {
+    v8f m = splat(-INFINITY);
+    v8i at = {-1, -1, -1, -1, -1, -1, -1, -1};
+    int d = 0;
+    for (; d + 8 <= D; d += 8) {
+        v8f a = vabs(vload(v + d));
+        v8i gt = a > m;
+        m = vsel(gt, a, m);
+        at = (at & ~gt) | ((IOTA + d) & gt);
+    }
+    float best = hmax(m);
+    int bi = -1;
+    for (int u = 0; u < 8; u++)
+        if (m[u] == best && at[u] >= 0 && (bi < 0 || at[u] < bi)) bi = at[u];
+    for (; d < D; d++) {
+        float a = fabsf(v[d]);
+        if (a > best) { best = a; bi = d; }
+    }
+    return best > 0.0f ? bi : -1;
+}
+
+/* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body (a copy of x). */
+static inline __attribute__((always_inline)) void outliers(const float *x, float *body, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
+    copyf(body, x, D);
+    uint8_t *picked = oidx + v * k;
     for (int j = 0; j < k; j++) {
-        float best = max_abs(body, D); /* picked slots are 0 in body: never above an unpicked max */
-        int bi = -1;
-        for (int d = 0; d < D; d++)
-            if (fabsf(body[d]) == best && !(j && pick[d])) { bi = d; break; }
-        if (bi < 0) { /* no finite maximum (NaN) or only picked zeros left: the first unpicked */
-            float b2 = -1.0f;
-            for (int d = 0; d < D; d++) {
-                float a = fabsf(x[d]);
-                if (!(j && pick[d]) && a > b2) { b2 = a; bi = d; }
+        int bi = argmax_abs(body, D); /* picked slots are 0 in body: never above a positive max */
+        if (bi < 0) {                 /* the max is 0 or there is none (NaN): mind the picked slots */
+            float best = max_abs(body, D), b2 = -1.0f;
+            for (int d = 0; d < D && bi < 0; d++) {
+                int p = 0;
+                for (int i = 0; i < j; i++) p |= picked[i] == d;
+                if (!p && fabsf(body[d]) == best) bi = d;
             }
+            if (bi < 0) /* no finite maximum: the first unpicked of the largest |x| */
+                for (int d = 0; d < D; d++) {
+                    int p = 0;
+                    for (int i = 0; i < j; i++) p |= picked[i] == d;
+                    float a = fabsf(x[d]);
+                    if (!p && a > b2) { b2 = a; bi = d; }
+                }
             if (bi < 0) bi = 0;
         }
-        if (j == 0) memset(pick, 0, D);
-        pick[bi] = 1;
         body[bi] = 0.0f;
         st16(oval, v * k + j, f2h(x[bi]));
-        oidx[v * k + j] = (uint8_t)bi;
+        picked[j] = (uint8_t)bi;
     }
 }
 
@@ -161,18 +200,33 @@ typedef struct {
  * error check refuses the page anyway) */
 static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
 
-/* Codes of one vector's body with per-element scale s[d] (and zero z[d]); y = what they
- * dequantize to, before the outliers go back. Simple loops: the compiler vectorizes them. */
-static inline __attribute__((always_inline)) void code_vector(const QArgs *a, Py_ssize_t v, const float *body, const float *s, const float *z, float *y,
-                                                              int per_col) {
-    int D = (int)a->D;
+/* rne(n / s) is rne(n * (1 / s)) unless n / s lies within ~2^-14 of a half-integer (the two
+ * differ by < 2^-14 below 256: 1 / s and the product are each within 2^-24 relatively; the
+ * division within 2^-24), where they may round apart; at or above 256 both clamp alike, and
+ * the product is NaN or inf exactly where the quotient is. So: multiply, and where any value
+ * of the vector is that near (~64 x 2^-12 of vectors), divide the vector instead. */
+static inline int near_half(float r, float q) { return (fabsf(fabsf(r - q) - 0.5f) <= 0x1p-13f) & (fabsf(r) < 256.0f); }
+
+/* Codes of one vector's body with per-element scale s[d] (its inverse inv[d], and zero z[d]);
+ * y = what they dequantize to, before the outliers go back. Simple loops: the compiler
+ * vectorizes them. */
+static inline __attribute__((always_inline)) void code_vector(const QArgs *a, int D, Py_ssize_t v, const float *body, const float *s, const float *inv,
+                                                              const float *z, float *y, int per_col) {
     /* per_col is a constant at each call: the loops are built for both, scalar s and z
      * broadcast in the second */
+    float qv[D + 1];
+    int hard = 0;
     if (a->bits == 8) {
+        for (int d = 0; d < D; d++) {
+            float r = body[d] * (per_col ? inv[d] : inv[0]), q = rne(r);
+            hard |= near_half(r, q);
+            qv[d] = q;
+        }
+        if (hard)
+            for (int d = 0; d < D; d++) qv[d] = rne(body[d] / (per_col ? s[d] : s[0]));
         int8_t *out = (int8_t *)a->body + v * D;
         for (int d = 0; d < D; d++) {
-            float sd = per_col ? s[d] : s[0];
-            float q = rne(body[d] / sd);
+            float sd = per_col ? s[d] : s[0], q = qv[d];
             q = q > -127.0f ? q : -127.0f;
             q = q < 127.0f ? q : 127.0f;
             out[d] = (int8_t)(int)q;
@@ -180,10 +234,15 @@ static inline __attribute__((always_inline)) void code_vector(const QArgs *a, Py
         }
         return;
     }
-    float qv[D + 1];
     for (int d = 0; d < D; d++) {
-        float sd = per_col ? s[d] : s[0], zd = per_col ? z[d] : z[0];
-        float q = rne((body[d] - zd) / sd);
+        float r = (body[d] - (per_col ? z[d] : z[0])) * (per_col ? inv[d] : inv[0]), q = rne(r);
+        hard |= near_half(r, q);
+        qv[d] = q;
+    }
+    if (hard)
+        for (int d = 0; d < D; d++) qv[d] = rne((body[d] - (per_col ? z[d] : z[0])) / (per_col ? s[d] : s[0]));
+    for (int d = 0; d < D; d++) {
+        float sd = per_col ? s[d] : s[0], zd = per_col ? z[d] : z[0], q = qv[d];
         q = q > 0.0f ? q : 0.0f;
         q = q < 15.0f ? q : 15.0f;
         qv[d] = q;
@@ -196,8 +255,8 @@ static inline __attribute__((always_inline)) void code_vector(const QArgs *a, Py
 }
 
 /* Outliers back into y, then the error sums against x of what a reader gets back. */
-static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, Py_ssize_t v, const float *x, float *y, double *err2, double *x2) {
-    int D = (int)a->D, k = a->k;
+static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, int D, Py_ssize_t v, const float *x, float *y, double *err2, double *x2) {
+    int k = a->k;
     for (int j = 0; j < k; j++) y[a->oidx[v * k + j]] = h2f(ld16(a->oval, v * k + j));
     if (a->sdt != F32)
         for (int d = 0; d < D; d++) y[d] = round_to(y[d], a->sdt);
@@ -223,9 +282,8 @@ static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, 
     *x2 += st;
 }
 
-static inline void load_vector(const QArgs *a, Py_ssize_t v, float *x) {
-    int D = (int)a->D;
-    if (a->sdt == F32) memcpy(x, a->src + 4 * v * D, sizeof(float) * D);
+static inline __attribute__((always_inline)) void load_vector(const QArgs *a, int D, Py_ssize_t v, float *x) {
+    if (a->sdt == F32) copyf(x, a->src + 4 * v * D, D);
     else
         for (int d = 0; d < D; d++) x[d] = load(a->src, v * D + d, a->sdt);
 }
@@ -238,16 +296,16 @@ static inline void load_vector(const QArgs *a, Py_ssize_t v, float *x) {
 #define CLONES
 #endif
 
-CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
-    int D = (int)a->D, k = a->k, bits = a->bits;
+/* One tensor (K or V of a layer); D is a constant in the common head dims (see quantize). */
+static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, const int D, double *err2, double *x2) {
+    int k = a->k, bits = a->bits, Dp = D > 0 ? D : 1;
     Py_ssize_t nv = a->T * a->H, H = a->H;
-    float x[D], body[D], y[D];
-    uint8_t pick[D > 0 ? D : 1];
+    float x[Dp], body[Dp], y[Dp];
     float qmax = bits == 8 ? 127.0f : 15.0f;
     if (a->gran == VECTOR) {
         for (Py_ssize_t v = 0; v < nv; v++) {
-            load_vector(a, v, x);
-            outliers(x, body, pick, D, k, a->oval, a->oidx, v);
+            load_vector(a, D, v, x);
+            outliers(x, body, D, k, a->oval, a->oidx, v);
             float sc, zc = 0.0f;
             if (bits == 8) {
                 uint16_t sh = scale16(max_abs(body, D), qmax);
@@ -262,19 +320,20 @@ CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
                 st16(a->zero, v, zh);
                 sc = h2f(sh);
             }
-            code_vector(a, v, body, &sc, &zc, y, 0);
-            finish_vector(a, v, x, y, err2, x2);
+            float ic = 1.0f / sc;
+            code_vector(a, D, v, body, &sc, &ic, &zc, y, 0);
+            finish_vector(a, D, v, x, y, err2, x2);
         }
         return;
     }
     /* channel (a scale per head x dim over the tokens) or tensor (one): stats, then codes */
     Py_ssize_t ns = a->gran == CHANNEL ? H * D : 1;
     float *lo = malloc(sizeof(float) * ns), *hi = malloc(sizeof(float) * ns);
-    float *s = malloc(sizeof(float) * ns * 2), *z = s + ns;
+    float *s = malloc(sizeof(float) * ns * 3), *z = s + ns, *inv = z + ns;
     for (Py_ssize_t i = 0; i < ns; i++) { lo[i] = INFINITY; hi[i] = -INFINITY; }
     for (Py_ssize_t v = 0; v < nv; v++) {
-        load_vector(a, v, x);
-        outliers(x, body, pick, D, k, a->oval, a->oidx, v);
+        load_vector(a, D, v, x);
+        outliers(x, body, D, k, a->oval, a->oidx, v);
         if (a->gran == CHANNEL) {
             float *l = lo + (v % H) * D, *h = hi + (v % H) * D;
             if (bits == 8)
@@ -298,6 +357,7 @@ CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
             uint16_t sh = scale16(hi[i], qmax);
             st16(a->scale, i, sh);
             s[i] = h2f(sh);
+            inv[i] = 1.0f / s[i];
             z[i] = 0.0f;
         } else {
             uint16_t zh = f2h(lo[i]);
@@ -306,20 +366,27 @@ CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
             st16(a->scale, i, sh);
             st16(a->zero, i, zh);
             s[i] = h2f(sh);
+            inv[i] = 1.0f / s[i];
         }
     }
     for (Py_ssize_t v = 0; v < nv; v++) {
-        load_vector(a, v, x);
-        memcpy(body, x, sizeof(float) * D);
+        load_vector(a, D, v, x);
+        copyf(body, x, D);
         for (int j = 0; j < k; j++) body[a->oidx[v * k + j]] = 0.0f;
-        if (a->gran == CHANNEL) {
-            code_vector(a, v, body, s + (v % H) * D, z + (v % H) * D, y, 1);
-        } else {
-            code_vector(a, v, body, s, z, y, 0);
-        }
-        finish_vector(a, v, x, y, err2, x2);
+        if (a->gran == CHANNEL)
+            code_vector(a, D, v, body, s + (v % H) * D, inv + (v % H) * D, z + (v % H) * D, y, 1);
+        else
+            code_vector(a, D, v, body, s, inv, z, y, 0);
+        finish_vector(a, D, v, x, y, err2, x2);
     }
     free(lo); free(hi); free(s);
+}
+
+/* A head dim known at compile time lets the compiler unroll the loops over a vector whole. */
+CLONES static void quantize(const QArgs *a, double *err2, double *x2) {
+    if (a->D == 64) quantize_d(a, 64, err2, x2);
+    else if (a->D == 128) quantize_d(a, 128, err2, x2);
+    else quantize_d(a, (int)a->D, err2, x2);
 }
 
 CLONES static void dequantize(const uint8_t *scale, const uint8_t *zero, const uint8_t *oval, const uint8_t *oidx, const uint8_t *codes,
@@ -412,40 +479,70 @@ static Layout layout(int prec, Py_ssize_t T, Py_ssize_t H, Py_ssize_t D, Py_ssiz
     return o;
 }
 
-/* encode_layer(src, dt, T, H, D, S, k, kgran, vgran, prec, block) -> (errK2, xK2, errV2, xV2):
- * one layer [2, T, H, D] at precision prec (1 int8, 2 int4) into block (its exact size). */
-static PyObject *py_encode_layer(PyObject *self, PyObject *args) {
-    PyObject *so, *bo;
-    Py_ssize_t T, H, D, S;
-    int dt, k, kg, vg, prec;
-    if (!PyArg_ParseTuple(args, "OinnnniiiiO", &so, &dt, &T, &H, &D, &S, &k, &kg, &vg, &prec, &bo)) return NULL;
-    int isz = dt == F32 ? 4 : 2;
-    if (S >= T || S < 0 || (prec != 1 && prec != 2) || vg == CHANNEL || !valid(T - S, H, D, prec == 1 ? 8 : 4, kg, k, dt) ||
-        !valid(T - S, H, D, 8, vg, k, dt))
-        return PyErr_Format(PyExc_ValueError, "invalid layer arguments");
-    Layout o = layout(prec, T, H, D, S, k, kg, vg, isz);
-    Py_buffer sb, bb;
-    if (get(so, &sb, 0, 2 * T * H * D * isz, "src") < 0) return NULL;
-    if (get(bo, &bb, 1, o.total, "block") < 0) { PyBuffer_Release(&sb); return NULL; }
-    double e[2] = {0, 0}, x[2] = {0, 0};
+/* encode_page(src, dt, L, T, H, D, S, k, kgran, vgran, table, redo, out, sums): the layers l of
+ * a page [L, 2, T, H, D] with redo[l] != 0 at precision table[l] (0 fp: the raw bytes, 1 int8,
+ * 2 int4) into their blocks in out (a whole record: the blocks start after its header and
+ * table, which the caller writes); sums[l] = (errK2, xK2, errV2, xV2) (float64) of each. */
+static PyObject *py_encode_page(PyObject *self, PyObject *args) {
+    PyObject *so, *oo, *eo;
+    Py_buffer tb, rb;
+    Py_ssize_t L, T, H, D, S;
+    int dt, k, kg, vg;
+    if (!PyArg_ParseTuple(args, "Oinnnnniiiy*y*OO", &so, &dt, &L, &T, &H, &D, &S, &k, &kg, &vg, &tb, &rb, &oo, &eo)) return NULL;
+    const uint8_t *table = tb.buf, *redo = rb.buf;
+    int isz = dt == F32 ? 4 : 2, ok = L >= 1 && tb.len == L && rb.len == L && S >= 0 && S <= T && T >= 1 && H >= 1 && D >= 1;
+    Py_ssize_t total = 32 + L;
+    for (Py_ssize_t l = 0; ok && l < L; l++) {
+        int p = table[l];
+        ok = p <= 2 && (p == 0 || (S < T && vg != CHANNEL && valid(T - S, H, D, p == 1 ? 8 : 4, kg, k, dt) && valid(T - S, H, D, 8, vg, k, dt)));
+        if (ok) total += layout(p, T, H, D, S, k, kg, vg, isz).total;
+    }
+    PyBuffer_Release(&tb);
+    if (!ok) {
+        PyBuffer_Release(&rb);
+        return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_ValueError, "invalid page arguments");
+    }
+    Py_buffer sb, ob, eb;
+    Py_ssize_t half = T * H * D * isz, sink = S * H * D * isz, t = T - S;
+    if (get(so, &sb, 0, 2 * L * half, "src") < 0) { PyBuffer_Release(&rb); return NULL; }
+    if (get(oo, &ob, 1, total, "out") < 0) { PyBuffer_Release(&rb); PyBuffer_Release(&sb); return NULL; }
+    if (get(eo, &eb, 1, 4 * L * (Py_ssize_t)sizeof(double), "sums") < 0) {
+        PyBuffer_Release(&rb); PyBuffer_Release(&sb); PyBuffer_Release(&ob);
+        return NULL;
+    }
+    double *sums = eb.buf;
     Py_BEGIN_ALLOW_THREADS
-    const uint8_t *src = sb.buf;
-    uint8_t *b = bb.buf;
-    Py_ssize_t half = T * H * D * isz, t = T - S;
-    memcpy(b, src, S * H * D * isz);
-    memcpy(b + S * H * D * isz, src + half, S * H * D * isz);
-    uint8_t *kscale = b + o.sinks, *kzero = kscale + o.kscale, *vscale = kzero + o.kzero, *vzero = vscale + o.vscale;
-    uint8_t *oval = vzero + o.vzero, *oidx = oval + o.oval, *body = oidx + o.oidx;
-    for (int kv = 0; kv < 2; kv++) {
-        QArgs a = {src + kv * half + S * H * D * isz, dt, prec == 1 ? 8 : 4, kv ? vg : kg, k, t, H, D,
-                   kv ? vscale : kscale, kv ? vzero : kzero, oval + kv * o.oval / 2, oidx + kv * o.oidx / 2,
-                   body + kv * o.body / 2};
-        quantize(&a, &e[kv], &x[kv]);
+    uint8_t *b = (uint8_t *)ob.buf + 32 + L;
+    for (Py_ssize_t l = 0; l < L; l++) {
+        const uint8_t *src = (const uint8_t *)sb.buf + l * 2 * half;
+        int p = table[l];
+        Layout o = layout(p, T, H, D, S, k, kg, vg, isz);
+        double e[2] = {0, 0}, x[2] = {0, 0};
+        if (redo[l] && p == 0) memcpy(b, src, o.total);
+        if (redo[l] && p) {
+            memcpy(b, src, sink);
+            memcpy(b + sink, src + half, sink);
+            uint8_t *kscale = b + o.sinks, *kzero = kscale + o.kscale, *vscale = kzero + o.kzero, *vzero = vscale + o.vscale;
+            uint8_t *oval = vzero + o.vzero, *oidx = oval + o.oval, *body = oidx + o.oidx;
+            for (int kv = 0; kv < 2; kv++) {
+                QArgs a = {src + kv * half + sink, dt, p == 1 ? 8 : 4, kv ? vg : kg, k, t, H, D,
+                           kv ? vscale : kscale, kv ? vzero : kzero, oval + kv * o.oval / 2, oidx + kv * o.oidx / 2,
+                           body + kv * o.body / 2};
+                quantize(&a, &e[kv], &x[kv]);
+            }
+        }
+        if (redo[l]) {
+            double r[4] = {e[0], x[0], e[1], x[1]};
+            memcpy(sums + 4 * l, r, sizeof r);
+        }
+        b += o.total;
     }
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&rb);
     PyBuffer_Release(&sb);
-    PyBuffer_Release(&bb);
-    return Py_BuildValue("dddd", e[0], x[0], e[1], x[1]);
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&eb);
+    Py_RETURN_NONE;
 }
 
 /* decode_page(record, out, L, T, H, D, S, k, kgran, vgran, dt, isz): a verified record (the
@@ -502,7 +599,7 @@ static PyObject *py_decode_page(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"encode_layer", py_encode_layer, METH_VARARGS, "quantize one layer into its block; (errK2, xK2, errV2, xV2)"},
+    {"encode_page", py_encode_page, METH_VARARGS, "quantize a page's layers into their blocks of a record"},
     {"decode_page", py_decode_page, METH_VARARGS, "dequantize a verified record into out"},
     {NULL, NULL, 0, NULL},
 };

@@ -118,14 +118,17 @@ def encode(page: object, shape: PageShape, scheme: QuantScheme, sink_tokens: int
         asked = ("fp",) * shape.num_layers
     info = RecordInfo(shape, asked, scheme.keys, scheme.values, k, sink_tokens, 0)
     if native.available and USE_NATIVE:
-        stored = [native.encode_layer(x[i], info, scheme, p) for i, p in enumerate(asked)]
+        precisions, errors, out = native.encode_page(x, info, scheme)
     else:
         stored = _encode_numpy(x, info, scheme)
-    precisions = [p for p, _, _ in stored]
-    errors = [e for _, e, _ in stored]
-    out = bytearray(record.pack_header(replace(info, precisions=tuple(precisions))))
-    for _, _, block in stored:
-        out += block
+        precisions = [p for p, _, _ in stored]
+        errors = [e for _, e, _ in stored]
+        out = bytearray(record.HEADER.size + shape.num_layers)
+        for _, _, block in stored:
+            out += block
+    out[: record.HEADER.size + shape.num_layers] = record.pack_header(
+        replace(info, precisions=tuple(precisions))
+    )
     return Encoded(
         record.seal(out),
         tuple(precisions),

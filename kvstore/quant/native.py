@@ -1,16 +1,17 @@
-"""The codec's per-layer loops over kvstore/_quant.c (one fused pass per tensor where numpy
+"""The codec over kvstore/_quant.c (one call per page, a few passes per vector where numpy
 makes ~20): the same arithmetic as numeric.py, byte for byte (tests/test_quant_fast.py).
 `available` is False where the extension is not built; codec.py then uses numeric.py."""
 
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import numpy as np
 
 from . import record
 from .record import RecordInfo
-from .scheme import FALLBACK, QuantScheme
+from .scheme import FALLBACK, PRECISIONS, QuantScheme
 
 try:
     from kvstore import _quant as _native
@@ -20,7 +21,6 @@ except ImportError:  # not built (`make native`): numeric.py does the work
 available = _native is not None
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 GRAN = {"tensor": 0, "vector": 1, "channel": 2}
-PREC = {"int8": 1, "int4": 2}
 
 
 def _rel(err2: float, x2: float) -> float:
@@ -29,23 +29,49 @@ def _rel(err2: float, x2: float) -> float:
     return math.sqrt(err2 / x2)
 
 
-def encode_layer(x: np.ndarray, ri: RecordInfo, scheme: QuantScheme, asked: str) -> tuple[str, float, bytes]:
-    """(precision stored, its error, the block) of one layer x[2, T, H, D] (the page's dtype,
-    bfloat16 as uint16): at `asked`, or one step up while over the bound or not finite."""
+def encode_page(
+    x: np.ndarray, ri: RecordInfo, scheme: QuantScheme
+) -> tuple[list[str], list[float], bytearray]:
+    """(precision stored per layer, its error, the record with its blocks written and room for
+    its header) of a page x[L, 2, T, H, D] (the page's dtype, bfloat16 as uint16): each layer
+    at the precision ri asks, or one step up while over the bound or not finite. One call
+    writes every layer straight into the record; only the layers that fall back are redone."""
     s = ri.shape
-    p = asked
-    while p != "fp":
-        block = bytearray(record.block_bytes(ri, p))
-        ek, xk, ev, xv = _native.encode_layer(
-            x, DTYPE[s.dtype], s.page_tokens, s.num_kv_heads, s.head_dim, ri.sink_tokens, ri.outliers,
-            GRAN[scheme.keys], GRAN[scheme.values], PREC[p], block,
+    sizes = {c: record.block_bytes(ri, p) for c, p in enumerate(PRECISIONS)}
+    table = [PRECISIONS.index(p) for p in ri.precisions]
+    redo = [1] * s.num_layers
+    errors = [0.0] * s.num_layers
+    sums = np.zeros((s.num_layers, 4))
+    prev: tuple[memoryview, list[int]] | None = None
+    while True:
+        starts = list(accumulate((sizes[c] for c in table), initial=record.HEADER.size + s.num_layers))
+        out = bytearray(starts[-1])
+        if prev is not None:  # the layers kept from the round before, where they now start
+            old, old_starts = prev
+            for i, again in enumerate(redo):
+                if not again:
+                    out[starts[i] : starts[i + 1]] = old[old_starts[i] : old_starts[i + 1]]
+        _native.encode_page(
+            x, DTYPE[s.dtype], s.num_layers, s.page_tokens, s.num_kv_heads, s.head_dim, ri.sink_tokens,
+            ri.outliers, GRAN[scheme.keys], GRAN[scheme.values], bytes(table), bytes(redo), out, sums,
         )  # fmt: skip
-        errs = (_rel(ek, xk), _rel(ev, xv))
-        err = math.nan if any(math.isnan(e) for e in errs) else max(errs)
-        if math.isfinite(err) and (scheme.bound is None or err <= scheme.bound):
-            return p, err, bytes(block)
-        p = FALLBACK[p]
-    return "fp", 0.0, x.tobytes()
+        over = []
+        for i, again in enumerate(redo):
+            if again and table[i]:
+                ek, xk, ev, xv = sums[i]
+                errs = (_rel(ek, xk), _rel(ev, xv))
+                err = math.nan if any(math.isnan(e) for e in errs) else max(errs)
+                if math.isfinite(err) and (scheme.bound is None or err <= scheme.bound):
+                    errors[i] = err
+                else:
+                    over.append(i)
+        if not over:
+            return [PRECISIONS[c] for c in table], errors, out
+        prev = (memoryview(out), starts)
+        redo = [0] * s.num_layers
+        for i in over:
+            table[i] = PRECISIONS.index(FALLBACK[PRECISIONS[table[i]]])
+            redo[i] = 1
 
 
 def decode_page(mv: memoryview, ri: RecordInfo, out: np.ndarray) -> None:
