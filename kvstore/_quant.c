@@ -1,8 +1,9 @@
-/* The quantizer of kvstore/quant in C: a whole page per encode or decode call, fused
- * (top-k outliers, scales, codes, the reconstruction error) in one pass for vector scales, two
- * for channel and tensor scales, where numpy makes ~20. It computes exactly what
- * kvstore/quant/numeric.py computes (float32 arithmetic, quotients as IEEE division rounds them, round half to even,
- * fp16 rounding to nearest even; built with -ffp-contract=off so no FMA changes a result), so
+/* The quantizer of kvstore/quant in C: a whole page per encode or decode call, fused (top-k
+ * outliers, scales, codes, the reconstruction error) in a few passes per vector held in L1 for
+ * vector scales, two rounds for channel and tensor scales, where numpy makes ~20 over the page.
+ * It computes exactly what kvstore/quant/numeric.py computes (float32 arithmetic, quotients
+ * rounded as the IEEE division rounds them (near_half), round half to even, fp16 rounding to
+ * nearest even; built with -ffp-contract=off so no FMA changes a result), so
  * records are byte-identical either way: tests/test_quant_fast.py. numeric.py stays the fallback
  * where this is not built, and the spec (docs/quant.md).
  *
@@ -27,7 +28,7 @@ static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f;
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 /* float32 -> float16 bits, round to nearest even (numpy's npy_floatbits_to_halfbits). */
-static uint16_t f2h(float f) {
+static inline __attribute__((always_inline)) uint16_t f2h(float f) {
     uint32_t x = f32_bits(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
     if (ax >= 0x7f800000u) {
         if (ax == 0x7f800000u) return (uint16_t)(sign | 0x7c00u);
@@ -47,7 +48,7 @@ static uint16_t f2h(float f) {
     return (uint16_t)(sign | h);
 }
 
-static float h2f(uint16_t h) {
+static inline __attribute__((always_inline)) float h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
     if (e == 0x1fu) return bits_f32(sign | 0x7f800000u | (m << 13));
     if (e == 0) {
@@ -97,12 +98,10 @@ static inline uint16_t scale16(float m, float qmax) {
  * to 1e-9, records byte for byte). */
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-typedef double v4d __attribute__((vector_size(32)));
-
-static inline v4f vload4(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+typedef double v8d __attribute__((vector_size(64)));
 
 static inline v8f vload(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
 static inline v8f vmax(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 static inline float hmax(v8f v) {
     float m = v[0];
@@ -110,21 +109,35 @@ static inline float hmax(v8f v) {
     return m;
 }
 
-#define MAX8(name, expr, vexpr)                                                      \
-    static inline float name(const float *v, int D) {                                \
-        v8f m = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY}; \
-        int d = 0;                                                                   \
-        for (; d + 8 <= D; d += 8) m = vmax(vexpr(vload(v + d)), m);                 \
-        float r = hmax(m);                                                           \
-        for (; d < D; d++) { float b = expr(v[d]); r = b > r ? b : r; }              \
-        return r;                                                                    \
-    }
-#define ID(x) (x)
-#define NEG(x) (-(x))
 static inline v8f vabs(v8f v) { return (v8f)((v8i)v & 0x7fffffff); }
-MAX8(max_abs, fabsf, vabs)
-MAX8(max_of, ID, ID)
-MAX8(neg_min_of, NEG, NEG)
+
+static inline float max_abs(const float *v, int D) {
+    v8f m = splat(-INFINITY);
+    int d = 0;
+    for (; d + 8 <= D; d += 8) m = vmax(vabs(vload(v + d)), m);
+    float r = hmax(m);
+    for (; d < D; d++) { float b = fabsf(v[d]); r = b > r ? b : r; }
+    return r;
+}
+
+/* The min and max of v, as max_abs finds its max (per lane, then across them in order). */
+static inline void min_max(const float *v, int D, float *lo, float *hi) {
+    v8f mn = splat(-INFINITY), mx = mn;
+    int d = 0;
+    for (; d + 8 <= D; d += 8) {
+        v8f x = vload(v + d);
+        mn = vmax(-x, mn);
+        mx = vmax(x, mx);
+    }
+    float rn = hmax(mn), rx = hmax(mx);
+    for (; d < D; d++) {
+        float n = -v[d], x = v[d];
+        rn = n > rn ? n : rn;
+        rx = x > rx ? x : rx;
+    }
+    *lo = -rn;
+    *hi = rx;
+}
 
 /* memcpy of n floats, 8 at a time (a call to memcpy costs more than the copy here) */
 static inline void copyf(float *dst, const void *src, int n) {
@@ -133,42 +146,73 @@ static inline void copyf(float *dst, const void *src, int n) {
     for (; d < n; d++) memcpy(dst + d, (const float *)src + d, 4);
 }
 
-static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
 static inline v8f vsel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 static const v8i IOTA = {0, 1, 2, 3, 4, 5, 6, 7};
 
+/* Across the lanes, by halves, into every lane: the max (in any order: exact where no lane is
+ * NaN or -0, as with the absolute values here) and the min of ints. */
+#define HALF4 ((v8i){4, 5, 6, 7, 0, 1, 2, 3})
+#define HALF2 ((v8i){2, 3, 0, 1, 6, 7, 4, 5})
+#define HALF1 ((v8i){1, 0, 3, 2, 5, 4, 7, 6})
+
+static inline v8f tmax(v8f m) {
+    m = vmax(m, __builtin_shuffle(m, HALF4));
+    m = vmax(m, __builtin_shuffle(m, HALF2));
+    return vmax(m, __builtin_shuffle(m, HALF1));
+}
+
+static inline v8i vmini(v8i a, v8i b) { v8i m = a < b; return (a & m) | (b & ~m); }
+
+static inline v8i tmin(v8i m) {
+    m = vmini(m, __builtin_shuffle(m, HALF4));
+    m = vmini(m, __builtin_shuffle(m, HALF2));
+    return vmini(m, __builtin_shuffle(m, HALF1));
+}
+
 /* The first index of the largest |v[d]|, or -1 where it is not > 0 (no finite nonzero value:
- * then outliers() takes its careful path). Per lane the first maximum (strict >), then the
- * lowest index among the lanes that hold the maximum. NaN is skipped, as in max_abs. */
-static inline int argmax_abs(const float *v, int D) {
-    v8f m = splat(-INFINITY);
-    v8i at = {-1, -1, -1, -1, -1, -1, -1, -1};
+ * then outliers() takes its careful path); *rest = the largest |v| of the others (what
+ * max_abs finds once that one is zeroed, but for the zero). Per lane the first maximum (strict
+ * >) and the largest of the rest, then the lowest index among the lanes that hold the
+ * maximum. NaN is skipped, as in max_abs. */
+static inline int argmax_abs(const float *v, int D, float *rest) {
+    v8f m = splat(-INFINITY), m2 = m;
+    v8i at = {D, D, D, D, D, D, D, D};
     int d = 0;
     for (; d + 8 <= D; d += 8) {
         v8f a = vabs(vload(v + d));
         v8i gt = a > m;
+        m2 = vsel(gt, m, vmax(a, m2));
         m = vsel(gt, a, m);
         at = (at & ~gt) | ((IOTA + d) & gt);
     }
-    float best = hmax(m);
-    int bi = -1;
-    for (int u = 0; u < 8; u++)
-        if (m[u] == best && at[u] >= 0 && (bi < 0 || at[u] < bi)) bi = at[u];
+    /* without branches (the lane of the max is random: a branch on it mispredicts) */
+    v8f top = tmax(m);
+    v8i none = IOTA * 0 + D;                                  /* lanes never set hold D */
+    v8i first = tmin((v8i)vsel(m == top, (v8f)at, (v8f)none)); /* the lowest index of the max */
+    v8f others = tmax(vmax(vsel(at == first, splat(-INFINITY), m), m2));
+    float best = top[0], second = others[0];
+    int bi = first[0] < D ? first[0] : -1;
     for (; d < D; d++) {
         float a = fabsf(v[d]);
-        if (a > best) { best = a; bi = d; }
+        if (a > best) { second = best > second ? best : second; best = a; bi = d; }
+        else second = a > second ? a : second;
     }
+    *rest = second;
     return best > 0.0f ? bi : -1;
 }
 
-/* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body (a copy of x). */
-static inline __attribute__((always_inline)) void outliers(const float *x, float *body, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
+/* Pick the k largest |x[d]| (the first on a tie), store them, zero them in body (a copy of x).
+ * Returns max_abs(body) where the last pick knows it, else -1. */
+static inline __attribute__((always_inline)) float outliers(const float *x, float *body, int D, int k, uint8_t *oval, uint8_t *oidx, Py_ssize_t v) {
     copyf(body, x, D);
     uint8_t *picked = oidx + v * k;
+    float rest = -1.0f;
     for (int j = 0; j < k; j++) {
-        int bi = argmax_abs(body, D); /* picked slots are 0 in body: never above a positive max */
-        if (bi < 0) {                 /* the max is 0 or there is none (NaN): mind the picked slots */
+        int bi = argmax_abs(body, D, &rest); /* picked slots are 0 in body: never above a positive max */
+        rest = rest > 0.0f ? rest : 0.0f;     /* the zero the pick leaves */
+        if (bi < 0) {                         /* the max is 0 or there is none (NaN): mind the picked slots */
             float best = max_abs(body, D), b2 = -1.0f;
+            rest = -1.0f;
             for (int d = 0; d < D && bi < 0; d++) {
                 int p = 0;
                 for (int i = 0; i < j; i++) p |= picked[i] == d;
@@ -187,6 +231,7 @@ static inline __attribute__((always_inline)) void outliers(const float *x, float
         st16(oval, v * k + j, f2h(x[bi]));
         picked[j] = (uint8_t)bi;
     }
+    return rest;
 }
 
 typedef struct {
@@ -201,48 +246,34 @@ typedef struct {
 static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
 
 /* rne(n / s) is rne(n * (1 / s)) unless n / s lies within ~2^-14 of a half-integer (the two
- * differ by < 2^-14 below 256: 1 / s and the product are each within 2^-24 relatively; the
- * division within 2^-24), where they may round apart; at or above 256 both clamp alike, and
- * the product is NaN or inf exactly where the quotient is. So: multiply, and where any value
- * of the vector is that near (~64 x 2^-12 of vectors), divide the vector instead. */
-static inline int near_half(float r, float q) { return (fabsf(fabsf(r - q) - 0.5f) <= 0x1p-13f) & (fabsf(r) < 256.0f); }
+ * differ by < 2^-14 below 256: 1 / s and the product are each within 2^-24 relatively, the
+ * division within 2^-24), where they may round apart; at or above 256 both clamp alike (or
+ * the test below sends the vector to the division anyway), and the product is NaN or inf
+ * exactly where the quotient is. So: multiply, and where any value of the vector is that near
+ * (about 64 x 2^-12 of vectors), divide the vector instead. r - rne(r) is exact (Sterbenz). */
+static inline int near_half(float r, float q) { return fabsf(r - q) >= 0.5f - 0x1p-13f; }
 
-/* Codes of one vector's body with per-element scale s[d] (its inverse inv[d], and zero z[d]);
- * y = what they dequantize to, before the outliers go back. Simple loops: the compiler
- * vectorizes them. */
-static inline __attribute__((always_inline)) void code_vector(const QArgs *a, int D, Py_ssize_t v, const float *body, const float *s, const float *inv,
-                                                              const float *z, float *y, int per_col) {
-    /* per_col is a constant at each call: the loops are built for both, scalar s and z
-     * broadcast in the second */
-    float qv[D + 1];
+static inline __attribute__((always_inline)) int code_pass(const QArgs *a, int D, Py_ssize_t v, const float *body, const float *s, const float *inv,
+                                                           const float *z, float *y, int per_col, int divide) {
     int hard = 0;
     if (a->bits == 8) {
-        for (int d = 0; d < D; d++) {
-            float r = body[d] * (per_col ? inv[d] : inv[0]), q = rne(r);
-            hard |= near_half(r, q);
-            qv[d] = q;
-        }
-        if (hard)
-            for (int d = 0; d < D; d++) qv[d] = rne(body[d] / (per_col ? s[d] : s[0]));
         int8_t *out = (int8_t *)a->body + v * D;
         for (int d = 0; d < D; d++) {
-            float sd = per_col ? s[d] : s[0], q = qv[d];
+            float sd = per_col ? s[d] : s[0], r = divide ? body[d] / sd : body[d] * (per_col ? inv[d] : inv[0]);
+            float q = rne(r);
+            hard |= near_half(r, q);
             q = q > -127.0f ? q : -127.0f;
             q = q < 127.0f ? q : 127.0f;
             out[d] = (int8_t)(int)q;
             y[d] = q * sd;
         }
-        return;
+        return hard;
     }
+    float qv[D + 1];
     for (int d = 0; d < D; d++) {
-        float r = (body[d] - (per_col ? z[d] : z[0])) * (per_col ? inv[d] : inv[0]), q = rne(r);
+        float sd = per_col ? s[d] : s[0], zd = per_col ? z[d] : z[0];
+        float r = divide ? (body[d] - zd) / sd : (body[d] - zd) * (per_col ? inv[d] : inv[0]), q = rne(r);
         hard |= near_half(r, q);
-        qv[d] = q;
-    }
-    if (hard)
-        for (int d = 0; d < D; d++) qv[d] = rne((body[d] - (per_col ? z[d] : z[0])) / (per_col ? s[d] : s[0]));
-    for (int d = 0; d < D; d++) {
-        float sd = per_col ? s[d] : s[0], zd = per_col ? z[d] : z[0], q = qv[d];
         q = q > 0.0f ? q : 0.0f;
         q = q < 15.0f ? q : 15.0f;
         qv[d] = q;
@@ -252,6 +283,15 @@ static inline __attribute__((always_inline)) void code_vector(const QArgs *a, in
     qv[D] = 0.0f;
     uint8_t *out = a->body + v * ((D + 1) / 2);
     for (int i = 0; i < (D + 1) / 2; i++) out[i] = (uint8_t)((int)qv[2 * i] | ((int)qv[2 * i + 1] << 4));
+    return hard;
+}
+
+/* Codes of one vector's body with per-element scale s[d] (its inverse inv[d], and zero z[d]);
+ * y = what they dequantize to, before the outliers go back. Simple loops: the compiler
+ * vectorizes them; per_col is a constant at each call (scalar s and z broadcast in the other). */
+static inline __attribute__((always_inline)) void code_vector(const QArgs *a, int D, Py_ssize_t v, const float *body, const float *s, const float *inv,
+                                                              const float *z, float *y, int per_col) {
+    if (code_pass(a, D, v, body, s, inv, z, y, per_col, 0)) code_pass(a, D, v, body, s, inv, z, y, per_col, 1);
 }
 
 /* Outliers back into y, then the error sums against x of what a reader gets back. */
@@ -260,19 +300,16 @@ static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, 
     for (int j = 0; j < k; j++) y[a->oidx[v * k + j]] = h2f(ld16(a->oval, v * k + j));
     if (a->sdt != F32)
         for (int d = 0; d < D; d++) y[d] = round_to(y[d], a->sdt);
-    v4d e0 = {0}, e1 = {0}, s0 = {0}, s1 = {0};
+    v8d e = {0}, s = {0};
     int d = 0;
     for (; d + 8 <= D; d += 8) {
-        v4f xa = vload4(x + d), xb = vload4(x + d + 4);
-        v4d da = __builtin_convertvector(xa - vload4(y + d), v4d), db = __builtin_convertvector(xb - vload4(y + d + 4), v4d);
-        v4d xda = __builtin_convertvector(xa, v4d), xdb = __builtin_convertvector(xb, v4d);
-        e0 += da * da;
-        e1 += db * db;
-        s0 += xda * xda;
-        s1 += xdb * xdb;
+        v8f xv = vload(x + d);
+        v8d dd = __builtin_convertvector(xv - vload(y + d), v8d), xd = __builtin_convertvector(xv, v8d);
+        e += dd * dd;
+        s += xd * xd;
     }
-    v4d e = e0 + e1, s = s0 + s1;
-    double et = (e[0] + e[1]) + (e[2] + e[3]), st = (s[0] + s[1]) + (s[2] + s[3]);
+    double et = ((e[0] + e[4]) + (e[1] + e[5])) + ((e[2] + e[6]) + (e[3] + e[7]));
+    double st = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     for (; d < D; d++) {
         double diff = (double)(x[d] - y[d]), xd = (double)x[d];
         et += diff * diff;
@@ -282,16 +319,19 @@ static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, 
     *x2 += st;
 }
 
-static inline __attribute__((always_inline)) void load_vector(const QArgs *a, int D, Py_ssize_t v, float *x) {
+/* Vector v as floats: in place where the source is float32 and aligned, else converted into x. */
+static inline __attribute__((always_inline)) const float *load_vector(const QArgs *a, int D, Py_ssize_t v, float *x) {
+    if (a->sdt == F32 && !((uintptr_t)a->src & 3)) return (const float *)(const void *)a->src + v * D;
     if (a->sdt == F32) copyf(x, a->src + 4 * v * D, D);
     else
         for (int d = 0; d < D; d++) x[d] = load(a->src, v * D + d, a->sdt);
+    return x;
 }
 
-/* Built for AVX2 and for the baseline, picked at load (GCC's target_clones): the same IEEE
- * operations either way (no FMA: -ffp-contract=off), only wider. */
+/* Built for x86-64-v4 (AVX-512), AVX2 and the baseline, picked at load (GCC's target_clones):
+ * the same IEEE operations either way (no FMA: -ffp-contract=off), only wider. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx2", "default")))
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define CLONES
 #endif
@@ -304,15 +344,16 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
     float qmax = bits == 8 ? 127.0f : 15.0f;
     if (a->gran == VECTOR) {
         for (Py_ssize_t v = 0; v < nv; v++) {
-            load_vector(a, D, v, x);
-            outliers(x, body, D, k, a->oval, a->oidx, v);
+            const float *xv = load_vector(a, D, v, x);
+            float known = outliers(xv, body, D, k, a->oval, a->oidx, v);
             float sc, zc = 0.0f;
             if (bits == 8) {
-                uint16_t sh = scale16(max_abs(body, D), qmax);
+                uint16_t sh = scale16(known >= 0.0f ? known : max_abs(body, D), qmax);
                 st16(a->scale, v, sh);
                 sc = h2f(sh);
             } else {
-                float lo = -neg_min_of(body, D), hi = max_of(body, D);
+                float lo, hi;
+                min_max(body, D, &lo, &hi);
                 uint16_t zh = f2h(lo);
                 zc = h2f(zh);
                 uint16_t sh = scale16(hi - zc, qmax);
@@ -322,7 +363,7 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
             }
             float ic = 1.0f / sc;
             code_vector(a, D, v, body, &sc, &ic, &zc, y, 0);
-            finish_vector(a, D, v, x, y, err2, x2);
+            finish_vector(a, D, v, xv, y, err2, x2);
         }
         return;
     }
@@ -332,8 +373,8 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
     float *s = malloc(sizeof(float) * ns * 3), *z = s + ns, *inv = z + ns;
     for (Py_ssize_t i = 0; i < ns; i++) { lo[i] = INFINITY; hi[i] = -INFINITY; }
     for (Py_ssize_t v = 0; v < nv; v++) {
-        load_vector(a, D, v, x);
-        outliers(x, body, D, k, a->oval, a->oidx, v);
+        const float *xv = load_vector(a, D, v, x);
+        outliers(xv, body, D, k, a->oval, a->oidx, v);
         if (a->gran == CHANNEL) {
             float *l = lo + (v % H) * D, *h = hi + (v % H) * D;
             if (bits == 8)
@@ -347,7 +388,8 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
             float m = max_abs(body, D);
             hi[0] = m > hi[0] ? m : hi[0];
         } else {
-            float l = -neg_min_of(body, D), h = max_of(body, D);
+            float l, h;
+            min_max(body, D, &l, &h);
             lo[0] = l < lo[0] ? l : lo[0];
             hi[0] = h > hi[0] ? h : hi[0];
         }
@@ -370,14 +412,14 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
         }
     }
     for (Py_ssize_t v = 0; v < nv; v++) {
-        load_vector(a, D, v, x);
-        copyf(body, x, D);
+        const float *xv = load_vector(a, D, v, x);
+        copyf(body, xv, D);
         for (int j = 0; j < k; j++) body[a->oidx[v * k + j]] = 0.0f;
         if (a->gran == CHANNEL)
             code_vector(a, D, v, body, s + (v % H) * D, inv + (v % H) * D, z + (v % H) * D, y, 1);
         else
             code_vector(a, D, v, body, s, inv, z, y, 0);
-        finish_vector(a, D, v, x, y, err2, x2);
+        finish_vector(a, D, v, xv, y, err2, x2);
     }
     free(lo); free(hi); free(s);
 }

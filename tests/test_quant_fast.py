@@ -77,3 +77,21 @@ def test_non_finite_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     x[1, 0, 2, 0, 0] = -np.inf
     fast, slow, _ = both(x.tobytes(), shape, QuantScheme.preset("int8"), 0, monkeypatch)
     assert fast.precisions == slow.precisions == ("fp", "fp") and fast.record == slow.record
+
+
+def test_quotients_on_half_integers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C loop multiplies by 1 / scale and divides only the vectors where a quotient lies
+    near a half-integer: here every quotient is exactly one (a tie, rounded to even), where
+    the product by 1 / scale alone rounds some of them the other way."""
+    s0 = np.float32(np.float16(0.0999755859375))  # a scale fp16 holds exactly: max / 127
+    k = np.arange(-126, 126, dtype=np.float32) + np.float32(0.5)
+    shape = PageShape(2, 16, 2, 64, "float32")
+    rng = np.random.default_rng(7)
+    x = (rng.choice(k, size=shape.dims) * s0).astype(np.float32)  # exact: 8 x 11 bits
+    x[..., 0] = 127 * s0  # each vector's max: its scale is s0
+    x[..., 1] = 1000 * s0  # the outlier, taken out first
+    scheme = QuantScheme("int8", "vector", "vector", 1)
+    fast, slow, _ = both(x.tobytes(), shape, scheme, 0, monkeypatch)
+    assert fast.record == slow.record
+    inv = np.float32(1) / s0
+    assert (np.rint(x[..., 2:] * inv) != np.rint(x[..., 2:] / s0)).any()  # the product alone errs
