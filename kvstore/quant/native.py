@@ -18,7 +18,8 @@ try:
 except ImportError:  # not built (`make native`): numeric.py does the work
     _native = None
 
-available = _native is not None
+# a build from before encode_page (a stale .so: `make native` rebuilds it) is not used
+available = _native is not None and hasattr(_native, "encode_page")
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 GRAN = {"tensor": 0, "vector": 1, "channel": 2}
 
