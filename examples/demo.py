@@ -126,8 +126,15 @@ class DaemonChild:
             raise DemoError(e.details) from None
 
     def wait(self) -> int:
+        """Until the daemon exits. In short waits: a Ctrl-C that the kernel hands to another
+        thread of this process (gRPC keeps one) does not interrupt a blocking waitpid in the
+        main thread, and would go unnoticed until the daemon exits by itself."""
         assert self.proc is not None
-        return self.proc.wait()
+        while True:
+            try:
+                return self.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
 
     def stop(self) -> int | None:
         """SIGTERM, wait for the daemon's ordered shutdown; SIGKILL if it hangs. Its exit status."""
