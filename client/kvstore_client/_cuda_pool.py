@@ -28,7 +28,7 @@ def _cupy() -> Any:
     except ImportError as e:
         raise PoolError(
             "this pool is in GPU memory (CUDA IPC) and CuPy is not installed: pip install "
-            "'kvstore[gpu]' (or cupy-cuda13x on CUDA 13)"
+            "'kvstore[cuda]' (or cupy-cuda13x on CUDA 13)"
         ) from e
     return cupy
 

@@ -34,7 +34,7 @@ def _cupy() -> Any:
         import cupy
     except ImportError as e:
         raise RuntimeError(
-            "a cuda: pool needs CuPy (pip install 'kvstore[gpu]', or cupy-cuda13x on CUDA 13)"
+            "a cuda: pool needs CuPy (pip install 'kvstore[cuda]', or cupy-cuda13x on CUDA 13)"
         ) from e
     return cupy
 
