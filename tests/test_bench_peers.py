@@ -39,3 +39,14 @@ def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, 
             assert kv[op][size] > 0
     assert [o["order"][0] for o in r["by_order"]] == ["kvstore", "mooncake"]
     assert r["config"]["page_bytes"] == 737_280
+
+
+def test_profile_splits_a_request_per_side(capsys):
+    argv = ["peers-profile", "--json", "--pages", "8", "--sizes", "4", "--repeat", "1"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    put, get = r["sizes"]["4"]["put"], r["sizes"]["4"]["get"]
+    for row in (put, get):
+        assert row["wall_ms"] > 0 and row["copy_ms"] > 0 and row["daemon_cpu_ms"] > 0
+        assert row["copy_ms"] + row["client_cpu_ms"] <= row["wall_ms"] * 1.05
+        assert row["daemon_main_ms"] <= row["daemon_cpu_ms"]

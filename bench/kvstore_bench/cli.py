@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, crashloop, gpu, pageio, peers, quant, replay, rpc, tiers, ttft
+from . import budgets, crashloop, gpu, pageio, peers, peers_profile, quant, replay, rpc, tiers, ttft
 from .harness import BenchError, install_signal_exit
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gpu", gpu),
         ("pageio", pageio),
         ("peers", peers),
+        ("peers-profile", peers_profile),
         ("quant", quant),
         ("replay", replay),
         ("rpc", rpc),

@@ -1,0 +1,205 @@
+"""peers-profile: where a put and a get of k pages spend their time beyond the bytes copied.
+
+The kvstore side of `kvstore-bench peers` (same pages, same client calls), one request at a
+time, split per side: wall ms a request; the client's copies (time inside `_copy.copy_in` /
+`copy_out`); the client's main-thread CPU less the copies (the library's Python, protobuf,
+gRPC's send and receive); the daemon's CPU (all its threads, and its main thread, which runs
+the servicers and the store: /proc schedstat, ns); and what is left (waiting: the round trip's scheduling and transport). memcpy of
+the same k pages is the baseline. `--cprofile DIR` also runs the daemon under cProfile and the
+client's timed loop under another and prints both top lists (slower: compare only runs of the
+same mode)."""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import kvstore_client
+import torch
+from kvstore_client import _copy
+
+from . import peers_kvstore as kvside
+from .harness import BenchDaemon, BenchError, emit, progress
+from .peers_worker import page_bytes_of
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--pages", type=int, default=512, help="pages a pass (default 512)")
+    p.add_argument(
+        "--sizes",
+        default=[16, 64],
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        help="pages a request, comma separated (default 16,64)",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="timed passes per size (default 3)")
+    p.add_argument("--cprofile", type=Path, help="profile both sides into this directory, print the tops")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=30,
+        help="layers of the page geometry (default 30: the peers' 737,280 B page; 1: 24,576 B, "
+        "the daemon's work without the copies' cache misses)",
+    )
+    p.add_argument("--top", type=int, default=25, help="functions a cProfile top list shows (default 25)")
+
+
+class CopyClock:
+    """Seconds spent inside the client library's page copies (wraps `_copy`'s two functions)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._orig = (_copy.copy_in, _copy.copy_out)
+
+        def timed(f: Any) -> Any:
+            def run(*a: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return f(*a)
+                finally:
+                    self.seconds += time.perf_counter() - t
+
+            return run
+
+        _copy.copy_in, _copy.copy_out = timed(self._orig[0]), timed(self._orig[1])
+
+    def restore(self) -> None:
+        _copy.copy_in, _copy.copy_out = self._orig
+
+
+def daemon_cpu(pid: int) -> tuple[float, float]:
+    """(all threads, main thread) CPU seconds of the daemon, ns-exact (/proc schedstat)."""
+    total = main = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # (a thread that ended meanwhile)
+        total += ns / 1e9
+        if task.name == str(pid):
+            main = ns / 1e9
+    return total, main
+
+
+def _pass(daemon: BenchDaemon, clock: CopyClock, fn: Any, items: list[Any]) -> dict[str, float]:
+    d0, c0, t0, w0 = daemon_cpu(daemon.pid), clock.seconds, time.thread_time(), time.perf_counter()
+    for item in items:
+        fn(*item)
+    w, t = time.perf_counter() - w0, time.thread_time() - t0
+    d1 = daemon_cpu(daemon.pid)
+    copy, dcpu, dmain = clock.seconds - c0, d1[0] - d0[0], d1[1] - d0[1]
+    n = len(items)
+    ms = 1000 / n
+    return {
+        "wall_ms": w * ms,
+        "copy_ms": copy * ms,
+        "client_cpu_ms": max(0.0, t - copy) * ms,
+        "daemon_cpu_ms": dcpu * ms,
+        "daemon_main_ms": dmain * ms,
+        "wait_ms": max(0.0, w - t - dcpu) * ms,
+    }
+
+
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(sorted(r[k] for r in rows)[len(rows) // 2], 3) for k in rows[0]}
+
+
+def _top(stats: pstats.Stats, n: int) -> str:
+    out = io.StringIO()
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pages < 1 or args.repeat < 1 or not args.sizes or min(args.sizes) < 1:
+        raise SystemExit("peers-profile: --pages, --repeat and every --sizes must be >= 1")
+    torch.set_num_threads(1)
+    if args.layers < 1:
+        raise SystemExit("peers-profile: --layers must be >= 1")
+    spec = kvside.namespace_spec(args.pages, max(args.sizes)) | {"num_layers": args.layers}
+    page_bytes = kvside.PAGE_BYTES // 30 * args.layers
+    src = torch.frombuffer(page_bytes_of(0, args.pages, page_bytes), dtype=torch.uint8).view(-1, page_bytes)
+    dst = torch.zeros_like(src)
+    daemon = BenchDaemon([spec], server={"max_pool_bytes": "64GiB"})
+    prof = None
+    if args.cprofile:
+        args.cprofile.mkdir(parents=True, exist_ok=True)
+        dprof = args.cprofile.resolve() / "daemon.prof"
+        daemon.argv[1:1] = ["-m", "cProfile", "-o", str(dprof)]
+        prof = cProfile.Profile()
+    rng = random.Random(0)
+    result: dict[str, Any] = {
+        "pages": args.pages,
+        "page_bytes": page_bytes,
+        "repeat": args.repeat,
+        "sizes": {},
+    }
+    clock = CopyClock()
+    try:
+        with daemon, kvstore_client.connect(daemon.target, client_name="bench-peers-profile") as kv:
+            ns = kv.namespace(kvside.NAMESPACE)
+            assert ns.pool is not None  # (mapped before anything is timed)
+
+            def put_one(tokens: list[int], data: torch.Tensor) -> None:  # as kvstore's side of peers
+                if kv.put(ns, tokens, data).written_pages != len(data):
+                    raise BenchError("put: not every page written")
+
+            def get_one(tokens: list[int], out: torch.Tensor) -> None:
+                if kv.get(ns, tokens, out).pages != len(out):
+                    raise BenchError("get: not every page hit")
+
+            for k in args.sizes:
+                spans = [(a, min(a + k, args.pages)) for a in range(0, args.pages, k)]
+                rows: dict[str, list[dict[str, float]]] = {"put": [], "get": [], "memcpy": []}
+                for rep in range(args.repeat + 1):  # the first pass warms up
+                    prompts = [[rng.randrange(kvside.VOCAB) for _ in range((b - a) * 16)] for a, b in spans]
+                    puts = [(t, src[a:b]) for t, (a, b) in zip(prompts, spans, strict=True)]
+                    gets = [(t, dst[a:b]) for t, (a, b) in zip(prompts, spans, strict=True)]
+                    copies = [(dst[a:b], src[a:b]) for a, b in spans]
+                    if prof is not None and rep:
+                        prof.enable()
+                    put = _pass(daemon, clock, put_one, puts)
+                    get = _pass(daemon, clock, get_one, gets)
+                    if prof is not None:
+                        prof.disable()
+                    mem = _pass(daemon, clock, torch.Tensor.copy_, copies)
+                    if not torch.equal(dst, src):
+                        raise BenchError(f"{k} pages a request: the bytes read back differ")
+                    dst.zero_()
+                    kv.evict(kvside.NAMESPACE, all=True)
+                    if rep:
+                        rows["put"].append(put)
+                        rows["get"].append(get)
+                        rows["memcpy"].append(mem)
+                    progress("%d pages: put %.2f ms, get %.2f ms", k, put["wall_ms"], get["wall_ms"])
+                result["sizes"][str(k)] = {op: _median(r) for op, r in rows.items()}
+    finally:
+        clock.restore()
+    text = _text(result)
+    if prof is not None:
+        client_stats = pstats.Stats(prof)
+        client_stats.dump_stats(str(args.cprofile / "client.prof"))
+        text += "\n--- client (cProfile, timed loop, by tottime)\n" + _top(client_stats, args.top)
+        text += "\n--- daemon (cProfile, whole run, by tottime)\n" + _top(pstats.Stats(str(dprof)), args.top)
+    emit(result, args.json, text)
+    return 0
+
+
+def _text(r: dict[str, Any]) -> str:
+    keys = ("wall_ms", "copy_ms", "client_cpu_ms", "daemon_cpu_ms", "daemon_main_ms", "wait_ms")
+    lines = [
+        f"{r['pages']} pages of {r['page_bytes']} B a pass, median of {r['repeat']} passes, ms a request",
+        "",
+    ]
+    lines.append(f"{'pages':>5} {'op':<7}" + "".join(f"{k:>15}" for k in keys))
+    for k, ops in r["sizes"].items():
+        for op, row in ops.items():
+            lines.append(f"{k:>5} {op:<7}" + "".join(f"{row[c]:>15.3f}" for c in keys))
+    return "\n".join(lines) + "\n"
