@@ -179,7 +179,8 @@ def smollm2_converted_dir(d: Path) -> Path | None:
     base = os.environ.get("KVSTORE_MODEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvstore"
     )
-    out = Path(base) / f"smollm2-135m-instruct-f32-{digest}-tf{transformers.__version__}"
+    # (-v2: tied weights saved under both names; a v1 directory lacks embed_tokens)
+    out = Path(base) / f"smollm2-135m-instruct-f32-{digest}-tf{transformers.__version__}-v2"
     if (out / "complete").is_file():
         return out
     try:
@@ -192,12 +193,17 @@ def smollm2_converted_dir(d: Path) -> Path | None:
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype="float32")
         # (save_pretrained refuses a model loaded from GGUF: the weights and config are saved
         # as they are, dequantized, which is all from_pretrained needs)
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         type(model.config).from_dict(config).save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # Every parameter under its own name, tied ones too (cloned: safetensors refuses shared
+        # storage). `save_model` kept only `lm_head.weight` of the tied pair; transformers ties
+        # it back, but vLLM loads `model.embed_tokens.weight` and skips `lm_head.weight`, so
+        # without it vLLM ran with zero embeddings (every token generated was 0).
+        state = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "complete").touch()
         with contextlib.suppress(OSError):  # (another process was first: use its copy)
