@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint native proto bench peers gpu-check vllm-venv clean
+.PHONY: run test lint native proto bench peers gpu-check vllm-venv vllm-test clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -84,6 +84,14 @@ $(VLLM_STAMP): pyproject.toml
 	touch $@
 
 vllm-venv: $(VLLM_STAMP)
+
+# The vLLM lane (`.ci/run` runs it after `make test`): the connector's tests on real vLLM, then
+# a short `kvstore-bench vllm` (four engine processes and a daemon, small prompts) that fails
+# unless B's greedy tokens equal the recompute's and vLLM's hit count equals kvstore's; no speed
+# goal is checked here (BENCHMARKS.md#vllm has the full run).
+vllm-test: $(VLLM_STAMP) native
+	$(VLLM_VENV)/bin/python -m pytest -q tests_vllm
+	$(VLLM_VENV)/bin/python -m kvstore_bench.cli vllm --quick --check
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so

@@ -8,7 +8,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import budgets, crashloop, gpu, pageio, peers, peers_profile, quant, replay, rpc, tiers, ttft
+from . import (
+    budgets,
+    crashloop,
+    gpu,
+    pageio,
+    peers,
+    peers_profile,
+    quant,
+    replay,
+    rpc,
+    tiers,
+    ttft,
+    vllm,
+)
 from .harness import BenchError, install_signal_exit
 
 
@@ -27,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rpc", rpc),
         ("tiers", tiers),
         ("ttft", ttft),
+        ("vllm", vllm),
     ):
         doc = (module.__doc__ or "").strip()
         sub = commands.add_parser(
