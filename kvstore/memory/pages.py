@@ -125,6 +125,18 @@ class PageTable:
         page.owner = owner
         return page
 
+    def take_many(self, owner: int, n: int) -> list[Page]:
+        """`take` n times (fewer if fewer are free), in one call."""
+        pop, out = self.free.pop, []
+        for _ in range(n):
+            page = pop()
+            if page is None:
+                break
+            page.state = PageState.RESERVED
+            page.owner = owner
+            out.append(page)
+        return out
+
     def give_back(self, page: Page) -> None:
         """Return a page to the free list, clearing everything it held."""
         page.state = PageState.FREE

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from kvstore.memory.pages import Page
-from kvstore.store import sequences, validate
+from kvstore.store import put_fused, sequences, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.store import Store
@@ -120,11 +120,13 @@ def put(
     old_spare, old_extra = seq.spare, seq.extra_keys
     seq.spare, seq.extra_keys = list(spare.values()), extra
     try:
-        appended = sequences.append(session, seq, store.limits, token_ids, spare_at=at)
+        # One pass over the pages where nothing but the put itself can happen to them.
+        fused = put_fused.put(session, seq, store.limits, token_ids, at) if put_fused.applies(seq) else None
+        appended = fused[0] if fused else sequences.append(session, seq, store.limits, token_ids, spare_at=at)
     except BaseException:
         seq.spare, seq.extra_keys = old_spare, old_extra
         raise
     seq.spare.extend(at.values())  # the credit pages of cached indices: freed with the rest
-    committed = sequences.commit(seq, seq.num_tokens)
+    committed = fused[1] if fused else sequences.commit(seq, seq.num_tokens)
     store.release_held_sequence(session, seq)
     return appended, committed, grant(store, session, ns, credit_pages)

@@ -51,10 +51,18 @@ def allocate(
     if pages_needed:
         ns.make_room(pages_needed, f"allocate(max_tokens={max_tokens})")
     seq = Sequence(new_id(), session.id, ns, extra, max_tokens, ns.index.root, options=options)
-    seq.spare = [ns.reserve(seq.id) for _ in range(pages_needed)]
+    seq.spare = ns.reserve_many(seq.id, pages_needed)
     session.sequences[seq.id] = seq
     ns.sequences += 1
     return seq.id, pages_needed
+
+
+def token_bytes(seq: Sequence, limits: StoreLimits, token_ids: Seq[int]) -> bytes:
+    """An append's token ids, checked, as the little-endian int32 bytes hashing takes."""
+    spec = seq.ns.spec
+    return validate.token_array(
+        token_ids, field="token_ids", vocab_size=spec.vocab_size, limits=limits
+    ).tobytes()
 
 
 def append(
@@ -70,9 +78,7 @@ def append(
     spare_at = {} if spare_at is None else spare_at
     ns = seq.ns
     T = ns.spec.page_tokens
-    tokens = validate.token_array(
-        token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=limits
-    ).tobytes()
+    tokens = token_bytes(seq, limits, token_ids)
     n = len(tokens) // 4
     if seq.max_tokens and seq.num_tokens + n > seq.max_tokens:
         raise OutOfRange(
@@ -179,15 +185,19 @@ def append(
     return AppendResult(seq.num_tokens, refs, T * len(hits), drops)
 
 
-@staticmethod
 def _sample_append(
     session: Session, seq: Sequence, tail_index: int, tail_hash: BlockHash | None, plan: list[Any]
 ) -> None:
-    """The MRC's accesses of an append: every page it hashed, less the leading pages a
-    lookup of this session already counted for the same prompt (kvstore/store/live_mrc.py)."""
     hashed = [(i, h) for i, _, _, h, _, _ in plan if h is not None]
     if tail_hash is not None:
         hashed.insert(0, (tail_index, tail_hash))
+    sample_hashes(session, seq, hashed)
+
+
+def sample_hashes(session: Session, seq: Sequence, hashed: list[tuple[int, BlockHash]]) -> None:
+    """The MRC's accesses of an append: every page it hashed ((index, hash), in order), less
+    the leading pages a lookup of this session already counted for the same prompt
+    (kvstore/store/live_mrc.py)."""
     if not hashed:
         return
     if hashed[0][0] == 0:  # the sequence's first page: did a lookup count this prompt?
