@@ -12,17 +12,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from kvstore_proto import dtypes
 
+from kvstore.config_checks import (
+    U32_MAX,
+    Check,
+    check_host_port,
+    check_ns_name,
+    check_policy,
+    check_salt,
+    check_shm_prefix,
+    check_socket_path,
+    check_tls_file,
+    check_tokens_file,
+    in_range,
+    positive,
+)
 from kvstore.config_parse import expect, fill, format_size, read_toml
 from kvstore.memory.make_pool import check_device
-from kvstore.policy import policy_names
 from kvstore.store import precision
 from kvstore.store.types import NamespaceSpec, StoreLimits
 from kvstore.store.validate import MAX_PAGE_TOKENS, MAX_TOKEN_ID
@@ -34,9 +46,6 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 DType = Literal[dtypes.NAMES]  # (a tuple subscript: Literal takes its items as the choices)
 TierDType = Literal[precision.TIER_DTYPES]
 
-_U32_MAX = 2**32 - 1  # the wire carries geometry as uint32
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
-
 
 class ConfigError(ValueError):
     """One or more invalid settings; each line names the key, the value and what is allowed."""
@@ -44,66 +53,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-# ---------------------------------------------------------------- checks
-# A check returns None when the value is fine, else the phrase that follows "key=value: ".
-
-
-Check = Callable[[Any], "str | None"]
-
-
-def _in_range(lo: float, hi: float | None = None) -> Check:
-    def check(v: Any) -> str | None:
-        if v < lo or (hi is not None and v > hi):
-            return f"must be >= {lo}" if hi is None else f"must be in {lo}..{hi}"
-        return None
-
-    return check
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _matches(pattern: str) -> Check:
-    regex = re.compile(pattern)
-    return lambda v: None if regex.fullmatch(v) else f"must match {pattern}"
-
-
-_name = _matches(r"[A-Za-z0-9_.-]{1,64}")
-# The prefix becomes part of a /dev/shm file name: no slashes, nothing a shell would trip on.
-_shm_prefix = _matches(r"[A-Za-z0-9_.-]{1,200}")
-
-
-def _socket_path(v: str) -> str | None:
-    if not v:
-        return "must not be empty"
-    if len(os.fsencode(v)) > _SUN_PATH_MAX:
-        return f"must be at most {_SUN_PATH_MAX} bytes long (the unix socket path limit)"
-    return None
-
-
-def _host_port(v: str) -> str | None:
-    if not v:
-        return None  # off
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        return "must be HOST:PORT with PORT in 0..65535 (e.g. 127.0.0.1:50051), or empty for off"
-    return None
-
-
-def _policy(v: str) -> str | None:
-    return None if v in policy_names() else f"must be one of {', '.join(policy_names())}"
-
-
-def _salt(v: str) -> str | None:
-    if v.startswith("hex:"):
-        try:
-            bytes.fromhex(v[4:])
-        except ValueError:
-            return "must be hex digits after 'hex:'"
-    return None
 
 
 def _key(default: Any = MISSING, help: str = "", check: Check | None = None, **extra: Any) -> Any:
@@ -126,47 +75,70 @@ class ServerConfig:
         "",
         "unix socket the daemon serves on; its directory is created with mode 0700 (an existing one of ours is "
         "made 0700; one others can write and we cannot fix is refused)",
-        _socket_path,
+        check_socket_path,
         doc_default="`$XDG_RUNTIME_DIR/kvstore/kvstore.sock`, else `/tmp/kvstore-<uid>/kvstore.sock`",
     )
     tcp: str = _key(
-        "", "also serve on HOST:PORT (no TLS, no auth: keep it on localhost); empty = off", _host_port
+        "",
+        "also serve on HOST:PORT; needs `server.tokens_file` (or `server.tcp_insecure_no_auth`); TLS with "
+        "`server.tls_cert`; empty = off",
+        check_host_port,
+    )
+    tokens_file: str = _key(
+        "",
+        "TOML file of bearer tokens and the scopes each grants per namespace (docs/security.md); its mode "
+        "must give group and others nothing. Set: every call (but health and reflection) needs a token, "
+        "on every listener; empty = none needed (the unix socket's mode 0600 is the boundary)",
+        check_tokens_file,
+    )
+    tcp_insecure_no_auth: bool = _key(
+        False,
+        "serve `server.tcp` without tokens: anyone who reaches the port may do anything (a warning at start)",
+    )
+    tls_cert: str = _key("", "PEM certificate chain of the TCP listener: TLS on `server.tcp`", check_tls_file)
+    tls_key: str = _key("", "PEM private key of `server.tls_cert`", check_tls_file)
+    tls_client_ca: str = _key(
+        "",
+        "PEM CA bundle: TCP clients must present a certificate it signed; empty = not asked",
+        check_tls_file,
     )
     metrics: str = _key(
-        "", "serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any); empty = off", _host_port
+        "",
+        "serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any); empty = off",
+        check_host_port,
     )
-    lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", _in_range(0.5))
-    lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", _in_range(0.5))
+    lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", in_range(0.5))
+    lease_ttl_max_s: float = _key(300.0, "longest lease a session may ask for (seconds)", in_range(0.5))
     pin_ttl_max_s: float = _key(
         2.0,
         "longest life of a lookup's self-ending pin (LookupRequest.pin_ttl_ms; seconds): its pages cannot "
         "be evicted meanwhile",
-        _in_range(0.001, 60),
+        in_range(0.001, 60),
     )
-    max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", _in_range(1, _U32_MAX))
-    max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", _positive, size=True)
-    max_sessions: int = _key(4096, "most sessions open at once", _positive)
+    max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", in_range(1, U32_MAX))
+    max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", positive, size=True)
+    max_sessions: int = _key(4096, "most sessions open at once", positive)
     quarantine_grace_s: float = _key(
         30.0,
         "device pools: how long the reserved pages of a session that ended without closing stay "
         "quarantined when its client's process cannot be watched (seconds; docs/gpu.md)",
-        _in_range(0, 3600),
+        in_range(0, 3600),
     )
     shutdown_grace_s: float = _key(
         5.0,
         "on SIGTERM, how long in-flight RPCs may finish (seconds); new ones and those still running after "
         'get UNAVAILABLE "daemon shutting down"',
-        _in_range(0, 3600),
+        in_range(0, 3600),
     )
     log_level: LogLevel = _key("info", "log level (logs go to stderr)")  # noqa: RUF009 (ruff: Literal)
     max_extra_keys_bytes: int = _key(
-        1024, "longest extra_keys a request may carry (bytes)", _in_range(0, 1 << 20)
+        1024, "longest extra_keys a request may carry (bytes)", in_range(0, 1 << 20)
     )
-    default_policy: str = _key("horizon", "eviction policy of a namespace that names none", _policy)
+    default_policy: str = _key("horizon", "eviction policy of a namespace that names none", check_policy)
     host_tier_bytes: int = _key(
         0,
         "daemon DRAM below the pools: evicted pages are demoted here (0 = no host tier)",
-        _in_range(0),
+        in_range(0),
         size=True,
     )
     disk_tier_dir: str = _key(
@@ -178,20 +150,20 @@ class ServerConfig:
         8 << 30,
         "most bytes the disk tier's LMDB file may take (its map size); clamped, with a warning, "
         "to what its file system has free at start",
-        _in_range(2 << 20),
+        in_range(2 << 20),
         size=True,
     )
     disk_queue_bytes: int = _key(
         128 << 20,
         "most bytes of pages queued for the disk tier's writer; a demotion past it is dropped "
         "(counted: the page is no longer cached), Admin.Flush waits for room",
-        _in_range(1 << 20),
+        in_range(1 << 20),
         size=True,
     )
     disk_tier_policy: str = _key(
         "",
         "eviction policy of the disk tier (leaves first); empty = `server.default_policy`",
-        lambda v: v and _policy(v),
+        lambda v: v and check_policy(v),
     )
     write_through: bool = _key(
         False, "queue every page for the disk tier as it is sealed, so a restart finds it"
@@ -199,14 +171,14 @@ class ServerConfig:
     prefetch_pages: int = _key(
         4,
         "on a hit of a whole prompt, promote up to this many pages that followed it last time",
-        _in_range(0, 1024),
+        in_range(0, 1024),
     )
     shm_prefix: str = _key(
         "",
         "name prefix of this user's /dev/shm segments; segment names add the pid, the pool's epoch "
         "and the namespace, and a starting daemon unlinks the segments under this prefix that no "
         "live daemon holds locked",
-        _shm_prefix,
+        check_shm_prefix,
         doc_default="`kvstore-<uid>-`",
     )
 
@@ -215,21 +187,23 @@ class ServerConfig:
 class NamespaceConfig:
     """One `[[namespace]]` table; keys without a default are required."""
 
-    name: str = _key(help="namespace name, unique", check=_name)
-    num_layers: int = _key(help="transformer layers", check=_in_range(1, _U32_MAX))
-    num_kv_heads: int = _key(help="KV heads per layer", check=_in_range(1, _U32_MAX))
-    head_dim: int = _key(help="head dimension", check=_in_range(1, _U32_MAX))
+    name: str = _key(help="namespace name, unique", check=check_ns_name)
+    num_layers: int = _key(help="transformer layers", check=in_range(1, U32_MAX))
+    num_kv_heads: int = _key(help="KV heads per layer", check=in_range(1, U32_MAX))
+    head_dim: int = _key(help="head dimension", check=in_range(1, U32_MAX))
     dtype: DType = _key(help="element type of K and V")  # noqa: RUF009 (ruff: Literal)
-    page_tokens: int = _key(help="tokens per page", check=_in_range(1, MAX_PAGE_TOKENS))
-    num_pages: int = _key(help="pages in the pool", check=_in_range(1, _U32_MAX))
+    page_tokens: int = _key(help="tokens per page", check=in_range(1, MAX_PAGE_TOKENS))
+    num_pages: int = _key(help="pages in the pool", check=in_range(1, U32_MAX))
     vocab_size: int = _key(
-        0, "token ids must be below this; 0 = any id in [0, 2^31)", _in_range(0, MAX_TOKEN_ID)
+        0, "token ids must be below this; 0 = any id in [0, 2^31)", in_range(0, MAX_TOKEN_ID)
     )
-    policy: str = _key("", "eviction policy; empty = `server.default_policy`", lambda v: v and _policy(v))
+    policy: str = _key(
+        "", "eviction policy; empty = `server.default_policy`", lambda v: v and check_policy(v)
+    )
     salt: str = _key(
         "",
         "hash salt: `hex:<digits>` for raw bytes, else the string's UTF-8; empty = derived from the name",
-        _salt,
+        check_salt,
     )
     model_fingerprint: str = _key("", "model the KV belongs to; empty = any")
     device: str = _key(
@@ -340,6 +314,7 @@ def load(
     if server_values:  # take `unix:/path` too, as clients do, and pin a relative path down now
         server_values["socket"] = os.path.abspath(server_values["socket"].removeprefix("unix:"))
     server = ServerConfig(**(server_values or runtime_defaults(environ)))
+    problems += _listener_problems(server)
     if server.lease_ttl_max_s < server.lease_ttl_s:
         problems.append(
             f"server.lease_ttl_max_s={server.lease_ttl_max_s:g}: "
@@ -360,6 +335,25 @@ def load(
     if problems:
         raise ConfigError(problems)
     return Config(server=server, namespaces=tuple(namespaces), config_file=path)
+
+
+def _listener_problems(s: ServerConfig) -> list[str]:
+    """TCP is reachable by more than this user: it needs tokens unless explicitly left open."""
+    problems = []
+    if s.tcp and not s.tokens_file and not s.tcp_insecure_no_auth:
+        problems.append(
+            f"server.tcp={s.tcp}: a TCP listener needs server.tokens_file (bearer tokens), or "
+            "server.tcp_insecure_no_auth=true to serve it without any authentication"
+        )
+    if bool(s.tls_cert) != bool(s.tls_key):
+        problems.append("server.tls_cert and server.tls_key: give both (TLS) or neither")
+    if (s.tls_cert or s.tls_client_ca) and not s.tcp:
+        problems.append("server.tls_*: TLS is for server.tcp, which is not set")
+    if s.tls_client_ca and not s.tls_cert:
+        problems.append(
+            "server.tls_client_ca: client certificates need TLS (server.tls_cert, server.tls_key)"
+        )
+    return problems
 
 
 def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, problems: list[str]) -> None:

@@ -33,6 +33,7 @@ from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.edge import Edge
 from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.leases import LoopClock, reap_leases
+from kvstore.server.listeners import bind_tcp, guard_for
 from kvstore.server.metrics import MetricsServer
 from kvstore.server.shutdown import close_store, device_pools_unmapped, step
 from kvstore.store.store import Store
@@ -140,6 +141,7 @@ class Daemon:
         self.server = server = grpc.aio.server(options=server_options(s))
         # Every service registers with the edge, which wraps each method once and installs them.
         edge = self.edge
+        edge.guard = guard_for(s, self.store)
         self._kvstore_servicer = KVStoreServicer(self.store, edge.counts)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, edge)
         kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), edge)
@@ -257,13 +259,7 @@ class Daemon:
         os.chmod(self.socket_path, 0o600)
         self._socket_ino = os.stat(self.socket_path).st_ino
         if s.tcp:
-            try:
-                self.tcp_port = server.add_insecure_port(s.tcp)
-            except RuntimeError as e:
-                raise StartupError(f"cannot listen on tcp {s.tcp}: {e}") from e
-            if not self.tcp_port:  # older grpc reports a failed bind as port 0
-                raise StartupError(f"cannot listen on tcp {s.tcp} (address in use?)")
-            log.warning("also serving on tcp %s (port %d) without TLS or auth", s.tcp, self.tcp_port)
+            self.tcp_port = bind_tcp(server, s)
 
     async def stop(self) -> bool:
         """Stop in order, each step bounded. Safe after a partial start, and a second time.

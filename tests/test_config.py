@@ -132,7 +132,12 @@ def test_config_file_from_env_and_flag(tmp_path: Path) -> None:
     assert (chosen.server.max_sessions, chosen.config_file) == (8, str(flag_file))
 
 
-def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
+def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("not checked until the daemon starts")
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nname = "a"\ntoken = "0123456789abcdef"\n')
+    tokens.chmod(0o600)
     values = {
         "socket": "/x/k.sock",
         "tcp": "127.0.0.1:0",
@@ -156,12 +161,23 @@ def test_every_server_key_has_an_env_variable_and_a_flag() -> None:
         "write_through": "true",
         "prefetch_pages": "2",
         "shm_prefix": "p-",
+        "tokens_file": str(tokens),
+        "tcp_insecure_no_auth": "true",
+        "tls_cert": str(pem),
+        "tls_key": str(pem),
+        "tls_client_ca": str(pem),
     }
     assert set(values) == {f.name for f in dataclasses.fields(cfg.ServerConfig)}
+    # Keys that are valid only with others: those come from the environment, both ways.
+    tls = {"KVSTORE_TCP": "127.0.0.1:0", "KVSTORE_TCP_INSECURE_NO_AUTH": "true"}
+    tls |= {"KVSTORE_TLS_CERT": str(pem), "KVSTORE_TLS_KEY": str(pem)}
+    companions = {"tcp": {"KVSTORE_TCP_INSECURE_NO_AUTH": "true"}, "tls_cert": tls, "tls_key": tls}
+    companions["tls_client_ca"] = tls
     default = cfg.load(environ={}).server
     for key, value in values.items():
-        from_env = getattr(cfg.load(environ={cfg.env_name(key): value}).server, key)
-        from_flag = getattr(cfg.load(environ={}, flags=flags(cfg.flag_name(key), value)).server, key)
+        env = companions.get(key, {})
+        from_env = getattr(cfg.load(environ=env | {cfg.env_name(key): value}).server, key)
+        from_flag = getattr(cfg.load(environ=env, flags=flags(cfg.flag_name(key), value)).server, key)
         assert from_env == from_flag, key
         assert from_env != getattr(default, key) or key == "default_policy", key
 

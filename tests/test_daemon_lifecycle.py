@@ -158,7 +158,7 @@ def _hung_up(sock: socket.socket, timeout: float = 5.0) -> bool:
 
 
 def test_tcp_listener(daemon_factory) -> None:
-    d = daemon_factory(server={"tcp": "127.0.0.1:0"}).start()
+    d = daemon_factory(server={"tcp": "127.0.0.1:0", "tcp_insecure_no_auth": True}).start()
     # The port is known only to the daemon; it says it in its ready line.
     port = int(re.search(r"tcp port (\d+)", d.stderr_text()).group(1))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

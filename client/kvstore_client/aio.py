@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -27,6 +27,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from . import _core, _wire, device
 from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
 from ._fast_api import AsyncFastPath
+from .channel import TLS, open_aio
 from .errors import KVStoreClientError
 from .namespace import Namespace, pool_moved
 from .pool import SHM_DIR
@@ -42,7 +43,6 @@ from .results import (
     SequenceOptions,
     Stats,
 )
-from .target import resolve_target
 
 T = TypeVar("T")
 _R = TypeVar("_R", bound="_AsyncReleaseOnExit")
@@ -370,25 +370,23 @@ def connect(
     connect_timeout_s: float = 10.0,
     shm_dir: str = SHM_DIR,
     keepalive_s: float = _core.KEEPALIVE_S,
+    token: str | None = None,
+    tls: TLS | None = None,
 ) -> Opening[AsyncClient]:
     """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`."""
-    return Opening(
-        _connect(target, client_name, lease_ttl_s, timeout_s, connect_timeout_s, shm_dir, keepalive_s)
-    )
+    dial = partial(open_aio, target, keepalive_s, token, tls)  # (the channel is made on the loop)
+    return Opening(_connect(dial, client_name, lease_ttl_s, timeout_s, connect_timeout_s, shm_dir))
 
 
 async def _connect(
-    target: str | os.PathLike[str] | None,
+    dial: Callable[[], tuple[grpc.aio.Channel, str]],
     client_name: str,
     lease_ttl_s: float | None,
     timeout_s: float | None,
     connect_timeout_s: float,
     shm_dir: str,
-    keepalive_s: float,
 ) -> AsyncClient:
-    resolved = resolve_target(target)
-    channel = grpc.aio.insecure_channel(resolved, options=_core.channel_options(keepalive_s))
-    client = AsyncClient(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
+    client = AsyncClient(*dial(), timeout_s=timeout_s, shm_dir=shm_dir)
     try:
         await client.open(
             client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s

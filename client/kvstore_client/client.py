@@ -33,11 +33,11 @@ from ._core import (
     Held,
     LookupBase,
     SequenceBase,
-    channel_options,
     log,
     make_stubs,
 )
 from ._fast_api import FastPath
+from .channel import TLS, open_sync
 from .errors import KVStoreClientError
 from .namespace import Namespace, pool_moved
 from .pool import SHM_DIR
@@ -53,7 +53,6 @@ from .results import (
     SequenceOptions,
     Stats,
 )
-from .target import resolve_target
 
 T = TypeVar("T")
 _R = TypeVar("_R", bound="_ReleaseOnExit")
@@ -380,6 +379,8 @@ def connect(
     connect_timeout_s: float = 10.0,
     shm_dir: str = SHM_DIR,
     keepalive_s: float = KEEPALIVE_S,
+    token: str | None = None,
+    tls: TLS | None = None,
 ) -> Client:
     """Connect to the daemon and open a session.
 
@@ -388,10 +389,9 @@ def connect(
     each call (None = none). Waits up to `connect_timeout_s` for the daemon to come up.
     `keepalive_s`: HTTP/2 ping interval (>= 5 s, the daemon's limit): a daemon that stops
     answering pings fails the calls under way within `keepalive_s` + 5 s, deadline or not.
+    `token` (None = `$KVSTORE_TOKEN`, if set) and `tls`: kvstore_client.channel, docs/security.md.
     """
-    resolved = resolve_target(target)
-    channel = grpc.insecure_channel(resolved, options=channel_options(keepalive_s))
-    client = Client(channel, resolved, timeout_s=timeout_s, shm_dir=shm_dir)
+    client = Client(*open_sync(target, keepalive_s, token, tls), timeout_s=timeout_s, shm_dir=shm_dir)
     try:
         client.open(client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s)
     except BaseException:

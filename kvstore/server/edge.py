@@ -14,6 +14,8 @@ our services) at every call. One generic handler is one pending request and a di
 - An exception that escapes a handler is mapped by `status.status_and_message`; an
   unexpected one (or a broken invariant) becomes INTERNAL, logged with its traceback and
   counted (Stats `internal_errors`, metric `kvstore_rpc_internal_errors`).
+- With a tokens file, each method's handler is wrapped by the token check first
+  (kvstore/server/auth.py): a call without the scopes it needs never reaches its servicer.
 - Once shutdown begins, new calls get UNAVAILABLE "daemon shutting down"; calls still running
   when the grace ends are cancelled and get the same status rather than CANCELLED.
 """
@@ -68,6 +70,9 @@ class Edge:
         self._methods: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> wrapped handler
         self._services: set[str] = set()
         self._generic: list[grpc.GenericRpcHandler] = []
+        # Set before registration when the daemon has tokens: wraps each method's handler with
+        # the token check (kvstore/server/auth.py), inside the edge's own wrapping.
+        self.guard: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] | None = None
 
     # ------------------------------------------------------------ registration
 
@@ -78,6 +83,8 @@ class Edge:
         self._services.add(service)
         for name, handler in handlers.items():
             method = f"/{service}/{name}"
+            if self.guard is not None:
+                handler = self.guard(method, handler)
             self._methods[method] = self._wrap(method, handler)
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:

@@ -22,10 +22,11 @@ from typing import Any
 
 import grpc
 
-from .._core import channel_options
+from .._core import KEEPALIVE_S
+from ..channel import TLS, TOKEN_ENV, open_sync
 from ..client import Client
 from ..errors import KVStoreClientError
-from ..target import ConfigFileError, resolve_target
+from ..target import ConfigFileError
 from ..version import version_line
 from . import admin_explain
 from .fmt import (
@@ -205,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         "`socket` in the daemon's config file $KVSTORE_CONFIG, else the daemon's default socket)",
     )
     parser.add_argument(
+        "--token",
+        help=f"bearer token of a daemon with a tokens file (default: ${TOKEN_ENV}; an argument is visible "
+        "to other users in the process list, the variable is not)",
+    )
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle of a TLS listener (HOST:PORT targets)")
+    parser.add_argument(
+        "--tls-cert", metavar="PEM", help="client certificate, for a daemon that asks for one"
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    parser.add_argument(
         "--timeout", type=positive_seconds, default=10.0, help="deadline of each call, seconds (default 10)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -272,22 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def connect(target: str | None, timeout_s: float) -> Client:
+def connect(target: str | None, timeout_s: float, token: str | None = None, tls: TLS | None = None) -> Client:
     """A client with no session: admin calls need none, and an operator is not a client."""
-    resolved = resolve_target(target)
     # The library's channel options: keepalive pings, so a stopped daemon fails the call.
-    return Client(grpc.insecure_channel(resolved, options=channel_options()), resolved, timeout_s=timeout_s)
+    channel, resolved = open_sync(target, KEEPALIVE_S, token, tls)
+    return Client(channel, resolved, timeout_s=timeout_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tls = TLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    if tls is None and (args.tls_cert or args.tls_key):
+        print("error: --tls-cert and --tls-key need --tls-ca (TLS)", file=sys.stderr)
+        return 2
     try:
-        kv = connect(args.target, args.timeout)
+        kv = connect(args.target, args.timeout, args.token, tls)
     except ConfigFileError as e:  # no --target, no $KVSTORE_SOCKET, and $KVSTORE_CONFIG is unreadable
         print(f"error: where is the daemon? {one_line(str(e))}", file=sys.stderr)
         return 1
-    except ValueError as e:  # grpc refuses a malformed target
-        print(f"error: bad --target {args.target!r}: {one_line(str(e))}", file=sys.stderr)
+    except OSError as e:  # a TLS file
+        print(f"error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # grpc refuses a malformed target; a certificate without its key
+        print(f"error: bad --target {args.target!r} or TLS files: {one_line(str(e))}", file=sys.stderr)
         return 1
     try:
         return args.run(kv, args)
