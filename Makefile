@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint native proto bench peers gpu-check vllm-venv vllm-test clean
+.PHONY: run test lint native proto bench peers gpu-check vllm-venv vllm-test docker-test clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -92,6 +92,14 @@ vllm-venv: $(VLLM_STAMP)
 vllm-test: $(VLLM_STAMP) native
 	$(VLLM_VENV)/bin/python -m pytest -q tests_vllm
 	$(VLLM_VENV)/bin/python -m kvstore_bench.cli vllm --quick --check
+
+# The Docker sidecar (docs/docker.md): build the image with no network (the base image by
+# mmdebstrap, the project from wheels built here), run the compose stack, write and read KV
+# across containers, kill -9 the sidecar and check that no worker reads a wrong byte. Needs a
+# running Docker daemon and docker-compose; `.ci/run` runs it through docker/ci.sh, which
+# installs and starts them when it can and says why it skips when it cannot.
+docker-test: $(STAMP)
+	PY=$(PY) docker/test.sh
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so
