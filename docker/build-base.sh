@@ -28,7 +28,7 @@ if [ ! -s "$tarball" ]; then
     if [ -n "$security" ]; then sources+=("deb $security bookworm-security main"); fi
     echo "build-base: mmdebstrap bookworm from $main"
     start=$SECONDS
-    mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,tini \
+    mmdebstrap --quiet --format=tar --variant=minbase --include=python3,python3-venv,tini \
         --aptopt='Acquire::Languages "none"' \
         --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
