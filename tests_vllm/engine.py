@@ -65,6 +65,10 @@ def main() -> None:
                 for s in admin.list_sessions()
                 if s.client_name.startswith("vllm-")
             ]
+            ns = admin.stats(extra["namespace"]).namespaces[0]
+            phase["stats"] = {
+                k: getattr(ns, k) for k in ("hit_tokens", "lookups", "pages_pinned", "sequences")
+            }
         phases.append(phase)
     counters = get_kv_transfer_group().kvstore_counters() if has_kv_transfer_group() else {}
     with open(sys.argv[2], "w") as f:

@@ -54,7 +54,8 @@ class ConnectorMeta:
 @dataclass
 class _Request:
     request: Any  # vllm Request (live: its token ids grow as it decodes)
-    stored_pages: int = 0  # pages [0, stored_pages) of its tokens are in kvstore
+    stored_pages: int = 0  # pages [0, stored_pages) of its tokens are in kvstore (or being saved)
+    hit_pages: int = 0  # pages its last lookup found
     lookup: pb.LookupResponse | None = None  # the last lookup's reply, its pin maybe live
     deadline_ns: int = 0
     load: tuple[int, int] | None = None  # pages [first, end) to load at its next schedule
@@ -93,7 +94,8 @@ class SchedulerSide:
             return 0
         state.lookup = reply
         state.deadline_ns = min(reply.pin_deadline_ns, sent_ns + reply.pin_ttl_ms * 1_000_000)
-        state.stored_pages = max(state.stored_pages, reply.hit_tokens // pt)
+        state.hit_pages = reply.hit_tokens // pt
+        state.stored_pages = max(state.stored_pages, state.hit_pages)
         if reply.hit_tokens <= num_computed_tokens:
             self._drop_pin(state)
             return 0
@@ -155,6 +157,11 @@ class SchedulerSide:
             state.load = None
         # Pages whose every token has its KV in vLLM's blocks once this step ran (speculative
         # tokens may be rejected: not counted).
+        if computed < state.stored_pages * pt:
+            # vLLM computes again what it had (a failed load, a preemption): the worker skipped
+            # saves over a failed load, so pages past the lookup's hit are saved again (pages
+            # sealed already come back CACHED from the daemon, not copied).
+            state.stored_pages = min(state.stored_pages, max(state.hit_pages, computed // pt))
         spec = len(out.scheduled_spec_decode_tokens.get(req_id, ()))
         tokens = state.request.all_token_ids
         end = min(computed + out.num_scheduled_tokens[req_id] - spec, len(tokens))

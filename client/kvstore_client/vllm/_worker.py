@@ -17,7 +17,7 @@ import torch
 from ..errors import KVStoreClientError
 from ..namespace import Namespace
 from ..results import Page
-from ._layout import BlockCopier
+from ._layout import BlockCopier, probe_part_orders
 from ._scheduler import ConnectorMeta, LoadSpec, SaveSpec
 from ._setup import Settings, geometry_of, open_client, open_namespace
 
@@ -42,8 +42,10 @@ class WorkerSide:
         self.ns: Namespace = open_namespace(
             self.client, settings, self.geometry, kv_cache_config.num_blocks, vocab
         )
+        self.kv_cache_dtype = vllm_config.cache_config.cache_dtype
         self.copier: BlockCopier | None = None
         self.failed_blocks: set[int] = set()
+        self.failed_requests: set[str] = set()  # requests whose load failed in this step
         # Counters for this process (tests and the benchmark read them).
         self.loaded_pages = 0
         self.failed_loads = 0
@@ -52,11 +54,16 @@ class WorkerSide:
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = sorted(kv_caches, key=_layer_index)
-        self.copier = BlockCopier([kv_caches[n] for n in names], self.geometry)
+        orders = probe_part_orders(self.geometry, self.kv_cache_dtype)
+        self.copier = BlockCopier([kv_caches[n] for n in names], self.geometry, orders)
+        log.info(
+            "kvstore: vLLM blocks hold K %s, V %s; layers as one tensor: %s", *orders, self.copier.one_tensor
+        )
 
     # ------------------------------------------------------------ loads
 
     def load(self, meta: ConnectorMeta) -> None:
+        self.failed_requests = set()
         for spec in meta.loads:
             try:
                 self._load(spec)
@@ -66,6 +73,7 @@ class WorkerSide:
                 # what was copied into them is never used.
                 self.failed_loads += 1
                 self.failed_blocks.update(spec.block_ids)
+                self.failed_requests.add(spec.req_id)
                 log.warning(
                     "kvstore: loading %d pages for request %s failed, vLLM recomputes them: %s",
                     len(spec.slots),
@@ -75,12 +83,17 @@ class WorkerSide:
 
     def _load(self, spec: LoadSpec) -> None:
         assert self.copier is not None, "register_kv_caches comes first"
+        self._check_deadline(spec, "started")  # (copying what would be thrown away)
         ns = self._namespace_of(spec.epoch)
         self.copier.load(ns.pages_of(spec.epoch, spec.slots, f"request {spec.req_id}"), spec.block_ids)
+        self._check_deadline(spec, "ended")
+
+    @staticmethod
+    def _check_deadline(spec: LoadSpec, what: str) -> None:
         late = time.monotonic_ns() - spec.deadline_ns
         if late >= 0:
             raise KVStoreClientError(
-                f"the copy ended {late / 1e6:.3f} ms after the pin's deadline: the pages may have been "
+                f"the copy {what} {late / 1e6:.3f} ms after the pin's deadline: the pages may have been "
                 "reused meanwhile"
             )
 
@@ -101,6 +114,10 @@ class WorkerSide:
 
     def save(self, meta: ConnectorMeta) -> None:
         for spec in meta.saves:
+            if spec.req_id in self.failed_requests:
+                # Its new pages were computed this step over blocks whose load failed: not its
+                # KV. vLLM recomputes them, and the scheduler asks for the save again then.
+                continue
             try:
                 self._save(spec)
             except KVStoreClientError as err:  # a save that fails is a later miss, nothing more
