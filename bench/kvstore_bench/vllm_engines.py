@@ -38,6 +38,7 @@ class EngineProcess:
         self.log_path = log_dir / f"engine-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
+        self.counters: dict[str, int] = {}  # the connector's, as of the last answer
         self._buffer = b""
 
     def start(self) -> EngineProcess:
@@ -73,7 +74,9 @@ class EngineProcess:
     ) -> dict[str, Any]:
         cmd = {"op": "generate", "prompts": prompts, "max_tokens": max_tokens, "batch": batch}
         self._send(cmd | {"ignore_eos": ignore_eos})
-        return self._answer(timeout)
+        answer = self._answer(timeout)
+        self.counters = answer["counters"]
+        return answer
 
     def stop(self, timeout: float = 60.0) -> None:
         proc, self.proc = self.proc, None

@@ -59,14 +59,17 @@ def ttft(
     times: dict[int, dict[str, list[float]]] = {n: {s: [] for s in sides} for n in lengths}
     hits: dict[int, dict[str, list[int]]] = {n: {s: [] for s in sides} for n in lengths}
     external = 0
+    failed = dict.fromkeys(lengths, 0)  # B's loads that failed (vLLM recomputed those pages)
     for r in range(1 + repeat):
         for n in lengths:
             prompt = by_length[n][str(r)]
             for side in rotated(list(sides), r):
+                failed0 = sides[side].counters.get("failed_loads", 0)
                 answer = sides[side].generate([prompt], 1)
                 hit = answer["outputs"][0]["num_cached_tokens"]
                 if side == "kvstore":
                     external += hit
+                    failed[n] += answer["counters"]["failed_loads"] - failed0
                 hits[n][side].append(hit)
                 if r >= 1:
                     times[n][side].append(answer["elapsed_s"][0])
@@ -95,6 +98,7 @@ def ttft(
                 "hit_tokens_b": sorted(set(hits[n]["kvstore"])),
                 "hit_tokens_d": sorted(set(hits[n]["apc"][1:])),
                 "hit_tokens_c": sorted(set(hits[n]["recompute"])),
+                "failed_loads_b": failed[n],
                 "runs_ms": {s: [round(1e3 * t, 1) for t in v] for s, v in times[n].items()},
             }
         )

@@ -10,7 +10,8 @@ the worker answers one JSON line per command line on stdin:
     {"op": "generate", "prompts": [[ids...], ...], "max_tokens": n, "batch": bool, "ignore_eos": bool}
         batch=false: one `generate` per prompt, timed each (TTFT when max_tokens=1);
         batch=true: one `generate` of all prompts, timed once (throughput).
-        -> {"elapsed_s": [...], "outputs": [{"token_ids", "num_cached_tokens", "prompt_tokens"}]}
+        -> {"elapsed_s": [...], "outputs": [{"token_ids", "num_cached_tokens", "prompt_tokens"}],
+            "counters": the connector's counts so far (`kvstore_counters()`), {} without it}
     {"op": "exit"}
 
 The answers go to the process's original stdout; vLLM logs to stdout, so stdout is pointed at
@@ -69,6 +70,7 @@ def generate(llm: Any, cmd: dict[str, Any]) -> dict[str, Any]:
         elapsed.append(time.perf_counter() - t0)
     return {
         "elapsed_s": elapsed,
+        "counters": connector_counters(),
         "outputs": [
             {
                 "token_ids": list(o.outputs[0].token_ids),
@@ -78,6 +80,14 @@ def generate(llm: Any, cmd: dict[str, Any]) -> dict[str, Any]:
             for o in outputs
         ],
     }
+
+
+def connector_counters() -> dict[str, int]:
+    """The connector's counts in this process so far (pages loaded, loads failed and so
+    recomputed, pages saved, saves failed); {} with the connector off."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group().kvstore_counters() if has_kv_transfer_group() else {}
 
 
 def engine_info(llm: Any) -> dict[str, Any]:
