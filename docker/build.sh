@@ -26,6 +26,10 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--cuda 12|13 --base IMAGE] [--image NAME]" >&2; exit 2 ;;
     esac
 done
+if [ -n "$CUDA" ] && [ "$BASE_IMAGE" = kvstore-base:bookworm ]; then
+    echo "build: --cuda needs --base, a CUDA runtime image with python3.11, python3-venv and tini" >&2
+    exit 2
+fi
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
@@ -34,6 +38,8 @@ if [ -z "$CUDA" ] && [ "$pyver" != 3.11 ]; then
     echo "build: $PY is Python $pyver; the image's (Debian bookworm) is 3.11: set PY to a 3.11" >&2
     exit 1
 fi
+# pip, without the warnings about find-links folders missing that this machine's pip config names.
+pip() { "$PY" -m pip --disable-pip-version-check "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 start=$SECONDS
 if [ -z "$CUDA" ]; then
     CACHE=$CACHE BASE_IMAGE=$BASE_IMAGE docker/build-base.sh
@@ -45,10 +51,10 @@ key=$(cat pyproject.toml | sha256sum | cut -c1-16)${CUDA:+-cuda$CUDA}
 deps=$CACHE/wheels-$key
 if [ ! -f "$deps/.complete" ]; then
     rm -rf "$deps.tmp"
-    "$PY" -m pip wheel --quiet --disable-pip-version-check -w "$deps.tmp" .
+    pip wheel --quiet -w "$deps.tmp" .
     rm -f "$deps.tmp"/kvstore-*.whl
     if [ -n "$CUDA" ]; then
-        "$PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: -d "$deps.tmp" "cupy-cuda${CUDA}x>=13"
+        pip download --quiet --only-binary=:all: -d "$deps.tmp" "cupy-cuda${CUDA}x>=13"
     fi
     touch "$deps.tmp/.complete"
     rm -rf "$deps" && mv "$deps.tmp" "$deps"
@@ -58,9 +64,11 @@ fi
 ctx=$CACHE/context
 rm -rf "$ctx" && mkdir -p "$ctx/wheels"
 cp "$deps"/*.whl "$ctx/wheels/"
-"$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$ctx/wheels" .
+pip wheel --quiet --no-deps -w "$ctx/wheels" .
 cp docker/Dockerfile docker/kvstore.toml docker/kv_worker.py "$ctx/"
 args=(--build-arg "BASE=$BASE_IMAGE")
 if [ -n "$CUDA" ]; then args+=(--build-arg "CUDA=$CUDA"); fi
 DOCKER_BUILDKIT=0 docker build --quiet --network=none "${args[@]}" -t "$IMAGE" "$ctx" >/dev/null
+# The image this build replaced, now untagged: no pile-up of old builds across runs.
+docker image prune --force --filter dangling=true --filter label=org.opencontainers.image.title=kvstore >/dev/null
 echo "build: $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')) in $((SECONDS - start))s"
