@@ -33,6 +33,9 @@ class SyncMode(enum.IntEnum):
     BEFORE_COMMIT = 2  # device memory: wait for an event after the writes (reads) first
 
 
+_BEFORE_COMMIT = SyncMode.BEFORE_COMMIT
+
+
 @dataclass(frozen=True)
 class PoolHandle:
     """Everything about a pool's memory a client needs, besides the page geometry.
@@ -55,7 +58,7 @@ class PoolHandle:
 
     @property
     def on_device(self) -> bool:
-        return self.sync_mode is SyncMode.BEFORE_COMMIT
+        return self.sync_mode is _BEFORE_COMMIT  # (a plain name: see kvstore/memory/pages.py's)
 
 
 class PoolBackend(Protocol):

@@ -17,7 +17,7 @@ from kvstore.errors import FailedPrecondition, InvariantBroken, ResourceExhauste
 from kvstore.hashing import namespace_salt, root_hash
 from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.backend import PoolBackend
-from kvstore.memory.pages import Page, PageState, PageTable
+from kvstore.memory.pages import RESERVED, SEALED, Page, PageTable
 from kvstore.policy import EvictionPolicy
 from kvstore.store.live_mrc import LiveMrc
 from kvstore.store.types import (
@@ -125,7 +125,7 @@ class Namespace:
         return self.pages.take_many(owner, n)
 
     def free_reserved(self, page: Page) -> None:
-        if page.state is not PageState.RESERVED:
+        if page.state is not RESERVED:
             raise InvariantBroken(f"namespace {self.name!r}: freeing {page} as reserved")
         self.pages_reserved -= 1
         self.pool.dropped(self.offset(page.slot))
@@ -139,7 +139,7 @@ class Namespace:
         for page in reversed(pages):
             if page is None:
                 continue
-            if page.state is PageState.RESERVED:
+            if page.state is RESERVED:
                 self.free_reserved(page)
                 freed += 1
             else:
@@ -149,11 +149,11 @@ class Namespace:
 
     def seal(self, page: Page, parent: Page | None) -> None:
         """RESERVED -> SEALED, held once by the sealing sequence."""
-        if page.state is not PageState.RESERVED or page.block_hash is None:
+        if page.state is not RESERVED or page.block_hash is None:
             raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
         self.pool.landed(self.offset(page.slot))  # a copy from below reaches the device first
         self.pages_reserved -= 1
-        page.state = PageState.SEALED
+        page.state = SEALED
         page.owner = 0
         page.refcount = 1
         self.pages_pinned += 1
@@ -171,7 +171,7 @@ class Namespace:
             self.tiers.on_sealed(self, page)
 
     def ref(self, page: Page) -> None:
-        if page.state is not PageState.SEALED:
+        if page.state is not SEALED:
             raise InvariantBroken(f"namespace {self.name!r}: a reference on {page}, which is not sealed")
         if page.refcount == 0:
             self.pages_pinned += 1
@@ -179,7 +179,7 @@ class Namespace:
         page.refcount += 1
 
     def unref(self, page: Page) -> None:
-        if page.state is not PageState.SEALED or page.refcount <= 0:
+        if page.state is not SEALED or page.refcount <= 0:
             raise InvariantBroken(f"namespace {self.name!r}: releasing a reference {page} does not have")
         page.refcount -= 1
         if page.refcount == 0:
@@ -237,7 +237,7 @@ class Namespace:
 
     def pages_held_up(self) -> int:
         """Unpinned sealed pages that a pinned page extends (see `held_up`)."""
-        still = {p for p in self.held_up if p.state is PageState.SEALED and p.refcount == 0 and pins_below(p)}
+        still = {p for p in self.held_up if p.state is SEALED and p.refcount == 0 and pins_below(p)}
         self.held_up = still
         return len(still)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from kvstore.errors import FailedPrecondition, InvalidArgument, InvariantBroken, OutOfRange, PermissionDenied
 from kvstore.hashing import BlockHash, chain, chain_hashes
-from kvstore.memory.pages import Page, PageState
+from kvstore.memory.pages import RESERVED, SEALED, Page
 from kvstore.store import budgets, preempt, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
@@ -104,7 +104,7 @@ def append(
     tail_hash = None
     if into_tail and fill + into_tail == T and (cut is None or tail_index < cut):
         tail_hash = parent = chain(parent, seq.tail_tokens + tokens[: 4 * into_tail], seq.extra_keys)
-    prefix_phase = all(p is not None and p.state is PageState.SEALED for p in seq.pages)
+    prefix_phase = all(p is not None and p.state is SEALED for p in seq.pages)
     # The new full pages below the cut are hashed in one call (a dropped page is at or above
     # the cut, so they are the first `full` new pages).
     full = (n - into_tail) // T
@@ -132,7 +132,7 @@ def append(
     freed = 0  # reserved pages the drops give back
     for i in drops:
         old = seq.pages[i] if i < old_pages else None
-        freed += old is not None and old.state is PageState.RESERVED
+        freed += old is not None and old.state is RESERVED
     to_reserve = max(0, new_pages - len(seq.spare) - freed)
     try:
         ns.make_room(to_reserve, f"append of {n} tokens to sequence {seq_id}")
@@ -217,7 +217,7 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
         )
     for slot in written_slots:
         page = ns.pages.pages[slot] if 0 <= slot < len(ns.pages) else None
-        if page is None or page.state is not PageState.RESERVED or page.owner != seq.id:
+        if page is None or page.state is not RESERVED or page.owner != seq.id:
             raise PermissionDenied(
                 f"written_slots has slot {slot}, which is not a writable page of sequence {seq_id} "
                 f"in namespace {ns.name!r} (pool has {len(ns.pages)} pages)"
@@ -228,7 +228,7 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
     moved: list[PageRef] = []
     for i in range(seq.committed_tokens // T, num_tokens // T):
         page = seq.pages[i]
-        if page is None or page.state is PageState.SEALED or seq.private(i):
+        if page is None or page.state is SEALED or seq.private(i):
             continue  # dropped; a cached page, or sealed by an earlier commit; private
         if page.block_hash is None:
             raise InvariantBroken(f"sequence {seq_id}: full public page {i} has no block hash")
@@ -258,7 +258,7 @@ def _check_synced(seq: Sequence, indices: range) -> None:
     slots = {}
     for i in indices:
         page = seq.pages[i]
-        if page is not None and page.state is PageState.RESERVED:
+        if page is not None and page.state is RESERVED:
             slots[ns.offset(page.slot)] = page.slot
     pending = ns.pool.unsynced(list(slots))
     if pending:
@@ -282,11 +282,11 @@ def view(seq: Sequence) -> SequenceView:
             PageRef(
                 i,
                 page.slot,
-                page.state is PageState.SEALED,
+                page.state is SEALED,
                 0,
                 count,
                 page.block_hash or b"",
-                page.state is PageState.RESERVED and seq.private(i),
+                page.state is RESERVED and seq.private(i),
             )
         )
     return SequenceView(seq.ns.name, seq.num_tokens, seq.committed_tokens, refs, dropped, seq.options)
