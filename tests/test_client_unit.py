@@ -507,3 +507,13 @@ def test_the_client_notices_a_lost_lease(fake_daemon) -> None:
 def test_no_daemon_is_unavailable(tmp_path) -> None:
     with pytest.raises(errors.Unavailable, match="no kvstore daemon answered"):
         kvstore_client.connect(tmp_path / "nobody.sock", connect_timeout_s=0.3)
+
+
+def test_copy_runs_of_consecutive_slots_are_one_run_and_others_split() -> None:
+    from kvstore_client._copy import runs
+
+    assert runs(range(2, 6), [10, 11, 12, 13]) == [[2, 10, 4]]
+    assert runs(range(0, 4), [10, 11, 13, 14]) == [[0, 10, 2], [2, 13, 2]]
+    assert runs(range(0, 3), [12, 11, 10]) == [[0, 12, 1], [1, 11, 1], [2, 10, 1]]
+    assert runs([0, 2, 3], [5, 6, 7]) == [[0, 5, 1], [2, 6, 2]]
+    assert runs(range(0, 0), []) == []

@@ -42,6 +42,10 @@ def flat_bytes(buf: Any, what: str) -> Any:
 
 def runs(indices: Sequence[int], slots: Sequence[int]) -> list[list[int]]:
     """[index, slot, count] of each run of pages whose indices and slots both go up by one."""
+    if isinstance(indices, range) and indices.step == 1 and len(slots) == len(indices) > 0:
+        s0 = slots[0]  # the common case, one run (a credit's slots, a fresh prefix): checked in C
+        if list(slots) == list(range(s0, s0 + len(slots))):
+            return [[indices.start, s0, len(slots)]]
     out: list[list[int]] = []
     last = None
     for i, s in zip(indices, slots, strict=True):
