@@ -44,7 +44,7 @@ static inline __attribute__((always_inline)) uint16_t f2h(float f) {
         return (uint16_t)(sign | r);
     }
     uint32_t h = (((ax >> 23) - 112u) << 10) | ((ax & 0x7fffffu) >> 13), rem = ax & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    h += (rem > 0x1000u) | ((rem == 0x1000u) & h); /* without a branch: it goes either way at random */
     return (uint16_t)(sign | h);
 }
 
@@ -85,8 +85,9 @@ static inline void store(uint8_t *p, Py_ssize_t i, float y, int dt) {
     else st16(p, i, dt == F16 ? f2h(y) : f2bf(y));
 }
 
-/* The stored (fp16) scale: a scale that rounds to 0 is stored as 1. */
-static inline uint16_t scale16(float m, float qmax) {
+/* The stored (fp16) scale: a scale that rounds to 0 is stored as 1. (Inlined: left a call,
+ * once per vector, it took ~8 % of an encode, and in the baseline build, not the AVX ones.) */
+static inline __attribute__((always_inline)) uint16_t scale16(float m, float qmax) {
     uint16_t s = f2h(m / qmax);
     return h2f(s) == 0.0f ? 0x3c00u : s;
 }
@@ -294,13 +295,15 @@ static inline __attribute__((always_inline)) void code_vector(const QArgs *a, in
     if (code_pass(a, D, v, body, s, inv, z, y, per_col, 0)) code_pass(a, D, v, body, s, inv, z, y, per_col, 1);
 }
 
-/* Outliers back into y, then the error sums against x of what a reader gets back. */
-static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, int D, Py_ssize_t v, const float *x, float *y, double *err2, double *x2) {
+/* Outliers back into y, then the error sums against x of what a reader gets back, into 8
+ * float64 lanes per sum kept over the whole tensor (reduced once per tensor, by hsum: adding
+ * them up per vector cost more than the sums themselves). */
+static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, int D, Py_ssize_t v, const float *x, float *y, v8d *acc) {
     int k = a->k;
     for (int j = 0; j < k; j++) y[a->oidx[v * k + j]] = h2f(ld16(a->oval, v * k + j));
     if (a->sdt != F32)
         for (int d = 0; d < D; d++) y[d] = round_to(y[d], a->sdt);
-    v8d e = {0}, s = {0};
+    v8d e = acc[0], s = acc[1];
     int d = 0;
     for (; d + 8 <= D; d += 8) {
         v8f xv = vload(x + d);
@@ -308,16 +311,16 @@ static inline __attribute__((always_inline)) void finish_vector(const QArgs *a, 
         e += dd * dd;
         s += xd * xd;
     }
-    double et = ((e[0] + e[4]) + (e[1] + e[5])) + ((e[2] + e[6]) + (e[3] + e[7]));
-    double st = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     for (; d < D; d++) {
         double diff = (double)(x[d] - y[d]), xd = (double)x[d];
-        et += diff * diff;
-        st += xd * xd;
+        e[d & 7] += diff * diff;
+        s[d & 7] += xd * xd;
     }
-    *err2 += et;
-    *x2 += st;
+    acc[0] = e;
+    acc[1] = s;
 }
+
+static inline double hsum(v8d e) { return ((e[0] + e[4]) + (e[1] + e[5])) + ((e[2] + e[6]) + (e[3] + e[7])); }
 
 /* Vector v as floats: in place where the source is float32 and aligned, else converted into x. */
 static inline __attribute__((always_inline)) const float *load_vector(const QArgs *a, int D, Py_ssize_t v, float *x) {
@@ -342,6 +345,7 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
     Py_ssize_t nv = a->T * a->H, H = a->H;
     float x[Dp], body[Dp], y[Dp];
     float qmax = bits == 8 ? 127.0f : 15.0f;
+    v8d acc[2] = {{0}, {0}};
     if (a->gran == VECTOR) {
         for (Py_ssize_t v = 0; v < nv; v++) {
             const float *xv = load_vector(a, D, v, x);
@@ -363,8 +367,10 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
             }
             float ic = 1.0f / sc;
             code_vector(a, D, v, body, &sc, &ic, &zc, y, 0);
-            finish_vector(a, D, v, xv, y, err2, x2);
+            finish_vector(a, D, v, xv, y, acc);
         }
+        *err2 += hsum(acc[0]);
+        *x2 += hsum(acc[1]);
         return;
     }
     /* channel (a scale per head x dim over the tokens) or tensor (one): stats, then codes */
@@ -419,9 +425,11 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
             code_vector(a, D, v, body, s + (v % H) * D, inv + (v % H) * D, z + (v % H) * D, y, 1);
         else
             code_vector(a, D, v, body, s, inv, z, y, 0);
-        finish_vector(a, D, v, xv, y, err2, x2);
+        finish_vector(a, D, v, xv, y, acc);
     }
     free(lo); free(hi); free(s);
+    *err2 += hsum(acc[0]);
+    *x2 += hsum(acc[1]);
 }
 
 /* A head dim known at compile time lets the compiler unroll the loops over a vector whole. */
