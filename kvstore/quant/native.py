@@ -5,6 +5,7 @@ makes ~20): the same arithmetic as numeric.py, byte for byte (tests/test_quant_f
 from __future__ import annotations
 
 import math
+import threading
 from itertools import accumulate
 
 import numpy as np
@@ -24,6 +25,20 @@ DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 GRAN = {"tensor": 0, "vector": 1, "channel": 2}
 
 
+_scratch = threading.local()
+
+
+def _buffer(n: int) -> memoryview:
+    """n bytes of this thread's buffer, reused by every encode on the thread (the record is
+    copied out of it as it is sealed). A fresh, zeroed bytearray per page cost as much CPU as
+    the quantizing on a busy machine: the allocator hands the ~0.8 MB back to the kernel after
+    each page, so each new one is faulted in and zeroed again."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _scratch.buf = bytearray(n)
+    return memoryview(buf)[:n]
+
+
 def _rel(err2: float, x2: float) -> float:
     if x2 == 0:
         return 0.0 if err2 == 0 else math.inf
@@ -32,9 +47,9 @@ def _rel(err2: float, x2: float) -> float:
 
 def encode_page(
     x: np.ndarray, ri: RecordInfo, scheme: QuantScheme
-) -> tuple[list[str], list[float], bytearray]:
+) -> tuple[list[str], list[float], bytearray | memoryview]:
     """(precision stored per layer, its error, the record with its blocks written and room for
-    its header) of a page x[L, 2, T, H, D] (the page's dtype, bfloat16 as uint16): each layer
+    its header: in this thread's buffer, valid until its next encode) of a page x[L, 2, T, H, D] (the page's dtype, bfloat16 as uint16): each layer
     at the precision ri asks, or one step up while over the bound or not finite. One call
     writes every layer straight into the record; only the layers that fall back are redone."""
     s = ri.shape
@@ -46,7 +61,7 @@ def encode_page(
     prev: tuple[memoryview, list[int]] | None = None
     while True:
         starts = list(accumulate((sizes[c] for c in table), initial=record.HEADER.size + s.num_layers))
-        out = bytearray(starts[-1])
+        out = _buffer(starts[-1]) if prev is None else bytearray(starts[-1])
         if prev is not None:  # the layers kept from the round before, where they now start
             old, old_starts = prev
             for i, again in enumerate(redo):

@@ -114,7 +114,7 @@ def pack_header(info: RecordInfo) -> bytes:
     ) + bytes(PRECISIONS.index(p) for p in info.precisions)
 
 
-def seal(record: bytearray) -> bytes:
+def seal(record: bytearray | memoryview) -> bytes:
     """Write the checksum into a complete record."""
     struct.pack_into("<Q", record, _CHECKED, checksum(memoryview(record)))
     return bytes(record)
