@@ -255,7 +255,7 @@ static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
 static inline int near_half(float r, float q) { return fabsf(r - q) >= 0.5f - 0x1p-13f; }
 
 static inline __attribute__((always_inline)) int code_pass(const QArgs *a, int D, Py_ssize_t v, const float *body, const float *s, const float *inv,
-                                                           const float *z, float *y, int per_col, int divide) {
+                                                           const float *z, float *y, float *qv, int per_col, int divide) {
     int hard = 0;
     if (a->bits == 8) {
         int8_t *out = (int8_t *)a->body + v * D;
@@ -270,7 +270,6 @@ static inline __attribute__((always_inline)) int code_pass(const QArgs *a, int D
         }
         return hard;
     }
-    float qv[D + 1];
     for (int d = 0; d < D; d++) {
         float sd = per_col ? s[d] : s[0], zd = per_col ? z[d] : z[0];
         float r = divide ? (body[d] - zd) / sd : (body[d] - zd) * (per_col ? inv[d] : inv[0]), q = rne(r);
@@ -291,8 +290,8 @@ static inline __attribute__((always_inline)) int code_pass(const QArgs *a, int D
  * y = what they dequantize to, before the outliers go back. Simple loops: the compiler
  * vectorizes them; per_col is a constant at each call (scalar s and z broadcast in the other). */
 static inline __attribute__((always_inline)) void code_vector(const QArgs *a, int D, Py_ssize_t v, const float *body, const float *s, const float *inv,
-                                                              const float *z, float *y, int per_col) {
-    if (code_pass(a, D, v, body, s, inv, z, y, per_col, 0)) code_pass(a, D, v, body, s, inv, z, y, per_col, 1);
+                                                              const float *z, float *y, float *qv, int per_col) {
+    if (code_pass(a, D, v, body, s, inv, z, y, qv, per_col, 0)) code_pass(a, D, v, body, s, inv, z, y, qv, per_col, 1);
 }
 
 /* Outliers back into y, then the error sums against x of what a reader gets back, into 8
@@ -343,7 +342,7 @@ static inline __attribute__((always_inline)) const float *load_vector(const QArg
 static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, const int D, double *err2, double *x2) {
     int k = a->k, bits = a->bits, Dp = D > 0 ? D : 1;
     Py_ssize_t nv = a->T * a->H, H = a->H;
-    float x[Dp], body[Dp], y[Dp];
+    float x[Dp], body[Dp], y[Dp], qv[Dp + 1]; /* qv: int4 codes before packing (here, not a VLA per vector) */
     float qmax = bits == 8 ? 127.0f : 15.0f;
     v8d acc[2] = {{0}, {0}};
     if (a->gran == VECTOR) {
@@ -366,7 +365,7 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
                 sc = h2f(sh);
             }
             float ic = 1.0f / sc;
-            code_vector(a, D, v, body, &sc, &ic, &zc, y, 0);
+            code_vector(a, D, v, body, &sc, &ic, &zc, y, qv, 0);
             finish_vector(a, D, v, xv, y, acc);
         }
         *err2 += hsum(acc[0]);
@@ -422,9 +421,9 @@ static inline __attribute__((always_inline)) void quantize_d(const QArgs *a, con
         copyf(body, xv, D);
         for (int j = 0; j < k; j++) body[a->oidx[v * k + j]] = 0.0f;
         if (a->gran == CHANNEL)
-            code_vector(a, D, v, body, s + (v % H) * D, inv + (v % H) * D, z + (v % H) * D, y, 1);
+            code_vector(a, D, v, body, s + (v % H) * D, inv + (v % H) * D, z + (v % H) * D, y, qv, 1);
         else
-            code_vector(a, D, v, body, s, inv, z, y, 0);
+            code_vector(a, D, v, body, s, inv, z, y, qv, 0);
         finish_vector(a, D, v, xv, y, acc);
     }
     free(lo); free(hi); free(s);
