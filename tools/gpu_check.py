@@ -9,10 +9,11 @@ build/gpu-site, first on PYTHONPATH, and the tree runs from source over PYTHONPA
 repo's 3.11 .venv cannot be used there). Then:
 1. the environment: versions, the GPUs (nvidia-smi -L), whether the generated gRPC code
    imports under this grpcio/protobuf;
-2. pytest on the GPU tests (the CUDA ones must run, not skip: a skip fails the check) and
-   the fake-device and Triton tests, natively; junit XML in --out;
+2. pytest on the GPU tests (the CUDA ones and issue 17's Triton quantization kernels must
+   run natively, not skip and not fall back to TRITON_INTERPRET: a skip fails the check) and
+   the fake-device tests; junit XML in --out;
 3. `kvstore-bench gpu --json`;
-4. tools/gpu_check_quant.py (the Triton quantization kernels natively, and their speed);
+4. tools/gpu_check_quant.py --no-tests (the Triton quantization kernels' speed);
 5. --out/gpu-check.json: all of it, the goals and whether each was met, and `ok`.
 Exit status 0 only when every step passed.
 """
@@ -43,6 +44,9 @@ PINS = [
     "pytest-asyncio==1.5.0",
 ]
 CUDA_TESTS = ["tests/test_gpu_cuda.py"]
+# Run natively: KVSTORE_TRITON_NATIVE=1 makes the module fail, not fall back to the interpreter,
+# where there is no CUDA device for it.
+TRITON_TESTS = ["tests/test_quant_triton.py"]
 OTHER_TESTS = [
     "tests/test_gpu_names.py",
     "tests/test_gpu_fake.py",
@@ -61,11 +65,17 @@ def fetch_wheels() -> int:
     return subprocess.call(cmd)
 
 
+def must_run(result: dict[str, object]) -> bool:
+    """Every test of the group ran and passed (a skip, or no test at all, is a failure)."""
+    return bool(result.get("rc") == 0 and not result.get("not_passed") and result.get("passed"))
+
+
 def env_for_tree(site: bool) -> dict[str, str]:
     paths = [SITE] * site + [ROOT, ROOT / "client", ROOT / "bench", ROOT / "proto", ROOT / "kernels"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("TRITON_INTERPRET", None)  # natively on the GPU
+    env["KVSTORE_TRITON_NATIVE"] = "1"
     return env
 
 
@@ -156,13 +166,19 @@ def bench(env: dict[str, str], out: Path, timeout: int) -> dict[str, object]:
 
 
 def quant(env: dict[str, str], out: Path, timeout: int) -> dict[str, object]:
-    """tools/gpu_check_quant.py (issue 17's kernels): its own tests and throughput lines."""
+    """tools/gpu_check_quant.py (issue 17's kernels): their throughput lines (their tests are
+    the `triton` group above)."""
     script = ROOT / "tools" / "gpu_check_quant.py"
     if not script.exists():
         return {"skipped": f"{script} is not in this tree"}
     try:
         run = subprocess.run(
-            [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+            [sys.executable, str(script), "--no-tests"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"rc": 124, "error": f"timed out after {timeout}s"}
@@ -188,6 +204,7 @@ def main() -> int:
     env = env_for_tree(site=not args.no_wheels)
     report["env"] = probe(env)
     report["cuda_tests"] = pytest(env, out, CUDA_TESTS, "cuda", 300)
+    report["triton_tests"] = pytest(env, out, TRITON_TESTS, "triton", 300)
     report["other_tests"] = pytest(env, out, OTHER_TESTS, "other", 400)
     result = {} if args.skip_bench else bench(env, out, 300)
     report["bench"] = result
@@ -198,11 +215,9 @@ def main() -> int:
         if "error" not in result
     }
     report["goals_met"] = met
-    cuda = report["cuda_tests"]
     report["ok"] = bool(
-        cuda.get("rc") == 0
-        and not cuda.get("not_passed")
-        and cuda.get("passed")  # type: ignore[union-attr]
+        must_run(report["cuda_tests"])  # type: ignore[arg-type]
+        and must_run(report["triton_tests"])  # type: ignore[arg-type]
         and report["other_tests"].get("rc") == 0  # type: ignore[union-attr]
         and report["quant"].get("rc", 0) == 0  # type: ignore[union-attr]
         and (args.skip_bench or "error" not in result)

@@ -5,7 +5,9 @@
 2. throughput on a batch of pages (SmolLM2-135M's geometry, 64-token pages, float32), as a ratio
    to a device copy (`clone`) of the same fp32 bytes, timed with CUDA events.
 
-    python tools/gpu_check_quant.py [--pages 256]      # exit status 0 = the tests passed
+    python tools/gpu_check_quant.py [--pages 256] [--no-tests]   # exit status 0 = the tests passed
+
+(tools/gpu_check.py runs the tests itself, with a junit report, and passes --no-tests.)
 
 Without a GPU it says so and exits 2 (CI covers the kernels under the interpreter).
 """
@@ -35,14 +37,17 @@ def timed(fn, repeat: int = 20) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pages", type=int, default=256)
+    p.add_argument("--no-tests", action="store_true", help="only the throughput")
     args = p.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         print("gpu_check_quant: no CUDA device here")
         return 2
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_quant_triton.py"], env=env)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"KVSTORE_TRITON_NATIVE": "1"}
+    rc = 0
+    if not args.no_tests:
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_quant_triton.py"], env=env)
     from kvstore_kernels import triton_quant
 
     layers, tokens, heads, dim = 30, 64, 3, 64
