@@ -95,3 +95,17 @@ def test_quotients_on_half_integers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast.record == slow.record
     inv = np.float32(1) / s0
     assert (np.rint(x[..., 2:] * inv) != np.rint(x[..., 2:] / s0)).any()  # the product alone errs
+
+
+def test_threads_encode_into_their_own_buffers() -> None:
+    """The C encode writes each record in its thread's reused buffer (kvstore/quant/native.py):
+    pages encoded at once on several threads come out as they do one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shape = PageShape(8, 64, 3, 64, "float32")
+    pages = [page(shape, seed) for seed in range(8)]
+    scheme = QuantScheme.preset("int8")
+    alone = [encode(p, shape, scheme).record for p in pages]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(lambda p: encode(p, shape, scheme).record, pages)) == alone
