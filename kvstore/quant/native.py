@@ -72,11 +72,12 @@ def encode_page(
             ri.outliers, GRAN[scheme.keys], GRAN[scheme.values], bytes(table), bytes(redo), out, sums,
         )  # fmt: skip
         over = []
+        rows = sums.tolist()  # Python floats: numpy scalars cost ~1 us per operation here
         for i, again in enumerate(redo):
             if again and table[i]:
-                ek, xk, ev, xv = sums[i]
-                errs = (_rel(ek, xk), _rel(ev, xv))
-                err = math.nan if any(math.isnan(e) for e in errs) else max(errs)
+                ek, xk, ev, xv = rows[i]
+                rk, rv = _rel(ek, xk), _rel(ev, xv)
+                err = math.nan if math.isnan(rk) or math.isnan(rv) else max(rk, rv)
                 if math.isfinite(err) and (scheme.bound is None or err <= scheme.bound):
                     errors[i] = err
                 else:
