@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed TTFT rounds after the warmup (default 3)")
     p.add_argument("--output-tokens", type=int, default=32, help="greedy tokens compared (default 32)")
     p.add_argument("--miss-prompts", type=int, default=4, help="prompts per miss-tax batch (default 4)")
-    p.add_argument("--miss-tokens", type=int, default=1024, help="tokens per miss-tax prompt (default 1024)")
-    p.add_argument("--miss-repeat", type=int, default=3, help="timed miss-tax rounds (default 3)")
+    p.add_argument("--miss-tokens", type=int, default=512, help="tokens per miss-tax prompt (default 512)")
+    p.add_argument("--miss-repeat", type=int, default=5, help="timed miss-tax rounds (default 5)")
     p.add_argument("--block-size", type=int, default=0, help="vLLM block size (default: vLLM's, 128 on CPU)")
     p.add_argument(
         "--kvcache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE per engine (default 1)"
