@@ -1,10 +1,10 @@
 """One vLLM engine in this process, for the connector's tests: `python engine.py JOB.json OUT.json`.
 
 JOB: {"model": dir, "connector": null | kv_connector_extra_config, "phases": [[prompt ids, ...], ...],
-"max_tokens": n, "kill_before_phase": [i, daemon pid] (optional)}. Each phase is one `generate` call (its prompts batched); after each, the
+"max_tokens": n, "kill_before_phase": [i, daemon pid], "restart_before_phase": [j, the daemon's config file] (optional)}. Each phase is one `generate` call (its prompts batched); after each, the
 daemon's view of this process's sessions is recorded (pins, sequences), so a test sees what the
 connector still held once its requests had finished. OUT: per phase the generated token ids and
-`num_cached_tokens` of each prompt, the sessions, and the worker's counters.
+`num_cached_tokens` of each prompt, the sessions, and the worker's counters (so far).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -51,9 +52,13 @@ def main() -> None:
     admin = kvstore_client.connect(extra["target"]) if extra is not None else None
     phases = []
     kill_at, daemon_pid = job.get("kill_before_phase") or (None, 0)
+    restart_at, config = job.get("restart_before_phase") or (None, "")
+    restarted = None
     for i, prompts in enumerate(job["phases"]):
         if i == kill_at:
             admin = _kill_daemon(daemon_pid, extra["target"], admin)
+        if i == restart_at:
+            restarted = _start_daemon(config, extra["target"])
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         phase = {
             "token_ids": [list(o.outputs[0].token_ids) for o in outs],
@@ -69,12 +74,16 @@ def main() -> None:
             phase["stats"] = {
                 k: getattr(ns, k) for k in ("hit_tokens", "lookups", "pages_pinned", "sequences")
             }
+        phase["counters"] = get_kv_transfer_group().kvstore_counters() if has_kv_transfer_group() else {}
         phases.append(phase)
     counters = get_kv_transfer_group().kvstore_counters() if has_kv_transfer_group() else {}
     with open(sys.argv[2], "w") as f:
         json.dump({"phases": phases, "counters": counters}, f)
     if admin is not None:
         admin.close()
+    if restarted is not None:
+        restarted.terminate()
+        restarted.wait(30)
 
 
 def _kill_daemon(pid: int, target: str, admin: Any) -> None:
@@ -89,6 +98,18 @@ def _kill_daemon(pid: int, target: str, admin: Any) -> None:
             except (ConnectionRefusedError, FileNotFoundError):
                 return None
         time.sleep(0.01)  # (the kernel closes its socket as the process ends: a short wait)
+
+
+def _start_daemon(config: str, target: str) -> subprocess.Popen[bytes]:
+    """A new daemon on the same config (socket, shm prefix), up and serving."""
+    import kvstore_client
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "serve", "--config", config], stdin=subprocess.DEVNULL, env=env
+    )
+    kvstore_client.wait_until_serving(target, 30, still_starting=lambda: proc.poll() is None)
+    return proc
 
 
 if __name__ == "__main__":

@@ -89,16 +89,23 @@ def stored_by_a(
 def b_run(
     tmp_path_factory: Any, model_dir: str, daemon: DaemonProcess, prompts: dict[str, list[int]], c_run: Any
 ) -> dict[str, Any]:
-    """Process B: its prompts, then (phase 1) the daemon is killed and two of them run again.
+    """Process B: its prompts; then (phase 1) the daemon is killed and two of them run again;
+    then (2) a new daemon comes up on the same socket and one runs twice (3).
     The daemon's counters are read before B and (by B) after its first phase."""
     assert daemon.proc is not None
     with kvstore_client.connect(daemon.target) as kv:
         before = kv.stats(NS).namespaces[0]
     job = {
         "model": model_dir,
-        "connector": extra(daemon),
-        "phases": [[prompts[n] for n in B_PROMPTS], [prompts["b"], prompts["aligned"]]],
+        "connector": extra(daemon, reconnect_s=0.0),
+        "phases": [
+            [prompts[n] for n in B_PROMPTS],
+            [prompts["b"], prompts["aligned"]],
+            [prompts["b"]],
+            [prompts["b"]],
+        ],
         "kill_before_phase": [1, daemon.proc.pid],
+        "restart_before_phase": [2, str(daemon.config_path)],
     }
     out = run_engine(tmp_path_factory.mktemp("b"), "B", job)
     out["stats_before"] = before
@@ -183,8 +190,8 @@ def test_b_gets_a_prefix_with_identical_greedy_output(
     want = [expected_hit(prompts[n], prompts["a"]) for n in B_PROMPTS]
     assert want == [3 * PAGE, 3 * PAGE, 2 * PAGE, 0]  # (the aligned prompt keeps its last page)
     assert phase["num_cached_tokens"] == want
-    assert b_run["counters"]["loaded_pages"] == sum(want) // PAGE
-    assert b_run["counters"]["failed_loads"] == 0
+    assert phase["counters"]["loaded_pages"] == sum(want) // PAGE
+    assert phase["counters"]["failed_loads"] == 0
 
 
 def test_vllm_external_hits_equal_kvstore_hit_tokens(b_run: dict[str, Any]) -> None:
@@ -207,3 +214,11 @@ def test_a_dead_daemon_is_a_miss(b_run: dict[str, Any], reference: dict[str, lis
     phase = b_run["phases"][1]
     assert phase["token_ids"] == [reference["b"], reference["aligned"]]
     assert phase["num_cached_tokens"] == [0, 0]
+
+
+def test_a_restarted_daemon_is_used_again(b_run: dict[str, Any], reference: dict[str, list[int]]) -> None:
+    """A new daemon on the same socket (empty: no disk tier): B's connector opens new sessions,
+    creates the namespace again, stores the prompt's pages and hits them the next time."""
+    again, hit = b_run["phases"][2], b_run["phases"][3]
+    assert again["token_ids"] == hit["token_ids"] == [reference["b"]]
+    assert again["num_cached_tokens"] == [0] and hit["num_cached_tokens"] == [3 * PAGE]

@@ -17,7 +17,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from .. import _wire
 from ..errors import KVStoreClientError
 from ..fastpath import lookup_request
-from ._setup import Settings, geometry_of, open_client, open_namespace
+from ._setup import Link, Settings, geometry_of
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,8 @@ class SchedulerSide:
         self.settings = settings
         self.geometry = geometry_of(kv_cache_config)
         self.page_tokens = self.geometry.block_size
-        self.client = open_client(settings, "scheduler")
         vocab = vllm_config.model_config.get_vocab_size()
-        self.ns = open_namespace(self.client, settings, self.geometry, kv_cache_config.num_blocks, vocab)
+        self.link = Link(settings, "scheduler", self.geometry, kv_cache_config.num_blocks, vocab)
         self.requests: dict[str, _Request] = {}
         self.kv_cache_manager: Any = None
         self._pins_done: list[int] = []  # pins to release with the next lookup
@@ -86,6 +85,9 @@ class SchedulerSide:
         n = (request.num_tokens - 1) // pt * pt
         state.load = None
         if n <= num_computed_tokens:
+            return 0
+        if not self.link.usable():
+            self._pins_done = []  # (they ended with the lost session)
             return 0
         try:
             reply, sent_ns = self._lookup(request.all_token_ids[:n])
@@ -125,14 +127,14 @@ class SchedulerSide:
         if state is not None:
             self._drop_pin(state)
         pins, self._pins_done = self._pins_done, []
-        for pin in pins:
+        for pin in pins if self.link.client.alive else ():
             try:
-                self.client.release_pin(pin)
+                self.link.client.release_pin(pin)
             except KVStoreClientError as err:  # (it ended by itself, or the daemon is gone)
                 log.debug("kvstore: releasing pin %d: %s", pin, err)
 
     def close(self) -> None:
-        self.client.close()
+        self.link.close()
 
     # ------------------------------------------------------------ helpers
 
@@ -171,18 +173,14 @@ class SchedulerSide:
             state.stored_pages = full
 
     def _lookup(self, tokens: list[int]) -> tuple[pb.LookupResponse, int]:
+        client, ns = self.link.client, self.link.ns
         req = lookup_request(
-            self.client.session_id,
-            self.ns,
-            tokens,
-            b"",
-            self.settings.pin_ttl_s,
-            self.settings.model_fingerprint,
+            client.session_id, ns, tokens, b"", self.settings.pin_ttl_s, self.settings.model_fingerprint
         )
         req.release_pin_ids.extend(self._pins_done)
         self._pins_done = []
         sent = time.monotonic_ns()
-        reply = self.client._run(_wire.Call("kv", "Lookup", req, lambda r: r, pool=self.ns))
+        reply = client._run(_wire.Call("kv", "Lookup", req, lambda r: r, pool=ns))
         return reply, sent
 
     def _drop_pin(self, state: _Request) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,19 @@ class Settings:
     model_fingerprint: str
     pin_ttl_s: float  # a lookup's pin, from the scheduler's lookup to the worker's copy
     timeout_s: float  # deadline of each call to the daemon
+    reconnect_s: float  # after losing the daemon, try again at most this often
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any], model_fingerprint: str) -> Settings:
-        known = {"target", "namespace", "num_pages", "model_fingerprint", "pin_ttl_s", "timeout_s"}
+        known = {
+            "target",
+            "namespace",
+            "num_pages",
+            "model_fingerprint",
+            "pin_ttl_s",
+            "timeout_s",
+            "reconnect_s",
+        }
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(
@@ -44,6 +54,7 @@ class Settings:
             model_fingerprint=str(extra.get("model_fingerprint", model_fingerprint)),
             pin_ttl_s=float(extra.get("pin_ttl_s", 2.0)),
             timeout_s=float(extra.get("timeout_s", 10.0)),
+            reconnect_s=float(extra.get("reconnect_s", 2.0)),
         )
 
 
@@ -71,8 +82,56 @@ def geometry_of(kv_cache_config: Any) -> KVGeometry:
     )
 
 
-def open_client(settings: Settings, role: str) -> Client:
-    return connect(settings.target, client_name=f"vllm-{role}-{os.getpid()}", timeout_s=settings.timeout_s)
+def open_client(settings: Settings, role: str, connect_timeout_s: float = 10.0) -> Client:
+    return connect(
+        settings.target,
+        client_name=f"vllm-{role}-{os.getpid()}",
+        timeout_s=settings.timeout_s,
+        connect_timeout_s=connect_timeout_s,
+    )
+
+
+class Link:
+    """One connector side's session and namespace. When the session is lost (the daemon died
+    or restarted) `usable()` opens a new one, at most every `reconnect_s`, briefly (vLLM's
+    step waits on it); until then the connector misses and skips saves."""
+
+    def __init__(
+        self, settings: Settings, role: str, g: KVGeometry, num_blocks: int, vocab_size: int
+    ) -> None:
+        self.settings, self.role, self.geometry = settings, role, g
+        self._num_blocks, self._vocab = num_blocks, vocab_size
+        self.client = open_client(settings, role)
+        self.ns = open_namespace(self.client, settings, g, num_blocks, vocab_size)
+        self._next_try = 0.0
+        self.reconnects = 0
+
+    def usable(self) -> bool:
+        if self.client.alive:
+            return True
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        self._next_try = now + self.settings.reconnect_s
+        try:
+            client = open_client(self.settings, self.role, connect_timeout_s=0.5)
+        except errors.KVStoreClientError as err:
+            log.debug("kvstore: %s: no daemon yet: %s", self.role, err)
+            return False
+        try:
+            ns = open_namespace(client, self.settings, self.geometry, self._num_blocks, self._vocab)
+        except (errors.KVStoreClientError, ValueError) as err:
+            log.warning("kvstore: %s: the daemon is back, but: %s", self.role, err)
+            client.close()
+            return False
+        old, self.client, self.ns = self.client, client, ns
+        old.close()  # (unmaps the old pool: slots of its epoch fail to load from now on)
+        self.reconnects += 1
+        log.warning("kvstore: %s: session lost; a new one opened (namespace %s)", self.role, ns.name)
+        return True
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def open_namespace(

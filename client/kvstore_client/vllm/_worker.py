@@ -19,7 +19,7 @@ from ..namespace import Namespace
 from ..results import Page
 from ._layout import BlockCopier, probe_part_orders
 from ._scheduler import ConnectorMeta, LoadSpec, SaveSpec
-from ._setup import Settings, geometry_of, open_client, open_namespace
+from ._setup import Link, Settings, geometry_of
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,8 @@ class WorkerSide:
         self.settings = settings
         self.geometry = geometry_of(kv_cache_config)
         self.page_tokens = self.geometry.block_size
-        self.client = open_client(settings, "worker")
         vocab = vllm_config.model_config.get_vocab_size()
-        self.ns: Namespace = open_namespace(
-            self.client, settings, self.geometry, kv_cache_config.num_blocks, vocab
-        )
+        self.link = Link(settings, "worker", self.geometry, kv_cache_config.num_blocks, vocab)
         self.kv_cache_dtype = vllm_config.cache_config.cache_dtype
         self.copier: BlockCopier | None = None
         self.failed_blocks: set[int] = set()
@@ -100,11 +97,13 @@ class WorkerSide:
     def _namespace_of(self, epoch: int) -> Namespace:
         """Our mapping of the pool the scheduler's lookup saw: the daemon may have created the
         namespace again (restarted) since we mapped it; its slots index the new pool then."""
-        if not self.ns.is_current(epoch):
-            self.client._namespaces.pop(self.ns.name, None)
-            self.ns.unmap()
-            self.ns = self.client.namespace(self.ns.name)
-        return self.ns
+        link = self.link
+        link.usable()  # (a new session if the daemon came back: the old epoch's slots then fail)
+        if not link.ns.is_current(epoch) and link.client.alive:
+            link.client._namespaces.pop(link.ns.name, None)
+            link.ns.unmap()
+            link.ns = link.client.namespace(link.ns.name)
+        return link.ns
 
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()
@@ -113,6 +112,9 @@ class WorkerSide:
     # ------------------------------------------------------------ saves
 
     def save(self, meta: ConnectorMeta) -> None:
+        if meta.saves and not self.link.usable():
+            self.failed_saves += len(meta.saves)
+            return
         for spec in meta.saves:
             if spec.req_id in self.failed_requests:
                 # Its new pages were computed this step over blocks whose load failed: not its
@@ -132,8 +134,8 @@ class WorkerSide:
             copier.save([spec.block_ids[p.index] for p in pages], views)
             self.saved_pages += len(pages)
 
-        self.client.put(
-            self.ns,
+        self.link.client.put(
+            self.link.ns,
             spec.token_ids,
             write,
             cached_tokens=spec.stored_pages * self.page_tokens,
@@ -141,4 +143,4 @@ class WorkerSide:
         )
 
     def close(self) -> None:
-        self.client.close()
+        self.link.close()
