@@ -37,7 +37,7 @@ def test_orders_are_named() -> None:
 def test_a_block_saved_is_the_model_kv_and_loads_back_bit_exact(one_allocation: bool) -> None:
     g, T = G, G.block_size
     layers = vllm_caches(g, blocks=4)
-    if not one_allocation:  # separate tensors: one copy pair per layer
+    if not one_allocation:  # separate tensors
         layers = [t.clone() for t in layers]
     gen = torch.Generator().manual_seed(0)
     kv = torch.randn(g.num_layers, 2, T, g.num_kv_heads, g.head_dim, generator=gen)  # a page's worth
@@ -45,7 +45,6 @@ def test_a_block_saved_is_the_model_kv_and_loads_back_bit_exact(one_allocation: 
     for i, layer in enumerate(layers):
         write_tokens(layer, slots, kv[i, 0].contiguous(), kv[i, 1].contiguous())
     copier = BlockCopier(layers, g, probe_part_orders(g))
-    assert copier.one_tensor == one_allocation
 
     page = torch.full((g.num_layers, 2, T, g.num_kv_heads, g.head_dim), float("nan"))
     copier.save([2], [page])

@@ -53,9 +53,7 @@ class WorkerSide:
         names = sorted(kv_caches, key=_layer_index)
         orders = probe_part_orders(self.geometry, self.kv_cache_dtype)
         self.copier = BlockCopier([kv_caches[n] for n in names], self.geometry, orders)
-        log.info(
-            "kvstore: vLLM blocks hold K %s, V %s; layers as one tensor: %s", *orders, self.copier.one_tensor
-        )
+        log.info("kvstore: vLLM blocks hold K %s, V %s", *orders)
 
     # ------------------------------------------------------------ loads
 
