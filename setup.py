@@ -1,11 +1,39 @@
 """The project is configured in pyproject.toml; this adds what it cannot declare yet (outside
-setuptools' experimental table): the C loops of kvstore/hashing.py and of kvstore/quant.
+setuptools' experimental table): the C loops of kvstore/hashing.py and of kvstore/quant, and
+the git commit a build is made from (kvstore/build_info.py reads it).
 `pip install -e .` builds them; `make native` rebuilds them in place. Both fall back to Python
 (numpy) without them."""
 
+import subprocess
+from pathlib import Path
+
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithCommit(build_py):
+    """Writes kvstore/_build_commit.txt into the build (a wheel carries it); nothing without git."""
+
+    def run(self) -> None:
+        super().run()
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "--verify", "--quiet", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+                cwd=Path(__file__).resolve().parent,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return
+        if out.returncode == 0 and out.stdout.strip():
+            target = Path(self.build_lib) / "kvstore" / "_build_commit.txt"
+            target.write_text(out.stdout.strip() + "\n")
+
 
 setup(
+    cmdclass={"build_py": BuildPyWithCommit},
     ext_modules=[
         Extension("kvstore._chainhash", ["kvstore/_chainhash.c"]),
         # -ffp-contract=off: no fused multiply-add, so the results equal numpy's bit for bit;
@@ -15,5 +43,5 @@ setup(
             ["kvstore/_quant.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
         ),
-    ]
+    ],
 )

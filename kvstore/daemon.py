@@ -142,7 +142,7 @@ class Daemon:
         # Every service registers with the edge, which wraps each method once and installs them.
         edge = self.edge
         edge.guard = guard_for(s, self.store)
-        self._kvstore_servicer = KVStoreServicer(self.store, edge.counts)
+        self._kvstore_servicer = KVStoreServicer(self.store, edge.counts, edge.rpc)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, edge)
         kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), edge)
         self.health = health_aio.HealthServicer()
@@ -168,7 +168,9 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._reindex_disk(), name="reindex-disk"))
         if s.metrics:
             host, _, port = s.metrics.rpartition(":")
-            self.metrics = MetricsServer(self.store, host, int(port), edge=self.edge.counts)
+            self.metrics = MetricsServer(
+                self.store, host, int(port), edge=self.edge.counts, rpc=self.edge.rpc
+            )
             try:
                 self.metrics.start()
             except OSError as e:
@@ -223,8 +225,15 @@ class Daemon:
         state.running = True
 
         def progress(done: int, total: int, rate: float) -> None:
-            state.done, state.total = done, total
-            log.info("re-index of the disk tier: %d / %d pages (%.0f pages/s)", done, total, rate)
+            state.progress(done, total)
+            log.info(
+                "re-index of the disk tier: %d / %d pages, %s of ~%s (%.0f pages/s)",
+                done,
+                total,
+                format_size(state.bytes_done),
+                format_size(state.bytes_total),
+                rate,
+            )
 
         def post(pairs: list[tuple[str, bytes, bytes]]) -> None:
             loop.call_soon_threadsafe(_note, pairs)
@@ -240,11 +249,13 @@ class Daemon:
             return
         finally:
             state.running = False
+        state.progress(state.done, state.total, finished=not tiers.closing)
         if stale:
             tiers.disk.remove_async(stale)
         log.info(
-            "re-index of the disk tier done: %d pages in %.1fs (%d records of swapped sequences deleted)",
+            "re-index of the disk tier done: %d pages (%s) in %.1fs (%d records of swapped sequences deleted)",
             found,
+            format_size(state.bytes_total),
             time.monotonic() - t0,
             len(stale),
         )

@@ -277,6 +277,8 @@ def test_default_target_reads_the_daemons_config_file(
         (kvstore_client.Stats, pb.StatsResponse),
         (kvstore_client.NamespaceStats, pb.NamespaceStats),
         (kvstore_client.TierStats, pb.TierStats),
+        (kvstore_client.BuildInfo, pb.BuildInfo),
+        (kvstore_client.RpcCalls, pb.RpcCalls),
     ],
 )
 def test_stats_results_carry_every_field_of_their_message(result: type, message: type) -> None:

@@ -15,6 +15,7 @@ from .pool import PoolMapping, dtype_name, torch_dtype, wire_dtype
 from .readiness import wait_until_serving
 from .results import (
     AppendResult,
+    BuildInfo,
     CloseResult,
     CommitResult,
     EvictResult,
@@ -24,6 +25,7 @@ from .results import (
     PageState,
     PreemptResult,
     ReleaseResult,
+    RpcCalls,
     SequenceOptions,
     Stats,
     TierStats,
@@ -35,6 +37,7 @@ __all__ = [
     "AsyncClient",
     "AsyncLookup",
     "AsyncSequence",
+    "BuildInfo",
     "Client",
     "CloseResult",
     "CommitResult",
@@ -52,6 +55,7 @@ __all__ = [
     "PreemptResult",
     "PutResult",
     "ReleaseResult",
+    "RpcCalls",
     "Sequence",
     "SequenceOptions",
     "Stats",

@@ -183,6 +183,8 @@ class NamespaceStats:
     policy: str
     budget_dropped_pages: int  # pages sequences dropped to stay within their budgets
     pages_quarantined: int  # device pools: reserved pages of clients gone without closing
+    committed_bytes: int  # KV bytes clients committed into the pool (whole pages)
+    hit_bytes: int  # KV bytes lookups found (whole pages)
 
     @property
     def hit_rate(self) -> float | None:
@@ -235,6 +237,28 @@ class TierStats:
     dequantize_seconds: float
     dequantize_failures: int  # records the codec refused (never served)
     not_requantized: int  # dequantized pages whose record was gone: freed, not quantized again
+    reindex_bytes_done: int  # the re-index at start in bytes: payload bytes of the pages indexed,
+    reindex_bytes_total: int  # of (an estimate until it is done)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildInfo:
+    """What the daemon was built from and runs on (docs/observability.md)."""
+
+    version: str
+    git_commit: str  # "" = unknown at build
+    python: str
+    grpc: str
+    backend: str  # the pools' kinds now, e.g. "cpu_shm"
+
+
+@dataclass(frozen=True, slots=True)
+class RpcCalls:
+    """Calls of one method that ended with one status code since the daemon started."""
+
+    method: str  # "KVStore/Lookup"
+    code: str  # "OK", "NOT_FOUND", ...
+    calls: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +272,8 @@ class Stats:
     tiers: TierStats | None  # None when the daemon has no tier below the pools
     internal_errors: int  # calls answered INTERNAL since start: daemon bugs, in its log
     malformed_requests: int  # requests refused because their bytes did not parse (or too long)
+    build: BuildInfo | None  # None from a daemon too old to say
+    rpc_calls: list[RpcCalls]  # daemon-wide replies only (no namespace asked)
 
     @classmethod
     def from_proto(cls, r: kvstore_pb2.StatsResponse) -> Stats:
@@ -259,4 +285,6 @@ class Stats:
             tiers=_from_message(TierStats, r.tiers) if r.HasField("tiers") else None,
             internal_errors=r.internal_errors,
             malformed_requests=r.malformed_requests,
+            build=_from_message(BuildInfo, r.build) if r.HasField("build") else None,
+            rpc_calls=[_from_message(RpcCalls, c) for c in r.rpc_calls],
         )

@@ -141,6 +141,8 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         policy=s.policy,
         budget_dropped_pages=s.budget_dropped_pages,
         pages_quarantined=s.pages_quarantined,
+        committed_bytes=s.committed_bytes,
+        hit_bytes=s.hit_bytes,
     )
 
 
@@ -204,6 +206,8 @@ def tier_stats(d: dict[str, Any]) -> pb.TierStats:
         dequantize_seconds=q["dequantize_s"],
         dequantize_failures=q["dequantize_failures"],
         not_requantized=q["not_requantized"],
+        reindex_bytes_done=reindex["bytes_done"],
+        reindex_bytes_total=reindex["bytes_total"],
     )
 
 

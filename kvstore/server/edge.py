@@ -16,6 +16,8 @@ our services) at every call. One generic handler is one pending request and a di
   counted (Stats `internal_errors`, metric `kvstore_rpc_internal_errors`).
 - With a tokens file, each method's handler is wrapped by the token check first
   (kvstore/server/auth.py): a call without the scopes it needs never reaches its servicer.
+- Each call is timed and counted by its method and final status (kvstore/server/rpc_metrics.py):
+  one histogram observe and one counter inc, on children bound when the method is wrapped.
 - Once shutdown begins, new calls get UNAVAILABLE "daemon shutting down"; calls still running
   when the grace ends are cancelled and get the same status rather than CANCELLED.
 """
@@ -29,6 +31,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -36,6 +39,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from kvstore.server import status
+from kvstore.server.rpc_metrics import MethodMetrics, RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ class Malformed:
 class Edge:
     def __init__(self) -> None:
         self.counts = EdgeCounts()
+        self.rpc = RpcMetrics()  # latency and status of every call, by method (rpc_metrics.py)
         self.closing = False
         self._running: set[asyncio.Task[Any]] = set()  # unary calls under way
         self._idle: asyncio.Event | None = None  # set when _running empties, while drain waits
@@ -123,18 +128,20 @@ class Edge:
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserializer = _guarded(h.request_deserializer)
         refuse = not method.startswith(HEALTH_PREFIX)
+        m = self.rpc.method(method, timed=h.unary_unary is not None)
         if h.unary_unary is not None:
             return h._replace(
-                request_deserializer=deserializer, unary_unary=self._unary(method, h.unary_unary, refuse)
+                request_deserializer=deserializer, unary_unary=self._unary(method, h.unary_unary, refuse, m)
             )
         if h.unary_stream is not None:
             return h._replace(
-                request_deserializer=deserializer, unary_stream=self._stream(method, h.unary_stream, refuse)
+                request_deserializer=deserializer,
+                unary_stream=self._stream(method, h.unary_stream, refuse, m),
             )
         if h.stream_unary is not None:
-            inner = self._unary(method, h.stream_unary, refuse)
+            inner = self._unary(method, h.stream_unary, refuse, m)
             return h._replace(request_deserializer=deserializer, stream_unary=_checking_requests(inner))
-        inner = self._stream(method, h.stream_stream, refuse)
+        inner = self._stream(method, h.stream_stream, refuse, m)
         return h._replace(request_deserializer=deserializer, stream_stream=_checking_requests(inner))
 
     async def _check(self, request: Any, context: grpc.aio.ServicerContext, refuse: bool) -> None:
@@ -159,54 +166,104 @@ class Edge:
             )
         await context.abort(code, message)
 
-    def _unary(self, method: str, behavior: Callable[..., Any], refuse: bool) -> Callable[..., Any]:
+    def _unary(
+        self, method: str, behavior: Callable[..., Any], refuse: bool, m: MethodMetrics
+    ) -> Callable[..., Any]:
         running = self._running
+        observe, ok, ended = m.observe or _no_observe, m.ok, m.ended
+        sets_code = not refuse  # health's Check answers NOT_FOUND by setting the code, not aborting
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if self.closing or isinstance(request, Malformed):  # (tested first: every call runs this)
-                await self._check(request, context, refuse)
-            task = asyncio.current_task() if refuse else None
-            if task is not None:
-                running.add(task)
+            t0 = perf_counter()
             try:
-                return await behavior(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except (Exception, asyncio.CancelledError) as e:
-                await self._fail(method, context, e)
-            finally:
+                if self.closing or isinstance(request, Malformed):  # (tested first: every call runs this)
+                    await self._check(request, context, refuse)
+                task = asyncio.current_task() if refuse else None
                 if task is not None:
-                    running.discard(task)
-                    if not running and self._idle is not None:
-                        self._idle.set()
-
-        return call
-
-    def _stream(self, method: str, behavior: Callable[..., Any], refuse: bool) -> Callable[..., Any]:
-        if not inspect.isasyncgenfunction(behavior):  # writes with context.write (Health.Watch)
-
-            async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
-                await self._check(request, context, refuse)
+                    running.add(task)
                 try:
-                    await behavior(request, context)
+                    reply = await behavior(request, context)
                 except grpc.aio.AbortError:
                     raise
                 except (Exception, asyncio.CancelledError) as e:
                     await self._fail(method, context, e)
+                finally:
+                    if task is not None:
+                        running.discard(task)
+                        if not running and self._idle is not None:
+                            self._idle.set()
+            except BaseException as e:
+                ended(_code_of(e, context))
+                raise
+            finally:
+                observe(perf_counter() - t0)
+            if sets_code:
+                ended(context.code())
+            else:
+                ok()
+            return reply
+
+        return call
+
+    def _stream(
+        self, method: str, behavior: Callable[..., Any], refuse: bool, m: MethodMetrics
+    ) -> Callable[..., Any]:
+        ok, ended = m.ok, m.ended
+        sets_code = not refuse
+
+        def done(context: grpc.aio.ServicerContext) -> None:
+            if sets_code:
+                ended(context.code())
+            else:
+                ok()
+
+        if not inspect.isasyncgenfunction(behavior):  # writes with context.write (Health.Watch)
+
+            async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await self._check(request, context, refuse)
+                    try:
+                        await behavior(request, context)
+                    except grpc.aio.AbortError:
+                        raise
+                    except (Exception, asyncio.CancelledError) as e:
+                        await self._fail(method, context, e)
+                except BaseException as e:
+                    ended(_code_of(e, context))
+                    raise
+                done(context)
 
             return run
 
         async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self._check(request, context, refuse)
             try:
-                async for reply in behavior(request, context):
-                    yield reply
-            except grpc.aio.AbortError:
+                await self._check(request, context, refuse)
+                try:
+                    async for reply in behavior(request, context):
+                        yield reply
+                except grpc.aio.AbortError:
+                    raise
+                except (Exception, asyncio.CancelledError) as e:
+                    await self._fail(method, context, e)
+            except BaseException as e:
+                ended(_code_of(e, context))
                 raise
-            except (Exception, asyncio.CancelledError) as e:
-                await self._fail(method, context, e)
+            done(context)
 
         return gen
+
+
+def _no_observe(seconds: float) -> None:
+    """(streams are counted, not timed)"""
+
+
+def _code_of(e: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a call that raised `e` out of the edge ends with."""
+    if isinstance(e, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(e, asyncio.CancelledError | GeneratorExit):  # the client went away (or its deadline)
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
 
 
 class _Methods(grpc.GenericRpcHandler):

@@ -13,9 +13,10 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from kvstore import __version__
 from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.server import convert
+from kvstore.server import convert, ops_stats
 from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
 from kvstore.server.fast_servicer import FastPathServicer, lookup_reply
+from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
@@ -25,9 +26,10 @@ Ctx = grpc.aio.ServicerContext
 
 
 class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
-    def __init__(self, store: Store, edge: EdgeCounts | None = None) -> None:
+    def __init__(self, store: Store, edge: EdgeCounts | None = None, rpc: RpcMetrics | None = None) -> None:
         self.store = store
         self.edge = edge or EdgeCounts()
+        self.rpc = rpc  # the edge's per-method calls, for Stats
         self.started = time.monotonic()
         self._closing = asyncio.Event()  # set when the daemon begins to shut down
 
@@ -192,7 +194,7 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
     @grpc_errors
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
         tiers = self.store.tiers
-        return pb.StatsResponse(
+        reply = pb.StatsResponse(
             namespaces=[convert.namespace_stats(s) for s in self.store.stats(request.namespace)],
             sessions=len(self.store.sessions),
             uptime_s=time.monotonic() - self.started,
@@ -201,6 +203,7 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
             internal_errors=self.edge.internal,
             malformed_requests=self.edge.malformed,
         )
+        return ops_stats.fill(reply, self.store, self.rpc, daemon_wide=not request.namespace)
 
 
 def _unix_ms(ttl_s: float) -> int:

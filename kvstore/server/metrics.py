@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvstore.server.edge import EdgeCounts
+from kvstore.server.ops_stats import build_labels
+from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceStats
 
@@ -39,6 +41,8 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
         "kvstore_deduplicated_pages",
         "pages freed because another sequence sealed them first",
     ),
+    "committed_bytes": ("kvstore_committed_bytes", "KV bytes clients committed into the pool (whole pages)"),
+    "hit_bytes": ("kvstore_hit_bytes", "KV bytes lookups found in the pool or below it (whole pages)"),
 }
 
 
@@ -102,16 +106,24 @@ def tier_values(d: dict[str, Any]) -> dict[str, float]:
 
 class StatsCollector(Collector):
     def __init__(self) -> None:
-        # Replaced whole by the loop: (namespaces, sessions, Tiers.stats() or None).
-        self.snapshot: tuple[list[NamespaceStats], int, dict[str, Any] | None, EdgeCounts] = (
+        # Replaced whole by the loop: (namespaces, sessions, Tiers.stats() or None, the edge's
+        # counts, kvstore_build_info's labels).
+        self.snapshot: tuple[list[NamespaceStats], int, dict[str, Any] | None, EdgeCounts, dict[str, str]] = (
             [],
             0,
             None,
             EdgeCounts(),
+            {},
         )
 
     def collect(self) -> Iterator[Any]:
-        namespaces, sessions, tiers, edge = self.snapshot
+        namespaces, sessions, tiers, edge, build = self.snapshot
+        if build:
+            info = GaugeMetricFamily(
+                "kvstore_build_info", "1, labelled with what the daemon was built from", labels=list(build)
+            )
+            info.add_metric(list(build.values()), 1)
+            yield info
         pages = GaugeMetricFamily("kvstore_pages", "pool pages by state", labels=["namespace", "state"])
         total = GaugeMetricFamily("kvstore_pages_total", "pool pages", labels=["namespace"])
         page_bytes = GaugeMetricFamily("kvstore_page_bytes", "bytes of KV in one page", labels=["namespace"])
@@ -195,14 +207,41 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily(
             "kvstore_swapped_pages", "pages of swapped-out sequences below the pool", value=d["swapped_pages"]
         )
+        if disk:
+            yield from _reindex(d["reindex"])
+
+
+def _reindex(r: dict[str, Any]) -> Iterator[Any]:
+    """The disk tier's re-index at start (ReindexState): done of total, pages and bytes."""
+    yield GaugeMetricFamily(
+        "kvstore_disk_reindex_running", "1 while the disk tier is re-indexed", value=r["running"]
+    )
+    for unit in ("pages", "bytes"):
+        done, total = (r["done"], r["total"]) if unit == "pages" else (r["bytes_done"], r["bytes_total"])
+        yield GaugeMetricFamily(
+            f"kvstore_disk_reindex_{unit}_done", f"{unit} the re-index at start has indexed", value=done
+        )
+        yield GaugeMetricFamily(
+            f"kvstore_disk_reindex_{unit}_total",
+            f"{unit} the re-index at start found on disk"
+            + (" (estimated until done)" if unit == "bytes" else ""),
+            value=total,
+        )
 
 
 class MetricsServer:
     def __init__(
-        self, store: Store, host: str, port: int, interval_s: float = 1.0, edge: EdgeCounts | None = None
+        self,
+        store: Store,
+        host: str,
+        port: int,
+        interval_s: float = 1.0,
+        edge: EdgeCounts | None = None,
+        rpc: RpcMetrics | None = None,
     ) -> None:
         self.store = store
         self.edge = edge or EdgeCounts()
+        self.rpc = rpc
         self.host = host
         self.port = port
         self.interval_s = interval_s
@@ -213,6 +252,8 @@ class MetricsServer:
         """Start serving; returns the bound port (useful with port 0)."""
         registry = CollectorRegistry()
         registry.register(self.collector)
+        if self.rpc is not None:
+            self.rpc.register(registry)
         self.publish()
         self._httpd, _ = start_http_server(self.port, self.host, registry)
         self.port = self._httpd.server_port
@@ -227,6 +268,7 @@ class MetricsServer:
             len(self.store.sessions),
             tiers.stats() if tiers is not None else None,
             replace(self.edge),
+            build_labels(self.store),
         )
 
     async def run(self) -> None:

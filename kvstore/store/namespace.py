@@ -83,6 +83,7 @@ class Namespace:
         self.lookups = 0
         self.evictions = 0
         self.deduplicated_pages = 0
+        self.pages_committed = 0  # sealed or deduplicated by a commit: written by a client
         self.budget_dropped_pages = 0
         # Sealed pages a budget let go while a page extending them stayed pinned (only a budget
         # can unpin a page under a pinned one): eviction cannot take them until that page goes.
@@ -358,6 +359,8 @@ class Namespace:
             deduplicated_pages=self.deduplicated_pages,
             budget_dropped_pages=self.budget_dropped_pages,
             pages_quarantined=self.pages_quarantined,
+            committed_bytes=self.pages_committed * self.spec.page_bytes,
+            hit_bytes=self.hit_tokens // self.spec.page_tokens * self.spec.page_bytes,  # (whole pages)
         )
 
 

@@ -246,6 +246,7 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
             ns.seal(page, seq.pages[i - 1] if i else None)  # below any cut: parent held
             sealed += 1
     seq.committed_tokens = max(seq.committed_tokens, num_tokens)
+    ns.pages_committed += sealed + dedup
     return CommitResult(sealed, dedup, moved)
 
 

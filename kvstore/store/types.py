@@ -228,4 +228,6 @@ class NamespaceStats:
     deduplicated_pages: int = 0
     budget_dropped_pages: int = 0
     pages_quarantined: int = 0
+    committed_bytes: int = 0  # pages clients committed (sealed or deduplicated) x page_bytes
+    hit_bytes: int = 0  # pages lookups found x page_bytes
     extra: dict[str, int] = field(default_factory=dict)

@@ -43,6 +43,7 @@ def _reindex(
     if tiers.disk is None:
         raise InvariantBroken("re-indexing a disk tier that does not exist")
     found = 0
+    state = tiers.reindex_state
     if tiers.closing:  # (checked after the idle event was cleared: close() waits for us)
         return 0
     scan = tiers.disk.reindex(on_progress)
@@ -54,6 +55,7 @@ def _reindex(
             stale.append(meta.key)
             continue
         found += 1
+        state.bytes_done += meta.page_bytes
         if meta.parent_hash:
             pairs.append((meta.namespace, meta.parent_hash, meta.block_hash))
         if len(pairs) >= 4096:

@@ -30,7 +30,6 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import InvariantBroken
@@ -38,6 +37,7 @@ from kvstore.memory.pages import Page
 from kvstore.store.namespace import GoneKind
 from kvstore.store.tiering.promotion import Promotion, Verified
 from kvstore.store.tiering.quantize import TierQuant
+from kvstore.store.tiering.reindex_state import ReindexState
 from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageMeta, PageRecord, TierName, make_meta
 
 if TYPE_CHECKING:
@@ -50,15 +50,6 @@ SUCCESSORS_REMEMBERED = 1 << 20
 # found by a lookup, and deleted at the next start (their sequences died with the daemon).
 SWAP_SUFFIX = "\x00swap"
 WRITE_WAIT_S = 60.0  # a read of a page still queued for disk waits this long for its write
-
-
-@dataclass
-class ReindexState:
-    """The disk tier's re-index at start (reindex.py), for stats."""
-
-    running: bool = False
-    done: int = 0
-    total: int = 0
 
 
 class Tiers:

@@ -725,7 +725,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -742,6 +742,8 @@ class NamespaceStats(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_DROPPED_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGES_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     page_bytes: int
     pages_total: int
@@ -758,10 +760,12 @@ class NamespaceStats(_message.Message):
     policy: str
     budget_dropped_pages: int
     pages_quarantined: int
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ...) -> None: ...
+    committed_bytes: int
+    hit_bytes: int
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized")
+    __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized", "reindex_bytes_done", "reindex_bytes_total")
     HOST_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     HOST_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -801,6 +805,8 @@ class TierStats(_message.Message):
     DEQUANTIZE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEQUANTIZE_FAILURES_FIELD_NUMBER: _ClassVar[int]
     NOT_REQUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     host_capacity_bytes: int
     host_bytes_used: int
     host_pages: int
@@ -840,10 +846,12 @@ class TierStats(_message.Message):
     dequantize_seconds: float
     dequantize_failures: int
     not_requantized: int
-    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ..., host_bytes_represented: _Optional[int] = ..., disk_bytes_represented: _Optional[int] = ..., quantized_pages: _Optional[int] = ..., quant_layers_fp: _Optional[int] = ..., quant_layers_int8: _Optional[int] = ..., quant_layers_int4: _Optional[int] = ..., quant_fallbacks: _Optional[int] = ..., quant_bytes_stored: _Optional[int] = ..., quant_bytes_represented: _Optional[int] = ..., quantize_seconds: _Optional[float] = ..., dequantized_pages: _Optional[int] = ..., dequantize_seconds: _Optional[float] = ..., dequantize_failures: _Optional[int] = ..., not_requantized: _Optional[int] = ...) -> None: ...
+    reindex_bytes_done: int
+    reindex_bytes_total: int
+    def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ..., host_bytes_represented: _Optional[int] = ..., disk_bytes_represented: _Optional[int] = ..., quantized_pages: _Optional[int] = ..., quant_layers_fp: _Optional[int] = ..., quant_layers_int8: _Optional[int] = ..., quant_layers_int4: _Optional[int] = ..., quant_fallbacks: _Optional[int] = ..., quant_bytes_stored: _Optional[int] = ..., quant_bytes_represented: _Optional[int] = ..., quantize_seconds: _Optional[float] = ..., dequantized_pages: _Optional[int] = ..., dequantize_seconds: _Optional[float] = ..., dequantize_failures: _Optional[int] = ..., not_requantized: _Optional[int] = ..., reindex_bytes_done: _Optional[int] = ..., reindex_bytes_total: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests")
+    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests", "build", "rpc_calls")
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -851,6 +859,8 @@ class StatsResponse(_message.Message):
     TIERS_FIELD_NUMBER: _ClassVar[int]
     INTERNAL_ERRORS_FIELD_NUMBER: _ClassVar[int]
     MALFORMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
+    RPC_CALLS_FIELD_NUMBER: _ClassVar[int]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
     uptime_s: float
@@ -858,7 +868,33 @@ class StatsResponse(_message.Message):
     tiers: TierStats
     internal_errors: int
     malformed_requests: int
-    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ...) -> None: ...
+    build: BuildInfo
+    rpc_calls: _containers.RepeatedCompositeFieldContainer[RpcCalls]
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., rpc_calls: _Optional[_Iterable[_Union[RpcCalls, _Mapping]]] = ...) -> None: ...
+
+class BuildInfo(_message.Message):
+    __slots__ = ("version", "git_commit", "python", "grpc", "backend")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GIT_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_FIELD_NUMBER: _ClassVar[int]
+    GRPC_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    git_commit: str
+    python: str
+    grpc: str
+    backend: str
+    def __init__(self, version: _Optional[str] = ..., git_commit: _Optional[str] = ..., python: _Optional[str] = ..., grpc: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class RpcCalls(_message.Message):
+    __slots__ = ("method", "code", "calls")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    code: str
+    calls: int
+    def __init__(self, method: _Optional[str] = ..., code: _Optional[str] = ..., calls: _Optional[int] = ...) -> None: ...
 
 class NamespaceSpec(_message.Message):
     __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device", "tier_precision")
