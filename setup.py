@@ -27,9 +27,10 @@ class BuildPyWithCommit(build_py):
             )
         except (OSError, subprocess.SubprocessError):
             return
-        if out.returncode == 0 and out.stdout.strip():
-            target = Path(self.build_lib) / "kvstore" / "_build_commit.txt"
-            target.write_text(out.stdout.strip() + "\n")
+        package = Path(self.build_lib) / "kvstore"
+        # (an editable install builds no package copy: the source tree asks git itself)
+        if out.returncode == 0 and out.stdout.strip() and package.is_dir():
+            (package / "_build_commit.txt").write_text(out.stdout.strip() + "\n")
 
 
 setup(
