@@ -104,7 +104,8 @@ class ServerConfig:
     )
     metrics: str = _key(
         "",
-        "serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any); empty = off",
+        "serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any); empty = off; with "
+        'tokens_file, only to a bearer token with read on "*" (docs/security.md)',
         check_host_port,
     )
     lease_ttl_s: float = _key(10.0, "lease of a session that asks for none (seconds)", in_range(0.5))

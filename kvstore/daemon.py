@@ -141,7 +141,8 @@ class Daemon:
         self.server = server = grpc.aio.server(options=server_options(s))
         # Every service registers with the edge, which wraps each method once and installs them.
         edge = self.edge
-        edge.guard = guard_for(s, self.store)
+        guard = guard_for(s, self.store)
+        edge.guard = guard.wrap if guard is not None else None
         self._kvstore_servicer = KVStoreServicer(self.store, edge.counts, edge.rpc)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, edge)
         kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), edge)
@@ -169,7 +170,12 @@ class Daemon:
         if s.metrics:
             host, _, port = s.metrics.rpartition(":")
             self.metrics = MetricsServer(
-                self.store, host, int(port), edge=self.edge.counts, rpc=self.edge.rpc
+                self.store,
+                host,
+                int(port),
+                edge=self.edge.counts,
+                rpc=self.edge.rpc,
+                tokens=guard.tokens if guard is not None else None,
             )
             try:
                 self.metrics.start()

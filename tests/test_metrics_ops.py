@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,34 @@ def test_reindex_progress_reaches_the_total_after_a_restart(daemon_factory: Any,
     assert m[("kvstore_disk_reindex_bytes_total", ())] == pages * page_bytes
     assert m[("kvstore_disk_reindex_running", ())] == 0
     assert f"re-index of the disk tier: {pages} / {pages} pages" in d.stderr_text()
+
+
+def test_with_tokens_the_metrics_need_a_token_with_read_on_every_namespace(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    from auth_helpers import ADMIN, NAMESPACES, READER, TOKENS, write_tokens
+
+    scraper = "scraper-secret-0123456789"
+    tokens = write_tokens(tmp_path / "tokens.toml", TOKENS | {"scraper": (scraper, {"*": ["read"]})})
+    port = free_port()
+    d = daemon_factory(
+        server={"tokens_file": tokens, "metrics": f"127.0.0.1:{port}"}, namespaces=NAMESPACES
+    ).start()
+
+    def refused(headers: dict[str, str]) -> tuple[int, str, str]:
+        try:
+            scrape(port, headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), e.headers.get("WWW-Authenticate", "")
+        raise AssertionError(f"the metrics were served with {list(headers)}")
+
+    for headers in ({}, {"Authorization": "Bearer not-a-token-0123456789"}, {"Authorization": scraper}):
+        code, body, challenge = refused(headers)
+        assert (code, challenge) == (401, 'Bearer realm="kvstore metrics"'), body
+        assert "kvstore_" not in body and "valid bearer token" in body
+    code, body, _ = refused({"Authorization": f"Bearer {READER}"})  # read on "a" only
+    assert code == 403 and "token 'reader'" in body and "kvstore_" not in body
+    for secret in (scraper, ADMIN):
+        m = scrape(port, {"Authorization": f"Bearer {secret}"})
+        assert m[("kvstore_pages_total", (("namespace", "a"),))] == 64
+    assert scraper not in d.stderr_text() and READER not in d.stderr_text()

@@ -4,7 +4,6 @@ and TLS on the TCP one (docs/security.md)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import grpc
 
@@ -16,11 +15,10 @@ from kvstore.tokens import TokensFileError, load
 
 log = logging.getLogger(__name__)
 
-Wrap = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
 
-
-def guard_for(s: ServerConfig, store: Store) -> Wrap | None:
-    """The edge's token check, when the daemon has a tokens file."""
+def guard_for(s: ServerConfig, store: Store) -> Guard | None:
+    """The edge's token check (`.wrap`; its `.tokens` guard the metrics too), when the daemon
+    has a tokens file."""
     if not s.tokens_file:
         log.info(
             "no server.tokens_file: calls on the unix socket need no token (its mode 0600 is the boundary)"
@@ -31,7 +29,7 @@ def guard_for(s: ServerConfig, store: Store) -> Wrap | None:
     except TokensFileError as e:
         raise StartupError(str(e), exit_code=2) from e
     log.info("bearer tokens required on every listener: %d token(s) from %s", len(tokens), s.tokens_file)
-    return Guard(tokens, store).wrap
+    return Guard(tokens, store)
 
 
 def bind_tcp(server: grpc.aio.Server, s: ServerConfig) -> int:

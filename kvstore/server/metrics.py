@@ -13,15 +13,17 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvstore.server import metrics_http
 from kvstore.server.edge import EdgeCounts
 from kvstore.server.ops_stats import build_labels
 from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceStats
+from kvstore.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +240,12 @@ class MetricsServer:
         interval_s: float = 1.0,
         edge: EdgeCounts | None = None,
         rpc: RpcMetrics | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.store = store
         self.edge = edge or EdgeCounts()
         self.rpc = rpc
+        self.tokens = tokens  # with a tokens file, only a token with read on "*" may scrape
         self.host = host
         self.port = port
         self.interval_s = interval_s
@@ -255,9 +259,14 @@ class MetricsServer:
         if self.rpc is not None:
             self.rpc.register(registry)
         self.publish()
-        self._httpd, _ = start_http_server(self.port, self.host, registry)
+        self._httpd = metrics_http.serve(registry, self.host, self.port, self.tokens)
         self.port = self._httpd.server_port
-        log.info("metrics: serving Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info(
+            "metrics: serving Prometheus metrics on http://%s:%d/metrics%s",
+            self.host,
+            self.port,
+            " to bearer tokens with read on '*'" if self.tokens is not None else "",
+        )
         return self.port
 
     def publish(self) -> None:
