@@ -33,7 +33,7 @@ from kvstore.config_checks import (
     in_range,
     positive,
 )
-from kvstore.config_parse import expect, fill, format_size, read_toml
+from kvstore.config_parse import doc_default, expect, fill, format_size, read_toml
 from kvstore.memory.make_pool import check_device
 from kvstore.store import precision
 from kvstore.store.types import NamespaceSpec, StoreLimits
@@ -119,6 +119,11 @@ class ServerConfig:
     max_request_tokens: int = _key(1 << 20, "most token ids one request may carry", in_range(1, U32_MAX))
     max_pool_bytes: int = _key(64 << 30, "bytes all namespace pools together may take", positive, size=True)
     max_sessions: int = _key(4096, "most sessions open at once", positive)
+    max_sessions_per_client: int = _key(
+        1024,
+        "most sessions one client may hold open (a client: its token; without tokens, its process); 0 = none",
+        in_range(0),
+    )
     quarantine_grace_s: float = _key(
         30.0,
         "device pools: how long the reserved pages of a session that ended without closing stay "
@@ -216,6 +221,9 @@ class NamespaceConfig:
     tier_dtype: TierDType = _key("fp", precision.DTYPE_HELP)  # noqa: RUF009 (ruff: Literal)
     tier_schedule: str = _key("", precision.SCHEDULE_HELP, precision.schedule_problem)
     tier_error_bound: float = _key(0.0, precision.BOUND_HELP, precision.bound_problem)
+    max_session_pages: int = _key(
+        0, "pool pages one session may hold here at once (sequences and pins); 0 = none", in_range(0, U32_MAX)
+    )
 
 
 # 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.
@@ -238,6 +246,7 @@ class Config:
             lease_ttl_default_s=s.lease_ttl_s,
             lease_ttl_max_s=s.lease_ttl_max_s,
             max_sessions=s.max_sessions,
+            max_sessions_per_client=s.max_sessions_per_client,
             max_extra_keys_bytes=s.max_extra_keys_bytes,
             pin_ttl_max_s=s.pin_ttl_max_s,
             quarantine_grace_s=s.quarantine_grace_s,
@@ -377,18 +386,3 @@ def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, p
                 f"{format_size(pool)} brings all pools to {format_size(total)}, over "
                 f"server.max_pool_bytes={format_size(server.max_pool_bytes)}"
             )
-
-
-def doc_default(f: Any) -> str:
-    """A key's default as the docs and --help show it."""
-    if f.metadata["doc_default"]:
-        return f.metadata["doc_default"]
-    if f.default is MISSING:
-        return "required"
-    if f.metadata["size"]:
-        return f"`{format_size(f.default)}`"
-    if isinstance(f.default, bool):
-        return f"`{str(f.default).lower()}`"
-    if isinstance(f.default, str):
-        return f'`"{f.default}"`' if f.default else "empty"
-    return f"`{f.default:g}`" if isinstance(f.default, float) else f"`{f.default}`"

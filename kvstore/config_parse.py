@@ -128,3 +128,18 @@ def format_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.4g} {unit}"
     return f"{n} B"
+
+
+def doc_default(f: Any) -> str:
+    """A key's default as the docs and --help show it."""
+    if f.metadata["doc_default"]:
+        return f.metadata["doc_default"]
+    if f.default is MISSING:
+        return "required"
+    if f.metadata["size"]:
+        return f"`{format_size(f.default)}`"
+    if isinstance(f.default, bool):
+        return f"`{str(f.default).lower()}`"
+    if isinstance(f.default, str):
+        return f'`"{f.default}"`' if f.default else "empty"
+    return f"`{f.default:g}`" if isinstance(f.default, float) else f"`{f.default}`"

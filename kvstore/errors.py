@@ -4,6 +4,9 @@ the limit, so a person can act on it without reading code."""
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import ClassVar
+
 
 class KVStoreError(Exception):
     """Base of every error the daemon reports to a client."""
@@ -23,6 +26,19 @@ class OutOfRange(KVStoreError):
 
 class ResourceExhausted(KVStoreError):
     """Not enough free or evictable pages (or another quota) right now."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A configured quota refused the request (docs/security.md, "Quotas"); the message names
+    the quota and its limit. Counted by quota name for Stats (QuotaStats.refused): the daemon
+    is one process with one store, so one count per process."""
+
+    refused: ClassVar[Counter[str]] = Counter()
+
+    def __init__(self, quota: str, message: str) -> None:
+        super().__init__(message)
+        self.quota = quota
+        QuotaExceeded.refused[quota] += 1
 
 
 class FailedPrecondition(KVStoreError):

@@ -20,6 +20,8 @@ from daemon import SMALL_NAMESPACE, DaemonProcess
 import kvstore
 
 STATS_KEYS = {
+    "max_session_pages",
+    "session_pages_refused",
     "pages_total",
     "pages_free",
     "pages_reserved",
@@ -78,7 +80,9 @@ def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonPr
         "internal_errors",
         "malformed_requests",
         "namespaces",
+        "quotas",
     }
+    assert before["quotas"]["max_sessions_per_client"] == 1024 and before["quotas"]["refused"] == {}
     assert before["internal_errors"] == before["malformed_requests"] == 0
     assert set(before["namespaces"]) == {"test"}
     ns = before["namespaces"]["test"]

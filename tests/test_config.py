@@ -148,6 +148,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "max_request_tokens": "9",
         "max_pool_bytes": "1GiB",
         "max_sessions": "3",
+        "max_sessions_per_client": "2",
         "shutdown_grace_s": "1",
         "quarantine_grace_s": "4",
         "log_level": "debug",
@@ -202,9 +203,10 @@ def test_store_limits_carry_every_limit() -> None:
         "KVSTORE_MAX_EXTRA_KEYS_BYTES": "7",
         "KVSTORE_PIN_TTL_MAX_S": "0.25",
         "KVSTORE_QUARANTINE_GRACE_S": "4",
+        "KVSTORE_MAX_SESSIONS_PER_CLIENT": "6",
     }
     limits = cfg.load(environ=env).store_limits()
-    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0)
+    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0, 6)
     # A limit the store gains later must get a key here too, or this stays at its default.
     defaults = StoreLimits()
     unset = [

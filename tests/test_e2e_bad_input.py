@@ -201,22 +201,22 @@ def more_ids_than_max_request_tokens(ctx: Ctx) -> None:
     parts = (f"has {MAX_REQUEST_TOKENS + 1} ids", f"max_request_tokens={MAX_REQUEST_TOKENS}")
     assert_status(
         ctx.error("Lookup", pb.LookupRequest(namespace="test", token_ids=too_many)),
-        Code.INVALID_ARGUMENT,
+        Code.RESOURCE_EXHAUSTED,
         "token_ids",
         *parts,
     )
     with sequence(ctx) as seq:
         err = ctx.error("Append", pb.AppendRequest(session_id=ctx.sid, sequence_id=seq, token_ids=too_many))
-        assert_status(err, Code.INVALID_ARGUMENT, "token_ids", *parts)
+        assert_status(err, Code.RESOURCE_EXHAUSTED, "token_ids", *parts)
     err = ctx.error("Evict", pb.EvictRequest(namespace="test", prefix=pb.PrefixTarget(token_ids=too_many)))
-    assert_status(err, Code.INVALID_ARGUMENT, "prefix.token_ids", *parts)
+    assert_status(err, Code.RESOURCE_EXHAUSTED, "prefix.token_ids", *parts)
     err = ctx.error(
         "Allocate",
         pb.AllocateRequest(session_id=ctx.sid, namespace="test", max_tokens=MAX_REQUEST_TOKENS + 1),
     )
     assert_status(
         err,
-        Code.INVALID_ARGUMENT,
+        Code.RESOURCE_EXHAUSTED,
         f"max_tokens={MAX_REQUEST_TOKENS + 1}",
         f"max_request_tokens={MAX_REQUEST_TOKENS}",
     )

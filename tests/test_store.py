@@ -186,6 +186,8 @@ def test_create_namespace_makes_private_segment(bare_store, prefix):
         "deduplicated_pages": 0,
         "budget_dropped_pages": 0,
         "pages_quarantined": 0,
+        "max_session_pages": 0,
+        "session_pages_refused": 0,
         "extra": {},
     }
     bare_store.close()
@@ -889,7 +891,7 @@ BAD_INPUT = [
     (
         "append too many ids",
         lambda s, sid, q: s.append(sid, q, [1] * 65),
-        InvalidArgument,
+        ResourceExhausted,
         ["token_ids has 65 ids", "max_request_tokens=64"],
     ),
     (
@@ -901,7 +903,7 @@ BAD_INPUT = [
     (
         "lookup too many ids",
         lambda s, sid, q: s.lookup(sid, "ns", [9] * 65, b"", False),
-        InvalidArgument,
+        ResourceExhausted,
         ["65 ids", "max_request_tokens=64"],
     ),
     (
@@ -925,7 +927,7 @@ BAD_INPUT = [
     (
         "allocate max_tokens over limit",
         lambda s, sid, q: s.allocate(sid, "ns", 65, b""),
-        InvalidArgument,
+        ResourceExhausted,
         ["max_tokens=65", "max_request_tokens=64"],
     ),
     (

@@ -185,6 +185,8 @@ class NamespaceStats:
     pages_quarantined: int  # device pools: reserved pages of clients gone without closing
     committed_bytes: int  # KV bytes clients committed into the pool (whole pages)
     hit_bytes: int  # KV bytes lookups found (whole pages)
+    max_session_pages: int  # pool pages one session may hold here (0 = no quota but the pool)
+    session_pages_refused: int  # requests refused by max_session_pages
 
     @property
     def hit_rate(self) -> float | None:
@@ -262,6 +264,16 @@ class RpcCalls:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaStats:
+    """The daemon's quotas (docs/security.md, "Quotas") and the requests each refused."""
+
+    max_sessions: int
+    max_sessions_per_client: int  # 0 = none
+    max_request_tokens: int
+    refused: dict[str, int]  # quota name -> requests refused RESOURCE_EXHAUSTED since start
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """`Client.stats()`: the daemon's counters."""
 
@@ -274,6 +286,7 @@ class Stats:
     malformed_requests: int  # requests refused because their bytes did not parse (or too long)
     build: BuildInfo | None  # None from a daemon too old to say
     rpc_calls: list[RpcCalls]  # daemon-wide replies only (no namespace asked)
+    quotas: QuotaStats | None = None  # None from a daemon that reports none
 
     @classmethod
     def from_proto(cls, r: kvstore_pb2.StatsResponse) -> Stats:
@@ -287,4 +300,12 @@ class Stats:
             malformed_requests=r.malformed_requests,
             build=_from_message(BuildInfo, r.build) if r.HasField("build") else None,
             rpc_calls=[_from_message(RpcCalls, c) for c in r.rpc_calls],
+            quotas=QuotaStats(
+                r.quotas.max_sessions,
+                r.quotas.max_sessions_per_client,
+                r.quotas.max_request_tokens,
+                dict(r.quotas.refused),
+            )
+            if r.HasField("quotas")
+            else None,
         )

@@ -8,7 +8,8 @@ are tried for one page (its block hash chained under the namespace's salt):
 - `evicted` / `dropped_corrupt`: gone from every tier; the namespace's ghost
   (`Namespace.ghost`, bounded) says when, by whom and to make room for what.
 - `other_namespace`: not here, but the same tokens (chained under another namespace's
-  salt, same page_tokens) are resident there.
+  salt, same page_tokens) are resident there. Only namespaces the caller's token may read
+  are looked at (kvstore/caller.py): another tenant's is never named nor probed.
 - `never_stored`: none of the above (or forgotten by the bounded ghost).
 
 Then, over the whole prompt: a request whose model fingerprint differs from the
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from kvstore import caller
 from kvstore.hashing import iter_block_hashes
 from kvstore.store import validate
 from kvstore.store.namespace import GoneKind, Namespace
@@ -132,7 +134,11 @@ class _Others:
 
     def candidates(self) -> list[Namespace]:
         T = self.ns.spec.page_tokens
-        return [o for o in self.store.namespaces.values() if o is not self.ns and o.spec.page_tokens == T]
+        return [o for o in self._visible() if o.spec.page_tokens == T]
+
+    def _visible(self) -> list[Namespace]:
+        """The other namespaces the caller may read (a tenant learns nothing of another's)."""
+        return [o for o in self.store.namespaces.values() if o is not self.ns and caller.sees(o.name)]
 
     def holder(self, index: int) -> str:
         """A namespace where page `index` of the same tokens is resident (pool or tier), or ''."""
@@ -150,8 +156,8 @@ class _Others:
         return ""
 
     def with_model(self, fingerprint: str) -> str:
-        for other in self.store.namespaces.values():
-            if other is not self.ns and other.spec.model_fingerprint == fingerprint:
+        for other in self._visible():
+            if other.spec.model_fingerprint == fingerprint:
                 return other.name
         return ""
 

@@ -9,6 +9,7 @@ import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
+from kvstore import caller
 from kvstore.errors import FailedPrecondition
 from kvstore.observe import explain, mrc_curve
 from kvstore.server import convert
@@ -16,6 +17,7 @@ from kvstore.server.status import grpc_errors
 from kvstore.store import namespaces
 from kvstore.store.store import Store
 from kvstore.store.tiering.flush import flush_to_disk
+from kvstore.tokens import ADMIN
 
 Ctx = grpc.aio.ServicerContext
 
@@ -43,13 +45,27 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ListNamespaces(
         self, request: pb.ListNamespacesRequest, context: Ctx
     ) -> pb.ListNamespacesResponse:
+        # Those the caller's token may administer (all of them without tokens).
         return pb.ListNamespacesResponse(
-            namespaces=[convert.namespace_info(ns.info()) for ns in self.store.namespaces.values()]
+            namespaces=[
+                convert.namespace_info(ns.info())
+                for name, ns in self.store.namespaces.items()
+                if caller.sees(name, ADMIN)
+            ]
         )
 
     @grpc_errors
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
-        return pb.ListSessionsResponse(sessions=[convert.session_info(s) for s in self.store.session_infos()])
+        # Admin on "*": every session; admin on some namespaces: the token's own sessions.
+        whole, mine = caller.sees_all(ADMIN), caller.client_key("", 0, 0)
+        sessions = self.store.sessions
+        return pb.ListSessionsResponse(
+            sessions=[
+                convert.session_info(s)
+                for s in self.store.session_infos()
+                if whole or sessions[s.session_id].client == mine
+            ]
+        )
 
     @grpc_errors
     async def Flush(self, request: pb.FlushRequest, context: Ctx) -> pb.FlushResponse:

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from kvstore.caller import CALLER
 from kvstore.server.scopes import RULES, SOME, Needs, Resolve, is_open
 from kvstore.store.store import Store
 from kvstore.tokens import ALL, Token, Tokens
@@ -80,6 +81,7 @@ class Guard:
         denied = self.denied(method.rsplit("/", 1)[-1], token, resolve(request, self.store))
         if denied:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
+        CALLER.set(token)  # (this call's task only) what its answers may reveal: kvstore/caller.py
         return token
 
     def _token(self, context: grpc.aio.ServicerContext) -> Token | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -94,6 +95,7 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
         tier_precision=pb.TierPrecision(
             dtype=spec.tier_dtype, schedule=spec.tier_schedule, error_bound=spec.tier_error_bound
         ),
+        max_session_pages=spec.max_session_pages,
     )
 
 
@@ -120,6 +122,7 @@ def namespace_spec(msg: pb.NamespaceSpec, default_policy: str) -> t.NamespaceSpe
         tier_dtype=msg.tier_precision.dtype or "fp",
         tier_schedule=msg.tier_precision.schedule,
         tier_error_bound=msg.tier_precision.error_bound,
+        max_session_pages=msg.max_session_pages,
     )
 
 
@@ -143,6 +146,17 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         pages_quarantined=s.pages_quarantined,
         committed_bytes=s.committed_bytes,
         hit_bytes=s.hit_bytes,
+        max_session_pages=s.max_session_pages,
+        session_pages_refused=s.session_pages_refused,
+    )
+
+
+def quota_stats(limits: t.StoreLimits, refused: Mapping[str, int]) -> pb.QuotaStats:
+    return pb.QuotaStats(
+        max_sessions=limits.max_sessions,
+        max_sessions_per_client=limits.max_sessions_per_client,
+        max_request_tokens=limits.max_request_tokens,
+        refused=dict(refused),
     )
 
 

@@ -11,8 +11,8 @@ import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-from kvstore import __version__
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore import __version__, caller
+from kvstore.errors import InvalidArgument, KVStoreError, QuotaExceeded
 from kvstore.server import convert, ops_stats
 from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
 from kvstore.server.fast_servicer import FastPathServicer, lookup_reply
@@ -194,16 +194,22 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
     @grpc_errors
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
         tiers = self.store.tiers
+        # A token that does not read every namespace gets its share only (docs/security.md).
+        whole = caller.sees_all()
+        table = self.store.table
         reply = pb.StatsResponse(
-            namespaces=[convert.namespace_stats(s) for s in self.store.stats(request.namespace)],
-            sessions=len(self.store.sessions),
+            namespaces=[
+                convert.namespace_stats(s) for s in self.store.stats(request.namespace) if caller.sees(s.name)
+            ],
+            sessions=len(self.store.sessions) if whole else table.per_client[caller.client_key("", 0, 0)],
             uptime_s=time.monotonic() - self.started,
             version=__version__,
-            tiers=convert.tier_stats(tiers.stats()) if tiers is not None else None,
+            tiers=convert.tier_stats(tiers.stats()) if tiers is not None and whole else None,
+            quotas=convert.quota_stats(self.store.limits, QuotaExceeded.refused),
             internal_errors=self.edge.internal,
             malformed_requests=self.edge.malformed,
         )
-        return ops_stats.fill(reply, self.store, self.rpc, daemon_wide=not request.namespace)
+        return ops_stats.fill(reply, self.store, self.rpc, daemon_wide=whole and not request.namespace)
 
 
 def _unix_ms(ttl_s: float) -> int:

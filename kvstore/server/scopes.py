@@ -69,6 +69,16 @@ def everything(scope: str) -> Resolve:
     return lambda r, store: Needs([(scope, ALL)], [])
 
 
+def anywhere(scope: str) -> Resolve:
+    """A view over namespaces: the scope on some namespace; the answer is filtered to those the
+    token has it on (the servicer, through kvstore/caller.py)."""
+    return lambda r, store: Needs([(scope, SOME)], [])
+
+
+def stats(r: Any, store: Store) -> Needs:
+    return named(READ)(r, store) if r.namespace else anywhere(READ)(r, store)
+
+
 def sequence(scope: str) -> Resolve:
     def resolve(r: Any, store: Store) -> Needs:
         return Needs([(scope, _sequence_ns(store, r.session_id, r.sequence_id))], _sessions(r.session_id))
@@ -146,7 +156,7 @@ RULES: dict[str, Resolve] = {
     KV + "BatchLookup": batch(lookup),
     KV + "WaitPages": wait_pages,
     KV + "GetSequence": sequence(READ),
-    KV + "Stats": named(READ),  # no namespace: every namespace's, so read on "*"
+    KV + "Stats": stats,  # no namespace: those the token reads (read on "*": the daemon's too)
     # Write: sequences, from Allocate to Release.
     KV + "Allocate": named(WRITE),
     KV + "Append": sequence(WRITE),
@@ -164,8 +174,8 @@ RULES: dict[str, Resolve] = {
     KV + "Evict": named(ADMIN),
     AD + "CreateNamespace": create_namespace,
     AD + "DeleteNamespace": named(ADMIN),
-    AD + "ListNamespaces": everything(ADMIN),
-    AD + "ListSessions": everything(ADMIN),
+    AD + "ListNamespaces": anywhere(ADMIN),  # those it administers
+    AD + "ListSessions": anywhere(ADMIN),  # its token's own; admin on "*": all
     AD + "Flush": everything(ADMIN),
     AD + "Explain": named(ADMIN),
     AD + "Mrc": named(ADMIN),

@@ -12,7 +12,7 @@ from collections.abc import Sequence as Seq
 from kvstore.errors import InvariantBroken
 from kvstore.hashing import iter_block_hashes
 from kvstore.memory.pages import Page
-from kvstore.store import validate
+from kvstore.store import quotas, validate
 from kvstore.store.live_mrc import ALL_SAMPLED, remember_lookup
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Session
@@ -41,6 +41,8 @@ def lookup(
     T = ns.spec.page_tokens
     tokens_le = tokens.tobytes()
     found, pages = ns.index.probe(tokens_le, T, extra)
+    if pin:  # (its resident pages; those promoted from a tier come on top)
+        quotas.check_session_pages(session, ns, len(pages), f"a pinned lookup of {len(pages)} pages")
     first_miss = found[-1] if len(found) > len(pages) else None
     cut = ns.mrc.cut
     # For the MRC: the blocks this lookup touches under the cut (all of them in a small pool).

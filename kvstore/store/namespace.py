@@ -89,6 +89,7 @@ class Namespace:
         # can unpin a page under a pinned one): eviction cannot take them until that page goes.
         self.held_up: set[Page] = set()
         self.pages_quarantined = 0  # RESERVED, held for a dead client (store/quarantine.py)
+        self.quota_refused = 0  # requests refused by spec.max_session_pages (store/quotas.py)
         # Explain's memory of pages gone from every tier (kvstore/observe/explain.py): block
         # hash -> when, by whom, for what; the newest last.
         # The store's own, whatever the policy remembers. `evicting_for` says what the
@@ -361,6 +362,8 @@ class Namespace:
             pages_quarantined=self.pages_quarantined,
             committed_bytes=self.pages_committed * self.spec.page_bytes,
             hit_bytes=self.hit_tokens // self.spec.page_tokens * self.spec.page_bytes,  # (whole pages)
+            max_session_pages=self.spec.max_session_pages,
+            session_pages_refused=self.quota_refused,
         )
 
 

@@ -10,10 +10,17 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from kvstore.errors import FailedPrecondition, InvalidArgument, InvariantBroken, OutOfRange, PermissionDenied
+from kvstore.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvariantBroken,
+    OutOfRange,
+    PermissionDenied,
+    QuotaExceeded,
+)
 from kvstore.hashing import BlockHash, chain, chain_hashes
 from kvstore.memory.pages import RESERVED, SEALED, Page
-from kvstore.store import budgets, preempt, validate
+from kvstore.store import budgets, preempt, quotas, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.tiering.tiers import Tiers
@@ -43,11 +50,18 @@ def allocate(
     """A new sequence in `session`, its budget's pages reserved; `new_id` is called once room
     is made (nothing can fail after it)."""
     ns.check_model(model_fingerprint)
-    validate.non_negative("max_tokens", max_tokens, limits.max_request_tokens, "max_request_tokens")
+    if max_tokens < 0:
+        raise InvalidArgument(f"max_tokens={max_tokens} is negative; it must be >= 0")
+    if max_tokens > limits.max_request_tokens:
+        raise QuotaExceeded(
+            "max_request_tokens",
+            f"max_tokens={max_tokens}: the quota is max_request_tokens={limits.max_request_tokens}",
+        )
     options = options or SequenceOptions()
     validate.sequence_options(options, max_tokens, ns.spec.page_tokens)
     extra = validate.extra_keys(extra_keys, limits)
     pages_needed = -(-max_tokens // ns.spec.page_tokens)
+    quotas.check_session_pages(session, ns, pages_needed, f"allocate(max_tokens={max_tokens})")
     if pages_needed:
         ns.make_room(pages_needed, f"allocate(max_tokens={max_tokens})")
     seq = Sequence(new_id(), session.id, ns, extra, max_tokens, ns.index.root, options=options)
@@ -126,9 +140,13 @@ def append(
             prefix_phase = False
         plan.append((i, start, count, block_hash, cached, dropped))
     hits = [e[4] for e in plan if e[4] is not None]
+    new_pages = sum(e[4] is None and not e[5] and e[0] not in spare_at for e in plan)
+    dropped_held = sum(i < old_pages and seq.pages[i] is not None for i in drops)
+    quotas.check_session_pages(
+        session, ns, len(hits) + max(0, new_pages - len(seq.spare)) - dropped_held, f"append of {n} tokens"
+    )
     for page in hits:  # pin the planned hits so making room cannot evict them
         ns.ref(page)
-    new_pages = sum(e[4] is None and not e[5] and e[0] not in spare_at for e in plan)
     freed = 0  # reserved pages the drops give back
     for i in drops:
         old = seq.pages[i] if i < old_pages else None

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
-from kvstore.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from kvstore.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, QuotaExceeded
 from kvstore.store.sessions import Pin, Sequence, Session
 from kvstore.store.types import SessionInfo, StoreLimits
 
@@ -31,8 +31,10 @@ class SessionTable:
         self._ended: OrderedDict[int, str] = OrderedDict()  # session id -> why it ended
         self._owner: dict[int, Session] = {}  # sequence or pin id -> its session
         self._next_id = 1  # sequence and pin ids share one space
+        self.per_client: Counter[str] = Counter()  # client key -> its open sessions
 
-    def open(self, client_name: str, lease_ttl_s: float) -> SessionInfo:
+    def open(self, client_name: str, lease_ttl_s: float, client: str = "") -> SessionInfo:
+        """`client`: whom the session counts against for max_sessions_per_client."""
         if lease_ttl_s < 0 or 0 < lease_ttl_s < MIN_LEASE_TTL_S:
             raise InvalidArgument(
                 f"lease_ttl_ms={round(lease_ttl_s * 1000)} is {'negative' if lease_ttl_s < 0 else 'too short'}: "
@@ -40,12 +42,21 @@ class SessionTable:
             )
         ttl = min(lease_ttl_s or self.limits.lease_ttl_default_s, self.limits.lease_ttl_max_s)
         if len(self.sessions) >= self.limits.max_sessions:
-            raise ResourceExhausted(
-                f"{len(self.sessions)} sessions are open; the limit is max_sessions={self.limits.max_sessions}"
+            raise QuotaExceeded(
+                "max_sessions",
+                f"{len(self.sessions)} sessions are open; the limit is max_sessions={self.limits.max_sessions}",
+            )
+        mine, quota = self.per_client[client], self.limits.max_sessions_per_client
+        if quota and mine >= quota:
+            raise QuotaExceeded(
+                "max_sessions_per_client",
+                f"{client or 'this client'} has {mine} sessions open; the quota is "
+                f"max_sessions_per_client={quota} (close one, or end a session that leaked)",
             )
         sid = secrets.randbits(63) or 1  # unguessable, and never reused by a restarted daemon
         now = self.clock()
-        self.sessions[sid] = Session(sid, client_name[:128], ttl, now + ttl, now)
+        self.sessions[sid] = Session(sid, client_name[:128], ttl, now + ttl, now, client=client)
+        self.per_client[client] += 1
         log.info("session %d opened by %r (lease %.1fs)", sid, client_name, ttl)
         return SessionInfo(sid, client_name, ttl)
 
@@ -64,6 +75,9 @@ class SessionTable:
     def end(self, session: Session, why: str) -> None:
         """Forget a session whose sequences and pins were released; remember why it ended."""
         del self.sessions[session.id]
+        self.per_client[session.client] -= 1
+        if not self.per_client[session.client]:
+            del self.per_client[session.client]
         self._ended[session.id] = why
         while len(self._ended) > ENDED_SESSIONS_REMEMBERED:
             self._ended.popitem(last=False)

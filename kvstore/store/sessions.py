@@ -85,6 +85,7 @@ class Session:
     last_seen: float
     streams: int = 0
     pidfd: int = -1  # the client's process (device pools' quarantine; kvstore/store/quarantine.py)
+    client: str = ""  # whom it counts against for max_sessions_per_client (kvstore/caller.py client_key)
     sequences: dict[int, Sequence] = field(default_factory=dict)
     pins: dict[int, Pin] = field(default_factory=dict)
     # Lookups whose accesses the MRC sample has counted: first block hash -> pages counted,

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
+from kvstore import caller
 from kvstore.errors import (
     AlreadyExists,
     DataLoss,
@@ -33,7 +34,7 @@ from kvstore.memory.backend import PoolBackend
 from kvstore.memory.make_pool import make_pool
 from kvstore.policy import make_policy
 from kvstore.store import lookup as lookups
-from kvstore.store import preempt, sequences, validate
+from kvstore.store import preempt, quotas, sequences, validate
 from kvstore.store.namespace import GoneKind, Namespace
 from kvstore.store.pin_deadlines import PinDeadlines
 from kvstore.store.quarantine import CLOSED_BY_CLIENT, Quarantine, watch_pid
@@ -96,6 +97,7 @@ class Store:
         validate.namespace_spec(spec, self.limits)
         if spec.name in self.namespaces:
             raise AlreadyExists(f"namespace {spec.name!r} already exists")
+        quotas.check_pool_bytes(self.namespaces.values(), spec, self.limits)
 
     def create_pool(self, spec: NamespaceSpec) -> PoolBackend:
         """Create and back the pool (a new epoch). Touches no metadata: may run in a thread."""
@@ -127,7 +129,7 @@ class Store:
     def namespace(self, name: str) -> Namespace:
         ns = self.namespaces.get(name)
         if ns is None:
-            known = ", ".join(sorted(self.namespaces)) or "(none)"
+            known = ", ".join(sorted(n for n in self.namespaces if caller.sees(n))) or "(none)"
             raise NotFound(f"namespace {name!r} does not exist; known: {known}")
         return ns
 
@@ -136,7 +138,7 @@ class Store:
     def open_session(
         self, client_name: str, lease_ttl_s: float, pid: int = 0, pid_ns: int = 0
     ) -> SessionInfo:
-        info = self.table.open(client_name, lease_ttl_s)
+        info = self.table.open(client_name, lease_ttl_s, caller.client_key(client_name, pid, pid_ns))
         self.sessions[info.session_id].pidfd = watch_pid(pid, pid_ns)
         return info
 

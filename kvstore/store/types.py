@@ -38,6 +38,7 @@ class NamespaceSpec:
     tier_dtype: str = "fp"
     tier_schedule: str = ""
     tier_error_bound: float = 0.0
+    max_session_pages: int = 0  # pool pages one session may hold here at once; 0 = none (store/quotas.py)
 
     # (cached: the store asks for these several times per page it moves; a frozen
     # dataclass's fields never change, and cached_property writes past its __setattr__)
@@ -92,6 +93,7 @@ class StoreLimits:
     max_extra_keys_bytes: int = 1024
     pin_ttl_max_s: float = 2.0  # longest pin_ttl_ms a lookup gets (its pages unevictable meanwhile)
     quarantine_grace_s: float = 30.0  # a dead client's reserved device pages, when its pid is unknown
+    max_sessions_per_client: int = 1024  # 0 = none; a client: kvstore/caller.py client_key
 
 
 @dataclass(frozen=True)
@@ -230,4 +232,6 @@ class NamespaceStats:
     pages_quarantined: int = 0
     committed_bytes: int = 0  # pages clients committed (sealed or deduplicated) x page_bytes
     hit_bytes: int = 0  # pages lookups found x page_bytes
+    max_session_pages: int = 0
+    session_pages_refused: int = 0
     extra: dict[str, int] = field(default_factory=dict)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from kvstore_proto import dtypes
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, QuotaExceeded
 from kvstore.memory.make_pool import check_device
 from kvstore.policy import policy_names
 from kvstore.store import precision
@@ -35,9 +35,10 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
     """Token ids as little-endian int32, after checking count and range (`token_ids` itself
     when it is such an array already: read it, do not keep it)."""
     n = len(token_ids)
-    if n > limits.max_request_tokens:
-        raise InvalidArgument(
-            f"{field} has {n} ids; the limit is max_request_tokens={limits.max_request_tokens}"
+    if n > limits.max_request_tokens:  # a quota (docs/security.md): RESOURCE_EXHAUSTED
+        raise QuotaExceeded(
+            "max_request_tokens",
+            f"{field} has {n} ids; the quota is max_request_tokens={limits.max_request_tokens}",
         )
     try:
         arr = np.asarray(token_ids)  # a request's repeated int32 converts as int32, in C

@@ -16,6 +16,7 @@ from .fmt import count, human_bytes, human_duration, key_values, pct
 _STATS_FIELDS = (
     *("pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens"),
     *("miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "page_bytes", "policy"),
+    *("max_session_pages", "session_pages_refused"),
 )
 
 
@@ -35,6 +36,8 @@ def stats_dict(stats: Stats) -> dict[str, Any]:
     }
     if stats.tiers is not None:
         out["tiers"] = dataclasses.asdict(stats.tiers)
+    if stats.quotas is not None:
+        out["quotas"] = dataclasses.asdict(stats.quotas)
     return out
 
 
@@ -135,6 +138,9 @@ def render_stats(stats: Stats, target: str = "") -> str:
             f"{count(stats.internal_errors)} calls failed INTERNAL (daemon bugs: see its log), "
             f"{count(stats.malformed_requests)} malformed requests refused"
         )
+    if stats.quotas is not None and stats.quotas.refused:
+        refused = ", ".join(f"{name} {count(n)}" for name, n in sorted(stats.quotas.refused.items()))
+        out.append(f"refused by quotas (RESOURCE_EXHAUSTED): {refused}")
     for ns in stats.namespaces:
         total = ns.pages_total
         used = (total - ns.pages_free) / total if total else 0.0
@@ -159,6 +165,11 @@ def render_stats(stats: Stats, target: str = "") -> str:
             ("deduplicated", f"{count(ns.deduplicated_pages)} pages"),
             ("sequences", f"{count(ns.sequences)} open"),
         ]
+        if ns.max_session_pages:
+            quota = (
+                f"{count(ns.max_session_pages)} pages a session ({count(ns.session_pages_refused)} refused)"
+            )
+            rows.append(("session quota", quota))
         out += key_values(f"namespace {ns.name}", rows)
     if not stats.namespaces:
         out += ["", "no namespaces"]

@@ -151,20 +151,22 @@ class PoolDescriptor(_message.Message):
     def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ..., alloc_nbytes: _Optional[int] = ..., host_id: _Optional[str] = ..., sync_mode: _Optional[_Union[SyncMode, str]] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint", "tier_precision")
+    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint", "tier_precision", "max_session_pages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TIER_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_PAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     pool: PoolDescriptor
     policy: str
     model_fingerprint: str
     tier_precision: TierPrecision
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ...) -> None: ...
+    max_session_pages: int
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ..., max_session_pages: _Optional[int] = ...) -> None: ...
 
 class TierPrecision(_message.Message):
     __slots__ = ("dtype", "schedule", "error_bound")
@@ -725,7 +727,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -744,6 +746,8 @@ class NamespaceStats(_message.Message):
     PAGES_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     HIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PAGES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     page_bytes: int
     pages_total: int
@@ -762,7 +766,9 @@ class NamespaceStats(_message.Message):
     pages_quarantined: int
     committed_bytes: int
     hit_bytes: int
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ...) -> None: ...
+    max_session_pages: int
+    session_pages_refused: int
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized", "reindex_bytes_done", "reindex_bytes_total")
@@ -851,7 +857,7 @@ class TierStats(_message.Message):
     def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ..., host_bytes_represented: _Optional[int] = ..., disk_bytes_represented: _Optional[int] = ..., quantized_pages: _Optional[int] = ..., quant_layers_fp: _Optional[int] = ..., quant_layers_int8: _Optional[int] = ..., quant_layers_int4: _Optional[int] = ..., quant_fallbacks: _Optional[int] = ..., quant_bytes_stored: _Optional[int] = ..., quant_bytes_represented: _Optional[int] = ..., quantize_seconds: _Optional[float] = ..., dequantized_pages: _Optional[int] = ..., dequantize_seconds: _Optional[float] = ..., dequantize_failures: _Optional[int] = ..., not_requantized: _Optional[int] = ..., reindex_bytes_done: _Optional[int] = ..., reindex_bytes_total: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests", "build", "rpc_calls")
+    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests", "build", "rpc_calls", "quotas")
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -861,6 +867,7 @@ class StatsResponse(_message.Message):
     MALFORMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     RPC_CALLS_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
     uptime_s: float
@@ -870,7 +877,8 @@ class StatsResponse(_message.Message):
     malformed_requests: int
     build: BuildInfo
     rpc_calls: _containers.RepeatedCompositeFieldContainer[RpcCalls]
-    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., rpc_calls: _Optional[_Iterable[_Union[RpcCalls, _Mapping]]] = ...) -> None: ...
+    quotas: QuotaStats
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., rpc_calls: _Optional[_Iterable[_Union[RpcCalls, _Mapping]]] = ..., quotas: _Optional[_Union[QuotaStats, _Mapping]] = ...) -> None: ...
 
 class BuildInfo(_message.Message):
     __slots__ = ("version", "git_commit", "python", "grpc", "backend")
@@ -896,8 +904,27 @@ class RpcCalls(_message.Message):
     calls: int
     def __init__(self, method: _Optional[str] = ..., code: _Optional[str] = ..., calls: _Optional[int] = ...) -> None: ...
 
+class QuotaStats(_message.Message):
+    __slots__ = ("max_sessions", "max_sessions_per_client", "max_request_tokens", "refused")
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    max_sessions: int
+    max_sessions_per_client: int
+    max_request_tokens: int
+    refused: _containers.ScalarMap[str, int]
+    def __init__(self, max_sessions: _Optional[int] = ..., max_sessions_per_client: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class NamespaceSpec(_message.Message):
-    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device", "tier_precision")
+    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device", "tier_precision", "max_session_pages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -906,6 +933,7 @@ class NamespaceSpec(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TIER_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_PAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     num_pages: int
@@ -914,7 +942,8 @@ class NamespaceSpec(_message.Message):
     model_fingerprint: str
     device: str
     tier_precision: TierPrecision
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ...) -> None: ...
+    max_session_pages: int
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ..., max_session_pages: _Optional[int] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("spec",)
