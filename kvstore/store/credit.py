@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from kvstore.memory.pages import Page
-from kvstore.store import put_fused, sequences, validate
+from kvstore.store import put_fused, quotas, sequences, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.store import Store
@@ -35,6 +35,9 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
     now (a smaller one would not hold a put of that size)."""
     T = ns.spec.page_tokens
     if not 0 < pages <= min(ns.spec.num_pages // POOL_SHARE, store.limits.max_request_tokens // T):
+        return Credit()
+    room = quotas.credit_room(session, ns)
+    if room is not None and pages > room:
         return Credit()
     try:
         seq_id, _ = sequences.allocate(

@@ -2,7 +2,7 @@
 "Quotas"): the pool pages one session may hold there at once, counting its sequences' pages
 (reserved, sealed or shared, and those preallocated) and the pages its pins hold. Checked by
 sequences.allocate, sequences.append and a pinned lookup before they take anything, so a
-refused request changes nothing.
+refused request changes nothing; a put's credit (store/credit.py) by `credit_room`.
 
 The namespace's pool is its page quota as a whole (num_pages): eviction is per pool, so a
 namespace at its quota evicts its own unpinned pages and never another namespace's.
@@ -18,11 +18,11 @@ from kvstore.store.sessions import Session
 from kvstore.store.types import NamespaceSpec, StoreLimits
 
 
-def held_pages(session: Session, ns: Namespace) -> int:
-    """The pool pages of `ns` that `session` holds."""
+def held_pages(session: Session, ns: Namespace, credits: bool = False) -> int:
+    """The pool pages of `ns` that `session` holds; its puts' unused credits only if `credits`."""
     n = 0
     for seq in session.sequences.values():
-        if seq.ns is ns:
+        if seq.ns is ns and (credits or not (seq.credit and not seq.pages)):
             n += seq.held + len(seq.spare)
     for pin in session.pins.values():
         if pin.ns is ns:
@@ -30,8 +30,18 @@ def held_pages(session: Session, ns: Namespace) -> int:
     return n
 
 
+def credit_room(session: Session, ns: Namespace) -> int | None:
+    """How many pages a put's credit may take (None: no quota). A credit is the daemon reserving
+    ahead for the session's next put, so it is granted only within the quota counting every
+    credit, but counts against no read or write: a session's reads never fail for pages the
+    daemon chose to hold for it. A session holds at most twice its quota that way."""
+    quota = ns.spec.max_session_pages
+    return quota - held_pages(session, ns, credits=True) if quota else None
+
+
 def check_session_pages(session: Session | None, ns: Namespace, adding: int, what: str) -> None:
-    """Raise QuotaExceeded (RESOURCE_EXHAUSTED) if `session` taking `adding` more pages of `ns` passes its quota."""
+    """Raise QuotaExceeded (RESOURCE_EXHAUSTED) if `session` taking `adding` more pages of `ns`
+    passes its quota."""
     quota = ns.spec.max_session_pages
     if not quota or adding <= 0 or session is None:
         return
