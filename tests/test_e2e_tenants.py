@@ -135,12 +135,14 @@ def test_stats_and_the_admin_views_show_only_the_callers_share(tenants) -> None:
         assert [ns.name for ns in mine.namespaces] == ["b"]
         assert mine.sessions == 2  # tenant B's own two sessions, not A's
         assert mine.tiers is None  # the tiers below hold every namespace's pages
+        assert mine.rpc_calls == []  # every tenant's calls
         assert {s.session_id for s in b.list_sessions()} == {b.session_id, b2.session_id}
         assert [ns.name for ns in b.list_namespaces()] == ["b"]
         with kvstore_client.connect(d.target, token=OPS) as ops:
             everything = ops.stats()
             assert [ns.name for ns in everything.namespaces] == ["a", "b"]
             assert everything.sessions == 4 and everything.tiers is not None
+            assert everything.rpc_calls
             assert len(ops.list_sessions()) == 4
             assert [ns.name for ns in ops.list_namespaces()] == ["a", "b"]
     # The kvstore-admin views are these calls: `stats` as tenant B lists namespace b only.

@@ -188,6 +188,8 @@ def test_create_namespace_makes_private_segment(bare_store, prefix):
         "pages_quarantined": 0,
         "max_session_pages": 0,
         "session_pages_refused": 0,
+        "committed_bytes": 0,
+        "hit_bytes": 0,
         "extra": {},
     }
     bare_store.close()
