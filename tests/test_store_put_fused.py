@@ -17,6 +17,7 @@ from kvstore.errors import FailedPrecondition, ResourceExhausted
 from kvstore.store import credit, put_fused
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceSpec, StoreLimits
+from tests.twin_state import pages_state, policy_state
 
 T = 2
 VOCAB = 3  # prefixes collide: cached pages, shared parents, evictions of shared pages
@@ -35,34 +36,10 @@ def _store(policy: str) -> Store:
 
 def _state(store: Store) -> tuple:
     ns = store.namespace("t")
-
-    def slot(p):
-        return None if p is None else p.slot
-
-    pages = [
-        (p.state, p.refcount, p.block_hash, p.owner, slot(p.parent), sorted(map(slot, p.children or ())),
-         p.last_access, p.policy_state)
-        for p in ns.pages.pages
-    ]  # fmt: skip
-    free, node = [], ns.pages.free._head.next
-    while node is not ns.pages.free._tail:
-        free.append(node.slot)
-        node = node.next
-    index = sorted((h, p.slot) for h, p in ns.index._pages.items())
-    counters = (ns.pages_reserved, ns.pages_pinned, ns.clock, ns.sequences, ns.hit_tokens, ns.miss_tokens,
-                ns.evictions, ns.deduplicated_pages, len(ns.ghost))  # fmt: skip
+    counters = (ns.sequences, ns.hit_tokens, ns.miss_tokens, ns.deduplicated_pages, len(ns.ghost))
     s = ns.mrc.sampler
-    policy = sorted((k, _plain(v)) for k, v in vars(ns.policy).items())
-    return pages, free, index, counters, (s.accesses, list(s._log), list(s._seen_at)), policy
-
-
-def _plain(v: object) -> object:
-    """A policy's field, comparable across stores: a heap as its live entries."""
-    if hasattr(v, "entries"):
-        return sorted(e[:3] for e in v.entries if e[3].policy_state == e[2])
-    if isinstance(v, tuple | list) and v and hasattr(v[0], "entries"):
-        return [_plain(x) for x in v]
-    return repr(v)
+    mrc = (s.accesses, list(s._log), list(s._seen_at))
+    return pages_state(ns), counters, mrc, policy_state(ns.policy)
 
 
 class Twin:

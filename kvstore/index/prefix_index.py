@@ -31,6 +31,14 @@ class PrefixIndex:
             raise InvariantBroken(f"indexing {page}: no block hash, or one indexed already")
         self._pages[page.block_hash] = page
 
+    def insert_all(self, pages: list[Page]) -> None:
+        """`insert` of each page."""
+        indexed = self._pages
+        for page in pages:
+            if page.block_hash is None or page.block_hash in indexed:
+                raise InvariantBroken(f"indexing {page}: no block hash, or one indexed already")
+            indexed[page.block_hash] = page
+
     def remove(self, page: Page) -> None:
         if page.block_hash is None or self._pages.get(page.block_hash) is not page:
             raise InvariantBroken(f"unindexing {page}, which is not indexed")

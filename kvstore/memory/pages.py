@@ -102,6 +102,21 @@ class FreeList:
         self.remove(first)
         return first
 
+    def pop_many(self, n: int) -> list[Page]:
+        """`pop` n times (fewer if fewer are linked): the first n pages, unlinked in one walk."""
+        head, tail, out = self._head, self._tail, []
+        page = head.next
+        while len(out) < n and page is not tail and page is not None:
+            nxt = page.next
+            page.prev = page.next = None
+            out.append(page)
+            page = nxt
+        head.next = page
+        if page is not None:
+            page.prev = head
+        self._len -= len(out)
+        return out
+
     def remove(self, page: Page) -> None:
         prev, nxt = page.prev, page.next
         if prev is None or nxt is None:
@@ -133,14 +148,10 @@ class PageTable:
 
     def take_many(self, owner: int, n: int) -> list[Page]:
         """`take` n times (fewer if fewer are free), in one call."""
-        pop, out = self.free.pop, []
-        for _ in range(n):
-            page = pop()
-            if page is None:
-                break
+        out = self.free.pop_many(n)
+        for page in out:
             page.state = RESERVED
             page.owner = owner
-            out.append(page)
         return out
 
     def give_back(self, page: Page) -> None:

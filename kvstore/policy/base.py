@@ -29,6 +29,11 @@ class EvictionPolicy(ABC):
         for page in pages:
             self.on_access(page)
 
+    def on_sealed_all(self, pages: list[Page]) -> None:
+        """`on_sealed` of each page, in order (one request's seal); a policy may do it in one loop."""
+        for page in pages:
+            self.on_sealed(page)
+
     def on_dropped(self, page: Page) -> None:  # noqa: B027 - optional hook
         """The store is freeing the page (after on_unevictable); its block_hash is still set."""
 
@@ -39,6 +44,16 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def on_unevictable(self, page: Page) -> None:
         """The page may no longer be chosen (pinned, extended, or about to be freed)."""
+
+    def on_evictable_all(self, pages: list[Page]) -> None:
+        """`on_evictable` of each page, in order (one release's unpinned leaves)."""
+        for page in pages:
+            self.on_evictable(page)
+
+    def on_unevictable_all(self, pages: list[Page]) -> None:
+        """`on_unevictable` of each page, in order (one pin's newly held pages)."""
+        for page in pages:
+            self.on_unevictable(page)
 
     @abstractmethod
     def victim(self) -> Page | None:

@@ -79,6 +79,12 @@ class HeapPolicy(EvictionPolicy):
         self._push(page)
         self._count += 1
 
+    def on_evictable_all(self, pages: list[Page]) -> None:
+        push = self._push
+        for page in pages:
+            push(page)
+            self._count += 1
+
     def _rekey(self, page: Page) -> None:
         """The page's key changed: re-push it if it is a candidate."""
         if page.policy_state is not None:
@@ -98,6 +104,14 @@ class HeapPolicy(EvictionPolicy):
         if page.policy_state is not None:
             page.policy_state = None
             self._count -= 1
+
+    def on_unevictable_all(self, pages: list[Page]) -> None:
+        n = 0  # on_unevictable, inlined: a pin's whole hit
+        for page in pages:
+            if page.policy_state is not None:
+                page.policy_state = None
+                n += 1
+        self._count -= n
 
     def _pop(self) -> tuple[Any, Page] | None:
         popped = self._heap.pop()

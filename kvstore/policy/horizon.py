@@ -71,6 +71,17 @@ class Horizon(HeapPolicy):
                 self.horizon = min(self.max_horizon, self.horizon + step * max(1.0, once / max(1, many)))
         self._freq[page.slot] = 1 + f
 
+    def on_sealed_all(self, pages: list[Page]) -> None:
+        ghost, freq, on_sealed = self._ghost, self._freq, self.on_sealed
+        for page in pages:
+            if ghost and page.block_hash in ghost:
+                on_sealed(page)  # a remembered block: the horizon moves
+                continue
+            self.resident += 1  # on_sealed of a block the ghost does not hold, inlined
+            if self.resident > self.peak:
+                self.peak = self.resident
+            freq[page.slot] = 1
+
     def on_access(self, page: Page) -> None:
         self._freq[page.slot] += 1
         if page.policy_state is not None:

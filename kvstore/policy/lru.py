@@ -20,6 +20,11 @@ class LRULeafFirst(HeapPolicy):
     def key(self, page: Page) -> int:
         return page.last_access
 
+    def on_sealed_all(self, pages: list[Page]) -> None:
+        self.resident += len(pages)  # on_sealed (HeapPolicy's: counts only), for all of them
+        if self.resident > self.peak:
+            self.peak = self.resident
+
     def on_access(self, page: Page) -> None:
         self._rekey(page)  # a candidate touched without a pin
 

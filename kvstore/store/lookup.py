@@ -12,7 +12,7 @@ from collections.abc import Sequence as Seq
 from kvstore.errors import InvariantBroken
 from kvstore.hashing import iter_block_hashes
 from kvstore.memory.pages import Page
-from kvstore.store import quotas, validate
+from kvstore.store import page_runs, quotas, validate
 from kvstore.store.live_mrc import ALL_SAMPLED, remember_lookup
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Session
@@ -58,8 +58,7 @@ def lookup(
     # drop, each a trip through the policy).
     pinning = pin and bool(pages)
     if pinning:
-        for page in pages:
-            ns.ref(page)
+        page_runs.ref_all(ns, pages)
     proms: list[Promotion] = []
     up: list[Page] = []
     if tiers is not None:
@@ -70,8 +69,7 @@ def lookup(
             up, proms = walk.promote(tiers, ns, pages, first_miss, hashes, held_already=pinning)
         except BaseException:
             if pinning:
-                for page in pages:
-                    ns.unref(page)
+                page_runs.unref_all(ns, pages)
             raise
         if up:  # sealed from a tier just now: resident pages of the hit from here on
             pages += up
@@ -142,6 +140,5 @@ def release_pin(pin: Pin) -> ReleaseResult:
     for prom in pin.pending:
         prom.pins.remove(pin)  # it is sealed unpinned, or freed, when it settles
     pin.pending.clear()
-    for page in reversed(pin.pages):
-        pin.ns.unref(page)
+    page_runs.unref_all(pin.ns, pin.pages[::-1])
     return ReleaseResult(0, len(pin.pages))

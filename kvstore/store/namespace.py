@@ -133,44 +133,44 @@ class Namespace:
         self.pool.dropped(self.offset(page.slot))
         self.pages.give_back(page)
 
-    def let_go(self, pages: list[Page | None]) -> tuple[int, int]:
-        """A holder gives up its `pages` (parents before children; None = dropped): reserved
-        ones are freed, sealed ones unpinned and left cached. Leaves first, so a parent never
-        becomes evictable while a child of this holder still holds it. (freed, unpinned)."""
-        freed = unpinned = 0
-        for page in reversed(pages):
-            if page is None:
-                continue
-            if page.state is RESERVED:
-                self.free_reserved(page)
-                freed += 1
-            else:
-                self.unref(page)
-                unpinned += 1
-        return freed, unpinned
-
     def seal(self, page: Page, parent: Page | None) -> None:
         """RESERVED -> SEALED, held once by the sealing sequence."""
-        if page.state is not RESERVED or page.block_hash is None:
-            raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
-        self.pool.landed(self.offset(page.slot))  # a copy from below reaches the device first
-        self.pages_reserved -= 1
-        page.state = SEALED
-        page.owner = 0
-        page.refcount = 1
-        self.pages_pinned += 1
-        page.parent = parent
+        self.seal_run([page], parent)
+
+    def seal_run(self, pages: list[Page], parent: Page | None) -> None:
+        """`seal` of each page in order, each under the one before it (the first under
+        `parent`), the policy told once (kvstore/store/page_runs.py). A page sealed here was
+        never a candidate, so the policy hears nothing when the next one extends it."""
+        for page in pages:
+            if page.state is not RESERVED or page.block_hash is None:
+                raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
+        landed, offset = self.pool.landed, self.offset
+        clock = self.clock
+        prev = parent
+        for page in pages:
+            landed(offset(page.slot))  # a copy from below reaches the device first
+            page.state = SEALED
+            page.owner = 0
+            page.refcount = 1
+            page.parent = prev
+            if prev is not None:
+                if prev.children is None:
+                    prev.children = {page}
+                else:
+                    prev.children.add(page)
+            clock += 1
+            page.last_access = clock
+            prev = page
+        self.clock = clock
+        self.pages_reserved -= len(pages)
+        self.pages_pinned += len(pages)
         if parent is not None:
-            if parent.children is None:
-                parent.children = set()
-            parent.children.add(page)
             self.policy.on_unevictable(parent)  # no longer a leaf
-        self.index.insert(page)
-        self.clock += 1
-        page.last_access = self.clock
-        self.policy.on_sealed(page)
+        self.index.insert_all(pages)
+        self.policy.on_sealed_all(pages)
         if self.tiers is not None:
-            self.tiers.on_sealed(self, page)
+            for page in pages:
+                self.tiers.on_sealed(self, page)
 
     def ref(self, page: Page) -> None:
         if page.state is not SEALED:

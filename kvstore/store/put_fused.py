@@ -11,7 +11,7 @@ from collections.abc import Sequence as Seq
 
 from kvstore.hashing import chain_hashes
 from kvstore.memory.pages import Page
-from kvstore.store import sequences
+from kvstore.store import page_runs, sequences
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.types import IMPORTANCE, SLIDING_WINDOW, AppendResult, CommitResult, StoreLimits
 
@@ -49,8 +49,7 @@ def put(
     cached = len(hits)
     if any(i not in at for i in range(cached, pages)):
         return None
-    for page in hits:  # (the append pins its hits before making room; it needs none here)
-        ns.ref(page)
+    page_runs.ref_all(ns, hits)  # (the append pins its hits before making room; it needs none here)
     if hits:
         ns.touch(hits)
     new = [at.pop(i) for i in range(cached, pages)]

@@ -20,7 +20,7 @@ from kvstore.errors import (
 )
 from kvstore.hashing import BlockHash, chain, chain_hashes
 from kvstore.memory.pages import RESERVED, SEALED, Page
-from kvstore.store import budgets, preempt, quotas, validate
+from kvstore.store import budgets, page_runs, preempt, quotas, validate
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.tiering.tiers import Tiers
@@ -244,28 +244,48 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
     _check_synced(seq, range(seq.committed_tokens // T, num_tokens // T))
     sealed = dedup = 0
     moved: list[PageRef] = []
+    run: list[Page] = []  # consecutive pages to seal, each under the one before it
+    run_at = 0  # the index of run[0]
+    index_get, private = ns.index.get, seq.private
     for i in range(seq.committed_tokens // T, num_tokens // T):
         page = seq.pages[i]
-        if page is None or page.state is SEALED or seq.private(i):
-            continue  # dropped; a cached page, or sealed by an earlier commit; private
+        if page is None or page.state is SEALED or private(i):
+            if run:  # dropped; a cached page, or sealed by an earlier commit; private
+                sealed += _seal(ns, seq, run, run_at)
+            continue
         if page.block_hash is None:
+            if run:  # (the pages before it sealed, as one at a time would leave them)
+                _seal(ns, seq, run, run_at)
             raise InvariantBroken(f"sequence {seq_id}: full public page {i} has no block hash")
-        existing = ns.index.get(page.block_hash)
-        if existing is not None:
-            # Another sequence sealed the same prefix first: share its page, free ours.
-            ns.ref(existing)
-            ns.touch([existing])
-            ns.free_reserved(page)
-            seq.pages[i] = existing
-            ns.deduplicated_pages += 1
-            dedup += 1
-            moved.append(PageRef(i, existing.slot, True, 0, T, existing.block_hash or b""))
-        else:
-            ns.seal(page, seq.pages[i - 1] if i else None)  # below any cut: parent held
-            sealed += 1
+        existing = index_get(page.block_hash)
+        if existing is None:
+            if not run:
+                run_at = i
+            run.append(page)
+            continue
+        if run:
+            sealed += _seal(ns, seq, run, run_at)
+        # Another sequence sealed the same prefix first: share its page, free ours.
+        ns.ref(existing)
+        ns.touch([existing])
+        ns.free_reserved(page)
+        seq.pages[i] = existing
+        ns.deduplicated_pages += 1
+        dedup += 1
+        moved.append(PageRef(i, existing.slot, True, 0, T, existing.block_hash or b""))
+    if run:
+        sealed += _seal(ns, seq, run, run_at)
     seq.committed_tokens = max(seq.committed_tokens, num_tokens)
     ns.pages_committed += sealed + dedup
     return CommitResult(sealed, dedup, moved)
+
+
+def _seal(ns: Namespace, seq: Sequence, run: list[Page], at: int) -> int:
+    """Seal `run` (pages at..at+len-1 of `seq`) under page at-1, and empty it; how many."""
+    n = len(run)
+    ns.seal_run(run, seq.pages[at - 1] if at else None)  # below any cut: parent held
+    run.clear()
+    return n
 
 
 def _check_synced(seq: Sequence, indices: range) -> None:
@@ -336,7 +356,7 @@ def release(tiers: Tiers | None, seq: Sequence) -> ReleaseResult:
     forgets it."""
     ns = seq.ns
     preempt.discard_swapped(tiers, seq)
-    freed, unpinned = ns.let_go(seq.pages + seq.spare)
+    freed, unpinned = page_runs.let_go(ns, seq.pages + seq.spare)
     ns.sequences -= 1
     return ReleaseResult(freed, unpinned)
 
@@ -345,7 +365,7 @@ def drop(tiers: Tiers | None, seq: Sequence) -> int:
     """Free every page of the sequence and empty it (same id, same budget and spare pages)."""
     ns = seq.ns
     preempt.discard_swapped(tiers, seq)
-    freed = sum(ns.let_go(seq.pages))
+    freed = sum(page_runs.let_go(ns, seq.pages))
     seq.pages, seq.held, seq.num_tokens, seq.committed_tokens = [], 0, 0, 0
     seq.tail_tokens, seq.last_hash, seq.cut, seq.window_lo, seq.scores = b"", ns.index.root, None, 0, {}
     return freed
