@@ -1,6 +1,7 @@
 """A namespace's page quota per session (NamespaceSpec.max_session_pages; docs/security.md,
 "Quotas"): the pool pages one session may hold there at once, counting its sequences' pages
-(reserved, sealed or shared, and those preallocated) and the pages its pins hold. Checked by
+(reserved, sealed or shared, and those preallocated; a swapped-out sequence's, which SwapIn
+brings back) and the pages its pins hold. Checked by
 sequences.allocate, sequences.append and a pinned lookup before they take anything, so a
 refused request changes nothing; a put's credit (store/credit.py) by `credit_room`.
 
@@ -24,6 +25,8 @@ def held_pages(session: Session, ns: Namespace, credits: bool = False) -> int:
     for seq in session.sequences.values():
         if seq.ns is ns and (credits or not (seq.credit and not seq.pages)):
             n += seq.held + len(seq.spare)
+            if seq.swapped is not None:  # what SwapIn brings back counts now: it cannot fail for it
+                n += sum(e is not None for e in seq.swapped.entries) + seq.swapped.spare
     for pin in session.pins.values():
         if pin.ns is ns:
             n += len(pin.pages) + len(pin.pending)
