@@ -174,6 +174,11 @@ class ServerConfig:
     write_through: bool = _key(
         False, "queue every page for the disk tier as it is sealed, so a restart finds it"
     )
+    page_checksums: bool = _key(
+        True, "checksum pages at seal and scrub them, off the loop (docs/security.md)"
+    )
+    scrub_bytes_per_s: int = _key(64 << 20, "the scrubber's rate; 0 = no scrubber", in_range(0), size=True)
+    zero_freed_pages: bool = _key(True, "zero freed pages, off the loop, before they are handed out again")
     prefetch_pages: int = _key(
         4,
         "on a hit of a whole prompt, promote up to this many pages that followed it last time",

@@ -36,6 +36,7 @@ from kvstore.server.leases import LoopClock, reap_leases
 from kvstore.server.listeners import bind_tcp, guard_for
 from kvstore.server.metrics import MetricsServer
 from kvstore.server.shutdown import close_store, device_pools_unmapped, step
+from kvstore.store.integrity import Integrity, IntegrityConfig
 from kvstore.store.store import Store
 from kvstore.store.tiering.reindex import reindex_disk
 from kvstore.store.tiering.tiers import Tiers
@@ -87,6 +88,7 @@ class Daemon:
         self.edge = Edge()  # every call passes it: malformed requests, INTERNAL, shutdown
         self.clock = LoopClock()  # the store's: leaves out the loop's stalls (leases.py)
         self.metrics: MetricsServer | None = None
+        self.integrity: Integrity | None = None  # checksums, scrubber, zeroing freed pages
 
     @property
     def socket_path(self) -> Path:
@@ -124,6 +126,10 @@ class Daemon:
         self.store = Store(
             self.config.store_limits(), s.shm_prefix, clock=self.clock, tiers=await self._open_tiers(s)
         )
+        store = self.store
+        checks = IntegrityConfig(s.page_checksums, s.scrub_bytes_per_s, s.zero_freed_pages)
+        self.integrity = Integrity(checks, lambda: store.sessions)
+        store.attach = self.integrity.attach
         for spec in self.config.namespace_specs():
             try:
                 self.store.check_new_namespace(spec)
@@ -165,6 +171,9 @@ class Daemon:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
         self._tasks.append(asyncio.create_task(reap_leases(self.store, self.clock), name="reap-leases"))
+        self._tasks.append(
+            asyncio.create_task(self.integrity.run(lambda: store.namespaces), name="integrity")
+        )
         if self.store.tiers is not None and self.store.tiers.disk is not None:
             self._tasks.append(asyncio.create_task(self._reindex_disk(), name="reindex-disk"))
         if s.metrics:
@@ -306,6 +315,8 @@ class Daemon:
             ok &= await step(
                 "background tasks stopped", asyncio.gather(*tasks, return_exceptions=True), STEP_TIMEOUT_S
             )
+        if self.integrity is not None:
+            self.integrity.close()  # (its thread's job under way reads the pools)
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None

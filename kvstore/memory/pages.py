@@ -6,6 +6,8 @@ Python objects. All of it is loop-owned: only kvstore/store mutates it.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from enum import IntEnum
 
 from kvstore.errors import InvariantBroken
@@ -28,7 +30,9 @@ class Page:
 
     __slots__ = (
         "block_hash",
+        "checksum",
         "children",
+        "dirty",
         "last_access",
         "next",
         "owner",
@@ -39,6 +43,8 @@ class Page:
         "slot",
         "state",
         "verified",
+        "writer",
+        "zeroing",
     )
 
     def __init__(self, slot: int) -> None:
@@ -54,6 +60,14 @@ class Page:
         # SEALED pages brought up from a tier: (PageMeta, checksum) their bytes verified
         # against, so copying them down again needs no new checksum (kvstore/store/tiering/tiers.py).
         self.verified: object = None
+        # Integrity (kvstore/store/integrity.py): SEALED: the checksum of its bytes (an int),
+        # a marker while it is being computed, or page_sums.CORRUPT; None: none.
+        self.checksum: object = None
+        self.writer = 0  # SEALED: the session that sealed it (0: promoted from below)
+        # FREE: bytes of a previous occupant, not yet zeroed; `zeroing`: the batch zeroing it
+        # off the loop now (taking the page waits for that batch first).
+        self.dirty = False
+        self.zeroing: object = None
         self.prev: Page | None = None
         self.next: Page | None = None
 
@@ -128,11 +142,17 @@ class FreeList:
 
 
 class PageTable:
-    """The pages of one pool and its free list."""
+    """The pages of one pool and its free list.
+
+    With `zero` set (kvstore/store/integrity.py), a freed page is dirty until its bytes are
+    zeroed: off the loop from `freed` (a queue the store drains), else by `zero` as it is
+    taken, so a page is never handed out with a previous occupant's bytes."""
 
     def __init__(self, num_pages: int) -> None:
         self.pages = [Page(slot) for slot in range(num_pages)]
         self.free = FreeList(self.pages)
+        self.zero: Callable[[list[Page]], None] | None = None
+        self.freed: deque[Page] = deque()  # dirty pages in the order freed (only with `zero`)
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -142,6 +162,8 @@ class PageTable:
         page = self.free.pop()
         if page is None:
             return None
+        if page.dirty:
+            self.zero([page])  # type: ignore[misc] (dirty only with `zero`)
         page.state = RESERVED
         page.owner = owner
         return page
@@ -149,9 +171,14 @@ class PageTable:
     def take_many(self, owner: int, n: int) -> list[Page]:
         """`take` n times (fewer if fewer are free), in one call."""
         out = self.free.pop_many(n)
+        dirty = []
         for page in out:
             page.state = RESERVED
             page.owner = owner
+            if page.dirty:
+                dirty.append(page)
+        if dirty:
+            self.zero(dirty)  # type: ignore[misc] (dirty only with `zero`)
         return out
 
     def give_back(self, page: Page) -> None:
@@ -164,4 +191,9 @@ class PageTable:
         page.owner = 0
         page.policy_state = None
         page.verified = None
+        page.checksum = None
+        page.writer = 0
+        if self.zero is not None:
+            page.dirty = True
+            self.freed.append(page)
         self.free.push(page)

@@ -146,6 +146,12 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         pages_quarantined=s.pages_quarantined,
         committed_bytes=s.committed_bytes,
         hit_bytes=s.hit_bytes,
+        pages_checksummed=s.pages_checksummed,
+        pages_scrubbed=s.pages_scrubbed,
+        pages_corrupt=s.pages_corrupt,
+        copies_refused=s.copies_refused,
+        pages_zeroed=s.pages_zeroed,
+        pages_zeroed_inline=s.pages_zeroed_inline,
         max_session_pages=s.max_session_pages,
         session_pages_refused=s.session_pages_refused,
     )

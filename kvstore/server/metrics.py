@@ -45,6 +45,16 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
     ),
     "committed_bytes": ("kvstore_committed_bytes", "KV bytes clients committed into the pool (whole pages)"),
     "hit_bytes": ("kvstore_hit_bytes", "KV bytes lookups found in the pool or below it (whole pages)"),
+    "pages_corrupt": (
+        "kvstore_pages_corrupt",
+        "sealed pages whose bytes changed after the seal (scrubber, or a copy below): dropped",
+    ),
+    "pages_scrubbed": ("kvstore_pages_scrubbed", "sealed pages the scrubber re-verified"),
+    "copies_refused": ("kvstore_copies_refused", "copies below the pool refused: the page was corrupt"),
+    "pages_zeroed_inline": (
+        "kvstore_pages_zeroed_inline",
+        "freed pages zeroed on the loop as they were handed out again (the background was behind)",
+    ),
 }
 
 

@@ -20,6 +20,7 @@ from kvstore.memory.backend import PoolBackend
 from kvstore.memory.pages import RESERVED, SEALED, Page, PageTable
 from kvstore.policy import EvictionPolicy
 from kvstore.store.live_mrc import LiveMrc
+from kvstore.store.page_sums import CORRUPT, Guard
 from kvstore.store.types import (
     PAGE_LAYOUT,
     EvictResult,
@@ -102,6 +103,10 @@ class Namespace:
         # private pages; kvstore/store/tiering/private.py), also those of a swap-in given up: the pool
         # must not be closed under them.
         self.private_reads: set[asyncio.Future[bool]] = set()
+        # Checksums, the scrubber and zeroing freed pages (kvstore/store/integrity.py), and the
+        # SEALED pages found corrupt: out of the index, freed once nobody holds them.
+        self.guard: Guard | None = None
+        self.condemned: set[Page] = set()
 
     @property
     def name(self) -> str:
@@ -134,13 +139,14 @@ class Namespace:
         self.pages.give_back(page)
 
     def seal(self, page: Page, parent: Page | None) -> None:
-        """RESERVED -> SEALED, held once by the sealing sequence."""
+        """RESERVED -> SEALED, held once by the sealing sequence (here a promotion's)."""
         self.seal_run([page], parent)
 
-    def seal_run(self, pages: list[Page], parent: Page | None) -> None:
+    def seal_run(self, pages: list[Page], parent: Page | None, writer: int = 0) -> None:
         """`seal` of each page in order, each under the one before it (the first under
         `parent`), the policy told once (kvstore/store/page_runs.py). A page sealed here was
-        never a candidate, so the policy hears nothing when the next one extends it."""
+        never a candidate, so the policy hears nothing when the next one extends it.
+        `writer`: the session whose sequence sealed them (0: a promotion)."""
         for page in pages:
             if page.state is not RESERVED or page.block_hash is None:
                 raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
@@ -168,6 +174,8 @@ class Namespace:
             self.policy.on_unevictable(parent)  # no longer a leaf
         self.index.insert_all(pages)
         self.policy.on_sealed_all(pages)
+        if self.guard is not None:
+            self.guard.sealed(pages, writer)
         if self.tiers is not None:
             for page in pages:
                 self.tiers.on_sealed(self, page)
@@ -202,15 +210,20 @@ class Namespace:
             raise InvariantBroken(f"namespace {self.name!r}: evicting {page}, which is not evictable")
         policy = self.policy
         policy.on_unevictable(page)
-        self.index.remove(page)
+        corrupt = page.checksum is CORRUPT  # (out of the index already; never copied below)
+        if corrupt:
+            self.condemned.discard(page)
+        else:
+            self.index.remove(page)
         parent = page.parent
         if parent is not None and parent.children is not None:
             parent.children.discard(page)
             if not parent.children and parent.refcount == 0:  # parent.evictable: a parent is sealed
                 policy.on_evictable(parent)
         policy.on_dropped(page)  # before give_back clears block_hash (ghost histories)
-        self.remember_gone(page.block_hash, policy.name, self.evicting_for or "unknown")
-        if self.tiers is not None:
+        if not corrupt:
+            self.remember_gone(page.block_hash, policy.name, self.evicting_for or "unknown")
+        if self.tiers is not None and not corrupt:
             try:
                 self.tiers.demote(self, page)  # copied down first, freed second
             except Exception:  # a tier failing must not fail the request that needed room
@@ -235,7 +248,8 @@ class Namespace:
     def obtainable(self) -> int:
         """Free pages plus the sealed pages eviction can take: nobody pins them or a page that
         extends them."""
-        return len(self.pages.free) + len(self.index) - self.pages_pinned - self.pages_held_up()
+        sealed = len(self.index) + len(self.condemned)
+        return len(self.pages.free) + sealed - self.pages_pinned - self.pages_held_up()
 
     def pages_held_up(self) -> int:
         """Unpinned sealed pages that a pinned page extends (see `held_up`)."""
@@ -350,7 +364,7 @@ class Namespace:
             pages_total=len(self.pages),
             pages_free=len(self.pages.free),
             pages_reserved=self.pages_reserved,
-            pages_sealed=len(self.index),
+            pages_sealed=len(self.index) + len(self.condemned),
             pages_pinned=self.pages_pinned,
             sequences=self.sequences,
             hit_tokens=self.hit_tokens,
@@ -364,6 +378,7 @@ class Namespace:
             hit_bytes=self.hit_tokens // self.spec.page_tokens * self.spec.page_bytes,  # (whole pages)
             max_session_pages=self.spec.max_session_pages,
             session_pages_refused=self.quota_refused,
+            **(self.guard.stats() if self.guard is not None else {}),
         )
 
 

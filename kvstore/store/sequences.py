@@ -283,7 +283,7 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
 def _seal(ns: Namespace, seq: Sequence, run: list[Page], at: int) -> int:
     """Seal `run` (pages at..at+len-1 of `seq`) under page at-1, and empty it; how many."""
     n = len(run)
-    ns.seal_run(run, seq.pages[at - 1] if at else None)  # below any cut: parent held
+    ns.seal_run(run, seq.pages[at - 1] if at else None, seq.session_id)  # below any cut: parent held
     run.clear()
     return n
 

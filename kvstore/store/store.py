@@ -80,6 +80,7 @@ class Store:
         self.quarantine = Quarantine(clock, limits.quarantine_grace_s)  # a dead client's device pages
         if tiers is not None:
             tiers.on_lost = self._page_lost
+        self.attach: Callable[[Namespace], None] = lambda ns: None  # integrity (store/integrity.py)
 
     def _page_lost(self, key: PageKey, by: str, why: str, kind: GoneKind) -> None:
         """A tier below the pool lost a page for good (full, or corrupt): Explain's ghost."""
@@ -111,6 +112,7 @@ class Store:
             raise
         ns = Namespace(spec, pool, make_policy(spec.policy), self.tiers)
         self.namespaces[spec.name] = ns
+        self.attach(ns)
         log.info(
             "namespace %s: %d pages x %d bytes (%s, %d tokens/page), policy %s",
             spec.name,

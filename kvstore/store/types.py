@@ -234,4 +234,11 @@ class NamespaceStats:
     hit_bytes: int = 0  # pages lookups found x page_bytes
     max_session_pages: int = 0
     session_pages_refused: int = 0
+    # Integrity of sealed pages (kvstore/store/integrity.py)
+    pages_checksummed: int = 0  # pages checksummed as they were sealed
+    pages_scrubbed: int = 0  # sealed pages the scrubber re-verified
+    pages_corrupt: int = 0  # sealed pages whose bytes changed after the seal: dropped
+    copies_refused: int = 0  # copies below the pool refused: the page was corrupt
+    pages_zeroed: int = 0  # freed pages zeroed off the loop
+    pages_zeroed_inline: int = 0  # freed pages zeroed on the loop as they were taken again
     extra: dict[str, int] = field(default_factory=dict)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import GoneKind
+from kvstore.store.page_sums import intact
 from kvstore.store.tiering.promotion import Promotion, Verified
 from kvstore.store.tiering.quantize import TierQuant
 from kvstore.store.tiering.reindex_state import ReindexState
@@ -154,6 +155,8 @@ class Tiers:
         if page.block_hash is None:
             raise InvariantBroken(f"namespace {ns.name!r}: demoting {page}, which has no block hash")
         view = ns.page_out(page.slot)
+        if not intact(ns.guard, page, view):  # scribbled on since its seal: never copied below
+            return None
         verified = page.verified
         if isinstance(verified, Verified):
             meta = verified.meta
@@ -181,8 +184,11 @@ class Tiers:
         verified = page.verified
         if isinstance(verified, Verified) and verified.meta.raw_bytes:
             return None
+        view = ns.page_out(page.slot)
+        if not intact(ns.guard, page, view):
+            return None
         parent = page.parent.block_hash if page.parent is not None and page.parent.block_hash else b""
-        return parent, bytes(ns.page_out(page.slot))
+        return parent, bytes(view)
 
     def demote(self, ns: Namespace, page: Page) -> None:
         """Copy a sealed page the pool is about to free into the tier below (if not there)."""

@@ -1,0 +1,341 @@
+"""Integrity of sealed pages in the pool (docs/security.md, "Sealed pages"): a writer maps its
+namespace's pool read-write, so nothing stops it writing on a page after sealing it, and a
+freed page still holds its previous occupant's bytes. Three defences, per host pool:
+
+- **Checksum at seal.** `Namespace.seal` hands each page to `NamespaceGuard.sealed`; the page's
+  checksum (page_sums.py) is computed on the integrity thread, batched (every page sealed
+  since the last batch), so a Put pays nothing on the loop. Until it is in, the page carries
+  its batch as a marker (`Page.checksum`), which is also what makes a late result for a page
+  freed and sealed again meanwhile be ignored.
+- **The scrubber** re-verifies sealed pages on that thread at a bounded rate
+  (`server.scrub_bytes_per_s`), a slot cursor per namespace. Copies below the pool verify
+  first (`page_sums.intact`, called by the tiers). A mismatch drops the page: out of the index
+  at once (new lookups miss; a pin already holding it keeps what it has), freed once nobody
+  holds it (`sweep`), counted, and logged with the session that sealed it.
+- **Zero on free.** A freed page is dirty (kvstore/memory/pages.py); this thread zeroes dirty
+  free pages in bounded batches, and one taken before its turn is zeroed on the loop as it
+  is taken (after waiting for the batch zeroing it now, if any): never handed out unzeroed.
+
+Every job runs on one thread, which touches only pool bytes; each job is in its namespace's
+`private_reads` while it runs, so a DeleteNamespace waits for it before closing the pool, and
+`close` waits for it before the store closes the pools. Device pools are left alone (their
+bytes are not in host memory; docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore.memory.backend import HandleType
+from kvstore.memory.pages import FREE, SEALED, Page
+from kvstore.store.namespace import GoneKind, Namespace
+from kvstore.store.page_sums import CORRUPT, checksum
+
+if TYPE_CHECKING:
+    from kvstore.store.sessions import Session
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05  # how often the scrubber runs (and freed pages are zeroed) when nothing wakes it
+JOB_BYTES = 32 << 20  # bytes of sealed pages to checksum, or freed pages to zero, per job: a
+# page taken while its batch is being zeroed waits for the job, so this bounds that wait
+SCRUB_SCAN = 4096  # slots the scrubber's cursor steps over per tick, at most
+
+
+@dataclass(frozen=True)
+class IntegrityConfig:
+    checksums: bool = True  # checksum at seal, verify before copies below, scrub
+    scrub_bytes_per_s: int = 64 << 20  # 0: no scrubber
+    zero_freed: bool = True
+
+
+class _Batch:
+    """Pages one job checksums or zeroes; `future` is the job's once submitted."""
+
+    __slots__ = ("future", "pages")
+
+    def __init__(self) -> None:
+        self.pages: list[Page] = []
+        self.future: cf.Future[Any] | None = None
+
+
+def _work(
+    sums: list[memoryview], zeros: list[memoryview], scrubs: list[memoryview]
+) -> tuple[list[int], list[int]]:
+    """On the integrity thread (xxhash and numpy's fill release the GIL)."""
+    try:
+        for v in zeros:
+            np.frombuffer(v, dtype=np.uint8).fill(0)
+        return [checksum(v) for v in sums], [checksum(v) for v in scrubs]
+    finally:
+        for v in (*sums, *zeros, *scrubs):
+            v.release()  # (a view left alive would keep the pool's mapping from closing)
+
+
+class NamespaceGuard:
+    """One namespace's integrity state (page_sums.Guard); loop-owned."""
+
+    def __init__(self, service: Integrity, ns: Namespace) -> None:
+        self.service = service
+        self.ns = ns
+        self.to_sum = _Batch()  # sealed, checksum not yet computed
+        self.cursor = 0  # the scrubber's next slot
+        self.zeroing: _Batch | None = None  # the freed pages being zeroed now
+        self.counts = dict.fromkeys(
+            (
+                "pages_checksummed",
+                "pages_scrubbed",
+                "pages_corrupt",
+                "copies_refused",
+                "pages_zeroed",
+                "pages_zeroed_inline",
+            ),
+            0,
+        )
+
+    def view(self, page: Page) -> memoryview:
+        return self.ns.page_view(page.slot)
+
+    # ------------------------------------------------------------ page_sums.Guard
+
+    def sealed(self, pages: list[Page], writer: int) -> None:
+        batch = self.to_sum if self.service.config.checksums else None
+        for page in pages:
+            page.writer = writer
+            page.checksum = batch
+        if batch is not None:
+            batch.pages += pages
+            self.service.kick()
+
+    def corrupt(self, page: Page, where: str) -> None:
+        if page.checksum is CORRUPT:
+            return
+        page.checksum = CORRUPT
+        ns = self.ns
+        self.counts["pages_corrupt"] += 1
+        session: Session | None = self.service.sessions().get(page.writer)
+        who = (
+            f"session {page.writer} ({session.client_name!r})"
+            if session
+            else f"session {page.writer} (ended)"
+        )
+        if not page.writer:
+            who = "a promotion from below the pool"
+        log.error(
+            "namespace %s: sealed page %d (block %s) changed after its seal (found %s); sealed by %s: "
+            "dropped, never served again",
+            ns.name,
+            page.slot,
+            (page.block_hash or b"").hex()[:16],
+            where,
+            who,
+        )
+        if page.block_hash is not None and ns.index.get(page.block_hash) is page:
+            ns.index.remove(page)  # new lookups miss it from now on
+            ns.condemned.add(page)  # freed by `sweep` once nobody holds it
+            ns.remember_gone(
+                page.block_hash, "integrity", f"changed after its seal ({where})", GoneKind.CORRUPT
+            )
+            self.service.kick()
+
+    def refused(self) -> None:
+        self.counts["copies_refused"] += 1
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    # ------------------------------------------------------------ zeroing
+
+    def zero_now(self, pages: list[Page]) -> None:
+        """PageTable.zero: dirty pages being taken, zeroed before anyone gets them."""
+        batch = self.zeroing
+        if batch is not None and any(p.zeroing is batch for p in pages):
+            self.zeroed(batch, wait=True)  # (bounded by JOB_BYTES)
+        for page in pages:
+            if page.dirty:
+                view = self.view(page)
+                np.frombuffer(view, dtype=np.uint8).fill(0)
+                view.release()
+                page.dirty = False
+                self.counts["pages_zeroed_inline"] += 1
+
+    def zeroed(self, batch: _Batch, wait: bool = False) -> None:
+        """The job zeroing `batch` is done (or, with `wait`, waited for): its pages are clean."""
+        ok = True
+        if wait and batch.future is not None:
+            ok = batch.future.exception() is None  # (failed: zeroed on the loop instead)
+        if self.zeroing is batch:
+            self.zeroing = None
+        for page in batch.pages:
+            if page.zeroing is batch:  # (else taken, and freed again, since)
+                page.zeroing = None
+                page.dirty = not ok
+                self.counts["pages_zeroed"] += ok
+
+    # ------------------------------------------------------------ one job
+
+    def job(
+        self, scrub_bytes: int
+    ) -> tuple[_Batch, _Batch, list[tuple[Page, object]], list[memoryview]] | None:
+        """Collect (on the loop) what the next job does: checksums of pages sealed since the
+        last, freed pages to zero, sealed pages to re-verify; None when there is nothing."""
+        page_bytes = self.ns.spec.page_bytes
+        per_job = max(1, JOB_BYTES // page_bytes)
+        sums = self.to_sum
+        if len(sums.pages) > per_job:  # (the rest in the next job)
+            rest = _Batch()
+            rest.pages = sums.pages[per_job:]
+            sums.pages = sums.pages[:per_job]
+            for page in rest.pages:
+                if page.checksum is sums:
+                    page.checksum = rest
+            self.to_sum = rest
+            self.service.kick()
+        else:
+            self.to_sum = _Batch()
+        sums.pages = [p for p in sums.pages if p.checksum is sums]  # (not freed meanwhile)
+        zeros = _Batch()
+        if self.zeroing is None:
+            freed = self.ns.pages.freed
+            while freed and len(zeros.pages) < per_job:
+                page = freed.popleft()
+                if page.state is FREE and page.dirty and page.zeroing is None:
+                    page.zeroing = zeros
+                    zeros.pages.append(page)
+            if freed:
+                self.service.kick()
+        scrubs = self.scrub_pages(scrub_bytes // page_bytes) if scrub_bytes >= page_bytes else []
+        if not (sums.pages or zeros.pages or scrubs):
+            return None
+        views = [self.view(p) for p in sums.pages], [self.view(p) for p in zeros.pages]
+        return sums, zeros, scrubs, [*views[0], *views[1], *(self.view(p) for p, _ in scrubs)]
+
+    def scrub_pages(self, n: int) -> list[tuple[Page, object]]:
+        """Up to `n` checksummed sealed pages from the cursor on: (page, its checksum)."""
+        pages = self.ns.pages.pages
+        out: list[tuple[Page, object]] = []
+        for _ in range(min(len(pages), SCRUB_SCAN)):
+            page = pages[self.cursor]
+            self.cursor = (self.cursor + 1) % len(pages)
+            if page.state is SEALED and type(page.checksum) is int:
+                out.append((page, page.checksum))
+                if len(out) >= n:
+                    break
+        return out
+
+    def done(self, sums: _Batch, zeros: _Batch, scrubs: list[tuple[Page, object]], result: Any) -> None:
+        """The job's results, back on the loop."""
+        got_sums, got_scrubs = result
+        for page, value in zip(sums.pages, got_sums, strict=True):
+            if page.checksum is sums:  # (else freed, or sealed again, meanwhile)
+                page.checksum = value
+                self.counts["pages_checksummed"] += 1
+        if zeros.pages:
+            self.zeroed(zeros)
+        for (page, expected), value in zip(scrubs, got_scrubs, strict=True):
+            # `is`: the same int object means the same seal (a page sealed again gets a new one)
+            if page.checksum is expected and page.state is SEALED:
+                self.counts["pages_scrubbed"] += 1
+                if value != expected:
+                    self.corrupt(page, "by the scrubber")
+
+    def sweep(self) -> None:
+        """Free the corrupt pages nobody holds any more."""
+        ns = self.ns
+        for page in [p for p in ns.condemned if p.evictable]:
+            ns.evicting_for = "its bytes changed after its seal"
+            try:
+                ns.drop(page)
+            finally:
+                ns.evicting_for = ""
+
+
+class Integrity:
+    """The store's integrity service: one guard per host pool, one thread, one task (`run`)."""
+
+    def __init__(self, config: IntegrityConfig, sessions: Callable[[], dict[int, Session]]) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.guards: dict[str, NamespaceGuard] = {}
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-integrity")
+        self._wake: asyncio.Event | None = None
+        self._credit = 0.0  # scrub bytes earned and not yet spent
+
+    def attach(self, ns: Namespace) -> None:
+        """Guard a new namespace (host pools only)."""
+        if ns.pool.handle.handle_type is not HandleType.CPU_SHM:
+            return
+        if not (self.config.checksums or self.config.zero_freed):
+            return
+        guard = NamespaceGuard(self, ns)
+        self.guards[ns.name] = guard
+        ns.guard = guard
+        if self.config.zero_freed:
+            ns.pages.zero = guard.zero_now
+
+    def kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self, namespaces: Callable[[], dict[str, Namespace]]) -> None:
+        """The background task: each tick (or at once when woken), one job per namespace."""
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        rate = self.config.scrub_bytes_per_s if self.config.checksums else 0
+        last = loop.time()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            self._wake.clear()
+            now = loop.time()
+            self._credit = min(self._credit + rate * (now - last), rate * 1.0)
+            last = now
+            for name, ns in list(namespaces().items()):
+                guard = self.guards.get(name)
+                if guard is None or guard.ns is not ns:
+                    continue
+                guard.sweep()
+                await self._one_job(guard, namespaces)
+
+    async def _one_job(self, guard: NamespaceGuard, namespaces: Callable[[], dict[str, Namespace]]) -> None:
+        credit = int(self._credit)
+        made = guard.job(credit)
+        if made is None:
+            return
+        sums, zeros, scrubs, views = made
+        self._credit -= len(scrubs) * guard.ns.spec.page_bytes
+        n = len(sums.pages)
+        future = self._pool.submit(
+            _work, views[:n], views[n : n + len(zeros.pages)], views[n + len(zeros.pages) :]
+        )
+        if zeros.pages:
+            zeros.future = future
+            guard.zeroing = zeros
+        waited = asyncio.wrap_future(future)
+        ns = guard.ns
+        ns.private_reads.add(waited)  # type: ignore[arg-type] (DeleteNamespace waits for it)
+        waited.add_done_callback(ns.private_reads.discard)  # type: ignore[arg-type]
+        try:
+            result = await asyncio.shield(waited)  # (cancelled: the job still runs; close waits)
+        except Exception:
+            log.exception("namespace %s: an integrity job failed; its pages are left unverified", ns.name)
+            for page in zeros.pages:  # (still dirty: zeroed on the loop when taken)
+                if page.zeroing is zeros:
+                    page.zeroing = None
+            if guard.zeroing is zeros:
+                guard.zeroing = None
+            return
+        if namespaces().get(ns.name) is ns:
+            guard.done(sums, zeros, scrubs, result)
+
+    def close(self) -> None:
+        """Wait for the job under way (before the pools are closed)."""
+        self._pool.shutdown(wait=True)

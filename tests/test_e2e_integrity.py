@@ -1,0 +1,103 @@
+"""Integrity of sealed pages in the pool (docs/security.md, "Sealed pages"): a writer that
+scribbles on its sealed page through its mapping has the page dropped by the scrubber (new
+lookups miss it, from another process), a copy of a scribbled page below the pool is
+refused (nothing of it reaches LMDB), and a page committed without being written serves
+zeros, never its previous occupant's bytes. Real daemon, separate worker processes."""
+
+from __future__ import annotations
+
+import xxhash
+from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from kvstore.store import page_sums
+
+NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages of 1 KiB
+T = 4
+TOTAL = 64
+SHAPE = (2, 2, 4, 2, 16)
+
+
+def stat(raw: Raw, field: str) -> int:
+    return getattr(raw.stats(NS)[0], field)
+
+
+def test_a_page_scribbled_on_after_its_seal_is_dropped_by_the_scrubber(daemon_factory) -> None:
+    daemon = daemon_factory(server={"scrub_bytes_per_s": 1 << 20}).start()
+    tokens = prompt(8, seed=1)  # two full pages
+    with Worker("writer") as writer, Worker("reader") as reader, Raw(daemon.target) as raw:
+        writer.call("connect", target=daemon.target, client_name="scribbler")
+        reader.call("connect", target=daemon.target, client_name="reader")
+        wrote = writer.call("write_prompt", namespace=NS, tokens=tokens)
+        slots = wrote["slots"]
+        wait_until(lambda: stat(raw, "pages_checksummed"), lambda n: n >= 2, timeout=10, what="checksums")
+        pinned = reader.call("lookup", namespace=NS, tokens=tokens, pin=True)
+        assert pinned["hit_tokens"] == 8
+        writer.call("write_bytes", namespace=NS, slot=slots[1], offset=100, data_hex="ff" * 16)
+
+        wait_until(lambda: stat(raw, "pages_corrupt"), lambda n: n == 1, timeout=10, what="the scrubber")
+        assert reader.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == 4  # page 1: a miss
+        # A new writer of the same prompt writes page 1 again instead of getting the scribble.
+        with Worker("rewriter") as rewriter:
+            rewriter.call("connect", target=daemon.target, client_name="rewriter")
+            again = rewriter.call("write_prompt", namespace=NS, tokens=tokens, release=True)
+            assert again["states"] == ["CACHED", "WRITABLE"]
+        found = reader.call("lookup", namespace=NS, tokens=tokens)
+        assert found["hit_tokens"] == 8 and found["slots"][1] != slots[1]
+        assert reader.call("verify", namespace=NS, tokens=tokens, slots=found["slots"])["mismatched"] == []
+        # The corrupt page is freed once its holders (the writer, the pin) let go.
+        reader.call("release_pin", pin_id=pinned["pin_id"])
+        writer.call("release", sequence_id=wrote["sequence_id"])
+        wait_until(lambda: raw.counts(NS)["pages_sealed"], lambda n: n == 2, timeout=10, what="the sweep")
+    log = daemon.stderr_text()
+    assert "changed after its seal" in log and "'scribbler'" in log
+
+
+def test_a_scribbled_page_is_never_copied_to_the_disk_tier(daemon_factory, tmp_path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir(mode=0o700)
+    daemon = daemon_factory(server={"scrub_bytes_per_s": 0, "disk_tier_dir": str(disk)}).start()
+    tokens = prompt(8, seed=2)
+    with Worker("writer") as writer, Raw(daemon.target) as raw:
+        writer.call("connect", target=daemon.target, client_name="scribbler")
+        slots = writer.call("write_prompt", namespace=NS, tokens=tokens, release=True)["slots"]
+        wait_until(lambda: stat(raw, "pages_checksummed"), lambda n: n >= 2, timeout=10, what="checksums")
+        writer.call("write_bytes", namespace=NS, slot=slots[1], offset=0, data_hex="00" * 64)
+        assert raw.kv.Evict(pb.EvictRequest(namespace=NS, all=True), timeout=10).pages_evicted == 2
+        assert stat(raw, "copies_refused") == 1 and stat(raw, "pages_corrupt") == 1
+        flushed = raw.admin.Flush(pb.FlushRequest(), timeout=30)
+        assert flushed.disk_pages == 1  # page 0 only: the scribble never reached LMDB
+        # Page 0 comes back from disk; page 1 is a miss, not the scribbled bytes.
+        assert writer.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == 4
+
+
+def test_a_page_committed_unwritten_serves_zeros_never_old_bytes(daemon) -> None:
+    old = prompt(TOTAL * T, seed=3)  # every page of the pool, each with distinctive bytes
+    new = prompt(2 * T, seed=4)
+    with Worker("first") as first, Worker("second") as second, Raw(daemon.target) as raw:
+        first.call("connect", target=daemon.target, client_name="first")
+        first.call("write_prompt", namespace=NS, tokens=old, release=True)
+        assert raw.kv.Evict(pb.EvictRequest(namespace=NS, all=True), timeout=10).pages_evicted == TOTAL
+        second.call("connect", target=daemon.target, client_name="second")
+        seq = second.call("allocate", namespace=NS)["sequence_id"]
+        slots = second.call("append", sequence_id=seq, tokens=new)["slots"]
+        second.call("commit", sequence_id=seq)  # nothing written
+        found = first.call("lookup", namespace=NS, tokens=new)
+        assert found["hit_tokens"] == 2 * T and found["slots"] == slots
+        olds = {page_content_bytes(i, page_tokens_of(old, i, T), SHAPE).hex() for i in range(TOTAL)}
+        for slot in slots:
+            got = first.call("read_bytes", namespace=NS, slot=slot, offset=0, n=1024)
+            assert got not in olds
+            assert got == "00" * 1024
+        s = raw.stats(NS)[0]
+        assert s.pages_zeroed + s.pages_zeroed_inline >= 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=0, max_size=200_000))
+def test_the_page_checksum_is_xxh3_64_of_the_bytes(data: bytes) -> None:
+    # Also through a memoryview of a larger buffer, as the daemon hashes pool slots.
+    padded = bytearray(b"\x01" + data + b"\x02")
+    assert page_sums.checksum(memoryview(padded)[1:-1]) == xxhash.xxh3_64_intdigest(data)
