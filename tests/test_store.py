@@ -190,6 +190,12 @@ def test_create_namespace_makes_private_segment(bare_store, prefix):
         "session_pages_refused": 0,
         "committed_bytes": 0,
         "hit_bytes": 0,
+        "pages_checksummed": 0,
+        "pages_scrubbed": 0,
+        "pages_corrupt": 0,
+        "copies_refused": 0,
+        "pages_zeroed": 0,
+        "pages_zeroed_inline": 0,
         "extra": {},
     }
     bare_store.close()

@@ -48,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the daemon's work without the copies' cache misses)",
     )
     p.add_argument("--top", type=int, default=25, help="functions a cProfile top list shows (default 25)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [server] config key of the daemon (repeatable), e.g. page_checksums=false",
+    )
 
 
 class CopyClock:
@@ -127,7 +134,13 @@ def run(args: argparse.Namespace) -> int:
     page_bytes = kvside.PAGE_BYTES // 30 * args.layers
     src = torch.frombuffer(page_bytes_of(0, args.pages, page_bytes), dtype=torch.uint8).view(-1, page_bytes)
     dst = torch.zeros_like(src)
-    daemon = BenchDaemon([spec], server={"max_pool_bytes": "64GiB"})
+    server: dict[str, Any] = {"max_pool_bytes": "64GiB"}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"peers-profile: --set {item!r}: give KEY=VALUE")
+        server[key] = {"true": True, "false": False}.get(value, value)
+    daemon = BenchDaemon([spec], server=server)
     prof = None
     if args.cprofile:
         args.cprofile.mkdir(parents=True, exist_ok=True)

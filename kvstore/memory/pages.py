@@ -109,6 +109,17 @@ class FreeList:
         self._tail.prev = page
         self._len += 1
 
+    def push_front(self, page: Page) -> None:
+        """Link a FREE page first (a page zeroed off the loop: taken before dirty ones)."""
+        first = self._head.next
+        if page.prev is not None or page.next is not None or first is None:
+            raise InvariantBroken(f"{page} is already linked")
+        self._head.next = page
+        page.prev = self._head
+        page.next = first
+        first.prev = page
+        self._len += 1
+
     def pop(self) -> Page | None:
         first = self._head.next
         if first is self._tail or first is None:
@@ -162,10 +173,10 @@ class PageTable:
         page = self.free.pop()
         if page is None:
             return None
-        if page.dirty:
-            self.zero([page])  # type: ignore[misc] (dirty only with `zero`)
         page.state = RESERVED
         page.owner = owner
+        if page.dirty:
+            self.zero([page])  # type: ignore[misc] (dirty only with `zero`)
         return page
 
     def take_many(self, owner: int, n: int) -> list[Page]:

@@ -174,10 +174,14 @@ class NamespaceGuard:
             ok = batch.future.exception() is None  # (failed: zeroed on the loop instead)
         if self.zeroing is batch:
             self.zeroing = None
+        free = self.ns.pages.free
         for page in batch.pages:
             if page.zeroing is batch:  # (else taken, and freed again, since)
                 page.zeroing = None
                 page.dirty = not ok
+                if ok and page.prev is not None:  # (on the free list) handed out before dirty ones
+                    free.remove(page)
+                    free.push_front(page)
                 self.counts["pages_zeroed"] += ok
 
     # ------------------------------------------------------------ one job
