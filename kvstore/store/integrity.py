@@ -306,8 +306,11 @@ class Integrity:
                 guard = self.guards.get(name)
                 if guard is None or guard.ns is not ns:
                     continue
-                guard.sweep()
-                await self._one_job(guard, namespaces)
+                try:
+                    guard.sweep()
+                    await self._one_job(guard, namespaces)
+                except Exception:  # (a bug here must not end the checks of every namespace)
+                    log.exception("namespace %s: integrity checks failed this tick", name)
 
     async def _one_job(self, guard: NamespaceGuard, namespaces: Callable[[], dict[str, Namespace]]) -> None:
         credit = int(self._credit)
