@@ -110,8 +110,7 @@ class Store:
         except Exception:
             pool.close()
             raise
-        ns = Namespace(spec, pool, make_policy(spec.policy), self.tiers)
-        self.namespaces[spec.name] = ns
+        ns = self.namespaces[spec.name] = Namespace(spec, pool, make_policy(spec.policy), self.tiers)
         self.attach(ns)
         log.info(
             "namespace %s: %d pages x %d bytes (%s, %d tokens/page), policy %s",
