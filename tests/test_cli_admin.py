@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import kvstore_client
@@ -36,6 +38,8 @@ STATS_KEYS = {
     "page_bytes",
     "policy",
     "hit_rate",
+    "committed_bytes",
+    "hit_bytes",
 }
 PAGE_TOKENS = SMALL_NAMESPACE["page_tokens"]
 
@@ -81,6 +85,8 @@ def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonPr
         "malformed_requests",
         "namespaces",
         "quotas",
+        "build",
+        "rpc_calls",
     }
     assert before["quotas"]["max_sessions_per_client"] == 1024 and before["quotas"]["refused"] == {}
     assert before["internal_errors"] == before["malformed_requests"] == 0
@@ -256,22 +262,29 @@ def test_health_of_a_stopped_daemon_exits_1(daemon: DaemonProcess) -> None:
     assert r.stderr.startswith(f"error: no kvstore daemon answered at {daemon.target}")
 
 
-def test_stats_watch_prints_until_interrupted(daemon: DaemonProcess) -> None:
-    argv = [*_admin_argv(), "--target", daemon.target, "stats", "--json", "--watch", "0.1"]
+@contextlib.contextmanager
+def watching(daemon: DaemonProcess, *args: str) -> Iterator[tuple[subprocess.Popen, queue.Queue[str]]]:
+    """`stats --json --watch ...` running, and a queue of its lines as they come."""
+    argv = [*_admin_argv(), "--target", daemon.target, "stats", "--json", "--watch", *args]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=_env())
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stats_watch_prints_until_interrupted(daemon: DaemonProcess) -> None:
+    with watching(daemon, "0.1") as (proc, lines):
         # Two refreshes, each one JSON object on its own line.
         snapshots = [json.loads(lines.get(timeout=30)) for _ in range(2)]
         assert all(s["namespaces"]["test"]["pages_total"] == 64 for s in snapshots)
         assert snapshots[1]["uptime_s"] > snapshots[0]["uptime_s"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_flush_and_tier_stats(daemon_factory, tmp_path: Path) -> None:
@@ -316,3 +329,53 @@ def test_delete_namespace_refuses_a_held_one_then_deletes_it(daemon: DaemonProce
         assert json.loads(r.stdout) == {"namespace": "test", "sequences_released": 1, "pins_released": 0}
         assert daemon.shm_segments() == []
         assert admin("namespaces", target=daemon.target).stdout.strip() == "no namespaces"
+
+
+def test_stats_watch_rates_are_the_work_done_between_readings(daemon: DaemonProcess) -> None:
+    """Known work between two readings of `stats --watch --json`: the counts it prints add up
+    to that work exactly, and each rate is its count over the daemon's own interval."""
+    lookups, puts, pages_each, not_found = 6, 2, 2, 3
+    with watching(daemon, "0.3", "--count", "200") as (proc, lines):
+        first = json.loads(lines.get(timeout=30))
+        assert "rates" not in first  # one reading: no interval yet
+        page_bytes = first["namespaces"]["test"]["page_bytes"]
+        with kvstore_client.connect(daemon.target) as kv:
+            for i in range(puts):
+                tokens = commit_pages(kv, pages_each, first_token=1000 * i)
+            for _ in range(lookups):  # 2 pages hit, 1 missed: a hit rate of 2/3
+                assert kv.lookup("test", [*tokens, *range(90, 90 + PAGE_TOKENS)]).hit_tokens == len(tokens)
+            for _ in range(not_found):
+                with pytest.raises(kvstore_client.errors.NotFound):
+                    kv.stats("nope")
+            done_at = kv.stats().uptime_s
+        # Every reading after `first`, up to the first one taken after the work was done.
+        after = [json.loads(lines.get(timeout=30))]
+        while after[-1]["uptime_s"] < done_at:
+            after.append(json.loads(lines.get(timeout=30)))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    total = {k: sum(r["rates"]["counts"][k] for r in after) for k in ("lookups", "puts", "committed_bytes")}
+    assert total == {"lookups": lookups, "puts": puts, "committed_bytes": puts * pages_each * page_bytes}
+    assert sum(r["rates"]["counts"]["hit_bytes"] for r in after) == lookups * pages_each * page_bytes
+    assert sum(r["rates"]["counts"]["rpc_errors"].get("NOT_FOUND", 0) for r in after) == not_found
+    for r in after:
+        rates, interval = r["rates"], r["rates"]["interval_s"]
+        assert 0.2 < interval < 30
+        assert rates["lookups_per_s"] == pytest.approx(rates["counts"]["lookups"] / interval, rel=1e-4)
+        assert rates["puts_per_s"] == pytest.approx(rates["counts"]["puts"] / interval, rel=1e-4)
+        for code, n in rates["counts"]["rpc_errors"].items():
+            assert rates["rpc_errors_per_s"][code] == pytest.approx(n / interval, rel=1e-4)
+        if rates["counts"]["lookups"]:
+            assert rates["hit_rate"] == pytest.approx(2 / 3)
+
+
+def test_stats_watch_count_prints_rates_and_exits_0(daemon: DaemonProcess) -> None:
+    r = admin("stats", "--watch", "0.2", "--count", "2", target=daemon.target)
+    assert r.returncode == 0, r.stderr
+    assert "rates: from the next reading on" in r.stdout
+    assert r.stdout.count("rates over the last") == 1
+    for label in ("lookups", "hit rate", "puts", "bytes", "evictions", "RPC errors"):
+        assert re.search(rf"^  {label}\s+\S", r.stdout, re.M), (label, r.stdout)
+    assert "build: commit " in r.stdout
+    usage = admin("stats", "--count", "2", target=daemon.target)
+    assert usage.returncode == 2 and "--count needs --watch" in usage.stderr

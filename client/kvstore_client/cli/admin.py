@@ -26,6 +26,7 @@ from .._core import KEEPALIVE_S
 from ..channel import TLS, TOKEN_ENV, open_sync
 from ..client import Client
 from ..errors import KVStoreClientError
+from ..results import Stats
 from ..target import ConfigFileError
 from ..version import version_line
 from . import admin_explain
@@ -37,25 +38,39 @@ from .fmt import (
     one_line,
     parse_bytes,
     parse_tokens,
+    positive_int,
     positive_seconds,
     table,
 )
+from .stats_rates import rates, render_rates
 from .stats_view import namespace_dict, render_stats, stats_dict
+
+WATCH_S = 2.0  # `stats --watch` without SECONDS
 
 
 def cmd_stats(kv: Client, args: argparse.Namespace) -> int:
+    if args.count and not args.watch:
+        print("error: --count needs --watch", file=sys.stderr)
+        return 2
+    readings: list[Stats] = []  # the last two: --watch shows rates over the interval between them
+
     def show() -> None:
         stats = kv.stats(args.namespace)
+        readings[:] = [*readings[-1:], stats]
+        r = rates(readings[0], stats, daemon_wide=not args.namespace) if len(readings) == 2 else None
         if args.json:
-            print(json.dumps(stats_dict(stats), indent=None if args.watch else 2), flush=True)
+            out = stats_dict(stats) | ({"rates": r} if r is not None else {})
+            print(json.dumps(out, indent=None if args.watch else 2), flush=True)
             return
         if args.watch and sys.stdout.isatty():
             print("\x1b[H\x1b[2J", end="")  # home + clear: redraw in place
         print(render_stats(stats, kv.target), flush=True)
         if args.watch:
+            print("\n".join(render_rates(r, first=len(readings) == 1)))
             print(f"\nevery {args.watch:g}s, Ctrl-C to stop ({time.strftime('%H:%M:%S')})", flush=True)
 
     show()
+    shown = 1
     if not args.watch:
         return 0
     # Ctrl-C sets a flag instead of raising KeyboardInterrupt wherever the main thread is: one
@@ -64,10 +79,12 @@ def cmd_stats(kv: Client, args: argparse.Namespace) -> int:
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        while not interrupted.wait(args.watch):  # the operator's chosen refresh interval
+        # the operator's chosen refresh interval; --count ends it after that many readings
+        while shown != args.count and not interrupted.wait(args.watch):
             if not args.json and not sys.stdout.isatty():
                 print()
             show()
+            shown += 1
     finally:
         signal.signal(signal.SIGINT, previous)
     return 0
@@ -228,7 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     stats = command("stats", cmd_stats, help="counters per namespace: pages, hit rate, evictions")
     stats.add_argument("--namespace", default="", metavar="NS", help="only this namespace")
     stats.add_argument("--json", action="store_true", help="one JSON object (one per line with --watch)")
-    stats.add_argument("--watch", type=positive_seconds, metavar="SECONDS", help="refresh every SECONDS")
+    stats.add_argument(
+        "--watch",
+        type=positive_seconds,
+        nargs="?",
+        const=WATCH_S,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {WATCH_S:g}), with rates over each interval: lookups/s, "
+        "hit rate, puts/s, bytes/s in and out, evictions/s, RPC errors/s by code",
+    )
+    stats.add_argument(
+        "--count",
+        type=positive_int,
+        metavar="N",
+        help="with --watch: stop after N readings (exit 0), e.g. for a script",
+    )
 
     ns = command("namespaces", cmd_namespaces, help="geometry, dtype, pool size, shm segment, policy")
     ns.add_argument("--json", action="store_true")

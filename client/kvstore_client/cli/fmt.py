@@ -67,6 +67,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number > 0")
+    return value
+
+
 def count(x: int) -> str:
     """12345 -> '12,345'."""
     return f"{x:,}"

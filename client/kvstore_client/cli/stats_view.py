@@ -38,7 +38,27 @@ def stats_dict(stats: Stats) -> dict[str, Any]:
         out["tiers"] = dataclasses.asdict(stats.tiers)
     if stats.quotas is not None:
         out["quotas"] = dataclasses.asdict(stats.quotas)
+    add_ops(out, stats)
     return out
+
+
+def add_ops(out: dict[str, Any], stats: Stats) -> None:
+    """The operators' part of `stats --json`: build info, RPC calls by method and code, and per
+    namespace the bytes committed and hit (docs/observability.md)."""
+    out["build"] = dataclasses.asdict(stats.build) if stats.build is not None else None
+    out["rpc_calls"] = [dataclasses.asdict(c) for c in stats.rpc_calls]
+    for ns in stats.namespaces:
+        out["namespaces"][ns.name] |= {"committed_bytes": ns.committed_bytes, "hit_bytes": ns.hit_bytes}
+
+
+def render_build(stats: Stats) -> str:
+    """One line: what the daemon was built from and runs on."""
+    b = stats.build
+    if b is None:
+        return "build: unknown (an older daemon)"
+    return (
+        f"build: commit {b.git_commit[:12] or 'unknown'}, python {b.python}, grpc {b.grpc}, pools {b.backend}"
+    )
 
 
 def render_tiers(t: TierStats) -> list[str]:
@@ -77,7 +97,13 @@ def render_tiers(t: TierStats) -> list[str]:
                 )
             )
         if t.reindex_running:
-            rows.append(("re-index", f"running: {count(t.reindex_done)} of {count(t.reindex_total)} pages"))
+            rows.append(
+                (
+                    "re-index",
+                    f"running: {count(t.reindex_done)} of {count(t.reindex_total)} pages, "
+                    f"{human_bytes(t.reindex_bytes_done)} of ~{human_bytes(t.reindex_bytes_total)}",
+                )
+            )
     rows += [
         (
             "moved",
@@ -131,7 +157,8 @@ def render_stats(stats: Stats, target: str = "") -> str:
     where = f" at {target}" if target else ""
     out = [
         f"kvstore {stats.version or '?'}{where}: up {human_duration(stats.uptime_s)}, "
-        f"{stats.sessions} session{'s' * (stats.sessions != 1)}"
+        f"{stats.sessions} session{'s' * (stats.sessions != 1)}",
+        render_build(stats),
     ]
     if stats.internal_errors or stats.malformed_requests:
         out.append(
