@@ -377,5 +377,11 @@ def test_stats_watch_count_prints_rates_and_exits_0(daemon: DaemonProcess) -> No
     for label in ("lookups", "hit rate", "puts", "bytes", "evictions", "RPC errors"):
         assert re.search(rf"^  {label}\s+\S", r.stdout, re.M), (label, r.stdout)
     assert "build: commit " in r.stdout
+    one = admin(
+        "stats", "--json", "--namespace", "test", "--watch", "0.2", "--count", "2", target=daemon.target
+    )
+    rates = json.loads(one.stdout.splitlines()[1])["rates"]  # a namespace's reply has no rpc_calls:
+    assert rates["puts_per_s"] is None and rates["rpc_errors_per_s"] is None  # unknown, not 0
+    assert rates["lookups_per_s"] == 0
     usage = admin("stats", "--count", "2", target=daemon.target)
     assert usage.returncode == 2 and "--count needs --watch" in usage.stderr

@@ -57,7 +57,7 @@ def cmd_stats(kv: Client, args: argparse.Namespace) -> int:
     def show() -> None:
         stats = kv.stats(args.namespace)
         readings[:] = [*readings[-1:], stats]
-        r = rates(readings[0], stats, daemon_wide=not args.namespace) if len(readings) == 2 else None
+        r = rates(readings[0], stats) if len(readings) == 2 else None
         if args.json:
             out = stats_dict(stats) | ({"rates": r} if r is not None else {})
             print(json.dumps(out, indent=None if args.watch else 2), flush=True)

@@ -12,6 +12,7 @@ from .fmt import count, human_bytes, key_values, pct
 
 # Calls that commit KV into the pool: one "put" each (a batch is one call).
 PUT_METHODS = frozenset({"KVStore/Put", "KVStore/Commit", "KVStore/Seal", "KVStore/BatchSeal"})
+UNSEEN = "- (needs the daemon-wide stats: no --namespace; with tokens, read on '*')"
 
 
 def _total(stats: Stats, field: str) -> int:
@@ -29,14 +30,17 @@ def _calls(stats: Stats) -> tuple[int, dict[str, int]]:
     return puts, errors
 
 
-def rates(prev: Stats, cur: Stats, daemon_wide: bool) -> dict[str, Any] | None:
+def rates(prev: Stats, cur: Stats) -> dict[str, Any] | None:
     """The `rates` object of `stats --watch --json` (and what `render_rates` shows): `counts`
     is what changed between the readings, the `*_per_s` those over `interval_s`. Puts and RPC
-    errors need the daemon-wide reply (no --namespace): None otherwise. None when the daemon
-    restarted between the readings (its counters started again)."""
+    errors need `rpc_calls`, which only a daemon-wide reply to a caller reading every namespace
+    has (no --namespace; with tokens, read on "*"): None otherwise. (A second reading always
+    has calls if it may: the first reading's Stats.) None when the daemon restarted between
+    the readings (its counters started again)."""
     interval = cur.uptime_s - prev.uptime_s
     if interval <= 0:
         return None
+    daemon_wide = bool(cur.rpc_calls)
     counts: dict[str, Any] = {
         field: _total(cur, field) - _total(prev, field)
         for field in ("lookups", "hit_tokens", "miss_tokens", "committed_bytes", "hit_bytes", "evictions")
@@ -80,7 +84,7 @@ def render_rates(r: dict[str, Any] | None, first: bool) -> list[str]:
     rows = [
         ("lookups", f"{_per_s(r['lookups_per_s'])}  ({count(c['lookups'])} in the interval)"),
         ("hit rate", f"{pct(r['hit_rate'])} of the tokens looked up in the interval"),
-        ("puts", "- (daemon-wide stats only)" if r["puts_per_s"] is None else _per_s(r["puts_per_s"])),
+        ("puts", UNSEEN if r["puts_per_s"] is None else _per_s(r["puts_per_s"])),
         (
             "bytes",
             f"in {human_bytes(r['bytes_in_per_s'])}/s (committed), out {human_bytes(r['bytes_out_per_s'])}/s (hits)",
@@ -88,7 +92,7 @@ def render_rates(r: dict[str, Any] | None, first: bool) -> list[str]:
         ("evictions", f"{r['evictions_per_s']:,.1f} pages/s"),
         (
             "RPC errors",
-            "- (daemon-wide stats only)"
+            UNSEEN
             if errors is None
             else ", ".join(f"{code} {_per_s(x)}" for code, x in errors.items()) or "none",
         ),
