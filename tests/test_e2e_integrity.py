@@ -59,18 +59,31 @@ def test_a_scribbled_page_is_never_copied_to_the_disk_tier(daemon_factory, tmp_p
     disk = tmp_path / "disk"
     disk.mkdir(mode=0o700)
     daemon = daemon_factory(server={"scrub_bytes_per_s": 0, "disk_tier_dir": str(disk)}).start()
-    tokens = prompt(8, seed=2)
+    flushed_one, evicted_one, fine = prompt(8, seed=2), prompt(8, seed=5), prompt(8, seed=6)
     with Worker("writer") as writer, Raw(daemon.target) as raw:
         writer.call("connect", target=daemon.target, client_name="scribbler")
-        slots = writer.call("write_prompt", namespace=NS, tokens=tokens, release=True)["slots"]
-        wait_until(lambda: stat(raw, "pages_checksummed"), lambda n: n >= 2, timeout=10, what="checksums")
-        writer.call("write_bytes", namespace=NS, slot=slots[1], offset=0, data_hex="00" * 64)
-        assert raw.kv.Evict(pb.EvictRequest(namespace=NS, all=True), timeout=10).pages_evicted == 2
+
+        def scribbled(tokens: list[int], checksummed: int) -> None:
+            slots = writer.call("write_prompt", namespace=NS, tokens=tokens, release=True)["slots"]
+            wait_until(
+                lambda: stat(raw, "pages_checksummed"), lambda n: n >= checksummed, timeout=10, what="sums"
+            )
+            writer.call("write_bytes", namespace=NS, slot=slots[1], offset=0, data_hex="00" * 64)
+
+        # Admin.Flush copies every sealed page to disk: not the scribbled one.
+        writer.call("write_prompt", namespace=NS, tokens=fine, release=True)
+        scribbled(flushed_one, 4)
+        assert raw.admin.Flush(pb.FlushRequest(), timeout=30).disk_pages == 3
         assert stat(raw, "copies_refused") == 1 and stat(raw, "pages_corrupt") == 1
-        flushed = raw.admin.Flush(pb.FlushRequest(), timeout=30)
-        assert flushed.disk_pages == 1  # page 0 only: the scribble never reached LMDB
-        # Page 0 comes back from disk; page 1 is a miss, not the scribbled bytes.
-        assert writer.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == 4
+        wait_until(lambda: raw.counts(NS)["pages_sealed"], lambda n: n == 3, timeout=10, what="the sweep")
+        # An eviction demotes to disk: not the scribbled page either.
+        scribbled(evicted_one, 5)
+        assert raw.kv.Evict(pb.EvictRequest(namespace=NS, all=True), timeout=10).pages_evicted == 5
+        assert stat(raw, "copies_refused") == 2 and stat(raw, "pages_corrupt") == 2
+        assert raw.admin.Flush(pb.FlushRequest(), timeout=30).disk_pages == 4
+        # Page 0 of each comes back from disk; page 1 is a miss, never the scribbled bytes.
+        for tokens, hit in ((flushed_one, 4), (evicted_one, 4), (fine, 8)):
+            assert writer.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == hit
 
 
 def test_a_page_committed_unwritten_serves_zeros_never_old_bytes(daemon) -> None:

@@ -320,9 +320,16 @@ class Integrity:
         sums, zeros, scrubs, views = made
         self._credit -= len(scrubs) * guard.ns.spec.page_bytes
         n = len(sums.pages)
-        future = self._pool.submit(
-            _work, views[:n], views[n : n + len(zeros.pages)], views[n + len(zeros.pages) :]
-        )
+        try:
+            future = self._pool.submit(
+                _work, views[:n], views[n : n + len(zeros.pages)], views[n + len(zeros.pages) :]
+            )
+        except RuntimeError:  # (closed: the daemon is stopping)
+            for view in views:
+                view.release()
+            for page in zeros.pages:
+                page.zeroing = None  # (still dirty)
+            return
         if zeros.pages:
             zeros.future = future
             guard.zeroing = zeros
