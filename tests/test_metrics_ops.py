@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import kvstore_client
+import pytest
 from e2e_helpers import Raw, wait_until
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
@@ -192,7 +193,16 @@ def test_with_tokens_the_metrics_need_a_token_with_read_on_every_namespace(
         assert "kvstore_" not in body and "valid bearer token" in body
     code, body, _ = refused({"Authorization": f"Bearer {READER}"})  # read on "a" only
     assert code == 403 and "token 'reader'" in body and "kvstore_" not in body
+    with Raw(d.target) as raw:  # calls the token check refuses are counted with their codes
+        for _ in range(2):
+            assert raw.error("Stats", pb.StatsRequest()).code() == grpc.StatusCode.UNAUTHENTICATED
+        reader = [("authorization", f"Bearer {READER}")]  # reads "a" only
+        with pytest.raises(grpc.RpcError) as denied:
+            raw.kv.Stats(pb.StatsRequest(namespace="b"), metadata=reader, timeout=10)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     for secret in (scraper, ADMIN):
         m = scrape(port, {"Authorization": f"Bearer {secret}"})
         assert m[("kvstore_pages_total", (("namespace", "a"),))] == 64
+        assert calls(m, "KVStore/Stats", "UNAUTHENTICATED") == 2
+        assert calls(m, "KVStore/Stats", "PERMISSION_DENIED") == 1
     assert scraper not in d.stderr_text() and READER not in d.stderr_text()
