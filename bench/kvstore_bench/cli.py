@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from . import (
     budgets,
     crashloop,
+    fuzz,
     gpu,
     pageio,
     peers,
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in (
         ("budgets", budgets),
         ("crashloop", crashloop),
+        ("fuzz", fuzz),
         ("gpu", gpu),
         ("pageio", pageio),
         ("peers", peers),

@@ -22,6 +22,8 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 BAD = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+# Services that answer without a token (docs/security.md): health and reflection.
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 
 INT_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
