@@ -43,6 +43,9 @@ from .proof_common import (
     write_page,
     write_tokens_file,
 )
+from .proof_common import (
+    tracebacks as logged_tracebacks,
+)
 
 GEOMETRY = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16", "page_tokens": 4}
 NAMESPACES = [GEOMETRY | {"name": "held", "num_pages": 64}, GEOMETRY | {"name": "fz", "num_pages": 64}]
@@ -235,7 +238,7 @@ def fuzz(requests: int, streams: int, prompts: int, seed: int, *, auth: bool) ->
             other = pool.apply(reader_main, (daemon.target, tok(READER), prompts))
         writer_conn.send("exit")
         writer.join(30)
-        tracebacks = daemon.stderr_path.read_text(errors="replace").count("Traceback")
+        tracebacks = logged_tracebacks(daemon.stderr_path.read_text(errors="replace"))
     finally:
         if writer.is_alive():
             writer.kill()
@@ -312,7 +315,7 @@ def summary(
     after: dict[str, Any],
     own: dict[str, Any],
     other: dict[str, Any],
-    tracebacks: int,
+    tracebacks: tuple[int, list[str]],
     status: int | None,
 ) -> dict[str, Any]:
     by_code: Counter[str] = Counter()
@@ -332,7 +335,7 @@ def summary(
         "no_auth_bypass": not bypassed,
         "serving": after["health"] == "SERVING",
         "internal_errors_0": after["internal_errors"] == 0,
-        "no_traceback_logged": tracebacks == 0,
+        "no_traceback_logged": tracebacks[0] == 0,
         "clean_exit": status == 0,
         "pages_identical_writer": own["checked"] == expected_pages and not own["mismatched"],
         "pages_identical_reader": other["checked"] == expected_pages
@@ -356,7 +359,8 @@ def summary(
         "by_credential": {k: dict(v.most_common()) for k, v in sorted(by_cred.items())},
         "methods": len(by_method),
         "by_method": {k: dict(v.most_common()) for k, v in sorted(by_method.items())},
-        "daemon": after | {"tracebacks_logged": tracebacks, "exit_status": status},
+        "daemon": after
+        | {"tracebacks_logged": tracebacks[0], "tracebacks_first": tracebacks[1], "exit_status": status},
         "pages_checked_writer": own["checked"],
         "pages_checked_reader": other["checked"],
         "pages_mismatched": own["mismatched"] + other["mismatched"],
@@ -382,5 +386,6 @@ def format_text(r: dict[str, Any]) -> str:
             f"{r['pages_checked_reader']} by a reader process; mismatched {len(r['pages_mismatched'])}",
             *(f"  FAIL {b}" for b in r["unknown_or_internal_examples"] + r["auth_bypassed_examples"]),
             *(f"  FAIL {m}" for m in r["pages_mismatched"] + r["prompts_short"]),
+            *(f"  daemon logged:\n{t}" for t in r["daemon"]["tracebacks_first"]),
         ]
     )

@@ -38,7 +38,17 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .harness import BenchDaemon, BenchError, emit, machine_info, now_iso, percentile, progress
-from .proof_common import client_context, page_bytes, prompt_tokens, read_page, who_wrote, write_page
+from .proof_common import (
+    client_context,
+    page_bytes,
+    prompt_tokens,
+    read_page,
+    who_wrote,
+    write_page,
+)
+from .proof_common import (
+    tracebacks as logged_tracebacks,
+)
 
 NS = "kc"
 NAMESPACE = {
@@ -255,7 +265,7 @@ def killed_clients(clients: int, concurrency: int, ttl: float, shared: int) -> d
         end = monitor.counts()
         kv.close()
         monitor.channel.close()
-        tracebacks = daemon.stderr_path.read_text(errors="replace").count("Traceback")
+        tracebacks = logged_tracebacks(daemon.stderr_path.read_text(errors="replace"))
     finally:
         status = daemon.stop()
     return summary(
@@ -370,7 +380,7 @@ def summary(
     reader: Reader,
     baseline: dict[str, int],
     end: dict[str, int],
-    tracebacks: int,
+    tracebacks: tuple[int, list[str]],
     status: int | None,
 ) -> dict[str, Any]:
     def dist(xs: list[float]) -> dict[str, float]:
@@ -392,7 +402,7 @@ def summary(
         "sessions_back_to_baseline": end["sessions"] == baseline["sessions"],
         "every_page_free_or_sealed": end["pages_reserved"] == end["pages_pinned"] == 0
         and end["pages_free"] + end["pages_sealed"] == end["pages_total"],
-        "no_traceback_logged": tracebacks == 0,
+        "no_traceback_logged": tracebacks[0] == 0,
         "clean_exit": status == 0,
     }
     return {
@@ -415,7 +425,11 @@ def summary(
         "wrong_bytes_served": reader.mismatched,
         "baseline": baseline,
         "end": end,
-        "daemon": {"tracebacks_logged": tracebacks, "exit_status": status},
+        "daemon": {
+            "tracebacks_logged": tracebacks[0],
+            "tracebacks_first": tracebacks[1],
+            "exit_status": status,
+        },
     }
 
 
@@ -439,5 +453,6 @@ def format_text(r: dict[str, Any]) -> str:
         f"{len(r['wrong_bytes_served'])} wrong",
         f"  end: {r['end']} (baseline sessions {r['baseline']['sessions']})",
         *(f"  FAIL {x}" for x in r["late"] + r["wave_problems"] + r["wrong_bytes_served"]),
+        *(f"  daemon logged:\n{t}" for t in r["daemon"]["tracebacks_first"]),
     ]
     return "\n".join(lines)

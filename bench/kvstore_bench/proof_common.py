@@ -100,6 +100,20 @@ def _nothing() -> None:
 # ---------------------------------------------------------------- the daemon's footprint
 
 
+def tracebacks(log_text: str, keep: int = 2) -> tuple[int, list[str]]:
+    """How many tracebacks a daemon's log holds, and the first `keep` (with the line before
+    each, which says what failed), for a report that outlives the log."""
+    lines = log_text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    shown = []
+    for i in starts[:keep]:
+        end = i + 1
+        while end < len(lines) and (lines[end].startswith((" ", "\t")) or end == i + 1):
+            end += 1
+        shown.append("\n".join(lines[max(0, i - 1) : min(end + 1, i + 60)]))
+    return len(starts), shown
+
+
 def rss_bytes(pid: int) -> dict[str, int]:
     """VmRSS and its parts (RssAnon: the daemon's own heap; RssShmem: pool pages it touched)."""
     out = {}

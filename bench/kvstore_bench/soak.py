@@ -30,6 +30,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .harness import BenchDaemon, BenchError, emit, machine_info, now_iso, progress
 from .proof_common import client_context, fd_count, rss_bytes, shm_entries
+from .proof_common import tracebacks as logged_tracebacks
 from .soak_client import client_main
 
 NS = "soak"
@@ -50,7 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=64, help="client processes (default 64)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long they run (default 10)")
     p.add_argument("--rate", type=float, default=3.0, help="operations a second per client (default 3)")
-    p.add_argument("--universe", type=int, default=2000, help="prompts the clients share (default 2000)")
+    p.add_argument(
+        "--universe",
+        type=int,
+        default=500,
+        help="prompts of 4 pages the clients share (default 500: all of them fit in the disk tier, so it reaches a steady size in the warm-up)",
+    )
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of the run before RSS is judged (0.2)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default 5)")
     p.add_argument("--seed", type=int, default=1)
@@ -162,7 +168,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.monotonic() - t0
         settled = _wait_settled(sampler, base, wall)
         sampler.close()
-        tracebacks = daemon.stderr_path.read_text(errors="replace").count("Traceback")
+        tracebacks = logged_tracebacks(daemon.stderr_path.read_text(errors="replace"))
     finally:
         for p in procs:
             if p.is_alive():
@@ -243,7 +249,7 @@ def summary(
     settled: dict[str, Any],
     latest: dict[int, dict[str, Any]],
     procs: list[Any],
-    tracebacks: int,
+    tracebacks: tuple[int, list[str]],
     status: int | None,
     shm_after: int,
     shm_global_before: int,
@@ -264,7 +270,7 @@ def summary(
         "sessions_and_pages_released": settled["sessions"] == settled["reserved"] == settled["pinned"] == 0,
         "shm_back_to_baseline": shm_after == 0,
         "internal_errors_0": settled["internal_errors"] == 0,
-        "no_traceback_logged": tracebacks == 0,
+        "no_traceback_logged": tracebacks[0] == 0,
         "clean_exit": status == 0,
     }
     return {
@@ -292,12 +298,11 @@ def summary(
             "min_MiB": round(min((s["VmRSS"] for s in judged), default=0) / 2**20, 1),
             "max_MiB": round(max((s["VmRSS"] for s in judged), default=0) / 2**20, 1),
             "max_deviation": round(dev, 4),
-            "anon_first_last_MiB": [
-                round(judged[0]["RssAnon"] / 2**20, 1),
-                round(judged[-1]["RssAnon"] / 2**20, 1),
-            ]
-            if judged
-            else [],
+            # VmRSS = anon (the daemon's heap) + file (LMDB's map of the disk tier) + shmem (pool pages)
+            "parts_first_last_MiB": {
+                k: [round(judged[0][k] / 2**20, 1), round(judged[-1][k] / 2**20, 1)] if judged else []
+                for k in ("RssAnon", "RssFile", "RssShmem")
+            },
         },
         "fds": {
             "baseline": base["fds"],
@@ -324,7 +329,11 @@ def summary(
                 "internal_errors",
             )
         },
-        "daemon": {"tracebacks_logged": tracebacks, "exit_status": status},
+        "daemon": {
+            "tracebacks_logged": tracebacks[0],
+            "tracebacks_first": tracebacks[1],
+            "exit_status": status,
+        },
         "samples": samples,
     }
 
@@ -343,11 +352,12 @@ def format_text(r: dict[str, Any]) -> str:
             f"  expected errors: {r['expected_errors']}",
             f"  unexpected errors: {r['unexpected_errors']}",
             f"  daemon VmRSS after warm-up: {rss['min_MiB']}-{rss['max_MiB']} MiB, max deviation "
-            f"{rss['max_deviation']:.1%} from {rss['reference_MiB']} MiB (band 5%); anon {rss['anon_first_last_MiB']} MiB",
+            f"{rss['max_deviation']:.1%} from {rss['reference_MiB']} MiB (band 5%); first/last {rss['parts_first_last_MiB']}",
             f"  daemon fds: baseline {r['fds']['baseline']}, max {r['fds']['max']}, after the clients "
             f"{r['fds']['after_clients']}; pool entries in /dev/shm: {r['shm']['pool_entries_running']} running, "
             f"{r['shm']['pool_entries_after_stop']} after stop",
             f"  daemon at the end: {r['daemon_end']}",
             *(f"  FAIL {x}" for x in r["unexpected_examples"] + r["wrong_bytes"]),
+            *(f"  daemon logged:\n{t}" for t in r["daemon"]["tracebacks_first"]),
         ]
     )
