@@ -87,12 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=6, help="prompts of 4 pages the writer stores (default 6)")
     p.add_argument("--seed", type=int, default=1, help="seed of the requests")
     p.add_argument("--no-auth", action="store_true", help="a daemon without a tokens file")
-    p.add_argument("--quick", action="store_true", help="1000 requests, 2 streams (a test's size)")
+    p.add_argument("--quick", action="store_true", help="600 requests, 2 streams (a test's size)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.quick:
-        args.requests, args.streams = 1000, 2
+        args.requests, args.streams = 600, 2
     if args.requests < 1 or args.streams < 1 or not 1 <= args.prompts <= 12:
         raise SystemExit("fuzz: --requests >= 1, --streams >= 1, 1 <= --prompts <= 12")
     result = fuzz(args.requests, args.streams, args.prompts, args.seed, auth=not args.no_auth)

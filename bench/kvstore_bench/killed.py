@@ -75,12 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=50, help="victims alive at once, a wave (default 50)")
     p.add_argument("--lease-ttl", type=float, default=1.0, help="the daemon's lease TTL, seconds (default 1)")
     p.add_argument("--shared", type=int, default=16, help="prompts the survivor seals first (default 16)")
-    p.add_argument("--quick", action="store_true", help="60 clients in waves of 20 (a test's size)")
+    p.add_argument("--quick", action="store_true", help="12 clients in waves of 6 (a test's size)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.quick:
-        args.clients, args.concurrency = 60, 20
+        args.clients, args.concurrency = 12, 6
     if args.clients < 1 or args.concurrency < 1 or args.lease_ttl < 0.5 or args.shared < 1:
         raise SystemExit(
             "killed-clients: --clients >= 1, --concurrency >= 1, --lease-ttl >= 0.5, --shared >= 1"
