@@ -36,15 +36,13 @@ from . import fuzz_gen
 from .harness import BenchDaemon, BenchError, emit, machine_info, now_iso, progress
 from .proof_common import (
     client_context,
+    logged_tracebacks,
     page_bytes,
     prompt_tokens,
     read_page,
     who_wrote,
     write_page,
     write_tokens_file,
-)
-from .proof_common import (
-    tracebacks as logged_tracebacks,
 )
 
 GEOMETRY = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16", "page_tokens": 4}

@@ -100,7 +100,7 @@ def _nothing() -> None:
 # ---------------------------------------------------------------- the daemon's footprint
 
 
-def tracebacks(log_text: str, keep: int = 2) -> tuple[int, list[str]]:
+def logged_tracebacks(log_text: str, keep: int = 2) -> tuple[int, list[str]]:
     """How many tracebacks a daemon's log holds, and the first `keep` (with the line before
     each, which says what failed), for a report that outlives the log."""
     lines = log_text.splitlines()

@@ -29,8 +29,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .harness import BenchDaemon, BenchError, emit, machine_info, now_iso, progress
-from .proof_common import client_context, fd_count, rss_bytes, shm_entries
-from .proof_common import tracebacks as logged_tracebacks
+from .proof_common import client_context, fd_count, logged_tracebacks, rss_bytes, shm_entries
 from .soak_client import client_main
 
 NS = "soak"
