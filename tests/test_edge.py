@@ -9,6 +9,7 @@ import asyncio
 import errno
 import logging
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,14 @@ class Failing:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     @grpc_errors
+    async def Late(self, request: Any, context: Any) -> pb.StatsResponse:
+        # A handler that runs without yielding past its caller's deadline, then refuses the
+        # request (as a Release of a sequence the session no longer holds does): the call
+        # is over by the time the refusal can be sent.
+        time.sleep(0.3)
+        raise errors.NotFound("sequence_id=17 does not exist in session 5")
+
+    @grpc_errors
     async def Slow(self, request: Any, context: Any) -> pb.StatsResponse:
         self.entered.set()
         await self.release.wait()  # never set: shutdown has to end it
@@ -62,7 +71,7 @@ async def _with_server(body: Callable[[Edge, Failing, grpc.aio.Channel], Awaitab
             request_deserializer=pb.StatsRequest.FromString,
             response_serializer=pb.StatsResponse.SerializeToString,
         )
-        for name in ("Bug", "Invariant", "Exists", "Full", "Slow")
+        for name in ("Bug", "Invariant", "Exists", "Full", "Late", "Slow")
     }
     server = grpc.aio.server()
     edge.add_registered_method_handlers("test.Failing", handlers)  # as the daemon's services do
@@ -78,10 +87,12 @@ async def _with_server(body: Callable[[Edge, Failing, grpc.aio.Channel], Awaitab
             await server.stop(None)
 
 
-async def _status(channel: grpc.aio.Channel, method: str, payload: bytes = b"") -> tuple[Code, str]:
+async def _status(
+    channel: grpc.aio.Channel, method: str, payload: bytes = b"", timeout: float = 10
+) -> tuple[Code, str]:
     call = channel.unary_unary(f"/test.Failing/{method}")
     try:
-        await call(payload, timeout=10)
+        await call(payload, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         return e.code(), e.details() or ""
     return Code.OK, ""
@@ -104,6 +115,21 @@ def test_what_handlers_raise_maps_to_a_status_never_unknown(caplog: pytest.LogCa
         asyncio.run(_with_server(body))
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 2, caplog.text  # each bug logged with its traceback
+
+
+def test_a_refusal_after_the_caller_gave_up_is_no_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by `kvstore-bench soak` (cancellations): the abort of a call already over raised
+    ExecuteBatchError, which the edge counted and logged as INTERNAL, a daemon bug."""
+
+    async def body(edge: Edge, failing: Failing, channel: grpc.aio.Channel) -> None:
+        assert (await _status(channel, "Late", timeout=0.1))[0] == Code.DEADLINE_EXCEEDED
+        # The next call is answered once the late handler has finished (one event loop).
+        assert (await _status(channel, "Full"))[0] == Code.RESOURCE_EXHAUSTED
+        assert edge.counts.internal == 0
+
+    with caplog.at_level(logging.ERROR, logger="kvstore.server.edge"):
+        asyncio.run(_with_server(body))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_shutdown_answers_running_and_new_calls_unavailable() -> None:

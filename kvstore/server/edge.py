@@ -158,12 +158,18 @@ class Edge:
                 raise e  # the client went away: nobody to answer
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         code, message = status.status_and_message(e)
-        if code == grpc.StatusCode.INTERNAL:
+        # A call that ended while its handler ran without yielding (the caller's deadline
+        # passed, or it cancelled) cannot be answered: aborting it fails. When that failure is
+        # all there is (the handler had refused the request properly), it is no bug.
+        refused = context.done() and _refusal(e.__context__)
+        if code == grpc.StatusCode.INTERNAL and not refused:
             self.counts.internal += 1
             log.error("%s failed: %s", method, e, exc_info=e)
             message = (
                 f"internal error in {method.rsplit('/', 1)[-1]}: {message} (a bug: see the daemon's log)"
             )
+        if context.done():
+            raise asyncio.CancelledError from None  # nobody to answer
         await context.abort(code, message)
 
     def _unary(
@@ -295,6 +301,11 @@ def _checking_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
         return await behavior(checked(requests, context), context)
 
     return run
+
+
+def _refusal(e: BaseException | None) -> bool:
+    """Whether `e` is an error the caller is told about (not a bug)."""
+    return e is not None and status.status_and_message(e)[0] != grpc.StatusCode.INTERNAL
 
 
 def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
