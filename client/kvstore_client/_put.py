@@ -151,8 +151,12 @@ def _reserve_and_seal(
         seal.credit_sequence_id = old.sequence_id if old is not None else 0
         s = yield _wire.Call("kv", "Seal", seal, _same, sync_first=ns)
     except BaseException:
-        if client.alive:  # give the sequence back (a Seal that failed left it held)
-            yield _wire.release_sequence(sid, r.sequence_id)
+        # Give the sequence back (a Seal that failed left it held). A Seal whose reply was
+        # lost may have sealed it already (then it is the next put's credit, or released):
+        # the caller gets the error that stopped the put, not this cleanup's NOT_FOUND.
+        if client.alive:
+            with contextlib.suppress(KVStoreClientError):
+                yield _wire.release_sequence(sid, r.sequence_id)
         raise
     client._credits.give(ns, s.credit)
     return PutResult(r.num_tokens, r.cached_tokens, written, s.sealed_pages, s.deduplicated_pages)
