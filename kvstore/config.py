@@ -136,6 +136,11 @@ class ServerConfig:
         'get UNAVAILABLE "daemon shutting down"',
         in_range(0, 3600),
     )
+    dumpable: bool = _key(
+        False,
+        "leave the daemon dumpable (debugging: gdb, py-spy, core dumps); then other processes of "
+        "its user can read its memory and open its pools through /proc (docs/security.md)",
+    )
     log_level: LogLevel = _key("info", "log level (logs go to stderr)")  # noqa: RUF009 (ruff: Literal)
     max_extra_keys_bytes: int = _key(
         1024, "longest extra_keys a request may carry (bytes)", in_range(0, 1 << 20)
@@ -186,9 +191,8 @@ class ServerConfig:
     )
     shm_prefix: str = _key(
         "",
-        "name prefix of this user's /dev/shm segments; segment names add the pid, the pool's epoch "
-        "and the namespace, and a starting daemon unlinks the segments under this prefix that no "
-        "live daemon holds locked",
+        "name prefix of the pools' memfds (for operators: `/memfd:<prefix><epoch>.<namespace>` in the "
+        "daemon's /proc maps); pools have no file in /dev/shm",
         check_shm_prefix,
         doc_default="`kvstore-<uid>-`",
     )

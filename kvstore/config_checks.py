@@ -36,15 +36,18 @@ def _matches(pattern: str) -> Check:
 
 
 check_ns_name = _matches(r"[A-Za-z0-9_.-]{1,64}")
-# The prefix becomes part of a /dev/shm file name: no slashes, nothing a shell would trip on.
+# The prefix becomes part of a memfd's name: no slashes, nothing a shell would trip on.
 check_shm_prefix = _matches(r"[A-Za-z0-9_.-]{1,200}")
 
 
 def check_socket_path(v: str) -> str | None:
     if not v:
         return "must not be empty"
-    if len(os.fsencode(v)) > SUN_PATH_MAX:
-        return f"must be at most {SUN_PATH_MAX} bytes long (the unix socket path limit)"
+    if len(os.fsencode(v)) > SUN_PATH_MAX - len(".pool"):
+        return (
+            f"must be at most {SUN_PATH_MAX - len('.pool')} bytes long (the unix socket path limit, less the "
+            "pool socket's `.pool` beside it)"
+        )
     return None
 
 

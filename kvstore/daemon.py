@@ -1,10 +1,12 @@
 """The daemon's lifecycle: start in order, serve until SIGTERM or SIGINT, then stop in order
 with a bound on every step (health NOT_SERVING, drain RPCs, stop background tasks, close the
-store so its /dev/shm segments are unlinked, remove the socket, give back the lock).
+store and its pools, remove the sockets, give back the lock).
 
-Startup order: claim the socket path, remove segments of dead daemons, build the store and
-its namespaces, start the gRPC server, and only then report SERVING on the health service,
-which is what clients and tests wait for.
+Startup order: claim the socket path, build the store and its namespaces, start the gRPC
+server and the pool socket beside it, and only then report SERVING on the health service,
+which is what clients and tests wait for. The process is made non-dumpable first
+(kvstore/server/hardening.py): other processes of the user cannot read its memory or its
+descriptors, the pools' included.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from kvstore.config import Config, ServerConfig, format_size
 from kvstore.errors import InvariantBroken, KVStoreError, StartupError
-from kvstore.memory.shm_pool import remove_stale_segments
 from kvstore.server import socket_path
 from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.edge import Edge
+from kvstore.server.hardening import no_dumps
 from kvstore.server.kvstore_servicer import KVStoreServicer
 from kvstore.server.leases import LoopClock, reap_leases
 from kvstore.server.listeners import bind_tcp, guard_for
 from kvstore.server.metrics import MetricsServer
+from kvstore.server.pool_socket import PoolSocket, pool_socket_path
+from kvstore.server.pool_tickets import PoolTickets
 from kvstore.server.shutdown import close_store, device_pools_unmapped, step
 from kvstore.store.integrity import Integrity, IntegrityConfig
 from kvstore.store.store import Store
@@ -89,6 +93,7 @@ class Daemon:
         self.clock = LoopClock()  # the store's: leaves out the loop's stalls (leases.py)
         self.metrics: MetricsServer | None = None
         self.integrity: Integrity | None = None  # checksums, scrubber, zeroing freed pages
+        self.pool_socket: PoolSocket | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -121,7 +126,6 @@ class Daemon:
         settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
         log.info("config from %s: %s", self.config.config_file or "defaults/env/flags", settings)
         self._lock_fd = socket_path.claim(self.socket_path)
-        remove_stale_segments(s.shm_prefix)  # logs each one it removes
         loop = asyncio.get_running_loop()
         self.store = Store(
             self.config.store_limits(), s.shm_prefix, clock=self.clock, tiers=await self._open_tiers(s)
@@ -149,9 +153,11 @@ class Daemon:
         edge = self.edge
         guard = guard_for(s, self.store)
         edge.guard = guard.wrap if guard is not None else None
-        self._kvstore_servicer = KVStoreServicer(self.store, edge.counts, edge.rpc)
+        tickets = PoolTickets(guard.grant) if guard is not None else PoolTickets()
+        self._kvstore_servicer = KVStoreServicer(self.store, edge.counts, edge.rpc, tickets)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(self._kvstore_servicer, edge)
-        kvstore_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.store, s.default_policy), edge)
+        admin = AdminServicer(self.store, s.default_policy, tickets)
+        kvstore_pb2_grpc.add_AdminServicer_to_server(admin, edge)
         self.health = health_aio.HealthServicer()
         for name in ("", *SERVICE_NAMES):  # the servicer starts out claiming "" is SERVING
             await self.health.set(name, NOT_SERVING)
@@ -167,6 +173,10 @@ class Daemon:
         )
         edge.install(server)
         self._bind(server)
+        self.pool_socket = PoolSocket(
+            pool_socket_path(self.socket_path), tickets, self.store, guard.tokens if guard else None
+        )
+        self.pool_socket.start()
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
@@ -317,6 +327,9 @@ class Daemon:
             )
         if self.integrity is not None:
             self.integrity.close()  # (its thread's job under way reads the pools)
+        if self.pool_socket is not None:
+            pool_socket, self.pool_socket = self.pool_socket, None
+            ok &= await step("pool socket closed", pool_socket.stop(), STEP_TIMEOUT_S)
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
@@ -327,7 +340,7 @@ class Daemon:
         if self.store is not None:
             store, self.store = self.store, None
             # The disk writer's last commit and a stopping re-index are bounded at 30 s each.
-            ok &= await step("store closed, pool segments unlinked", close_store(store), 60 + STEP_TIMEOUT_S)
+            ok &= await step("store closed, pools freed", close_store(store), 60 + STEP_TIMEOUT_S)
         socket_path.release(self.socket_path, self._lock_fd, self._socket_ino)
         self._socket_ino, self._lock_fd = 0, -1
         return ok
@@ -349,6 +362,7 @@ async def serve(config: Config) -> int:
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
+        no_dumps(config.server.dumpable)
         daemon = Daemon(config)
         try:
             await daemon.start(stop)

@@ -149,7 +149,8 @@ class DaemonProcess:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def shm_segments(self) -> list[str]:
-        """Names of this daemon's segments under /dev/shm (all runs share the prefix)."""
+        """Files under /dev/shm with this daemon's prefix: none ever (pools are memfds), but a
+        daemon that made one anyway must not leave it behind."""
         return sorted(p.name for p in SHM_DIR.glob(f"{self.shm_prefix}*"))
 
     def signal(self, sig: int) -> None:

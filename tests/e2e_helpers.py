@@ -39,7 +39,6 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 HELPERS = Path(__file__).resolve()
-SHM_DIR = Path("/dev/shm")
 T = TypeVar("T")
 
 
@@ -72,13 +71,22 @@ def page_tokens_of(tokens: Sequence[int], index: int, page_tokens: int) -> list[
     return list(tokens[index * page_tokens : (index + 1) * page_tokens])
 
 
-def shm_read_page(pool: pb.PoolDescriptor, slot: int) -> bytes:
-    """Page `slot`'s bytes read straight from the daemon's /dev/shm file (os.pread, no mapping)."""
-    fd = os.open(SHM_DIR / pool.shm_name, os.O_RDONLY)
+def read_page(target: str, namespace: str, slot: int, token: str = "") -> bytes:
+    """Page `slot`'s bytes as the daemon's pool holds them, read in this process (not the
+    writer's, not the daemon's) through a descriptor obtained the supported way: a ticket
+    from GetNamespace traded on the pool socket (os.pread on it, no mapping)."""
+    from kvstore_client.pool_fd import fetch
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(target) as channel:
+        d = pb_grpc.KVStoreStub(channel).GetNamespace(
+            pb.GetNamespaceRequest(namespace=namespace), timeout=10, metadata=metadata
+        )
+    pool = fetch(target, d.pool, token, namespace)
     try:
-        return os.pread(fd, pool.page_bytes, pool.offset + slot * pool.page_stride)
+        return os.pread(pool.fd, d.pool.page_bytes, d.pool.offset + slot * d.pool.page_stride)
     finally:
-        os.close(fd)
+        pool.close()
 
 
 def sha256(data: bytes) -> str:
@@ -110,6 +118,7 @@ class Raw:
     """Raw stubs on one channel: no session, no client-side checks."""
 
     def __init__(self, target: str) -> None:
+        self.target = target
         self.channel = grpc.insecure_channel(target)
         self.kv = pb_grpc.KVStoreStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
@@ -131,6 +140,10 @@ class Raw:
 
     def pool(self, namespace: str) -> pb.PoolDescriptor:
         return self.kv.GetNamespace(pb.GetNamespaceRequest(namespace=namespace), timeout=10).pool
+
+    def read_page(self, namespace: str, slot: int) -> bytes:
+        """Page `slot`'s bytes in the daemon's pool (`read_page`)."""
+        return read_page(self.target, namespace, slot)
 
     def counts(self, namespace: str) -> dict[str, int]:
         """The page counts of a namespace plus `sessions`, as a dict (readable in failures)."""

@@ -30,7 +30,6 @@ from e2e_helpers import (
     page_content_bytes,
     page_tokens_of,
     prompt,
-    shm_read_page,
 )
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
@@ -74,7 +73,7 @@ class Ctx:
             assert list(hit.slots) == slots
             for i, slot in enumerate(slots):
                 want = page_content_bytes(i, page_tokens_of(tokens, i, T), pool.page_shape)
-                assert shm_read_page(pool, slot) == want, f"A's prefix {name}: page {i} changed"
+                assert self.raw.read_page("test", slot) == want, f"A's prefix {name}: page {i} changed"
         assert self.raw.counts("test") == self.baseline
 
 

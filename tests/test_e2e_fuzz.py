@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from daemon import SERVING, SMALL_NAMESPACE, DaemonProcess
-from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt, shm_read_page
+from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from kvstore_bench.fuzz_gen import BAD, Fuzzer, discover, method_path
@@ -96,7 +96,7 @@ def test_fuzz_every_method_found_by_reflection(stored: tuple[DaemonProcess, Work
         pool = raw.pool("test")
         for i, slot in enumerate(slots):
             tokens = page_tokens_of(HELD, i, SMALL_NAMESPACE["page_tokens"])
-            assert shm_read_page(pool, slot) == page_content_bytes(i, tokens, pool.page_shape), f"page {i}"
+            assert raw.read_page("test", slot) == page_content_bytes(i, tokens, pool.page_shape), f"page {i}"
         stats = raw.kv.Stats(pb.StatsRequest(), timeout=5)
     assert stats.internal_errors == 0
     assert stats.malformed_requests > 0

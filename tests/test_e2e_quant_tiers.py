@@ -14,7 +14,7 @@ import kvstore_client
 import numpy as np
 import pytest
 from daemon import SMALL_NAMESPACE
-from e2e_helpers import page_content, page_content_bytes, page_tokens_of, prompt, shm_read_page, wait_until
+from e2e_helpers import page_content, page_content_bytes, page_tokens_of, prompt, read_page, wait_until
 from kvstore_client.errors import InvalidArgument
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from test_cli_admin import admin
@@ -60,7 +60,7 @@ def test_an_int8_namespace_round_trips_through_host_and_disk_within_its_bound(
 
         with client.lookup("test", tokens, pin=True) as hit:
             assert hit.hit_tokens == 4 * T
-            got = [shm_read_page(ns.info.pool, slot) for slot in hit.slots]  # the daemon's shm file
+            got = [read_page(d.target, "test", slot) for slot in hit.slots]  # the daemon's pool
         errors = [rel_err(g, w) for g, w in zip(got, want, strict=True)]
         assert max(errors) <= 0.05 and min(errors) > 0, errors  # lossy, within the bound
         t = client.stats().tiers

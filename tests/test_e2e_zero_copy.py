@@ -1,5 +1,5 @@
 """Zero-copy across processes: KV written by one process into its pages is read by another
-through its own mapping of the pool, and is the very memory the daemon's /dev/shm file holds.
+through its own mapping of the pool, and is the very memory the daemon's pool holds.
 
 Process A writes a 2,000-token prompt and keeps running (holding its session and sequence)
 while process B looks the prefix up with a pin and checks every byte. Then A hands B a page
@@ -21,7 +21,6 @@ from e2e_helpers import (
     page_tokens_of,
     prompt,
     sha256,
-    shm_read_page,
 )
 
 PAGE_TOKENS = 16
@@ -72,12 +71,12 @@ def test_a_writes_b_reads_the_same_bytes_and_the_shm_file_holds_them(procs) -> N
     checked = b.call("verify", namespace="zc", tokens=tokens, slots=found["slots"])
     assert checked["mismatched"] == [], f"B read pages that differ from what A wrote: {checked}"
 
-    # The daemon's segment file holds exactly those bytes (read with pread, no mapping).
+    # The daemon's pool holds exactly those bytes (read here with pread on a descriptor of it).
     pool = raw.pool("zc")
     for i, slot in enumerate(slots):
-        on_disk = shm_read_page(pool, slot)
+        on_disk = raw.read_page("zc", slot)
         want = page_content_bytes(i, page_tokens_of(tokens, i, PAGE_TOKENS), pool.page_shape)
-        assert on_disk == want, f"page {i} (slot {slot}) of /dev/shm/{pool.shm_name} differs"
+        assert on_disk == want, f"page {i} (slot {slot}) of the pool differs"
         assert sha256(on_disk) == checked["digests"][i]
 
     # A's sequence and B's pin both hold the prefix: sealed and pinned, nothing reserved.
@@ -103,7 +102,7 @@ def test_b_writes_into_a_writable_page_of_a_and_a_sees_it_in_place(procs) -> Non
 
     pool = raw.pool("zc")
     page_bytes = pool.page_bytes
-    neighbours = {s: shm_read_page(pool, s) for s in (slot - 1, slot + 1) if 0 <= s < pool.num_pages}
+    neighbours = {s: raw.read_page("zc", s) for s in (slot - 1, slot + 1) if 0 <= s < pool.num_pages}
 
     # B -> A: B writes through its mapping, A reads through its own. No RPC in between.
     marker = os.urandom(page_bytes // 2)
@@ -117,10 +116,10 @@ def test_b_writes_into_a_writable_page_of_a_and_a_sees_it_in_place(procs) -> Non
     seen_by_b = b.call("read_bytes", namespace="zc", slot=slot, offset=len(marker), n=len(answer))
     assert bytes.fromhex(seen_by_b) == answer
 
-    # The daemon's file is that same memory, and the writes stayed inside the page.
-    assert shm_read_page(pool, slot) == marker + answer
+    # The daemon's pool is that same memory, and the writes stayed inside the page.
+    assert raw.read_page("zc", slot) == marker + answer
     for s, was in neighbours.items():
-        assert shm_read_page(pool, s) == was, f"slot {s} next to the written page changed"
+        assert raw.read_page("zc", s) == was, f"slot {s} next to the written page changed"
 
     a.call("release", sequence_id=seq["sequence_id"])
     assert raw.counts("zc")["pages_reserved"] == 0

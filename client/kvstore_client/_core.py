@@ -1,6 +1,7 @@
 """State shared by the sync and asyncio clients: the session and its lease, the
 namespace cache, and the client-side tables of sequences and lookups. Nothing
-here does I/O; the subclasses in client.py and aio.py send the `Call`s."""
+here does I/O but trading a pool ticket (`_remember_namespace`, which AsyncClient
+runs in a thread); the subclasses in client.py and aio.py send the `Call`s."""
 
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from grpc_health.v1 import health_pb2_grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-from . import _wire, device
+from . import _wire, device, pool_fd
 from .errors import KVStoreClientError, SessionLost, ShuttingDown, Unavailable, from_rpc_error
-from .namespace import Namespace
-from .pool import SHM_DIR
+from .namespace import Namespace, remember
 from .results import (
     AppendResult,
     CommitResult,
@@ -68,13 +68,13 @@ def make_stubs(channel: Any) -> dict[str, Any]:
 class ClientCore:
     """Session bookkeeping common to `Client` and `AsyncClient`."""
 
-    def __init__(self, target: str, *, timeout_s: float | None, shm_dir: str = SHM_DIR) -> None:
+    def __init__(self, target: str, *, timeout_s: float | None, token: str = "") -> None:
         self.target = target
         self.timeout_s = timeout_s  # deadline of every unary call; None = no deadline
         self.session_id = 0  # set once, when OpenSession answers
         self.lease_ttl_s = 0.0
         self.lease_expires_unix_ms = 0  # written by the keepalive consumer only
-        self._shm_dir = shm_dir
+        self._token = token  # the bearer token, presented again with pool tickets
         self._namespaces: dict[str, Namespace] = {}
         self._all_pools = device.AllPools(self._namespaces)  # (ReleasePin, CloseSession: sync all)
         self._closed = False  # set by close() before the stream is cancelled
@@ -172,8 +172,7 @@ class ClientCore:
         return replace(_wire.get_namespace(name), convert=self._remember_namespace)
 
     def _remember_namespace(self, info: pb.NamespaceInfo) -> Namespace:
-        # Two threads may fetch the same name: keep the first, so there is one mapping.
-        return self._namespaces.setdefault(info.name, Namespace(info, shm_dir=self._shm_dir))
+        return remember(self._namespaces, info, pool_fd.fetch_for(self.target, info, self._token))
 
     def _close_namespaces(self) -> None:
         namespaces, self._namespaces = list(self._namespaces.values()), {}

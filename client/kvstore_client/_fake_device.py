@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from .errors import PoolError, UnsupportedDevice
-from .pool import SHM_DIR, _check_geometry, torch_dtype
+from .pool import _check_geometry, torch_dtype
+from .pool_fd import PoolFd
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,7 @@ class FakeDeviceMapping:
         self._add(self._state + 8, +1)  # one more mapper
 
     @classmethod
-    def open(cls, d: pb.PoolDescriptor, *, shm_dir: str = SHM_DIR) -> FakeDeviceMapping:
+    def open(cls, d: pb.PoolDescriptor, fetched: PoolFd | None) -> FakeDeviceMapping:
         ours = [x for x in os.environ.get(DEVICES_ENV, "").split(",") if x]
         fake_id = d.device.removeprefix("fake:")
         if fake_id not in ours:
@@ -70,9 +71,11 @@ class FakeDeviceMapping:
                 "a device handle opens only on its own device"
             )
         name = d.ipc_handle.decode(errors="replace")
-        if not name or "/" in name or d.alloc_nbytes < d.nbytes + HEADER:
+        if d.alloc_nbytes < d.nbytes + HEADER:
             raise PoolError(f"pool on {d.device!r}: not a fake device handle ({d.ipc_handle!r})")
-        fd = os.open(os.path.join(shm_dir, name), os.O_RDWR | os.O_CLOEXEC)
+        if fetched is None or not fetched.writable:
+            raise PoolError(f"pool on {d.device!r}: no read-write descriptor of it was fetched")
+        fd = os.dup(fetched.fd)  # ours until close(); its record locks live on the shared file
         try:
             mm = mmap.mmap(fd, int(d.alloc_nbytes), flags=mmap.MAP_SHARED)
         except BaseException:

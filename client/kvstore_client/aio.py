@@ -24,13 +24,12 @@ from typing import Any, Generic, TypeVar
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _core, _wire, device
+from . import _core, _wire, device, pool_fd
 from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
 from ._fast_api import AsyncFastPath
-from .channel import TLS, open_aio
+from .channel import TLS, bearer, open_aio
 from .errors import KVStoreClientError
-from .namespace import Namespace, pool_moved
-from .pool import SHM_DIR
+from .namespace import Namespace, pool_moved, remember
 from .results import (
     AppendResult,
     CloseResult,
@@ -138,9 +137,9 @@ class AsyncClient(AsyncFastPath, ClientCore):
         target: str,
         *,
         timeout_s: float | None = 30.0,
-        shm_dir: str = SHM_DIR,
+        token: str = "",
     ) -> None:
-        super().__init__(target, timeout_s=timeout_s, shm_dir=shm_dir)
+        super().__init__(target, timeout_s=timeout_s, token=token)
         self._channel = channel
         self._stubs = make_stubs(channel)
         self._keepalive: Any = None  # the KeepAlive call, owned by open()/close()
@@ -220,10 +219,12 @@ class AsyncClient(AsyncFastPath, ClientCore):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lease_ended.wait(), _core.LEASE_SETTLE_S)
             raise self._error(err) from err
-        moved = pool_moved(call.pool, reply)
-        if moved is not None:
+        fetch = partial(asyncio.to_thread, pool_fd.fetch_for, self.target)  # pool tickets: off the loop
+        if (moved := pool_moved(call.pool, reply)) is not None:
             info = await self._send(_wire.get_namespace(moved.name), timeout=timeout)
-            moved.rebind(info, reply.pool_epoch)
+            moved.rebind(info, reply.pool_epoch, await fetch(info, self._token))
+        if call.convert == self._remember_namespace:
+            return remember(self._namespaces, reply, await fetch(reply, self._token))  # type: ignore[return-value]
         return call.convert(reply)
 
     async def _run(self, call: _wire.Call[T]) -> T:
@@ -368,14 +369,13 @@ def connect(
     lease_ttl_s: float | None = None,
     timeout_s: float | None = 30.0,
     connect_timeout_s: float = 10.0,
-    shm_dir: str = SHM_DIR,
     keepalive_s: float = _core.KEEPALIVE_S,
     token: str | None = None,
     tls: TLS | None = None,
 ) -> Opening[AsyncClient]:
     """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`."""
     dial = partial(open_aio, target, keepalive_s, token, tls)  # (the channel is made on the loop)
-    return Opening(_connect(dial, client_name, lease_ttl_s, timeout_s, connect_timeout_s, shm_dir))
+    return Opening(_connect(dial, client_name, lease_ttl_s, timeout_s, connect_timeout_s, bearer(token)))
 
 
 async def _connect(
@@ -384,9 +384,9 @@ async def _connect(
     lease_ttl_s: float | None,
     timeout_s: float | None,
     connect_timeout_s: float,
-    shm_dir: str,
+    token: str,
 ) -> AsyncClient:
-    client = AsyncClient(*dial(), timeout_s=timeout_s, shm_dir=shm_dir)
+    client = AsyncClient(*dial(), timeout_s=timeout_s, token=token)
     try:
         await client.open(
             client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _wire, device
+from . import _wire, device, pool_fd
 from ._core import (
     KEEPALIVE_S,
     LEASE_SETTLE_S,
@@ -37,10 +37,9 @@ from ._core import (
     make_stubs,
 )
 from ._fast_api import FastPath
-from .channel import TLS, open_sync
+from .channel import TLS, bearer, open_sync
 from .errors import KVStoreClientError
 from .namespace import Namespace, pool_moved
-from .pool import SHM_DIR
 from .results import (
     AppendResult,
     CloseResult,
@@ -143,9 +142,9 @@ class Client(FastPath, ClientCore):
     """
 
     def __init__(
-        self, channel: grpc.Channel, target: str, *, timeout_s: float | None = 30.0, shm_dir: str = SHM_DIR
+        self, channel: grpc.Channel, target: str, *, timeout_s: float | None = 30.0, token: str = ""
     ) -> None:
-        super().__init__(target, timeout_s=timeout_s, shm_dir=shm_dir)
+        super().__init__(target, timeout_s=timeout_s, token=token)
         self._channel = channel
         self._stubs = make_stubs(channel)
         self._keepalive: Any = None  # the KeepAlive call, owned by open()/close()
@@ -231,7 +230,8 @@ class Client(FastPath, ClientCore):
             raise self._error(err) from err
         moved = pool_moved(call.pool, reply)
         if moved is not None:
-            moved.rebind(self._send(_wire.get_namespace(moved.name), timeout=timeout), reply.pool_epoch)
+            info = self._send(_wire.get_namespace(moved.name), timeout=timeout)
+            moved.rebind(info, reply.pool_epoch, pool_fd.fetch_for(self.target, info, self._token))
         return call.convert(reply)
 
     def _run(self, call: _wire.Call[T]) -> T:
@@ -377,7 +377,6 @@ def connect(
     lease_ttl_s: float | None = None,
     timeout_s: float | None = 30.0,
     connect_timeout_s: float = 10.0,
-    shm_dir: str = SHM_DIR,
     keepalive_s: float = KEEPALIVE_S,
     token: str | None = None,
     tls: TLS | None = None,
@@ -391,7 +390,7 @@ def connect(
     answering pings fails the calls under way within `keepalive_s` + 5 s, deadline or not.
     `token` (None = `$KVSTORE_TOKEN`, if set) and `tls`: kvstore_client.channel, docs/security.md.
     """
-    client = Client(*open_sync(target, keepalive_s, token, tls), timeout_s=timeout_s, shm_dir=shm_dir)
+    client = Client(*open_sync(target, keepalive_s, token, tls), timeout_s=timeout_s, token=bearer(token))
     try:
         client.open(client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s)
     except BaseException:

@@ -1,6 +1,6 @@
 """Device pools on the client: which mapping a descriptor needs, and the sync events.
 
-A CPU pool (POSIX shm, `pool.PoolMapping`) needs no sync: a store through the mapping is
+A CPU pool (a memfd, `pool.PoolMapping`) needs no sync: a store through the mapping is
 visible at once. A device pool (`sync_mode == SYNC_BEFORE_COMMIT`) is written and read by
 kernels on streams, so the library waits for an event recorded after this process's work
 before it sends Commit (seal after sync) and before it releases pages (release after
@@ -93,8 +93,9 @@ def check_host(d: pb.PoolDescriptor) -> None:
         )
 
 
-def open_device_pool(d: pb.PoolDescriptor) -> Any:
-    """The mapping of a device pool (loud errors, never a silent fallback to a slow path)."""
+def open_device_pool(d: pb.PoolDescriptor, fetched: Any = None) -> Any:
+    """The mapping of a device pool (loud errors, never a silent fallback to a slow path).
+    `fetched`: the fake device's descriptor (a kvstore_client.pool_fd.PoolFd)."""
     check_host(d)
     if d.handle_type == pb.CUDA_IPC:
         from ._cuda_pool import CudaMapping
@@ -103,5 +104,5 @@ def open_device_pool(d: pb.PoolDescriptor) -> Any:
     if d.handle_type == pb.FAKE_DEVICE:
         from ._fake_device import FakeDeviceMapping
 
-        return FakeDeviceMapping.open(d)
+        return FakeDeviceMapping.open(d, fetched)
     raise PoolError(f"pool on {d.device!r}: handle_type={d.handle_type} is not one this client can open")

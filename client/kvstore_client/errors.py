@@ -98,7 +98,8 @@ class PinExpired(KVStoreClientError):
 
 
 class PoolError(KVStoreClientError):
-    """A namespace's pool cannot be mapped (missing segment, inconsistent descriptor)."""
+    """A namespace's pool cannot be mapped (no descriptor: over TCP, no scope, a refused ticket; an
+    inconsistent descriptor)."""
 
 
 class UnsupportedDevice(PoolError, NotImplementedError):

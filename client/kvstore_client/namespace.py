@@ -12,7 +12,8 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2
 
 from .device import open_device_pool
 from .errors import PoolError
-from .pool import SHM_DIR, PoolMapping, torch_dtype
+from .pool import PoolMapping, torch_dtype
+from .pool_fd import Fetched, PoolFd
 
 if TYPE_CHECKING:
     import torch
@@ -23,16 +24,17 @@ log = logging.getLogger(__name__)
 class Namespace:
     """`info` is the daemon's NamespaceInfo (protobuf). The pool is mapped on the
     first use of `pool`/`page()` (mapping prefaults the whole pool, so it takes a
-    moment for a big one) and stays mapped until the client closes.
+    moment for a big one) and stays mapped until the client closes. Its descriptor
+    (`fetched`) was traded for the reply's ticket as the reply came.
 
     Slots index one pool, named by its epoch (`info.pool.pool_epoch`). When a reply hands
     out slots of another epoch (the daemon restarted, or the namespace was deleted and
     created again) the client maps the new pool before it uses them (`rebind`): views
     taken before then still show the old pool's memory, never the new one's."""
 
-    def __init__(self, info: kvstore_pb2.NamespaceInfo, *, shm_dir: str = SHM_DIR) -> None:
+    def __init__(self, info: kvstore_pb2.NamespaceInfo, fetched: Fetched = None) -> None:
         self.info = info
-        self._shm_dir = shm_dir
+        self._fetched = fetched  # owned: closed with the namespace or when rebound
         self._pool: PoolMapping | None = None  # set once, under _lock
         self._closed = False  # set by close(), under _lock
         self._lock = threading.Lock()
@@ -59,18 +61,22 @@ class Namespace:
 
     @property
     def pool(self) -> PoolMapping:
-        """The pool mapping (raises `UnsupportedDevice` for a CUDA pool, `PoolError` if
-        the segment cannot be mapped, e.g. from another host over TCP)."""
+        """The pool mapping (raises `PoolError` if it cannot be mapped, e.g. over TCP or
+        without a scope on the namespace; read-only with the read scope alone)."""
         if self._pool is None:
             with self._lock:
                 if self._closed:
                     raise PoolError(f"namespace {self.name!r}: its client is closed")
                 if self._pool is None:
-                    d = self.info.pool
+                    d, fetched = self.info.pool, self._fetched
+                    if isinstance(fetched, PoolError):
+                        raise PoolError(fetched.details, code=fetched.code)
                     if d.sync_mode == kvstore_pb2.SYNC_BEFORE_COMMIT:
-                        self._pool = open_device_pool(d)
+                        self._pool = open_device_pool(d, fetched)
+                    elif fetched is None:
+                        raise PoolError(f"namespace {self.name!r}: no descriptor of its pool was fetched")
                     else:
-                        self._pool = PoolMapping.open(d, shm_dir=self._shm_dir)
+                        self._pool = PoolMapping.open(d, fetched)
         return self._pool
 
     @property
@@ -82,10 +88,12 @@ class Namespace:
         that does not say; trusted, as before epochs)."""
         return epoch == 0 or epoch == self.epoch
 
-    def rebind(self, info: kvstore_pb2.NamespaceInfo, epoch: int) -> None:
-        """Take the daemon's current `info` for this namespace, whose pool must be of `epoch`,
-        and drop the old mapping (the new pool is mapped on next use)."""
+    def rebind(self, info: kvstore_pb2.NamespaceInfo, epoch: int, fetched: Fetched) -> None:
+        """Take the daemon's current `info` for this namespace (and the descriptor fetched
+        with it), whose pool must be of `epoch`, and drop the old mapping (the new pool is
+        mapped on next use)."""
         if info.name != self.name or info.pool.pool_epoch != epoch:
+            _close(fetched)
             raise PoolError(
                 f"namespace {self.name!r}: a reply handed out slots of pool epoch {epoch:016x} but "
                 f"the daemon now serves epoch {info.pool.pool_epoch:016x} (the namespace was "
@@ -99,6 +107,8 @@ class Namespace:
         )
         with self._lock:
             self.info = info
+            old, self._fetched = self._fetched, fetched
+        _close(old)
         self.unmap()
 
     def unmap(self) -> None:
@@ -140,6 +150,8 @@ class Namespace:
     def close(self) -> None:
         with self._lock:
             pool, self._pool, self._closed = self._pool, None, True
+            fetched, self._fetched = self._fetched, None
+        _close(fetched)
         if pool is not None:
             pool.close()
 
@@ -149,6 +161,22 @@ class Namespace:
             f"Namespace({self.name!r}, layers={g.num_layers}, kv_heads={g.num_kv_heads}, head_dim={g.head_dim}, "
             f"page_tokens={g.page_tokens}, num_pages={self.info.pool.num_pages})"
         )
+
+
+def remember(
+    namespaces: dict[str, Namespace], info: kvstore_pb2.NamespaceInfo, fetched: Fetched
+) -> Namespace:
+    """The client's namespace for a fresh reply. Two threads may fetch the same name: keep the
+    first, so there is one mapping (and close the other's descriptor)."""
+    ns = namespaces.setdefault(info.name, Namespace(info, fetched))
+    if ns.info is not info:
+        _close(fetched)
+    return ns
+
+
+def _close(fetched: Fetched) -> None:
+    if isinstance(fetched, PoolFd):
+        fetched.close()
 
 
 def pool_moved(ns: Namespace | None, reply: Any) -> Namespace | None:

@@ -1,10 +1,10 @@
 """Zero-copy views of a namespace's page pool.
 
 The daemon owns the pool; a client maps it once per namespace and reads/writes
-pages in place. On CPU the pool is a POSIX shared-memory file under /dev/shm.
-We map it with `mmap` directly: `multiprocessing.shared_memory` registers the
-segment with the resource tracker, which unlinks it when this process exits
-(before Python 3.13) and would pull the pool out from under the daemon.
+pages in place. On CPU the pool is an anonymous shared-memory file (a memfd) whose
+descriptor the daemon hands over its pool socket (kvstore_client/pool_fd.py): read-only
+for a token with the read scope alone, so such a mapping cannot be written at all (a
+write through a view of it is a segfault of the writing process, never a changed page).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import functools
 import logging
 import math
 import mmap
-import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,13 +22,12 @@ from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2
 
 from .errors import InvalidArgument, PoolError, UnsupportedDevice
+from .pool_fd import PoolFd
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-SHM_DIR = "/dev/shm"
 
 # Wire DType -> name of the torch dtype (kvstore_proto.dtypes). torch itself is imported only
 # when a torch dtype or a view is needed (importing it takes over a second; `kvstore-admin`
@@ -100,8 +99,9 @@ class PoolMapping:
     existing mapping and has no side effects.
     """
 
-    def __init__(self, descriptor: kvstore_pb2.PoolDescriptor, mm: mmap.mmap) -> None:
+    def __init__(self, descriptor: kvstore_pb2.PoolDescriptor, mm: mmap.mmap, writable: bool = True) -> None:
         self.descriptor = descriptor
+        self.writable = writable  # False: mapped read-only (a token with the read scope alone)
         self.dtype = torch_dtype(descriptor.dtype)
         self.page_shape = tuple(int(d) for d in descriptor.page_shape)
         self.num_pages = int(descriptor.num_pages)
@@ -116,36 +116,32 @@ class PoolMapping:
         # memoryview holds the export for as long as any view of the pool lives.
         import torch
 
-        self._bytes: torch.Tensor | None = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+        with warnings.catch_warnings():  # a read-only pool: torch warns it cannot protect it
+            warnings.simplefilter("ignore", UserWarning)
+            self._bytes: torch.Tensor | None = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
         self._rows: torch.Tensor | None = None
 
     @classmethod
-    def open(cls, descriptor: kvstore_pb2.PoolDescriptor, *, shm_dir: str = SHM_DIR) -> PoolMapping:
-        """Map the pool a descriptor names. MAP_POPULATE prefaults it: first touch is slow."""
+    def open(cls, descriptor: kvstore_pb2.PoolDescriptor, pool: PoolFd) -> PoolMapping:
+        """Map the pool from its descriptor (kvstore_client.pool_fd), read-write or read-only
+        as it was handed over. MAP_POPULATE prefaults it: first touch is slow."""
         if descriptor.device != "cpu":
             raise UnsupportedDevice(
                 f"pool device={descriptor.device!r} is not a CPU pool: a CUDA (or fake device) "
                 "pool is opened by kvstore_client.device.open_device_pool"
             )
-        if not descriptor.shm_name or "/" in descriptor.shm_name:
-            raise PoolError(f"shm_name={descriptor.shm_name!r} is not a file name under {shm_dir}")
-        path = os.path.join(shm_dir, descriptor.shm_name)
+        if pool.nbytes < descriptor.nbytes:
+            raise PoolError(
+                f"the pool has {pool.nbytes} bytes but the descriptor says nbytes={descriptor.nbytes}"
+            )
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if pool.writable else 0)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         try:
-            fd = os.open(path, os.O_RDWR)
+            mm = mmap.mmap(pool.fd, descriptor.nbytes, flags=flags, prot=prot)
         except OSError as e:
-            raise PoolError(f"cannot open pool {path}: {e.strerror} (is this the daemon's user?)") from e
+            raise PoolError(f"cannot map the pool (epoch {pool.epoch:016x}): {e}") from e
         try:
-            size = os.fstat(fd).st_size
-            if size < descriptor.nbytes:
-                raise PoolError(
-                    f"pool {path} has {size} bytes but the descriptor says nbytes={descriptor.nbytes}"
-                )
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mm = mmap.mmap(fd, descriptor.nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)  # the mapping keeps its own reference to the file
-        try:
-            return cls(descriptor, mm)
+            return cls(descriptor, mm, pool.writable)
         except BaseException:
             mm.close()
             raise
@@ -214,7 +210,8 @@ class PoolMapping:
             mm.close()
         except BufferError:
             log.debug(
-                "pool %s: views still alive, unmapped when they are collected", self.descriptor.shm_name
+                "pool epoch %016x: views still alive, unmapped when they are collected",
+                self.descriptor.pool_epoch,
             )
 
     def __enter__(self) -> PoolMapping:
@@ -226,13 +223,13 @@ class PoolMapping:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return (
-            f"PoolMapping({self.descriptor.shm_name!r}, {state}, num_pages={self.num_pages}, "
+            f"PoolMapping(epoch={self.descriptor.pool_epoch:016x}, {state}, num_pages={self.num_pages}, "
             f"page_shape={self.page_shape}, dtype={self.dtype})"
         )
 
     def _base(self) -> torch.Tensor:
         if self._bytes is None:
-            raise PoolError(f"pool {self.descriptor.shm_name!r} is closed")
+            raise PoolError(f"pool epoch {self.descriptor.pool_epoch:016x} is closed")
         return self._bytes
 
     def _check_slot(self, slot: int) -> int:
@@ -257,4 +254,4 @@ def _check_geometry(d: kvstore_pb2.PoolDescriptor, dtype: torch.dtype, mapped: i
     if end > mapped:
         problems.append(f"{d.num_pages} pages end at byte {end} but the mapping has {mapped}")
     if problems:
-        raise PoolError(f"pool {d.shm_name!r}: inconsistent descriptor: " + "; ".join(problems))
+        raise PoolError(f"pool epoch {d.pool_epoch:016x}: inconsistent descriptor: " + "; ".join(problems))

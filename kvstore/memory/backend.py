@@ -1,7 +1,7 @@
 """The seam between the store and a pool's memory: what a client needs to map a pool
 (`PoolHandle`), and what the daemon does with the memory itself (`PoolBackend`).
 
-Backends: shared memory (kvstore/memory/shm_pool.py, the default), CUDA IPC
+Backends: anonymous shared memory (a memfd: kvstore/memory/shm_pool.py, the default), CUDA IPC
 (kvstore/memory/cuda_pool.py, docs/gpu.md) and a fake device for CI that enforces the
 device rules (kvstore/memory/fake_device.py). The store never sees more than this: it
 addresses pages by byte offset, copies page bytes in and out for the tiers (`copy_out`,
@@ -21,9 +21,9 @@ from typing import Protocol
 class HandleType(enum.IntEnum):
     """How a client maps the pool (the wire's PoolDescriptor.handle_type)."""
 
-    CPU_SHM = 1  # a file under /dev/shm, named by `PoolHandle.name`
+    CPU_MEMFD = 1  # a memfd: its descriptor comes over the pool socket (kvstore/server/pool_socket.py)
     CUDA_IPC = 2  # a cudaIpcMemHandle_t in `PoolHandle.ipc_handle`, opened once per process
-    FAKE_DEVICE = 15  # CI only: shm behind the device rules (fake_device.py)
+    FAKE_DEVICE = 15  # CI only: a memfd behind the device rules (fake_device.py), fetched the same way
 
 
 class SyncMode(enum.IntEnum):
@@ -50,7 +50,7 @@ class PoolHandle:
     epoch: int
     nbytes: int  # size of the whole mapping
     offset: int = 0  # byte offset of page 0 inside the mapping
-    name: str = ""  # CPU_SHM: file name under /dev/shm
+    name: str = ""  # CPU_MEMFD, FAKE_DEVICE: the memfd's name (for operators: /proc/<pid>/maps)
     ipc_handle: bytes = b""  # CUDA_IPC: the handle's bytes
     alloc_nbytes: int = 0  # device pools: bytes of the allocation behind the handle
     host_id: str = ""  # device pools: the host's boot id; a handle means nothing elsewhere

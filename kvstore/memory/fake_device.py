@@ -2,8 +2,9 @@
 
 CI has no GPU, but the store and client logic a GPU pool needs (seal after sync, the
 quarantine of a dead client's pages, epochs, restarts, copies through staging) must run
-there. This backend keeps the pages in a POSIX shm segment that only the fake device's
-own code may touch, and enforces what a CUDA pool cannot check but relies on:
+there. This backend keeps the pages in a memfd (handed over the pool socket like a CPU pool's,
+but read-write to every scope: the client keeps shared counters in it) that only the fake
+device's own code may touch, and enforces what a CUDA pool cannot check but relies on:
 
 - a handle opens only in a process that "has" the same fake device (the client reads
   `KVSTORE_FAKE_DEVICES`, a comma list of ids): a wrong or missing device is a loud error;
@@ -15,7 +16,7 @@ own code may touch, and enforces what a CUDA pool cannot check but relies on:
 - memory stays while mapped: clients count themselves in the header, and closing the
   pool while one still maps it is logged as the error it would be with cudaFree.
 
-Layout of the segment (the client's side is kvstore_client/_fake_device.py):
+Layout of the memfd (the client's side is kvstore_client/_fake_device.py):
 `[0, nbytes)` pages | `nbytes`: 4 KiB header (magic, mappers u32 at +8, syncs u64 at
 +16) | `nbytes + 4096`: one u32 per page, how many processes touched it since their sync.
 """
@@ -70,6 +71,11 @@ class FakeDevicePool(StagedPool):
         shm = ShmPool.create_for(prefix, namespace, nbytes + state_bytes(num_pages))
         log.info("namespace %s: fake device %s (CI only), %d bytes", namespace, device, nbytes)
         return cls(shm, device, nbytes, page_stride)
+
+    def open_fd(self, writable: bool) -> int:
+        """Read-write whatever the scope: a reader's mapping counts its touches in the state.
+        CI only: no security claim is made for the fake device."""
+        return self._shm.open_fd(True)
 
     def _to_host(self, offset: int, out: bytearray) -> None:
         out[:] = self._shm.mapping[offset : offset + len(out)]

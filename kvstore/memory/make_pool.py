@@ -1,4 +1,4 @@
-"""Which backend a namespace's `device` names: `cpu` (shm), `cuda:...` (CUDA IPC), `fake:...` (CI)."""
+"""Which backend a namespace's `device` names: `cpu` (a memfd), `cuda:...` (CUDA IPC), `fake:...` (CI)."""
 
 from __future__ import annotations
 

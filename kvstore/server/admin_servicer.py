@@ -13,6 +13,7 @@ from kvstore import caller
 from kvstore.errors import FailedPrecondition
 from kvstore.observe import explain, mrc_curve
 from kvstore.server import convert
+from kvstore.server.pool_tickets import PoolTickets
 from kvstore.server.status import grpc_errors
 from kvstore.store import namespaces
 from kvstore.store.store import Store
@@ -23,14 +24,19 @@ Ctx = grpc.aio.ServicerContext
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, store: Store, default_policy: str = "lru") -> None:
+    def __init__(self, store: Store, default_policy: str = "lru", tickets: PoolTickets | None = None) -> None:
         self.store = store
         self.default_policy = default_policy
+        self.tickets = (
+            PoolTickets() if tickets is None else tickets
+        )  # pool tickets in CreateNamespace replies
 
     @grpc_errors
     async def CreateNamespace(self, request: pb.CreateNamespaceRequest, context: Ctx) -> pb.NamespaceInfo:
         spec = convert.namespace_spec(request.spec, self.default_policy)
-        return convert.namespace_info(await namespaces.create(self.store, spec))
+        reply = convert.namespace_info(await namespaces.create(self.store, spec))
+        self.tickets.stamp(reply, context)
+        return reply
 
     @grpc_errors
     async def DeleteNamespace(

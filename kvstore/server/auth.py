@@ -24,7 +24,7 @@ import grpc
 from kvstore.caller import CALLER
 from kvstore.server.scopes import RULES, SOME, Needs, Resolve, is_open
 from kvstore.store.store import Store
-from kvstore.tokens import ALL, Token, Tokens
+from kvstore.tokens import ALL, READ, WRITE, Token, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,17 @@ class Guard:
                 where = "every namespace ('*')" if namespace == ALL else f"namespace {namespace!r}"
                 return f"{name} needs the {scope} scope on {where}; token {token.name!r} does not have it"
         return ""
+
+    def grant(self, context: grpc.aio.ServicerContext, namespace: str) -> tuple[str, bool] | None:
+        """The pool access of the (already checked) caller on `namespace`, for its pool ticket
+        (kvstore/server/pool_tickets.py): read-write with the write scope, read-only with read
+        alone, None without either."""
+        token = self._token(context)
+        if token is None:
+            return None
+        if token.allows(WRITE, namespace):
+            return token.name, True
+        return (token.name, False) if token.allows(READ, namespace) else None
 
     def _opened(self, sid: int, token: Token) -> None:
         self.owners[sid] = token.name

@@ -75,7 +75,6 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
         pool=pb.PoolDescriptor(
             handle_type=int(pool.handle.handle_type),
             device=pool.handle.device,
-            shm_name=pool.handle.name,
             ipc_handle=pool.handle.ipc_handle,
             offset=pool.handle.offset,
             nbytes=pool.handle.nbytes,

@@ -17,6 +17,7 @@ from kvstore.server import convert, ops_stats
 from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
 from kvstore.server.fast_servicer import FastPathServicer, lookup_reply
 from kvstore.server.rpc_metrics import RpcMetrics
+from kvstore.server.pool_tickets import PoolTickets
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
@@ -26,8 +27,15 @@ Ctx = grpc.aio.ServicerContext
 
 
 class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
-    def __init__(self, store: Store, edge: EdgeCounts | None = None, rpc: RpcMetrics | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        edge: EdgeCounts | None = None,
+        rpc: RpcMetrics | None = None,
+        tickets: PoolTickets | None = None,
+    ) -> None:
         self.store = store
+        self.tickets = PoolTickets() if tickets is None else tickets  # pool tickets in GetNamespace replies
         self.edge = edge or EdgeCounts()
         self.rpc = rpc  # the edge's per-method calls, for Stats
         self.started = time.monotonic()
@@ -79,7 +87,9 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
 
     @grpc_errors
     async def GetNamespace(self, request: pb.GetNamespaceRequest, context: Ctx) -> pb.NamespaceInfo:
-        return convert.namespace_info(self.store.namespace(request.namespace).info())
+        reply = convert.namespace_info(self.store.namespace(request.namespace).info())
+        self.tickets.stamp(reply, context)
+        return reply
 
     @grpc_errors
     async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:

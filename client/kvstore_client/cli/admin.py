@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from .._core import KEEPALIVE_S
-from ..channel import TLS, TOKEN_ENV, open_sync
+from ..channel import TLS, TOKEN_ENV, bearer, open_sync
 from ..client import Client
 from ..errors import KVStoreClientError
 from ..results import Stats
@@ -318,7 +318,7 @@ def connect(target: str | None, timeout_s: float, token: str | None = None, tls:
     """A client with no session: admin calls need none, and an operator is not a client."""
     # The library's channel options: keepalive pings, so a stopped daemon fails the call.
     channel, resolved = open_sync(target, KEEPALIVE_S, token, tls)
-    return Client(channel, resolved, timeout_s=timeout_s)
+    return Client(channel, resolved, timeout_s=timeout_s, token=bearer(token))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

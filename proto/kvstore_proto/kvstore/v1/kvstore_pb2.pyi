@@ -26,7 +26,7 @@ class SyncMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 class HandleType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     HANDLE_TYPE_UNSPECIFIED: _ClassVar[HandleType]
-    CPU_SHM: _ClassVar[HandleType]
+    CPU_MEMFD: _ClassVar[HandleType]
     CUDA_IPC: _ClassVar[HandleType]
     FAKE_DEVICE: _ClassVar[HandleType]
 
@@ -73,7 +73,7 @@ SYNC_MODE_UNSPECIFIED: SyncMode
 SYNC_NONE: SyncMode
 SYNC_BEFORE_COMMIT: SyncMode
 HANDLE_TYPE_UNSPECIFIED: HandleType
-CPU_SHM: HandleType
+CPU_MEMFD: HandleType
 CUDA_IPC: HandleType
 FAKE_DEVICE: HandleType
 PAGE_STATE_UNSPECIFIED: PageState
@@ -115,9 +115,8 @@ class Geometry(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., page_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class PoolDescriptor(_message.Message):
-    __slots__ = ("device", "shm_name", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype", "handle_type", "pool_epoch", "alloc_nbytes", "host_id", "sync_mode")
+    __slots__ = ("device", "ipc_handle", "offset", "nbytes", "num_pages", "page_bytes", "page_stride", "layout", "page_shape", "dtype", "handle_type", "pool_epoch", "alloc_nbytes", "host_id", "sync_mode", "pool_ticket")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
@@ -132,8 +131,8 @@ class PoolDescriptor(_message.Message):
     ALLOC_NBYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SYNC_MODE_FIELD_NUMBER: _ClassVar[int]
+    POOL_TICKET_FIELD_NUMBER: _ClassVar[int]
     device: str
-    shm_name: str
     ipc_handle: bytes
     offset: int
     nbytes: int
@@ -148,7 +147,8 @@ class PoolDescriptor(_message.Message):
     alloc_nbytes: int
     host_id: str
     sync_mode: SyncMode
-    def __init__(self, device: _Optional[str] = ..., shm_name: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ..., alloc_nbytes: _Optional[int] = ..., host_id: _Optional[str] = ..., sync_mode: _Optional[_Union[SyncMode, str]] = ...) -> None: ...
+    pool_ticket: bytes
+    def __init__(self, device: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ..., alloc_nbytes: _Optional[int] = ..., host_id: _Optional[str] = ..., sync_mode: _Optional[_Union[SyncMode, str]] = ..., pool_ticket: _Optional[bytes] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
     __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint", "tier_precision", "max_session_pages")
