@@ -271,7 +271,7 @@ def describe_namespace(kv: Any, wanted: str | None) -> str:
     if name not in infos:
         raise DemoError(f"namespace {name!r} does not exist; known: {', '.join(infos)}")
     d = namespace_dict(infos[name])
-    where = d["shm_segment"] or d["device"]
+    where = f"a {d['device']} pool (epoch {d['pool_epoch']}, handed out by the daemon)"
     say(
         f"namespace {name}: {d['num_layers']} layers x {d['num_kv_heads']} KV heads x {d['head_dim']} dims, "
         f"{d['dtype']}, {d['page_tokens']} tokens a page ({human_bytes(d['page_bytes'])}), "

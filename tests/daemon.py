@@ -73,9 +73,11 @@ class DaemonProcess:
         args: list[str] | None = None,
         socket_path: Path | None = None,
         shm_prefix: str | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
         """`server` and `namespaces` override the test defaults (server keys one by one, the
-        namespace list as a whole); `env` and `args` go to the process as given."""
+        namespace list as a whole); `env` and `args` go to the process as given; `wrapper`
+        is a command the daemon runs under (e.g. setpriv)."""
         self.dir = Path(tempfile.mkdtemp(prefix="kvs-", dir=_short_tmp()))
         self.socket_path = socket_path or self.dir / "kvstore.sock"
         self.shm_prefix = shm_prefix or f"kvstest-{uuid.uuid4().hex[:12]}-"
@@ -90,6 +92,7 @@ class DaemonProcess:
         self.namespaces = [SMALL_NAMESPACE] if namespaces is None else namespaces
         self.env = env or {}
         self.args = args or []
+        self.wrapper = wrapper or []
         self.proc: subprocess.Popen[bytes] | None = None
         self._runs = 0  # each start gets its own stderr file
 
@@ -110,7 +113,16 @@ class DaemonProcess:
         # stderr goes to a file, not a pipe: a chatty daemon can never block on a full pipe.
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvstore", "serve", "--config", str(self.config_path), *self.args],
+                [
+                    *self.wrapper,
+                    sys.executable,
+                    "-m",
+                    "kvstore",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    *self.args,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,

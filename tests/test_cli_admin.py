@@ -15,9 +15,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import kvstore_client
 import pytest
 from daemon import SMALL_NAMESPACE, DaemonProcess
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 import kvstore
 
@@ -139,18 +142,19 @@ def test_stats_of_one_namespace_and_an_unknown_one(daemon: DaemonProcess) -> Non
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
-def test_namespaces_lists_geometry_and_the_segment(daemon: DaemonProcess) -> None:
+def test_namespaces_lists_geometry_and_the_pool(daemon: DaemonProcess) -> None:
     r = admin("namespaces", target=daemon.target)
     assert r.returncode == 0, r.stderr
-    (segment,) = daemon.shm_segments()
+    with grpc.insecure_channel(daemon.target) as ch:
+        epoch = pb_grpc.KVStoreStub(ch).GetNamespace(pb.GetNamespaceRequest(namespace="test")).pool.pool_epoch
     header, row = r.stdout.splitlines()[:2]
     assert header.split()[:2] == ["NAMESPACE", "LAYERSxHEADSxDIM"]
     assert row.split()[:4] == ["test", "2x2x16", "float16", "4"]
-    assert f"/dev/shm/{segment}" in row and "horizon" in row
+    assert f"cpu {epoch:016x}" in row and "horizon" in row
 
     info = json.loads(admin("namespaces", "--json", target=daemon.target).stdout)["namespaces"]["test"]
     assert info["num_pages"] == 64 and info["page_bytes"] == 1024 and info["pool_bytes"] == 64 * 4096
-    assert info["shm_segment"] == f"/dev/shm/{segment}"
+    assert info["pool_epoch"] == f"{epoch:016x}" and info["device"] == "cpu"
     assert info["page_shape"] == [2, 2, 4, 2, 16] and info["layout"] == "layer,kv,token,head,dim"
 
 
@@ -320,14 +324,13 @@ def test_flush_without_a_disk_tier_says_so(daemon: DaemonProcess) -> None:
 def test_delete_namespace_refuses_a_held_one_then_deletes_it(daemon: DaemonProcess) -> None:
     with kvstore_client.connect(daemon.target) as kv:
         kv.allocate("test", max_tokens=4)
-        assert len(daemon.shm_segments()) == 1
         r = admin("delete-namespace", "test", target=daemon.target)
         assert r.returncode == 1
         assert r.stderr.startswith("error: FAILED_PRECONDITION: namespace 'test' has 1 live sequence(s)")
         r = admin("delete-namespace", "test", "--force", "--json", target=daemon.target)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == {"namespace": "test", "sequences_released": 1, "pins_released": 0}
-        assert daemon.shm_segments() == []
+        assert "closed pool memfd" in daemon.stderr_text() and daemon.shm_segments() == []
         assert admin("namespaces", target=daemon.target).stdout.strip() == "no namespaces"
 
 

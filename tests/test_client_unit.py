@@ -1,4 +1,4 @@
-"""kvstore_client without the daemon: pool mappings over real /dev/shm files,
+"""kvstore_client without the daemon: pool mappings over real memfds,
 error mapping through a real gRPC server, target resolution, token conversion,
 the client-side page table, and the lease held by the KeepAlive stream."""
 
@@ -25,24 +25,23 @@ import torch
 from kvstore_client import PageState, PoolMapping, _wire, errors
 from kvstore_client._core import SequenceBase
 from kvstore_client.namespace import Namespace
+from kvstore_client.pool_fd import PoolFd
 from kvstore_client.target import ConfigFileError, default_target, resolve_target
 from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-SHM = "/dev/shm"
 PAGE_SHAPE = (2, 2, 4, 3, 8)  # layer, kv, token, head, dim
 NUM_PAGES = 5
 
 
 def make_descriptor(
-    shm_name: str, dtype: int = pb.FLOAT16, shape=PAGE_SHAPE, offset: int = 4096
+    _fd: int, dtype: int = pb.FLOAT16, shape=PAGE_SHAPE, offset: int = 4096
 ) -> pb.PoolDescriptor:
     page_bytes = int(np.prod(shape)) * torch.empty((), dtype=kvstore_client.torch_dtype(dtype)).element_size()
     stride = -(-page_bytes // 4096) * 4096
     return pb.PoolDescriptor(
         device="cpu",
-        shm_name=shm_name,
         offset=offset,
         nbytes=offset + NUM_PAGES * stride,
         num_pages=NUM_PAGES,
@@ -55,37 +54,33 @@ def make_descriptor(
 
 
 @pytest.fixture
-def shm_file() -> Iterator[str]:
-    """A fresh file under /dev/shm, removed afterwards (the daemon's job in real life)."""
-    name = f"kvstore-client-test-{uuid.uuid4().hex}"
-    yield name
-    if os.path.exists(os.path.join(SHM, name)):
-        os.unlink(os.path.join(SHM, name))
+def shm_file() -> Iterator[int]:
+    """A fresh memfd (the daemon's, in real life), closed afterwards."""
+    fd = os.memfd_create(f"kvstore-client-test-{uuid.uuid4().hex[:8]}", os.MFD_CLOEXEC)
+    yield fd
+    os.close(fd)
 
 
-def create_pool(name: str, desc: pb.PoolDescriptor) -> None:
-    fd = os.open(os.path.join(SHM, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, desc.nbytes)
-    finally:
-        os.close(fd)
+def create_pool(fd: int, desc: pb.PoolDescriptor) -> None:
+    os.ftruncate(fd, desc.nbytes)
 
 
-def read_file(name: str, offset: int, n: int) -> bytes:
-    fd = os.open(os.path.join(SHM, name), os.O_RDONLY)
-    try:
-        return os.pread(fd, n, offset)
-    finally:
-        os.close(fd)
+def given(fd: int) -> PoolFd:
+    """The descriptor as the pool socket hands it over (read-write); not owned (not closed)."""
+    return PoolFd(fd, True, 0, os.fstat(fd).st_size)
+
+
+def read_file(fd: int, offset: int, n: int) -> bytes:
+    return os.pread(fd, n, offset)
 
 
 # ---------------------------------------------------------------- PoolMapping
 
 
-def test_page_views_write_the_shared_file_in_place(shm_file: str) -> None:
+def test_page_views_write_the_shared_file_in_place(shm_file: int) -> None:
     desc = make_descriptor(shm_file)
     create_pool(shm_file, desc)
-    with PoolMapping.open(desc) as pool:
+    with PoolMapping.open(desc, given(shm_file)) as pool:
         page = pool.page(2)
         assert page.shape == PAGE_SHAPE and page.dtype == torch.float16
         page.copy_(torch.arange(page.numel(), dtype=torch.float16).view(PAGE_SHAPE))
@@ -99,17 +94,17 @@ def test_page_views_write_the_shared_file_in_place(shm_file: str) -> None:
         assert pool.page(2).data_ptr() == page.data_ptr()
 
 
-def test_two_mappings_see_each_others_writes(shm_file: str) -> None:
+def test_two_mappings_see_each_others_writes(shm_file: int) -> None:
     desc = make_descriptor(shm_file, dtype=pb.BFLOAT16)
     create_pool(shm_file, desc)
-    with PoolMapping.open(desc) as a, PoolMapping.open(desc) as b:
+    with PoolMapping.open(desc, given(shm_file)) as a, PoolMapping.open(desc, given(shm_file)) as b:
         a.page(4).fill_(1.5)
         assert torch.equal(b.page(4), torch.full(PAGE_SHAPE, 1.5, dtype=torch.bfloat16))
         b.raw_page(0)[:3] = torch.tensor([7, 8, 9], dtype=torch.uint8)
         assert a.raw_page(0)[:3].tolist() == [7, 8, 9]
 
 
-def test_another_process_reads_and_writes_the_same_pages(shm_file: str) -> None:
+def test_another_process_reads_and_writes_the_same_pages(shm_file: int) -> None:
     desc = make_descriptor(shm_file, dtype=pb.FLOAT32)
     create_pool(shm_file, desc)
     child = textwrap.dedent(
@@ -117,17 +112,19 @@ def test_another_process_reads_and_writes_the_same_pages(shm_file: str) -> None:
         import sys, torch
         from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
         from kvstore_client import PoolMapping
+        from kvstore_client.pool_fd import PoolFd
         desc = pb.PoolDescriptor.FromString(bytes.fromhex(sys.argv[1]))
-        pool = PoolMapping.open(desc)
+        pool = PoolMapping.open(desc, PoolFd(int(sys.argv[2]), True, 0, desc.nbytes))
         print(float(pool.page(1).sum()))
         pool.page(3).fill_(-2.0)
         pool.close()
         """
     )
-    with PoolMapping.open(desc) as pool:
+    with PoolMapping.open(desc, given(shm_file)) as pool:
         pool.page(1).fill_(0.25)
         out = subprocess.run(
-            [sys.executable, "-c", child, desc.SerializeToString().hex()],
+            [sys.executable, "-c", child, desc.SerializeToString().hex(), str(shm_file)],
+            pass_fds=[shm_file],
             capture_output=True,
             text=True,
             check=True,
@@ -135,14 +132,13 @@ def test_another_process_reads_and_writes_the_same_pages(shm_file: str) -> None:
         )
         assert float(out.stdout) == pytest.approx(0.25 * np.prod(PAGE_SHAPE))
         assert torch.equal(pool.page(3), torch.full(PAGE_SHAPE, -2.0))
-    assert os.path.exists(os.path.join(SHM, shm_file)), "a client must never unlink the daemon's segment"
 
 
-def test_whole_pool_view_skips_the_padding_between_pages(shm_file: str) -> None:
+def test_whole_pool_view_skips_the_padding_between_pages(shm_file: int) -> None:
     desc = make_descriptor(shm_file)
     assert desc.page_stride > desc.page_bytes
     create_pool(shm_file, desc)
-    with PoolMapping.open(desc) as pool:
+    with PoolMapping.open(desc, given(shm_file)) as pool:
         whole = pool.view()
         assert whole.shape == (NUM_PAGES, *PAGE_SHAPE)
         for slot in range(NUM_PAGES):
@@ -165,11 +161,11 @@ def test_whole_pool_view_skips_the_padding_between_pages(shm_file: str) -> None:
     ],
 )
 def test_every_wire_dtype_maps_to_its_torch_dtype(
-    shm_file: str, dtype: int, torch_dtype: torch.dtype
+    shm_file: int, dtype: int, torch_dtype: torch.dtype
 ) -> None:
     desc = make_descriptor(shm_file, dtype=dtype, shape=(1, 2, 3, 1, 5), offset=0)
     create_pool(shm_file, desc)
-    with PoolMapping.open(desc) as pool:
+    with PoolMapping.open(desc, given(shm_file)) as pool:
         assert pool.page(NUM_PAGES - 1).dtype == torch_dtype
         assert pool.view().shape == (NUM_PAGES, 1, 2, 3, 1, 5)
     assert kvstore_client.wire_dtype(torch_dtype) == dtype
@@ -186,10 +182,10 @@ def test_the_dtype_table_covers_the_wire_enum_and_matches_torch() -> None:
         assert kvstore_client.dtype_name(d.wire) == d.name and kvstore_client.wire_dtype(d.name) == d.wire
 
 
-def test_close_with_live_views_keeps_them_valid_and_refuses_new_ones(shm_file: str) -> None:
+def test_close_with_live_views_keeps_them_valid_and_refuses_new_ones(shm_file: int) -> None:
     desc = make_descriptor(shm_file)
     create_pool(shm_file, desc)
-    pool = PoolMapping.open(desc)
+    pool = PoolMapping.open(desc, given(shm_file))
     page = pool.page(1)
     page.fill_(3.0)
     pool.close()  # mmap.close() raises BufferError under a live view: must not escape
@@ -200,31 +196,31 @@ def test_close_with_live_views_keeps_them_valid_and_refuses_new_ones(shm_file: s
     pool.close()  # idempotent
 
 
-def test_slot_outside_the_pool_is_refused(shm_file: str) -> None:
+def test_slot_outside_the_pool_is_refused(shm_file: int) -> None:
     desc = make_descriptor(shm_file)
     create_pool(shm_file, desc)
     with (
-        PoolMapping.open(desc) as pool,
+        PoolMapping.open(desc, given(shm_file)) as pool,
         pytest.raises(errors.InvalidArgument, match=f"num_pages={NUM_PAGES}"),
     ):
         pool.page(NUM_PAGES)
 
 
-def test_bad_descriptors_fail_clearly(shm_file: str) -> None:
+def test_bad_descriptors_fail_clearly(shm_file: int) -> None:
     desc = make_descriptor(shm_file)
-    with pytest.raises(errors.PoolError, match="cannot open pool"):
-        PoolMapping.open(desc)
+    with pytest.raises(errors.PoolError, match="the pool has 0 bytes"):
+        PoolMapping.open(desc, given(shm_file))
     create_pool(shm_file, desc)
     wrong = pb.PoolDescriptor()
     wrong.CopyFrom(desc)
     wrong.page_bytes += 2
     with pytest.raises(errors.PoolError, match="page_bytes"):
-        PoolMapping.open(wrong)
+        PoolMapping.open(wrong, given(shm_file))
     cuda = pb.PoolDescriptor(device="cuda:GPU-0000", ipc_handle=b"\0" * 64, dtype=pb.FLOAT16)
     with pytest.raises(NotImplementedError, match="CUDA"):
-        PoolMapping.open(cuda)
+        PoolMapping.open(cuda, given(shm_file))
     with pytest.raises(errors.UnsupportedDevice):
-        PoolMapping.open(cuda)
+        PoolMapping.open(cuda, given(shm_file))
 
 
 # ---------------------------------------------------------------- targets and tokens

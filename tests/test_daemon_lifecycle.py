@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import stat
+from pathlib import Path
 
 import grpc
 import pytest
@@ -43,6 +44,10 @@ def test_socket_and_its_directory_are_private(daemon: DaemonProcess) -> None:
     assert stat.S_ISSOCK(os.stat(daemon.socket_path).st_mode)
 
 
+def pool_socket(d: DaemonProcess) -> Path:
+    return d.socket_path.with_name(d.socket_path.name + ".pool")
+
+
 def test_socket_directory_is_created_with_mode_0700(daemon_factory) -> None:
     d = daemon_factory()
     d.socket_path = d.dir / "run" / "kvstore" / "kvstore.sock"
@@ -52,18 +57,25 @@ def test_socket_directory_is_created_with_mode_0700(daemon_factory) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_removes_socket_and_segments_and_exits_0(daemon: DaemonProcess, sig: int) -> None:
-    assert daemon.shm_segments(), "the daemon should have created its pool segment"
-    assert daemon.socket_path.exists()
+def test_signal_removes_sockets_and_frees_pools_and_exits_0(daemon: DaemonProcess, sig: int) -> None:
+    assert "created pool memfd" in daemon.stderr_text()
+    assert daemon.socket_path.exists() and pool_socket(daemon).exists()
 
     daemon.signal(sig)
     assert daemon.wait() == 0, daemon.stderr_text()
 
     assert not daemon.socket_path.exists()
     assert daemon.shm_segments() == []
-    assert sorted(p.name for p in daemon.dir.iterdir() if "sock" in p.name) == []  # lock file too
+    assert sorted(p.name for p in daemon.dir.iterdir() if "sock" in p.name) == []  # lock, pool socket too
     log = daemon.stderr_text()
-    for step in ("health set to NOT_SERVING", "server stopped", "store closed", "socket"):
+    assert "closed pool memfd" in log
+    for step in (
+        "health set to NOT_SERVING",
+        "server stopped",
+        "pool socket closed",
+        "store closed",
+        "socket",
+    ):
         assert f"shutdown: {step}" in log, log
 
 
@@ -78,18 +90,15 @@ def test_restart_on_the_same_paths(daemon: DaemonProcess) -> None:
 
 
 def test_leftovers_of_kill_9_do_not_block_the_next_start(daemon: DaemonProcess) -> None:
-    old_segments = set(daemon.shm_segments())
-    assert old_segments
     daemon.kill()
-    # A killed daemon cleans nothing up: its socket file and its segment stay behind.
-    assert daemon.socket_path.exists()
-    assert set(daemon.shm_segments()) == old_segments
+    # A killed daemon cleans nothing up: its socket files stay behind (its pools die with it).
+    assert daemon.socket_path.exists() and pool_socket(daemon).exists()
+    assert daemon.shm_segments() == []
 
     daemon.start()
     assert daemon.health() == SERVING
-    now = set(daemon.shm_segments())
-    assert now and not (now & old_segments), "the dead daemon's segments should be gone"
     assert "removed stale socket" in daemon.stderr_text()
+    assert "removed stale pool socket" in daemon.stderr_text()
 
 
 def test_second_daemon_on_a_live_socket_refuses_and_the_first_keeps_serving(
@@ -177,10 +186,11 @@ def test_invalid_config_exits_2_before_creating_anything(daemon_factory) -> None
     assert not d.socket_path.exists()
 
 
-def test_several_namespaces_each_get_a_segment(daemon_factory) -> None:
+def test_several_namespaces_each_get_a_pool(daemon_factory) -> None:
     d = daemon_factory(namespaces=[_small("a"), _small("b")]).start()
-    assert len(d.shm_segments()) == 2
+    assert len(re.findall(r"created pool memfd \S+\.[ab] ", d.stderr_text())) == 2
     assert d.terminate() == 0
+    assert len(re.findall(r"closed pool memfd \S+\.[ab]\n", d.stderr_text())) == 2
     assert d.shm_segments() == []
 
 

@@ -77,7 +77,7 @@ def test_the_descriptor_names_the_fake_device_and_asks_for_sync(device_daemon) -
     assert d.sync_mode == pb.SYNC_BEFORE_COMMIT
     assert d.alloc_nbytes > d.nbytes > 0
     assert d.host_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    assert d.pool_epoch != 0 and d.ipc_handle and not d.shm_name
+    assert d.pool_epoch != 0 and d.ipc_handle and d.pool_ticket
 
 
 def test_pages_written_and_committed_are_read_by_another_process(device_daemon) -> None:

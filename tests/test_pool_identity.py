@@ -1,16 +1,13 @@
 """Pool identity across daemon restarts, and namespaces created and deleted at run time.
 
-Real daemons (tests/daemon.py), real gRPC, real /dev/shm; this test process is the client
+Real daemons (tests/daemon.py), real gRPC, real memfd pools; this test process is the client
 process that holds a mapping while the daemon behind it changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
+import re
 import threading
 import time
 
@@ -18,7 +15,7 @@ import grpc
 import kvstore_client
 import pytest
 import torch
-from daemon import SHM_DIR, DaemonProcess, to_toml
+from daemon import DaemonProcess
 from e2e_helpers import wait_until
 from kvstore_client.errors import FailedPrecondition, InvalidArgument, NotFound, PoolError
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -66,73 +63,35 @@ def test_a_client_holding_a_restarted_daemons_old_mapping_reads_the_new_pools_by
         old.close()
 
 
-def test_restart_right_after_kill_9_removes_the_old_segments_while_the_old_pid_looks_alive() -> None:
-    with DaemonProcess() as a, DaemonProcess(shm_prefix=a.shm_prefix) as b:
-        a.start()
-        old = a.shm_segments()
-        assert old
-        a.signal(signal.SIGKILL)
-        # Dead but not reaped: a zombie, whose pid still answers kill(pid, 0).
-        os.waitid(os.P_PID, a.proc.pid, os.WEXITED | os.WNOWAIT)
-        b.start()
-        assert not set(old) & set(b.shm_segments())
-        assert len(b.shm_segments()) == 1
-        assert "removed stale pool segment" in b.stderr_text()
-        a.wait()
-
-
-def test_a_daemon_that_gets_its_old_pid_back_removes_its_old_segment_and_starts() -> None:
-    d = DaemonProcess()
-    d.config_path.write_text(to_toml(d.server, d.namespaces))
-    # The daemon exec()s in a shell whose pid we know before it starts: its segments
-    # from a "previous life" (the old naming, and the new one) are there when it starts.
-    with open(d.dir / "stderr.log", "wb") as err:  # the child keeps its own copy of the fd
-        proc = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                'read _ && exec "$0" -m kvstore serve --config "$1"',
-                sys.executable,
-                str(d.config_path),
-            ],
-            stdin=subprocess.PIPE,
-            stderr=err,
-        )
-    try:
-        leftovers = [
-            SHM_DIR / f"{d.shm_prefix}{proc.pid}.test",
-            SHM_DIR / f"{d.shm_prefix}{proc.pid}.{1:016x}.test",
-        ]
-        for path in leftovers:
-            path.write_bytes(b"\x5a" * 4096)
-        assert proc.stdin is not None
-        proc.stdin.write(b"go\n")
-        proc.stdin.close()
-        kvstore_client.wait_until_serving(d.target, 30, still_starting=lambda: proc.poll() is None)
-        assert not any(p.exists() for p in leftovers)
+def test_a_killed_daemons_pool_vanishes_with_it_and_a_mapping_of_it_stays_valid() -> None:
+    """No /dev/shm file at any time: the pool is a memfd, freed with its last holder. A client
+    that maps it keeps reading its bytes after a kill -9; the restarted daemon has nothing
+    to sweep."""
+    with DaemonProcess() as d:
+        d.start()
+        assert d.shm_segments() == []
         with kvstore_client.connect(d.target) as kv:
-            write_prompt(kv, "test", 0x11)
-            assert read_prompt(kv, "test") == {0x11}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        d.close()
+            write_prompt(kv, "test", 0x77)
+            with kv.lookup("test", TOKENS, pin=True) as hit:
+                views = hit.views()
+                d.kill()
+                assert {int(b) for v in views for b in v.contiguous().view(-1).numpy().view("u1")} == {0x77}
+        assert d.shm_segments() == []
+        d.start()
+        assert "removed stale pool socket" in d.stderr_text()  # (its socket files are all it left)
+        with kvstore_client.connect(d.target) as kv:
+            with pytest.raises(AssertionError):
+                read_prompt(kv, "test")  # a new pool: nothing cached
+            write_prompt(kv, "test", 0x78)
+            assert read_prompt(kv, "test") == {0x78}
+        assert d.shm_segments() == []
 
 
-def test_a_live_daemons_segments_survive_another_daemons_start() -> None:
-    with DaemonProcess() as a, DaemonProcess(shm_prefix=a.shm_prefix) as b:
-        a.start()
-        with kvstore_client.connect(a.target) as kv:
-            write_prompt(kv, "test", 0x33)
-            mine = a.shm_segments()
-            # A live daemon of the version before locks (it named segments <prefix><pid>.<ns>):
-            legacy = SHM_DIR / f"{a.shm_prefix}{os.getpid()}.legacy"
-            legacy.write_bytes(b"")
-            b.start()
-            assert set(mine) < set(b.shm_segments()) and legacy.exists()
-            assert "removed stale pool segment" not in b.stderr_text()
-            assert read_prompt(kv, "test") == {0x33}  # through a fresh mapping too:
-            assert read_prompt(kvstore_client.connect(a.target), "test") == {0x33}
+def closed_pools(d: DaemonProcess, namespace: str) -> list[str]:
+    """Epochs (hex) of `namespace`'s pools the daemon says it closed."""
+    return re.findall(
+        rf"closed pool memfd {re.escape(d.shm_prefix)}([0-9a-f]{{16}})\.{namespace}\b", d.stderr_text()
+    )
 
 
 # ---------------------------------------------------------------- creating, deleting
@@ -153,14 +112,15 @@ def test_a_cancelled_create_namespace_leaves_nothing_and_the_retry_succeeds() ->
                 admin.CreateNamespace(pb.CreateNamespaceRequest(spec=big_spec("big", 1)), timeout=0.05)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             info = admin.CreateNamespace(pb.CreateNamespaceRequest(spec=big_spec("big", 1)), timeout=60)
-            assert info.pool.pool_epoch and info.pool.shm_name in d.shm_segments()
-        # The cancelled call's pool is closed once its thread has backed it: one segment left.
-        wait_until(
-            lambda: [s for s in d.shm_segments() if s.endswith(".big")],
-            lambda segs: segs == [info.pool.shm_name],
+            assert info.pool.pool_epoch
+        # The cancelled call's pool is closed once its thread has backed it; the retry's stays.
+        closed = wait_until(
+            lambda: closed_pools(d, "big"),
+            lambda c: len(c) == 1,
             timeout=30,
-            what="the cancelled pool removed",
+            what="the cancelled pool closed",
         )
+        assert closed != [f"{info.pool.pool_epoch:016x}"] and d.shm_segments() == []
 
 
 def test_other_rpcs_are_answered_while_a_big_namespace_is_created() -> None:
@@ -172,7 +132,7 @@ def test_other_rpcs_are_answered_while_a_big_namespace_is_created() -> None:
                 target=lambda: created.append(kv.create_namespace(big_spec("big", 2)))
             )
             creating.start()
-            # Heartbeat until the pool exists (by name in /dev/shm) and the RPC answered.
+            # Heartbeat until the pool exists and the RPC answered.
             worst = 0.0
             while creating.is_alive():
                 t0 = time.monotonic()
@@ -194,19 +154,21 @@ def test_delete_namespace_refuses_while_held_unless_forced_and_a_mapping_never_s
         with kvstore_client.connect(d.target) as kv, kvstore_client.connect(d.target) as admin:
             ns = kv.create_namespace(spec)
             write_prompt(kv, ns, 0x44)
-            segment = ns.info.pool.shm_name
             held = kv.lookup(ns, TOKENS, pin=True)
             with pytest.raises(FailedPrecondition, match="1 pin"):
                 admin.delete_namespace("tmp")
-            assert (SHM_DIR / segment).exists()
-            assert {int(b) for b in held.views()[0].contiguous().view(-1).numpy().view("u1")} == {0x44}
+            assert closed_pools(d, "tmp") == []
+            view = held.views()[0]
+            assert {int(b) for b in view.contiguous().view(-1).numpy().view("u1")} == {0x44}
 
             with pytest.raises(InvalidArgument, match="pool_epoch=0"):
                 admin.delete_namespace("tmp", force=True, pool_epoch=0)
             old_epoch = ns.epoch
             r = admin.delete_namespace("tmp", force=True, pool_epoch=old_epoch)
             assert (r.sequences_released, r.pins_released) == (0, 1)
-            assert not (SHM_DIR / segment).exists()
+            assert closed_pools(d, "tmp") == [f"{old_epoch:016x}"]
+            # Freed by the daemon, still mapped here: the view reads what it read.
+            assert {int(b) for b in view.contiguous().view(-1).numpy().view("u1")} == {0x44}
             with pytest.raises(NotFound, match="'tmp'"):
                 admin.lookup("tmp", TOKENS)
             with pytest.raises(NotFound, match="pin_id"):

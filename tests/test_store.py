@@ -5,8 +5,8 @@ counters, page states, slots, free list)."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
-import stat
 import uuid
 from pathlib import Path
 
@@ -158,14 +158,20 @@ def state_of(store: Store, slot: int) -> PageState:
 # ------------------------------------------------------------------ namespace and pool
 
 
-def test_create_namespace_makes_private_segment(bare_store, prefix):
+def test_create_namespace_makes_a_private_sealed_memfd(bare_store, prefix):
     info = bare_store.create_namespace(make_spec())
     handle = info.pool.handle
-    path = SHM / handle.name
-    assert handle.name == f"{prefix}{os.getpid()}.{handle.epoch:016x}.ns"  # unique to this pool
-    st_ = path.stat()
-    assert stat.S_IMODE(st_.st_mode) == 0o600
-    assert st_.st_size == PAGES * 4096 == handle.nbytes
+    assert handle.name == f"{prefix}{handle.epoch:016x}.ns"  # a memfd's name, for operators
+    assert list(SHM.glob(prefix + "*")) == []  # no file anywhere: only descriptors reach it
+    pool = bare_store.namespaces["ns"].pool
+    fd = pool.open_fd(False)
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == f"/memfd:{handle.name} (deleted)"
+        assert os.fstat(fd).st_size == PAGES * 4096 == handle.nbytes
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+    finally:
+        os.close(fd)
     assert info.pool.page_bytes == PAGE_BYTES == 64
     assert info.pool.page_stride == 4096
     assert info.pool.page_shape == (1, 2, T, 1, 8)
@@ -199,7 +205,8 @@ def test_create_namespace_makes_private_segment(bare_store, prefix):
         "extra": {},
     }
     bare_store.close()
-    assert not path.exists()
+    with pytest.raises(OSError, match="closed"):
+        pool.open_fd(False)
     bare_store.close()  # idempotent
 
 
@@ -208,7 +215,7 @@ def test_duplicate_namespace_already_exists_and_keeps_the_first(store, prefix):
     with pytest.raises(AlreadyExists, match="'ns'"):
         store.create_namespace(make_spec(num_pages=4))
     assert stats(store) == before
-    assert len(list(SHM.glob(prefix + "*"))) == 1
+    assert list(SHM.glob(prefix + "*")) == []
 
 
 @pytest.mark.parametrize(

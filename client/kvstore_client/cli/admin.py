@@ -114,11 +114,11 @@ def cmd_namespaces(kv: Client, args: argparse.Namespace) -> int:
                 d["num_pages"],
                 human_bytes(d["pool_bytes"]),
                 d["policy"],
-                d["shm_segment"] or d["device"],
+                f"{d['device']} {d['pool_epoch']}",
             )
         )
     header = ("NAMESPACE", "LAYERSxHEADSxDIM", "DTYPE", "PAGE TOKENS", "PAGE", "PAGES", "POOL")
-    print(table((*header, "POLICY", "SEGMENT"), rows))
+    print(table((*header, "POLICY", "POOL EPOCH"), rows))
     fingerprints = [(i.name, i.model_fingerprint) for i in infos if i.model_fingerprint]
     for name, fp in fingerprints:
         print(f"{name}: model {fp}")
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --watch: stop after N readings (exit 0), e.g. for a script",
     )
 
-    ns = command("namespaces", cmd_namespaces, help="geometry, dtype, pool size, shm segment, policy")
+    ns = command("namespaces", cmd_namespaces, help="geometry, dtype, pool size and epoch, policy")
     ns.add_argument("--json", action="store_true")
     delete = command(
         "delete-namespace",

@@ -227,7 +227,7 @@ def namespace_dict(info: pb.NamespaceInfo) -> dict[str, Any]:
         "num_pages": p.num_pages,
         "pool_bytes": p.nbytes,
         "device": p.device,
-        "shm_segment": f"/dev/shm/{p.shm_name}" if p.shm_name else "",
+        "pool_epoch": f"{p.pool_epoch:016x}",  # the pool's identity (it has no name: a memfd)
         "layout": p.layout,
         "page_shape": list(p.page_shape),
         "policy": info.policy,
