@@ -5,8 +5,8 @@
     python kv_worker.py watch --prompts 8 --tokens 256 --seed 1      # until SIGTERM
 
 It talks to the sidecar through `kvstore_client` (the unix socket, `$KVSTORE_SOCKET`) and reads
-and writes KV bytes in place through its own mapping of the pool's segment in /dev/shm: a
-numpy array over the mmap, so a hit is read where the writer put it, without a copy (the
+and writes KV bytes in place through its own mapping of the pool (the descriptor the client got
+from the sidecar's pool socket, `Namespace.pool_descriptor()`): a numpy array over the mmap, so a hit is read where the writer put it, without a copy (the
 client library's own page views are torch tensors; this worker shows that the image needs no
 torch). Every page's bytes are a function of (seed, prompt, page index), so any process
 recomputes what a page must hold and compares byte for byte.
@@ -34,8 +34,6 @@ import kvstore_client
 import numpy as np
 from kvstore_client.errors import KVStoreClientError
 
-SHM_DIR = "/dev/shm"
-
 
 def prompt_tokens(seed: int, prompt: int, n: int) -> list[int]:
     """Token ids of prompt `prompt`: random, so no two prompts share a first page."""
@@ -49,15 +47,16 @@ def page_bytes(seed: int, prompt: int, index: int, size: int) -> np.ndarray:
 
 
 class Pool:
-    """One process's mapping of a namespace's segment: page `slot` is a numpy view into it."""
+    """One process's mapping of a namespace's pool: page `slot` is a numpy view into it."""
 
-    def __init__(self, descriptor: Any) -> None:
-        fd = os.open(os.path.join(SHM_DIR, descriptor.shm_name), os.O_RDWR)
+    def __init__(self, ns: Any) -> None:
+        descriptor, fd = ns.info.pool, ns.pool_descriptor()
         try:
-            self.mm = mmap.mmap(fd, descriptor.nbytes, flags=mmap.MAP_SHARED)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if fd.writable else 0)
+            self.mm = mmap.mmap(fd.fd, descriptor.nbytes, flags=mmap.MAP_SHARED, prot=prot)
         finally:
-            os.close(fd)
-        self.name = descriptor.shm_name
+            fd.close()  # the mapping keeps the memory
+        self.name = f"{descriptor.pool_epoch:016x}"
         self.bytes = np.frombuffer(self.mm, dtype=np.uint8)
         self.offset, self.stride, self.size = descriptor.offset, descriptor.page_stride, descriptor.page_bytes
 
@@ -85,11 +84,11 @@ class Worker:
         self.client = None
 
     def pool(self, ns: Any) -> Pool:
-        """The mapping of the pool `ns` serves now (a restarted sidecar serves a new segment)."""
-        d = ns.info.pool
-        if d.shm_name not in self.pools:
-            self.pools[d.shm_name] = Pool(d)
-        return self.pools[d.shm_name]
+        """The mapping of the pool `ns` serves now (a restarted sidecar serves a new pool)."""
+        epoch = f"{ns.info.pool.pool_epoch:016x}"
+        if epoch not in self.pools:
+            self.pools[epoch] = Pool(ns)
+        return self.pools[epoch]
 
     def write(self) -> dict[str, Any]:
         a, kv = self.args, self.connect()

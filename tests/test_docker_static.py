@@ -66,11 +66,12 @@ def test_compose_file_against_its_schema() -> None:
 
 def test_compose_is_a_pod_without_network() -> None:
     services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
-    assert services["pod"]["ipc"] == "shareable" and services["pod"].get("shm_size")
     for name, svc in services.items():
         assert svc["network_mode"] == "none", name
+        # The pools are memfds passed over the socket: no /dev/shm, no IPC namespace to share.
+        assert "ipc" not in svc and "shm_size" not in svc, name
         if name != "pod":
-            assert svc["ipc"] == "service:pod" and svc["pid"] == "service:pod", name
+            assert svc["pid"] == "service:pod", name
     assert "socket:/run/kvstore" in services["kvstore"]["volumes"]
     assert "socket:/run/kvstore" in services["worker"]["volumes"]
     assert any(v.startswith("data:") for v in services["kvstore"]["volumes"])
@@ -108,7 +109,7 @@ def test_k8s_sidecar_example() -> None:
     assert pod["shareProcessNamespace"] is True
     assert pod["securityContext"]["runAsUser"] == image_uid()
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert not any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values())  # no /dev/shm
     (sidecar,) = pod["initContainers"]
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar
     containers = [sidecar, *pod["containers"]]
@@ -117,7 +118,7 @@ def test_k8s_sidecar_example() -> None:
         assert c.keys() <= CONTAINER_FIELDS, c.keys() - CONTAINER_FIELDS
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert set(mounts.values()) <= volumes.keys(), c["name"]
-        assert mounts["/dev/shm"] == "dshm" and mounts["/run/kvstore"] == "socket", c["name"]
+        assert "/dev/shm" not in mounts and mounts["/run/kvstore"] == "socket", c["name"]
         env = {e["name"]: e["value"] for e in c.get("env", [])}
         sockets.add(env["KVSTORE_SOCKET"])
     assert len(sockets) == 1  # the daemon and the worker agree on the socket

@@ -4,6 +4,7 @@ mapping of its pool this client shares between all its sequences and lookups."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,19 @@ class Namespace:
                     else:
                         self._pool = PoolMapping.open(d, fetched)
         return self._pool
+
+    def pool_descriptor(self) -> PoolFd:
+        """A duplicate of the pool's descriptor (yours to close): for a mapping of your own,
+        e.g. without torch. Read-only unless the token has the write scope (`.writable`)."""
+        with self._lock:
+            fetched = self._fetched
+            if isinstance(fetched, PoolError):
+                raise PoolError(fetched.details, code=fetched.code)
+            if fetched is None or fetched.fd < 0:
+                raise PoolError(
+                    f"namespace {self.name!r}: no descriptor of its pool (a device pool, or closed)"
+                )
+            return PoolFd(os.dup(fetched.fd), fetched.writable, fetched.epoch, fetched.nbytes)
 
     @property
     def epoch(self) -> int:
