@@ -1,6 +1,6 @@
 """`kvstore-bench pageio`: how fast a client moves KV through its mapping of the pool.
 
-A client maps a namespace's pool (POSIX shm, DRAM-resident: 512 MiB, far above the last
+A client maps a namespace's pool (a memfd, DRAM-resident: 512 MiB, far above the last
 level cache), allocates a sequence of N pages, and times, per page as an engine would:
 
 - write: `view.copy_(src[i])` from a preallocated plain tensor into each WRITABLE page view;
