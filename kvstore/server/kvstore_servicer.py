@@ -16,8 +16,8 @@ from kvstore.errors import InvalidArgument, KVStoreError, QuotaExceeded
 from kvstore.server import convert, ops_stats
 from kvstore.server.edge import SHUTTING_DOWN, EdgeCounts
 from kvstore.server.fast_servicer import FastPathServicer, lookup_reply
-from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.server.pool_tickets import PoolTickets
+from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.server.status import abort_for, grpc_errors
 from kvstore.store import namespaces, waits
 from kvstore.store.store import Store
