@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvstore_client import aio
 from kvstore_client.channel import TLS
-from kvstore_client.errors import KVStoreClientError, PermissionDenied, Unauthenticated
+from kvstore_client.errors import KVStoreClientError, PermissionDenied, PoolError, Unauthenticated
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from kvstore.server.auth import UNAUTHENTICATED
@@ -256,11 +256,13 @@ def test_tls_round_trip_with_client_certificates(daemon_factory, tmp_path) -> No
     d = daemon_factory(server=server, namespaces=NAMESPACES).start()
     target = f"localhost:{tcp_port(d.stderr_text())}"
     tls = TLS(certs["ca.pem"], certs["client.pem"], certs["client.key"])
-    with kvstore_client.connect(target, token=WRITER, tls=tls) as kv:
-        data = _bytes(kv, len(TOKEN_IDS))
-        kv.put("a", TOKEN_IDS, data)
+    with kvstore_client.connect(d.target, token=WRITER) as kv:  # the pool: on the unix socket
+        kv.put("a", TOKEN_IDS, _bytes(kv, len(TOKEN_IDS)))
     with kvstore_client.connect(target, token=READER, tls=tls) as kv:
-        assert bytes(kv.get("a", TOKEN_IDS).data.numpy()) == data
+        assert kv.lookup("a", TOKEN_IDS).hit_tokens == len(TOKEN_IDS)
+        # No descriptor crosses TCP: zero-copy needs the unix socket, and the client says so.
+        with pytest.raises(PoolError, match="only by a client on the daemon's unix socket"):
+            kv.get("a", TOKEN_IDS)
     # Without a client certificate, in the clear, or without a token: refused.
     for kw in ({"token": READER, "tls": TLS(certs["ca.pem"])}, {"token": READER}):
         with pytest.raises(KVStoreClientError) as e:
