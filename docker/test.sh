@@ -51,7 +51,8 @@ wait_healthy() {
     done
     die "the sidecar is not healthy after 60 s ($status); logs in $logs"
 }
-# A one-shot worker container in the pod (the shared IPC and PID namespaces); prints its JSON.
+# A one-shot worker container in the pod (the shared PID namespace; the pool comes over the
+# socket volume); prints its JSON.
 worker() { "${compose[@]}" run --rm --no-deps -T worker "$@" --prompts $PROMPTS --tokens $TOKENS 2>>"$runlog"; }
 field() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])[sys.argv[1]])' "$1"; }
 

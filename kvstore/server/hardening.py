@@ -11,7 +11,6 @@ py-spy or a core dump, and says so loudly.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -28,11 +27,16 @@ def no_dumps(dumpable: bool) -> None:
             os.getuid(),
         )
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's prctl
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         log.warning(
             "prctl(PR_SET_DUMPABLE, 0) failed (%s): /proc/<pid> stays open to uid %d",
             os.strerror(err),
             os.getuid(),
+        )
+    else:
+        log.info(
+            "not dumpable: /proc/%d/fd and mem are closed to other processes (server.dumpable=true to debug)",
+            os.getpid(),
         )
