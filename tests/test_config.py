@@ -152,6 +152,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "shutdown_grace_s": "1",
         "quarantine_grace_s": "4",
         "log_level": "debug",
+        "dumpable": "true",
         "max_extra_keys_bytes": "7",
         "default_policy": "lru",
         "host_tier_bytes": "64MiB",
@@ -256,7 +257,7 @@ def test_the_table_matches_the_store_types() -> None:
             {"KVSTORE_TCP": "localhost:99999"},
             "server.tcp='localhost:99999' (from KVSTORE_TCP): must be HOST:PORT",
         ),
-        ({"KVSTORE_SOCKET": "/" + "s" * 120}, "must be at most 107 bytes long"),
+        ({"KVSTORE_SOCKET": "/" + "s" * 120}, "must be at most 102 bytes long (the unix socket path limit, less the pool socket"),
         ({"KVSTORE_SHM_PREFIX": "a/b"}, "server.shm_prefix='a/b' (from KVSTORE_SHM_PREFIX): must match"),
         (
             {"KVSTORE_DEFAULT_POLICY": "nope"},
