@@ -257,7 +257,10 @@ def test_the_table_matches_the_store_types() -> None:
             {"KVSTORE_TCP": "localhost:99999"},
             "server.tcp='localhost:99999' (from KVSTORE_TCP): must be HOST:PORT",
         ),
-        ({"KVSTORE_SOCKET": "/" + "s" * 120}, "must be at most 102 bytes long (the unix socket path limit, less the pool socket"),
+        (
+            {"KVSTORE_SOCKET": "/" + "s" * 120},
+            "must be at most 102 bytes long (the unix socket path limit, less the pool socket",
+        ),
         ({"KVSTORE_SHM_PREFIX": "a/b"}, "server.shm_prefix='a/b' (from KVSTORE_SHM_PREFIX): must match"),
         (
             {"KVSTORE_DEFAULT_POLICY": "nope"},
