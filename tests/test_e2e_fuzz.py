@@ -6,7 +6,7 @@ values (huge, negative and odd ints, NaN, long and odd strings, unknown enum num
 and huge repeated fields, nested messages) and garbage bytes (random, truncated, bad varints,
 wrong wire types). The answer must never be UNKNOWN or INTERNAL; afterwards the daemon is
 SERVING, counted no internal error, and the pages process A stored read back unchanged
-(bytes, through A's own mapping and through /dev/shm). Seeded: the same calls every run;
+(bytes, through A's own mapping and through a descriptor from the pool socket). Seeded: the same calls every run;
 KVSTORE_FUZZ_SEED and KVSTORE_FUZZ_TYPED (calls a method, 40) to hunt further. The generator
 is kvstore_bench.fuzz_gen, shared with `kvstore-bench fuzz` (the same at 100,000 requests).
 """
