@@ -72,10 +72,9 @@ def test_a_killed_daemons_pool_vanishes_with_it_and_a_mapping_of_it_stays_valid(
         assert d.shm_segments() == []
         with kvstore_client.connect(d.target) as kv:
             write_prompt(kv, "test", 0x77)
-            with kv.lookup("test", TOKENS, pin=True) as hit:
-                views = hit.views()
-                d.kill()
-                assert {int(b) for v in views for b in v.contiguous().view(-1).numpy().view("u1")} == {0x77}
+            views = kv.lookup("test", TOKENS, pin=True).views()  # (its pin ends with the daemon)
+            d.kill()
+            assert {int(b) for v in views for b in v.contiguous().view(-1).numpy().view("u1")} == {0x77}
         assert d.shm_segments() == []
         d.start()
         assert "removed stale pool socket" in d.stderr_text()  # (its socket files are all it left)
