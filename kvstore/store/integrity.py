@@ -275,7 +275,7 @@ class Integrity:
 
     def attach(self, ns: Namespace) -> None:
         """Guard a new namespace (host pools only)."""
-        if ns.pool.handle.handle_type is not HandleType.CPU_SHM:
+        if ns.pool.handle.handle_type is not HandleType.CPU_MEMFD:
             return
         if not (self.config.checksums or self.config.zero_freed):
             return
