@@ -108,7 +108,9 @@ class Sampler:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    daemon = BenchDaemon([NAMESPACE], {"host_tier_bytes": 256 << 10})
+    # dumpable: the soak counts the daemon's fds in /proc/<pid>/fd, closed to other processes
+    # of its user otherwise (docs/security.md, "The pool"; root reads it anyway).
+    daemon = BenchDaemon([NAMESPACE], {"host_tier_bytes": 256 << 10, "dumpable": True})
     daemon.server |= {"disk_tier_dir": str(daemon.dir / "disk"), "disk_tier_bytes": 64 << 20}
     shm_global_before = shm_entries()
     duration = args.minutes * 60
