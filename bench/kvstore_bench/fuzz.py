@@ -313,7 +313,7 @@ def summary(
     after: dict[str, Any],
     own: dict[str, Any],
     other: dict[str, Any],
-    tracebacks: tuple[int, list[str]],
+    tracebacks: tuple[int, list[str], int],
     status: int | None,
 ) -> dict[str, Any]:
     by_code: Counter[str] = Counter()
@@ -358,7 +358,12 @@ def summary(
         "methods": len(by_method),
         "by_method": {k: dict(v.most_common()) for k, v in sorted(by_method.items())},
         "daemon": after
-        | {"tracebacks_logged": tracebacks[0], "tracebacks_first": tracebacks[1], "exit_status": status},
+        | {
+            "tracebacks_logged": tracebacks[0],
+            "tracebacks_first": tracebacks[1],
+            "grpc_replies_to_gone_callers_logged": tracebacks[2],
+            "exit_status": status,
+        },
         "pages_checked_writer": own["checked"],
         "pages_checked_reader": other["checked"],
         "pages_mismatched": own["mismatched"] + other["mismatched"],

@@ -314,7 +314,7 @@ def summary(
     reader: Reader,
     baseline: dict[str, int],
     end: dict[str, int],
-    tracebacks: tuple[int, list[str]],
+    tracebacks: tuple[int, list[str], int],
     status: int | None,
 ) -> dict[str, Any]:
     def dist(xs: list[float]) -> dict[str, float]:
@@ -362,6 +362,7 @@ def summary(
         "daemon": {
             "tracebacks_logged": tracebacks[0],
             "tracebacks_first": tracebacks[1],
+            "grpc_replies_to_gone_callers_logged": tracebacks[2],
             "exit_status": status,
         },
     }

@@ -100,18 +100,27 @@ def _nothing() -> None:
 # ---------------------------------------------------------------- the daemon's footprint
 
 
-def logged_tracebacks(log_text: str, keep: int = 2) -> tuple[int, list[str]]:
-    """How many tracebacks a daemon's log holds, and the first `keep` (with the line before
-    each, which says what failed), for a report that outlives the log."""
+# grpc's own log line when a servicer's good reply cannot be sent because its caller gave up
+# (deadline, cancel) meanwhile: not the daemon's error (the client saw DEADLINE_EXCEEDED or
+# CANCELLED), so counted apart.
+GONE_CALLER = "ExecuteBatchError raised in core by servicer method"
+
+
+def logged_tracebacks(log_text: str, keep: int = 2) -> tuple[int, list[str], int]:
+    """How many tracebacks a daemon's log holds, the first `keep` (with the line before each,
+    which says what failed) for a report that outlives the log, and how many more were
+    grpc's about replies to callers already gone (GONE_CALLER)."""
     lines = log_text.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    gone = [i for i in starts if i > 0 and GONE_CALLER in lines[i - 1]]
+    starts = [i for i in starts if i not in gone]
     shown = []
     for i in starts[:keep]:
         end = i + 1
         while end < len(lines) and (lines[end].startswith((" ", "\t")) or end == i + 1):
             end += 1
         shown.append("\n".join(lines[max(0, i - 1) : min(end + 1, i + 60)]))
-    return len(starts), shown
+    return len(starts), shown, len(gone)
 
 
 def rss_bytes(pid: int) -> dict[str, int]:

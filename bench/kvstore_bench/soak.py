@@ -250,7 +250,7 @@ def summary(
     settled: dict[str, Any],
     latest: dict[int, dict[str, Any]],
     procs: list[Any],
-    tracebacks: tuple[int, list[str]],
+    tracebacks: tuple[int, list[str], int],
     status: int | None,
     shm_after: int,
     shm_global_before: int,
@@ -333,6 +333,7 @@ def summary(
         "daemon": {
             "tracebacks_logged": tracebacks[0],
             "tracebacks_first": tracebacks[1],
+            "grpc_replies_to_gone_callers_logged": tracebacks[2],
             "exit_status": status,
         },
         "samples": samples,
@@ -358,6 +359,8 @@ def format_text(r: dict[str, Any]) -> str:
             f"{r['fds']['after_clients']}; pool entries in /dev/shm: {r['shm']['pool_entries_running']} running, "
             f"{r['shm']['pool_entries_after_stop']} after stop",
             f"  daemon at the end: {r['daemon_end']}",
+            f"  tracebacks in the daemon's log: {r['daemon']['tracebacks_logged']}; grpc's about good replies to "
+            f"callers already gone (not counted): {r['daemon']['grpc_replies_to_gone_callers_logged']}",
             *(f"  FAIL {x}" for x in r["unexpected_examples"] + r["wrong_bytes"]),
             *(f"  daemon logged:\n{t}" for t in r["daemon"]["tracebacks_first"]),
         ]
