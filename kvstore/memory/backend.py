@@ -80,7 +80,8 @@ class PoolBackend(Protocol):
 
     def landed(self, offset: int) -> None:
         """The copy into `copy_in(offset)` is complete and the page is about to become
-        visible (sealed, or handed to a sequence): a device pushes the staged bytes now."""
+        visible (sealed, or handed to a sequence): a device pushes the staged bytes now. A
+        seal calls it only for a pool whose handle is `on_device` (host pools stage nothing)."""
         ...
 
     def dropped(self, offset: int) -> None:

@@ -7,6 +7,7 @@ with the session when its client dies."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.store import Store
 from kvstore.store.types import AppendResult, CommitResult
+
+_slot = operator.attrgetter("slot")
 
 # A credit is pages the cache cannot use meanwhile: at most this share of the pool.
 POOL_SHARE = 8
@@ -50,7 +53,7 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
     seq.max_tokens = 0  # a put into it may be longer: its cached prefix takes no credit page
     spare = seq.spare
     # Ascending: a put copies each run of consecutive slots in one go (the client library).
-    return Credit(seq_id, tuple(sorted(p.slot for p in spare)), ns.pool.handle.epoch)
+    return Credit(seq_id, tuple(sorted(map(_slot, spare))), ns.pool.handle.epoch)
 
 
 def unused_credit(store: Store, sid: int, seq_id: int) -> tuple[Session, Sequence]:

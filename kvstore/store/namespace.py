@@ -150,11 +150,12 @@ class Namespace:
         for page in pages:
             if page.state is not RESERVED or page.block_hash is None:
                 raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
-        landed, offset = self.pool.landed, self.offset
+        if self.pool.handle.on_device:  # a copy from below reaches the device first
+            for page in pages:
+                self.pool.landed(self.offset(page.slot))
         clock = self.clock
         prev = parent
         for page in pages:
-            landed(offset(page.slot))  # a copy from below reaches the device first
             page.state = SEALED
             page.owner = 0
             page.refcount = 1

@@ -246,10 +246,10 @@ def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> Comm
     moved: list[PageRef] = []
     run: list[Page] = []  # consecutive pages to seal, each under the one before it
     run_at = 0  # the index of run[0]
-    index_get, private = ns.index.get, seq.private
+    index_get, cut = ns.index.get, seq.cut
     for i in range(seq.committed_tokens // T, num_tokens // T):
         page = seq.pages[i]
-        if page is None or page.state is SEALED or private(i):
+        if page is None or page.state is SEALED or (cut is not None and i > cut):  # seq.private(i)
             if run:  # dropped; a cached page, or sealed by an earlier commit; private
                 sealed += _seal(ns, seq, run, run_at)
             continue

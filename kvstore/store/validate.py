@@ -27,6 +27,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOKEN_ID = 2**31 - 1
 MAX_PAGE_TOKENS = 65536
 _INT32 = np.dtype(np.int32)
+_LE_INT32 = np.dtype("<i4")
 _UNSIGNED = {4: np.uint32, 8: np.uint64}
 _MAX = np.maximum.reduce
 
@@ -57,7 +58,7 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
                 f"{field}[{i}]={int(arr[i])} is out of range: token ids must be >= 0 and {upper}"
                 + (f" ({bad.size} bad ids in all)" if bad.size > 1 else "")
             )
-    return arr.astype("<i4", copy=False)
+    return arr.astype(_LE_INT32, copy=False)
 
 
 def extra_keys(value: bytes, limits: StoreLimits) -> bytes:
