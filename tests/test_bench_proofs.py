@@ -33,14 +33,8 @@ def test_fuzz_quick() -> None:
     assert r["auth"] and r["requests"] == sum(r["by_code"].values()) == 600
     assert r["methods"] >= 30  # every method of KVStore, Admin, health and reflection
     assert {"OK", "INVALID_ARGUMENT", "UNAUTHENTICATED"} <= set(r["by_code"])
-    # (OK, NOT_FOUND, UNIMPLEMENTED: health and reflection, open to all; auth_bypassed counts the rest)
-    assert r["by_credential"]["none"].keys() <= {
-        "OK",
-        "UNAUTHENTICATED",
-        "INVALID_ARGUMENT",
-        "NOT_FOUND",
-        "UNIMPLEMENTED",
-    }
+    for cred in ("none", "wrong", "malformed"):  # refused (auth_bypassed: none answered OK but health's)
+        assert r["by_credential"][cred].get("UNAUTHENTICATED", 0) > 0
     assert r["unknown_or_internal"] == r["auth_bypassed"] == r["daemon"]["internal_errors"] == 0
     assert r["daemon"]["malformed_requests"] > 0
     assert r["pages_checked_writer"] == r["pages_checked_reader"] == 24 and r["pages_mismatched"] == []
@@ -51,7 +45,9 @@ def test_killed_clients_quick() -> None:
     ends = r["kill_to_session_end"]
     assert sum(d["n"] for d in ends.values()) == r["clients"] == 12
     assert all(d["max_s"] <= r["bound_s"] for d in ends.values())
-    assert ends["raw"]["median_s"] > ends["sequence"]["median_s"]  # the lease, not the stream, ended those
+    # Raw victims' sessions end by their lease alone: not before ~2/3 of it after the kill
+    # (their last heartbeat came at most a third of a lease before it); load only delays that.
+    assert ends["raw"]["min_s"] >= 0.6 * r["lease_ttl_s"]
     assert r["reader_pages_checked"] > 0 and r["wrong_bytes_served"] == []
     assert r["end"]["sessions"] == r["baseline"]["sessions"]
     assert r["end"]["pages_reserved"] == r["end"]["pages_pinned"] == 0

@@ -323,6 +323,7 @@ def summary(
             return {}
         return {
             "n": len(xs),
+            "min_s": round(xs[0], 3),
             "median_s": round(percentile(xs, 50), 3),
             "p99_s": round(percentile(xs, 99), 3),
             "max_s": round(xs[-1], 3),
