@@ -7,7 +7,7 @@ pages. Loop-owned; only kvstore/store mutates it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kvstore import hashing
 from kvstore.errors import InvariantBroken
@@ -19,12 +19,12 @@ class PrefixIndex:
     def __init__(self, root: BlockHash) -> None:
         self.root = root  # h_0 of the namespace (salted)
         self._pages: dict[bytes, Page] = {}
+        # block hash -> its sealed page, or None: the dict's own get (a C call; every page of
+        # a put and a commit asks).
+        self.get: Callable[[bytes], Page | None] = self._pages.get
 
     def __len__(self) -> int:
         return len(self._pages)
-
-    def get(self, block_hash: bytes) -> Page | None:
-        return self._pages.get(block_hash)
 
     def insert(self, page: Page) -> None:
         if page.block_hash is None or page.block_hash in self._pages:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from itertools import repeat
 
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from kvstore.memory.pages import Page
@@ -115,14 +116,13 @@ def put(
                 "meanwhile?): copy them too and put again"
             )
     spare = {p.slot: p for p in seq.spare}
-    at: dict[int, Page] = {}
-    for i, slot in enumerate(slots):
-        page = spare.pop(slot, None)
-        if page is None:
-            raise InvalidArgument(
-                f"slots[{i}]={slot} is not an unused page of credit {credit_id} (or is given twice)"
-            )
-        at[skip_pages + i] = page
+    given = list(map(spare.pop, slots, repeat(None)))  # (one dict pop a slot, in C)
+    if None in given:
+        i = given.index(None)
+        raise InvalidArgument(
+            f"slots[{i}]={slots[i]} is not an unused page of credit {credit_id} (or is given twice)"
+        )
+    at: dict[int, Page] = dict(zip(range(skip_pages, skip_pages + len(given)), given, strict=True))
     old_spare, old_extra = seq.spare, seq.extra_keys
     seq.spare, seq.extra_keys = list(spare.values()), extra
     try:
