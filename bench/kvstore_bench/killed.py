@@ -241,31 +241,43 @@ def _wave(
     """Start the wave's victims, wait until each is mid-write, SIGKILL them all, and time
     each one's session end; when the last kill was sent."""
     victims = []
-    for vid in vids:
-        kind = KINDS[vid % len(KINDS)]
-        parent_end, child_end = ctx.Pipe()
-        proc = ctx.Process(target=victim_main, args=(child_end, daemon.target, kind, vid, ttl, shared))
-        proc.start()
-        victims.append((vid, kind, proc, parent_end))
-    sessions: dict[int, tuple[int, str]] = {}
-    for vid, kind, proc, conn in victims:
-        if not conn.poll(60):
-            raise BenchError(
-                f"victim {vid} ({kind}) did not get mid-write in 60 s (exit code {proc.exitcode})"
-            )
-        try:
-            sessions[conn.recv()["session_id"]] = (vid, kind)
-        except EOFError:
-            raise BenchError(
-                f"victim {vid} ({kind}) died before it got mid-write (exit {proc.exitcode})"
-            ) from None
-    killed_at: dict[int, float] = {}
-    for (_vid, _kind, proc, _conn), sid in zip(victims, sessions, strict=True):
-        os.kill(proc.pid, signal.SIGKILL)
-        killed_at[sid] = time.monotonic()
-    for _vid, _kind, proc, conn in victims:
-        proc.join(10)
-        conn.close()
+    try:
+        for vid in vids:
+            kind = KINDS[vid % len(KINDS)]
+            parent_end, child_end = ctx.Pipe()
+            args = (child_end, daemon.target, kind, vid, ttl, shared)
+            proc = ctx.Process(target=victim_main, args=args, daemon=True)
+            proc.start()
+            child_end.close()  # the victim's end is the victim's: 1,000 of them would exhaust our fds
+            victims.append((vid, kind, proc, parent_end))
+        sessions: dict[int, tuple[int, str]] = {}
+        for vid, kind, proc, conn in victims:
+            if not conn.poll(60):
+                raise BenchError(
+                    f"victim {vid} ({kind}) did not get mid-write in 60 s (exit code {proc.exitcode})"
+                )
+            try:
+                sessions[conn.recv()["session_id"]] = (vid, kind)
+            except EOFError:
+                raise BenchError(
+                    f"victim {vid} ({kind}) died before it got mid-write (exit {proc.exitcode})"
+                ) from None
+        killed_at: dict[int, float] = {}
+        for (vid, kind, proc, _conn), sid in zip(victims, sessions, strict=True):
+            if proc.exitcode is not None:
+                late.append(
+                    f"victim {vid} ({kind}) exited by itself (status {proc.exitcode}) before its kill"
+                )
+            else:
+                os.kill(proc.pid, signal.SIGKILL)
+            killed_at[sid] = time.monotonic()
+    finally:
+        for _vid, _kind, proc, conn in victims:
+            if proc.exitcode is None:
+                proc.kill()
+            proc.join(10)
+            proc.close()
+            conn.close()
     pending = set(killed_at)
     deadline = time.monotonic() + ttl + 10
     while pending and time.monotonic() < deadline:
