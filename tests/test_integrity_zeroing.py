@@ -1,6 +1,7 @@
 """Zero on free under races (kvstore/store/integrity.py): pages freed with distinctive bytes
 are taken again at every point of the background zeroing (before its job starts, while the
-integrity thread zeroes them, after), and every page handed out reads zero. A real store, a
+integrity thread zeroes them, after), and every page handed out reads zero; a page taken for
+a promotion (written whole, so not zeroed) is never zeroed under it. A real store, a
 real memfd pool, the real integrity thread and task on a running loop."""
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ def fill(store: Store, slot: int, value: int) -> None:
     view = store.namespaces["ns"].page_view(slot)
     np.frombuffer(view, dtype=np.uint8).fill(value)
     view.release()  # (a view left alive keeps the pool's mapping from closing)
+
+
+def is_filled(store: Store, slot: int, value: int) -> bool:
+    view = store.namespaces["ns"].page_view(slot)
+    arr = np.frombuffer(view, dtype=np.uint8)
+    filled = bool((arr == value).all())
+    del arr
+    view.release()
+    return filled
 
 
 def is_zero(store: Store, slot: int) -> bool:
@@ -50,15 +60,24 @@ async def test_every_page_taken_reads_zero_while_freed_pages_are_being_zeroed() 
             for page in pages:
                 ns.free_reserved(page)
             integrity.kick()
-            for _ in range(rng.randrange(4)):  # a job not started yet, under way, or done
+            for _ in range(rng.randrange(12)):  # a job not started yet, under way, or done
                 await asyncio.sleep(0)
-            taken = ns.reserve_many(2, rng.randrange(1, PAGES + 1))
+            # A promotion's page is not zeroed (it writes every byte), but never while the
+            # thread may still zero it: what it wrote stays.
+            promoted = ns.reserve(3, overwritten=True)
+            fill(store, promoted.slot, 0x5A)
+            taken = ns.reserve_many(2, rng.randrange(1, PAGES))
             for page in taken:
                 assert not page.dirty and page.zeroing is None
                 assert is_zero(store, page.slot), (
                     f"round {round_}: slot {page.slot} handed out with old bytes"
                 )
-            for page in taken:
+            for _ in range(1000):  # until the thread has no batch (each turn lets it finish one)
+                if ns.guard.zeroing is None and not ns.pages.freed:
+                    break
+                await asyncio.sleep(0)
+            assert is_filled(store, promoted.slot, 0x5A), f"round {round_}: zeroed under a promotion"
+            for page in [*taken, promoted]:
                 ns.free_reserved(page)
         counts = ns.guard.stats()
         assert counts["pages_zeroed"] > 0 and counts["pages_zeroed_inline"] > 0, counts

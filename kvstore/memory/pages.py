@@ -162,21 +162,23 @@ class PageTable:
     def __init__(self, num_pages: int) -> None:
         self.pages = [Page(slot) for slot in range(num_pages)]
         self.free = FreeList(self.pages)
-        self.zero: Callable[[list[Page]], None] | None = None
+        self.zero: Callable[[list[Page], bool], None] | None = None
         self.freed: deque[Page] = deque()  # dirty pages in the order freed (only with `zero`)
 
     def __len__(self) -> int:
         return len(self.pages)
 
-    def take(self, owner: int) -> Page | None:
-        """A FREE page made RESERVED for `owner`, or None when none is free."""
+    def take(self, owner: int, overwritten: bool = False) -> Page | None:
+        """A FREE page made RESERVED for `owner`, or None when none is free. `overwritten`:
+        the caller writes all of it before anyone sees it (a promotion), so a dirty page
+        needs no zeroing, only its zeroing under way finished."""
         page = self.free.pop()
         if page is None:
             return None
         page.state = RESERVED
         page.owner = owner
         if page.dirty:
-            self.zero([page])  # type: ignore[misc] (dirty only with `zero`)
+            self.zero([page], overwritten)  # type: ignore[misc] (dirty only with `zero`)
         return page
 
     def take_many(self, owner: int, n: int) -> list[Page]:
@@ -189,7 +191,7 @@ class PageTable:
             if page.dirty:
                 dirty.append(page)
         if dirty:
-            self.zero(dirty)  # type: ignore[misc] (dirty only with `zero`)
+            self.zero(dirty, False)  # type: ignore[misc] (dirty only with `zero`)
         return out
 
     def give_back(self, page: Page) -> None:

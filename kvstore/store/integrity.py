@@ -154,13 +154,16 @@ class NamespaceGuard:
 
     # ------------------------------------------------------------ zeroing
 
-    def zero_now(self, pages: list[Page]) -> None:
-        """PageTable.zero: dirty pages being taken, zeroed before anyone gets them."""
+    def zero_now(self, pages: list[Page], overwritten: bool) -> None:
+        """PageTable.zero: dirty pages being taken, zeroed before anyone gets them (with
+        `overwritten`, only no longer being zeroed: the taker replaces every byte)."""
         batch = self.zeroing
         if batch is not None and any(p.zeroing is batch for p in pages):
             self.zeroed(batch, wait=True)  # (bounded by JOB_BYTES)
         for page in pages:
-            if page.dirty:
+            if page.dirty and overwritten:
+                page.dirty = False
+            elif page.dirty:
                 view = self.view(page)
                 np.frombuffer(view, dtype=np.uint8).fill(0)
                 view.release()

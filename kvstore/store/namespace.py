@@ -114,9 +114,10 @@ class Namespace:
 
     # ------------------------------------------------------------ page moves
 
-    def reserve(self, owner: int) -> Page:
-        """A RESERVED page for `owner`; the caller has made room (see make_room)."""
-        page = self.pages.take(owner)
+    def reserve(self, owner: int, overwritten: bool = False) -> Page:
+        """A RESERVED page for `owner`; the caller has made room (see make_room). `overwritten`:
+        see PageTable.take."""
+        page = self.pages.take(owner, overwritten)
         if page is None:
             raise InvariantBroken(f"namespace {self.name!r}: reserve() with no free page (make_room() first)")
         self.pages_reserved += 1

@@ -43,7 +43,7 @@ def start(
     """Start bringing one page up; the caller has made room for one page. `parent_page`
     (resident) or `parent` (in flight) is the page it extends."""
     key = PageKey(ns.name, block_hash)
-    page = ns.reserve(PROMOTING_OWNER)
+    page = ns.reserve(PROMOTING_OWNER, overwritten=True)
     page.block_hash = block_hash
     if parent_page is not None:
         ns.ref(parent_page)  # released when we settle
@@ -82,13 +82,13 @@ def promote_now(
     if source is TierName.HOST:
         if tiers.host is None and key not in tiers.quant.encoding:
             raise InvariantBroken(f"promoting {key} from a host tier that does not exist")
-        page = ns.reserve(PROMOTING_OWNER)
+        page = ns.reserve(PROMOTING_OWNER, overwritten=True)
         got = _read_host_into(tiers, ns, key, ns.page_in(page.slot))
     else:
         if key in tiers.queued:
             return NotNow.WAIT  # its write first: a reader thread waits for it
         loop = _running_loop()
-        page = ns.reserve(PROMOTING_OWNER)
+        page = ns.reserve(PROMOTING_OWNER, overwritten=True)
         got = _read_disk_one(tiers, ns, key, ns.page_in(page.slot), loop)
         if got is NotNow.WAIT:  # not in the page cache: a reader thread reads it
             ns.free_reserved(page)
