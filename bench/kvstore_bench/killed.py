@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -44,8 +43,7 @@ from .killed_victims import (
     NS,
     PAGES,
     SHARED_BASE,
-    VICTIM_BASE,
-    VICTIM_UNIVERSE,
+    Reader,
     victim_main,
 )
 from .proof_common import (
@@ -53,8 +51,6 @@ from .proof_common import (
     logged_tracebacks,
     page_bytes,
     prompt_tokens,
-    read_page,
-    who_wrote,
     write_page,
 )
 
@@ -79,51 +75,6 @@ def run(args: argparse.Namespace) -> int:
     result["machine"] = machine_info()
     emit(result, args.json, format_text(result))
     return 0 if result["ok"] else 1
-
-
-# ---------------------------------------------------------------- the reader (a thread here)
-
-
-class Reader(threading.Thread):
-    """Looks up every prompt anyone may have sealed, pinned, and compares each hit page."""
-
-    def __init__(self, kv: Any, shared: int) -> None:
-        super().__init__(name="reader", daemon=True)
-        self.kv = kv
-        self.ns = kv.namespace(NS)
-        self.prompts = [SHARED_BASE + i for i in range(shared)] + [
-            VICTIM_BASE + i for i in range(VICTIM_UNIVERSE)
-        ]
-        self.lock = threading.Lock()  # held per lookup; the checks take it to see no reader pin
-        self.stop = threading.Event()
-        self.pages_checked = 0
-        self.lookups = 0
-        self.mismatched: list[str] = []
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                self.sweep()
-                self.stop.wait(0.1)  # a reader, not a load: the victims need the CPUs
-        except BaseException as e:
-            self.error = e
-
-    def sweep(self) -> None:
-        size = self.ns.pool.page_bytes
-        for pid in self.prompts:
-            with (
-                self.lock,
-                self.kv.lookup(self.ns, prompt_tokens(pid, PAGES, self.ns.page_tokens), pin=True) as hit,
-            ):
-                self.lookups += 1
-                for i, slot in enumerate(hit.slots):
-                    got = read_page(self.ns, slot)
-                    self.pages_checked += 1
-                    if got != page_bytes(pid, i, size) and len(self.mismatched) < 20:
-                        self.mismatched.append(f"prompt {pid} page {i} (slot {slot}): holds {who_wrote(got)}")
-            if self.stop.is_set():
-                return
 
 
 # ---------------------------------------------------------------- the run

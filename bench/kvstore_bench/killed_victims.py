@@ -1,15 +1,17 @@
-"""The victims of `kvstore-bench killed-clients` (kvstore_bench.killed): client processes that
-get to the middle of a write, tell the parent their session id, and wait to be SIGKILLed."""
+"""The clients of `kvstore-bench killed-clients` (kvstore_bench.killed): the victims, processes
+that get to the middle of a write, tell the parent their session id and wait to be SIGKILLed;
+and the reader, a thread of the parent that checks every page anyone may have sealed."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .proof_common import page_bytes, prompt_tokens, write_page
+from .proof_common import page_bytes, prompt_tokens, read_page, who_wrote, write_page
 
 NS = "kc"
 NAMESPACE = {
@@ -85,3 +87,48 @@ def _raw_victim(conn: Any, target: str, vid: int, ttl: float, shared: int) -> No
             except grpc.RpcError:  # starved past its lease on a loaded machine: the lease ended
                 break  # its session (the daemon did its part); wait for the kill all the same
         conn.recv()
+
+
+# ---------------------------------------------------------------- the reader (a thread here)
+
+
+class Reader(threading.Thread):
+    """Looks up every prompt anyone may have sealed, pinned, and compares each hit page."""
+
+    def __init__(self, kv: Any, shared: int) -> None:
+        super().__init__(name="reader", daemon=True)
+        self.kv = kv
+        self.ns = kv.namespace(NS)
+        self.prompts = [SHARED_BASE + i for i in range(shared)] + [
+            VICTIM_BASE + i for i in range(VICTIM_UNIVERSE)
+        ]
+        self.lock = threading.Lock()  # held per lookup; the checks take it to see no reader pin
+        self.stop = threading.Event()
+        self.pages_checked = 0
+        self.lookups = 0
+        self.mismatched: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.sweep()
+                self.stop.wait(0.1)  # a reader, not a load: the victims need the CPUs
+        except BaseException as e:
+            self.error = e
+
+    def sweep(self) -> None:
+        size = self.ns.pool.page_bytes
+        for pid in self.prompts:
+            with (
+                self.lock,
+                self.kv.lookup(self.ns, prompt_tokens(pid, PAGES, self.ns.page_tokens), pin=True) as hit,
+            ):
+                self.lookups += 1
+                for i, slot in enumerate(hit.slots):
+                    got = read_page(self.ns, slot)
+                    self.pages_checked += 1
+                    if got != page_bytes(pid, i, size) and len(self.mismatched) < 20:
+                        self.mismatched.append(f"prompt {pid} page {i} (slot {slot}): holds {who_wrote(got)}")
+            if self.stop.is_set():
+                return
