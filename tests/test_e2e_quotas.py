@@ -230,3 +230,28 @@ def test_tokens_per_request_and_pool_bytes_and_delete_gives_everything_back(daem
         c = ops.create_namespace("c", **GEOMETRY)  # the room "b" took is free again
         assert c.pool.num_pages == SMALL_NAMESPACE["num_pages"]
         assert [ns.name for ns in ops.list_namespaces()] == ["a", "c"]
+
+
+def test_a_deleted_namespaces_tier_pages_are_not_found_by_the_next_one_of_its_name(
+    daemon_factory, tmp_path
+) -> None:
+    """Deleted, then created again under the same name (the default salt is the name's): its
+    pages in the host and disk tiers belong to the deleted namespace, maybe another tenant's."""
+    disk = tmp_path / "disk"
+    server = {"host_tier_bytes": "1MiB", "disk_tier_dir": str(disk)}
+    d = daemon_factory(server=server, namespaces=[SMALL_NAMESPACE | {"name": "b"}]).start()
+    prompt = list(range(700, 700 + 2 * T))
+    with kvstore_client.connect(d.target) as kv:
+        data = bytes(range(256)) * (kv.namespace("b").pool.page_bytes // 256) * 2
+        kv.put("b", prompt, data)
+        kv.evict("b", all=True)  # demoted to the host tier
+        kv.flush()  # and written to disk
+        assert [p.verdict for p in kv.explain("b", prompt).pages] == [pb.HIT_HOST] * 2
+        tiers = kv.stats().tiers
+        assert tiers.host_pages >= 2 and tiers.disk_pages >= 2
+        kv.delete_namespace("b")
+        kv.create_namespace("b", **GEOMETRY)
+        kv.flush()  # (queued after the deletions: they are committed once it returns)
+        assert kv.lookup("b", prompt).hit_tokens == 0
+        tiers = kv.stats().tiers
+        assert (tiers.host_pages, tiers.disk_pages) == (0, 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from kvstore.errors import FailedPrecondition, InvalidArgument
 from kvstore.memory.backend import PoolBackend
 from kvstore.store.store import Store
+from kvstore.store.tiering.purge import purge
 from kvstore.store.types import NamespaceInfo, NamespaceSpec
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,14 @@ async def delete(store: Store, name: str, force: bool, pool_epoch: int) -> Delet
         store.release_held_pin(session, pin)
     del store.namespaces[name]
     ns.pool.close()
+    host, disk = purge(store.tiers, name) if store.tiers is not None else (0, 0)
     log.info(
-        "namespace %s deleted (%d sequences and %d pins released)%s",
+        "namespace %s deleted (%d sequences and %d pins released; %d host and %d disk tier pages dropped)%s",
         name,
         len(seqs),
         len(pins),
+        host,
+        disk,
         " with force" if force else "",
     )
     return Deleted(len(seqs), len(pins))

@@ -199,6 +199,11 @@ class DiskTier:
     def __len__(self) -> int:
         return len(self._index)
 
+    def keys_of(self, namespace: str) -> list[PageKey]:
+        """The keys of `namespace` on disk now (a snapshot; a deleted namespace's, to remove)."""
+        with self._index.lock:
+            return [k for k in self._index.entries if k.namespace == namespace]
+
     def touch(self, keys: Iterable[PageKey]) -> None:
         """Tell the eviction policy the pages were used (e.g. a lookup went through them)."""
         self._index.touch(keys)

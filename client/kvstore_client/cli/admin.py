@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_delete_namespace,
         help="delete a namespace and unlink its pool",
         description="Refused while a session holds a sequence or pin in it, unless --force "
-        "(which releases them). Its pages in the host and disk tiers are kept.",
+        "(which releases them). Its pages in the host and disk tiers are dropped too.",
     )
     delete.add_argument("namespace", metavar="NS")
     delete.add_argument("--force", action="store_true", help="release live sequences and pins first")
