@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,7 +237,12 @@ def _worker(daemon: DaemonProcess, role: str, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_reader_detects_bytes_that_differ_from_what_the_writer_wrote(daemon: DaemonProcess) -> None:
+def test_reader_detects_bytes_that_differ_from_what_the_writer_wrote(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    # The scrubber off: it would drop the page corrupted below (tests/test_e2e_integrity.py);
+    # this test is about the reader's own digest check, the last line of defence.
+    daemon = daemon_factory(server={"scrub_bytes_per_s": 0}).start()
     a = _worker(daemon, "write")
     assert (a["writable_pages"], a["sealed_pages"]) == (10, 10)
     reader = ("--question-tokens", "3", "--writer-pid", str(a["pid"]), "--writer-digest", a["digest"])
