@@ -22,7 +22,7 @@ import kvstore_client
 import numpy as np
 import pytest
 import torch
-from kvstore_client import PageState, PoolMapping, _wire, errors
+from kvstore_client import PageState, PoolMapping, _tokens, _wire, errors
 from kvstore_client._core import SequenceBase
 from kvstore_client.namespace import Namespace
 from kvstore_client.pool_fd import PoolFd
@@ -310,6 +310,31 @@ def test_tokens_accept_lists_numpy_and_torch() -> None:
     for bad in (torch.ones(3), torch.ones(2, 2, dtype=torch.long), np.ones(3), [1.5], [2**31]):
         with pytest.raises(errors.InvalidArgument, match="token_ids"):
             _wire.set_tokens(pb.AppendRequest().token_ids, bad)
+
+
+def test_token_ids_go_packed_when_they_pack() -> None:
+    want = [0, 1, 7, 2**31 - 1]
+    as_u32 = np.array(want, dtype="<u4").tobytes()
+    for tokens in (
+        want,
+        tuple(want),
+        iter(want),
+        np.array(want, dtype=np.int64),
+        np.array(want, dtype=np.uint32),
+        torch.tensor(want, dtype=torch.int64),
+    ):
+        req = pb.LookupRequest()
+        _tokens.fill_tokens(req, tokens)
+        assert (list(req.token_ids), req.token_ids_u32) == ([], as_u32), type(tokens)
+        assert _tokens.token_count(req) == len(want)
+    # What does not pack takes the repeated field: the daemon names a negative id, as before.
+    for tokens in ([3, -1], np.array([3, -1]), iter([3, -1])):
+        req = pb.LookupRequest()
+        _tokens.fill_tokens(req, tokens)
+        assert (list(req.token_ids), req.token_ids_u32) == ([3, -1], b"")
+    for bad in ([1.5], ["3"], [2**31], np.ones(3), torch.ones(3), np.ones((2, 2), dtype=np.int32)):
+        with pytest.raises(errors.InvalidArgument, match="token_ids"):
+            _tokens.fill_tokens(pb.LookupRequest(), bad)
 
 
 def test_torch_is_imported_only_when_needed() -> None:

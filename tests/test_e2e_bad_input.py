@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 import kvstore_client
+import numpy as np
 import pytest
 from daemon import SERVING, SMALL_NAMESPACE, DaemonProcess
 from e2e_helpers import (
@@ -186,6 +187,42 @@ def token_id_over_vocab_size(ctx: Ctx) -> None:
     ctx.raw.kv.Lookup(pb.LookupRequest(namespace="test", token_ids=[VOCAB]), timeout=10)
 
 
+def packed_token_ids(ctx: Ctx) -> None:
+    def u32(ids: list[int]) -> bytes:
+        return np.asarray(ids, dtype="<u4").tobytes()
+
+    ids = [1, 2, 3, 4]
+    both = dict(token_ids=ids, token_ids_u32=u32(ids))
+    for method, request in [
+        ("Lookup", pb.LookupRequest(namespace="test", **both)),
+        ("Reserve", pb.ReserveRequest(session_id=ctx.sid, namespace="test", **both)),
+        ("Put", pb.PutRequest(session_id=ctx.sid, namespace="test", **both)),
+    ]:
+        assert_status(ctx.error(method, request), Code.INVALID_ARGUMENT, "token_ids and token_ids_u32")
+    err = ctx.error("Lookup", pb.LookupRequest(namespace="test", token_ids_u32=u32(ids)[:-1]))
+    assert_status(err, Code.INVALID_ARGUMENT, "token_ids_u32 has 15 bytes", "multiple of 4")
+    err = ctx.error("Lookup", pb.LookupRequest(namespace="test", token_ids_u32=u32([5, 2**31, 2**32 - 1])))
+    assert_status(err, Code.INVALID_ARGUMENT, f"token_ids_u32[1]={2**31}", "out of range")
+    err = ctx.error("Lookup", pb.LookupRequest(namespace="vocab", token_ids_u32=u32([5, VOCAB, VOCAB + 7])))
+    assert_status(err, Code.INVALID_ARGUMENT, f"token_ids[1]={VOCAB}", f"vocab_size={VOCAB}", "2 bad ids")
+    too_many = u32(prompt(MAX_REQUEST_TOKENS + 1, 2, vocab=VOCAB))
+    for method, request in [
+        ("Lookup", pb.LookupRequest(namespace="test", token_ids_u32=too_many)),
+        ("Reserve", pb.ReserveRequest(session_id=ctx.sid, namespace="test", token_ids_u32=too_many)),
+    ]:
+        err = ctx.error(method, request)
+        assert_status(err, Code.RESOURCE_EXHAUSTED, f"has {MAX_REQUEST_TOKENS + 1} ids", "max_request_tokens")
+    # In a batch, the bad item alone fails; the good packed one hits A's cached prefix.
+    items = [
+        pb.LookupRequest(namespace="test", token_ids_u32=u32(CACHED)),
+        pb.LookupRequest(namespace="test", **both),
+    ]
+    reply = ctx.raw.kv.BatchLookup(pb.BatchLookupRequest(items=items), timeout=10)
+    assert reply.items[0].reply.hit_tokens == len(CACHED)
+    assert reply.items[1].status.code == Code.INVALID_ARGUMENT.value[0]
+    assert "token_ids and token_ids_u32" in reply.items[1].status.message
+
+
 def negative_sizes(ctx: Ctx) -> None:
     err = ctx.error("Allocate", pb.AllocateRequest(session_id=ctx.sid, namespace="test", max_tokens=-1))
     assert_status(err, Code.INVALID_ARGUMENT, "max_tokens=-1", "negative")
@@ -309,6 +346,7 @@ CASES: list[Callable[[Ctx], None]] = [
     token_id_over_vocab_size,
     negative_sizes,
     more_ids_than_max_request_tokens,
+    packed_token_ids,
     evict_more_bytes_than_the_pool,
     extra_keys_over_1024_bytes,
     written_slot_the_sequence_does_not_own,

@@ -13,6 +13,7 @@ from typing import Any
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _copy, _wire
+from ._tokens import token_count
 from .errors import FailedPrecondition, InvalidArgument, KVStoreClientError
 from .fastpath import (
     Flow,
@@ -64,9 +65,10 @@ def put(
     if cached_tokens < 0:
         raise InvalidArgument(f"cached_tokens={cached_tokens} is negative")
     req = reserve_request(client.session_id, ns, tokens, **kw)
-    pages = -(-len(req.token_ids) // ns.page_tokens)
+    n_tokens = token_count(req)
+    pages = -(-n_tokens // ns.page_tokens)
     plain = callable(data) or req.max_tokens or req.HasField("options")
-    skip = min(cached_tokens, len(req.token_ids)) // ns.page_tokens
+    skip = min(cached_tokens, n_tokens) // ns.page_tokens
     credit = client._credits.take(ns)
     if credit is not None and not plain and len(credit.slots) >= pages - skip:
         try:
@@ -116,6 +118,7 @@ def _into_credit(
         session_id=sid,
         namespace=ns.name,
         token_ids=req.token_ids,
+        token_ids_u32=req.token_ids_u32,
         extra_keys=req.extra_keys,
         model_fingerprint=req.model_fingerprint,
         credit_sequence_id=credit.sequence_id,

@@ -8,7 +8,6 @@ request, and how to turn the reply into what the user gets. `Client._run` and
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -17,6 +16,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
+from ._tokens import fill_tokens, set_tokens
 from .errors import InvalidArgument
 from .pool import wire_dtype
 from .results import (
@@ -58,32 +58,6 @@ class Call(Generic[T]):
 
 def _same(reply: Any) -> Any:
     return reply
-
-
-def set_tokens(field: Any, tokens: Tokens, what: str = "token_ids") -> None:
-    """Fill a `repeated int32` field from a list, a 1-D integer numpy array or torch tensor."""
-    torch = sys.modules.get("torch")  # torch never imported: `tokens` cannot be a tensor
-    if torch is not None and isinstance(tokens, torch.Tensor):
-        if (
-            tokens.dim() != 1
-            or tokens.is_floating_point()
-            or tokens.is_complex()
-            or tokens.dtype == torch.bool
-        ):
-            raise InvalidArgument(
-                f"{what}: need a 1-D integer tensor, got {tokens.dtype} of shape {tuple(tokens.shape)}"
-            )
-        tokens = tokens.tolist()
-    elif isinstance(tokens, np.ndarray):
-        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise InvalidArgument(
-                f"{what}: need a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}"
-            )
-        tokens = tokens.tolist()
-    try:
-        field.extend(tokens)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"{what}: token ids must be int32 integers ({e})") from None
 
 
 def extra_bytes(extra_keys: bytes | bytearray | memoryview) -> bytes:
@@ -315,7 +289,7 @@ def lookup(
         model_fingerprint=model_fingerprint,
         return_in_flight=return_in_flight,
     )
-    set_tokens(req.token_ids, tokens)
+    fill_tokens(req, tokens)
     return Call("kv", "Lookup", req, make)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _copy, _wire
+from ._tokens import fill_tokens
 from .errors import InvalidArgument, KVStoreClientError, PinExpired, PoolError, from_status
 from .namespace import Namespace
 from .results import Page, SequenceOptions, pages_from_proto
@@ -129,7 +130,7 @@ def lookup_request(
         model_fingerprint=fingerprint,
         pin_ttl_ms=max(1, round(pin_ttl_s * 1000)),
     )
-    _wire.set_tokens(req.token_ids, tokens)
+    fill_tokens(req, tokens)
     return req
 
 
@@ -151,7 +152,7 @@ def reserve_request(
     )
     if options is not None:
         req.options.CopyFrom(_wire.sequence_options(options))
-    _wire.set_tokens(req.token_ids, tokens)
+    fill_tokens(req, tokens)
     return req
 
 

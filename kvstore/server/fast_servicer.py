@@ -14,6 +14,7 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import convert
 from kvstore.server.status import grpc_errors, status_and_message
+from kvstore.server.tokens import request_tokens
 from kvstore.store import credit as credits
 from kvstore.store import fastpath, namespaces
 from kvstore.store.store import Store
@@ -29,7 +30,7 @@ async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResp
         store,
         request.session_id,
         request.namespace,
-        request.token_ids,
+        request_tokens(request),
         request.extra_keys,
         request.pin,
         request.model_fingerprint,
@@ -54,7 +55,7 @@ def _reserve_reply(store: Store, request: pb.ReserveRequest) -> pb.ReserveRespon
         store,
         request.session_id,
         request.namespace,
-        request.token_ids,
+        request_tokens(request),
         request.extra_keys,
         request.max_tokens,
         convert.sequence_options(request.options),
@@ -107,7 +108,7 @@ def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
         store,
         request.session_id,
         request.namespace,
-        request.token_ids,
+        request_tokens(request),
         request.extra_keys,
         request.model_fingerprint,
         request.credit_sequence_id,

@@ -391,7 +391,7 @@ class ReportImportanceResponse(_message.Message):
     def __init__(self, pages_held: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint", "return_in_flight", "pin_ttl_ms", "release_pin_ids")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "pin", "model_fingerprint", "return_in_flight", "pin_ttl_ms", "release_pin_ids", "token_ids_u32")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +401,7 @@ class LookupRequest(_message.Message):
     RETURN_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PIN_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_U32_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -410,7 +411,8 @@ class LookupRequest(_message.Message):
     return_in_flight: bool
     pin_ttl_ms: int
     release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., return_in_flight: _Optional[bool] = ..., pin_ttl_ms: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    token_ids_u32: bytes
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., pin: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., return_in_flight: _Optional[bool] = ..., pin_ttl_ms: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., token_ids_u32: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit_tokens", "pin_id", "slots", "block_hashes", "ready_pages", "pool_epoch", "pin_ttl_ms", "pin_deadline_ns")
@@ -499,7 +501,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "max_tokens", "options", "model_fingerprint", "release_pin_ids")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "max_tokens", "options", "model_fingerprint", "release_pin_ids", "token_ids_u32")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -508,6 +510,7 @@ class ReserveRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_U32_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -516,7 +519,8 @@ class ReserveRequest(_message.Message):
     options: SequenceOptions
     model_fingerprint: str
     release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., max_tokens: _Optional[int] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., release_pin_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    token_ids_u32: bytes
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., max_tokens: _Optional[int] = ..., options: _Optional[_Union[SequenceOptions, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., token_ids_u32: _Optional[bytes] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("sequence_id", "reserved_pages", "num_tokens", "pages", "cached_tokens", "dropped_indices", "pool_epoch")
@@ -583,7 +587,7 @@ class Credit(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -594,6 +598,7 @@ class PutRequest(_message.Message):
     CREDIT_PAGES_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
     SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_U32_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -604,7 +609,8 @@ class PutRequest(_message.Message):
     credit_pages: int
     release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
     skip_pages: int
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ...) -> None: ...
+    token_ids_u32: bytes
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("num_tokens", "cached_tokens", "sealed_pages", "deduplicated_pages", "pool_epoch", "credit")
