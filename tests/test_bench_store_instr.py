@@ -8,15 +8,17 @@ import pytest
 from kvstore_bench import cli, store_instr
 
 
-def test_the_put_worker_seals_every_page_it_puts() -> None:
+@pytest.mark.parametrize("form", ["repeated", "packed"])
+def test_the_put_worker_seals_every_page_it_puts(form) -> None:
     pages = 3
-    sealed = store_instr.work(2, pages, "lru", "put")
+    sealed = store_instr.work(2, pages, "lru", "put", form)
     assert sealed == (1 + 2 + store_instr.WARMUP) * pages
 
 
 @pytest.mark.parametrize("op", ["lookup", "lookup-nopin"])
-def test_the_lookup_worker_hits_the_whole_prompt(op) -> None:
-    assert store_instr.work(2, 4, "horizon", op) == 4 * store_instr.PAGE_TOKENS
+@pytest.mark.parametrize("form", ["repeated", "packed"])
+def test_the_lookup_worker_hits_the_whole_prompt(op, form) -> None:
+    assert store_instr.work(2, 4, "horizon", op, form) == 4 * store_instr.PAGE_TOKENS
 
 
 def test_the_cli_knows_store_instr() -> None:

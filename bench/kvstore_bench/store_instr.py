@@ -12,6 +12,7 @@ moved a count by 150 k). The pool is 32,768 pages of 512 B: nothing is evicted.
 
     kvstore-bench store-instr --json                       # put at 16 and 64 pages, lookups at 64
     kvstore-bench store-instr --ops put --pages 16 --policy lru
+    kvstore-bench store-instr --packed                     # the ids in token_ids_u32 (docs/api.md)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default="put,lookup,lookup-nopin", help=f"comma separated, of {', '.join(OPS)}")
     p.add_argument("--pages", default="16,64", help="pages a request, comma separated (default 16,64)")
     p.add_argument("--policy", default="horizon", help="eviction policy of the namespace (default horizon)")
+    p.add_argument("--packed", action="store_true", help="token ids in token_ids_u32 (packed), not token_ids")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise BenchError("store-instr needs valgrind (Debian: apt-get install valgrind)")
-    out: dict[str, Any] = {"policy": args.policy, "instructions": {}}
+    form = "packed" if args.packed else "repeated"
+    out: dict[str, Any] = {"policy": args.policy, "token_ids": form, "instructions": {}}
     for op in ops:
         for k in sizes if op == "put" else [max(sizes)]:
-            counts = [_count(valgrind, n, k, args.policy, op) for n in COUNTS]
+            counts = [_count(valgrind, n, k, args.policy, op, form) for n in COUNTS]
             per_op = (counts[1] - counts[0]) // (COUNTS[1] - COUNTS[0])
             out["instructions"][f"{op}_{k}"] = per_op
             progress(f"store-instr: {op} of {k} pages: {per_op:,} instructions")
@@ -61,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(valgrind: str, n: int, k: int, policy: str, op: str) -> int:
+def _count(valgrind: str, n: int, k: int, policy: str, op: str, form: str) -> int:
     env = os.environ | {"PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
     cmd = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-    cmd += [sys.executable, "-m", "kvstore_bench.store_instr", str(n), str(k), policy, op]
+    cmd += [sys.executable, "-m", "kvstore_bench.store_instr", str(n), str(k), policy, op, form]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
     if done.returncode or found is None:
@@ -72,9 +75,10 @@ def _count(valgrind: str, n: int, k: int, policy: str, op: str) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def work(n: int, k: int, policy: str, op: str) -> int:
+def work(n: int, k: int, policy: str, op: str, form: str = "repeated") -> int:
     """`n` ops (after WARMUP more) in this process: what valgrind counts. Returns the pages
     sealed in the pool (put) or the last lookup's hit tokens."""
+    import numpy as np
     from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
     from kvstore.server import fast_servicer as fs
@@ -93,9 +97,17 @@ def work(n: int, k: int, policy: str, op: str) -> int:
         ns = store.namespace("t")
         total = max(n, *COUNTS) + WARMUP + 1
         prompts = [[(i * 7919 + t) % 50000 for t in range(k * PAGE_TOKENS)] for i in range(total)]
-        puts = [pb.PutRequest(session_id=sid, namespace="t", token_ids=t, credit_pages=k) for t in prompts]
+
+        def ids(t: list[int]) -> dict[str, Any]:
+            return (
+                {"token_ids_u32": np.asarray(t, dtype="<u4").tobytes()}
+                if form == "packed"
+                else {"token_ids": t}
+            )
+
+        puts = [pb.PutRequest(session_id=sid, namespace="t", credit_pages=k, **ids(t)) for t in prompts]
         pin_ms = 1000 if op == "lookup" else 0
-        look = pb.LookupRequest(session_id=sid, namespace="t", token_ids=prompts[0], pin_ttl_ms=pin_ms)
+        look = pb.LookupRequest(session_id=sid, namespace="t", pin_ttl_ms=pin_ms, **ids(prompts[0]))
         grant = credit.grant(store, store.session(sid), ns, k)
         cr = (grant.sequence_id, list(grant.slots))
 
@@ -138,4 +150,4 @@ def _drive(coro: Any) -> Any:
 
 if __name__ == "__main__":
     asyncio.set_event_loop(asyncio.new_event_loop())
-    work(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    work(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
