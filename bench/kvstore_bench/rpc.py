@@ -10,7 +10,8 @@ one call in flight, so N concurrent calls on the channel). Three sides, measured
 back at each concurrency, the order alternating between rounds:
 
 - `kvstore`:  `KVStoreStub.Lookup(req)` against the daemon. Client: serialize the
-  LookupRequest (1024 token ids, the session id), parse the LookupResponse (packed: 64
+  LookupRequest (1024 token ids, packed in `token_ids_u32` as the client library sends them;
+  `--repeated-ids` for the repeated `token_ids` older clients send; the session id), parse the LookupResponse (packed: 64
   slots and the 64 block hashes as one bytes field).
   Daemon: grpc.aio, parse, servicer, store.lookup (session lease renewal, token checks,
   64 chained BLAKE2b hashes, index probes, LRU touch), build and serialize the reply.
@@ -42,6 +43,7 @@ from typing import Any
 
 import grpc
 import kvstore_client
+import numpy as np
 import uvloop
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -76,6 +78,9 @@ LEASE_S = 3600  # one session for the whole run; lookups renew it anyway
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--repeated-ids", action="store_true", help="token ids in the repeated token_ids (default: packed)"
+    )
     p.add_argument("--duration", type=float, default=2.0, help="seconds measured per point (default 2)")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds run before each point (default 0.5)")
     p.add_argument(
@@ -155,7 +160,11 @@ async def measure_all(
             pb.OpenSessionRequest(client_name="bench-rpc", lease_ttl_ms=LEASE_S * 1000)
         )
     sid = opened.session_id
-    request = pb.LookupRequest(session_id=sid, namespace=NAMESPACE, token_ids=tokens)
+    if args.repeated_ids:
+        request = pb.LookupRequest(session_id=sid, namespace=NAMESPACE, token_ids=tokens)
+    else:
+        packed = np.asarray(tokens, dtype="<u4").tobytes()
+        request = pb.LookupRequest(session_id=sid, namespace=NAMESPACE, token_ids_u32=packed)
     request_bytes = request.SerializeToString()
     want_hit = len(tokens)
 
@@ -301,6 +310,7 @@ def summarize(
             "transport": "unix socket",
             "prompt_tokens": PROMPT_PAGES * PAGE_TOKENS,
             "prompt_pages": PROMPT_PAGES,
+            "token_ids": "repeated" if args.repeated_ids else "packed",
             "page_tokens": PAGE_TOKENS,
             "request_bytes": request_bytes,
             "reply_bytes": reply_bytes,
