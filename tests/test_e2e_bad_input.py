@@ -202,7 +202,9 @@ def packed_token_ids(ctx: Ctx) -> None:
     err = ctx.error("Lookup", pb.LookupRequest(namespace="test", token_ids_u32=u32(ids)[:-1]))
     assert_status(err, Code.INVALID_ARGUMENT, "token_ids_u32 has 15 bytes", "multiple of 4")
     err = ctx.error("Lookup", pb.LookupRequest(namespace="test", token_ids_u32=u32([5, 2**31, 2**32 - 1])))
-    assert_status(err, Code.INVALID_ARGUMENT, f"token_ids_u32[1]={2**31}", "out of range")
+    assert_status(
+        err, Code.INVALID_ARGUMENT, f"token_ids[1]={2**31}", "out of range", "<= 2147483647", "2 bad"
+    )
     err = ctx.error("Lookup", pb.LookupRequest(namespace="vocab", token_ids_u32=u32([5, VOCAB, VOCAB + 7])))
     assert_status(err, Code.INVALID_ARGUMENT, f"token_ids[1]={VOCAB}", f"vocab_size={VOCAB}", "2 bad ids")
     too_many = u32(prompt(MAX_REQUEST_TOKENS + 1, 2, vocab=VOCAB))

@@ -27,6 +27,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOKEN_ID = 2**31 - 1
 MAX_PAGE_TOKENS = 65536
 _INT32 = np.dtype(np.int32)
+_LE_UINT32 = np.dtype("<u4")  # packed ids (token_ids_u32), read in place
 _LE_INT32 = np.dtype("<i4")
 _UNSIGNED = {4: np.uint32, 8: np.uint64}
 _MAX = np.maximum.reduce
@@ -43,7 +44,7 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
         )
     try:
         arr = np.asarray(token_ids)  # a request's repeated int32 converts as int32, in C
-        if arr.dtype != _INT32:  # (a list from an in-process caller: any integers, checked below)
+        if arr.dtype != _INT32 and arr.dtype != _LE_UINT32:  # (an in-process caller's list: checked below)
             arr = np.asarray(token_ids, dtype=np.int64)
     except (OverflowError, ValueError, TypeError) as e:
         raise InvalidArgument(f"{field} must be a list of integers in [0, {MAX_TOKEN_ID}]: {e}") from None
@@ -58,7 +59,8 @@ def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits
                 f"{field}[{i}]={int(arr[i])} is out of range: token ids must be >= 0 and {upper}"
                 + (f" ({bad.size} bad ids in all)" if bad.size > 1 else "")
             )
-    return arr.astype(_LE_INT32, copy=False)
+    # In range, a uint32 id is the same 4 bytes as an int32 one: a view, not a copy.
+    return arr.view(_LE_INT32) if arr.dtype == _LE_UINT32 else arr.astype(_LE_INT32, copy=False)
 
 
 def extra_keys(value: bytes, limits: StoreLimits) -> bytes:
