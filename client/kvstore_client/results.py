@@ -187,6 +187,12 @@ class NamespaceStats:
     hit_bytes: int  # KV bytes lookups found (whole pages)
     max_session_pages: int  # pool pages one session may hold here (0 = no quota but the pool)
     session_pages_refused: int  # requests refused by max_session_pages
+    pages_checksummed: int  # pages checksummed as they were sealed
+    pages_scrubbed: int  # sealed pages the scrubber re-verified
+    pages_corrupt: int  # sealed pages changed after their seal: dropped, never served again
+    copies_refused: int  # copies below the pool refused because the page was corrupt
+    pages_zeroed: int  # freed pages zeroed off the event loop
+    pages_zeroed_inline: int  # freed pages zeroed on the loop as they were handed out again
 
     @property
     def hit_rate(self) -> float | None:
