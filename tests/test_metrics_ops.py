@@ -112,7 +112,7 @@ def test_build_info_in_metrics_and_stats(daemon_factory: Any) -> None:
         kvstore.__version__,
         commit,
         grpc.__version__,
-        "cpu_shm",
+        "cpu_memfd",
     )
     assert build.python.split()[0].count(".") == 2
     (info,) = [v for (name, labels), v in scrape(port).items() if name == "kvstore_build_info"]
@@ -123,7 +123,7 @@ def test_build_info_in_metrics_and_stats(daemon_factory: Any) -> None:
         "git_commit": commit,
         "python": build.python,
         "grpc": build.grpc,
-        "backend": "cpu_shm",
+        "backend": "cpu_memfd",
     }
 
 

@@ -257,7 +257,7 @@ class BuildInfo:
     git_commit: str  # "" = unknown at build
     python: str
     grpc: str
-    backend: str  # the pools' kinds now, e.g. "cpu_shm"
+    backend: str  # the pools' kinds now, e.g. "cpu_memfd"
 
 
 @dataclass(frozen=True, slots=True)

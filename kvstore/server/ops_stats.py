@@ -12,7 +12,7 @@ from kvstore.store.store import Store
 
 
 def backend_kinds(store: Store | None) -> str:
-    """The kinds of the pools now, e.g. "cpu_shm"; "none" without a namespace."""
+    """The kinds of the pools now, e.g. "cpu_memfd"; "none" without a namespace."""
     if store is None:
         return "none"
     kinds = sorted({ns.pool.handle.handle_type.name.lower() for ns in store.namespaces.values()})
