@@ -174,7 +174,11 @@ class Daemon:
         edge.install(server)
         self._bind(server)
         self.pool_socket = PoolSocket(
-            pool_socket_path(self.socket_path), tickets, self.store, guard.tokens if guard else None
+            pool_socket_path(self.socket_path),
+            tickets,
+            self.store,
+            guard.tokens if guard else None,
+            edge.counts.pool,
         )
         self.pool_socket.start()
         await server.start()

@@ -90,8 +90,10 @@ def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonPr
         "quotas",
         "build",
         "rpc_calls",
+        "pool_socket",
     }
     assert before["quotas"]["max_sessions_per_client"] == 1024 and before["quotas"]["refused"] == {}
+    assert before["pool_socket"]["refused"]["used_ticket"] == 0
     assert before["internal_errors"] == before["malformed_requests"] == 0
     assert set(before["namespaces"]) == {"test"}
     ns = before["namespaces"]["test"]

@@ -280,6 +280,14 @@ class QuotaStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolSocketStats:
+    """The pool socket's descriptors handed out and requests refused by reason (docs/observability.md)."""
+
+    granted: int
+    refused: dict[str, int]  # reason ("used_ticket", "timeout", ...) -> requests refused since start
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """`Client.stats()`: the daemon's counters."""
 
@@ -293,6 +301,7 @@ class Stats:
     build: BuildInfo | None  # None from a daemon too old to say
     rpc_calls: list[RpcCalls]  # daemon-wide replies only (no namespace asked)
     quotas: QuotaStats | None = None  # None from a daemon that reports none
+    pool_socket: PoolSocketStats | None = None  # daemon-wide replies to a caller reading every namespace
 
     @classmethod
     def from_proto(cls, r: kvstore_pb2.StatsResponse) -> Stats:
@@ -313,5 +322,8 @@ class Stats:
                 dict(r.quotas.refused),
             )
             if r.HasField("quotas")
+            else None,
+            pool_socket=PoolSocketStats(r.pool_socket.granted, dict(r.pool_socket.refused))
+            if r.HasField("pool_socket")
             else None,
         )

@@ -30,7 +30,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
@@ -39,6 +39,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from kvstore.server import status
+from kvstore.server.pool_refusals import PoolSocketCounts
 from kvstore.server.rpc_metrics import MethodMetrics, RpcMetrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ UNBOUNDED_BYTES = frozenset({"extra_keys", "token_ids_u32"})
 class EdgeCounts:
     malformed: int = 0  # requests refused because their bytes did not parse (or were too long)
     internal: int = 0  # calls that ended INTERNAL: a bug in the daemon, logged with a traceback
+    pool: PoolSocketCounts = field(default_factory=PoolSocketCounts)  # the pool socket's (its own edge)
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,6 +219,9 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
             internal_errors=self.edge.internal,
             malformed_requests=self.edge.malformed,
         )
+        if whole and not request.namespace:  # every tenant's traffic
+            reply.pool_socket.granted = self.edge.pool.granted
+            reply.pool_socket.refused.update(self.edge.pool.refused)
         return ops_stats.fill(reply, self.store, self.rpc, daemon_wide=whole and not request.namespace)
 
 

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from kvstore.server import metrics_http
 from kvstore.server.edge import EdgeCounts
 from kvstore.server.ops_stats import build_labels
+from kvstore.server.pool_refusals import PoolSocketCounts
 from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceStats
@@ -163,6 +164,7 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(
             "kvstore_rpc_malformed_requests", "requests whose bytes did not parse", value=edge.malformed
         )
+        yield from _pool_socket(edge.pool)
         if tiers is not None:
             yield from self._tiers(tiers)
 
@@ -221,6 +223,20 @@ class StatsCollector(Collector):
         )
         if disk:
             yield from _reindex(d["reindex"])
+
+
+def _pool_socket(c: PoolSocketCounts) -> Iterator[Any]:
+    yield CounterMetricFamily(
+        "kvstore_pool_socket_granted", "pool descriptors handed out on the pool socket", value=c.granted
+    )
+    refused = CounterMetricFamily(
+        "kvstore_pool_socket_refused",
+        "pool socket requests refused, by reason (pool_refusals.REASONS)",
+        labels=["reason"],
+    )
+    for reason, n in c.refused.items():
+        refused.add_metric([reason], n)
+    yield refused
 
 
 def _reindex(r: dict[str, Any]) -> Iterator[Any]:
@@ -286,7 +302,7 @@ class MetricsServer:
             self.store.stats(),
             len(self.store.sessions),
             tiers.stats() if tiers is not None else None,
-            replace(self.edge),
+            replace(self.edge, pool=self.edge.pool.copy()),
             build_labels(self.store),
         )
 

@@ -7,6 +7,8 @@ authenticated GetNamespace (kvstore/server/pool_tickets.py); it is used up by an
 request that is garbage, too slow, has a wrong, used or expired ticket, or another token
 than the one the ticket was issued to gets a refusal saying so and no descriptor; the
 daemon serves on. At most MAX_CONNECTIONS are read at once; more are closed at once.
+Grants and refusals (by reason, kvstore/server/pool_refusals.py) are counted in the edge's
+counts, for Stats and the metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from kvstore_proto import pool_socket as wire
 
 from kvstore.errors import StartupError
+from kvstore.server.pool_refusals import PoolSocketCounts, Refused
 from kvstore.server.pool_tickets import PoolTickets
 from kvstore.store.store import Store
 from kvstore.tokens import Tokens
@@ -33,21 +36,24 @@ READ_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 64
 
 
-class Refused(Exception):
-    """Why a request gets no descriptor (sent to the client as is)."""
-
-
 def pool_socket_path(grpc_socket: Path) -> Path:
     return grpc_socket.with_name(grpc_socket.name + wire.SUFFIX)
 
 
 class PoolSocket:
-    def __init__(self, path: Path, tickets: PoolTickets, store: Store, tokens: Tokens | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tickets: PoolTickets,
+        store: Store,
+        tokens: Tokens | None,
+        counts: PoolSocketCounts | None = None,
+    ) -> None:
         self.path = path
         self.tickets = tickets
         self.store = store
         self.tokens = tokens
-        self.granted = self.refused = 0
+        self.counts = counts if counts is not None else PoolSocketCounts()
         self._sock: socket.socket | None = None
         self._ino = 0
         self._accepting: asyncio.Task[None] | None = None
@@ -98,7 +104,7 @@ class PoolSocket:
                 await asyncio.sleep(0.1)
                 continue
             if len(self._serving) >= MAX_CONNECTIONS:
-                self.refused += 1
+                self.counts.refused["busy"] += 1
                 conn.close()
                 continue
             task = asyncio.create_task(self._serve_logged(conn))
@@ -119,37 +125,41 @@ class PoolSocket:
                     async with asyncio.timeout(READ_TIMEOUT_S):
                         ticket, token = await _read_request(conn)
                 except TimeoutError:
-                    raise Refused(f"no whole request within {READ_TIMEOUT_S:g}s") from None
+                    raise Refused("timeout", f"no whole request within {READ_TIMEOUT_S:g}s") from None
                 fd, access, epoch, nbytes = self._answer(ticket, token)
             except Refused as why:
-                self.refused += 1
-                log.warning("pool socket: refused a request: %s", why)
+                self.counts.refused[why.reason] += 1
+                log.warning("pool socket: refused a request (%s): %s", why.reason, why)
                 _send(conn, wire.encode_reply(wire.REFUSED, text=str(why)), [])
                 return
             try:
                 _send(conn, wire.encode_reply(wire.GRANTED, access, epoch, nbytes), [fd])
-                self.granted += 1
+                self.counts.granted += 1
             finally:
                 os.close(fd)
 
     def _answer(self, secret: bytes, token: str) -> tuple[int, int, int, int]:
-        ticket = self.tickets.take(secret)
-        if ticket is None:
-            raise Refused("unknown, used or expired ticket: take a new one from GetNamespace")
+        ticket = self.tickets.take(secret)  # or Refused: unknown, used or expired
         if ticket.token is not None:
             presented = self.tokens.find(token) if self.tokens is not None and token else None
             if presented is None or presented.name != ticket.token:
-                raise Refused("this ticket was issued to another token: present the token that asked for it")
+                raise Refused(
+                    "wrong_token",
+                    "this ticket was issued to another token: present the token that asked for it",
+                )
         ns = self.store.namespaces.get(ticket.namespace)
         if ns is None or ns.pool.handle.epoch != ticket.epoch:
             raise Refused(
+                "pool_gone",
                 f"the pool of this ticket (namespace {ticket.namespace!r}, epoch {ticket.epoch:016x}) is "
-                "gone: the namespace was deleted or created again; ask GetNamespace again"
+                "gone: the namespace was deleted or created again; ask GetNamespace again",
             )
         try:
             fd = ns.pool.open_fd(ticket.writable)  # type: ignore[attr-defined]  (memfd pools only)
         except OSError as e:
-            raise Refused(f"the pool of namespace {ticket.namespace!r} cannot be opened: {e}") from e
+            raise Refused(
+                "open_failed", f"the pool of namespace {ticket.namespace!r} cannot be opened: {e}"
+            ) from e
         rw = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
         return fd, wire.READ_WRITE if rw else wire.READ_ONLY, ticket.epoch, ns.pool.handle.nbytes
 
@@ -161,22 +171,23 @@ async def _read_request(conn: socket.socket) -> tuple[bytes, str]:
     while len(data) < need:
         chunk = await loop.sock_recv(conn, need - len(data))
         if not chunk:
-            raise Refused(f"the connection closed after {len(data)} bytes of a request")
+            raise Refused("incomplete", f"the connection closed after {len(data)} bytes of a request")
         data += chunk
         if len(data) >= 5 and (data[:4] != wire.MAGIC or data[4] != wire.VERSION):
             raise Refused(
-                f"not a version-{wire.VERSION} pool socket request (it starts {wire.MAGIC!r} {wire.VERSION})"
+                "malformed",
+                f"not a version-{wire.VERSION} pool socket request (it starts {wire.MAGIC!r} {wire.VERSION})",
             )
         if need == wire.REQUEST.size and len(data) == need:
             _, _, token_len, _ = wire.REQUEST.unpack(data)
             if token_len > wire.MAX_TOKEN_BYTES:
-                raise Refused(f"token_len={token_len} is over {wire.MAX_TOKEN_BYTES}")
+                raise Refused("malformed", f"token_len={token_len} is over {wire.MAX_TOKEN_BYTES}")
             need += token_len
     _, _, _, ticket = wire.REQUEST.unpack_from(data)
     try:
         token = data[wire.REQUEST.size :].decode()
     except UnicodeDecodeError:
-        raise Refused("the token is not UTF-8") from None
+        raise Refused("malformed", "the token is not UTF-8") from None
     return ticket, token
 
 

@@ -38,6 +38,8 @@ def stats_dict(stats: Stats) -> dict[str, Any]:
         out["tiers"] = dataclasses.asdict(stats.tiers)
     if stats.quotas is not None:
         out["quotas"] = dataclasses.asdict(stats.quotas)
+    if stats.pool_socket is not None:
+        out["pool_socket"] = dataclasses.asdict(stats.pool_socket)
     add_ops(out, stats)
     return out
 
@@ -168,6 +170,10 @@ def render_stats(stats: Stats, target: str = "") -> str:
     if stats.quotas is not None and stats.quotas.refused:
         refused = ", ".join(f"{name} {count(n)}" for name, n in sorted(stats.quotas.refused.items()))
         out.append(f"refused by quotas (RESOURCE_EXHAUSTED): {refused}")
+    if stats.pool_socket is not None:
+        p = stats.pool_socket
+        refused = ", ".join(f"{why} {count(n)}" for why, n in sorted(p.refused.items()) if n) or "none"
+        out.append(f"pool socket: {count(p.granted)} descriptors handed out; refused: {refused}")
     for ns in stats.namespaces:
         total = ns.pages_total
         used = (total - ns.pages_free) / total if total else 0.0
