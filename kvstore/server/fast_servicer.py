@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.server import convert
+from kvstore.errors import KVStoreError
+from kvstore.server import batch_limits, convert
 from kvstore.server.status import grpc_errors, status_and_message
 from kvstore.server.tokens import request_tokens
 from kvstore.store import credit as credits
@@ -20,7 +20,6 @@ from kvstore.store import fastpath, namespaces
 from kvstore.store.store import Store
 
 Ctx = grpc.aio.ServicerContext
-MAX_BATCH_ITEMS = 1024  # one batch is one engine step's requests, not a bulk load
 
 
 async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResponse:
@@ -129,11 +128,9 @@ def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
 async def _batch(
     items: Any, run: Callable[[Any], Awaitable[Any]], undo: Callable[[Any, Any], None]
 ) -> list[tuple[pb.ItemStatus, Any]]:
-    """Run each item; a domain error answers that item only. If the call itself ends (its
+    """Run each item (batch_limits.check passed); a domain error answers that item only. If the call itself ends (its
     deadline, a cancel, a bug), `undo` gives back what the finished items took (nobody
     will learn their ids)."""
-    if len(items) > MAX_BATCH_ITEMS:
-        raise InvalidArgument(f"items has {len(items)} entries; a batch takes at most {MAX_BATCH_ITEMS}")
     done: list[tuple[pb.ItemStatus, Any]] = []
     try:
         for item in items:
@@ -181,6 +178,7 @@ class FastPathServicer:
             if reply.pin_id:
                 store.release_pin(item.session_id, reply.pin_id)
 
+        batch_limits.check("BatchLookup", request.items, store.limits)
         done = await _batch(request.items, run, undo)
         return pb.BatchLookupResponse(items=[pb.BatchLookupItem(status=s, reply=r) for s, r in done])
 
@@ -194,6 +192,7 @@ class FastPathServicer:
         def undo(item: pb.ReserveRequest, reply: pb.ReserveResponse) -> None:
             store.release_sequence(item.session_id, reply.sequence_id)
 
+        batch_limits.check("BatchReserve", request.items, store.limits)
         done = await _batch(request.items, run, undo)
         return pb.BatchReserveResponse(items=[pb.BatchReserveItem(status=s, reply=r) for s, r in done])
 
@@ -207,5 +206,6 @@ class FastPathServicer:
         def undo(item: pb.SealRequest, reply: pb.SealResponse) -> None:
             pass  # a seal gives back nothing: its pages are visible, as the item's call would leave them
 
+        batch_limits.check("BatchSeal", request.items, None)  # (a seal carries no token ids)
         done = await _batch(request.items, run, undo)
         return pb.BatchSealResponse(items=[pb.BatchSealItem(status=s, reply=r) for s, r in done])
