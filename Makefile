@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint native proto bench peers gpu-check vllm-venv vllm-test docker-test clean
+.PHONY: run test lint native proto bench peers gpu-check vllm-venv vllm-test docker-test docker-cuda-test clean
 
 # torch==2.13.0 is installed before the project so that pip takes the local
 # CPU wheel instead of resolving `torch>=2.4` to a multi-GB CUDA build. The `model` extra and
@@ -100,6 +100,12 @@ vllm-test: $(VLLM_STAMP) native
 # installs and starts them when it can and says why it skips when it cannot.
 docker-test: $(STAMP)
 	PY=$(PY) docker/test.sh
+
+# The image's CUDA variant (docker/build.sh --cuda 12: CuPy from PyPI wheels on our own base),
+# checked without a GPU: CuPy imports with its CUDA runtime, the sidecar (device = "auto") starts
+# on the CPU pool saying why, gets healthy, serves a put and a get, stops cleanly.
+docker-cuda-test: $(STAMP)
+	PY=$(PY) docker/test-cuda.sh
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so

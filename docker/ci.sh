@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# .ci/run's Docker lane: `make docker-test` when a Docker daemon can be had, else a printed
-# reason and exit 0. As root it installs what is missing from Debian's packages (docker.io,
-# docker-compose, mmdebstrap) and starts dockerd with no networking of its own
-# (--bridge=none --iptables=false: the stack runs with network_mode none), and stops the
-# dockerd it started at the end, leaving no container behind (test.sh tears its stack down).
+# .ci/run's Docker lane: `make docker-test`, then `make docker-cuda-test` (the CUDA variant,
+# checked without a GPU), when a Docker daemon can be had, else a printed reason and exit 0.
+# As root it installs what is missing from Debian's packages (docker.io, docker-compose,
+# mmdebstrap) and starts dockerd with no networking of its own (--bridge=none
+# --iptables=false: the stack runs with network_mode none), and stops the dockerd it started
+# at the end, leaving no container behind (test.sh and test-cuda.sh remove theirs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build/docker
 skip() {
-    echo "docker-test: SKIPPED: $*"
+    echo "docker-test, docker-cuda-test: SKIPPED: $*"
     exit 0
 }
 if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
@@ -47,4 +48,7 @@ stop_dockerd() {
     fi
 }
 trap stop_dockerd EXIT
-make docker-test
+rc=0
+make docker-test || rc=$?
+make docker-cuda-test || rc=$?
+exit $rc

@@ -224,7 +224,8 @@ class NamespaceConfig:
     device: str = _key(
         "cpu",
         "where the pool lives: `cpu` (shared memory), `cuda:N` or `cuda:GPU-<uuid>` (GPU memory shared "
-        "over CUDA IPC; docs/gpu.md), `fake:<id>` (CI's fake device)",
+        "over CUDA IPC; docs/gpu.md), `auto` (`cuda:0` when CuPy can use a GPU, else `cpu`; the log says "
+        "why), `fake:<id>` (CI's fake device)",
         lambda v: check_device(v) or None,
     )
     tier_dtype: TierDType = _key("fp", precision.DTYPE_HELP)  # noqa: RUF009 (ruff: Literal)

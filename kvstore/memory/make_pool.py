@@ -1,4 +1,5 @@
-"""Which backend a namespace's `device` names: `cpu` (a memfd), `cuda:...` (CUDA IPC), `fake:...` (CI)."""
+"""Which backend a namespace's `device` names: `cpu` (a memfd), `cuda:...` (CUDA IPC), `fake:...` (CI),
+`auto` (a GPU when one can be used, else `cpu`: auto_device.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from kvstore.memory.backend import PoolBackend
 from kvstore.memory.shm_pool import ShmPool
 
 DEVICE_RE = re.compile(
-    r"cpu|cuda:(\d{1,3}|GPU-[0-9a-fA-F-]{1,64}|PCI-[0-9a-fA-F:.]{1,32})|fake:[A-Za-z0-9_.-]{1,64}"
+    r"cpu|auto|cuda:(\d{1,3}|GPU-[0-9a-fA-F-]{1,64}|PCI-[0-9a-fA-F:.]{1,32})|fake:[A-Za-z0-9_.-]{1,64}"
 )
 
 
@@ -16,7 +17,7 @@ def check_device(device: str) -> str:
     """'' when `device` names a backend, else what is wrong with it."""
     if device and not DEVICE_RE.fullmatch(device):
         return (
-            f"device={device!r} is not 'cpu', 'cuda:<ordinal>', 'cuda:GPU-<uuid>' (or 'cuda:PCI-<bus id>') or 'fake:<id>' "
+            f"device={device!r} is not 'cpu', 'auto', 'cuda:<ordinal>', 'cuda:GPU-<uuid>' (or 'cuda:PCI-<bus id>') or 'fake:<id>' "
             "(the CI fake device)"
         )
     return ""
@@ -24,6 +25,10 @@ def check_device(device: str) -> str:
 
 def make_pool(prefix: str, namespace: str, device: str, page_stride: int, num_pages: int) -> PoolBackend:
     """A new pool (a new epoch) for `namespace` on `device`. Touches no metadata."""
+    if device == "auto":
+        from kvstore.memory.auto_device import resolve
+
+        device = resolve(namespace)
     if device.startswith("cuda:"):
         from kvstore.memory.cuda_pool import CudaPool  # imports numpy; CuPy on first use
 
