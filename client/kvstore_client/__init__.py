@@ -5,6 +5,7 @@ Speaks protobuf only; never imports the daemon package `kvstore`.
 """
 
 from . import aio, errors
+from ._pcopy import copy_threads, set_copy_threads
 from ._wire import namespace_spec
 from .aio import AsyncClient, AsyncLookup, AsyncSequence
 from .client import Client, Lookup, Sequence, connect
@@ -62,11 +63,13 @@ __all__ = [
     "TierStats",
     "aio",
     "connect",
+    "copy_threads",
     "default_socket_path",
     "default_target",
     "dtype_name",
     "errors",
     "namespace_spec",
+    "set_copy_threads",
     "torch_dtype",
     "wait_until_serving",
     "wire_dtype",

@@ -2,7 +2,8 @@
 
 Page i of the buffer is at bytes [i * page_bytes, (i+1) * page_bytes). Pages whose slots
 follow each other move in one copy (the daemon hands out a put's credit in ascending slots,
-so most runs are the whole request): one call into torch a run, not a few per page.
+so most runs are the whole request): one copy a run, not a few per page. Between host
+memory, big copies are split over a few threads (_pcopy.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._pcopy import copy_pairs
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -82,13 +84,26 @@ def copy_in(ns: Namespace, src: Any, indices: Sequence[int], slots: Sequence[int
     """Page indices[k] of `src` (flat_bytes) into slot slots[k]."""
     rows, src = _host(_rows(ns, slots), src)
     size = ns.pool.page_bytes
-    for i, s, n in runs(indices, slots):
-        rows[s : s + n] = src[i * size : (i + n) * size].reshape(n, size)
+    pairs = [
+        (rows[s : s + n], src[i * size : (i + n) * size].reshape(n, size)) for i, s, n in runs(indices, slots)
+    ]
+    _copy(pairs)
 
 
 def copy_out(ns: Namespace, dst: torch.Tensor, slots: Sequence[int]) -> None:
     """Slot slots[i] into page i of the flat uint8 tensor `dst`."""
     rows, out = _host(_rows(ns, slots), dst)
     size = ns.pool.page_bytes
-    for i, s, n in runs(range(len(slots)), slots):
-        out[i * size : (i + n) * size].reshape(n, size)[:] = rows[s : s + n]
+    pairs = [
+        (out[i * size : (i + n) * size].reshape(n, size), rows[s : s + n])
+        for i, s, n in runs(range(len(slots)), slots)
+    ]
+    _copy(pairs)
+
+
+def _copy(pairs: list[tuple[Any, Any]]) -> None:
+    if pairs and isinstance(pairs[0][0], np.ndarray):  # host to host: maybe over threads
+        copy_pairs(pairs)
+        return
+    for dst, src in pairs:  # a device pool's rows: torch copies (and syncs) itself
+        dst[:] = src

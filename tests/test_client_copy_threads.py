@@ -1,0 +1,117 @@
+"""The client's big page copies split over threads (client/kvstore_client/_pcopy.py, docs/api.md
+"Copy threads"): every byte lands for odd shapes, offsets and runs of slots, through the real
+daemon's pool as well as between arrays; a band's failure surfaces once every band is done; the
+knob ($KVSTORE_COPY_THREADS, set_copy_threads) decides whether a copy is split at all."""
+
+from __future__ import annotations
+
+import threading
+
+import kvstore_client
+import numpy as np
+import pytest
+from e2e_helpers import prompt, read_page
+from kvstore_client import _pcopy
+
+NS = "test"  # tests/daemon.py: 4 tokens a page, pages of 1 KiB at a 4 KiB stride
+T = 4
+
+needs_two = pytest.mark.skipif(_pcopy._cores() < 2, reason="a split copy needs 2 CPUs for this process")
+
+
+@pytest.fixture
+def threads():
+    """Set the copy threads for one test (and split every copy: no minimum size)."""
+    old = _pcopy.MIN_SPLIT_BYTES
+    _pcopy.MIN_SPLIT_BYTES = 1
+    try:
+        yield _pcopy.set_copy_threads
+    finally:
+        _pcopy.MIN_SPLIT_BYTES = old
+        _pcopy.set_copy_threads(None)
+
+
+def _copy_threads_alive() -> int:
+    return sum(t.name.startswith("kvstore-copy") for t in threading.enumerate())
+
+
+@needs_two
+@pytest.mark.parametrize("n", [2, 3])
+def test_split_copies_land_every_byte_for_odd_shapes(threads, n) -> None:
+    assert threads(n) == min(n, _pcopy._cores())
+    rng = np.random.default_rng(n)
+    for rows, width in [(1, 1), (1, 7), (3, 1001), (5, 4096), (17, 333)]:
+        src_buf = rng.integers(0, 256, size=rows * width + 3, dtype=np.uint8)
+        dst_buf = np.zeros(rows * width + 5, dtype=np.uint8)
+        # (odd offsets into both buffers; two runs, the second of a single row)
+        src = src_buf[3:].reshape(rows, width)
+        dst = dst_buf[1 : 1 + rows * width].reshape(rows, width)
+        extra_src = rng.integers(0, 256, size=(1, width + 2), dtype=np.uint8)[:, 1:-1]
+        extra_dst = np.zeros((1, width), dtype=np.uint8)
+        _pcopy.copy_pairs([(dst, src), (extra_dst, extra_src)])
+        assert dst.tobytes() == src.tobytes(), (rows, width)
+        assert extra_dst.tobytes() == extra_src.tobytes()
+        assert dst_buf[0] == 0 and not dst_buf[1 + rows * width :].any(), "nothing outside the run"
+
+
+@needs_two
+def test_a_bands_failure_surfaces_after_every_band_is_done(threads) -> None:
+    threads(2)
+    dst = np.zeros((4, 10), dtype=np.uint8)
+    src = np.full((4, 5), 7, dtype=np.uint8)  # narrower: the second band (columns 5-9) cannot copy
+    with pytest.raises(ValueError, match="broadcast"):
+        _pcopy.copy_pairs([(dst, src)])
+    assert (dst[:, :5] == 7).all(), "the caller's band landed before the error was raised"
+    # The caller's band fails (a one-column pair, three rows into four), the thread's lands.
+    narrow, full = np.zeros((4, 1), dtype=np.uint8), np.zeros((4, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="broadcast"):
+        _pcopy.copy_pairs(
+            [(narrow, np.ones((3, 1), dtype=np.uint8)), (full, np.full((4, 4), 9, dtype=np.uint8))]
+        )
+    assert (full[:, 2:] == 9).all() and not full[:, :2].any()
+
+
+def test_the_knob_sets_the_threads_and_one_turns_the_split_off(threads, monkeypatch) -> None:
+    monkeypatch.setenv(_pcopy.ENV, "1")
+    assert threads(None) == 1 == kvstore_client.copy_threads()
+    before = _copy_threads_alive()
+    a = np.arange(1 << 16, dtype=np.uint8).reshape(4, -1)
+    b = np.zeros_like(a)
+    _pcopy.copy_pairs([(b, a)])
+    assert (b == a).all() and _copy_threads_alive() == before, "no thread took a band"
+    assert kvstore_client.set_copy_threads(64) == _pcopy._cores(), "capped at this process's CPUs"
+    monkeypatch.setenv(_pcopy.ENV, "zero")
+    with pytest.raises(ValueError, match="KVSTORE_COPY_THREADS"):
+        threads(None)
+    monkeypatch.setenv(_pcopy.ENV, "0")
+    with pytest.raises(ValueError, match="at least 1"):
+        threads(None)
+    with pytest.raises(ValueError, match="copy threads"):
+        threads(0)
+
+
+@needs_two
+def test_put_and_get_split_over_threads_move_the_right_bytes(daemon, threads) -> None:
+    threads(2)
+    with kvstore_client.connect(daemon.target, client_name="split") as kv:
+        ns = kv.namespace(NS)
+        size = ns.pool.page_bytes
+        tokens = prompt(7 * T, seed=11)
+        rng = np.random.default_rng(5)
+        buf = rng.integers(0, 256, size=7 * size + 1, dtype=np.uint8)
+        data = buf[1:]  # (an odd offset)
+        kv.put(NS, tokens[: 2 * T], data[: 2 * size])  # Reserve + Seal: grants the credit
+        kv.put(NS, tokens, data, cached_tokens=2 * T)  # into the credit: pages 2-6
+        assert _copy_threads_alive() >= 1, "a band went to a copy thread"
+        hit = kv.lookup(NS, tokens, pin=True)
+        try:
+            slots = [p.slot for p in hit.pages]
+        finally:
+            hit.release()
+        assert len(slots) == 7
+        for i, slot in enumerate(slots):  # read back in this process through the pool's fd
+            assert read_page(daemon.target, NS, slot) == data[i * size : (i + 1) * size].tobytes(), i
+        out_buf = np.zeros(7 * size + 3, dtype=np.uint8)
+        got = kv.get(NS, tokens, out_buf[3:])
+        assert got.pages == 7
+        assert out_buf[3:].tobytes() == data.tobytes() and not out_buf[:3].any()
