@@ -16,7 +16,7 @@ from kvstore.server import batch_limits, convert
 from kvstore.server.status import grpc_errors, status_and_message
 from kvstore.server.tokens import request_tokens
 from kvstore.store import credit as credits
-from kvstore.store import fastpath, namespaces
+from kvstore.store import fastpath, namespaces, zero_later
 from kvstore.store.store import Store
 
 Ctx = grpc.aio.ServicerContext
@@ -150,6 +150,16 @@ async def _batch(
     return done
 
 
+async def _zeroed_first(reply: Callable[[Store, Any], Any], store: Store, request: Any) -> Any:
+    """`reply(store, request)`, the dirty pages it took zeroed off the loop before it is
+    returned (store/zero_later.py): its slots reach the client only in that reply."""
+    with zero_later.deferred() as jobs:
+        r = reply(store, request)
+    if jobs:
+        await zero_later.settle(jobs)
+    return r
+
+
 class FastPathServicer:
     """Mixed into KVStoreServicer."""
 
@@ -157,15 +167,15 @@ class FastPathServicer:
 
     @grpc_errors
     async def Reserve(self, request: pb.ReserveRequest, context: Ctx) -> pb.ReserveResponse:
-        return _reserve_reply(self.store, request)
+        return await _zeroed_first(_reserve_reply, self.store, request)
 
     @grpc_errors
     async def Seal(self, request: pb.SealRequest, context: Ctx) -> pb.SealResponse:
-        return _seal_reply(self.store, request)
+        return await _zeroed_first(_seal_reply, self.store, request)
 
     @grpc_errors
     async def Put(self, request: pb.PutRequest, context: Ctx) -> pb.PutResponse:
-        return _put_reply(self.store, request)
+        return await _zeroed_first(_put_reply, self.store, request)
 
     @grpc_errors
     async def BatchLookup(self, request: pb.BatchLookupRequest, context: Ctx) -> pb.BatchLookupResponse:
@@ -187,7 +197,7 @@ class FastPathServicer:
         store = self.store
 
         async def run(item: pb.ReserveRequest) -> pb.ReserveResponse:
-            return _reserve_reply(store, item)
+            return await _zeroed_first(_reserve_reply, store, item)
 
         def undo(item: pb.ReserveRequest, reply: pb.ReserveResponse) -> None:
             store.release_sequence(item.session_id, reply.sequence_id)
@@ -201,7 +211,7 @@ class FastPathServicer:
         store = self.store
 
         async def run(item: pb.SealRequest) -> pb.SealResponse:
-            return _seal_reply(store, item)
+            return await _zeroed_first(_seal_reply, store, item)
 
         def undo(item: pb.SealRequest, reply: pb.SealResponse) -> None:
             pass  # a seal gives back nothing: its pages are visible, as the item's call would leave them

@@ -36,6 +36,7 @@ import numpy as np
 
 from kvstore.memory.backend import HandleType
 from kvstore.memory.pages import FREE, SEALED, Page
+from kvstore.store import zero_later
 from kvstore.store.namespace import GoneKind, Namespace
 from kvstore.store.page_sums import CORRUPT, checksum
 
@@ -156,19 +157,50 @@ class NamespaceGuard:
 
     def zero_now(self, pages: list[Page], overwritten: bool) -> None:
         """PageTable.zero: dirty pages being taken, zeroed before anyone gets them (with
-        `overwritten`, only no longer being zeroed: the taker replaces every byte)."""
-        batch = self.zeroing
-        if batch is not None and any(p.zeroing is batch for p in pages):
-            self.zeroed(batch, wait=True)  # (bounded by JOB_BYTES)
+        `overwritten`, only no longer being zeroed: the taker replaces every byte). Inside a
+        call whose reply waits for it (zero_later.py), zeroed off the loop instead."""
+        for batch in {p.zeroing for p in pages if p.zeroing is not None}:
+            self.zeroed(batch, wait=True)  # (bounded: JOB_BYTES, or one call's pages)
+        dirty = [p for p in pages if p.dirty]
+        if overwritten:
+            for page in dirty:
+                page.dirty = False
+        elif dirty and not zero_later.collect(self, dirty):
+            self.zero_inline(dirty)
+
+    def zero_inline(self, pages: list[Page]) -> None:
         for page in pages:
-            if page.dirty and overwritten:
-                page.dirty = False
-            elif page.dirty:
-                view = self.view(page)
-                np.frombuffer(view, dtype=np.uint8).fill(0)
-                view.release()
-                page.dirty = False
-                self.counts["pages_zeroed_inline"] += 1
+            view = self.view(page)
+            np.frombuffer(view, dtype=np.uint8).fill(0)
+            view.release()
+            page.dirty = False
+            self.counts["pages_zeroed_inline"] += 1
+
+    def zero_off_loop(self, pages: list[Page]) -> list[_Batch]:
+        """Submit jobs zeroing `pages` (taken, dirty) on the zeroing threads, a share each;
+        the pages stay dirty, marked with their job, until `zeroed` (zero_later.settle)."""
+        pool = self.service.zero_pool
+        shares = min(zero_later.THREADS, len(pages))
+        batches = []
+        for i in range(shares):
+            batch = _Batch()
+            batch.pages = pages[i::shares]
+            views = [self.view(p) for p in batch.pages]
+            try:
+                batch.future = pool.submit(_work, [], views, [])
+            except RuntimeError:  # (closed: the daemon is stopping) zeroed on the loop
+                for view in views:
+                    view.release()
+                self.zero_inline(batch.pages)
+                continue
+            for page in batch.pages:
+                page.zeroing = batch
+            waited = asyncio.wrap_future(batch.future)
+            self.ns.private_reads.add(waited)  # type: ignore[arg-type] (DeleteNamespace waits for it)
+            waited.add_done_callback(self.ns.private_reads.discard)  # type: ignore[arg-type]
+            waited.add_done_callback(lambda _, b=batch: self.zeroed(b, wait=True))
+            batches.append(batch)
+        return batches
 
     def zeroed(self, batch: _Batch, wait: bool = False) -> None:
         """The job zeroing `batch` is done (or, with `wait`, waited for): its pages are clean."""
@@ -273,6 +305,8 @@ class Integrity:
         self.sessions = sessions
         self.guards: dict[str, NamespaceGuard] = {}
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-integrity")
+        # (zero_later.py: a reply's freshly taken dirty pages, not queued behind the thread's jobs)
+        self.zero_pool = cf.ThreadPoolExecutor(zero_later.THREADS, thread_name_prefix="kvstore-zero")
         self._wake: asyncio.Event | None = None
         self._credit = 0.0  # scrub bytes earned and not yet spent
 
@@ -354,5 +388,6 @@ class Integrity:
             guard.done(sums, zeros, scrubs, result)
 
     def close(self) -> None:
-        """Wait for the job under way (before the pools are closed)."""
+        """Wait for the jobs under way (before the pools are closed)."""
         self._pool.shutdown(wait=True)
+        self.zero_pool.shutdown(wait=True)

@@ -1,0 +1,99 @@
+"""A Put whose next credit takes pages it just evicted (a full pool) zeroes them off the loop
+and answers only once they are zero (kvstore/store/zero_later.py): the loop zeroes nothing
+inline, the credit's slots read zero from another reader as soon as the reply is in, and
+the puts into those credits store the right bytes. The real daemon, its integrity on."""
+
+from __future__ import annotations
+
+import uuid
+
+import kvstore_client
+import numpy as np
+from e2e_helpers import prompt, read_page
+
+from kvstore.store import zero_later
+from kvstore.store.integrity import Integrity, IntegrityConfig
+from kvstore.store.store import Store
+from kvstore.store.types import NamespaceSpec, StoreLimits
+
+NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages of 1 KiB: a credit is at most 8
+T = 4
+PAGES = 8
+
+
+def test_a_puts_credit_of_evicted_pages_is_zeroed_before_its_reply_not_on_the_loop(daemon) -> None:
+    with kvstore_client.connect(daemon.target, client_name="zero-later") as kv:
+        ns = kv.namespace(NS)
+        size = ns.pool.page_bytes
+        data = np.full(PAGES * size, 0xA5, dtype=np.uint8)
+        prompts = [prompt(PAGES * T, seed=100 + i) for i in range(12)]  # 96 pages: the pool fills
+        for tokens in prompts:
+            kv.put(NS, tokens, data)
+            (credit,) = kv._credits._held[NS]  # the credit this put's reply granted
+            assert len(credit.slots) == PAGES
+            for slot in credit.slots:  # read through the pool's fd, right after the reply
+                assert read_page(daemon.target, NS, slot) == bytes(size), f"credit slot {slot} not zero"
+        s = kv.stats(NS).namespaces[0]
+        assert s.evictions >= 3 * PAGES, "the later credits took pages their put evicted"
+        assert s.pages_zeroed_inline == 0, "no page was zeroed on the loop"
+        assert s.pages_zeroed >= 3 * PAGES
+        out = np.zeros(PAGES * size, dtype=np.uint8)
+        assert kv.get(NS, prompts[-1], out).pages == PAGES
+        assert (out == 0xA5).all()
+
+
+async def test_pages_freed_and_taken_again_while_zeroed_off_the_loop_are_never_handed_out_dirty() -> None:
+    """In process (a real Store, memfd pool and Integrity on a running loop): pages a call
+    defers are freed and taken again before their job ends, by a plain take (waits for the
+    job), a promotion (waits, then keeps what it writes) and another deferring call."""
+    store = Store(StoreLimits(), shm_prefix=f"kvtest-zl-{uuid.uuid4().hex[:12]}-")
+    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
+    store.attach = integrity.attach
+    store.create_namespace(NamespaceSpec("ns", 4, 2, 1024, "float16", 16, 48))  # 256 KiB pages
+    ns = store.namespaces["ns"]
+
+    def fill(slot: int, value: int) -> None:
+        v = ns.page_view(slot)
+        np.frombuffer(v, dtype=np.uint8).fill(value)
+        v.release()  # (a view left alive keeps the pool's mapping from closing)
+
+    def filled(slot: int, value: int) -> bool:
+        v = ns.page_view(slot)
+        arr = np.frombuffer(v, dtype=np.uint8)
+        ok = bool((arr == value).all())
+        del arr
+        v.release()
+        return ok
+
+    try:
+        for round_ in range(6):
+            pages = ns.reserve_many(1, len(ns.pages.free))
+            for page in pages:
+                fill(page.slot, 0xA5)
+            for page in pages:
+                ns.free_reserved(page)  # dirty, not zeroed yet: nothing ran the integrity task
+            with zero_later.deferred() as jobs:
+                taken = ns.reserve_many(2, 16)
+            assert jobs and all(p.dirty and p.zeroing is not None for p in taken)
+            for page in taken:
+                ns.free_reserved(page)
+            if round_ % 3 == 0:
+                again = ns.reserve_many(3, len(ns.pages.free))  # on the loop: waits for the jobs
+            elif round_ % 3 == 1:
+                again = [ns.reserve(3, overwritten=True) for _ in range(16)]
+                for page in again:
+                    fill(page.slot, 0x5A)
+            else:
+                with zero_later.deferred() as more:
+                    again = ns.reserve_many(3, len(ns.pages.free))
+                await zero_later.settle(more)
+            await zero_later.settle(jobs)
+            for page in again:
+                want = 0x5A if round_ % 3 == 1 else 0
+                assert not page.dirty and filled(page.slot, want), (round_, page.slot)
+            for page in again:
+                ns.free_reserved(page)
+        assert ns.guard.stats()["pages_zeroed"] > 0
+    finally:
+        integrity.close()
+        store.close()
