@@ -6,7 +6,10 @@
  *
  * BLAKE2b (RFC 7693), unkeyed, 16-byte digest, written out here rather than linked: CPython's
  * own copy is not exported, and the extension then needs nothing but a C compiler and the
- * Python headers. */
+ * Python headers.
+ *
+ * `first_over` is the range check of a request's packed token ids (kvstore/store/validate.py):
+ * it lives here so the daemon has one extension for its per-request loops. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -217,9 +220,37 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(first_over_doc,
+             "first_over(ids_le_u32, top) -> int\n\n"
+             "The index of the first little-endian uint32 id above top, or -1: the range check of\n"
+             "packed token ids without numpy's per-call overhead.");
+
+static PyObject *first_over(PyObject *self, PyObject *args) {
+    Py_buffer ids;
+    unsigned long long top;
+    if (!PyArg_ParseTuple(args, "y*K", &ids, &top)) return NULL;
+    const uint8_t *p = ids.buf;
+    Py_ssize_t n = ids.len / 4, found = -1;
+    if (ids.len % 4) {
+        PyBuffer_Release(&ids);
+        return PyErr_Format(PyExc_ValueError, "ids_le_u32 has %zd bytes, not a multiple of 4", ids.len);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t v = (uint32_t)p[4 * i] | (uint32_t)p[4 * i + 1] << 8 | (uint32_t)p[4 * i + 2] << 16 |
+                     (uint32_t)p[4 * i + 3] << 24;
+        if (v > top) {
+            found = i;
+            break;
+        }
+    }
+    PyBuffer_Release(&ids);
+    return PyLong_FromSsize_t(found);
+}
+
 static PyMethodDef methods[] = {
     {"hashes", hashes, METH_VARARGS, hashes_doc},
     {"probe", probe, METH_VARARGS, probe_doc},
+    {"first_over", first_over, METH_VARARGS, first_over_doc},
     {NULL, NULL, 0, NULL},
 };
 

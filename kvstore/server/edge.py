@@ -75,6 +75,9 @@ class Edge:
         self.closing = False
         self._running: set[asyncio.Task[Any]] = set()  # unary calls under way
         self._idle: asyncio.Event | None = None  # set when _running empties, while drain waits
+        # The loop the server runs on, known at `install`: `current_task(loop)` then skips
+        # get_running_loop, which in CPython 3.11 makes a getpid() system call every time.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._methods: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> wrapped handler
         self._services: set[str] = set()
         self._generic: list[grpc.GenericRpcHandler] = []
@@ -105,6 +108,8 @@ class Edge:
         if other:  # (a handler only a generic handler knows would bypass the edge)
             raise TypeError(f"generic handlers without their methods registered: {other}")
         server.add_generic_rpc_handlers((_Methods(self._methods),))
+        with contextlib.suppress(RuntimeError):  # (installed off the loop: looked up per call)
+            self._loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------ shutdown
 
@@ -181,13 +186,14 @@ class Edge:
         running = self._running
         observe, ok, ended = m.observe or _no_observe, m.ok, m.ended
         sets_code = not refuse  # health's Check answers NOT_FOUND by setting the code, not aborting
+        current_task = asyncio.current_task
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = perf_counter()
             try:
                 if self.closing or isinstance(request, Malformed):  # (tested first: every call runs this)
                     await self._check(request, context, refuse)
-                task = asyncio.current_task() if refuse else None
+                task = current_task(self._loop) if refuse else None
                 if task is not None:
                     running.add(task)
                 try:
@@ -316,7 +322,10 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     if deserializer is None:
         return None
     cls = getattr(deserializer, "__self__", None)  # pb.X.FromString is bound to the class
-    type_name = cls.DESCRIPTOR.full_name if isinstance(cls, type) and issubclass(cls, Message) else "request"
+    known = isinstance(cls, type) and issubclass(cls, Message)
+    type_name = cls.DESCRIPTOR.full_name if known else "request"
+    # The fields to check, found now for the type the deserializer builds (any other: per request).
+    fields = _bounded_fields(cls.DESCRIPTOR) if known else None
 
     def parse(data: bytes) -> Any:
         try:
@@ -324,7 +333,7 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         except Exception as e:  # DecodeError, or any other reason the bytes cannot be taken
             return Malformed(f"the request is not a valid {type_name} ({len(data)} bytes): {_short(str(e))}")
         if isinstance(request, Message):
-            problem = too_long(request)
+            problem = too_long(request, "", fields if type(request) is cls else None)
             if problem:
                 return Malformed(f"{type_name}.{problem}")
         return request
@@ -332,9 +341,10 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def too_long(msg: Message, path: str = "") -> str:
-    """The first string or bytes field over the edge's limit, described (never echoed), or ""."""
-    for name, kind, repeated in _bounded_fields(msg.DESCRIPTOR):
+def too_long(msg: Message, path: str = "", fields: tuple[tuple[str, int, bool], ...] | None = None) -> str:
+    """The first string or bytes field over the edge's limit, described (never echoed), or "".
+    `fields`: `_bounded_fields` of msg's type, when the caller has them at hand."""
+    for name, kind, repeated in _bounded_fields(msg.DESCRIPTOR) if fields is None else fields:
         if kind == FieldDescriptor.TYPE_MESSAGE:
             if repeated:
                 for i, item in enumerate(getattr(msg, name)):
