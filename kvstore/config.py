@@ -31,6 +31,7 @@ from kvstore.config_checks import (
     check_tls_file,
     check_tokens_file,
     in_range,
+    listener_problems,
     positive,
 )
 from kvstore.config_parse import doc_default, expect, fill, format_size, read_toml
@@ -234,6 +235,9 @@ class NamespaceConfig:
     max_session_pages: int = _key(
         0, "pool pages one session may hold here at once (sequences and pins); 0 = none", in_range(0, U32_MAX)
     )
+    tier_share: float = _key(
+        0.0, "share of the host and disk tiers its pages may hold (docs/tiers.md); 0 = none", in_range(0, 1)
+    )
 
 
 # 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.
@@ -334,7 +338,7 @@ def load(
     if server_values:  # take `unix:/path` too, as clients do, and pin a relative path down now
         server_values["socket"] = os.path.abspath(server_values["socket"].removeprefix("unix:"))
     server = ServerConfig(**(server_values or runtime_defaults(environ)))
-    problems += _listener_problems(server)
+    problems += listener_problems(server)
     if server.lease_ttl_max_s < server.lease_ttl_s:
         problems.append(
             f"server.lease_ttl_max_s={server.lease_ttl_max_s:g}: "
@@ -355,25 +359,6 @@ def load(
     if problems:
         raise ConfigError(problems)
     return Config(server=server, namespaces=tuple(namespaces), config_file=path)
-
-
-def _listener_problems(s: ServerConfig) -> list[str]:
-    """TCP is reachable by more than this user: it needs tokens unless explicitly left open."""
-    problems = []
-    if s.tcp and not s.tokens_file and not s.tcp_insecure_no_auth:
-        problems.append(
-            f"server.tcp={s.tcp}: a TCP listener needs server.tokens_file (bearer tokens), or "
-            "server.tcp_insecure_no_auth=true to serve it without any authentication"
-        )
-    if bool(s.tls_cert) != bool(s.tls_key):
-        problems.append("server.tls_cert and server.tls_key: give both (TLS) or neither")
-    if (s.tls_cert or s.tls_client_ca) and not s.tcp:
-        problems.append("server.tls_*: TLS is for server.tcp, which is not set")
-    if s.tls_client_ca and not s.tls_cert:
-        problems.append(
-            "server.tls_client_ca: client certificates need TLS (server.tls_cert, server.tls_key)"
-        )
-    return problems
 
 
 def _check_namespaces(namespaces: list[NamespaceConfig], server: ServerConfig, problems: list[str]) -> None:

@@ -88,3 +88,23 @@ def check_tls_file(v: str) -> str | None:
     if v and not os.access(v, os.R_OK):
         return "cannot be read (a PEM file)"
     return None
+
+
+def listener_problems(s: Any) -> list[str]:
+    """The listeners of a ServerConfig: TCP is reachable by more than this user, so it needs
+    tokens unless explicitly left open; TLS keys come in pairs and only for TCP."""
+    problems = []
+    if s.tcp and not s.tokens_file and not s.tcp_insecure_no_auth:
+        problems.append(
+            f"server.tcp={s.tcp}: a TCP listener needs server.tokens_file (bearer tokens), or "
+            "server.tcp_insecure_no_auth=true to serve it without any authentication"
+        )
+    if bool(s.tls_cert) != bool(s.tls_key):
+        problems.append("server.tls_cert and server.tls_key: give both (TLS) or neither")
+    if (s.tls_cert or s.tls_client_ca) and not s.tcp:
+        problems.append("server.tls_*: TLS is for server.tcp, which is not set")
+    if s.tls_client_ca and not s.tls_cert:
+        problems.append(
+            "server.tls_client_ca: client certificates need TLS (server.tls_cert, server.tls_key)"
+        )
+    return problems

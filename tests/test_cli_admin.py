@@ -27,6 +27,7 @@ import kvstore
 STATS_KEYS = {
     "max_session_pages",
     "session_pages_refused",
+    *("tier_share", "share_evictions", "host_bytes", "disk_bytes"),
     "pages_total",
     "pages_free",
     "pages_reserved",

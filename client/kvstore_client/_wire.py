@@ -126,11 +126,13 @@ def namespace_spec(
     tier_schedule: str = "",
     tier_error_bound: float = 0.0,
     max_session_pages: int = 0,
+    tier_share: float = 0.0,
 ) -> pb.NamespaceSpec:
     """A NamespaceSpec for `create_namespace`. `dtype`: torch dtype, name ("bf16") or DType value;
     empty `policy` = the daemon's default; empty `salt` = derived from the name. `tier_*`: how
     the host and disk tiers store its pages (fp, int8, int4; docs/tiers.md, "Quantized tiers").
-    `max_session_pages`: pool pages one session may hold in it (0 = none; docs/security.md)."""
+    `max_session_pages`: pool pages one session may hold in it (0 = none; docs/security.md).
+    `tier_share`: the share of the host and disk tiers its pages may hold (0 = none; docs/tiers.md)."""
     geometry = pb.Geometry(
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
@@ -151,6 +153,7 @@ def namespace_spec(
             dtype=tier_dtype, schedule=tier_schedule, error_bound=tier_error_bound
         ),
         max_session_pages=max_session_pages,
+        tier_share=tier_share,
     )
 
 

@@ -95,6 +95,7 @@ def namespace_info(info: t.NamespaceInfo) -> pb.NamespaceInfo:
             dtype=spec.tier_dtype, schedule=spec.tier_schedule, error_bound=spec.tier_error_bound
         ),
         max_session_pages=spec.max_session_pages,
+        tier_share=spec.tier_share,
     )
 
 
@@ -122,6 +123,7 @@ def namespace_spec(msg: pb.NamespaceSpec, default_policy: str) -> t.NamespaceSpe
         tier_schedule=msg.tier_precision.schedule,
         tier_error_bound=msg.tier_precision.error_bound,
         max_session_pages=msg.max_session_pages,
+        tier_share=msg.tier_share,
     )
 
 
@@ -153,6 +155,10 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         pages_zeroed_inline=s.pages_zeroed_inline,
         max_session_pages=s.max_session_pages,
         session_pages_refused=s.session_pages_refused,
+        tier_share=s.tier_share,
+        share_evictions=s.share_evictions,
+        host_bytes=s.host_bytes,
+        disk_bytes=s.disk_bytes,
     )
 
 

@@ -51,6 +51,10 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
         "sealed pages whose bytes changed after the seal (scrubber, or a copy below): dropped",
     ),
     "pages_scrubbed": ("kvstore_pages_scrubbed", "sealed pages the scrubber re-verified"),
+    "share_evictions": (
+        "kvstore_share_evictions",
+        "its pages moved down or out of the host or disk tier because it was at its tier_share",
+    ),
     "copies_refused": ("kvstore_copies_refused", "copies below the pool refused: the page was corrupt"),
     "pages_zeroed_inline": (
         "kvstore_pages_zeroed_inline",

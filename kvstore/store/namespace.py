@@ -45,6 +45,12 @@ class Below(Protocol):
     def on_sealed(self, ns: Namespace, page: Page) -> None:
         """A page was sealed (write-through, the successor map)."""
 
+    def admit(self, ns: Namespace) -> None:
+        """A namespace begins (its share of the tiers, tiering/shares.py)."""
+
+    def usage(self, name: str) -> dict[str, int]:
+        """host_bytes, disk_bytes and share_evictions of the namespace below the pool."""
+
 
 class GoneKind(Enum):
     EVICTED = "evicted"  # by the pool's policy (its copy below, if any, is still there) or a tier
@@ -68,6 +74,8 @@ class Namespace:
         self.pool = pool
         self.policy = policy
         self.tiers = tiers  # below the pool: evicted pages are demoted there (None: dropped)
+        if tiers is not None:
+            tiers.admit(self)
         # What a page below the pool must match to be promoted into this pool.
         self.geometry = (
             f"{spec.num_layers}x2x{spec.page_tokens}x{spec.num_kv_heads}x{spec.head_dim}:{spec.dtype}"
@@ -380,6 +388,8 @@ class Namespace:
             hit_bytes=self.hit_tokens // self.spec.page_tokens * self.spec.page_bytes,  # (whole pages)
             max_session_pages=self.spec.max_session_pages,
             session_pages_refused=self.quota_refused,
+            tier_share=self.spec.tier_share,
+            **(self.tiers.usage(self.name) if self.tiers is not None else {}),
             **(self.guard.stats() if self.guard is not None else {}),
         )
 

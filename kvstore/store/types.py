@@ -39,6 +39,7 @@ class NamespaceSpec:
     tier_schedule: str = ""
     tier_error_bound: float = 0.0
     max_session_pages: int = 0  # pool pages one session may hold here at once; 0 = none (store/quotas.py)
+    tier_share: float = 0.0  # of the host and disk tiers its pages may hold; 0 = none (tiering/shares.py)
 
     # (cached: the store asks for these several times per page it moves; a frozen
     # dataclass's fields never change, and cached_property writes past its __setattr__)
@@ -234,6 +235,10 @@ class NamespaceStats:
     hit_bytes: int = 0  # pages lookups found x page_bytes
     max_session_pages: int = 0
     session_pages_refused: int = 0
+    tier_share: float = 0.0  # (tiering/shares.py)
+    share_evictions: int = 0  # its pages moved down or out of a tier because it was at its share
+    host_bytes: int = 0  # slot bytes its pages hold in the host tier
+    disk_bytes: int = 0  # bytes its records hold in the disk tier
     # Integrity of sealed pages (kvstore/store/integrity.py)
     pages_checksummed: int = 0  # pages checksummed as they were sealed
     pages_scrubbed: int = 0  # sealed pages the scrubber re-verified

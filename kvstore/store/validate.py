@@ -117,6 +117,8 @@ def namespace_spec(spec: NamespaceSpec, limits: StoreLimits) -> None:
             precision.check_codec(*spec.tier_codec())
         except ValueError as e:
             raise InvalidArgument(f"{where}: the quantized tier cannot store these pages: {e}") from None
+    if not 0.0 <= spec.tier_share <= 1.0:  # (NaN fails too)
+        raise InvalidArgument(f"{where}: tier_share={spec.tier_share} must be in [0, 1] (0 = no share)")
     pool_bytes = spec.page_stride * spec.num_pages
     if pool_bytes > limits.max_pool_bytes:
         raise InvalidArgument(

@@ -64,6 +64,7 @@ class DiskTier:
         self._dbs = writer.dbs
         self._index = writer.index
         self._writer = writer
+        self.shares = writer.shares  # per-namespace shares of this tier (shares.py)
         self._open_reads = writer.open_reads  # every read transaction is counted there
         self._health = writer.health  # disabled (corrupt, file deleted): reads miss, writes fail
         # For aget/aread_into; its threads start on first use.

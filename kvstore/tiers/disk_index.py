@@ -32,6 +32,7 @@ from kvstore.memory.pages import Page
 from kvstore.policy import EvictionPolicy, make_policy
 
 from .record import PageKey
+from .shares import owner
 
 COUNTERS = (
     "puts",
@@ -81,6 +82,7 @@ class DiskIndex:
         self._slots = 0  # the last slot id given out; lock
         self._commits = 0  # the last commit id given out; lock
         self.bytes_used = 0  # lock
+        self.owned: dict[str, int] = {}  # namespace (shares.owner) -> bytes of its records; lock
         self._represented: dict[PageKey, int] = {}  # key -> bytes of pool page it stands for; lock
         self.bytes_represented = 0  # lock (> bytes_used when records are quantized)
         self.dropped: set[PageKey] = set()  # corrupt, delete queued: read as misses; lock
@@ -113,6 +115,8 @@ class DiskIndex:
         rec = self._records.get(key)
         parent = parent_of(key, parent_hash)
         self.bytes_used += size - self.entries.get(key, 0)
+        name = owner(key)
+        self.owned[name] = self.owned.get(name, 0) + size - self.entries.get(key, 0)
         self.entries[key] = size
         self.bytes_represented += represented - self._represented.get(key, 0)
         self._represented[key] = represented
@@ -145,7 +149,12 @@ class DiskIndex:
         rec = self._records.pop(key, None)
         if rec is None:
             return
-        self.bytes_used -= self.entries.pop(key)
+        size = self.entries.pop(key)
+        self.bytes_used -= size
+        name = owner(key)
+        self.owned[name] -= size
+        if not self.owned[name]:
+            del self.owned[name]
         self.bytes_represented -= self._represented.pop(key, 0)
         self._policy.on_unevictable(rec)
         self._policy.on_dropped(rec)
@@ -269,10 +278,13 @@ class DiskIndex:
 
     # ------------------------------------------------------------------ eviction (writer thread)
 
-    def victims(self, nbytes: int, exclude: Iterable[PageKey]) -> tuple[list[PageKey], int]:
+    def victims(
+        self, nbytes: int, exclude: Iterable[PageKey], namespace: str | None = None
+    ) -> tuple[list[PageKey], int]:
         """The policy's victims worth at least `nbytes` (fewer if there are not enough), never
         one of `exclude`, leaves first: a victim's parent becomes a candidate at once. They
-        stay indexed (marked leaving) until `discard`; `restore` them if the delete fails."""
+        stay indexed (marked leaving) until `discard`; `restore` them if the delete fails.
+        With `namespace`, only that namespace's cached pages (a namespace over its share)."""
         skip = set(exclude)
         out: list[PageKey] = []
         held: list[_Record] = []  # popped but excluded: candidates again afterwards
@@ -286,7 +298,7 @@ class DiskIndex:
                     break
                 if not isinstance(rec, _Record):
                     raise InvariantBroken(f"the disk tier's policy chose {rec!r}, not one of its records")
-                if rec.key in skip:
+                if rec.key in skip or (namespace is not None and rec.key.namespace != namespace):
                     held.append(rec)
                     continue
                 rec.leaving = True

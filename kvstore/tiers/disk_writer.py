@@ -34,6 +34,7 @@ from .disk_health import CORRUPTION, DiskFull, DiskHealth, DiskWriteError, fs_fr
 from .disk_index import DiskIndex
 from .open_reads import OpenReads
 from .record import PageKey, PageRecord
+from .shares import DiskShares
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class DiskWriter:
         self.open_reads = OpenReads()  # the tier's readers count their transactions here
         self._limits = limits
         self._on_evict = on_evict
+        self.shares = DiskShares(index)  # per-namespace shares of the tier (shares.py)
         self._psize = env.stat()["psize"]
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._queued_bytes = 0  # payload bytes submitted and not yet written; under _bytes_lock
@@ -264,6 +266,9 @@ class DiskWriter:
         return dropped
 
     def _write_chunk(self, chunk: dict[PageKey, tuple[bytes, PageRecord]], cost: int) -> list[PageKey]:
+        costs = {k: self.cost(len(m), r.meta.page_bytes) for k, (m, r) in chunk.items()}
+        for name, over in self.shares.over(costs).items():
+            self._evict(over, exclude=chunk.keys(), namespace=name)  # its own records first
         over = self.index.incoming(chunk.keys(), cost) - self.soft_limit_bytes
         if over > 0:
             self.index.count("disk_full_events")
@@ -346,9 +351,10 @@ class DiskWriter:
         if not self.open_reads.wait_for_open(READERS_WAIT_S):
             log.warning("disk tier %s: a read transaction outlived %.0fs", self.name, READERS_WAIT_S)
 
-    def _evict(self, nbytes: int, exclude: Iterable[PageKey]) -> bool:
-        """Delete the policy's victims worth `nbytes`; False if none could be."""
-        victims, freed = self.index.victims(nbytes, exclude)
+    def _evict(self, nbytes: int, exclude: Iterable[PageKey], namespace: str | None = None) -> bool:
+        """Delete the policy's victims worth `nbytes` (of `namespace` only, if given: it is
+        at its share); False if none could be."""
+        victims, freed = self.index.victims(nbytes, exclude, namespace)
         if not victims:
             return False
         try:
@@ -368,6 +374,8 @@ class DiskWriter:
             self.index.restore(victims)
             raise
         self.index.count("evicted", len(victims))
+        if namespace is not None:
+            self.shares.evicted[namespace] += len(victims)
         log.info("disk tier %s full: evicted %d pages (%d bytes)", self.name, len(victims), freed)
         if self._on_evict is not None:
             try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .record import CorruptPage, PageKey, PageMeta, PageRecord, verify
+from .shares import owner
 
 DEFAULT_SLAB_BYTES = 32 << 20
 SLOT_ALIGN = 4096
@@ -85,6 +86,7 @@ class HostTier:
         self._slab_total = 0  # bytes of all slabs; <= capacity_bytes
         self._bytes_used = 0  # payload bytes of the pages held
         self._bytes_represented = 0  # pool bytes they stand for (more when quantized)
+        self._owned: dict[str, int] = {}  # namespace -> slot bytes of its pages (tier shares)
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -111,6 +113,8 @@ class HostTier:
         slab.slot(slot)[:n] = record.payload
         self._entries[key] = _Entry(record.meta, record.checksum, slab, slot)
         self._classes[slot_size(n)].pages += 1
+        name = owner(key)
+        self._owned[name] = self._owned.get(name, 0) + slot_size(n)
         self._bytes_used += record.meta.page_bytes
         self._bytes_represented += record.meta.represented_bytes
         return True
@@ -250,6 +254,22 @@ class HostTier:
             out.append(key)
         return out
 
+    def owned_bytes(self, namespace: str) -> int:
+        """Slot bytes of `namespace`'s pages here (its swapped-out sequences' included)."""
+        return self._owned.get(namespace, 0)
+
+    def victims_of(self, namespace: str, n: int) -> list[PageKey]:
+        """Up to `n` of `namespace`'s cached pages, least recently used first (a namespace
+        over its share gives up its own pages, not another's; never its swapped sequences',
+        which are no cache: they count, and its next swap-out goes to disk instead)."""
+        out = []
+        for key in self._entries:
+            if key.namespace == namespace:
+                out.append(key)
+                if len(out) >= n:
+                    break
+        return out
+
     def take(self, key: PageKey) -> PageRecord | None:
         """`record(key)` then `remove(key)`: move a page out (demotion to disk)."""
         rec = self.record(key)
@@ -264,6 +284,10 @@ class HostTier:
         size = slot_size(entry.meta.page_bytes)
         cls = self._classes[size]
         cls.pages -= 1
+        name = owner(key)
+        self._owned[name] -= size
+        if not self._owned[name]:
+            del self._owned[name]
         self._bytes_used -= entry.meta.page_bytes
         self._bytes_represented -= entry.meta.represented_bytes
         slab = entry.slab

@@ -16,7 +16,14 @@ from .fmt import count, human_bytes, human_duration, key_values, pct
 _STATS_FIELDS = (
     *("pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens"),
     *("miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "page_bytes", "policy"),
-    *("max_session_pages", "session_pages_refused"),
+    *(
+        "max_session_pages",
+        "session_pages_refused",
+        "tier_share",
+        "share_evictions",
+        "host_bytes",
+        "disk_bytes",
+    ),
 )
 
 
@@ -203,6 +210,15 @@ def render_stats(stats: Stats, target: str = "") -> str:
                 f"{count(ns.max_session_pages)} pages a session ({count(ns.session_pages_refused)} refused)"
             )
             rows.append(("session quota", quota))
+        if ns.tier_share or ns.host_bytes or ns.disk_bytes:
+            share = f"{pct(ns.tier_share)} of each tier" if ns.tier_share else "none"
+            rows.append(
+                (
+                    "below the pool",
+                    f"host {human_bytes(ns.host_bytes)}, disk {human_bytes(ns.disk_bytes)}; share {share} "
+                    f"({count(ns.share_evictions)} pages moved out at it)",
+                )
+            )
         out += key_values(f"namespace {ns.name}", rows)
     if not stats.namespaces:
         out += ["", "no namespaces"]

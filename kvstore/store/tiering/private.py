@@ -31,7 +31,7 @@ def save(tiers: Tiers, ns: Namespace, page: Page) -> PageKey:
         ns.name + SWAP_SUFFIX, os.urandom(16), b"", ns.spec.page_tokens, ns.spec.page_bytes, ns.geometry
     )
     view = ns.page_out(page.slot)
-    if tiers.host is not None and tiers.make_host_room(ns.spec.page_bytes):
+    if tiers.host is not None and tiers.make_host_room(ns.spec.page_bytes, ns):
         tiers.host.put(PageRecord.build(meta, view))
     elif tiers.disk is not None:
         tiers.put_disk([PageRecord.build(meta, bytes(view))], strict=True)

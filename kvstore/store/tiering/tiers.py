@@ -28,7 +28,7 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +36,12 @@ from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import Page
 from kvstore.store.namespace import GoneKind
 from kvstore.store.page_sums import intact
+from kvstore.store.tiering import shares
 from kvstore.store.tiering.promotion import Promotion, Verified
 from kvstore.store.tiering.quantize import TierQuant
 from kvstore.store.tiering.reindex_state import ReindexState
 from kvstore.tiers import CorruptPage, DiskTier, HostTier, PageKey, PageMeta, PageRecord, TierName, make_meta
+from kvstore.tiers.shares import SWAP_SEPARATOR
 
 if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 SUCCESSORS_REMEMBERED = 1 << 20
 # Records of swapped-out sequences' unsealed pages live under "<namespace>" + this: never
 # found by a lookup, and deleted at the next start (their sequences died with the daemon).
-SWAP_SUFFIX = "\x00swap"
+SWAP_SUFFIX = SWAP_SEPARATOR + "swap"
 WRITE_WAIT_S = 60.0  # a read of a page still queued for disk waits this long for its write
 
 
@@ -86,6 +88,7 @@ class Tiers:
             "disk_queue_dropped": 0,  # pages not written: the disk write queue was full
         }
         self.swapped_pages = 0  # pages of swapped-out sequences below the pool now
+        self.share_evictions: Counter[str] = Counter()  # namespace -> host pages moved out at its share
         self.reindex_state = ReindexState()
         self.closing = False
         self.reindex_idle = threading.Event()  # set unless a re-index thread is reading LMDB
@@ -217,7 +220,7 @@ class Tiers:
         # Any other page on disk still goes into the host tier if it can make room (moving
         # its coldest pages down): the next hit on it is then a copy from DRAM, not a read
         # from the device.
-        if host is not None and self.make_host_room(ns.spec.page_bytes):
+        if host is not None and self.make_host_room(ns.spec.page_bytes, ns):
             rec = self.record(ns, page, copy=False)  # (a view: put copies into its slab)
             if rec is not None:
                 host.put(rec)
@@ -252,7 +255,7 @@ class Tiers:
         if host is not None and key in host:
             return
         on_disk = disk is not None and (key in disk or key in self.queued)
-        if host is not None and self.make_host_room(rec.meta.page_bytes):
+        if host is not None and self.make_host_room(rec.meta.page_bytes, ns):
             host.put(rec)
             self.counters["demoted_host"] += 1
         elif on_disk:
@@ -260,14 +263,27 @@ class Tiers:
         elif disk is not None and self.put_disk([rec]):
             self.counters["demoted_disk"] += 1
 
-    def make_host_room(self, page_bytes: int) -> bool:
+    def make_host_room(self, page_bytes: int, ns: Namespace | None = None) -> bool:
+        """Room in the host tier for a page (of `ns`: within its share first, shares.py),
+        moving least recently used pages down; False if there can be none."""
         host = self.host
         if host is None:
             raise InvariantBroken("making room in a host tier that does not exist")
+        if ns is not None and not shares.host_room(
+            host, ns, page_bytes, self.move_down, self.share_evictions
+        ):
+            return False
         while not host.has_room(page_bytes):
             victims = host.victims(8, page_bytes)
             if not victims:
                 return False  # the page is larger than the whole host tier
+            self.move_down(victims)
+        return True
+
+    def move_down(self, victims: list[PageKey]) -> None:
+        """Host pages out: to disk unless there already, else dropped."""
+        host = self.host
+        if host is not None:
             down: list[PageRecord] = []
             for key in victims:
                 if self.disk is not None and key not in self.disk and key not in self.queued:
@@ -284,7 +300,6 @@ class Tiers:
                         self.lost(key, "host tier (LRU)", "host tier full, no disk tier below it")
             if down and self.put_disk(down):  # one queue entry and one future for the batch
                 self.counters["host_to_disk"] += len(down)
-        return True
 
     def put_disk(self, records: list[PageRecord], strict: bool = False) -> cf.Future[list[Any]] | None:
         """Queue records for disk; if the queue is at its bound (`disk_queue_bytes`), drop
@@ -337,6 +352,19 @@ class Tiers:
             self.counters["written_through"] += 1
 
     # ------------------------------------------------------------ stats and close
+
+    def admit(self, ns: Namespace) -> None:
+        if self.disk is not None:  # (the writer thread reads it: one dict assignment)
+            self.disk.shares.caps[ns.name] = shares.cap(ns.spec.tier_share, self.disk.soft_limit_bytes)
+
+    def usage(self, name: str) -> dict[str, int]:
+        host, disk = self.host, self.disk
+        return {
+            "host_bytes": host.owned_bytes(name) if host is not None else 0,
+            "disk_bytes": disk.shares.owned_bytes(name) if disk is not None else 0,
+            "share_evictions": self.share_evictions[name]
+            + (disk.shares.evicted[name] if disk is not None else 0),
+        }
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)

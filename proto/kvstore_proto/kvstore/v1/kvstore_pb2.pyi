@@ -151,7 +151,7 @@ class PoolDescriptor(_message.Message):
     def __init__(self, device: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_stride: _Optional[int] = ..., layout: _Optional[str] = ..., page_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., pool_epoch: _Optional[int] = ..., alloc_nbytes: _Optional[int] = ..., host_id: _Optional[str] = ..., sync_mode: _Optional[_Union[SyncMode, str]] = ..., pool_ticket: _Optional[bytes] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint", "tier_precision", "max_session_pages")
+    __slots__ = ("name", "geometry", "pool", "policy", "model_fingerprint", "tier_precision", "max_session_pages", "tier_share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class NamespaceInfo(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TIER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TIER_SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     pool: PoolDescriptor
@@ -166,7 +167,8 @@ class NamespaceInfo(_message.Message):
     model_fingerprint: str
     tier_precision: TierPrecision
     max_session_pages: int
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ..., max_session_pages: _Optional[int] = ...) -> None: ...
+    tier_share: float
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., pool: _Optional[_Union[PoolDescriptor, _Mapping]] = ..., policy: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ..., max_session_pages: _Optional[int] = ..., tier_share: _Optional[float] = ...) -> None: ...
 
 class TierPrecision(_message.Message):
     __slots__ = ("dtype", "schedule", "error_bound")
@@ -733,7 +735,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused", "pages_checksummed", "pages_scrubbed", "pages_corrupt", "copies_refused", "pages_zeroed", "pages_zeroed_inline")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused", "pages_checksummed", "pages_scrubbed", "pages_corrupt", "copies_refused", "pages_zeroed", "pages_zeroed_inline", "tier_share", "share_evictions", "host_bytes", "disk_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -760,6 +762,10 @@ class NamespaceStats(_message.Message):
     COPIES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     PAGES_ZEROED_FIELD_NUMBER: _ClassVar[int]
     PAGES_ZEROED_INLINE_FIELD_NUMBER: _ClassVar[int]
+    TIER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     page_bytes: int
     pages_total: int
@@ -786,7 +792,11 @@ class NamespaceStats(_message.Message):
     copies_refused: int
     pages_zeroed: int
     pages_zeroed_inline: int
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ..., pages_checksummed: _Optional[int] = ..., pages_scrubbed: _Optional[int] = ..., pages_corrupt: _Optional[int] = ..., copies_refused: _Optional[int] = ..., pages_zeroed: _Optional[int] = ..., pages_zeroed_inline: _Optional[int] = ...) -> None: ...
+    tier_share: float
+    share_evictions: int
+    host_bytes: int
+    disk_bytes: int
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ..., pages_checksummed: _Optional[int] = ..., pages_scrubbed: _Optional[int] = ..., pages_corrupt: _Optional[int] = ..., copies_refused: _Optional[int] = ..., pages_zeroed: _Optional[int] = ..., pages_zeroed_inline: _Optional[int] = ..., tier_share: _Optional[float] = ..., share_evictions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized", "reindex_bytes_done", "reindex_bytes_total")
@@ -959,7 +969,7 @@ class QuotaStats(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., max_sessions_per_client: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class NamespaceSpec(_message.Message):
-    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device", "tier_precision", "max_session_pages")
+    __slots__ = ("name", "geometry", "num_pages", "policy", "salt", "model_fingerprint", "device", "tier_precision", "max_session_pages", "tier_share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -969,6 +979,7 @@ class NamespaceSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TIER_PRECISION_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TIER_SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     geometry: Geometry
     num_pages: int
@@ -978,7 +989,8 @@ class NamespaceSpec(_message.Message):
     device: str
     tier_precision: TierPrecision
     max_session_pages: int
-    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ..., max_session_pages: _Optional[int] = ...) -> None: ...
+    tier_share: float
+    def __init__(self, name: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., policy: _Optional[str] = ..., salt: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., tier_precision: _Optional[_Union[TierPrecision, _Mapping]] = ..., max_session_pages: _Optional[int] = ..., tier_share: _Optional[float] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("spec",)
