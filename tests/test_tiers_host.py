@@ -131,3 +131,25 @@ def test_pages_of_another_size_find_room_while_one_size_holds_under_an_eighth_of
     near = rec(101, size=PAGE + 4000)
     host.put(near)
     assert host.get(near.key) == bytes(near.payload) and len(host) == 6
+
+
+def test_a_namespaces_own_victims_and_bytes_for_its_tier_share() -> None:
+    """victims_of: one namespace's pages in LRU order, never another's nor its swapped
+    sequences' (keyed "<ns>\\x00swap", counted in its owned bytes all the same)."""
+    host = HostTier(1 << 20)
+    a = [rec(i, ns="a") for i in range(3)]
+    b = [rec(10 + i, ns="b") for i in range(3)]
+    swap = rec(20, ns="a\x00swap")
+    for r in (b[0], a[0], b[1], a[1], swap, b[2], a[2]):
+        host.put(r)
+    host.get(a[0].key)  # most recently used of a's
+    assert host.victims_of("a", 8) == [a[1].key, a[2].key, a[0].key]
+    assert host.victims_of("b", 2) == [b[0].key, b[1].key]
+    assert (host.owned_bytes("a"), host.owned_bytes("b")) == (4 * PAGE, 3 * PAGE)
+    host.remove(a[1].key)
+    host.take(swap.key)
+    assert host.victims_of("a", 8) == [a[2].key, a[0].key] and host.owned_bytes("a") == 2 * PAGE
+    for r in a:
+        host.remove(r.key)
+    assert host.victims_of("a", 8) == [] and host.owned_bytes("a") == 0
+    assert host.owned_bytes("b") == 3 * PAGE

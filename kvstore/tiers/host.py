@@ -87,6 +87,9 @@ class HostTier:
         self._bytes_used = 0  # payload bytes of the pages held
         self._bytes_represented = 0  # pool bytes they stand for (more when quantized)
         self._owned: dict[str, int] = {}  # namespace -> slot bytes of its pages (tier shares)
+        # Each key namespace's keys in the same LRU order: a namespace at its share finds its
+        # own least recently used pages without walking the others' (victims_of).
+        self._lru_of: dict[str, OrderedDict[PageKey, None]] = {}
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -106,12 +109,13 @@ class HostTier:
         sealed page's bytes never change. HostFull when there is no room."""
         key = record.key
         if key in self._entries:
-            self._entries.move_to_end(key)
+            self._used(key)
             return False
         n = record.meta.page_bytes
         slab, slot = self._allocate(slot_size(n))
         slab.slot(slot)[:n] = record.payload
         self._entries[key] = _Entry(record.meta, record.checksum, slab, slot)
+        self._lru_of.setdefault(key.namespace, OrderedDict())[key] = None
         self._classes[slot_size(n)].pages += 1
         name = owner(key)
         self._owned[name] = self._owned.get(name, 0) + slot_size(n)
@@ -154,6 +158,10 @@ class HostTier:
         """Every key held, least recently used first (a snapshot: safe to remove while iterating)."""
         return list(self._entries)
 
+    def _used(self, key: PageKey) -> None:
+        self._entries.move_to_end(key)
+        self._lru_of[key.namespace].move_to_end(key)
+
     def meta(self, key: PageKey) -> PageMeta | None:
         entry = self._entries.get(key)
         return entry.meta if entry else None
@@ -161,7 +169,7 @@ class HostTier:
     def touch(self, key: PageKey) -> None:
         """Mark the page most recently used (a lookup went through it)."""
         if key in self._entries:
-            self._entries.move_to_end(key)
+            self._used(key)
 
     def read_into(self, key: PageKey, out: memoryview | bytearray) -> PageMeta | None:
         """Copy the page into `out` (e.g. its pool slot) and verify the copy there: what the
@@ -176,7 +184,7 @@ class HostTier:
             raise ValueError(f"page {key} is {entry.meta.page_bytes} bytes, the buffer {dst.nbytes}")
         dst[:] = entry.slab.slot(entry.slot)[: dst.nbytes]
         self._check(key, entry, dst)
-        self._entries.move_to_end(key)
+        self._used(key)
         self.hits += 1
         return entry.meta
 
@@ -263,11 +271,10 @@ class HostTier:
         over its share gives up its own pages, not another's; never its swapped sequences',
         which are no cache: they count, and its next swap-out goes to disk instead)."""
         out = []
-        for key in self._entries:
-            if key.namespace == namespace:
-                out.append(key)
-                if len(out) >= n:
-                    break
+        for key in self._lru_of.get(namespace, ()):
+            out.append(key)
+            if len(out) >= n:
+                break
         return out
 
     def take(self, key: PageKey) -> PageRecord | None:
@@ -281,6 +288,10 @@ class HostTier:
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
+        mine = self._lru_of[key.namespace]
+        del mine[key]
+        if not mine:
+            del self._lru_of[key.namespace]
         size = slot_size(entry.meta.page_bytes)
         cls = self._classes[size]
         cls.pages -= 1
