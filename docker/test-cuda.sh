@@ -3,7 +3,8 @@
 #   1. build it: docker/build.sh --cuda 12 (our own base, CuPy from PyPI wheels, no network);
 #   2. in a container with no network, as the image's user: CuPy imports and reports its CUDA
 #      runtime version (linked into CuPy: no driver needed), sees no driver, and CUPY_CACHE_DIR
-#      is the user's and writable;
+#      is the user's and writable; with NVRTC in the image (CUDA_LIBS=nvrtc,cudart) CuPy also
+#      compiles a kernel and keeps it there (then fails to load it: no driver);
 #   3. the sidecar as the image runs it (its config's device = "auto", compose's hardening):
 #      it starts on the CPU pool and logs why (no CUDA driver), the HEALTHCHECK (grpc health)
 #      says healthy, a worker in the container stores pages and reads them back through its own
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi # Debian's, matching its dockerd
 CUDA=${CUDA:-12}
+CUDA_LIBS=${CUDA_LIBS:-}
 IMAGE=${KVSTORE_CUDA_IMAGE:-kvstore:cuda$CUDA}
 name=kvstore-cuda-test-$$
 logs=build/docker/test-cuda-logs.txt # the sidecar's log, written at teardown
@@ -51,6 +53,30 @@ field() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[sys.ar
 [ "$(field uid)" != 0 ] && [ "$(field uid)" = "$(field cache_owner)" ] || die "CUPY_CACHE_DIR is not the non-root user's"
 [ "$(($(field runtime) / 1000))" = "$CUDA" ] || die "CuPy's CUDA runtime is not CUDA $CUDA"
 [ "$(field driver)" = 0 ] || die "a CUDA driver in the container: this check expects none"
+case ,$CUDA_LIBS, in
+*,nvrtc,*)
+    # CuPy's own compile path (headers found by cuda-pathfinder, NVRTC, the cache), given the
+    # architecture it would ask the missing device for (sm_90: H100/H200).
+    kernel='
+import os
+import cupy
+from cupy._core import core
+from cupy.cuda import compiler
+compiler._get_arch = lambda: "90"
+compiler._get_arch_for_options_for_nvrtc = lambda arch=None: ("-arch=sm_90", "cubin")
+src = "#include <cupy/float16.cuh>\nextern \"C\" __global__ void twice(float16* x) { x[threadIdx.x] = x[threadIdx.x] * float16(2.f); }"
+try:
+    core.compile_with_cache(src, arch="90")
+except cupy.cuda.runtime.CUDARuntimeError as e:  # loading the module needs the driver
+    assert "InsufficientDriver" in str(e), e
+cache = os.environ["CUPY_CACHE_DIR"]
+print(" ".join(f"{n} ({os.path.getsize(os.path.join(cache, n))} bytes)" for n in os.listdir(cache)))
+'
+    out=$($DOCKER run --rm --network none "$IMAGE" python -c "$kernel") || die "a CuPy kernel: $out"
+    case $out in *.cubin*) ;; *) die "no kernel in CUPY_CACHE_DIR: $out" ;; esac
+    say "a CuPy kernel compiled by NVRTC, in CUPY_CACHE_DIR: $out"
+    ;;
+esac
 
 # 3. The sidecar: the CPU pool, saying why; healthy; a worker's put and get; a clean stop.
 $DOCKER run -d --name "$name" --network none --cap-drop ALL --security-opt no-new-privileges \
