@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import kvstore_client
 from kvstore_bench.cli import main
-from kvstore_bench.peers_kvstore import GEOMETRY, PAGE_BYTES
+from kvstore_bench.harness import BenchDaemon
+from kvstore_bench.peers_kvstore import GEOMETRY, PAGE_BYTES, KvstoreSide, namespace_spec, page_data
 
 
 def test_page_geometry_is_one_smollm2_page():
@@ -50,3 +52,18 @@ def test_profile_splits_a_request_per_side(capsys):
         assert row["wall_ms"] > 0 and row["copy_ms"] > 0 and row["daemon_cpu_ms"] > 0
         assert row["copy_ms"] + row["client_cpu_ms"] <= row["wall_ms"] * 1.05
         assert row["daemon_main_ms"] <= row["daemon_cpu_ms"]
+
+
+def test_the_kvstore_sides_put_of_the_largest_size_is_one_put_into_a_credit():
+    """The first put of a size is Reserve + Seal (granting a credit), the next ones one Put:
+    the bench's pool is big enough for a credit of its largest request (a credit is at most
+    1/8 of the pool), as the put it reports is meant to be."""
+    pages, k = 8, 4
+    src = page_data(0, pages)
+    daemon = BenchDaemon([namespace_spec(pages, k)], server={"max_pool_bytes": "1GiB"})
+    with daemon, kvstore_client.connect(daemon.target, client_name="bench-credit") as kv:
+        side = KvstoreSide(kv)
+        for i in range(pages // k):
+            side.put(list(range(i * 1000, i * 1000 + k * 16)), src[i * k : (i + 1) * k])
+        calls = {c.method: c.calls for c in kv.stats().rpc_calls if c.code == "OK"}
+    assert calls.get("KVStore/Reserve") == 1 and calls.get("KVStore/Put") == 1, calls

@@ -44,10 +44,17 @@ def page_data(seed: int, pages: int) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch.uint8).view(pages, PAGE_BYTES)
 
 
+# The daemon grants no credit over 1/8 of a pool (kvstore/store/credit.py, POOL_SHARE): a
+# smaller pool would make a put of the largest size Reserve + copy + Seal, two RPCs.
+CREDIT_POOL_SHARE = 8
+
+
 def namespace_spec(pages: int, largest_request: int) -> dict[str, Any]:
     # Room for one pass of every page, the last get's request (pinned until the next call) and
-    # the put's credit (a request's worth of reserved pages): each pass evicts the last one first.
-    return {"name": NAMESPACE, **GEOMETRY, "num_pages": pages + 2 * largest_request, "vocab_size": VOCAB}
+    # the put's credit (a request's worth of reserved pages): each pass evicts the last one first;
+    # and a pool big enough that a credit of the largest request is granted.
+    num_pages = max(pages + 2 * largest_request, CREDIT_POOL_SHARE * largest_request)
+    return {"name": NAMESPACE, **GEOMETRY, "num_pages": num_pages, "vocab_size": VOCAB}
 
 
 class KvstoreSide:
