@@ -37,8 +37,9 @@ import numpy as np
 from kvstore.memory.backend import HandleType
 from kvstore.memory.pages import FREE, SEALED, Page
 from kvstore.store import zero_later
+from kvstore.store.integrity_jobs import Batch, tracked, work
 from kvstore.store.namespace import GoneKind, Namespace
-from kvstore.store.page_sums import CORRUPT, checksum
+from kvstore.store.page_sums import CORRUPT
 
 if TYPE_CHECKING:
     from kvstore.store.sessions import Session
@@ -58,38 +59,15 @@ class IntegrityConfig:
     zero_freed: bool = True
 
 
-class _Batch:
-    """Pages one job checksums or zeroes; `future` is the job's once submitted."""
-
-    __slots__ = ("future", "pages")
-
-    def __init__(self) -> None:
-        self.pages: list[Page] = []
-        self.future: cf.Future[Any] | None = None
-
-
-def _work(
-    sums: list[memoryview], zeros: list[memoryview], scrubs: list[memoryview]
-) -> tuple[list[int], list[int]]:
-    """On the integrity thread (xxhash and numpy's fill release the GIL)."""
-    try:
-        for v in zeros:
-            np.frombuffer(v, dtype=np.uint8).fill(0)
-        return [checksum(v) for v in sums], [checksum(v) for v in scrubs]
-    finally:
-        for v in (*sums, *zeros, *scrubs):
-            v.release()  # (a view left alive would keep the pool's mapping from closing)
-
-
 class NamespaceGuard:
     """One namespace's integrity state (page_sums.Guard); loop-owned."""
 
     def __init__(self, service: Integrity, ns: Namespace) -> None:
         self.service = service
         self.ns = ns
-        self.to_sum = _Batch()  # sealed, checksum not yet computed
+        self.to_sum = Batch()  # sealed, checksum not yet computed
         self.cursor = 0  # the scrubber's next slot
-        self.zeroing: _Batch | None = None  # the freed pages being zeroed now
+        self.zeroing: Batch | None = None  # the freed pages being zeroed now
         self.counts = dict.fromkeys(
             (
                 "pages_checksummed",
@@ -176,33 +154,7 @@ class NamespaceGuard:
             page.dirty = False
             self.counts["pages_zeroed_inline"] += 1
 
-    def zero_off_loop(self, pages: list[Page]) -> list[_Batch]:
-        """Submit jobs zeroing `pages` (taken, dirty) on the zeroing threads, a share each;
-        the pages stay dirty, marked with their job, until `zeroed` (zero_later.settle)."""
-        pool = self.service.zero_pool
-        shares = min(zero_later.THREADS, len(pages))
-        batches = []
-        for i in range(shares):
-            batch = _Batch()
-            batch.pages = pages[i::shares]
-            views = [self.view(p) for p in batch.pages]
-            try:
-                batch.future = pool.submit(_work, [], views, [])
-            except RuntimeError:  # (closed: the daemon is stopping) zeroed on the loop
-                for view in views:
-                    view.release()
-                self.zero_inline(batch.pages)
-                continue
-            for page in batch.pages:
-                page.zeroing = batch
-            waited = asyncio.wrap_future(batch.future)
-            self.ns.private_reads.add(waited)  # type: ignore[arg-type] (DeleteNamespace waits for it)
-            waited.add_done_callback(self.ns.private_reads.discard)  # type: ignore[arg-type]
-            waited.add_done_callback(lambda _, b=batch: self.zeroed(b, wait=True))
-            batches.append(batch)
-        return batches
-
-    def zeroed(self, batch: _Batch, wait: bool = False) -> None:
+    def zeroed(self, batch: Batch, wait: bool = False) -> None:
         """The job zeroing `batch` is done (or, with `wait`, waited for): its pages are clean."""
         ok = True
         if wait and batch.future is not None:
@@ -223,14 +175,14 @@ class NamespaceGuard:
 
     def job(
         self, scrub_bytes: int
-    ) -> tuple[_Batch, _Batch, list[tuple[Page, object]], list[memoryview]] | None:
+    ) -> tuple[Batch, Batch, list[tuple[Page, object]], list[memoryview]] | None:
         """Collect (on the loop) what the next job does: checksums of pages sealed since the
         last, freed pages to zero, sealed pages to re-verify; None when there is nothing."""
         page_bytes = self.ns.spec.page_bytes
         per_job = max(1, JOB_BYTES // page_bytes)
         sums = self.to_sum
         if len(sums.pages) > per_job:  # (the rest in the next job)
-            rest = _Batch()
+            rest = Batch()
             rest.pages = sums.pages[per_job:]
             sums.pages = sums.pages[:per_job]
             for page in rest.pages:
@@ -239,9 +191,9 @@ class NamespaceGuard:
             self.to_sum = rest
             self.service.kick()
         else:
-            self.to_sum = _Batch()
+            self.to_sum = Batch()
         sums.pages = [p for p in sums.pages if p.checksum is sums]  # (not freed meanwhile)
-        zeros = _Batch()
+        zeros = Batch()
         if self.zeroing is None:
             freed = self.ns.pages.freed
             while freed and len(zeros.pages) < per_job:
@@ -270,7 +222,7 @@ class NamespaceGuard:
                     break
         return out
 
-    def done(self, sums: _Batch, zeros: _Batch, scrubs: list[tuple[Page, object]], result: Any) -> None:
+    def done(self, sums: Batch, zeros: Batch, scrubs: list[tuple[Page, object]], result: Any) -> None:
         """The job's results, back on the loop."""
         got_sums, got_scrubs = result
         for page, value in zip(sums.pages, got_sums, strict=True):
@@ -331,7 +283,7 @@ class Integrity:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         rate = self.config.scrub_bytes_per_s if self.config.checksums else 0
-        last = loop.time()
+        last = scrubbed = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
@@ -339,18 +291,28 @@ class Integrity:
             now = loop.time()
             self._credit = min(self._credit + rate * (now - last), rate * 1.0)
             last = now
+            # Woken for checksums or zeroing (every Put kicks), the scrubber still runs at most
+            # once a tick: its scan and reads are not repeated at every call's pace.
+            scrub = now - scrubbed >= TICK_S
+            scrubbed = now if scrub else scrubbed
             for name, ns in list(namespaces().items()):
                 guard = self.guards.get(name)
                 if guard is None or guard.ns is not ns:
                     continue
                 try:
                     guard.sweep()
-                    await self._one_job(guard, namespaces)
+                    await self._one_job(guard, namespaces, scrub)
                 except Exception:  # (a bug here must not end the checks of every namespace)
                     log.exception("namespace %s: integrity checks failed this tick", name)
 
-    async def _one_job(self, guard: NamespaceGuard, namespaces: Callable[[], dict[str, Namespace]]) -> None:
-        credit = int(self._credit)
+    async def _one_job(
+        self, guard: NamespaceGuard, namespaces: Callable[[], dict[str, Namespace]], scrub: bool = True
+    ) -> None:
+        # At most two ticks' worth of scrubbing a job (one page at least): the credit saved
+        # while nothing was sealed (up to 1 s of it) is spent over ticks, not in one burst
+        # that competes with the first calls after a quiet spell.
+        most = max(self.config.scrub_bytes_per_s * 2 * TICK_S, guard.ns.spec.page_bytes)
+        credit = int(min(self._credit, most)) if scrub else 0
         made = guard.job(credit)
         if made is None:
             return
@@ -359,7 +321,7 @@ class Integrity:
         n = len(sums.pages)
         try:
             future = self._pool.submit(
-                _work, views[:n], views[n : n + len(zeros.pages)], views[n + len(zeros.pages) :]
+                work, views[:n], views[n : n + len(zeros.pages)], views[n + len(zeros.pages) :]
             )
         except RuntimeError:  # (closed: the daemon is stopping)
             for view in views:
@@ -370,10 +332,8 @@ class Integrity:
         if zeros.pages:
             zeros.future = future
             guard.zeroing = zeros
-        waited = asyncio.wrap_future(future)
         ns = guard.ns
-        ns.private_reads.add(waited)  # type: ignore[arg-type] (DeleteNamespace waits for it)
-        waited.add_done_callback(ns.private_reads.discard)  # type: ignore[arg-type]
+        waited = tracked(ns, future)
         try:
             result = await asyncio.shield(waited)  # (cancelled: the job still runs; close waits)
         except Exception:

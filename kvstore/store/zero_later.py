@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from kvstore.store.integrity_jobs import Batch, tracked, work
+
 THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 _current: list[tuple[Any, Any]] | None = None  # (guard, batch) of the call running now
@@ -38,8 +40,32 @@ def collect(guard: Any, pages: list[Any]) -> bool:
     """NamespaceGuard.zero_now: off the loop if a call collects (True), else False."""
     if _current is None:
         return False
-    _current.extend((guard, batch) for batch in guard.zero_off_loop(pages))
+    _current.extend((guard, batch) for batch in zero_off_loop(guard, pages))
     return True
+
+
+def zero_off_loop(guard: Any, pages: list[Any]) -> list[Batch]:
+    """Submit jobs zeroing `pages` (taken, dirty) on the zeroing threads, a share each; the
+    pages stay dirty, marked with their job, until `guard.zeroed` (when the job is done)."""
+    pool = guard.service.zero_pool
+    shares = min(THREADS, len(pages))
+    batches = []
+    for i in range(shares):
+        batch = Batch()
+        batch.pages = pages[i::shares]
+        views = [guard.view(p) for p in batch.pages]
+        try:
+            batch.future = pool.submit(work, [], views, [])
+        except RuntimeError:  # (closed: the daemon is stopping) zeroed on the loop
+            for view in views:
+                view.release()
+            guard.zero_inline(batch.pages)
+            continue
+        for page in batch.pages:
+            page.zeroing = batch
+        tracked(guard.ns, batch.future).add_done_callback(lambda _, b=batch: guard.zeroed(b, wait=True))
+        batches.append(batch)
+    return batches
 
 
 async def settle(jobs: list[tuple[Any, Any]]) -> None:

@@ -1,10 +1,14 @@
-"""A Put whose next credit takes pages it just evicted (a full pool) zeroes them off the loop
-and answers only once they are zero (kvstore/store/zero_later.py): the loop zeroes nothing
-inline, the credit's slots read zero from another reader as soon as the reply is in, and
-the puts into those credits store the right bytes. The real daemon, its integrity on."""
+"""The integrity work on a put's path (kvstore/store/zero_later.py, integrity.py). A Put whose
+next credit takes pages it just evicted (a full pool) zeroes them off the loop and answers
+only once they are zero: the loop zeroes nothing inline, the credit's slots read zero from
+another reader as soon as the reply is in, and the puts into those credits store the right
+bytes; pages freed and taken again while such a job runs are never handed out dirty. The
+scrubber does not spend a quiet spell's saved rate in one burst over the puts after it.
+The real daemon with its integrity on (one part in process: a real Store and Integrity)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import kvstore_client
@@ -97,3 +101,23 @@ async def test_pages_freed_and_taken_again_while_zeroed_off_the_loop_are_never_h
     finally:
         integrity.close()
         store.close()
+
+
+def test_the_scrubber_does_not_spend_a_quiet_spells_saved_rate_in_one_burst(daemon_factory) -> None:
+    """An idle daemon with nothing sealed saves up to 1 s of scrub rate; the puts after it
+    (each waking the integrity task) get the scrubber at most once a tick, two ticks' worth
+    at a time: not 1 s of reads at once in their midst."""
+    rate = 64 << 10  # 64 pages of 1 KiB a second: two ticks (0.1 s) are 6 pages
+    daemon = daemon_factory(server={"scrub_bytes_per_s": rate}).start()
+    with kvstore_client.connect(daemon.target, client_name="quiet") as kv:
+        ns = kv.namespace(NS)
+        data = np.full(4 * ns.pool.page_bytes, 7, dtype=np.uint8)
+        time.sleep(1.2)  # (the quiet spell itself: nothing to wait on but time)
+        start = time.monotonic()
+        for i in range(10):
+            kv.put(NS, prompt(4 * T, seed=300 + i), data)  # 40 pages sealed, 10 wake-ups
+        while kv.stats(NS).namespaces[0].pages_checksummed < 40 and time.monotonic() - start < 10:
+            pass
+        scrubbed = kv.stats(NS).namespaces[0].pages_scrubbed
+        ticks = (time.monotonic() - start) / 0.05
+        assert scrubbed <= 6 * (ticks + 2), f"{scrubbed} pages scrubbed in {ticks:.1f} ticks"

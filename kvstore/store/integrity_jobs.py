@@ -1,0 +1,47 @@
+"""What the integrity thread and the zeroing threads run (kvstore/store/integrity.py,
+zero_later.py): a batch of pages, the job over their bytes, the job's future on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore.memory.pages import Page
+from kvstore.store.page_sums import checksum
+
+if TYPE_CHECKING:
+    from kvstore.store.namespace import Namespace
+
+
+class Batch:
+    """Pages one job checksums or zeroes; `future` is the job's once submitted."""
+
+    __slots__ = ("future", "pages")
+
+    def __init__(self) -> None:
+        self.pages: list[Page] = []
+        self.future: cf.Future[Any] | None = None
+
+
+def work(
+    sums: list[memoryview], zeros: list[memoryview], scrubs: list[memoryview]
+) -> tuple[list[int], list[int]]:
+    """On the integrity thread (xxhash and numpy's fill release the GIL)."""
+    try:
+        for v in zeros:
+            np.frombuffer(v, dtype=np.uint8).fill(0)
+        return [checksum(v) for v in sums], [checksum(v) for v in scrubs]
+    finally:
+        for v in (*sums, *zeros, *scrubs):
+            v.release()  # (a view left alive would keep the pool's mapping from closing)
+
+
+def tracked(ns: Namespace, future: cf.Future[Any]) -> asyncio.Future[Any]:
+    """`future` on the loop, in `ns.private_reads` until done (DeleteNamespace waits for it)."""
+    waited = asyncio.wrap_future(future)
+    ns.private_reads.add(waited)  # type: ignore[arg-type]
+    waited.add_done_callback(ns.private_reads.discard)  # type: ignore[arg-type]
+    return waited
