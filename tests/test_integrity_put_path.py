@@ -8,12 +8,13 @@ The real daemon with its integrity on (one part in process: a real Store and Int
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
 import kvstore_client
 import numpy as np
-from e2e_helpers import prompt, read_page
+from e2e_helpers import prompt, read_page, wait_until
 
 from kvstore.store import zero_later
 from kvstore.store.integrity import Integrity, IntegrityConfig
@@ -121,3 +122,30 @@ def test_the_scrubber_does_not_spend_a_quiet_spells_saved_rate_in_one_burst(daem
         scrubbed = kv.stats(NS).namespaces[0].pages_scrubbed
         ticks = (time.monotonic() - start) / 0.05
         assert scrubbed <= 6 * (ticks + 2), f"{scrubbed} pages scrubbed in {ticks:.1f} ticks"
+
+
+def _nice(pid: int, tid: str) -> int:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        stat = f.read()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # (field 19, after the command's parentheses)
+
+
+def test_the_integrity_thread_runs_below_the_daemons_other_threads(daemon) -> None:
+    """Its work can wait; a call's threads and the clients' copies on the same cores cannot."""
+    from kvstore.store.integrity import BACKGROUND_NICE
+
+    with kvstore_client.connect(daemon.target, client_name="nice") as kv:
+        ns = kv.namespace(NS)
+        kv.put(NS, prompt(2 * T, seed=400), np.ones(2 * ns.pool.page_bytes, dtype=np.uint8))
+        wait_until(
+            lambda: kv.stats(NS).namespaces[0].pages_checksummed,
+            lambda n: n >= 2,
+            timeout=10,
+            what="checksums",
+        )
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    main = _nice(pid, str(pid))
+    nices = [_nice(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    assert nices.count(min(19, main + BACKGROUND_NICE)) == 1, nices
+    assert all(n in (main, min(19, main + BACKGROUND_NICE)) for n in nices), nices
