@@ -194,6 +194,10 @@ def test_create_namespace_makes_a_private_sealed_memfd(bare_store, prefix):
         "pages_quarantined": 0,
         "max_session_pages": 0,
         "session_pages_refused": 0,
+        "tier_share": 0.0,  # (no share of the tiers, and no tiers: tiering/shares.py)
+        "share_evictions": 0,
+        "host_bytes": 0,
+        "disk_bytes": 0,
         "committed_bytes": 0,
         "hit_bytes": 0,
         "pages_checksummed": 0,

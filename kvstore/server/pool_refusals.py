@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvstore.errors import InvariantBroken
+
 REASONS = {
     "unknown_ticket": "a ticket the daemon never issued (or forgot: expired and dropped)",
     "used_ticket": "a ticket presented before (a ticket is good once)",
@@ -29,7 +31,8 @@ class Refused(Exception):
     for the client and the log."""
 
     def __init__(self, reason: str, text: str) -> None:
-        assert reason in REASONS, reason
+        if reason not in REASONS:  # the metric's label set stays bounded
+            raise InvariantBroken(f"pool socket refusal reason {reason!r} is not one of REASONS")
         super().__init__(text)
         self.reason = reason
 
