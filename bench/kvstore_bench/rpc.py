@@ -99,16 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("rpc: --duration > 0, --warmup >= 0, --rounds >= 1 and a --concurrency list please")
     if min(args.concurrency) < 1:
         raise SystemExit("rpc: every --concurrency must be >= 1")
-    ns = {
-        "name": NAMESPACE,
-        "num_layers": 2,
-        "num_kv_heads": 2,
-        "head_dim": 16,
-        "dtype": "float16",
-        "page_tokens": PAGE_TOKENS,
-        "num_pages": 4 * PROMPT_PAGES,
-        "vocab_size": VOCAB,
-    }
+    ns = namespace()
     tokens = random.Random(0).choices(range(VOCAB), k=PROMPT_PAGES * PAGE_TOKENS)
     with BenchDaemon([ns], server={"lease_ttl_max_s": LEASE_S}) as daemon:
         reply_bytes = prepare(daemon.target, tokens)
@@ -129,6 +120,20 @@ def run(args: argparse.Namespace) -> int:
     result["machine"] = machine_info(uvloop=uvloop.__version__)
     emit(result, args.json, format_text(result))
     return 0
+
+
+def namespace() -> dict[str, Any]:
+    """The benchmark's namespace: 16-token pages, room for 4 prompts (nothing is evicted)."""
+    return {
+        "name": NAMESPACE,
+        "num_layers": 2,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "dtype": "float16",
+        "page_tokens": PAGE_TOKENS,
+        "num_pages": 4 * PROMPT_PAGES,
+        "vocab_size": VOCAB,
+    }
 
 
 def prepare(target: str, tokens: list[int]) -> bytes:
