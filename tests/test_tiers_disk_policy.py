@@ -180,3 +180,32 @@ def test_unknown_policy_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"disk tier policy: unknown eviction policy 'nope'; known: .*lru"):
         DiskTier.open(tmp_path / "d", CAPACITY, policy="nope")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("policy", ["lru", "horizon"])
+def test_a_namespace_at_its_share_gives_up_its_own_records_leaf_first(policy: str) -> None:
+    """DiskIndex.victims(namespace=...): only that namespace's cached records (not another
+    namespace's, not its swapped sequences'), its least recently used leaves each with the
+    ancestors it leaves childless; the policy still offers the rest afterwards."""
+    from kvstore.tiers.disk_index import DiskIndex
+
+    index = DiskIndex(policy)
+
+    def k(ns: str, i: int) -> PageKey:
+        return PageKey(ns, h(i))
+
+    # b's records are the oldest: a policy-order walk would meet them first.
+    index.committed({k("b", i): (100, b"", 100) for i in range(5)})
+    index.committed({k("a", 1): (100, b"", 100), k("a", 2): (100, h(1), 100)})  # a chain 1 <- 2
+    index.committed({k("a", 3): (100, b"", 100), k("a\x00swap", 4): (100, b"", 100)})
+    index.touch([k("a", 1), k("a", 2)])  # the chain is used again: 3 is a's least recent
+    assert index.owned == {"b": 500, "a": 400}
+    out, freed = index.victims(250, [], namespace="a")
+    assert (out, freed) == ([k("a", 3), k("a", 2), k("a", 1)], 300)
+    index.restore(out)
+    out, _ = index.victims(100, [k("a", 3)], namespace="a")
+    assert out == [k("a", 2)]  # 1 has a child until 2 goes; 3 excluded
+    index.discard(out)
+    assert index.owned == {"b": 500, "a": 300}
+    everyone, _ = index.victims(10**6, [])  # the policy still has every other record
+    assert set(everyone) == {k("b", i) for i in range(5)} | {k("a", 1), k("a", 3), k("a\x00swap", 4)}

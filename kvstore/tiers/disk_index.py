@@ -23,7 +23,7 @@ update were a fifth of its cost.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,6 +83,9 @@ class DiskIndex:
         self._commits = 0  # the last commit id given out; lock
         self.bytes_used = 0  # lock
         self.owned: dict[str, int] = {}  # namespace (shares.owner) -> bytes of its records; lock
+        # Each key namespace's keys, least recently used first (commits and hits): a namespace
+        # at its share finds its own victims without popping the others' (victims); lock
+        self._lru_of: dict[str, OrderedDict[PageKey, None]] = {}
         self._represented: dict[PageKey, int] = {}  # key -> bytes of pool page it stands for; lock
         self.bytes_represented = 0  # lock (> bytes_used when records are quantized)
         self.dropped: set[PageKey] = set()  # corrupt, delete queued: read as misses; lock
@@ -118,6 +121,9 @@ class DiskIndex:
         name = owner(key)
         self.owned[name] = self.owned.get(name, 0) + size - self.entries.get(key, 0)
         self.entries[key] = size
+        mine = self._lru_of.setdefault(key.namespace, OrderedDict())
+        mine[key] = None
+        mine.move_to_end(key)
         self.bytes_represented += represented - self._represented.get(key, 0)
         self._represented[key] = represented
         if rec is not None:  # replaced: the block hash fixes the parent, but a swap key need not
@@ -151,6 +157,10 @@ class DiskIndex:
             return
         size = self.entries.pop(key)
         self.bytes_used -= size
+        mine = self._lru_of[key.namespace]
+        del mine[key]
+        if not mine:
+            del self._lru_of[key.namespace]
         name = owner(key)
         self.owned[name] -= size
         if not self.owned[name]:
@@ -219,6 +229,7 @@ class DiskIndex:
                     self._clock += 1
                     rec.last_access = self._clock
                     self._policy.on_access(rec)
+                    self._lru_of[k.namespace].move_to_end(k)
 
     def hit(self, key: PageKey) -> None:
         """A read found `key`: queued, to be counted and touched in order under the lock."""
@@ -241,6 +252,7 @@ class DiskIndex:
                 self._clock += 1
                 rec.last_access = self._clock
                 policy.on_access(rec)
+                self._lru_of[rec.key.namespace].move_to_end(rec.key)
         self.counters["hits"] += n
 
     def oldest_first(self, keys: list[PageKey]) -> None:
@@ -254,7 +266,9 @@ class DiskIndex:
             rest = [rec for rec in self._records.values() if rec.slot not in first]
             rest.sort(key=lambda rec: (rec.last_access, rec.slot))
             self._policy = make_policy(self.policy_name)
+            self._lru_of = {}
             for clock, rec in enumerate(order + rest, 1):
+                self._lru_of.setdefault(rec.key.namespace, OrderedDict())[rec.key] = None
                 rec.last_access = clock
                 rec.policy_state = None
                 self._policy.on_sealed(rec)
@@ -291,6 +305,8 @@ class DiskIndex:
         freed = 0
         with self.lock:
             self._apply_hits()
+            if namespace is not None:
+                return self._victims_of(namespace, nbytes, skip)
             policy = self._policy
             while freed < nbytes:
                 rec = policy.victim()
@@ -298,7 +314,7 @@ class DiskIndex:
                     break
                 if not isinstance(rec, _Record):
                     raise InvariantBroken(f"the disk tier's policy chose {rec!r}, not one of its records")
-                if rec.key in skip or (namespace is not None and rec.key.namespace != namespace):
+                if rec.key in skip:
                     held.append(rec)
                     continue
                 rec.leaving = True
@@ -307,6 +323,28 @@ class DiskIndex:
                 freed += self.entries[rec.key]
             for rec in held:
                 policy.on_evictable(rec)
+        return out, freed
+
+    def _victims_of(self, namespace: str, nbytes: int, skip: set[PageKey]) -> tuple[list[PageKey], int]:
+        """`victims` of one namespace's cached records (lock held): its least recently used
+        leaves, by commit and hit order rather than the policy's (only its own are walked),
+        each with the ancestors it leaves childless (a prompt's pages, from its tail)."""
+        out: list[PageKey] = []
+        freed = 0
+        for key in self._lru_of.get(namespace, ()):  # (taking a victim changes no order)
+            rec: _Record | None = self._records[key]
+            while rec is not None and freed < nbytes:
+                key = rec.key
+                if rec.leaving or key in skip or key.namespace != namespace or self._children.get(key):
+                    break
+                self._policy.on_unevictable(rec)  # (as if the policy had chosen it)
+                rec.leaving = True
+                self._unlink(rec)
+                out.append(key)
+                freed += self.entries[key]
+                rec = self._records.get(rec.parent_key) if rec.parent_key is not None else None
+            if freed >= nbytes:
+                break
         return out, freed
 
     def restore(self, keys: Iterable[PageKey]) -> None:
