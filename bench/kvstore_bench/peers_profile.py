@@ -1,9 +1,9 @@
 """peers-profile: where a put and a get of k pages spend their time beyond the bytes copied.
 
 The kvstore side of `kvstore-bench peers` (same pages, same client calls), one request at a
-time, split per side: wall ms a request; the client's copies (time inside `_copy.copy_in` /
-`copy_out`); the client's main-thread CPU less the copies (the library's Python, protobuf,
-gRPC's send and receive); the daemon's CPU (all its threads, and its main thread, which runs
+time, split per side: wall ms a request; the client's copies (wall time inside
+`_copy.copy_in` / `copy_out`, bands copied on other threads included); the client's
+main-thread CPU outside the copies (the library's Python, protobuf, gRPC's send and receive); the daemon's CPU (all its threads, and its main thread, which runs
 the servicers and the store: /proc schedstat, ns); and what is left (waiting: the round trip's scheduling and transport). memcpy of
 the same k pages is the baseline. `--cprofile DIR` also runs the daemon under cProfile and the
 client's timed loop under another and prints both top lists (slower: compare only runs of the
@@ -58,19 +58,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class CopyClock:
-    """Seconds spent inside the client library's page copies (wraps `_copy`'s two functions)."""
+    """Seconds spent inside the client library's page copies (wraps `_copy`'s two functions):
+    wall, and the calling thread's CPU (less than the wall when a copy is split over threads,
+    which then copy the other bands while the caller waits for them)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.thread_seconds = 0.0
         self._orig = (_copy.copy_in, _copy.copy_out)
 
         def timed(f: Any) -> Any:
             def run(*a: Any) -> Any:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 try:
                     return f(*a)
                 finally:
                     self.seconds += time.perf_counter() - t
+                    self.thread_seconds += time.thread_time() - c
 
             return run
 
@@ -95,21 +99,23 @@ def daemon_cpu(pid: int) -> tuple[float, float]:
 
 
 def _pass(daemon: BenchDaemon, clock: CopyClock, fn: Any, items: list[Any]) -> dict[str, float]:
-    d0, c0, t0, w0 = daemon_cpu(daemon.pid), clock.seconds, time.thread_time(), time.perf_counter()
+    d0, t0, w0 = daemon_cpu(daemon.pid), time.thread_time(), time.perf_counter()
+    c0, ct0 = clock.seconds, clock.thread_seconds
     for item in items:
         fn(*item)
     w, t = time.perf_counter() - w0, time.thread_time() - t0
     d1 = daemon_cpu(daemon.pid)
     copy, dcpu, dmain = clock.seconds - c0, d1[0] - d0[0], d1[1] - d0[1]
+    client = max(0.0, t - (clock.thread_seconds - ct0))  # the main thread's CPU outside the copies
     n = len(items)
     ms = 1000 / n
     return {
         "wall_ms": w * ms,
         "copy_ms": copy * ms,
-        "client_cpu_ms": max(0.0, t - copy) * ms,
+        "client_cpu_ms": client * ms,
         "daemon_cpu_ms": dcpu * ms,
         "daemon_main_ms": dmain * ms,
-        "wait_ms": max(0.0, w - t - dcpu) * ms,
+        "wait_ms": max(0.0, w - copy - client - dcpu) * ms,
     }
 
 
