@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, QuotaExceeded
+from kvstore.store import validate
 from kvstore.store.types import StoreLimits
-from kvstore.store.validate import MAX_TOKEN_ID, token_array
+from kvstore.store.validate import MAX_TOKEN_ID, PackedIds, token_array, token_bytes
 
 LIMITS = StoreLimits()
 
@@ -53,9 +54,9 @@ def test_what_is_not_an_int32_id_is_refused() -> None:
             token_array(given, field="token_ids", vocab_size=0, limits=LIMITS)
 
 
-def packed(values: list[int]) -> np.ndarray:
+def packed(values: list[int]) -> PackedIds:
     """A request's token_ids_u32, as kvstore/server/tokens.py hands it on."""
-    return np.frombuffer(np.asarray(values, dtype="<u4").tobytes(), dtype="<u4")
+    return PackedIds(np.asarray(values, dtype="<u4").tobytes())
 
 
 @pytest.mark.parametrize(
@@ -69,17 +70,36 @@ def packed(values: list[int]) -> np.ndarray:
     ],
 )  # fmt: skip
 def test_a_packed_id_out_of_range_is_named_by_its_value(values: list[int], vocab: int, message: str) -> None:
-    with pytest.raises(InvalidArgument, match=re.escape(message)):
-        token_array(packed(values), field="token_ids", vocab_size=vocab, limits=LIMITS)
+    for check in (token_array, token_bytes):
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
+            check(packed(values), field="token_ids", vocab_size=vocab, limits=LIMITS)
 
 
 @pytest.mark.parametrize("vocab", [0, 1000])
-def test_packed_ids_in_range_are_viewed_as_int32_not_copied(vocab: int) -> None:
+def test_packed_ids_in_range_are_read_in_place_not_copied(vocab: int) -> None:
     top = vocab - 1 if vocab else MAX_TOKEN_ID
     given = packed([0, top, 7, top])
     arr = token_array(given, field="token_ids", vocab_size=vocab, limits=LIMITS)
     assert arr.dtype == np.dtype("<i4") and arr.tolist() == [0, top, 7, top]
-    assert np.shares_memory(arr, given)
+    assert np.shares_memory(arr, np.frombuffer(given.data, dtype=np.uint8))
+    data = token_bytes(given, field="token_ids", vocab_size=vocab, limits=LIMITS)
+    assert data == arr.tobytes() and (data is given.data or not validate.first_over)
+
+
+def test_packed_ids_over_the_quota_are_refused_before_their_range_is_read() -> None:
+    small = StoreLimits(max_request_tokens=3)
+    for check in (token_array, token_bytes):
+        with pytest.raises(
+            QuotaExceeded, match=re.escape("token_ids has 4 ids; the quota is max_request_tokens=3")
+        ):
+            check(packed([1, 2, 3, 2**32 - 1]), field="token_ids", vocab_size=0, limits=small)
+
+
+def test_every_form_gives_the_same_bytes() -> None:
+    values = [3, 0, 1000, 7]
+    want = np.asarray(values, dtype="<i4").tobytes()
+    for given in [*ids(values), packed(values)]:
+        assert token_bytes(given, field="token_ids", vocab_size=1001, limits=LIMITS) == want
 
 
 def test_the_native_range_check_agrees_with_numpy() -> None:

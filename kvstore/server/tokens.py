@@ -1,21 +1,18 @@
 """A request's token ids: the repeated `token_ids` or the packed `token_ids_u32` (little-endian
-uint32, 4 bytes an id; docs/api.md). The packed form is read in place as an array, so the
-store's checks (count, range, vocabulary) and hashing see the same ids either way, with no
-per-id Python work."""
+uint32, 4 bytes an id; docs/api.md). The packed form is handed on as its bytes
+(`PackedIds`): the store's checks (count, range, vocabulary) read them in place, and once
+they are in range they are the bytes hashing takes, with no per-id Python work and no copy."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from kvstore.errors import InvalidArgument
-
-_LE_U32 = np.dtype("<u4")
+from kvstore.store.validate import PackedIds
 
 
 def request_tokens(request: Any) -> Any:
-    """`request.token_ids`, or the packed ids as a read-only little-endian uint32 array."""
+    """`request.token_ids`, or the packed ids as a `PackedIds` (kvstore/store/validate.py)."""
     packed = request.token_ids_u32
     if not packed:
         return request.token_ids
@@ -25,6 +22,6 @@ def request_tokens(request: Any) -> Any:
         raise InvalidArgument(
             f"token_ids_u32 has {len(packed)} bytes, not a multiple of 4 (little-endian uint32 ids)"
         )
-    # As uint32: the store's one range check (validate.token_array) then names a too-big id by
-    # its value, and views the bytes as int32 once they are all in range.
-    return np.frombuffer(packed, dtype=_LE_U32)
+    # As they came: the store's one range check (validate.token_bytes) names a too-big id by
+    # its value, and hashes these bytes once they are all in range.
+    return PackedIds(packed)

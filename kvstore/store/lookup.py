@@ -36,10 +36,11 @@ def lookup(
 ) -> LookupResult:
     """The caller checked the request's flags, the session and the model; `new_id` names
     the pin, if one is taken."""
-    tokens = validate.token_array(token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=limits)
+    tokens_le = validate.token_bytes(
+        token_ids, field="token_ids", vocab_size=ns.spec.vocab_size, limits=limits
+    )
     extra = validate.extra_keys(extra_keys, limits)
     T = ns.spec.page_tokens
-    tokens_le = tokens.tobytes()
     found, pages = ns.index.probe(tokens_le, T, extra)
     if pin:  # (its resident pages; those promoted from a tier come on top)
         quotas.check_session_pages(session, ns, len(pages), f"a pinned lookup of {len(pages)} pages")
@@ -79,7 +80,7 @@ def lookup(
     hit = (len(pages) + len(proms)) * T
     ns.lookups += 1
     ns.hit_tokens += hit
-    ns.miss_tokens += len(tokens) - hit
+    ns.miss_tokens += len(tokens_le) // 4 - hit
     if pages:
         ns.touch(pages)
     ready = len(pages)

@@ -73,10 +73,9 @@ def allocate(
 
 def token_bytes(seq: Sequence, limits: StoreLimits, token_ids: Seq[int]) -> bytes:
     """An append's token ids, checked, as the little-endian int32 bytes hashing takes."""
-    spec = seq.ns.spec
-    return validate.token_array(
-        token_ids, field="token_ids", vocab_size=spec.vocab_size, limits=limits
-    ).tobytes()
+    return validate.token_bytes(
+        token_ids, field="token_ids", vocab_size=seq.ns.spec.vocab_size, limits=limits
+    )
 
 
 def append(

@@ -37,15 +37,50 @@ except ImportError:  # a tree used without building it: numpy's alone
     first_over = None
 
 
-def token_array(token_ids: Sequence[int], *, field: str, vocab_size: int, limits: StoreLimits) -> np.ndarray:
-    """Token ids as little-endian int32, after checking count and range (`token_ids` itself
-    when it is such an array already: read it, do not keep it)."""
-    n = len(token_ids)
+class PackedIds:
+    """A request's packed token ids (`token_ids_u32`: little-endian uint32, whole ids, checked by
+    kvstore/server/tokens.py), handed to the store as they came: `token_bytes` range-checks
+    them in C and hashes those very bytes, with no numpy call and no copy; `token_array`
+    takes them too."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // 4
+
+
+def token_bytes(
+    token_ids: Sequence[int] | PackedIds, *, field: str, vocab_size: int, limits: StoreLimits
+) -> bytes:
+    """The ids `token_array` returns, as the little-endian int32 bytes hashing takes."""
+    if type(token_ids) is PackedIds and first_over is not None:
+        data = token_ids.data
+        _check_count(len(data) // 4, field, limits)
+        if first_over(data, vocab_size - 1 if vocab_size else MAX_TOKEN_ID) < 0:
+            return data  # (in range, a uint32 id is the same 4 bytes as an int32 one)
+    return token_array(token_ids, field=field, vocab_size=vocab_size, limits=limits).tobytes()
+
+
+def _check_count(n: int, field: str, limits: StoreLimits) -> None:
     if n > limits.max_request_tokens:  # a quota (docs/security.md): RESOURCE_EXHAUSTED
         raise QuotaExceeded(
             "max_request_tokens",
             f"{field} has {n} ids; the quota is max_request_tokens={limits.max_request_tokens}",
         )
+
+
+def token_array(
+    token_ids: Sequence[int] | PackedIds, *, field: str, vocab_size: int, limits: StoreLimits
+) -> np.ndarray:
+    """Token ids as little-endian int32, after checking count and range (`token_ids` itself
+    when it is such an array already: read it, do not keep it)."""
+    if type(token_ids) is PackedIds:
+        token_ids = np.frombuffer(token_ids.data, dtype=_LE_UINT32)
+    n = len(token_ids)
+    _check_count(n, field, limits)
     try:
         arr = np.asarray(token_ids)  # a request's repeated int32 converts as int32, in C
         if arr.dtype != _INT32 and arr.dtype != _LE_UINT32:  # (an in-process caller's list: checked below)
