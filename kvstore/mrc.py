@@ -22,13 +22,16 @@ a running request; both move the exact curve a little from the stack model, and
 Memory is bounded: when more than `max_keys` distinct blocks are sampled, the threshold T
 is halved and the log is filtered to the blocks still under it (fixed-size SHARDS), so a
 long-running daemon keeps a sample of at most `max_keys` blocks and `max_log` accesses
-(the oldest half of the log is forgotten beyond that: the curve is of recent history).
+(the oldest half of the log is forgotten beyond that: the curve is of recent history), at about
+16 bytes a sampled access (two list slots; the hashes are the memo's int objects, the
+accesses-before are small gaps).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from itertools import accumulate, pairwise
 
 MODULUS = 1 << 24
 _MASK64 = (1 << 64) - 1
@@ -53,7 +56,12 @@ class MrcSampler:
         self.max_keys = max_keys
         self.max_log = max_log
         self._log: list[int] = []  # sampled accesses: spatial hashes, oldest first
-        self._seen_at: list[int] = []  # accesses recorded before each sampled one (for the window's total)
+        # The accesses recorded before each sampled one (for the window's total), as gaps to the
+        # previous one's: mostly 0 or small, so the log costs two pointers an access and no int
+        # object (those from -5 to 256 are shared). Absolute values, one int object each, made
+        # a soak's RSS creep until the log's cap (BENCHMARKS.md, "soak").
+        self._gaps: list[int] = []  # [0] is of no use (its predecessor is forgotten)
+        self._last_seen = 0  # the last sampled access's accesses-before (when the log has one)
         self._keys: dict[bytes | int, int] = {}  # sampled block -> its spatial hash (memo)
         self._distinct: set[int] = set()
         self.accesses = 0  # all accesses recorded (sampled or not)
@@ -84,7 +92,9 @@ class MrcSampler:
         `accesses` and tested `h % MODULUS < threshold` itself (the daemon's lookup path,
         kvstore/store/live_mrc.py, which tests the block hash's leading bytes directly)."""
         self._log.append(h)
-        self._seen_at.append(self.accesses - 1)
+        seen = self.accesses - 1
+        self._gaps.append(seen - self._last_seen)
+        self._last_seen = seen
         if h not in self._distinct:
             self._distinct.add(h)
             if len(self._distinct) > self.max_keys:
@@ -102,15 +112,24 @@ class MrcSampler:
             self.threshold //= 2
             t = self.threshold
             keep = [i for i, h in enumerate(self._log) if h % MODULUS < t]
+            seen = self._seen_at()
             self._log = [self._log[i] for i in keep]
-            self._seen_at = [self._seen_at[i] for i in keep]
+            kept = [seen[i] for i in keep]
+            self._gaps = [0] + [b - a for a, b in pairwise(kept)] if kept else []
+            self._last_seen = kept[-1] if kept else self._last_seen
             self._distinct = {h for h in self._distinct if h % MODULUS < t}
             self._keys = {k: h for k, h in self._keys.items() if h % MODULUS < t}
 
+    def _seen_at(self) -> list[int]:
+        """The accesses recorded before each sampled one, from the gaps."""
+        sums = list(accumulate(self._gaps))
+        shift = self._last_seen - sums[-1] if sums else 0
+        return [x + shift for x in sums]
+
     def _forget_head(self) -> None:
         cut = len(self._log) // 2
-        self._base = self._seen_at[cut]
-        del self._log[:cut], self._seen_at[:cut]
+        self._base = self._last_seen - sum(self._gaps[cut + 1 :])  # the accesses before log[cut]
+        del self._log[:cut], self._gaps[:cut]
         self._distinct = set(self._log)
         live = self._distinct
         self._keys = {k: h for k, h in self._keys.items() if h in live}

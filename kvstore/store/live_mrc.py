@@ -57,14 +57,16 @@ class LiveMrc:
         s = self.sampler
         base = s.accesses
         if sampled:
-            keys, log, seen, distinct = s._keys, s._log, s._seen_at, s._distinct
+            keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
             try:  # every block sampled before (the common case), so each in `distinct` already:
                 known = list(map(keys.__getitem__, sampled))
             except KeyError:
                 pass  # (some are new: the loop below)
             else:
                 log += known  # what the loop below does for them, in one step each
-                seen += [base] * len(known)
+                gaps.append(base - s._last_seen)  # (a gap: kvstore/mrc.py says why)
+                gaps += [0] * (len(known) - 1)
+                s._last_seen = base
                 sampled = []
             for block in sampled:
                 h = keys.get(block)
@@ -75,12 +77,13 @@ class LiveMrc:
                         continue
                     keys[block] = h
                 log.append(h)
-                seen.append(base)
+                gaps.append(base - s._last_seen)
+                s._last_seen = base
                 if h not in distinct:
                     distinct.add(h)
                     if len(distinct) > s.max_keys:
                         s._lower_rate()  # rebinds the lists and filters `keys`
-                        keys, log, seen, distinct = s._keys, s._log, s._seen_at, s._distinct
+                        keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
                         self._update_cut()
             if len(log) > s.max_log:
                 s._forget_head()
@@ -90,7 +93,7 @@ class LiveMrc:
         """A copy whose `curve()` may run on another thread while this one records."""
         snap = copy.copy(self.sampler)
         snap._log = list(self.sampler._log)
-        snap._seen_at = []
+        snap._gaps = []
         snap._keys = {}
         snap._distinct = set()
         return snap
