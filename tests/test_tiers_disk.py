@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import lmdb
@@ -513,3 +514,40 @@ def test_a_cancelled_flush_fails_no_write(tier_dir: Path) -> None:
         disk.flush_sync(10)
         assert disk.get(key(1)) == payload(1)
         assert not flushed.cancelled() and flushed.result(10) is None  # it could not be taken back
+
+
+def test_deleted_records_leave_nothing_behind_in_memory(tier_dir: Path) -> None:
+    # A swapped-out sequence's private pages are written, read back and deleted under keys that
+    # never come back: what the tier learnt of them reading them (decoded metadata, file
+    # offsets: disk_recall.py) must go with them, not stay until its bound (a soak's RSS crept
+    # by ~0.8 KiB a swapped page). (The policy's own history of dropped keys is bounded apart.)
+    n, out = 300, bytearray(1024)
+    with DiskTier.open(tier_dir, 64 << 20) as disk:
+
+        def cycle(first: int) -> None:
+            keys = [key(i) for i in range(first, first + n)]
+            assert disk.put_async([rec(i, 1024) for i in range(first, first + n)]).result(10) == []
+            disk.flush_sync(10)
+            for k in keys:
+                assert disk.read_into(k, out) is not None
+                disk.read_record_into(k, out, resident_only=True)  # (the loop's path: offsets)
+            assert disk.remove_async(keys).result(10) == n
+            assert all(k not in disk for k in keys)
+
+        def recall_bytes() -> int:
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(True, "*/kvstore/tiers/disk_recall.py", all_frames=True)]
+            )
+            return sum(t.size for t in snap.traces)
+
+        tracemalloc.start(4)
+        try:
+            cycle(0)
+            cycle(1000)  # (the dicts' tables are as large as they get)
+            before = recall_bytes()
+            for c in range(2, 5):
+                cycle(c * 1000)
+            grown = recall_bytes() - before
+        finally:
+            tracemalloc.stop()
+    assert grown < 3 * n * 20, f"{grown / (3 * n):.0f} bytes left per deleted record"

@@ -73,6 +73,7 @@ class DiskTier:
         self._cached = PageCacheCopier(str(path / "data.mdb"), env.stat()["psize"])
         # What earlier reads learnt (decoded metadata, file offsets): cheaper reads again.
         self._recall = Recall(self._cached, self._index)
+        writer.on_deleted = self._recall.forget_deleted
         self._closed = False
         self.queue_bytes = 128 << 20  # bound of the payload bytes queued for the writer
         self.flushing = 0  # Admin.Flush calls streaming into the tier now (store/tiering/flush.py)

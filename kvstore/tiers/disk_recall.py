@@ -1,10 +1,13 @@
 """What the disk tier remembers of the records it read, so that reading them again costs
 less: their decoded metadata (decoding is a third of a read's Python) and where their
 payload was in the data file (a read on the loop then copies from there without LMDB).
-Both are bounded (RECORDS_REMEMBERED, ~0.5 KiB each) and are only ever a shortcut: what
-they give must verify, or LMDB decides. Dict operations are atomic: any thread."""
+Both are bounded (RECORDS_REMEMBERED, ~0.8 KiB each), forget a record once it is deleted,
+and are only ever a shortcut: what they give must verify, or LMDB decides. Dict operations
+are atomic: any thread."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from .disk_index import DiskIndex
 from .record import META_HEAD_BYTES, CorruptPage, PageKey, PageMeta, decode_meta, verify
@@ -33,6 +36,14 @@ class Recall:
 
     def forget(self, key: PageKey) -> None:
         self._offsets.pop(key, None)
+
+    def forget_deleted(self, keys: Iterable[PageKey | bytes]) -> None:
+        """The writer deleted these records: what was learnt of them is of no more use. Keys
+        that never come back (a swapped-out sequence's private pages) would otherwise stay
+        until the bound: ~0.8 KiB each, a soak's RSS creeping for minutes (BENCHMARKS.md)."""
+        for key in keys:
+            self._decoded.pop(key, None)  # type: ignore[call-overload]
+            self._offsets.pop(key, None)  # type: ignore[call-overload]
 
     def read_at(self, key: PageKey, dst: memoryview) -> tuple[PageMeta, memoryview, int] | None:
         """The read on the loop of a record read there before, without LMDB, while the index

@@ -101,6 +101,8 @@ class DiskWriter:
         self._failed = 0  # records whose batch failed since the last flush; writer thread only
         self._full = 0  # records dropped because the file system was full, since the last flush
         self.health = health
+        # Set by the tier: its readers' shortcuts (disk_recall.py) forget deleted records.
+        self.on_deleted: Callable[[list[PageKey | bytes]], None] | None = None
         self._thread = threading.Thread(target=self._main, name="kvstore-disk-writer", daemon=True)
 
     def start(self) -> None:
@@ -241,6 +243,8 @@ class DiskWriter:
                 found[k] = txn.delete(raw, db=self.dbs.meta)
                 txn.delete(raw, db=self.dbs.data)
         self.index.discard(keys)
+        if self.on_deleted is not None:
+            self.on_deleted(keys)
         return found
 
     def _write(self, puts: dict[PageKey, tuple[bytes, PageRecord]]) -> list[PageKey]:
