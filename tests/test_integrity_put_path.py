@@ -8,9 +8,12 @@ The real daemon with its integrity on (one part in process: a real Store and Int
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
+from functools import partial
+from typing import Any
 
 import kvstore_client
 import numpy as np
@@ -47,29 +50,36 @@ def test_a_puts_credit_of_evicted_pages_is_zeroed_before_its_reply_not_on_the_lo
         assert (out == 0xA5).all()
 
 
+def _store() -> tuple[Store, Integrity, Any]:
+    """A real Store with a memfd pool of 48 pages of 256 KiB and its Integrity (no scrubber)."""
+    store = Store(StoreLimits(), shm_prefix=f"kvtest-zl-{uuid.uuid4().hex[:12]}-")
+    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
+    store.attach = integrity.attach
+    store.create_namespace(NamespaceSpec("ns", 4, 2, 1024, "float16", 16, 48))
+    return store, integrity, store.namespaces["ns"]
+
+
+def _fill(ns: Any, slot: int, value: int) -> None:
+    v = ns.page_view(slot)
+    np.frombuffer(v, dtype=np.uint8).fill(value)
+    v.release()  # (a view left alive keeps the pool's mapping from closing)
+
+
+def _filled(ns: Any, slot: int, value: int) -> bool:
+    v = ns.page_view(slot)
+    arr = np.frombuffer(v, dtype=np.uint8)
+    ok = bool((arr == value).all())
+    del arr
+    v.release()
+    return ok
+
+
 async def test_pages_freed_and_taken_again_while_zeroed_off_the_loop_are_never_handed_out_dirty() -> None:
     """In process (a real Store, memfd pool and Integrity on a running loop): pages a call
     defers are freed and taken again before their job ends, by a plain take (waits for the
     job), a promotion (waits, then keeps what it writes) and another deferring call."""
-    store = Store(StoreLimits(), shm_prefix=f"kvtest-zl-{uuid.uuid4().hex[:12]}-")
-    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
-    store.attach = integrity.attach
-    store.create_namespace(NamespaceSpec("ns", 4, 2, 1024, "float16", 16, 48))  # 256 KiB pages
-    ns = store.namespaces["ns"]
-
-    def fill(slot: int, value: int) -> None:
-        v = ns.page_view(slot)
-        np.frombuffer(v, dtype=np.uint8).fill(value)
-        v.release()  # (a view left alive keeps the pool's mapping from closing)
-
-    def filled(slot: int, value: int) -> bool:
-        v = ns.page_view(slot)
-        arr = np.frombuffer(v, dtype=np.uint8)
-        ok = bool((arr == value).all())
-        del arr
-        v.release()
-        return ok
-
+    store, integrity, ns = _store()
+    fill, filled = partial(_fill, ns), partial(_filled, ns)
     try:
         for round_ in range(6):
             pages = ns.reserve_many(1, len(ns.pages.free))
@@ -100,6 +110,38 @@ async def test_pages_freed_and_taken_again_while_zeroed_off_the_loop_are_never_h
                 ns.free_reserved(page)
         assert ns.guard.stats()["pages_zeroed"] > 0
     finally:
+        integrity.close()
+        store.close()
+
+
+async def test_a_put_taking_pages_the_threads_batch_is_zeroing_leaves_the_wait_to_its_reply() -> None:
+    """The loop used to wait for the integrity thread's whole batch (up to 32 MiB) when a call
+    took one of its pages; within a Put's deferral the reply waits for it instead."""
+    store, integrity, ns = _store()
+    task = asyncio.create_task(integrity.run(lambda: store.namespaces))
+    try:
+        pages = ns.reserve_many(1, len(ns.pages.free))
+        for page in pages:
+            _fill(ns, page.slot, 0xA5)
+        for page in pages:
+            ns.free_reserved(page)
+        for _ in range(1000):  # until the thread's job holds them (each turn runs the task a step)
+            if ns.guard.zeroing is not None:
+                break
+            integrity.kick()  # (a no-op until the task has started)
+            await asyncio.sleep(0)
+        batch = ns.guard.zeroing
+        assert batch is not None
+        with zero_later.deferred() as jobs:
+            taken = ns.reserve_many(2, len(ns.pages.free))
+        held = [p for p in taken if p.zeroing is batch]
+        assert held, "the call took pages of the thread's batch without waiting for it on the loop"
+        assert any(job is batch for _, job, _ in jobs), "its reply waits for that batch"
+        await zero_later.settle(jobs)
+        assert all(not p.dirty and _filled(ns, p.slot, 0) for p in taken)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         integrity.close()
         store.close()
 

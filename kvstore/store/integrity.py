@@ -141,14 +141,18 @@ class NamespaceGuard:
     def zero_now(self, pages: list[Page], overwritten: bool) -> None:
         """PageTable.zero: dirty pages being taken, zeroed before anyone gets them (with
         `overwritten`, only no longer being zeroed: the taker replaces every byte). Inside a
-        call whose reply waits for it (zero_later.py), zeroed off the loop instead."""
-        for batch in {p.zeroing for p in pages if p.zeroing is not None}:
+        call whose reply waits for it (zero_later.py), zeroed off the loop instead, and the
+        jobs already zeroing some of them waited for by the reply, not the loop."""
+        busy = {p.zeroing for p in pages if p.zeroing is not None}
+        if not overwritten and zero_later.collect(self, pages, busy):
+            return
+        for batch in busy:
             self.zeroed(batch, wait=True)  # (bounded: JOB_BYTES, or one call's pages)
         dirty = [p for p in pages if p.dirty]
         if overwritten:
             for page in dirty:
                 page.dirty = False
-        elif dirty and not zero_later.collect(self, dirty):
+        elif dirty:
             self.zero_inline(dirty)
 
     def zero_inline(self, pages: list[Page]) -> None:
