@@ -225,6 +225,16 @@ PyDoc_STRVAR(first_over_doc,
              "The index of the first little-endian uint32 id above top, or -1: the range check of\n"
              "packed token ids without numpy's per-call overhead.");
 
+static inline uint32_t load32_le(const uint8_t *p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+#else
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+#endif
+}
+
 static PyObject *first_over(PyObject *self, PyObject *args) {
     Py_buffer ids;
     unsigned long long top;
@@ -235,12 +245,16 @@ static PyObject *first_over(PyObject *self, PyObject *args) {
         PyBuffer_Release(&ids);
         return PyErr_Format(PyExc_ValueError, "ids_le_u32 has %zd bytes, not a multiple of 4", ids.len);
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t v = (uint32_t)p[4 * i] | (uint32_t)p[4 * i + 1] << 8 | (uint32_t)p[4 * i + 2] << 16 |
-                     (uint32_t)p[4 * i + 3] << 24;
-        if (v > top) {
-            found = i;
-            break;
+    if (top < UINT32_MAX) {
+        /* A pass without an early exit, which the compiler vectorizes; the search for the
+         * first id above only when there is one (a refused request). */
+        uint32_t t = (uint32_t)top, above = 0;
+        for (Py_ssize_t i = 0; i < n; i++) above |= load32_le(p + 4 * i) > t;
+        for (Py_ssize_t i = 0; above && i < n; i++) {
+            if (load32_le(p + 4 * i) > t) {
+                found = i;
+                break;
+            }
         }
     }
     PyBuffer_Release(&ids);
