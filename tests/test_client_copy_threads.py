@@ -55,20 +55,36 @@ def test_split_copies_land_every_byte_for_odd_shapes(threads, n) -> None:
 
 
 @needs_two
-def test_a_bands_failure_surfaces_after_every_band_is_done(threads) -> None:
+def test_a_bands_failure_surfaces_after_every_other_band_landed(threads) -> None:
     threads(2)
-    dst = np.zeros((4, 10), dtype=np.uint8)
-    src = np.full((4, 5), 7, dtype=np.uint8)  # narrower: the second band (columns 5-9) cannot copy
-    with pytest.raises(ValueError, match="broadcast"):
+    # Four bands of two columns each; the first also holds a one-column pair that cannot copy
+    # (three rows into four): it fails, whichever thread takes it, and the rest land.
+    narrow, full = np.zeros((4, 1), dtype=np.uint8), np.zeros((4, 8), dtype=np.uint8)
+    for _ in range(20):  # (the bands go to whichever thread is free: a different mix each time)
+        full[:] = 0
+        with pytest.raises(ValueError, match="broadcast"):
+            _pcopy.copy_pairs(
+                [(narrow, np.ones((3, 1), dtype=np.uint8)), (full, np.full((4, 8), 9, dtype=np.uint8))]
+            )
+        assert (full[:, 2:] == 9).all() and not full[:, :2].any()
+
+
+@needs_two
+def test_a_copy_does_not_wait_for_a_copy_thread_that_is_busy(threads) -> None:
+    """The caller copies the bands no thread has taken: a pool thread kept busy elsewhere
+    (a slow core, another copy) does not hold the copy up."""
+    threads(2)
+    gate = threading.Event()
+    blocker = _pcopy._executor(1).submit(gate.wait)  # the pool's one thread, held
+    try:
+        src = np.random.default_rng(1).integers(0, 256, size=(6, 5000), dtype=np.uint8)
+        dst = np.zeros_like(src)
         _pcopy.copy_pairs([(dst, src)])
-    assert (dst[:, :5] == 7).all(), "the caller's band landed before the error was raised"
-    # The caller's band fails (a one-column pair, three rows into four), the thread's lands.
-    narrow, full = np.zeros((4, 1), dtype=np.uint8), np.zeros((4, 4), dtype=np.uint8)
-    with pytest.raises(ValueError, match="broadcast"):
-        _pcopy.copy_pairs(
-            [(narrow, np.ones((3, 1), dtype=np.uint8)), (full, np.full((4, 4), 9, dtype=np.uint8))]
-        )
-    assert (full[:, 2:] == 9).all() and not full[:, :2].any()
+        assert dst.tobytes() == src.tobytes()
+        assert not blocker.done(), "returned while the pool's thread was still held"
+    finally:
+        gate.set()
+        blocker.result(timeout=10)
 
 
 def test_the_knob_sets_the_threads_and_one_turns_the_split_off(threads, monkeypatch) -> None:

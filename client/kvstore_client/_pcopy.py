@@ -2,10 +2,10 @@
 
 One thread copying cold pages does not saturate a machine's memory bandwidth: on a 2-vCPU VM
 one thread moved 9.1-9.3 GB/s and two threads 13.8-15.3 GB/s at 16 and 64 pages of
-737,280 B. A copy of at least `MIN_SPLIT_BYTES` is cut into column bands, one a thread (every
-row's band j goes to thread j: equal shares whatever the page count), the caller's thread
-copying one band itself; numpy releases the GIL while it copies. A copy returns only once
-every band has landed, and raises the first band's error after waiting for all of them.
+737,280 B. A copy of at least `MIN_SPLIT_BYTES` is cut into column bands (every row's band j
+in band j: equal shares whatever the page count), taken by the caller's thread and the pool's
+as each is free; numpy releases the GIL while it copies. A copy returns only once every band
+has landed, and raises the first band's error after all of them are done.
 
 Threads: `set_copy_threads(n)`, else `$KVSTORE_COPY_THREADS`, else DEFAULT_THREADS; never
 more than the CPUs this process may run on; 1 turns the split off.
@@ -25,6 +25,9 @@ DEFAULT_THREADS = 4  # (more rarely helps: a few threads already fill the memory
 # Below this a copy stays on the caller's thread: handing a band to another thread costs
 # ~30-60 us (wake-up, a future), a few percent of a 2 MiB band at ~10 GB/s, more below.
 MIN_SPLIT_BYTES = 4 << 20
+# Bands a copy is cut into per thread: the caller takes over a helper's share when the helper
+# is slow to start; narrower bands than this add a numpy call each for little.
+BANDS_PER_THREAD = 2
 
 _lock = threading.Lock()
 _threads: int | None = None  # the setting in force (None: not read yet)
@@ -92,30 +95,54 @@ def _copy_all(pairs: list[tuple[Any, Any]]) -> None:
         np.copyto(dst, src)
 
 
+class _Bands:
+    """A copy's bands, taken one at a time by whichever thread is free: the caller and the
+    pool's threads. A thread the OS does not run soon (busy cores) takes none, and the caller
+    copies them all rather than wait for it."""
+
+    def __init__(self, bands: list[list[tuple[Any, Any]]]) -> None:
+        self.bands = bands
+        self.next = 0
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                i = self.next
+                self.next += 1
+            if i >= len(self.bands):
+                return
+            try:
+                _copy_all(self.bands[i])
+            except BaseException as e:  # (the other bands still land; the first error is raised)
+                with self.lock:
+                    self.error = self.error or e
+
+
 def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """`dst[...] = src` for each (dst, src) pair of 2-D uint8 arrays of equal shapes, split
-    over the copy threads when they hold MIN_SPLIT_BYTES or more."""
+    over the copy threads when they hold MIN_SPLIT_BYTES or more: BANDS_PER_THREAD column
+    bands a thread, every row's band j in band j. Returns once every band has landed (or
+    failed: then raises the first error)."""
     threads = copy_threads()
     total = sum(d.size for d, _ in pairs)
     if threads < 2 or total < MIN_SPLIT_BYTES:
         _copy_all(pairs)
         return
-    bands: list[list[tuple[Any, Any]]] = [[] for _ in range(threads)]
+    n = threads * BANDS_PER_THREAD
+    bands: list[list[tuple[Any, Any]]] = [[] for _ in range(n)]
     for dst, src in pairs:
         width = dst.shape[1]
-        step = -(-width // threads)
+        step = -(-width // n)
         for j, a in enumerate(range(0, width, step)):
             bands[j].append((dst[:, a : a + step], src[:, a : a + step]))
+    work = _Bands([b for b in bands if b])
     pool = _executor(threads - 1)
-    futures = [pool.submit(_copy_all, band) for band in bands[1:] if band]
-    error: BaseException | None = None
-    try:
-        _copy_all(bands[0])
-    except BaseException as e:
-        error = e
-    for f in futures:  # every band has landed (or failed) before this returns
-        e = f.exception()
-        if e is not None and error is None:
-            error = e
-    if error is not None:
-        raise error
+    helpers = [pool.submit(work.run) for _ in range(threads - 1)]
+    work.run()
+    for f in helpers:  # one not started yet takes nothing: it need not run at all
+        if not f.cancel():
+            f.result()  # (started: it is copying a band, or has found none left)
+    if work.error is not None:
+        raise work.error
