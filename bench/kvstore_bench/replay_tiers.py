@@ -115,6 +115,12 @@ class HostModel:
     def on_sealed(self, ns: Namespace, page: Page) -> None:
         pass
 
+    def admit(self, ns: Namespace) -> None:
+        pass  # one namespace, no share of the tier to set
+
+    def usage(self, name: str) -> dict[str, int]:
+        return {"host_bytes": self.used, "disk_bytes": 0, "share_evictions": 0}
+
 
 @dataclass
 class TieredResult:
