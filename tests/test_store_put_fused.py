@@ -38,7 +38,7 @@ def _state(store: Store) -> tuple:
     ns = store.namespace("t")
     counters = (ns.sequences, ns.hit_tokens, ns.miss_tokens, ns.deduplicated_pages, len(ns.ghost))
     s = ns.mrc.sampler
-    mrc = (s.accesses, list(s._log), list(s._seen_at))
+    mrc = (s.accesses, list(s._log), s._seen_at())
     return pages_state(ns), counters, mrc, policy_state(ns.policy)
 
 
