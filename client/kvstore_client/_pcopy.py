@@ -1,8 +1,9 @@
 """Big host copies split over a few threads (docs/api.md, "Copy threads").
 
-One thread copying cold pages does not saturate a machine's memory bandwidth: on a 2-vCPU VM
-one thread moved 9.1-9.3 GB/s and two threads 13.8-15.3 GB/s at 16 and 64 pages of
-737,280 B. A copy of at least `MIN_SPLIT_BYTES` is cut into column bands (every row's band j
+One thread copying cold pages does not saturate a machine's memory bandwidth: on a quiet
+2-vCPU VM, 755 MB of random pages copied 16 / 64 pages of 737,280 B at a time into a
+destination already touched, one thread moved 4.4-8.2 GB/s and two 11.0-11.3 GB/s (on busy
+cores the split did not show a gain: BENCHMARKS.md, peers). A copy of at least `MIN_SPLIT_BYTES` is cut into column bands (every row's band j
 in band j: equal shares whatever the page count), taken by the caller's thread and the pool's
 as each is free; numpy releases the GIL while it copies. A copy returns only once every band
 has landed, and raises the first band's error after all of them are done.
