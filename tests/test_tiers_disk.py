@@ -542,12 +542,16 @@ def test_deleted_records_leave_nothing_behind_in_memory(tier_dir: Path) -> None:
 
         tracemalloc.start(4)
         try:
-            cycle(0)
-            cycle(1000)  # (the dicts' tables are as large as they get)
+            for c in range(3):  # (the dicts' tables near the size they keep)
+                cycle(c * 1000)
             before = recall_bytes()
-            for c in range(2, 5):
+            for c in range(3, 9):
                 cycle(c * 1000)
             grown = recall_bytes() - before
         finally:
             tracemalloc.stop()
-    assert grown < 3 * n * 20, f"{grown / (3 * n):.0f} bytes left per deleted record"
+    # Before the fix every deleted record left ~560 bytes. What may still move is a churning
+    # dict's table being resized once (up to ~22 KB seen over 3 cycles, not per record), so the
+    # bound is 50 bytes a record over 6 cycles (90 KB): a leak per record still exceeds it.
+    cycles = 6
+    assert grown < cycles * n * 50, f"{grown / (cycles * n):.0f} bytes left per deleted record"
