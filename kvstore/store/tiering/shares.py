@@ -7,7 +7,7 @@ pages there move down (host -> disk) or out, never another namespace's. 0 = no s
 tier's LRU / policy alone decides, as before).
 
 Host tier: here, on the loop, before a demotion (or a swap-out) takes a slot. Disk tier: on
-the disk writer's thread, before it commits a batch (kvstore/tiers/shares.py `over_shares`,
+the disk writer's thread, before it commits a batch (kvstore/tiers/shares.py `DiskShares.over`,
 with the caps Tiers.admit hands the disk tier as each namespace begins).
 """
 
