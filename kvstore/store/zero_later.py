@@ -16,6 +16,7 @@ calls interleaving on the loop never see each other's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
@@ -81,8 +82,6 @@ def zero_off_loop(guard: Any, pages: list[Any]) -> list[Batch]:
 async def settle(jobs: list[tuple[Any, Any, list[Any]]]) -> None:
     """Wait for `jobs` (guard, job, the call's pages in it); a page of the call's that a failed
     job left dirty is zeroed on the loop then: never handed out dirty."""
-    import asyncio
-
     for guard, batch, pages in jobs:
         with contextlib.suppress(Exception):  # (its error: handled below)
             await asyncio.shield(asyncio.wrap_future(batch.future))
