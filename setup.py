@@ -36,7 +36,11 @@ class BuildPyWithCommit(build_py):
 setup(
     cmdclass={"build_py": BuildPyWithCommit},
     ext_modules=[
-        Extension("kvstore._chainhash", ["kvstore/_chainhash.c"]),
+        Extension(
+            "kvstore._chainhash",
+            ["kvstore/_chainhash.c", "kvstore/_hashmemo.c"],
+            depends=["kvstore/_hashmemo.h"],
+        ),
         # -ffp-contract=off: no fused multiply-add, so the results equal numpy's bit for bit;
         # -Wno-psabi: its 32-byte vectors never cross a non-inline call (GCC warns anyway).
         Extension(

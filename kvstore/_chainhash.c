@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_hashmemo.h"
+
 #define DIGEST 16
 #define BLOCK 128
 
@@ -128,14 +130,19 @@ typedef struct {
     Py_ssize_t msg_len;
 } Chain;
 
-static int chain_open(Chain *c, PyObject *args, PyObject **index) {
+static int chain_open(Chain *c, PyObject *args, PyObject **index, PyObject **memo) {
     Py_buffer parent;
     Py_ssize_t page_tokens;
     c->msg = NULL;
-    int ok = index ? PyArg_ParseTuple(args, "y*y*ny*O!", &parent, &c->tokens, &page_tokens, &c->extra,
-                                      &PyDict_Type, index)
+    int ok = index ? PyArg_ParseTuple(args, "y*y*ny*O!|O", &parent, &c->tokens, &page_tokens, &c->extra,
+                                      &PyDict_Type, index, memo)
                    : PyArg_ParseTuple(args, "y*y*ny*", &parent, &c->tokens, &page_tokens, &c->extra);
     if (!ok) return -1;
+    if (memo != NULL && *memo == Py_None) *memo = NULL;
+    if (memo != NULL && *memo != NULL && !PyObject_TypeCheck(*memo, &HashMemoType)) {
+        PyErr_Format(PyExc_TypeError, "memo must be a HashMemo or None, not %.100s", Py_TYPE(*memo)->tp_name);
+        goto fail;
+    }
     if (parent.len != DIGEST || page_tokens <= 0) {
         PyErr_Format(PyExc_ValueError, "parent must be %d bytes and page_tokens > 0 (got %zd bytes, %zd)",
                      DIGEST, parent.len, page_tokens);
@@ -178,7 +185,7 @@ PyDoc_STRVAR(hashes_doc,
 
 static PyObject *hashes(PyObject *self, PyObject *args) {
     Chain c;
-    if (chain_open(&c, args, NULL) < 0) return NULL;
+    if (chain_open(&c, args, NULL, NULL) < 0) return NULL;
     PyObject *out = PyList_New(c.pages);
     for (Py_ssize_t i = 0; out != NULL && i < c.pages; i++) {
         chain_step(&c, i);
@@ -191,19 +198,44 @@ static PyObject *hashes(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(probe_doc,
-             "probe(parent, tokens_le, page_tokens, extra_keys, index) -> (hashes, values)\n\n"
+             "probe(parent, tokens_le, page_tokens, extra_keys, index, memo=None) -> (hashes, values)\n\n"
              "Hashes of the full pages in order, up to and including the first that is not a key\n"
-             "of the dict `index` (all of them if every one is), and index[h] of each before it.");
+             "of the dict `index` (all of them if every one is), and index[h] of each before it.\n"
+             "With a HashMemo, a page whose hash input it holds is not hashed again, and each page\n"
+             "hashed is remembered.");
+
+/* The hash of page i (a new reference; NULL with an exception set), from the memo when it
+ * holds this input; msg[0:16] becomes it (the next page's parent). */
+static PyObject *memo_step(Chain *c, Py_ssize_t i, PyObject *memo) {
+    memcpy(c->msg + DIGEST, (const uint8_t *)c->tokens.buf + i * c->page_len, c->page_len);
+    PyObject *h = hashmemo_get(memo, c->msg, c->msg_len);
+    if (h == NULL) {
+        uint8_t out[DIGEST];
+        blake2b_128(c->msg, c->msg_len, out);
+        h = PyBytes_FromStringAndSize((const char *)out, DIGEST);
+        if (h == NULL || hashmemo_put(memo, c->msg, c->msg_len, h) < 0) {
+            Py_XDECREF(h);
+            return NULL;
+        }
+    }
+    memcpy(c->msg, PyBytes_AS_STRING(h), DIGEST);
+    return h;
+}
 
 static PyObject *probe(PyObject *self, PyObject *args) {
     Chain c;
-    PyObject *index;
-    if (chain_open(&c, args, &index) < 0) return NULL;
+    PyObject *index, *memo = NULL;
+    if (chain_open(&c, args, &index, &memo) < 0) return NULL;
     PyObject *found = PyList_New(0), *values = PyList_New(0), *result = NULL;
     if (found == NULL || values == NULL) goto done;
     for (Py_ssize_t i = 0; i < c.pages; i++) {
-        chain_step(&c, i);
-        PyObject *h = PyBytes_FromStringAndSize((const char *)c.msg, DIGEST);
+        PyObject *h;
+        if (memo != NULL) {
+            h = memo_step(&c, i, memo);
+        } else {
+            chain_step(&c, i);
+            h = PyBytes_FromStringAndSize((const char *)c.msg, DIGEST);
+        }
         if (h == NULL) goto done;
         int err = PyList_Append(found, h);
         PyObject *value = err ? NULL : PyDict_GetItemWithError(index, h);  /* borrowed */
@@ -273,4 +305,9 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__chainhash(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__chainhash(void) {
+    if (PyType_Ready(&HashMemoType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "HashMemo", (PyObject *)&HashMemoType) < 0) Py_CLEAR(m);
+    return m;
+}

@@ -147,6 +147,15 @@ class ServerConfig:
         1024, "longest extra_keys a request may carry (bytes)", in_range(0, 1 << 20)
     )
     default_policy: str = _key("horizon", "eviction policy of a namespace that names none", check_policy)
+    hash_memo_entries: int = _key(
+        65536,
+        "page hashes a lookup remembers, so a prefix looked up again is not hashed again (docs/hashing.md, "
+        '"Remembered hashes"); 0 = off',
+        in_range(0, 1 << 30),
+    )
+    hash_memo_bytes: int = _key(
+        16 << 20, "most memory the remembered page hashes take (bytes)", in_range(0), size=True
+    )
     host_tier_bytes: int = _key(
         0,
         "daemon DRAM below the pools: evicted pages are demoted here (0 = no host tier)",
@@ -264,6 +273,8 @@ class Config:
             max_extra_keys_bytes=s.max_extra_keys_bytes,
             pin_ttl_max_s=s.pin_ttl_max_s,
             quarantine_grace_s=s.quarantine_grace_s,
+            hash_memo_entries=s.hash_memo_entries,
+            hash_memo_bytes=s.hash_memo_bytes,
         )
 
     def namespace_specs(self) -> list[NamespaceSpec]:

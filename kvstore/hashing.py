@@ -15,6 +15,7 @@ The per-request loops (`chain_hashes`, `probe`) run in C (kvstore/_chainhash.c, 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import NewType, TypeVar
 
@@ -67,7 +68,12 @@ def py_chain_hashes(
 
 
 def py_probe(
-    parent: BlockHash, tokens_le: bytes, page_tokens: int, extra_keys: bytes, index: dict[bytes, V]
+    parent: BlockHash,
+    tokens_le: bytes,
+    page_tokens: int,
+    extra_keys: bytes,
+    index: dict[bytes, V],
+    memo: None = None,
 ) -> tuple[list[BlockHash], list[V]]:
     """(the hashes of the full pages up to and including the first that is not a key of `index`,
     or all of them; `index[h]` of each before it). A lookup's hashing and probing in one loop."""
@@ -89,13 +95,35 @@ def py_probe(
 
 
 try:  # the C loops, when built (their output is the same: tests/test_hashing.py)
+    from kvstore._chainhash import HashMemo, probe
     from kvstore._chainhash import hashes as chain_hashes
-    from kvstore._chainhash import probe
 
     NATIVE = True
 except ImportError:  # a tree used without building it
-    chain_hashes, probe = py_chain_hashes, py_probe
+    chain_hashes, probe = py_chain_hashes, py_probe  # (py_probe takes no memo: given None)
     NATIVE = False
+
+
+def make_memo(max_entries: int, max_bytes: int) -> HashMemo | None:
+    """Remembered chain steps for `probe` (kvstore/_hashmemo.c; docs/hashing.md, "Remembered
+    hashes"): None when off or when the C module is not built. Its table (32 bytes an entry)
+    takes at most a quarter of `max_bytes`: fewer entries than asked when that is small, and
+    off below 4. Its tag hash is seeded per process, so which inputs share a set cannot be
+    chosen from outside."""
+    entries = min(max_entries, max_bytes // 128)
+    if entries < 4 or not NATIVE:
+        return None
+    return HashMemo(entries, max_bytes, int.from_bytes(os.urandom(8), "little"))
+
+
+def memo_stats(memo: HashMemo | None) -> dict[str, int]:
+    """hits, misses, evictions, entries, bytes, max_entries, max_bytes (all 0 without one)."""
+    if memo is None:
+        return dict.fromkeys(MEMO_STATS, 0)
+    return memo.stats()
+
+
+MEMO_STATS = ("hits", "misses", "evictions", "entries", "bytes", "max_entries", "max_bytes")
 
 
 def block_hashes(

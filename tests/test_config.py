@@ -155,6 +155,8 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "dumpable": "true",
         "max_extra_keys_bytes": "7",
         "default_policy": "lru",
+        "hash_memo_entries": "1024",
+        "hash_memo_bytes": "1MiB",
         "host_tier_bytes": "64MiB",
         "disk_tier_dir": "/x/disk",
         "disk_tier_bytes": "1GiB",
@@ -208,9 +210,11 @@ def test_store_limits_carry_every_limit() -> None:
         "KVSTORE_PIN_TTL_MAX_S": "0.25",
         "KVSTORE_QUARANTINE_GRACE_S": "4",
         "KVSTORE_MAX_SESSIONS_PER_CLIENT": "6",
+        "KVSTORE_HASH_MEMO_ENTRIES": "8",
+        "KVSTORE_HASH_MEMO_BYTES": "9KiB",
     }
     limits = cfg.load(environ=env).store_limits()
-    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0, 6)
+    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0, 6, 8, 9 << 10)
     # A limit the store gains later must get a key here too, or this stays at its default.
     defaults = StoreLimits()
     unset = [

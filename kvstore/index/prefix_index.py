@@ -8,11 +8,15 @@ pages. Loop-owned; only kvstore/store mutates it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from kvstore import hashing
 from kvstore.errors import InvariantBroken
 from kvstore.hashing import BlockHash
 from kvstore.memory.pages import Page
+
+if TYPE_CHECKING:  # (absent where the C module is not built: then the memo is None)
+    from kvstore._chainhash import HashMemo
 
 
 class PrefixIndex:
@@ -22,6 +26,9 @@ class PrefixIndex:
         # block hash -> its sealed page, or None: the dict's own get (a C call; every page of
         # a put and a commit asks).
         self.get: Callable[[bytes], Page | None] = self._pages.get
+        # The store's remembered chain steps (hashing.make_memo), shared by its namespaces: a
+        # step's input holds its parent hash, so namespaces' entries never answer each other.
+        self.memo: HashMemo | None = None
 
     def __len__(self) -> int:
         return len(self._pages)
@@ -53,7 +60,7 @@ class PrefixIndex:
     ) -> tuple[list[BlockHash], list[Page]]:
         """(the block hashes of the full pages up to and including the first miss, or all of
         them; the resident pages of the longest cached prefix, root first): one call a lookup."""
-        return hashing.probe(self.root, tokens_le, page_tokens, extra_keys, self._pages)
+        return hashing.probe(self.root, tokens_le, page_tokens, extra_keys, self._pages, self.memo)
 
 
 def subtree_postorder(page: Page) -> Iterator[Page]:

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from kvstore.server import metrics_http
 from kvstore.server.edge import EdgeCounts
+from kvstore.server.memo_metrics import HashMemoCollector
 from kvstore.server.ops_stats import build_labels
 from kvstore.server.pool_refusals import PoolSocketCounts
 from kvstore.server.rpc_metrics import RpcMetrics
@@ -286,6 +287,7 @@ class MetricsServer:
         """Start serving; returns the bound port (useful with port 0)."""
         registry = CollectorRegistry()
         registry.register(self.collector)
+        registry.register(HashMemoCollector(self.store.hash_memo))
         if self.rpc is not None:
             self.rpc.register(registry)
         self.publish()

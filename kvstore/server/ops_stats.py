@@ -1,12 +1,13 @@
-"""The operators' part of the Stats reply: build info and RPC calls by method and status
-(docs/observability.md). The same numbers as the metrics kvstore_build_info and
-kvstore_rpc_calls_total."""
+"""The operators' part of the Stats reply: build info, RPC calls by method and status, the
+lookups' remembered hashes (docs/observability.md). The same numbers as the metrics
+kvstore_build_info, kvstore_rpc_calls_total and kvstore_hash_memo_*."""
 
 from __future__ import annotations
 
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from kvstore.build_info import build_info
+from kvstore.hashing import memo_stats
 from kvstore.server.rpc_metrics import RpcMetrics
 from kvstore.store.store import Store
 
@@ -34,8 +35,11 @@ def build_labels(store: Store | None) -> dict[str, str]:
 def fill(
     reply: pb.StatsResponse, store: Store, rpc: RpcMetrics | None, daemon_wide: bool
 ) -> pb.StatsResponse:
-    """Adds `build`, and (daemon-wide replies only: they count every tenant's calls) `rpc_calls`."""
+    """Adds `build`, and (daemon-wide replies only: they count every tenant's calls) `rpc_calls`
+    and `hash_memo`."""
     reply.build.CopyFrom(pb.BuildInfo(**build_labels(store)))
+    if daemon_wide:
+        reply.hash_memo.CopyFrom(pb.HashMemoStats(**memo_stats(store.hash_memo)))
     if daemon_wide and rpc is not None:
         for method, code, calls in rpc.counts():
             reply.rpc_calls.add(method=method, code=code, calls=calls)

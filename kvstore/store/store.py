@@ -30,6 +30,7 @@ from kvstore.errors import (
     InvariantBroken,
     NotFound,
 )
+from kvstore.hashing import make_memo
 from kvstore.memory.backend import PoolBackend
 from kvstore.memory.make_pool import make_pool
 from kvstore.policy import make_policy
@@ -81,6 +82,7 @@ class Store:
         if tiers is not None:
             tiers.on_lost = self._page_lost
         self.attach: Callable[[Namespace], None] = lambda ns: None  # integrity (store/integrity.py)
+        self.hash_memo = make_memo(limits.hash_memo_entries, limits.hash_memo_bytes)  # lookups' hashes
 
     def _page_lost(self, key: PageKey, by: str, why: str, kind: GoneKind) -> None:
         """A tier below the pool lost a page for good (full, or corrupt): Explain's ghost."""
@@ -111,15 +113,11 @@ class Store:
             pool.close()
             raise
         ns = self.namespaces[spec.name] = Namespace(spec, pool, make_policy(spec.policy), self.tiers)
+        ns.index.memo = self.hash_memo
         self.attach(ns)
         log.info(
             "namespace %s: %d pages x %d bytes (%s, %d tokens/page), policy %s",
-            spec.name,
-            spec.num_pages,
-            spec.page_bytes,
-            spec.dtype,
-            spec.page_tokens,
-            spec.policy,
+            *(spec.name, spec.num_pages, spec.page_bytes, spec.dtype, spec.page_tokens, spec.policy),
         )
         return ns.info()
 
