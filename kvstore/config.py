@@ -96,6 +96,11 @@ class ServerConfig:
         False,
         "serve `server.tcp` without tokens: anyone who reaches the port may do anything (a warning at start)",
     )
+    lane: bool = _key(
+        True,
+        "also serve the put/get calls (Put, Lookup, Reserve, Seal, Release, Batch*) on `<socket>.lane`, a plain "
+        "unix socket beside the gRPC one (same messages, auth and errors; docs/api.md); false = gRPC only",
+    )
     tls_cert: str = _key("", "PEM certificate chain of the TCP listener: TLS on `server.tcp`", check_tls_file)
     tls_key: str = _key("", "PEM private key of `server.tls_cert`", check_tls_file)
     tls_client_ca: str = _key(

@@ -34,6 +34,7 @@ from kvstore.server.admin_servicer import AdminServicer
 from kvstore.server.edge import Edge
 from kvstore.server.hardening import no_dumps
 from kvstore.server.kvstore_servicer import KVStoreServicer
+from kvstore.server.lane import Lane, lane_socket_path
 from kvstore.server.leases import LoopClock, reap_leases
 from kvstore.server.listeners import bind_tcp, guard_for
 from kvstore.server.metrics import MetricsServer
@@ -94,6 +95,7 @@ class Daemon:
         self.metrics: MetricsServer | None = None
         self.integrity: Integrity | None = None  # checksums, scrubber, zeroing freed pages
         self.pool_socket: PoolSocket | None = None
+        self.lane: Lane | None = None  # the put/get calls on a plain unix socket (server/lane.py)
 
     @property
     def socket_path(self) -> Path:
@@ -181,6 +183,10 @@ class Daemon:
             edge.counts.pool,
         )
         self.pool_socket.start()
+        if s.lane:
+            max_message = dict(server_options(s))["grpc.max_receive_message_length"]
+            self.lane = Lane(lane_socket_path(self.socket_path), edge, max_message)
+            await self.lane.start()
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
@@ -331,6 +337,9 @@ class Daemon:
             )
         if self.integrity is not None:
             self.integrity.close()  # (its thread's job under way reads the pools)
+        if self.lane is not None:  # after the drain: its calls under way were answered
+            lane, self.lane = self.lane, None
+            ok &= await step("lane socket closed", lane.stop(), STEP_TIMEOUT_S)
         if self.pool_socket is not None:
             pool_socket, self.pool_socket = self.pool_socket, None
             ok &= await step("pool socket closed", pool_socket.stop(), STEP_TIMEOUT_S)

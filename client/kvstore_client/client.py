@@ -19,119 +19,36 @@ import threading
 from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _wire, device, pool_fd
+from . import lane as _lane
 from ._core import (
     KEEPALIVE_S,
     LEASE_SETTLE_S,
     ClientCore,
-    Held,
-    LookupBase,
-    SequenceBase,
     log,
     make_stubs,
 )
 from ._fast_api import FastPath
+from ._held import Lookup, Sequence
 from .channel import TLS, bearer, open_sync
 from .errors import KVStoreClientError
 from .namespace import Namespace, pool_moved
 from .results import (
-    AppendResult,
     CloseResult,
-    CommitResult,
     DeleteNamespaceResult,
     EvictResult,
     FlushResult,
-    PreemptResult,
     ReleaseResult,
     SequenceOptions,
     Stats,
 )
 
 T = TypeVar("T")
-_R = TypeVar("_R", bound="_ReleaseOnExit")
-
-
-class _ReleaseOnExit(Held):
-    """`release()` and `with` support for what the session holds (sequences, pins)."""
-
-    _client: Client
-
-    def release(self) -> ReleaseResult | None:
-        """Free reserved pages / unpin shared ones. Idempotent; None when nothing was sent
-        (already released, or the session is over and the daemon released it all)."""
-        call = self._release_call()
-        return None if call is None else self._client._run(call)
-
-    def __enter__(self: _R) -> _R:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            self.release()
-        except KVStoreClientError as err:
-            self._release_failed(exc, err)
-
-
-class Sequence(SequenceBase, _ReleaseOnExit):
-    """A growing request (see `SequenceBase` for the page table). Releases on `with` exit."""
-
-    _client: Client
-
-    def append(self, tokens: _wire.Tokens) -> AppendResult:
-        """Add tokens; the reply lists the pages they landed in. Write the WRITABLE ones."""
-        return self._client._run(self._append_call(tokens))
-
-    def commit(
-        self, num_tokens: int | None = None, *, written_slots: Iterable[int] | None = None
-    ) -> CommitResult:
-        """Declare the KV of the first `num_tokens` tokens written (default: all appended).
-        Full pages among them are sealed; pages deduplicated to another slot are updated
-        in `pages`. `written_slots` asks the daemon to check they are all ours."""
-        return self._client._run(self._commit_call(num_tokens, written_slots))
-
-    def report_importance(self, scores: Iterable[float]) -> int:
-        """IMPORTANCE sequences: scores[i] = page i's importance, one per page index
-        (dropped ones included, ignored). Returns the pages held."""
-        return self._client._run(self._report_importance_call(scores))
-
-    def refresh(self) -> Sequence:
-        """Replace the client-side page table with the daemon's (GetSequence)."""
-        return self._client._run(self._refresh_call())
-
-    def swap_out(self) -> PreemptResult:
-        """Preempt: move every page below the pool (host/disk tier) and free the pool pages.
-        The sequence keeps its tokens; `swap_in()` brings the pages back (new slots)."""
-        return self._client._run(self._preempt_call(drop=False))
-
-    def swap_in(self) -> Sequence:
-        """Bring a swapped-out sequence's pages back; `pages` has their new slots. DataLoss
-        (and the sequence emptied) if one was lost below the pool: recompute it then."""
-        return self._client._run(self._swap_in_call())
-
-    def drop(self) -> PreemptResult:
-        """Preempt by dropping: free every page and empty the sequence (same id and budget);
-        append the tokens again to recompute (cached pages still hit)."""
-        return self._client._run(self._preempt_call(drop=True))
-
-
-class Lookup(LookupBase, _ReleaseOnExit):
-    """A lookup result; a pinned one holds its pages until `release()` / `with` exit."""
-
-    def wait(self, pages: int = 0) -> Lookup:
-        """With `return_in_flight=True`: wait until the first `pages` pages (0 = all) are in
-        the pool. Updates `ready_pages`, `slots` and `hit_tokens` (which shrinks if a page
-        failed its checksum below the pool)."""
-        if self.ready_pages >= (pages or len(self.slots)):
-            return self
-        return self._client._run(self._wait_call(pages))
 
 
 class Client(FastPath, ClientCore):
@@ -142,11 +59,19 @@ class Client(FastPath, ClientCore):
     """
 
     def __init__(
-        self, channel: grpc.Channel, target: str, *, timeout_s: float | None = 30.0, token: str = ""
+        self,
+        channel: grpc.Channel,
+        target: str,
+        *,
+        timeout_s: float | None = 30.0,
+        token: str = "",
+        lane: bool | None = None,
     ) -> None:
         super().__init__(target, timeout_s=timeout_s, token=token)
         self._channel = channel
         self._stubs = make_stubs(channel)
+        self._lane_wanted = lane
+        self._lane: _lane.Lane | None = None  # the put/get calls' way when the daemon offers it
         self._keepalive: Any = None  # the KeepAlive call, owned by open()/close()
         self._keepalive_thread: threading.Thread | None = None
 
@@ -160,6 +85,7 @@ class Client(FastPath, ClientCore):
         event), so from then on a crash of this process frees everything. `connect()`
         calls this."""
         self._send(self._open_call(client_name, lease_ttl_s), timeout=connect_timeout_s, wait_for_ready=True)
+        self._lane = _lane.offered(self.target, self._lane_wanted, self._token)
         self._lease_attached = threading.Event()
         self._lease_ended = threading.Event()
         self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
@@ -205,6 +131,8 @@ class Client(FastPath, ClientCore):
                 self._keepalive.cancel()
             if self._keepalive_thread is not None:
                 self._keepalive_thread.join(timeout=5.0)
+            if self._lane is not None:
+                self._lane.close()
             self._close_namespaces()
             self._channel.close()
         return result
@@ -220,11 +148,14 @@ class Client(FastPath, ClientCore):
     def _send(
         self, call: _wire.Call[T], *, timeout: float | None = None, wait_for_ready: bool | None = None
     ) -> T:
-        method = getattr(self._stubs[call.service], call.method)
         device.synchronize(call)  # seal/release after sync (device pools; docs/gpu.md)
         try:
-            reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
-        except grpc.RpcError as err:
+            if self._lane is not None and call.method in _lane.METHODS:  # (all of them KVStore's)
+                reply = self._lane.call(call.method, call.request, timeout)
+            else:
+                method = getattr(self._stubs[call.service], call.method)
+                reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as err:  # (a lane.LaneError too: the same codes and messages)
             if self._may_be_shutdown(err):
                 self._lease_ended.wait(LEASE_SETTLE_S)
             raise self._error(err) from err
@@ -380,6 +311,7 @@ def connect(
     keepalive_s: float = KEEPALIVE_S,
     token: str | None = None,
     tls: TLS | None = None,
+    lane: bool | None = None,
 ) -> Client:
     """Connect to the daemon and open a session.
 
@@ -389,8 +321,12 @@ def connect(
     `keepalive_s`: HTTP/2 ping interval (>= 5 s, the daemon's limit): a daemon that stops
     answering pings fails the calls under way within `keepalive_s` + 5 s, deadline or not.
     `token` (None = `$KVSTORE_TOKEN`, if set) and `tls`: kvstore_client.channel, docs/security.md.
+    `lane`: the put/get calls over the daemon's lane socket when it offers one (a local unix
+    socket; kvstore_client.lane); None = on unless `$KVSTORE_LANE=0`.
     """
-    client = Client(*open_sync(target, keepalive_s, token, tls), timeout_s=timeout_s, token=bearer(token))
+    client = Client(
+        *open_sync(target, keepalive_s, token, tls), timeout_s=timeout_s, token=bearer(token), lane=lane
+    )
     try:
         client.open(client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s)
     except BaseException:

@@ -292,6 +292,16 @@ class PoolSocketStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LaneStats:
+    """The lane socket's calls and connections (docs/api.md "The lane")."""
+
+    calls: int  # requests answered on the lane, any status
+    connections: int  # accepted since start
+    open: int  # open now
+    refused: int  # closed for a bad hello or an oversize frame
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """`Client.stats()`: the daemon's counters."""
 
@@ -306,6 +316,7 @@ class Stats:
     rpc_calls: list[RpcCalls]  # daemon-wide replies only (no namespace asked)
     quotas: QuotaStats | None = None  # None from a daemon that reports none
     pool_socket: PoolSocketStats | None = None  # daemon-wide replies to a caller reading every namespace
+    lane: LaneStats | None = None  # the same replies, from a daemon with the lane
 
     @classmethod
     def from_proto(cls, r: kvstore_pb2.StatsResponse) -> Stats:
@@ -330,4 +341,5 @@ class Stats:
             pool_socket=PoolSocketStats(r.pool_socket.granted, dict(r.pool_socket.refused))
             if r.HasField("pool_socket")
             else None,
+            lane=_from_message(LaneStats, r.lane) if r.HasField("lane") else None,
         )

@@ -39,6 +39,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from kvstore.server import status
+from kvstore.server.lane_counts import LaneCounts
 from kvstore.server.pool_refusals import PoolSocketCounts
 from kvstore.server.rpc_metrics import MethodMetrics, RpcMetrics
 
@@ -59,6 +60,7 @@ class EdgeCounts:
     malformed: int = 0  # requests refused because their bytes did not parse (or were too long)
     internal: int = 0  # calls that ended INTERNAL: a bug in the daemon, logged with a traceback
     pool: PoolSocketCounts = field(default_factory=PoolSocketCounts)  # the pool socket's (its own edge)
+    lane: LaneCounts = field(default_factory=LaneCounts)  # the lane's (its calls pass this edge)
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,6 +222,9 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
         if whole and not request.namespace:  # every tenant's traffic
             reply.pool_socket.granted = self.edge.pool.granted
             reply.pool_socket.refused.update(self.edge.pool.refused)
+            lane = self.edge.lane
+            reply.lane.calls, reply.lane.connections = lane.calls, lane.connections
+            reply.lane.open, reply.lane.refused = lane.open, lane.refused
         return ops_stats.fill(reply, self.store, self.rpc, daemon_wide=whole and not request.namespace)
 
 

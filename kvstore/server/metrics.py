@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from kvstore.server import metrics_http
 from kvstore.server.edge import EdgeCounts
+from kvstore.server.lane_counts import LaneCounts
 from kvstore.server.memo_metrics import HashMemoCollector
 from kvstore.server.ops_stats import build_labels
 from kvstore.server.pool_refusals import PoolSocketCounts
@@ -170,6 +171,7 @@ class StatsCollector(Collector):
             "kvstore_rpc_malformed_requests", "requests whose bytes did not parse", value=edge.malformed
         )
         yield from _pool_socket(edge.pool)
+        yield from _lane(edge.lane)
         if tiers is not None:
             yield from self._tiers(tiers)
 
@@ -228,6 +230,19 @@ class StatsCollector(Collector):
         )
         if disk:
             yield from _reindex(d["reindex"])
+
+
+def _lane(c: LaneCounts) -> Iterator[Any]:
+    yield CounterMetricFamily("kvstore_lane_calls", "calls answered on the lane socket", value=c.calls)
+    yield CounterMetricFamily(
+        "kvstore_lane_connections", "connections accepted on the lane socket", value=c.connections
+    )
+    yield GaugeMetricFamily("kvstore_lane_connections_open", "lane connections open now", value=c.open)
+    yield CounterMetricFamily(
+        "kvstore_lane_refused",
+        "lane connections closed for a bad hello or an oversize frame",
+        value=c.refused,
+    )
 
 
 def _pool_socket(c: PoolSocketCounts) -> Iterator[Any]:
@@ -308,7 +323,7 @@ class MetricsServer:
             self.store.stats(),
             len(self.store.sessions),
             tiers.stats() if tiers is not None else None,
-            replace(self.edge, pool=self.edge.pool.copy()),
+            replace(self.edge, pool=self.edge.pool.copy(), lane=self.edge.lane.copy()),
             build_labels(self.store),
         )
 

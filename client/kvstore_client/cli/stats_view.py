@@ -47,6 +47,8 @@ def stats_dict(stats: Stats) -> dict[str, Any]:
         out["quotas"] = dataclasses.asdict(stats.quotas)
     if stats.pool_socket is not None:
         out["pool_socket"] = dataclasses.asdict(stats.pool_socket)
+    if stats.lane is not None:
+        out["lane"] = dataclasses.asdict(stats.lane)
     add_ops(out, stats)
     return out
 
@@ -181,6 +183,12 @@ def render_stats(stats: Stats, target: str = "") -> str:
         p = stats.pool_socket
         refused = ", ".join(f"{why} {count(n)}" for why, n in sorted(p.refused.items()) if n) or "none"
         out.append(f"pool socket: {count(p.granted)} descriptors handed out; refused: {refused}")
+    if stats.lane is not None:
+        la = stats.lane
+        out.append(
+            f"lane: {count(la.calls)} calls, {count(la.open)} connections open "
+            f"({count(la.connections)} since start, {count(la.refused)} refused)"
+        )
     for ns in stats.namespaces:
         total = ns.pages_total
         used = (total - ns.pages_free) / total if total else 0.0

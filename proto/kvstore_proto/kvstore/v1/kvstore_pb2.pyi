@@ -885,7 +885,7 @@ class TierStats(_message.Message):
     def __init__(self, host_capacity_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_pages: _Optional[int] = ..., disk_capacity_bytes: _Optional[int] = ..., disk_bytes_used: _Optional[int] = ..., disk_pages: _Optional[int] = ..., disk_full_events: _Optional[int] = ..., corrupt_pages: _Optional[int] = ..., demoted_pages: _Optional[int] = ..., promoted_pages: _Optional[int] = ..., prefetched_pages: _Optional[int] = ..., promotion_failures: _Optional[int] = ..., swapped_pages: _Optional[int] = ..., write_through: _Optional[bool] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., disk_queued: _Optional[int] = ..., disk_disabled: _Optional[str] = ..., disk_moved_aside: _Optional[str] = ..., disk_io_errors: _Optional[int] = ..., disk_fs_full_errors: _Optional[int] = ..., disk_queued_bytes: _Optional[int] = ..., disk_queue_dropped: _Optional[int] = ..., flushes_running: _Optional[int] = ..., host_bytes_represented: _Optional[int] = ..., disk_bytes_represented: _Optional[int] = ..., quantized_pages: _Optional[int] = ..., quant_layers_fp: _Optional[int] = ..., quant_layers_int8: _Optional[int] = ..., quant_layers_int4: _Optional[int] = ..., quant_fallbacks: _Optional[int] = ..., quant_bytes_stored: _Optional[int] = ..., quant_bytes_represented: _Optional[int] = ..., quantize_seconds: _Optional[float] = ..., dequantized_pages: _Optional[int] = ..., dequantize_seconds: _Optional[float] = ..., dequantize_failures: _Optional[int] = ..., not_requantized: _Optional[int] = ..., reindex_bytes_done: _Optional[int] = ..., reindex_bytes_total: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests", "build", "rpc_calls", "quotas", "pool_socket", "hash_memo")
+    __slots__ = ("namespaces", "sessions", "uptime_s", "version", "tiers", "internal_errors", "malformed_requests", "build", "rpc_calls", "quotas", "pool_socket", "hash_memo", "lane")
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -898,6 +898,7 @@ class StatsResponse(_message.Message):
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     POOL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     HASH_MEMO_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
     uptime_s: float
@@ -910,7 +911,8 @@ class StatsResponse(_message.Message):
     quotas: QuotaStats
     pool_socket: PoolSocketStats
     hash_memo: HashMemoStats
-    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., rpc_calls: _Optional[_Iterable[_Union[RpcCalls, _Mapping]]] = ..., quotas: _Optional[_Union[QuotaStats, _Mapping]] = ..., pool_socket: _Optional[_Union[PoolSocketStats, _Mapping]] = ..., hash_memo: _Optional[_Union[HashMemoStats, _Mapping]] = ...) -> None: ...
+    lane: LaneStats
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., internal_errors: _Optional[int] = ..., malformed_requests: _Optional[int] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., rpc_calls: _Optional[_Iterable[_Union[RpcCalls, _Mapping]]] = ..., quotas: _Optional[_Union[QuotaStats, _Mapping]] = ..., pool_socket: _Optional[_Union[PoolSocketStats, _Mapping]] = ..., hash_memo: _Optional[_Union[HashMemoStats, _Mapping]] = ..., lane: _Optional[_Union[LaneStats, _Mapping]] = ...) -> None: ...
 
 class HashMemoStats(_message.Message):
     __slots__ = ("hits", "misses", "evictions", "entries", "bytes", "max_entries", "max_bytes")
@@ -929,6 +931,18 @@ class HashMemoStats(_message.Message):
     max_entries: int
     max_bytes: int
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class LaneStats(_message.Message):
+    __slots__ = ("calls", "connections", "open", "refused")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    calls: int
+    connections: int
+    open: int
+    refused: int
+    def __init__(self, calls: _Optional[int] = ..., connections: _Optional[int] = ..., open: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class PoolSocketStats(_message.Message):
     __slots__ = ("granted", "refused")

@@ -1,0 +1,188 @@
+"""The sync client's side of the lane: the put/get calls over the daemon's `<socket>.lane`
+(framing: kvstore_proto/lane.py; docs/api.md "The lane").
+
+Why: a gRPC call from the sync client costs ~0.2 ms of client CPU and ~0.3-0.4 ms of the
+daemon's event loop in grpc's per-call machinery; the same protobuf messages in a
+length-prefixed frame on a unix socket cost tens of microseconds. Same messages, same
+handlers in the daemon (auth, errors, metrics), so a call's result or error is the one gRPC
+would give: an error reply is raised as a `LaneError`, a `grpc.RpcError` with `code()` and
+`details()`, which the client maps exactly as it maps gRPC's.
+
+One connection per thread (threading.local), a blocking socket. A call that times out or
+whose connection breaks drops the connection (the daemon then cancels the call, as it does a
+gRPC call whose client went away) and raises DEADLINE_EXCEEDED / UNAVAILABLE. Off with
+`$KVSTORE_LANE=0` or `connect(lane=False)`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import grpc
+from kvstore_proto import lane as wire
+from kvstore_proto import pool_socket as pool_wire
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+
+from . import pool_fd
+
+LANE_ENV = "KVSTORE_LANE"
+HELLO_TIMEOUT_S = 2.0
+METHODS = frozenset(wire.METHODS)  # what goes over the lane; every other call over gRPC
+_REPLIES = {
+    m.name: pb.DESCRIPTOR.services_by_name["KVStore"].methods_by_name[m.name].output_type.name
+    for m in pb.DESCRIPTOR.services_by_name["KVStore"].methods
+    if m.name in wire.METHODS
+}
+# method name -> (its name as the frame carries it, the reply's parser)
+_METHODS: dict[str, tuple[bytes, Any]] = {
+    name: (name.encode(), getattr(pb, reply).FromString) for name, reply in _REPLIES.items()
+}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def wanted(lane: bool | None, environ: Any = None) -> bool:
+    """`lane` if given, else on unless `$KVSTORE_LANE` is 0/false/no/off."""
+    if lane is not None:
+        return lane
+    value = (environ if environ is not None else os.environ).get(LANE_ENV, "").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def lane_path(target: str) -> str | None:
+    """The lane socket beside a `unix:` gRPC target (as pool_fd finds the pool socket); None
+    for any other target: the lane is local only."""
+    path = pool_fd.pool_socket_path(target)
+    return path.removesuffix(pool_wire.SUFFIX) + wire.SUFFIX if path is not None else None
+
+
+def offered(target: str, lane: bool | None, token: str) -> Lane | None:
+    """The lane of the daemon at `target` when wanted and offered (its socket answers our
+    hello), else None: the calls go over gRPC (a TCP target, a daemon with the lane off)."""
+    path = lane_path(target) if wanted(lane) else None
+    if path is None:
+        return None
+    found = Lane(path, token)
+    try:
+        found.connection(HELLO_TIMEOUT_S)
+    except LaneError:
+        return None
+    return found
+
+
+class LaneError(grpc.RpcError):
+    """A call's status on the lane, read like a gRPC call's (`code()`, `details()`)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class Lane:
+    """The lane of one client: a connection per thread, opened on the thread's first call."""
+
+    def __init__(self, path: str, token: str) -> None:
+        self.path = path
+        self._hello = wire.frame(wire.MAGIC + token.encode())
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()  # every thread's, for close()
+
+    def call(self, method: str, request: Any, timeout: float | None) -> Any:
+        """`method`'s reply to `request`, or raises LaneError with the daemon's status."""
+        name, parse = _METHODS[method]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock = self.connection(timeout)
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(wire.request(name, request.SerializeToString()))
+            code, payload = _read_reply(sock, deadline)
+        except TimeoutError:
+            self._drop(sock)  # the daemon cancels the call when the connection closes
+            raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except (OSError, _Closed) as e:
+            self._drop(sock)
+            raise LaneError(
+                grpc.StatusCode.UNAVAILABLE, f"lane connection to {self.path} broke: {e}"
+            ) from None
+        if code:
+            raise LaneError(_CODES.get(code, grpc.StatusCode.UNKNOWN), payload.decode(errors="replace"))
+        return parse(payload)
+
+    def close(self) -> None:
+        with self._lock:
+            socks, self._open = self._open, set()
+        for sock in socks:
+            sock.close()
+
+    # ------------------------------------------------------------ connections
+
+    def connection(self, timeout: float | None) -> socket.socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(HELLO_TIMEOUT_S if timeout is None else min(timeout, HELLO_TIMEOUT_S))
+            sock.connect(self.path)
+            sock.sendall(self._hello)
+            code, payload = _read_reply(sock, None)
+        except (OSError, _Closed) as e:
+            sock.close()
+            raise LaneError(grpc.StatusCode.UNAVAILABLE, f"no lane at {self.path}: {e}") from None
+        if code:
+            sock.close()
+            raise LaneError(_CODES.get(code, grpc.StatusCode.UNKNOWN), payload.decode(errors="replace"))
+        self._local.sock = sock
+        with self._lock:
+            self._open.add(sock)
+        return sock
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._local.sock = None
+        with self._lock:
+            self._open.discard(sock)
+        sock.close()
+
+
+class _Closed(Exception):
+    """The daemon closed the connection."""
+
+
+def _read_reply(sock: socket.socket, deadline: float | None) -> tuple[int, bytes]:
+    """One reply frame: (status, payload). Most replies arrive in one recv."""
+    data = sock.recv(1 << 16)
+    if not data:
+        raise _Closed("the daemon closed the connection")
+    while len(data) < 5:
+        data += _more(sock, deadline)
+    (n,) = wire.LENGTH.unpack_from(data)
+    if n < 1:
+        raise _Closed("an empty reply frame")
+    if len(data) < 4 + n:
+        buf = bytearray(data)
+        while len(buf) < 4 + n:
+            buf += _more(sock, deadline, 4 + n - len(buf))
+        data = bytes(buf)
+    return data[4], data[5 : 4 + n]
+
+
+def _more(sock: socket.socket, deadline: float | None, want: int = 1 << 16) -> bytes:
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+    chunk = sock.recv(min(want, 1 << 20))
+    if not chunk:
+        raise _Closed("the daemon closed the connection mid-reply")
+    return chunk
