@@ -2,9 +2,9 @@
 
 The daemon runs as this user; a second process runs as `nobody` (setpriv, all capabilities
 and groups dropped) and tries every method of every service over the unix socket, the pool
-socket beside it, and the daemon's /proc entries. Its socket directory is made 0755 before
-the start, as a careless operator would, so the test covers the daemon's own fix of it (0700),
-not just mkdtemp's default. Needs root to switch users: skipped with a reason otherwise.
+socket and the lane socket beside it, and the daemon's /proc entries. Its socket directory is
+made 0755 before the start, as a careless operator would, so the test covers the daemon's own
+fix of it (0700), not just mkdtemp's default. Needs root to switch users: skipped with a reason otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import json, os, socket, sys
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-sock, pool_sock, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sock, pool_sock, pid, lane_sock = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 out = {"uid": os.getuid(), "calls": {}, "raw": {}}
 channel = grpc.insecure_channel(f"unix:{sock}")
 for service in pb.DESCRIPTOR.services_by_name.values():
@@ -48,7 +48,7 @@ for service in pb.DESCRIPTOR.services_by_name.values():
                 out["calls"][path] = "OK"
             except grpc.RpcError as e:
                 out["calls"][path] = e.code().name
-for name, path in (("socket", sock), ("pool_socket", pool_sock)):
+for name, path in (("socket", sock), ("pool_socket", pool_sock), ("lane_socket", lane_sock)):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
@@ -89,9 +89,11 @@ def test_another_user_reaches_no_method_no_pool_and_no_proc_entry(
     assert stat.S_IMODE(d.dir.stat().st_mode) == 0o700
     pool_socket = Path(f"{d.socket_path}.pool")
     assert pool_socket.is_socket()
+    lane_socket = Path(f"{d.socket_path}.lane")  # the put/get calls' plain socket (docs/api.md)
+    assert lane_socket.is_socket()
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "KVSTORE_TOKEN")}
     proc = subprocess.run(
-        [*as_nobody, sys.executable, "-c", PROBE, str(d.socket_path), str(pool_socket), str(d.proc.pid)],
+        [*as_nobody, sys.executable, "-c", PROBE, str(d.socket_path), str(pool_socket), str(d.proc.pid), str(lane_socket)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -105,6 +107,7 @@ def test_another_user_reaches_no_method_no_pool_and_no_proc_entry(
     assert out["raw"] == {
         "socket": "PermissionError",
         "pool_socket": "PermissionError",
+        "lane_socket": "PermissionError",
         "proc_fd": "PermissionError",
         "proc_mem": "PermissionError",
         "proc_maps": "PermissionError",
