@@ -92,6 +92,7 @@ def test_stats_json_is_one_object_whose_numbers_follow_a_commit(daemon: DaemonPr
         "build",
         "rpc_calls",
         "pool_socket",
+        "lane",
     }
     assert before["quotas"]["max_sessions_per_client"] == 1024 and before["quotas"]["refused"] == {}
     assert before["pool_socket"]["refused"]["used_ticket"] == 0
