@@ -93,7 +93,16 @@ def test_another_user_reaches_no_method_no_pool_and_no_proc_entry(
     assert lane_socket.is_socket()
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "KVSTORE_TOKEN")}
     proc = subprocess.run(
-        [*as_nobody, sys.executable, "-c", PROBE, str(d.socket_path), str(pool_socket), str(d.proc.pid), str(lane_socket)],
+        [
+            *as_nobody,
+            sys.executable,
+            "-c",
+            PROBE,
+            str(d.socket_path),
+            str(pool_socket),
+            str(d.proc.pid),
+            str(lane_socket),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
