@@ -14,7 +14,7 @@ from itertools import repeat
 
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from kvstore.memory.pages import Page
-from kvstore.store import put_fused, quotas, sequences, validate
+from kvstore.store import put_fused, quotas, sequences, validate, zero_ahead
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Sequence, Session
 from kvstore.store.store import Store
@@ -43,6 +43,7 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
     room = quotas.credit_room(session, ns)
     if room is not None and pages > room:
         return Credit()
+    zero_ahead.make_room(ns, pages)
     try:
         seq_id, _ = sequences.allocate(
             session, ns, store.limits, lambda: store.table.new_id(session), pages * T, b"", None, ""

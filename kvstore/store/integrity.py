@@ -133,6 +133,9 @@ class NamespaceGuard:
     def refused(self) -> None:
         self.counts["copies_refused"] += 1
 
+    def zero_soon(self) -> None:
+        self.service.kick()
+
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
 
