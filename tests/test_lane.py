@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ import kvstore_client
 import numpy as np
 import pytest
 from auth_helpers import NAMESPACES, READER, TOKENS, WRITER, write_tokens
+from daemon import SERVING
 from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt, wait_until
 from kvstore_client.errors import DeadlineExceeded, PermissionDenied, Unavailable
 from kvstore_proto import lane as wire
@@ -292,3 +294,47 @@ def test_shutdown_answers_unavailable_on_the_lane_and_removes_its_socket(daemon)
             kv.get(NS, tokens)
     finally:
         kv.close()
+
+
+def test_a_lane_call_to_a_hung_daemon_fails_once_the_session_stream_ends(daemon) -> None:
+    """No deadline: what ends the wait is the session's KeepAlive stream (gRPC's HTTP/2 pings
+    end it for a hung daemon; here it is cancelled by hand, which ends it the same way)."""
+    tokens = prompt(2 * T, seed=69)
+    with kvstore_client.connect(daemon.target, timeout_s=None) as kv:
+        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        daemon.signal(signal.SIGSTOP)
+        try:
+            outcome: list[BaseException] = []
+
+            def get() -> None:
+                try:
+                    kv.get(NS, tokens)
+                except BaseException as e:
+                    outcome.append(e)
+
+            caller = threading.Thread(target=get)
+            caller.start()
+            caller.join(1.5)
+            assert caller.is_alive()  # waiting on the stopped daemon, no deadline
+            kv._keepalive.cancel()
+            caller.join(5)
+            assert not caller.is_alive()
+        finally:
+            daemon.signal(signal.SIGCONT)
+        assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+
+
+def test_a_client_that_never_reads_its_replies_is_not_read_either(daemon) -> None:
+    lane = RawLane(lane_path(daemon))
+    unknown = wire.request(b"X" * 255, b"")  # answered UNIMPLEMENTED naming it: ~350 bytes back
+    lane.sock.settimeout(2)
+    sent = 0
+    with pytest.raises(TimeoutError):
+        for _ in range(40_000):  # ~10 MB of requests, ~14 MB of replies if all were answered
+            lane.sock.sendall(unknown)
+            sent += 1
+    assert sent < 5_000, f"the daemon read {sent} requests whose replies nobody read"
+    assert daemon.health() == SERVING
+    lane.close()
+    with kvstore_client.connect(daemon.target) as kv:
+        assert kv.get(NS, prompt(T, seed=70)).hit_tokens == 0  # and serves on

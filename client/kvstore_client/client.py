@@ -85,9 +85,9 @@ class Client(FastPath, ClientCore):
         event), so from then on a crash of this process frees everything. `connect()`
         calls this."""
         self._send(self._open_call(client_name, lease_ttl_s), timeout=connect_timeout_s, wait_for_ready=True)
-        self._lane = _lane.offered(self.target, self._lane_wanted, self._token)
         self._lease_attached = threading.Event()
         self._lease_ended = threading.Event()
+        self._lane = _lane.offered(self.target, self._lane_wanted, self._token, self._lease_ended)
         self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
         self._keepalive_thread = threading.Thread(
             target=self._hold_lease,

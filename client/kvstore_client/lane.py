@@ -10,8 +10,10 @@ would give: an error reply is raised as a `LaneError`, a `grpc.RpcError` with `c
 
 One connection per thread (threading.local), a blocking socket. A call that times out or
 whose connection breaks drops the connection (the daemon then cancels the call, as it does a
-gRPC call whose client went away) and raises DEADLINE_EXCEEDED / UNAVAILABLE. Off with
-`$KVSTORE_LANE=0` or `connect(lane=False)`.
+gRPC call whose client went away) and raises DEADLINE_EXCEEDED / UNAVAILABLE. A daemon that
+hangs without closing the socket is noticed as on gRPC: the session's KeepAlive stream (gRPC,
+with HTTP/2 pings) ends, and a call waiting on the lane then fails UNAVAILABLE, deadline or
+not. Off with `$KVSTORE_LANE=0` or `connect(lane=False)`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from . import pool_fd
 
 LANE_ENV = "KVSTORE_LANE"
 HELLO_TIMEOUT_S = 2.0
+WAIT_SLICE_S = 1.0  # how often a call waiting for its reply looks whether the session ended
 METHODS = frozenset(wire.METHODS)  # what goes over the lane; every other call over gRPC
 _REPLIES = {
     m.name: pb.DESCRIPTOR.services_by_name["KVStore"].methods_by_name[m.name].output_type.name
@@ -59,13 +62,14 @@ def lane_path(target: str) -> str | None:
     return path.removesuffix(pool_wire.SUFFIX) + wire.SUFFIX if path is not None else None
 
 
-def offered(target: str, lane: bool | None, token: str) -> Lane | None:
+def offered(target: str, lane: bool | None, token: str, ended: threading.Event) -> Lane | None:
     """The lane of the daemon at `target` when wanted and offered (its socket answers our
-    hello), else None: the calls go over gRPC (a TCP target, a daemon with the lane off)."""
+    hello), else None: the calls go over gRPC (a TCP target, a daemon with the lane off).
+    `ended`: set when the session's KeepAlive stream ends."""
     path = lane_path(target) if wanted(lane) else None
     if path is None:
         return None
-    found = Lane(path, token)
+    found = Lane(path, token, ended)
     try:
         found.connection(HELLO_TIMEOUT_S)
     except LaneError:
@@ -90,8 +94,9 @@ class LaneError(grpc.RpcError):
 class Lane:
     """The lane of one client: a connection per thread, opened on the thread's first call."""
 
-    def __init__(self, path: str, token: str) -> None:
+    def __init__(self, path: str, token: str, ended: threading.Event) -> None:
         self.path = path
+        self._ended = ended
         self._hello = wire.frame(wire.MAGIC + token.encode())
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -105,7 +110,7 @@ class Lane:
         try:
             sock.settimeout(timeout)
             sock.sendall(wire.request(name, request.SerializeToString()))
-            code, payload = _read_reply(sock, deadline)
+            code, payload = _read_reply(sock, deadline, self._ended)
         except TimeoutError:
             self._drop(sock)  # the daemon cancels the call when the connection closes
             raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
@@ -135,7 +140,7 @@ class Lane:
             sock.settimeout(HELLO_TIMEOUT_S if timeout is None else min(timeout, HELLO_TIMEOUT_S))
             sock.connect(self.path)
             sock.sendall(self._hello)
-            code, payload = _read_reply(sock, None)
+            code, payload = _read_reply(sock, time.monotonic() + HELLO_TIMEOUT_S, None)
         except (OSError, _Closed) as e:
             sock.close()
             raise LaneError(grpc.StatusCode.UNAVAILABLE, f"no lane at {self.path}: {e}") from None
@@ -158,31 +163,40 @@ class _Closed(Exception):
     """The daemon closed the connection."""
 
 
-def _read_reply(sock: socket.socket, deadline: float | None) -> tuple[int, bytes]:
+def _read_reply(
+    sock: socket.socket, deadline: float | None, ended: threading.Event | None
+) -> tuple[int, bytes]:
     """One reply frame: (status, payload). Most replies arrive in one recv."""
-    data = sock.recv(1 << 16)
-    if not data:
-        raise _Closed("the daemon closed the connection")
+    data = _more(sock, deadline, ended)
     while len(data) < 5:
-        data += _more(sock, deadline)
+        data += _more(sock, deadline, ended)
     (n,) = wire.LENGTH.unpack_from(data)
     if n < 1:
         raise _Closed("an empty reply frame")
     if len(data) < 4 + n:
         buf = bytearray(data)
         while len(buf) < 4 + n:
-            buf += _more(sock, deadline, 4 + n - len(buf))
+            buf += _more(sock, deadline, ended, 4 + n - len(buf))
         data = bytes(buf)
     return data[4], data[5 : 4 + n]
 
 
-def _more(sock: socket.socket, deadline: float | None, want: int = 1 << 16) -> bytes:
-    if deadline is not None:
-        left = deadline - time.monotonic()
+def _more(
+    sock: socket.socket, deadline: float | None, ended: threading.Event | None, want: int = 1 << 16
+) -> bytes:
+    """The next bytes of a reply, waiting in slices: past `deadline` TimeoutError, once the
+    session has ended _Closed (a hung daemon: its KeepAlive stream's pings failed)."""
+    while True:
+        left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
         if left <= 0:
             raise TimeoutError
         sock.settimeout(left)
-    chunk = sock.recv(min(want, 1 << 20))
-    if not chunk:
-        raise _Closed("the daemon closed the connection mid-reply")
-    return chunk
+        try:
+            chunk = sock.recv(min(want, 1 << 20))
+        except TimeoutError:
+            if ended is not None and ended.is_set():
+                raise _Closed("the session's KeepAlive stream ended (the daemon stopped answering)") from None
+            continue
+        if not chunk:
+            raise _Closed("the daemon closed the connection")
+        return chunk

@@ -133,7 +133,8 @@ class _Connection(asyncio.Protocol):
         self.call: asyncio.Task[None] | None = None  # the call in flight
         self.hello = False
         self.lost = False
-        self.paused = False
+        self.paused = False  # reading paused (_flow)
+        self.replies_waiting = False  # the transport's write buffer is over its high-water mark
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.peer = "unix:lane"
 
@@ -161,6 +162,23 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    # A client that sends requests and never reads the replies would make the daemon buffer
+    # them all: past the transport's high-water mark, its requests are not read either.
+    def pause_writing(self) -> None:
+        self.replies_waiting = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.replies_waiting = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read the connection only while little is queued either way."""
+        pause = self.replies_waiting or len(self.frames) >= MAX_QUEUED
+        if pause != self.paused and self.transport is not None and not self.lost:
+            self.paused = pause
+            self.transport.pause_reading() if pause else self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
         buf = self.buf
         buf += data
@@ -184,9 +202,7 @@ class _Connection(asyncio.Protocol):
             self.frames.append(body)
         if self.call is None and self.frames:
             self._next()
-        if len(self.frames) >= MAX_QUEUED and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._flow()
 
     def _greet(self, body: bytes) -> bool:
         token = body[len(wire.MAGIC) :]
@@ -223,9 +239,8 @@ class _Connection(asyncio.Protocol):
         body = self.frames.popleft()
         self.call = asyncio.get_running_loop().create_task(self._answer(body))
         self.call.add_done_callback(self._done)
-        if self.paused and len(self.frames) < MAX_QUEUED:
-            self.paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self.paused:
+            self._flow()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.call = None
