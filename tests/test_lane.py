@@ -302,19 +302,25 @@ def test_a_lane_call_to_a_hung_daemon_fails_once_the_session_stream_ends(daemon)
     tokens = prompt(2 * T, seed=69)
     with kvstore_client.connect(daemon.target, timeout_s=None) as kv:
         kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        outcome: list[BaseException] = []
+        connected, stopped = threading.Event(), threading.Event()
+
+        def get() -> None:  # on a thread of its own: its lane connection is opened first
+            kv.get(NS, tokens)
+            connected.set()
+            stopped.wait(10)
+            try:
+                kv.get(NS, tokens)
+            except BaseException as e:
+                outcome.append(e)
+
+        caller = threading.Thread(target=get)
+        caller.start()
+        assert connected.wait(10)
         daemon.signal(signal.SIGSTOP)
         try:
-            outcome: list[BaseException] = []
-
-            def get() -> None:
-                try:
-                    kv.get(NS, tokens)
-                except BaseException as e:
-                    outcome.append(e)
-
-            caller = threading.Thread(target=get)
-            caller.start()
-            caller.join(1.5)
+            stopped.set()
+            caller.join(2.5)
             assert caller.is_alive()  # waiting on the stopped daemon, no deadline
             kv._keepalive.cancel()
             caller.join(5)

@@ -71,7 +71,7 @@ def offered(target: str, lane: bool | None, token: str, ended: threading.Event) 
         return None
     found = Lane(path, token, ended)
     try:
-        found.connection(HELLO_TIMEOUT_S)
+        found.connection(time.monotonic() + HELLO_TIMEOUT_S)
     except LaneError:
         return None
     return found
@@ -106,7 +106,7 @@ class Lane:
         """`method`'s reply to `request`, or raises LaneError with the daemon's status."""
         name, parse = _METHODS[method]
         deadline = None if timeout is None else time.monotonic() + timeout
-        sock = self.connection(timeout)
+        sock = self.connection(deadline)
         try:
             sock.settimeout(timeout)
             sock.sendall(wire.request(name, request.SerializeToString()))
@@ -131,19 +131,23 @@ class Lane:
 
     # ------------------------------------------------------------ connections
 
-    def connection(self, timeout: float | None) -> socket.socket:
+    def connection(self, deadline: float | None) -> socket.socket:
+        """This thread's connection, opened (hello answered) by `deadline` if it is new."""
         sock = getattr(self._local, "sock", None)
         if sock is not None:
             return sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(HELLO_TIMEOUT_S if timeout is None else min(timeout, HELLO_TIMEOUT_S))
+            sock.settimeout(HELLO_TIMEOUT_S)  # (a local connect: at once, or never)
             sock.connect(self.path)
             sock.sendall(self._hello)
-            code, payload = _read_reply(sock, time.monotonic() + HELLO_TIMEOUT_S, None)
+            code, payload = _read_reply(sock, deadline, self._ended)
+        except TimeoutError:
+            sock.close()
+            raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except (OSError, _Closed) as e:
             sock.close()
-            raise LaneError(grpc.StatusCode.UNAVAILABLE, f"no lane at {self.path}: {e}") from None
+            raise LaneError(grpc.StatusCode.UNAVAILABLE, f"no lane at {self.path}: {e!r}") from None
         if code:
             sock.close()
             raise LaneError(_CODES.get(code, grpc.StatusCode.UNKNOWN), payload.decode(errors="replace"))
