@@ -292,6 +292,19 @@ class PoolSocketStats:
 
 
 @dataclass(frozen=True, slots=True)
+class HashMemoStats:
+    """The lookups' remembered page hashes (docs/hashing.md, "Remembered hashes"); all 0 when off."""
+
+    hits: int
+    misses: int
+    evictions: int
+    entries: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class LaneStats:
     """The lane socket's calls and connections (docs/api.md "The lane")."""
 
@@ -316,6 +329,7 @@ class Stats:
     rpc_calls: list[RpcCalls]  # daemon-wide replies only (no namespace asked)
     quotas: QuotaStats | None = None  # None from a daemon that reports none
     pool_socket: PoolSocketStats | None = None  # daemon-wide replies to a caller reading every namespace
+    hash_memo: HashMemoStats | None = None  # the same replies
     lane: LaneStats | None = None  # the same replies, from a daemon with the lane
 
     @classmethod
@@ -341,5 +355,6 @@ class Stats:
             pool_socket=PoolSocketStats(r.pool_socket.granted, dict(r.pool_socket.refused))
             if r.HasField("pool_socket")
             else None,
+            hash_memo=_from_message(HashMemoStats, r.hash_memo) if r.HasField("hash_memo") else None,
             lane=_from_message(LaneStats, r.lane) if r.HasField("lane") else None,
         )
