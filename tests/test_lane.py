@@ -344,3 +344,15 @@ def test_a_client_that_never_reads_its_replies_is_not_read_either(daemon) -> Non
     lane.close()
     with kvstore_client.connect(daemon.target) as kv:
         assert kv.get(NS, prompt(T, seed=70)).hit_tokens == 0  # and serves on
+
+
+def test_a_daemon_killed_leaves_a_stale_lane_socket_that_the_next_one_replaces(daemon) -> None:
+    daemon.kill()
+    assert lane_path(daemon).is_socket()  # SIGKILL: nobody removed it
+    daemon.start()
+    tokens = prompt(T, seed=71)
+    with kvstore_client.connect(daemon.target) as kv:
+        assert kv._lane is not None
+        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        assert kv.get(NS, tokens).hit_tokens == T
+    assert "removed stale lane socket" in daemon.stderr_text()

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 import struct
 from collections import deque
 from pathlib import Path
@@ -30,8 +29,8 @@ from pathlib import Path
 import grpc
 from kvstore_proto import lane as wire
 
-from kvstore.errors import StartupError
 from kvstore.server.edge import Edge
+from kvstore.server.socket_path import listen_beside
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +90,7 @@ class Lane:
 
     async def start(self) -> None:
         """Bind and listen (the daemon holds its socket path's lock: a socket here is stale)."""
-        if os.path.lexists(self.path):
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise StartupError(
-                    f"{self.path} exists and is not a socket; remove it or choose another --socket"
-                )
-            os.unlink(self.path)
-            log.warning("startup: removed stale lane socket %s (its daemon is gone)", self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)  # before listen: nobody else ever connects
-            sock.listen(BACKLOG)
-        except OSError as e:
-            sock.close()
-            raise StartupError(f"cannot listen on the lane socket {self.path}: {e.strerror or e}") from e
+        sock = listen_beside(self.path, "lane socket", BACKLOG)
         self._ino = os.stat(self.path).st_ino
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)

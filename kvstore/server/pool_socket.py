@@ -19,14 +19,13 @@ import fcntl
 import logging
 import os
 import socket
-import stat
 from pathlib import Path
 
 from kvstore_proto import pool_socket as wire
 
-from kvstore.errors import StartupError
 from kvstore.server.pool_refusals import PoolSocketCounts, Refused
 from kvstore.server.pool_tickets import PoolTickets
+from kvstore.server.socket_path import listen_beside
 from kvstore.store.store import Store
 from kvstore.tokens import Tokens
 
@@ -61,21 +60,7 @@ class PoolSocket:
 
     def start(self) -> None:
         """Bind and listen (the daemon holds its socket path's lock: a socket here is stale)."""
-        if os.path.lexists(self.path):
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise StartupError(
-                    f"{self.path} exists and is not a socket; remove it or choose another --socket"
-                )
-            os.unlink(self.path)
-            log.warning("startup: removed stale pool socket %s (its daemon is gone)", self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)
-            sock.listen(MAX_CONNECTIONS)
-        except OSError as e:
-            sock.close()
-            raise StartupError(f"cannot listen on the pool socket {self.path}: {e.strerror or e}") from e
+        sock = listen_beside(self.path, "pool socket", MAX_CONNECTIONS)
         sock.setblocking(False)
         self._sock, self._ino = sock, os.stat(self.path).st_ino
         self._accepting = asyncio.create_task(self._accept(sock), name="pool-socket")

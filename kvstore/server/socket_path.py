@@ -77,6 +77,26 @@ def release(path: Path, lock_fd: int, socket_ino: int) -> None:
         os.close(lock_fd)
 
 
+def listen_beside(path: Path, what: str, backlog: int) -> socket.socket:
+    """A unix stream socket listening on `path` (a socket beside the daemon's, e.g. the pool
+    socket), mode 0600 before it listens: nobody else ever connects. A socket already there is
+    stale: the daemon holds its socket path's lock (`claim`)."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
+        os.unlink(path)
+        log.warning("startup: removed stale %s %s (its daemon is gone)", what, path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on the {what} {path}: {e.strerror or e}") from e
+    return sock
+
+
 def private_dir(d: Path) -> None:
     """Create the socket's directory 0700. One that exists must be ours (then made 0700 if
     others could enter or write it) or root's and writable by root alone: whoever can write
