@@ -14,7 +14,8 @@ back at each concurrency, the order alternating between rounds:
   `--repeated-ids` for the repeated `token_ids` older clients send; the session id), parse the LookupResponse (packed: 64
   slots and the 64 block hashes as one bytes field).
   Daemon: grpc.aio, parse, servicer, store.lookup (session lease renewal, token checks,
-  64 chained BLAKE2b hashes, index probes, LRU touch), build and serialize the reply.
+  64 chained BLAKE2b hashes (remembered after the first lookup: docs/hashing.md,
+  "Remembered hashes"), index probes, LRU touch), build and serialize the reply.
 - `echo`:     the same stub, the same request object, the same reply parsing, against
   the echo server: the daemon's side is replaced by "return canned bytes". This is the
   baseline of the ratio: what is left is the daemon's own work per lookup.

@@ -5,7 +5,6 @@ in kvstore/store/waits.py."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
@@ -20,8 +19,6 @@ from kvstore.store.tiering import walk
 from kvstore.store.tiering.promotion import Promotion
 from kvstore.store.tiering.tiers import Tiers
 from kvstore.store.types import LookupResult, ReleaseResult, StoreLimits
-
-_slot = operator.attrgetter("slot")
 
 
 def lookup(
@@ -102,7 +99,7 @@ def lookup(
                 pinned.pending.append(prom)
         pin_id = pinned.id
         session.pins[pin_id] = pinned
-    slots = list(map(_slot, pages))
+    slots = [page.slot for page in pages]  # (3.11's slot reads: half of map(attrgetter)'s cost)
     # The resident pages of the hit are the probe's first hashes (unless some came up from a tier).
     block_hashes = found[: len(pages)] if not up else [p.block_hash or b"" for p in pages]
     if proms:
