@@ -92,7 +92,7 @@ def test_a_put_on_the_lane_is_read_back_by_another_process_and_counted(daemon) -
     assert oct(lane_path(daemon).stat().st_mode & 0o777) == "0o600"
     tokens = prompt(3 * T, seed=61)
     with kvstore_client.connect(daemon.target) as kv, Worker("reader") as reader:
-        assert kv._lane is not None  # the daemon offered its lane
+        assert kv.lane  # the daemon offered its lane
         before = lane_stats(daemon.target).calls
         kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))  # Reserve + Seal
         assert lane_stats(daemon.target).calls == before + 2
@@ -119,12 +119,12 @@ def test_the_lane_off_in_the_client_or_the_daemon_leaves_the_calls_on_grpc(
     tokens = prompt(2 * T, seed=63)
     monkeypatch.setenv("KVSTORE_LANE", "0")
     with kvstore_client.connect(d.target) as kv:
-        assert kv._lane is None
+        assert not kv.lane
         kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
         assert kv.get(NS, tokens).hit_tokens == 2 * T
     monkeypatch.delenv("KVSTORE_LANE")
     with kvstore_client.connect(d.target, lane=False) as kv:
-        assert kv._lane is None and kv.get(NS, tokens).hit_tokens == 2 * T
+        assert not kv.lane and kv.get(NS, tokens).hit_tokens == 2 * T
     assert lane_stats(d.target).calls == 0 and lane_stats(d.target).connections == 0
     with kvstore_client.connect(d.target) as kv:
         calls = {(c.method, c.code): c.calls for c in kv.stats().rpc_calls}
@@ -133,7 +133,7 @@ def test_the_lane_off_in_the_client_or_the_daemon_leaves_the_calls_on_grpc(
     off = daemon_factory(server={"lane": False}).start()
     assert not lane_path(off).exists()
     with kvstore_client.connect(off.target) as kv:  # wanted, not offered: gRPC
-        assert kv._lane is None
+        assert not kv.lane
         kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
         assert kv.get(NS, tokens).hit_tokens == 2 * T
         assert kv.stats().lane is None or kv.stats().lane.calls == 0
@@ -207,7 +207,7 @@ def test_tokens_are_checked_on_every_lane_call(daemon_factory, tmp_path) -> None
 
     tokens = prompt(2 * T, seed=66)
     with kvstore_client.connect(d.target, token=WRITER) as kv:
-        assert kv._lane is not None
+        assert kv.lane
         kv.put("a", tokens, kv_bytes(tokens, kv.namespace("a").page_shape))
         assert kv.get("a", tokens).hit_tokens == 2 * T
     longer = [*tokens, 1, 2, 3, 4]
@@ -352,7 +352,7 @@ def test_a_daemon_killed_leaves_a_stale_lane_socket_that_the_next_one_replaces(d
     daemon.start()
     tokens = prompt(T, seed=71)
     with kvstore_client.connect(daemon.target) as kv:
-        assert kv._lane is not None
+        assert kv.lane
         kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
         assert kv.get(NS, tokens).hit_tokens == T
     assert "removed stale lane socket" in daemon.stderr_text()

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         d0 = daemon.cpu_seconds()
         with kvstore_client.connect(daemon.target, client_name="bench-peers") as kv:
             side = kvside.KvstoreSide(kv)
+            transport = "lane" if kv.lane else "grpc"  # (KVSTORE_LANE=0: gRPC, for an A/B)
             for r in range(args.rounds):
                 order = ["kvstore", *peers] if r % 2 == 0 else [*peers, "kvstore"]
                 rounds.append(run_round(args, order, side, src, random.Random(r)))
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     mine = self_cpu_seconds() - cpu0[2] + sum(os.times()[2:4]) + daemon_cpu
     result = summarize(args, rounds, peers)
     result["others_cpu_util"] = round(max(0.0, busy - mine) / wall, 3)
+    result["kvstore_transport"] = transport
     result["machine"] = machine_info(torch=torch.__version__)
     emit(result, args.json, format_text(result))
     return 0
@@ -236,7 +238,7 @@ def format_text(r: dict[str, Any]) -> str:
     c, s = r["config"], r["systems"]
     lines = [
         f"peers: {c['pages']} pages x {c['page_bytes']} B, {c['rounds']} rounds (orders alternate), "
-        f"median of {c['repeat']} passes; GB/s put / get",
+        f"median of {c['repeat']} passes; GB/s put / get; kvstore's calls over {r.get('kvstore_transport', '?')}",
         f"  others (CPUs other processes used meanwhile): {r['others_cpu_util']}"
         + (
             "  -- warning: a loaded machine, numbers are less reliable" if r["others_cpu_util"] > BUSY else ""

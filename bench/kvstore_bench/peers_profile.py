@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         with daemon, kvstore_client.connect(daemon.target, client_name="bench-peers-profile") as kv:
             ns = kv.namespace(kvside.NAMESPACE)
             assert ns.pool is not None  # (mapped before anything is timed)
+            result["transport"] = "lane" if kv.lane else "grpc"  # (KVSTORE_LANE=0: gRPC, for an A/B)
 
             def put_one(tokens: list[int], data: torch.Tensor) -> None:  # as kvstore's side of peers
                 if kv.put(ns, tokens, data).written_pages != len(data):
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 def _text(r: dict[str, Any]) -> str:
     keys = ("wall_ms", "copy_ms", "client_cpu_ms", "daemon_cpu_ms", "daemon_main_ms", "wait_ms")
     lines = [
-        f"{r['pages']} pages of {r['page_bytes']} B a pass, median of {r['repeat']} passes, ms a request",
+        f"{r['pages']} pages of {r['page_bytes']} B a pass, median of {r['repeat']} passes, ms a request, "
+        f"calls over {r.get('transport', '?')}",
         "",
     ]
     lines.append(f"{'pages':>5} {'op':<7}" + "".join(f"{k:>15}" for k in keys))

@@ -109,6 +109,12 @@ class Client(FastPath, ClientCore):
             err = e
         self._on_keepalive_end(err)
 
+    @property
+    def lane(self) -> bool:
+        """Whether the put/get calls go over the daemon's lane socket (else gRPC; docs/api.md
+        "The lane")."""
+        return self._lane is not None
+
     def heartbeat(self) -> int:
         """Renew the lease by hand (the KeepAlive stream already does); returns its expiry (unix ms)."""
         return self._run(_wire.heartbeat(self.session_id))
