@@ -13,6 +13,23 @@ from kvstore.errors import InvalidArgument
 from kvstore.observe.explain import Verdict
 from kvstore.store import types as t
 
+try:  # (the daemon's C loops, kvstore/_chainhash.c; absent where it is not built)
+    from kvstore._chainhash import packed_uint32
+except ImportError:
+    packed_uint32 = None
+
+_SLOTS = pb.LookupResponse.DESCRIPTOR.fields_by_name["slots"].number
+
+
+def with_slots(reply: pb.LookupResponse, slots: list[int]) -> pb.LookupResponse:
+    """`reply` with its `slots`: the field encoded in C and parsed by protobuf's C code, which
+    takes about half the instructions of handing it the list (a conversion an int)."""
+    if slots and packed_uint32 is not None:
+        reply.MergeFromString(packed_uint32(_SLOTS, slots))
+    else:
+        reply.slots.extend(slots)
+    return reply
+
 
 def add_page_refs(field: RepeatedCompositeFieldContainer[pb.PageRef], refs: list[t.PageRef]) -> None:
     """Append `refs` to a reply's repeated PageRef field (`add()` is faster than building a list)."""

@@ -36,9 +36,8 @@ async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResp
         request.return_in_flight,
         request.pin_ttl_ms,
     )
-    return pb.LookupResponse(
+    reply = pb.LookupResponse(
         hit_tokens=r.hit_tokens,
-        slots=r.slots,
         block_hashes=b"".join(r.block_hashes),
         pin_id=r.pin_id,
         ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
@@ -46,6 +45,7 @@ async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResp
         pin_ttl_ms=ttl_ms,
         pin_deadline_ns=deadline_ns,
     )
+    return convert.with_slots(reply, r.slots)
 
 
 def _reserve_reply(store: Store, request: pb.ReserveRequest) -> pb.ReserveResponse:
