@@ -153,13 +153,13 @@ class ServerConfig:
     )
     default_policy: str = _key("horizon", "eviction policy of a namespace that names none", check_policy)
     hash_memo_entries: int = _key(
-        65536,
+        4096,
         "page hashes a lookup remembers, so a prefix looked up again is not hashed again (docs/hashing.md, "
         '"Remembered hashes"); 0 = off',
         in_range(0, 1 << 30),
     )
     hash_memo_bytes: int = _key(
-        16 << 20, "most memory the remembered page hashes take (bytes)", in_range(0), size=True
+        4 << 20, "most memory the remembered page hashes take (bytes)", in_range(0), size=True
     )
     host_tier_bytes: int = _key(
         0,

@@ -95,8 +95,8 @@ class StoreLimits:
     pin_ttl_max_s: float = 2.0  # longest pin_ttl_ms a lookup gets (its pages unevictable meanwhile)
     quarantine_grace_s: float = 30.0  # a dead client's reserved device pages, when its pid is unknown
     max_sessions_per_client: int = 1024  # 0 = none; a client: kvstore/caller.py client_key
-    hash_memo_entries: int = 65536  # remembered page hashes (kvstore/hashing.py make_memo); 0 = off
-    hash_memo_bytes: int = 16 << 20
+    hash_memo_entries: int = 4096  # remembered page hashes (kvstore/hashing.py make_memo); 0 = off
+    hash_memo_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)
