@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
@@ -49,7 +51,7 @@ import uvloop
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-from . import echo_server
+from . import echo_server, rpc_lane
 from .harness import (
     BenchDaemon,
     BenchError,
@@ -72,7 +74,7 @@ NAMESPACE = "rpc"
 PAGE_TOKENS = 16
 PROMPT_PAGES = 64
 VOCAB = 128256  # Llama-3's: most ids take 3 varint bytes on the wire
-SIDES = ("kvstore", "echo", "echo_raw")
+SIDES = ("kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane")
 BUSY = 0.2  # CPUs used by other processes above which results are flagged
 LEASE_S = 3600  # one session for the whole run; lookups renew it anyway
 
@@ -116,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
                 "--reply",
                 reply_file.name,
             ]
-            with ChildServer("echo", argv) as echo:
-                result = uvloop.run(measure_all(args, daemon, echo, tokens, len(reply_bytes)))
+            with (
+                ChildServer("echo", argv) as echo,
+                rpc_lane.LaneChild("echo_lane", reply_file.name) as echo_lane,
+            ):
+                result = uvloop.run(measure_all(args, daemon, echo, echo_lane, tokens, len(reply_bytes)))
     result["machine"] = machine_info(uvloop=uvloop.__version__)
     emit(result, args.json, format_text(result))
     return 0
@@ -156,10 +161,17 @@ def prepare(target: str, tokens: list[int]) -> bytes:
 
 
 Call = Callable[[], Awaitable[Any]]
+# (server, N) -> an async context manager of N calls, one for each task
+Calls = Callable[[ChildServer, int], AbstractAsyncContextManager[list[Call]]]
 
 
 async def measure_all(
-    args: argparse.Namespace, daemon: BenchDaemon, echo: ChildServer, tokens: list[int], reply_len: int
+    args: argparse.Namespace,
+    daemon: BenchDaemon,
+    echo: ChildServer,
+    echo_lane: rpc_lane.LaneChild,
+    tokens: list[int],
+    reply_len: int,
 ) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(daemon.target) as ch:
         opened = await pb_grpc.KVStoreStub(ch).OpenSession(
@@ -194,21 +206,40 @@ async def measure_all(
 
         return call
 
-    sides: dict[str, tuple[ChildServer, Callable[[grpc.aio.Channel], Call]]] = {
-        "kvstore": (daemon, lookup_call),
-        "echo": (echo, lookup_call),
-        "echo_raw": (echo, raw_call),
+    def on_channel(make_call: Callable[[grpc.aio.Channel], Call]) -> Calls:
+        @contextlib.asynccontextmanager
+        async def calls(server: ChildServer, n: int) -> AsyncIterator[list[Call]]:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                yield [make_call(channel)] * n  # N tasks, one channel
+
+        return calls
+
+    def on_lane(path: str) -> Calls:
+        @contextlib.asynccontextmanager
+        async def calls(server: ChildServer, n: int) -> AsyncIterator[list[Call]]:
+            async with rpc_lane.connections(path, n) as conns:  # N connections, one call each
+                yield [rpc_lane.lookup_call(conn, request, want_hit) for conn in conns]
+
+        return calls
+
+    sides: dict[str, tuple[ChildServer, Calls]] = {
+        "kvstore": (daemon, on_channel(lookup_call)),
+        "echo": (echo, on_channel(lookup_call)),
+        "echo_raw": (echo, on_channel(raw_call)),
+        "kvstore_lane": (daemon, on_lane(rpc_lane.daemon_lane_path(daemon))),
+        "echo_lane": (echo_lane, on_lane(echo_lane.lane_path)),
     }
+    await same_answer(daemon, request)
     points: dict[str, dict[int, list[dict[str, Any]]]] = {s: {c: [] for c in args.concurrency} for s in SIDES}
     for rnd in range(args.rounds):
         order = SIDES if rnd % 2 == 0 else tuple(reversed(SIDES))
         for c in args.concurrency:
             for side in order:
-                server, make_call = sides[side]
-                point = await measure_point(server, make_call, c, args.duration, args.warmup)
+                server, calls = sides[side]
+                point = await measure_point(server, calls, c, args.duration, args.warmup)
                 points[side][c].append(point)
                 progress(
-                    "round %d/%d  %-8s c=%-3d %8.0f RPC/s  p50 %.3f ms  p99 %.3f ms  server %.0f us/call  "
+                    "round %d/%d  %-12s c=%-3d %8.0f RPC/s  p50 %.3f ms  p99 %.3f ms  server %.0f us/call  "
                     "client %.0f us/call  others' cpu %.2f",
                     rnd + 1,
                     args.rounds,
@@ -226,26 +257,43 @@ async def measure_all(
     return summarize(args, points, len(request_bytes), reply_len)
 
 
+async def same_answer(daemon: BenchDaemon, request: pb.LookupRequest) -> None:
+    """The lane side measures the same call: its Lookup answers what the gRPC one does."""
+    async with grpc.aio.insecure_channel(daemon.target) as ch:
+        over_grpc = await pb_grpc.KVStoreStub(ch).Lookup(request, timeout=30)
+    over_lane = await rpc_lane.lookup(rpc_lane.daemon_lane_path(daemon), request)
+    if (over_lane.hit_tokens, over_lane.slots, over_lane.block_hashes) != (
+        over_grpc.hit_tokens,
+        over_grpc.slots,
+        over_grpc.block_hashes,
+    ):
+        raise BenchError(
+            f"the lane's Lookup hit {over_lane.hit_tokens} tokens, slots {list(over_lane.slots)[:8]}..., "
+            f"gRPC's {over_grpc.hit_tokens}, slots {list(over_grpc.slots)[:8]}...: not the same call"
+        )
+
+
 async def measure_point(
     server: ChildServer,
-    make_call: Callable[[grpc.aio.Channel], Call],
+    open_calls: Calls,
     concurrency: int,
     duration: float,
     warmup: float,
 ) -> dict[str, Any]:
-    """`concurrency` tasks, each awaiting one call at a time, on one fresh channel: `warmup`
-    seconds untimed, then `duration` seconds in which each call that both starts and ends
-    counts. CPU times of the server and of this process are sampled at the window's edges."""
-    async with grpc.aio.insecure_channel(server.target) as channel:
-        call = make_call(channel)
-        await call()  # connect
+    """`concurrency` tasks, each awaiting one call at a time, on fresh connections (one gRPC
+    channel; one lane connection a task): `warmup` seconds untimed, then `duration` seconds
+    in which each call that both starts and ends counts. CPU times of the server and of this
+    process are sampled at the window's edges."""
+    async with open_calls(server, concurrency) as calls:
+        for call in dict.fromkeys(calls):
+            await call()  # connect
         loop = asyncio.get_running_loop()
         clock = time.perf_counter
         t_start = clock() + warmup
         t_end = t_start + duration
         latencies: list[float] = []
 
-        async def worker() -> None:
+        async def worker(call: Call) -> None:
             while True:
                 t0 = clock()
                 if t0 >= t_end:
@@ -265,7 +313,7 @@ async def measure_point(
             return before, cpu()
 
         sampler = loop.create_task(sample_cpu())
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(call) for call in calls))
         (s0, c0, b0), (s1, c1, b1) = await sampler
     n = len(latencies)
     latencies.sort()
@@ -324,7 +372,8 @@ def summarize(
             "warmup_s": args.warmup,
             "rounds": args.rounds,
             "concurrency": args.concurrency,
-            "client": "grpc.aio on uvloop, 1 channel, N tasks with 1 call in flight each",
+            "client": "grpc.aio on uvloop, 1 channel, N tasks with 1 call in flight each; lane sides: "
+            "asyncio on uvloop, N connections with 1 call in flight each",
         },
         "results": results,
     }
@@ -346,6 +395,30 @@ def summarize(
             "p99_goal_ms": P99_GOAL_MS,
             "p99_goal_met": p99 < P99_GOAL_MS,
         }
+    return out | lane_keys(results)
+
+
+def lane_keys(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The lane's numbers against the same run's baselines: the issue's (the grpc.aio echo)
+    and the lane's own floor (echo_lane)."""
+    out: dict[str, Any] = {}
+    at = str(RATIO_AT)
+    if at in results["kvstore_lane"]:
+        lane = results["kvstore_lane"][at]
+        for key, base, what in (
+            ("lane_ratio", "echo", "grpc.aio echo"),
+            ("lane_floor_ratio", "echo_lane", "lane echo"),
+        ):
+            rounds = zip(lane["rps_rounds"], results[base][at]["rps_rounds"], strict=True)
+            out |= {
+                key: round(lane["rps"] / results[base][at]["rps"], 4),
+                f"{key}_definition": f"kvstore_lane Lookup RPC/s / {base} ({what}) RPC/s at concurrency {RATIO_AT}",
+                f"{key}_rounds": sorted(round(k / e, 4) for k, e in rounds),
+            }
+        out["lane_ratio_goal_met"] = out["lane_ratio"] >= RATIO_GOAL
+    if str(P99_AT) in results["kvstore_lane"]:
+        p99 = results["kvstore_lane"][str(P99_AT)]["p99_ms"]
+        out |= {"lane_p99_ms_c1": p99, "lane_p99_goal_met": p99 < P99_GOAL_MS}
     return out
 
 
@@ -358,14 +431,14 @@ def format_text(r: dict[str, Any]) -> str:
         f"  request {c['request_bytes']} B, reply {c['reply_bytes']} B; {c['duration_s']:g}s per point "
         f"after {c['warmup_s']:g}s warmup, {c['rounds']} round(s), medians",
         "",
-        f"  {'side':<10}{'conc':>5}{'RPC/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"  {'side':<13}{'conc':>5}{'RPC/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'srv us/call':>13}{'cli us/call':>13}{'srv cpu':>9}{'cli cpu':>9}{'others':>8}",
     ]
     for conc in c["concurrency"]:
         for side in SIDES:
             e = r["results"][side][str(conc)]
             lines.append(
-                f"  {side:<10}{conc:>5}{e['rps']:>10.0f}{e['p50_ms']:>9.3f}{e['p99_ms']:>9.3f}"
+                f"  {side:<13}{conc:>5}{e['rps']:>10.0f}{e['p50_ms']:>9.3f}{e['p99_ms']:>9.3f}"
                 f"{e['server_cpu_us_per_call']:>13.0f}{e['client_cpu_us_per_call']:>13.0f}"
                 f"{e['server_cpu_util']:>9.2f}{e['client_cpu_util']:>9.2f}{e['others_cpu_util']:>8.2f}"
             )
@@ -386,5 +459,18 @@ def format_text(r: dict[str, Any]) -> str:
         lines.append(
             f"  p99 at concurrency {P99_AT} = {r['p99_c1_ms']:.3f} ms; goal < {r['p99_goal_ms']:g} ms: "
             + ("met" if r["p99_goal_met"] else "MISSED")
+        )
+    if "lane_ratio" in r:
+        lines += [
+            f"  lane_ratio = kvstore_lane / echo (the grpc.aio echo, the goal's baseline) RPC/s at concurrency "
+            f"{RATIO_AT} = {r['lane_ratio']:.3f} (rounds {r['lane_ratio_rounds']}); goal >= {RATIO_GOAL}: "
+            + ("met" if r["lane_ratio_goal_met"] else "MISSED"),
+            f"  lane_floor_ratio = kvstore_lane / echo_lane (the lane's own floor: canned bytes, no daemon) "
+            f"at concurrency {RATIO_AT} = {r['lane_floor_ratio']:.3f} (rounds {r['lane_floor_ratio_rounds']})",
+        ]
+    if "lane_p99_ms_c1" in r:
+        lines.append(
+            f"  lane p99 at concurrency {P99_AT} = {r['lane_p99_ms_c1']:.3f} ms; goal < {P99_GOAL_MS:g} ms: "
+            + ("met" if r["lane_p99_goal_met"] else "MISSED")
         )
     return "\n".join(lines)

@@ -97,7 +97,7 @@ class Lane:
     def __init__(self, path: str, token: str, ended: threading.Event) -> None:
         self.path = path
         self._ended = ended
-        self._hello = wire.frame(wire.MAGIC + token.encode())
+        self._hello = wire.hello(token)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()  # every thread's, for close()

@@ -45,3 +45,21 @@ def request(method: bytes, payload: bytes) -> bytes:
 
 def reply(code: int, payload: bytes) -> bytes:
     return LENGTH.pack(len(payload) + 1) + bytes((code,)) + payload
+
+
+def hello(token: str) -> bytes:
+    """The hello frame presenting `token` ("" on a daemon without tokens)."""
+    return frame(MAGIC + token.encode())
+
+
+def split(buf: bytearray) -> bytes | None:
+    """The body of the first whole frame in `buf`, removed from it; None until one is whole.
+    (No size limit here: the daemon checks its own before it buffers a frame.)"""
+    if len(buf) < 4:
+        return None
+    (n,) = LENGTH.unpack_from(buf)
+    if len(buf) < 4 + n:
+        return None
+    body = bytes(buf[4 : 4 + n])
+    del buf[: 4 + n]
+    return body
