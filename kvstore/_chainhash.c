@@ -10,7 +10,8 @@
  *
  * `first_over` is the range check of a request's packed token ids (kvstore/store/validate.py),
  * `packed_uint32` a Lookup reply's slots as a packed protobuf field (kvstore/server/convert.py):
- * they live here so the daemon has one extension for its per-request loops. */
+ * they live here so the daemon has one extension for its per-request loops; `touch_pages`
+ * (kvstore/_pagetouch.c) is a lookup hit's pass over its pages. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,6 +19,7 @@
 #include <string.h>
 
 #include "_hashmemo.h"
+#include "_pagetouch.h"
 
 #define DIGEST 16
 #define BLOCK 128
@@ -343,6 +345,7 @@ static PyMethodDef methods[] = {
     {"probe", probe, METH_VARARGS, probe_doc},
     {"first_over", first_over, METH_VARARGS, first_over_doc},
     {"packed_uint32", packed_uint32, METH_VARARGS, packed_uint32_doc},
+    {"touch_pages", touch_pages, METH_VARARGS, touch_pages_doc},
     {NULL, NULL, 0, NULL},
 };
 

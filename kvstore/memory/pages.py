@@ -152,6 +152,24 @@ class FreeList:
         self._len -= 1
 
 
+def py_touch_pages(pages: list[Page], clock: int) -> tuple[list[int], list[Page]]:
+    """A lookup hit's pass over its pages (Namespace.touch): each page's `last_access` set
+    to `clock`; (their slots, the pages whose `policy_state` is set). kvstore/_pagetouch.c
+    does the same in C, at the fields' offsets; this is its fallback and its reference."""
+    candidates = []
+    for page in pages:
+        page.last_access = clock
+        if page.policy_state is not None:
+            candidates.append(page)
+    return [page.slot for page in pages], candidates
+
+
+try:  # (absent where the extension is not built)
+    from kvstore._chainhash import touch_pages
+except ImportError:
+    touch_pages = py_touch_pages
+
+
 class PageTable:
     """The pages of one pool and its free list.
 

@@ -29,6 +29,11 @@ class EvictionPolicy(ABC):
         for page in pages:
             self.on_access(page)
 
+    def on_hit(self, pages: list[Page], slots: list[int], candidates: list[Page]) -> None:
+        """`on_access_all(pages)`, given what Namespace.touch's pass collected: the pages'
+        `slots` and, in order, those whose `policy_state` is set (the eviction candidates)."""
+        self.on_access_all(pages)
+
     def on_sealed_all(self, pages: list[Page]) -> None:
         """`on_sealed` of each page, in order (one request's seal); a policy may do it in one loop."""
         for page in pages:

@@ -102,6 +102,14 @@ class Horizon(HeapPolicy):
             if page.policy_state is not None:
                 push(page)
 
+    def on_hit(self, pages: list[Page], slots: list[int], candidates: list[Page]) -> None:
+        # on_access_all, from Namespace.touch's pass: a page's key reads only its own slot's
+        # membership, so adding all the slots first pushes each candidate with the same key.
+        self._reused.update(slots)
+        push = self._push
+        for page in candidates:
+            push(page)
+
     def on_dropped(self, page: Page) -> None:
         self.resident -= 1
         f = 2 if page.slot in self._reused else 1

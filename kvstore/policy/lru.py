@@ -33,3 +33,8 @@ class LRULeafFirst(HeapPolicy):
         for page in pages:
             if page.policy_state is not None:
                 push(page)
+
+    def on_hit(self, pages: list[Page], slots: list[int], candidates: list[Page]) -> None:
+        push = self._push  # on_access_all, from Namespace.touch's pass
+        for page in candidates:
+            push(page)

@@ -78,8 +78,7 @@ def lookup(
     ns.lookups += 1
     ns.hit_tokens += hit
     ns.miss_tokens += len(tokens_le) // 4 - hit
-    if pages:
-        ns.touch(pages)
+    slots = ns.touch(pages) if pages else []
     ready = len(pages)
     for prom in proms:
         if not prom.ok:
@@ -99,7 +98,6 @@ def lookup(
                 pinned.pending.append(prom)
         pin_id = pinned.id
         session.pins[pin_id] = pinned
-    slots = [page.slot for page in pages]  # (3.11's slot reads: half of map(attrgetter)'s cost)
     # The resident pages of the hit are the probe's first hashes (unless some came up from a tier).
     block_hashes = found[: len(pages)] if not up else [p.block_hash or b"" for p in pages]
     if proms:

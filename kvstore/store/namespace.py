@@ -17,7 +17,7 @@ from kvstore.errors import FailedPrecondition, InvariantBroken, ResourceExhauste
 from kvstore.hashing import namespace_salt, root_hash
 from kvstore.index.prefix_index import PrefixIndex, subtree_postorder
 from kvstore.memory.backend import PoolBackend
-from kvstore.memory.pages import RESERVED, SEALED, Page, PageTable
+from kvstore.memory.pages import RESERVED, SEALED, Page, PageTable, touch_pages
 from kvstore.policy import EvictionPolicy
 from kvstore.store.live_mrc import LiveMrc
 from kvstore.store.page_sums import CORRUPT, Guard
@@ -207,12 +207,13 @@ class Namespace:
             if page.evictable:
                 self.policy.on_evictable(page)
 
-    def touch(self, pages: list[Page]) -> None:
-        """One access of a whole prefix: every page gets the same clock value (see policy/lru.py)."""
+    def touch(self, pages: list[Page]) -> list[int]:
+        """One access of a whole prefix: every page gets the same clock value (see policy/lru.py).
+        Returns the pages' slots (a lookup's reply), collected in the same pass."""
         self.clock = clock = self.clock + 1
-        for page in pages:
-            page.last_access = clock
-        self.policy.on_access_all(pages)
+        slots, candidates = touch_pages(pages, clock)
+        self.policy.on_hit(pages, slots, candidates)
+        return slots
 
     def drop(self, page: Page) -> None:
         """Evict a sealed, unpinned leaf: unindex and free it."""

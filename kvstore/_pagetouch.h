@@ -1,0 +1,11 @@
+/* A lookup hit's pass over its pages (kvstore/_pagetouch.c). */
+#ifndef KVSTORE_PAGETOUCH_H
+#define KVSTORE_PAGETOUCH_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+extern const char touch_pages_doc[];
+PyObject *touch_pages(PyObject *self, PyObject *args);
+
+#endif
