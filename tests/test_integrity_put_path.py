@@ -3,7 +3,8 @@ next credit takes pages it just evicted (a full pool) zeroes them off the loop a
 only once they are zero: the loop zeroes nothing inline, the credit's slots read zero from
 another reader as soon as the reply is in, and the puts into those credits store the right
 bytes; pages freed and taken again while such a job runs are never handed out dirty. The
-scrubber does not spend a quiet spell's saved rate in one burst over the puts after it.
+scrubber does not spend a quiet spell's saved rate in one burst over the puts after it. The
+integrity task stops when cancelled, even as a Put wakes it.
 The real daemon with its integrity on (one part in process: a real Store and Integrity)."""
 
 from __future__ import annotations
@@ -191,3 +192,25 @@ def test_the_integrity_thread_runs_below_the_daemons_other_threads(daemon) -> No
     nices = [_nice(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")]
     assert nices.count(min(19, main + BACKGROUND_NICE)) == 1, nices
     assert all(n in (main, min(19, main + BACKGROUND_NICE)) for n in nices), nices
+
+
+async def test_the_integrity_task_stops_when_cancelled_as_a_put_wakes_it() -> None:
+    """Every Put wakes the task (kick); on Python 3.11 asyncio.wait_for swallowed a cancel
+    arriving in the same loop step as the wake, so the task ran on and a close awaiting it
+    waited out its timeout (a test awaiting it hung)."""
+    store, integrity, _ = _store()
+    task = asyncio.create_task(integrity.run(lambda: store.namespaces))
+    try:
+        for _ in range(3):  # (the task creates its wake event and waits on it)
+            await asyncio.sleep(0)
+        assert integrity._wake is not None and not task.done()
+        integrity.kick()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        assert task in done and task.cancelled(), "the cancelled task ran on"
+    finally:
+        if not task.done():  # (a second cancel, not racing a wake, stops it)
+            task.cancel()
+            await asyncio.wait([task], timeout=2.0)
+        integrity.close()
+        store.close()

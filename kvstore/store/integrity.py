@@ -304,8 +304,12 @@ class Integrity:
         rate = self.config.scrub_bytes_per_s if self.config.checksums else 0
         last = scrubbed = loop.time()
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives in
+            # the loop step of a wake (every Put kicks): the task ran on, and the daemon's stop
+            # waited out its step timeout for it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await self._wake.wait()
             self._wake.clear()
             now = loop.time()
             self._credit = min(self._credit + rate * (now - last), rate * 1.0)
