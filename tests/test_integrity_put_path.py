@@ -121,18 +121,7 @@ async def test_a_put_taking_pages_the_threads_batch_is_zeroing_leaves_the_wait_t
     store, integrity, ns = _store()
     task = asyncio.create_task(integrity.run(lambda: store.namespaces))
     try:
-        pages = ns.reserve_many(1, len(ns.pages.free))
-        for page in pages:
-            _fill(ns, page.slot, 0xA5)
-        for page in pages:
-            ns.free_reserved(page)
-        for _ in range(1000):  # until the thread's job holds them (each turn runs the task a step)
-            if ns.guard.zeroing is not None:
-                break
-            integrity.kick()  # (a no-op until the task has started)
-            await asyncio.sleep(0)
-        batch = ns.guard.zeroing
-        assert batch is not None
+        batch = await _all_freed_and_a_batch(integrity, ns)
         with zero_later.deferred() as jobs:
             taken = ns.reserve_many(2, len(ns.pages.free))
         held = [p for p in taken if p.zeroing is batch]
@@ -141,10 +130,31 @@ async def test_a_put_taking_pages_the_threads_batch_is_zeroing_leaves_the_wait_t
         await zero_later.settle(jobs)
         assert all(not p.dirty and _filled(ns, p.slot, 0) for p in taken)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        integrity.close()
-        store.close()
+        await _stop(task, integrity, store)
+
+
+async def _all_freed_and_a_batch(integrity: Integrity, ns: Any) -> Any:
+    """Fill and free every free page of `ns` (dirty), then run the integrity task (`task`
+    running `integrity.run`) until its thread's job holds some of them: that job's batch."""
+    pages = ns.reserve_many(1, len(ns.pages.free))
+    for page in pages:
+        _fill(ns, page.slot, 0xA5)
+    for page in pages:
+        ns.free_reserved(page)
+    for _ in range(1000):  # (each turn runs the task a step)
+        if ns.guard.zeroing is not None:
+            break
+        integrity.kick()  # (a no-op until the task has started)
+        await asyncio.sleep(0)
+    assert ns.guard.zeroing is not None
+    return ns.guard.zeroing
+
+
+async def _stop(task: asyncio.Task[None], integrity: Integrity, store: Store) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    integrity.close()
+    store.close()
 
 
 def test_the_scrubber_does_not_spend_a_quiet_spells_saved_rate_in_one_burst(daemon_factory) -> None:

@@ -1,18 +1,23 @@
-"""Zero ahead (kvstore/store/zero_ahead.py): in a full pool a Put's next credit takes free
-pages the integrity thread zeroed ahead, not the pages the grant just evicted, so its reply
-waits for no zeroing; every credit page still reads zero before the client writes it, and
-what the puts wrote reads back. In process: a real Store, memfd pool and Integrity running
-on the loop (its thread zeroes the pages evicted ahead between the puts, as it does while a
-client copies into its credit)."""
+"""Zeroing off a put's reply: in a full pool a Put's next credit takes free pages the
+integrity thread zeroed ahead (kvstore/store/zero_ahead.py), not the pages the grant just
+evicted, so its reply waits for no zeroing; every credit page still reads zero before the
+client writes it, and what the puts wrote reads back. And a call taking dirty pages does not
+take the ones the thread's batch is zeroing (its reply would wait for that whole batch). In
+process: a real Store, memfd pool and Integrity running on the loop (its thread zeroes the
+pages evicted ahead between the puts, as it does while a client copies into its credit)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
-from test_integrity_put_path import _fill, _filled, _store
+from test_integrity_put_path import _all_freed_and_a_batch, _fill, _filled, _stop, _store
 
 from kvstore.store import credit, zero_later
+from kvstore.store.integrity import Integrity, IntegrityConfig
+from kvstore.store.store import Store
+from kvstore.store.types import NamespaceSpec, StoreLimits
 
 PAGES = 4  # a credit (the pool: 48 pages, 16 tokens each; a credit is at most 6)
 T = 16
@@ -54,7 +59,27 @@ async def test_a_credit_in_a_full_pool_takes_pages_zeroed_ahead_not_the_ones_it_
             if page.block_hash is not None and page.state.name == "SEALED":
                 assert _filled(ns, page.slot, 0xA5)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        integrity.close()
-        store.close()
+        await _stop(task, integrity, store)
+
+
+async def test_a_call_takes_dirty_pages_the_threads_batch_is_not_zeroing() -> None:
+    """The integrity thread zeroes the newest freed pages first and a call takes the oldest
+    (the free list's order): a call no longer takes pages of the thread's batch and waits for
+    that whole batch (up to 32 MiB) at the thread's low priority; it zeroes its own pages."""
+    store = Store(StoreLimits(), shm_prefix=f"kvtest-za-{uuid.uuid4().hex[:12]}-")
+    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
+    store.attach = integrity.attach
+    store.create_namespace(NamespaceSpec("ns", 8, 2, 1024, "float16", 16, 96))  # 96 pages of 1 MiB
+    ns = store.namespaces["ns"]
+    task = asyncio.create_task(integrity.run(lambda: store.namespaces))
+    try:
+        batch = await _all_freed_and_a_batch(integrity, ns)
+        assert 0 < len(batch.pages) < 96  # (a job zeroes 32 MiB: 32 of them)
+        with zero_later.deferred() as jobs:
+            taken = ns.reserve_many(2, 16)
+        assert not [p.slot for p in taken if p.zeroing is batch], "took pages of the thread's batch"
+        assert not any(job is batch for _, job, _ in jobs), "the reply would wait for the thread's batch"
+        await zero_later.settle(jobs)
+        assert all(not p.dirty and _filled(ns, p.slot, 0) for p in taken)
+    finally:
+        await _stop(task, integrity, store)

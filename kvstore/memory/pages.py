@@ -181,7 +181,8 @@ class PageTable:
         self.pages = [Page(slot) for slot in range(num_pages)]
         self.free = FreeList(self.pages)
         self.zero: Callable[[list[Page], bool], None] | None = None
-        self.freed: deque[Page] = deque()  # dirty pages in the order freed (only with `zero`)
+        # Dirty pages in the order freed (only with `zero`; the integrity thread zeroes the newest first).
+        self.freed: deque[Page] = deque()
 
     def __len__(self) -> int:
         return len(self.pages)

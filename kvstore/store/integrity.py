@@ -13,7 +13,7 @@ freed page still holds its previous occupant's bytes. Three defences, per host p
   at once (new lookups miss; a pin already holding it keeps what it has), freed once nobody
   holds it (`sweep`), counted, and logged with the session that sealed it.
 - **Zero on free.** A freed page is dirty (kvstore/memory/pages.py); this thread zeroes dirty
-  free pages in bounded batches, and one taken before its turn is zeroed on the loop as it
+  free pages in bounded batches (the newest freed first), and one taken before its turn is zeroed on the loop as it
   is taken (after waiting for the batch zeroing it now, if any): never handed out unzeroed.
 
 Every job runs on one thread, which touches only pool bytes; each job is in its namespace's
@@ -209,7 +209,10 @@ class NamespaceGuard:
         if self.zeroing is None:
             freed = self.ns.pages.freed
             while freed and len(zeros.pages) < per_job:
-                page = freed.popleft()
+                # Newest first: a call takes the oldest dirty pages (the free list's order), so
+                # it rarely takes one of this batch and waits for the whole batch at this
+                # thread's low priority (zero_later.py zeroes just its own pages instead).
+                page = freed.pop()
                 if page.state is FREE and page.dirty and page.zeroing is None:
                     page.zeroing = zeros
                     zeros.pages.append(page)
