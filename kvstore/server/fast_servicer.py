@@ -24,11 +24,12 @@ Ctx = grpc.aio.ServicerContext
 
 async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResponse:
     """One Lookup, as the Lookup RPC and each BatchLookup item answer it."""
-    fastpath.release_pins(store, request.session_id, request.release_pin_ids)
+    sid, namespace = request.session_id, request.namespace  # (each read of a str field builds one)
+    fastpath.release_pins(store, sid, request.release_pin_ids)
     r, ttl_ms, deadline_ns = await fastpath.lookup(
         store,
-        request.session_id,
-        request.namespace,
+        sid,
+        namespace,
         request_tokens(request),
         request.extra_keys,
         request.pin,
@@ -39,12 +40,11 @@ async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResp
     reply = pb.LookupResponse(
         hit_tokens=r.hit_tokens,
         block_hashes=b"".join(r.block_hashes),
-        pin_id=r.pin_id,
         ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
-        pool_epoch=namespaces.namespace_epoch(store, request.namespace),
-        pin_ttl_ms=ttl_ms,
-        pin_deadline_ns=deadline_ns,
+        pool_epoch=namespaces.namespace_epoch(store, namespace),
     )
+    if r.pin_id:  # (else all three are 0, proto3's default: not passing them saves their conversion)
+        reply.pin_id, reply.pin_ttl_ms, reply.pin_deadline_ns = r.pin_id, ttl_ms, deadline_ns
     return convert.with_slots(reply, r.slots)
 
 

@@ -38,7 +38,7 @@ async def lookup(
     return_in_flight: bool,
     pin_ttl_ms: int,
 ) -> tuple[LookupResult, int, int]:
-    """`waits.lookup`, with a pin that ends by itself `pin_ttl_ms` (capped) after the reply is
+    """`waits.lookup` (its steps, inlined), with a pin that ends by itself `pin_ttl_ms` (capped) after the reply is
     ready: (result, granted ttl ms, deadline ns; 0 and 0 without a deadline). The deadline
     starts once the pages are in the pool, so a slow promotion never eats the reader's time."""
     if pin_ttl_ms < 0:
@@ -50,16 +50,12 @@ async def lookup(
             "return_in_flight=true with pin_ttl_ms: a pin with a deadline is for pages ready now; "
             "use an explicit pin (pin=true) to wait for pages in flight"
         )
-    r = await waits.lookup(
-        store,
-        sid,
-        namespace,
-        token_ids,
-        extra_keys,
-        pin or pin_ttl_ms > 0,
-        model_fingerprint,
-        return_in_flight,
+    # waits.lookup, inlined (a coroutine less a call): the store's lookup, then its wait.
+    r = store.lookup(
+        sid, namespace, token_ids, extra_keys, pin or pin_ttl_ms > 0, model_fingerprint, return_in_flight
     )
+    if r.promotions and not return_in_flight:
+        r = await waits.settled(store, sid, r)
     if not pin_ttl_ms or not r.pin_id:
         return r, 0, 0
     ttl_ms = min(pin_ttl_ms, round(store.limits.pin_ttl_max_s * 1000))

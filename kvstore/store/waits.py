@@ -33,6 +33,12 @@ async def lookup(
     r = store.lookup(sid, namespace, token_ids, extra_keys, pin, model_fingerprint, return_in_flight)
     if not r.promotions or return_in_flight:
         return r
+    return await settled(store, sid, r)
+
+
+async def settled(store: Store, sid: int, r: LookupResult) -> LookupResult:
+    """`r` (a lookup with promotions) once they are in the pool or failed. Cancelled while
+    waiting: its pin is released."""
     waiting = [p.future() for p in r.promotions if p.ok is None]  # (host reads settled already)
     if waiting:
         try:
