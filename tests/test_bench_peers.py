@@ -44,7 +44,10 @@ def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, 
 
 
 def test_profile_splits_a_request_per_side(capsys):
-    argv = ["peers-profile", "--json", "--pages", "8", "--sizes", "4", "--repeat", "1"]
+    # 64 pages of 4 a request: the pool is sized by the pages (64 + 3 x 4), not by the credit
+    # share (8 x 4), so every page must survive its pass beside the credit and the credit's
+    # worth a full pool keeps zeroed ahead (with room for only two credits, gets missed).
+    argv = ["peers-profile", "--json", "--pages", "64", "--sizes", "4", "--repeat", "1"]
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     put, get = r["sizes"]["4"]["put"], r["sizes"]["4"]["get"]

@@ -50,10 +50,11 @@ CREDIT_POOL_SHARE = 8
 
 
 def namespace_spec(pages: int, largest_request: int) -> dict[str, Any]:
-    # Room for one pass of every page, the last get's request (pinned until the next call) and
-    # the put's credit (a request's worth of reserved pages): each pass evicts the last one first;
-    # and a pool big enough that a credit of the largest request is granted.
-    num_pages = max(pages + 2 * largest_request, CREDIT_POOL_SHARE * largest_request)
+    # Room for one pass of every page, the last get's request (pinned until the next call), the
+    # put's credit (a request's worth of reserved pages) and the credit's worth a full pool keeps
+    # zeroed ahead (kvstore/store/zero_ahead.py): each pass evicts the last one first; and a pool
+    # big enough that a credit of the largest request is granted.
+    num_pages = max(pages + 3 * largest_request, CREDIT_POOL_SHARE * largest_request)
     return {"name": NAMESPACE, **GEOMETRY, "num_pages": num_pages, "vocab_size": VOCAB}
 
 
