@@ -8,10 +8,10 @@
  * own copy is not exported, and the extension then needs nothing but a C compiler and the
  * Python headers.
  *
- * `first_over` is the range check of a request's packed token ids (kvstore/store/validate.py),
- * `packed_uint32` a Lookup reply's slots as a packed protobuf field (kvstore/server/convert.py):
- * they live here so the daemon has one extension for its per-request loops; `touch_pages`
- * (kvstore/_pagetouch.c) is a lookup hit's pass over its pages. */
+ * `first_over` is the range check of a request's packed token ids (kvstore/store/validate.py):
+ * it lives here so the daemon has one extension for its per-request loops, as do `touch_pages`
+ * (kvstore/_pagetouch.c), a lookup hit's pass over its pages, and `encode_fields`
+ * (kvstore/_replyenc.c), a Lookup reply's fields as protobuf's bytes (kvstore/server/convert.py). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +20,7 @@
 
 #include "_hashmemo.h"
 #include "_pagetouch.h"
+#include "_replyenc.h"
 
 #define DIGEST 16
 #define BLOCK 128
@@ -296,56 +297,12 @@ static PyObject *first_over(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(found);
 }
 
-PyDoc_STRVAR(packed_uint32_doc,
-             "packed_uint32(field, ints) -> bytes\n\n"
-             "A protobuf `repeated uint32` field number `field` holding the list `ints`, packed (tag,\n"
-             "length, varints): what the message's own serializer writes, for MergeFromString, which\n"
-             "takes it in C instead of one Python int at a time.");
-
-static PyObject *packed_uint32(PyObject *self, PyObject *args) {
-    unsigned int field;
-    PyObject *ints;
-    if (!PyArg_ParseTuple(args, "IO!", &field, &PyList_Type, &ints)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(ints);
-    if (field == 0 || field >= (1u << 29)) return PyErr_Format(PyExc_ValueError, "field %u is not a field number", field);
-    /* tag (<= 5 bytes), length (<= 5), each value <= 5 bytes */
-    uint8_t *buf = PyMem_Malloc(10 + 5 * (size_t)n), *p = buf + 10, *start = p;
-    if (buf == NULL) return PyErr_NoMemory();
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long v = PyLong_AsUnsignedLong(PyList_GET_ITEM(ints, i));
-        if ((v == (unsigned long)-1 && PyErr_Occurred()) || v > UINT32_MAX) {
-            PyMem_Free(buf);
-            if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_OverflowError)) {
-                PyErr_Clear();
-                PyErr_Format(PyExc_ValueError, "ints[%zd] is not a uint32", i);
-            }
-            return NULL;
-        }
-        for (; v >= 0x80; v >>= 7) *p++ = (uint8_t)(v | 0x80);
-        *p++ = (uint8_t)v;
-    }
-    uint8_t head[10], *h = head;
-    for (uint64_t v = (uint64_t)field << 3 | 2; ; v >>= 7) { /* wire type 2: length-delimited */
-        *h++ = (uint8_t)(v | (v >= 0x80 ? 0x80 : 0));
-        if (v < 0x80) break;
-    }
-    for (uint64_t v = (uint64_t)(p - start); ; v >>= 7) {
-        *h++ = (uint8_t)(v | (v >= 0x80 ? 0x80 : 0));
-        if (v < 0x80) break;
-    }
-    Py_ssize_t head_len = h - head;
-    memcpy(start - head_len, head, (size_t)head_len);
-    PyObject *out = PyBytes_FromStringAndSize((const char *)(start - head_len), (p - start) + head_len);
-    PyMem_Free(buf);
-    return out;
-}
-
 static PyMethodDef methods[] = {
     {"hashes", hashes, METH_VARARGS, hashes_doc},
     {"probe", probe, METH_VARARGS, probe_doc},
     {"first_over", first_over, METH_VARARGS, first_over_doc},
-    {"packed_uint32", packed_uint32, METH_VARARGS, packed_uint32_doc},
     {"touch_pages", touch_pages, METH_VARARGS, touch_pages_doc},
+    {"encode_fields", encode_fields, METH_VARARGS, encode_fields_doc},
     {NULL, NULL, 0, NULL},
 };
 

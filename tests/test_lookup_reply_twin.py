@@ -13,7 +13,6 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from store_helpers import T, make_store, write
 
 from kvstore.errors import KVStoreError
-from kvstore.server import convert
 from kvstore.server.fast_servicer import lookup_reply
 from kvstore.server.tokens import request_tokens
 from kvstore.store import fastpath, namespaces
@@ -42,7 +41,8 @@ async def old_lookup_reply(store, request: pb.LookupRequest) -> pb.LookupRespons
         pin_ttl_ms=ttl_ms,
         pin_deadline_ns=deadline_ns,
     )
-    return convert.with_slots(reply, r.slots)
+    reply.slots.extend(r.slots)
+    return reply
 
 
 async def answer(reply_of, store, request: pb.LookupRequest) -> tuple[bytes, int] | str:

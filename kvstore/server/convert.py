@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from kvstore_proto import dtypes
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -14,21 +15,64 @@ from kvstore.observe.explain import Verdict
 from kvstore.store import types as t
 
 try:  # (the daemon's C loops, kvstore/_chainhash.c; absent where it is not built)
-    from kvstore._chainhash import packed_uint32
+    from kvstore._chainhash import encode_fields
 except ImportError:
-    packed_uint32 = None
+    encode_fields = None
 
-_SLOTS = pb.LookupResponse.DESCRIPTOR.fields_by_name["slots"].number
+_KINDS = {  # encode_fields' kinds (kvstore/_replyenc.c)
+    FieldDescriptor.TYPE_UINT32: 0,
+    FieldDescriptor.TYPE_UINT64: 1,
+    FieldDescriptor.TYPE_INT64: 2,
+    FieldDescriptor.TYPE_FIXED64: 3,
+    FieldDescriptor.TYPE_BYTES: 4,
+}
+_LOOKUP_FIELDS = (
+    "hit_tokens", "block_hashes", "pin_id", "ready_pages", "pool_epoch", "pin_ttl_ms", "pin_deadline_ns", "slots",
+)  # fmt: skip
+_LOOKUP_LAYOUT = tuple(
+    (f.number, 5 if f.is_repeated else _KINDS[f.type])  # (5: packed uint32, the only repeated one)
+    for f in map(pb.LookupResponse.DESCRIPTOR.fields_by_name.__getitem__, _LOOKUP_FIELDS)
+)
+_parse_lookup = pb.LookupResponse.FromString
 
 
-def with_slots(reply: pb.LookupResponse, slots: list[int]) -> pb.LookupResponse:
-    """`reply` with its `slots`: the field encoded in C and parsed by protobuf's C code, which
-    takes about half the instructions of handing it the list (a conversion an int)."""
-    if slots and packed_uint32 is not None:
-        reply.MergeFromString(packed_uint32(_SLOTS, slots))
-    else:
-        reply.slots.extend(slots)
-    return reply
+def lookup_response(
+    hit_tokens: int,
+    block_hashes: list[bytes],
+    pin_id: int,
+    ready_pages: int,
+    pool_epoch: int,
+    pin_ttl_ms: int,
+    pin_deadline_ns: int,
+    slots: list[int],
+) -> pb.LookupResponse:
+    """A LookupResponse (`block_hashes` joined): its bytes encoded in C and parsed by
+    protobuf's C code in one call each, about a third of the instructions of keyword
+    arguments, a join and the slots' list converted an int at a time."""
+    if encode_fields is None:
+        return pb.LookupResponse(
+            hit_tokens=hit_tokens,
+            block_hashes=b"".join(block_hashes),
+            pin_id=pin_id,
+            ready_pages=ready_pages,
+            pool_epoch=pool_epoch,
+            pin_ttl_ms=pin_ttl_ms,
+            pin_deadline_ns=pin_deadline_ns,
+            slots=slots,
+        )
+    return _parse_lookup(
+        encode_fields(
+            _LOOKUP_LAYOUT,
+            hit_tokens,
+            block_hashes,
+            pin_id,
+            ready_pages,
+            pool_epoch,
+            pin_ttl_ms,
+            pin_deadline_ns,
+            slots,
+        )
+    )
 
 
 def add_page_refs(field: RepeatedCompositeFieldContainer[pb.PageRef], refs: list[t.PageRef]) -> None:

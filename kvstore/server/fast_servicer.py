@@ -37,15 +37,16 @@ async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResp
         request.return_in_flight,
         request.pin_ttl_ms,
     )
-    reply = pb.LookupResponse(
-        hit_tokens=r.hit_tokens,
-        block_hashes=b"".join(r.block_hashes),
-        ready_pages=len(r.slots) if r.ready_pages is None else r.ready_pages,
-        pool_epoch=namespaces.namespace_epoch(store, namespace),
+    return convert.lookup_response(
+        r.hit_tokens,
+        r.block_hashes,
+        r.pin_id,
+        len(r.slots) if r.ready_pages is None else r.ready_pages,
+        namespaces.namespace_epoch(store, namespace),
+        ttl_ms,
+        deadline_ns,
+        r.slots,
     )
-    if r.pin_id:  # (else all three are 0, proto3's default: not passing them saves their conversion)
-        reply.pin_id, reply.pin_ttl_ms, reply.pin_deadline_ns = r.pin_id, ttl_ms, deadline_ns
-    return convert.with_slots(reply, r.slots)
 
 
 def _reserve_reply(store: Store, request: pb.ReserveRequest) -> pb.ReserveResponse:
