@@ -11,7 +11,8 @@
  * `first_over` is the range check of a request's packed token ids (kvstore/store/validate.py):
  * it lives here so the daemon has one extension for its per-request loops, as do `touch_pages`
  * (kvstore/_pagetouch.c), a lookup hit's pass over its pages, and `encode_fields`
- * (kvstore/_replyenc.c), a Lookup reply's fields as protobuf's bytes (kvstore/server/convert.py). */
+ * (kvstore/_replyenc.c), a Lookup reply's fields as protobuf's bytes (kvstore/server/convert.py),
+ * and `record_known` (kvstore/_mrcrecord.c), a lookup's blocks in the live MRC's sample. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,6 +22,7 @@
 #include "_hashmemo.h"
 #include "_pagetouch.h"
 #include "_replyenc.h"
+#include "_mrcrecord.h"
 
 #define DIGEST 16
 #define BLOCK 128
@@ -303,6 +305,7 @@ static PyMethodDef methods[] = {
     {"first_over", first_over, METH_VARARGS, first_over_doc},
     {"touch_pages", touch_pages, METH_VARARGS, touch_pages_doc},
     {"encode_fields", encode_fields, METH_VARARGS, encode_fields_doc},
+    {"record_known", record_known, METH_VARARGS, record_known_doc},
     {NULL, NULL, 0, NULL},
 };
 

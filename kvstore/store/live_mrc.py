@@ -37,6 +37,29 @@ LOOKUPS_REMEMBERED = 256  # per session: lookups waiting for the append of their
 ALL_SAMPLED = b"\xff" * 17  # above every 16-byte hash
 
 
+def py_record_known(
+    keys: dict[bytes, int], blocks: list[bytes], log: list[int], gaps: list[int], gap: int
+) -> bool:
+    """If every block is in `keys`: its spatial hash appended to `log`, and `gap` then zeros
+    to `gaps`; True. Else nothing changes; False. kvstore/_mrcrecord.c does the same in C;
+    this is its fallback and its reference."""
+    try:
+        known = list(map(keys.__getitem__, blocks))
+    except KeyError:
+        return False
+    if known:
+        log += known
+        gaps.append(gap)
+        gaps += [0] * (len(known) - 1)
+    return True
+
+
+try:  # (absent where the extension is not built)
+    from kvstore._chainhash import record_known
+except ImportError:
+    record_known = py_record_known
+
+
 class LiveMrc:
     """One namespace's sample. `cut`: a block hash is sampled iff `block_hash < cut`."""
 
@@ -58,16 +81,11 @@ class LiveMrc:
         base = s.accesses
         if sampled:
             keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
-            try:  # every block sampled before (the common case), so each in `distinct` already:
-                known = list(map(keys.__getitem__, sampled))
-            except KeyError:
-                pass  # (some are new: the loop below)
-            else:
-                log += known  # what the loop below does for them, in one step each
-                gaps.append(base - s._last_seen)  # (a gap: kvstore/mrc.py says why)
-                gaps += [0] * (len(known) - 1)
+            # Every block sampled before (the common case), so each in `distinct` already: what
+            # the loop below does for them, in one step each (a gap: kvstore/mrc.py says why).
+            if record_known(keys, sampled, log, gaps, base - s._last_seen):
                 s._last_seen = base
-                sampled = []
+                sampled = []  # (else some are new, nothing was recorded: the loop below)
             for block in sampled:
                 h = keys.get(block)
                 if h is None:
