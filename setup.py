@@ -38,8 +38,19 @@ setup(
     ext_modules=[
         Extension(
             "kvstore._chainhash",
-            ["kvstore/_chainhash.c", "kvstore/_hashmemo.c", "kvstore/_pagetouch.c", "kvstore/_replyenc.c", "kvstore/_mrcrecord.c"],
-            depends=["kvstore/_hashmemo.h", "kvstore/_pagetouch.h", "kvstore/_replyenc.h", "kvstore/_mrcrecord.h"],
+            [
+                "kvstore/_chainhash.c",
+                "kvstore/_hashmemo.c",
+                "kvstore/_pagetouch.c",
+                "kvstore/_replyenc.c",
+                "kvstore/_mrcrecord.c",
+            ],
+            depends=[
+                "kvstore/_hashmemo.h",
+                "kvstore/_pagetouch.h",
+                "kvstore/_replyenc.h",
+                "kvstore/_mrcrecord.h",
+            ],
         ),
         # -ffp-contract=off: no fused multiply-add, so the results equal numpy's bit for bit;
         # -Wno-psabi: its 32-byte vectors never cross a non-inline call (GCC warns anyway).
