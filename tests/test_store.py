@@ -206,6 +206,7 @@ def test_create_namespace_makes_a_private_sealed_memfd(bare_store, prefix):
         "copies_refused": 0,
         "pages_zeroed": 0,
         "pages_zeroed_inline": 0,
+        "pages_unchecked": 0,
         "extra": {},
     }
     bare_store.close()

@@ -123,6 +123,10 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(sorted(r[k] for r in rows)[len(rows) // 2], 3) for k in rows[0]}
 
 
+# The integrity counters the run ends with (docs/security.md, "The window before the check").
+INTEGRITY = ("pages_checksummed", "pages_unchecked", "pages_zeroed", "pages_zeroed_inline")
+
+
 def _top(stats: pstats.Stats, n: int) -> str:
     out = io.StringIO()
     stats.stream = out
@@ -200,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
                         rows["memcpy"].append(mem)
                     progress("%d pages: put %.2f ms, get %.2f ms", k, put["wall_ms"], get["wall_ms"])
                 result["sizes"][str(k)] = {op: _median(r) for op, r in rows.items()}
+            s = kv.stats(kvside.NAMESPACE).namespaces[0]  # (whole run, warm-up passes included)
+            result["integrity"] = {f: getattr(s, f) for f in INTEGRITY}
     finally:
         clock.restore()
     text = _text(result)
@@ -223,4 +229,6 @@ def _text(r: dict[str, Any]) -> str:
     for k, ops in r["sizes"].items():
         for op, row in ops.items():
             lines.append(f"{k:>5} {op:<7}" + "".join(f"{row[c]:>15.3f}" for c in keys))
+    if "integrity" in r:  # sealed pages evicted before the integrity thread reached them
+        lines += ["", "integrity (whole run): " + ", ".join(f"{k} {v}" for k, v in r["integrity"].items())]
     return "\n".join(lines) + "\n"

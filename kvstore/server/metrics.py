@@ -62,6 +62,10 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
         "kvstore_pages_zeroed_inline",
         "freed pages zeroed on the loop as they were handed out again (the background was behind)",
     ),
+    "pages_unchecked": (
+        "kvstore_pages_unchecked",
+        "sealed pages that left the pool (evicted, copied below, dropped) before their checksum was taken",
+    ),
 }
 
 

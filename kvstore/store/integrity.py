@@ -6,7 +6,8 @@ freed page still holds its previous occupant's bytes. Three defences, per host p
   checksum (page_sums.py) is computed on the integrity thread, batched (every page sealed
   since the last batch), so a Put pays nothing on the loop. Until it is in, the page carries
   its batch as a marker (`Page.checksum`), which is also what makes a late result for a page
-  freed and sealed again meanwhile be ignored.
+  freed and sealed again meanwhile be ignored. The thread runs at nice +10 and falls behind
+  under load: a page that leaves the pool while still waiting is counted (`pages_unchecked`).
 - **The scrubber** re-verifies sealed pages on that thread at a bounded rate
   (`server.scrub_bytes_per_s`), a slot cursor per namespace. Copies below the pool verify
   first (`page_sums.intact`, called by the tiers). A mismatch drops the page: out of the index
@@ -81,6 +82,7 @@ class NamespaceGuard:
                 "copies_refused",
                 "pages_zeroed",
                 "pages_zeroed_inline",
+                "pages_unchecked",
             ),
             0,
         )
@@ -137,6 +139,7 @@ class NamespaceGuard:
         self.service.kick()
 
     def stats(self) -> dict[str, int]:
+        self.settle_unchecked(self.to_sum)  # (those gone since the last job: counted now)
         return dict(self.counts)
 
     # ------------------------------------------------------------ zeroing
@@ -204,7 +207,7 @@ class NamespaceGuard:
             self.service.kick()
         else:
             self.to_sum = Batch()
-        sums.pages = [p for p in sums.pages if p.checksum is sums]  # (not freed meanwhile)
+        self.settle_unchecked(sums)
         zeros = Batch()
         if self.zeroing is None:
             freed = self.ns.pages.freed
@@ -224,6 +227,14 @@ class NamespaceGuard:
         views = [self.view(p) for p in sums.pages], [self.view(p) for p in zeros.pages]
         return sums, zeros, scrubs, [*views[0], *views[1], *(self.view(p) for p, _ in scrubs)]
 
+    def settle_unchecked(self, sums: Batch) -> None:
+        """Keep in `sums` the pages still waiting for it; count the others: they left the pool
+        (freed: evicted, copied below, dropped) before their checksum was taken. (A page freed
+        and sealed again into the same batch is in it twice: its first occupant left unchecked.)"""
+        kept = list(dict.fromkeys(p for p in sums.pages if p.checksum is sums))
+        self.counts["pages_unchecked"] += len(sums.pages) - len(kept)
+        sums.pages = kept
+
     def scrub_pages(self, n: int) -> list[tuple[Page, object]]:
         """Up to `n` checksummed sealed pages from the cursor on: (page, its checksum)."""
         pages = self.ns.pages.pages
@@ -241,9 +252,11 @@ class NamespaceGuard:
         """The job's results, back on the loop."""
         got_sums, got_scrubs = result
         for page, value in zip(sums.pages, got_sums, strict=True):
-            if page.checksum is sums:  # (else freed, or sealed again, meanwhile)
+            if page.checksum is sums:
                 page.checksum = value
                 self.counts["pages_checksummed"] += 1
+            else:  # freed (and maybe sealed again) while its checksum was being taken
+                self.counts["pages_unchecked"] += 1
         if zeros.pages:
             self.zeroed(zeros)
         for (page, expected), value in zip(scrubs, got_scrubs, strict=True):

@@ -52,8 +52,10 @@ class Guard(Protocol):
 
 def intact(guard: Guard | None, page: Page, view: memoryview) -> bool:
     """Whether `page`'s bytes (`view`) may be copied below the pool: they match the checksum
-    taken when it was sealed, or it has none yet (the window right after a seal, or the
-    checks are off). A mismatch drops the page (`Guard.corrupt`)."""
+    taken when it was sealed, or it has none yet (the window after a seal, as long as the
+    integrity thread is behind; counted `pages_unchecked` once the page is freed; the tier's
+    record checksum covers the bytes from this copy on), or the checks are off. A mismatch
+    drops the page (`Guard.corrupt`)."""
     expected = page.checksum
     if guard is None or expected is None:
         return True

@@ -248,4 +248,5 @@ class NamespaceStats:
     copies_refused: int = 0  # copies below the pool refused: the page was corrupt
     pages_zeroed: int = 0  # freed pages zeroed off the loop
     pages_zeroed_inline: int = 0  # freed pages zeroed on the loop as they were taken again
+    pages_unchecked: int = 0  # sealed pages that left the pool before their checksum was taken
     extra: dict[str, int] = field(default_factory=dict)
