@@ -108,4 +108,4 @@ docker-cuda-test: $(STAMP)
 	PY=$(PY) docker/test-cuda.sh
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so
+	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so client/kvstore_client/_ntcopy.*.so

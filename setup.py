@@ -1,5 +1,6 @@
 """The project is configured in pyproject.toml; this adds what it cannot declare yet (outside
-setuptools' experimental table): the C loops of kvstore/hashing.py and of kvstore/quant, and
+setuptools' experimental table): the C loops of kvstore/hashing.py and of kvstore/quant, the client's page copy
+(kvstore_client/_ntcopy.c), and
 the git commit a build is made from (kvstore/build_info.py reads it).
 `pip install -e .` builds them; `make native` rebuilds them in place. Both fall back to Python
 (numpy) without them."""
@@ -59,5 +60,8 @@ setup(
             ["kvstore/_quant.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
         ),
+        # The client's page copies with streaming stores (AVX2 or SSE2 chosen at run time);
+        # kvstore_client/_pcopy.py copies with numpy without it.
+        Extension("kvstore_client._ntcopy", ["client/kvstore_client/_ntcopy.c"], extra_compile_args=["-O2"]),
     ],
 )

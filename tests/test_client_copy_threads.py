@@ -107,8 +107,14 @@ def test_the_knob_sets_the_threads_and_one_turns_the_split_off(threads, monkeypa
 
 
 @needs_two
-def test_put_and_get_split_over_threads_move_the_right_bytes(daemon, threads) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["ntcopy", "numpy"])
+def test_put_and_get_split_over_threads_move_the_right_bytes(daemon, threads, monkeypatch, native) -> None:
+    """Every band streamed by _ntcopy.c (STREAM_MIN 1: rows of 256 B, a band of a 1 KiB page,
+    at the pool's 4 KiB stride), or every band numpy's (the extension hidden): the same bytes."""
     threads(2)
+    monkeypatch.setattr(_pcopy, "STREAM_MIN", 1)
+    if not native:
+        monkeypatch.setattr(_pcopy, "nt_copy", None)
     with kvstore_client.connect(daemon.target, client_name="split") as kv:
         ns = kv.namespace(NS)
         size = ns.pool.page_bytes

