@@ -29,10 +29,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# kvstore/_chainhash.c and kvstore/_quant.c in place (pip's editable install builds them too; this
-# rebuilds them when the source changed, for a tree used through PYTHONPATH). kvstore/hashing.py
-# and kvstore/quant fall back to Python (numpy) without them, but tests/test_hashing.py requires
-# the first (tests/test_quant_fast.py skips without the second).
+# kvstore/_chainhash.c, _quant.c and _ntzero.c in place (pip's editable install builds them too;
+# this rebuilds them when the source changed, for a tree used through PYTHONPATH). kvstore/hashing.py,
+# kvstore/quant and kvstore/memory/page_zero.py fall back to Python (numpy) without them, but
+# tests/test_hashing.py requires the first (tests/test_quant_fast.py and test_page_zero.py skip
+# without the others).
 native: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 

@@ -1,9 +1,9 @@
 """The project is configured in pyproject.toml; this adds what it cannot declare yet (outside
-setuptools' experimental table): the C loops of kvstore/hashing.py and of kvstore/quant, the client's page copy
-(kvstore_client/_ntcopy.c), and
-the git commit a build is made from (kvstore/build_info.py reads it).
-`pip install -e .` builds them; `make native` rebuilds them in place. Both fall back to Python
-(numpy) without them."""
+setuptools' experimental table): the C loops of kvstore/hashing.py, of kvstore/quant, of the
+zeroing of freed pool pages (kvstore/memory/page_zero.py) and of the client's page copy
+(kvstore_client/_ntcopy.c), and the git commit a build is made from (kvstore/build_info.py
+reads it). `pip install -e .` builds them; `make native` rebuilds them in place. All fall back
+to Python (numpy) without them."""
 
 import subprocess
 from pathlib import Path
@@ -63,5 +63,8 @@ setup(
         # The client's page copies with streaming stores (AVX2 or SSE2 chosen at run time);
         # kvstore_client/_pcopy.py copies with numpy without it.
         Extension("kvstore_client._ntcopy", ["client/kvstore_client/_ntcopy.c"], extra_compile_args=["-O2"]),
+        # Zeroing freed pool pages with streaming stores (AVX2 or SSE2 chosen at run time);
+        # kvstore/memory/page_zero.py zeroes with numpy without it.
+        Extension("kvstore._ntzero", ["kvstore/_ntzero.c"], extra_compile_args=["-O2"]),
     ],
 )

@@ -2,12 +2,17 @@
 scribbles on its sealed page through its mapping has the page dropped by the scrubber (new
 lookups miss it, from another process), a copy of a scribbled page below the pool is
 refused (nothing of it reaches LMDB), and a page committed without being written serves
-zeros, never its previous occupant's bytes. Real daemon, separate worker processes."""
+zeros, never its previous occupant's bytes (small pages, memset; larger ones, streaming stores with
+a tail: kvstore/_ntzero.c). Real daemon, separate worker processes."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import xxhash
-from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt, wait_until
+from daemon import SMALL_NAMESPACE
+from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt, read_page, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -86,7 +91,19 @@ def test_a_scribbled_page_is_never_copied_to_the_disk_tier(daemon_factory, tmp_p
             assert writer.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == hit
 
 
-def test_a_page_committed_unwritten_serves_zeros_never_old_bytes(daemon) -> None:
+# Pages of 4,320 B (5 layers x 2 x 4 tokens x 3 heads x 18 dims x 2 B): zeroed with streaming
+# stores (kvstore/_ntzero.c, from 4 KiB), and not a multiple of 64 B (a tail set apart).
+STREAMED = {**SMALL_NAMESPACE, "num_layers": 5, "num_kv_heads": 3, "head_dim": 18}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "shape"),
+    [(SMALL_NAMESPACE, SHAPE), (STREAMED, (5, 2, T, 3, 18))],
+    ids=["1KiB-pages", "4320B-pages"],
+)
+def test_a_page_committed_unwritten_serves_zeros_never_old_bytes(daemon_factory, namespace, shape) -> None:
+    daemon = daemon_factory(namespaces=[namespace]).start()
+    size = math.prod(shape) * 2
     old = prompt(TOTAL * T, seed=3)  # every page of the pool, each with distinctive bytes
     new = prompt(2 * T, seed=4)
     with Worker("first") as first, Worker("second") as second, Raw(daemon.target) as raw:
@@ -99,11 +116,12 @@ def test_a_page_committed_unwritten_serves_zeros_never_old_bytes(daemon) -> None
         second.call("commit", sequence_id=seq)  # nothing written
         found = first.call("lookup", namespace=NS, tokens=new)
         assert found["hit_tokens"] == 2 * T and found["slots"] == slots
-        olds = {page_content_bytes(i, page_tokens_of(old, i, T), SHAPE).hex() for i in range(TOTAL)}
+        olds = {page_content_bytes(i, page_tokens_of(old, i, T), shape).hex() for i in range(TOTAL)}
         for slot in slots:
-            got = first.call("read_bytes", namespace=NS, slot=slot, offset=0, n=1024)
+            got = first.call("read_bytes", namespace=NS, slot=slot, offset=0, n=size)
             assert got not in olds
-            assert got == "00" * 1024
+            assert got == "00" * size
+            assert read_page(daemon.target, NS, slot) == bytes(size)  # (and in this process)
         s = raw.stats(NS)[0]
         assert s.pages_zeroed + s.pages_zeroed_inline >= 2
 

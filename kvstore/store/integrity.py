@@ -35,9 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from kvstore.memory.backend import HandleType
+from kvstore.memory.page_zero import zero
 from kvstore.memory.pages import FREE, SEALED, Page
 from kvstore.store import zero_later
 from kvstore.store.integrity_jobs import Batch, tracked, work
@@ -164,7 +163,7 @@ class NamespaceGuard:
     def zero_inline(self, pages: list[Page]) -> None:
         for page in pages:
             view = self.view(page)
-            np.frombuffer(view, dtype=np.uint8).fill(0)
+            zero(view)
             view.release()
             page.dirty = False
             self.counts["pages_zeroed_inline"] += 1

@@ -7,8 +7,7 @@ import asyncio
 import concurrent.futures as cf
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from kvstore.memory.page_zero import zero
 from kvstore.memory.pages import Page
 from kvstore.store.page_sums import checksum
 
@@ -29,10 +28,10 @@ class Batch:
 def work(
     sums: list[memoryview], zeros: list[memoryview], scrubs: list[memoryview]
 ) -> tuple[list[int], list[int]]:
-    """On the integrity thread (xxhash and numpy's fill release the GIL)."""
+    """On the integrity thread or a zeroing thread (xxhash and `zero` release the GIL)."""
     try:
         for v in zeros:
-            np.frombuffer(v, dtype=np.uint8).fill(0)
+            zero(v)
         return [checksum(v) for v in sums], [checksum(v) for v in scrubs]
     finally:
         for v in (*sums, *zeros, *scrubs):
