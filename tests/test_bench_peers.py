@@ -55,6 +55,8 @@ def test_profile_splits_a_request_per_side(capsys):
         assert row["wall_ms"] > 0 and row["copy_ms"] > 0 and row["daemon_cpu_ms"] > 0
         assert row["copy_ms"] + row["client_cpu_ms"] <= row["wall_ms"] * 1.05
         assert row["daemon_main_ms"] <= row["daemon_cpu_ms"]
+    every, main_thread = r["daemon_cpu_s"]  # (the whole run: at least its two passes' share)
+    assert every >= main_thread > 0 and every * 1000 >= (put["daemon_cpu_ms"] + get["daemon_cpu_ms"]) * 16
 
 
 def test_the_kvstore_sides_put_of_the_largest_size_is_one_put_into_a_credit():

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             ns = kv.namespace(kvside.NAMESPACE)
             assert ns.pool is not None  # (mapped before anything is timed)
             result["transport"] = "lane" if kv.lane else "grpc"  # (KVSTORE_LANE=0: gRPC, for an A/B)
+            start = daemon_cpu(daemon.pid)
 
             def put_one(tokens: list[int], data: torch.Tensor) -> None:  # as kvstore's side of peers
                 if kv.put(ns, tokens, data).written_pages != len(data):
@@ -206,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
                 result["sizes"][str(k)] = {op: _median(r) for op, r in rows.items()}
             s = kv.stats(kvside.NAMESPACE).namespaces[0]  # (whole run, warm-up passes included)
             result["integrity"] = {f: getattr(s, f) for f in INTEGRITY}
+            # The daemon's CPU over the same run (all threads; main thread): whatever pass the
+            # integrity thread did its work in, A/B runs of the same passes differ by that work.
+            end = daemon_cpu(daemon.pid)
+            result["daemon_cpu_s"] = [round(end[0] - start[0], 4), round(end[1] - start[1], 4)]
     finally:
         clock.restore()
     text = _text(result)
@@ -231,4 +236,7 @@ def _text(r: dict[str, Any]) -> str:
             lines.append(f"{k:>5} {op:<7}" + "".join(f"{row[c]:>15.3f}" for c in keys))
     if "integrity" in r:  # sealed pages evicted before the integrity thread reached them
         lines += ["", "integrity (whole run): " + ", ".join(f"{k} {v}" for k, v in r["integrity"].items())]
+    if "daemon_cpu_s" in r:
+        every, main = r["daemon_cpu_s"]
+        lines.append(f"daemon CPU (whole run): {every:.3f} s, main thread {main:.3f} s")
     return "\n".join(lines) + "\n"
