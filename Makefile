@@ -29,11 +29,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# kvstore/_chainhash.c, _quant.c and _ntzero.c in place (pip's editable install builds them too;
-# this rebuilds them when the source changed, for a tree used through PYTHONPATH). kvstore/hashing.py,
-# kvstore/quant and kvstore/memory/page_zero.py fall back to Python (numpy) without them, but
-# tests/test_hashing.py requires the first (tests/test_quant_fast.py and test_page_zero.py skip
-# without the others).
+# kvstore/_chainhash.c, _quant.c, _ntzero.c and kvstore_client/_ntcopy.c in place (pip's
+# editable install builds them too; this rebuilds them when the source changed, for a tree used
+# through PYTHONPATH). kvstore/hashing.py, kvstore/quant, kvstore/memory/page_zero.py and the
+# client's copies fall back to Python (numpy) without them, but tests/test_hashing.py requires
+# the first (tests/test_quant_fast.py and test_page_zero.py skip without theirs).
 native: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
@@ -109,4 +109,4 @@ docker-cuda-test: $(STAMP)
 	PY=$(PY) docker/test-cuda.sh
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so client/kvstore_client/_ntcopy.*.so
+	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis kvstore/_chainhash.*.so kvstore/_quant.*.so kvstore/_ntzero.*.so client/kvstore_client/_ntcopy.*.so
