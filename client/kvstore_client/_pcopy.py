@@ -1,15 +1,14 @@
-"""Big host copies split over a few threads (docs/api.md, "Copy threads").
+"""Big host copies, with streaming stores, split over a few threads (docs/api.md, "Copy
+threads" and "Streaming stores").
 
-One thread copying cold pages does not saturate a machine's memory bandwidth: on a quiet
-2-vCPU VM, 755 MB of random pages copied 16 / 64 pages of 737,280 B at a time into a
-destination already touched, one thread moved 4.4-8.2 GB/s and two 11.0-11.3 GB/s (on busy
-cores the split did not show a gain: BENCHMARKS.md, peers). A copy of at least
-`MIN_SPLIT_BYTES` is cut into column bands (every row's band j in band j: equal shares whatever
+Each copy goes through _ntcopy.c where it is built (streaming stores from STREAM_MIN bytes, the
+GIL released), else numpy (which releases the GIL too). One thread storing with streaming
+stores moved cold pages at 15-17 GB/s on the project's 2-vCPU VM, two at 19-22 GB/s for
+47 MB copies (64 pages of 737,280 B) when the machine was quiet, and no more than one for
+12 MB (16 pages); on busy cores two threads lost at every size (BENCHMARKS.md, peers). So
+only a copy of at least `MIN_SPLIT_BYTES` is cut into column bands (every row's band j in band j: equal shares whatever
 the page count), taken by the caller's thread and the pool's as each is free. A copy returns
 only once every band has landed, and raises the first band's error after all of them are done.
-
-Each band is copied by _ntcopy.c (streaming stores from STREAM_MIN bytes, the GIL released)
-where it is built, else by numpy (which releases the GIL too).
 
 Threads: `set_copy_threads(n)`, else `$KVSTORE_COPY_THREADS`, else DEFAULT_THREADS; never
 more than the CPUs this process may run on; 1 turns the split off.
@@ -34,13 +33,15 @@ except ImportError:
 
 ENV = "KVSTORE_COPY_THREADS"
 DEFAULT_THREADS = 4  # (more rarely helps: a few threads already fill the memory channels)
-# Below this a copy stays on the caller's thread: handing a band to another thread costs
-# ~30-60 us (wake-up, a future), a few percent of a 2 MiB band at ~10 GB/s, more below.
-MIN_SPLIT_BYTES = 4 << 20
-# From this size a copy (all its runs together) is stored with streaming stores (_ntcopy.c):
-# measured on the project's VM, they won from ~256 KiB; below, memcpy is as fast and leaves
-# the bytes in the cache for whoever reads them next.
-STREAM_MIN = 256 << 10
+# Below this a copy stays on the caller's thread: with streaming stores a second thread added
+# nothing measurable to a 12 MB copy (16 pages) even on a quiet VM, ~20-30 % to a 47 MB one
+# (64 pages), and handing it a band costs ~20-60 us (wake-up, a future, the GIL).
+MIN_SPLIT_BYTES = 32 << 20
+# From this size a copy (all its runs together) is stored with streaming stores (_ntcopy.c).
+# Cold, they won at every size measured (64 KiB up); but when both buffers are in the cache
+# (a 256-512 KiB copy repeated) memcpy moved 30-40 GB/s to their 10, so copies of less than
+# half a typical L2 stay memcpy (a 720 KiB KV page streams).
+STREAM_MIN = 512 << 10
 # Bands a copy is cut into per thread: the caller takes over a helper's share when the helper
 # is slow to start; narrower bands than this add a numpy call each for little.
 BANDS_PER_THREAD = 2
