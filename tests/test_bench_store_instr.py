@@ -15,7 +15,7 @@ def test_the_put_worker_seals_every_page_it_puts(form) -> None:
     assert sealed == (1 + 2 + store_instr.WARMUP) * pages
 
 
-@pytest.mark.parametrize("op", ["lookup", "lookup-nopin"])
+@pytest.mark.parametrize("op", ["lookup", "lookup-nopin", "lookup-edge"])
 @pytest.mark.parametrize("form", ["repeated", "packed"])
 def test_the_lookup_worker_hits_the_whole_prompt(op, form) -> None:
     assert store_instr.work(2, 4, "horizon", op, form) == 4 * store_instr.PAGE_TOKENS

@@ -1,6 +1,7 @@
 """A Lookup reply is encoded in C and parsed by protobuf's C code (kvstore/server/convert.py
 `lookup_response`, kvstore/_replyenc.c `encode_fields`): the message is the one protobuf
-builds from the same fields as keyword arguments, whatever their values and sizes."""
+builds from the same fields as keyword arguments, whatever their values and sizes, and the
+bytes the Lookup RPC sends (`lookup_reply_bytes`) are protobuf's serialization of it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def test_the_reply_is_what_protobuf_builds(hit, hashes, pin_id, ready, epoch, tt
     )  # fmt: skip
     assert got == want
     assert got.SerializeToString() == want.SerializeToString()
+    # The Lookup RPC's reply as sent (no message built): protobuf's own bytes for it.
+    assert convert.lookup_reply_bytes(hit, hashes, pin_id, ready, epoch, ttl, deadline, slots) == (
+        want.SerializeToString()
+    )
 
 
 @pytest.mark.skipif(not hashing.NATIVE, reason="the C module is not built (make native)")

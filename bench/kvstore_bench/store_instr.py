@@ -3,7 +3,10 @@
 The servicers' own reply functions (`_put_reply`, `lookup_reply`) on a real Store, no gRPC:
 k fresh pages a put into the session's credit (the fast path a `client.put` takes), and a
 Lookup of a 64-page prompt that hits, pinned with a deadline and released (`lookup`) or
-unpinned (`lookup-nopin`, the `rpc` benchmark's call). Counted by cachegrind
+unpinned (`lookup-nopin`, the `rpc` benchmark's call), and that unpinned lookup as the daemon's
+gRPC edge serves it (`lookup-edge`: the request's bytes through the edge's deserializer, its
+wrapped handler and the reply's serializer, kvstore/server/edge.py; what grpc.aio itself does
+around them is `rpc-instr`'s). Counted by cachegrind
 (`valgrind --tool=cachegrind --cache-sim=no`, Debian's `valgrind`) as (Ir of N=60 ops - Ir
 of N=20) / 40: the start-up cancels, and a count does not move with the machine's load,
 unlike time. The requests are built before the loop and Python's GC is off while it runs
@@ -30,7 +33,7 @@ from typing import Any
 
 from .harness import BenchError, emit, progress
 
-OPS = ("put", "lookup", "lookup-nopin")
+OPS = ("put", "lookup", "lookup-nopin", "lookup-edge")
 PAGE_TOKENS = 16
 WARMUP = 20
 COUNTS = (20, 60)
@@ -107,6 +110,7 @@ def work(n: int, k: int, policy: str, op: str, form: str = "repeated") -> int:
 
         puts = [pb.PutRequest(session_id=sid, namespace="t", credit_pages=k, **ids(t)) for t in prompts]
         pin_ms = 1000 if op == "lookup" else 0
+        edge_call = _edge_lookup(store) if op == "lookup-edge" else None
         look = pb.LookupRequest(session_id=sid, namespace="t", pin_ttl_ms=pin_ms, **ids(prompts[0]))
         grant = credit.grant(store, store.session(sid), ns, k)
         cr = (grant.sequence_id, list(grant.slots))
@@ -120,22 +124,72 @@ def work(n: int, k: int, policy: str, op: str, form: str = "repeated") -> int:
             cr = (r.credit.sequence_id, list(r.credit.slots))
 
         put(0)  # the page a lookup hits
+        data = look.SerializeToString()
         gc.collect()
         gc.freeze()
         gc.disable()
         hit = 0
-        for i in range(1, n + WARMUP + 1):
+        if edge_call is not None:  # (all in one task: the loop's start and stop once, not per call)
+            hit = edge_call(data, n + WARMUP)
+        for i in range(1, n + WARMUP + 1 if edge_call is None else 0):
             if op == "put":
                 put(i)
                 continue
-            reply = _drive(fs.lookup_reply(store, look))
-            hit = reply.hit_tokens
-            if reply.pin_id:
-                store.release_pin(sid, reply.pin_id)
+            raw = _drive(fs.lookup_reply(store, look))  # (the reply's bytes)
+            if pin_ms:
+                store.release_pin(sid, pb.LookupResponse.FromString(raw).pin_id)
+            hit = -1
         gc.enable()
+        if hit == -1:
+            hit = pb.LookupResponse.FromString(raw).hit_tokens
         return len(ns.index) if op == "put" else hit
     finally:
         store.close()
+
+
+def _edge_lookup(store: Any) -> Any:
+    """A function of a LookupRequest's bytes and n: n Lookups through the gRPC edge's Lookup
+    handler as the daemon registers it, in one task on a running loop; the last one's hit."""
+    import grpc
+    from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+    from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+    from kvstore.server.edge import Edge
+    from kvstore.server.kvstore_servicer import KVStoreServicer
+
+    edge = Edge()
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, edge.counts, edge.rpc), edge)
+    h = edge._methods["/kvstore.v1.KVStore/Lookup"]
+    loop = asyncio.new_event_loop()
+    edge._loop = loop  # (as `install` on the daemon's loop sets it)
+
+    class Context:  # what the edge asks of grpc.aio's context on a call that succeeds
+        def code(self) -> None:
+            return None
+
+        def done(self) -> bool:
+            return False
+
+        async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+            raise BenchError(f"store-instr: the edge's Lookup aborted: {code} {details}")
+
+    context = Context()
+
+    serialize = h.response_serializer or bytes  # (None: the reply is its bytes)
+
+    async def calls(data: bytes, n: int) -> bytes:
+        reply = b""
+        for _ in range(n):
+            reply = serialize(await h.unary_unary(h.request_deserializer(data), context))
+        return reply
+
+    def call(data: bytes, n: int) -> int:
+        try:
+            return pb.LookupResponse.FromString(loop.run_until_complete(calls(data, n))).hit_tokens
+        finally:
+            loop.close()
+
+    return call
 
 
 def _drive(coro: Any) -> Any:

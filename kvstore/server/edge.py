@@ -18,6 +18,7 @@ our services) at every call. One generic handler is one pending request and a di
   (kvstore/server/auth.py): a call without the scopes it needs never reaches its servicer.
 - Each call is timed and counted by its method and final status (kvstore/server/rpc_metrics.py):
   one histogram observe and one counter inc, on children bound when the method is wrapped.
+- The methods in ENCODED_REPLIES answer with bytes: they are sent as they are.
 - Once shutdown begins, new calls get UNAVAILABLE "daemon shutting down"; calls still running
   when the grace ends are cancelled and get the same status rather than CANCELLED.
 """
@@ -53,6 +54,10 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"  # answers during shutdown: clients se
 MAX_STRING = 256
 UNBOUNDED_BYTES = frozenset({"extra_keys", "token_ids_u32"})
 # Reflection's file_containing_symbol etc. are strings too; nothing legitimate is longer.
+# Methods whose handlers answer with their reply already serialized (bytes, encoded in C:
+# kvstore/server/fast_servicer.py `lookup_reply`): served without a response serializer, so
+# the reply is neither built as a message nor serialized again, over gRPC and the lane alike.
+ENCODED_REPLIES = frozenset({"/kvstore.v1.KVStore/Lookup"})
 
 
 @dataclass
@@ -137,6 +142,8 @@ class Edge:
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserializer = _guarded(h.request_deserializer)
+        if method in ENCODED_REPLIES:
+            h = h._replace(response_serializer=None)
         refuse = not method.startswith(HEALTH_PREFIX)
         m = self.rpc.method(method, timed=h.unary_unary is not None)
         if h.unary_unary is not None:

@@ -20,10 +20,12 @@ from kvstore.store import fastpath, namespaces, zero_later
 from kvstore.store.store import Store
 
 Ctx = grpc.aio.ServicerContext
+_parse_lookup = pb.LookupResponse.FromString
 
 
-async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResponse:
-    """One Lookup, as the Lookup RPC and each BatchLookup item answer it."""
+async def lookup_reply(store: Store, request: pb.LookupRequest) -> bytes:
+    """One Lookup's reply, serialized: the Lookup RPC answers with these bytes as they are
+    (kvstore/server/edge.py ENCODED_REPLIES); a BatchLookup item is them parsed."""
     sid, namespace = request.session_id, request.namespace  # (each read of a str field builds one)
     fastpath.release_pins(store, sid, request.release_pin_ids)
     r, ttl_ms, deadline_ns = await fastpath.lookup(
@@ -37,7 +39,7 @@ async def lookup_reply(store: Store, request: pb.LookupRequest) -> pb.LookupResp
         request.return_in_flight,
         request.pin_ttl_ms,
     )
-    return convert.lookup_response(
+    return convert.lookup_reply_bytes(
         r.hit_tokens,
         r.block_hashes,
         r.pin_id,
@@ -183,7 +185,7 @@ class FastPathServicer:
         store = self.store
 
         async def run(item: pb.LookupRequest) -> pb.LookupResponse:
-            return await lookup_reply(store, item)
+            return _parse_lookup(await lookup_reply(store, item))
 
         def undo(item: pb.LookupRequest, reply: pb.LookupResponse) -> None:
             if reply.pin_id:

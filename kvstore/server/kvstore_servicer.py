@@ -172,8 +172,8 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
         return pb.ReportImportanceResponse(pages_held=held)
 
     @grpc_errors
-    async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
-        return await lookup_reply(self.store, request)
+    async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> bytes:
+        return await lookup_reply(self.store, request)  # (a LookupResponse's bytes: edge.ENCODED_REPLIES)
 
     @grpc_errors
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:

@@ -264,7 +264,8 @@ class _Connection(asyncio.Protocol):
             reply = await handler.unary_unary(request, context)
         except grpc.aio.AbortError:
             return _error(context.code() or grpc.StatusCode.UNKNOWN, context.details())
-        return _OK, handler.response_serializer(reply)
+        serialize = handler.response_serializer  # (None: the reply is its bytes, edge.ENCODED_REPLIES)
+        return _OK, reply if serialize is None else serialize(reply)
 
 
 def _error(code: grpc.StatusCode, message: str) -> tuple[int, bytes]:
