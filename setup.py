@@ -45,12 +45,14 @@ setup(
                 "kvstore/_pagetouch.c",
                 "kvstore/_replyenc.c",
                 "kvstore/_mrcrecord.c",
+                "kvstore/_reqscan.c",
             ],
             depends=[
                 "kvstore/_hashmemo.h",
                 "kvstore/_pagetouch.h",
                 "kvstore/_replyenc.h",
                 "kvstore/_mrcrecord.h",
+                "kvstore/_reqscan.h",
             ],
         ),
         # -ffp-contract=off: no fused multiply-add, so the results equal numpy's bit for bit;

@@ -1,5 +1,5 @@
 """The Lookup reply built with fewer steps (kvstore/server/fast_servicer.py `lookup_reply`:
-each request field read once, the pin's fields set only with a pin, the store's lookup and
+the request read in one C pass (kvstore/server/request_scan.py), each request field read once, the pin's fields set only with a pin, the store's lookup and
 its wait without waits.lookup between them) is byte for byte the reply the old one built,
 on twin stores given the same calls: misses, partial and full hits, unpinned, pinned, with
 a deadline (capped or not), earlier pins released on the next call, and the same errors."""
@@ -12,16 +12,27 @@ import pytest
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from store_helpers import T, make_store, write
 
+from kvstore import hashing
 from kvstore.errors import KVStoreError
-from kvstore.server import fast_servicer
+from kvstore.server import edge, fast_servicer
 from kvstore.server.tokens import request_tokens
 from kvstore.store import fastpath, namespaces
 
+scan_lookup = edge._guarded(pb.LookupRequest.FromString, scanned=True)
+
 
 async def lookup_reply(store, request: pb.LookupRequest) -> pb.LookupResponse:
-    """Today's: the reply's bytes (the Lookup RPC sends them as they are), parsed; they are
-    protobuf's own serialization of that message, byte for byte."""
-    raw = await fast_servicer.lookup_reply(store, request)
+    """Today's: the request as clients send it (packed ids) and as the edge reads it (in one
+    C pass, a named tuple of its fields), the reply's bytes (the Lookup RPC sends them as they are), parsed;
+    they are protobuf's own serialization of that message, byte for byte."""
+    packed = pb.LookupRequest()
+    packed.CopyFrom(request)
+    if request.token_ids:  # (the ids as clients send them: packed)
+        packed.token_ids_u32 = b"".join(t.to_bytes(4, "little") for t in request.token_ids)
+        del packed.token_ids[:]
+    scanned = scan_lookup(packed.SerializeToString())
+    assert isinstance(scanned, tuple) == hashing.NATIVE  # (the scan takes every request here)
+    raw = await fast_servicer.lookup_reply(store, scanned)
     reply = pb.LookupResponse.FromString(raw)
     assert raw == reply.SerializeToString()
     return reply

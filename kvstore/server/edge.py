@@ -39,7 +39,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from kvstore.server import status
+from kvstore.server import request_scan, status
 from kvstore.server.lane_counts import LaneCounts
 from kvstore.server.pool_refusals import PoolSocketCounts
 from kvstore.server.rpc_metrics import MethodMetrics, RpcMetrics
@@ -54,10 +54,11 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"  # answers during shutdown: clients se
 MAX_STRING = 256
 UNBOUNDED_BYTES = frozenset({"extra_keys", "token_ids_u32"})
 # Reflection's file_containing_symbol etc. are strings too; nothing legitimate is longer.
-# Methods whose handlers answer with their reply already serialized (bytes, encoded in C:
-# kvstore/server/fast_servicer.py `lookup_reply`): served without a response serializer, so
-# the reply is neither built as a message nor serialized again, over gRPC and the lane alike.
+# The Lookup's reply is its bytes, encoded in C (fast_servicer.lookup_reply): sent as they are,
+# no response serializer, over gRPC and the lane. Its request's usual shapes are read in one C
+# pass into a named tuple of its fields, the rest parsed as before (server/request_scan.py).
 ENCODED_REPLIES = frozenset({"/kvstore.v1.KVStore/Lookup"})
+SCANNED_REQUESTS = frozenset({"/kvstore.v1.KVStore/Lookup"})
 
 
 @dataclass
@@ -141,7 +142,7 @@ class Edge:
     # ------------------------------------------------------------ the wrapping
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        deserializer = _guarded(h.request_deserializer)
+        deserializer = _guarded(h.request_deserializer, method in SCANNED_REQUESTS)
         if method in ENCODED_REPLIES:
             h = h._replace(response_serializer=None)
         refuse = not method.startswith(HEALTH_PREFIX)
@@ -326,8 +327,11 @@ def _refusal(e: BaseException | None) -> bool:
     return e is not None and status.status_and_message(e)[0] != grpc.StatusCode.INTERNAL
 
 
-def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """A deserializer that never raises: bytes it cannot take become a `Malformed`."""
+def _guarded(
+    deserializer: Callable[[bytes], Any] | None, scanned: bool = False
+) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: bytes it cannot take become a `Malformed`.
+    `scanned`: the usual shapes are read by request_scan, the rest parsed here."""
     if deserializer is None:
         return None
     cls = getattr(deserializer, "__self__", None)  # pb.X.FromString is bound to the class
@@ -335,8 +339,13 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     type_name = cls.DESCRIPTOR.full_name if known else "request"
     # The fields to check, found now for the type the deserializer builds (any other: per request).
     fields = _bounded_fields(cls.DESCRIPTOR) if known else None
+    scan = request_scan.scanner(cls.DESCRIPTOR, UNBOUNDED_BYTES, MAX_STRING) if known and scanned else None
 
     def parse(data: bytes) -> Any:
+        if scan is not None:
+            request = scan(data)
+            if request is not None:
+                return request
         try:
             request = deserializer(data)
         except Exception as e:  # DecodeError, or any other reason the bytes cannot be taken

@@ -23,9 +23,10 @@ Ctx = grpc.aio.ServicerContext
 _parse_lookup = pb.LookupResponse.FromString
 
 
-async def lookup_reply(store: Store, request: pb.LookupRequest) -> bytes:
+async def lookup_reply(store: Store, request: Any) -> bytes:
     """One Lookup's reply, serialized: the Lookup RPC answers with these bytes as they are
-    (kvstore/server/edge.py ENCODED_REPLIES); a BatchLookup item is them parsed."""
+    (kvstore/server/edge.py ENCODED_REPLIES); a BatchLookup item is them parsed. `request`:
+    a LookupRequest, or its fields as the edge reads them (kvstore/server/request_scan.py)."""
     sid, namespace = request.session_id, request.namespace  # (each read of a str field builds one)
     fastpath.release_pins(store, sid, request.release_pin_ids)
     r, ttl_ms, deadline_ns = await fastpath.lookup(
