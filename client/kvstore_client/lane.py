@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -108,9 +109,10 @@ class Lane:
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.connection(deadline)
         try:
-            sock.settimeout(timeout)
-            sock.sendall(wire.request(name, request.SerializeToString()))
+            _send(sock, wire.request(name, request.SerializeToString()), deadline, self._ended)
             code, payload = _read_reply(sock, deadline, self._ended)
+            if deadline is not None and deadline - time.monotonic() < WAIT_SLICE_S:
+                _slice(sock, WAIT_SLICE_S)  # (`_left` may have shortened it: set it back)
         except TimeoutError:
             self._drop(sock)  # the daemon cancels the call when the connection closes
             raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
@@ -140,8 +142,11 @@ class Lane:
         try:
             sock.settimeout(HELLO_TIMEOUT_S)  # (a local connect: at once, or never)
             sock.connect(self.path)
-            sock.sendall(self._hello)
+            _blocking_in_slices(sock)
+            _send(sock, self._hello, deadline, self._ended)
             code, payload = _read_reply(sock, deadline, self._ended)
+            if deadline is not None and deadline - time.monotonic() < WAIT_SLICE_S:
+                _slice(sock, WAIT_SLICE_S)
         except TimeoutError:
             sock.close()
             raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
@@ -167,6 +172,53 @@ class _Closed(Exception):
     """The daemon closed the connection."""
 
 
+def _blocking_in_slices(sock: socket.socket) -> None:
+    """A blocking socket whose send and recv give up after WAIT_SLICE_S (the kernel's
+    SO_SNDTIMEO / SO_RCVTIMEO: EAGAIN), so a call still looks at its deadline and the session
+    between slices. A call is then one send and one recv: a Python timeout would add a poll
+    to each and two fcntl calls a call (settimeout), 4 of a call's 6 syscalls."""
+    sock.settimeout(None)
+    _slice(sock, WAIT_SLICE_S)
+
+
+def _slice(sock: socket.socket, seconds: float) -> None:
+    sec, usec = divmod(max(1, round(seconds * 1e6)), 1_000_000)
+    tv = _TIMEVAL.pack(sec, usec)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval
+
+
+def _left(sock: socket.socket, deadline: float | None, ended: threading.Event | None, waited: bool) -> None:
+    """Before a send or recv (`waited`: after one that gave up at the end of its slice): past
+    `deadline` TimeoutError, once the session has ended _Closed (a hung daemon: its KeepAlive
+    stream's pings failed); a deadline nearer than a slice becomes the socket's slice."""
+    if waited and ended is not None and ended.is_set():
+        raise _Closed("the session's KeepAlive stream ended (the daemon stopped answering)")
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    if left < WAIT_SLICE_S:
+        _slice(sock, left)  # (the connection is dropped at the deadline, or set back after it)
+
+
+def _send(sock: socket.socket, frame: bytes, deadline: float | None, ended: threading.Event | None) -> None:
+    _left(sock, deadline, ended, False)
+    view = memoryview(frame)
+    while True:
+        try:
+            view = view[sock.send(view) :]  # (a send that gives up midway says how much went)
+        except BlockingIOError:
+            _left(sock, deadline, ended, True)
+            continue
+        if not view:
+            return
+
+
 def _read_reply(
     sock: socket.socket, deadline: float | None, ended: threading.Event | None
 ) -> tuple[int, bytes]:
@@ -188,18 +240,12 @@ def _read_reply(
 def _more(
     sock: socket.socket, deadline: float | None, ended: threading.Event | None, want: int = 1 << 16
 ) -> bytes:
-    """The next bytes of a reply, waiting in slices: past `deadline` TimeoutError, once the
-    session has ended _Closed (a hung daemon: its KeepAlive stream's pings failed)."""
+    """The next bytes of a reply, waiting in slices (see `_left`)."""
     while True:
-        left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
-        if left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
         try:
             chunk = sock.recv(min(want, 1 << 20))
-        except TimeoutError:
-            if ended is not None and ended.is_set():
-                raise _Closed("the session's KeepAlive stream ended (the daemon stopped answering)") from None
+        except BlockingIOError:  # (the slice ended)
+            _left(sock, deadline, ended, True)
             continue
         if not chunk:
             raise _Closed("the daemon closed the connection")
