@@ -335,6 +335,12 @@ def test_token_ids_go_packed_when_they_pack() -> None:
     for bad in ([1.5], ["3"], [2**31], np.ones(3), torch.ones(3), np.ones((2, 2), dtype=np.int32)):
         with pytest.raises(errors.InvalidArgument, match="token_ids"):
             _tokens.fill_tokens(pb.LookupRequest(), bad)
+    # A list's range is checked by builtin max() when short, numpy's when long: the same answer.
+    for n in (16, _tokens._SHORT, _tokens._SHORT + 1, 1000):
+        ids = [(i * 7919) % 50000 for i in range(n)]
+        assert _tokens.pack_tokens(ids) == np.array(ids, dtype="<u4").tobytes()
+        assert _tokens.pack_tokens([*ids[:-1], 2**31 - 1]) is not None
+        assert _tokens.pack_tokens([*ids[:-1], 2**31]) is None
 
 
 def test_torch_is_imported_only_when_needed() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from . import _copy, _wire
-from ._tokens import token_count
+from ._tokens import fill_tokens, token_count
 from .errors import FailedPrecondition, InvalidArgument, KVStoreClientError
 from .fastpath import (
     Flow,
@@ -64,24 +64,39 @@ def put(
     ns = yield from namespace_of(client, namespace)
     if cached_tokens < 0:
         raise InvalidArgument(f"cached_tokens={cached_tokens} is negative")
-    req = reserve_request(client.session_id, ns, tokens, **kw)
-    n_tokens = token_count(req)
-    pages = -(-n_tokens // ns.page_tokens)
-    plain = callable(data) or req.max_tokens or req.HasField("options")
-    skip = min(cached_tokens, n_tokens) // ns.page_tokens
+    sid = client.session_id
+    credit = None
+    if callable(data) or kw["max_tokens"] or kw["options"] is not None:
+        req = reserve_request(sid, ns, tokens, **kw)  # (a credit stays for a put that can use it)
+        return (yield from _reserve_and_seal(client, ns, req, data, None, 0))
+    # The request a credit's Put sends, built first: a ReserveRequest only if there is none.
+    call = pb.PutRequest(
+        session_id=sid,
+        namespace=ns.name,
+        extra_keys=_wire.extra_bytes(kw["extra_keys"]),
+        model_fingerprint=kw["fingerprint"],
+    )
+    fill_tokens(call, tokens)
+    pages = -(-token_count(call) // ns.page_tokens)
+    skip = min(cached_tokens, token_count(call)) // ns.page_tokens
     credit = client._credits.take(ns)
-    if credit is not None and not plain and len(credit.slots) >= pages - skip:
+    if credit is not None and len(credit.slots) >= pages - skip:
         try:
-            return (yield from _into_credit(client, ns, req, data, credit, pages, skip))
+            return (yield from _into_credit(client, ns, call, data, credit, pages, skip))
         except FailedPrecondition:
             if not skip:
                 raise
             credit = None  # (forgotten) the prefix was evicted meanwhile: Reserve says what to write
-    if plain:  # keep the credit for a put that can use it
-        client._credits.give(ns, credit)
-        credit = None
+    req = pb.ReserveRequest(
+        session_id=sid,
+        namespace=call.namespace,
+        extra_keys=call.extra_keys,
+        model_fingerprint=call.model_fingerprint,
+        token_ids=call.token_ids,
+        token_ids_u32=call.token_ids_u32,
+    )
     try:
-        return (yield from _reserve_and_seal(client, ns, req, data, credit, 0 if plain else pages))
+        return (yield from _reserve_and_seal(client, ns, req, data, credit, pages))
     except BaseException:
         if credit is not None:
             yield from _drop(client, credit)
@@ -99,14 +114,13 @@ def _drop(client: Any, credit: pb.Credit) -> Flow[None]:
 def _into_credit(
     client: Any,
     ns: Namespace,
-    req: pb.ReserveRequest,
+    call: pb.PutRequest,
     data: PutData,
     credit: pb.Credit,
     pages: int,
     skip: int,
 ) -> Flow[PutResult]:
-    """Copy pages [skip, pages) into the credit, then Put."""
-    sid = client.session_id
+    """Copy pages [skip, pages) into the credit, then Put (`call`: its tokens and keys set)."""
     try:
         src = src_of(ns, data, pages)
     except BaseException:
@@ -114,19 +128,11 @@ def _into_credit(
         raise
     slots = credit.slots[: pages - skip]
     _copy.copy_in(ns, src, range(skip, pages), slots)
-    call = pb.PutRequest(
-        session_id=sid,
-        namespace=ns.name,
-        token_ids=req.token_ids,
-        token_ids_u32=req.token_ids_u32,
-        extra_keys=req.extra_keys,
-        model_fingerprint=req.model_fingerprint,
-        credit_sequence_id=credit.sequence_id,
-        slots=slots,
-        credit_pages=pages,
-        release_pin_ids=client._pins_done.take(),
-        skip_pages=skip,
-    )
+    call.credit_sequence_id = credit.sequence_id
+    call.slots[:] = slots
+    call.credit_pages = pages
+    call.release_pin_ids[:] = client._pins_done.take()
+    call.skip_pages = skip
     try:
         r = yield _wire.Call("kv", "Put", call, _same, pool=ns, sync_first=ns)
     except BaseException:

@@ -18,6 +18,8 @@ from .errors import InvalidArgument
 MAX_TOKEN_ID = 2**31 - 1
 _LE_U32 = np.dtype("<u4")
 _U32 = "I" if array.array("I").itemsize == 4 else "L"  # a C unsigned int of 4 bytes
+_U32_NATIVE = np.dtype("=u4")
+_SHORT = 256
 
 
 def _integer_vector(tensor: Any, torch: Any) -> bool:
@@ -67,11 +69,16 @@ def pack_tokens(tokens: Any) -> bytes | None:
         packed = array.array(_U32, tokens)
     except (TypeError, ValueError, OverflowError):
         return None
+    if packed and _largest(packed) > MAX_TOKEN_ID:
+        return None
     if sys.byteorder == "big":
         packed.byteswap()
-    if packed and np.frombuffer(packed, dtype=_LE_U32).max() > MAX_TOKEN_ID:
-        return None
     return packed.tobytes()
+
+
+def _largest(packed: array.array) -> int:
+    # builtin max() over a few ids (a 1-page put: 16) costs a tenth of numpy's call
+    return max(packed) if len(packed) <= _SHORT else int(np.frombuffer(packed, dtype=_U32_NATIVE).max())
 
 
 def fill_tokens(request: Any, tokens: Any) -> None:

@@ -195,19 +195,20 @@ def copy_out(
     """Copy a get's hit into `out`, then check its pin's deadline (PinExpired if passed)."""
     import torch
 
-    size = ns.pool.page_bytes if reply.slots else 0
-    n = len(reply.slots)
+    slots = reply.slots
+    n = len(slots)
+    size = ns.pool.page_bytes if n else 0
     if out is None:
         dst = torch.empty(n * size, dtype=torch.uint8)
     else:
         dst = _copy.flat_bytes(out, "out")
-        if len(dst) < n * size:
+        if dst.shape[0] < n * size:  # (a tensor's len() is Python code: 10x shape's)
             raise InvalidArgument(f"out has {len(dst)} bytes; the {n} pages hit need {n * size}")
         if isinstance(dst, np.ndarray):
             if not dst.flags.writeable:
                 raise InvalidArgument("out is read-only")
             dst = torch.from_numpy(dst)
-    _copy.copy_out(ns, dst, reply.slots)
+    _copy.copy_out(ns, dst, slots)
     if after_copy is not None:
         after_copy()
     if reply.pin_ttl_ms:
