@@ -57,6 +57,7 @@ def test_profile_splits_a_request_per_side(capsys):
         assert row["daemon_main_ms"] <= row["daemon_cpu_ms"]
     every, main_thread = r["daemon_cpu_s"]  # (the whole run: at least its two passes' share)
     assert every >= main_thread > 0 and every * 1000 >= (put["daemon_cpu_ms"] + get["daemon_cpu_ms"]) * 16
+    assert r["daemon_minor_faults"] >= 0
 
 
 def test_the_kvstore_sides_put_of_the_largest_size_is_one_put_into_a_credit():
