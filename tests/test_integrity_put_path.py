@@ -20,7 +20,7 @@ import kvstore_client
 import numpy as np
 from e2e_helpers import prompt, read_page, wait_until
 
-from kvstore.store import zero_later
+from kvstore.store import page_sums, zero_later
 from kvstore.store.integrity import Integrity, IntegrityConfig
 from kvstore.store.store import Store
 from kvstore.store.types import NamespaceSpec, StoreLimits
@@ -185,7 +185,7 @@ def _nice(pid: int, tid: str) -> int:
 
 def test_the_integrity_thread_runs_below_the_daemons_other_threads(daemon) -> None:
     """Its work can wait; a call's threads and the clients' copies on the same cores cannot."""
-    from kvstore.store.integrity import BACKGROUND_NICE
+    from kvstore.store.integrity_jobs import BACKGROUND_NICE
 
     with kvstore_client.connect(daemon.target, client_name="nice") as kv:
         ns = kv.namespace(NS)
@@ -224,3 +224,34 @@ async def test_the_integrity_task_stops_when_cancelled_as_a_put_wakes_it() -> No
             await asyncio.wait([task], timeout=2.0)
         integrity.close()
         store.close()
+
+
+async def test_seals_a_few_milliseconds_apart_are_checksummed_in_one_job() -> None:
+    """Every Put's seal woke the integrity task at once: one checksum job a Put, each ~70 us
+    of the loop's time whatever its size (the wake, the executor's hand-off, its callback).
+    Seals within SEAL_WAKE_S of the first now share one job, which still comes by itself (no
+    other wake) and checksums every page's own bytes."""
+    store, integrity, ns = _store()
+    task = asyncio.create_task(integrity.run(lambda: store.namespaces))
+    try:
+        for _ in range(3):  # (the task creates its wake event and waits on it)
+            await asyncio.sleep(0)
+        pages = ns.reserve_many(1, 6)
+        for i, page in enumerate(pages):
+            _fill(ns, page.slot, i + 1)
+        before = integrity.jobs
+        for page in pages:  # one Put's seal each (Namespace.seal hands its pages to the guard)
+            ns.guard.sealed([page], 1)
+            for _ in range(20):  # (loop turns: enough for the task to run a job, as it did)
+                await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while not all(type(p.checksum) is int for p in pages) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        for page in pages:
+            view = ns.page_view(page.slot)
+            assert page.checksum == page_sums.checksum(view), f"slot {page.slot}"
+            view.release()
+        # (two if the loop lost the core for longer than SEAL_WAKE_S between two seals)
+        assert integrity.jobs - before <= 2, f"{integrity.jobs - before} jobs for {len(pages)} seals"
+    finally:
+        await _stop(task, integrity, store)

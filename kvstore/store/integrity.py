@@ -4,10 +4,11 @@ freed page still holds its previous occupant's bytes. Three defences, per host p
 
 - **Checksum at seal.** `Namespace.seal` hands each page to `NamespaceGuard.sealed`; the page's
   checksum (page_sums.py) is computed on the integrity thread, batched (every page sealed
-  since the last batch), so a Put pays nothing on the loop. Until it is in, the page carries
-  its batch as a marker (`Page.checksum`), which is also what makes a late result for a page
-  freed and sealed again meanwhile be ignored. The thread runs at nice +10 and falls behind
-  under load: a page that leaves the pool while still waiting is counted (`pages_unchecked`).
+  since the last batch: a seal wakes the task SEAL_WAKE_S later), so a Put pays nothing on
+  the loop. Until it is in, the page carries its batch as a marker (`Page.checksum`), which
+  also makes a late result for a page freed and sealed again meanwhile be ignored. The thread
+  runs at nice +10 and falls behind under load: a page that leaves the pool while still
+  waiting is counted (`pages_unchecked`).
 - **The scrubber** re-verifies sealed pages on that thread at a bounded rate
   (`server.scrub_bytes_per_s`), a slot cursor per namespace. Copies below the pool verify
   first (`page_sums.intact`, called by the tiers). A mismatch drops the page: out of the index
@@ -29,8 +30,6 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from kvstore.memory.backend import HandleType
 from kvstore.memory.page_zero import zero
 from kvstore.memory.pages import FREE, SEALED, Page
 from kvstore.store import zero_later
-from kvstore.store.integrity_jobs import Batch, tracked, work
+from kvstore.store.integrity_jobs import Batch, background, tracked, work
 from kvstore.store.namespace import GoneKind, Namespace
 from kvstore.store.page_sums import CORRUPT
 
@@ -51,10 +50,10 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05  # how often the scrubber runs (and freed pages are zeroed) when nothing wakes it
 JOB_BYTES = 32 << 20  # bytes of sealed pages to checksum, or freed pages to zero, per job: a
 # page taken while its batch is being zeroed waits for the job, so this bounds that wait
-# The integrity thread's nice, above the daemon's: its work can wait (checksums, the scrubber,
-# zeroing ahead), the calls' threads and the clients' copies on the same cores cannot.
-BACKGROUND_NICE = 10
 SCRUB_SCAN = 4096  # slots the scrubber's cursor steps over per tick, at most
+# A seal wakes the task this long after it: one checksum job for the seals of those ms, not
+# one a Put (~50-70 us of loop a job, any size). A freed page wakes it at once (zeroing ahead).
+SEAL_WAKE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class NamespaceGuard:
             page.checksum = batch
         if batch is not None:
             batch.pages += pages
-            self.service.kick()
+            self.service.kick_soon()
 
     def corrupt(self, page: Page, where: str) -> None:
         if page.checksum is CORRUPT:
@@ -276,13 +275,6 @@ class NamespaceGuard:
                 ns.evicting_for = ""
 
 
-def _background() -> None:
-    """On the integrity thread: lower its own priority (Linux: a thread's nice is its own)."""
-    with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-
-
 class Integrity:
     """The store's integrity service: one guard per host pool, one thread, one task (`run`)."""
 
@@ -290,11 +282,14 @@ class Integrity:
         self.config = config
         self.sessions = sessions
         self.guards: dict[str, NamespaceGuard] = {}
-        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-integrity", initializer=_background)
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-integrity", initializer=background)
         # (zero_later.py: a reply's freshly taken dirty pages, not queued behind the thread's jobs)
         self.zero_pool = cf.ThreadPoolExecutor(zero_later.THREADS, thread_name_prefix="kvstore-zero")
         self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # (both set by `run`)
+        self._soon: asyncio.TimerHandle | None = None  # kick_soon's wake, until it fires or the task runs
         self._credit = 0.0  # scrub bytes earned and not yet spent
+        self.jobs = 0  # jobs submitted to the integrity thread (benchmarks and tests read it)
 
     def attach(self, ns: Namespace) -> None:
         """Guard a new namespace (host pools only)."""
@@ -312,24 +307,37 @@ class Integrity:
         if self._wake is not None:
             self._wake.set()
 
+    def kick_soon(self) -> None:
+        """Wake the task within SEAL_WAKE_S (at once if something else woke it meanwhile)."""
+        if (
+            self._loop is not None
+            and self._wake is not None
+            and self._soon is None
+            and not self._wake.is_set()
+        ):
+            self._soon = self._loop.call_later(SEAL_WAKE_S, self._wake.set)
+
     async def run(self, namespaces: Callable[[], dict[str, Namespace]]) -> None:
         """The background task: each tick (or at once when woken), one job per namespace."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         rate = self.config.scrub_bytes_per_s if self.config.checksums else 0
         last = scrubbed = loop.time()
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives in
-            # the loop step of a wake (every Put kicks): the task ran on, and the daemon's stop
+            # the loop step of a wake (every Put wakes it): the task ran on, and the daemon's stop
             # waited out its step timeout for it.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK_S):
                     await self._wake.wait()
             self._wake.clear()
+            if self._soon is not None:  # (this turn takes what it was for)
+                self._soon.cancel()
+                self._soon = None
             now = loop.time()
             self._credit = min(self._credit + rate * (now - last), rate * 1.0)
             last = now
-            # Woken for checksums or zeroing (every Put kicks), the scrubber still runs at most
+            # Woken for checksums or zeroing (every Put wakes it), the scrubber still runs at most
             # once a tick: its scan and reads are not repeated at every call's pace.
             scrub = now - scrubbed >= TICK_S
             scrubbed = now if scrub else scrubbed
@@ -367,6 +375,7 @@ class Integrity:
             for page in zeros.pages:
                 page.zeroing = None  # (still dirty)
             return
+        self.jobs += 1
         if zeros.pages:
             zeros.future = future
             guard.zeroing = zeros

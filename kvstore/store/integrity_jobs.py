@@ -1,10 +1,14 @@
 """What the integrity thread and the zeroing threads run (kvstore/store/integrity.py,
-zero_later.py): a batch of pages, the job over their bytes, the job's future on the loop."""
+zero_later.py): a batch of pages, the job over their bytes, the job's future on the loop, the
+integrity thread's priority."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
+import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from kvstore.memory.page_zero import zero
@@ -13,6 +17,18 @@ from kvstore.store.page_sums import checksum
 
 if TYPE_CHECKING:
     from kvstore.store.namespace import Namespace
+
+
+# The integrity thread's nice, above the daemon's: its work can wait (checksums, the scrubber,
+# zeroing ahead), the calls' threads and the clients' copies on the same cores cannot.
+BACKGROUND_NICE = 10
+
+
+def background() -> None:
+    """On the integrity thread: lower its own priority (Linux: a thread's nice is its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
 
 
 class Batch:
