@@ -175,6 +175,18 @@ def test_bad_frames_get_a_clear_answer_or_a_clean_close_and_nothing_is_lost(daem
     # The same connection serves on: a real Lookup, answered with the stored prefix.
     code, reply = lane.call("Lookup", pb.LookupRequest(namespace=NS, token_ids=tokens).SerializeToString())
     assert code == grpc.StatusCode.OK and pb.LookupResponse.FromString(reply).hit_tokens == 3 * T
+    # Frames cut anywhere and several in one write are each answered, in order.
+    frames = [
+        wire.request(b"Lookup", pb.LookupRequest(namespace=NS, token_ids=tokens[: k * T]).SerializeToString())
+        for k in (1, 2, 3)
+    ]
+    stream = b"".join(frames)
+    for cut_at in (2, 5, len(frames[0]) + 3):
+        lane.sock.sendall(stream[:cut_at])
+        lane.sock.sendall(stream[cut_at:])
+        for k in (1, 2, 3):
+            code, reply = lane.reply()
+            assert code == 0 and pb.LookupResponse.FromString(reply).hit_tokens == k * T
     lane.close()
 
     stats = lane_stats(daemon.target)

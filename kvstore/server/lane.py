@@ -165,10 +165,15 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading() if pause else self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        # Frames are cut from `data` itself when nothing is pending (the usual case: a whole
+        # request in one read), one copy each; only a partial frame is kept in `buf`.
         buf = self.buf
-        buf += data
-        while len(buf) >= 4:
-            (n,) = wire.LENGTH.unpack_from(buf)
+        if buf:
+            buf += data
+            data = buf  # type: ignore[assignment]
+        at, end = 0, len(data)
+        while end - at >= 4:
+            (n,) = wire.LENGTH.unpack_from(data, at)
             if n > self.lane.max_frame:
                 self._refuse(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -176,15 +181,19 @@ class _Connection(asyncio.Protocol):
                     "(its gRPC max receive message size)",
                 )
                 return
-            if len(buf) < 4 + n:
+            if end - at < 4 + n:
                 break
-            body = bytes(buf[4 : 4 + n])
-            del buf[: 4 + n]
+            body = bytes(data[at + 4 : at + 4 + n])  # (of bytes: the slice itself)
+            at += 4 + n
             if not self.hello:
                 if not self._greet(body):
                     return
                 continue
             self.frames.append(body)
+        if data is buf:
+            del buf[:at]
+        elif at < end:
+            buf += data[at:]
         if self.call is None and self.frames:
             self._next()
         self._flow()

@@ -38,13 +38,16 @@ def frame(body: bytes) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
+_HEAD = struct.Struct("<IB")  # a frame's length and its body's first byte
+
+
 def request(method: bytes, payload: bytes) -> bytes:
     """A whole request frame for `method` (its name, ASCII) carrying `payload`."""
-    return LENGTH.pack(len(method) + 1 + len(payload)) + bytes((len(method),)) + method + payload
+    return _HEAD.pack(len(method) + 1 + len(payload), len(method)) + method + payload
 
 
 def reply(code: int, payload: bytes) -> bytes:
-    return LENGTH.pack(len(payload) + 1) + bytes((code,)) + payload
+    return _HEAD.pack(len(payload) + 1, code) + payload
 
 
 def hello(token: str) -> bytes:
