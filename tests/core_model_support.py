@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from hypothesis import strategies as st
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 from kvstore.hashing import block_hashes, namespace_salt, token_bytes
 from kvstore.memory.pages import PageState
@@ -266,9 +267,12 @@ class ModelSteps:
 
     async def _call(self, method, request):
         try:
-            return await method(request, Context())
+            reply = await method(request, Context())
         except Aborted as e:
             return e
+        # Lookup answers with its reply's encoded bytes (kvstore/server/edge.py ENCODED_REPLIES):
+        # parsed here as a client's stub would.
+        return pb.LookupResponse.FromString(reply) if isinstance(reply, bytes) else reply
 
     def call(self, method, request):
         return self.run(self._call(method, request))
