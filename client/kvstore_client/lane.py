@@ -8,7 +8,8 @@ handlers in the daemon (auth, errors, metrics), so a call's result or error is t
 would give: an error reply is raised as a `LaneError`, a `grpc.RpcError` with `code()` and
 `details()`, which the client maps exactly as it maps gRPC's.
 
-One connection per thread (threading.local), a blocking socket. A call that times out or
+One connection per thread (threading.local), a blocking socket; after sending, a call polls
+it for its reply for `$KVSTORE_LANE_SPIN_US` before it sleeps in recv (`_polled`). A call that times out or
 whose connection breaks drops the connection (the daemon then cancels the call, as it does a
 gRPC call whose client went away) and raises DEADLINE_EXCEEDED / UNAVAILABLE. A daemon that
 hangs without closing the socket is noticed as on gRPC: the session's KeepAlive stream (gRPC,
@@ -33,6 +34,12 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from . import pool_fd
 
 LANE_ENV = "KVSTORE_LANE"
+SPIN_ENV = "KVSTORE_LANE_SPIN_US"
+# How long a call polls for its reply before it sleeps in recv. A sleeping client is woken by
+# the reply: on the project's 2-vCPU VM that wake-up cost ~70 us of a 1-page get's ~290
+# (BENCHMARKS.md, peers), more than the daemon's handler. Most lane replies (a Lookup, a Put
+# of a few pages) come within this; a longer call costs the client this much CPU, then sleeps.
+DEFAULT_SPIN_US = 200
 HELLO_TIMEOUT_S = 2.0
 WAIT_SLICE_S = 1.0  # how often a call waiting for its reply looks whether the session ended
 METHODS = frozenset(wire.METHODS)  # what goes over the lane; every other call over gRPC
@@ -54,6 +61,24 @@ def wanted(lane: bool | None, environ: Any = None) -> bool:
         return lane
     value = (environ if environ is not None else os.environ).get(LANE_ENV, "").strip().lower()
     return value not in ("0", "false", "no", "off")
+
+
+def spin_ns(environ: Any = None) -> int:
+    """Nanoseconds a call polls for its reply: `$KVSTORE_LANE_SPIN_US` (0: never) or
+    DEFAULT_SPIN_US; 0 where this process may run on one CPU only (polling there would only
+    keep the daemon from running)."""
+    raw = (environ if environ is not None else os.environ).get(SPIN_ENV, "").strip()
+    try:
+        us = int(raw) if raw else DEFAULT_SPIN_US
+    except ValueError:
+        raise ValueError(f"${SPIN_ENV}={raw!r}: give whole microseconds (0 = never poll)") from None
+    if us < 0:
+        raise ValueError(f"${SPIN_ENV}={raw!r}: give 0 or more microseconds")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not on Linux)
+        cpus = os.cpu_count() or 1
+    return us * 1000 if cpus > 1 else 0
 
 
 def lane_path(target: str) -> str | None:
@@ -99,6 +124,7 @@ class Lane:
         self.path = path
         self._ended = ended
         self._hello = wire.hello(token)
+        self.spin_ns = spin_ns()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()  # every thread's, for close()
@@ -110,7 +136,7 @@ class Lane:
         sock = self.connection(deadline)
         try:
             _send(sock, wire.request(name, request.SerializeToString()), deadline, self._ended)
-            code, payload = _read_reply(sock, deadline, self._ended)
+            code, payload = _read_reply(sock, deadline, self._ended, self.spin_ns)
             if deadline is not None and deadline - time.monotonic() < WAIT_SLICE_S:
                 _slice(sock, WAIT_SLICE_S)  # (`_left` may have shortened it: set it back)
         except TimeoutError:
@@ -220,10 +246,11 @@ def _send(sock: socket.socket, frame: bytes, deadline: float | None, ended: thre
 
 
 def _read_reply(
-    sock: socket.socket, deadline: float | None, ended: threading.Event | None
+    sock: socket.socket, deadline: float | None, ended: threading.Event | None, spin_ns: int = 0
 ) -> tuple[int, bytes]:
-    """One reply frame: (status, payload). Most replies arrive in one recv."""
-    data = _more(sock, deadline, ended)
+    """One reply frame: (status, payload). Most replies arrive in one recv; its first bytes
+    are polled for during `spin_ns` (never past `deadline`), then waited for."""
+    data = (spin_ns and _polled(sock, spin_ns, deadline)) or _more(sock, deadline, ended)
     while len(data) < 5:
         data += _more(sock, deadline, ended)
     (n,) = wire.LENGTH.unpack_from(data)
@@ -235,6 +262,25 @@ def _read_reply(
             buf += _more(sock, deadline, ended, 4 + n - len(buf))
         data = bytes(buf)
     return data[4], data[5 : 4 + n]
+
+
+def _polled(sock: socket.socket, spin_ns: int, deadline: float | None) -> bytes:
+    """The reply's first bytes if they come within `spin_ns` and before `deadline`, else b""
+    (nothing read: `_more` then waits, and says what a deadline passed means)."""
+    end = time.monotonic_ns() + spin_ns
+    if deadline is not None:
+        end = min(end, int(deadline * 1e9))
+    recv = sock.recv
+    while True:
+        try:
+            chunk = recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.monotonic_ns() >= end:
+                return b""
+            continue
+        if not chunk:
+            raise _Closed("the daemon closed the connection")
+        return chunk
 
 
 def _more(
