@@ -71,6 +71,14 @@ def page_tokens_of(tokens: Sequence[int], index: int, page_tokens: int) -> list[
     return list(tokens[index * page_tokens : (index + 1) * page_tokens])
 
 
+def prompt_bytes(tokens: Sequence[int], shape: Sequence[int], page_tokens: int) -> bytes:
+    """page_content of every page of `tokens`, concatenated (page i at i * page_bytes)."""
+    pages = -(-len(tokens) // page_tokens)
+    return b"".join(
+        page_content_bytes(i, page_tokens_of(tokens, i, page_tokens), shape) for i in range(pages)
+    )
+
+
 def read_page(target: str, namespace: str, slot: int, token: str = "") -> bytes:
     """Page `slot`'s bytes as the daemon's pool holds them, read in this process (not the
     writer's, not the daemon's) through a descriptor obtained the supported way: a ticket

@@ -19,7 +19,14 @@ import grpc
 import kvstore_client
 import numpy as np
 import pytest
-from e2e_helpers import Raw, Worker, assert_status, page_content_bytes, page_tokens_of, prompt, wait_until
+from e2e_helpers import (
+    Raw,
+    Worker,
+    assert_status,
+    prompt,
+    prompt_bytes,
+    wait_until,
+)
 from kvstore_client import PinExpired
 from kvstore_client.errors import InvalidArgument, ResourceExhausted
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -64,12 +71,6 @@ def raw(daemon):
         yield r
 
 
-def kv_bytes(tokens: list[int], shape: tuple[int, ...]) -> bytes:
-    """page_content of every page of `tokens`, concatenated (page i at i * page_bytes)."""
-    pages = -(-len(tokens) // T)
-    return b"".join(page_content_bytes(i, page_tokens_of(tokens, i, T), shape) for i in range(pages))
-
-
 def idle(counts: dict[str, int]) -> dict[str, int]:
     return {k: counts[k] for k in IDLE}
 
@@ -83,13 +84,13 @@ def test_a_put_is_reserve_and_seal_then_one_put_into_its_credit(daemon, counted,
     kv, counter = counted
     ns = kv.namespace(NS)
     tokens = prompt(3 * T + 2, seed=1)  # three full pages and a partial one
-    res = kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+    res = kv.put(NS, tokens, prompt_bytes(tokens, ns.page_shape, T))
     assert counter.calls == ["Reserve", "Seal"]
     assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 3, 0)
     assert idle(raw.counts(NS)) == credit_held(4), "the put's sequence released; a credit of 4 pages held"
     second = prompt(3 * T + 1, seed=13)
     counter.calls.clear()
-    res = kv.put(NS, second, kv_bytes(second, ns.page_shape))
+    res = kv.put(NS, second, prompt_bytes(second, ns.page_shape, T))
     assert counter.calls == ["Put"]
     assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 3, 0)
     assert idle(raw.counts(NS)) == credit_held(4)
@@ -120,7 +121,7 @@ def test_a_put_is_reserve_and_seal_then_one_put_into_its_credit(daemon, counted,
 
     counter.calls.clear()  # bigger than the credit: Reserve + Seal, which replaces the credit
     bigger = prompt(5 * T, seed=14)
-    assert kv.put(NS, bigger, kv_bytes(bigger, ns.page_shape)).sealed_pages == 5
+    assert kv.put(NS, bigger, prompt_bytes(bigger, ns.page_shape, T)).sealed_pages == 5
     assert counter.calls == ["Reserve", "Seal"]
     assert idle(raw.counts(NS)) == credit_held(5)
 
@@ -141,10 +142,10 @@ def test_a_put_told_its_cached_prefix_copies_only_the_rest(daemon, counted, raw)
     kv, counter = counted
     shape = kv.namespace(NS).page_shape
     head = prompt(3 * T, seed=30)
-    kv.put(NS, head, kv_bytes(head, shape))  # Reserve + Seal: a credit of 3 pages
+    kv.put(NS, head, prompt_bytes(head, shape, T))  # Reserve + Seal: a credit of 3 pages
     full = [*head, *prompt(2 * T, seed=31)]
     counter.calls.clear()
-    res = kv.put(NS, full, kv_bytes(full, shape), cached_tokens=3 * T)
+    res = kv.put(NS, full, prompt_bytes(full, shape, T), cached_tokens=3 * T)
     assert counter.calls == ["Put"]
     assert (res.written_pages, res.cached_tokens, res.sealed_pages) == (2, 3 * T, 2)
     with Worker("reader") as other:
@@ -156,7 +157,7 @@ def test_a_put_told_its_cached_prefix_copies_only_the_rest(daemon, counted, raw)
         kv.evict(NS, all=True)
         evicted = [*prompt(3 * T, seed=32), *prompt(T, seed=33)]
         counter.calls.clear()
-        res = kv.put(NS, evicted, kv_bytes(evicted, shape), cached_tokens=3 * T)
+        res = kv.put(NS, evicted, prompt_bytes(evicted, shape, T), cached_tokens=3 * T)
         assert counter.calls == ["Put", "Release", "Reserve", "Seal"]
         assert (res.written_pages, res.sealed_pages, res.cached_tokens) == (4, 4, 0)
         found = other.call("lookup", namespace=NS, tokens=evicted)
@@ -171,7 +172,7 @@ def test_threads_of_one_client_put_at_once_each_into_its_own_credit(daemon, coun
 
     def run(mine: list[list[int]]) -> None:
         for tokens in mine:
-            assert kv.put(NS, tokens, kv_bytes(tokens, shape)).sealed_pages == 2
+            assert kv.put(NS, tokens, prompt_bytes(tokens, shape, T)).sealed_pages == 2
 
     threads = [threading.Thread(target=run, args=(mine,)) for mine in prompts]
     for thread in threads:
@@ -194,7 +195,7 @@ def test_a_credit_does_not_keep_its_namespace_from_being_deleted(counted, raw) -
     g, num_pages = ns.geometry, ns.info.pool.num_pages
     for seed in (20, 21):
         tokens = prompt(2 * T, seed=seed)
-        kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, ns.page_shape, T))
     assert idle(raw.counts(NS)) == credit_held(2)
     assert kv.delete_namespace(NS).sequences_released == 1  # without force: the credit goes with it
     kv.create_namespace(
@@ -208,9 +209,9 @@ def test_a_credit_does_not_keep_its_namespace_from_being_deleted(counted, raw) -
     )
     counter.calls.clear()  # the credit of the deleted pool is not used
     tokens = prompt(2 * T, seed=22)
-    assert kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape)).sealed_pages == 2
+    assert kv.put(NS, tokens, prompt_bytes(tokens, ns.page_shape, T)).sealed_pages == 2
     assert counter.calls[-2:] == ["Reserve", "Seal"]
-    assert kv.get(NS, tokens).data.numpy().tobytes() == kv_bytes(tokens, ns.page_shape)
+    assert kv.get(NS, tokens).data.numpy().tobytes() == prompt_bytes(tokens, ns.page_shape, T)
 
 
 def test_a_put_that_fails_changes_nothing_and_keeps_the_credit(counted, raw) -> None:
@@ -269,8 +270,8 @@ def test_a_get_is_one_lookup_and_copies_the_right_bytes(daemon, counted, raw) ->
     hit = kv.get(NS, [*tokens, 7], out)
     assert counter.calls == ["Lookup"]
     assert (hit.hit_tokens, hit.pages) == (3 * T, 3)
-    assert out[: 3 * ns.pool.page_bytes].tobytes() == kv_bytes(tokens, ns.page_shape)
-    assert hit.data.numpy().tobytes() == kv_bytes(tokens, ns.page_shape)
+    assert out[: 3 * ns.pool.page_bytes].tobytes() == prompt_bytes(tokens, ns.page_shape, T)
+    assert hit.data.numpy().tobytes() == prompt_bytes(tokens, ns.page_shape, T)
     assert raw.counts(NS)["pages_pinned"] == 3, "pinned until the next call or its deadline"
     # The next call releases the pin the client is done with: no Release RPC.
     miss = kv.get(NS, prompt(T, seed=3))
@@ -283,7 +284,7 @@ def test_a_copy_that_ends_after_the_pins_deadline_raises_pin_expired(counted) ->
     kv, _ = counted
     ns = kv.namespace(NS)
     tokens = prompt(2 * T, seed=4)
-    kv.put(NS, tokens, kv_bytes(tokens, ns.page_shape))
+    kv.put(NS, tokens, prompt_bytes(tokens, ns.page_shape, T))
 
     def outlast(ttl_ns: int) -> Any:
         def hook() -> None:
@@ -299,7 +300,7 @@ def test_a_copy_that_ends_after_the_pins_deadline_raises_pin_expired(counted) ->
         kv.get(NS, tokens, pin_ttl_s=0.001, after_copy=outlast(1_000_000))
     # The same get whose copy ends in time returns the bytes.
     hit = kv.get(NS, tokens, pin_ttl_s=2.0, after_copy=lambda: None)
-    assert hit.data.numpy().tobytes() == kv_bytes(tokens, ns.page_shape)
+    assert hit.data.numpy().tobytes() == prompt_bytes(tokens, ns.page_shape, T)
     assert hit.pin_deadline_ns > time.monotonic_ns()
 
 
@@ -310,16 +311,16 @@ def test_a_pin_past_its_deadline_is_reaped_and_its_pages_evicted_under_pressure(
     ):
         shape = writer.namespace(NS).page_shape
         held = prompt(40 * T, seed=5)
-        writer.put(NS, held, kv_bytes(held, shape))
+        writer.put(NS, held, prompt_bytes(held, shape, T))
         hit = getter.get(NS, held, pin_ttl_s=1.5)  # getter makes no other call: only the deadline ends it
         assert hit.pages == 40 and raw.counts(NS)["pages_pinned"] == 40
         big = prompt(40 * T, seed=6)  # needs 40 pages: only 24 are free or evictable while pinned
         with pytest.raises(ResourceExhausted):
-            writer.put(NS, big, kv_bytes(big, shape))
+            writer.put(NS, big, prompt_bytes(big, shape, T))
         assert time.monotonic_ns() < hit.pin_deadline_ns, "the refusal must have come before the deadline"
         wait_until(time.monotonic_ns, lambda now: now > hit.pin_deadline_ns, timeout=5, what="the deadline")
         before = raw.stats(NS)[0].evictions
-        res = writer.put(NS, big, kv_bytes(big, shape))  # the expired pin is reaped, its pages evicted
+        res = writer.put(NS, big, prompt_bytes(big, shape, T))  # the expired pin is reaped, its pages evicted
         assert res.sealed_pages == 40
         assert raw.stats(NS)[0].evictions - before >= 16
         assert raw.counts(NS)["pages_pinned"] == 0
@@ -334,12 +335,12 @@ def test_a_reserve_that_fails_half_way_leaves_nothing(daemon, counted, raw) -> N
     shape = kv.namespace(NS).page_shape
     too_big = prompt((TOTAL + 1) * T, seed=7)
     with pytest.raises(ResourceExhausted):
-        kv.put(NS, too_big, kv_bytes(too_big, shape))
+        kv.put(NS, too_big, prompt_bytes(too_big, shape, T))
     assert idle(raw.counts(NS)) == IDLE and raw.counts(NS)["pages_free"] == TOTAL
     bad = [*prompt(T, seed=8), -1]
     for max_tokens in (0, 16):
         with pytest.raises(InvalidArgument, match="token_ids"):
-            kv.put(NS, bad, kv_bytes(bad, shape), max_tokens=max_tokens)
+            kv.put(NS, bad, prompt_bytes(bad, shape, T), max_tokens=max_tokens)
         assert idle(raw.counts(NS)) == IDLE and raw.counts(NS)["pages_free"] == TOTAL
     # A write that fails on the client's side: the library gives the sequence back.
     tokens = prompt(2 * T, seed=12)
@@ -363,7 +364,7 @@ def test_a_batch_answers_each_item_and_one_bad_item_fails_alone(daemon, counted,
     shape = kv.namespace(NS).page_shape
     good1, good2 = prompt(2 * T, seed=9), prompt(3 * T, seed=10)
     bad = [1, 2, -1]
-    puts = kv.put_many(NS, [good1, bad, good2], [kv_bytes(p, shape) for p in (good1, bad, good2)])
+    puts = kv.put_many(NS, [good1, bad, good2], [prompt_bytes(p, shape, T) for p in (good1, bad, good2)])
     assert counter.calls == ["BatchReserve", "BatchSeal"]
     assert [type(r).__name__ for r in puts] == ["PutResult", "InvalidArgument", "PutResult"]
     assert (puts[0].sealed_pages, puts[2].sealed_pages) == (2, 3)
@@ -373,8 +374,8 @@ def test_a_batch_answers_each_item_and_one_bad_item_fails_alone(daemon, counted,
     gets = kv.get_many(NS, [good1, bad, good2])
     assert counter.calls == ["BatchLookup"]
     assert isinstance(gets[1], InvalidArgument) and "token_ids" in gets[1].details
-    assert gets[0].data.numpy().tobytes() == kv_bytes(good1, shape)
-    assert gets[2].data.numpy().tobytes() == kv_bytes(good2, shape)
+    assert gets[0].data.numpy().tobytes() == prompt_bytes(good1, shape, T)
+    assert gets[2].data.numpy().tobytes() == prompt_bytes(good2, shape, T)
     assert raw.counts(NS)["pages_pinned"] == 5
     kv.get(NS, [0])  # releases the batch's pins
     assert raw.counts(NS)["pages_pinned"] == 0
@@ -385,13 +386,13 @@ def test_the_asyncio_client_puts_and_gets_the_same_way(daemon, raw) -> None:
         async with kvstore_client.aio.connect(daemon.target, client_name="aio") as kv:
             shape = tuple(raw.pool(NS).page_shape)
             tokens = prompt(2 * T + 1, seed=11)
-            res = await kv.put(NS, tokens, kv_bytes(tokens, shape))  # (maps the namespace first)
+            res = await kv.put(NS, tokens, prompt_bytes(tokens, shape, T))  # (maps the namespace first)
             assert res.sealed_pages == 2
             more = prompt(3 * T, seed=19)  # into the credit the first put's Seal granted
-            assert (await kv.put(NS, more, kv_bytes(more, shape))).sealed_pages == 3
-            assert (await kv.get(NS, more)).data.numpy().tobytes() == kv_bytes(more, shape)
+            assert (await kv.put(NS, more, prompt_bytes(more, shape, T))).sealed_pages == 3
+            assert (await kv.get(NS, more)).data.numpy().tobytes() == prompt_bytes(more, shape, T)
             hit = await kv.get(NS, tokens)
-            assert hit.data.numpy().tobytes() == kv_bytes(tokens[: 2 * T], shape)
+            assert hit.data.numpy().tobytes() == prompt_bytes(tokens[: 2 * T], shape, T)
             (r,) = await kv.get_many(NS, [tokens])
             assert r.hit_tokens == 2 * T
 

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import kvstore_client
 import numpy as np
-from e2e_helpers import Raw, page_content_bytes, page_tokens_of, prompt
+from e2e_helpers import Raw, prompt, prompt_bytes
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
 NS = "test"  # tests/daemon.py: 4 tokens a page
@@ -31,11 +31,6 @@ def u32(ids: list[int]) -> bytes:
     return np.asarray(ids, dtype="<u4").tobytes()
 
 
-def kv_bytes(tokens: list[int], shape: tuple[int, ...]) -> bytes:
-    pages = -(-len(tokens) // T)
-    return b"".join(page_content_bytes(i, page_tokens_of(tokens, i, T), shape) for i in range(pages))
-
-
 def test_the_client_sends_packed_ids_and_both_forms_answer_the_same(daemon) -> None:
     requests = Requests()  # (seen on the gRPC channel: the lane is off for this client)
     channel = grpc.intercept_channel(grpc.insecure_channel(daemon.target), requests)
@@ -43,10 +38,10 @@ def test_the_client_sends_packed_ids_and_both_forms_answer_the_same(daemon) -> N
         kv.open("packed")
         shape = kv.namespace(NS).page_shape
         first, second = prompt(3 * T + 2, seed=41), prompt(2 * T, seed=42)
-        kv.put(NS, first, kv_bytes(first, shape))  # Reserve + Seal
-        kv.put(NS, np.array(second, dtype=np.int64), kv_bytes(second, shape))  # Put, into the credit
+        kv.put(NS, first, prompt_bytes(first, shape, T))  # Reserve + Seal
+        kv.put(NS, np.array(second, dtype=np.int64), prompt_bytes(second, shape, T))  # Put, into the credit
         hit = kv.get(NS, np.array(first, dtype=np.int32))
-        assert hit.data.numpy().tobytes() == kv_bytes(first[: 3 * T], shape)
+        assert hit.data.numpy().tobytes() == prompt_bytes(first[: 3 * T], shape, T)
         with_ids = [(m, r) for m, r in requests.sent if m in ("Reserve", "Put", "Lookup")]
         assert [m for m, _ in with_ids] == ["Reserve", "Put", "Lookup"]
         for method, r in with_ids:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from auth_helpers import NAMESPACES, READER, TOKENS, WRITER, write_tokens
 from daemon import SERVING
-from e2e_helpers import Raw, Worker, page_content_bytes, page_tokens_of, prompt, wait_until
+from e2e_helpers import Raw, Worker, prompt, prompt_bytes, wait_until
 from kvstore_client.errors import DeadlineExceeded, PermissionDenied, Unavailable
 from kvstore_proto import lane as wire
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -31,11 +31,6 @@ from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages
 T = 4
-
-
-def kv_bytes(tokens: list[int], shape: tuple[int, ...]) -> bytes:
-    pages = -(-len(tokens) // T)
-    return b"".join(page_content_bytes(i, page_tokens_of(tokens, i, T), shape) for i in range(pages))
 
 
 def lane_stats(target: str, token: str = "") -> pb.LaneStats:
@@ -94,7 +89,7 @@ def test_a_put_on_the_lane_is_read_back_by_another_process_and_counted(daemon) -
     with kvstore_client.connect(daemon.target) as kv, Worker("reader") as reader:
         assert kv.lane  # the daemon offered its lane
         before = lane_stats(daemon.target).calls
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))  # Reserve + Seal
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))  # Reserve + Seal
         assert lane_stats(daemon.target).calls == before + 2
         reader.call("connect", target=daemon.target)  # the worker's client takes the lane too
         found = reader.call("lookup", namespace=NS, tokens=tokens)
@@ -104,7 +99,7 @@ def test_a_put_on_the_lane_is_read_back_by_another_process_and_counted(daemon) -
         # ...and the other way: the worker puts on the lane, this process gets the bytes.
         other = prompt(2 * T, seed=62)
         reader.call("put", namespace=NS, tokens=other)
-        want = kv_bytes(other, kv.namespace(NS).page_shape)
+        want = prompt_bytes(other, kv.namespace(NS).page_shape, T)
         out = np.zeros(len(want), dtype=np.uint8)
         hit = kv.get(NS, other, out)
         assert hit.hit_tokens == 2 * T
@@ -120,7 +115,7 @@ def test_the_lane_off_in_the_client_or_the_daemon_leaves_the_calls_on_grpc(
     monkeypatch.setenv("KVSTORE_LANE", "0")
     with kvstore_client.connect(d.target) as kv:
         assert not kv.lane
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         assert kv.get(NS, tokens).hit_tokens == 2 * T
     monkeypatch.delenv("KVSTORE_LANE")
     with kvstore_client.connect(d.target, lane=False) as kv:
@@ -134,7 +129,7 @@ def test_the_lane_off_in_the_client_or_the_daemon_leaves_the_calls_on_grpc(
     assert not lane_path(off).exists()
     with kvstore_client.connect(off.target) as kv:  # wanted, not offered: gRPC
         assert not kv.lane
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         assert kv.get(NS, tokens).hit_tokens == 2 * T
         assert kv.stats().lane is None or kv.stats().lane.calls == 0
 
@@ -143,7 +138,7 @@ def test_bad_frames_get_a_clear_answer_or_a_clean_close_and_nothing_is_lost(daem
     tokens = prompt(3 * T, seed=64)
     with kvstore_client.connect(daemon.target) as kv:
         shape = kv.namespace(NS).page_shape
-        kv.put(NS, tokens, kv_bytes(tokens, shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, shape, T))
     path = lane_path(daemon)
 
     bad = RawLane(path, hello=b"")  # not a hello: an error reply, then the close
@@ -192,9 +187,9 @@ def test_bad_frames_get_a_clear_answer_or_a_clean_close_and_nothing_is_lost(daem
     stats = lane_stats(daemon.target)
     assert stats.refused == 2
     with kvstore_client.connect(daemon.target) as kv:
-        out = np.zeros(len(kv_bytes(tokens, shape)), dtype=np.uint8)
+        out = np.zeros(len(prompt_bytes(tokens, shape, T)), dtype=np.uint8)
         assert kv.get(NS, tokens, out).hit_tokens == 3 * T
-        assert out.tobytes() == kv_bytes(tokens, shape)  # nothing stored was lost
+        assert out.tobytes() == prompt_bytes(tokens, shape, T)  # nothing stored was lost
         assert kv.stats().malformed_requests >= 1
     assert "Traceback" not in daemon.stderr_text()
 
@@ -220,14 +215,14 @@ def test_tokens_are_checked_on_every_lane_call(daemon_factory, tmp_path) -> None
     tokens = prompt(2 * T, seed=66)
     with kvstore_client.connect(d.target, token=WRITER) as kv:
         assert kv.lane
-        kv.put("a", tokens, kv_bytes(tokens, kv.namespace("a").page_shape))
+        kv.put("a", tokens, prompt_bytes(tokens, kv.namespace("a").page_shape, T))
         assert kv.get("a", tokens).hit_tokens == 2 * T
     longer = [*tokens, 1, 2, 3, 4]
     with (
         kvstore_client.connect(d.target, token=READER) as kv,
         pytest.raises(PermissionDenied, match="write scope"),
     ):
-        kv.put("a", longer, kv_bytes(longer, kv.namespace("a").page_shape))
+        kv.put("a", longer, prompt_bytes(longer, kv.namespace("a").page_shape, T))
 
 
 KILLED = textwrap.dedent(
@@ -283,7 +278,7 @@ def test_a_client_killed_mid_call_on_the_lane_leaks_nothing(daemon) -> None:
 def test_a_lane_call_past_its_deadline_is_deadline_exceeded_and_the_next_one_works(daemon) -> None:
     tokens = prompt(2 * T, seed=67)
     with kvstore_client.connect(daemon.target, timeout_s=0.5) as kv:
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         daemon.signal(signal.SIGSTOP)  # a daemon that does not answer
         try:
             with pytest.raises(DeadlineExceeded):
@@ -299,7 +294,7 @@ def test_shutdown_answers_unavailable_on_the_lane_and_removes_its_socket(daemon)
     tokens = prompt(2 * T, seed=68)
     kv = kvstore_client.connect(daemon.target)
     try:
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         assert daemon.terminate() == 0, daemon.stderr_text()
         assert not lane_path(daemon).exists()
         with pytest.raises(Unavailable):
@@ -313,7 +308,7 @@ def test_a_lane_call_to_a_hung_daemon_fails_once_the_session_stream_ends(daemon)
     end it for a hung daemon; here it is cancelled by hand, which ends it the same way)."""
     tokens = prompt(2 * T, seed=69)
     with kvstore_client.connect(daemon.target, timeout_s=None) as kv:
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         outcome: list[BaseException] = []
         connected, stopped = threading.Event(), threading.Event()
 
@@ -365,6 +360,6 @@ def test_a_daemon_killed_leaves_a_stale_lane_socket_that_the_next_one_replaces(d
     tokens = prompt(T, seed=71)
     with kvstore_client.connect(daemon.target) as kv:
         assert kv.lane
-        kv.put(NS, tokens, kv_bytes(tokens, kv.namespace(NS).page_shape))
+        kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         assert kv.get(NS, tokens).hit_tokens == T
     assert "removed stale lane socket" in daemon.stderr_text()
