@@ -12,10 +12,9 @@ import grpc
 import kvstore_client
 import pytest
 from daemon import SMALL_NAMESPACE
-from e2e_helpers import Raw
+from e2e_helpers import Raw, prompt_bytes
 from kvstore_client.errors import ResourceExhausted
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
-from test_e2e_fastpath import kv_bytes
 
 NS = "test"
 T = SMALL_NAMESPACE["page_tokens"]
@@ -36,12 +35,12 @@ def test_a_batch_is_one_request_for_max_request_tokens(daemon_factory: Any) -> N
     with kvstore_client.connect(d.target) as kv, Raw(d.target) as raw:
         shape = kv.namespace(NS).page_shape
         stored = prompts(1, seed=1)[0]
-        kv.put(NS, stored, kv_bytes(stored, shape))
+        kv.put(NS, stored, prompt_bytes(stored, shape, T))
         before = raw.counts(NS)
         over = prompts(5, seed=2)  # 5 x 16 = 80 ids > 64, each item 16 <= 64
 
         with pytest.raises(ResourceExhausted) as err:
-            kv.put_many(NS, over, [kv_bytes(p, shape) for p in over])
+            kv.put_many(NS, over, [prompt_bytes(p, shape, T) for p in over])
         assert err.value.details == (
             "BatchReserve: its 5 items carry 80 token ids in all; the quota is max_request_tokens=64 "
             "for one request, a batch's items together (split the batch)"
@@ -67,10 +66,10 @@ def test_a_batch_is_one_request_for_max_request_tokens(daemon_factory: Any) -> N
 
         # At the quota: 4 x 16 = 64 ids works, each item as its own call would.
         under = over[:4]
-        puts = kv.put_many(NS, under, [kv_bytes(p, shape) for p in under])
+        puts = kv.put_many(NS, under, [prompt_bytes(p, shape, T) for p in under])
         assert [r.sealed_pages for r in puts] == [4, 4, 4, 4]
         gets = kv.get_many(NS, [stored, *under[:3]])
         for p, got in zip([stored, *under[:3]], gets, strict=True):
-            assert got.data.numpy().tobytes() == kv_bytes(p, shape)
+            assert got.data.numpy().tobytes() == prompt_bytes(p, shape, T)
         assert refused(kv) == 3
     assert d.proc.poll() is None

@@ -12,8 +12,8 @@ from typing import Any
 import kvstore_client
 import pytest
 from daemon import SMALL_NAMESPACE
+from e2e_helpers import prompt_bytes
 from kvstore_client.errors import InvalidArgument
-from test_e2e_fastpath import kv_bytes
 
 T = SMALL_NAMESPACE["page_tokens"]
 
@@ -32,7 +32,7 @@ def flood_and_check(d: Any, tier: str, floods: int) -> None:
         shape = kv.namespace("b").page_shape
         mine = [tokens_of(seed) for seed in (1, 2)]
         for t in mine:
-            kv.put("b", t, kv_bytes(t, shape))
+            kv.put("b", t, prompt_bytes(t, shape, T))
         assert kv.evict("b", all=True).pages_evicted == 8  # B's 8 pages are below its pool now
         settle = kv.flush if tier == "disk" else lambda: None  # (the disk writer commits later)
         settle()
@@ -50,7 +50,7 @@ def flood_and_check(d: Any, tier: str, floods: int) -> None:
         assert a.tier_share == 0.5 and a.share_evictions > 0, a
         assert getattr(a, f"{tier}_bytes") <= capacity // 2, (a, capacity)
         for t in mine:  # promoted back from the tier, byte for byte
-            assert kv.get("b", t).data.numpy().tobytes() == kv_bytes(t, shape)
+            assert kv.get("b", t).data.numpy().tobytes() == prompt_bytes(t, shape, T)
     assert d.proc.poll() is None
 
 
