@@ -99,7 +99,7 @@ def install_wheels() -> dict[str, object]:
 
 def probe(env: dict[str, str]) -> dict[str, object]:
     code = (
-        "import json, sys, grpc, google.protobuf as pb, torch\n"
+        "import json, os, sys, grpc, google.protobuf as pb, torch\n"
         "info = {'python': sys.version.split()[0], 'grpcio': grpc.__version__, 'protobuf': pb.__version__,\n"
         "        'torch': torch.__version__, 'cuda': torch.version.cuda, 'gpu': torch.cuda.is_available() and torch.cuda.get_device_name()}\n"
         "try:\n    import cupy; info['cupy'] = cupy.__version__\nexcept Exception as e: info['cupy'] = repr(e)\n"
@@ -111,7 +111,17 @@ def probe(env: dict[str, str]) -> dict[str, object]:
         "    from kvstore.memory.cuda_pool import device_uuids\n"
         "    info['device_ids'] = device_uuids(cupy)  # what the daemon names the GPUs\n"
         "    info['torch_uuids'] = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]\n"
-        "print(json.dumps(info))\n"
+        "try:\n"
+    "    import transformers; info['transformers'] = transformers.__version__\n"
+    "except Exception as e: info['transformers'] = repr(e)\n"
+    "try:\n"
+    "    import cupy, time; t0 = time.perf_counter()\n"
+    "    k = cupy.RawKernel(r'extern \"C\" __global__ void f(float* x){x[threadIdx.x]+=1;}', 'f')\n"
+    "    x = cupy.zeros(32, dtype=cupy.float32); k((1,), (32,), (x,)); cupy.cuda.Device().synchronize()\n"
+    "    info['cupy_rawkernel'] = {'ok': float(x.sum()) == 32.0, 'compile_s': round(time.perf_counter() - t0, 2)}\n"
+    "except Exception as e: info['cupy_rawkernel'] = repr(e)\n"
+    "info['cpus'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()\n"
+    "print(json.dumps(info))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
@@ -202,13 +212,21 @@ def main() -> int:
     wheels = {"installed": False, "why": "--no-wheels"} if args.no_wheels else install_wheels()
     report: dict[str, object] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wheels": wheels}
     env = env_for_tree(site=not args.no_wheels)
-    report["env"] = probe(env)
-    report["cuda_tests"] = pytest(env, out, CUDA_TESTS, "cuda", 300)
-    report["triton_tests"] = pytest(env, out, TRITON_TESTS, "triton", 300)
-    report["other_tests"] = pytest(env, out, OTHER_TESTS, "other", 400)
-    result = {} if args.skip_bench else bench(env, out, 300)
-    report["bench"] = result
-    report["quant"] = quant(env, out, 300)
+
+    def step(name: str, result: dict[str, object]) -> dict[str, object]:
+        # Written after every step: a run cut short by the device's time limit still leaves
+        # what it got.
+        report[name] = result
+        print(f"gpu_check: {name}: {json.dumps(result, default=str)[:600]}", flush=True)
+        (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
+        return result
+
+    step("env", probe(env))
+    step("cuda_tests", pytest(env, out, CUDA_TESTS, "cuda", 240))
+    step("triton_tests", pytest(env, out, TRITON_TESTS, "triton", 240))
+    step("other_tests", pytest(env, out, OTHER_TESTS, "other", 240))
+    result = step("bench", {} if args.skip_bench else bench(env, out, 240))
+    step("quant", quant(env, out, 180))
     met = {
         k: (result.get(k) is not None and result[k] >= goal)
         for k, goal in GOALS.items()
