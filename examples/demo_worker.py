@@ -59,7 +59,7 @@ def fake_kv(ns: Namespace, tokens: torch.Tensor, start: int) -> torch.Tensor:
 def _pages_digest(views: Sequence[torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for v in views:
-        h.update(v.contiguous().view(torch.uint8).numpy())
+        h.update(v.contiguous().view(torch.uint8).cpu().numpy())  # (a GPU pool's views: copied to hash)
     return h.hexdigest()
 
 
@@ -126,7 +126,7 @@ def read(kv: kvstore_client.Client, args: argparse.Namespace) -> dict[str, Any]:
         digest = _pages_digest(views)
         expected = all(
             torch.equal(
-                v.view(torch.uint8), fake_kv(ns, prompt[i * T : (i + 1) * T], i * T).view(torch.uint8)
+                v.view(torch.uint8).cpu(), fake_kv(ns, prompt[i * T : (i + 1) * T], i * T).view(torch.uint8)
             )
             for i, v in enumerate(views)
         )

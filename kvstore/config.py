@@ -255,9 +255,12 @@ class NamespaceConfig:
 
 
 # 8 layers x 2 (K,V) x 16 tokens x 4 heads x 64 dims x 2 bytes = 128 KiB a page, 256 MiB in all.
+# `auto`: with no config, the daemon puts it on the GPU where CuPy can use one and in shared memory
+# everywhere else (the log says which and why), so `make run` shows the GPU pool on a GPU machine.
 DEFAULT_NAMESPACE = NamespaceConfig(
-    name="default", num_layers=8, num_kv_heads=4, head_dim=64, dtype="float16", page_tokens=16, num_pages=2048
-)
+    name="default", num_layers=8, num_kv_heads=4, head_dim=64, dtype="float16", page_tokens=16,
+    num_pages=2048, device="auto",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

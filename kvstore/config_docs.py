@@ -78,7 +78,8 @@ def _describe(ns: NamespaceConfig) -> str:
     pool = _to_spec(ns, "").page_stride * ns.num_pages
     return (
         f"{ns.num_layers} layers, {ns.num_kv_heads} KV heads, head_dim {ns.head_dim}, {ns.dtype}, "
-        f"{ns.page_tokens} tokens a page, {ns.num_pages} pages ({format_size(pool)})"
+        f"{ns.page_tokens} tokens a page, {ns.num_pages} pages ({format_size(pool)}), device `{ns.device}` "
+        "(on the GPU where CuPy can use one, else in shared memory; the log says which and why)"
     )
 
 

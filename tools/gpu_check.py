@@ -43,6 +43,25 @@ PINS = [
     "lmdb==3.0.0",
     "pytest-asyncio==1.5.0",
 ]
+# Without their dependencies: gguf's (numpy, pyyaml, tqdm) are in the image already, and a
+# numpy of ours first on the path would shadow the one the image's torch and CuPy were built with.
+# The image's transformers (5.17) is older than the adapter's API (`cache=`, >=5.24): this tree's
+# own transformers comes with what it needs that 5.17's set lacks (found by installing 5.25 over
+# 5.17 in a venv: huggingface-hub 2, httpx2, httpcore2, kernels, tomlkit, truststore); accelerate
+# and gguf because loading SmolLM2's GGUF file needs them.
+PINS_NO_DEPS = [
+    "gguf==0.19.0",
+    "accelerate==1.16.0",
+    "psutil==7.2.2",
+    "transformers==5.25.0",
+    "huggingface-hub==2.4.0",
+    "hf-xet==1.8.0",
+    "httpx2==2.16.2",
+    "httpcore2==2.16.2",
+    "kernels==0.19.1",
+    "tomlkit==0.15.3",
+    "truststore==0.10.5",
+]
 CUDA_TESTS = ["tests/test_gpu_cuda.py"]
 # Run natively: KVSTORE_TRITON_NATIVE=1 makes the module fail, not fall back to the interpreter,
 # where there is no CUDA device for it.
@@ -61,8 +80,8 @@ def fetch_wheels() -> int:
     WHEELS.mkdir(parents=True, exist_ok=True)
     platforms = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
     cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.12"]
-    cmd += ["--implementation", "cp", *[f"--platform={p}" for p in platforms], "-d", str(WHEELS), *PINS]
-    return subprocess.call(cmd)
+    cmd += ["--implementation", "cp", *[f"--platform={p}" for p in platforms], "-d", str(WHEELS)]
+    return subprocess.call([*cmd, *PINS]) or subprocess.call([*cmd, "--no-deps", *PINS_NO_DEPS])
 
 
 def must_run(result: dict[str, object]) -> bool:
