@@ -4,26 +4,13 @@ the interpreter runs every program in Python."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
+from triton_mode import native
 
-torch = pytest.importorskip("torch", reason="the kernels need torch (pip install -e '.[torch]')")
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed (pip install -e '.[gpu]')", allow_module_level=True)
+ON_GPU = native()
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if os.environ.get("KVSTORE_TRITON_NATIVE") == "1" and not ON_GPU:
-    # tools/gpu_check.py: a pass under the interpreter would pass the GPU check unseen
-    raise RuntimeError(
-        "KVSTORE_TRITON_NATIVE=1, but there is no CUDA device for the kernels (or TRITON_INTERPRET=1)"
-    )
-if not ON_GPU:
-    # read when a @triton.jit function is defined, triton's own included: before any import of it
-    os.environ["TRITON_INTERPRET"] = "1"
-
+import torch  # noqa: E402
 from kvstore_kernels import reference, triton_quant  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
