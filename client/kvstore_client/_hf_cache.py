@@ -14,6 +14,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
 from ._hf_model import as_batch, cached_fingerprint, check_fits, is_model, prompt_ids
+from ._hf_pages import read_pages, write_runs
 from .client import Client, Lookup, Sequence
 from .errors import KVStoreClientError
 from .namespace import Namespace
@@ -184,18 +185,15 @@ class KVStoreCache(DynamicCache):
     def _write(self, seq: Sequence, n: int) -> None:
         """Copy the KV of tokens [_written, n) into the sequence's WRITABLE pages."""
         pt = self.page_tokens
-        views = self.namespace.pool
+        runs = []
         for page in seq.pages[self._written // pt : (n + pt - 1) // pt]:
             if page is None or not page.writable:
                 continue  # dropped by the budget, or someone's sealed page
             first = page.index * pt
             start, end = max(first, self._written), min(first + pt, n)
             at = bisect_left(self._position_pages, page.index) + (start - first)  # in the KV tensors
-            view = views.page(page.slot)
-            a, b = start - first, end - first
-            for layer_idx, layer in enumerate(self.layers):
-                view[layer_idx, 0, a:b].copy_(layer.keys[0, :, at : at + b - a].transpose(0, 1))
-                view[layer_idx, 1, a:b].copy_(layer.values[0, :, at : at + b - a].transpose(0, 1))
+            runs.append((page.slot, start - first, end - start, at))
+        write_runs(self.namespace.pool, self.layers, runs)
 
     def _cut_dropped(self, seq: Sequence) -> None:
         dropped = set(seq.dropped)
@@ -296,10 +294,7 @@ class KVStoreCache(DynamicCache):
         n = sum(counts)
         # [layer, kv, batch, kv_head, token, head_dim]: each layer's K and V are views of it.
         kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype)
-        at = 0
-        for view, t in zip(views, counts, strict=True):
-            kv[:, :, 0, :, at : at + t].copy_(view[:, :, :t].transpose(2, 3))  # the one copy
-            at += t
+        read_pages(self.namespace.pool, views, counts, kv)  # the one copy
         for layer, (keys, values) in zip(self.layers, kv, strict=True):
             # update() with no tokens initializes the layer; then the layer takes our tensors as
             # they are, where update() would copy them once more.
