@@ -117,6 +117,8 @@ BLOCK_CASES = [
     BlockCase(3, 3, 5, 4, torch.float32, "flash", ((4, 2), (0, 5), (2, 0)), pad=3),
     BlockCase(2, 2, 7, 3, torch.bfloat16, "cpu", ((1, 3), (3, 1), (0, 4))),
     BlockCase(2, 1, 130, 2, torch.float16, "cpu", ((2, 0), (0, 2))),
+    # bf16 rows of 8 that move as 8-byte words (Plan.word)
+    BlockCase(2, 2, 8, 2, torch.bfloat16, "flash", ((1, 0), (0, 1))),
 ]
 
 

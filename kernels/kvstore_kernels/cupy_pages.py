@@ -1,6 +1,6 @@
 """The CuPy RawKernel of `pages` (CUDA C through NVRTC): one block per (run, layer, K/V),
 its threads striding over the run's `count * heads * dim` elements, moved as unsigned
-integers of the element's size. Launched on torch's current stream. Needs a GPU: tested by
+integers of `Plan.word` bytes. Launched on torch's current stream. Needs a GPU: tested by
 tests/test_pages_cupy.py, which skips without one."""
 
 from __future__ import annotations
@@ -66,4 +66,4 @@ def copy(p: Plan, to_pool: bool) -> None:
     dev = p.pool.device
     stream = torch.cuda.current_stream(dev)
     with cupy.cuda.Device(dev.index), cupy.cuda.ExternalStream(stream.cuda_stream, dev.index):
-        kernel(p.pool.element_size())((p.runs, 2 * p.layers), (THREADS,), args)
+        kernel(p.word)((p.runs, 2 * p.layers), (THREADS,), args)

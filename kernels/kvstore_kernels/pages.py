@@ -51,7 +51,8 @@ class Plan:
     strides: tuple[int, ...]  # K's (run, token, head, dim) strides, then V's
     tokens: int  # page_tokens
     heads: int
-    dim: int
+    dim: int  # in words
+    word: int  # bytes the kernels move as one unit (elements joined where alignment allows)
     max_count: int  # largest run_count (the kernels' tile loop bound)
 
     @property
@@ -65,7 +66,7 @@ class Plan:
     @property
     def nbytes(self) -> int:
         """Bytes one call moves (each counted once)."""
-        per_token = 2 * self.layers * self.heads * self.dim * self.pool.element_size()
+        per_token = 2 * self.layers * self.heads * self.dim * self.word
         return int(self.run_counts.sum()) * per_token
 
 
@@ -105,6 +106,8 @@ def plan(
     if any(g % item for g in gaps):
         raise ValueError("engine KV tensors are not aligned to their element size")
     page_stride = pool.stride(0) if pool.shape[0] > 1 else 0
+    word = _word(item, dim, page_stride, [pool.data_ptr(), low.data_ptr(), *gaps], strides)
+    r = word // item
     dev = pool.device
 
     def ints(xs: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -112,18 +115,44 @@ def plan(
 
     return Plan(
         pool=pool,
-        run_pages=ints([s * page_stride for s in slots], torch.int64),
+        run_pages=ints([s * page_stride // r for s in slots], torch.int64),
         run_starts=ints(starts, torch.int32),
         run_counts=ints(counts, torch.int32),
         engine=low,
-        kv_offsets=ints([g // item for g in gaps], torch.int64),
+        kv_offsets=ints([g // word for g in gaps], torch.int64),
         run_index=ints(run_index, torch.int64),
-        strides=(*strides[0], *strides[1]),
+        strides=tuple(x // r if i % 4 != 3 else x for i, x in enumerate((*strides[0], *strides[1]))),
         tokens=tokens,
         heads=heads,
-        dim=dim,
+        dim=dim // r,
+        word=word,
         max_count=max(counts, default=0),
     )
+
+
+def _word(
+    item: int, dim: int, page_stride: int, addresses: Sequence[int], strides: tuple[Sequence[int], ...]
+) -> int:
+    """The widest unit (8, 4, 2 bytes, or the element) the copies can move: whole elements, a
+    whole number per row of `dim`, unit dim strides, every address and stride a multiple of it.
+    Fewer, wider accesses: a bf16 row of 64 moves as 16 8-byte words."""
+    for word in (8, 4, 2):
+        r = word // item
+        if word <= item or word % item or dim % r or page_stride % r:
+            continue
+        if any(a % word for a in addresses):
+            continue
+        if all(s[3] == 1 and not (s[0] % r or s[1] % r or s[2] % r) for s in strides):
+            return word
+    return item
+
+
+def words(t: torch.Tensor, word: int) -> torch.Tensor:
+    """A 1-element tensor of `word`-byte integers at `t`'s address (what the kernels take as a
+    base: its address and unit)."""
+    dtype = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[word]
+    at = t.storage_offset() * t.element_size()
+    return torch.empty(0, dtype=dtype, device=t.device).set_(t.untyped_storage(), at // word, (1,), (1,))
 
 
 def plan_hf(

@@ -1,19 +1,17 @@
 """The Triton kernel of `pages`: one program per (run, layer, K/V) copies the run's
-`count * heads` rows of `dim` elements, a tile of rows at a time. Elements move as integers of
-their size (a copy needs no arithmetic, and the interpreter does none on bf16). The strides
+`count * heads` rows of `dim` elements, a tile of rows at a time. Elements move as integers
+(`Plan.word` bytes: a copy needs no arithmetic, and the interpreter does none on bf16). The strides
 are scalar arguments, K's and V's apart, so that Triton specializes a unit dim stride and
 vectorizes. Native on a GPU; on a CPU under TRITON_INTERPRET=1 (set before importing this
 module), which is how CI tests it against `page_reference` (tests/test_pages_triton.py)."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .pages import Plan
+from .pages import Plan, words
 
-BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 TILE = 4096  # elements a program moves per loop step (rows * padded dim)
 
 
@@ -62,11 +60,10 @@ def _page_copy(
 
 def copy(p: Plan, to_pool: bool) -> None:
     """One launch: grid (runs, 2 * layers)."""
-    bits = BITS[p.pool.element_size()]
     block_d = triton.next_power_of_2(p.dim)
     block_r = max(1, min(triton.next_power_of_2(max(1, p.max_count) * p.heads), TILE // block_d))
     _page_copy[(p.runs, 2 * p.layers)](
-        p.pool.view(bits), p.run_pages, p.run_starts, p.run_counts,
-        p.engine.view(bits), p.kv_offsets, p.run_index, p.tokens, p.heads, p.dim, *p.strides,
+        words(p.pool, p.word), p.run_pages, p.run_starts, p.run_counts,
+        words(p.engine, p.word), p.kv_offsets, p.run_index, p.tokens, p.heads, p.dim, *p.strides,
         TO_POOL=to_pool, BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
