@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -167,25 +168,35 @@ def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-Check = Callable[[torch.Tensor, torch.Tensor], None]
+Kernel = Callable[[Any, bool], None]  # (pages.Plan, to_pool)
 
 
-def check_hf(c: HFCase, backend: str, device: str) -> None:
-    """Scatter then gather with `backend` and with the torch reference, from equal copies of the
-    same tensors: every byte of the pool's and the engine's allocations equal after each."""
+def _copy(backend: str | Kernel, to_pool: bool, plan: Any) -> None:
+    from kvstore_kernels import pages
+
+    if callable(backend):
+        backend(plan, to_pool)
+    else:
+        pages.run(plan, to_pool, backend)
+
+
+def check_hf(c: HFCase, backend: str | Kernel, device: str) -> None:
+    """Scatter then gather with `backend` (a kernel backend's name, or a function that runs a
+    plan) and with the torch reference, from equal copies of the same tensors: every byte of
+    the pool's and the engine's allocations equal after each."""
     from kvstore_kernels import pages
 
     p, k, v = hf_tensors(c, device, seed=len(c.runs) + c.dim)
     rp, rk, rv = clone_all(p, k, v)
     slots, starts, counts, positions = (list(x) for x in zip(*c.runs, strict=True))
-    pages.scatter_hf(p, slots, starts, counts, positions, k, v, batch=c.batch, backend=backend)
+    _copy(backend, True, pages.plan_hf(p, slots, starts, counts, positions, k, v, c.batch))
     pages.scatter_hf(rp, slots, starts, counts, positions, rk, rv, batch=c.batch, backend="torch")
     _sync(device)
     assert same_storage(p, rp)
     # gather back into fresh noise (positions not copied must stay as they were)
     _, k2, v2 = hf_tensors(c, device, seed=7)
     _, rk2, rv2 = clone_all(p, k2, v2)
-    pages.gather_hf(p, slots, starts, counts, positions, k2, v2, batch=c.batch, backend=backend)
+    _copy(backend, False, pages.plan_hf(p, slots, starts, counts, positions, k2, v2, c.batch))
     pages.gather_hf(rp, slots, starts, counts, positions, rk2, rv2, batch=c.batch, backend="torch")
     _sync(device)
     for a, b in zip(k2 + v2, rk2 + rv2, strict=True):
@@ -196,19 +207,19 @@ def check_hf(c: HFCase, backend: str, device: str) -> None:
             assert torch.equal(bits(kk[c.batch, :, pos : pos + n]), bits(kk2[c.batch, :, pos : pos + n]))
 
 
-def check_blocks(c: BlockCase, backend: str, device: str) -> None:
+def check_blocks(c: BlockCase, backend: str | Kernel, device: str) -> None:
     from kvstore_kernels import pages
 
     p, k, v = block_tensors(c, device, seed=c.dim)
     rp, rk, rv = clone_all(p, k, v)
     slots, blocks = (list(x) for x in zip(*c.pairs, strict=True))
-    pages.scatter_blocks(p, slots, blocks, k, v, backend=backend)
+    _copy(backend, True, pages.plan_blocks(p, slots, blocks, k, v))
     pages.scatter_blocks(rp, slots, blocks, rk, rv, backend="torch")
     _sync(device)
     assert same_storage(p, rp)
     _, k2, v2 = block_tensors(c, device, seed=9)
     _, rk2, rv2 = clone_all(p, k2, v2)
-    pages.gather_blocks(p, slots, blocks, k2, v2, backend=backend)
+    _copy(backend, False, pages.plan_blocks(p, slots, blocks, k2, v2))
     pages.gather_blocks(rp, slots, blocks, rk2, rv2, backend="torch")
     _sync(device)
     for a, b in zip(k2 + v2, rk2 + rv2, strict=True):

@@ -63,7 +63,7 @@ def copy(p: Plan, to_pool: bool) -> None:
         ptr(p.engine), ptr(p.kv_offsets), ptr(p.run_index), *(cupy.int64(s) for s in p.strides),
         cupy.int32(p.tokens), cupy.int32(p.heads), cupy.int32(p.dim), cupy.int32(int(to_pool)),
     )  # fmt: skip
-    dev = p.pool.device
-    stream = torch.cuda.current_stream(dev)
-    with cupy.cuda.Device(dev.index), cupy.cuda.ExternalStream(stream.cuda_stream, dev.index):
+    index = p.pool.get_device()
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
         kernel(p.word)((p.runs, 2 * p.layers), (THREADS,), args)
