@@ -56,6 +56,22 @@ def test_socket_directory_is_created_with_mode_0700(daemon_factory) -> None:
     assert stat.S_IMODE(os.stat(d.socket_path.parent).st_mode) == 0o700
 
 
+def test_a_socket_directory_shared_by_every_user_is_refused_and_left_as_it_was(daemon_factory) -> None:
+    # Like /tmp (a directory of this test's, not /tmp itself): making it 0700 would lock every
+    # other user out of it, and a root daemon did so with --socket /tmp/x.sock.
+    d = daemon_factory()
+    shared = d.dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    d.socket_path = shared / "kvstore.sock"
+    d.server["socket"] = str(d.socket_path)
+    d.start(wait=False)
+    assert d.wait() != 0
+    assert f"socket directory {shared} is shared by every user (mode 1777)" in d.stderr_text()
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    assert not d.socket_path.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_removes_sockets_and_frees_pools_and_exits_0(daemon: DaemonProcess, sig: int) -> None:
     assert "created pool memfd" in daemon.stderr_text()

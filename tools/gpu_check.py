@@ -221,6 +221,22 @@ def quant(env: dict[str, str], out: Path, timeout: int) -> dict[str, object]:
     return {"rc": run.returncode, "tail": (run.stdout + run.stderr)[-3000:]}
 
 
+def demo(env: dict[str, str], out: Path, name: str, args: list[str], timeout: int) -> dict[str, object]:
+    """README's `make run` as the GPU machine runs it (examples/demo.py, which starts its own
+    daemon with the embedded default config): the default namespace must land on the GPU
+    (`device = auto`) and the demo must pass there."""
+    cmd = [sys.executable, "examples/demo.py", "--no-serve", *args]
+    env = env | {"KVSTORE_SOCKET": str(out / name / "kvstore.sock")}  # (a directory of its own, 0700)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        rc, text = run.returncode, run.stdout + run.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = 124, f"timed out after {timeout}s\n{e.stdout!r}"
+    (out / f"{name}.txt").write_text(text)
+    on_gpu = "cuda:GPU-" in text
+    return {"rc": rc, "on_gpu": on_gpu, "ok": rc == 0 and on_gpu, "tail": text[-2500:]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/gpu-out")))
@@ -252,6 +268,7 @@ def main() -> int:
     step("other_tests", pytest(env, out, OTHER_TESTS, "other", 240))
     result = step("bench", {} if args.skip_bench else bench(env, out, 240))
     step("quant", quant(env, out, 180))
+    step("demo_plain", demo(env, out, "demo-plain", ["--plain"], 180))
     met = {
         k: (result.get(k) is not None and result[k] >= goal)
         for k, goal in GOALS.items()
@@ -263,6 +280,7 @@ def main() -> int:
         and must_run(report["triton_tests"])  # type: ignore[arg-type]
         and report["other_tests"].get("rc") == 0  # type: ignore[union-attr]
         and report["quant"].get("rc", 0) == 0  # type: ignore[union-attr]
+        and report["demo_plain"].get("ok")  # type: ignore[union-attr]
         and (args.skip_bench or "error" not in result)
     )
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))

@@ -98,8 +98,9 @@ def listen_beside(path: Path, what: str, backlog: int) -> socket.socket:
 
 
 def private_dir(d: Path) -> None:
-    """Create the socket's directory 0700. One that exists must be ours (then made 0700 if
-    others could enter or write it) or root's and writable by root alone: whoever can write
+    """Create the socket's directory 0700. One that exists must not be shared by every user
+    (sticky and world-writable, like /tmp), and must be ours (then made 0700 if others could
+    enter or write it) or root's and writable by root alone: whoever can write
     there could swap our socket for theirs and see every client's requests."""
     try:
         d.mkdir(mode=0o700, parents=True)
@@ -110,6 +111,14 @@ def private_dir(d: Path) -> None:
         raise StartupError(f"cannot create socket directory {d}: {e.strerror}") from e
     st = os.stat(d)
     mode = stat.S_IMODE(st.st_mode)
+    if st.st_mode & stat.S_ISVTX and mode & 0o002:
+        # /tmp and its kind are shared on purpose: making one 0700 would lock every other user
+        # out of it (a root daemon with --socket /tmp/x.sock once did exactly that), and leaving
+        # it open would leave the socket to whoever shares it.
+        raise StartupError(
+            f"socket directory {d} is shared by every user (mode {mode:o}): put the socket in a "
+            f"directory of its own, e.g. {d / f'kvstore-{os.getuid()}'}/kvstore.sock (created 0700)"
+        )
     if st.st_uid == os.getuid():
         if mode & 0o077:
             log.warning("socket directory %s had mode %o; setting 0700", d, mode)
