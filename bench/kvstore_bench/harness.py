@@ -56,9 +56,14 @@ def _short_tmp() -> str:
     return tmp if len(tmp) <= 40 else "/tmp"
 
 
+# Where the model is, not how the store behaves: a child loads the model the caller loads.
+MODEL_ENV = ("KVSTORE_SMOLLM2_GGUF", "KVSTORE_MODEL_CACHE")
+
+
 def clean_env() -> dict[str, str]:
-    """The environment for a child: the caller's own KVSTORE_* settings must not leak in."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    """The environment for a child: the caller's own KVSTORE_* settings must not leak in
+    (those of MODEL_ENV do)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_") or k in MODEL_ENV}
 
 
 class ChildServer:

@@ -99,24 +99,13 @@ def text_ids(tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-# ---------------------------------------------------------------- B
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
-    except ValueError:
-        raise SystemExit("ttft: --lengths takes comma-separated integers") from None
-    if not lengths or min(lengths) < PAGE_TOKENS or args.repeat < 1:
-        raise SystemExit(f"ttft: lengths must be >= {PAGE_TOKENS}, --repeat >= 1")
-    import torch
-
-    progress("loading the model in this process (B), %d torch threads", threads())
-    t0 = time.monotonic()
-    model, tokenizer = load_model()
-    progress("model loaded in %.1fs", time.monotonic() - t0)
+def make_prompts(
+    model: Any, tokenizer: Any, lengths: list[int], repeat: int
+) -> tuple[dict[int, dict[str, Any]], list[list[int]], int]:
+    """(prompts, questions, num_pages): per length the prompt A caches and one fresh prompt per
+    run (warmup + `repeat`), one question per run, and the pages all sides leave in the pool."""
     ids = text_ids(tokenizer)
-    runs = 1 + args.repeat  # warmup + timed
+    runs = 1 + repeat  # warmup + timed
     questions = [
         tokenizer(QUESTION.format(r=r + 1), add_special_tokens=False)["input_ids"] for r in range(runs)
     ]
@@ -140,7 +129,26 @@ def run(args: argparse.Namespace) -> int:
     num_pages = sum(
         n // PAGE_TOKENS + runs * (q_pages + 1) + runs * (n // PAGE_TOKENS + q_pages + 1) for n in lengths
     )
-    num_pages += 64
+    return prompts, questions, num_pages + 64
+
+
+# ---------------------------------------------------------------- B
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit("ttft: --lengths takes comma-separated integers") from None
+    if not lengths or min(lengths) < PAGE_TOKENS or args.repeat < 1:
+        raise SystemExit(f"ttft: lengths must be >= {PAGE_TOKENS}, --repeat >= 1")
+    import torch
+
+    progress("loading the model in this process (B), %d torch threads", threads())
+    t0 = time.monotonic()
+    model, tokenizer = load_model()
+    progress("model loaded in %.1fs", time.monotonic() - t0)
+    prompts, questions, num_pages = make_prompts(model, tokenizer, lengths, args.repeat)
 
     import kvstore_client
     from kvstore_client import hf
@@ -164,12 +172,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_in_process_a(target: str, prompts: list[list[int]]) -> dict[str, Any]:
-    """Run process A: it loads the model and stores every prompt's KV in kvstore."""
+def cache_in_process_a(target: str, prompts: list[list[int]], device: str = "cpu") -> dict[str, Any]:
+    """Run process A: it loads the model (onto torch `device`) and stores every prompt's KV in
+    kvstore."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="kvsb-ttft-", delete=False) as f:
         json.dump(prompts, f)
         ids_file = f.name
-    argv = [sys.executable, "-m", "kvstore_bench.ttft_worker", target, NAMESPACE, ids_file]
+    argv = [sys.executable, "-m", "kvstore_bench.ttft_worker", target, NAMESPACE, ids_file, device]
     progress("process A: %s (loads the model, caches %d prompts)", " ".join(argv[1:3]), len(prompts))
     t0 = time.monotonic()
     try:
@@ -199,13 +208,21 @@ def measure(
     daemon: BenchDaemon,
 ) -> dict[str, Any]:
     import torch
-    from kvstore_client.hf import KVStoreCache
+    from kvstore_client.hf import KVStoreCache, cache_kwarg
+
+    device = model.device
+
+    def settle() -> None:
+        # (CUDA runs ahead of the host: a clock read before the device is done measures nothing)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     @torch.no_grad()
     def recompute(ids: list[int]) -> tuple[float, torch.Tensor, dict[str, float]]:
         t0 = time.perf_counter()
-        batch = torch.tensor([ids], dtype=torch.long)
+        batch = torch.tensor([ids], dtype=torch.long, device=device)
         logits = model(input_ids=batch, use_cache=True, logits_to_keep=1).logits[0, -1]
+        settle()
         return time.perf_counter() - t0, logits, {}
 
     @torch.no_grad()
@@ -216,9 +233,12 @@ def measure(
         cache = KVStoreCache(client, NAMESPACE, model.config)
         try:
             n = cache.load_prefix(ids)
+            settle()
             t1 = time.perf_counter()
-            batch = torch.tensor([ids[n:]], dtype=torch.long)
-            logits = model(input_ids=batch, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            batch = torch.tensor([ids[n:]], dtype=torch.long, device=device)
+            kwargs = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+            logits = model(input_ids=batch, **kwargs).logits[0, -1]
+            settle()
             t2 = time.perf_counter()
             cache.save(ids)
             t3 = time.perf_counter()

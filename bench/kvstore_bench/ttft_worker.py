@@ -1,7 +1,9 @@
 """Process A of `kvstore-bench ttft`: loads the model itself, stores each prompt's KV in kvstore
 with `kvstore_client.hf.prefill`, prints one JSON line per prompt, and exits.
 
-    python -m kvstore_bench.ttft_worker TARGET NAMESPACE IDS_JSON_FILE
+    python -m kvstore_bench.ttft_worker TARGET NAMESPACE IDS_JSON_FILE [DEVICE]
+
+DEVICE: the torch device the model runs on (default cpu; `kvstore-bench gpu` gives cuda).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from .ttft import load_model
 
 def main() -> None:
     target, namespace, ids_file = sys.argv[1:4]
+    device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
     prompts = json.loads(Path(ids_file).read_text())
     model, _ = load_model()
+    model.to(device)
     with kvstore_client.connect(target, client_name="bench-ttft-a") as client:
         for ids in prompts:
             _, cache = hf.prefill(model, ids, client, namespace)
