@@ -192,7 +192,8 @@ def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
     A = f"A (pid {a['pid']})"
     made = "created" if a["namespace_created"] else "found"
     say(
-        f"{A}: loaded the model in {a['load_seconds']:.1f}s; {made} namespace {namespace} (model {a['fingerprint']})"
+        f"{A}: loaded the model in {a['load_seconds']:.1f}s (it runs on {a['device']}); {made} namespace "
+        f"{namespace} (model {a['fingerprint']})"
     )
     describe_namespace(kv, namespace)
     say(
@@ -205,7 +206,7 @@ def run_model_demo(kv: Any, target: str, namespace: str) -> bool:
     )
     b = run_model_worker("ask", target, namespace)
     B = f"B (pid {b['pid']})"
-    say(f"{B}: loaded the model in {b['load_seconds']:.1f}s")
+    say(f"{B}: loaded the model in {b['load_seconds']:.1f}s (it runs on {b['device']})")
     ok = a["pid"] != b["pid"]
     for i, q in enumerate(b["answers"], 1):
         say(f"{B}: Q{i}: {q['question']}")

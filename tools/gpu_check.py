@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "build" / "gpu-wheels"
 SITE = ROOT / "build" / "gpu-site"
+MODEL = ROOT / "build" / "gpu-model"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The versions this tree's generated code and tests were built against (the .venv's).
 PINS = [
     "grpcio==1.85.3",
@@ -45,24 +47,10 @@ PINS = [
 ]
 # Without their dependencies: gguf's (numpy, pyyaml, tqdm) are in the image already, and a
 # numpy of ours first on the path would shadow the one the image's torch and CuPy were built with.
-# The image's transformers (5.17) is older than the adapter's API (`cache=`, >=5.24): this tree's
-# own transformers comes with what it needs that 5.17's set lacks (found by installing 5.25 over
-# 5.17 in a venv: huggingface-hub 2, httpx2, httpcore2, kernels, tomlkit, truststore); accelerate
-# and gguf because loading SmolLM2's GGUF file needs them.
-PINS_NO_DEPS = [
-    "gguf==0.19.0",
-    "accelerate==1.16.0",
-    "psutil==7.2.2",
-    "transformers==5.25.0",
-    "huggingface-hub==2.4.0",
-    "hf-xet==1.8.0",
-    "httpx2==2.16.2",
-    "httpcore2==2.16.2",
-    "kernels==0.19.1",
-    "tomlkit==0.15.3",
-    "truststore==0.10.5",
-]
-CUDA_TESTS = ["tests/test_gpu_cuda.py", "tests/test_pages_cupy.py"]
+# gguf: transformers (the image's 5.17; the adapter passes the cache as past_key_values= there)
+# reads SmolLM2's GGUF file with it, and refuses to without accelerate (which imports psutil).
+PINS_NO_DEPS = ["gguf==0.19.0", "accelerate==1.16.0", "psutil==7.2.2"]
+CUDA_TESTS = ["tests/test_gpu_cuda.py", "tests/test_pages_cupy.py", "tests/test_gpu_hf.py"]
 # Run natively: KVSTORE_TRITON_NATIVE=1 makes the module fail, not fall back to the interpreter,
 # where there is no CUDA device for it.
 TRITON_TESTS = ["tests/test_quant_triton.py", "tests/test_pages_triton.py"]
@@ -101,7 +89,29 @@ def env_for_tree(site: bool) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("TRITON_INTERPRET", None)  # natively on the GPU
     env["KVSTORE_TRITON_NATIVE"] = "1"
+    if (MODEL / GGUF).is_file():  # (joined by `model()` from the parts the device tool carried)
+        env["KVSTORE_SMOLLM2_GGUF"] = str(MODEL / GGUF)
+        env["KVSTORE_MODEL_CACHE"] = str(ROOT / "build" / "model-cache")
     return env
+
+
+def model() -> dict[str, object]:
+    """SmolLM2's GGUF file from the parts tools/gpu_model.py split (docs/gpu.md): the model
+    tests and the TTFT benchmark need it; without it they skip, and the check fails."""
+    if (MODEL / GGUF).is_file():
+        return {"model": str(MODEL / GGUF)}
+    if not all((MODEL / part).is_file() for part in ("part-a", "part-b", "SHA256")):
+        return {
+            "model": None,
+            "why": f"no parts in {MODEL} (python3 tools/gpu_model.py split, then carry them)",
+        }
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gpu_model.py"), "join"], capture_output=True, text=True
+    )
+    return {
+        "model": str(MODEL / GGUF) if run.returncode == 0 else None,
+        "join": (run.stdout + run.stderr)[-1000:],
+    }
 
 
 def install_wheels() -> dict[str, object]:
@@ -233,7 +243,7 @@ def demo(env: dict[str, str], out: Path, name: str, args: list[str], timeout: in
     except subprocess.TimeoutExpired as e:
         rc, text = 124, f"timed out after {timeout}s\n{e.stdout!r}"
     (out / f"{name}.txt").write_text(text)
-    on_gpu = "cuda:GPU-" in text
+    on_gpu = "cuda:GPU-" in text and "runs on cpu" not in text
     return {"rc": rc, "on_gpu": on_gpu, "ok": rc == 0 and on_gpu, "tail": text[-2500:]}
 
 
@@ -252,6 +262,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     wheels = {"installed": False, "why": "--no-wheels"} if args.no_wheels else install_wheels()
     report: dict[str, object] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wheels": wheels}
+    report["model"] = model()
     env = env_for_tree(site=not args.no_wheels)
 
     def step(name: str, result: dict[str, object]) -> dict[str, object]:
@@ -269,6 +280,7 @@ def main() -> int:
     result = step("bench", {} if args.skip_bench else bench(env, out, 240))
     step("quant", quant(env, out, 180))
     step("demo_plain", demo(env, out, "demo-plain", ["--plain"], 180))
+    step("demo_model", demo(env, out, "demo-model", ["--model"], 300))
     met = {
         k: (result.get(k) is not None and result[k] >= goal)
         for k, goal in GOALS.items()
@@ -281,6 +293,7 @@ def main() -> int:
         and report["other_tests"].get("rc") == 0  # type: ignore[union-attr]
         and report["quant"].get("rc", 0) == 0  # type: ignore[union-attr]
         and report["demo_plain"].get("ok")  # type: ignore[union-attr]
+        and report["demo_model"].get("ok")  # type: ignore[union-attr]
         and (args.skip_bench or "error" not in result)
     )
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str))
