@@ -36,6 +36,39 @@ def full_logits(model: Any, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits
 
 
+def own_cache_logits(model: Any, ids: list[int], prefix: int) -> torch.Tensor:
+    """The logits of ids[prefix:] on top of transformers' own cache of ids[:prefix]: the same
+    shapes as the adapter's path, so the same fp32 rounding (a 13-row GEMM does not round as the
+    61-row one of a full recompute)."""
+    from kvstore_client._hf_model import cache_kwarg
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = {cache_kwarg(model): DynamicCache()}
+        model(torch.tensor([ids[:prefix]]), **cache)
+        return model(torch.tensor([ids[prefix:]]), **cache).logits
+
+
+def assert_recompute_logits(
+    model: Any, ids: list[int], prefix: int, logits: torch.Tensor, ref: torch.Tensor, *, same_kv: bool
+) -> float:
+    """The adapter's logits of ids[prefix:] are a full recompute's (`ref`) within TOL, or within
+    what transformers' own cache of ids[:prefix] gives: both differ from a recompute by fp32
+    rounding alone (a 13-row GEMM does not round as a 61-row one), which on some CPUs is a
+    little over TOL (2 threads: 1.08e-4 at 61 tokens, logits up to 36). `same_kv`: the pages
+    were written by one forward of ids[:prefix], as the own cache's KV is, so the adapter adds
+    no rounding at all and must equal it bit for bit. The max abs diff."""
+    own = own_cache_logits(model, ids, prefix)
+    if same_kv:
+        assert torch.equal(logits, own), (logits - own).abs().max().item()
+    diff = (logits - ref[:, prefix:]).abs().max().item()
+    own_diff = (own - ref[:, prefix:]).abs().max().item()
+    assert diff <= max(TOL, 1.1 * own_diff), (
+        f"max abs diff {diff:.3g} (transformers' own cache: {own_diff:.3g})"
+    )
+    return diff
+
+
 def reference_generate(model: Any, ids: list[int], new_tokens: int) -> torch.Tensor:
     batch = torch.tensor([ids])
     return model.generate(
@@ -105,7 +138,16 @@ def test_cached_prefix_logits_equal_full_recompute(
             assert logits.shape[1] == prompt_tokens - 48
             diff = (logits - ref[:, 48:]).abs().max().item()
             record_property("max_abs_diff", diff)
-            assert diff <= TOL, f"max abs diff {diff:.3g} > {TOL}"
+            # The adapter adds no error of its own: its logits are transformers' own cache's, bit
+            # for bit. Against a full recompute both differ by fp32 rounding alone, which on some
+            # CPUs (2 threads: 1.08e-4 at 61 tokens, logits up to 36) is a little over TOL.
+            own = own_cache_logits(model, ids, 48)
+            assert torch.equal(logits, own), (logits - own).abs().max().item()
+            own_diff = (own - ref[:, 48:]).abs().max().item()
+            record_property("own_cache_max_abs_diff", own_diff)
+            assert diff <= max(TOL, own_diff), (
+                f"max abs diff {diff:.3g} > {TOL} and > transformers' own {own_diff:.3g}"
+            )
             sealed = prompt_tokens // PAGE_TOKENS
             assert client.stats(NS).namespaces[0].pages_sealed == sealed
             # The partial last page (if any) stays writable in the sequence.
@@ -117,8 +159,7 @@ def test_cached_prefix_logits_equal_full_recompute(
         with cache:
             assert cache.hit_tokens == sealed * PAGE_TOKENS
             assert cache.prefix_tokens == min(cache.hit_tokens, prompt_tokens - 1)
-            diff = (logits - ref[:, cache.prefix_tokens :]).abs().max().item()
-            assert diff <= TOL, f"max abs diff {diff:.3g} > {TOL}"
+            assert_recompute_logits(model, ids, cache.prefix_tokens, logits, ref, same_kv=False)
 
 
 def test_greedy_generate_identical_with_and_without_kvstore(smollm2: Any, model_daemon: Any) -> None:
