@@ -136,6 +136,14 @@ class ServerConfig:
         "quarantined when its client's process cannot be watched (seconds; docs/gpu.md)",
         in_range(0, 3600),
     )
+    device_staging_bytes: int = _key(
+        256 << 20,
+        "device pools: the pinned host memory each one allocates at its start for the tier copies "
+        "(a quarter the ring copies down go through, the rest one slot a page being copied up; a page "
+        "past it is staged in plain memory, a slower copy; docs/gpu.md)",
+        in_range(1 << 16),
+        size=True,
+    )
     shutdown_grace_s: float = _key(
         5.0,
         "on SIGTERM, how long in-flight RPCs may finish (seconds); new ones and those still running after "
@@ -283,6 +291,7 @@ class Config:
             quarantine_grace_s=s.quarantine_grace_s,
             hash_memo_entries=s.hash_memo_entries,
             hash_memo_bytes=s.hash_memo_bytes,
+            device_staging_bytes=s.device_staging_bytes,
         )
 
     def namespace_specs(self) -> list[NamespaceSpec]:

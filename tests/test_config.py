@@ -151,6 +151,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "max_sessions_per_client": "2",
         "shutdown_grace_s": "1",
         "quarantine_grace_s": "4",
+        "device_staging_bytes": "32MiB",
         "log_level": "debug",
         "dumpable": "true",
         "max_extra_keys_bytes": "7",
@@ -213,9 +214,10 @@ def test_store_limits_carry_every_limit() -> None:
         "KVSTORE_MAX_SESSIONS_PER_CLIENT": "6",
         "KVSTORE_HASH_MEMO_ENTRIES": "8",
         "KVSTORE_HASH_MEMO_BYTES": "9KiB",
+        "KVSTORE_DEVICE_STAGING_BYTES": "10MiB",
     }
     limits = cfg.load(environ=env).store_limits()
-    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0, 6, 8, 9 << 10)
+    assert limits == StoreLimits(11, 1 << 30, 2.0, 3.0, 5, 7, 0.25, 4.0, 6, 8, 9 << 10, 10 << 20)
     # A limit the store gains later must get a key here too, or this stays at its default.
     defaults = StoreLimits()
     unset = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,6 +74,12 @@ class PoolBackend(Protocol):
         for host memory, a host copy for a device (valid until the next call)."""
         ...
 
+    def copy_out_many(self, offsets: Iterable[int], nbytes: int) -> Iterator[memoryview]:
+        """`copy_out` of each page, in order, as one batch (a device copies a chunk at a time
+        and waits once a chunk). A view is valid until the next one is drawn, the iterator
+        until the next copy out."""
+        ...
+
     def copy_in(self, offset: int, nbytes: int) -> memoryview:
         """Where a copy from below writes a page (promotion, swap-in): in place for host
         memory; for a device a host staging buffer, pushed to the device by `landed`."""
@@ -82,6 +89,10 @@ class PoolBackend(Protocol):
         """The copy into `copy_in(offset)` is complete and the page is about to become
         visible (sealed, or handed to a sequence): a device pushes the staged bytes now. A
         seal calls it only for a pool whose handle is `on_device` (host pools stage nothing)."""
+        ...
+
+    def landed_many(self, offsets: Iterable[int]) -> None:
+        """`landed` of each page, as one batch (a device waits once)."""
         ...
 
     def dropped(self, offset: int) -> None:

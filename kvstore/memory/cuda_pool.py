@@ -7,8 +7,11 @@ docs/gpu.md and ../shared/design/GPU.md say why this shape:
 - `ipcGetMemHandle` gives the 64 bytes a client opens once per process
   (`ipcOpenMemHandle`); they travel in the PoolDescriptor with the device's UUID (never an
   ordinal: CUDA_VISIBLE_DEVICES renumbers) and the host's boot id.
-- The tiers copy through host staging (staging.py); the daemon cannot see a client's
-  syncs, so `unsynced` is always [] here and the client library does seal after sync.
+- The tiers copy through host staging (staging.py): a pinned arena allocated here once,
+  copies on the copy engines (`cudaMemcpyAsync` on a stream of the pool's own, pages next to
+  each other in both places merged into one copy), one wait a chunk or a batch. The daemon
+  cannot see a client's syncs, so `unsynced` is always [] here and the client library does
+  seal after sync.
 - `close` frees the allocation. Importers that still map it make that undefined, so the
   daemon's stop waits a grace for clients to unmap first (docs/gpu.md, "Lifecycle").
 
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.memory.backend import HandleType, PoolHandle, SyncMode, boot_id, new_epoch
-from kvstore.memory.staging import StagedPool
+from kvstore.memory.staging import DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES, Copy, StagedPool
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +75,31 @@ def resolve(device: str, cupy: Any) -> tuple[int, str]:
 class CudaPool(StagedPool):
     """A namespace's pool in device memory."""
 
-    def __init__(self, cupy: Any, ordinal: int, uuid: str, ptr: int, nbytes: int, epoch: int) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        cupy: Any,
+        ordinal: int,
+        uuid: str,
+        ptr: int,
+        nbytes: int,
+        epoch: int,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ) -> None:
+        staging_bytes = max(MIN_STAGING_BYTES, staging_bytes)
+        with cupy.cuda.Device(ordinal):
+            ipc = bytes(cupy.cuda.runtime.ipcGetMemHandle(ptr))
+            # Our own stream, not blocking on the default one: the engine's work on the
+            # default stream neither waits for nor delays the tier copies.
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+            # Pinned once, here (pinning is slow); numpy's view holds the allocation alive
+            # for as long as any staged buffer cut from it.
+            # (Not CuPy's pinned pool: it would keep the memory after the pool is closed.)
+            self._pinned = cupy.cuda.PinnedMemoryPointer(cupy.cuda.PinnedMemory(staging_bytes), 0)
+        arena = np.frombuffer(self._pinned, dtype=np.uint8, count=staging_bytes)
+        super().__init__(memoryview(arena))
         self._cupy = cupy
         self._ordinal = ordinal
         self._ptr = ptr
-        with cupy.cuda.Device(ordinal):
-            ipc = bytes(cupy.cuda.runtime.ipcGetMemHandle(ptr))
         self.handle = PoolHandle(
             HandleType.CUDA_IPC,
             f"cuda:{uuid}",
@@ -91,33 +112,36 @@ class CudaPool(StagedPool):
         )
 
     @classmethod
-    def create(cls, device: str, nbytes: int) -> CudaPool:
+    def create(cls, device: str, nbytes: int, staging_bytes: int = DEFAULT_STAGING_BYTES) -> CudaPool:
         cupy = _cupy()
         ordinal, uuid = resolve(device, cupy)
         with cupy.cuda.Device(ordinal):
             ptr = cupy.cuda.runtime.malloc(nbytes)  # raw cudaMalloc: one allocation, one handle
             try:
                 cupy.cuda.runtime.memset(ptr, 0, nbytes)
-                pool = cls(cupy, ordinal, uuid, ptr, nbytes, new_epoch())
+                pool = cls(cupy, ordinal, uuid, ptr, nbytes, new_epoch(), staging_bytes)
             except BaseException:
                 cupy.cuda.runtime.free(ptr)
                 raise
         log.info("created CUDA pool on %s (ordinal %d here): %d bytes", uuid, ordinal, nbytes)
         return pool
 
-    def _copy(self, dst: int, src: int, n: int, kind: int) -> None:
+    def _to_host_async(self, copies: list[Copy]) -> None:
+        runs = merged_runs([(_address(view), self._ptr + offset, len(view)) for offset, view in copies])
+        self._issue(runs, self._cupy.cuda.runtime.memcpyDeviceToHost)
+
+    def _to_device_async(self, copies: list[Copy]) -> None:
+        runs = merged_runs([(self._ptr + offset, _address(view), len(view)) for offset, view in copies])
+        self._issue(runs, self._cupy.cuda.runtime.memcpyHostToDevice)
+
+    def _issue(self, runs: list[tuple[int, int, int]], kind: int) -> None:
+        runtime, stream = self._cupy.cuda.runtime, self._stream.ptr
         with self._cupy.cuda.Device(self._ordinal):
-            self._cupy.cuda.runtime.memcpy(dst, src, n, kind)
+            for dst, src, n in runs:
+                runtime.memcpyAsync(dst, src, n, kind, stream)
 
-    def _to_host(self, offset: int, out: bytearray) -> None:
-        host = np.frombuffer(out, dtype=np.uint8)
-        self._copy(host.ctypes.data, self._ptr + offset, len(out), self._cupy.cuda.runtime.memcpyDeviceToHost)
-
-    def _to_device(self, offset: int, data: bytearray) -> None:
-        host = np.frombuffer(data, dtype=np.uint8)
-        self._copy(
-            self._ptr + offset, host.ctypes.data, len(data), self._cupy.cuda.runtime.memcpyHostToDevice
-        )
+    def _wait(self) -> None:
+        self._stream.synchronize()
 
     def unsynced(self, offsets: list[int]) -> list[int]:
         return []  # invisible from here: the client library seals after sync
@@ -130,5 +154,24 @@ class CudaPool(StagedPool):
             return
         ptr, self._ptr = self._ptr, 0
         with self._cupy.cuda.Device(self._ordinal):
+            self._stream.synchronize()  # no copy may outlive the memory it reads or writes
             self._cupy.cuda.runtime.free(ptr)
         log.info("freed CUDA pool on %s", self.handle.device)
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+def merged_runs(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(dst, src, n) copies in order, each run of them that continues the one before it in
+    both places made one copy (pages next to each other in the pool and in the ring)."""
+    runs: list[tuple[int, int, int]] = []
+    for dst, src, n in copies:
+        if runs:
+            d, s, m = runs[-1]
+            if d + m == dst and s + m == src:
+                runs[-1] = (d, s, m + n)
+                continue
+        runs.append((dst, src, n))
+    return runs

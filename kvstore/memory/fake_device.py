@@ -28,7 +28,7 @@ import struct
 
 from kvstore.memory.backend import HandleType, PoolHandle, SyncMode, boot_id
 from kvstore.memory.shm_pool import ShmPool
-from kvstore.memory.staging import StagedPool
+from kvstore.memory.staging import DEFAULT_STAGING_BYTES, Copy, StagedPool
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,18 @@ class FakeDevicePool(StagedPool):
 
     freed_while_mapped = 0  # (process-wide: tests read it through the daemon's log)
 
-    def __init__(self, shm: ShmPool, device: str, nbytes: int, page_stride: int) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        shm: ShmPool,
+        device: str,
+        nbytes: int,
+        page_stride: int,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ) -> None:
+        # A plain arena (nothing to pin) whose copies complete only at `_wait`, like a
+        # device's: staging code that reads a buffer before waiting reads garbage here.
+        super().__init__(memoryview(bytearray(staging_bytes)))
+        self._in_flight: list[tuple[bool, Copy]] = []  # (to the device?, copy)
         self._shm = shm
         self._nbytes = nbytes
         self._stride = page_stride
@@ -65,23 +75,40 @@ class FakeDevicePool(StagedPool):
 
     @classmethod
     def create_for(
-        cls, prefix: str, namespace: str, device: str, page_stride: int, num_pages: int
+        cls,
+        prefix: str,
+        namespace: str,
+        device: str,
+        page_stride: int,
+        num_pages: int,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
     ) -> FakeDevicePool:
         nbytes = page_stride * num_pages
         shm = ShmPool.create_for(prefix, namespace, nbytes + state_bytes(num_pages))
         log.info("namespace %s: fake device %s (CI only), %d bytes", namespace, device, nbytes)
-        return cls(shm, device, nbytes, page_stride)
+        return cls(shm, device, nbytes, page_stride, staging_bytes)
 
     def open_fd(self, writable: bool) -> int:
         """Read-write whatever the scope: a reader's mapping counts its touches in the state.
         CI only: no security claim is made for the fake device."""
         return self._shm.open_fd(True)
 
-    def _to_host(self, offset: int, out: bytearray) -> None:
-        out[:] = self._shm.mapping[offset : offset + len(out)]
+    def _to_host_async(self, copies: list[Copy]) -> None:
+        for _, view in copies:
+            view[:] = b"\xee" * len(view)  # what a read before the wait would see: not the page
+        self._in_flight += [(False, c) for c in copies]
 
-    def _to_device(self, offset: int, data: bytearray) -> None:
-        self._shm.mapping[offset : offset + len(data)] = data
+    def _to_device_async(self, copies: list[Copy]) -> None:
+        self._in_flight += [(True, c) for c in copies]
+
+    def _wait(self) -> None:
+        m = self._shm.mapping
+        for up, (offset, view) in self._in_flight:
+            if up:
+                m[offset : offset + len(view)] = view
+            else:
+                view[:] = m[offset : offset + len(view)]
+        self._in_flight.clear()
 
     def _counter_at(self, offset: int) -> int:
         return self._nbytes + HEADER + 4 * (offset // self._stride)

@@ -7,6 +7,7 @@ import re
 
 from kvstore.memory.backend import PoolBackend
 from kvstore.memory.shm_pool import ShmPool
+from kvstore.memory.staging import DEFAULT_STAGING_BYTES
 
 DEVICE_RE = re.compile(
     r"cpu|auto|cuda:(\d{1,3}|GPU-[0-9a-fA-F-]{1,64}|PCI-[0-9a-fA-F:.]{1,32})|fake:[A-Za-z0-9_.-]{1,64}"
@@ -23,8 +24,16 @@ def check_device(device: str) -> str:
     return ""
 
 
-def make_pool(prefix: str, namespace: str, device: str, page_stride: int, num_pages: int) -> PoolBackend:
-    """A new pool (a new epoch) for `namespace` on `device`. Touches no metadata."""
+def make_pool(
+    prefix: str,
+    namespace: str,
+    device: str,
+    page_stride: int,
+    num_pages: int,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
+) -> PoolBackend:
+    """A new pool (a new epoch) for `namespace` on `device`. Touches no metadata.
+    `staging_bytes`: a device pool's host staging arena (kvstore/memory/staging.py)."""
     if device == "auto":
         from kvstore.memory.auto_device import resolve
 
@@ -32,9 +41,9 @@ def make_pool(prefix: str, namespace: str, device: str, page_stride: int, num_pa
     if device.startswith("cuda:"):
         from kvstore.memory.cuda_pool import CudaPool  # imports numpy; CuPy on first use
 
-        return CudaPool.create(device, page_stride * num_pages)
+        return CudaPool.create(device, page_stride * num_pages, staging_bytes)
     if device.startswith("fake:"):
         from kvstore.memory.fake_device import FakeDevicePool
 
-        return FakeDevicePool.create_for(prefix, namespace, device, page_stride, num_pages)
+        return FakeDevicePool.create_for(prefix, namespace, device, page_stride, num_pages, staging_bytes)
     return ShmPool.create_for(prefix, namespace, page_stride * num_pages)

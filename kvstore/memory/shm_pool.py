@@ -25,6 +25,7 @@ import fcntl
 import logging
 import mmap
 import os
+from collections.abc import Iterable, Iterator
 
 from kvstore.memory.backend import HandleType, PoolHandle, new_epoch
 
@@ -107,7 +108,13 @@ class ShmPool:
     # Host memory: the tiers copy in place, and a client's store is visible at once.
     copy_out = copy_in = host_view
 
+    def copy_out_many(self, offsets: Iterable[int], nbytes: int) -> Iterator[memoryview]:
+        return (self.host_view(o, nbytes) for o in offsets)
+
     def landed(self, offset: int) -> None:
+        pass
+
+    def landed_many(self, offsets: Iterable[int]) -> None:
         pass
 
     def dropped(self, offset: int) -> None:

@@ -160,8 +160,7 @@ class Namespace:
             if page.state is not RESERVED or page.block_hash is None:
                 raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
         if self.pool.handle.on_device:  # a copy from below reaches the device first
-            for page in pages:
-                self.pool.landed(self.offset(page.slot))
+            self.pool.landed_many([self.offset(page.slot) for page in pages])
         clock = self.clock
         prev = parent
         for page in pages:

@@ -104,7 +104,14 @@ class Store:
 
     def create_pool(self, spec: NamespaceSpec) -> PoolBackend:
         """Create and back the pool (a new epoch). Touches no metadata: may run in a thread."""
-        return make_pool(self.shm_prefix, spec.name, spec.device, spec.page_stride, spec.num_pages)
+        return make_pool(
+            self.shm_prefix,
+            spec.name,
+            spec.device,
+            spec.page_stride,
+            spec.num_pages,
+            self.limits.device_staging_bytes,
+        )
 
     def add_namespace(self, spec: NamespaceSpec, pool: PoolBackend) -> NamespaceInfo:
         try:

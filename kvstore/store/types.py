@@ -97,6 +97,7 @@ class StoreLimits:
     max_sessions_per_client: int = 1024  # 0 = none; a client: kvstore/caller.py client_key
     hash_memo_entries: int = 4096  # remembered page hashes (kvstore/hashing.py make_memo); 0 = off
     hash_memo_bytes: int = 4 << 20
+    device_staging_bytes: int = 256 << 20  # a device pool's host staging arena (memory/staging.py)
 
 
 @dataclass(frozen=True)
