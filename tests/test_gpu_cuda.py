@@ -48,6 +48,45 @@ def test_the_pool_is_one_raw_allocation_with_an_ipc_handle_and_staged_copies() -
         pool.close()
 
 
+def test_many_pages_go_out_and_back_through_the_pinned_arena_in_batches() -> None:
+    """The batch forms on the copy engines (kvstore/memory/staging.py): a small arena first
+    (2 pages a ring chunk, 17 pinned slots for 120 pages: the rest staged unpinned), then the
+    default one; in order and scattered; a staged page reads as its staged bytes."""
+    import numpy as np
+
+    from kvstore.memory.cuda_pool import CudaPool
+    from kvstore.memory.staging import DEFAULT_STAGING_BYTES
+
+    page, pages = 737_280, 120
+    base = np.frombuffer(pattern(page, 2), dtype=np.uint8)
+
+    def content(i: int, salt: int) -> bytes:
+        return (base + np.uint8((7 * i + salt) % 256)).tobytes()
+
+    for staging in (16 << 20, None):
+        pool = CudaPool.create("cuda:0", pages * page, staging or DEFAULT_STAGING_BYTES)
+        try:
+            offsets = [i * page for i in range(pages)]
+            for salt, order in ((1, offsets), (2, offsets[::-1]), (3, offsets[1::2] + offsets[::2])):
+                for o in order:
+                    pool.copy_in(o, page)[:] = content(o // page, salt)
+                pool.landed_many(order)
+                assert pool.staged == 0
+                got = [
+                    bytes(v) == content(o // page, salt)
+                    for o, v in zip(order, pool.copy_out_many(order, page), strict=True)
+                ]
+                assert all(got), f"arena {staging}: {got.count(False)} pages differ"
+            assert (pool.staged_unpinned > 0) == (staging is not None)
+            pool.copy_in(5 * page, page)[:] = content(5, 9)
+            views = pool.copy_out_many([4 * page, 5 * page, 6 * page], page)
+            assert [bytes(v) for v in views] == [content(4, 3), content(5, 9), content(6, 3)]
+            pool.landed(5 * page)
+            assert bytes(pool.copy_out(5 * page, page)) == content(5, 9)
+        finally:
+            pool.close()
+
+
 READER = textwrap.dedent(
     """
     import sys, hashlib, kvstore_client

@@ -140,8 +140,16 @@ class CudaPool(StagedPool):
             for dst, src, n in runs:
                 runtime.memcpyAsync(dst, src, n, kind, stream)
 
-    def _wait(self) -> None:
-        self._stream.synchronize()
+    def _mark(self) -> Any:
+        event = self._cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(self._stream)
+        return event
+
+    def _wait(self, mark: Any = None) -> None:
+        if mark is None:
+            self._stream.synchronize()
+        else:
+            mark.synchronize()
 
     def unsynced(self, offsets: list[int]) -> list[int]:
         return []  # invisible from here: the client library seals after sync

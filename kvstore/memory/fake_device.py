@@ -57,7 +57,8 @@ class FakeDevicePool(StagedPool):
         # A plain arena (nothing to pin) whose copies complete only at `_wait`, like a
         # device's: staging code that reads a buffer before waiting reads garbage here.
         super().__init__(memoryview(bytearray(staging_bytes)))
-        self._in_flight: list[tuple[bool, Copy]] = []  # (to the device?, copy)
+        self._in_flight: list[tuple[int, bool, Copy]] = []  # (its number, to the device?, copy)
+        self._started = 0  # copies started, ever
         self._shm = shm
         self._nbytes = nbytes
         self._stride = page_stride
@@ -96,19 +97,28 @@ class FakeDevicePool(StagedPool):
     def _to_host_async(self, copies: list[Copy]) -> None:
         for _, view in copies:
             view[:] = b"\xee" * len(view)  # what a read before the wait would see: not the page
-        self._in_flight += [(False, c) for c in copies]
+        self._start(False, copies)
 
     def _to_device_async(self, copies: list[Copy]) -> None:
-        self._in_flight += [(True, c) for c in copies]
+        self._start(True, copies)
 
-    def _wait(self) -> None:
+    def _start(self, up: bool, copies: list[Copy]) -> None:
+        for c in copies:
+            self._in_flight.append((self._started, up, c))
+            self._started += 1
+
+    def _mark(self) -> int:
+        return self._started
+
+    def _wait(self, mark: object = None) -> None:
+        end = self._started if mark is None else mark
         m = self._shm.mapping
-        for up, (offset, view) in self._in_flight:
+        while self._in_flight and self._in_flight[0][0] < end:  # type: ignore[operator]
+            _, up, (offset, view) = self._in_flight.pop(0)
             if up:
                 m[offset : offset + len(view)] = view
             else:
                 view[:] = m[offset : offset + len(view)]
-        self._in_flight.clear()
 
     def _counter_at(self, offset: int) -> int:
         return self._nbytes + HEADER + 4 * (offset // self._stride)

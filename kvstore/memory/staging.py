@@ -11,8 +11,9 @@ asynchronously at full bandwidth). Its first quarter is the ring copies out go t
 two halves: while a caller reads one half's pages, the next chunk is copying into the
 other. The rest is cut into slots of one page each, one per page staged for a copy in; a
 page staged while no slot is free gets a plain buffer (correct, but a slower copy). A
-subclass moves the bytes with `_to_host_async` / `_to_device_async` and `_wait` (one wait a
-chunk or a batch, never one a page). docs/gpu.md, "Tiers under a GPU pool", says why.
+subclass moves the bytes with `_to_host_async` / `_to_device_async`, `_mark` and `_wait` (one
+wait a chunk or a batch, never one a page; the next chunk out is queued before the wait, so
+the copy engine never idles between chunks). docs/gpu.md, "Tiers under a GPU pool", says why.
 
 Rules that keep every byte right: a copy out of a page still staged is its staged bytes
 (the device has the old ones); a slot is reused only after the copy from it has been waited
@@ -60,8 +61,12 @@ class StagedPool:
         """Start copying each buffer to the page at its offset (done at the next `_wait`)."""
         raise NotImplementedError
 
-    def _wait(self) -> None:
-        """Every copy started so far is complete."""
+    def _mark(self) -> object:
+        """A point in the stream of copies: `_wait(mark)` waits for those started before it."""
+        raise NotImplementedError
+
+    def _wait(self, mark: object = None) -> None:
+        """Every copy started before `mark` (None: every copy started so far) is complete."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ down
@@ -83,16 +88,21 @@ class StagedPool:
                 yield self._out_alone(offset, nbytes, call)
             return
         chunks = [offsets[i : i + per_half] for i in range(0, len(offsets), per_half)]
-        pending = self._start_chunk(chunks[0], nbytes, 0) if chunks else []
+        if not chunks:
+            return
+        views = self._start_chunk(chunks[0], nbytes, 0)
+        mark = self._mark()
         for k in range(len(chunks)):
             self._check(call)
-            self._wait()
-            views = pending
-            if k + 1 < len(chunks):  # into the other half, while the caller reads this one
-                pending = self._start_chunk(chunks[k + 1], nbytes, (k + 1) % 2)
+            if k + 1 < len(chunks):  # queued behind this one, into the half the caller is done with
+                next_views = self._start_chunk(chunks[k + 1], nbytes, (k + 1) % 2)
+                next_mark = self._mark()
+            self._wait(mark)
             for view in views:
                 self._check(call)
                 yield view
+            if k + 1 < len(chunks):
+                views, mark = next_views, next_mark
 
     def _check(self, call: int) -> None:
         if self._out_call != call:  # its buffers are a later copy's now: never read them
@@ -159,7 +169,7 @@ class StagedPool:
             return
         self._to_device_async(copies)
         self._wait()
-        for offset, _ in copies:
+        for offset, _ in reversed(copies):  # (taken again in this order: runs stay mergeable)
             self._free_slot(offset)
 
     def dropped(self, offset: int) -> None:
