@@ -117,9 +117,15 @@ def test_a_handle_opens_only_on_its_own_device(device_daemon, monkeypatch) -> No
             c.namespace(NS).page(seq.slots[0])
 
 
-def test_pages_go_down_to_the_host_tier_and_come_back_through_staging(daemon_factory, fake_devices) -> None:
-    """The fake device has no host view: demotion and promotion must copy through staging."""
-    d = daemon_factory(server={"host_tier_bytes": 256 << 10}, namespaces=[DEVICE_NS]).start()
+@pytest.mark.parametrize("staging", [None, 64 << 10])
+def test_pages_go_down_to_the_host_tier_and_come_back_through_staging(
+    daemon_factory, fake_devices, staging
+) -> None:
+    """The fake device has no host view: demotion and promotion must copy through staging
+    (its arena: the default, or the smallest, where pages go out one at a time and come up
+    staged outside it; the lookup's 3 promotions land in one batch either way)."""
+    server = {"host_tier_bytes": 256 << 10} | ({"device_staging_bytes": staging} if staging else {})
+    d = daemon_factory(server=server, namespaces=[DEVICE_NS]).start()
     tokens = prompt(12, seed=4)
     with kvstore_client.connect(d.target) as c, Raw(d.target) as raw:
         with c.allocate(NS) as seq:

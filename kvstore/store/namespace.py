@@ -6,6 +6,7 @@ the tiers work: what is below the pool is a `Below` it is given (kvstore/store/t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -91,6 +92,9 @@ class Namespace:
         self.miss_tokens = 0
         self.lookups = 0
         self.evictions = 0
+        # Pages sealed inside `landing_batch`, whose staged bytes go to the device together
+        # when it ends (None: outside one, each seal lands its own).
+        self.landing: list[Page] | None = None
         self.deduplicated_pages = 0
         self.pages_committed = 0  # sealed or deduplicated by a commit: written by a client
         self.budget_dropped_pages = 0
@@ -160,7 +164,10 @@ class Namespace:
             if page.state is not RESERVED or page.block_hash is None:
                 raise InvariantBroken(f"namespace {self.name!r}: sealing {page}, not reserved with a hash")
         if self.pool.handle.on_device:  # a copy from below reaches the device first
-            self.pool.landed_many([self.offset(page.slot) for page in pages])
+            if self.landing is not None:
+                self.landing += pages
+            else:
+                self.pool.landed_many([self.offset(page.slot) for page in pages])
         clock = self.clock
         prev = parent
         for page in pages:
@@ -238,6 +245,8 @@ class Namespace:
                 self.tiers.demote(self, page)  # copied down first, freed second
             except Exception:  # a tier failing must not fail the request that needed room
                 log.exception("namespace %s: demoting page %s failed; it is dropped", self.name, page)
+        if self.landing is not None:  # (sealed and evicted in one batch: never lands)
+            self.pool.dropped(self.offset(page.slot))
         self.pages.give_back(page)
         self.evictions += 1
 
@@ -345,6 +354,42 @@ class Namespace:
     def page_in(self, slot: int) -> memoryview:
         """Where a copy from below writes a page; `land` (or `seal`) makes it the page's."""
         return self.pool.copy_in(self.offset(slot), self.spec.page_bytes)
+
+    @contextlib.contextmanager
+    def landing_batch(self) -> Iterator[None]:
+        """The pages sealed inside land on the device in one batch when it ends: for code
+        that hands out none of them before then and never yields to the loop meanwhile (a
+        lookup's walk below the pool). Until they land, a copy out of one reads its staged
+        bytes, so a demotion or write-through inside is still right."""
+        if self.landing is not None or not self.pool.handle.on_device:
+            yield
+            return
+        self.landing = []
+        try:
+            yield
+        finally:
+            pages, self.landing = self.landing, None
+            try:
+                self.pool.landed_many([self.offset(p.slot) for p in pages if p.state is SEALED])
+            except BaseException:
+                self._unlanded(pages)
+                raise
+
+    def _unlanded(self, pages: list[Page]) -> None:
+        """Sealed pages whose bytes never reached the device: out of the index at once, freed
+        once nobody holds them (as a corrupt page is), never served."""
+        log.error(
+            "namespace %s: %d promoted pages failed to land on the device: dropped", self.name, len(pages)
+        )
+        for page in pages:
+            if (
+                page.state is SEALED
+                and page.block_hash is not None
+                and self.index.get(page.block_hash) is page
+            ):
+                page.checksum = CORRUPT
+                self.index.remove(page)
+                self.condemned.add(page)
 
     def land(self, page: Page) -> None:
         """A page copied in from below goes to a sequence unsealed (swap-in): push it now."""

@@ -201,8 +201,11 @@ def _submit_reads(tiers: Tiers, proms: list[Promotion]) -> None:
         return results
 
     def done(results: list[Read]) -> None:
-        for prom, got in zip(rest, results, strict=True):  # chain order: parents first
-            _read_done(tiers, prom, got)
+        with contextlib.ExitStack() as landing:  # the pages these seal land in one batch a pool
+            for ns in {id(p.ns): p.ns for p in rest}.values():
+                landing.enter_context(ns.landing_batch())
+            for prom, got in zip(rest, results, strict=True):  # chain order: parents first
+                _read_done(tiers, prom, got)
 
     fut = loop.run_in_executor(disk.readers, read_all)
     fut.add_done_callback(

@@ -43,51 +43,53 @@ def promote(
         ns.ref(page)
     up: list[Page] = []  # sealed at once; their references are the caller's
     proms: list[Promotion] = []
-    begin_reads(tiers)
     try:
-        parent_page = pages[-1] if pages else None
-        parent_prom: Promotion | None = None
-        last_hash = pages[-1].block_hash if pages else None
-        walk = [] if first_miss is None else itertools.chain([first_miss], rest)
-        for block_hash in walk:
-            got = _promote_one(ns, tiers, block_hash, parent_page, parent_prom)
-            if got is None:
-                break
-            if isinstance(got, Page):
-                up.append(got)
-                parent_page, last_hash = got, block_hash
-                continue
-            proms.append(got)
-            parent_page, parent_prom, last_hash = _chain_step(ns, got, held)
-        else:
-            # Every full page of the prompt hit: bring up what followed it last time.
-            for _ in range(tiers.prefetch_pages if last_hash is not None else 0):
-                nxt = tiers.successor(ns.name, last_hash)
-                if nxt is None:
-                    break
-                resident = ns.index.get(nxt)
-                if resident is not None:
-                    ns.ref(resident)
-                    held.append(resident)
-                    parent_page, parent_prom, last_hash = resident, None, nxt
-                    continue
-                got = _promote_one(ns, tiers, nxt, parent_page, parent_prom)
-                if got is None:
-                    break
-                tiers.counters["prefetched"] += 1
-                if isinstance(got, Page):  # not part of the hit: held only while we walk
-                    held.append(got)
-                    parent_page, parent_prom, last_hash = got, None, nxt
-                    continue
-                parent_page, parent_prom, last_hash = _chain_step(ns, got, held)
-    except BaseException:
+        with ns.landing_batch():  # the pages sealed here go to the device in one batch
+            begin_reads(tiers)
+            try:
+                parent_page = pages[-1] if pages else None
+                parent_prom: Promotion | None = None
+                last_hash = pages[-1].block_hash if pages else None
+                walk = [] if first_miss is None else itertools.chain([first_miss], rest)
+                for block_hash in walk:
+                    got = _promote_one(ns, tiers, block_hash, parent_page, parent_prom)
+                    if got is None:
+                        break
+                    if isinstance(got, Page):
+                        up.append(got)
+                        parent_page, last_hash = got, block_hash
+                        continue
+                    proms.append(got)
+                    parent_page, parent_prom, last_hash = _chain_step(ns, got, held)
+                else:
+                    # Every full page of the prompt hit: bring up what followed it last time.
+                    for _ in range(tiers.prefetch_pages if last_hash is not None else 0):
+                        nxt = tiers.successor(ns.name, last_hash)
+                        if nxt is None:
+                            break
+                        resident = ns.index.get(nxt)
+                        if resident is not None:
+                            ns.ref(resident)
+                            held.append(resident)
+                            parent_page, parent_prom, last_hash = resident, None, nxt
+                            continue
+                        got = _promote_one(ns, tiers, nxt, parent_page, parent_prom)
+                        if got is None:
+                            break
+                        tiers.counters["prefetched"] += 1
+                        if isinstance(got, Page):  # not part of the hit: held only while we walk
+                            held.append(got)
+                            parent_page, parent_prom, last_hash = got, None, nxt
+                            continue
+                        parent_page, parent_prom, last_hash = _chain_step(ns, got, held)
+            finally:
+                end_reads(tiers)  # (reads from the page cache settle their promotions here)
+                for page in held:
+                    ns.unref(page)
+    except BaseException:  # (a failed landing too: its pages were never handed out)
         for page in up:
             ns.unref(page)
         raise
-    finally:
-        end_reads(tiers)  # (reads from the page cache settle their promotions here)
-        for page in held:
-            ns.unref(page)
     for i, prom in enumerate(proms):
         if prom.ok is False:  # settled as failed already: never filed as still in flight
             del proms[i:]
