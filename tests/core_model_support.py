@@ -112,6 +112,7 @@ def check_pool(ns: Namespace) -> None:
     """free + reserved + sealed = total, the counters agree with the page table, and every
     sealed page holds its hash's bytes."""
     pages = ns.pages.pages
+    on_device = ns.pool.handle.on_device
     by = Counter(p.state for p in pages)
     assert by[PageState.FREE] + by[PageState.RESERVED] + by[PageState.SEALED] == len(pages)
     assert by[PageState.FREE] == len(ns.pages.free)
@@ -124,6 +125,8 @@ def check_pool(ns: Namespace) -> None:
             assert bytes(ns.page_out(p.slot)) == content(p.block_hash, ns.spec.page_bytes), (
                 f"sealed {p} does not hold its hash's bytes"
             )
+            # (page_out reads staged bytes as the page's: a sealed page's must have landed)
+            assert not (on_device and ns.pool.is_staged(ns.offset(p.slot))), f"sealed {p} never landed"  # type: ignore[attr-defined]
         else:
             assert p.refcount == 0 and not p.children
 

@@ -181,6 +181,10 @@ class StagedPool:
         if slot is not None:
             self._free_slots.append(slot)
 
+    def is_staged(self, offset: int) -> bool:
+        """Whether the page at `offset` has bytes on their way to the device (not landed)."""
+        return offset in self._staged
+
     @property
     def staged(self) -> int:
         return len(self._staged)
