@@ -109,12 +109,11 @@ def test_shared_memory_pools_copy_out_many_in_place() -> None:
 
 
 def test_copies_next_to_each_other_in_both_places_merge() -> None:
-    assert merged_runs([(100, 0, 10), (110, 10, 10), (120, 30, 10), (0, 40, 5), (5, 45, 5)]) == [
-        (100, 0, 20),
-        (120, 30, 10),
-        (0, 40, 10),
-    ]
-    assert merged_runs([]) == []
+    copies = [(100, 0, 10), (110, 10, 10), (120, 30, 10), (0, 40, 5), (5, 45, 5)]
+    assert list(merged_runs(copies)) == [(100, 0, 20), (120, 30, 10), (0, 40, 10)]
+    assert list(merged_runs([])) == []
+    pages = [(i * 10, 1000 + i * 10, 10) for i in range(7)]  # one run, cut at 30 bytes
+    assert list(merged_runs(pages, max_run=30)) == [(0, 1000, 30), (30, 1030, 30), (60, 1060, 10)]
 
 
 def test_the_fake_device_hands_out_no_bytes_before_the_wait(make_pool) -> None:

@@ -21,7 +21,9 @@ verified without a GPU: tools/gpu_check.py runs what a GPU machine can check.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,10 @@ from kvstore.memory.backend import HandleType, PoolHandle, SyncMode, boot_id, ne
 from kvstore.memory.staging import DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES, Copy, StagedPool
 
 log = logging.getLogger(__name__)
+
+# The longest merged copy: ~0.15 ms at 55 GB/s, so the copy engine starts on a batch's first
+# pages while the rest are still being gathered.
+MAX_RUN = 8 << 20
 
 
 def _cupy() -> Any:
@@ -127,14 +133,14 @@ class CudaPool(StagedPool):
         return pool
 
     def _to_host_async(self, copies: list[Copy]) -> None:
-        runs = merged_runs([(_address(view), self._ptr + offset, len(view)) for offset, view in copies])
+        runs = merged_runs((_address(view), self._ptr + offset, len(view)) for offset, view in copies)
         self._issue(runs, self._cupy.cuda.runtime.memcpyDeviceToHost)
 
     def _to_device_async(self, copies: list[Copy]) -> None:
-        runs = merged_runs([(self._ptr + offset, _address(view), len(view)) for offset, view in copies])
+        runs = merged_runs((self._ptr + offset, _address(view), len(view)) for offset, view in copies)
         self._issue(runs, self._cupy.cuda.runtime.memcpyHostToDevice)
 
-    def _issue(self, runs: list[tuple[int, int, int]], kind: int) -> None:
+    def _issue(self, runs: Iterator[tuple[int, int, int]], kind: int) -> None:
         runtime, stream = self._cupy.cuda.runtime, self._stream.ptr
         with self._cupy.cuda.Device(self._ordinal):
             for dst, src, n in runs:
@@ -168,18 +174,24 @@ class CudaPool(StagedPool):
 
 
 def _address(view: memoryview) -> int:
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+    # (ctypes over numpy: a few times cheaper a page; every staged buffer is writable)
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def merged_runs(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def merged_runs(
+    copies: Iterable[tuple[int, int, int]], max_run: int = MAX_RUN
+) -> Iterator[tuple[int, int, int]]:
     """(dst, src, n) copies in order, each run of them that continues the one before it in
-    both places made one copy (pages next to each other in the pool and in the ring)."""
-    runs: list[tuple[int, int, int]] = []
+    both places made one copy of at most `max_run` bytes (more than one page only if they
+    fit). Lazy: a run is issued while the next is still being gathered."""
+    run: tuple[int, int, int] | None = None
     for dst, src, n in copies:
-        if runs:
-            d, s, m = runs[-1]
-            if d + m == dst and s + m == src:
-                runs[-1] = (d, s, m + n)
+        if run is not None:
+            d, s, m = run
+            if d + m == dst and s + m == src and m + n <= max_run:
+                run = (d, s, m + n)
                 continue
-        runs.append((dst, src, n))
-    return runs
+            yield run
+        run = (dst, src, n)
+    if run is not None:
+        yield run
