@@ -147,8 +147,9 @@ class CudaPool(StagedPool):
                 runtime.memcpyAsync(dst, src, n, kind, stream)
 
     def _mark(self) -> Any:
-        event = self._cupy.cuda.Event(block=False, disable_timing=True)
-        event.record(self._stream)
+        with self._cupy.cuda.Device(self._ordinal):  # (an event belongs to the current device)
+            event = self._cupy.cuda.Event(block=False, disable_timing=True)
+            event.record(self._stream)
         return event
 
     def _wait(self, mark: Any = None) -> None:
