@@ -29,10 +29,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from . import gpu_kernels, gpu_ttft
+from .gpu_timing import timed, wall
 from .harness import BenchError, emit, machine_info, now_iso, progress
 
 
@@ -45,32 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=10, help="timed passes, median taken (default 10)")
     p.add_argument("--device", default="cuda:0", help="pool device, as a namespace names it (default cuda:0)")
     p.add_argument("--ttft-repeat", type=int, default=5, help="timed TTFT runs, median taken (default 5)")
-
-
-def timed(torch: Any, fn: Callable[[], Any], repeat: int) -> float:
-    """Median seconds of `fn` on the current stream, after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
-def wall(fn: Callable[[], Any], repeat: int) -> float:
-    """Median wall seconds of a host-synchronous `fn` (the staging path syncs itself)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copies(torch: Any, n: int, repeat: int) -> dict[str, float]:

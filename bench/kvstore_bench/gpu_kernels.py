@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .gpu_timing import timed, wall
+
 LAYERS, HEADS, DIM, TOKENS = 30, 3, 64, 16
 
 
@@ -124,6 +126,5 @@ def _same(a: Any, b: Any) -> bool:
 
 def _timed(torch: Any, dev: Any, fn: Callable[[], Any], repeat: int) -> float:
     """Median seconds of `fn` after one warm-up: CUDA events on a GPU, the wall clock on a CPU."""
-    from .gpu import timed, wall  # (gpu imports this module)
 
     return timed(torch, fn, repeat) if dev.type == "cuda" else wall(fn, repeat)

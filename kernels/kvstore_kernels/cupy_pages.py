@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .pages import Plan
+from .page_plan import Plan
 
 WORDS = {1: "unsigned char", 2: "unsigned short", 4: "unsigned int", 8: "unsigned long long"}
 THREADS = 256

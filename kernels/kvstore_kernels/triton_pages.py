@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pages import Plan, words
+from .page_plan import Plan, words
 
 TILE = 4096  # elements a program moves per loop step (rows * padded dim)
 
