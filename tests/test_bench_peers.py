@@ -35,11 +35,23 @@ def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, 
         assert r["systems"][peer]["available"] is False
         assert str(missing) in r["systems"][peer]["reason"]
     kv, memcpy = r["systems"]["kvstore"], r["systems"]["memcpy"]
+    off = r["systems"]["kvstore-integrity-off"]  # (its own daemon, checksums and zeroing off)
     for size in ("1", "4"):
         assert memcpy["copy_gbps"][size] > 0
         for op in ("put_gbps", "get_gbps", "get_zero_copy_gbps"):
-            assert kv[op][size] > 0
-    assert [o["order"][0] for o in r["by_order"]] == ["kvstore", "mooncake"]
+            assert kv[op][size] > 0 and off[op][size] > 0
+    assert r["integrity_off"]["put_vs_mooncake_16"] is None and r["integrity_off"]["vs_redis_min"] is None
+    # Each pass evicts the last one's pages, so the guarded daemon zeroed pages (and took
+    # checksums, or counted those it missed); the other did neither.
+    guarded, bare = r["integrity_counts"]["kvstore"], r["integrity_counts"]["kvstore-integrity-off"]
+    assert guarded["pages_zeroed"] + guarded["pages_zeroed_inline"] > 0
+    assert guarded["pages_checksummed"] + guarded["pages_unchecked"] > 0
+    assert bare == dict.fromkeys(guarded, 0)
+    assert [o["order"][:2] for o in r["by_order"]] == [
+        ["kvstore", "kvstore-integrity-off"],
+        ["mooncake", "mooncake-standalone"],
+    ]
+    assert r["by_order"][1]["order"][-2:] == ["kvstore-integrity-off", "kvstore"]
     assert r["config"]["page_bytes"] == 737_280
 
 

@@ -8,6 +8,11 @@ when the bytes are in a preallocated buffer of the client (copy-out). kvstore's 
 (pinned views of the pool, no copy) is reported apart. Every pass checks the bytes read back.
 
 - kvstore: a daemon of its own (BenchDaemon), today's client API (peers_kvstore.py), this process.
+- kvstore-integrity-off (reported, no goal): the same on a second daemon with
+  `page_checksums = false` and `zero_freed_pages = false`, the guarantees of docs/security.md
+  ("Sealed pages") that the peers do not give: a checksum read of every page sealed and a
+  zeroing write of every page freed. What they cost is the difference to `kvstore` in the
+  same run; `integrity_off` in the JSON holds its ratios to the peers.
 - Mooncake Store (peers_worker.py, in the peers venv): embedded client holding the data in its
   own segment, protocol tcp on one host (local memcpy), mooncake_master started by the worker;
   batch_put_from / batch_get_into with registered buffers: one call a request.
@@ -50,6 +55,10 @@ from .harness import (
 )
 
 PEERS = ("mooncake", "mooncake-standalone", "redis-unix", "redis-tcp", "lmcache")
+# kvstore without the integrity work the peers do not do (docs/security.md, "Sealed pages").
+INTEGRITY_OFF = "kvstore-integrity-off"
+INTEGRITY_OFF_SERVER = {"page_checksums": False, "zero_freed_pages": False}
+INTEGRITY_COUNTS = ("pages_checksummed", "pages_unchecked", "pages_zeroed", "pages_zeroed_inline")
 GOALS = {"mooncake": {1: 1.0, 16: 1.25, 64: 1.25}, "redis": {16: 10.0, 64: 10.0}}
 BUSY = 0.2  # CPUs used by other processes above which results are flagged
 WORKER = Path(__file__).with_name("peers_worker.py")
@@ -88,15 +97,29 @@ def run(args: argparse.Namespace) -> int:
     ns = kvside.namespace_spec(args.pages, max(args.sizes))
     rounds: list[dict[str, Any]] = []
     cpu0 = (time.perf_counter(), system_busy_seconds(), self_cpu_seconds())
-    with BenchDaemon([ns], server={"max_pool_bytes": "64GiB"}) as daemon:
-        d0 = daemon.cpu_seconds()
-        with kvstore_client.connect(daemon.target, client_name="bench-peers") as kv:
-            side = kvside.KvstoreSide(kv)
+    server = {"max_pool_bytes": "64GiB"}
+    with (
+        BenchDaemon([ns], server=server) as daemon,
+        BenchDaemon([ns], server=server | INTEGRITY_OFF_SERVER) as bare_daemon,
+    ):
+        d0 = daemon.cpu_seconds() + bare_daemon.cpu_seconds()
+        with (
+            kvstore_client.connect(daemon.target, client_name="bench-peers") as kv,
+            kvstore_client.connect(bare_daemon.target, client_name="bench-peers-integrity-off") as bare,
+        ):
+            sides = {"kvstore": kvside.KvstoreSide(kv), INTEGRITY_OFF: kvside.KvstoreSide(bare)}
             transport = "lane" if kv.lane else "grpc"  # (KVSTORE_LANE=0: gRPC, for an A/B)
             for r in range(args.rounds):
-                order = ["kvstore", *peers] if r % 2 == 0 else [*peers, "kvstore"]
-                rounds.append(run_round(args, order, side, src, random.Random(r)))
-        daemon_cpu = daemon.cpu_seconds() - d0
+                ours = ["kvstore", INTEGRITY_OFF]
+                order = [*ours, *peers] if r % 2 == 0 else [*peers, *ours[::-1]]
+                rounds.append(run_round(args, order, sides, src, random.Random(r)))
+            # What each daemon's integrity work did over the run (docs/security.md): the
+            # proof that one checked and zeroed pages and the other did neither.
+            integrity = {
+                name: {f: getattr(side.kv.stats(kvside.NAMESPACE).namespaces[0], f) for f in INTEGRITY_COUNTS}
+                for name, side in sides.items()
+            }
+        daemon_cpu = daemon.cpu_seconds() + bare_daemon.cpu_seconds() - d0
     wall = time.perf_counter() - cpu0[0]
     busy = system_busy_seconds() - cpu0[1]
     # Ours: this process, its waited-for children (workers and their servers) and the daemon.
@@ -104,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     result = summarize(args, rounds, peers)
     result["others_cpu_util"] = round(max(0.0, busy - mine) / wall, 3)
     result["kvstore_transport"] = transport
+    result["integrity_counts"] = integrity
     result["machine"] = machine_info(torch=torch.__version__)
     emit(result, args.json, format_text(result))
     return 0
@@ -112,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 def run_round(
     args: argparse.Namespace,
     order: list[str],
-    side: kvside.KvstoreSide,
+    sides: dict[str, kvside.KvstoreSide],
     src: torch.Tensor,
     rng: random.Random,
 ) -> dict[str, Any]:
@@ -120,8 +144,8 @@ def run_round(
     systems: dict[str, Any] = {"memcpy": {"copy_s": kvside.measure_memcpy(src, args.sizes, args.repeat)}}
     for name in order:
         progress("  %s", name)
-        if name == "kvstore":
-            systems[name] = kvside.measure_kvstore(side, src, args.sizes, args.repeat, rng)
+        if name in sides:
+            systems[name] = kvside.measure_kvstore(sides[name], src, args.sizes, args.repeat, rng)
         else:
             systems[name] = run_worker(args, name)
     return {"order": order, "systems": systems}
@@ -174,7 +198,7 @@ def mean(values: list[float | None]) -> float | None:
 
 def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]], peers: list[str]) -> dict[str, Any]:
     per_round = [{n: rates(args.pages, s) for n, s in r["systems"].items()} for r in rounds]
-    names = ["memcpy", "kvstore", *peers]
+    names = ["memcpy", "kvstore", INTEGRITY_OFF, *peers]
     sizes = [str(k) for k in args.sizes]
     systems: dict[str, Any] = {}
     for n in names:
@@ -187,9 +211,9 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]], peers: lis
             op: {k: mean([pr[n][op].get(k) for pr in per_round]) for k in sizes} for op in ops
         }
 
-    def ratios(view: dict[str, Any]) -> dict[str, float | None]:
+    def ratios(view: dict[str, Any], ours: str = "kvstore") -> dict[str, float | None]:
         out: dict[str, float | None] = {}
-        kv = view["kvstore"]
+        kv = view[ours]
         for peer in peers:
             tag = "mooncake" if peer == "mooncake" else peer.replace("-", "_")
             pv = view.get(peer) or {}
@@ -226,6 +250,9 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]], peers: lis
             "rounds": args.rounds,
         },
         **headline,
+        # The same ratios without the integrity work the peers do not do (no goal: the goals
+        # are the defaults'); its cost to kvstore is the two systems' put/get_gbps.
+        "integrity_off": ratios(systems, INTEGRITY_OFF),
         "systems": systems,
         "by_order": by_order,
         "goals": goals,
@@ -263,6 +290,9 @@ def format_text(r: dict[str, Any]) -> str:
             else ("met" if g["met"] else "MISSED")
         )
         lines.append(f"  {key:<22} {v if v is not None else 'null':>8}  goal >= {g['goal']}: {met}")
+    off = r.get("integrity_off") or {}
+    keys = ("put_vs_mooncake_16", "get_vs_mooncake_16", "put_vs_mooncake_64", "vs_redis_min")
+    lines.append(f"  {INTEGRITY_OFF} (no goal): " + ", ".join(f"{k} {off.get(k)}" for k in keys))
     for o in r["by_order"]:
         first = "kvstore first" if o["order"][0] == "kvstore" else "peers first"
         pairs = ", ".join(
