@@ -27,7 +27,7 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
 
-    assert set(r["results"]) == {"kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane"}
+    assert set(r["results"]) == {"kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane", "kvstore_aio"}
     for side, by_c in r["results"].items():
         for c in ("1", "16"):
             e = by_c[c]
@@ -46,6 +46,11 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
     )
     assert r["lane_p99_ms_c1"] == res["kvstore_lane"]["1"]["p99_ms"]
     assert len(r["lane_ratio_rounds"]) == len(r["lane_floor_ratio_rounds"]) == 2
+    # The library's asyncio lane client (kvstore_client.aio_lane), against the same echo.
+    assert r["aio_lane_ratio"] == pytest.approx(
+        res["kvstore_aio"]["16"]["rps"] / res["echo"]["16"]["rps"], rel=1e-3
+    )
+    assert r["aio_lane_p99_ms_c1"] == res["kvstore_aio"]["1"]["p99_ms"]
     text = rpc.format_text(r)
     for line in (
         "kvstore_lane",
@@ -53,6 +58,8 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
         "lane_ratio = ",
         "lane_floor_ratio = ",
         "lane p99 at concurrency 1",
+        "kvstore_aio",
+        "aio_lane_ratio = ",
     ):
         assert line in text
 

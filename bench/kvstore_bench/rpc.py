@@ -31,6 +31,10 @@ back at each concurrency, the order alternating between rounds:
 - `echo_lane`: the same lane client against lane_echo.py (asyncio on uvloop, its own
   process, the same framing, answering the daemon's real serialized reply; no protobuf):
   the lane's own floor, as `echo` is gRPC's.
+- `kvstore_aio`: the same Lookup through the library's asyncio lane client
+  (`kvstore_client.aio_lane.AsyncLane.call`, what `kvstore_client.aio` sends its put/get calls
+  with: a pool of connections, a call taking one, its deadline, the request serialized and the
+  reply parsed), one client shared by the N tasks.
 
 Reported per side and concurrency: RPC/s, p50/p99 latency (client-side, per call), CPU
 time per call of the server process and of this client process (from /proc), which tell
@@ -42,7 +46,8 @@ concurrency 1 (goal < 1 ms). For the lane, against the same run's baselines:
 lane_ratio = kvstore_lane RPC/s / echo RPC/s at concurrency 16 (the issue's baseline, the
 grpc.aio echo; goal >= 0.8), lane_floor_ratio = kvstore_lane / echo_lane at 16 (how close
 the daemon's lane is to a lane that does nothing), lane_p99_ms_c1 = p99 of kvstore_lane at
-concurrency 1 (goal < 1 ms).
+concurrency 1 (goal < 1 ms). aio_lane_ratio = kvstore_aio RPC/s / echo RPC/s at 16 and
+aio_lane_p99_ms_c1 (no goals of their own): what an asyncio engine using the library gets.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ import grpc
 import kvstore_client
 import numpy as np
 import uvloop
+from kvstore_client import aio_lane
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -229,12 +235,32 @@ async def measure_all(
 
         return calls
 
+    def on_library_lane(path: str) -> Calls:
+        @contextlib.asynccontextmanager
+        async def calls(server: ChildServer, n: int) -> AsyncIterator[list[Call]]:
+            lane = aio_lane.AsyncLane(path, "")  # its pool: a connection per call in flight
+
+            async def call() -> None:
+                reply = await lane.call("Lookup", request, 30)
+                if reply.hit_tokens != want_hit:
+                    raise BenchError(
+                        f"library lane lookup hit {reply.hit_tokens} tokens, expected {want_hit}"
+                    )
+
+            try:
+                yield [call] * n
+            finally:
+                lane.close()
+
+        return calls
+
     sides: dict[str, tuple[ChildServer, Calls]] = {
         "kvstore": (daemon, on_channel(lookup_call)),
         "echo": (echo, on_channel(lookup_call)),
         "echo_raw": (echo, on_channel(raw_call)),
         "kvstore_lane": (daemon, on_lane(rpc_lane.daemon_lane_path(daemon))),
         "echo_lane": (echo_lane, on_lane(echo_lane.lane_path)),
+        "kvstore_aio": (daemon, on_library_lane(rpc_lane.daemon_lane_path(daemon))),
     }
     await same_answer(daemon, request)
     points: dict[str, dict[int, list[dict[str, Any]]]] = {s: {c: [] for c in args.concurrency} for s in SIDES}

@@ -12,7 +12,7 @@ RATIO_GOAL = 0.8
 RATIO_AT = 16
 P99_GOAL_MS = 1.0
 P99_AT = 1
-SIDES = ("kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane")
+SIDES = ("kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane", "kvstore_aio")
 BUSY = 0.2  # CPUs used by other processes above which results are flagged
 
 
@@ -106,6 +106,17 @@ def lane_keys(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if str(P99_AT) in results["kvstore_lane"]:
         p99 = results["kvstore_lane"][str(P99_AT)]["p99_ms"]
         out |= {"lane_p99_ms_c1": p99, "lane_p99_goal_met": p99 < P99_GOAL_MS}
+    # The library's asyncio client on the lane (kvstore_client.aio_lane), against the same echo.
+    aio = results.get("kvstore_aio", {})
+    if at in aio:
+        rounds = zip(aio[at]["rps_rounds"], results["echo"][at]["rps_rounds"], strict=True)
+        out |= {
+            "aio_lane_ratio": round(aio[at]["rps"] / results["echo"][at]["rps"], 4),
+            "aio_lane_ratio_definition": f"kvstore_aio Lookup RPC/s / echo (grpc.aio echo) RPC/s at concurrency {RATIO_AT}",
+            "aio_lane_ratio_rounds": sorted(round(k / e, 4) for k, e in rounds),
+        }
+    if str(P99_AT) in aio:
+        out["aio_lane_p99_ms_c1"] = aio[str(P99_AT)]["p99_ms"]
     return out
 
 
@@ -155,6 +166,12 @@ def format_text(r: dict[str, Any]) -> str:
             f"  lane_floor_ratio = kvstore_lane / echo_lane (the lane's own floor: canned bytes, no daemon) "
             f"at concurrency {RATIO_AT} = {r['lane_floor_ratio']:.3f} (rounds {r['lane_floor_ratio_rounds']})",
         ]
+    if "aio_lane_ratio" in r:
+        lines.append(
+            f"  aio_lane_ratio = kvstore_aio (the library's asyncio client on the lane) / echo RPC/s at "
+            f"concurrency {RATIO_AT} = {r['aio_lane_ratio']:.3f} (rounds {r['aio_lane_ratio_rounds']}); "
+            f"its p99 at concurrency {P99_AT} = {r.get('aio_lane_p99_ms_c1', float('nan')):.3f} ms"
+        )
     if "lane_p99_ms_c1" in r:
         lines.append(
             f"  lane p99 at concurrency {P99_AT} = {r['lane_p99_ms_c1']:.3f} ms; goal < {P99_GOAL_MS:g} ms: "

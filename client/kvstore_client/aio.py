@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from . import _core, _wire, device, pool_fd
+from . import _core, _wire, aio_lane, device, pool_fd
 from ._core import ClientCore, Held, LookupBase, SequenceBase, log, make_stubs
 from ._fast_api import AsyncFastPath
 from .channel import TLS, bearer, open_aio
@@ -138,10 +138,13 @@ class AsyncClient(AsyncFastPath, ClientCore):
         *,
         timeout_s: float | None = 30.0,
         token: str = "",
+        lane: bool | None = None,
     ) -> None:
         super().__init__(target, timeout_s=timeout_s, token=token)
         self._channel = channel
         self._stubs = make_stubs(channel)
+        self._lane_wanted = lane
+        self._lane: aio_lane.AsyncLane | None = None  # the put/get calls' way when the daemon offers it
         self._keepalive: Any = None  # the KeepAlive call, owned by open()/close()
         self._keepalive_task: asyncio.Task[None] | None = None
 
@@ -154,6 +157,7 @@ class AsyncClient(AsyncFastPath, ClientCore):
         )
         self._lease_attached = asyncio.Event()
         self._lease_ended = asyncio.Event()
+        self._lane = await aio_lane.offered(self.target, self._lane_wanted, self._token)
         self._keepalive = self._stubs["kv"].KeepAlive(_wire.keepalive_request(self.session_id))
         self._keepalive_task = asyncio.get_running_loop().create_task(
             self._hold_lease(self._keepalive), name=f"kvstore-keepalive-{self.session_id}"
@@ -174,7 +178,18 @@ class AsyncClient(AsyncFastPath, ClientCore):
         except asyncio.CancelledError:
             if not self._closed:
                 raise
+        finally:
+            # The lease goes with the stream: a call waiting on a hung daemon's lane fails
+            # UNAVAILABLE, deadline or not, as on gRPC (whose pings ended the stream).
+            if self._lane is not None:
+                self._lane.close("the session's KeepAlive stream ended (the daemon stopped answering)")
         self._on_keepalive_end(err)
+
+    @property
+    def lane(self) -> bool:
+        """Whether the put/get calls go over the daemon's lane socket (else gRPC; docs/api.md
+        "The lane")."""
+        return self._lane is not None
 
     async def heartbeat(self) -> int:
         return await self._run(_wire.heartbeat(self.session_id))
@@ -196,6 +211,8 @@ class AsyncClient(AsyncFastPath, ClientCore):
             if self._keepalive_task is not None:
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._keepalive_task, 5.0)
+            if self._lane is not None:
+                self._lane.close()
             self._close_namespaces()
             await self._channel.close()
         return result
@@ -209,12 +226,15 @@ class AsyncClient(AsyncFastPath, ClientCore):
     async def _send(
         self, call: _wire.Call[T], *, timeout: float | None = None, wait_for_ready: bool | None = None
     ) -> T:
-        method = getattr(self._stubs[call.service], call.method)
         if (event := device.sync_event(call)) is not None:  # recorded on the caller's stream
             await asyncio.to_thread(event.synchronize)  # seal/release after sync (docs/gpu.md)
         try:
-            reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
-        except grpc.RpcError as err:
+            if self._lane is not None and call.method in aio_lane.METHODS:  # (all of them KVStore's)
+                reply = await self._lane.call(call.method, call.request, timeout)
+            else:
+                method = getattr(self._stubs[call.service], call.method)
+                reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as err:  # (a lane.LaneError too: the same codes and messages)
             if self._may_be_shutdown(err):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lease_ended.wait(), _core.LEASE_SETTLE_S)
@@ -372,10 +392,14 @@ def connect(
     keepalive_s: float = _core.KEEPALIVE_S,
     token: str | None = None,
     tls: TLS | None = None,
+    lane: bool | None = None,
 ) -> Opening[AsyncClient]:
-    """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`."""
+    """See `kvstore_client.connect`: `kv = await aio.connect()` or `async with aio.connect() as kv`.
+    `lane`: as there (the calls in flight each take a lane connection of their own)."""
     dial = partial(open_aio, target, keepalive_s, token, tls)  # (the channel is made on the loop)
-    return Opening(_connect(dial, client_name, lease_ttl_s, timeout_s, connect_timeout_s, bearer(token)))
+    return Opening(
+        _connect(dial, client_name, lease_ttl_s, timeout_s, connect_timeout_s, bearer(token), lane)
+    )
 
 
 async def _connect(
@@ -385,8 +409,9 @@ async def _connect(
     timeout_s: float | None,
     connect_timeout_s: float,
     token: str,
+    lane: bool | None = None,
 ) -> AsyncClient:
-    client = AsyncClient(*dial(), timeout_s=timeout_s, token=token)
+    client = AsyncClient(*dial(), timeout_s=timeout_s, token=token, lane=lane)
     try:
         await client.open(
             client_name or f"pid-{os.getpid()}", lease_ttl_s, connect_timeout_s=connect_timeout_s
