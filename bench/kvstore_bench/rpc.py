@@ -7,7 +7,7 @@ Setup: a daemon (its own process) with a namespace of 16-token pages holding a c
 answering with the daemon's real serialized LookupResponse for that prompt.
 
 Client (this process, asyncio on uvloop, one channel per measurement, N tasks each with
-one call in flight, so N concurrent calls on the channel). Five sides, measured back to
+one call in flight, so N concurrent calls on the channel). Six sides, measured back to
 back at each concurrency, the order alternating between rounds:
 
 - `kvstore`:  `KVStoreStub.Lookup(req)` against the daemon. Client: serialize the
