@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import kvstore_client
 import numpy as np
@@ -186,3 +191,64 @@ def test_shutdown_answers_unavailable_to_an_asyncio_client_on_the_lane(daemon) -
             await kv.close()
 
     asyncio.run(main())
+
+
+KILLED = textwrap.dedent(
+    """
+    import asyncio, sys, kvstore_client
+    from e2e_helpers import page_content_bytes, page_tokens_of, prompt
+
+    async def main():
+        kv = await kvstore_client.aio.connect(sys.argv[1], client_name="killed-aio")
+        assert kv.lane
+        ns = await kv.namespace("test")
+        print("ready", flush=True)
+
+        async def loop(k):  # puts and gets on the lane, 4 in flight, until SIGKILL
+            i = 0
+            while True:
+                tokens = prompt(8, seed=1000 + k * 100 + i % 8)
+                data = b"".join(page_content_bytes(p, page_tokens_of(tokens, p, 4), ns.page_shape) for p in range(2))
+                await kv.put(ns, tokens, data)
+                await kv.get(ns, tokens)
+                i += 1
+
+        await asyncio.gather(*(loop(k) for k in range(4)))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_an_asyncio_client_killed_with_calls_in_flight_on_the_lane_leaks_nothing(daemon) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, daemon.target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
+        with Raw(daemon.target) as raw:
+            wait_until(
+                lambda: lane_stats(daemon.target), lambda s: s.calls >= 80 and s.open >= 2, timeout=30,
+                what="lane calls from 4 tasks in flight",
+            )  # fmt: skip
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            after = wait_until(
+                lambda: raw.counts(NS),
+                lambda c: c["pages_reserved"] == 0 and c["pages_pinned"] == 0 and c["sessions"] == 0,
+                timeout=10,
+                what="the killed client's pages and session to be released",
+            )
+            assert after["sequences"] == 0
+            wait_until(
+                lambda: lane_stats(daemon.target).open, lambda n: n == 0, timeout=10, what="lane closed"
+            )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert "Traceback" not in daemon.stderr_text()
