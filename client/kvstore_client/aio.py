@@ -7,7 +7,9 @@
             await seq.commit()
 
 The lease is held by a KeepAlive stream consumed by a task on the loop that
-connected; requests and replies are built by the same code as the sync client.
+connected; requests and replies are built by the same code as the sync client. The put/get
+calls go over the daemon's lane when it offers one (kvstore_client/aio_lane.py: a connection
+per call in flight), every other call over gRPC.
 """
 
 from __future__ import annotations
