@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -243,17 +244,22 @@ KILLED = textwrap.dedent(
 
 
 def test_a_client_killed_mid_call_on_the_lane_leaks_nothing(daemon) -> None:
+    killed_mid_call_leaks_nothing(daemon, KILLED, lambda s: s.calls >= 40)
+
+
+def killed_mid_call_leaks_nothing(daemon, script: str, busy: Callable[[pb.LaneStats], bool]) -> None:
+    """Run `script` (argv[1]: the daemon's target; prints "ready", then calls on the lane until
+    killed) in its own process, SIGKILL it once the daemon's lane stats satisfy `busy`, and
+    check the daemon freed its pages, pins, session and lane connections."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED, daemon.target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-c", script, daemon.target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     try:
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
         with Raw(daemon.target) as raw:
-            wait_until(
-                lambda: lane_stats(daemon.target).calls, lambda n: n >= 40, timeout=30, what="lane calls"
-            )
+            wait_until(lambda: lane_stats(daemon.target), busy, timeout=30, what="lane calls under way")
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             after = wait_until(

@@ -183,7 +183,7 @@ class AsyncClient(AsyncFastPath, ClientCore):
         finally:
             # The lease goes with the stream: a call waiting on a hung daemon's lane fails
             # UNAVAILABLE, deadline or not, as on gRPC (whose pings ended the stream).
-            if self._lane is not None:
+            if self._lane is not None and not self._closed:  # (close() closes it itself)
                 self._lane.close("the session's KeepAlive stream ended (the daemon stopped answering)")
         self._on_keepalive_end(err)
 

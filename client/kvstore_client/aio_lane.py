@@ -27,9 +27,9 @@ from typing import Any
 import grpc
 from kvstore_proto import lane as wire
 
-from .lane import _CODES, _METHODS, HELLO_TIMEOUT_S, LaneError, lane_path, wanted
+from .lane import _CODES, _METHODS, HELLO_TIMEOUT_S, METHODS, LaneError, lane_path, wanted
 
-METHODS = frozenset(wire.METHODS)  # what goes over the lane; every other call over gRPC
+__all__ = ["METHODS", "AsyncLane", "offered"]  # (METHODS: the sync lane's, what goes over it)
 MAX_IDLE = 64  # idle connections kept for the next calls; more are closed when given back
 _OK = grpc.StatusCode.OK.value[0]
 
