@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import kvstore_client
+import pytest
 from kvstore_bench.cli import main
 from kvstore_bench.harness import BenchDaemon
 from kvstore_bench.peers_kvstore import GEOMETRY, PAGE_BYTES, KvstoreSide, namespace_spec, page_data
@@ -52,6 +53,11 @@ def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, 
         ["mooncake", "mooncake-standalone"],
     ]
     assert r["by_order"][1]["order"][-2:] == ["kvstore-integrity-off", "kvstore"]
+    for o in r["by_order"]:  # each round's own GB/s, of the systems that ran (none skipped)
+        assert set(o["gbps"]) == {"memcpy", "kvstore", "kvstore-integrity-off"}
+        assert o["gbps"]["kvstore"]["put_gbps"]["4"] > 0 and o["gbps"]["memcpy"]["copy_gbps"]["4"] > 0
+    per_round = [o["gbps"]["kvstore"]["put_gbps"]["4"] for o in r["by_order"]]
+    assert kv["put_gbps"]["4"] == pytest.approx(sum(per_round) / 2, abs=0.002)  # (the mean's parts)
     assert r["config"]["page_bytes"] == 737_280
 
 

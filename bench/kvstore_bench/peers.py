@@ -23,7 +23,8 @@ when the bytes are in a preallocated buffer of the client (copy-out). kvstore's 
 
 A peer that cannot run is skipped with the reason in the output; ratios against it are null.
 Both orders run (`--rounds`, default 2): kvstore first, then peers first, so a warm-up or
-ordering bias shows as a difference between `by_order` entries. GB/s = pages x page bytes /
+ordering bias shows as a difference between `by_order` entries (each with its round's own
+GB/s, `gbps`, to tell which side moved). GB/s = pages x page bytes /
 seconds of a pass, median of the passes of a round (`--repeat`), mean over the rounds.
 `make peers` installs the peers (build/peers-venv, Debian packages) and runs this.
 """
@@ -227,7 +228,11 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]], peers: lis
         return out
 
     headline = ratios(systems)
-    by_order = [{"order": r["order"]} | ratios(pr) for r, pr in zip(rounds, per_round, strict=True)]
+    # Each round's own GB/s too: an order bias shows as which side moved between the orders.
+    by_order = [
+        {"order": r["order"]} | ratios(pr) | {"gbps": {n: v for n, v in pr.items() if v}}
+        for r, pr in zip(rounds, per_round, strict=True)
+    ]
     goals = {}
     for k, g in GOALS["mooncake"].items():
         for op in ("put", "get"):
