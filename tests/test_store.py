@@ -207,6 +207,7 @@ def test_create_namespace_makes_a_private_sealed_memfd(bare_store, prefix):
         "pages_zeroed": 0,
         "pages_zeroed_inline": 0,
         "pages_unchecked": 0,
+        "replies_waited_zeroing": 0,
         "extra": {},
     }
     bare_store.close()

@@ -1,10 +1,12 @@
-"""Zeroing off a put's reply: in a full pool a Put's next credit takes free pages the
-integrity thread zeroed ahead (kvstore/store/zero_ahead.py), not the pages the grant just
-evicted, so its reply waits for no zeroing; every credit page still reads zero before the
-client writes it, and what the puts wrote reads back. And a call taking dirty pages does not
-take the ones the thread's batch is zeroing (its reply would wait for that whole batch). In
-process: a real Store, memfd pool and Integrity running on the loop (its thread zeroes the
-pages evicted ahead between the puts, as it does while a client copies into its credit)."""
+"""Zeroing off a put's reply: in a full pool a Put's next credit takes free pages zeroed
+ahead (kvstore/store/zero_ahead.py), not the pages the grant just evicted, so its reply waits
+for no zeroing; every credit page still reads zero before the client writes it, and what the
+puts wrote reads back. The pages evicted ahead are zeroed on the zeroing threads at once, not
+in the integrity thread's next batch (which marks them clean only with its checksums done).
+And a call taking dirty pages does not take the ones the thread's batch is zeroing (its reply
+would wait for that whole batch). In process: a real Store, memfd pool and Integrity on the
+loop (the zeroing threads zero the pages evicted ahead between the puts, as they do while a
+client copies into its credit)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import asyncio
 import time
 import uuid
 
+import pytest
 from test_integrity_put_path import _all_freed_and_a_batch, _fill, _filled, _stop, _store
 
 from kvstore.store import credit, zero_later
@@ -24,16 +27,23 @@ T = 16
 
 
 async def _zeroed_ahead(ns: object, timeout: float = 10.0) -> None:
-    """Until the integrity thread has zeroed every free page (a real condition, bounded)."""
+    """Until every free page is zeroed (a real condition, bounded)."""
     end = time.monotonic() + timeout
     while any(p.dirty for p in ns.pages.pages if p.prev is not None):  # type: ignore[attr-defined]
-        assert time.monotonic() < end, "the integrity thread did not zero the free pages"
+        assert time.monotonic() < end, "the free pages were not zeroed"
         await asyncio.sleep(0.002)
 
 
-async def test_a_credit_in_a_full_pool_takes_pages_zeroed_ahead_not_the_ones_it_evicts() -> None:
+@pytest.mark.parametrize("integrity_task", [True, False], ids=["integrity-running", "integrity-idle"])
+async def test_a_credit_in_a_full_pool_takes_pages_zeroed_ahead_not_the_ones_it_evicts(
+    integrity_task: bool,
+) -> None:
+    """With the integrity task idle (never run: no batch of its thread zeroes anything), the
+    pages evicted ahead are still zeroed before the next grant: the zeroing threads did it."""
     store, integrity, ns = _store()
-    task = asyncio.create_task(integrity.run(lambda: store.namespaces))
+    task = asyncio.create_task(
+        integrity.run(lambda: store.namespaces) if integrity_task else asyncio.sleep(0)
+    )
     try:
         sid = store.open_session("ahead", 600).session_id
         grant = credit.grant(store, store.session(sid), ns, PAGES)
@@ -53,8 +63,12 @@ async def test_a_credit_in_a_full_pool_takes_pages_zeroed_ahead_not_the_ones_it_
             await _zeroed_ahead(ns)  # (the client's copy into the credit, in real time)
         assert ns.evictions >= 60, "the pool was full: the later grants evicted"
         assert waited[15:] == [0] * 15, f"a credit waited for the zeroing of pages it evicted: {waited}"
+        assert ns.guard.stats()["replies_waited_zeroing"] == sum(1 for w in waited if w), "counted per reply"
         assert len(ns.pages.free) >= PAGES, "a credit's worth of free pages is kept zeroed ahead"
         assert ns.guard.stats()["pages_zeroed_inline"] == 0
+        assert ns.guard.stats()["pages_zeroed"] >= 60, "the pages evicted ahead were zeroed off the loop"
+        if not integrity_task:
+            assert integrity.jobs == 0, "the integrity thread ran a batch: not what zeroed them"
         for page in ns.pages.pages:  # every sealed page holds what its put wrote
             if page.block_hash is not None and page.state.name == "SEALED":
                 assert _filled(ns, page.slot, 0xA5)

@@ -59,7 +59,13 @@ PEERS = ("mooncake", "mooncake-standalone", "redis-unix", "redis-tcp", "lmcache"
 # kvstore without the integrity work the peers do not do (docs/security.md, "Sealed pages").
 INTEGRITY_OFF = "kvstore-integrity-off"
 INTEGRITY_OFF_SERVER = {"page_checksums": False, "zero_freed_pages": False}
-INTEGRITY_COUNTS = ("pages_checksummed", "pages_unchecked", "pages_zeroed", "pages_zeroed_inline")
+INTEGRITY_COUNTS = (
+    "pages_checksummed",
+    "pages_unchecked",
+    "pages_zeroed",
+    "pages_zeroed_inline",
+    "replies_waited_zeroing",
+)
 GOALS = {"mooncake": {1: 1.0, 16: 1.25, 64: 1.25}, "redis": {16: 10.0, 64: 10.0}}
 BUSY = 0.2  # CPUs used by other processes above which results are flagged
 WORKER = Path(__file__).with_name("peers_worker.py")

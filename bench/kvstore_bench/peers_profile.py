@@ -129,7 +129,13 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 # The integrity counters the run ends with (docs/security.md, "The window before the check").
-INTEGRITY = ("pages_checksummed", "pages_unchecked", "pages_zeroed", "pages_zeroed_inline")
+INTEGRITY = (
+    "pages_checksummed",
+    "pages_unchecked",
+    "pages_zeroed",
+    "pages_zeroed_inline",
+    "replies_waited_zeroing",
+)
 
 
 def _top(stats: pstats.Stats, n: int) -> str:

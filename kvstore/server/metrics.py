@@ -66,6 +66,10 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
         "kvstore_pages_unchecked",
         "sealed pages that left the pool (evicted, copied below, dropped) before their checksum was taken",
     ),
+    "replies_waited_zeroing": (
+        "kvstore_replies_waited_zeroing",
+        "Reserve, Seal and Put replies that waited for pages they took to be zeroed (zeroing behind)",
+    ),
 }
 
 

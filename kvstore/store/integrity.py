@@ -81,6 +81,7 @@ class NamespaceGuard:
                 "pages_zeroed",
                 "pages_zeroed_inline",
                 "pages_unchecked",
+                "replies_waited_zeroing",
             ),
             0,
         )
@@ -133,8 +134,14 @@ class NamespaceGuard:
     def refused(self) -> None:
         self.counts["copies_refused"] += 1
 
-    def zero_soon(self) -> None:
-        self.service.kick()
+    def zero_soon(self, pages: list[Page]) -> None:
+        """On the zeroing threads at once (zero_later.py), not in the integrity thread's next
+        batch: that batch marks its pages clean only once its checksums are done too, at nice
+        +10, and the next credit would wait for it (zero_ahead.py says why). Marked with their
+        job meanwhile: the integrity thread's batches pass them by, a call taking one waits."""
+        dirty = [p for p in pages if p.state is FREE and p.dirty and p.zeroing is None]
+        if dirty:
+            zero_later.zero_off_loop(self, dirty)
 
     def stats(self) -> dict[str, int]:
         self.settle_unchecked(self.to_sum)  # (those gone since the last job: counted now)

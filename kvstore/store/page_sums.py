@@ -43,8 +43,8 @@ class Guard(Protocol):
     def refused(self) -> None:
         """A copy of a corrupt page below the pool was refused."""
 
-    def zero_soon(self) -> None:
-        """Pages were freed ahead of need (zero_ahead.py): zero them now, not at the next tick."""
+    def zero_soon(self, pages: list[Page]) -> None:
+        """`pages` were freed ahead of need (zero_ahead.py): zero them now, not at the next tick."""
 
     def stats(self) -> dict[str, int]:
         """Its counters, as `NamespaceStats` fields."""

@@ -250,4 +250,5 @@ class NamespaceStats:
     pages_zeroed: int = 0  # freed pages zeroed off the loop
     pages_zeroed_inline: int = 0  # freed pages zeroed on the loop as they were taken again
     pages_unchecked: int = 0  # sealed pages that left the pool before their checksum was taken
+    replies_waited_zeroing: int = 0  # Reserve/Seal/Put replies that waited for their pages' zeroing
     extra: dict[str, int] = field(default_factory=dict)

@@ -5,12 +5,20 @@ had just evicted: dirty, so its reply waited for their zeroing (zero_later.py: 1
 737,280 B, ~0.2-0.4 ms on 2 cores, on every Put's critical path). Before such a grant the
 policy evicts one credit's worth more than the grant needs: the grant takes the free pages
 that were zeroed ahead (the free list hands out zeroed pages first), and the pages evicted
-now are zeroed by the integrity thread, at its low priority, while the client copies into
+now are zeroed at once on the zeroing threads (zero_later.py), while the client copies into
 this credit and the next Put is on its way. So the pool keeps up to one credit of free pages
 out of the cache (a credit is at most 1/8 of a pool), only while zeroing is on.
+
+Why the zeroing threads and not the integrity thread's batch: that batch also checksums the
+pages sealed since the last one, runs at nice +10, and marks its pages clean only when all
+of it is done, so in a steady stream of puts the next grant often found its pages still in
+it and the reply waited for the rest of the batch (Stats `replies_waited_zeroing`;
+BENCHMARKS.md, peers, "Zeroing ahead on the zeroing threads").
 """
 
 from __future__ import annotations
+
+from itertools import islice
 
 from kvstore.store.namespace import Namespace
 
@@ -22,6 +30,8 @@ def make_room(ns: Namespace, pages: int) -> None:
     are free, or nothing more can go; the grant's own room is still made by the allocation."""
     if ns.pages.zero is None or len(ns.pages.free) >= 2 * pages:
         return
+    freed = ns.pages.freed  # (each page evicted now is appended to it, dirty)
+    before = len(freed)
     done = ns.evict_while(lambda _: len(ns.pages.free) < 2 * pages, WHY)
     if done.pages_evicted and ns.guard is not None:
-        ns.guard.zero_soon()
+        ns.guard.zero_soon(list(islice(freed, before, None)))
