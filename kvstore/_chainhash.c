@@ -12,7 +12,7 @@
  * it lives here so the daemon has one extension for its per-request loops, as do `touch_pages`
  * (kvstore/_pagetouch.c), a lookup hit's pass over its pages, and `encode_fields`
  * (kvstore/_replyenc.c), a Lookup reply's fields as protobuf's bytes (kvstore/server/convert.py),
- * `record_known` (kvstore/_mrcrecord.c), a lookup's blocks in the live MRC's sample, and
+ * `record_known` and `record_new` (kvstore/_mrcrecord.c), a call's blocks in the live MRC's sample, and
  * `scan_fields` (kvstore/_reqscan.c), a Lookup request's fields from its wire bytes. */
 
 #define PY_SSIZE_T_CLEAN
@@ -308,6 +308,7 @@ static PyMethodDef methods[] = {
     {"touch_pages", touch_pages, METH_VARARGS, touch_pages_doc},
     {"encode_fields", encode_fields, METH_VARARGS, encode_fields_doc},
     {"record_known", record_known, METH_VARARGS, record_known_doc},
+    {"record_new", record_new, METH_VARARGS, record_new_doc},
     {"scan_fields", scan_fields, METH_VARARGS, scan_fields_doc},
     {NULL, NULL, 0, NULL},
 };

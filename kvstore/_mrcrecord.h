@@ -1,4 +1,4 @@
-/* A lookup's sampled blocks recorded in the live MRC's sample (kvstore/_mrcrecord.c). */
+/* A lookup's or an append's sampled blocks recorded in the live MRC's sample (kvstore/_mrcrecord.c). */
 #ifndef KVSTORE_MRCRECORD_H
 #define KVSTORE_MRCRECORD_H
 
@@ -7,5 +7,7 @@
 
 extern const char record_known_doc[];
 PyObject *record_known(PyObject *self, PyObject *args);
+extern const char record_new_doc[];
+PyObject *record_new(PyObject *self, PyObject *args);
 
 #endif

@@ -54,10 +54,46 @@ def py_record_known(
     return True
 
 
+def py_record_new(
+    keys: dict[bytes, int],
+    distinct: set[int],
+    blocks: list[bytes],
+    start: int,
+    log: list[int],
+    gaps: list[int],
+    gap: int,
+    threshold: int,
+    max_keys: int,
+) -> tuple[int, int]:
+    """LiveMrc.add's loop over blocks[start:]: each block's spatial hash (remembered in `keys`,
+    or made from its leading bytes: those 3 big-endian are what `cut` compares, skipped at
+    `threshold` or more) appended to `log`, `gap` then zeros to `gaps`, and added to
+    `distinct`. Returns (the index to go on from, how many were appended): after the block
+    that makes `distinct` hold more than `max_keys` (the caller lowers the rate first), else
+    at the end. kvstore/_mrcrecord.c does the same in C; this is its fallback and reference."""
+    recorded = 0
+    for i in range(start, len(blocks)):
+        block = blocks[i]
+        h = keys.get(block)
+        if h is None:
+            h = int.from_bytes(block[:3], "big") | (int.from_bytes(block[3:11], "big") << 24)
+            if h % MODULUS >= threshold:
+                continue
+            keys[block] = h
+        log.append(h)
+        gaps.append(0 if recorded else gap)
+        recorded += 1
+        if h not in distinct:
+            distinct.add(h)
+            if len(distinct) > max_keys:
+                return i + 1, recorded
+    return len(blocks), recorded
+
+
 try:  # (absent where the extension is not built)
-    from kvstore._chainhash import record_known
+    from kvstore._chainhash import record_known, record_new
 except ImportError:
-    record_known = py_record_known
+    record_known, record_new = py_record_known, py_record_new
 
 
 class LiveMrc:
@@ -76,7 +112,8 @@ class LiveMrc:
 
     def add(self, accesses: int, sampled: list[bytes]) -> None:
         """`accesses` block accesses, of which `sampled` (in order) passed `< cut`.
-        MrcSampler.record_sampled, inlined: this runs for every sampled block of every lookup."""
+        MrcSampler.record_sampled, in C (record_known, record_new): this runs for every sampled
+        block of every lookup and append."""
         s = self.sampler
         base = s.accesses
         if sampled:
@@ -86,23 +123,17 @@ class LiveMrc:
             if record_known(keys, sampled, log, gaps, base - s._last_seen):
                 s._last_seen = base
                 sampled = []  # (else some are new, nothing was recorded: the loop below)
-            for block in sampled:
-                h = keys.get(block)
-                if h is None:
-                    # The spatial hash: leading 3 bytes (what `cut` compares) in the low bits.
-                    h = int.from_bytes(block[:3], "big") | (int.from_bytes(block[3:11], "big") << 24)
-                    if h % MODULUS >= s.threshold:  # the rate fell during this call
-                        continue
-                    keys[block] = h
-                log.append(h)
-                gaps.append(base - s._last_seen)
-                s._last_seen = base
-                if h not in distinct:
-                    distinct.add(h)
-                    if len(distinct) > s.max_keys:
-                        s._lower_rate()  # rebinds the lists and filters `keys`
-                        keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
-                        self._update_cut()
+            i = 0
+            while i < len(sampled):  # (an append's new pages; more than one turn: the rate fell)
+                i, recorded = record_new(
+                    keys, distinct, sampled, i, log, gaps, base - s._last_seen, s.threshold, s.max_keys
+                )
+                if recorded:
+                    s._last_seen = base
+                if len(distinct) > s.max_keys:
+                    s._lower_rate()  # rebinds the lists and filters `keys`
+                    keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
+                    self._update_cut()
             if len(log) > s.max_log:
                 s._forget_head()
         s.accesses = base + accesses
