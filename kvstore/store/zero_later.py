@@ -56,8 +56,9 @@ def collect(guard: Any, pages: list[Any], busy: set[Any]) -> bool:
 
 
 def zero_off_loop(guard: Any, pages: list[Any]) -> list[Batch]:
-    """Submit jobs zeroing `pages` (taken, dirty) on the zeroing threads, a share each; the
-    pages stay dirty, marked with their job, until `guard.zeroed` (when the job is done)."""
+    """Submit jobs zeroing `pages` (dirty: taken by a call, or freed ahead of a credit,
+    zero_ahead.py) on the zeroing threads, a share each; the pages stay dirty, marked with
+    their job, until `guard.zeroed` (when the job is done)."""
     pool = guard.service.zero_pool
     shares = min(THREADS, len(pages))
     batches = []
