@@ -93,7 +93,9 @@ async def test_a_call_takes_dirty_pages_the_threads_batch_is_not_zeroing() -> No
             taken = ns.reserve_many(2, 16)
         assert not [p.slot for p in taken if p.zeroing is batch], "took pages of the thread's batch"
         assert not any(job is batch for _, job, _ in jobs), "the reply would wait for the thread's batch"
+        assert jobs, "the pages taken were dirty: zeroed off the loop, and the reply waits for them"
         await zero_later.settle(jobs)
+        assert ns.guard.stats()["replies_waited_zeroing"] == 1, "one reply waited (once, whatever its jobs)"
         assert all(not p.dirty and _filled(ns, p.slot, 0) for p in taken)
     finally:
         await _stop(task, integrity, store)

@@ -84,7 +84,7 @@ async def settle(jobs: list[tuple[Any, Any, list[Any]]]) -> None:
     """Wait for `jobs` (guard, job, the call's pages in it); a page of the call's that a failed
     job left dirty is zeroed on the loop then: never handed out dirty. Counted once a reply
     per namespace (`replies_waited_zeroing`: the zeroing was behind the calls)."""
-    for guard in {id(g): g for g, _, _ in jobs}.values():
+    for guard in {g for g, _, _ in jobs}:  # (NamespaceGuard: hashed by identity)
         guard.counts["replies_waited_zeroing"] += 1
     for guard, batch, pages in jobs:
         with contextlib.suppress(Exception):  # (its error: handled below)
