@@ -62,9 +62,16 @@ setup(
             ["kvstore/_quant.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"],
         ),
-        # The client's page copies with streaming stores (AVX2 or SSE2 chosen at run time);
-        # kvstore_client/_pcopy.py copies with numpy without it.
-        Extension("kvstore_client._ntcopy", ["client/kvstore_client/_ntcopy.c"], extra_compile_args=["-O2"]),
+        # The client's page copies with streaming stores (AVX2 or SSE2 chosen at run time), and
+        # with each page's XXH3-64 taken as it is copied (third_party/xxhash, vendored: its
+        # internal stripe steps); kvstore_client/_pcopy.py copies with numpy without it.
+        Extension(
+            "kvstore_client._ntcopy",
+            ["client/kvstore_client/_ntcopy.c"],
+            include_dirs=["third_party/xxhash"],
+            depends=["third_party/xxhash/xxhash.h"],
+            extra_compile_args=["-O2"],
+        ),
         # Zeroing freed pool pages with streaming stores (AVX2 or SSE2 chosen at run time);
         # kvstore/memory/page_zero.py zeroes with numpy without it.
         Extension("kvstore._ntzero", ["kvstore/_ntzero.c"], extra_compile_args=["-O2"]),

@@ -149,3 +149,132 @@ def test_without_the_extension_the_client_imports_and_copies_with_numpy() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------- copy_sum: the copy that hashes
+
+
+def _each_sum_kind() -> Iterator[str]:
+    """Sets each fused copy-and-hash this CPU can run in turn (AVX-512, AVX2; set back)."""
+    ext = _ntcopy
+    best = ext.sum_kind()
+    try:
+        for kind in ("avx512", "avx2"):
+            try:
+                yield ext.set_sum_kind(kind)
+            except ValueError:  # (not on this CPU)
+                continue
+    finally:
+        ext.set_sum_kind(best)
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """Zeroed bytes starting on a 64-byte boundary (pool pages are: the pool is mmap'd)."""
+    buf = np.zeros(nbytes + 64, dtype=np.uint8)
+    skip = -buf.ctypes.data % 64
+    return buf[skip : skip + nbytes]
+
+
+def test_copy_sum_runs_where_the_cpu_can() -> None:
+    """Import picked the best this CPU has; on the project's x86-64 machines that is AVX2 at
+    least (else every put's checksums fall back to the daemon, which the next tests show)."""
+    assert _ntcopy.sum_kind() in ("avx512", "avx2", "none")
+    kinds = list(_each_sum_kind())
+    assert kinds, "no fused copy-and-hash on this CPU (needs AVX2)"
+    assert _pcopy.nt_copy_sum is _ntcopy.copy_sum
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(
+    rows=st.integers(1, 4),
+    width=st.one_of(
+        st.integers(241, 3000),  # (up to 240 bytes XXH3 takes another path: declined below)
+        st.sampled_from([256, 1024, 1025, 2047, 2048, 4096, 64 * 1024 - 1, 737_280]),
+    ),
+    src_off=st.integers(0, 127),
+    dst_pad=st.sampled_from([0, 64, 4096 - 1024]),
+)
+def test_copy_sum_copies_every_byte_and_gives_each_rows_xxh3_64(rows, width, src_off, dst_pad) -> None:
+    """Every row lands exactly and its sum is what PyPI xxhash (the daemon's page checksum,
+    kvstore/store/page_sums.py) gives for those bytes: for widths around XXH3's 64-byte
+    stripes and 1 KiB blocks, a source at any offset, rows at a stride."""
+    import xxhash
+
+    from kvstore.store.page_sums import checksum
+
+    rng = np.random.default_rng(width * 7 + src_off)
+    d_stride = -(-(width + dst_pad) // 64) * 64  # (rows start 64-byte aligned, like pool pages)
+    src_buf = rng.integers(0, 256, size=src_off + rows * width, dtype=np.uint8)
+    src = src_buf[src_off:].reshape(rows, width)
+    for kind in _each_sum_kind():
+        dst_buf = _aligned(rows * d_stride)
+        dst_buf[:] = 0xEE
+        dst = np.lib.stride_tricks.as_strided(dst_buf, (rows, width), (d_stride, 1))
+        sums = np.zeros(rows, dtype=np.uint64)
+        assert _ntcopy.copy_sum(dst, src, sums), kind
+        for r in range(rows):
+            row = src[r].tobytes()
+            assert dst[r].tobytes() == row, (kind, r)
+            assert int(sums[r]) == xxhash.xxh3_64_intdigest(row) == checksum(row), (kind, width, r)
+            gap = dst_buf[r * d_stride + width : (r + 1) * d_stride]
+            assert (gap == 0xEE).all(), "not one byte past the row written"
+
+
+def test_copy_sum_declines_what_it_cannot_hash_as_it_copies() -> None:
+    """Rows of 240 bytes or less, a destination row not on a 64-byte boundary, a 1-D copy, a
+    sums buffer of another length or dtype, overlapping bytes: False and nothing copied (the
+    caller copies without sums; the daemon then takes them)."""
+    src = np.arange(4 * 1024, dtype=np.uint8).reshape(4, 1024)
+    dst = _aligned(4 * 1024 + 64)
+    good = dst[: 4 * 1024].reshape(4, 1024)
+    cases = [
+        (good[:, :240], src[:, :240], np.zeros(4, np.uint64)),  # too short for XXH3's long path
+        (dst[1 : 1 + 4 * 1024].reshape(4, 1024), src, np.zeros(4, np.uint64)),  # not aligned
+        (good.reshape(-1), src.reshape(-1), np.zeros(1, np.uint64)),  # not rows
+        (good, src, np.zeros(3, np.uint64)),  # a sum short
+        (good, src, np.zeros(4, np.int32)),  # another dtype
+        (good, src, np.zeros(4, np.uint64)[::-1]),  # not contiguous
+        (good, good, np.zeros(4, np.uint64)),  # the same bytes
+    ]
+    for d, s, sums in cases:
+        before = dst.copy()
+        assert not _ntcopy.copy_sum(d, s, sums)
+        assert (dst == before).all() and not sums.any(), "declined: nothing copied, nothing summed"
+
+
+@pytest.mark.skipif(_pcopy._cores() < 2, reason="a split copy needs 2 CPUs for this process")
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_a_split_copy_with_sums_hashes_whole_rows(rows) -> None:
+    """Above MIN_SPLIT_BYTES the copy is split over threads by whole rows when sums are asked
+    for (a row's hash is one pass): every byte lands and every sum is the row's XXH3-64, for
+    fewer rows than bands too; copy_pairs says the sums were taken."""
+    import xxhash
+
+    width = 737_280 if rows == 64 else -(-(_pcopy.MIN_SPLIT_BYTES // rows + 1) // 64) * 64
+    rng = np.random.default_rng(rows)
+    src = rng.integers(0, 256, size=(rows, width), dtype=np.uint8)
+    dst = _aligned(rows * width).reshape(rows, width)
+    sums = np.zeros(rows, dtype=np.uint64)
+    before = _pcopy.set_copy_threads(2)
+    try:
+        assert src.size >= _pcopy.MIN_SPLIT_BYTES
+        half = rows // 2
+        pairs = [(dst[:half], src[:half]), (dst[half:], src[half:])] if half else [(dst, src)]
+        assert _pcopy.copy_pairs(pairs, sums)
+    finally:
+        _pcopy.set_copy_threads(before)
+    assert (dst == src).all()
+    assert [int(x) for x in sums] == [xxhash.xxh3_64_intdigest(r.tobytes()) for r in src]
+
+
+def test_without_the_fused_copy_pairs_copy_and_say_no_sums() -> None:
+    """sum kind "none" (a CPU without AVX2): the bytes land, copy_pairs answers False."""
+    src = np.arange(2 * 4096, dtype=np.uint8).reshape(2, 4096)
+    dst = _aligned(2 * 4096).reshape(2, 4096)
+    best = _ntcopy.sum_kind()
+    _ntcopy.set_sum_kind("none")
+    try:
+        assert not _pcopy.copy_pairs([(dst, src)], np.zeros(2, np.uint64))
+    finally:
+        _ntcopy.set_sum_kind(best)
+    assert (dst == src).all()

@@ -208,6 +208,7 @@ def test_create_namespace_makes_a_private_sealed_memfd(bare_store, prefix):
         "pages_zeroed_inline": 0,
         "pages_unchecked": 0,
         "replies_waited_zeroing": 0,
+        "pages_sums_given": 0,
         "extra": {},
     }
     bare_store.close()

@@ -65,6 +65,7 @@ INTEGRITY_COUNTS = (
     "pages_zeroed",
     "pages_zeroed_inline",
     "replies_waited_zeroing",
+    "pages_sums_given",
 )
 GOALS = {"mooncake": {1: 1.0, 16: 1.25, 64: 1.25}, "redis": {16: 10.0, 64: 10.0}}
 BUSY = 0.2  # CPUs used by other processes above which results are flagged

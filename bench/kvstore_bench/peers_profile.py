@@ -68,10 +68,10 @@ class CopyClock:
         self._orig = (_copy.copy_in, _copy.copy_out)
 
         def timed(f: Any) -> Any:
-            def run(*a: Any) -> Any:
+            def run(*a: Any, **kw: Any) -> Any:
                 t, c = time.perf_counter(), time.thread_time()
                 try:
-                    return f(*a)
+                    return f(*a, **kw)
                 finally:
                     self.seconds += time.perf_counter() - t
                     self.thread_seconds += time.thread_time() - c
@@ -135,6 +135,7 @@ INTEGRITY = (
     "pages_zeroed",
     "pages_zeroed_inline",
     "replies_waited_zeroing",
+    "pages_sums_given",
 )
 
 

@@ -80,14 +80,23 @@ def _host(rows: torch.Tensor, buf: Any) -> tuple[Any, Any]:
     return rows, buf
 
 
-def copy_in(ns: Namespace, src: Any, indices: Sequence[int], slots: Sequence[int]) -> None:
-    """Page indices[k] of `src` (flat_bytes) into slot slots[k]."""
+def copy_in(
+    ns: Namespace, src: Any, indices: Sequence[int], slots: Sequence[int], sums: bool = False
+) -> bytes | None:
+    """Page indices[k] of `src` (flat_bytes) into slot slots[k]. With `sums`, also each page's
+    XXH3-64 taken as it was copied, 8 bytes little-endian a page in the order of `slots` (a
+    Put's `page_sums`), where the copy could take them (host pages, _ntcopy built, AVX2):
+    else None."""
     rows, src = _host(_rows(ns, slots), src)
     size = ns.pool.page_bytes
     pairs = [
         (rows[s : s + n], src[i * size : (i + n) * size].reshape(n, size)) for i, s, n in runs(indices, slots)
     ]
+    if sums and pairs and isinstance(pairs[0][0], np.ndarray):
+        out = np.empty(len(slots), dtype="<u8")
+        return out.tobytes() if copy_pairs(pairs, out) else None
     _copy(pairs)
+    return None
 
 
 def copy_out(ns: Namespace, dst: torch.Tensor, slots: Sequence[int]) -> None:

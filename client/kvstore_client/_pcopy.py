@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
+import itertools
 import os
 import threading
 from typing import Any
@@ -27,9 +28,10 @@ import numpy as np
 try:  # streaming stores for big copies (_ntcopy.c); numpy's copy where it is not built
     # (by name: tools reading imports as text, the structure hook's cycle check among them,
     # cannot see a compiled submodule and would count this as an import of the package)
-    nt_copy = importlib.import_module("kvstore_client._ntcopy").copy
+    _nt = importlib.import_module("kvstore_client._ntcopy")
+    nt_copy, nt_copy_sum = _nt.copy, _nt.copy_sum
 except ImportError:
-    nt_copy = None
+    nt_copy = nt_copy_sum = None
 
 ENV = "KVSTORE_COPY_THREADS"
 DEFAULT_THREADS = 4  # (more rarely helps: a few threads already fill the memory channels)
@@ -107,12 +109,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _copy_all(pairs: list[tuple[Any, Any]], stream: bool) -> None:
-    for dst, src in pairs:
+def _copy_all(pairs: list[tuple[Any, Any]], stream: bool, sums: list[np.ndarray] | None = None) -> bool:
+    """Copy each pair; with `sums` (one uint64 array a pair, a row each), also each row's
+    XXH3-64 taken as it is copied (_ntcopy.copy_sum). Whether every pair's sums were taken."""
+    summed = sums is not None and nt_copy_sum is not None
+    for k, (dst, src) in enumerate(pairs):
+        if summed and nt_copy_sum(dst, src, sums[k]):  # type: ignore[index]
+            continue
+        summed = False  # (declined: this pair and the rest are copied without them)
         # (_ntcopy declines what is not rows of bytes of one shape, or overlaps: numpy copies
         # those, or raises why it cannot)
         if nt_copy is None or not nt_copy(dst, src, stream=stream):
             np.copyto(dst, src)
+    return summed
 
 
 class _Bands:
@@ -120,9 +129,16 @@ class _Bands:
     pool's threads. A thread the OS does not run soon (busy cores) takes none, and the caller
     copies them all rather than wait for it."""
 
-    def __init__(self, bands: list[list[tuple[Any, Any]]], stream: bool) -> None:
+    def __init__(
+        self,
+        bands: list[list[tuple[Any, Any]]],
+        stream: bool,
+        sums: list[list[np.ndarray]] | None = None,
+    ) -> None:
         self.bands = bands
         self.stream = stream
+        self.sums = sums  # (a band's: one array a pair of it) None: no sums wanted
+        self.summed = sums is not None  # until a band could not take them
         self.next = 0
         self.lock = threading.Lock()
         self.error: BaseException | None = None
@@ -135,33 +151,56 @@ class _Bands:
             if i >= len(self.bands):
                 return
             try:
-                _copy_all(self.bands[i], self.stream)
+                summed = _copy_all(self.bands[i], self.stream, self.sums[i] if self.sums else None)
+                if not summed:
+                    self.summed = False  # (a plain store: any thread may make it, none resets it)
             except BaseException as e:  # (the other bands still land; the first error is raised)
                 with self.lock:
                     self.error = self.error or e
 
 
-def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], sums: np.ndarray | None = None) -> bool:
     """`dst[...] = src` for each (dst, src) pair of 2-D uint8 arrays of equal shapes, split
     over the copy threads when they hold MIN_SPLIT_BYTES or more: BANDS_PER_THREAD column
     bands a thread, every row's band j in band j. Returns once every band has landed (or
-    failed: then raises the first error)."""
+    failed: then raises the first error).
+
+    With `sums` (a uint64 array, one entry a row of all the pairs, in order) each row (a whole
+    page) is also hashed as it is copied, XXH3-64 into its entry (_ntcopy.copy_sum); the
+    bands are then runs of whole rows. Returns whether every entry was filled (False: where
+    copy_sum could not, the rows were copied without it, and `sums` means nothing)."""
     threads = copy_threads()
     total = sum(d.size for d, _ in pairs)
     # (decided for the whole copy, not per run or band: it is the copy's size that says
     # whether its bytes can stay in the cache)
     stream = total >= STREAM_MIN
+    per_pair = None
+    if sums is not None:
+        if nt_copy_sum is None:
+            sums = None
+        else:
+            edges = itertools.accumulate((d.shape[0] for d, _ in pairs), initial=0)
+            per_pair = [sums[a:b] for a, b in itertools.pairwise(edges)]
     if threads < 2 or total < MIN_SPLIT_BYTES:
-        _copy_all(pairs, stream)
-        return
+        return _copy_all(pairs, stream, per_pair)
     n = threads * BANDS_PER_THREAD
     bands: list[list[tuple[Any, Any]]] = [[] for _ in range(n)]
-    for dst, src in pairs:
-        width = dst.shape[1]
-        step = -(-width // n)
-        for j, a in enumerate(range(0, width, step)):
-            bands[j].append((dst[:, a : a + step], src[:, a : a + step]))
-    work = _Bands([b for b in bands if b], stream)
+    band_sums: list[list[np.ndarray]] | None = None
+    if per_pair is None:
+        for dst, src in pairs:
+            width = dst.shape[1]
+            step = -(-width // n)
+            for j, a in enumerate(range(0, width, step)):
+                bands[j].append((dst[:, a : a + step], src[:, a : a + step]))
+    else:  # whole rows: a row's hash is taken in one pass, by one thread
+        band_sums = [[] for _ in range(n)]
+        for (dst, src), out in zip(pairs, per_pair, strict=True):
+            step = -(-dst.shape[0] // n)
+            for j, a in enumerate(range(0, dst.shape[0], step)):
+                bands[j].append((dst[a : a + step], src[a : a + step]))
+                band_sums[j].append(out[a : a + step])
+    keep = [j for j, b in enumerate(bands) if b]
+    work = _Bands([bands[j] for j in keep], stream, [band_sums[j] for j in keep] if band_sums else None)
     pool = _executor(threads - 1)
     helpers = [pool.submit(work.run) for _ in range(threads - 1)]
     work.run()
@@ -170,3 +209,4 @@ def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
             f.result()  # (started: it is copying a band, or has found none left)
     if work.error is not None:
         raise work.error
+    return work.summed

@@ -7,6 +7,7 @@ which pages are cached, and only the pages not cached are written then."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any
 
@@ -27,6 +28,10 @@ from .fastpath import (
 )
 from .namespace import Namespace
 from .results import pages_from_proto
+
+# `KVSTORE_PAGE_SUMS=0`: never hash pages as they are copied (the daemon then reads them
+# again after the seal); read once, at import.
+SEND_SUMS = os.environ.get("KVSTORE_PAGE_SUMS", "1").strip() != "0"
 
 
 def _same(reply: Any) -> Any:
@@ -127,7 +132,11 @@ def _into_credit(
         client._credits.give(ns, credit)
         raise
     slots = credit.slots[: pages - skip]
-    _copy.copy_in(ns, src, range(skip, pages), slots)
+    # (the pages' checksums taken as they are copied, when the daemon keeps checksums: it
+    # then need not read the pages again after the seal; docs/security.md)
+    sums = _copy.copy_in(ns, src, range(skip, pages), slots, sums=SEND_SUMS and credit.page_sums)
+    if sums is not None:
+        call.page_sums = sums
     call.credit_sequence_id = credit.sequence_id
     call.slots[:] = slots
     call.credit_pages = pages

@@ -195,6 +195,7 @@ class NamespaceStats:
     pages_zeroed_inline: int  # freed pages zeroed on the loop as they were handed out again
     pages_unchecked: int = 0  # sealed pages that left the pool before their checksum was taken
     replies_waited_zeroing: int = 0  # Reserve/Seal/Put replies that waited for their pages' zeroing
+    pages_sums_given: int = 0  # pages sealed with the checksum their writer took as it copied
     tier_share: float = 0.0  # of the host and disk tiers its pages may hold (0 = none)
     share_evictions: int = 0  # its pages moved down or out of a tier because it was at its share
     host_bytes: int = 0  # slot bytes its pages hold in the host tier

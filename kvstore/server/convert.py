@@ -219,6 +219,7 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         pages_zeroed_inline=s.pages_zeroed_inline,
         pages_unchecked=s.pages_unchecked,
         replies_waited_zeroing=s.replies_waited_zeroing,
+        pages_sums_given=s.pages_sums_given,
         max_session_pages=s.max_session_pages,
         session_pages_refused=s.session_pages_refused,
         tier_share=s.tier_share,

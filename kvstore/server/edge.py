@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "daemon shutting down"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # answers during shutdown: clients see NOT_SERVING
-# Longest string (characters) and bytes value (other than extra_keys and token_ids_u32, which
-# the store bounds by max_extra_keys_bytes and max_request_tokens) a request may carry: names,
-# fingerprints, salts, client names.
+# Longest string (characters) and bytes value (other than extra_keys, token_ids_u32 and
+# page_sums, which the store bounds by max_extra_keys_bytes, max_request_tokens and the Put's
+# slots) a request may carry: names, fingerprints, salts, client names.
 MAX_STRING = 256
-UNBOUNDED_BYTES = frozenset({"extra_keys", "token_ids_u32"})
+UNBOUNDED_BYTES = frozenset({"extra_keys", "token_ids_u32", "page_sums"})
 # Reflection's file_containing_symbol etc. are strings too; nothing legitimate is longer.
 # The Lookup's reply is its bytes, encoded in C (fast_servicer.lookup_reply): sent as they are,
 # no response serializer, over gRPC and the lane. Its request's usual shapes are read in one C

@@ -102,7 +102,7 @@ def _seal_reply(store: Store, request: pb.SealRequest) -> pb.SealResponse:
 
 
 def _credit(c: credits.Credit) -> pb.Credit:
-    return pb.Credit(sequence_id=c.sequence_id, slots=c.slots, pool_epoch=c.pool_epoch)
+    return pb.Credit(sequence_id=c.sequence_id, slots=c.slots, pool_epoch=c.pool_epoch, page_sums=c.page_sums)
 
 
 def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
@@ -118,6 +118,7 @@ def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
         request.slots,
         request.credit_pages,
         request.skip_pages,
+        request.page_sums,
     )
     return pb.PutResponse(
         num_tokens=appended.num_tokens,

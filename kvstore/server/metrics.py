@@ -70,6 +70,10 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
         "kvstore_replies_waited_zeroing",
         "Reserve, Seal and Put replies that waited for pages they took to be zeroed (zeroing behind)",
     ),
+    "pages_sums_given": (
+        "kvstore_pages_sums_given",
+        "pages sealed with the checksum their writer took as it copied them (Put page_sums): not read again",
+    ),
 }
 
 

@@ -8,6 +8,8 @@ with the session when its client dies."""
 from __future__ import annotations
 
 import operator
+import sys
+from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from itertools import repeat
@@ -21,6 +23,7 @@ from kvstore.store.store import Store
 from kvstore.store.types import AppendResult, CommitResult
 
 _slot = operator.attrgetter("slot")
+_LITTLE = sys.byteorder == "little"
 
 # A credit is pages the cache cannot use meanwhile: at most this share of the pool.
 POOL_SHARE = 8
@@ -31,6 +34,7 @@ class Credit:
     sequence_id: int = 0  # 0: none
     slots: tuple[int, ...] = ()
     pool_epoch: int = 0
+    page_sums: bool = False  # a Put into it may give its pages' checksums (takes_sums)
 
 
 def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
@@ -55,7 +59,28 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
     seq.max_tokens = 0  # a put into it may be longer: its cached prefix takes no credit page
     spare = seq.spare
     # Ascending: a put copies each run of consecutive slots in one go (the client library).
-    return Credit(seq_id, tuple(sorted(map(_slot, spare))), ns.pool.handle.epoch)
+    return Credit(seq_id, tuple(sorted(map(_slot, spare))), ns.pool.handle.epoch, takes_sums(ns))
+
+
+def takes_sums(ns: Namespace) -> bool:
+    """Whether a Put into `ns` may give its pages' checksums: the daemon checksums its sealed
+    pages (a host pool with server.page_checksums on)."""
+    return ns.guard is not None and ns.guard.takes_sums()
+
+
+def given_sums(page_sums: bytes, slots: Seq[int]) -> dict[int, int] | None:
+    """A Put's `page_sums` (8 bytes little-endian a slot, in the order of `slots`) by slot;
+    None when it gives none."""
+    if not page_sums:
+        return None
+    if len(page_sums) != 8 * len(slots):
+        raise InvalidArgument(
+            f"page_sums has {len(page_sums)} bytes; give 8 a page copied ({len(slots)} slots: "
+            f"{8 * len(slots)} bytes), or none"
+        )
+    return dict(
+        zip(slots, array("Q", page_sums) if _LITTLE else array("Q", page_sums).byteswap(), strict=True)
+    )
 
 
 def unused_credit(store: Store, sid: int, seq_id: int) -> tuple[Session, Sequence]:
@@ -86,10 +111,12 @@ def put(
     slots: Seq[int],
     credit_pages: int,
     skip_pages: int = 0,
+    page_sums: bytes = b"",
 ) -> tuple[AppendResult, CommitResult, Credit]:
     """Append `token_ids` to the credit with page skip_pages + i in `slots[i]` (the first
     `skip_pages` must be cached), seal, release, grant the next credit. Fails having changed
-    nothing (the credit still held) until the append is done."""
+    nothing (the credit still held) until the append is done. `page_sums`: the checksums the
+    client took as it copied the pages (given_sums), kept as the sealed pages' own."""
     store.reap_pins()
     ns = store.namespace(namespace)
     session, seq = unused_credit(store, sid, credit_id)
@@ -116,6 +143,7 @@ def put(
                 f"skip_pages={skip_pages} but only the first {cached} pages are cached (evicted "
                 "meanwhile?): copy them too and put again"
             )
+    sums = given_sums(page_sums, slots)
     spare = {p.slot: p for p in seq.spare}
     given = list(map(spare.pop, slots, repeat(None)))  # (one dict pop a slot, in C)
     if None in given:
@@ -126,14 +154,25 @@ def put(
     at: dict[int, Page] = dict(zip(range(skip_pages, skip_pages + len(given)), given, strict=True))
     old_spare, old_extra = seq.spare, seq.extra_keys
     seq.spare, seq.extra_keys = list(spare.values()), extra
+    guard = ns.guard if sums is not None else None
+    if guard is not None:
+        guard.given = sums  # (for this put's seal, below: Guard.sealed takes them)
     try:
-        # One pass over the pages where nothing but the put itself can happen to them.
-        fused = put_fused.put(session, seq, store.limits, token_ids, at) if put_fused.applies(seq) else None
-        appended = fused[0] if fused else sequences.append(session, seq, store.limits, token_ids, spare_at=at)
-    except BaseException:
-        seq.spare, seq.extra_keys = old_spare, old_extra
-        raise
-    seq.spare.extend(at.values())  # the credit pages of cached indices: freed with the rest
-    committed = fused[1] if fused else sequences.commit(seq, seq.num_tokens)
+        try:
+            # One pass over the pages where nothing but the put itself can happen to them.
+            fused = (
+                put_fused.put(session, seq, store.limits, token_ids, at) if put_fused.applies(seq) else None
+            )
+            appended = (
+                fused[0] if fused else sequences.append(session, seq, store.limits, token_ids, spare_at=at)
+            )
+        except BaseException:
+            seq.spare, seq.extra_keys = old_spare, old_extra
+            raise
+        seq.spare.extend(at.values())  # the credit pages of cached indices: freed with the rest
+        committed = fused[1] if fused else sequences.commit(seq, seq.num_tokens)
+    finally:
+        if guard is not None:
+            guard.given = None
     store.release_held_sequence(session, seq)
     return appended, committed, grant(store, session, ns, credit_pages)

@@ -70,6 +70,7 @@ class NamespaceGuard:
         self.service = service
         self.ns = ns
         self.to_sum = Batch()  # sealed, checksum not yet computed
+        self.given: dict[int, int] | None = None  # (page_sums.Guard.given)
         self.cursor = 0  # the scrubber's next slot
         self.zeroing: Batch | None = None  # the freed pages being zeroed now
         self.counts = dict.fromkeys(
@@ -82,6 +83,7 @@ class NamespaceGuard:
                 "pages_zeroed_inline",
                 "pages_unchecked",
                 "replies_waited_zeroing",
+                "pages_sums_given",
             ),
             0,
         )
@@ -91,12 +93,30 @@ class NamespaceGuard:
 
     # ------------------------------------------------------------ page_sums.Guard
 
+    def takes_sums(self) -> bool:
+        return self.service.config.checksums
+
     def sealed(self, pages: list[Page], writer: int) -> None:
         batch = self.to_sum if self.service.config.checksums else None
+        given = self.given if batch is not None else None
         for page in pages:
             page.writer = writer
             page.checksum = batch
-        if batch is not None:
+        if given:
+            # The writer's own checksums, taken as it copied (a Put's page_sums): kept as
+            # these pages' checksums, so the integrity thread does not read them again. A
+            # wrong one is found by the scrubber or the check before a copy below, like any
+            # change after the seal: the page is dropped, never served again after that.
+            to_sum = []
+            for page in pages:
+                s = given.get(page.slot)
+                if s is None:
+                    to_sum.append(page)
+                else:
+                    page.checksum = s
+            self.counts["pages_sums_given"] += len(pages) - len(to_sum)
+            pages = to_sum
+        if batch is not None and pages:
             batch.pages += pages
             self.service.kick_soon()
 

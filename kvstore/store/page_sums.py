@@ -34,8 +34,16 @@ def checksum(view: memoryview | bytes) -> int:
 class Guard(Protocol):
     """A namespace's integrity state, as the page table and the tiers call it."""
 
+    # While a Put seals its pages: the checksums its client took as it copied them, by slot
+    # (kvstore/store/credit.py); `sealed` keeps them instead of reading those pages again.
+    given: dict[int, int] | None
+
+    def takes_sums(self) -> bool:
+        """Whether it keeps checksums of sealed pages (so a Put's own are worth sending)."""
+
     def sealed(self, pages: list[Page], writer: int) -> None:
-        """`pages` were sealed by session `writer` (0: promoted): checksum them."""
+        """`pages` were sealed by session `writer` (0: promoted): checksum them (those in
+        `given`: keep that checksum)."""
 
     def corrupt(self, page: Page, where: str) -> None:
         """`page`'s bytes no longer match its checksum: drop it, count and log it."""

@@ -251,4 +251,5 @@ class NamespaceStats:
     pages_zeroed_inline: int = 0  # freed pages zeroed on the loop as they were taken again
     pages_unchecked: int = 0  # sealed pages that left the pool before their checksum was taken
     replies_waited_zeroing: int = 0  # Reserve/Seal/Put replies that waited for their pages' zeroing
+    pages_sums_given: int = 0  # pages sealed with the checksum their writer took (Put page_sums)
     extra: dict[str, int] = field(default_factory=dict)

@@ -579,17 +579,19 @@ class SealResponse(_message.Message):
     def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pool_epoch: _Optional[int] = ..., pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
 
 class Credit(_message.Message):
-    __slots__ = ("sequence_id", "slots", "pool_epoch")
+    __slots__ = ("sequence_id", "slots", "pool_epoch", "page_sums")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SUMS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     pool_epoch: int
-    def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
+    page_sums: bool
+    def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ..., page_sums: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32", "page_sums")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -601,6 +603,7 @@ class PutRequest(_message.Message):
     RELEASE_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
     SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_U32_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SUMS_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -612,7 +615,8 @@ class PutRequest(_message.Message):
     release_pin_ids: _containers.RepeatedScalarFieldContainer[int]
     skip_pages: int
     token_ids_u32: bytes
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ...) -> None: ...
+    page_sums: bytes
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ..., page_sums: _Optional[bytes] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("num_tokens", "cached_tokens", "sealed_pages", "deduplicated_pages", "pool_epoch", "credit")
@@ -735,7 +739,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused", "pages_checksummed", "pages_scrubbed", "pages_corrupt", "copies_refused", "pages_zeroed", "pages_zeroed_inline", "pages_unchecked", "replies_waited_zeroing", "tier_share", "share_evictions", "host_bytes", "disk_bytes")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused", "pages_checksummed", "pages_scrubbed", "pages_corrupt", "copies_refused", "pages_zeroed", "pages_zeroed_inline", "pages_unchecked", "replies_waited_zeroing", "pages_sums_given", "tier_share", "share_evictions", "host_bytes", "disk_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -764,6 +768,7 @@ class NamespaceStats(_message.Message):
     PAGES_ZEROED_INLINE_FIELD_NUMBER: _ClassVar[int]
     PAGES_UNCHECKED_FIELD_NUMBER: _ClassVar[int]
     REPLIES_WAITED_ZEROING_FIELD_NUMBER: _ClassVar[int]
+    PAGES_SUMS_GIVEN_FIELD_NUMBER: _ClassVar[int]
     TIER_SHARE_FIELD_NUMBER: _ClassVar[int]
     SHARE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -796,11 +801,12 @@ class NamespaceStats(_message.Message):
     pages_zeroed_inline: int
     pages_unchecked: int
     replies_waited_zeroing: int
+    pages_sums_given: int
     tier_share: float
     share_evictions: int
     host_bytes: int
     disk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ..., pages_checksummed: _Optional[int] = ..., pages_scrubbed: _Optional[int] = ..., pages_corrupt: _Optional[int] = ..., copies_refused: _Optional[int] = ..., pages_zeroed: _Optional[int] = ..., pages_zeroed_inline: _Optional[int] = ..., pages_unchecked: _Optional[int] = ..., replies_waited_zeroing: _Optional[int] = ..., tier_share: _Optional[float] = ..., share_evictions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ..., pages_checksummed: _Optional[int] = ..., pages_scrubbed: _Optional[int] = ..., pages_corrupt: _Optional[int] = ..., copies_refused: _Optional[int] = ..., pages_zeroed: _Optional[int] = ..., pages_zeroed_inline: _Optional[int] = ..., pages_unchecked: _Optional[int] = ..., replies_waited_zeroing: _Optional[int] = ..., pages_sums_given: _Optional[int] = ..., tier_share: _Optional[float] = ..., share_evictions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized", "reindex_bytes_done", "reindex_bytes_total")
