@@ -207,6 +207,11 @@ class ServerConfig:
     )
     scrub_bytes_per_s: int = _key(64 << 20, "the scrubber's rate; 0 = no scrubber", in_range(0), size=True)
     zero_freed_pages: bool = _key(True, "zero freed pages, off the loop, before they are handed out again")
+    unzeroed_credits: bool = _key(
+        True,
+        "a client that says it writes every byte of the pages it puts (the library) gets credits "
+        "of freed pages not zeroed yet; false: zeroed ones only (docs/security.md)",
+    )
     prefetch_pages: int = _key(
         4,
         "on a hit of a whole prompt, promote up to this many pages that followed it last time",

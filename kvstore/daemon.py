@@ -133,7 +133,9 @@ class Daemon:
             self.config.store_limits(), s.shm_prefix, clock=self.clock, tiers=await self._open_tiers(s)
         )
         store = self.store
-        checks = IntegrityConfig(s.page_checksums, s.scrub_bytes_per_s, s.zero_freed_pages)
+        checks = IntegrityConfig(
+            s.page_checksums, s.scrub_bytes_per_s, s.zero_freed_pages, s.unzeroed_credits
+        )
         self.integrity = Integrity(checks, lambda: store.sessions)
         store.attach = self.integrity.attach
         for spec in self.config.namespace_specs():

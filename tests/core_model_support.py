@@ -116,6 +116,7 @@ def check_pool(ns: Namespace) -> None:
     by = Counter(p.state for p in pages)
     assert by[PageState.FREE] + by[PageState.RESERVED] + by[PageState.SEALED] == len(pages)
     assert by[PageState.FREE] == len(ns.pages.free)
+    assert ns.pages.dirty_free == sum(p.dirty for p in pages if p.state is PageState.FREE)
     assert by[PageState.RESERVED] == ns.pages_reserved
     assert by[PageState.SEALED] == len(ns.index)
     assert ns.pages_pinned == sum(p.refcount > 0 for p in pages if p.state is PageState.SEALED)

@@ -29,6 +29,13 @@ def no_client_sums():
     _ntcopy.set_sum_kind(best)
 
 
+@pytest.fixture(autouse=True)
+def zeroed_credits(monkeypatch):
+    """Credits of zeroed pages (`KVSTORE_UNZEROED_CREDITS=0`): their grants zero ahead, which
+    evicts the pages the last put sealed (what these tests count)."""
+    monkeypatch.setattr(kvstore_client._put, "ASK_UNZEROED", False)
+
+
 def test_pages_evicted_before_their_checksum_are_counted_and_none_in_a_quiet_run(
     daemon, no_client_sums
 ) -> None:

@@ -30,7 +30,11 @@ T = 4
 PAGES = 8
 
 
-def test_a_puts_credit_of_evicted_pages_is_zeroed_before_its_reply_not_on_the_loop(daemon) -> None:
+def test_a_puts_credit_of_evicted_pages_is_zeroed_before_its_reply_not_on_the_loop(
+    daemon, monkeypatch
+) -> None:
+    """A client that asks for zeroed credits (`KVSTORE_UNZEROED_CREDITS=0`)."""
+    monkeypatch.setattr(kvstore_client._put, "ASK_UNZEROED", False)
     with kvstore_client.connect(daemon.target, client_name="zero-later") as kv:
         ns = kv.namespace(NS)
         size = ns.pool.page_bytes

@@ -1,8 +1,9 @@
 """Zero on free under races (kvstore/store/integrity.py): pages freed with distinctive bytes
 are taken again at every point of the background zeroing (before its job starts, while the
 integrity thread zeroes them, after), and every page handed out reads zero; a page taken for
-a promotion (written whole, so not zeroed) is never zeroed under it. A real store, a
-real memfd pool, the real integrity thread and task on a running loop."""
+a promotion or an unzeroed credit (written whole, so not zeroed) is never zeroed under it;
+the count of dirty free pages stays exact. A real store, a real memfd pool, the real
+integrity thread and task on a running loop."""
 
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ async def test_every_page_taken_reads_zero_while_freed_pages_are_being_zeroed() 
             # thread may still zero it: what it wrote stays.
             promoted = ns.reserve(3, overwritten=True)
             fill(store, promoted.slot, 0x5A)
-            taken = ns.reserve_many(2, rng.randrange(1, PAGES))
+            credit = ns.reserve_many(4, rng.randrange(1, 9), overwritten=True)  # (an unzeroed credit)
+            for page in credit:
+                fill(store, page.slot, 0x77)
+            taken = ns.reserve_many(2, rng.randrange(1, len(ns.pages.free) + 1))
             for page in taken:
                 assert not page.dirty and page.zeroing is None
                 assert is_zero(store, page.slot), (
@@ -77,7 +81,11 @@ async def test_every_page_taken_reads_zero_while_freed_pages_are_being_zeroed() 
                     break
                 await asyncio.sleep(0)
             assert is_filled(store, promoted.slot, 0x5A), f"round {round_}: zeroed under a promotion"
-            for page in [*taken, promoted]:
+            assert all(is_filled(store, p.slot, 0x77) for p in credit), (
+                f"round {round_}: zeroed under a credit"
+            )
+            assert ns.pages.dirty_free == sum(p.dirty for p in ns.pages.pages if p.prev is not None)
+            for page in [*taken, promoted, *credit]:
                 ns.free_reserved(page)
         counts = ns.guard.stats()
         assert counts["pages_zeroed"] > 0 and counts["pages_zeroed_inline"] > 0, counts

@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pages a request, comma separated (default 16,64)",
     )
     p.add_argument("--repeat", type=int, default=3, help="timed passes per size (default 3)")
+    p.add_argument(
+        "--pool-pages",
+        type=int,
+        default=0,
+        help="the pool's pages (default: room for a pass, emptied after each); fewer than a pass: a "
+        "full pool, every grant evicting (a cache's steady state): puts only, nothing emptied",
+    )
     p.add_argument("--cprofile", type=Path, help="profile both sides into this directory, print the tops")
     p.add_argument(
         "--layers",
@@ -153,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
     if args.layers < 1:
         raise SystemExit("peers-profile: --layers must be >= 1")
     spec = kvside.namespace_spec(args.pages, max(args.sizes)) | {"num_layers": args.layers}
+    full = 0 < args.pool_pages < spec["num_pages"]  # (the pool cannot hold a pass: puts only)
+    if full:
+        if args.pool_pages < kvside.CREDIT_POOL_SHARE * max(args.sizes):
+            raise SystemExit(
+                f"peers-profile: --pool-pages must be >= {kvside.CREDIT_POOL_SHARE} x the largest "
+                "--sizes (a credit is at most 1/8 of the pool)"
+            )
+        spec["num_pages"] = args.pool_pages
     page_bytes = kvside.PAGE_BYTES // 30 * args.layers
     src = torch.frombuffer(page_bytes_of(0, args.pages, page_bytes), dtype=torch.uint8).view(-1, page_bytes)
     dst = torch.zeros_like(src)
@@ -172,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(0)
     result: dict[str, Any] = {
         "pages": args.pages,
+        "pool_pages": spec["num_pages"],
         "page_bytes": page_bytes,
         "repeat": args.repeat,
         "sizes": {},
@@ -203,14 +219,21 @@ def run(args: argparse.Namespace) -> int:
                     if prof is not None and rep:
                         prof.enable()
                     put = _pass(daemon, clock, put_one, puts)
-                    get = _pass(daemon, clock, get_one, gets)
+                    get = _pass(
+                        daemon, clock, get_one, gets[-(args.pool_pages // 2) // k :] if full else gets
+                    )
                     if prof is not None:
                         prof.disable()
                     mem = _pass(daemon, clock, torch.Tensor.copy_, copies)
-                    if not torch.equal(dst, src):
+                    if full:  # (the pool holds the last puts only: those are read back)
+                        a = spans[-(args.pool_pages // 2) // k][0]
+                        if not torch.equal(dst[a:], src[a:]):
+                            raise BenchError(f"{k} pages a request: the bytes read back differ")
+                    elif not torch.equal(dst, src):
                         raise BenchError(f"{k} pages a request: the bytes read back differ")
+                    else:
+                        kv.evict(kvside.NAMESPACE, all=True)
                     dst.zero_()
-                    kv.evict(kvside.NAMESPACE, all=True)
                     if rep:
                         rows["put"].append(put)
                         rows["get"].append(get)
@@ -240,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
 def _text(r: dict[str, Any]) -> str:
     keys = ("wall_ms", "copy_ms", "client_cpu_ms", "daemon_cpu_ms", "daemon_main_ms", "wait_ms")
     lines = [
-        f"{r['pages']} pages of {r['page_bytes']} B a pass, median of {r['repeat']} passes, ms a request, "
-        f"calls over {r.get('transport', '?')}",
+        f"{r['pages']} pages of {r['page_bytes']} B a pass into a pool of {r.get('pool_pages', '?')}, "
+        f"median of {r['repeat']} passes, ms a request, calls over {r.get('transport', '?')}",
         "",
     ]
     lines.append(f"{'pages':>5} {'op':<7}" + "".join(f"{k:>15}" for k in keys))

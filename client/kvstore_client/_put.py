@@ -32,6 +32,10 @@ from .results import pages_from_proto
 # `KVSTORE_PAGE_SUMS=0`: never hash pages as they are copied (the daemon then reads them
 # again after the seal); read once, at import.
 SEND_SUMS = os.environ.get("KVSTORE_PAGE_SUMS", "1").strip() != "0"
+# `KVSTORE_UNZEROED_CREDITS=0`: ask for credits of zeroed pages only. By default the library
+# says it writes every byte of each page it puts into a credit (it copies whole pages), so the
+# daemon may hand out freed pages as they are and zero none for its puts; read at import.
+ASK_UNZEROED = os.environ.get("KVSTORE_UNZEROED_CREDITS", "1").strip() != "0"
 
 
 def _same(reply: Any) -> Any:
@@ -140,6 +144,7 @@ def _into_credit(
     call.credit_sequence_id = credit.sequence_id
     call.slots[:] = slots
     call.credit_pages = pages
+    call.credit_unzeroed_ok = ASK_UNZEROED  # (_into_credit copies every byte of each page it puts)
     call.release_pin_ids[:] = client._pins_done.take()
     call.skip_pages = skip
     try:
@@ -166,6 +171,7 @@ def _reserve_and_seal(
         written = write_pages(ns, pages_from_proto(r.pages), data)
         seal = seal_request(sid, r.sequence_id, r.num_tokens)
         seal.credit_pages = credit_pages
+        seal.credit_unzeroed_ok = ASK_UNZEROED  # (as in _into_credit)
         seal.credit_sequence_id = old.sequence_id if old is not None else 0
         s = yield _wire.Call("kv", "Seal", seal, _same, sync_first=ns)
     except BaseException:

@@ -142,6 +142,21 @@ class FreeList:
         self._len -= len(out)
         return out
 
+    def pop_back_many(self, n: int, want: Callable[[Page], bool]) -> list[Page]:
+        """Up to n pages that `want` accepts, unlinked, looking from the last one back at no
+        more than 4n pages (the others stay linked where they are)."""
+        out: list[Page] = []
+        page = self._tail.prev
+        for _ in range(4 * n):
+            if len(out) >= n or page is None or page is self._head:
+                break
+            prev = page.prev
+            if want(page):
+                self.remove(page)
+                out.append(page)
+            page = prev
+        return out
+
     def remove(self, page: Page) -> None:
         prev, nxt = page.prev, page.next
         if prev is None or nxt is None:
@@ -175,7 +190,9 @@ class PageTable:
 
     With `zero` set (kvstore/store/integrity.py), a freed page is dirty until its bytes are
     zeroed: off the loop from `freed` (a queue the store drains), else by `zero` as it is
-    taken, so a page is never handed out with a previous occupant's bytes."""
+    taken, so a page is never handed out with a previous occupant's bytes; unless its taker
+    writes all of it before anyone sees it (`overwritten`: a promotion, a credit of a client
+    that copies whole pages), which gets it as it is."""
 
     def __init__(self, num_pages: int) -> None:
         self.pages = [Page(slot) for slot in range(num_pages)]
@@ -183,6 +200,7 @@ class PageTable:
         self.zero: Callable[[list[Page], bool], None] | None = None
         # Dirty pages in the order freed (only with `zero`; the integrity thread zeroes the newest first).
         self.freed: deque[Page] = deque()
+        self.dirty_free = 0  # FREE pages that are dirty (with `zero`): the rest of `free` is zeroed
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -197,12 +215,19 @@ class PageTable:
         page.state = RESERVED
         page.owner = owner
         if page.dirty:
+            self.dirty_free -= 1
             self.zero([page], overwritten)  # type: ignore[misc] (dirty only with `zero`)
         return page
 
-    def take_many(self, owner: int, n: int) -> list[Page]:
-        """`take` n times (fewer if fewer are free), in one call."""
-        out = self.free.pop_many(n)
+    def take_many(self, owner: int, n: int, overwritten: bool = False) -> list[Page]:
+        """`take` n times (fewer if fewer are free), in one call. `overwritten` (see `take`):
+        the dirty pages no zeroing job holds are taken first (from the free list's end, where
+        freed pages go), so the zeroed ones are left for takers that need them."""
+        if overwritten and self.dirty_free:
+            out = self.free.pop_back_many(n, _unzeroed)
+            out += self.free.pop_many(n - len(out))
+        else:
+            out = self.free.pop_many(n)
         dirty = []
         for page in out:
             page.state = RESERVED
@@ -210,7 +235,8 @@ class PageTable:
             if page.dirty:
                 dirty.append(page)
         if dirty:
-            self.zero(dirty, False)  # type: ignore[misc] (dirty only with `zero`)
+            self.dirty_free -= len(dirty)
+            self.zero(dirty, overwritten)  # type: ignore[misc] (dirty only with `zero`)
         return out
 
     def give_back(self, page: Page) -> None:
@@ -227,5 +253,10 @@ class PageTable:
         page.writer = 0
         if self.zero is not None:
             page.dirty = True
+            self.dirty_free += 1
             self.freed.append(page)
         self.free.push(page)
+
+
+def _unzeroed(page: Page) -> bool:
+    return page.dirty and page.zeroing is None

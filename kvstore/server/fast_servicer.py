@@ -88,6 +88,7 @@ def _seal_reply(store: Store, request: pb.SealRequest) -> pb.SealResponse:
         request.release,
         request.credit_pages,
         request.credit_sequence_id,
+        request.credit_unzeroed_ok,
     )
     reply = pb.SealResponse(
         sealed_pages=committed.sealed_pages,
@@ -102,7 +103,13 @@ def _seal_reply(store: Store, request: pb.SealRequest) -> pb.SealResponse:
 
 
 def _credit(c: credits.Credit) -> pb.Credit:
-    return pb.Credit(sequence_id=c.sequence_id, slots=c.slots, pool_epoch=c.pool_epoch, page_sums=c.page_sums)
+    return pb.Credit(
+        sequence_id=c.sequence_id,
+        slots=c.slots,
+        pool_epoch=c.pool_epoch,
+        page_sums=c.page_sums,
+        unzeroed=c.unzeroed,
+    )
 
 
 def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
@@ -119,6 +126,7 @@ def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
         request.credit_pages,
         request.skip_pages,
         request.page_sums,
+        request.credit_unzeroed_ok,
     )
     return pb.PutResponse(
         num_tokens=appended.num_tokens,

@@ -35,22 +35,30 @@ class Credit:
     slots: tuple[int, ...] = ()
     pool_epoch: int = 0
     page_sums: bool = False  # a Put into it may give its pages' checksums (takes_sums)
+    unzeroed: bool = False  # its pages were handed out as they were (grant's `unzeroed_ok`)
 
 
-def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
+def grant(store: Store, session: Session, ns: Namespace, pages: int, unzeroed_ok: bool = False) -> Credit:
     """A credit of `pages` pages, made room for like any allocation (it may evict); none when
     that is over 1/POOL_SHARE of the pool or the request limit, or the pool cannot spare them
-    now (a smaller one would not hold a put of that size)."""
+    now (a smaller one would not hold a put of that size). `unzeroed_ok`: the client writes
+    every byte of each page it puts into the credit (the library's put copies whole pages),
+    so freed pages not zeroed yet are handed out as they are, first, and none is zeroed for
+    it (docs/security.md, "Zero on free"); a page of it the put does not seal is freed dirty."""
     T = ns.spec.page_tokens
     if not 0 < pages <= min(ns.spec.num_pages // POOL_SHARE, store.limits.max_request_tokens // T):
         return Credit()
     room = quotas.credit_room(session, ns)
     if room is not None and pages > room:
         return Credit()
-    zero_ahead.make_room(ns, pages)
+    unzeroed = (
+        unzeroed_ok and ns.pages.zero is not None and ns.guard is not None and ns.guard.lends_unzeroed()
+    )
+    if not unzeroed:  # (its pages need no zeroing: no reply waits for any)
+        zero_ahead.make_room(ns, pages)
     try:
         seq_id, _ = sequences.allocate(
-            session, ns, store.limits, lambda: store.table.new_id(session), pages * T, b"", None, ""
+            session, ns, store.limits, lambda: store.table.new_id(session), pages * T, b"", None, "", unzeroed
         )
     except ResourceExhausted:
         return Credit()
@@ -59,7 +67,7 @@ def grant(store: Store, session: Session, ns: Namespace, pages: int) -> Credit:
     seq.max_tokens = 0  # a put into it may be longer: its cached prefix takes no credit page
     spare = seq.spare
     # Ascending: a put copies each run of consecutive slots in one go (the client library).
-    return Credit(seq_id, tuple(sorted(map(_slot, spare))), ns.pool.handle.epoch, takes_sums(ns))
+    return Credit(seq_id, tuple(sorted(map(_slot, spare))), ns.pool.handle.epoch, takes_sums(ns), unzeroed)
 
 
 def takes_sums(ns: Namespace) -> bool:
@@ -92,12 +100,14 @@ def unused_credit(store: Store, sid: int, seq_id: int) -> tuple[Session, Sequenc
     return session, seq
 
 
-def replace(store: Store, sid: int, old_id: int, ns: Namespace, pages: int) -> Credit:
+def replace(
+    store: Store, sid: int, old_id: int, ns: Namespace, pages: int, unzeroed_ok: bool = False
+) -> Credit:
     """Seal's credit: release the unused credit `old_id` (0: none), grant one of `pages`."""
     session = store.session(sid)
     if old_id:
         store.release_held_sequence(*unused_credit(store, sid, old_id))
-    return grant(store, session, ns, pages)
+    return grant(store, session, ns, pages, unzeroed_ok)
 
 
 def put(
@@ -112,11 +122,13 @@ def put(
     credit_pages: int,
     skip_pages: int = 0,
     page_sums: bytes = b"",
+    unzeroed_ok: bool = False,
 ) -> tuple[AppendResult, CommitResult, Credit]:
     """Append `token_ids` to the credit with page skip_pages + i in `slots[i]` (the first
     `skip_pages` must be cached), seal, release, grant the next credit. Fails having changed
     nothing (the credit still held) until the append is done. `page_sums`: the checksums the
-    client took as it copied the pages (given_sums), kept as the sealed pages' own."""
+    client took as it copied the pages (given_sums), kept as the sealed pages' own.
+    `unzeroed_ok`: for the next credit (grant)."""
     store.reap_pins()
     ns = store.namespace(namespace)
     session, seq = unused_credit(store, sid, credit_id)
@@ -175,4 +187,4 @@ def put(
         if guard is not None:
             guard.given = None
     store.release_held_sequence(session, seq)
-    return appended, committed, grant(store, session, ns, credit_pages)
+    return appended, committed, grant(store, session, ns, credit_pages, unzeroed_ok)

@@ -99,6 +99,7 @@ def seal(
     release: bool,
     credit_pages: int = 0,
     credit_id: int = 0,
+    unzeroed_ok: bool = False,
 ) -> tuple[CommitResult, ReleaseResult, credits.Credit]:
     """Commit, then release the sequence if asked, then replace the session's credit
     (`credit_id`, 0: none) with one of `credit_pages` (kvstore/store/credit.py). A failed
@@ -112,7 +113,7 @@ def seal(
     committed = store.commit(sid, seq_id, num_tokens, written_slots)
     released = store.release_sequence(sid, seq_id) if release else ReleaseResult()
     credit = (
-        credits.replace(store, sid, credit_id, ns, credit_pages)
+        credits.replace(store, sid, credit_id, ns, credit_pages, unzeroed_ok)
         if credit_id or credit_pages
         else credits.Credit()
     )

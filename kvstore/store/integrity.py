@@ -61,6 +61,7 @@ class IntegrityConfig:
     checksums: bool = True  # checksum at seal, verify before copies below, scrub
     scrub_bytes_per_s: int = 64 << 20  # 0: no scrubber
     zero_freed: bool = True
+    unzeroed_credits: bool = True  # honour a grant's unzeroed_ok (kvstore/store/credit.py)
 
 
 class NamespaceGuard:
@@ -95,6 +96,9 @@ class NamespaceGuard:
 
     def takes_sums(self) -> bool:
         return self.service.config.checksums
+
+    def lends_unzeroed(self) -> bool:
+        return self.service.config.zero_freed and self.service.config.unzeroed_credits
 
     def sealed(self, pages: list[Page], writer: int) -> None:
         batch = self.to_sum if self.service.config.checksums else None
@@ -201,10 +205,13 @@ class NamespaceGuard:
             ok = batch.future.exception() is None  # (failed: zeroed on the loop instead)
         if self.zeroing is batch:
             self.zeroing = None
-        free = self.ns.pages.free
+        table = self.ns.pages
+        free = table.free
         for page in batch.pages:
             if page.zeroing is batch:  # (else taken, and freed again, since)
                 page.zeroing = None
+                if ok and page.dirty and page.state is FREE:
+                    table.dirty_free -= 1
                 page.dirty = not ok
                 if ok and page.prev is not None:  # (on the free list) handed out before dirty ones
                     free.remove(page)

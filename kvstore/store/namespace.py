@@ -135,14 +135,14 @@ class Namespace:
         self.pages_reserved += 1
         return page
 
-    def reserve_many(self, owner: int, n: int) -> list[Page]:
-        """`reserve` n times, in one call."""
+    def reserve_many(self, owner: int, n: int, overwritten: bool = False) -> list[Page]:
+        """`reserve` n times, in one call (`overwritten`: see PageTable.take_many)."""
         if len(self.pages.free) < n:
             raise InvariantBroken(
                 f"namespace {self.name!r}: reserve of {n} pages, fewer free (make_room() first)"
             )
         self.pages_reserved += n
-        return self.pages.take_many(owner, n)
+        return self.pages.take_many(owner, n, overwritten)
 
     def free_reserved(self, page: Page) -> None:
         if page.state is not RESERVED:

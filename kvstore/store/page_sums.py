@@ -41,6 +41,9 @@ class Guard(Protocol):
     def takes_sums(self) -> bool:
         """Whether it keeps checksums of sealed pages (so a Put's own are worth sending)."""
 
+    def lends_unzeroed(self) -> bool:
+        """Whether a credit may hand out freed pages not zeroed yet (server.unzeroed_credits)."""
+
     def sealed(self, pages: list[Page], writer: int) -> None:
         """`pages` were sealed by session `writer` (0: promoted): checksum them (those in
         `given`: keep that checksum)."""

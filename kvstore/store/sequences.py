@@ -46,9 +46,11 @@ def allocate(
     extra_keys: bytes,
     options: SequenceOptions | None,
     model_fingerprint: str,
+    overwritten: bool = False,
 ) -> tuple[int, int]:
     """A new sequence in `session`, its budget's pages reserved; `new_id` is called once room
-    is made (nothing can fail after it)."""
+    is made (nothing can fail after it). `overwritten`: its writer writes every byte of each
+    page it seals (a credit: PageTable.take_many)."""
     ns.check_model(model_fingerprint)
     if max_tokens < 0:
         raise InvalidArgument(f"max_tokens={max_tokens} is negative; it must be >= 0")
@@ -65,7 +67,7 @@ def allocate(
     if pages_needed:
         ns.make_room(pages_needed, f"allocate(max_tokens={max_tokens})")
     seq = Sequence(new_id(), session.id, ns, extra, max_tokens, ns.index.root, options=options)
-    seq.spare = ns.reserve_many(seq.id, pages_needed)
+    seq.spare = ns.reserve_many(seq.id, pages_needed, overwritten)
     session.sequences[seq.id] = seq
     ns.sequences += 1
     return seq.id, pages_needed

@@ -7,7 +7,9 @@ policy evicts one credit's worth more than the grant needs: the grant takes the 
 that were zeroed ahead (the free list hands out zeroed pages first), and the pages evicted
 now are zeroed at once on the zeroing threads (zero_later.py), while the client copies into
 this credit and the next Put is on its way. So the pool keeps up to one credit of free pages
-out of the cache (a credit is at most 1/8 of a pool), only while zeroing is on.
+out of the cache (a credit is at most 1/8 of a pool), only while zeroing is on. A credit
+whose client writes its pages whole (credit.py `unzeroed_ok`) needs none of this: its grant
+takes the pages it evicts as they are.
 
 Why the zeroing threads and not the integrity thread's batch: that batch also checksums the
 pages sealed since the last one, runs at nice +10, and marks its pages clean only when all

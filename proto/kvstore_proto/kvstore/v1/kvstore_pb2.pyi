@@ -543,7 +543,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., num_tokens: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., dropped_indices: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ...) -> None: ...
 
 class SealRequest(_message.Message):
-    __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots", "release", "credit_pages", "credit_sequence_id")
+    __slots__ = ("session_id", "sequence_id", "num_tokens", "written_slots", "release", "credit_pages", "credit_sequence_id", "credit_unzeroed_ok")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -551,6 +551,7 @@ class SealRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     CREDIT_PAGES_FIELD_NUMBER: _ClassVar[int]
     CREDIT_SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_UNZEROED_OK_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     sequence_id: int
     num_tokens: int
@@ -558,7 +559,8 @@ class SealRequest(_message.Message):
     release: bool
     credit_pages: int
     credit_sequence_id: int
-    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ..., release: _Optional[bool] = ..., credit_pages: _Optional[int] = ..., credit_sequence_id: _Optional[int] = ...) -> None: ...
+    credit_unzeroed_ok: bool
+    def __init__(self, session_id: _Optional[int] = ..., sequence_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., written_slots: _Optional[_Iterable[int]] = ..., release: _Optional[bool] = ..., credit_pages: _Optional[int] = ..., credit_sequence_id: _Optional[int] = ..., credit_unzeroed_ok: _Optional[bool] = ...) -> None: ...
 
 class SealResponse(_message.Message):
     __slots__ = ("sealed_pages", "deduplicated_pages", "pages", "pool_epoch", "pages_freed", "pages_unpinned", "credit")
@@ -579,19 +581,21 @@ class SealResponse(_message.Message):
     def __init__(self, sealed_pages: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., pool_epoch: _Optional[int] = ..., pages_freed: _Optional[int] = ..., pages_unpinned: _Optional[int] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
 
 class Credit(_message.Message):
-    __slots__ = ("sequence_id", "slots", "pool_epoch", "page_sums")
+    __slots__ = ("sequence_id", "slots", "pool_epoch", "page_sums", "unzeroed")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     POOL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PAGE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    UNZEROED_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     pool_epoch: int
     page_sums: bool
-    def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ..., page_sums: _Optional[bool] = ...) -> None: ...
+    unzeroed: bool
+    def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ..., page_sums: _Optional[bool] = ..., unzeroed: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32", "page_sums")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32", "page_sums", "credit_unzeroed_ok")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -604,6 +608,7 @@ class PutRequest(_message.Message):
     SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_U32_FIELD_NUMBER: _ClassVar[int]
     PAGE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_UNZEROED_OK_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -616,7 +621,8 @@ class PutRequest(_message.Message):
     skip_pages: int
     token_ids_u32: bytes
     page_sums: bytes
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ..., page_sums: _Optional[bytes] = ...) -> None: ...
+    credit_unzeroed_ok: bool
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ..., page_sums: _Optional[bytes] = ..., credit_unzeroed_ok: _Optional[bool] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("num_tokens", "cached_tokens", "sealed_pages", "deduplicated_pages", "pool_epoch", "credit")
