@@ -19,6 +19,7 @@ import grpc
 import kvstore_client
 import pytest
 from daemon import SMALL_NAMESPACE, DaemonProcess
+from e2e_helpers import wait_until
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -44,6 +45,8 @@ STATS_KEYS = {
     "hit_rate",
     "committed_bytes",
     "hit_bytes",
+    *("pages_checksummed", "pages_sums_given", "pages_scrubbed", "pages_corrupt", "copies_refused"),
+    *("pages_unchecked", "pages_zeroed", "pages_zeroed_inline", "replies_waited_zeroing"),
 }
 PAGE_TOKENS = SMALL_NAMESPACE["page_tokens"]
 
@@ -133,6 +136,18 @@ def test_stats_table_shows_each_namespace(daemon: DaemonProcess) -> None:
     assert "64 total: 62 free, 0 reserved, 2 sealed (0 pinned)" in out
     assert re.search(r"^  used +3\.1%", out, re.M)
     assert re.search(r"^  hit rate +- ", out, re.M)  # no lookups yet
+    # The integrity thread checksums the two sealed pages off the loop: then the row says so.
+    wait_until(
+        lambda: stats_json(daemon)["namespaces"]["test"]["pages_checksummed"],
+        lambda n: n == 2,
+        timeout=10,
+        what="the checksums",
+    )
+    out = admin("stats", target=daemon.target).stdout
+    assert re.search(
+        r"^  integrity +2 pages checksummed at seal, 0 by their writers, 0 left unchecked; ", out, re.M
+    )
+    assert "0 corrupt (0 copies below refused)" in out
 
 
 def test_stats_of_one_namespace_and_an_unknown_one(daemon: DaemonProcess) -> None:

@@ -13,6 +13,12 @@ from ..pool import dtype_name
 from ..results import Stats, TierStats
 from .fmt import count, human_bytes, human_duration, key_values, pct
 
+# A host pool's integrity work (docs/security.md, "Sealed pages"): all 0 on a device pool or
+# with page_checksums and zero_freed_pages off.
+_INTEGRITY_FIELDS = (
+    *("pages_checksummed", "pages_sums_given", "pages_scrubbed", "pages_corrupt", "copies_refused"),
+    *("pages_unchecked", "pages_zeroed", "pages_zeroed_inline", "replies_waited_zeroing"),
+)
 _STATS_FIELDS = (
     *("pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens"),
     *("miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "page_bytes", "policy"),
@@ -24,6 +30,7 @@ _STATS_FIELDS = (
         "host_bytes",
         "disk_bytes",
     ),
+    *_INTEGRITY_FIELDS,
 )
 
 
@@ -213,6 +220,18 @@ def render_stats(stats: Stats, target: str = "") -> str:
             ("deduplicated", f"{count(ns.deduplicated_pages)} pages"),
             ("sequences", f"{count(ns.sequences)} open"),
         ]
+        if any(getattr(ns, f) for f in _INTEGRITY_FIELDS):
+            rows.append(
+                (
+                    "integrity",
+                    f"{count(ns.pages_checksummed)} pages checksummed at seal, {count(ns.pages_sums_given)} "
+                    f"by their writers, {count(ns.pages_unchecked)} left unchecked; "
+                    f"{count(ns.pages_scrubbed)} scrubbed, {count(ns.pages_corrupt)} corrupt "
+                    f"({count(ns.copies_refused)} copies below refused); {count(ns.pages_zeroed)} freed "
+                    f"pages zeroed, {count(ns.pages_zeroed_inline)} on the loop "
+                    f"({count(ns.replies_waited_zeroing)} replies waited)",
+                )
+            )
         if ns.max_session_pages:
             quota = (
                 f"{count(ns.max_session_pages)} pages a session ({count(ns.session_pages_refused)} refused)"
