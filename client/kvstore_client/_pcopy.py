@@ -4,9 +4,11 @@ threads" and "Streaming stores").
 Each copy goes through _ntcopy.c where it is built (streaming stores from STREAM_MIN bytes, the
 GIL released), else numpy (which releases the GIL too). One thread storing with streaming
 stores moved cold pages at 15-17 GB/s on the project's 2-vCPU VM, two at 19-22 GB/s for
-47 MB copies (64 pages of 737,280 B) when the machine was quiet, and no more than one for
-12 MB (16 pages); on busy cores two threads lost at every size (BENCHMARKS.md, peers). So
-only a copy of at least `MIN_SPLIT_BYTES` is cut into column bands (every row's band j in band j: equal shares whatever
+47 MB copies (64 pages of 737,280 B) when the machine was quiet; from a source the size of
+the `peers` benchmark's (755 MB, so read from memory) one thread moved 8.3 GB/s and two 13.1
+for 12 MB copies (16 pages), and a put or get of 16 pages went 25-40% faster split, one of
+one page (720 KiB) slower (BENCHMARKS.md, peers). So only a copy of at least
+`MIN_SPLIT_BYTES` is cut into column bands (every row's band j in band j: equal shares whatever
 the page count), taken by the caller's thread and the pool's as each is free. A copy returns
 only once every band has landed, and raises the first band's error after all of them are done.
 
@@ -35,10 +37,10 @@ except ImportError:
 
 ENV = "KVSTORE_COPY_THREADS"
 DEFAULT_THREADS = 4  # (more rarely helps: a few threads already fill the memory channels)
-# Below this a copy stays on the caller's thread: with streaming stores a second thread added
-# nothing measurable to a 12 MB copy (16 pages) even on a quiet VM, ~20-30 % to a 47 MB one
-# (64 pages), and handing it a band costs ~20-60 us (wake-up, a future, the GIL).
-MIN_SPLIT_BYTES = 32 << 20
+# Below this a copy stays on the caller's thread: handing a band to another costs ~20-60 us
+# (wake-up, a future, the GIL), which a 720 KiB page's copy (~85 us) did not win back; a 12 MB
+# one (16 pages) did, and more (BENCHMARKS.md, peers, "Split from 4 MiB").
+MIN_SPLIT_BYTES = 4 << 20
 # From this size a copy (all its runs together) is stored with streaming stores (_ntcopy.c).
 # Cold, they won at every size measured (64 KiB up); but when both buffers are in the cache
 # (a 256-512 KiB copy repeated) memcpy moved 30-40 GB/s to their 10, so copies of less than
