@@ -34,9 +34,10 @@
  * sums[i] (a writable 1-D buffer of len(rows) 8-byte unsigned ints), taken from the bytes as
  * they are copied: XXH3's stripes of a 1 KiB block are accumulated right after the block is
  * stored, while the source is still in L1, so the daemon need not read the page again after
- * the seal (docs/security.md). Measured on the project's VM (cold 737,280-byte pages): the
- * copy alone 9.0 GB/s, with the sums 8.8-8.9 (AVX-512) and 8.0-8.3 (AVX2); a copy and then a
- * separate hash of each page 6.6. False (nothing copied) where it cannot (no AVX2, the
+ * the seal (docs/security.md). Measured on the project's VM, 16 pages of 737,280 B a call
+ * from a 755 MB source: the copy alone 8.8-8.9 GB/s, with the sums 8.4 (AVX-512) and 7.3
+ * (AVX2); in a standalone C loop 9.0 against 8.8-8.9 and 8.0-8.3; a copy and then a separate
+ * hash of each page 6.6. False (nothing copied) where it cannot (no AVX2, the
  * shapes, an overlap, a row of 240 bytes or less, a destination not 64-byte aligned): the
  * caller then copies without sums. */
 
