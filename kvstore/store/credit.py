@@ -8,8 +8,7 @@ with the session when its client dies."""
 from __future__ import annotations
 
 import operator
-import sys
-from array import array
+import struct
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from itertools import repeat
@@ -23,7 +22,6 @@ from kvstore.store.store import Store
 from kvstore.store.types import AppendResult, CommitResult
 
 _slot = operator.attrgetter("slot")
-_LITTLE = sys.byteorder == "little"
 
 # A credit is pages the cache cannot use meanwhile: at most this share of the pool.
 POOL_SHARE = 8
@@ -86,9 +84,7 @@ def given_sums(page_sums: bytes, slots: Seq[int]) -> dict[int, int] | None:
             f"page_sums has {len(page_sums)} bytes; give 8 a page copied ({len(slots)} slots: "
             f"{8 * len(slots)} bytes), or none"
         )
-    return dict(
-        zip(slots, array("Q", page_sums) if _LITTLE else array("Q", page_sums).byteswap(), strict=True)
-    )
+    return dict(zip(slots, struct.unpack(f"<{len(slots)}Q", page_sums), strict=True))
 
 
 def unused_credit(store: Store, sid: int, seq_id: int) -> tuple[Session, Sequence]:
