@@ -34,7 +34,11 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
             assert e["calls"] > 0 and e["rps"] > 0, (side, c)
             assert 0 < e["p50_ms"] <= e["p99_ms"] < 1000, (side, c)
             assert e["server_cpu_us_per_call"] > 0 and e["client_cpu_us_per_call"] > 0, (side, c)
+            # (both from /proc at 10 ms ticks, read a moment apart: at 0.1 s a point one may pass the other)
+            assert e["server_loop_cpu_us_per_call"] >= 0, (side, c)
             assert len(e["rps_rounds"]) == 2
+            # Only the daemon's gRPC Lookup is timed by its edge: neither echo nor the lane is.
+            assert ("handler_us_per_call" in e) == (side == "kvstore"), (side, c)
     res = r["results"]
     # The ratio keeps its meaning; the lane's are against the same run's baselines.
     assert r["ratio"] == pytest.approx(res["kvstore"]["16"]["rps"] / res["echo"]["16"]["rps"], rel=1e-3)
@@ -51,6 +55,10 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
         res["kvstore_aio"]["16"]["rps"] / res["echo"]["16"]["rps"], rel=1e-3
     )
     assert r["aio_lane_p99_ms_c1"] == res["kvstore_aio"]["1"]["p99_ms"]
+    # The Lookup's own time in the daemon: more than nothing, less than the whole call.
+    for c in ("1", "16"):
+        assert 0 < r[f"handler_us_c{c}"] < res["kvstore"][c]["p50_ms"] * 1000
+        assert r[f"loop_us_c{c}"]["echo"] == res["echo"][c]["server_loop_cpu_us_per_call"]
     text = rpc.format_text(r)
     for line in (
         "kvstore_lane",
@@ -60,6 +68,7 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
         "lane p99 at concurrency 1",
         "kvstore_aio",
         "aio_lane_ratio = ",
+        "the daemon's Lookup handler, timed in place",
     ):
         assert line in text
 

@@ -120,6 +120,11 @@ class ChildServer:
         """User + system CPU time the child has used so far (all its threads)."""
         return proc_cpu_seconds(self.pid)
 
+    def main_thread_cpu_seconds(self) -> float:
+        """The same for the child's main thread only (where an asyncio server runs its loop;
+        gRPC's own threads are the rest)."""
+        return proc_cpu_seconds(self.pid, self.pid)
+
     def stderr_tail(self, lines: int = 40) -> str:
         if not self.stderr_path.exists():
             return ""
@@ -226,9 +231,9 @@ def install_signal_exit() -> None:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (10 ms resolution)."""
-    with open(f"/proc/{pid}/stat") as f:
+def proc_cpu_seconds(pid: int, tid: int = 0) -> float:
+    """utime + stime of a process (or of its thread `tid`) from /proc (10 ms resolution)."""
+    with open(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat") as f:
         # The command name may contain spaces; fields after its closing paren are fixed.
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK

@@ -39,7 +39,12 @@ back at each concurrency, the order alternating between rounds:
 Reported per side and concurrency: RPC/s, p50/p99 latency (client-side, per call), CPU
 time per call of the server process and of this client process (from /proc), which tell
 which process is the bottleneck, and the CPUs other processes used meanwhile ('others':
-on a 2-core machine anything else running skews every number).
+on a 2-core machine anything else running skews every number). Where a server's call time
+goes: `server_loop_cpu_us_per_call`, the CPU of its main thread alone (its asyncio loop:
+grpc.aio's Python side and the handler; gRPC's own threads are the rest), and for `kvstore`
+`handler_us_per_call`, the daemon's own time inside a Lookup as it ran under this load (the
+edge's `kvstore_rpc_duration_seconds` for KVStore/Lookup, sum over count in the window,
+scraped from the daemon's metrics endpoint: request parsed to reply encoded).
 
 ratio = kvstore RPC/s / echo RPC/s at concurrency 16 (goal >= 0.8); p99 of kvstore at
 concurrency 1 (goal < 1 ms). For the lane, against the same run's baselines:
@@ -56,9 +61,11 @@ import argparse
 import asyncio
 import contextlib
 import random
+import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -70,6 +77,7 @@ import uvloop
 from kvstore_client import aio_lane
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import echo_server, rpc_lane
 from .harness import (
@@ -110,6 +118,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or not args.concurrency:
         raise SystemExit("rpc: --duration > 0, --warmup >= 0, --rounds >= 1 and a --concurrency list please")
@@ -117,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("rpc: every --concurrency must be >= 1")
     ns = namespace()
     tokens = random.Random(0).choices(range(VOCAB), k=PROMPT_PAGES * PAGE_TOKENS)
-    with BenchDaemon([ns], server={"lease_ttl_max_s": LEASE_S}) as daemon:
+    metrics = f"127.0.0.1:{free_port()}"  # the Lookup's own time, from the edge's histogram
+    with BenchDaemon([ns], server={"lease_ttl_max_s": LEASE_S, "metrics": metrics}) as daemon:
         reply_bytes = prepare(daemon.target, tokens)
         with tempfile.NamedTemporaryFile(prefix="kvsb-reply-", suffix=".bin") as reply_file:
             reply_file.write(reply_bytes)
@@ -135,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
                 ChildServer("echo", argv) as echo,
                 rpc_lane.LaneChild("echo_lane", reply_file.name) as echo_lane,
             ):
-                result = uvloop.run(measure_all(args, daemon, echo, echo_lane, tokens, len(reply_bytes)))
+                result = uvloop.run(
+                    measure_all(args, daemon, echo, echo_lane, tokens, len(reply_bytes), metrics)
+                )
     result["machine"] = machine_info(uvloop=uvloop.__version__)
     emit(result, args.json, format_text(result))
     return 0
@@ -185,6 +202,7 @@ async def measure_all(
     echo_lane: rpc_lane.LaneChild,
     tokens: list[int],
     reply_len: int,
+    metrics: str,
 ) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(daemon.target) as ch:
         opened = await pb_grpc.KVStoreStub(ch).OpenSession(
@@ -269,7 +287,8 @@ async def measure_all(
         for c in args.concurrency:
             for side in order:
                 server, calls = sides[side]
-                point = await measure_point(server, calls, c, args.duration, args.warmup)
+                timed = (lambda: lookup_seconds(metrics)) if side == "kvstore" else None
+                point = await measure_point(server, calls, c, args.duration, args.warmup, timed)
                 points[side][c].append(point)
                 progress(
                     "round %d/%d  %-12s c=%-3d %8.0f RPC/s  p50 %.3f ms  p99 %.3f ms  server %.0f us/call  "
@@ -306,17 +325,36 @@ async def same_answer(daemon: BenchDaemon, request: pb.LookupRequest) -> None:
         )
 
 
+def lookup_seconds(metrics: str) -> tuple[float, float]:
+    """(seconds, calls) of the daemon's Lookups so far, from its edge's latency histogram."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("method") == "KVStore/Lookup" and sample.name in (
+                "kvstore_rpc_duration_seconds_sum",
+                "kvstore_rpc_duration_seconds_count",
+            ):
+                found[sample.name] = sample.value
+    if len(found) != 2:
+        raise BenchError(f"the daemon's metrics at {metrics} have no Lookup latency histogram")
+    return found["kvstore_rpc_duration_seconds_sum"], found["kvstore_rpc_duration_seconds_count"]
+
+
 async def measure_point(
     server: ChildServer,
     open_calls: Calls,
     concurrency: int,
     duration: float,
     warmup: float,
+    handler_seconds: Callable[[], tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """`concurrency` tasks, each awaiting one call at a time, on fresh connections (one gRPC
     channel; one lane connection a task): `warmup` seconds untimed, then `duration` seconds
-    in which each call that both starts and ends counts. CPU times of the server and of this
-    process are sampled at the window's edges."""
+    in which each call that both starts and ends counts. CPU times of the server (all of it,
+    and its main thread) and of this process, and `handler_seconds()` (the server's own
+    (seconds, calls) in its handler, where it reports them), are sampled at the window's edges."""
     async with open_calls(server, concurrency) as calls:
         for call in dict.fromkeys(calls):
             await call()  # connect
@@ -336,26 +374,41 @@ async def measure_point(
                 if t0 >= t_start and t1 <= t_end:
                     latencies.append(t1 - t0)
 
-        def cpu() -> tuple[float, float, float]:
-            return server.cpu_seconds(), self_cpu_seconds(), system_busy_seconds()
+        def cpu() -> tuple[float, float, float, float]:
+            return (
+                server.cpu_seconds(),
+                self_cpu_seconds(),
+                system_busy_seconds(),
+                server.main_thread_cpu_seconds(),
+            )
 
-        async def sample_cpu() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        async def handler() -> tuple[float, float]:
+            # (a scrape of the daemon's metrics: off this loop, so the workers keep calling)
+            return await asyncio.to_thread(handler_seconds) if handler_seconds else (0.0, 0.0)
+
+        async def sample_cpu() -> tuple[
+            tuple[float, ...], tuple[float, ...], tuple[float, float], tuple[float, float]
+        ]:
             await asyncio.sleep(max(0.0, t_start - clock()))
-            before = cpu()
+            before, h0 = cpu(), await handler()
             await asyncio.sleep(max(0.0, t_end - clock()))
-            return before, cpu()
+            return before, cpu(), h0, await handler()
 
         sampler = loop.create_task(sample_cpu())
         await asyncio.gather(*(worker(call) for call in calls))
-        (s0, c0, b0), (s1, c1, b1) = await sampler
+        (s0, c0, b0, m0), (s1, c1, b1, m1), h0, h1 = await sampler
     n = len(latencies)
     latencies.sort()
-    return {
+    timed = {}
+    if h1[1] > h0[1]:  # the calls the handler timed meanwhile (the window's, give or take a few)
+        timed["handler_us_per_call"] = (h1[0] - h0[0]) / (h1[1] - h0[1]) * 1e6
+    return timed | {
         "calls": n,
         "rps": n / duration,
         "p50_ms": percentile(latencies, 50) * 1e3,
         "p99_ms": percentile(latencies, 99) * 1e3,
         "server_cpu_us_per_call": (s1 - s0) / max(n, 1) * 1e6,
+        "server_loop_cpu_us_per_call": (m1 - m0) / max(n, 1) * 1e6,
         "client_cpu_us_per_call": (c1 - c0) / max(n, 1) * 1e6,
         "server_cpu_util": (s1 - s0) / duration,
         "client_cpu_util": (c1 - c0) / duration,

@@ -29,6 +29,7 @@ def summarize(
         "p50_ms",
         "p99_ms",
         "server_cpu_us_per_call",
+        "server_loop_cpu_us_per_call",
         "client_cpu_us_per_call",
         "server_cpu_util",
         "client_cpu_util",
@@ -39,6 +40,8 @@ def summarize(
         results[side] = {}
         for c, rounds in by_c.items():
             entry: dict[str, Any] = {k: round(median([r[k] for r in rounds]), 4) for k in keys}
+            if all("handler_us_per_call" in r for r in rounds):  # (kvstore over gRPC: the edge times it)
+                entry["handler_us_per_call"] = round(median([r["handler_us_per_call"] for r in rounds]), 2)
             entry["rps_rounds"] = [round(r["rps"]) for r in rounds]
             entry["p99_ms_rounds"] = [round(r["p99_ms"], 4) for r in rounds]
             entry["others_cpu_util_max"] = round(max(r["others_cpu_util"] for r in rounds), 4)
@@ -82,6 +85,14 @@ def summarize(
             "p99_goal_ms": P99_GOAL_MS,
             "p99_goal_met": p99 < P99_GOAL_MS,
         }
+    # Where the daemon's time a gRPC Lookup goes, against echo's: its loop thread, and of that
+    # the Lookup's own work (the edge-timed handler) at each concurrency.
+    for c, e in results["kvstore"].items():
+        if "handler_us_per_call" in e:
+            out[f"handler_us_c{c}"] = e["handler_us_per_call"]
+            out[f"loop_us_c{c}"] = {"kvstore": e["server_loop_cpu_us_per_call"]} | {
+                "echo": results["echo"][c]["server_loop_cpu_us_per_call"]
+            }
     return out | lane_keys(results)
 
 
@@ -130,14 +141,17 @@ def format_text(r: dict[str, Any]) -> str:
         f"after {c['warmup_s']:g}s warmup, {c['rounds']} round(s), medians",
         "",
         f"  {'side':<13}{'conc':>5}{'RPC/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'srv us/call':>13}{'cli us/call':>13}{'srv cpu':>9}{'cli cpu':>9}{'others':>8}",
+        f"{'srv us/call':>13}{'loop us':>9}{'handler us':>12}{'cli us/call':>13}{'srv cpu':>9}{'cli cpu':>9}"
+        f"{'others':>8}",
     ]
     for conc in c["concurrency"]:
         for side in SIDES:
             e = r["results"][side][str(conc)]
             lines.append(
                 f"  {side:<13}{conc:>5}{e['rps']:>10.0f}{e['p50_ms']:>9.3f}{e['p99_ms']:>9.3f}"
-                f"{e['server_cpu_us_per_call']:>13.0f}{e['client_cpu_us_per_call']:>13.0f}"
+                f"{e['server_cpu_us_per_call']:>13.0f}{e['server_loop_cpu_us_per_call']:>9.0f}"
+                + (f"{e['handler_us_per_call']:>12.1f}" if "handler_us_per_call" in e else f"{'-':>12}")
+                + f"{e['client_cpu_us_per_call']:>13.0f}"
                 f"{e['server_cpu_util']:>9.2f}{e['client_cpu_util']:>9.2f}{e['others_cpu_util']:>8.2f}"
             )
     lines.append("")
@@ -158,6 +172,13 @@ def format_text(r: dict[str, Any]) -> str:
             f"  p99 at concurrency {P99_AT} = {r['p99_c1_ms']:.3f} ms; goal < {r['p99_goal_ms']:g} ms: "
             + ("met" if r["p99_goal_met"] else "MISSED")
         )
+    for conc in c["concurrency"]:
+        if f"handler_us_c{conc}" in r:
+            loop = r[f"loop_us_c{conc}"]
+            lines.append(
+                f"  at concurrency {conc}: the server's loop thread {loop['kvstore']:.0f} us a call (echo's "
+                f"{loop['echo']:.0f}); the daemon's Lookup handler, timed in place, {r[f'handler_us_c{conc}']:.1f} us"
+            )
     if "lane_ratio" in r:
         lines += [
             f"  lane_ratio = kvstore_lane / echo (the grpc.aio echo, the goal's baseline) RPC/s at concurrency "
