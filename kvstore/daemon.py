@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -75,6 +76,17 @@ def server_options(s: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # (the "recv" spelling is no arg)
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def freeze_startup_heap() -> None:
+    """Take what start built (the pools' page tables, the index, the servicers, every module)
+    out of Python's cyclic GC: it lives as long as the daemon, and each full collection walked
+    all of it, stalling every call on the loop (a 32,768-page pool: 15-35 ms a collection,
+    every few seconds under load; frozen, ~0.3 ms). Run once, before the first call: anything
+    frozen is never collected, so garbage made before it is collected first."""
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d objects built at start (Python's full collections skip them)", gc.get_freeze_count())
 
 
 class Daemon:
@@ -189,6 +201,7 @@ class Daemon:
             max_message = dict(server_options(s))["grpc.max_receive_message_length"]
             self.lane = Lane(lane_socket_path(self.socket_path), edge, max_message)
             await self.lane.start()
+        freeze_startup_heap()
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, SERVING)
@@ -358,6 +371,7 @@ class Daemon:
             ok &= await step("store closed, pools freed", close_store(store), 60 + STEP_TIMEOUT_S)
         socket_path.release(self.socket_path, self._lock_fd, self._socket_ino)
         self._socket_ino, self._lock_fd = 0, -1
+        gc.unfreeze()  # (the store is closed: what start froze may be collected again)
         return ok
 
 

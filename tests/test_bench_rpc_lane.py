@@ -59,6 +59,9 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
     for c in ("1", "16"):
         assert 0 < r[f"handler_us_c{c}"] < res["kvstore"][c]["p50_ms"] * 1000
         assert r[f"loop_us_c{c}"]["echo"] == res["echo"][c]["server_loop_cpu_us_per_call"]
+    # The daemon's GC over the run, by generation (the young one collects every few hundred calls).
+    assert set(r["daemon_gc"]) == {"0", "1", "2"} and r["daemon_gc"]["0"]["pauses"] > 0
+    assert r["config"]["pool_pages"] == 4 * rpc.PROMPT_PAGES
     text = rpc.format_text(r)
     for line in (
         "kvstore_lane",
@@ -69,6 +72,7 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
         "kvstore_aio",
         "aio_lane_ratio = ",
         "the daemon's Lookup handler, timed in place",
+        "the daemon's GC, generation 2:",
     ):
         assert line in text
 

@@ -213,3 +213,25 @@ def test_with_tokens_the_metrics_need_a_token_with_read_on_every_namespace(
         assert calls(m, "KVStore/Stats", "UNAUTHENTICATED") == 2
         assert calls(m, "KVStore/Stats", "PERMISSION_DENIED") == 1
     assert scraper not in d.stderr_text() and READER not in d.stderr_text()
+
+
+def test_gc_pauses_are_counted_by_generation(daemon_factory: Any) -> None:
+    """The daemon's cyclic-GC collections (each one stops the loop) are counted and timed as
+    they happen, by generation."""
+    port = free_port()
+    d = daemon_factory(server={"metrics": f"127.0.0.1:{port}"}).start()
+
+    def pauses(m: Samples, what: str, g: int) -> float:
+        return m[(f"kvstore_gc_{what}", (("generation", str(g)),))]
+
+    before = scrape(port)
+    assert {pauses(before, "pause_max_seconds", g) >= 0 for g in (0, 1, 2)} == {True}
+    with Raw(d.target) as raw:  # calls make objects, objects make young collections
+        after = wait_until(
+            lambda: [raw.kv.Stats(pb.StatsRequest(), timeout=10) for _ in range(50)] and scrape(port),
+            lambda m: pauses(m, "pauses_total", 0) > pauses(before, "pauses_total", 0),
+            timeout=60,
+            what="a young collection in the daemon",
+        )
+    assert pauses(after, "pause_seconds_total", 0) > pauses(before, "pause_seconds_total", 0)
+    assert 0 < pauses(after, "pause_max_seconds", 0) <= pauses(after, "pause_seconds_total", 0)

@@ -116,6 +116,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rounds", type=int, default=3, help="rounds over all points, order alternating; medians (default 3)"
     )
+    p.add_argument(
+        "--pool-pages",
+        type=int,
+        default=4 * PROMPT_PAGES,
+        help=f"pages in the daemon's pool (default {4 * PROMPT_PAGES}: nothing is evicted either way)",
+    )
 
 
 def free_port() -> int:
@@ -129,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("rpc: --duration > 0, --warmup >= 0, --rounds >= 1 and a --concurrency list please")
     if min(args.concurrency) < 1:
         raise SystemExit("rpc: every --concurrency must be >= 1")
-    ns = namespace()
+    if args.pool_pages < PROMPT_PAGES:
+        raise SystemExit(f"rpc: --pool-pages must hold the {PROMPT_PAGES}-page prompt")
+    ns = namespace() | {"num_pages": args.pool_pages}
     tokens = random.Random(0).choices(range(VOCAB), k=PROMPT_PAGES * PAGE_TOKENS)
     metrics = f"127.0.0.1:{free_port()}"  # the Lookup's own time, from the edge's histogram
     with BenchDaemon([ns], server={"lease_ttl_max_s": LEASE_S, "metrics": metrics}) as daemon:
@@ -153,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 result = uvloop.run(
                     measure_all(args, daemon, echo, echo_lane, tokens, len(reply_bytes), metrics)
                 )
+        result["daemon_gc"] = gc_pauses(metrics)  # the whole run's, the daemon still serving
     result["machine"] = machine_info(uvloop=uvloop.__version__)
     emit(result, args.json, format_text(result))
     return 0
@@ -325,12 +334,31 @@ async def same_answer(daemon: BenchDaemon, request: pb.LookupRequest) -> None:
         )
 
 
+def scrape(metrics: str) -> list[Any]:
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+        return list(text_string_to_metric_families(r.read().decode()))
+
+
+def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
+    """The daemon's cyclic-GC collections so far, by generation: how many, seconds, longest ms."""
+    out: dict[str, dict[str, float]] = {}
+    names = {
+        "kvstore_gc_pauses_total": "pauses",
+        "kvstore_gc_pause_seconds_total": "seconds",
+        "kvstore_gc_pause_max_seconds": "max_ms",
+    }
+    for family in scrape(metrics):
+        for sample in family.samples:
+            if sample.name in names:
+                value = sample.value * 1e3 if names[sample.name] == "max_ms" else sample.value
+                out.setdefault(sample.labels["generation"], {})[names[sample.name]] = round(value, 4)
+    return out
+
+
 def lookup_seconds(metrics: str) -> tuple[float, float]:
     """(seconds, calls) of the daemon's Lookups so far, from its edge's latency histogram."""
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
-        text = r.read().decode()
     found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in scrape(metrics):
         for sample in family.samples:
             if sample.labels.get("method") == "KVStore/Lookup" and sample.name in (
                 "kvstore_rpc_duration_seconds_sum",

@@ -61,6 +61,7 @@ def summarize(
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "rounds": args.rounds,
+            "pool_pages": args.pool_pages,
             "concurrency": args.concurrency,
             "client": "grpc.aio on uvloop, 1 channel, N tasks with 1 call in flight each; lane sides: "
             "asyncio on uvloop, N connections with 1 call in flight each",
@@ -179,6 +180,11 @@ def format_text(r: dict[str, Any]) -> str:
                 f"  at concurrency {conc}: the server's loop thread {loop['kvstore']:.0f} us a call (echo's "
                 f"{loop['echo']:.0f}); the daemon's Lookup handler, timed in place, {r[f'handler_us_c{conc}']:.1f} us"
             )
+    for g, p in sorted(r.get("daemon_gc", {}).items()):
+        lines.append(
+            f"  the daemon's GC, generation {g}: {p['pauses']:.0f} collections in the run, "
+            f"{p['seconds'] * 1e3:.1f} ms in all, the longest {p['max_ms']:.2f} ms"
+        )
     if "lane_ratio" in r:
         lines += [
             f"  lane_ratio = kvstore_lane / echo (the grpc.aio echo, the goal's baseline) RPC/s at concurrency "

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from kvstore.server import metrics_http
 from kvstore.server.edge import EdgeCounts
+from kvstore.server.gc_metrics import GcPauses
 from kvstore.server.lane_counts import LaneCounts
 from kvstore.server.memo_metrics import HashMemoCollector
 from kvstore.server.ops_stats import build_labels
@@ -308,6 +309,7 @@ class MetricsServer:
         self.port = port
         self.interval_s = interval_s
         self.collector = StatsCollector()
+        self._gc: GcPauses | None = None
         self._httpd: Any = None
 
     def start(self) -> int:
@@ -315,6 +317,8 @@ class MetricsServer:
         registry = CollectorRegistry()
         registry.register(self.collector)
         registry.register(HashMemoCollector(self.store.hash_memo))
+        self._gc = GcPauses().install()
+        registry.register(self._gc)
         if self.rpc is not None:
             self.rpc.register(registry)
         self.publish()
@@ -345,6 +349,8 @@ class MetricsServer:
             self.publish()
 
     def stop(self) -> None:
+        if self._gc is not None:
+            self._gc.uninstall()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
