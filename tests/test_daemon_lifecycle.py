@@ -215,8 +215,8 @@ def _small(name: str) -> dict[str, object]:
 
 
 def test_the_page_tables_built_at_start_are_frozen_out_of_the_cyclic_gc(daemon_factory) -> None:
-    """Python's full collections walked the whole page table (18-20 ms a collection with a
-    32,768-page pool, stalling every call): start freezes what it built, pages included."""
+    """Python's full collections walked the whole page table (up to 24.7 ms a collection with
+    a 32,768-page pool, stalling every call): start freezes what it built, pages included."""
 
     def frozen(num_pages: int) -> int:
         d = daemon_factory(namespaces=[SMALL_NAMESPACE | {"num_pages": num_pages}]).start()

@@ -4,7 +4,11 @@ and over the daemon's lane vs the same echo and a bare lane echo.
 Setup: a daemon (its own process) with a namespace of 16-token pages holding a committed
 64-page (1024-token) prefix, so every lookup hits all 64 pages; an echo server
 (echo_server.py: grpc.aio on uvloop, generic handler, no protobuf) in its own process
-answering with the daemon's real serialized LookupResponse for that prompt.
+answering with the daemon's real serialized LookupResponse for that prompt. The pool holds
+4 prompts (`--pool-pages` for more: a node's pool is larger, and the daemon's MRC samples and
+its GC work with the pool's size); the daemon serves its metrics endpoint, read for the
+Lookup's time (below) and, at the end, its GC collections (`daemon_gc`: by generation, how
+many, their seconds, the longest).
 
 Client (this process, asyncio on uvloop, one channel per measurement, N tasks each with
 one call in flight, so N concurrent calls on the channel). Six sides, measured back to

@@ -60,7 +60,7 @@ class GcPauses(Collector):
         )
         longest = GaugeMetricFamily(
             "kvstore_gc_pause_max_seconds",
-            "the longest one since start, by generation",
+            "the longest one since the metrics server started, by generation",
             labels=["generation"],
         )
         for g in GENERATIONS:
