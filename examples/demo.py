@@ -67,8 +67,23 @@ class _Stop(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
 
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop
+class _StopSignals:
+    """SIGINT and SIGTERM while the demo runs: the first stops it (KeyboardInterrupt or _Stop in
+    the main thread); later ones are ignored, so none cuts the daemon's ordered shutdown short.
+    They come in bursts: `timeout make run` signals make and its process group, and make passes
+    its own SIGTERM on. A handler that raised at each let the second land while the first was
+    being handled, and the demo died leaving its daemon serving. (Ignored here, not with SIG_IGN:
+    a signal caught just before SIG_IGN is set makes Python print "Signal 15 ignored due to race
+    condition" with a traceback.)"""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Stop
 
 
 def say(line: str = "") -> None:
@@ -341,9 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: --model needs the model: {missing}", file=sys.stderr)
             return 2
     target = f"unix:{socket_path}"
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    signals = _StopSignals()
+    previous = signal.signal(signal.SIGTERM, signals.handler)
     # Explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_int = signal.signal(signal.SIGINT, signals.handler)
     daemon: DaemonChild | None = None
     rc = 1
     try:
@@ -388,9 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         rc = 1
     finally:
-        # A second Ctrl-C must not cut the daemon's ordered shutdown short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signals.stopping = True  # (already, if a signal stopped it: here for the other ways out)
         try:
             status = daemon.stop() if daemon is not None else None
         finally:

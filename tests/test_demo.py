@@ -5,6 +5,7 @@ see only this run's files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import kvstore_client
 import pytest
@@ -133,41 +135,100 @@ def test_demo_no_serve_shares_kv_between_two_processes_and_cleans_up(run: Run) -
     run.assert_nothing_left()
 
 
+class ServingDemo:
+    """`examples/demo.py --plain` (what `make run` runs, without the model) started and read
+    until it serves; its output lines as they come, its stderr (and its daemon's) in `err`."""
+
+    def __init__(self, run: Run, err: IO[str]) -> None:
+        self.run = run
+        self.err = err  # (a file: a pipe nobody reads could fill and stall the daemon)
+        self.proc = subprocess.Popen(
+            run.argv("--plain"), stdout=subprocess.PIPE, stderr=err, text=True, env=run.env()
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.seen and "press Ctrl-C to stop" in self.seen[-1]):
+            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            assert line is not None, "the demo exited before serving:\n" + "".join(self.seen)
+            self.seen.append(line)
+        assert self.seen[-1] == f"daemon serving on unix:{self.run.socket} — press Ctrl-C to stop\n"
+        assert self.run.socket.exists() and self.run.segments() == []  # pools are memfds
+
+    def output(self) -> str:
+        """All it printed, once it has exited."""
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+    def errors(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+
+@contextlib.contextmanager
+def serving_demo(run: Run) -> Iterator[ServingDemo]:
+    with tempfile.TemporaryFile("w+") as err:
+        demo = ServingDemo(run, err)
+        try:
+            yield demo
+        finally:
+            if demo.proc.poll() is None:
+                demo.proc.terminate()  # the demo stops its daemon on SIGTERM too
+                demo.proc.wait(timeout=60)
+            run.kill_daemons()  # (only after a failure: a daemon the demo left behind)
+
+
 @pytest.mark.slow
 def test_sigint_stops_a_serving_demo_cleanly(run: Run) -> None:
-    proc = subprocess.Popen(run.argv("--plain"), stdout=subprocess.PIPE, text=True, env=run.env())
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    seen: list[str] = []
-    try:
-        deadline = time.monotonic() + 300
-        while not (seen and "press Ctrl-C to stop" in seen[-1]):
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-            assert line is not None, "the demo exited before serving:\n" + "".join(seen)
-            seen.append(line)
-        assert seen[-1] == f"daemon serving on unix:{run.socket} — press Ctrl-C to stop\n"
-        assert run.socket.exists() and run.segments() == []  # pools are memfds: nothing in /dev/shm
-
-        proc.send_signal(signal.SIGINT)
+    with serving_demo(run) as demo:
+        demo.wait_serving()
+        demo.proc.send_signal(signal.SIGINT)
         # The demo gives its daemon STOP_TIMEOUT_S (30 s) before a SIGKILL; on a loaded 2-core
         # machine (load ~10) the whole exit once took over 60 s, so the bound leaves room for both.
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.terminate()  # the demo stops its daemon on SIGTERM too
-            proc.wait(timeout=60)
-    while (line := lines.get(timeout=10)) is not None:
-        seen.append(line)
-    out = "".join(seen)
+        assert demo.proc.wait(timeout=120) == 0, demo.errors()
+    out = demo.output()
     _pids(out)
     assert out.endswith("daemon: stopped (exit status 0)\n"), out
+    run.assert_nothing_left()
+
+
+@pytest.mark.slow
+def test_a_burst_of_sigterms_still_stops_the_daemon_in_order(run: Run) -> None:
+    """`timeout make run` signals make and its process group, and make passes its own SIGTERM
+    on: the demo gets several at once. One that landed while the first was being handled
+    killed the demo with a traceback and left its daemon serving (its own process group)."""
+    with serving_demo(run) as demo:
+        demo.wait_serving()
+        daemon_pid = _pids("".join(demo.seen))[0]
+        # SIGTERMs back to back until the demo says it is stopping its daemon (by then it ignores
+        # them) or exits: the first may reach another of its threads and wait for the main one.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and demo.proc.poll() is None:
+            os.kill(demo.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(queue.Empty):
+                line = demo.lines.get_nowait()
+                if line is None:
+                    demo.lines.put(None)  # (for output())
+                    break
+                demo.seen.append(line)
+                if line.startswith("daemon: stopping"):
+                    break
+        assert demo.proc.wait(timeout=120) == 0, demo.errors()
+        errors = demo.errors()
+    out = demo.output()
+    assert "Traceback" not in errors, errors
+    assert out.endswith("daemon: stopped (exit status 0)\n"), out
+    assert not Path(f"/proc/{daemon_pid}").exists()  # (stopped, and reaped by the demo)
     run.assert_nothing_left()
 
 

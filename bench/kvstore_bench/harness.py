@@ -217,9 +217,16 @@ def to_toml(server: dict[str, Any], namespaces: list[dict[str, Any]]) -> str:
 
 
 def install_signal_exit() -> None:
-    """Turn SIGTERM into SystemExit, so the `finally`/`with` blocks stop the children."""
+    """Turn the first SIGTERM into SystemExit, so the `finally`/`with` blocks stop the children;
+    later ones are ignored, or one landing during that cleanup (`timeout` signals the process
+    and its group, make passes its own on) would cut it short and leave children behind."""
+    stopping = False
 
     def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
