@@ -33,6 +33,10 @@ def read_toml(path: str, problems: list[str]) -> dict[str, Any]:
         problems.append(f"config file {path}: {e.strerror}")
     except tomllib.TOMLDecodeError as e:
         problems.append(f"config file {path}: invalid TOML: {e}")
+    except UnicodeDecodeError as e:  # (tomllib decodes the bytes first: TOML is UTF-8)
+        problems.append(
+            f"config file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        )
     return {}
 
 

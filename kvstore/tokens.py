@@ -88,6 +88,10 @@ def load(path: str) -> Tokens:
             doc = tomllib.load(fh)
         except tomllib.TOMLDecodeError as e:
             raise TokensFileError(f"the tokens file {path}: invalid TOML: {e}") from e
+        except UnicodeDecodeError as e:  # (tomllib decodes the bytes first: TOML is UTF-8)
+            raise TokensFileError(
+                f"the tokens file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+            ) from None
     tables = doc.get("token")
     if set(doc) - {"token"} or not isinstance(tables, list) or not tables:
         raise TokensFileError(f"the tokens file {path}: give one [[token]] table per token, and nothing else")

@@ -151,3 +151,12 @@ def test_a_bad_tokens_file_is_refused_with_its_reason(tmp_path, text, problem) -
         tk.load(str(path))
     assert problem in str(e.value)
     assert "0123456789abcdef" not in str(e.value)  # never echoes a secret
+
+
+def test_a_tokens_file_that_is_not_utf8_is_refused_naming_the_byte(tmp_path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_bytes(b'[[token]]\nname = "x"\ntoken = "0123456789abcdef\xfe"\n')
+    path.chmod(0o600)
+    with pytest.raises(tk.TokensFileError) as e:
+        tk.load(str(path))
+    assert str(e.value) == f"the tokens file {path}: not UTF-8 text (byte 0xfe at offset 46)"

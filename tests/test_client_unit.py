@@ -265,6 +265,9 @@ def test_default_target_reads_the_daemons_config_file(
         config.write_text(text)
         with pytest.raises(ConfigFileError, match=problem):
             resolve_target(None)
+    config.write_bytes(b"[server]\nsocket = '/srv/\xe9.sock'\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigFileError, match=r"kvstore.toml: not UTF-8 text \(byte 0xe9 at offset 24\)"):
+        resolve_target(None)
 
 
 @pytest.mark.parametrize(

@@ -344,6 +344,12 @@ def test_file_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> N
     assert expected.format(path=path) in found[0]
 
 
+def test_a_config_file_that_is_not_utf8_is_refused_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "kvstore.toml"
+    path.write_bytes(b"[server]\nsocket = '\xff'\n")  # (TOML is UTF-8; tomllib decodes first)
+    assert problems(config_file=str(path)) == [f"config file {path}: not UTF-8 text (byte 0xff at offset 19)"]
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nlease_ttl_s = 0\n" + NS.format(name="a").replace('"float16"', '"fp17"'))
     found = problems(config_file=path, environ={"KVSTORE_MAX_SESSIONS": "x"})

@@ -30,6 +30,10 @@ def config_socket(path: str) -> str | None:
         raise ConfigFileError(f"config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError(f"config file {path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # (tomllib decodes the bytes first: TOML is UTF-8)
+        raise ConfigFileError(
+            f"config file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     server = doc.get("server", {})
     socket = server.get("socket") if isinstance(server, dict) else None
     if socket is not None and not isinstance(socket, str):
