@@ -34,10 +34,13 @@ def read_toml(path: str, problems: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         problems.append(f"config file {path}: invalid TOML: {e}")
     except UnicodeDecodeError as e:  # (tomllib decodes the bytes first: TOML is UTF-8)
-        problems.append(
-            f"config file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
-        )
+        problems.append(f"config file {path}: {not_utf8(e)}")
     return {}
+
+
+def not_utf8(e: UnicodeDecodeError) -> str:
+    """What is wrong with a TOML file (the config, the tokens file) that is not UTF-8 text."""
+    return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
 
 
 def fill(cls: type, where: str, layers: list[dict[str, tuple[Any, str]]], problems: list[str], **base: Any):

@@ -21,6 +21,8 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from kvstore.config_parse import not_utf8
+
 READ, WRITE, ADMIN = "read", "write", "admin"
 SCOPES = (READ, WRITE, ADMIN)
 ALL = "*"  # a grant on every namespace; also the namespace of calls that touch all of them
@@ -89,9 +91,7 @@ def load(path: str) -> Tokens:
         except tomllib.TOMLDecodeError as e:
             raise TokensFileError(f"the tokens file {path}: invalid TOML: {e}") from e
         except UnicodeDecodeError as e:  # (tomllib decodes the bytes first: TOML is UTF-8)
-            raise TokensFileError(
-                f"the tokens file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
-            ) from None
+            raise TokensFileError(f"the tokens file {path}: {not_utf8(e)}") from None
     tables = doc.get("token")
     if set(doc) - {"token"} or not isinstance(tables, list) or not tables:
         raise TokensFileError(f"the tokens file {path}: give one [[token]] table per token, and nothing else")
