@@ -207,6 +207,12 @@ class ServerConfig:
     )
     scrub_bytes_per_s: int = _key(64 << 20, "the scrubber's rate; 0 = no scrubber", in_range(0), size=True)
     zero_freed_pages: bool = _key(True, "zero freed pages, off the loop, before they are handed out again")
+    zero_freed_after_s: float = _key(
+        1.0,
+        "seconds a freed page stays free before the background zeroing takes it (a put's credit "
+        "takes it meanwhile as it is: its client writes it whole); 0 = at once (docs/security.md)",
+        in_range(0, 3600),
+    )
     unzeroed_credits: bool = _key(
         True,
         "a client that says it writes every byte of the pages it puts (the library) gets credits "

@@ -146,7 +146,11 @@ class Daemon:
         )
         store = self.store
         checks = IntegrityConfig(
-            s.page_checksums, s.scrub_bytes_per_s, s.zero_freed_pages, s.unzeroed_credits
+            s.page_checksums,
+            s.scrub_bytes_per_s,
+            s.zero_freed_pages,
+            s.unzeroed_credits,
+            s.zero_freed_after_s,
         )
         self.integrity = Integrity(checks, lambda: store.sessions)
         store.attach = self.integrity.attach

@@ -42,10 +42,10 @@ def test_tiny_run_measures_kvstore_and_memcpy_and_skips_missing_peers(tmp_path, 
         for op in ("put_gbps", "get_gbps", "get_zero_copy_gbps"):
             assert kv[op][size] > 0 and off[op][size] > 0
     assert r["integrity_off"]["put_vs_mooncake_16"] is None and r["integrity_off"]["vs_redis_min"] is None
-    # Each pass evicts the last one's pages, so the guarded daemon zeroed pages (and took
-    # checksums, or counted those it missed); the other did neither.
+    # The guarded daemon took checksums (or counted those it missed); the other did not. (Each
+    # pass evicts the last one's pages, but the next pass's credits take them back within
+    # server.zero_freed_after_s, whole: a run this short may zero none.)
     guarded, bare = r["integrity_counts"]["kvstore"], r["integrity_counts"]["kvstore-integrity-off"]
-    assert guarded["pages_zeroed"] + guarded["pages_zeroed_inline"] > 0
     assert guarded["pages_checksummed"] + guarded["pages_unchecked"] > 0
     assert bare == dict.fromkeys(guarded, 0)
     assert [o["order"][:2] for o in r["by_order"]] == [

@@ -168,6 +168,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "page_checksums": "false",
         "scrub_bytes_per_s": "1MiB",
         "zero_freed_pages": "false",
+        "zero_freed_after_s": "0.25",
         "unzeroed_credits": "false",
         "shm_prefix": "p-",
         "tokens_file": str(tokens),

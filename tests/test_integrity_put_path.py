@@ -58,7 +58,7 @@ def test_a_puts_credit_of_evicted_pages_is_zeroed_before_its_reply_not_on_the_lo
 def _store() -> tuple[Store, Integrity, Any]:
     """A real Store with a memfd pool of 48 pages of 256 KiB and its Integrity (no scrubber)."""
     store = Store(StoreLimits(), shm_prefix=f"kvtest-zl-{uuid.uuid4().hex[:12]}-")
-    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
+    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0, zero_after_s=0), lambda: store.sessions)
     store.attach = integrity.attach
     store.create_namespace(NamespaceSpec("ns", 4, 2, 1024, "float16", 16, 48))
     return store, integrity, store.namespaces["ns"]

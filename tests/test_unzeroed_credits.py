@@ -31,7 +31,7 @@ JOB = 32  # pages one zeroing job holds (32 MiB of 1 MiB pages)
 
 def _store() -> tuple[Store, Integrity, object]:
     store = Store(StoreLimits(), shm_prefix=f"kvtest-uz-{uuid.uuid4().hex[:12]}-")
-    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
+    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0, zero_after_s=0), lambda: store.sessions)
     store.attach = integrity.attach
     store.create_namespace(NamespaceSpec("ns", 8, 2, 1024, "float16", T, NUM_PAGES))
     ns = store.namespaces["ns"]

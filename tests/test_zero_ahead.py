@@ -81,7 +81,7 @@ async def test_a_call_takes_dirty_pages_the_threads_batch_is_not_zeroing() -> No
     (the free list's order): a call no longer takes pages of the thread's batch and waits for
     that whole batch (up to 32 MiB) at the thread's low priority; it zeroes its own pages."""
     store = Store(StoreLimits(), shm_prefix=f"kvtest-za-{uuid.uuid4().hex[:12]}-")
-    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0), lambda: store.sessions)
+    integrity = Integrity(IntegrityConfig(scrub_bytes_per_s=0, zero_after_s=0), lambda: store.sessions)
     store.attach = integrity.attach
     store.create_namespace(NamespaceSpec("ns", 8, 2, 1024, "float16", 16, 96))  # 96 pages of 1 MiB
     ns = store.namespaces["ns"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
+from time import monotonic
 
 from kvstore.errors import InvariantBroken
 
@@ -198,8 +199,9 @@ class PageTable:
         self.pages = [Page(slot) for slot in range(num_pages)]
         self.free = FreeList(self.pages)
         self.zero: Callable[[list[Page], bool], None] | None = None
-        # Dirty pages in the order freed (only with `zero`; the integrity thread zeroes the newest first).
-        self.freed: deque[Page] = deque()
+        # (when, page) of each page freed dirty, in that order (only with `zero`): the integrity
+        # thread zeroes those free for a while, the newest of them first (kvstore/store/integrity.py).
+        self.freed: deque[tuple[float, Page]] = deque()
         self.dirty_free = 0  # FREE pages that are dirty (with `zero`): the rest of `free` is zeroed
 
     def __len__(self) -> int:
@@ -254,7 +256,7 @@ class PageTable:
         if self.zero is not None:
             page.dirty = True
             self.dirty_free += 1
-            self.freed.append(page)
+            self.freed.append((monotonic(), page))
         self.free.push(page)
 
 

@@ -15,8 +15,10 @@ freed page still holds its previous occupant's bytes. Three defences, per host p
   at once (new lookups miss; a pin already holding it keeps what it has), freed once nobody
   holds it (`sweep`), counted, and logged with the session that sealed it.
 - **Zero on free.** A freed page is dirty (kvstore/memory/pages.py); this thread zeroes dirty
-  free pages in bounded batches (the newest freed first), and one taken before its turn is zeroed on the loop as it
-  is taken (after waiting for the batch zeroing it now, if any): never handed out unzeroed.
+  pages that have been free for `server.zero_freed_after_s` in bounded batches (the newest of
+  them first), and one taken before its turn is zeroed as it is taken (after waiting for the
+  batch zeroing it now, if any): never handed out unzeroed, unless its taker writes it whole
+  (a promotion, a put's unzeroed credit), which then costs no zeroing at all.
 
 Every job runs on one thread, which touches only pool bytes; each job is in its namespace's
 `private_reads` while it runs, so a DeleteNamespace waits for it before closing the pool, and
@@ -30,8 +32,10 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from kvstore.memory.backend import HandleType
@@ -62,6 +66,7 @@ class IntegrityConfig:
     scrub_bytes_per_s: int = 64 << 20  # 0: no scrubber
     zero_freed: bool = True
     unzeroed_credits: bool = True  # honour a grant's unzeroed_ok (kvstore/store/credit.py)
+    zero_after_s: float = 1.0  # a freed page is zeroed by the thread once free this long
 
 
 class NamespaceGuard:
@@ -74,6 +79,7 @@ class NamespaceGuard:
         self.given: dict[int, int] | None = None  # (page_sums.Guard.given)
         self.cursor = 0  # the scrubber's next slot
         self.zeroing: Batch | None = None  # the freed pages being zeroed now
+        self.aged: deque[Page] = deque()  # freed pages free for zero_after_s by the last job: to zero
         self.counts = dict.fromkeys(
             (
                 "pages_checksummed",
@@ -242,16 +248,22 @@ class NamespaceGuard:
         self.settle_unchecked(sums)
         zeros = Batch()
         if self.zeroing is None:
-            freed = self.ns.pages.freed
-            while freed and len(zeros.pages) < per_job:
+            # Only pages free for zero_after_s: one a put's credit takes before then is written
+            # whole by its client, so zeroing it would be a write of the whole page for nothing
+            # (and its memory bandwidth taken from the clients' copies).
+            freed, aged = self.ns.pages.freed, self.aged
+            cutoff = monotonic() - self.service.config.zero_after_s
+            while freed and freed[0][0] <= cutoff:
+                aged.append(freed.popleft()[1])
+            while aged and len(zeros.pages) < per_job:
                 # Newest first: a call takes the oldest dirty pages (the free list's order), so
                 # it rarely takes one of this batch and waits for the whole batch at this
                 # thread's low priority (zero_later.py zeroes just its own pages instead).
-                page = freed.pop()
+                page = aged.pop()
                 if page.state is FREE and page.dirty and page.zeroing is None:
                     page.zeroing = zeros
                     zeros.pages.append(page)
-            if freed:
+            if aged:
                 self.service.kick()
         scrubs = self.scrub_pages(scrub_bytes // page_bytes) if scrub_bytes >= page_bytes else []
         if not (sums.pages or zeros.pages or scrubs):

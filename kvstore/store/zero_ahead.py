@@ -36,4 +36,4 @@ def make_room(ns: Namespace, pages: int) -> None:
     before = len(freed)
     done = ns.evict_while(lambda _: len(ns.pages.free) < 2 * pages, WHY)
     if done.pages_evicted and ns.guard is not None:
-        ns.guard.zero_soon(list(islice(freed, before, None)))
+        ns.guard.zero_soon([page for _, page in islice(freed, before, None)])
