@@ -31,6 +31,7 @@ STATS_KEYS = {
     *("tier_share", "share_evictions", "host_bytes", "disk_bytes"),
     "pages_total",
     "pages_free",
+    "pages_free_unzeroed",
     "pages_reserved",
     "pages_sealed",
     "pages_pinned",

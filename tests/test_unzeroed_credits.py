@@ -11,6 +11,7 @@ real daemon with the client library."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import kvstore_client
@@ -144,3 +145,48 @@ def test_a_daemon_with_unzeroed_credits_off_hands_out_zeroed_pages_only(daemon_f
         s = kv.stats("big").namespaces[0]
         assert s.evictions >= 200, s
         assert s.pages_zeroed + s.pages_zeroed_inline >= s.evictions - 2 * PUT, s
+
+
+def test_freed_pages_stay_unzeroed_for_zero_freed_after_s_counted_in_stats(daemon_factory) -> None:
+    """After `evict --all` the freed pages wait `server.zero_freed_after_s` before the thread
+    zeroes them (Stats `pages_free_unzeroed` counts them meanwhile); a taker that does not write
+    them whole still gets zeros (zeroed as they are taken)."""
+    daemon = daemon_factory(namespaces=[BIG], server={"zero_freed_after_s": 3600}).start()
+    with kvstore_client.connect(daemon.target, client_name="putter") as kv:  # (its credit held throughout)
+        size = kv.namespace("big").pool.page_bytes
+        for i in range(4):
+            kv.put("big", prompt(PUT * 8, seed=2000 + i), np.full(PUT * size, 0xA5, dtype=np.uint8))
+        before = kv.stats("big").namespaces[0]
+        evicted = kv.evict("big", all=True).pages_evicted
+        assert evicted == 4 * PUT
+        s = kv.stats("big").namespaces[0]
+        assert s.pages_free_unzeroed == before.pages_free_unzeroed + evicted, s
+        assert s.pages_zeroed == before.pages_zeroed, s  # none zeroed in the background
+        clean = s.pages_free - s.pages_free_unzeroed
+        with Worker("lazy") as lazy:  # takes every clean free page, then 8 dirty ones
+            lazy.call("connect", target=daemon.target, client_name="lazy")
+            seq = lazy.call("allocate", namespace="big")["sequence_id"]
+            slots = lazy.call("append", sequence_id=seq, tokens=prompt((clean + 8) * 8, seed=9))["slots"]
+            lazy.call("commit", sequence_id=seq)  # nothing written
+            for slot in slots[-8:]:
+                got = lazy.call("read_bytes", namespace="big", slot=slot, offset=size - 4096, n=4096)
+                assert got == "00" * 4096, f"slot {slot}: old bytes"
+            after = kv.stats("big").namespaces[0]
+        assert after.pages_free_unzeroed == s.pages_free_unzeroed - 8, after
+        assert after.pages_zeroed_inline == s.pages_zeroed_inline + 8, after
+
+
+def test_the_daemon_zeroes_freed_pages_once_they_have_waited_zero_freed_after_s(daemon_factory) -> None:
+    daemon = daemon_factory(namespaces=[BIG], server={"zero_freed_after_s": 0.3}).start()
+    with kvstore_client.connect(daemon.target, client_name="putter") as kv:
+        size = kv.namespace("big").pool.page_bytes
+        for i in range(4):
+            kv.put("big", prompt(PUT * 8, seed=3000 + i), np.full(PUT * size, 0xA5, dtype=np.uint8))
+        zeroed = kv.stats("big").namespaces[0].pages_zeroed
+        evicted_at = time.monotonic()
+        evicted = kv.evict("big", all=True).pages_evicted
+        while (s := kv.stats("big").namespaces[0]).pages_free_unzeroed:
+            assert time.monotonic() - evicted_at < 30, f"freed pages not zeroed in 30 s: {s}"
+            time.sleep(0.02)
+        assert time.monotonic() - evicted_at >= 0.3  # not before they had waited that long
+        assert s.pages_zeroed == zeroed + evicted, s

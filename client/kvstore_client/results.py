@@ -183,6 +183,7 @@ class NamespaceStats:
     policy: str
     budget_dropped_pages: int  # pages sequences dropped to stay within their budgets
     pages_quarantined: int  # device pools: reserved pages of clients gone without closing
+    pages_free_unzeroed: int  # of pages_free: freed pages not zeroed yet (host pools)
     committed_bytes: int  # KV bytes clients committed into the pool (whole pages)
     hit_bytes: int  # KV bytes lookups found (whole pages)
     max_session_pages: int  # pool pages one session may hold here (0 = no quota but the pool)

@@ -209,6 +209,7 @@ def namespace_stats(s: t.NamespaceStats) -> pb.NamespaceStats:
         policy=s.policy,
         budget_dropped_pages=s.budget_dropped_pages,
         pages_quarantined=s.pages_quarantined,
+        pages_free_unzeroed=s.pages_free_unzeroed,
         committed_bytes=s.committed_bytes,
         hit_bytes=s.hit_bytes,
         pages_checksummed=s.pages_checksummed,

@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 
 PAGE_STATES = (
     "free",
+    "free_unzeroed",
     "reserved",
     "sealed",
     "pinned",
     "quarantined",
-)  # (quarantined: device pools, of reserved)
+)  # (free_unzeroed: of free, host pools; quarantined: device pools, of reserved)
 COUNTERS = {  # NamespaceStats field -> (metric name, help)
     "hit_tokens": ("kvstore_hit_tokens", "prompt tokens found cached by lookups"),
     "miss_tokens": ("kvstore_miss_tokens", "prompt tokens lookups did not find"),
@@ -61,7 +62,7 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
     "copies_refused": ("kvstore_copies_refused", "copies below the pool refused: the page was corrupt"),
     "pages_zeroed_inline": (
         "kvstore_pages_zeroed_inline",
-        "freed pages zeroed on the loop as they were handed out again (the background was behind)",
+        "freed pages zeroed on the loop as they were handed out again (not zeroed in the background yet)",
     ),
     "pages_unchecked": (
         "kvstore_pages_unchecked",
@@ -69,7 +70,7 @@ COUNTERS = {  # NamespaceStats field -> (metric name, help)
     ),
     "replies_waited_zeroing": (
         "kvstore_replies_waited_zeroing",
-        "Reserve, Seal and Put replies that waited for pages they took to be zeroed (zeroing behind)",
+        "Reserve, Seal and Put replies that waited for pages they took to be zeroed (not zeroed yet)",
     ),
     "pages_sums_given": (
         "kvstore_pages_sums_given",

@@ -429,6 +429,7 @@ class Namespace:
             deduplicated_pages=self.deduplicated_pages,
             budget_dropped_pages=self.budget_dropped_pages,
             pages_quarantined=self.pages_quarantined,
+            pages_free_unzeroed=self.pages.dirty_free,
             committed_bytes=self.pages_committed * self.spec.page_bytes,
             hit_bytes=self.hit_tokens // self.spec.page_tokens * self.spec.page_bytes,  # (whole pages)
             max_session_pages=self.spec.max_session_pages,

@@ -234,6 +234,7 @@ class NamespaceStats:
     deduplicated_pages: int = 0
     budget_dropped_pages: int = 0
     pages_quarantined: int = 0
+    pages_free_unzeroed: int = 0  # of pages_free: freed pages not zeroed yet (store/integrity.py)
     committed_bytes: int = 0  # pages clients committed (sealed or deduplicated) x page_bytes
     hit_bytes: int = 0  # pages lookups found x page_bytes
     max_session_pages: int = 0

@@ -18,6 +18,7 @@ from .fmt import count, human_bytes, human_duration, key_values, pct
 _INTEGRITY_FIELDS = (
     *("pages_checksummed", "pages_sums_given", "pages_scrubbed", "pages_corrupt", "copies_refused"),
     *("pages_unchecked", "pages_zeroed", "pages_zeroed_inline", "replies_waited_zeroing"),
+    "pages_free_unzeroed",
 )
 _STATS_FIELDS = (
     *("pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens"),
@@ -229,7 +230,8 @@ def render_stats(stats: Stats, target: str = "") -> str:
                     f"{count(ns.pages_scrubbed)} scrubbed, {count(ns.pages_corrupt)} corrupt "
                     f"({count(ns.copies_refused)} copies below refused); {count(ns.pages_zeroed)} freed "
                     f"pages zeroed, {count(ns.pages_zeroed_inline)} on the loop "
-                    f"({count(ns.replies_waited_zeroing)} replies waited)",
+                    f"({count(ns.replies_waited_zeroing)} replies waited), "
+                    f"{count(ns.pages_free_unzeroed)} free not zeroed yet",
                 )
             )
         if ns.max_session_pages:

@@ -745,7 +745,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused", "pages_checksummed", "pages_scrubbed", "pages_corrupt", "copies_refused", "pages_zeroed", "pages_zeroed_inline", "pages_unchecked", "replies_waited_zeroing", "pages_sums_given", "tier_share", "share_evictions", "host_bytes", "disk_bytes")
+    __slots__ = ("name", "page_bytes", "pages_total", "pages_free", "pages_reserved", "pages_sealed", "pages_pinned", "hit_tokens", "miss_tokens", "evictions", "lookups", "deduplicated_pages", "sequences", "policy", "budget_dropped_pages", "pages_quarantined", "pages_free_unzeroed", "committed_bytes", "hit_bytes", "max_session_pages", "session_pages_refused", "pages_checksummed", "pages_scrubbed", "pages_corrupt", "copies_refused", "pages_zeroed", "pages_zeroed_inline", "pages_unchecked", "replies_waited_zeroing", "pages_sums_given", "tier_share", "share_evictions", "host_bytes", "disk_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -762,6 +762,7 @@ class NamespaceStats(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_DROPPED_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGES_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FREE_UNZEROED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     HIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -795,6 +796,7 @@ class NamespaceStats(_message.Message):
     policy: str
     budget_dropped_pages: int
     pages_quarantined: int
+    pages_free_unzeroed: int
     committed_bytes: int
     hit_bytes: int
     max_session_pages: int
@@ -812,7 +814,7 @@ class NamespaceStats(_message.Message):
     share_evictions: int
     host_bytes: int
     disk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ..., pages_checksummed: _Optional[int] = ..., pages_scrubbed: _Optional[int] = ..., pages_corrupt: _Optional[int] = ..., copies_refused: _Optional[int] = ..., pages_zeroed: _Optional[int] = ..., pages_zeroed_inline: _Optional[int] = ..., pages_unchecked: _Optional[int] = ..., replies_waited_zeroing: _Optional[int] = ..., pages_sums_given: _Optional[int] = ..., tier_share: _Optional[float] = ..., share_evictions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_reserved: _Optional[int] = ..., pages_sealed: _Optional[int] = ..., pages_pinned: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., deduplicated_pages: _Optional[int] = ..., sequences: _Optional[int] = ..., policy: _Optional[str] = ..., budget_dropped_pages: _Optional[int] = ..., pages_quarantined: _Optional[int] = ..., pages_free_unzeroed: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., hit_bytes: _Optional[int] = ..., max_session_pages: _Optional[int] = ..., session_pages_refused: _Optional[int] = ..., pages_checksummed: _Optional[int] = ..., pages_scrubbed: _Optional[int] = ..., pages_corrupt: _Optional[int] = ..., copies_refused: _Optional[int] = ..., pages_zeroed: _Optional[int] = ..., pages_zeroed_inline: _Optional[int] = ..., pages_unchecked: _Optional[int] = ..., replies_waited_zeroing: _Optional[int] = ..., pages_sums_given: _Optional[int] = ..., tier_share: _Optional[float] = ..., share_evictions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("host_capacity_bytes", "host_bytes_used", "host_pages", "disk_capacity_bytes", "disk_bytes_used", "disk_pages", "disk_full_events", "corrupt_pages", "demoted_pages", "promoted_pages", "prefetched_pages", "promotion_failures", "swapped_pages", "write_through", "reindex_running", "reindex_done", "reindex_total", "disk_queued", "disk_disabled", "disk_moved_aside", "disk_io_errors", "disk_fs_full_errors", "disk_queued_bytes", "disk_queue_dropped", "flushes_running", "host_bytes_represented", "disk_bytes_represented", "quantized_pages", "quant_layers_fp", "quant_layers_int8", "quant_layers_int4", "quant_fallbacks", "quant_bytes_stored", "quant_bytes_represented", "quantize_seconds", "dequantized_pages", "dequantize_seconds", "dequantize_failures", "not_requantized", "reindex_bytes_done", "reindex_bytes_total")
