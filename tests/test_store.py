@@ -192,6 +192,7 @@ def test_create_namespace_makes_a_private_sealed_memfd(bare_store, prefix):
         "deduplicated_pages": 0,
         "budget_dropped_pages": 0,
         "pages_quarantined": 0,
+        "pages_free_unzeroed": 0,
         "max_session_pages": 0,
         "session_pages_refused": 0,
         "tier_share": 0.0,  # (no share of the tiers, and no tiers: tiering/shares.py)
