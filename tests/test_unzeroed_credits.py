@@ -190,3 +190,8 @@ def test_the_daemon_zeroes_freed_pages_once_they_have_waited_zero_freed_after_s(
             time.sleep(0.02)
         assert time.monotonic() - evicted_at >= 0.3  # not before they had waited that long
         assert s.pages_zeroed == zeroed + evicted, s
+        # Read from this process through the pool's descriptor: every page but the held
+        # credit's (taken as it was, for the next put to overwrite) is zeros now.
+        (credit,) = kv._credits._held["big"]
+        for slot in sorted(set(range(BIG["num_pages"])) - set(credit.slots)):
+            assert read_page(daemon.target, "big", slot) == bytes(size), f"slot {slot}: old bytes"

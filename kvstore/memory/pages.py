@@ -1,7 +1,8 @@
 """Page metadata and the intrusive free list (the list lives on the pages).
 
-One `Page` per pool slot, created once at start; the hot path allocates no
-Python objects. All of it is loop-owned: only kvstore/store mutates it.
+One `Page` per pool slot, created once at start; taking and freeing pages allocates no
+Python objects but the (time, page) entry of a page freed dirty (`PageTable.freed`). All of
+it is loop-owned: only kvstore/store mutates it.
 """
 
 from __future__ import annotations
