@@ -101,6 +101,12 @@ class ServerConfig:
         "also serve the put/get calls (Put, Lookup, Reserve, Seal, Release, Batch*) on `<socket>.lane`, a plain "
         "unix socket beside the gRPC one (same messages, auth and errors; docs/api.md); false = gRPC only",
     )
+    lane_follow_up_timeout_s: float = _key(
+        30.0,
+        "seconds a lane Put with bytes_follow waits for its PutWritten frame (the client copying its "
+        "pages) before it fails DEADLINE_EXCEEDED, its credit released and the connection closed",
+        in_range(0.01, 3600),
+    )
     tls_cert: str = _key("", "PEM certificate chain of the TCP listener: TLS on `server.tcp`", check_tls_file)
     tls_key: str = _key("", "PEM private key of `server.tls_cert`", check_tls_file)
     tls_client_ca: str = _key(

@@ -203,7 +203,9 @@ class Daemon:
         self.pool_socket.start()
         if s.lane:
             max_message = dict(server_options(s))["grpc.max_receive_message_length"]
-            self.lane = Lane(lane_socket_path(self.socket_path), edge, max_message)
+            self.lane = Lane(
+                lane_socket_path(self.socket_path), edge, max_message, s.lane_follow_up_timeout_s
+            )
             await self.lane.start()
         freeze_startup_heap()
         await server.start()

@@ -58,6 +58,10 @@ class Unavailable(KVStoreError):
     the rest goes on."""
 
 
+class DeadlineExceeded(KVStoreError):
+    """What a call waited for from its client did not come in time (a lane Put's PutWritten)."""
+
+
 class DataLoss(KVStoreError):
     """Stored bytes that cannot be served (a swapped page lost or corrupt below the pool)."""
 

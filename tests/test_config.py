@@ -174,6 +174,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "tokens_file": str(tokens),
         "tcp_insecure_no_auth": "true",
         "lane": "false",
+        "lane_follow_up_timeout_s": "2.5",
         "tls_cert": str(pem),
         "tls_key": str(pem),
         "tls_client_ca": str(pem),

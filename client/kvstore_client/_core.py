@@ -73,6 +73,7 @@ class ClientCore:
         self.timeout_s = timeout_s  # deadline of every unary call; None = no deadline
         self.session_id = 0  # set once, when OpenSession answers
         self.lease_ttl_s = 0.0
+        self.lane_put_follow = False  # the daemon's lane takes a Put with bytes_follow (OpenSession)
         self.lease_expires_unix_ms = 0  # written by the keepalive consumer only
         self._token = token  # the bearer token, presented again with pool tickets
         self._namespaces: dict[str, Namespace] = {}
@@ -135,6 +136,7 @@ class ClientCore:
         def opened(reply: pb.OpenSessionResponse) -> None:
             self.session_id = reply.session_id
             self.lease_ttl_s = reply.lease_ttl_ms / 1000
+            self.lane_put_follow = reply.lane_put_follow
 
         return replace(_wire.open_session(client_name, lease_ttl_s), convert=opened)
 

@@ -129,26 +129,43 @@ def _into_credit(
     pages: int,
     skip: int,
 ) -> Flow[PutResult]:
-    """Copy pages [skip, pages) into the credit, then Put (`call`: its tokens and keys set)."""
+    """Copy pages [skip, pages) into the credit, then Put (`call`: its tokens and keys set).
+    Where the client pipelines puts (host pools over the lane: docs/api.md, "A put in one
+    round trip"), the Put goes out first with bytes_follow and the copy is its follow-up: the
+    daemon prepares the put while the pages are copied, and seals it once they are."""
     try:
         src = src_of(ns, data, pages)
     except BaseException:
         client._credits.give(ns, credit)
         raise
     slots = credit.slots[: pages - skip]
-    # (the pages' checksums taken as they are copied, when the daemon keeps checksums: it
-    # then need not read the pages again after the seal; docs/security.md)
-    sums = _copy.copy_in(ns, src, range(skip, pages), slots, sums=SEND_SUMS and credit.page_sums)
-    if sums is not None:
-        call.page_sums = sums
     call.credit_sequence_id = credit.sequence_id
     call.slots[:] = slots
     call.credit_pages = pages
     call.credit_unzeroed_ok = ASK_UNZEROED  # (_into_credit copies every byte of each page it puts)
     call.release_pin_ids[:] = client._pins_done.take()
     call.skip_pages = skip
+
+    def copy() -> bytes | None:
+        # (the pages' checksums taken as they are copied, when the daemon keeps checksums: it
+        # then need not read the pages again after the seal; docs/security.md)
+        return _copy.copy_in(ns, src, range(skip, pages), slots, sums=SEND_SUMS and credit.page_sums)
+
+    if getattr(client, "pipelines_puts", False) and ns.pool.rows().device.type == "cpu":
+        call.bytes_follow = True
+        put = _wire.Call(
+            "kv",
+            "Put",
+            call,
+            _same,
+            pool=ns,
+            follow=lambda: pb.PutWritten(page_sums=copy() or b"").SerializeToString(),
+        )
+    else:
+        call.page_sums = copy() or b""
+        put = _wire.Call("kv", "Put", call, _same, pool=ns, sync_first=ns)
     try:
-        r = yield _wire.Call("kv", "Put", call, _same, pool=ns, sync_first=ns)
+        r = yield put
     except BaseException:
         yield from _drop(client, credit)
         raise

@@ -54,6 +54,10 @@ class Call(Generic[T]):
     # out (seal after sync, release after sync): a Namespace, or the client for all of its
     # namespaces. Anything with `record()` (see kvstore_client/device.py).
     sync_first: Any = None
+    # Lane only (a Put with bytes_follow; docs/api.md, "A put in one round trip"): run after
+    # the request is sent, before the reply is read (the pages' copy); its bytes, a
+    # serialized PutWritten, go out as the call's follow-up frame.
+    follow: Callable[[], bytes] | None = None
 
 
 def _same(reply: Any) -> Any:

@@ -110,6 +110,13 @@ class Client(FastPath, ClientCore):
         self._on_keepalive_end(err)
 
     @property
+    def pipelines_puts(self) -> bool:
+        """Whether a put into a credit goes out before its pages are copied, the daemon
+        preparing it meanwhile (docs/api.md, "A put in one round trip"): over the lane, to a
+        daemon that says it takes them, unless `$KVSTORE_PUT_FOLLOW=0`."""
+        return self._lane is not None and self._lane.put_follow and self.lane_put_follow
+
+    @property
     def lane(self) -> bool:
         """Whether the put/get calls go over the daemon's lane socket (else gRPC; docs/api.md
         "The lane")."""
@@ -157,7 +164,9 @@ class Client(FastPath, ClientCore):
         device.synchronize(call)  # seal/release after sync (device pools; docs/gpu.md)
         try:
             if self._lane is not None and call.method in _lane.METHODS:  # (all of them KVStore's)
-                reply = self._lane.call(call.method, call.request, timeout)
+                reply = self._lane.call(call.method, call.request, timeout, call.follow)
+            elif call.follow is not None:  # (pipelines_puts was true: the lane is not closed early)
+                raise RuntimeError(f"{call.method} with a follow-up frame needs the lane, which is closed")
             else:
                 method = getattr(self._stubs[call.service], call.method)
                 reply = method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)

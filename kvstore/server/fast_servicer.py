@@ -11,13 +11,14 @@ from typing import Any
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from kvstore.errors import KVStoreError
+from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.server import batch_limits, convert
 from kvstore.server.status import grpc_errors, status_and_message
 from kvstore.server.tokens import request_tokens
 from kvstore.store import credit as credits
 from kvstore.store import fastpath, namespaces, zero_later
 from kvstore.store.store import Store
+from kvstore.store.types import AppendResult, CommitResult
 
 Ctx = grpc.aio.ServicerContext
 _parse_lookup = pb.LookupResponse.FromString
@@ -112,10 +113,9 @@ def _credit(c: credits.Credit) -> pb.Credit:
     )
 
 
-def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
-    fastpath.release_pins(store, request.session_id, request.release_pin_ids)
-    appended, committed, credit = credits.put(
-        store,
+def _put_fields(request: pb.PutRequest) -> tuple[Any, ...]:
+    """The PutRequest's fields credits.put and credits.prepare_put take first, in their order."""
+    return (
         request.session_id,
         request.namespace,
         request_tokens(request),
@@ -125,17 +125,63 @@ def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
         request.slots,
         request.credit_pages,
         request.skip_pages,
-        request.page_sums,
-        request.credit_unzeroed_ok,
     )
+
+
+def _put_reply(store: Store, request: pb.PutRequest) -> pb.PutResponse:
+    fastpath.release_pins(store, request.session_id, request.release_pin_ids)
+    done = credits.put(store, *_put_fields(request), request.page_sums, request.credit_unzeroed_ok)
+    return _put_response(store, request.namespace, *done)
+
+
+def _put_response(
+    store: Store, namespace: str, appended: AppendResult, committed: CommitResult, credit: credits.Credit
+) -> pb.PutResponse:
     return pb.PutResponse(
         num_tokens=appended.num_tokens,
         cached_tokens=appended.cached_tokens,
         sealed_pages=committed.sealed_pages,
         deduplicated_pages=committed.deduplicated_pages,
-        pool_epoch=namespaces.namespace_epoch(store, request.namespace),
+        pool_epoch=namespaces.namespace_epoch(store, namespace),
         credit=_credit(credit),
     )
+
+
+async def _put_following(store: Store, request: pb.PutRequest, context: Ctx) -> pb.PutResponse:
+    """A lane Put sent before its pages were copied (bytes_follow; docs/api.md, "A put in one
+    round trip"): prepared now, while the client copies; sealed once the connection's
+    PutWritten frame says the pages are written; answered after that frame whatever the
+    outcome, so each put has one reply and the connection stays in step."""
+    follow_up = getattr(context, "follow_up", None)  # (LaneContext's: a gRPC context has none)
+    if follow_up is None:
+        raise InvalidArgument(
+            'bytes_follow=true is for the lane (docs/api.md, "A put in one round trip"): over gRPC '
+            "copy the pages first, then Put without it"
+        )
+    # (Refused here, the lane takes the follow-up frame before it answers: server/lane.py.)
+    with zero_later.deferred() as jobs:  # (synchronous code only inside)
+        fastpath.release_pins(store, request.session_id, request.release_pin_ids)
+        prepared = credits.prepare_put(store, *_put_fields(request), request.credit_unzeroed_ok)
+    try:
+        written = _written(await follow_up())
+        with zero_later.deferred() as sealing:
+            done = credits.finish_put(store, prepared, written.page_sums)
+    except BaseException:
+        credits.abandon_put(store, prepared)  # (nothing of it was sealed: nobody saw a page)
+        raise
+    jobs += sealing
+    if jobs:
+        await zero_later.settle(jobs)
+    return _put_response(store, request.namespace, *done)
+
+
+def _written(payload: bytes) -> pb.PutWritten:
+    try:
+        return pb.PutWritten.FromString(payload)
+    except Exception as e:  # DecodeError, or any other reason the bytes cannot be taken
+        raise InvalidArgument(
+            f"the {len(payload)}-byte follow-up of a Put is not a valid kvstore.v1.PutWritten: {e}"
+        ) from None
 
 
 async def _batch(
@@ -188,6 +234,8 @@ class FastPathServicer:
 
     @grpc_errors
     async def Put(self, request: pb.PutRequest, context: Ctx) -> pb.PutResponse:
+        if request.bytes_follow:
+            return await _put_following(self.store, request, context)
         return await _zeroed_first(_put_reply, self.store, request)
 
     @grpc_errors

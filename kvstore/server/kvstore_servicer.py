@@ -51,7 +51,11 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
         info = self.store.open_session(
             request.client_name, request.lease_ttl_ms / 1000, request.client_pid, request.client_pid_ns
         )
-        return pb.OpenSessionResponse(session_id=info.session_id, lease_ttl_ms=int(info.lease_ttl_s * 1000))
+        return pb.OpenSessionResponse(
+            session_id=info.session_id,
+            lease_ttl_ms=int(info.lease_ttl_s * 1000),
+            lane_put_follow=True,  # (fast_servicer._put_following: the lane's Put takes bytes_follow)
+        )
 
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> AsyncIterator[pb.KeepAliveEvent]:
         try:

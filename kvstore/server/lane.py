@@ -13,6 +13,12 @@ The socket is `<socket>.lane`, mode 0600 in the gRPC socket's 0700 directory: wh
 is who may connect to the gRPC socket (docs/security.md). Each connection is served in order,
 one call at a time, each call in its own task (what the edge's drain cancels); a connection
 that closes cancels its call in flight, as grpc.aio cancels a call whose client went away.
+
+A Put with bytes_follow (docs/api.md, "A put in one round trip") is the one call of two
+frames: its handler takes the connection's next frame, a PutWritten, with
+`LaneContext.follow_up`, and answers after it. A follow-up that does not come in time, or a
+frame that is not one, fails the Put and closes the connection after its reply: the two ends
+no longer agree on which frame answers what.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import grpc
 from kvstore_proto import lane as wire
 
+from kvstore.errors import DeadlineExceeded, InvalidArgument
 from kvstore.server.edge import Edge
 from kvstore.server.socket_path import listen_beside
 
@@ -47,12 +54,14 @@ def lane_socket_path(grpc_socket: Path) -> Path:
 class LaneContext:
     """What the edge's wrapped handlers and the token check use of a grpc.aio ServicerContext."""
 
-    __slots__ = ("_code", "_conn", "_details")
+    __slots__ = ("_code", "_conn", "_details", "followed")
+    # (a gRPC context has no follow_up: a handler tells the lane by it)
 
     def __init__(self, conn: _Connection) -> None:
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._conn = conn
+        self.followed = False  # follow_up was called
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         self._code, self._details = code, details
@@ -73,12 +82,46 @@ class LaneContext:
     def peer(self) -> str:
         return self._conn.peer
 
+    async def follow_up(self) -> bytes:
+        """The payload of this connection's next frame, which must be a FOLLOW_UP (a Put with
+        bytes_follow waits here while its client copies). DeadlineExceeded when none comes
+        within the lane's follow_up_timeout_s, InvalidArgument for another frame: either way
+        the connection closes after this call's reply."""
+        conn = self._conn
+        self.followed = True
+        if not conn.frames:
+            conn.follower = waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(conn.lane.follow_up_timeout_s):
+                    await waiter
+            except TimeoutError:
+                conn.close_after_reply = True
+                raise DeadlineExceeded(
+                    f"no {wire.FOLLOW_UP.decode()} frame within lane_follow_up_timeout_s="
+                    f"{conn.lane.follow_up_timeout_s:g} after a Put with bytes_follow=true: its credit "
+                    "is released, the connection closed"
+                ) from None
+            finally:
+                conn.follower = None
+        body = conn.frames.popleft()
+        conn.flow()
+        n = body[0] if body else 0
+        if body[1 : 1 + n] != wire.FOLLOW_UP:
+            conn.close_after_reply = True
+            shown = body[1 : 1 + n].decode("ascii", "replace") if body else ""
+            raise InvalidArgument(
+                f"a Put with bytes_follow=true is followed by a {wire.FOLLOW_UP.decode()} frame once its "
+                f"pages are written; the next frame was {shown!r}: the connection is closed"
+            )
+        return body[1 + n :]
+
 
 class Lane:
     """The listener. `start()` after the edge has every handler; `stop()` after the gRPC server."""
 
-    def __init__(self, path: Path, edge: Edge, max_message: int) -> None:
+    def __init__(self, path: Path, edge: Edge, max_message: int, follow_up_timeout_s: float = 30.0) -> None:
         self.path = path
+        self.follow_up_timeout_s = follow_up_timeout_s  # (LaneContext.follow_up)
         self.max_frame = max_message + wire.FRAME_SLACK
         self.counts = edge.counts.lane
         prefix = f"/{wire.SERVICE}/"
@@ -116,9 +159,11 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.frames: deque[bytes] = deque()
         self.call: asyncio.Task[None] | None = None  # the call in flight
+        self.follower: asyncio.Future[None] | None = None  # set by LaneContext.follow_up, waiting
+        self.close_after_reply = False  # the call in flight broke the framing (follow_up)
         self.hello = False
         self.lost = False
-        self.paused = False  # reading paused (_flow)
+        self.paused = False  # reading paused (flow)
         self.replies_waiting = False  # the transport's write buffer is over its high-water mark
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.peer = "unix:lane"
@@ -151,13 +196,13 @@ class _Connection(asyncio.Protocol):
     # them all: past the transport's high-water mark, its requests are not read either.
     def pause_writing(self) -> None:
         self.replies_waiting = True
-        self._flow()
+        self.flow()
 
     def resume_writing(self) -> None:
         self.replies_waiting = False
-        self._flow()
+        self.flow()
 
-    def _flow(self) -> None:
+    def flow(self) -> None:
         """Read the connection only while little is queued either way."""
         pause = self.replies_waiting or len(self.frames) >= MAX_QUEUED
         if pause != self.paused and self.transport is not None and not self.lost:
@@ -196,7 +241,9 @@ class _Connection(asyncio.Protocol):
             buf += data[at:]
         if self.call is None and self.frames:
             self._next()
-        self._flow()
+        elif self.follower is not None and self.frames and not self.follower.done():
+            self.follower.set_result(None)  # (the call in flight takes the frame: follow_up)
+        self.flow()
 
     def _greet(self, body: bytes) -> bool:
         token = body[len(wire.MAGIC) :]
@@ -234,7 +281,7 @@ class _Connection(asyncio.Protocol):
         self.call = asyncio.get_running_loop().create_task(self._answer(body))
         self.call.add_done_callback(self._done)
         if self.paused:
-            self._flow()
+            self.flow()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.call = None
@@ -251,6 +298,9 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(wire.reply(code, payload))
+            if self.close_after_reply:
+                self.frames.clear()
+                transport.close()  # (after the reply is written)
 
     async def _dispatch(self, body: bytes) -> tuple[int, bytes]:
         n = body[0] if body else 0
@@ -260,6 +310,12 @@ class _Connection(asyncio.Protocol):
             )
         name = body[1 : 1 + n]
         handler = self.lane.methods.get(name)
+        if handler is None and name == wire.FOLLOW_UP:
+            return _error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a {wire.FOLLOW_UP.decode()} frame follows a Put with bytes_follow=true (its second "
+                "frame); no Put on this connection is waiting for one",
+            )
         if handler is None:
             shown = name.decode("ascii", "replace")
             return _error(
@@ -272,9 +328,16 @@ class _Connection(asyncio.Protocol):
         try:
             reply = await handler.unary_unary(request, context)
         except grpc.aio.AbortError:
-            return _error(context.code() or grpc.StatusCode.UNKNOWN, context.details())
-        serialize = handler.response_serializer  # (None: the reply is its bytes, edge.ENCODED_REPLIES)
-        return _OK, reply if serialize is None else serialize(reply)
+            answer = _error(context.code() or grpc.StatusCode.UNKNOWN, context.details())
+        else:
+            serialize = handler.response_serializer  # (None: the reply is its bytes, edge.ENCODED_REPLIES)
+            answer = _OK, reply if serialize is None else serialize(reply)
+        if getattr(request, "bytes_follow", False) and not context.followed:
+            # A Put refused before its handler took its follow-up (the token check, shutdown, a
+            # bad field): taken now, so the reply comes after it and every frame is answered once.
+            with contextlib.suppress(DeadlineExceeded, InvalidArgument):  # (then the connection closes)
+                await context.follow_up()
+        return answer
 
 
 def _error(code: grpc.StatusCode, message: str) -> tuple[int, bytes]:

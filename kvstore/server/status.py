@@ -15,6 +15,7 @@ from kvstore import errors
 
 STATUS_OF: dict[type[errors.KVStoreError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,

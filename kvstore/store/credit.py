@@ -7,13 +7,14 @@ with the session when its client dies."""
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import struct
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from itertools import repeat
 
-from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError, ResourceExhausted
 from kvstore.memory.pages import Page
 from kvstore.store import put_fused, quotas, sequences, validate, zero_ahead
 from kvstore.store.namespace import Namespace
@@ -106,7 +107,7 @@ def replace(
     return grant(store, session, ns, pages, unzeroed_ok)
 
 
-def put(
+def _claim(
     store: Store,
     sid: int,
     namespace: str,
@@ -115,16 +116,10 @@ def put(
     model_fingerprint: str,
     credit_id: int,
     slots: Seq[int],
-    credit_pages: int,
-    skip_pages: int = 0,
-    page_sums: bytes = b"",
-    unzeroed_ok: bool = False,
-) -> tuple[AppendResult, CommitResult, Credit]:
-    """Append `token_ids` to the credit with page skip_pages + i in `slots[i]` (the first
-    `skip_pages` must be cached), seal, release, grant the next credit. Fails having changed
-    nothing (the credit still held) until the append is done. `page_sums`: the checksums the
-    client took as it copied the pages (given_sums), kept as the sealed pages' own.
-    `unzeroed_ok`: for the next credit (grant)."""
+    skip_pages: int,
+) -> tuple[Session, Sequence, bytes, dict[int, Page], list[Page]]:
+    """The checks of a put into credit `credit_id`: (session, the credit, the extra keys, the
+    credit pages written by page index, the credit pages left). Changes nothing."""
     store.reap_pins()
     ns = store.namespace(namespace)
     session, seq = unused_credit(store, sid, credit_id)
@@ -151,7 +146,6 @@ def put(
                 f"skip_pages={skip_pages} but only the first {cached} pages are cached (evicted "
                 "meanwhile?): copy them too and put again"
             )
-    sums = given_sums(page_sums, slots)
     spare = {p.slot: p for p in seq.spare}
     given = list(map(spare.pop, slots, repeat(None)))  # (one dict pop a slot, in C)
     if None in given:
@@ -160,27 +154,132 @@ def put(
             f"slots[{i}]={slots[i]} is not an unused page of credit {credit_id} (or is given twice)"
         )
     at: dict[int, Page] = dict(zip(range(skip_pages, skip_pages + len(given)), given, strict=True))
+    return session, seq, extra, at, list(spare.values())
+
+
+def put(
+    store: Store,
+    sid: int,
+    namespace: str,
+    token_ids: Seq[int],
+    extra_keys: bytes,
+    model_fingerprint: str,
+    credit_id: int,
+    slots: Seq[int],
+    credit_pages: int,
+    skip_pages: int = 0,
+    page_sums: bytes = b"",
+    unzeroed_ok: bool = False,
+) -> tuple[AppendResult, CommitResult, Credit]:
+    """Append `token_ids` to the credit with page skip_pages + i in `slots[i]` (the first
+    `skip_pages` must be cached), seal, release, grant the next credit. Fails having changed
+    nothing (the credit still held) until the append is done. `page_sums`: the checksums the
+    client took as it copied the pages (given_sums), kept as the sealed pages' own.
+    `unzeroed_ok`: for the next credit (grant)."""
+    given_sums(page_sums, slots)  # (checked before anything changes)
+    prepared = prepare_put(
+        store, sid, namespace, token_ids, extra_keys, model_fingerprint, credit_id, slots, credit_pages,
+        skip_pages, unzeroed_ok,
+    )  # fmt: skip
+    return finish_put(store, prepared, page_sums)
+
+
+def _append(
+    store: Store,
+    session: Session,
+    seq: Sequence,
+    token_ids: Seq[int],
+    extra: bytes,
+    at: dict[int, Page],
+    rest: list[Page],
+) -> AppendResult:
+    """The put's append to its credit (`_claim`'s pages), in put_fused's one pass where it
+    applies, else stepwise: nothing committed. A failed append leaves the credit as it was."""
     old_spare, old_extra = seq.spare, seq.extra_keys
-    seq.spare, seq.extra_keys = list(spare.values()), extra
-    guard = ns.guard if sums is not None else None
-    if guard is not None:
-        guard.given = sums  # (for this put's seal, below: Guard.sealed takes them)
+    seq.spare, seq.extra_keys = rest, extra
     try:
-        try:
-            # One pass over the pages where nothing but the put itself can happen to them.
-            fused = (
-                put_fused.put(session, seq, store.limits, token_ids, at) if put_fused.applies(seq) else None
-            )
-            appended = (
-                fused[0] if fused else sequences.append(session, seq, store.limits, token_ids, spare_at=at)
-            )
-        except BaseException:
-            seq.spare, seq.extra_keys = old_spare, old_extra
-            raise
-        seq.spare.extend(at.values())  # the credit pages of cached indices: freed with the rest
-        committed = fused[1] if fused else sequences.commit(seq, seq.num_tokens)
+        # One pass over the pages where nothing but the put itself can happen to them.
+        fused = (
+            put_fused.put(session, seq, store.limits, token_ids, at, commit=False)
+            if put_fused.applies(seq)
+            else None
+        )
+        done = fused[0] if fused else sequences.append(session, seq, store.limits, token_ids, spare_at=at)
+    except BaseException:
+        seq.spare, seq.extra_keys = old_spare, old_extra
+        raise
+    seq.spare.extend(at.values())  # the credit pages of cached indices: freed with the rest
+    return done
+
+
+# ---------------------------------------------------------------- a put whose bytes follow
+
+
+@dataclass(frozen=True)
+class PreparedPut:
+    """A lane Put with bytes_follow between its request and its PutWritten frame (docs/api.md,
+    "A put in one round trip"): its tokens appended to the credit while the client copies,
+    nothing sealed, so no other call can see its pages yet."""
+
+    session: Session
+    seq: Sequence
+    appended: AppendResult
+    slots: tuple[int, ...]  # the credit slots being written, in the order of the page sums
+    credit_pages: int
+    unzeroed_ok: bool
+
+
+def prepare_put(
+    store: Store,
+    sid: int,
+    namespace: str,
+    token_ids: Seq[int],
+    extra_keys: bytes,
+    model_fingerprint: str,
+    credit_id: int,
+    slots: Seq[int],
+    credit_pages: int,
+    skip_pages: int = 0,
+    unzeroed_ok: bool = False,
+) -> PreparedPut:
+    """`put`'s checks and append, before the pages are written: nothing is sealed (finish_put
+    seals, abandon_put gives the credit back). Fails having changed nothing, as `put` does."""
+    session, seq, extra, at, rest = _claim(
+        store, sid, namespace, token_ids, extra_keys, model_fingerprint, credit_id, slots, skip_pages
+    )
+    appended = _append(store, session, seq, token_ids, extra, at, rest)
+    return PreparedPut(session, seq, appended, tuple(slots), credit_pages, unzeroed_ok)
+
+
+def finish_put(
+    store: Store, p: PreparedPut, page_sums: bytes = b""
+) -> tuple[AppendResult, CommitResult, Credit]:
+    """The pages of a prepared put are written: seal them, release the credit, grant the next
+    (as `put` ends). Raises, leaving it to abandon_put, when the credit is gone meanwhile (its
+    session ended) or `page_sums` is not one checksum a page written."""
+    session, seq = store.table.sequence(p.session.id, p.seq.id)
+    if seq is not p.seq or seq.swapped is not None:
+        raise FailedPrecondition(
+            f"credit_sequence_id={p.seq.id} changed while its pages were being written: put again"
+        )
+    sums = given_sums(page_sums, p.slots)
+    guard = seq.ns.guard if sums is not None else None
+    if guard is not None:
+        guard.given = sums  # (Guard.sealed takes them, as in `put`)
+    try:
+        committed = sequences.commit(seq, seq.num_tokens)
     finally:
         if guard is not None:
             guard.given = None
     store.release_held_sequence(session, seq)
-    return appended, committed, grant(store, session, ns, credit_pages, unzeroed_ok)
+    return p.appended, committed, grant(store, session, seq.ns, p.credit_pages, p.unzeroed_ok)
+
+
+def abandon_put(store: Store, p: PreparedPut) -> None:
+    """A prepared put whose pages will not be sealed (its connection closed, its PutWritten
+    was bad or late, or finish_put failed): its credit released, the pages it took freed
+    unsealed. Nobody saw them, and the client forgets a credit whose put failed (_put.py)."""
+    with contextlib.suppress(KVStoreError):  # (released already: its session ended)
+        session, seq = store.table.sequence(p.session.id, p.seq.id)
+        if seq is p.seq:
+            store.release_held_sequence(session, seq)

@@ -28,9 +28,15 @@ def applies(seq: Sequence) -> bool:
 
 
 def put(
-    session: Session, seq: Sequence, limits: StoreLimits, token_ids: Seq[int], at: dict[int, Page]
-) -> tuple[AppendResult, CommitResult] | None:
-    """Append `token_ids` to `seq` (`applies`) with page i in at[i], and commit them all. None,
+    session: Session,
+    seq: Sequence,
+    limits: StoreLimits,
+    token_ids: Seq[int],
+    at: dict[int, Page],
+    commit: bool = True,
+) -> tuple[AppendResult, CommitResult | None] | None:
+    """Append `token_ids` to `seq` (`applies`) with page i in at[i], and commit them all (not
+    with `commit=False`: a put whose bytes follow, credit.prepare_put, commits later). None,
     having changed nothing, when a page is neither cached nor in `at` (the stepwise append
     reserves one for it). The AppendResult names no pages (a Put's reply has none)."""
     ns = seq.ns
@@ -65,4 +71,4 @@ def put(
     seq.num_tokens = n
     if hashes:
         sequences.sample_hashes(session, seq, list(enumerate(hashes)))
-    return AppendResult(n, [], T * cached, []), sequences.commit(seq, n)
+    return AppendResult(n, [], T * cached, []), sequences.commit(seq, n) if commit else None

@@ -13,6 +13,10 @@ protobuf messages as the gRPC methods, one frame each way a call:
     reply:   body = u8 status (grpc.StatusCode value, 0 = OK) | payload: the serialized reply
              when status is 0, else the error message (UTF-8)
 
+    follow-up: a request frame whose method is FOLLOW_UP (b"PutWritten") carrying a PutWritten:
+             sent after a Put with bytes_follow, once its pages are copied; it is that Put's
+             second frame, not a call (no reply of its own). The Put's one reply comes after it.
+
 Integers little-endian. Requests on a connection are answered one at a time, in order. A frame
 over the limit or a hello that is not one is answered with an error reply, and the daemon
 closes the connection. The token is presented per call exactly as gRPC metadata
@@ -32,6 +36,7 @@ FRAME_SLACK = 64  # header bytes a request frame may carry beyond the message it
 SERVICE = "kvstore.v1.KVStore"
 # What the client's put/get/release path calls; every other method stays on gRPC only.
 METHODS = ("Put", "Lookup", "Reserve", "Seal", "Release", "BatchLookup", "BatchReserve", "BatchSeal")
+FOLLOW_UP = b"PutWritten"  # the frame that ends a Put with bytes_follow (its pages are written)
 
 
 def frame(body: bytes) -> bytes:

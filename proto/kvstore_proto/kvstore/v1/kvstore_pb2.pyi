@@ -211,12 +211,14 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ..., client_pid: _Optional[int] = ..., client_pid_ns: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "lease_ttl_ms")
+    __slots__ = ("session_id", "lease_ttl_ms", "lane_put_follow")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    LANE_PUT_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     lease_ttl_ms: int
-    def __init__(self, session_id: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+    lane_put_follow: bool
+    def __init__(self, session_id: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ..., lane_put_follow: _Optional[bool] = ...) -> None: ...
 
 class KeepAliveRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -595,7 +597,7 @@ class Credit(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., pool_epoch: _Optional[int] = ..., page_sums: _Optional[bool] = ..., unzeroed: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32", "page_sums", "credit_unzeroed_ok")
+    __slots__ = ("session_id", "namespace", "token_ids", "extra_keys", "model_fingerprint", "credit_sequence_id", "slots", "credit_pages", "release_pin_ids", "skip_pages", "token_ids_u32", "page_sums", "credit_unzeroed_ok", "bytes_follow")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -609,6 +611,7 @@ class PutRequest(_message.Message):
     TOKEN_IDS_U32_FIELD_NUMBER: _ClassVar[int]
     PAGE_SUMS_FIELD_NUMBER: _ClassVar[int]
     CREDIT_UNZEROED_OK_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -622,7 +625,14 @@ class PutRequest(_message.Message):
     token_ids_u32: bytes
     page_sums: bytes
     credit_unzeroed_ok: bool
-    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ..., page_sums: _Optional[bytes] = ..., credit_unzeroed_ok: _Optional[bool] = ...) -> None: ...
+    bytes_follow: bool
+    def __init__(self, session_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., credit_sequence_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., credit_pages: _Optional[int] = ..., release_pin_ids: _Optional[_Iterable[int]] = ..., skip_pages: _Optional[int] = ..., token_ids_u32: _Optional[bytes] = ..., page_sums: _Optional[bytes] = ..., credit_unzeroed_ok: _Optional[bool] = ..., bytes_follow: _Optional[bool] = ...) -> None: ...
+
+class PutWritten(_message.Message):
+    __slots__ = ("page_sums",)
+    PAGE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    page_sums: bytes
+    def __init__(self, page_sums: _Optional[bytes] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("num_tokens", "cached_tokens", "sealed_pages", "deduplicated_pages", "pool_epoch", "credit")
