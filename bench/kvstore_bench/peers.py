@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         ):
             sides = {"kvstore": kvside.KvstoreSide(kv), INTEGRITY_OFF: kvside.KvstoreSide(bare)}
             transport = "lane" if kv.lane else "grpc"  # (KVSTORE_LANE=0: gRPC, for an A/B)
+            # (KVSTORE_PUT_FOLLOW=0: each put copies, then calls; docs/api.md "A put in one round trip")
+            put_follow = kv.pipelines_puts
             for r in range(args.rounds):
                 ours = ["kvstore", INTEGRITY_OFF]
                 order = [*ours, *peers] if r % 2 == 0 else [*peers, *ours[::-1]]
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     result = summarize(args, rounds, peers)
     result["others_cpu_util"] = round(max(0.0, busy - mine) / wall, 3)
     result["kvstore_transport"] = transport
+    result["kvstore_put_follow"] = put_follow
     result["integrity_counts"] = integrity
     result["machine"] = machine_info(torch=torch.__version__)
     emit(result, args.json, format_text(result))
@@ -277,7 +280,7 @@ def format_text(r: dict[str, Any]) -> str:
     c, s = r["config"], r["systems"]
     lines = [
         f"peers: {c['pages']} pages x {c['page_bytes']} B, {c['rounds']} rounds (orders alternate), "
-        f"median of {c['repeat']} passes; GB/s put / get; kvstore's calls over {r.get('kvstore_transport', '?')}",
+        f"median of {c['repeat']} passes; GB/s put / get; kvstore's calls over {r.get('kvstore_transport', '?')}, puts pipelined {r.get('kvstore_put_follow', '?')}",
         f"  others (CPUs other processes used meanwhile): {r['others_cpu_util']}"
         + (
             "  -- warning: a loaded machine, numbers are less reliable" if r["others_cpu_util"] > BUSY else ""

@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             ns = kv.namespace(kvside.NAMESPACE)
             assert ns.pool is not None  # (mapped before anything is timed)
             result["transport"] = "lane" if kv.lane else "grpc"  # (KVSTORE_LANE=0: gRPC, for an A/B)
+            result["put_follow"] = kv.pipelines_puts  # (KVSTORE_PUT_FOLLOW=0: copy, then Put)
             start, faults = daemon_cpu(daemon.pid), daemon_faults(daemon.pid)
 
             def put_one(tokens: list[int], data: torch.Tensor) -> None:  # as kvstore's side of peers
@@ -264,7 +265,7 @@ def _text(r: dict[str, Any]) -> str:
     keys = ("wall_ms", "copy_ms", "client_cpu_ms", "daemon_cpu_ms", "daemon_main_ms", "wait_ms")
     lines = [
         f"{r['pages']} pages of {r['page_bytes']} B a pass into a pool of {r.get('pool_pages', '?')}, "
-        f"median of {r['repeat']} passes, ms a request, calls over {r.get('transport', '?')}",
+        f"median of {r['repeat']} passes, ms a request, calls over {r.get('transport', '?')}, puts pipelined {r.get('put_follow', '?')}",
         "",
     ]
     lines.append(f"{'pages':>5} {'op':<7}" + "".join(f"{k:>15}" for k in keys))
