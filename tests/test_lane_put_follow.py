@@ -9,16 +9,26 @@ library pipelines its puts only where the daemon says it takes them."""
 
 from __future__ import annotations
 
+import textwrap
 import time
 
 import grpc
 import kvstore_client
 import numpy as np
 import pytest
-from e2e_helpers import Raw, Worker, assert_status, prompt, prompt_bytes, wait_until
+from e2e_helpers import (
+    Raw,
+    Worker,
+    assert_status,
+    page_content_bytes,
+    page_tokens_of,
+    prompt,
+    prompt_bytes,
+    wait_until,
+)
 from kvstore_proto import lane as wire
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
-from test_lane import RawLane, lane_path
+from test_lane import RawLane, killed_mid_call_leaks_nothing, lane_path
 
 NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages
 T = 4
@@ -301,3 +311,35 @@ def test_the_library_pipelines_its_puts_where_the_daemon_takes_them(daemon, monk
         assert kv.get(NS, tokens).hit_tokens == 2 * T
     with kvstore_client.connect(daemon.target, lane=False) as kv:
         assert not kv.pipelines_puts
+
+
+KILLED_MID_COPY = textwrap.dedent(
+    """
+    import sys, kvstore_client
+    from e2e_helpers import page_content_bytes, page_tokens_of, prompt
+    kv = kvstore_client.connect(sys.argv[1], client_name="killed")
+    assert kv.pipelines_puts
+    ns = kv.namespace("test")
+    print("ready", flush=True)
+    i = 0
+    while True:  # a fresh 2-page prompt a put, each sent before its copy, until SIGKILL
+        tokens = prompt(8, seed=5000 + i)
+        kv.put(ns, tokens, b"".join(page_content_bytes(p, page_tokens_of(tokens, p, 4), ns.page_shape) for p in range(2)))
+        i += 1
+    """
+)
+
+
+def test_a_client_killed_while_its_puts_follow_leaks_nothing_and_no_page_has_wrong_bytes(daemon) -> None:
+    killed_mid_call_leaks_nothing(daemon, KILLED_MID_COPY, lambda s: s.calls >= 300)
+    with kvstore_client.connect(daemon.target) as kv:
+        ns = kv.namespace(NS)
+        hits = 0
+        for i in range(2000):  # every prompt it may have put: what is found has the bytes written
+            tokens = prompt(2 * T, seed=5000 + i)
+            found = kv.lookup(NS, tokens)
+            for p, slot in enumerate(found.slots):
+                want = page_content_bytes(p, page_tokens_of(tokens, p, T), ns.page_shape)
+                assert ns.pool.raw_page(slot).numpy().tobytes() == want, (i, p, slot)
+            hits += len(found.slots)
+        assert hits > 0  # (the pool keeps the last ~60 pages it sealed)
