@@ -9,11 +9,13 @@ library pipelines its puts only where the daemon says it takes them."""
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import time
 
 import grpc
 import kvstore_client
+import kvstore_client.aio
 import numpy as np
 import pytest
 from e2e_helpers import (
@@ -28,7 +30,7 @@ from e2e_helpers import (
 )
 from kvstore_proto import lane as wire
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
-from test_lane import RawLane, killed_mid_call_leaks_nothing, lane_path
+from test_lane import RawLane, killed_mid_call_leaks_nothing, lane_path, lane_stats
 
 NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages
 T = 4
@@ -130,6 +132,7 @@ def test_a_put_whose_bytes_follow_is_sealed_only_after_its_follow_up(daemon) -> 
         reply = pb.PutResponse.FromString(got[1])
         assert (reply.num_tokens, reply.sealed_pages) == (len(tokens), 3)
         assert reply.credit.sequence_id and reply.credit.sequence_id != credit.sequence_id
+        assert lane_stats(daemon.target).puts_followed >= 1
         found = reader.call("lookup", namespace=NS, tokens=tokens)
         assert found["hit_tokens"] == len(tokens)
         assert found["slots"] == list(credit.slots[:3])
@@ -289,7 +292,7 @@ def test_the_library_pipelines_its_puts_where_the_daemon_takes_them(daemon, monk
         assert kv.lane and kv.lane_put_follow and kv.pipelines_puts
         reader.call("connect", target=daemon.target)
         sums_before = kv.stats(NS).namespaces[0].pages_sums_given
-        calls_before = put_calls(kv)
+        calls_before, followed_before = put_calls(kv), lane_stats(daemon.target).puts_followed
         for i, pages in enumerate((2, 2, 2, 1)):  # the first gets a credit (Reserve, Seal); the rest Put
             tokens = prompt(pages * T, seed=360 + i)
             r = kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
@@ -300,15 +303,18 @@ def test_the_library_pipelines_its_puts_where_the_daemon_takes_them(daemon, monk
                 reader.call("verify", namespace=NS, tokens=tokens, slots=found["slots"])["mismatched"] == []
             )
         assert put_calls(kv) == calls_before + 3  # one a put but the first (Reserve, Seal)
+        assert lane_stats(daemon.target).puts_followed == followed_before + 3  # each sent before its copy
         # The page sums came in the follow-up frames (the daemon checksums pages: docs/security.md).
         assert kv.stats(NS).namespaces[0].pages_sums_given == sums_before + 5
     monkeypatch.setenv("KVSTORE_PUT_FOLLOW", "0")
+    followed = lane_stats(daemon.target).puts_followed
     with kvstore_client.connect(daemon.target) as kv:
         assert kv.lane and not kv.pipelines_puts
         tokens = prompt(2 * T, seed=369)
         kv.put(NS, tokens, prompt_bytes(tokens, kv.namespace(NS).page_shape, T))
         kv.put(NS, prompt(T, seed=370), prompt_bytes(prompt(T, seed=370), kv.namespace(NS).page_shape, T))
         assert kv.get(NS, tokens).hit_tokens == 2 * T
+    assert lane_stats(daemon.target).puts_followed == followed  # copied first, then Put
     with kvstore_client.connect(daemon.target, lane=False) as kv:
         assert not kv.pipelines_puts
 
@@ -343,3 +349,35 @@ def test_a_client_killed_while_its_puts_follow_leaks_nothing_and_no_page_has_wro
                 assert ns.pool.raw_page(slot).numpy().tobytes() == want, (i, p, slot)
             hits += len(found.slots)
         assert hits > 0  # (the pool keeps the last ~60 pages it sealed)
+
+
+def test_the_asyncio_client_pipelines_its_puts_too(daemon, monkeypatch) -> None:
+    prompts = [prompt(2 * T, seed=380 + i) for i in range(4)]
+
+    async def main(follow: bool) -> tuple[int, int]:
+        async with kvstore_client.aio.connect(daemon.target, client_name="aio-follow") as kv:
+            assert kv.lane and kv.pipelines_puts == follow
+            shape = (await kv.namespace(NS)).page_shape
+            before = (
+                (await kv.stats(NS)).namespaces[0].pages_sums_given,
+                lane_stats(daemon.target).puts_followed,
+            )
+            for tokens in prompts:  # the first Reserve + Seal, then a Put each into the credit
+                assert (await kv.put(NS, tokens, prompt_bytes(tokens, shape, T))).written_pages == 2
+            sums = (await kv.stats(NS)).namespaces[0].pages_sums_given - before[0]
+            return sums, lane_stats(daemon.target).puts_followed - before[1]
+
+    sums, followed = asyncio.run(main(True))
+    assert followed == len(prompts) - 1  # each Put into the credit sent before its copy
+    assert sums == 2 * followed  # and the page sums came in its follow-up frame
+    with Worker("reader") as reader:  # another process reads the bytes the asyncio client put
+        reader.call("connect", target=daemon.target)
+        for tokens in prompts:
+            found = reader.call("lookup", namespace=NS, tokens=tokens)
+            assert found["hit_tokens"] == 2 * T
+            assert (
+                reader.call("verify", namespace=NS, tokens=tokens, slots=found["slots"])["mismatched"] == []
+            )
+    monkeypatch.setenv("KVSTORE_PUT_FOLLOW", "0")
+    prompts = [prompt(2 * T, seed=390 + i) for i in range(2)]
+    assert asyncio.run(main(False)) == (2, 0)  # one Put, copied first: its sums in the request

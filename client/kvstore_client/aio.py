@@ -188,6 +188,12 @@ class AsyncClient(AsyncFastPath, ClientCore):
         self._on_keepalive_end(err)
 
     @property
+    def pipelines_puts(self) -> bool:
+        """As `Client.pipelines_puts`: a put into a credit goes out before its pages are copied
+        (docs/api.md, "A put in one round trip"), unless `$KVSTORE_PUT_FOLLOW=0`."""
+        return self._lane is not None and self._lane.put_follow and self.lane_put_follow
+
+    @property
     def lane(self) -> bool:
         """Whether the put/get calls go over the daemon's lane socket (else gRPC; docs/api.md
         "The lane")."""
@@ -232,7 +238,9 @@ class AsyncClient(AsyncFastPath, ClientCore):
             await asyncio.to_thread(event.synchronize)  # seal/release after sync (docs/gpu.md)
         try:
             if self._lane is not None and call.method in aio_lane.METHODS:  # (all of them KVStore's)
-                reply = await self._lane.call(call.method, call.request, timeout)
+                reply = await self._lane.call(call.method, call.request, timeout, call.follow)
+            elif call.follow is not None:  # (pipelines_puts was true: the lane is not closed early)
+                raise RuntimeError(f"{call.method} with a follow-up frame needs the lane, which is closed")
             else:
                 method = getattr(self._stubs[call.service], call.method)
                 reply = await method(call.request, timeout=timeout, wait_for_ready=wait_for_ready)

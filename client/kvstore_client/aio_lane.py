@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from kvstore_proto import lane as wire
 
-from .lane import _CODES, _METHODS, HELLO_TIMEOUT_S, METHODS, LaneError, lane_path, wanted
+from .lane import _CODES, _METHODS, HELLO_TIMEOUT_S, METHODS, LaneError, lane_path, put_follow_wanted, wanted
 
 __all__ = ["METHODS", "AsyncLane", "offered"]  # (METHODS: the sync lane's, what goes over it)
 MAX_IDLE = 64  # idle connections kept for the next calls; more are closed when given back
@@ -70,12 +71,17 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(_Closed(self.reason))
 
-    async def roundtrip(self, frame: bytes) -> tuple[int, bytes]:
-        """Send one whole frame; the reply's (status, payload)."""
+    async def roundtrip(self, frame: bytes, follow: Callable[[], bytes] | None = None) -> tuple[int, bytes]:
+        """Send one whole frame (and, with `follow`, once it is sent, `follow()`'s bytes as its
+        follow-up frame: a Put with bytes_follow); the reply's (status, payload)."""
         if self.transport is None or self.transport.is_closing():
             raise _Closed(self.reason or "closed")
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(frame)
+        if (
+            follow is not None
+        ):  # (raising, the call's connection is dropped: the daemon gives the credit back)
+            self.transport.write(wire.request(wire.FOLLOW_UP, follow()))
         body = await self.waiter
         return body[0], body[1:]
 
@@ -99,19 +105,23 @@ class AsyncLane:
     def __init__(self, path: str, token: str) -> None:
         self.path = path
         self._hello = wire.hello(token)
+        self.put_follow = put_follow_wanted()  # (read when the client connects, as the sync lane's)
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()  # every connection, for close()
         self._closed = ""  # why close() was called, once it has
 
-    async def call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """`method`'s reply to `request`, or raises LaneError with the daemon's status."""
+    async def call(
+        self, method: str, request: Any, timeout: float | None, follow: Callable[[], bytes] | None = None
+    ) -> Any:
+        """`method`'s reply to `request`, or raises LaneError with the daemon's status (`follow`:
+        Connection.roundtrip's)."""
         name, parse = _METHODS[method]
         frame = wire.request(name, request.SerializeToString())
         conn: _Connection | None = None
         try:
             async with asyncio.timeout(timeout):
                 conn = await self._take()
-                code, payload = await conn.roundtrip(frame)
+                code, payload = await conn.roundtrip(frame, follow)
         except TimeoutError:
             self._drop(conn, "the call's deadline passed")
             raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None

@@ -67,6 +67,13 @@ def wanted(lane: bool | None, environ: Any = None) -> bool:
     return value not in ("0", "false", "no", "off")
 
 
+def put_follow_wanted(environ: Any = None) -> bool:
+    """Whether puts go out before their copies (docs/api.md, "A put in one round trip"): on
+    unless `$KVSTORE_PUT_FOLLOW` is 0/false/no/off."""
+    value = (environ if environ is not None else os.environ).get(PUT_FOLLOW_ENV, "").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
 def spin_ns(environ: Any = None) -> int:
     """Nanoseconds a call polls for its reply: `$KVSTORE_LANE_SPIN_US` (0: never) or
     DEFAULT_SPIN_US; 0 where this process may run on one CPU only (polling there would only
@@ -129,12 +136,7 @@ class Lane:
         self._ended = ended
         self._hello = wire.hello(token)
         self.spin_ns = spin_ns()
-        self.put_follow = os.environ.get(PUT_FOLLOW_ENV, "1").strip().lower() not in (
-            "0",
-            "false",
-            "no",
-            "off",
-        )
+        self.put_follow = put_follow_wanted()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()  # every thread's, for close()

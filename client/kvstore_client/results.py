@@ -316,6 +316,7 @@ class LaneStats:
     connections: int  # accepted since start
     open: int  # open now
     refused: int  # closed for a bad hello or an oversize frame
+    puts_followed: int = 0  # Puts sent before their copies whose PutWritten came (docs/api.md)
 
 
 @dataclass(frozen=True, slots=True)

@@ -229,6 +229,7 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
             lane = self.edge.lane
             reply.lane.calls, reply.lane.connections = lane.calls, lane.connections
             reply.lane.open, reply.lane.refused = lane.open, lane.refused
+            reply.lane.puts_followed = lane.puts_followed
         return ops_stats.fill(reply, self.store, self.rpc, daemon_wide=whole and not request.namespace)
 
 

@@ -113,6 +113,7 @@ class LaneContext:
                 f"a Put with bytes_follow=true is followed by a {wire.FOLLOW_UP.decode()} frame once its "
                 f"pages are written; the next frame was {shown!r}: the connection is closed"
             )
+        conn.lane.counts.puts_followed += 1
         return body[1 + n :]
 
 

@@ -13,6 +13,7 @@ class LaneCounts:
     connections: int = 0  # connections accepted since start
     open: int = 0  # connections open now
     refused: int = 0  # connections closed for a bad hello or an oversize frame
+    puts_followed: int = 0  # Puts with bytes_follow whose PutWritten frame came (docs/api.md)
 
     def copy(self) -> LaneCounts:
-        return LaneCounts(self.calls, self.connections, self.open, self.refused)
+        return LaneCounts(self.calls, self.connections, self.open, self.refused, self.puts_followed)

@@ -257,6 +257,11 @@ def _lane(c: LaneCounts) -> Iterator[Any]:
         "lane connections closed for a bad hello or an oversize frame",
         value=c.refused,
     )
+    yield CounterMetricFamily(
+        "kvstore_lane_puts_followed",
+        "Puts sent before their pages were copied whose PutWritten frame came (bytes_follow)",
+        value=c.puts_followed,
+    )
 
 
 def _pool_socket(c: PoolSocketCounts) -> Iterator[Any]:

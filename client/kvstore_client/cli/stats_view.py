@@ -195,7 +195,8 @@ def render_stats(stats: Stats, target: str = "") -> str:
         la = stats.lane
         out.append(
             f"lane: {count(la.calls)} calls, {count(la.open)} connections open "
-            f"({count(la.connections)} since start, {count(la.refused)} refused)"
+            f"({count(la.connections)} since start, {count(la.refused)} refused), "
+            f"{count(la.puts_followed)} puts sent before their copies"
         )
     for ns in stats.namespaces:
         total = ns.pages_total

@@ -961,16 +961,18 @@ class HashMemoStats(_message.Message):
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class LaneStats(_message.Message):
-    __slots__ = ("calls", "connections", "open", "refused")
+    __slots__ = ("calls", "connections", "open", "refused", "puts_followed")
     CALLS_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    PUTS_FOLLOWED_FIELD_NUMBER: _ClassVar[int]
     calls: int
     connections: int
     open: int
     refused: int
-    def __init__(self, calls: _Optional[int] = ..., connections: _Optional[int] = ..., open: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
+    puts_followed: int
+    def __init__(self, calls: _Optional[int] = ..., connections: _Optional[int] = ..., open: _Optional[int] = ..., refused: _Optional[int] = ..., puts_followed: _Optional[int] = ...) -> None: ...
 
 class PoolSocketStats(_message.Message):
     __slots__ = ("granted", "refused")
