@@ -78,9 +78,8 @@ class _Connection(asyncio.Protocol):
             raise _Closed(self.reason or "closed")
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(frame)
-        if (
-            follow is not None
-        ):  # (raising, the call's connection is dropped: the daemon gives the credit back)
+        if follow is not None:
+            # (if it raises, the call drops this connection: the daemon gives the credit back)
             self.transport.write(wire.request(wire.FOLLOW_UP, follow()))
         body = await self.waiter
         return body[0], body[1:]
