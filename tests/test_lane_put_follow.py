@@ -220,8 +220,8 @@ def test_a_late_wrong_or_garbage_follow_up_fails_the_put_and_gives_its_credit_ba
             "bad sums": (grpc.StatusCode.INVALID_ARGUMENT, b"page_sums has 5 bytes"),
         }[follow_up]
         assert status(got[0]) == want[0] and want[1] in got[1], got
-        if follow_up == "none":
-            assert time.monotonic() - t0 >= 0.5
+        if follow_up == "none":  # (answered at the timeout, not at once: libuv's timers are ms-grained)
+            assert time.monotonic() - t0 >= 0.45
         if follow_up in ("none", "another call"):
             assert lane.reply() is None  # the framing is lost: the daemon closed the connection
         else:  # a follow-up it could not take is still that Put's: the connection goes on

@@ -151,7 +151,7 @@ def _into_credit(
         # then need not read the pages again after the seal; docs/security.md)
         return _copy.copy_in(ns, src, range(skip, pages), slots, sums=SEND_SUMS and credit.page_sums)
 
-    if getattr(client, "pipelines_puts", False) and ns.pool.rows().device.type == "cpu":
+    if client.pipelines_puts and ns.pool.rows().device.type == "cpu":
         call.bytes_follow = True
         put = _wire.Call(
             "kv",

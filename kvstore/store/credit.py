@@ -199,12 +199,9 @@ def _append(
     seq.spare, seq.extra_keys = rest, extra
     try:
         # One pass over the pages where nothing but the put itself can happen to them.
-        fused = (
-            put_fused.put(session, seq, store.limits, token_ids, at, commit=False)
-            if put_fused.applies(seq)
-            else None
-        )
-        done = fused[0] if fused else sequences.append(session, seq, store.limits, token_ids, spare_at=at)
+        done = put_fused.put(session, seq, store.limits, token_ids, at) if put_fused.applies(seq) else None
+        if done is None:
+            done = sequences.append(session, seq, store.limits, token_ids, spare_at=at)
     except BaseException:
         seq.spare, seq.extra_keys = old_spare, old_extra
         raise

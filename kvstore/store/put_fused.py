@@ -1,7 +1,7 @@
 """A put into an unused credit (kvstore/store/credit.py) without the append's per-page plan:
 what sequences.append does to a fresh sequence with no budget, each page's hash, cache probe
-and slot taken in one pass (the plan, its tuples and PageRefs were half a put's store time),
-then sequences.commit. The same end state page for page and in the same order (policy calls,
+and slot taken in one pass (the plan, its tuples and PageRefs were half a put's store time);
+the caller commits (credit.finish_put). The same end state page for page and in the same order (policy calls,
 counters, the free list, the MRC sample): tests/test_store_put_fused.py runs both on twin
 stores and compares them after every step."""
 
@@ -13,7 +13,7 @@ from kvstore.hashing import chain_hashes
 from kvstore.memory.pages import Page
 from kvstore.store import page_runs, sequences
 from kvstore.store.sessions import Sequence, Session
-from kvstore.store.types import IMPORTANCE, SLIDING_WINDOW, AppendResult, CommitResult, StoreLimits
+from kvstore.store.types import IMPORTANCE, SLIDING_WINDOW, AppendResult, StoreLimits
 
 
 def applies(seq: Sequence) -> bool:
@@ -33,11 +33,9 @@ def put(
     limits: StoreLimits,
     token_ids: Seq[int],
     at: dict[int, Page],
-    commit: bool = True,
-) -> tuple[AppendResult, CommitResult | None] | None:
-    """Append `token_ids` to `seq` (`applies`) with page i in at[i], and commit them all (not
-    with `commit=False`: a put whose bytes follow, credit.prepare_put, commits later). None,
-    having changed nothing, when a page is neither cached nor in `at` (the stepwise append
+) -> AppendResult | None:
+    """Append `token_ids` to `seq` (`applies`) with page i in at[i]; the caller commits them
+    (credit.finish_put: at once, or once a lane put's bytes have come). None, having changed nothing, when a page is neither cached nor in `at` (the stepwise append
     reserves one for it). The AppendResult names no pages (a Put's reply has none)."""
     ns = seq.ns
     T = ns.spec.page_tokens
@@ -71,4 +69,4 @@ def put(
     seq.num_tokens = n
     if hashes:
         sequences.sample_hashes(session, seq, list(enumerate(hashes)))
-    return AppendResult(n, [], T * cached, []), sequences.commit(seq, n) if commit else None
+    return AppendResult(n, [], T * cached, [])
