@@ -213,7 +213,8 @@ PyDoc_STRVAR(probe_doc,
              "hashed is remembered.");
 
 /* The hash of page i (a new reference; NULL with an exception set), from the memo when it
- * holds this input; msg[0:16] becomes it (the next page's parent). */
+ * holds this input, else hashed and remembered. msg[0:16] stays the parent: the caller moves
+ * on (chain_next) once it is done with the input. */
 static PyObject *memo_step(Chain *c, Py_ssize_t i, PyObject *memo) {
     memcpy(c->msg + DIGEST, (const uint8_t *)c->tokens.buf + i * c->page_len, c->page_len);
     PyObject *h = hashmemo_get(memo, c->msg, c->msg_len);
@@ -226,15 +227,44 @@ static PyObject *memo_step(Chain *c, Py_ssize_t i, PyObject *memo) {
             return NULL;
         }
     }
-    memcpy(c->msg, PyBytes_AS_STRING(h), DIGEST);
     return h;
+}
+
+static inline void chain_next(Chain *c, PyObject *h) { memcpy(c->msg, PyBytes_AS_STRING(h), DIGEST); }
+
+/* The index's values (pages, kvstore/memory/pages.py) hold their own key in `block_hash`: its
+ * offset, learned once per type (-1: a type without one, as tests' plain values). */
+static PyTypeObject *keyed_type;
+static Py_ssize_t off_block_hash = -1;
+
+/* `value`'s own key object (borrowed) when it is a bytes object other than `h` with h's
+ * bytes, else NULL. */
+static PyObject *own_key(PyObject *value, PyObject *h) {
+    if (Py_TYPE(value) != keyed_type) {
+        Py_ssize_t off;
+        if (member_offset(Py_TYPE(value), "block_hash", &off) < 0) {
+            PyErr_Clear();
+            off = -1;
+        }
+        Py_XSETREF(keyed_type, (PyTypeObject *)Py_NewRef(Py_TYPE(value)));
+        off_block_hash = off;
+    }
+    if (off_block_hash < 0) return NULL;
+    PyObject *key = *(PyObject **)((char *)value + off_block_hash);
+    if (key == NULL || key == h || !PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != DIGEST ||
+        memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(h), DIGEST) != 0)
+        return NULL;
+    return key;
 }
 
 static PyObject *probe(PyObject *self, PyObject *args) {
     Chain c;
     PyObject *index, *memo = NULL;
     if (chain_open(&c, args, &index, &memo) < 0) return NULL;
-    PyObject *found = PyList_New(0), *values = PyList_New(0), *result = NULL;
+    /* Both lists made at their longest and cut to what was found (the slots past it are
+     * NULL, never read: a list's items end at its size). */
+    PyObject *found = PyList_New(c.pages), *values = PyList_New(c.pages), *result = NULL;
+    Py_ssize_t hashed = 0, hit = 0;
     if (found == NULL || values == NULL) goto done;
     for (Py_ssize_t i = 0; i < c.pages; i++) {
         PyObject *h;
@@ -245,13 +275,27 @@ static PyObject *probe(PyObject *self, PyObject *args) {
             h = PyBytes_FromStringAndSize((const char *)c.msg, DIGEST);
         }
         if (h == NULL) goto done;
-        int err = PyList_Append(found, h);
-        PyObject *value = err ? NULL : PyDict_GetItemWithError(index, h);  /* borrowed */
-        Py_DECREF(h);
-        if (err || (value == NULL && PyErr_Occurred())) goto done;
+        PyObject *value = PyDict_GetItemWithError(index, h); /* borrowed */
+        if (value == NULL && PyErr_Occurred()) {
+            Py_DECREF(h);
+            goto done;
+        }
+        if (value != NULL && memo != NULL) {
+            /* The memo hands out the index's own key from now on: the dict lookups by it (this
+             * one's next time, the live MRC's) then match it by identity, not by its bytes. */
+            PyObject *key = own_key(value, h);
+            if (key != NULL) {
+                hashmemo_adopt(memo, c.msg, c.msg_len, key);
+                Py_SETREF(h, Py_NewRef(key));
+            }
+        }
+        if (memo != NULL) chain_next(&c, h);
+        PyList_SET_ITEM(found, hashed++, h); /* (the reference moves into the list) */
         if (value == NULL) break;
-        if (PyList_Append(values, value) < 0) goto done;
+        PyList_SET_ITEM(values, hit++, Py_NewRef(value));
     }
+    Py_SET_SIZE(found, hashed);
+    Py_SET_SIZE(values, hit);
     result = PyTuple_Pack(2, found, values);
 done:
     Py_XDECREF(found);

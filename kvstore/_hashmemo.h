@@ -16,4 +16,9 @@ PyObject *hashmemo_get(PyObject *memo, const uint8_t *msg, Py_ssize_t len);
  * exception set only when out of memory. */
 int hashmemo_put(PyObject *memo, const uint8_t *msg, Py_ssize_t len, PyObject *digest);
 
+/* Hands out `digest` from now on for msg[0:len], in place of the equal digest remembered for
+ * it (the index's own key object, so that dict lookups by it match by identity); nothing if
+ * none is remembered or its bytes differ. Never fails. */
+void hashmemo_adopt(PyObject *memo, const uint8_t *msg, Py_ssize_t len, PyObject *digest);
+
 #endif

@@ -12,7 +12,7 @@
 static PyTypeObject *page_type; /* the type the offsets below are of (a strong reference) */
 static Py_ssize_t off_last_access, off_slot, off_policy_state;
 
-static int member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out) {
+int member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out) {
     PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
     if (d == NULL) return -1;
     int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX &&

@@ -8,4 +8,8 @@
 extern const char touch_pages_doc[];
 PyObject *touch_pages(PyObject *self, PyObject *args);
 
+/* The offset in `type`'s objects of its writable __slots__ field `name`; -1 with TypeError
+ * set when it has none. */
+int member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out);
+
 #endif

@@ -108,6 +108,35 @@ def test_a_prefix_looked_up_again_is_not_hashed_again() -> None:
     assert values == list(range(10)) and found == spec_hashes(b"s", changed, 4, b"")[:11]
 
 
+class Keyed:
+    """An index value that holds its own key, as a pool page does (Page.block_hash)."""
+
+    __slots__ = ("block_hash", "n")
+
+    def __init__(self, block_hash: bytes, n: int) -> None:
+        self.block_hash, self.n = block_hash, n
+
+
+def test_the_memo_hands_out_the_index_own_key_objects() -> None:
+    # Dict lookups by the very key object match without comparing bytes (the index's here,
+    # the live MRC's in the daemon): the memo adopts the key of each value it finds.
+    memo = hashing.HashMemo(1024, 1 << 20, 3)
+    tokens = list(range(32))
+    keys = [h[:8] + h[8:] for h in spec_hashes(b"s", tokens, 4, b"")]  # objects of the index's own
+    index = {k: Keyed(k, i) for i, k in enumerate(keys)}
+    for _ in range(2):  # hashed and remembered, then every step from the memo
+        found, values = probe(b"s", tokens, 4, b"", index, memo)
+        assert found == keys and all(f is k for f, k in zip(found, keys, strict=True))
+        assert [v.n for v in values] == list(range(8))
+    assert memo.stats()["hits"] == 8
+    # A value whose block_hash no longer has the key's bytes is not adopted from: the memo
+    # answers what it remembered, and the chain goes on from the right bytes.
+    index[keys[3]].block_hash = b"\0" * 16
+    fresh = probe(b"s", tokens, 4, b"", index, hashing.HashMemo(1024, 1 << 20, 4))
+    assert fresh[0] == keys and fresh[0][3] is not keys[3] and fresh[0][2] is keys[2]
+    assert probe(b"s", tokens, 4, b"", index, None)[0] == keys
+
+
 def fill(memo, n: int, extra: bytes = b"") -> None:
     """n distinct inputs (each a one-page prompt under its own salt: a miss, remembered)."""
     for i in range(n):
