@@ -29,6 +29,23 @@ def stat(raw: Raw, field: str) -> int:
     return getattr(raw.stats(NS)[0], field)
 
 
+def test_the_scrubber_reaches_a_page_in_a_large_sparse_pool(daemon_factory) -> None:
+    # Its cursor steps over a bounded number of slots a tick (integrity.SCRUB_SCAN): in a pool
+    # of 8,192 pages holding two, a pass takes many ticks and still comes round to them.
+    big = {**SMALL_NAMESPACE, "num_pages": 8192}
+    daemon = daemon_factory(server={"scrub_bytes_per_s": 1 << 20}, namespaces=[big]).start()
+    tokens = prompt(8, seed=2)
+    with Worker("writer") as writer, Raw(daemon.target) as raw:
+        writer.call("connect", target=daemon.target, client_name="scribbler")
+        wrote = writer.call("write_prompt", namespace=NS, tokens=tokens)
+        wait_until(lambda: stat(raw, "pages_checksummed"), lambda n: n >= 2, timeout=10, what="checksums")
+        scrubbed = stat(raw, "pages_scrubbed")
+        writer.call("write_bytes", namespace=NS, slot=wrote["slots"][0], offset=7, data_hex="5a" * 8)
+        wait_until(lambda: stat(raw, "pages_corrupt"), lambda n: n == 1, timeout=20, what="the scrubber")
+        assert stat(raw, "pages_scrubbed") > scrubbed
+        assert writer.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == 0
+
+
 def test_a_page_scribbled_on_after_its_seal_is_dropped_by_the_scrubber(daemon_factory) -> None:
     daemon = daemon_factory(server={"scrub_bytes_per_s": 1 << 20}).start()
     tokens = prompt(8, seed=1)  # two full pages

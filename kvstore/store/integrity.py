@@ -54,7 +54,11 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05  # how often the scrubber runs (and freed pages are zeroed) when nothing wakes it
 JOB_BYTES = 32 << 20  # bytes of sealed pages to checksum, or freed pages to zero, per job: a
 # page taken while its batch is being zeroed waits for the job, so this bounds that wait
-SCRUB_SCAN = 4096  # slots the scrubber's cursor steps over per tick, at most
+# Slots the scrubber's cursor steps over per tick, at most: its scan is a Python loop on the
+# event loop (~120 ns a slot), so this bounds what a tick holds the loop for in a large pool
+# with few sealed pages (4,096 took ~0.5 ms a tick, 10 ms/s of an idle daemon's loop at 32,768
+# pages: kvstore-bench idle); 10,240 slots a second still pass over such a pool in seconds.
+SCRUB_SCAN = 512
 # A seal wakes the task this long after it: one checksum job for the seals of those ms, not
 # one a Put (~50-70 us of loop a job, any size). A freed page wakes it at once (zeroing ahead).
 SEAL_WAKE_S = 0.005
