@@ -216,6 +216,29 @@ def to_toml(server: dict[str, Any], namespaces: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def server_settings(items: Sequence[str], prog: str) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as [server] config keys: true / false as booleans, integers and
+    floats as numbers, anything else (a size such as 64MiB, a path) as the string given."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"{prog}: --set {item!r}: give KEY=VALUE")
+        out[key.strip()] = _setting(value.strip())
+    return out
+
+
+def _setting(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def install_signal_exit() -> None:
     """Turn the first SIGTERM into SystemExit, so the `finally`/`with` blocks stop the children;
     later ones are ignored, or one landing during that cleanup (`timeout` signals the process

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rpc
-from .harness import BenchDaemon, BenchError, emit, progress
+from .harness import BenchDaemon, BenchError, emit, progress, server_settings
 
 BACKGROUND_OFF = {"scrub_bytes_per_s": 0, "page_checksums": False, "zero_freed_pages": False}
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"idle: --pool-pages takes integers, not {args.pool_pages!r}") from None
     if not pools or min(pools) < 2 * rpc.PROMPT_PAGES or args.seconds <= 0:
         raise SystemExit(f"idle: pools of at least {2 * rpc.PROMPT_PAGES} pages and --seconds > 0")
-    configured = dict(parse_set(item) for item in args.set)
+    configured = server_settings(args.set, "idle")
     tokens = random.Random(0).choices(range(rpc.VOCAB), k=rpc.PROMPT_PAGES * rpc.PAGE_TOKENS)
     out: dict[str, Any] = {"benchmark": "idle", "seconds": args.seconds, "set": configured, "pools": {}}
     for i, pages in enumerate(pools):
@@ -62,23 +62,6 @@ def run(args: argparse.Namespace) -> int:
         out["pools"][str(pages)] = result
     emit(out, args.json, text(out))
     return 0
-
-
-def parse_set(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"idle: --set takes KEY=VALUE, not {item!r}")
-    low = value.strip().lower()
-    if low in ("true", "false"):
-        return key.strip(), low == "true"
-    try:
-        return key.strip(), int(value)
-    except ValueError:
-        pass
-    try:
-        return key.strip(), float(value)
-    except ValueError:
-        return key.strip(), value
 
 
 def measure(

@@ -25,7 +25,7 @@ import torch
 from kvstore_client import _copy
 
 from . import peers_kvstore as kvside
-from .harness import BenchDaemon, BenchError, emit, progress
+from .harness import BenchDaemon, BenchError, emit, progress, server_settings
 from .peers_worker import page_bytes_of
 
 
@@ -171,12 +171,7 @@ def run(args: argparse.Namespace) -> int:
     page_bytes = kvside.PAGE_BYTES // 30 * args.layers
     src = torch.frombuffer(page_bytes_of(0, args.pages, page_bytes), dtype=torch.uint8).view(-1, page_bytes)
     dst = torch.zeros_like(src)
-    server: dict[str, Any] = {"max_pool_bytes": "64GiB"}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"peers-profile: --set {item!r}: give KEY=VALUE")
-        server[key] = {"true": True, "false": False}.get(value, value)
+    server: dict[str, Any] = {"max_pool_bytes": "64GiB"} | server_settings(args.set, "peers-profile")
     daemon = BenchDaemon([spec], server=server)
     prof = None
     if args.cprofile:
