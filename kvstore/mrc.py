@@ -63,7 +63,8 @@ class MrcSampler:
         self._gaps: list[int] = []  # [0] is of no use (its predecessor is forgotten)
         self._last_seen = 0  # the last sampled access's accesses-before (when the log has one)
         self._keys: dict[bytes | int, int] = {}  # sampled block -> its spatial hash (memo)
-        self._distinct: set[int] = set()
+        self._distinct: set[int] = set()  # the log's blocks (and, when stale, the forgotten head's)
+        self._distinct_stale = False
         self.accesses = 0  # all accesses recorded (sampled or not)
         self._base = 0  # accesses forgotten with the log's dropped head
 
@@ -108,6 +109,9 @@ class MrcSampler:
             self.record(block)
 
     def _lower_rate(self) -> None:
+        """Halve the rate while the log holds more than `max_keys` distinct blocks."""
+        if self._distinct_stale:
+            self._narrow_to_log()
         while len(self._distinct) > self.max_keys and self.threshold > 1:
             self.threshold //= 2
             t = self.threshold
@@ -130,9 +134,17 @@ class MrcSampler:
         cut = len(self._log) // 2
         self._base = self._last_seen - sum(self._gaps[cut + 1 :])  # the accesses before log[cut]
         del self._log[:cut], self._gaps[:cut]
-        self._distinct = set(self._log)
-        live = self._distinct
+        # `_distinct` and `_keys` still hold blocks only the forgotten half had: they are
+        # narrowed to the log's when they matter, before the rate would fall for their size
+        # (`_lower_rate`). Narrowed here, at every trim, they cost the daemon's Lookup more
+        # than the trim itself, for a sample whose blocks are mostly still in the log.
+        self._distinct_stale = True
+
+    def _narrow_to_log(self) -> None:
+        """`_distinct` and `_keys` of the blocks in the log only."""
+        self._distinct = live = set(self._log)
         self._keys = {k: h for k, h in self._keys.items() if h in live}
+        self._distinct_stale = False
 
     def distances(self) -> list[int]:
         """LRU stack distance of each sampled access among sampled blocks; -1 = first access."""

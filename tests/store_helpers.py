@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kvstore.memory.pages import PageState
+from kvstore.store import fastpath, waits
 from kvstore.store.namespace import Namespace
 from kvstore.store.store import Store
 from kvstore.store.tiering.tiers import Tiers
-from kvstore.store.types import NamespaceSpec, StoreLimits
+from kvstore.store.types import LookupResult, NamespaceSpec, StoreLimits
 from kvstore.tiers import DiskTier, HostTier
 
 SPEC = NamespaceSpec(
@@ -140,3 +141,19 @@ def books(store: Store, ns: Namespace) -> dict[str, object]:
         "refs": refs,
         "pins": sum(len(s.pins) for s in store.sessions.values()),
     }
+
+
+async def lookup_with_deadline(
+    store: Store, sid: int, namespace: str, tokens: list[int], extra_keys: bytes, pin: bool,
+    model_fingerprint: str, return_in_flight: bool, pin_ttl_ms: int,
+) -> tuple[LookupResult, int, int]:  # fmt: skip
+    """A get's steps as the Lookup RPC takes them (fast_servicer.lookup_reply): (the result,
+    the granted ttl ms, the deadline ns; 0 and 0 without a deadline)."""
+    r = fastpath.begin_lookup(
+        store, sid, namespace, tokens, extra_keys, pin, model_fingerprint, return_in_flight, pin_ttl_ms
+    )
+    if r.promotions and not return_in_flight:
+        r = await waits.settled(store, sid, r)
+    if not pin_ttl_ms or not r.pin_id:
+        return r, 0, 0
+    return r, *fastpath.pin_deadline(store, sid, r.pin_id, pin_ttl_ms)

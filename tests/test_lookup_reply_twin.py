@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
-from store_helpers import T, make_store, write
+from store_helpers import T, lookup_with_deadline, make_store, write
 
 from kvstore.errors import KVStoreError
 from kvstore.server import edge, fast_servicer, request_scan
@@ -40,9 +40,9 @@ async def lookup_reply(store, request: pb.LookupRequest) -> pb.LookupResponse:
 
 
 async def old_lookup_reply(store, request: pb.LookupRequest) -> pb.LookupResponse:
-    """lookup_reply as it was (3fc499e), over today's fastpath.lookup (its wait: the test below)."""
+    """lookup_reply as it was (3fc499e), over today's steps of a get (its wait: the test below)."""
     fastpath.release_pins(store, request.session_id, request.release_pin_ids)
-    r, ttl_ms, deadline_ns = await fastpath.lookup(
+    r, ttl_ms, deadline_ns = await lookup_with_deadline(
         store,
         request.session_id,
         request.namespace,
@@ -132,7 +132,7 @@ async def test_the_reply_is_the_old_ones_byte_for_byte(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("pin", [False, True])
 async def test_a_lookup_below_the_pool_still_waits_for_its_pages(tmp_path: Path, pin: bool) -> None:
-    """fastpath.lookup's wait, without waits.lookup: the reply has the promoted pages."""
+    """lookup_reply's wait, without waits.lookup: the reply has the promoted pages."""
     from test_store_cancel import _below
 
     store, _ns, sid, below = await _below(tmp_path, 4, seed=7100 + pin)

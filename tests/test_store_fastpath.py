@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
-from store_helpers import T, books, make_store, readers_held, until, write
+from store_helpers import T, books, lookup_with_deadline, make_store, readers_held, until, write
 from test_store_cancel import _below, _served
 
 from kvstore.errors import ResourceExhausted
@@ -30,7 +30,7 @@ async def test_a_pin_with_a_deadline_holds_its_pages_until_then_and_no_longer(tm
     try:
         tokens = list(range(100, 100 + 8 * T))
         store.release_sequence(sid, write(store, sid, tokens))
-        r, ttl_ms, deadline = await fastpath.lookup(store, sid, "t", tokens, b"", False, "", False, 5)
+        r, ttl_ms, deadline = await lookup_with_deadline(store, sid, "t", tokens, b"", False, "", False, 5)
         assert (len(r.slots), ttl_ms, deadline) == (8, 5, clock.now + 5_000_000)
         other = list(range(900, 900 + 9 * T))  # 9 pages: 8 free, the pinned 8 cannot be evicted
         clock.now = deadline - 1
@@ -45,8 +45,8 @@ async def test_a_pin_with_a_deadline_holds_its_pages_until_then_and_no_longer(tm
         assert (committed.sealed_pages, released.pages_unpinned) == (9, 9)
         books(store, ns)
         # The reaper's tick reaps too; a pin released before its deadline is skipped then.
-        r1, _, d1 = await fastpath.lookup(store, sid, "t", other[: 4 * T], b"", False, "", False, 1)
-        r2, _, _ = await fastpath.lookup(store, sid, "t", other[: 4 * T], b"", False, "", False, 1)
+        r1, _, d1 = await lookup_with_deadline(store, sid, "t", other[: 4 * T], b"", False, "", False, 1)
+        r2, _, _ = await lookup_with_deadline(store, sid, "t", other[: 4 * T], b"", False, "", False, 1)
         assert r1.pin_id and r2.pin_id and len(store.sessions[sid].pins) == 2
         fastpath.release_pins(store, sid, [r1.pin_id, 12345])  # (an id it does not hold: skipped)
         clock.now = d1
@@ -62,7 +62,7 @@ async def test_the_ttl_is_capped_and_checked(tmp_path: Path) -> None:
     try:
         tokens = list(range(4 * T))
         store.release_sequence(sid, write(store, sid, tokens))
-        _, ttl_ms, _ = await fastpath.lookup(store, sid, "t", tokens, b"", False, "", False, 10**9)
+        _, ttl_ms, _ = await lookup_with_deadline(store, sid, "t", tokens, b"", False, "", False, 10**9)
         assert ttl_ms == round(store.limits.pin_ttl_max_s * 1000)
         for sid_, ttl, flight, what in (
             (sid, -1, False, "negative"),
@@ -70,7 +70,7 @@ async def test_the_ttl_is_capped_and_checked(tmp_path: Path) -> None:
             (sid, 5, True, "return_in_flight"),
         ):
             with pytest.raises(Exception, match=what):
-                await fastpath.lookup(store, sid_, "t", tokens, b"", False, "", flight, ttl)
+                await lookup_with_deadline(store, sid_, "t", tokens, b"", False, "", flight, ttl)
     finally:
         store.close()
 

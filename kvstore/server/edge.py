@@ -186,6 +186,8 @@ class Edge:
             message = (
                 f"internal error in {method.rsplit('/', 1)[-1]}: {message} (a bug: see the daemon's log)"
             )
+        elif isinstance(e, OSError):  # (named as status.grpc_errors names it, for a handler without it)
+            message = f"{method.rsplit('/', 1)[-1]}: {message}"
         if context.done():
             raise asyncio.CancelledError from None  # nobody to answer
         await context.abort(code, message)

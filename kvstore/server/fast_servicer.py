@@ -16,7 +16,7 @@ from kvstore.server import batch_limits, convert
 from kvstore.server.status import grpc_errors, status_and_message
 from kvstore.server.tokens import request_tokens
 from kvstore.store import credit as credits
-from kvstore.store import fastpath, namespaces, zero_later
+from kvstore.store import fastpath, namespaces, waits, zero_later
 from kvstore.store.store import Store
 from kvstore.store.types import AppendResult, CommitResult
 
@@ -27,10 +27,12 @@ _parse_lookup = pb.LookupResponse.FromString
 async def lookup_reply(store: Store, request: Any) -> bytes:
     """One Lookup's reply, serialized: the Lookup RPC answers with these bytes as they are
     (kvstore/server/edge.py ENCODED_REPLIES); a BatchLookup item is them parsed. `request`:
-    a LookupRequest, or its fields as the edge reads them (kvstore/server/request_scan.py)."""
+    a LookupRequest, or its fields as the edge reads them (kvstore/server/request_scan.py).
+    A get's steps (kvstore/store/fastpath.py `begin_lookup`): awaits only promotions."""
     sid, namespace = request.session_id, request.namespace  # (each read of a str field builds one)
     fastpath.release_pins(store, sid, request.release_pin_ids)
-    r, ttl_ms, deadline_ns = await fastpath.lookup(
+    pin_ttl_ms, in_flight = request.pin_ttl_ms, request.return_in_flight
+    r = fastpath.begin_lookup(
         store,
         sid,
         namespace,
@@ -38,9 +40,14 @@ async def lookup_reply(store: Store, request: Any) -> bytes:
         request.extra_keys,
         request.pin,
         request.model_fingerprint,
-        request.return_in_flight,
-        request.pin_ttl_ms,
+        in_flight,
+        pin_ttl_ms,
     )
+    if r.promotions and not in_flight:
+        r = await waits.settled(store, sid, r)
+    ttl_ms = deadline_ns = 0
+    if pin_ttl_ms and r.pin_id:
+        ttl_ms, deadline_ns = fastpath.pin_deadline(store, sid, r.pin_id, pin_ttl_ms)
     return convert.lookup_reply_bytes(
         r.hit_tokens,
         r.block_hashes,

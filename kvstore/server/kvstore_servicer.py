@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
@@ -175,9 +176,11 @@ class KVStoreServicer(FastPathServicer, pb_grpc.KVStoreServicer):
         held = self.store.report_importance(request.session_id, request.sequence_id, request.scores)
         return pb.ReportImportanceResponse(pages_held=held)
 
-    @grpc_errors
-    async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> bytes:
-        return await lookup_reply(self.store, request)  # (a LookupResponse's bytes: edge.ENCODED_REPLIES)
+    def Lookup(self, request: pb.LookupRequest, context: Ctx) -> Coroutine[Any, Any, bytes]:
+        """lookup_reply's coroutine, for the edge to await (a LookupResponse's bytes:
+        edge.ENCODED_REPLIES): no layer of its own. Its errors are mapped by the edge, as
+        grpc_errors would (kvstore/server/edge.py, `_fail`)."""
+        return lookup_reply(self.store, request)
 
     @grpc_errors
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:

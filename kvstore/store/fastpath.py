@@ -10,7 +10,7 @@ from collections.abc import Sequence as Seq
 
 from kvstore.errors import InvalidArgument, KVStoreError, OutOfRange
 from kvstore.store import credit as credits
-from kvstore.store import validate, waits
+from kvstore.store import validate
 from kvstore.store.store import Store
 from kvstore.store.types import AppendResult, CommitResult, LookupResult, ReleaseResult, SequenceOptions
 
@@ -27,7 +27,7 @@ def release_pins(store: Store, sid: int, pin_ids: Seq[int]) -> None:
             store.release_held_pin(session, pin)
 
 
-async def lookup(
+def begin_lookup(
     store: Store,
     sid: int,
     namespace: str,
@@ -37,10 +37,12 @@ async def lookup(
     model_fingerprint: str,
     return_in_flight: bool,
     pin_ttl_ms: int,
-) -> tuple[LookupResult, int, int]:
-    """`waits.lookup` (its steps, inlined), with a pin that ends by itself `pin_ttl_ms` (capped) after the reply is
-    ready: (result, granted ttl ms, deadline ns; 0 and 0 without a deadline). The deadline
-    starts once the pages are in the pool, so a slow promotion never eats the reader's time."""
+) -> LookupResult:
+    """A get's first step (the Lookup RPC's, kvstore/server/fast_servicer.py `lookup_reply`):
+    the request's flags checked, then the store's lookup, pinned when `pin_ttl_ms` is. Its
+    promotions, if any, are still under way (`waits.settled` awaits them); then its pin ends
+    by itself `pin_ttl_ms` (capped) after the reply is ready (`pin_deadline`), so a slow
+    promotion never eats the reader's time."""
     if pin_ttl_ms < 0:
         raise InvalidArgument(f"pin_ttl_ms={pin_ttl_ms} is negative: give 0 (no deadline) or a lifetime")
     if pin_ttl_ms and not sid:
@@ -50,16 +52,16 @@ async def lookup(
             "return_in_flight=true with pin_ttl_ms: a pin with a deadline is for pages ready now; "
             "use an explicit pin (pin=true) to wait for pages in flight"
         )
-    # waits.lookup, inlined (a coroutine less a call): the store's lookup, then its wait.
-    r = store.lookup(
+    return store.lookup(
         sid, namespace, token_ids, extra_keys, pin or pin_ttl_ms > 0, model_fingerprint, return_in_flight
     )
-    if r.promotions and not return_in_flight:
-        r = await waits.settled(store, sid, r)
-    if not pin_ttl_ms or not r.pin_id:
-        return r, 0, 0
+
+
+def pin_deadline(store: Store, sid: int, pin_id: int, pin_ttl_ms: int) -> tuple[int, int]:
+    """The lookup's pin `pin_id` ends by itself `pin_ttl_ms` (capped) from now: (granted ttl
+    ms, deadline ns). Called once the pages are ready."""
     ttl_ms = min(pin_ttl_ms, round(store.limits.pin_ttl_max_s * 1000))
-    return r, ttl_ms, store.pin_deadlines.add(sid, r.pin_id, ttl_ms * 1_000_000)
+    return ttl_ms, store.pin_deadlines.add(sid, pin_id, ttl_ms * 1_000_000)
 
 
 def reserve(

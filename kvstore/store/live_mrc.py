@@ -33,6 +33,7 @@ from kvstore.mrc import MODULUS, MrcSampler
 SAMPLED_POOL_PAGES = 4096  # a pool of N pages is sampled at min(1, this / N)
 MAX_KEYS = 1 << 14  # distinct sampled blocks before the rate halves
 MAX_LOG = 1 << 17  # sampled accesses kept (the curve is of recent history)
+PENDING_ADDS = 32  # calls queued before they are recorded (LiveMrc)
 LOOKUPS_REMEMBERED = 256  # per session: lookups waiting for the append of their prompt
 ALL_SAMPLED = b"\xff" * 17  # above every 16-byte hash
 
@@ -97,24 +98,53 @@ except ImportError:
 
 
 class LiveMrc:
-    """One namespace's sample. `cut`: a block hash is sampled iff `block_hash < cut`."""
+    """One namespace's sample. `cut`: a block hash is sampled iff `block_hash < cut`.
 
-    __slots__ = ("cut", "sampler")
+    `add` queues its call and records the queue every `PENDING_ADDS` calls, in order: the
+    sample is what recording each call as it came would make, and `sampler` (and `snapshot`)
+    record the queue before they answer. Recorded one call at a time, each Lookup's blocks
+    were looked up in the sample's dict while the call's other work had pushed them out of
+    the caches; a run of calls records on warm ones (BENCHMARKS.md, rpc). `cut` moves only when
+    the queue is recorded: a call queued under the old cut brings blocks the new rate no
+    longer samples, and recording drops them (`record_new` tests the threshold; `keys` holds
+    only blocks under it), so the sample is the same."""
+
+    __slots__ = ("_pending", "_sampler", "cut")
 
     def __init__(self, num_pages: int) -> None:
-        self.sampler = MrcSampler(min(1.0, SAMPLED_POOL_PAGES / max(1, num_pages)), MAX_KEYS, MAX_LOG)
+        self._sampler = MrcSampler(min(1.0, SAMPLED_POOL_PAGES / max(1, num_pages)), MAX_KEYS, MAX_LOG)
+        self._pending: list[tuple[int, list[bytes]]] = []
         self.cut = ALL_SAMPLED
         self._update_cut()
 
+    @property
+    def sampler(self) -> MrcSampler:
+        """The sample, every call added so far recorded in it."""
+        if self._pending:
+            self.record_pending()
+        return self._sampler
+
     def _update_cut(self) -> None:
-        t = self.sampler.threshold
+        t = self._sampler.threshold
         self.cut = t.to_bytes(3, "big") if t < MODULUS else ALL_SAMPLED
 
     def add(self, accesses: int, sampled: list[bytes]) -> None:
-        """`accesses` block accesses, of which `sampled` (in order) passed `< cut`.
-        MrcSampler.record_sampled, in C (record_known, record_new): this runs for every sampled
-        block of every lookup and append."""
-        s = self.sampler
+        """`accesses` block accesses, of which `sampled` (in order) passed `< cut`. The caller
+        hands `sampled` over: it must not change it afterwards."""
+        pending = self._pending
+        pending.append((accesses, sampled))
+        if len(pending) >= PENDING_ADDS:
+            self.record_pending()
+
+    def record_pending(self) -> None:
+        """Record the queued calls, oldest first."""
+        pending, self._pending = self._pending, []
+        for accesses, sampled in pending:
+            self._record(accesses, sampled)
+
+    def _record(self, accesses: int, sampled: list[bytes]) -> None:
+        """MrcSampler.record_sampled for each of `sampled`, in C (record_known, record_new)."""
+        s = self._sampler
         base = s.accesses
         if sampled:
             keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
@@ -140,8 +170,9 @@ class LiveMrc:
 
     def snapshot(self) -> MrcSampler:
         """A copy whose `curve()` may run on another thread while this one records."""
-        snap = copy.copy(self.sampler)
-        snap._log = list(self.sampler._log)
+        sampler = self.sampler
+        snap = copy.copy(sampler)
+        snap._log = list(sampler._log)
         snap._gaps = []
         snap._keys = {}
         snap._distinct = set()
