@@ -81,6 +81,7 @@ class ChildServer:
         self.argv = [a.replace("{socket}", str(self.socket_path)) for a in argv]
         self.stderr_path = self.dir / f"{name}.stderr.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # on top of clean_env(), set before start
 
     @property
     def target(self) -> str:
@@ -97,7 +98,7 @@ class ChildServer:
         # stderr goes to a file, not a pipe: a chatty server can never block on a full pipe.
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=clean_env()
+                self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=clean_env() | self.env
             )
         self._wait_ready(timeout)
         progress("%s: SERVING after %.2fs (pid %d)", self.name, time.monotonic() - t0, self.pid)
