@@ -47,19 +47,27 @@ class Horizon(HeapPolicy):
         super().__init__()
         self.max_horizon = max_horizon
         self.horizon = horizon  # in capacities
-        # Slots of the resident pages accessed twice or more (counting the seal): what
-        # "protected" asks. A count past two changes nothing here, so none is kept: a lookup's
-        # hit is then one set update, not a dict increment a page.
-        self._reused: set[int] = set()
+        # By slot, 1 where the resident page was accessed twice or more (counting the seal):
+        # what "protected" asks. A count past two changes nothing here, so none is kept: a
+        # lookup's hit marks its pages in Namespace.touch's pass (touch_marks), no dict
+        # increment nor set update a page. Covers every slot sealed so far.
+        self.touch_marks = bytearray()
         self._ghost = Ghost()  # evicted block hash -> its access count: 1, or 2 for "two or more"
         self._ghost_once = 0  # ghost entries of blocks evicted with a single access
 
+    def _cover(self, slot: int) -> None:
+        """touch_marks long enough to hold `slot` (a pool's slots: it grows to the pool's size)."""
+        marks = self.touch_marks
+        if slot >= len(marks):
+            marks.extend(bytes(max(slot + 1, 2 * len(marks)) - len(marks)))
+
     def key(self, page: Page) -> float:
-        if page.slot in self._reused:
+        if self.touch_marks[page.slot]:
             return page.last_access + self.horizon * self.peak
         return page.last_access
 
     def on_sealed(self, page: Page) -> None:
+        self._cover(page.slot)
         self.resident += 1
         if self.resident > self.peak:
             self.peak = self.resident
@@ -73,47 +81,49 @@ class Horizon(HeapPolicy):
                 self.horizon = max(0.0, self.horizon - step * max(1.0, many / max(1, once)))
             else:  # evicted while protected, wanted again: protect longer
                 self.horizon = min(self.max_horizon, self.horizon + step * max(1.0, once / max(1, many)))
-            self._reused.add(page.slot)  # (1 + f accesses)
+            self.touch_marks[page.slot] = 1  # (1 + f accesses)
         else:
-            self._reused.discard(page.slot)
+            self.touch_marks[page.slot] = 0
 
     def on_sealed_all(self, pages: list[Page]) -> None:
-        ghost, reused, on_sealed = self._ghost, self._reused, self.on_sealed
+        ghost, on_sealed = self._ghost, self.on_sealed
         for page in pages:
             if ghost and page.block_hash in ghost:
                 on_sealed(page)  # a remembered block: the horizon moves
                 continue
-            self.resident += 1  # on_sealed of a block the ghost does not hold, inlined
+            self._cover(page.slot)  # on_sealed of a block the ghost does not hold, inlined
+            self.resident += 1
             if self.resident > self.peak:
                 self.peak = self.resident
-            reused.discard(page.slot)
+            self.touch_marks[page.slot] = 0
 
     def on_access(self, page: Page) -> None:
-        self._reused.add(page.slot)
+        self._cover(page.slot)
+        self.touch_marks[page.slot] = 1
         if page.policy_state is not None:
             self._push(page)
 
     def on_access_all(self, pages: list[Page]) -> None:
         # on_access, inlined: a lookup's whole hit. (A plain loop: CPython 3.11's specialized
         # slot reads beat set.update(map(attrgetter(...))), ~400 instructions a page.)
-        add, push = self._reused.add, self._push
+        marks, push = self.touch_marks, self._push
         for page in pages:
-            add(page.slot)
+            self._cover(page.slot)
+            marks[page.slot] = 1
             if page.policy_state is not None:
                 push(page)
 
     def on_hit(self, pages: list[Page], slots: list[int], candidates: list[Page]) -> None:
-        # on_access_all, from Namespace.touch's pass: a page's key reads only its own slot's
-        # membership, so adding all the slots first pushes each candidate with the same key.
-        self._reused.update(slots)
+        # on_access_all, from Namespace.touch's pass, which marked every page first: a page's
+        # key reads only its own slot's mark, so each candidate is pushed with the same key.
         push = self._push
         for page in candidates:
             push(page)
 
     def on_dropped(self, page: Page) -> None:
         self.resident -= 1
-        f = 2 if page.slot in self._reused else 1
-        self._reused.discard(page.slot)
+        f = 2 if self.touch_marks[page.slot] else 1
+        self.touch_marks[page.slot] = 0
         if f == 1:
             self._ghost_once += 1
         if self._ghost.add(page.block_hash, f, int(self.max_horizon * self.peak) + 1) == 1:
