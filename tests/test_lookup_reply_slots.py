@@ -34,7 +34,7 @@ def u(bits: int) -> st.SearchStrategy[int]:
     slots=st.lists(u(32), max_size=300),
 )
 def test_the_reply_is_what_protobuf_builds(hit, hashes, pin_id, ready, epoch, ttl, deadline, slots) -> None:
-    got = convert.lookup_response(hit, hashes, pin_id, ready, epoch, ttl, deadline, slots)
+    got = convert.lookup_response(hit, pin_id, slots, hashes, ready, epoch, ttl, deadline)
     want = pb.LookupResponse(
         hit_tokens=hit, block_hashes=b"".join(hashes), pin_id=pin_id, ready_pages=ready, pool_epoch=epoch,
         pin_ttl_ms=ttl, pin_deadline_ns=deadline, slots=slots,
@@ -42,9 +42,9 @@ def test_the_reply_is_what_protobuf_builds(hit, hashes, pin_id, ready, epoch, tt
     assert got == want
     assert got.SerializeToString() == want.SerializeToString()
     # The Lookup RPC's reply as sent (no message built): protobuf's own bytes for it.
-    assert convert.lookup_reply_bytes(hit, hashes, pin_id, ready, epoch, ttl, deadline, slots) == (
-        want.SerializeToString()
-    )
+    fields = (hit, pin_id, slots, hashes, ready, epoch, ttl, deadline)
+    assert convert.lookup_reply_bytes(*fields) == want.SerializeToString()
+    assert convert._lookup_reply_bytes_py(*fields) == want.SerializeToString()  # (no C module)
 
 
 @pytest.mark.skipif(not hashing.NATIVE, reason="the C module is not built (make native)")

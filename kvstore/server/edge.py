@@ -197,6 +197,7 @@ class Edge:
     ) -> Callable[..., Any]:
         running = self._running
         observe, ok, ended = m.observe or _no_observe, m.ok, m.ended
+        observe_ok = m.observe_ok if m.observe is not None else lambda seconds: ok()
         sets_code = not refuse  # health's Check answers NOT_FOUND by setting the code, not aborting
         current_task = asyncio.current_task
 
@@ -220,14 +221,14 @@ class Edge:
                         if not running and self._idle is not None:
                             self._idle.set()
             except BaseException as e:
+                observe(perf_counter() - t0)
                 ended(_code_of(e, context))
                 raise
-            finally:
-                observe(perf_counter() - t0)
             if sets_code:
+                observe(perf_counter() - t0)
                 ended(context.code())
             else:
-                ok()
+                observe_ok(perf_counter() - t0)
             return reply
 
         return call

@@ -50,13 +50,13 @@ async def lookup_reply(store: Store, request: Any) -> bytes:
         ttl_ms, deadline_ns = fastpath.pin_deadline(store, sid, r.pin_id, pin_ttl_ms)
     return convert.lookup_reply_bytes(
         r.hit_tokens,
-        r.block_hashes,
         r.pin_id,
+        r.slots,
+        r.block_hashes,
         len(r.slots) if r.ready_pages is None else r.ready_pages,
         namespaces.namespace_epoch(store, namespace),
         ttl_ms,
         deadline_ns,
-        r.slots,
     )
 
 
