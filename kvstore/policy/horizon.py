@@ -67,8 +67,7 @@ class Horizon(HeapPolicy):
         return page.last_access
 
     def on_sealed(self, page: Page) -> None:
-        if page.slot >= len(self.touch_marks):
-            self._cover(page.slot)
+        self._cover(page.slot)
         self.resident += 1
         if self.resident > self.peak:
             self.peak = self.resident
@@ -87,22 +86,19 @@ class Horizon(HeapPolicy):
             self.touch_marks[page.slot] = 0
 
     def on_sealed_all(self, pages: list[Page]) -> None:
-        ghost, on_sealed, marks = self._ghost, self.on_sealed, self.touch_marks
+        ghost, on_sealed = self._ghost, self.on_sealed
         for page in pages:
             if ghost and page.block_hash in ghost:
                 on_sealed(page)  # a remembered block: the horizon moves
                 continue
-            slot = page.slot  # on_sealed of a block the ghost does not hold, inlined
-            if slot >= len(marks):
-                self._cover(slot)  # (extends `marks` itself)
+            self._cover(page.slot)  # on_sealed of a block the ghost does not hold, inlined
             self.resident += 1
             if self.resident > self.peak:
                 self.peak = self.resident
-            marks[slot] = 0
+            self.touch_marks[page.slot] = 0
 
     def on_access(self, page: Page) -> None:
-        if page.slot >= len(self.touch_marks):
-            self._cover(page.slot)
+        self._cover(page.slot)
         self.touch_marks[page.slot] = 1
         if page.policy_state is not None:
             self._push(page)
@@ -112,8 +108,7 @@ class Horizon(HeapPolicy):
         # slot reads beat set.update(map(attrgetter(...))), ~400 instructions a page.)
         marks, push = self.touch_marks, self._push
         for page in pages:
-            if page.slot >= len(marks):
-                self._cover(page.slot)  # (extends `marks` itself)
+            self._cover(page.slot)
             marks[page.slot] = 1
             if page.policy_state is not None:
                 push(page)
