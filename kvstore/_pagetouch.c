@@ -37,19 +37,12 @@ static int learn(PyTypeObject *type) {
 #define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 const char touch_pages_doc[] =
-    "touch_pages(pages, clock, marks=None) -> (slots, candidates): sets each page's last_access to\n"
-    "clock (and marks[slot] to 1, marks a bytearray covering every slot); its slots in order,\n"
-    "and the pages whose policy_state is not None, in order.";
+    "touch_pages(pages, clock) -> (slots, candidates): sets each page's last_access to clock;\n"
+    "its slots in order, and the pages whose policy_state is not None, in order.";
 
 PyObject *touch_pages(PyObject *self, PyObject *args) {
-    PyObject *pages, *clock, *marks = Py_None;
-    if (!PyArg_ParseTuple(args, "O!O|O:touch_pages", &PyList_Type, &pages, &clock, &marks)) return NULL;
-    if (marks != Py_None && !PyByteArray_CheckExact(marks))
-        return PyErr_Format(PyExc_TypeError, "touch_pages: marks is a bytearray or None, not %s", Py_TYPE(marks)->tp_name);
-    /* The policy's marks by slot (kvstore/policy/horizon.py): set here, in the same pass, where
-     * a set of slots updated after it cost ~2 k instructions a 64-page hit. */
-    char *mark = marks == Py_None ? NULL : PyByteArray_AS_STRING(marks);
-    Py_ssize_t n_marks = mark == NULL ? 0 : PyByteArray_GET_SIZE(marks);
+    PyObject *pages, *clock;
+    if (!PyArg_ParseTuple(args, "O!O:touch_pages", &PyList_Type, &pages, &clock)) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(pages);
     PyObject *slots = PyList_New(n), *candidates = PyList_New(0);
     if (slots == NULL || candidates == NULL) goto fail;
@@ -60,15 +53,6 @@ PyObject *touch_pages(PyObject *self, PyObject *args) {
         if (slot == NULL || state == NULL) {
             PyErr_Format(PyExc_AttributeError, "pages[%zd] has no %s", i, slot == NULL ? "slot" : "policy_state");
             goto fail;
-        }
-        if (mark != NULL) {
-            Py_ssize_t at = PyLong_AsSsize_t(slot);
-            if (at == -1 && PyErr_Occurred()) goto fail;
-            if (at < 0 || at >= n_marks) {
-                PyErr_Format(PyExc_IndexError, "pages[%zd]: slot %zd is not covered by the %zd marks", i, at, n_marks);
-                goto fail;
-            }
-            mark[at] = 1;
         }
         Py_INCREF(slot);
         PyList_SET_ITEM(slots, i, slot);

@@ -103,15 +103,3 @@ def test_c_pass_refuses_what_is_not_a_page():
     with pytest.raises(TypeError, match="__slots__"):
         touch_pages([NotAPage()], 1)
     assert touch_pages([Page(2)], 3) == ([2], [])  # (and it still knows Page afterwards)
-
-
-def test_the_pass_marks_the_policy_s_slots_as_its_reference_does():
-    for touch in (touch_pages, py_touch_pages):
-        marks = bytearray(8)
-        marks[6] = 1
-        slots, _ = touch([Page(5), Page(0), Page(3)], 7, marks)
-        assert slots == [5, 0, 3] and marks == bytearray([1, 0, 0, 1, 0, 1, 1, 0]), touch
-        with pytest.raises(IndexError, match="not covered"):
-            touch([Page(8)], 7, marks)
-    with pytest.raises(TypeError, match="bytearray"):
-        touch_pages([Page(1)], 7, bytes(4))

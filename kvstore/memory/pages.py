@@ -169,19 +169,12 @@ class FreeList:
         self._len -= 1
 
 
-def py_touch_pages(
-    pages: list[Page], clock: int, marks: bytearray | None = None
-) -> tuple[list[int], list[Page]]:
+def py_touch_pages(pages: list[Page], clock: int) -> tuple[list[int], list[Page]]:
     """A lookup hit's pass over its pages (Namespace.touch): each page's `last_access` set
-    to `clock` (and `marks[slot]` to 1: the policy's `touch_marks`); (their slots, the pages
-    whose `policy_state` is set). kvstore/_pagetouch.c does the same in C, at the fields'
-    offsets; this is its fallback and its reference."""
+    to `clock`; (their slots, the pages whose `policy_state` is set). kvstore/_pagetouch.c
+    does the same in C, at the fields' offsets; this is its fallback and its reference."""
     candidates = []
     for page in pages:
-        if marks is not None:
-            if not 0 <= page.slot < len(marks):
-                raise IndexError(f"slot {page.slot} is not covered by the {len(marks)} marks")
-            marks[page.slot] = 1
         page.last_access = clock
         if page.policy_state is not None:
             candidates.append(page)

@@ -17,9 +17,6 @@ from kvstore.memory.pages import Page
 
 class EvictionPolicy(ABC):
     name: str = ""
-    # Marks by slot, set to 1 by Namespace.touch's pass for each page a lookup hits, covering
-    # every slot the policy has seen sealed (kvstore/policy/horizon.py); None: none kept.
-    touch_marks: bytearray | None = None
 
     def on_sealed(self, page: Page) -> None:  # noqa: B027 - optional hook
         """A page became visible to lookups (inserted into the index)."""
@@ -34,8 +31,7 @@ class EvictionPolicy(ABC):
 
     def on_hit(self, pages: list[Page], slots: list[int], candidates: list[Page]) -> None:
         """`on_access_all(pages)`, given what Namespace.touch's pass collected: the pages'
-        `slots` and, in order, those whose `policy_state` is set (the eviction candidates);
-        `touch_marks`, if the policy keeps them, were set for each page by that pass."""
+        `slots` and, in order, those whose `policy_state` is set (the eviction candidates)."""
         self.on_access_all(pages)
 
     def on_sealed_all(self, pages: list[Page]) -> None:

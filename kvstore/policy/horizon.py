@@ -47,27 +47,19 @@ class Horizon(HeapPolicy):
         super().__init__()
         self.max_horizon = max_horizon
         self.horizon = horizon  # in capacities
-        # By slot, 1 where the resident page was accessed twice or more (counting the seal):
-        # what "protected" asks. A count past two changes nothing here, so none is kept: a
-        # lookup's hit marks its pages in Namespace.touch's pass (touch_marks), no dict
-        # increment nor set update a page. Covers every slot sealed so far.
-        self.touch_marks = bytearray()
+        # Slots of the resident pages accessed twice or more (counting the seal): what
+        # "protected" asks. A count past two changes nothing here, so none is kept: a lookup's
+        # hit is then one set update, not a dict increment a page.
+        self._reused: set[int] = set()
         self._ghost = Ghost()  # evicted block hash -> its access count: 1, or 2 for "two or more"
         self._ghost_once = 0  # ghost entries of blocks evicted with a single access
 
-    def _cover(self, slot: int) -> None:
-        """touch_marks long enough to hold `slot` (a pool's slots: it grows to the pool's size)."""
-        marks = self.touch_marks
-        if slot >= len(marks):
-            marks.extend(bytes(max(slot + 1, 2 * len(marks)) - len(marks)))
-
     def key(self, page: Page) -> float:
-        if self.touch_marks[page.slot]:
+        if page.slot in self._reused:
             return page.last_access + self.horizon * self.peak
         return page.last_access
 
     def on_sealed(self, page: Page) -> None:
-        self._cover(page.slot)
         self.resident += 1
         if self.resident > self.peak:
             self.peak = self.resident
@@ -81,49 +73,47 @@ class Horizon(HeapPolicy):
                 self.horizon = max(0.0, self.horizon - step * max(1.0, many / max(1, once)))
             else:  # evicted while protected, wanted again: protect longer
                 self.horizon = min(self.max_horizon, self.horizon + step * max(1.0, once / max(1, many)))
-            self.touch_marks[page.slot] = 1  # (1 + f accesses)
+            self._reused.add(page.slot)  # (1 + f accesses)
         else:
-            self.touch_marks[page.slot] = 0
+            self._reused.discard(page.slot)
 
     def on_sealed_all(self, pages: list[Page]) -> None:
-        ghost, on_sealed = self._ghost, self.on_sealed
+        ghost, reused, on_sealed = self._ghost, self._reused, self.on_sealed
         for page in pages:
             if ghost and page.block_hash in ghost:
                 on_sealed(page)  # a remembered block: the horizon moves
                 continue
-            self._cover(page.slot)  # on_sealed of a block the ghost does not hold, inlined
-            self.resident += 1
+            self.resident += 1  # on_sealed of a block the ghost does not hold, inlined
             if self.resident > self.peak:
                 self.peak = self.resident
-            self.touch_marks[page.slot] = 0
+            reused.discard(page.slot)
 
     def on_access(self, page: Page) -> None:
-        self._cover(page.slot)
-        self.touch_marks[page.slot] = 1
+        self._reused.add(page.slot)
         if page.policy_state is not None:
             self._push(page)
 
     def on_access_all(self, pages: list[Page]) -> None:
         # on_access, inlined: a lookup's whole hit. (A plain loop: CPython 3.11's specialized
         # slot reads beat set.update(map(attrgetter(...))), ~400 instructions a page.)
-        marks, push = self.touch_marks, self._push
+        add, push = self._reused.add, self._push
         for page in pages:
-            self._cover(page.slot)
-            marks[page.slot] = 1
+            add(page.slot)
             if page.policy_state is not None:
                 push(page)
 
     def on_hit(self, pages: list[Page], slots: list[int], candidates: list[Page]) -> None:
-        # on_access_all, from Namespace.touch's pass, which marked every page first: a page's
-        # key reads only its own slot's mark, so each candidate is pushed with the same key.
+        # on_access_all, from Namespace.touch's pass: a page's key reads only its own slot's
+        # membership, so adding all the slots first pushes each candidate with the same key.
+        self._reused.update(slots)
         push = self._push
         for page in candidates:
             push(page)
 
     def on_dropped(self, page: Page) -> None:
         self.resident -= 1
-        f = 2 if self.touch_marks[page.slot] else 1
-        self.touch_marks[page.slot] = 0
+        f = 2 if page.slot in self._reused else 1
+        self._reused.discard(page.slot)
         if f == 1:
             self._ghost_once += 1
         if self._ghost.add(page.block_hash, f, int(self.max_horizon * self.peak) + 1) == 1:

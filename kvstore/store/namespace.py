@@ -217,7 +217,7 @@ class Namespace:
         """One access of a whole prefix: every page gets the same clock value (see policy/lru.py).
         Returns the pages' slots (a lookup's reply), collected in the same pass."""
         self.clock = clock = self.clock + 1
-        slots, candidates = touch_pages(pages, clock, self.policy.touch_marks)
+        slots, candidates = touch_pages(pages, clock)
         self.policy.on_hit(pages, slots, candidates)
         return slots
 
