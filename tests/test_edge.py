@@ -48,6 +48,16 @@ class Failing:
     async def Full(self, request: Any, context: Any) -> pb.StatsResponse:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def BareFull(self, request: Any, context: Any) -> Awaitable[pb.StatsResponse]:
+        """Without grpc_errors, a coroutine handed to the edge (as KVStore.Lookup is)."""
+        return self.Full.__wrapped__(self, request, context)
+
+    def BareRefused(self, request: Any, context: Any) -> Awaitable[pb.StatsResponse]:
+        async def refuse() -> pb.StatsResponse:
+            raise errors.NotFound("session_id=5 does not exist")
+
+        return refuse()
+
     @grpc_errors
     async def Late(self, request: Any, context: Any) -> pb.StatsResponse:
         # A handler that runs without yielding past its caller's deadline, then refuses the
@@ -71,7 +81,7 @@ async def _with_server(body: Callable[[Edge, Failing, grpc.aio.Channel], Awaitab
             request_deserializer=pb.StatsRequest.FromString,
             response_serializer=pb.StatsResponse.SerializeToString,
         )
-        for name in ("Bug", "Invariant", "Exists", "Full", "Late", "Slow")
+        for name in ("Bug", "Invariant", "Exists", "Full", "BareFull", "BareRefused", "Late", "Slow")
     }
     server = grpc.aio.server()
     edge.add_registered_method_handlers("test.Failing", handlers)  # as the daemon's services do
@@ -107,6 +117,15 @@ def test_what_handlers_raise_maps_to_a_status_never_unknown(caplog: pytest.LogCa
         assert edge.counts.internal == 2
         assert (await _status(channel, "Exists"))[0] == Code.ALREADY_EXISTS
         assert (await _status(channel, "Full"))[0] == Code.RESOURCE_EXHAUSTED
+        # A handler without grpc_errors (KVStore.Lookup): the edge maps what it raises the same way,
+        # an OSError named by its method as grpc_errors names it, and no bug is counted.
+        full = await _status(channel, "Full")
+        assert full[1].startswith("Full: ") and await _status(channel, "BareFull") == (
+            Code.RESOURCE_EXHAUSTED,
+            "BareFull: " + full[1].removeprefix("Full: "),
+        )
+        assert await _status(channel, "BareRefused") == (Code.NOT_FOUND, "session_id=5 does not exist")
+        assert edge.counts.internal == 2
         code, details = await _status(channel, "Exists", b"\x0a\xff\xff\xff\xff\x0f")
         assert code == Code.INVALID_ARGUMENT and "not a valid kvstore.v1.StatsRequest" in details
         assert edge.counts.malformed == 1 and edge.counts.internal == 2
