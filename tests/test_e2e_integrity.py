@@ -8,6 +8,7 @@ a tail: kvstore/_ntzero.c). Real daemon, separate worker processes."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import xxhash
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 
-from kvstore.store import page_sums
+from kvstore.store import integrity, page_sums
 
 NS = "test"  # tests/daemon.py: 4 tokens a page, 64 pages of 1 KiB
 T = 4
@@ -44,6 +45,25 @@ def test_the_scrubber_reaches_a_page_in_a_large_sparse_pool(daemon_factory) -> N
         wait_until(lambda: stat(raw, "pages_corrupt"), lambda n: n == 1, timeout=20, what="the scrubber")
         assert stat(raw, "pages_scrubbed") > scrubbed
         assert writer.call("lookup", namespace=NS, tokens=tokens)["hit_tokens"] == 0
+
+
+def test_the_scrubber_passes_over_a_small_pool_at_most_once_a_second(daemon_factory) -> None:
+    # At 1 MiB/s and a tick of 50 ms, two sealed pages of 1 KiB would be read ~20 times a
+    # second each (a pass a tick); a pass starts at most every integrity.SCRUB_MIN_PASS_S.
+    daemon = daemon_factory(server={"scrub_bytes_per_s": 1 << 20}).start()
+    with Worker("writer") as writer, Raw(daemon.target) as raw:
+        writer.call("connect", target=daemon.target, client_name="writer")
+        writer.call("write_prompt", namespace=NS, tokens=prompt(8, seed=3))  # two full pages
+        wait_until(lambda: stat(raw, "pages_checksummed"), lambda n: n >= 2, timeout=10, what="checksums")
+        wait_until(lambda: stat(raw, "pages_scrubbed"), lambda n: n >= 2, timeout=10, what="a first pass")
+        t0, scrubbed = time.monotonic(), stat(raw, "pages_scrubbed")
+        wait_until(
+            lambda: stat(raw, "pages_scrubbed"), lambda n: n >= scrubbed + 4, timeout=10, what="two passes"
+        )
+        time.sleep(1.0)  # (the window the count is bounded over, not a wait for an event)
+        passes = (stat(raw, "pages_scrubbed") - scrubbed) / 2
+        elapsed = time.monotonic() - t0
+        assert passes <= elapsed / integrity.SCRUB_MIN_PASS_S + 1, (passes, elapsed)
 
 
 def test_a_page_scribbled_on_after_its_seal_is_dropped_by_the_scrubber(daemon_factory) -> None:

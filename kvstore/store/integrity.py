@@ -59,6 +59,13 @@ JOB_BYTES = 32 << 20  # bytes of sealed pages to checksum, or freed pages to zer
 # with few sealed pages (4,096 took ~0.5 ms a tick, 10 ms/s of an idle daemon's loop at 32,768
 # pages: kvstore-bench idle); 10,240 slots a second still pass over such a pool in seconds.
 SCRUB_SCAN = 512
+# A pass over a pool starts at most this often: a pool the rate re-reads in less (at 64 MiB/s,
+# any under 64 MiB) is not re-read many times a second, each time paying the loop per page (a
+# 256-page pool of 4 KiB pages, 64 sealed, was re-read every 50 ms tick: 12.4 ms/s of an idle
+# daemon's loop, 7.1 with this, and ~0.25 ms ticks that a call at concurrency 1 waited behind).
+# A page scribbled on is then found within about this long in a small pool; a large one takes
+# its size / the rate.
+SCRUB_MIN_PASS_S = 1.0
 # A seal wakes the task this long after it: one checksum job for the seals of those ms, not
 # one a Put (~50-70 us of loop a job, any size). A freed page wakes it at once (zeroing ahead).
 SEAL_WAKE_S = 0.005
@@ -82,6 +89,7 @@ class NamespaceGuard:
         self.to_sum = Batch()  # sealed, checksum not yet computed
         self.given: dict[int, int] | None = None  # (page_sums.Guard.given)
         self.cursor = 0  # the scrubber's next slot
+        self.next_pass_at = 0.0  # (monotonic) the scrubber's next pass starts no sooner
         self.zeroing: Batch | None = None  # the freed pages being zeroed now
         self.aged: deque[Page] = deque()  # freed pages free for zero_after_s by the last job: to zero
         self.counts = dict.fromkeys(
@@ -284,16 +292,23 @@ class NamespaceGuard:
         sums.pages = kept
 
     def scrub_pages(self, n: int) -> list[tuple[Page, object]]:
-        """Up to `n` checksummed sealed pages from the cursor on: (page, its checksum)."""
+        """Up to `n` checksummed sealed pages from the cursor on: (page, its checksum). A
+        pass ends at the pool's last slot; the next starts SCRUB_MIN_PASS_S after the last
+        one started, or later."""
         pages = self.ns.pages.pages
         out: list[tuple[Page, object]] = []
+        if self.cursor == 0:
+            now = monotonic()
+            if now < self.next_pass_at:
+                return out
+            self.next_pass_at = now + SCRUB_MIN_PASS_S
         for _ in range(min(len(pages), SCRUB_SCAN)):
             page = pages[self.cursor]
             self.cursor = (self.cursor + 1) % len(pages)
             if page.state is SEALED and type(page.checksum) is int:
                 out.append((page, page.checksum))
-                if len(out) >= n:
-                    break
+            if len(out) >= n or self.cursor == 0:
+                break
         return out
 
     def done(self, sums: Batch, zeros: Batch, scrubs: list[tuple[Page, object]], result: Any) -> None:
