@@ -7,6 +7,7 @@ and cut, with rate halvings and trims on the way."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -82,3 +83,42 @@ def test_a_trim_leaves_distinct_until_the_rate_would_fall() -> None:
         s.record(i.to_bytes(8, "little"))
     assert s.rate == 1.0 and not s._distinct_stale  # narrowed instead of halving
     assert s._distinct == set(s._log) and len(s._keys) == len(s._distinct) <= 50
+
+
+def test_on_a_loop_the_queue_is_recorded_after_the_call_that_fills_it() -> None:
+    # The call that fills the queue returns first (a Lookup's reply is not held up by the
+    # recording); the next turn of the loop records it. A loop that does not turn gets the
+    # queue recorded in the call that brings it to PENDING_MAX. Either way the sample is the
+    # one recording each call makes.
+    blocks = [bytes([i]) * 16 for i in range(8)]
+
+    def add(m: LiveMrc, each: LiveMrc, i: int) -> None:
+        found = blocks[i % 7 : i % 7 + 2]
+        m.add(len(found), list(found))
+        each.add(len(found), list(found))
+        each.record_pending()
+
+    async def main() -> None:
+        m, each = LiveMrc(64), LiveMrc(64)
+        for i in range(live_mrc.PENDING_ADDS):
+            add(m, each, i)
+        assert len(m._pending) == live_mrc.PENDING_ADDS
+        await asyncio.sleep(0)
+        assert m._pending == []
+        assert sample_of(m) == sample_of(each)
+        for i in range(live_mrc.PENDING_MAX - 1):
+            add(m, each, i)
+        assert len(m._pending) == live_mrc.PENDING_MAX - 1  # (no turn of the loop came)
+        add(m, each, 3)
+        assert m._pending == []  # recorded in the call
+        await asyncio.sleep(0)  # (the turn that was asked for finds nothing left)
+        assert sample_of(m) == sample_of(each) and m._sampler.accesses == each._sampler.accesses > 0
+
+    asyncio.run(main())
+
+
+def test_off_a_loop_the_call_that_fills_the_queue_records_it() -> None:
+    m = LiveMrc(64)
+    for i in range(live_mrc.PENDING_ADDS):
+        m.add(1, [bytes([i]) * 16])
+    assert m._pending == [] and m._sampler.accesses == live_mrc.PENDING_ADDS
