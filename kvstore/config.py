@@ -211,7 +211,12 @@ class ServerConfig:
     page_checksums: bool = _key(
         True, "checksum pages at seal and scrub them, off the loop (docs/security.md)"
     )
-    scrub_bytes_per_s: int = _key(64 << 20, "the scrubber's rate; 0 = no scrubber", in_range(0), size=True)
+    scrub_bytes_per_s: int = _key(
+        64 << 20,
+        "the scrubber's rate (a pass over a pool at most once a second); 0 = no scrubber",
+        in_range(0),
+        size=True,
+    )
     zero_freed_pages: bool = _key(True, "zero freed pages, off the loop, before they are handed out again")
     zero_freed_after_s: float = _key(
         1.0,
