@@ -61,10 +61,10 @@ JOB_BYTES = 32 << 20  # bytes of sealed pages to checksum, or freed pages to zer
 SCRUB_SCAN = 512
 # A pass over a pool starts at most this often: a pool the rate re-reads in less (at 64 MiB/s,
 # any under 64 MiB) is not re-read many times a second, each time paying the loop per page (a
-# 256-page pool of 4 KiB pages, 64 sealed, was re-read every 50 ms tick: 12.4 ms/s of an idle
-# daemon's loop, 7.1 with this, and ~0.25 ms ticks that a call at concurrency 1 waited behind).
-# A page scribbled on is then found within about this long in a small pool; a large one takes
-# its size / the rate.
+# 256-page pool of 4 KiB pages, 64 sealed, was re-read every 50 ms tick: an idle daemon's loop
+# 10.0-11.7 ms/s, 7.7 with this, 6.2 with no background work: kvstore-bench idle). A page
+# scribbled on is then found within about this long in a small pool; a large one takes its
+# size / the rate.
 SCRUB_MIN_PASS_S = 1.0
 # A seal wakes the task this long after it: one checksum job for the seals of those ms, not
 # one a Put (~50-70 us of loop a job, any size). A freed page wakes it at once (zeroing ahead).
