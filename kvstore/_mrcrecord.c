@@ -1,6 +1,7 @@
 /* A lookup's or an append's sampled blocks recorded in the live MRC's sample
  * (kvstore/store/live_mrc.py LiveMrc.add), in C rather than Python a block: `record_known`
- * when every one of them was sampled before (a lookup's common case: their spatial hashes
+ * when every one of them under the rate was sampled before (a lookup's common case: the
+ * others skipped by their leading bytes, the sampled ones' spatial hashes
  * looked up in `keys` and appended to the access log, their gaps, the call's then zeros, to
  * the gap list); `record_new` for the rest (an append's new pages: each block's spatial hash
  * made from its bytes, tested against the rate, remembered, and counted as distinct). Their
@@ -9,33 +10,48 @@
 #include "_mrcrecord.h"
 
 const char record_known_doc[] =
-    "record_known(keys, blocks, log, gaps, gap) -> bool: if every block is in keys, append\n"
-    "keys[block] of each to log, and gap then len(blocks) - 1 zeros to gaps; True. Else\n"
-    "change nothing; False.";
+    "record_known(keys, blocks, log, gaps, gap, threshold) -> int: the blocks (bytes of at least\n"
+    "3) whose leading 3 bytes big-endian are under threshold are the sampled ones; if every one\n"
+    "of them is in keys, append keys[block] of each to log, and gap then zeros to gaps (one a\n"
+    "sampled block), and return how many were appended. Else change nothing; -1.";
 
 PyObject *record_known(PyObject *self, PyObject *args) {
     PyObject *keys, *blocks, *log, *gaps, *gap;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O:record_known", &PyDict_Type, &keys, &PyList_Type, &blocks,
-                          &PyList_Type, &log, &PyList_Type, &gaps, &gap))
+    unsigned long threshold;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!Ok:record_known", &PyDict_Type, &keys, &PyList_Type, &blocks,
+                          &PyList_Type, &log, &PyList_Type, &gaps, &gap, &threshold))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(blocks);
-    if (n == 0) Py_RETURN_TRUE;
+    Py_ssize_t n = PyList_GET_SIZE(blocks), m = 0;
+    if (n == 0) return PyLong_FromLong(0);
     PyObject *known = PyList_New(n), *spaced = NULL, *zero = NULL;
     if (known == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *h = PyDict_GetItemWithError(keys, PyList_GET_ITEM(blocks, i)); /* borrowed */
+        PyObject *block = PyList_GET_ITEM(blocks, i); /* borrowed */
+        if (!PyBytes_Check(block) || PyBytes_GET_SIZE(block) < 3) {
+            Py_DECREF(known);
+            PyErr_Format(PyExc_TypeError, "record_known: blocks[%zd] is not a block hash (bytes of 3 or more)", i);
+            return NULL;
+        }
+        const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(block);
+        if ((((unsigned long)b[0] << 16) | ((unsigned long)b[1] << 8) | b[2]) >= threshold) continue;
+        PyObject *h = PyDict_GetItemWithError(keys, block); /* borrowed */
         if (h == NULL) {
             Py_DECREF(known);
             if (PyErr_Occurred()) return NULL;
-            Py_RETURN_FALSE;
+            return PyLong_FromLong(-1);
         }
         Py_INCREF(h);
-        PyList_SET_ITEM(known, i, h);
+        PyList_SET_ITEM(known, m++, h);
     }
-    if ((spaced = PyList_New(n)) == NULL || (zero = PyLong_FromLong(0)) == NULL) goto fail;
+    if (m == 0) {
+        Py_DECREF(known);
+        return PyLong_FromLong(0);
+    }
+    if (m < n && PyList_SetSlice(known, m, n, NULL) < 0) goto fail; /* (the unsampled slots: NULL) */
+    if ((spaced = PyList_New(m)) == NULL || (zero = PyLong_FromLong(0)) == NULL) goto fail;
     Py_INCREF(gap);
     PyList_SET_ITEM(spaced, 0, gap);
-    for (Py_ssize_t i = 1; i < n; i++) {
+    for (Py_ssize_t i = 1; i < m; i++) {
         Py_INCREF(zero);
         PyList_SET_ITEM(spaced, i, zero);
     }
@@ -48,7 +64,7 @@ PyObject *record_known(PyObject *self, PyObject *args) {
     Py_DECREF(known);
     Py_DECREF(spaced);
     Py_DECREF(zero);
-    Py_RETURN_TRUE;
+    return PyLong_FromSsize_t(m);
 fail:
     Py_XDECREF(known);
     Py_XDECREF(spaced);

@@ -2,17 +2,18 @@
 PENDING_ADDS-th call record the queue) and narrows its distinct blocks to the log's only when
 the rate would fall (MrcSampler._forget_head, _lower_rate). Neither may change the sample:
 twins fed the same random lookups and appends, one recording each call as it comes and
-narrowing at every trim (the sampler as it was), must hold the same log, gaps, counts, rate
-and cut, with rate halvings and trims on the way."""
+narrowing at every trim (the sampler as it was), must hold the same log, gaps, counts and
+rate, with rate halvings, trims and calls queued before a halving on the way."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterator
 
 import pytest
 
-from kvstore.mrc import MrcSampler
+from kvstore.mrc import MODULUS, MrcSampler
 from kvstore.store import live_mrc
 from kvstore.store.live_mrc import LiveMrc
 
@@ -27,7 +28,18 @@ class NarrowingAtEveryTrim(MrcSampler):
 
 def sample_of(m: LiveMrc) -> tuple:
     s = m.sampler  # (records what is queued)
-    return (m.cut, s.accesses, s._last_seen, s._base, s.threshold, list(s._log), list(s._gaps))
+    return (s.accesses, s._last_seen, s._base, s.threshold, list(s._log), list(s._gaps))
+
+
+def random_calls(rng: random.Random, n: int) -> Iterator[list[bytes]]:
+    """`n` calls' block hashes: runs of 70 blocks, now and then an append of pages never seen."""
+    blocks = [rng.randbytes(16) for _ in range(70)]
+    for _ in range(n):
+        start = rng.randrange(len(blocks))
+        found = blocks[start : start + rng.randint(0, 12)]
+        if rng.random() < 0.03:  # an append of pages never seen
+            found = found + [rng.randbytes(16) for _ in range(rng.randint(1, 12))]
+        yield found
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -38,19 +50,13 @@ def test_batched_recording_keeps_the_sample(seed: int, monkeypatch: pytest.Monke
     each._sampler = narrowing
     for m in (batched, each):  # (small bounds: the rate halves and the log is trimmed)
         m._sampler.max_keys, m._sampler.max_log = 40, 300
-    blocks = [rng.randbytes(16) for _ in range(70)]
     queued_past_a_cut = 0
-    for step in range(3000):
-        start = rng.randrange(len(blocks))
-        found = blocks[start : start + rng.randint(0, 12)]
-        if rng.random() < 0.03:  # an append of pages never seen
-            found = found + [rng.randbytes(16) for _ in range(rng.randint(1, 12))]
-        # Each filters by the cut it has now: the batched one's moves only when it records.
-        batched_sampled = [h for h in found if h < batched.cut]
-        each_sampled = [h for h in found if h < each.cut]
-        queued_past_a_cut += batched_sampled != each_sampled
-        batched.add(len(found), batched_sampled)
-        each.add(len(found), each_sampled)
+    for step, found in enumerate(random_calls(rng, 3000)):
+        # The batched one's threshold moves only when it records: a call queued before it fell
+        # is tested against the lower one.
+        queued_past_a_cut += batched._sampler.threshold != each._sampler.threshold
+        batched.add(len(found), found)
+        each.add(len(found), found)
         each.record_pending()
         if step % 97 == 0:  # a reader between batches (Admin.Mrc's snapshot)
             assert sample_of(batched) == sample_of(each), step
@@ -58,7 +64,42 @@ def test_batched_recording_keeps_the_sample(seed: int, monkeypatch: pytest.Monke
     s = batched.sampler
     assert s._distinct >= set(s._log) and s._distinct == set(s._keys.values())
     # (what the test is for happened: halvings, trims, and calls queued under an old cut)
-    assert batched.cut != live_mrc.ALL_SAMPLED and s._base > 0 and queued_past_a_cut > 0
+    assert s.threshold < MODULUS and s._base > 0 and queued_past_a_cut > 0
+
+
+def record_call_by_hand(s: MrcSampler, blocks: list[bytes], max_log: int) -> None:
+    """One call's blocks, a block at a time through MrcSampler.record_sampled: sampled iff the
+    leading 3 bytes (big-endian) are under the threshold as it is then, every block of the call
+    counted as seen at the call's start, the log trimmed after the call."""
+    base = s.accesses
+    s.max_log = 1 << 60
+    for block in blocks:
+        lead = int.from_bytes(block[:3], "big")
+        if lead < s.threshold:
+            s.accesses = base + 1  # (record_sampled takes accesses - 1 as the access's place)
+            s.record_sampled(lead | int.from_bytes(block[3:11], "big") << 24)
+    s.accesses, s.max_log = base + len(blocks), max_log
+    if len(s._log) > max_log:
+        s._forget_head()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_sample_is_the_one_recorded_a_block_at_a_time(seed: int) -> None:
+    """The filter by the threshold (in record_known and record_new) and the call's gap, against
+    the sampler's own Python: unfiltered calls queued and recorded in batches must give what
+    the threshold test and record_sampled give a block at a time."""
+    rng = random.Random(seed)
+    m, by_hand = LiveMrc(64), MrcSampler(1.0, 40, 300)
+    m._sampler.max_keys, m._sampler.max_log = 40, 300
+    skipped_calls = 0
+    for step, found in enumerate(random_calls(rng, 3000)):
+        skipped_calls += bool(found) and all(int.from_bytes(h[:3], "big") >= by_hand.threshold for h in found)
+        m.add(len(found), found)
+        record_call_by_hand(by_hand, found, 300)
+        if step % 89 == 0:
+            s = by_hand
+            assert sample_of(m) == (s.accesses, s._last_seen, s._base, s.threshold, s._log, s._gaps), step
+    assert by_hand.threshold < MODULUS and by_hand._base > 0 and skipped_calls > 100
 
 
 def test_add_queues_until_the_batch_or_a_reader() -> None:

@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from kvstore.mrc import MODULUS
 from kvstore.store import live_mrc
 from kvstore.store.live_mrc import LiveMrc, py_record_known, py_record_new, record_known, record_new
 
@@ -17,7 +18,6 @@ from kvstore.store.live_mrc import LiveMrc, py_record_known, py_record_new, reco
 def state(m: LiveMrc) -> tuple:
     s = m.sampler
     return (
-        m.cut,
         s.accesses,
         s._last_seen,
         s.threshold,
@@ -49,25 +49,40 @@ def test_the_sample_is_the_python_ones(seed: int, monkeypatch: pytest.MonkeyPatc
         for m, known, new in ((ours, record_known, record_new), (theirs, py_record_known, py_record_new)):
             monkeypatch.setattr(live_mrc, "record_known", known)
             monkeypatch.setattr(live_mrc, "record_new", new)
-            sampled = [h for h in found if h < m.cut]
+            cut = m._sampler.threshold.to_bytes(4, "big")[1:]
+            sampled = [h for h in found if h[:3] < cut]
             all_known = all(h in m.sampler._keys for h in sampled)
             known_runs += bool(sampled) and all_known and m is ours
             new_runs += bool(sampled) and not all_known and m is ours
-            m.add(len(found), sampled)
+            m.add(len(found), found)
         assert state(ours) == state(theirs), step
     # (both paths, and halvings: the C loop stopped at max_keys and went on after it)
-    assert known_runs > 100 and new_runs > 30 and ours.cut != live_mrc.ALL_SAMPLED
+    assert known_runs > 100 and new_runs > 30 and ours.sampler.threshold < MODULUS
 
 
 def test_record_known_matches_its_reference() -> None:
-    keys = {b"a": 1, b"b": 2, b"c": 3}
-    for blocks in ([b"a", b"b", b"a"], [b"c"], [], [b"a", b"x"], [b"x"]):
-        got = ([9], [4]), ([9], [4])
-        assert record_known(keys, blocks, *got[0], 7) == py_record_known(keys, blocks, *got[1], 7)
-        assert got[0] == got[1], blocks
+    # Blocks by their leading 3 bytes: a, b and c under a threshold of 0x800000, x and y over it.
+    a, b, c, x = b"\x00\x00\x01a", b"\x10\x00\x00b", b"\x7f\xff\xffc", b"\x80\x00\x00x"
+    y = b"\xff\xff\xffy"
+    keys = {a: 1, b: 2, c: 3}
+    for threshold in (1 << 24, 1 << 23, 1 << 20, 0):
+        for blocks in ([a, b, a], [c], [], [a, x], [x], [x, a, y, b], [a, b"\x00\x00\x02?"]):
+            got = ([9], [4]), ([9], [4])
+            n = record_known(keys, blocks, *got[0], 7, threshold)
+            assert n == py_record_known(keys, blocks, *got[1], 7, threshold), (blocks, threshold)
+            assert got[0] == got[1], (blocks, threshold)
     log, gaps = [], []
-    assert record_known(keys, [b"b", b"c"], log, gaps, 5) and (log, gaps) == ([2, 3], [5, 0])
-    assert not record_known(keys, [b"b", b"nope"], log, gaps, 5) and (log, gaps) == ([2, 3], [5, 0])
+    assert record_known(keys, [b, c], log, gaps, 5, 1 << 24) == 2 and (log, gaps) == ([2, 3], [5, 0])
+    # Under the threshold and not known: nothing changes. Over it: skipped, not counted.
+    assert record_known(keys, [b, x], log, gaps, 5, 1 << 24) == -1 and (log, gaps) == ([2, 3], [5, 0])
+    assert record_known(keys, [x, b, y, a], log, gaps, 6, 1 << 23) == 2
+    assert (log, gaps) == ([2, 3, 2, 1], [5, 0, 6, 0])
+    assert record_known(keys, [x, y], log, gaps, 6, 1 << 23) == 0 and (log, gaps) == (
+        [2, 3, 2, 1],
+        [5, 0, 6, 0],
+    )
+    with pytest.raises(TypeError, match="block hash"):
+        record_known(keys, [b"\x00\x01"], [], [], 0, 1 << 24)
 
 
 def test_record_new_matches_its_reference() -> None:

@@ -14,9 +14,10 @@ must be counted once:
   (`Sequence.mrc_skip`): so lookup-then-append counts each block once, an append alone
   counts all of them, and a chunked prefill (several appends) skips the same pages.
 
-Cost on the hot paths: one comparison per block (`block_hash < cut`: the first 3 bytes of
-a BLAKE2b digest are uniform, so they are the spatial hash, and the threshold test is a
-bytes comparison), plus the sampler's bookkeeping for the sampled blocks only. The rate
+Cost on the hot paths: none per block. A call hands its list of block hashes over as it is
+(`LiveMrc.add`); the sampling test (the first 3 bytes of a BLAKE2b digest are uniform, so they
+are the spatial hash: a block is sampled iff they are under the threshold) and the sampler's
+bookkeeping for the sampled blocks run later, in C, in a batch of calls. The rate
 starts so that the pool's capacity is about `SAMPLED_POOL_PAGES` sampled blocks (1.0 for a
 pool of up to that many pages) and halves whenever the sample holds more than `MAX_KEYS`
 distinct blocks (fixed-size SHARDS); the log keeps the last `MAX_LOG` sampled accesses.
@@ -37,24 +38,26 @@ MAX_LOG = 1 << 17  # sampled accesses kept (the curve is of recent history)
 PENDING_ADDS = 32  # calls queued before they are recorded (LiveMrc)
 PENDING_MAX = 4 * PENDING_ADDS  # queued calls recorded at once, whether or not a turn of the loop came
 LOOKUPS_REMEMBERED = 256  # per session: lookups waiting for the append of their prompt
-ALL_SAMPLED = b"\xff" * 17  # above every 16-byte hash
 
 
 def py_record_known(
-    keys: dict[bytes, int], blocks: list[bytes], log: list[int], gaps: list[int], gap: int
-) -> bool:
-    """If every block is in `keys`: its spatial hash appended to `log`, and `gap` then zeros
-    to `gaps`; True. Else nothing changes; False. kvstore/_mrcrecord.c does the same in C;
-    this is its fallback and its reference."""
+    keys: dict[bytes, int], blocks: list[bytes], log: list[int], gaps: list[int], gap: int, threshold: int
+) -> int:
+    """The sampled blocks are those whose leading 3 bytes (big-endian) are under `threshold`.
+    If every one of them is in `keys`: its spatial hash appended to `log`, and `gap` then zeros
+    to `gaps`; returns how many. Else nothing changes; -1. kvstore/_mrcrecord.c does the same in
+    C; this is its fallback and its reference."""
+    cut = threshold.to_bytes(3, "big") if threshold < MODULUS else None
+    sampled = blocks if cut is None else [b for b in blocks if b[:3] < cut]
     try:
-        known = list(map(keys.__getitem__, blocks))
+        known = list(map(keys.__getitem__, sampled))
     except KeyError:
-        return False
+        return -1
     if known:
         log += known
         gaps.append(gap)
         gaps += [0] * (len(known) - 1)
-    return True
+    return len(known)
 
 
 def py_record_new(
@@ -100,7 +103,8 @@ except ImportError:
 
 
 class LiveMrc:
-    """One namespace's sample. `cut`: a block hash is sampled iff `block_hash < cut`.
+    """One namespace's sample: a block hash is sampled iff its leading 3 bytes (big-endian)
+    are under the sampler's threshold.
 
     `add` queues its call and records the queue every `PENDING_ADDS` calls, in order: the
     sample is what recording each call as it came would make, and `sampler` (and `snapshot`)
@@ -109,19 +113,17 @@ class LiveMrc:
     the caches; a run of calls records on warm ones (BENCHMARKS.md, rpc). On the event loop
     the queue is recorded in the loop's next turn, not in the call that filled it, so that
     call's reply is not held up by 32 calls' recording (a call at concurrency 1 waited ~0.1-0.2
-    ms); a loop that does not turn gets it recorded at `PENDING_MAX`. `cut` moves only when
-    the queue is recorded: a call queued under the old cut brings blocks the new rate no
-    longer samples, and recording drops them (`record_new` tests the threshold; `keys` holds
-    only blocks under it), so the sample is the same."""
+    ms); a loop that does not turn gets it recorded at `PENDING_MAX`. A call's blocks are
+    queued unfiltered and tested against the threshold as they are recorded (in C): the test
+    costs the call nothing, and the threshold, which only falls, is the one recording each
+    call as it came would have used."""
 
-    __slots__ = ("_pending", "_sampler", "_soon", "cut")
+    __slots__ = ("_pending", "_sampler", "_soon")
 
     def __init__(self, num_pages: int) -> None:
         self._sampler = MrcSampler(min(1.0, SAMPLED_POOL_PAGES / max(1, num_pages)), MAX_KEYS, MAX_LOG)
         self._pending: list[tuple[int, list[bytes]]] = []
         self._soon = False  # a turn of the loop will record the queue
-        self.cut = ALL_SAMPLED
-        self._update_cut()
 
     @property
     def sampler(self) -> MrcSampler:
@@ -130,15 +132,12 @@ class LiveMrc:
             self.record_pending()
         return self._sampler
 
-    def _update_cut(self) -> None:
-        t = self._sampler.threshold
-        self.cut = t.to_bytes(3, "big") if t < MODULUS else ALL_SAMPLED
-
-    def add(self, accesses: int, sampled: list[bytes]) -> None:
-        """`accesses` block accesses, of which `sampled` (in order) passed `< cut`. The caller
-        hands `sampled` over: it must not change it afterwards."""
+    def add(self, accesses: int, blocks: list[bytes]) -> None:
+        """`accesses` block accesses, `blocks` their hashes in order (the sampled ones are
+        picked as they are recorded). The caller hands `blocks` over: it must not change it
+        afterwards."""
         pending = self._pending
-        pending.append((accesses, sampled))
+        pending.append((accesses, blocks))
         if len(pending) < PENDING_ADDS or (self._soon and len(pending) < PENDING_MAX):
             return
         loop = None if self._soon else _get_running_loop()
@@ -156,31 +155,34 @@ class LiveMrc:
     def record_pending(self) -> None:
         """Record the queued calls, oldest first."""
         pending, self._pending = self._pending, []
-        for accesses, sampled in pending:
-            self._record(accesses, sampled)
+        for accesses, blocks in pending:
+            self._record(accesses, blocks)
 
-    def _record(self, accesses: int, sampled: list[bytes]) -> None:
-        """MrcSampler.record_sampled for each of `sampled`, in C (record_known, record_new)."""
+    def _record(self, accesses: int, blocks: list[bytes]) -> None:
+        """MrcSampler.record_sampled for each of `blocks` under the threshold, in C
+        (record_known, record_new)."""
         s = self._sampler
         base = s.accesses
-        if sampled:
+        if blocks:
             keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
-            # Every block sampled before (the common case), so each in `distinct` already: what
-            # the loop below does for them, in one step each (a gap: kvstore/mrc.py says why).
-            if record_known(keys, sampled, log, gaps, base - s._last_seen):
+            # Every sampled block sampled before (the common case), so each in `distinct`
+            # already: what the loop below does for them, in one step each (a gap: kvstore/mrc.py
+            # says why).
+            recorded = record_known(keys, blocks, log, gaps, base - s._last_seen, s.threshold)
+            if recorded > 0:
                 s._last_seen = base
-                sampled = []  # (else some are new, nothing was recorded: the loop below)
+            if recorded >= 0:
+                blocks = []  # (else some are new, nothing was recorded: the loop below)
             i = 0
-            while i < len(sampled):  # (an append's new pages; more than one turn: the rate fell)
+            while i < len(blocks):  # (an append's new pages; more than one turn: the rate fell)
                 i, recorded = record_new(
-                    keys, distinct, sampled, i, log, gaps, base - s._last_seen, s.threshold, s.max_keys
+                    keys, distinct, blocks, i, log, gaps, base - s._last_seen, s.threshold, s.max_keys
                 )
                 if recorded:
                     s._last_seen = base
                 if len(distinct) > s.max_keys:
                     s._lower_rate()  # rebinds the lists and filters `keys`
                     keys, log, gaps, distinct = s._keys, s._log, s._gaps, s._distinct
-                    self._update_cut()
             if len(log) > s.max_log:
                 s._forget_head()
         s.accesses = base + accesses

@@ -12,7 +12,7 @@ from kvstore.errors import InvariantBroken
 from kvstore.hashing import iter_block_hashes
 from kvstore.memory.pages import Page
 from kvstore.store import page_runs, quotas, validate
-from kvstore.store.live_mrc import ALL_SAMPLED, remember_lookup
+from kvstore.store.live_mrc import remember_lookup
 from kvstore.store.namespace import Namespace
 from kvstore.store.sessions import Pin, Session
 from kvstore.store.tiering import walk
@@ -42,12 +42,9 @@ def lookup(
     if pin:  # (its resident pages; those promoted from a tier come on top)
         quotas.check_session_pages(session, ns, len(pages), f"a pinned lookup of {len(pages)} pages")
     first_miss = found[-1] if len(found) > len(pages) else None
-    cut = ns.mrc.cut
-    # For the MRC: the blocks this lookup touches under the cut (all of them in a small pool).
-    sampled = found if cut is ALL_SAMPLED else [h for h in found if h < cut]
     touched = len(pages) + (first_miss is not None)
     if touched:
-        ns.mrc.add(touched, sampled)
+        ns.mrc.add(touched, found)  # (the blocks this lookup touches; `found` is not changed below)
         if session is not None:
             first = pages[0].block_hash if pages else first_miss
             remember_lookup(session.mrc_lookups, first or b"", touched)

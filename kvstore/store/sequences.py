@@ -221,9 +221,9 @@ def sample_hashes(session: Session, seq: Sequence, hashed: list[tuple[int, Block
         return
     if hashed[0][0] == 0:  # the sequence's first page: did a lookup count this prompt?
         seq.mrc_skip = session.mrc_lookups.pop(hashed[0][1], 0)
-    skip, cut = seq.mrc_skip, seq.ns.mrc.cut
+    skip = seq.mrc_skip
     counted = [h for i, h in hashed if i >= skip]
-    seq.ns.mrc.add(len(counted), [h for h in counted if h < cut])
+    seq.ns.mrc.add(len(counted), counted)
 
 
 def commit(seq: Sequence, num_tokens: int, written_slots: Seq[int] = ()) -> CommitResult:
