@@ -350,6 +350,8 @@ static PyMethodDef methods[] = {
     {"probe", probe, METH_VARARGS, probe_doc},
     {"first_over", first_over, METH_VARARGS, first_over_doc},
     {"touch_pages", touch_pages, METH_VARARGS, touch_pages_doc},
+    {"ref_run", ref_run, METH_VARARGS, ref_run_doc},
+    {"unref_run", unref_run, METH_VARARGS, unref_run_doc},
     {"encode_fields", encode_fields, METH_VARARGS, encode_fields_doc},
     {"record_known", record_known, METH_VARARGS, record_known_doc},
     {"record_new", record_new, METH_VARARGS, record_new_doc},

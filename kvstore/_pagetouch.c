@@ -3,14 +3,20 @@
  * candidates (policy_state set) collected for the policy. Page (kvstore/memory/pages.py) has
  * __slots__, so the three fields are read and written at their offsets in the object, found
  * once from the class's member descriptors: a few instructions a field where Python's loops
- * (touch, then the policy's on_access_all, then the slots' list) took ~600 a page. */
+ * (touch, then the policy's on_access_all, then the slots' list) took ~600 a page.
+ *
+ * And the passes of kvstore/store/page_runs.py over a run of pages (a pin's hit taken, a
+ * release): `ref_run` and `unref_run` move each page's refcount and collect the pages the
+ * policy must hear of; the caller tells the policy and raises for a page that was not sealed
+ * (or not referenced). Their Python references are page_runs.py_ref_run and py_unref_run
+ * (tests/test_page_runs.py). */
 
 #include "_pagetouch.h"
 
 #include <structmember.h>
 
 static PyTypeObject *page_type; /* the type the offsets below are of (a strong reference) */
-static Py_ssize_t off_last_access, off_slot, off_policy_state;
+static Py_ssize_t off_last_access, off_slot, off_policy_state, off_state, off_refcount, off_children;
 
 int member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out) {
     PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
@@ -24,13 +30,14 @@ int member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out) {
 }
 
 static int learn(PyTypeObject *type) {
-    Py_ssize_t a, s, p;
+    Py_ssize_t a, s, p, st, r, c;
     if (member_offset(type, "last_access", &a) < 0 || member_offset(type, "slot", &s) < 0 ||
-        member_offset(type, "policy_state", &p) < 0)
+        member_offset(type, "policy_state", &p) < 0 || member_offset(type, "state", &st) < 0 ||
+        member_offset(type, "refcount", &r) < 0 || member_offset(type, "children", &c) < 0)
         return -1;
     Py_INCREF(type);
     Py_XSETREF(page_type, type);
-    off_last_access = a, off_slot = s, off_policy_state = p;
+    off_last_access = a, off_slot = s, off_policy_state = p, off_state = st, off_refcount = r, off_children = c;
     return 0;
 }
 
@@ -69,5 +76,90 @@ PyObject *touch_pages(PyObject *self, PyObject *args) {
 fail:
     Py_XDECREF(slots);
     Py_XDECREF(candidates);
+    return NULL;
+}
+
+/* The page's type learned, then its refcount as a long into *n; -1 with an exception. */
+static int read_refcount(PyObject *page, long *n) {
+    if (Py_TYPE(page) != page_type && learn(Py_TYPE(page)) < 0) return -1;
+    PyObject *rc = FIELD(page, off_refcount);
+    if (rc == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a page has no refcount");
+        return -1;
+    }
+    *n = PyLong_AsLong(rc);
+    return *n == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The page's refcount set to n; -1 with an exception. */
+static int write_refcount(PyObject *page, long n) {
+    PyObject *new = PyLong_FromLong(n);
+    if (new == NULL) return -1;
+    Py_XSETREF(FIELD(page, off_refcount), new);
+    return 0;
+}
+
+const char ref_run_doc[] =
+    "ref_run(pages, sealed) -> (held, bad): page_runs.ref_all's pass: each page's refcount\n"
+    "plus one, in order, stopping at the first page whose state is not `sealed` (its index is\n"
+    "`bad`, else -1; it and those after it are untouched); `held`: the pages whose refcount\n"
+    "went from 0 to 1, in order.";
+
+PyObject *ref_run(PyObject *self, PyObject *args) {
+    PyObject *pages, *sealed;
+    if (!PyArg_ParseTuple(args, "O!O:ref_run", &PyList_Type, &pages, &sealed)) return NULL;
+    PyObject *held = PyList_New(0);
+    if (held == NULL) return NULL;
+    Py_ssize_t bad = -1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pages); i++) {
+        PyObject *page = PyList_GET_ITEM(pages, i);
+        long n;
+        if (read_refcount(page, &n) < 0) goto fail;
+        if (FIELD(page, off_state) != sealed) {
+            bad = i;
+            break;
+        }
+        if (write_refcount(page, n + 1) < 0) goto fail;
+        if (n == 0 && PyList_Append(held, page) < 0) goto fail;
+    }
+    return Py_BuildValue("(Nn)", held, bad);
+fail:
+    Py_DECREF(held);
+    return NULL;
+}
+
+const char unref_run_doc[] =
+    "unref_run(pages, sealed) -> (unpinned, free, bad): page_runs.unref_all's pass: each\n"
+    "page's refcount minus one, in order, stopping at the first page whose state is not\n"
+    "`sealed` or whose refcount is not positive (its index is `bad`, else -1; it and those\n"
+    "after it are untouched); `unpinned`: how many reached 0; `free`: those of them with no\n"
+    "children (evictable), in order.";
+
+PyObject *unref_run(PyObject *self, PyObject *args) {
+    PyObject *pages, *sealed;
+    if (!PyArg_ParseTuple(args, "O!O:unref_run", &PyList_Type, &pages, &sealed)) return NULL;
+    PyObject *free = PyList_New(0);
+    if (free == NULL) return NULL;
+    Py_ssize_t bad = -1, unpinned = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pages); i++) {
+        PyObject *page = PyList_GET_ITEM(pages, i);
+        long n;
+        if (read_refcount(page, &n) < 0) goto fail;
+        if (FIELD(page, off_state) != sealed || n <= 0) {
+            bad = i;
+            break;
+        }
+        if (write_refcount(page, n - 1) < 0) goto fail;
+        if (n == 1) {
+            unpinned++;
+            PyObject *children = FIELD(page, off_children);
+            int has = children == NULL ? 0 : PyObject_IsTrue(children);
+            if (has < 0) goto fail;
+            if (!has && PyList_Append(free, page) < 0) goto fail;
+        }
+    }
+    return Py_BuildValue("(nNn)", unpinned, free, bad);
+fail:
+    Py_DECREF(free);
     return NULL;
 }

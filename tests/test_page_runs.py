@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore.memory.pages import Page
+from kvstore.errors import InvariantBroken
+from kvstore.memory.pages import FREE, RESERVED, SEALED, Page
 from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import make_policy, policy_names
 from kvstore.store import page_runs
@@ -213,3 +214,73 @@ def test_a_namespace_moved_in_runs_is_the_one_moved_a_page_at_a_time(policy, see
     finally:
         for t in twins:
             t.ns.pool.close()
+
+
+# ---------------------------------------------------------------- the passes in C
+
+
+def test_the_extension_is_built() -> None:
+    assert page_runs.ref_run is not page_runs.py_ref_run  # (else the twins compare Python to itself)
+    assert page_runs.unref_run is not page_runs.py_unref_run
+
+
+def _run_pages(rng: random.Random) -> list[Page]:
+    """Pages in every state, refcounts 0-2, some with children (a set, empty or not)."""
+    pages = []
+    for slot in range(rng.randint(0, 12)):
+        page = Page(slot)
+        page.state = rng.choice([SEALED] * 6 + [RESERVED, FREE])
+        page.refcount = rng.choice([0, 0, 1, 2, -1 if rng.random() < 0.05 else 0])
+        page.children = rng.choice([None, set(), {Page(99)}])
+        pages.append(page)
+    return pages
+
+
+def _fields(pages: list[Page]) -> list[tuple]:
+    return [(p.slot, p.state, p.refcount, p.children) for p in pages]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ref_run_and_unref_run_match_their_references(seed: int) -> None:
+    rng = random.Random(seed)
+    stops = {"ref": 0, "unref": 0}
+    for _ in range(300):
+        pages = _run_pages(rng)
+        twin = [Page(p.slot) for p in pages]
+        for a, b in zip(pages, twin, strict=True):
+            b.state, b.refcount, b.children = a.state, a.refcount, a.children
+        if rng.random() < 0.5:
+            ours, theirs = page_runs.ref_run(pages, SEALED), page_runs.py_ref_run(twin, SEALED)
+            slots = ([p.slot for p in ours[0]], ours[1]), ([p.slot for p in theirs[0]], theirs[1])
+            stops["ref"] += ours[1] >= 0
+        else:
+            ours, theirs = page_runs.unref_run(pages, SEALED), page_runs.py_unref_run(twin, SEALED)
+            slots = (
+                (ours[0], [p.slot for p in ours[1]], ours[2]),
+                (theirs[0], [p.slot for p in theirs[1]], theirs[2]),
+            )
+            stops["unref"] += ours[2] >= 0
+        assert slots[0] == slots[1]
+        assert _fields(pages) == _fields(twin)
+    assert min(stops.values()) > 20  # (the stops at a bad page were compared too)
+
+
+def test_a_bad_page_in_a_run_raises_after_the_pages_before_it_are_moved() -> None:
+    ns = _namespace("lru")
+    try:
+        pages = [ns.reserve(1) for _ in range(3)]
+        for i, page in enumerate(pages):
+            page.block_hash = b"r%d" % i
+        ns.seal_run(pages[:2], None)  # the third stays reserved
+        page_runs.unref_all(ns, [pages[1], pages[0]])  # (the sealer's references)
+        assert ns.pages_pinned == 0 and ns.policy.victim() is pages[1]
+        with pytest.raises(InvariantBroken, match="not sealed"):
+            page_runs.ref_all(ns, pages)
+        assert [p.refcount for p in pages] == [1, 1, 0] and ns.pages_pinned == 2
+        assert ns.policy.victim() is None  # both held: the policy heard of them
+        with pytest.raises(InvariantBroken, match="does not have"):
+            page_runs.unref_all(ns, [pages[1], pages[0], pages[0]])
+        assert [p.refcount for p in pages] == [0, 0, 0] and ns.pages_pinned == 0
+        assert ns.policy.victim() is pages[1]  # the leaf is evictable again
+    finally:
+        ns.pool.close()

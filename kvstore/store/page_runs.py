@@ -7,43 +7,65 @@ A run's seal is `Namespace.seal_run`."""
 from __future__ import annotations
 
 from kvstore.errors import InvariantBroken
-from kvstore.memory.pages import RESERVED, SEALED, Page
+from kvstore.memory.pages import RESERVED, SEALED, Page, PageState
 from kvstore.store.namespace import Namespace
+
+
+def py_ref_run(pages: list[Page], sealed: PageState) -> tuple[list[Page], int]:
+    """Each page's refcount plus one, in order, stopping at the first page whose state is not
+    `sealed`: (the pages whose refcount went from 0 to 1, that page's index or -1).
+    kvstore/_pagetouch.c does the same in C; this is its fallback and its reference."""
+    held: list[Page] = []
+    for i, page in enumerate(pages):
+        if page.state is not sealed:
+            return held, i
+        if page.refcount == 0:
+            held.append(page)
+        page.refcount += 1
+    return held, -1
+
+
+def py_unref_run(pages: list[Page], sealed: PageState) -> tuple[int, list[Page], int]:
+    """Each page's refcount minus one, in order, stopping at the first page not `sealed` or
+    not referenced: (how many reached 0, those of them with no children, that page's index or
+    -1). kvstore/_pagetouch.c does the same in C; this is its fallback and its reference."""
+    free: list[Page] = []
+    unpinned = 0
+    for i, page in enumerate(pages):
+        if page.state is not sealed or page.refcount <= 0:
+            return unpinned, free, i
+        page.refcount -= 1
+        if page.refcount == 0:
+            unpinned += 1
+            if not page.children:  # page.evictable: sealed, unpinned, a leaf
+                free.append(page)
+    return unpinned, free, -1
+
+
+try:  # (absent where the extension is not built)
+    from kvstore._chainhash import ref_run, unref_run
+except ImportError:
+    ref_run, unref_run = py_ref_run, py_unref_run
 
 
 def ref_all(ns: Namespace, pages: list[Page]) -> None:
     """`ns.ref(page)` of each page."""
-    held: list[Page] = []
-    try:
-        for page in pages:
-            if page.state is not SEALED:
-                raise InvariantBroken(f"namespace {ns.name!r}: a reference on {page}, which is not sealed")
-            if page.refcount == 0:
-                held.append(page)
-            page.refcount += 1
-    finally:
-        if held:
-            ns.pages_pinned += len(held)
-            ns.policy.on_unevictable_all(held)
+    held, bad = ref_run(pages, SEALED)
+    if held:
+        ns.pages_pinned += len(held)
+        ns.policy.on_unevictable_all(held)
+    if bad >= 0:
+        raise InvariantBroken(f"namespace {ns.name!r}: a reference on {pages[bad]}, which is not sealed")
 
 
 def unref_all(ns: Namespace, pages: list[Page]) -> None:
     """`ns.unref(page)` of each page, in order (leaves first, as a release goes)."""
-    free: list[Page] = []
-    unpinned = 0
-    try:
-        for page in pages:
-            if page.state is not SEALED or page.refcount <= 0:
-                raise InvariantBroken(f"namespace {ns.name!r}: releasing a reference {page} does not have")
-            page.refcount -= 1
-            if page.refcount == 0:
-                unpinned += 1
-                if not page.children:  # page.evictable: sealed, unpinned, a leaf
-                    free.append(page)
-    finally:
-        ns.pages_pinned -= unpinned
-        if free:
-            ns.policy.on_evictable_all(free)
+    unpinned, free, bad = unref_run(pages, SEALED)
+    ns.pages_pinned -= unpinned
+    if free:
+        ns.policy.on_evictable_all(free)
+    if bad >= 0:
+        raise InvariantBroken(f"namespace {ns.name!r}: releasing a reference {pages[bad]} does not have")
 
 
 def let_go(ns: Namespace, pages: list[Page | None]) -> tuple[int, int]:
