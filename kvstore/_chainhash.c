@@ -352,6 +352,7 @@ static PyMethodDef methods[] = {
     {"touch_pages", touch_pages, METH_VARARGS, touch_pages_doc},
     {"ref_run", ref_run, METH_VARARGS, ref_run_doc},
     {"unref_run", unref_run, METH_VARARGS, unref_run_doc},
+    {"withdraw_all", withdraw_all, METH_VARARGS, withdraw_all_doc},
     {"encode_fields", encode_fields, METH_VARARGS, encode_fields_doc},
     {"record_known", record_known, METH_VARARGS, record_known_doc},
     {"record_new", record_new, METH_VARARGS, record_new_doc},

@@ -9,7 +9,8 @@
  * release): `ref_run` and `unref_run` move each page's refcount and collect the pages the
  * policy must hear of; the caller tells the policy and raises for a page that was not sealed
  * (or not referenced). Their Python references are page_runs.py_ref_run and py_unref_run
- * (tests/test_page_runs.py). */
+ * (tests/test_page_runs.py). `withdraw_all` is the heap policies' side of a pin's pages: the
+ * candidates among them withdrawn (policy/heap.py, py_withdraw_all its reference). */
 
 #include "_pagetouch.h"
 
@@ -162,4 +163,30 @@ PyObject *unref_run(PyObject *self, PyObject *args) {
 fail:
     Py_DECREF(free);
     return NULL;
+}
+
+const char withdraw_all_doc[] =
+    "withdraw_all(pages) -> int: HeapPolicy.on_unevictable_all's pass: each page whose\n"
+    "policy_state is not None gets None (its heap entry goes stale); how many did.";
+
+PyObject *withdraw_all(PyObject *self, PyObject *args) {
+    PyObject *pages;
+    if (!PyArg_ParseTuple(args, "O!:withdraw_all", &PyList_Type, &pages)) return NULL;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pages); i++) {
+        PyObject *page = PyList_GET_ITEM(pages, i);
+        if (Py_TYPE(page) != page_type && learn(Py_TYPE(page)) < 0) return NULL;
+        PyObject *state = FIELD(page, off_policy_state);
+        if (state == NULL) {
+            PyErr_Format(PyExc_AttributeError, "pages[%zd] has no policy_state", i);
+            return NULL;
+        }
+        if (state != Py_None) {
+            Py_INCREF(Py_None);
+            FIELD(page, off_policy_state) = Py_None;
+            Py_DECREF(state);
+            n++;
+        }
+    }
+    return PyLong_FromSsize_t(n);
 }

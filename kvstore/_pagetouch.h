@@ -12,6 +12,8 @@ extern const char ref_run_doc[];
 PyObject *ref_run(PyObject *self, PyObject *args);
 extern const char unref_run_doc[];
 PyObject *unref_run(PyObject *self, PyObject *args);
+extern const char withdraw_all_doc[];
+PyObject *withdraw_all(PyObject *self, PyObject *args);
 
 /* The offset in `type`'s objects of its writable __slots__ field `name`; -1 with TypeError
  * set when it has none. */

@@ -20,6 +20,7 @@ from kvstore.errors import InvariantBroken
 from kvstore.memory.pages import FREE, RESERVED, SEALED, Page
 from kvstore.memory.shm_pool import ShmPool
 from kvstore.policy import make_policy, policy_names
+from kvstore.policy.heap import py_withdraw_all, withdraw_all
 from kvstore.store import page_runs
 from kvstore.store.namespace import Namespace
 from kvstore.store.types import PAGE_ALIGN, NamespaceSpec
@@ -284,3 +285,16 @@ def test_a_bad_page_in_a_run_raises_after_the_pages_before_it_are_moved() -> Non
         assert ns.policy.victim() is pages[1]  # the leaf is evictable again
     finally:
         ns.pool.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_withdraw_all_matches_its_reference(seed: int) -> None:
+    assert withdraw_all is not py_withdraw_all  # (else Python against itself)
+    rng = random.Random(seed)
+    for _ in range(200):
+        states = [rng.choice([None, None, 0, 3, "x"]) for _ in range(rng.randint(0, 10))]
+        ours, theirs = [Page(i) for i in range(len(states))], [Page(i) for i in range(len(states))]
+        for a, b, state in zip(ours, theirs, states, strict=True):
+            a.policy_state = b.policy_state = state
+        assert withdraw_all(ours) == py_withdraw_all(theirs) == sum(s is not None for s in states)
+        assert [p.policy_state for p in ours] == [p.policy_state for p in theirs] == [None] * len(states)

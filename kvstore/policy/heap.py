@@ -22,6 +22,23 @@ from kvstore.memory.pages import Page
 from kvstore.policy.base import EvictionPolicy
 
 
+def py_withdraw_all(pages: list[Page]) -> int:
+    """Each page that is a candidate (`policy_state` set) is one no more; how many were.
+    kvstore/_pagetouch.c does the same in C; this is its fallback and its reference."""
+    n = 0
+    for page in pages:
+        if page.policy_state is not None:
+            page.policy_state = None
+            n += 1
+    return n
+
+
+try:  # (absent where the extension is not built)
+    from kvstore._chainhash import withdraw_all
+except ImportError:
+    withdraw_all = py_withdraw_all
+
+
 class LazyHeap:
     """Pages by key, smallest first (ties by slot); an entry is live while the page's
     `policy_state` equals the entry's version (versions come from the owning policy)."""
@@ -106,12 +123,7 @@ class HeapPolicy(EvictionPolicy):
             self._count -= 1
 
     def on_unevictable_all(self, pages: list[Page]) -> None:
-        n = 0  # on_unevictable, inlined: a pin's whole hit
-        for page in pages:
-            if page.policy_state is not None:
-                page.policy_state = None
-                n += 1
-        self._count -= n
+        self._count -= withdraw_all(pages)  # on_unevictable of each, in one pass: a pin's whole hit
 
     def _pop(self) -> tuple[Any, Page] | None:
         popped = self._heap.pop()
