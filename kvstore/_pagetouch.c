@@ -104,15 +104,28 @@ const char ref_run_doc[] =
     "ref_run(pages, sealed) -> (held, bad): page_runs.ref_all's pass: each page's refcount\n"
     "plus one, in order, stopping at the first page whose state is not `sealed` (its index is\n"
     "`bad`, else -1; it and those after it are untouched); `held`: the pages whose refcount\n"
-    "went from 0 to 1, in order.";
+    "went from 0 to 1, in order. Raising (out of memory), it leaves every refcount as it was.";
+
+/* A pass that fails (out of memory) leaves no page moved: the refcounts of pages[0:upto] are
+ * moved back by `delta` (small ints, which CPython never allocates), the error kept. */
+static void undo(PyObject *pages, Py_ssize_t upto, long delta) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    for (Py_ssize_t j = 0; j < upto; j++) {
+        PyObject *page = PyList_GET_ITEM(pages, j);
+        long n;
+        if (read_refcount(page, &n) < 0 || write_refcount(page, n - delta) < 0) PyErr_Clear();
+    }
+    PyErr_Restore(type, value, tb);
+}
 
 PyObject *ref_run(PyObject *self, PyObject *args) {
-    PyObject *pages, *sealed;
+    PyObject *pages, *sealed, *out;
     if (!PyArg_ParseTuple(args, "O!O:ref_run", &PyList_Type, &pages, &sealed)) return NULL;
     PyObject *held = PyList_New(0);
     if (held == NULL) return NULL;
-    Py_ssize_t bad = -1;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pages); i++) {
+    Py_ssize_t bad = -1, i = 0;
+    for (; i < PyList_GET_SIZE(pages); i++) {
         PyObject *page = PyList_GET_ITEM(pages, i);
         long n;
         if (read_refcount(page, &n) < 0) goto fail;
@@ -120,11 +133,14 @@ PyObject *ref_run(PyObject *self, PyObject *args) {
             bad = i;
             break;
         }
-        if (write_refcount(page, n + 1) < 0) goto fail;
         if (n == 0 && PyList_Append(held, page) < 0) goto fail;
+        if (write_refcount(page, n + 1) < 0) goto fail;
     }
-    return Py_BuildValue("(Nn)", held, bad);
+    if ((out = Py_BuildValue("(On)", held, bad)) == NULL) goto fail;
+    Py_DECREF(held);
+    return out;
 fail:
+    undo(pages, i, 1);
     Py_DECREF(held);
     return NULL;
 }
@@ -134,15 +150,15 @@ const char unref_run_doc[] =
     "page's refcount minus one, in order, stopping at the first page whose state is not\n"
     "`sealed` or whose refcount is not positive (its index is `bad`, else -1; it and those\n"
     "after it are untouched); `unpinned`: how many reached 0; `free`: those of them with no\n"
-    "children (evictable), in order.";
+    "children (evictable), in order. Raising (out of memory), it leaves every refcount as it was.";
 
 PyObject *unref_run(PyObject *self, PyObject *args) {
-    PyObject *pages, *sealed;
+    PyObject *pages, *sealed, *out;
     if (!PyArg_ParseTuple(args, "O!O:unref_run", &PyList_Type, &pages, &sealed)) return NULL;
     PyObject *free = PyList_New(0);
     if (free == NULL) return NULL;
-    Py_ssize_t bad = -1, unpinned = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pages); i++) {
+    Py_ssize_t bad = -1, unpinned = 0, i = 0;
+    for (; i < PyList_GET_SIZE(pages); i++) {
         PyObject *page = PyList_GET_ITEM(pages, i);
         long n;
         if (read_refcount(page, &n) < 0) goto fail;
@@ -150,17 +166,19 @@ PyObject *unref_run(PyObject *self, PyObject *args) {
             bad = i;
             break;
         }
-        if (write_refcount(page, n - 1) < 0) goto fail;
         if (n == 1) {
-            unpinned++;
             PyObject *children = FIELD(page, off_children);
             int has = children == NULL ? 0 : PyObject_IsTrue(children);
-            if (has < 0) goto fail;
-            if (!has && PyList_Append(free, page) < 0) goto fail;
+            if (has < 0 || (!has && PyList_Append(free, page) < 0)) goto fail;
         }
+        if (write_refcount(page, n - 1) < 0) goto fail;
+        unpinned += n == 1;
     }
-    return Py_BuildValue("(nNn)", unpinned, free, bad);
+    if ((out = Py_BuildValue("(nOn)", unpinned, free, bad)) == NULL) goto fail;
+    Py_DECREF(free);
+    return out;
 fail:
+    undo(pages, i, -1);
     Py_DECREF(free);
     return NULL;
 }

@@ -298,3 +298,16 @@ def test_withdraw_all_matches_its_reference(seed: int) -> None:
             a.policy_state = b.policy_state = state
         assert withdraw_all(ours) == py_withdraw_all(theirs) == sum(s is not None for s in states)
         assert [p.policy_state for p in ours] == [p.policy_state for p in theirs] == [None] * len(states)
+
+
+@pytest.mark.parametrize("run", ["ref_run", "unref_run"])
+def test_a_pass_that_raises_leaves_every_refcount_as_it_was(run: str) -> None:
+    """The C passes undo what they moved when they fail (there, out of memory; here, a
+    refcount that is not an int), so a pin is never left half taken."""
+    pages = [Page(slot) for slot in range(4)]
+    for page in pages:
+        page.state, page.refcount = SEALED, 1
+    pages[2].refcount = "one"  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        getattr(page_runs, run)(pages, SEALED)
+    assert [p.refcount for p in pages] == [1, 1, "one", 1]
