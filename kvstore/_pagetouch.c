@@ -111,7 +111,7 @@ const char ref_run_doc[] =
 static void undo(PyObject *pages, Py_ssize_t upto, long delta) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    for (Py_ssize_t j = 0; j < upto; j++) {
+    for (Py_ssize_t j = 0; j < upto && j < PyList_GET_SIZE(pages); j++) {
         PyObject *page = PyList_GET_ITEM(pages, j);
         long n;
         if (read_refcount(page, &n) < 0 || write_refcount(page, n - delta) < 0) PyErr_Clear();
@@ -167,8 +167,10 @@ PyObject *unref_run(PyObject *self, PyObject *args) {
             break;
         }
         if (n == 1) {
-            PyObject *children = FIELD(page, off_children);
-            int has = children == NULL ? 0 : PyObject_IsTrue(children);
+            PyObject *children = FIELD(page, off_children); /* None or a set: no Python code runs */
+            int has = children == NULL || children == Py_None ? 0
+                      : PyAnySet_Check(children)          ? PySet_GET_SIZE(children) > 0
+                                                          : PyObject_IsTrue(children);
             if (has < 0 || (!has && PyList_Append(free, page) < 0)) goto fail;
         }
         if (write_refcount(page, n - 1) < 0) goto fail;
