@@ -1,9 +1,9 @@
 /* A lookup's or an append's sampled blocks recorded in the live MRC's sample
- * (kvstore/store/live_mrc.py LiveMrc.add), in C rather than Python a block: `record_known`
- * when every one of them under the rate was sampled before (a lookup's common case: the
- * others skipped by their leading bytes, the sampled ones' spatial hashes
- * looked up in `keys` and appended to the access log, their gaps, the call's then zeros, to
- * the gap list); `record_new` for the rest (an append's new pages: each block's spatial hash
+ * (kvstore/store/live_mrc.py LiveMrc.add), in C rather than Python a block. A call's blocks
+ * come unfiltered: those whose leading bytes are at or over the rate's threshold are skipped.
+ * `record_known` when every other one was sampled before (a lookup's common case: their
+ * spatial hashes looked up in `keys` and appended to the access log, their gaps, the call's
+ * then zeros, to the gap list); `record_new` for the rest (an append's new pages: each block's spatial hash
  * made from its bytes, tested against the rate, remembered, and counted as distinct). Their
  * Python references are py_record_known and py_record_new (tests/test_mrc_record_twin.py). */
 

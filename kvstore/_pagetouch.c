@@ -104,9 +104,9 @@ const char ref_run_doc[] =
     "ref_run(pages, sealed) -> (held, bad): page_runs.ref_all's pass: each page's refcount\n"
     "plus one, in order, stopping at the first page whose state is not `sealed` (its index is\n"
     "`bad`, else -1; it and those after it are untouched); `held`: the pages whose refcount\n"
-    "went from 0 to 1, in order. Raising (out of memory), it leaves every refcount as it was.";
+    "went from 0 to 1, in order. Raising, it leaves every refcount as it was.";
 
-/* A pass that fails (out of memory) leaves no page moved: the refcounts of pages[0:upto] are
+/* A pass that fails (out of memory, or a refcount that is not an int) leaves no page moved: the refcounts of pages[0:upto] are
  * moved back by `delta` (small ints, which CPython never allocates), the error kept. */
 static void undo(PyObject *pages, Py_ssize_t upto, long delta) {
     PyObject *type, *value, *tb;
@@ -150,7 +150,7 @@ const char unref_run_doc[] =
     "page's refcount minus one, in order, stopping at the first page whose state is not\n"
     "`sealed` or whose refcount is not positive (its index is `bad`, else -1; it and those\n"
     "after it are untouched); `unpinned`: how many reached 0; `free`: those of them with no\n"
-    "children (evictable), in order. Raising (out of memory), it leaves every refcount as it was.";
+    "children (evictable), in order. Raising, it leaves every refcount as it was.";
 
 PyObject *unref_run(PyObject *self, PyObject *args) {
     PyObject *pages, *sealed, *out;

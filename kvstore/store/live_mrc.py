@@ -14,7 +14,7 @@ must be counted once:
   (`Sequence.mrc_skip`): so lookup-then-append counts each block once, an append alone
   counts all of them, and a chunked prefill (several appends) skips the same pages.
 
-Cost on the hot paths: none per block. A call hands its list of block hashes over as it is
+Cost on the hot paths: no sampling test per block. A call hands its list of block hashes over as it is
 (`LiveMrc.add`); the sampling test (the first 3 bytes of a BLAKE2b digest are uniform, so they
 are the spatial hash: a block is sampled iff they are under the threshold) and the sampler's
 bookkeeping for the sampled blocks run later, in C, in a batch of calls. The rate
