@@ -22,6 +22,7 @@ from kvstore_proto import dtypes
 from kvstore.config_checks import (
     U32_MAX,
     Check,
+    check_grpc_experiments,
     check_host_port,
     check_ns_name,
     check_policy,
@@ -106,6 +107,14 @@ class ServerConfig:
         "seconds a lane Put with bytes_follow waits for its PutWritten frame (the client copying its "
         "pages) before it fails DEADLINE_EXCEEDED, its credit released and the connection closed",
         in_range(0.01, 3600),
+    )
+    grpc_experiments: str = _key(
+        "-event_engine_listener",
+        "gRPC core experiments the daemon's gRPC runs with (GRPC_EXPERIMENTS syntax; empty = gRPC's "
+        "own defaults). The default has the listener's connections do their socket I/O on the "
+        "thread that polls for calls, not hand it to gRPC's event-engine threads: ~15-20 % less CPU "
+        "a call (BENCHMARKS.md, rpc). GRPC_EXPERIMENTS in the daemon's environment wins over it",
+        check_grpc_experiments,
     )
     tls_cert: str = _key("", "PEM certificate chain of the TCP listener: TLS on `server.tcp`", check_tls_file)
     tls_key: str = _key("", "PEM private key of `server.tls_cert`", check_tls_file)

@@ -35,6 +35,8 @@ def _matches(pattern: str) -> Check:
     return lambda v: None if regex.fullmatch(v) else f"must match {pattern}"
 
 
+# gRPC core's GRPC_EXPERIMENTS syntax: comma-separated experiment names, each optionally negated.
+check_grpc_experiments = _matches(r"(-?[a-z0-9_]+(,-?[a-z0-9_]+)*)?")
 check_ns_name = _matches(r"[A-Za-z0-9_.-]{1,64}")
 # The prefix becomes part of a memfd's name: no slashes, nothing a shell would trip on.
 check_shm_prefix = _matches(r"[A-Za-z0-9_.-]{1,200}")

@@ -139,6 +139,13 @@ class Daemon:
         s = self.config.server
         settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
         log.info("config from %s: %s", self.config.config_file or "defaults/env/flags", settings)
+        grpc_experiments = os.environ.get("GRPC_EXPERIMENTS", "")
+        if grpc_experiments != s.grpc_experiments:  # (`kvstore serve` sets it from the key)
+            log.warning(
+                "gRPC runs with GRPC_EXPERIMENTS=%r from the environment, not server.grpc_experiments=%r",
+                grpc_experiments,
+                s.grpc_experiments,
+            )
         self._lock_fd = socket_path.claim(self.socket_path)
         loop = asyncio.get_running_loop()
         self.store = Store(

@@ -175,6 +175,7 @@ def test_every_server_key_has_an_env_variable_and_a_flag(tmp_path: Path) -> None
         "tcp_insecure_no_auth": "true",
         "lane": "false",
         "lane_follow_up_timeout_s": "2.5",
+        "grpc_experiments": "",
         "tls_cert": str(pem),
         "tls_key": str(pem),
         "tls_client_ca": str(pem),
@@ -272,6 +273,10 @@ def test_the_table_matches_the_store_types() -> None:
             "must be at most 102 bytes long (the unix socket path limit, less the pool socket",
         ),
         ({"KVSTORE_SHM_PREFIX": "a/b"}, "server.shm_prefix='a/b' (from KVSTORE_SHM_PREFIX): must match"),
+        (
+            {"KVSTORE_GRPC_EXPERIMENTS": "-event_engine_listener,,x"},
+            "server.grpc_experiments='-event_engine_listener,,x' (from KVSTORE_GRPC_EXPERIMENTS): must match",
+        ),
         (
             {"KVSTORE_DEFAULT_POLICY": "nope"},
             "server.default_policy='nope' (from KVSTORE_DEFAULT_POLICY): must be one of arc, horizon, lfu, lru, s3fifo",

@@ -11,7 +11,7 @@ Lookup's time (below) and, at the end, its GC collections (`daemon_gc`: by gener
 many, their seconds, the longest).
 
 Client (this process, asyncio on uvloop, one channel per measurement, N tasks each with
-one call in flight, so N concurrent calls on the channel). Six sides, measured back to
+one call in flight, so N concurrent calls on the channel). Seven sides, measured back to
 back at each concurrency, the order alternating between rounds:
 
 - `kvstore`:  `KVStoreStub.Lookup(req)` against the daemon. Client: serialize the
@@ -24,6 +24,11 @@ back at each concurrency, the order alternating between rounds:
 - `echo`:     the same stub, the same request object, the same reply parsing, against
   the echo server: the daemon's side is replaced by "return canned bytes". This is the
   baseline of the ratio: what is left is the daemon's own work per lookup.
+  It runs on gRPC's own defaults (GRPC_EXPERIMENTS empty, whatever the caller's shell sets).
+- `echo_same_grpc`: the same echo server run with the daemon's GRPC_EXPERIMENTS (its
+  `server.grpc_experiments`, `-event_engine_listener` by default, or the caller's
+  GRPC_EXPERIMENTS, which the daemon inherits and which wins): the same transport as the
+  daemon's, so kvstore over it is what the daemon's own work leaves (`ratio_same_grpc`).
 - `echo_raw`: raw bytes both ways on `channel.unary_unary` (no protobuf anywhere): the
   floor of grpc.aio itself, for reference.
 - `kvstore_lane`: the same LookupRequest (same prompt, packed ids, session), serialized and
@@ -51,7 +56,8 @@ edge's `kvstore_rpc_duration_seconds` for KVStore/Lookup, sum over count in the 
 scraped from the daemon's metrics endpoint: request parsed to reply encoded).
 
 ratio = kvstore RPC/s / echo RPC/s at concurrency 16 (goal >= 0.8); p99 of kvstore at
-concurrency 1 (goal < 1 ms). For the lane, against the same run's baselines:
+concurrency 1 (goal < 1 ms); ratio_same_grpc = kvstore / echo_same_grpc at 16 (no goal of
+its own: the part of the ratio that is the daemon's work, not its gRPC configuration). For the lane, against the same run's baselines:
 lane_ratio = kvstore_lane RPC/s / echo RPC/s at concurrency 16 (the issue's baseline, the
 grpc.aio echo; goal >= 0.8), lane_floor_ratio = kvstore_lane / echo_lane at 16 (how close
 the daemon's lane is to a lane that does nothing), lane_p99_ms_c1 = p99 of kvstore_lane at
@@ -64,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import socket
 import sys
@@ -82,6 +89,8 @@ from kvstore_client import aio_lane
 from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
 from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from kvstore.config import ServerConfig
 
 from . import echo_server, rpc_lane
 from .harness import (
@@ -158,17 +167,29 @@ def run(args: argparse.Namespace) -> int:
                 "--reply",
                 reply_file.name,
             ]
+            echo = ChildServer("echo", argv)
+            echo.env["GRPC_EXPERIMENTS"] = ""  # (bare: gRPC's own defaults, whatever this shell sets)
+            same_grpc = ChildServer("echo_same_grpc", argv)
+            same_grpc.env["GRPC_EXPERIMENTS"] = daemon_grpc_experiments()
             with (
-                ChildServer("echo", argv) as echo,
+                echo,
+                same_grpc,
                 rpc_lane.LaneChild("echo_lane", reply_file.name) as echo_lane,
             ):
                 result = uvloop.run(
-                    measure_all(args, daemon, echo, echo_lane, tokens, len(reply_bytes), metrics)
+                    measure_all(args, daemon, echo, same_grpc, echo_lane, tokens, len(reply_bytes), metrics)
                 )
+        result["config"]["daemon_grpc_experiments"] = daemon_grpc_experiments()
         result["daemon_gc"] = gc_pauses(metrics)  # the whole run's, the daemon still serving
     result["machine"] = machine_info(uvloop=uvloop.__version__)
     emit(result, args.json, format_text(result))
     return 0
+
+
+def daemon_grpc_experiments() -> str:
+    """What the benchmark's daemon runs gRPC with: GRPC_EXPERIMENTS from this environment
+    (which the daemon inherits and which wins), else `server.grpc_experiments`'s default."""
+    return os.environ.get("GRPC_EXPERIMENTS", ServerConfig().grpc_experiments)
 
 
 def namespace() -> dict[str, Any]:
@@ -212,6 +233,7 @@ async def measure_all(
     args: argparse.Namespace,
     daemon: BenchDaemon,
     echo: ChildServer,
+    same_grpc: ChildServer,
     echo_lane: rpc_lane.LaneChild,
     tokens: list[int],
     reply_len: int,
@@ -288,6 +310,7 @@ async def measure_all(
     sides: dict[str, tuple[ChildServer, Calls]] = {
         "kvstore": (daemon, on_channel(lookup_call)),
         "echo": (echo, on_channel(lookup_call)),
+        "echo_same_grpc": (same_grpc, on_channel(lookup_call)),
         "echo_raw": (echo, on_channel(raw_call)),
         "kvstore_lane": (daemon, on_lane(rpc_lane.daemon_lane_path(daemon))),
         "echo_lane": (echo_lane, on_lane(echo_lane.lane_path)),

@@ -12,7 +12,7 @@ RATIO_GOAL = 0.8
 RATIO_AT = 16
 P99_GOAL_MS = 1.0
 P99_AT = 1
-SIDES = ("kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane", "kvstore_aio")
+SIDES = ("kvstore", "echo", "echo_same_grpc", "echo_raw", "kvstore_lane", "echo_lane", "kvstore_aio")
 BUSY = 0.2  # CPUs used by other processes above which results are flagged
 
 
@@ -78,6 +78,16 @@ def summarize(
             "ratio_rounds": [round(r, 4) for r in per_round],
             "ratio_goal": RATIO_GOAL,
             "ratio_goal_met": ratio >= RATIO_GOAL,
+        }
+    if str(RATIO_AT) in results.get("echo_same_grpc", {}):
+        kv, same = results["kvstore"][str(RATIO_AT)], results["echo_same_grpc"][str(RATIO_AT)]
+        out |= {
+            "ratio_same_grpc": round(kv["rps"] / same["rps"], 4),
+            "ratio_same_grpc_definition": f"kvstore Lookup RPC/s / echo_same_grpc RPC/s at concurrency {RATIO_AT} "
+            "(the echo run with the daemon's GRPC_EXPERIMENTS: what the daemon's own work leaves)",
+            "ratio_same_grpc_rounds": sorted(
+                round(k / e, 4) for k, e in zip(kv["rps_rounds"], same["rps_rounds"], strict=True)
+            ),
         }
     if str(P99_AT) in results["kvstore"]:
         p99 = results["kvstore"][str(P99_AT)]["p99_ms"]
@@ -167,6 +177,12 @@ def format_text(r: dict[str, Any]) -> str:
             f"  ratio = kvstore / echo RPC/s at concurrency {RATIO_AT} = {r['ratio']:.3f} "
             f"(rounds {r['ratio_rounds']}); goal >= {r['ratio_goal']}: "
             + ("met" if r["ratio_goal_met"] else "MISSED")
+        )
+    if "ratio_same_grpc" in r:
+        lines.append(
+            f"  ratio_same_grpc = kvstore / echo_same_grpc (echo on the daemon's gRPC experiments, "
+            f"{c.get('daemon_grpc_experiments', '')!r}) at concurrency {RATIO_AT} = {r['ratio_same_grpc']:.3f} "
+            f"(rounds {r['ratio_same_grpc_rounds']})"
         )
     if "p99_c1_ms" in r:
         lines.append(

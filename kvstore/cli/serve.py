@@ -4,6 +4,7 @@ live on the client side: `kvstore-admin` (kvstore_client/cli/) and the demo (exa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,10 @@ def serve(flags: dict[str, object]) -> int:
             print(f"kvstore serve: config error: {problem}", file=sys.stderr)
         return 2
 
+    # gRPC reads GRPC_EXPERIMENTS once, as it loads: set before grpc is imported (below),
+    # unless the environment names its own.
+    if config.server.grpc_experiments and "GRPC_EXPERIMENTS" not in os.environ:
+        os.environ["GRPC_EXPERIMENTS"] = config.server.grpc_experiments
     # Imported after the config is known good, so a typo is reported without loading grpc.
     from kvstore import daemon, logging_setup
 
