@@ -6,6 +6,7 @@ the very answer the gRPC one gets."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import tempfile
@@ -27,7 +28,9 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
 
-    assert set(r["results"]) == {"kvstore", "echo", "echo_raw", "kvstore_lane", "echo_lane", "kvstore_aio"}
+    assert set(r["results"]) == {
+        *("kvstore", "echo", "echo_same_grpc", "echo_raw", "kvstore_lane", "echo_lane", "kvstore_aio")
+    }
     for side, by_c in r["results"].items():
         for c in ("1", "16"):
             e = by_c[c]
@@ -42,6 +45,13 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
     res = r["results"]
     # The issue's ratio keeps its meaning; the lane's are against the same run's baselines.
     assert r["ratio"] == pytest.approx(res["kvstore"]["16"]["rps"] / res["echo"]["16"]["rps"], rel=1e-3)
+    # And against an echo on the daemon's gRPC configuration (server.grpc_experiments).
+    assert r["ratio_same_grpc"] == pytest.approx(
+        res["kvstore"]["16"]["rps"] / res["echo_same_grpc"]["16"]["rps"], rel=1e-3
+    )
+    assert r["config"]["daemon_grpc_experiments"] == os.environ.get(
+        "GRPC_EXPERIMENTS", "-event_engine_listener"
+    )
     assert r["lane_ratio"] == pytest.approx(
         res["kvstore_lane"]["16"]["rps"] / res["echo"]["16"]["rps"], rel=1e-3
     )
@@ -71,6 +81,7 @@ def test_tiny_run_reports_the_lane_sides_next_to_the_grpc_ones(capsys):
         "lane p99 at concurrency 1",
         "kvstore_aio",
         "aio_lane_ratio = ",
+        "ratio_same_grpc = ",
         "the daemon's Lookup handler, timed in place",
         "the daemon's GC, generation 2:",
     ):
