@@ -142,7 +142,8 @@ class Daemon:
         grpc_experiments = os.environ.get("GRPC_EXPERIMENTS", "")
         if grpc_experiments != s.grpc_experiments:  # (`kvstore serve` sets it from the key)
             log.warning(
-                "gRPC runs with GRPC_EXPERIMENTS=%r from the environment, not server.grpc_experiments=%r",
+                "gRPC runs with GRPC_EXPERIMENTS=%r as this process's environment has it, not "
+                "server.grpc_experiments=%r (`kvstore serve` applies the key where the environment names none)",
                 grpc_experiments,
                 s.grpc_experiments,
             )

@@ -51,19 +51,24 @@ def test_the_default_keeps_a_calls_socket_io_off_the_event_engine_threads(
     grpc_defaults = daemon_factory(server={"grpc_experiments": ""}).start()
     assert "GRPC_EXPERIMENTS" not in tuned.stderr_path.read_text()  # (no override to warn of)
     off, on = switches_per_call(tuned), switches_per_call(grpc_defaults)
-    # Measured: ~0.05 a call with the default, ~2-6 under gRPC's own defaults.
-    assert off < 0.3, f"event-engine threads switched {off:.2f} times a call with -event_engine_listener"
-    assert on > 1.0, f"event-engine threads switched only {on:.2f} times a call under gRPC's defaults"
+    # Measured: 0.06-0.09 a call with the default on an idle machine (0.7-0.9 with both CPUs
+    # busy: timers and preemption), 6.0-6.5 under gRPC's own defaults either way.
+    assert on > 2.0, f"event-engine threads switched only {on:.2f} times a call under gRPC's defaults"
+    assert off < on / 3, (
+        f"event-engine threads switched {off:.2f} times a call with the default ({on:.2f} without)"
+    )
 
 
 def test_grpc_experiments_in_the_environment_win_and_are_logged(
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
+    grpc_defaults = daemon_factory(server={"grpc_experiments": ""}).start()
     d = daemon_factory(server={"grpc_experiments": ""}, env={"GRPC_EXPERIMENTS": "-event_engine_listener"})
     d.start()
-    assert switches_per_call(d) < 0.3
+    off, on = switches_per_call(d), switches_per_call(grpc_defaults)
+    assert off < on / 3, f"the environment's GRPC_EXPERIMENTS: {off:.2f} switches a call, {on:.2f} without"
     assert (
-        "gRPC runs with GRPC_EXPERIMENTS='-event_engine_listener' from the environment, "
+        "gRPC runs with GRPC_EXPERIMENTS='-event_engine_listener' as this process's environment has it, "
         "not server.grpc_experiments=''" in d.stderr_path.read_text()
     )
 
