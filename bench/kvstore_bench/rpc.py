@@ -23,8 +23,9 @@ back at each concurrency, the order alternating between rounds:
   "Remembered hashes"), index probes, LRU touch), build and serialize the reply.
 - `echo`:     the same stub, the same request object, the same reply parsing, against
   the echo server: the daemon's side is replaced by "return canned bytes". This is the
-  baseline of the ratio: what is left is the daemon's own work per lookup.
-  It runs on gRPC's own defaults (GRPC_EXPERIMENTS empty, whatever the caller's shell sets).
+  baseline of the ratio, the issue's bare grpc.aio echo: it runs on gRPC's own defaults
+  (GRPC_EXPERIMENTS empty, whatever the caller's shell sets), the daemon on its own gRPC
+  setting, so the ratio is the daemon's own work and its transport's difference together.
 - `echo_same_grpc`: the same echo server run with the daemon's GRPC_EXPERIMENTS (its
   `server.grpc_experiments`, `-event_engine_listener` by default, or the caller's
   GRPC_EXPERIMENTS, which the daemon inherits and which wins): the same transport as the
@@ -57,9 +58,9 @@ scraped from the daemon's metrics endpoint: request parsed to reply encoded).
 
 ratio = kvstore RPC/s / echo RPC/s at concurrency 16 (goal >= 0.8); p99 of kvstore at
 concurrency 1 (goal < 1 ms); ratio_same_grpc = kvstore / echo_same_grpc at 16 (no goal of
-its own: the part of the ratio that is the daemon's work, not its gRPC configuration). For the lane, against the same run's baselines:
-lane_ratio = kvstore_lane RPC/s / echo RPC/s at concurrency 16 (the issue's baseline, the
-grpc.aio echo; goal >= 0.8), lane_floor_ratio = kvstore_lane / echo_lane at 16 (how close
+its own: the daemon's work alone, its gRPC configuration the same on both sides). For the
+lane, against the same run's baselines: lane_ratio = kvstore_lane RPC/s / echo RPC/s at
+concurrency 16 (the issue's baseline, the grpc.aio echo; goal >= 0.8), lane_floor_ratio = kvstore_lane / echo_lane at 16 (how close
 the daemon's lane is to a lane that does nothing), lane_p99_ms_c1 = p99 of kvstore_lane at
 concurrency 1 (goal < 1 ms). aio_lane_ratio = kvstore_aio RPC/s / echo RPC/s at 16 and
 aio_lane_p99_ms_c1 (no goals of their own): what an asyncio engine using the library gets.
