@@ -60,9 +60,9 @@ ratio = kvstore RPC/s / echo RPC/s at concurrency 16 (goal >= 0.8); p99 of kvsto
 concurrency 1 (goal < 1 ms); ratio_same_grpc = kvstore / echo_same_grpc at 16 (no goal of
 its own: the daemon's work alone, its gRPC configuration the same on both sides). For the
 lane, against the same run's baselines: lane_ratio = kvstore_lane RPC/s / echo RPC/s at
-concurrency 16 (the issue's baseline, the grpc.aio echo; goal >= 0.8), lane_floor_ratio = kvstore_lane / echo_lane at 16 (how close
-the daemon's lane is to a lane that does nothing), lane_p99_ms_c1 = p99 of kvstore_lane at
-concurrency 1 (goal < 1 ms). aio_lane_ratio = kvstore_aio RPC/s / echo RPC/s at 16 and
+concurrency 16 (the issue's baseline, the grpc.aio echo; goal >= 0.8), lane_floor_ratio =
+kvstore_lane / echo_lane at 16 (how close the daemon's lane is to a lane that does nothing),
+lane_p99_ms_c1 = p99 of kvstore_lane at concurrency 1 (goal < 1 ms). aio_lane_ratio = kvstore_aio RPC/s / echo RPC/s at 16 and
 aio_lane_p99_ms_c1 (no goals of their own): what an asyncio engine using the library gets.
 """
 
