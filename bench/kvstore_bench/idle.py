@@ -14,7 +14,9 @@ timers alone cost (lease checks, the integrity tick, the metrics snapshot).
     kvstore-bench idle --pool-pages 4096 --set scrub_bytes_per_s=0
 
 Reported a pool: `loop_ms_per_s` (the main thread: the asyncio loop), `threads_ms_per_s`
-(all threads), for `configured` and `baseline`; `loop_over_baseline` their loop's ratio.
+(all threads) and `pages_scrubbed` (sealed pages the scrubber re-verified in the window, from
+Stats read just before and just after it: the background work itself, not its CPU), for
+`configured` and `baseline`; `loop_over_baseline` their loop's ratio.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import random
 import time
 from pathlib import Path
 from typing import Any
+
+import grpc
+from kvstore_proto.kvstore.v1 import kvstore_pb2 as pb
+from kvstore_proto.kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 from . import rpc
 from .harness import BenchDaemon, BenchError, emit, progress, server_settings
@@ -74,9 +80,11 @@ def measure(
         pid = daemon.pid
         rpc.prepare(daemon.target, tokens)
         time.sleep(args.settle)
+        scrubbed = pages_scrubbed(daemon.target)  # (outside the CPU window, as is the read after it)
         before, t0 = threads_cpu(pid), time.monotonic()
         time.sleep(args.seconds)
         after, elapsed = threads_cpu(pid), time.monotonic() - t0
+        scrubbed = pages_scrubbed(daemon.target) - scrubbed
     if str(pid) not in after:
         raise BenchError("idle: the daemon's main thread was not found in /proc")
     used = {tid: ns_ - before.get(tid, 0) for tid, ns_ in after.items()}
@@ -84,7 +92,16 @@ def measure(
         "loop_ms_per_s": round(used[str(pid)] / 1e6 / elapsed, 3),
         "threads_ms_per_s": round(sum(used.values()) / 1e6 / elapsed, 3),
         "threads": len(after),
+        "pages_scrubbed": scrubbed,
     }
+
+
+def pages_scrubbed(target: str) -> int:
+    """The namespace's Stats `pages_scrubbed` (a Stats call opens no session)."""
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.KVStoreStub(channel).Stats(pb.StatsRequest(namespace=rpc.NAMESPACE), timeout=10)
+    (ns,) = reply.namespaces
+    return ns.pages_scrubbed
 
 
 def threads_cpu(pid: int) -> dict[str, int]:
@@ -104,6 +121,7 @@ def text(out: dict[str, Any]) -> str:
         c, b = r["configured"], r["baseline"]
         lines.append(
             f"{pages} pages: loop {c['loop_ms_per_s']} ms/s (baseline {b['loop_ms_per_s']}), "
-            f"all threads {c['threads_ms_per_s']} ms/s (baseline {b['threads_ms_per_s']})"
+            f"all threads {c['threads_ms_per_s']} ms/s (baseline {b['threads_ms_per_s']}), "
+            f"pages scrubbed {c['pages_scrubbed']} (baseline {b['pages_scrubbed']})"
         )
     return "\n".join(lines)
